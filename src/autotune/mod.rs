@@ -1,0 +1,3 @@
+//! Harnesses, trials, the journal and the autotune job loop.
+
+pub mod trial;

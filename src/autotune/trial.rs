@@ -1,0 +1,25 @@
+//! Trial records: one measured build-and-evaluate of a config, a row of the journal.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HnswConfig, Name};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    pub id: u64,
+    pub index: Name,
+    pub harness: Name,
+    pub config: HnswConfig,
+    pub k: u32,
+    pub recall: f64,
+    pub p50_micros: f64,
+    pub p95_micros: f64,
+    pub p99_micros: f64,
+    pub qps: f64,
+    pub build_millis: u64,
+    pub point_count: u64,
+    pub memory_bytes: u64,
+    pub create_time_ms: u64,
+    /// "manual" or "autotune:<job id>".
+    pub source: String,
+}

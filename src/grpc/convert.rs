@@ -1,0 +1,263 @@
+//! Conversions between the contract's prost types and the domain types, with validation at
+//! receipt. Nothing past this module sees a prost type.
+
+use crate::autotune::trial::Trial;
+use crate::catalog::IndexView;
+use crate::error::{Error, Result};
+use crate::model::{
+    default_config_from, trial_config_from, ConfigSource, GenerationMeta, Hit, HnswConfig, Metric,
+    Name, NewIndex, Point, Profile, ProfileIndex, MAX_DIMENSION,
+};
+use crate::pb;
+use crate::promotion::Promotion;
+use base64::Engine as _;
+
+pub fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+pub fn metric_from(m: i32) -> Result<Metric> {
+    match pb::Metric::try_from(m) {
+        Ok(pb::Metric::L2) => Ok(Metric::L2),
+        Ok(pb::Metric::Cosine) => Ok(Metric::Cosine),
+        Ok(pb::Metric::Dot) => Ok(Metric::Dot),
+        Ok(pb::Metric::Unspecified) => Err(Error::invalid(
+            "metric is required: METRIC_L2, METRIC_COSINE or METRIC_DOT",
+        )),
+        Err(_) => Err(Error::invalid(format!(
+            "metric {m} is unknown: use METRIC_L2, METRIC_COSINE or METRIC_DOT"
+        ))),
+    }
+}
+
+pub fn metric_to(m: Metric) -> pb::Metric {
+    match m {
+        Metric::L2 => pb::Metric::L2,
+        Metric::Cosine => pb::Metric::Cosine,
+        Metric::Dot => pb::Metric::Dot,
+    }
+}
+
+pub fn config_to(c: &HnswConfig) -> pb::HnswConfig {
+    pb::HnswConfig {
+        m: c.m,
+        ef_construction: c.ef_construction,
+        ef_search: c.ef_search,
+        seed: c.seed,
+    }
+}
+
+/// An index's or profile's default config: 0 fields take the server defaults.
+pub fn default_config(field: &str, c: Option<pb::HnswConfig>) -> Result<HnswConfig> {
+    let c = c.unwrap_or_default();
+    default_config_from(field, c.m, c.ef_construction, c.ef_search, c.seed)
+}
+
+/// A trial's or grid entry's config, in the contract's trial bounds. `field` prefixes the
+/// field names in errors ("config." or "grid[3].").
+pub fn trial_config(field: &str, c: Option<pb::HnswConfig>) -> Result<HnswConfig> {
+    let c = c.ok_or_else(|| {
+        Error::invalid("config is required: m (0 = 16, else 2..=128), ef_construction 10..=400, ef_search 10..=200")
+    })?;
+    trial_config_from(field, c.m, c.ef_construction, c.ef_search, c.seed)
+}
+
+pub fn name(field: &str, s: &str) -> Result<Name> {
+    Name::parse(field, s)
+}
+
+impl TryFrom<pb::CreateIndexRequest> for NewIndex {
+    type Error = Error;
+    fn try_from(r: pb::CreateIndexRequest) -> Result<Self> {
+        let name = Name::parse("name", &r.name)?;
+        let dimension = crate::model::in_range("dimension", r.dimension, 1..=MAX_DIMENSION)?;
+        let metric = metric_from(r.metric)?;
+        let default_config = default_config("default_config", r.default_config)?;
+        Ok(NewIndex {
+            name,
+            dimension,
+            metric,
+            default_config,
+        })
+    }
+}
+
+pub fn points(ps: Vec<pb::Point>) -> Vec<Point> {
+    ps.into_iter()
+        .map(|p| Point {
+            id: p.id,
+            vector: p.vector,
+        })
+        .collect()
+}
+
+pub fn source_to(s: ConfigSource) -> pb::ConfigSource {
+    match s {
+        ConfigSource::Promoted => pb::ConfigSource::Promoted,
+        ConfigSource::Default => pb::ConfigSource::Default,
+    }
+}
+
+pub fn generation_to(index: &Name, g: &GenerationMeta) -> pb::Generation {
+    pb::Generation {
+        index_name: index.to_string(),
+        number: g.number,
+        config: Some(config_to(&g.config)),
+        config_source: source_to(g.source) as i32,
+        point_count: g.point_count,
+        build_millis: g.build_millis,
+        activate_time: timestamp(g.activate_time_ms),
+        profile: g.profile.clone(),
+    }
+}
+
+impl From<IndexView> for pb::Index {
+    fn from(v: IndexView) -> Self {
+        pb::Index {
+            name: v.meta.name.to_string(),
+            dimension: v.meta.dimension,
+            metric: metric_to(v.meta.metric) as i32,
+            default_config: Some(config_to(&v.meta.default_config)),
+            point_count: v.point_count,
+            active_generation: Some(generation_to(&v.meta.name, &v.generation)),
+            create_time: timestamp(v.meta.create_time_ms),
+        }
+    }
+}
+
+pub fn neighbors(hits: Vec<Hit>) -> Vec<pb::Neighbor> {
+    hits.into_iter()
+        .map(|h| pb::Neighbor {
+            id: h.id,
+            distance: h.distance,
+        })
+        .collect()
+}
+
+impl TryFrom<pb::Profile> for Profile {
+    type Error = Error;
+    fn try_from(p: pb::Profile) -> Result<Self> {
+        let name = Name::parse("profile.name", &p.name)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut indexes = Vec::with_capacity(p.indexes.len());
+        for (i, pi) in p.indexes.into_iter().enumerate() {
+            let index = Name::parse(&format!("profile.indexes[{i}].index_name"), &pi.index_name)?;
+            if !seen.insert(index.clone()) {
+                return Err(Error::invalid(format!(
+                    "profile.indexes[{i}] names index {:?} again; each index may appear once",
+                    index.as_str()
+                )));
+            }
+            let default_config = pi
+                .default_config
+                .map(|c| default_config(&format!("profile.indexes[{i}].default_config"), Some(c)))
+                .transpose()?;
+            indexes.push(ProfileIndex {
+                index,
+                default_config,
+            });
+        }
+        Ok(Profile { name, indexes })
+    }
+}
+
+impl From<Profile> for pb::Profile {
+    fn from(p: Profile) -> Self {
+        pb::Profile {
+            name: p.name.to_string(),
+            indexes: p
+                .indexes
+                .into_iter()
+                .map(|pi| pb::ProfileIndex {
+                    index_name: pi.index.to_string(),
+                    default_config: pi.default_config.as_ref().map(config_to),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Trial> for pb::Trial {
+    fn from(t: Trial) -> Self {
+        pb::Trial {
+            id: t.id,
+            index_name: t.index.to_string(),
+            harness: t.harness.to_string(),
+            config: Some(config_to(&t.config)),
+            k: t.k,
+            recall: t.recall,
+            p50_micros: t.p50_micros,
+            p95_micros: t.p95_micros,
+            p99_micros: t.p99_micros,
+            qps: t.qps,
+            build_millis: t.build_millis,
+            point_count: t.point_count,
+            memory_bytes: t.memory_bytes,
+            create_time: timestamp(t.create_time_ms),
+            source: t.source,
+        }
+    }
+}
+
+impl From<Promotion> for pb::Promotion {
+    fn from(p: Promotion) -> Self {
+        pb::Promotion {
+            index_name: p.index.to_string(),
+            trial_id: p.trial_id,
+            config: Some(config_to(&p.config)),
+            promoted_by: p.promoted_by,
+            note: p.note,
+            promote_time: timestamp(p.promote_time_ms),
+            recall: p.recall,
+            p50_micros: p.p50_micros,
+        }
+    }
+}
+
+/// Page sizes: 0 is the default (100), at most 1000.
+pub fn page_size(n: u32) -> Result<usize> {
+    match n {
+        0 => Ok(100),
+        1..=1000 => Ok(n as usize),
+        _ => Err(Error::out_of_range("page_size", "0..=1000 (0: 100)", n)),
+    }
+}
+
+/// Page tokens are opaque to clients: "v1:" + the last key of the page, base64url.
+pub fn page_token_encode(last: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{last}"))
+}
+
+pub fn page_token_decode(token: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        Error::invalid(format!(
+            "page_token {token:?} is not a token this server issued; pass the next_page_token of an earlier response, or nothing for the first page"
+        ))
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let s = String::from_utf8(raw).map_err(|_| bad())?;
+    s.strip_prefix("v1:")
+        .map(|r| Some(r.to_string()))
+        .ok_or_else(bad)
+}
+
+/// The name after which a page starts, from a page token.
+pub fn page_after(token: &str) -> Result<Option<Name>> {
+    page_token_decode(token)?
+        .map(|s| {
+            Name::parse("page_token", &s).map_err(|_| {
+                Error::invalid(format!(
+                    "page_token {token:?} is not a token this server issued"
+                ))
+            })
+        })
+        .transpose()
+}

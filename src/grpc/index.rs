@@ -1,0 +1,297 @@
+//! IndexService: parse, call the catalog, convert back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, name, page_after, page_size, page_token_encode};
+use super::Core;
+use crate::error::Error;
+use crate::model::{NewIndex, Profile, SearchParams};
+use crate::pb;
+use crate::pb::index_service_server::IndexService;
+
+pub struct IndexApi {
+    core: Arc<Core>,
+}
+
+impl IndexApi {
+    pub fn new(core: Arc<Core>) -> Self {
+        IndexApi { core }
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl IndexService for IndexApi {
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().name))]
+    async fn create_index(
+        &self,
+        req: Request<pb::CreateIndexRequest>,
+    ) -> R<pb::CreateIndexResponse> {
+        let new = NewIndex::try_from(req.into_inner())?;
+        let view = self.core.catalog()?.create_index(new).await?;
+        Ok(Response::new(pb::CreateIndexResponse {
+            index: Some(view.into()),
+        }))
+    }
+
+    async fn get_index(&self, req: Request<pb::GetIndexRequest>) -> R<pb::GetIndexResponse> {
+        let n = name("name", &req.get_ref().name)?;
+        Ok(Response::new(pb::GetIndexResponse {
+            index: Some(self.core.catalog()?.get_index(&n)?.into()),
+        }))
+    }
+
+    async fn list_indexes(
+        &self,
+        req: Request<pb::ListIndexesRequest>,
+    ) -> R<pb::ListIndexesResponse> {
+        let req = req.into_inner();
+        let limit = page_size(req.page_size)?;
+        let after = page_after(&req.page_token)?;
+        let mut views = self.core.catalog()?.list_indexes(after.as_ref(), limit + 1);
+        let next_page_token = if views.len() > limit {
+            views.truncate(limit);
+            views
+                .last()
+                .map(|v| page_token_encode(v.meta.name.as_str()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListIndexesResponse {
+            indexes: views.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().name))]
+    async fn delete_index(
+        &self,
+        req: Request<pb::DeleteIndexRequest>,
+    ) -> R<pb::DeleteIndexResponse> {
+        let n = name("name", &req.get_ref().name)?;
+        self.core.catalog()?.delete_index(&n).await?;
+        Ok(Response::new(pb::DeleteIndexResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name, points = req.get_ref().points.len()))]
+    async fn upsert_points(
+        &self,
+        req: Request<pb::UpsertPointsRequest>,
+    ) -> R<pb::UpsertPointsResponse> {
+        let req = req.into_inner();
+        let n = name("index_name", &req.index_name)?;
+        let (upserted_count, point_count) = self
+            .core
+            .catalog()?
+            .upsert(&n, convert::points(req.points))
+            .await?;
+        Ok(Response::new(pb::UpsertPointsResponse {
+            upserted_count,
+            point_count,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn import_points(
+        &self,
+        req: Request<Streaming<pb::ImportPointsRequest>>,
+    ) -> R<pb::ImportPointsResponse> {
+        let mut stream = req.into_inner();
+        let mut index = None;
+        let mut upserted_total = 0u64;
+        let mut point_count = 0u64;
+        let mut messages = 0u64;
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(status) => {
+                    let e = if status.code() == tonic::Code::OutOfRange {
+                        Error::Limit(format!(
+                            "message {} of the stream is too large ({}); {upserted_total} points were upserted before it",
+                            messages + 1,
+                            status.message()
+                        ))
+                    } else {
+                        return Err(Status::new(
+                            status.code(),
+                            format!(
+                                "{}; {upserted_total} points were upserted before it",
+                                status.message()
+                            ),
+                        ));
+                    };
+                    return Err(e.into());
+                }
+            };
+            messages += 1;
+            if index.is_none() {
+                index = Some(name("index_name (of the first message)", &msg.index_name)?);
+            }
+            let Some(n) = index.as_ref() else { continue };
+            if msg.points.is_empty() {
+                continue;
+            }
+            match self
+                .core
+                .catalog()?
+                .upsert(n, convert::points(msg.points))
+                .await
+            {
+                Ok((u, c)) => {
+                    upserted_total += u;
+                    point_count = c;
+                }
+                Err(e) => {
+                    let code = e.code();
+                    return Err(Status::new(
+                        code,
+                        format!(
+                            "message {messages} of the stream: {e}; {upserted_total} points were upserted before it"
+                        ),
+                    ));
+                }
+            }
+        }
+        let Some(n) = index else {
+            return Err(Error::invalid(
+                "the stream had no message: the first must name index_name",
+            )
+            .into());
+        };
+        if messages > 0 && upserted_total == 0 {
+            point_count = self.core.catalog()?.get_index(&n)?.point_count;
+        }
+        tracing::info!(index = %n, upserted = upserted_total, messages, "import finished");
+        Ok(Response::new(pb::ImportPointsResponse {
+            upserted_count: upserted_total,
+            point_count,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name))]
+    async fn delete_points(
+        &self,
+        req: Request<pb::DeletePointsRequest>,
+    ) -> R<pb::DeletePointsResponse> {
+        let req = req.into_inner();
+        let n = name("index_name", &req.index_name)?;
+        let (deleted_count, point_count) = self.core.catalog()?.delete_points(&n, req.ids).await?;
+        Ok(Response::new(pb::DeletePointsResponse {
+            deleted_count,
+            point_count,
+        }))
+    }
+
+    async fn search(&self, req: Request<pb::SearchRequest>) -> R<pb::SearchResponse> {
+        let req = req.into_inner();
+        let n = name("index_name", &req.index_name)?;
+        let params = SearchParams::parse(req.k, req.ef_search)?;
+        let (hits, generation) = self.core.catalog()?.search(&n, req.vector, &params)?;
+        Ok(Response::new(pb::SearchResponse {
+            neighbors: convert::neighbors(hits),
+            generation,
+        }))
+    }
+
+    async fn search_batch(
+        &self,
+        req: Request<pb::SearchBatchRequest>,
+    ) -> R<pb::SearchBatchResponse> {
+        let req = req.into_inner();
+        let n = name("index_name", &req.index_name)?;
+        let params = SearchParams::parse(req.k, req.ef_search)?;
+        let queries = req.queries.into_iter().map(|q| q.vector).collect();
+        let (results, generation) = self
+            .core
+            .catalog()?
+            .search_batch(&n, queries, &params)
+            .await?;
+        Ok(Response::new(pb::SearchBatchResponse {
+            results: results
+                .into_iter()
+                .map(|h| pb::SearchResult {
+                    neighbors: convert::neighbors(h),
+                })
+                .collect(),
+            generation,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn put_profile(&self, req: Request<pb::PutProfileRequest>) -> R<pb::PutProfileResponse> {
+        let p = req
+            .into_inner()
+            .profile
+            .ok_or_else(|| Error::invalid("profile is required"))?;
+        let profile = Profile::try_from(p)?;
+        let saved = self.core.catalog()?.put_profile(profile).await?;
+        Ok(Response::new(pb::PutProfileResponse {
+            profile: Some(saved.into()),
+        }))
+    }
+
+    async fn get_profile(&self, req: Request<pb::GetProfileRequest>) -> R<pb::GetProfileResponse> {
+        let n = name("name", &req.get_ref().name)?;
+        Ok(Response::new(pb::GetProfileResponse {
+            profile: Some(self.core.catalog()?.get_profile(&n)?.into()),
+        }))
+    }
+
+    async fn list_profiles(
+        &self,
+        req: Request<pb::ListProfilesRequest>,
+    ) -> R<pb::ListProfilesResponse> {
+        let req = req.into_inner();
+        let limit = page_size(req.page_size)?;
+        let after = page_after(&req.page_token)?;
+        let mut profiles = self
+            .core
+            .catalog()?
+            .list_profiles(after.as_ref(), limit + 1)?;
+        let next_page_token = if profiles.len() > limit {
+            profiles.truncate(limit);
+            profiles
+                .last()
+                .map(|p| page_token_encode(p.name.as_str()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListProfilesResponse {
+            profiles: profiles.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_profile(
+        &self,
+        req: Request<pb::DeleteProfileRequest>,
+    ) -> R<pb::DeleteProfileResponse> {
+        let n = name("name", &req.get_ref().name)?;
+        self.core.catalog()?.delete_profile(&n).await?;
+        Ok(Response::new(pb::DeleteProfileResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(profile = %req.get_ref().name))]
+    async fn activate_profile(
+        &self,
+        req: Request<pb::ActivateProfileRequest>,
+    ) -> R<pb::ActivateProfileResponse> {
+        let n = name("name", &req.get_ref().name)?;
+        let profile = self.core.catalog()?.get_profile(&n)?;
+        let gens = self.core.catalog()?.activate_profile(&n).await?;
+        Ok(Response::new(pb::ActivateProfileResponse {
+            generations: profile
+                .indexes
+                .iter()
+                .zip(gens.iter())
+                .map(|(pi, g)| convert::generation_to(&pi.index, g))
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,114 @@
+//! The engine seam: the few operations vectord needs from an HNSW library, and hnsw_rs behind
+//! them. Nothing outside `src/index/` names hnsw_rs, so another engine can be compared or added
+//! by implementing [`Engine`].
+//!
+//! Engines speak internal ids (dense `usize`s assigned by the generation) and internal distances
+//! (see `distance.rs`); mapping to users' ids and distances is the generation's job.
+
+use hnsw_rs::hnsw::Hnsw;
+
+use super::distance::{CosineInternal, DotInternal, L2Internal};
+use crate::model::{HnswConfig, Metric};
+
+/// hnsw_rs caps the number of layers at 16.
+const MAX_LAYERS: usize = 16;
+
+pub trait Engine: Send + Sync {
+    /// Inserts one vector under a fresh internal id (never one already in the graph).
+    fn insert(&self, vector: &[f32], internal: usize);
+    /// Inserts many vectors; `parallel` uses every core (faster, not deterministic).
+    fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool);
+    /// The `k` nearest internal ids with their internal distances, nearest first.
+    fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)>;
+    /// Points in the graph, tombstoned or not.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Estimated bytes of the vectors and links.
+    fn memory_bytes(&self) -> u64;
+}
+
+/// Builds an empty engine for a metric, dimension and config, sized for `capacity` points.
+pub fn new_engine(
+    metric: Metric,
+    dimension: u32,
+    config: &HnswConfig,
+    capacity: usize,
+) -> Box<dyn Engine> {
+    let m = config.m as usize;
+    let ef_c = config.ef_construction as usize;
+    let cap = capacity.max(1);
+    match metric {
+        Metric::L2 => Box::new(HnswRs::new(
+            Hnsw::new(m, cap, MAX_LAYERS, ef_c, L2Internal),
+            dimension,
+            m,
+        )),
+        Metric::Cosine => Box::new(HnswRs::new(
+            Hnsw::new(m, cap, MAX_LAYERS, ef_c, CosineInternal),
+            dimension,
+            m,
+        )),
+        Metric::Dot => Box::new(HnswRs::new(
+            Hnsw::new(m, cap, MAX_LAYERS, ef_c, DotInternal),
+            dimension,
+            m,
+        )),
+    }
+}
+
+struct HnswRs<D: anndists::dist::Distance<f32> + Send + Sync + 'static> {
+    graph: Hnsw<'static, f32, D>,
+    dimension: usize,
+    m: usize,
+}
+
+impl<D: anndists::dist::Distance<f32> + Send + Sync + 'static> HnswRs<D> {
+    fn new(mut graph: Hnsw<'static, f32, D>, dimension: u32, m: usize) -> Self {
+        // Searching mode only changes how hnsw_rs logs; inserts stay allowed.
+        graph.set_searching_mode(false);
+        HnswRs {
+            graph,
+            dimension: dimension as usize,
+            m,
+        }
+    }
+}
+
+impl<D: anndists::dist::Distance<f32> + Send + Sync + 'static> Engine for HnswRs<D> {
+    fn insert(&self, vector: &[f32], internal: usize) {
+        self.graph.insert_slice((vector, internal));
+    }
+
+    fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
+        if parallel && items.len() > 1 {
+            self.graph.parallel_insert_slice(&items.to_vec());
+        } else {
+            for &(v, id) in items {
+                self.graph.insert_slice((v, id));
+            }
+        }
+    }
+
+    fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        self.graph
+            .search(query, k, ef.max(k))
+            .into_iter()
+            .map(|n| (n.d_id, n.distance))
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.graph.get_nb_point()
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        // Vectors, plus layer 0's 2*M links per point (hnsw_rs keeps each link as an Arc to a
+        // ~40-byte record), plus per-point bookkeeping; upper layers add about 1/M of that.
+        let n = self.len() as u64;
+        let vectors = n * self.dimension as u64 * 4;
+        let links = n * (2 * self.m as u64) * 48 * (self.m as u64 + 1) / self.m as u64;
+        vectors + links + n * 128
+    }
+}

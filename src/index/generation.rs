@@ -1,0 +1,253 @@
+//! A generation: one built HNSW graph of an index with the map between users' ids and the
+//! graph's internal ids.
+//!
+//! hnsw_rs can neither delete nor update, so a replaced or deleted id leaves its old internal
+//! point in the graph as a tombstone: searches over-fetch by the number of tombstones (doubling
+//! until they have `k` live hits or have seen the whole graph) and never return a dead point.
+//! Every internal id is inserted into the graph once, so no id ever has two live points.
+
+use std::collections::HashMap;
+
+use parking_lot::RwLock;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::distance;
+use super::engine::{new_engine, Engine};
+use crate::error::{Error, Result};
+use crate::model::{GenerationMeta, Hit, HnswConfig, Metric, Point};
+
+/// Points inserted between two checks of the cancellation flag during a build.
+const BUILD_CHUNK: usize = 256;
+
+#[derive(Default)]
+struct IdMap {
+    /// internal id -> user id
+    external: Vec<u64>,
+    /// internal id -> still the live point of its user id
+    live: Vec<bool>,
+    /// user id -> its live internal id
+    by_external: HashMap<u64, usize>,
+}
+
+impl IdMap {
+    /// Assigns fresh internal ids to `ids`, tombstoning the points they replace.
+    fn assign(&mut self, ids: impl Iterator<Item = u64>) -> std::ops::Range<usize> {
+        let start = self.external.len();
+        for id in ids {
+            let internal = self.external.len();
+            if let Some(old) = self.by_external.insert(id, internal) {
+                self.live[old] = false;
+            }
+            self.external.push(id);
+            self.live.push(true);
+        }
+        start..self.external.len()
+    }
+}
+
+pub struct Generation {
+    pub meta: GenerationMeta,
+    pub metric: Metric,
+    pub dimension: u32,
+    engine: Box<dyn Engine>,
+    ids: RwLock<IdMap>,
+}
+
+impl Generation {
+    /// An empty generation (an index's first, before any point).
+    pub fn empty(metric: Metric, dimension: u32, meta: GenerationMeta) -> Self {
+        let engine = new_engine(metric, dimension, &meta.config, 1024);
+        Generation {
+            meta,
+            metric,
+            dimension,
+            engine,
+            ids: RwLock::new(IdMap::default()),
+        }
+    }
+
+    /// Builds a graph over `points` with `meta.config`. With a seed, points are inserted on one
+    /// thread in an order shuffled by the seed (from id order), so the same seed, points and
+    /// config build the same graph; without one, they are inserted in parallel, which is faster
+    /// but not reproducible. `cancelled` is polled between chunks of points.
+    pub fn build(
+        metric: Metric,
+        dimension: u32,
+        mut meta: GenerationMeta,
+        mut points: Vec<Point>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Self> {
+        let started = std::time::Instant::now();
+        let config: HnswConfig = meta.config;
+        points.sort_unstable_by_key(|p| p.id);
+        points.dedup_by_key(|p| p.id);
+        if let Some(seed) = config.seed {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            points.shuffle(&mut rng);
+        }
+        let engine = new_engine(metric, dimension, &config, points.len());
+        let mut ids = IdMap::default();
+        ids.assign(points.iter().map(|p| p.id));
+        let parallel = config.seed.is_none();
+        for (c, chunk) in points
+            .chunks(BUILD_CHUNK * if parallel { 16 } else { 1 })
+            .enumerate()
+        {
+            if cancelled() {
+                return Err(Error::Cancelled("the build was cancelled".into()));
+            }
+            let base = c * BUILD_CHUNK * if parallel { 16 } else { 1 };
+            let items: Vec<(&[f32], usize)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.vector.as_slice(), base + i))
+                .collect();
+            engine.insert_many(&items, parallel);
+        }
+        meta.point_count = points.len() as u64;
+        meta.build_millis = started.elapsed().as_millis() as u64;
+        Ok(Generation {
+            meta,
+            metric,
+            dimension,
+            engine,
+            ids: RwLock::new(ids),
+        })
+    }
+
+    /// Adds or replaces points (already validated and, for cosine, normalised).
+    pub fn upsert(&self, points: &[Point]) {
+        let range = self.ids.write().assign(points.iter().map(|p| p.id));
+        let items: Vec<(&[f32], usize)> = points
+            .iter()
+            .zip(range)
+            .map(|(p, internal)| (p.vector.as_slice(), internal))
+            .collect();
+        self.engine.insert_many(&items, items.len() >= 4096);
+    }
+
+    /// Tombstones the points of `ids`; unknown ids are ignored.
+    pub fn delete(&self, ids: &[u64]) {
+        let mut map = self.ids.write();
+        for id in ids {
+            if let Some(internal) = map.by_external.remove(id) {
+                map.live[internal] = false;
+            }
+        }
+    }
+
+    /// Live points.
+    pub fn live_count(&self) -> usize {
+        self.ids.read().by_external.len()
+    }
+
+    /// Points in the graph that no search may return.
+    pub fn tombstones(&self) -> usize {
+        let map = self.ids.read();
+        map.external.len() - map.by_external.len()
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.engine.memory_bytes()
+    }
+
+    /// The `k` nearest live points to `query` (validated, normalised for cosine), nearest first.
+    pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
+        let (total, live) = {
+            let map = self.ids.read();
+            (map.external.len(), map.by_external.len())
+        };
+        if live == 0 {
+            return Vec::new();
+        }
+        let mut fetch = (k + (total - live)).min(total);
+        loop {
+            let found = self.engine.search(query, fetch, ef.max(fetch));
+            let map = self.ids.read();
+            let hits: Vec<Hit> = found
+                .iter()
+                .filter(|(internal, _)| map.live.get(*internal).copied().unwrap_or(false))
+                .take(k)
+                .map(|&(internal, d)| Hit {
+                    id: map.external[internal],
+                    distance: distance::reported(self.metric, d),
+                })
+                .collect();
+            if hits.len() >= k.min(live) || fetch >= total {
+                return hits;
+            }
+            fetch = (fetch * 2).min(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigSource, HnswConfig};
+
+    fn meta(seed: Option<u64>) -> GenerationMeta {
+        GenerationMeta {
+            number: 1,
+            config: HnswConfig {
+                m: 8,
+                ef_construction: 50,
+                ef_search: 50,
+                seed,
+            },
+            source: ConfigSource::Default,
+            point_count: 0,
+            build_millis: 0,
+            activate_time_ms: 0,
+            profile: String::new(),
+        }
+    }
+
+    fn points(n: u64) -> Vec<Point> {
+        (0..n)
+            .map(|i| Point {
+                id: i * 10,
+                vector: vec![i as f32, (i % 7) as f32, (i % 3) as f32],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deleted_and_replaced_ids_never_come_back() {
+        let g = Generation::build(Metric::L2, 3, meta(Some(1)), points(200), &|| false).unwrap();
+        let q = [50.0, 1.0, 2.0];
+        let first = g.search(&q, 1, 50)[0].id;
+        g.delete(&[first]);
+        assert!(g.search(&q, 200, 50).iter().all(|h| h.id != first));
+        // Replace id 0 with a vector far away: the old one must not answer.
+        g.upsert(&[Point {
+            id: 0,
+            vector: vec![1000.0, 0.0, 0.0],
+        }]);
+        let near_origin = g.search(&[0.0, 0.0, 0.0], 5, 50);
+        assert!(near_origin.iter().all(|h| h.id != 0));
+        assert_eq!(g.search(&[1000.0, 0.0, 0.0], 1, 50)[0].id, 0);
+        assert_eq!(g.live_count(), 199);
+        assert_eq!(g.tombstones(), 2);
+        // Asking for everything returns every live point once.
+        let all = g.search(&q, 1000, 10);
+        assert_eq!(all.len(), 199);
+    }
+
+    #[test]
+    fn same_seed_same_results() {
+        let a = Generation::build(Metric::L2, 3, meta(Some(7)), points(300), &|| false).unwrap();
+        let b = Generation::build(Metric::L2, 3, meta(Some(7)), points(300), &|| false).unwrap();
+        for i in 0..20 {
+            let q = [i as f32 * 3.3, 2.0, 1.0];
+            assert_eq!(a.search(&q, 10, 12), b.search(&q, 10, 12));
+        }
+    }
+
+    #[test]
+    fn cancelled_build_stops() {
+        let e = Generation::build(Metric::L2, 3, meta(Some(7)), points(300), &|| true);
+        assert!(matches!(e, Err(Error::Cancelled(_))));
+    }
+}

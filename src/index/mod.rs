@@ -1,0 +1,7 @@
+//! Generations and the engine seam: the only code that names hnsw_rs.
+
+pub mod distance;
+pub mod engine;
+pub mod generation;
+
+pub use generation::Generation;

@@ -1,0 +1,22 @@
+//! vectord: approximate nearest-neighbour search over gRPC whose HNSW configuration is measured,
+//! not guessed. See the README for the user's manual.
+
+pub mod autotune;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod index;
+pub mod model;
+pub mod promotion;
+pub mod server;
+pub mod store;
+
+/// The generated `vectord.v1` types and services.
+pub mod pb {
+    tonic::include_proto!("vectord.v1");
+
+    /// The encoded file descriptor set of the contract, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("vectord_descriptor");
+}

@@ -1,0 +1,120 @@
+//! The `vectord` command line: `serve` runs the server; the other subcommands are clients.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use vectord::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "vectord",
+    version,
+    about = "Approximate nearest-neighbour search over gRPC, with measured HNSW configs"
+)]
+struct Cli {
+    /// Log level or filter (e.g. info, debug, vectord=debug); RUST_LOG is used when unset.
+    #[arg(long, global = true, env = "VECTORD_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "VECTORD_ADDR", default_value = "127.0.0.1:50051")]
+    addr: SocketAddr,
+    /// Directory of the store (created if missing).
+    #[arg(long, env = "VECTORD_DATA_DIR", default_value = "./vectord-data")]
+    data_dir: PathBuf,
+    /// Largest request message accepted, in bytes; larger is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_request_bytes: usize,
+    /// Seconds in-flight calls get to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "VECTORD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), "vectord listening");
+    let mut config = Config::new(args.data_dir);
+    config.max_request_bytes = args.max_request_bytes;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    vectord::server::run(listener, config, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vectord: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("vectord: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The server: opens the store, serves health and reflection at once, recovers the indexes,
+//! then reports SERVING; on shutdown reports NOT_SERVING, lets in-flight calls finish within
+//! the grace period, and flushes the store.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::grpc::{index::IndexApi, promotion::PromotionApi, Core};
+use crate::pb;
+use crate::promotion::Registry;
+use crate::store::Store;
+
+/// The names health reports on: "" (the whole server) and each vectord service.
+pub const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "vectord.v1.IndexService",
+    "vectord.v1.AutotuneService",
+    "vectord.v1.PromotionService",
+];
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for s in HEALTH_SERVICES {
+        reporter.set_service_status(s, status).await;
+    }
+}
+
+/// Rewrites tonic's OUT_OF_RANGE for an oversized request into RESOURCE_EXHAUSTED, the code
+/// for a limit, with a message that names the limit.
+fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let is_too_large = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
+        && resp
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("decoded message length too large"));
+    if is_too_large {
+        let msg = resp
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or_default()
+            .replace(
+                "Error, decoded message length too large",
+                "request too large (--max-request-bytes)",
+            );
+        let headers = resp.headers_mut();
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        if let Ok(v) = http::HeaderValue::from_str(&msg) {
+            headers.insert("grpc-message", v);
+        }
+    }
+    resp
+}
+
+/// Serves until `shutdown` completes (or the grace period after it runs out).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let dir = config.data_dir.clone();
+    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
+    let registry = Arc::new(Registry::new(store.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let core = Arc::new(Core::default());
+    let max = config.max_request_bytes;
+    let index = pb::index_service_server::IndexServiceServer::new(IndexApi::new(core.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(usize::MAX);
+    let promotion =
+        pb::promotion_service_server::PromotionServiceServer::new(PromotionApi::new(core.clone()))
+            .max_decoding_message_size(max);
+
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = sig_tx.send(true);
+    });
+    let local = listener.local_addr().ok();
+    let stop = {
+        let mut rx = sig_rx.clone();
+        let health = health.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+            tracing::info!("shutting down: no new calls; in-flight calls may finish");
+            set_health(&health, ServingStatus::NotServing).await;
+        }
+    };
+    let serve = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted,
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(index)
+        .add_service(promotion)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+    tokio::pin!(serve);
+
+    let recovery = {
+        let (core, health, store) = (core.clone(), health.clone(), store.clone());
+        async move {
+            let catalog = Arc::new(Catalog::recover(store, registry).await?);
+            core.set_ready(catalog);
+            set_health(&health, ServingStatus::Serving).await;
+            tracing::info!(addr = ?local, "vectord is serving");
+            Ok::<_, Error>(())
+        }
+    };
+    tokio::pin!(recovery);
+    let grace = config.shutdown_grace;
+    let grace_over = {
+        let mut rx = sig_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::pin!(grace_over);
+
+    let mut recovered = false;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut serve => break r.map_err(|e| Error::Unavailable(format!("server: {e}"))),
+            r = &mut recovery, if !recovered => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "startup recovery failed");
+                    break Err(e);
+                }
+                recovered = true;
+            }
+            _ = &mut grace_over => {
+                tracing::warn!(?grace, "grace period over: dropping the calls still in flight");
+                break Ok(());
+            }
+        }
+    };
+    store.flush().await?;
+    tracing::info!("store flushed; stopped");
+    outcome
+}

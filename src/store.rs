@@ -1,0 +1,636 @@
+//! The store: the only module that names sled.
+//!
+//! Format version 1. Trees and key layout:
+//! - `meta`: `format_version` -> u32 BE; `next_trial_id`, `next_job_seq` -> u64 BE counters
+//!   (bumped in the same transaction as the record they number, so ids are never reused).
+//! - `indexes`: index name -> JSON `IndexRecord` (what the index is + its active generation).
+//! - `points`: uid (u64 BE) ++ point id (u64 BE) -> the vector as little-endian f32s. Keyed by
+//!   the index's uid, unique per incarnation, so a re-created index never sees old points.
+//! - `counts`: uid (u64 BE) -> data version (u64 BE) ++ point count (u64 BE), changed in the
+//!   same transaction as the points.
+//! - `profiles`: profile name -> JSON profile.
+//! - `harnesses`: index name ++ 0x00 ++ harness name -> JSON harness (with its ground truth).
+//! - `trials`: trial id (u64 BE) -> JSON trial (the journal; ids increase, never reused).
+//! - `promotions`: index name -> JSON `{current, history}`.
+//! - `jobs`: job seq (u64 BE) -> JSON job.
+//!
+//! Every change that must survive a crash is followed by [`Store::flush`] before it is
+//! acknowledged. Names are `[A-Za-z0-9_.-]`, so the 0x00 separator never occurs inside one.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::error::{Error, Result};
+use crate::model::{GenerationMeta, IndexMeta, Point};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// An index as stored.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct IndexRecord {
+    pub meta: IndexMeta,
+    pub generation: GenerationMeta,
+}
+
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    indexes: sled::Tree,
+    points: sled::Tree,
+    counts: sled::Tree,
+    profiles: sled::Tree,
+    harnesses: sled::Tree,
+    trials: sled::Tree,
+    promotions: sled::Tree,
+    jobs: sled::Tree,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Internal(format!("encoding a record: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+}
+
+fn point_key(uid: u64, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&uid.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn encode_vector(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn decode_vector(bytes: &[u8]) -> Result<Vec<f32>> {
+    if bytes.len() % 4 != 0 {
+        return Err(Error::Corrupt(format!(
+            "a stored vector has {} bytes, not a multiple of 4",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Result<u64> {
+    bytes
+        .get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Error::Corrupt("a stored counter is too short".into()))
+}
+
+fn harness_key(index: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(index.len() + name.len() + 1);
+    k.extend_from_slice(index.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn harness_prefix(index: &str) -> Vec<u8> {
+    let mut k = index.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// Turns a transaction's abort into our error.
+fn tx_err(e: TransactionError<Error>) -> Error {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => Error::Store(e),
+    }
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+
+fn abort<T>(e: Error) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Counts (data version, point count) of an index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub data_version: u64,
+    pub point_count: u64,
+}
+
+impl Counts {
+    fn decode(bytes: Option<&[u8]>) -> Result<Self> {
+        match bytes {
+            None => Ok(Counts::default()),
+            Some(b) => Ok(Counts {
+                data_version: u64_at(b, 0)?,
+                point_count: u64_at(b, 8)?,
+            }),
+        }
+    }
+    fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.data_version.to_be_bytes());
+        b[8..].copy_from_slice(&self.point_count.to_be_bytes());
+        b
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Refuses a directory of a newer format, one that is
+    /// not a vectord store, and one that another process has open.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::Unavailable(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                Error::Unavailable(format!(
+                    "data dir {} is in use by another process (sled's lock is held)",
+                    dir.display()
+                ))
+            }
+            other => Error::Unavailable(format!("cannot open data dir {}: {other}", dir.display())),
+        })?;
+        let store = Store {
+            meta: db.open_tree("meta")?,
+            indexes: db.open_tree("indexes")?,
+            points: db.open_tree("points")?,
+            counts: db.open_tree("counts")?,
+            profiles: db.open_tree("profiles")?,
+            harnesses: db.open_tree("harnesses")?,
+            trials: db.open_tree("trials")?,
+            promotions: db.open_tree("promotions")?,
+            jobs: db.open_tree("jobs")?,
+            db,
+        };
+        match store.meta.get("format_version")? {
+            None => {
+                if !store.indexes.is_empty() || !store.points.is_empty() {
+                    return Err(Error::Corrupt(format!(
+                        "data dir {} has data but no format version",
+                        dir.display()
+                    )));
+                }
+                store
+                    .meta
+                    .insert("format_version", &FORMAT_VERSION.to_be_bytes())?;
+                store.db.flush()?;
+            }
+            Some(v) => {
+                let v = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| Error::Corrupt("the format version is unreadable".into()))?;
+                if v != FORMAT_VERSION {
+                    return Err(Error::Unavailable(format!(
+                        "data dir {} has format version {v}; this vectord reads version {FORMAT_VERSION}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Makes every earlier write durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// A fresh id, unique across restarts.
+    pub fn new_uid(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    // ---- indexes ----
+
+    /// Stores a new index record; false if the name is taken.
+    pub fn create_index(&self, rec: &IndexRecord) -> Result<bool> {
+        let value = to_json(rec)?;
+        let swapped = self.indexes.compare_and_swap(
+            rec.meta.name.as_str(),
+            None as Option<&[u8]>,
+            Some(value),
+        )?;
+        if swapped.is_ok() {
+            self.counts
+                .insert(rec.meta.uid.to_be_bytes(), &Counts::default().encode())?;
+        }
+        Ok(swapped.is_ok())
+    }
+
+    pub fn put_index(&self, rec: &IndexRecord) -> Result<()> {
+        self.indexes.insert(rec.meta.name.as_str(), to_json(rec)?)?;
+        Ok(())
+    }
+
+    pub fn list_indexes(&self) -> Result<Vec<IndexRecord>> {
+        self.indexes
+            .iter()
+            .values()
+            .map(|v| from_json("index record", &v?))
+            .collect()
+    }
+
+    /// Removes an index with its points, harnesses, trials and promotions. The record goes first
+    /// (that is the commit point); leftovers of a crash after it are swept by
+    /// [`Store::sweep_orphans`] at the next start.
+    pub fn delete_index(&self, name: &str, uid: u64) -> Result<()> {
+        (&self.indexes, &self.promotions)
+            .transaction(|(i, p)| {
+                i.remove(name)?;
+                p.remove(name)?;
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(tx_err)?;
+        self.remove_index_data(name, uid)
+    }
+
+    fn remove_index_data(&self, name: &str, uid: u64) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for k in self.points.scan_prefix(uid.to_be_bytes()).keys() {
+            batch.remove(k?);
+        }
+        self.points.apply_batch(batch)?;
+        self.counts.remove(uid.to_be_bytes())?;
+        let mut batch = sled::Batch::default();
+        for k in self.harnesses.scan_prefix(harness_prefix(name)).keys() {
+            batch.remove(k?);
+        }
+        self.harnesses.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for kv in self.trials.iter() {
+            let (k, v) = kv?;
+            if trial_index_is(&v, name) {
+                batch.remove(k);
+            }
+        }
+        self.trials.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Removes points, counts, harnesses, trials and promotions of indexes that no longer exist
+    /// (left by a crash in the middle of a delete).
+    pub fn sweep_orphans(&self) -> Result<usize> {
+        let recs = self.list_indexes()?;
+        let uids: std::collections::HashSet<u64> = recs.iter().map(|r| r.meta.uid).collect();
+        let names: std::collections::HashSet<&str> =
+            recs.iter().map(|r| r.meta.name.as_str()).collect();
+        let mut swept = 0;
+        let mut batch = sled::Batch::default();
+        for k in self.points.iter().keys() {
+            let k = k?;
+            if !uids.contains(&u64_at(&k, 0)?) {
+                batch.remove(k);
+                swept += 1;
+            }
+        }
+        self.points.apply_batch(batch)?;
+        for k in self.counts.iter().keys() {
+            let k = k?;
+            if !uids.contains(&u64_at(&k, 0)?) {
+                self.counts.remove(k)?;
+            }
+        }
+        for k in self.harnesses.iter().keys() {
+            let k = k?;
+            let index = k.split(|b| *b == 0).next().unwrap_or_default();
+            if !names.contains(std::str::from_utf8(index).unwrap_or_default()) {
+                self.harnesses.remove(k)?;
+                swept += 1;
+            }
+        }
+        for kv in self.trials.iter() {
+            let (k, v) = kv?;
+            if !names.iter().any(|n| trial_index_is(&v, n)) {
+                self.trials.remove(k)?;
+                swept += 1;
+            }
+        }
+        for k in self.promotions.iter().keys() {
+            let k = k?;
+            if !names.contains(std::str::from_utf8(&k).unwrap_or_default()) {
+                self.promotions.remove(k)?;
+            }
+        }
+        Ok(swept)
+    }
+
+    // ---- points ----
+
+    pub fn counts(&self, uid: u64) -> Result<Counts> {
+        Counts::decode(self.counts.get(uid.to_be_bytes())?.as_deref())
+    }
+
+    /// Adds or replaces points, all or nothing, and bumps the data version. Returns the counts
+    /// after.
+    pub fn upsert_points(&self, uid: u64, points: &[Point]) -> Result<Counts> {
+        let encoded: Vec<([u8; 16], Vec<u8>)> = points
+            .iter()
+            .map(|p| (point_key(uid, p.id), encode_vector(&p.vector)))
+            .collect();
+        (&self.points, &self.counts)
+            .transaction(|(pt, ct)| {
+                let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
+                    Ok(c) => c,
+                    Err(e) => return abort(e),
+                };
+                for (k, v) in &encoded {
+                    if pt.insert(&k[..], v.as_slice())?.is_none() {
+                        counts.point_count += 1;
+                    }
+                }
+                counts.data_version += 1;
+                ct.insert(&uid.to_be_bytes(), &counts.encode())?;
+                Ok(counts)
+            })
+            .map_err(tx_err)
+    }
+
+    /// Removes points, all or nothing; returns how many existed and the counts after.
+    pub fn delete_points(&self, uid: u64, ids: &[u64]) -> Result<(u64, Counts)> {
+        (&self.points, &self.counts)
+            .transaction(|(pt, ct)| {
+                let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
+                    Ok(c) => c,
+                    Err(e) => return abort(e),
+                };
+                let mut deleted = 0;
+                for id in ids {
+                    if pt.remove(&point_key(uid, *id)[..])?.is_some() {
+                        deleted += 1;
+                    }
+                }
+                counts.point_count -= deleted.min(counts.point_count);
+                if deleted > 0 {
+                    counts.data_version += 1;
+                }
+                ct.insert(&uid.to_be_bytes(), &counts.encode())?;
+                Ok((deleted, counts))
+            })
+            .map_err(tx_err)
+    }
+
+    /// Every point of an index, in id order.
+    pub fn load_points(&self, uid: u64) -> Result<Vec<Point>> {
+        self.points
+            .scan_prefix(uid.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(Point {
+                    id: u64_at(&k, 8)?,
+                    vector: decode_vector(&v)?,
+                })
+            })
+            .collect()
+    }
+
+    /// One stored point's vector.
+    pub fn get_point(&self, uid: u64, id: u64) -> Result<Option<Vec<f32>>> {
+        self.points
+            .get(point_key(uid, id))?
+            .map(|v| decode_vector(&v))
+            .transpose()
+    }
+
+    // ---- profiles ----
+
+    pub fn put_profile<T: Serialize>(&self, name: &str, profile: &T) -> Result<()> {
+        self.profiles.insert(name, to_json(profile)?)?;
+        Ok(())
+    }
+
+    pub fn get_profile<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        self.profiles
+            .get(name)?
+            .map(|v| from_json("profile", &v))
+            .transpose()
+    }
+
+    /// Profiles in name order, starting after `after`, at most `limit`.
+    pub fn list_profiles<T: DeserializeOwned>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<T>> {
+        let iter = match after {
+            Some(a) => self.profiles.range::<&[u8], _>((
+                std::ops::Bound::Excluded(a.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.profiles.iter(),
+        };
+        iter.values()
+            .take(limit)
+            .map(|v| from_json("profile", &v?))
+            .collect()
+    }
+
+    pub fn delete_profile(&self, name: &str) -> Result<bool> {
+        Ok(self.profiles.remove(name)?.is_some())
+    }
+
+    // ---- harnesses ----
+
+    /// Stores a new harness; false if the name is taken in the index.
+    pub fn create_harness<T: Serialize>(&self, index: &str, name: &str, h: &T) -> Result<bool> {
+        let swapped = self.harnesses.compare_and_swap(
+            harness_key(index, name),
+            None as Option<&[u8]>,
+            Some(to_json(h)?),
+        )?;
+        Ok(swapped.is_ok())
+    }
+
+    pub fn put_harness<T: Serialize>(&self, index: &str, name: &str, h: &T) -> Result<()> {
+        self.harnesses
+            .insert(harness_key(index, name), to_json(h)?)?;
+        Ok(())
+    }
+
+    pub fn get_harness<T: DeserializeOwned>(&self, index: &str, name: &str) -> Result<Option<T>> {
+        self.harnesses
+            .get(harness_key(index, name))?
+            .map(|v| from_json("harness", &v))
+            .transpose()
+    }
+
+    pub fn list_harnesses<T: DeserializeOwned>(&self, index: &str) -> Result<Vec<T>> {
+        self.harnesses
+            .scan_prefix(harness_prefix(index))
+            .values()
+            .map(|v| from_json("harness", &v?))
+            .collect()
+    }
+
+    pub fn delete_harness(&self, index: &str, name: &str) -> Result<bool> {
+        Ok(self.harnesses.remove(harness_key(index, name))?.is_some())
+    }
+
+    // ---- trials ----
+
+    /// Appends a trial to the journal under the next id, which `make` receives. Ids increase
+    /// and are never reused: the counter moves in the same transaction as the record.
+    pub fn append_trial<T: Serialize>(&self, make: impl Fn(u64) -> T) -> Result<T> {
+        (&self.meta, &self.trials)
+            .transaction(|(m, t)| {
+                let next = match m.get("next_trial_id")? {
+                    Some(v) => match u64_at(&v, 0) {
+                        Ok(n) => n,
+                        Err(e) => return abort(e),
+                    },
+                    None => 1,
+                };
+                let trial = make(next);
+                let bytes = match to_json(&trial) {
+                    Ok(b) => b,
+                    Err(e) => return abort(e),
+                };
+                t.insert(&next.to_be_bytes(), bytes)?;
+                m.insert("next_trial_id", &(next + 1).to_be_bytes())?;
+                Ok(trial)
+            })
+            .map_err(tx_err)
+    }
+
+    pub fn get_trial<T: DeserializeOwned>(&self, id: u64) -> Result<Option<T>> {
+        self.trials
+            .get(id.to_be_bytes())?
+            .map(|v| from_json("trial", &v))
+            .transpose()
+    }
+
+    /// Trials newest first, with ids below `before` (all when None), that `keep` accepts, at
+    /// most `limit`.
+    pub fn list_trials<T: DeserializeOwned>(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        keep: impl Fn(&T) -> bool,
+    ) -> Result<Vec<T>> {
+        let iter = match before {
+            Some(b) => self.trials.range(..b.to_be_bytes()),
+            None => self.trials.iter(),
+        };
+        let mut out = Vec::new();
+        for v in iter.values().rev() {
+            let t: T = from_json("trial", &v?)?;
+            if keep(&t) {
+                out.push(t);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- promotions ----
+
+    /// Reads, changes and writes an index's promotion record in one atomic transaction; `f`
+    /// may run more than once on conflict, so it must be pure.
+    pub fn update_promotion<T, R>(
+        &self,
+        index: &str,
+        f: impl Fn(Option<T>) -> Result<(T, R)>,
+    ) -> Result<R>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        self.promotions
+            .transaction(|p| {
+                let cur: Option<T> = match p.get(index)? {
+                    Some(v) => match from_json("promotion record", &v) {
+                        Ok(t) => Some(t),
+                        Err(e) => return abort(e),
+                    },
+                    None => None,
+                };
+                let (next, out) = match f(cur) {
+                    Ok(x) => x,
+                    Err(e) => return abort(e),
+                };
+                let bytes = match to_json(&next) {
+                    Ok(b) => b,
+                    Err(e) => return abort(e),
+                };
+                p.insert(index, bytes)?;
+                Ok(out)
+            })
+            .map_err(tx_err)
+    }
+
+    pub fn get_promotion<T: DeserializeOwned>(&self, index: &str) -> Result<Option<T>> {
+        self.promotions
+            .get(index)?
+            .map(|v| from_json("promotion record", &v))
+            .transpose()
+    }
+
+    // ---- jobs ----
+
+    /// The next job sequence number, durable once flushed.
+    pub fn next_job_seq(&self) -> Result<u64> {
+        let v = self.meta.update_and_fetch("next_job_seq", |old| {
+            let n = old
+                .and_then(|o| <[u8; 8]>::try_from(o).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        v.as_deref().map(|b| u64_at(b, 0)).unwrap_or(Ok(1))
+    }
+
+    pub fn put_job<T: Serialize>(&self, seq: u64, job: &T) -> Result<()> {
+        self.jobs.insert(seq.to_be_bytes(), to_json(job)?)?;
+        Ok(())
+    }
+
+    /// Jobs newest first.
+    pub fn list_jobs<T: DeserializeOwned>(&self) -> Result<Vec<(u64, T)>> {
+        self.jobs
+            .iter()
+            .rev()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((u64_at(&k, 0)?, from_json("job", &v)?))
+            })
+            .collect()
+    }
+
+    /// Keeps the newest `keep` jobs.
+    pub fn trim_jobs(&self, keep: usize) -> Result<()> {
+        let keys: Vec<_> = self.jobs.iter().keys().collect::<Result<_, _>>()?;
+        if keys.len() > keep {
+            for k in &keys[..keys.len() - keep] {
+                self.jobs.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a stored trial (JSON) belongs to `index`, without decoding the whole record.
+fn trial_index_is(v: &[u8], index: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        index: String,
+    }
+    serde_json::from_slice::<Only>(v)
+        .map(|o| o.index == index)
+        .unwrap_or(false)
+}
