@@ -396,6 +396,18 @@ impl Catalog {
         Ok((results, number))
     }
 
+    /// The index's points and data version, read together (no write can fall between).
+    pub async fn snapshot(&self, name: &Name) -> Result<(Arc<IndexHandle>, Vec<Point>, u64)> {
+        let handle = self.handle(name)?;
+        let _w = handle.writer.lock().await;
+        handle.check_live()?;
+        let store = self.store.clone();
+        let uid = handle.meta.uid;
+        let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
+        let version = handle.data_version();
+        Ok((handle.clone(), points, version))
+    }
+
     /// Builds a new generation of the index with `config` and swaps it in. Searches keep being
     /// served by the previous generation until the swap; writes made during the build are
     /// replayed into the new one.

@@ -9,10 +9,11 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::autotune::{jobs::Jobs, lab::Lab};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::grpc::{index::IndexApi, promotion::PromotionApi, Core};
+use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, Ready};
 use crate::pb;
 use crate::promotion::Registry;
 use crate::store::Store;
@@ -34,22 +35,22 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 /// Rewrites tonic's OUT_OF_RANGE for an oversized request into RESOURCE_EXHAUSTED, the code
 /// for a limit, with a message that names the limit.
 fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    // grpc-message is percent-encoded on the wire.
+    let message = resp
+        .headers()
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(|m| m.replace("%20", " "))
+        .unwrap_or_default();
     let is_too_large = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
-        && resp
-            .headers()
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("decoded message length too large"));
+        && message.contains("decoded message length too large");
     if is_too_large {
-        let msg = resp
-            .headers()
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .unwrap_or_default()
+        let msg = message
             .replace(
                 "Error, decoded message length too large",
-                "request too large (--max-request-bytes)",
-            );
+                "request too large (see --max-request-bytes)",
+            )
+            .replace(' ', "%20");
         let headers = resp.headers_mut();
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
         if let Ok(v) = http::HeaderValue::from_str(&msg) {
@@ -92,6 +93,10 @@ pub async fn run(
         pb::promotion_service_server::PromotionServiceServer::new(PromotionApi::new(core.clone()))
             .max_decoding_message_size(max);
 
+    let autotune =
+        pb::autotune_service_server::AutotuneServiceServer::new(AutotuneApi::new(core.clone()))
+            .max_decoding_message_size(max);
+
     let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -101,9 +106,13 @@ pub async fn run(
     let stop = {
         let mut rx = sig_rx.clone();
         let health = health.clone();
+        let core = core.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
-            tracing::info!("shutting down: no new calls; in-flight calls may finish");
+            tracing::info!(
+                "shutting down: no new calls; in-flight calls may finish; jobs are cancelled"
+            );
+            core.shutdown();
             set_health(&health, ServingStatus::NotServing).await;
         }
     };
@@ -117,14 +126,18 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(index)
         .add_service(promotion)
+        .add_service(autotune)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
     tokio::pin!(serve);
 
+    let jobs_kept = config.jobs_kept;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry).await?);
-            core.set_ready(catalog);
+            let lab = Arc::new(Lab::new(catalog.clone()));
+            let jobs = Jobs::recover(lab.clone(), jobs_kept).await?;
+            core.set_ready(Ready { catalog, lab, jobs });
             set_health(&health, ServingStatus::Serving).await;
             tracing::info!(addr = ?local, "vectord is serving");
             Ok::<_, Error>(())

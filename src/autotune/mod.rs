@@ -1,3 +1,6 @@
 //! Harnesses, trials, the journal and the autotune job loop.
 
+pub mod harness;
+pub mod jobs;
+pub mod lab;
 pub mod trial;

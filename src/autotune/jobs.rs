@@ -1,0 +1,490 @@
+//! Autotune jobs: run a grid of trials, stream each as it is journaled, pick the winner
+//! (highest recall, then lowest p50), promote it when it clears the recall gate, and optionally
+//! swap in a generation built with it.
+//!
+//! Invariants: at most one job per index runs at a time (a second gets ABORTED naming the
+//! first); every trial is journaled before it is streamed; a cancelled job (CancelJob, the
+//! client closing the stream, or shutdown) promotes nothing and keeps the trials it journaled;
+//! job records are durable, and one found RUNNING at startup is marked FAILED.
+//!
+//! Configs sharing (m, ef_construction, seed) share one build: only ef_search differs between
+//! them, and it is a search-time knob. Groups run in the order of their first grid entry, so a
+//! grid that lists shared configs apart streams them together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::lab::{Lab, Prepared};
+use super::trial::Trial;
+use crate::error::{Error, Result};
+use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name};
+use crate::promotion::Promotion;
+
+pub const DEFAULT_MIN_RECALL: f64 = 0.9;
+
+/// The default grid, in order: (ef_construction, ef_search), m = server default, seed 42.
+pub fn default_grid() -> Vec<HnswConfig> {
+    [(20, 30), (40, 30), (80, 30), (80, 60), (160, 30)]
+        .into_iter()
+        .map(|(ef_construction, ef_search)| HnswConfig {
+            m: crate::model::DEFAULT_M,
+            ef_construction,
+            ef_search,
+            seed: Some(42),
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub seq: u64,
+    pub index: Name,
+    pub harness: Name,
+    pub state: JobState,
+    pub trials_done: u32,
+    pub trials_total: u32,
+    pub start_time_ms: u64,
+    pub end_time_ms: Option<u64>,
+    pub requested_by: String,
+    /// Why it failed or was cancelled; the outcome in words when it succeeded.
+    pub reason: String,
+    pub graphs_built: u32,
+}
+
+/// A validated autotune request.
+#[derive(Clone, Debug)]
+pub struct TuneRequest {
+    pub index: Name,
+    pub harness: Name,
+    pub min_recall: f64,
+    pub grid: Vec<HnswConfig>,
+    pub activate: bool,
+    pub requested_by: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub job_id: String,
+    pub winner: Option<Trial>,
+    pub promotion: Option<Promotion>,
+    pub generation: Option<GenerationMeta>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Started {
+        job_id: String,
+        grid: Vec<HnswConfig>,
+    },
+    Trial(Trial),
+    Finished(Outcome),
+    /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
+    Ended(String, tonic::Code),
+}
+
+struct Running {
+    job_id: String,
+    token: CancellationToken,
+}
+
+pub struct Jobs {
+    lab: Arc<Lab>,
+    /// index -> its running job
+    running: Mutex<HashMap<Name, Running>>,
+    /// Cancelled at shutdown; every job token is its child.
+    root: CancellationToken,
+    kept: usize,
+}
+
+/// Picks the winner: highest recall, ties broken by lowest p50 (then the earlier trial).
+pub fn pick_winner(trials: &[Trial]) -> Option<&Trial> {
+    trials.iter().reduce(|best, t| {
+        if t.recall > best.recall || (t.recall == best.recall && t.p50_micros < best.p50_micros) {
+            t
+        } else {
+            best
+        }
+    })
+}
+
+impl Jobs {
+    /// Marks jobs left RUNNING by a previous process as FAILED.
+    pub async fn recover(lab: Arc<Lab>, kept: usize) -> Result<Arc<Self>> {
+        let store = lab.catalog().store().clone();
+        for (seq, mut job) in store.list_jobs::<JobRecord>()? {
+            if job.state == JobState::Running {
+                job.state = JobState::Failed;
+                job.end_time_ms = Some(now_millis());
+                job.reason = "the server stopped while the job was running".into();
+                store.put_job(seq, &job)?;
+                tracing::warn!(job = %job.id, index = %job.index, "job was running when the server stopped: marked FAILED");
+            }
+        }
+        store.flush().await?;
+        Ok(Arc::new(Jobs {
+            lab,
+            running: Mutex::new(HashMap::new()),
+            root: CancellationToken::new(),
+            kept,
+        }))
+    }
+
+    /// Cancels every running job (server shutdown).
+    pub fn shutdown(&self) {
+        self.root.cancel();
+    }
+
+    async fn save(&self, job: &JobRecord) -> Result<()> {
+        let store = self.lab.catalog().store();
+        store.put_job(job.seq, job)?;
+        store.flush().await
+    }
+
+    /// Jobs, running first, then finished ones newest first (at most `kept` of those).
+    pub fn list(&self, index: Option<&Name>) -> Result<Vec<JobRecord>> {
+        let all: Vec<JobRecord> = self
+            .lab
+            .catalog()
+            .store()
+            .list_jobs::<JobRecord>()?
+            .into_iter()
+            .map(|(_, j)| j)
+            .filter(|j| index.is_none_or(|i| &j.index == i))
+            .collect();
+        let (running, finished): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|j| j.state == JobState::Running);
+        Ok(running
+            .into_iter()
+            .chain(finished.into_iter().take(self.kept))
+            .collect())
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobRecord> {
+        self.list(None)?
+            .into_iter()
+            .find(|j| j.id == id)
+            .ok_or_else(|| Error::not_found("job", id))
+    }
+
+    /// Cancels a running job; FAILED_PRECONDITION for one already finished.
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
+        let job = self.get(id)?;
+        if job.state != JobState::Running {
+            return Err(Error::Precondition(format!(
+                "job {id} already finished ({:?}); only a running job can be cancelled",
+                job.state
+            )));
+        }
+        let token = self
+            .running
+            .lock()
+            .values()
+            .find(|r| r.job_id == id)
+            .map(|r| r.token.clone());
+        if let Some(t) = token {
+            t.cancel();
+        }
+        // The job records CANCELLED itself as it stops; wait for that so the answer is true.
+        for _ in 0..600 {
+            let j = self.get(id)?;
+            if j.state != JobState::Running {
+                return Ok(j);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.get(id)
+    }
+
+    /// Starts a job. Returns the events receiver and the job's token (cancel it to stop the
+    /// job). The first event is `Started`.
+    pub async fn start(
+        self: &Arc<Self>,
+        req: TuneRequest,
+    ) -> Result<(mpsc::UnboundedReceiver<Event>, CancellationToken)> {
+        // Unknown index or harness: NOT_FOUND before anything else.
+        self.lab.get_harness(&req.index, &req.harness)?;
+        let store = self.lab.catalog().store().clone();
+        let token = self.root.child_token();
+        let seq = {
+            let mut running = self.running.lock();
+            if let Some(r) = running.get(&req.index) {
+                return Err(Error::Conflict(format!(
+                    "index {:?} is already being tuned by job {}; wait for it or cancel it",
+                    req.index.as_str(),
+                    r.job_id
+                )));
+            }
+            let seq = store.next_job_seq()?;
+            running.insert(
+                req.index.clone(),
+                Running {
+                    job_id: format!("job-{seq}"),
+                    token: token.clone(),
+                },
+            );
+            seq
+        };
+        let job_id = format!("job-{seq}");
+        let release = |jobs: &Jobs| {
+            jobs.running.lock().remove(&req.index);
+        };
+        let prepared = match self.lab.prepare(&req.index, &req.harness).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                release(self);
+                return Err(e);
+            }
+        };
+        let job = JobRecord {
+            id: job_id.clone(),
+            seq,
+            index: req.index.clone(),
+            harness: req.harness.clone(),
+            state: JobState::Running,
+            trials_done: 0,
+            trials_total: req.grid.len() as u32,
+            start_time_ms: now_millis(),
+            end_time_ms: None,
+            requested_by: req.requested_by.clone(),
+            reason: String::new(),
+            graphs_built: 0,
+        };
+        if let Err(e) = self.save(&job).await {
+            release(self);
+            return Err(e);
+        }
+        let _ = store.trim_jobs(self.kept + 64);
+        tracing::info!(job = %job_id, index = %req.index, harness = %req.harness, trials = req.grid.len(), "autotune started");
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(Event::Started {
+            job_id: job_id.clone(),
+            grid: req.grid.clone(),
+        });
+        let jobs = self.clone();
+        let tok = token.clone();
+        tokio::spawn(async move {
+            let mut job = job;
+            let result = jobs.run(&mut job, &req, prepared, &tok, &tx).await;
+            job.end_time_ms = Some(now_millis());
+            let event = match result {
+                Ok(outcome) => {
+                    job.state = JobState::Succeeded;
+                    job.reason = outcome.reason.clone();
+                    Event::Finished(outcome)
+                }
+                Err(Error::Cancelled(why)) => {
+                    job.state = JobState::Cancelled;
+                    job.reason = why.clone();
+                    tracing::info!(job = %job.id, "autotune cancelled");
+                    Event::Ended(
+                        format!("job {} was cancelled: {why}", job.id),
+                        tonic::Code::Cancelled,
+                    )
+                }
+                Err(e) => {
+                    job.state = JobState::Failed;
+                    job.reason = e.to_string();
+                    tracing::error!(job = %job.id, error = %e, "autotune failed");
+                    Event::Ended(format!("job {} failed: {e}", job.id), e.code())
+                }
+            };
+            if let Err(e) = jobs.save(&job).await {
+                tracing::error!(job = %job.id, error = %e, "could not record the job's end");
+            }
+            jobs.running.lock().remove(&req.index);
+            let _ = tx.send(event);
+        });
+        Ok((rx, token))
+    }
+
+    async fn run(
+        &self,
+        job: &mut JobRecord,
+        req: &TuneRequest,
+        prepared: Arc<Prepared>,
+        token: &CancellationToken,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) -> Result<Outcome> {
+        let cancelled = || {
+            if token.is_cancelled() {
+                Err(Error::Cancelled(
+                    "cancelled before it finished; nothing was promoted".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        // Group grid entries that can share one build, in order of first appearance.
+        let mut groups: Vec<((u32, u32, Option<u64>), Vec<HnswConfig>)> = Vec::new();
+        for c in &req.grid {
+            let key = (c.m, c.ef_construction, c.seed);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(*c),
+                None => groups.push((key, vec![*c])),
+            }
+        }
+        let source = format!("autotune:{}", job.id);
+        let mut trials: Vec<Trial> = Vec::with_capacity(req.grid.len());
+        for (_, configs) in groups {
+            cancelled()?;
+            let (lab, prep, tok) = (self.lab.clone(), prepared.clone(), token.clone());
+            let build_config = configs[0];
+            let graph = Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    lab.build(&prep, build_config, &|| tok.is_cancelled())
+                })
+                .await??,
+            );
+            job.graphs_built += 1;
+            for config in configs {
+                cancelled()?;
+                let (g, prep, tok) = (graph.clone(), prepared.clone(), token.clone());
+                let m = tokio::task::spawn_blocking(move || {
+                    Lab::measure(&g, &prep.harness, config.ef_search, &|| tok.is_cancelled())
+                })
+                .await??;
+                let trial = self
+                    .lab
+                    .journal(
+                        &prepared,
+                        config,
+                        m,
+                        graph.meta.build_millis,
+                        graph.memory_bytes(),
+                        source.clone(),
+                    )
+                    .await?;
+                job.trials_done += 1;
+                self.save(job).await?;
+                // Nobody listening is fine: the trial is journaled.
+                let _ = tx.send(Event::Trial(trial.clone()));
+                trials.push(trial);
+            }
+        }
+        cancelled()?;
+        let winner = pick_winner(&trials).cloned();
+        let Some(w) = winner.clone() else {
+            return Ok(Outcome {
+                job_id: job.id.clone(),
+                winner: None,
+                promotion: None,
+                generation: None,
+                reason: "no trial finished; nothing was promoted".into(),
+            });
+        };
+        if w.recall < req.min_recall {
+            let reason = format!(
+                "the best trial {} has recall {:.4} (p50 {:.1}us), below min_recall {}; nothing was promoted",
+                w.id, w.recall, w.p50_micros, req.min_recall
+            );
+            tracing::info!(job = %job.id, %reason, "autotune finished");
+            return Ok(Outcome {
+                job_id: job.id.clone(),
+                winner,
+                promotion: None,
+                generation: None,
+                reason,
+            });
+        }
+        let note = format!(
+            "autotune winner: recall={:.2} p50={:.1}us",
+            w.recall, w.p50_micros
+        );
+        let (promotion, _) = self
+            .lab
+            .catalog()
+            .registry()
+            .promote(&req.index, w.id, &req.requested_by, &note)
+            .await?;
+        tracing::info!(job = %job.id, trial = w.id, config = %w.config, recall = w.recall, p50_us = w.p50_micros, "autotune promoted its winner");
+        let generation = if req.activate {
+            Some(
+                self.lab
+                    .catalog()
+                    .rebuild(&req.index, w.config, ConfigSource::Promoted, "")
+                    .await?,
+            )
+        } else {
+            None
+        };
+        Ok(Outcome {
+            job_id: job.id.clone(),
+            winner,
+            promotion: Some(promotion),
+            generation,
+            reason: String::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(id: u64, recall: f64, p50: f64) -> Trial {
+        Trial {
+            id,
+            index: Name::parse("n", "i").unwrap(),
+            harness: Name::parse("n", "h").unwrap(),
+            config: HnswConfig::default(),
+            k: 10,
+            recall,
+            p50_micros: p50,
+            p95_micros: p50,
+            p99_micros: p50,
+            qps: 1.0,
+            build_millis: 1,
+            point_count: 1,
+            memory_bytes: 1,
+            create_time_ms: 0,
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn winner_is_highest_recall_then_lowest_p50() {
+        let trials = [
+            t(1, 0.9, 10.0),
+            t(2, 0.95, 30.0),
+            t(3, 0.95, 20.0),
+            t(4, 0.95, 20.0),
+            t(5, 0.94, 1.0),
+        ];
+        assert_eq!(pick_winner(&trials).unwrap().id, 3);
+        assert!(pick_winner(&[]).is_none());
+    }
+
+    #[test]
+    fn default_grid_is_the_contract_one() {
+        let g: Vec<_> = default_grid()
+            .iter()
+            .map(|c| (c.ef_construction, c.ef_search, c.m, c.seed))
+            .collect();
+        assert_eq!(
+            g,
+            [
+                (20, 30, 16, Some(42)),
+                (40, 30, 16, Some(42)),
+                (80, 30, 16, Some(42)),
+                (80, 60, 16, Some(42)),
+                (160, 30, 16, Some(42))
+            ]
+        );
+    }
+}

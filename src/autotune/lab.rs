@@ -1,0 +1,368 @@
+//! The lab: harness bookkeeping and the trial runner (build a fresh graph, measure it on a
+//! harness, journal the result). The serving graph is never touched by a trial.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::harness::{ground_truth, sample, GroundTruth, Harness, Query, QuerySpec};
+use super::trial::Trial;
+use crate::catalog::{Catalog, IndexHandle};
+use crate::error::{Error, Result};
+use crate::index::Generation;
+use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name, Point};
+use crate::store::Store;
+
+/// Largest number of queries a harness may have.
+pub const MAX_HARNESS_QUERIES: usize = 10_000;
+
+/// An index's points and a harness whose ground truth matches them.
+pub struct Prepared {
+    pub handle: Arc<IndexHandle>,
+    pub points: Arc<Vec<Point>>,
+    pub harness: Arc<Harness>,
+}
+
+/// What one measurement of a graph on a harness gives.
+#[derive(Clone, Copy, Debug)]
+pub struct Measures {
+    pub recall: f64,
+    pub p50_micros: f64,
+    pub p95_micros: f64,
+    pub p99_micros: f64,
+    pub qps: f64,
+}
+
+pub struct Lab {
+    catalog: Arc<Catalog>,
+    /// Graphs built for trials since start (autotune shares builds; this shows it).
+    graphs_built: AtomicU64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl Lab {
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Lab {
+            catalog,
+            graphs_built: AtomicU64::new(0),
+        }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    fn store(&self) -> &Arc<Store> {
+        self.catalog.store()
+    }
+
+    pub fn graphs_built(&self) -> u64 {
+        self.graphs_built.load(Ordering::Relaxed)
+    }
+
+    pub async fn create_harness(
+        &self,
+        index: &Name,
+        name: Name,
+        k: u32,
+        spec: QuerySpec,
+    ) -> Result<Harness> {
+        let k = crate::model::in_range(
+            "k",
+            if k == 0 { super::harness::DEFAULT_K } else { k },
+            1..=crate::model::MAX_K,
+        )?;
+        let (handle, points, version) = self.catalog.snapshot(index).await?;
+        if self
+            .store()
+            .get_harness::<Harness>(index.as_str(), name.as_str())?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists {
+                what: "harness",
+                name: name.to_string(),
+            });
+        }
+        let (queries, seed) = match spec {
+            QuerySpec::Sampled { count, seed } => {
+                if points.is_empty() {
+                    return Err(Error::Precondition(format!(
+                        "index {:?} has no points to sample queries from; upsert points first or give explicit queries",
+                        index.as_str()
+                    )));
+                }
+                let max = points.len().min(MAX_HARNESS_QUERIES);
+                let count = crate::model::in_range("sampled.query_count", count as usize, 1..=max)?;
+                (sample(&points, count, seed), Some(seed))
+            }
+            QuerySpec::Explicit(vectors) => {
+                if vectors.is_empty() {
+                    return Err(Error::invalid(
+                        "explicit.queries is empty: give at least one query, or use sampled",
+                    ));
+                }
+                if vectors.len() > MAX_HARNESS_QUERIES {
+                    return Err(Error::Limit(format!(
+                        "explicit.queries has {} queries; at most {MAX_HARNESS_QUERIES} are allowed",
+                        vectors.len()
+                    )));
+                }
+                let mut qs = Vec::with_capacity(vectors.len());
+                for (i, mut v) in vectors.into_iter().enumerate() {
+                    handle.prepare_vector(&format!("explicit.queries[{i}]"), &mut v)?;
+                    qs.push(Query {
+                        vector: v,
+                        exclude: None,
+                    });
+                }
+                (qs, None)
+            }
+        };
+        let metric = handle.meta.metric;
+        let harness = tokio::task::spawn_blocking(move || {
+            let neighbors = ground_truth(metric, &points, &queries, k as usize);
+            Harness {
+                index: handle.meta.name.clone(),
+                name,
+                k,
+                seed,
+                create_time_ms: now_millis(),
+                queries,
+                truth: GroundTruth {
+                    data_version: version,
+                    neighbors,
+                },
+            }
+        })
+        .await?;
+        if !self
+            .store()
+            .create_harness(index.as_str(), harness.name.as_str(), &harness)?
+        {
+            return Err(Error::AlreadyExists {
+                what: "harness",
+                name: harness.name.to_string(),
+            });
+        }
+        self.store().flush().await?;
+        tracing::info!(index = %index, harness = %harness.name, queries = harness.queries.len(), k, "created harness");
+        Ok(harness)
+    }
+
+    pub fn get_harness(&self, index: &Name, name: &Name) -> Result<Harness> {
+        self.catalog.handle(index)?;
+        self.store()
+            .get_harness(index.as_str(), name.as_str())?
+            .ok_or_else(|| Error::not_found("harness", name.as_str()))
+    }
+
+    pub fn list_harnesses(&self, index: &Name) -> Result<Vec<Harness>> {
+        self.catalog.handle(index)?;
+        self.store().list_harnesses(index.as_str())
+    }
+
+    pub async fn delete_harness(&self, index: &Name, name: &Name) -> Result<()> {
+        self.catalog.handle(index)?;
+        if !self.store().delete_harness(index.as_str(), name.as_str())? {
+            return Err(Error::not_found("harness", name.as_str()));
+        }
+        self.store().flush().await
+    }
+
+    /// The index's points and the harness, recomputing and storing its ground truth when the
+    /// points changed since it was computed. FAILED_PRECONDITION for an index with no points.
+    pub async fn prepare(&self, index: &Name, harness: &Name) -> Result<Prepared> {
+        let mut h = self.get_harness(index, harness)?;
+        let (handle, points, version) = self.catalog.snapshot(index).await?;
+        if points.is_empty() {
+            return Err(Error::Precondition(format!(
+                "index {:?} has no points: a trial needs points to build a graph over",
+                index.as_str()
+            )));
+        }
+        let points = Arc::new(points);
+        if h.truth.data_version != version {
+            let (pts, metric) = (points.clone(), handle.meta.metric);
+            h = tokio::task::spawn_blocking(move || {
+                h.truth = GroundTruth {
+                    data_version: version,
+                    neighbors: ground_truth(metric, &pts, &h.queries, h.k as usize),
+                };
+                h
+            })
+            .await?;
+            self.store()
+                .put_harness(index.as_str(), harness.as_str(), &h)?;
+            self.store().flush().await?;
+            tracing::info!(index = %index, harness = %harness, data_version = version, "recomputed ground truth");
+        }
+        Ok(Prepared {
+            handle,
+            points,
+            harness: Arc::new(h),
+        })
+    }
+
+    /// Builds a graph over the prepared points (blocking: call off the async runtime).
+    pub fn build(
+        &self,
+        p: &Prepared,
+        config: HnswConfig,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Generation> {
+        let meta = GenerationMeta {
+            number: 0,
+            config,
+            source: ConfigSource::Default,
+            point_count: 0,
+            build_millis: 0,
+            activate_time_ms: 0,
+            profile: String::new(),
+        };
+        let g = Generation::build(
+            p.handle.meta.metric,
+            p.handle.meta.dimension,
+            meta,
+            (*p.points).clone(),
+            cancelled,
+        )?;
+        self.graphs_built.fetch_add(1, Ordering::Relaxed);
+        Ok(g)
+    }
+
+    /// Runs every harness query one at a time on `g` with `ef_search` (blocking), checking
+    /// `cancelled` between queries.
+    pub fn measure(
+        g: &Generation,
+        h: &Harness,
+        ef_search: u32,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Measures> {
+        let k = h.k as usize;
+        let mut latencies = Vec::with_capacity(h.queries.len());
+        let mut recall_sum = 0.0;
+        let started = Instant::now();
+        for (q, truth) in h.queries.iter().zip(&h.truth.neighbors) {
+            if cancelled() {
+                return Err(Error::Cancelled("the trial was cancelled".into()));
+            }
+            let t = Instant::now();
+            let fetch = if q.exclude.is_some() { k + 1 } else { k };
+            let hits = g.search(&q.vector, fetch, ef_search as usize);
+            latencies.push(t.elapsed().as_secs_f64() * 1e6);
+            let found: Vec<u64> = hits
+                .iter()
+                .map(|h| h.id)
+                .filter(|id| Some(*id) != q.exclude)
+                .take(k)
+                .collect();
+            if truth.is_empty() {
+                recall_sum += 1.0;
+            } else {
+                recall_sum += found.iter().filter(|id| truth.contains(id)).count() as f64
+                    / truth.len() as f64;
+            }
+        }
+        let total = started.elapsed().as_secs_f64();
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let n = h.queries.len().max(1) as f64;
+        Ok(Measures {
+            recall: recall_sum / n,
+            p50_micros: percentile(&latencies, 50.0),
+            p95_micros: percentile(&latencies, 95.0),
+            p99_micros: percentile(&latencies, 99.0),
+            qps: if total > 0.0 { n / total } else { 0.0 },
+        })
+    }
+
+    /// Appends a trial to the journal and flushes it.
+    pub async fn journal(
+        &self,
+        p: &Prepared,
+        config: HnswConfig,
+        m: Measures,
+        build_millis: u64,
+        memory_bytes: u64,
+        source: String,
+    ) -> Result<Trial> {
+        let (index, harness, k) = (
+            p.handle.meta.name.clone(),
+            p.harness.name.clone(),
+            p.harness.k,
+        );
+        let point_count = p.points.len() as u64;
+        let trial = self.store().append_trial(|id| Trial {
+            id,
+            index: index.clone(),
+            harness: harness.clone(),
+            config,
+            k,
+            recall: m.recall,
+            p50_micros: m.p50_micros,
+            p95_micros: m.p95_micros,
+            p99_micros: m.p99_micros,
+            qps: m.qps,
+            build_millis,
+            point_count,
+            memory_bytes,
+            create_time_ms: now_millis(),
+            source: source.clone(),
+        })?;
+        self.store().flush().await?;
+        tracing::info!(
+            trial = trial.id,
+            index = %trial.index,
+            config = %trial.config,
+            recall = format!("{:.4}", trial.recall),
+            p50_us = format!("{:.1}", trial.p50_micros),
+            source = %trial.source,
+            "trial journaled"
+        );
+        Ok(trial)
+    }
+
+    /// RunTrial: build, measure and journal one config (source "manual").
+    pub async fn run_trial(
+        self: &Arc<Self>,
+        index: &Name,
+        harness: &Name,
+        config: HnswConfig,
+    ) -> Result<Trial> {
+        let p = Arc::new(self.prepare(index, harness).await?);
+        let (lab, prep) = (self.clone(), p.clone());
+        let (m, build_millis, memory) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let g = lab.build(&prep, config, &|| false)?;
+            let m = Self::measure(&g, &prep.harness, config.ef_search, &|| false)?;
+            Ok((m, g.meta.build_millis, g.memory_bytes()))
+        })
+        .await??;
+        self.journal(&p, config, m, build_millis, memory, "manual".into())
+            .await
+    }
+
+    pub fn get_trial(&self, id: u64) -> Result<Trial> {
+        self.store()
+            .get_trial(id)?
+            .ok_or_else(|| Error::not_found("trial", id.to_string()))
+    }
+
+    /// Trials newest first, filtered, with ids below `before`.
+    pub fn list_trials(
+        &self,
+        index: Option<&Name>,
+        harness: Option<&Name>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Trial>> {
+        self.store().list_trials(before, limit, |t: &Trial| {
+            index.is_none_or(|i| &t.index == i) && harness.is_none_or(|h| &t.harness == h)
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! AutotuneService: harnesses, trials, and the streamed autotune job.
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, name, page_size, page_token_decode, page_token_encode, timestamp};
+use super::Core;
+use crate::autotune::harness::{Harness, QuerySpec, DEFAULT_SEED};
+use crate::autotune::jobs::{
+    default_grid, Event, JobRecord, JobState, TuneRequest, DEFAULT_MIN_RECALL,
+};
+use crate::error::Error;
+use crate::model::Name;
+use crate::pb;
+use crate::pb::autotune_service_server::AutotuneService;
+
+pub struct AutotuneApi {
+    core: Arc<Core>,
+}
+
+impl AutotuneApi {
+    pub fn new(core: Arc<Core>) -> Self {
+        AutotuneApi { core }
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+fn harness_to(h: &Harness) -> pb::Harness {
+    pb::Harness {
+        index_name: h.index.to_string(),
+        name: h.name.to_string(),
+        k: h.k,
+        query_count: h.queries.len() as u32,
+        seed: h.seed,
+        create_time: timestamp(h.create_time_ms),
+    }
+}
+
+fn job_to(j: JobRecord) -> pb::Job {
+    pb::Job {
+        id: j.id,
+        index_name: j.index.to_string(),
+        harness: j.harness.to_string(),
+        state: match j.state {
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        } as i32,
+        trials_done: j.trials_done,
+        trials_total: j.trials_total,
+        start_time: timestamp(j.start_time_ms),
+        end_time: j.end_time_ms.and_then(timestamp),
+        requested_by: j.requested_by,
+        graphs_built: j.graphs_built,
+        reason: j.reason,
+    }
+}
+
+fn optional_name(field: &str, s: &str) -> Result<Option<Name>, Error> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        name(field, s).map(Some)
+    }
+}
+
+impl TryFrom<pb::AutotuneRequest> for TuneRequest {
+    type Error = Error;
+    fn try_from(r: pb::AutotuneRequest) -> Result<Self, Error> {
+        let index = name("index_name", &r.index_name)?;
+        let harness = name("harness", &r.harness)?;
+        let min_recall = r.min_recall.unwrap_or(DEFAULT_MIN_RECALL);
+        if !(0.0..=1.0).contains(&min_recall) {
+            return Err(Error::out_of_range("min_recall", "[0, 1]", min_recall));
+        }
+        let grid = if r.grid.is_empty() {
+            default_grid()
+        } else {
+            if r.grid.len() > 1000 {
+                return Err(Error::Limit(format!(
+                    "grid has {} configs; at most 1000 are allowed",
+                    r.grid.len()
+                )));
+            }
+            r.grid
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| convert::trial_config(&format!("grid[{i}]."), Some(c)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let requested_by = if r.requested_by.is_empty() {
+            "autotune".to_string()
+        } else {
+            r.requested_by
+        };
+        Ok(TuneRequest {
+            index,
+            harness,
+            min_recall,
+            grid,
+            activate: r.activate,
+            requested_by,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AutotuneService for AutotuneApi {
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name, harness = %req.get_ref().name))]
+    async fn create_harness(
+        &self,
+        req: Request<pb::CreateHarnessRequest>,
+    ) -> R<pb::CreateHarnessResponse> {
+        let req = req.into_inner();
+        let index = name("index_name", &req.index_name)?;
+        let hname = name("name", &req.name)?;
+        let spec = match req.queries {
+            Some(pb::create_harness_request::Queries::Sampled(s)) => QuerySpec::Sampled {
+                count: s.query_count,
+                seed: s.seed.unwrap_or(DEFAULT_SEED),
+            },
+            Some(pb::create_harness_request::Queries::Explicit(e)) => {
+                QuerySpec::Explicit(e.queries.into_iter().map(|q| q.vector).collect())
+            }
+            None => {
+                return Err(Error::invalid(
+                    "queries is required: sampled {query_count, seed} or explicit {queries}",
+                )
+                .into())
+            }
+        };
+        let h = self
+            .core
+            .ready()?
+            .lab
+            .create_harness(&index, hname, req.k, spec)
+            .await?;
+        Ok(Response::new(pb::CreateHarnessResponse {
+            harness: Some(harness_to(&h)),
+        }))
+    }
+
+    async fn get_harness(&self, req: Request<pb::GetHarnessRequest>) -> R<pb::GetHarnessResponse> {
+        let index = name("index_name", &req.get_ref().index_name)?;
+        let hname = name("name", &req.get_ref().name)?;
+        let h = self.core.ready()?.lab.get_harness(&index, &hname)?;
+        Ok(Response::new(pb::GetHarnessResponse {
+            harness: Some(harness_to(&h)),
+        }))
+    }
+
+    async fn list_harnesses(
+        &self,
+        req: Request<pb::ListHarnessesRequest>,
+    ) -> R<pb::ListHarnessesResponse> {
+        let index = name("index_name", &req.get_ref().index_name)?;
+        let hs = self.core.ready()?.lab.list_harnesses(&index)?;
+        Ok(Response::new(pb::ListHarnessesResponse {
+            harnesses: hs.iter().map(harness_to).collect(),
+        }))
+    }
+
+    async fn delete_harness(
+        &self,
+        req: Request<pb::DeleteHarnessRequest>,
+    ) -> R<pb::DeleteHarnessResponse> {
+        let index = name("index_name", &req.get_ref().index_name)?;
+        let hname = name("name", &req.get_ref().name)?;
+        self.core
+            .ready()?
+            .lab
+            .delete_harness(&index, &hname)
+            .await?;
+        Ok(Response::new(pb::DeleteHarnessResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name, harness = %req.get_ref().harness))]
+    async fn run_trial(&self, req: Request<pb::RunTrialRequest>) -> R<pb::RunTrialResponse> {
+        let req = req.into_inner();
+        let index = name("index_name", &req.index_name)?;
+        let harness = name("harness", &req.harness)?;
+        let config = convert::trial_config("config.", req.config)?;
+        let trial = self
+            .core
+            .ready()?
+            .lab
+            .run_trial(&index, &harness, config)
+            .await?;
+        Ok(Response::new(pb::RunTrialResponse {
+            trial: Some(trial.into()),
+        }))
+    }
+
+    async fn get_trial(&self, req: Request<pb::GetTrialRequest>) -> R<pb::GetTrialResponse> {
+        let t = self.core.ready()?.lab.get_trial(req.get_ref().id)?;
+        Ok(Response::new(pb::GetTrialResponse {
+            trial: Some(t.into()),
+        }))
+    }
+
+    async fn list_trials(&self, req: Request<pb::ListTrialsRequest>) -> R<pb::ListTrialsResponse> {
+        let req = req.into_inner();
+        let index = optional_name("index_name", &req.index_name)?;
+        let harness = optional_name("harness", &req.harness)?;
+        let limit = page_size(req.page_size)?;
+        let before = page_token_decode(&req.page_token)?
+            .map(|s| {
+                s.parse::<u64>().map_err(|_| {
+                    Error::invalid(format!(
+                        "page_token {:?} is not a token this server issued",
+                        req.page_token
+                    ))
+                })
+            })
+            .transpose()?;
+        let mut trials = self.core.ready()?.lab.list_trials(
+            index.as_ref(),
+            harness.as_ref(),
+            before,
+            limit + 1,
+        )?;
+        let next_page_token = if trials.len() > limit {
+            trials.truncate(limit);
+            trials
+                .last()
+                .map(|t| page_token_encode(&t.id.to_string()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTrialsResponse {
+            trials: trials.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    type AutotuneStream = ReceiverStream<Result<pb::AutotuneResponse, Status>>;
+
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name, harness = %req.get_ref().harness))]
+    async fn autotune(&self, req: Request<pb::AutotuneRequest>) -> R<Self::AutotuneStream> {
+        let tune = TuneRequest::try_from(req.into_inner())?;
+        let ready = self.core.ready()?;
+        let (mut events, token) = ready.jobs.start(tune).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // The forwarder: the job never waits for the client (its events queue up, a handful per
+        // trial); the client going away cancels the job.
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = tx.closed() => {
+                        token.cancel();
+                        return;
+                    }
+                    e = events.recv() => match e {
+                        Some(e) => e,
+                        None => return,
+                    },
+                };
+                let msg = match event {
+                    Event::Started { job_id, grid } => Ok(pb::AutotuneResponse {
+                        event: Some(pb::autotune_response::Event::Started(pb::AutotuneStarted {
+                            job_id,
+                            grid: grid.iter().map(convert::config_to).collect(),
+                        })),
+                    }),
+                    Event::Trial(t) => Ok(pb::AutotuneResponse {
+                        event: Some(pb::autotune_response::Event::Trial(t.into())),
+                    }),
+                    Event::Finished(o) => Ok(pb::AutotuneResponse {
+                        event: Some(pb::autotune_response::Event::Finished(
+                            pb::AutotuneFinished {
+                                job_id: o.job_id,
+                                promoted: o.promotion.is_some(),
+                                generation: o
+                                    .generation
+                                    .as_ref()
+                                    .zip(o.winner.as_ref())
+                                    .map(|(g, w)| convert::generation_to(&w.index, g)),
+                                winner: o.winner.map(Into::into),
+                                promotion: o.promotion.map(Into::into),
+                                reason: o.reason,
+                            },
+                        )),
+                    }),
+                    Event::Ended(message, code) => Err(Status::new(code, message)),
+                };
+                tokio::select! {
+                    _ = tx.closed() => {
+                        token.cancel();
+                        return;
+                    }
+                    sent = tx.send(msg) => if sent.is_err() {
+                        token.cancel();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
+        let index = optional_name("index_name", &req.get_ref().index_name)?;
+        let jobs = self.core.ready()?.jobs.list(index.as_ref())?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_to).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %req.get_ref().id))]
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> R<pb::CancelJobResponse> {
+        let id = &req.get_ref().id;
+        if id.is_empty() {
+            return Err(
+                Error::invalid("id is required: a job id such as job-3 (see ListJobs)").into(),
+            );
+        }
+        let job = self.core.ready()?.jobs.cancel(id).await?;
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(job_to(job)),
+        }))
+    }
+}

@@ -1,0 +1,235 @@
+//! Test support: a real server on 127.0.0.1:0 over a temp dir, reached through the generated
+//! clients. Readiness is awaited through health's Watch stream, never by sleeping.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use vectord::config::Config;
+use vectord::pb;
+use vectord::pb::autotune_service_client::AutotuneServiceClient;
+use vectord::pb::index_service_client::IndexServiceClient;
+use vectord::pb::promotion_service_client::PromotionServiceClient;
+
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<vectord::error::Result<()>>>,
+}
+
+impl TestServer {
+    /// A server over a fresh temp dir.
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::start_in(&dir, Config::for_tests(&dir)).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// A server over `dir` with `config`, ready (health SERVING) when this returns.
+    pub async fn start_in(dir: &Path, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(vectord::server::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let s = TestServer {
+            addr,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        s.wait_serving().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn wait_serving(&self) {
+        let mut health = HealthClient::new(self.channel().await);
+        let mut stream = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health watch")
+            .into_inner();
+        while let Some(msg) = stream.message().await.expect("health stream") {
+            if msg.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before SERVING");
+    }
+
+    pub async fn index(&self) -> IndexServiceClient<Channel> {
+        IndexServiceClient::new(self.channel().await)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    pub async fn promotion(&self) -> PromotionServiceClient<Channel> {
+        PromotionServiceClient::new(self.channel().await)
+    }
+
+    pub async fn autotune(&self) -> AutotuneServiceClient<Channel> {
+        AutotuneServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server (graceful) and waits for it; the data dir stays.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server result");
+        }
+    }
+
+    /// Stops the server and starts a new one on the same data dir.
+    pub async fn restart(mut self) -> Self {
+        self.stop().await;
+        let tmp = self._tmp.take();
+        let mut s = Self::start_in(&self.dir, Config::for_tests(&self.dir)).await;
+        s._tmp = tmp;
+        s
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift) so tests need no data files.
+pub struct Gen(u64);
+
+impl Gen {
+    pub fn new(seed: u64) -> Self {
+        Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    pub fn vector(&mut self, dim: usize) -> Vec<f32> {
+        (0..dim).map(|_| self.f32()).collect()
+    }
+    pub fn unit_vector(&mut self, dim: usize) -> Vec<f32> {
+        let mut v = self.vector(dim);
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+}
+
+pub fn points(g: &mut Gen, ids: std::ops::Range<u64>, dim: usize) -> Vec<pb::Point> {
+    ids.map(|id| pb::Point {
+        id,
+        vector: g.vector(dim),
+    })
+    .collect()
+}
+
+pub async fn create_index(
+    c: &mut IndexServiceClient<Channel>,
+    name: &str,
+    dim: u32,
+    metric: pb::Metric,
+) -> pb::Index {
+    c.create_index(pb::CreateIndexRequest {
+        name: name.into(),
+        dimension: dim,
+        metric: metric as i32,
+        default_config: None,
+    })
+    .await
+    .expect("create index")
+    .into_inner()
+    .index
+    .expect("index")
+}
+
+pub async fn upsert(
+    c: &mut IndexServiceClient<Channel>,
+    name: &str,
+    points: Vec<pb::Point>,
+) -> pb::UpsertPointsResponse {
+    c.upsert_points(pb::UpsertPointsRequest {
+        index_name: name.into(),
+        points,
+    })
+    .await
+    .expect("upsert")
+    .into_inner()
+}
+
+pub async fn search(
+    c: &mut IndexServiceClient<Channel>,
+    name: &str,
+    vector: Vec<f32>,
+    k: u32,
+    ef: Option<u32>,
+) -> pb::SearchResponse {
+    c.search(pb::SearchRequest {
+        index_name: name.into(),
+        vector,
+        k,
+        ef_search: ef,
+    })
+    .await
+    .expect("search")
+    .into_inner()
+}
+
+/// Exact k nearest ids by squared L2 (brute force).
+pub fn brute_force_l2(points: &[pb::Point], q: &[f32], k: usize) -> Vec<u64> {
+    let mut d: Vec<(f32, u64)> = points
+        .iter()
+        .map(|p| {
+            let s: f32 = p.vector.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum();
+            (s, p.id)
+        })
+        .collect();
+    d.sort_by(|a, b| a.0.total_cmp(&b.0));
+    d.into_iter().take(k).map(|(_, id)| id).collect()
+}
+
+pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
