@@ -107,6 +107,12 @@ fn main() -> BoxResult<()> {
         queries.len()
     );
     println!("  config  : m={M} ef_construction={EF_CONSTRUCTION} k={K}");
+    // Other work on the machine skews every figure below, the all-core ones most: say so.
+    let load = load_average();
+    println!(
+        "  load    : {} (1/5/15-min load average at start)",
+        load.as_deref().unwrap_or("n/a")
+    );
 
     // Exact ground truth, one query per rayon task.
     let started = Instant::now();
@@ -214,7 +220,12 @@ fn main() -> BoxResult<()> {
     let sanity = sanity_check(&gen, &base, words.as_deref());
 
     let report = json!({
-        "machine": { "cpu": cpu, "cores": cores, "rayon_threads": rayon::current_num_threads() },
+        "machine": {
+            "cpu": cpu,
+            "cores": cores,
+            "rayon_threads": rayon::current_num_threads(),
+            "load_average_at_start": load,
+        },
         "data": {
             "path": data_path.display().to_string(),
             "points": base.len(),
@@ -477,6 +488,13 @@ fn rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The 1, 5 and 15-minute load averages (Linux only).
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    (fields.len() == 3).then(|| fields.join(" "))
 }
 
 fn cpu_model() -> String {

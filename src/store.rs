@@ -71,7 +71,7 @@ fn encode_vector(v: &[f32]) -> Vec<u8> {
 }
 
 fn decode_vector(bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(Error::Corrupt(format!(
             "a stored vector has {} bytes, not a multiple of 4",
             bytes.len()
@@ -201,8 +201,14 @@ impl Store {
     }
 
     /// Makes every earlier write durable.
+    ///
+    /// sled 0.34's `flush_async` can miss its wake-up when several flushes are in flight at
+    /// once and then never completes (spacejam/sled#1308, #1241; fixed only on sled's unreleased
+    /// main), which hung our concurrent tests. So the blocking `flush` runs on the blocking pool
+    /// instead: the same durability, and the async runtime is never blocked.
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await??;
         Ok(())
     }
 

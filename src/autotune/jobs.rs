@@ -91,8 +91,8 @@ pub enum Event {
         job_id: String,
         grid: Vec<HnswConfig>,
     },
-    Trial(Trial),
-    Finished(Outcome),
+    Trial(Box<Trial>),
+    Finished(Box<Outcome>),
     /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
     Ended(String, tonic::Code),
 }
@@ -286,7 +286,7 @@ impl Jobs {
                 Ok(outcome) => {
                     job.state = JobState::Succeeded;
                     job.reason = outcome.reason.clone();
-                    Event::Finished(outcome)
+                    Event::Finished(Box::new(outcome))
                 }
                 Err(Error::Cancelled(why)) => {
                     job.state = JobState::Cancelled;
@@ -331,7 +331,8 @@ impl Jobs {
             }
         };
         // Group grid entries that can share one build, in order of first appearance.
-        let mut groups: Vec<((u32, u32, Option<u64>), Vec<HnswConfig>)> = Vec::new();
+        type BuildKey = (u32, u32, Option<u64>);
+        let mut groups: Vec<(BuildKey, Vec<HnswConfig>)> = Vec::new();
         for c in &req.grid {
             let key = (c.m, c.ef_construction, c.seed);
             match groups.iter_mut().find(|(k, _)| *k == key) {
@@ -373,7 +374,7 @@ impl Jobs {
                 job.trials_done += 1;
                 self.save(job).await?;
                 // Nobody listening is fine: the trial is journaled.
-                let _ = tx.send(Event::Trial(trial.clone()));
+                let _ = tx.send(Event::Trial(Box::new(trial.clone())));
                 trials.push(trial);
             }
         }

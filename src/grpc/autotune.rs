@@ -268,7 +268,7 @@ impl AutotuneService for AutotuneApi {
                         })),
                     }),
                     Event::Trial(t) => Ok(pb::AutotuneResponse {
-                        event: Some(pb::autotune_response::Event::Trial(t.into())),
+                        event: Some(pb::autotune_response::Event::Trial((*t).into())),
                     }),
                     Event::Finished(o) => Ok(pb::AutotuneResponse {
                         event: Some(pb::autotune_response::Event::Finished(

@@ -225,7 +225,7 @@ mod tests {
             crate::model::normalize("v", &mut v).unwrap();
             let c = internal(Metric::Cosine, &v, &v);
             let d = internal(Metric::Dot, &v, &v);
-            assert!(c >= 0.0 && c < 1e-5);
+            assert!((0.0..1e-5).contains(&c));
             assert!(d >= 0.0 && (reported(Metric::Dot, d)).abs() < 1e-5);
         }
     }

@@ -1,0 +1,1221 @@
+//! Harnesses, the trial journal, the promotion registry and autotune jobs against a real
+//! server.
+
+mod common;
+
+use common::*;
+use tonic::transport::Channel;
+use tonic::Code;
+use vectord::pb;
+use vectord::pb::autotune_service_client::AutotuneServiceClient;
+
+async fn sampled_harness(
+    a: &mut AutotuneServiceClient<Channel>,
+    index: &str,
+    name: &str,
+    count: u32,
+    seed: Option<u64>,
+) -> pb::Harness {
+    a.create_harness(pb::CreateHarnessRequest {
+        index_name: index.into(),
+        name: name.into(),
+        k: 10,
+        queries: Some(pb::create_harness_request::Queries::Sampled(
+            pb::SampledQueries {
+                query_count: count,
+                seed,
+            },
+        )),
+    })
+    .await
+    .expect("create harness")
+    .into_inner()
+    .harness
+    .expect("harness")
+}
+
+fn cfg(m: u32, ef_construction: u32, ef_search: u32) -> pb::HnswConfig {
+    pb::HnswConfig {
+        m,
+        ef_construction,
+        ef_search,
+        seed: Some(42),
+    }
+}
+
+async fn trial(
+    a: &mut AutotuneServiceClient<Channel>,
+    index: &str,
+    harness: &str,
+    c: pb::HnswConfig,
+) -> pb::Trial {
+    a.run_trial(pb::RunTrialRequest {
+        index_name: index.into(),
+        harness: harness.into(),
+        config: Some(c),
+    })
+    .await
+    .expect("run trial")
+    .into_inner()
+    .trial
+    .expect("trial")
+}
+
+/// An index of `n` random `dim`-d L2 points.
+async fn seeded_index(s: &TestServer, name: &str, n: u64, dim: usize) -> Vec<pb::Point> {
+    let mut c = s.index().await;
+    create_index(&mut c, name, dim as u32, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(n), 0..n, dim);
+    for chunk in pts.chunks(1000) {
+        upsert(&mut c, name, chunk.to_vec()).await;
+    }
+    pts
+}
+
+async fn collect(
+    mut stream: tonic::Streaming<pb::AutotuneResponse>,
+) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
+    let mut events = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => events.push(m.event.expect("event")),
+            Ok(None) => return (events, None),
+            Err(s) => return (events, Some(s)),
+        }
+    }
+}
+
+async fn job(a: &mut AutotuneServiceClient<Channel>, id: &str) -> pb::Job {
+    a.list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .find(|j| j.id == id)
+        .expect("job listed")
+}
+
+/// Waits (bounded) until the job is no longer RUNNING.
+async fn wait_job_end(a: &mut AutotuneServiceClient<Channel>, id: &str) -> pb::Job {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let j = job(a, id).await;
+        if j.state != pb::JobState::Running as i32 {
+            return j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn harness_round_trip_and_errors() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "h", 100, 8).await;
+    let mut a = s.autotune().await;
+    let h = sampled_harness(&mut a, "h", "smoke", 10, None).await;
+    assert_eq!((h.k, h.query_count, h.seed), (10, 10, Some(42)));
+    let got = a
+        .get_harness(pb::GetHarnessRequest {
+            index_name: "h".into(),
+            name: "smoke".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.harness.unwrap().query_count, 10);
+    let explicit = a
+        .create_harness(pb::CreateHarnessRequest {
+            index_name: "h".into(),
+            name: "mine".into(),
+            k: 0,
+            queries: Some(pb::create_harness_request::Queries::Explicit(
+                pb::ExplicitQueries {
+                    queries: vec![pb::QueryVector {
+                        vector: vec![0.5; 8],
+                    }],
+                },
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .harness
+        .unwrap();
+    assert_eq!(
+        (explicit.k, explicit.query_count, explicit.seed),
+        (10, 1, None)
+    );
+    let list = a
+        .list_harnesses(pb::ListHarnessesRequest {
+            index_name: "h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.harnesses.len(), 2);
+
+    let dup = a
+        .create_harness(pb::CreateHarnessRequest {
+            index_name: "h".into(),
+            name: "smoke".into(),
+            k: 10,
+            queries: Some(pb::create_harness_request::Queries::Sampled(
+                pb::SampledQueries {
+                    query_count: 5,
+                    seed: None,
+                },
+            )),
+        })
+        .await;
+    assert_eq!(code_of(dup), Code::AlreadyExists);
+    let too_many = a
+        .create_harness(pb::CreateHarnessRequest {
+            index_name: "h".into(),
+            name: "big".into(),
+            k: 10,
+            queries: Some(pb::create_harness_request::Queries::Sampled(
+                pb::SampledQueries {
+                    query_count: 101,
+                    seed: None,
+                },
+            )),
+        })
+        .await;
+    assert_eq!(code_of(too_many), Code::InvalidArgument);
+    let wrong_dim = a
+        .create_harness(pb::CreateHarnessRequest {
+            index_name: "h".into(),
+            name: "w".into(),
+            k: 10,
+            queries: Some(pb::create_harness_request::Queries::Explicit(
+                pb::ExplicitQueries {
+                    queries: vec![pb::QueryVector {
+                        vector: vec![0.5; 7],
+                    }],
+                },
+            )),
+        })
+        .await;
+    assert_eq!(code_of(wrong_dim), Code::InvalidArgument);
+    let none = a
+        .create_harness(pb::CreateHarnessRequest {
+            index_name: "h".into(),
+            name: "n".into(),
+            k: 10,
+            queries: None,
+        })
+        .await;
+    assert_eq!(code_of(none), Code::InvalidArgument);
+    let unknown = a
+        .create_harness(pb::CreateHarnessRequest {
+            index_name: "nope".into(),
+            name: "n".into(),
+            k: 10,
+            queries: Some(pb::create_harness_request::Queries::Sampled(
+                pb::SampledQueries {
+                    query_count: 1,
+                    seed: None,
+                },
+            )),
+        })
+        .await;
+    assert_eq!(code_of(unknown), Code::NotFound);
+    a.delete_harness(pb::DeleteHarnessRequest {
+        index_name: "h".into(),
+        name: "mine".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code_of(
+            a.get_harness(pb::GetHarnessRequest {
+                index_name: "h".into(),
+                name: "mine".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            a.delete_harness(pb::DeleteHarnessRequest {
+                index_name: "h".into(),
+                name: "mine".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn trials_measure_sanely_exclude_self_matches_and_follow_point_changes() {
+    let s = TestServer::start().await;
+    let pts = seeded_index(&s, "t", 54, 8).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "t", "smoke", 10, Some(42)).await;
+    sampled_harness(&mut a, "t", "smoke2", 10, Some(42)).await;
+    // On 54 points, ef 200 searches exhaustively: with the query itself excluded from both
+    // truth and results, recall is exactly 1 (a self-match would push out the 10th neighbour).
+    let t = trial(&mut a, "t", "smoke", cfg(16, 200, 200)).await;
+    assert_eq!(t.recall, 1.0);
+    assert_eq!((t.k, t.point_count, t.source.as_str()), (10, 54, "manual"));
+    assert!(t.p50_micros > 0.0 && t.p50_micros <= t.p95_micros && t.p95_micros <= t.p99_micros);
+    assert!(t.qps > 0.0 && t.memory_bytes > 54 * 8 * 4);
+    // Same seed, same queries: the same seeded build measures the same recall.
+    let t2 = trial(&mut a, "t", "smoke2", cfg(16, 200, 200)).await;
+    assert_eq!(t2.recall, t.recall);
+    assert!(t2.id > t.id);
+
+    // A new point exactly at a query: the stale ground truth would not have it, and the
+    // trial would score it a miss. Recomputed, recall stays 1.
+    let mut c = s.index().await;
+    let mut close = pts.clone();
+    for p in close.iter_mut() {
+        p.id += 1000;
+        p.vector.iter_mut().for_each(|x| *x += 1e-4);
+    }
+    upsert(&mut c, "t", close).await;
+    let t3 = trial(&mut a, "t", "smoke", cfg(16, 200, 200)).await;
+    assert_eq!(t3.point_count, 108);
+    assert_eq!(t3.recall, 1.0);
+
+    // Bounds: nothing journaled.
+    let before = a
+        .list_trials(pb::ListTrialsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .trials
+        .len();
+    for (bad, field) in [
+        (cfg(1, 100, 50), "m"),
+        (cfg(129, 100, 50), "m"),
+        (cfg(16, 9, 50), "ef_construction"),
+        (cfg(16, 401, 50), "ef_construction"),
+        (cfg(16, 100, 9), "ef_search"),
+        (cfg(16, 100, 201), "ef_search"),
+    ] {
+        let e = a
+            .run_trial(pb::RunTrialRequest {
+                index_name: "t".into(),
+                harness: "smoke".into(),
+                config: Some(bad),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(field), "{}", e.message());
+    }
+    assert_eq!(
+        code_of(
+            a.run_trial(pb::RunTrialRequest {
+                index_name: "t".into(),
+                harness: "smoke".into(),
+                config: None
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(
+            a.run_trial(pb::RunTrialRequest {
+                index_name: "nope".into(),
+                harness: "smoke".into(),
+                config: Some(cfg(16, 100, 50))
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            a.run_trial(pb::RunTrialRequest {
+                index_name: "t".into(),
+                harness: "nope".into(),
+                config: Some(cfg(16, 100, 50))
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        a.list_trials(pb::ListTrialsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .trials
+            .len(),
+        before
+    );
+
+    // An index emptied of points: FAILED_PRECONDITION.
+    let ids: Vec<u64> = (0..54).chain(1000..1054).collect();
+    c.delete_points(pb::DeletePointsRequest {
+        index_name: "t".into(),
+        ids,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code_of(
+            a.run_trial(pb::RunTrialRequest {
+                index_name: "t".into(),
+                harness: "smoke".into(),
+                config: Some(cfg(16, 100, 50))
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn the_journal_pages_newest_first_and_survives_restart() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "j", 60, 4).await;
+    seeded_index(&s, "k", 60, 4).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "j", "h", 5, None).await;
+    sampled_harness(&mut a, "k", "h", 5, None).await;
+    let mut ids = Vec::new();
+    for ef in [10, 20, 30] {
+        ids.push(trial(&mut a, "j", "h", cfg(8, 20, ef)).await.id);
+        trial(&mut a, "k", "h", cfg(8, 20, ef)).await;
+    }
+    let p1 = a
+        .list_trials(pb::ListTrialsRequest {
+            index_name: "j".into(),
+            harness: String::new(),
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p2 = a
+        .list_trials(pb::ListTrialsRequest {
+            index_name: "j".into(),
+            harness: String::new(),
+            page_size: 2,
+            page_token: p1.next_page_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<u64> = p1.trials.iter().chain(&p2.trials).map(|t| t.id).collect();
+    assert_eq!(got, ids.iter().rev().copied().collect::<Vec<_>>());
+    assert!(p2.next_page_token.is_empty());
+    assert_eq!(
+        code_of(
+            a.list_trials(pb::ListTrialsRequest {
+                page_token: "nonsense".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(a.get_trial(pb::GetTrialRequest { id: 999 }).await),
+        Code::NotFound
+    );
+
+    let s = s.restart().await;
+    let mut a = s.autotune().await;
+    let all = a
+        .list_trials(pb::ListTrialsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    assert_eq!(all.len(), 6);
+    let t = a
+        .get_trial(pb::GetTrialRequest { id: ids[0] })
+        .await
+        .unwrap()
+        .into_inner()
+        .trial
+        .unwrap();
+    assert_eq!(t.config.unwrap().ef_search, 10);
+    let next = trial(&mut a, "j", "h", cfg(8, 20, 40)).await;
+    assert!(
+        next.id > all.iter().map(|t| t.id).max().unwrap(),
+        "trial ids must keep increasing across restarts"
+    );
+
+    // DeleteIndex takes its trials, harnesses and promotions with it.
+    let mut c = s.index().await;
+    c.delete_index(pb::DeleteIndexRequest { name: "k".into() })
+        .await
+        .unwrap();
+    let left = a
+        .list_trials(pb::ListTrialsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    assert!(left.iter().all(|t| t.index_name == "j"));
+}
+
+#[tokio::test]
+async fn promote_rollback_history_cap_restart_and_activation() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "p", 80, 4).await;
+    seeded_index(&s, "other", 20, 4).await;
+    let mut a = s.autotune().await;
+    let mut pr = s.promotion().await;
+    sampled_harness(&mut a, "p", "h", 5, None).await;
+    sampled_harness(&mut a, "other", "h", 5, None).await;
+    let t1 = trial(&mut a, "p", "h", cfg(8, 40, 30)).await;
+    let t2 = trial(&mut a, "p", "h", cfg(12, 60, 50)).await;
+    let foreign = trial(&mut a, "other", "h", cfg(8, 40, 30)).await;
+
+    let promote = |id: u64| pb::PromoteRequest {
+        index_name: "p".into(),
+        trial_id: id,
+        promoted_by: "alice".into(),
+        note: format!("n{id}"),
+    };
+    let r = pr.promote(promote(t1.id)).await.unwrap().into_inner();
+    assert_eq!(r.history_depth, 0);
+    let cur = r.current.unwrap();
+    assert_eq!(
+        (cur.trial_id, cur.recall, cur.p50_micros),
+        (t1.id, t1.recall, t1.p50_micros)
+    );
+    assert_eq!(cur.config, t1.config);
+    assert_eq!(cur.promoted_by, "alice");
+    let r = pr.promote(promote(t2.id)).await.unwrap().into_inner();
+    assert_eq!((r.current.unwrap().trial_id, r.history_depth), (t2.id, 1));
+    let r = pr
+        .rollback(pb::RollbackRequest {
+            index_name: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.current.unwrap().trial_id, r.history_depth), (t1.id, 0));
+    let r = pr
+        .rollback(pb::RollbackRequest {
+            index_name: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.current.is_none());
+    assert_eq!(r.history_depth, 0);
+    assert_eq!(
+        code_of(
+            pr.rollback(pb::RollbackRequest {
+                index_name: "p".into()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+
+    assert_eq!(code_of(pr.promote(promote(9999)).await), Code::NotFound);
+    assert_eq!(
+        code_of(pr.promote(promote(foreign.id)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(
+            pr.promote(pb::PromoteRequest {
+                index_name: "nope".into(),
+                trial_id: t1.id,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            pr.get_promoted(pb::GetPromotedRequest {
+                index_name: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+
+    // 52 promotions: the history keeps the newest 50, newest first.
+    for i in 0..52 {
+        pr.promote(promote(if i % 2 == 0 { t1.id } else { t2.id }))
+            .await
+            .unwrap();
+    }
+    let g = pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.history.len(), 50);
+    assert_eq!(g.current.as_ref().unwrap().trial_id, t2.id);
+    assert_eq!(g.history[0].trial_id, t1.id);
+    let ts = |p: &pb::Promotion| p.promote_time.map(|t| (t.seconds, t.nanos));
+    assert!(g.history.windows(2).all(|w| ts(&w[0]) >= ts(&w[1])));
+
+    // Activation builds with the promoted config; after rollbacks clear it, with the default.
+    let mut c = s.index().await;
+    c.put_profile(pb::PutProfileRequest {
+        profile: Some(pb::Profile {
+            name: "prof".into(),
+            indexes: vec![pb::ProfileIndex {
+                index_name: "p".into(),
+                default_config: None,
+            }],
+        }),
+    })
+    .await
+    .unwrap();
+    let s = s.restart().await;
+    let mut pr = s.promotion().await;
+    let mut c = s.index().await;
+    let g2 = pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g2.current, g.current, "promotion survives a restart");
+    assert_eq!(g2.history.len(), 50);
+    let act = c
+        .activate_profile(pb::ActivateProfileRequest {
+            name: "prof".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        act.generations[0].config_source,
+        pb::ConfigSource::Promoted as i32
+    );
+    assert_eq!(act.generations[0].config, t2.config);
+    for _ in 0..51 {
+        pr.rollback(pb::RollbackRequest {
+            index_name: "p".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let act = c
+        .activate_profile(pb::ActivateProfileRequest {
+            name: "prof".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        act.generations[0].config_source,
+        pb::ConfigSource::Default as i32
+    );
+    let d = act.generations[0].config.unwrap();
+    assert_eq!((d.m, d.ef_construction, d.ef_search), (16, 200, 64));
+}
+
+#[tokio::test]
+async fn concurrent_promotes_and_rollbacks_keep_a_consistent_history() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "cc", 40, 4).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "cc", "h", 5, None).await;
+    let mut trials = Vec::new();
+    for ef in [10, 20, 30, 40] {
+        trials.push(trial(&mut a, "cc", "h", cfg(8, 20, ef)).await.id);
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let mut pr = s.promotion().await;
+        let trials = trials.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut promotes, mut rollbacks) = (0i64, 0i64);
+            for i in 0..20u64 {
+                if (w + i) % 2 == 0 {
+                    if pr
+                        .rollback(pb::RollbackRequest {
+                            index_name: "cc".into(),
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        rollbacks += 1;
+                    }
+                } else {
+                    pr.promote(pb::PromoteRequest {
+                        index_name: "cc".into(),
+                        trial_id: trials[(i % 4) as usize],
+                        promoted_by: format!("w{w}"),
+                        note: format!("{w}-{i}"),
+                    })
+                    .await
+                    .unwrap();
+                    promotes += 1;
+                }
+            }
+            (promotes, rollbacks)
+        }));
+    }
+    let (mut promotes, mut rollbacks) = (0, 0);
+    for t in tasks {
+        let (p, r) = t.await.unwrap();
+        promotes += p;
+        rollbacks += r;
+    }
+    let mut pr = s.promotion().await;
+    let g = pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "cc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Every promote adds one entry (current or history), every successful rollback removes one:
+    // nothing lost, nothing duplicated (the cap of 50 is not reached here).
+    let entries = g.history.len() as i64 + i64::from(g.current.is_some());
+    assert_eq!(
+        entries,
+        promotes - rollbacks,
+        "promotes {promotes}, rollbacks {rollbacks}"
+    );
+    let mut notes: Vec<_> = g
+        .history
+        .iter()
+        .chain(g.current.iter())
+        .map(|p| p.note.clone())
+        .collect();
+    notes.sort();
+    notes.dedup();
+    assert_eq!(notes.len() as i64, entries, "an entry was duplicated");
+}
+
+#[tokio::test]
+async fn reference_scenario_threat_intel() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "threat_intel_v1", 54, 16).await;
+    let mut a = s.autotune().await;
+    let mut pr = s.promotion().await;
+    sampled_harness(
+        &mut a,
+        "threat_intel_v1",
+        "threat_intel_smoke",
+        10,
+        Some(42),
+    )
+    .await;
+    let stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "threat_intel_v1".into(),
+            harness: "threat_intel_smoke".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, err) = collect(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(events.len(), 7, "started, 5 trials, finished");
+    let pb::autotune_response::Event::Started(started) = &events[0] else {
+        panic!("first event is not started")
+    };
+    let grid: Vec<_> = started
+        .grid
+        .iter()
+        .map(|c| (c.ef_construction, c.ef_search, c.m, c.seed))
+        .collect();
+    assert_eq!(
+        grid,
+        [
+            (20, 30, 16, Some(42)),
+            (40, 30, 16, Some(42)),
+            (80, 30, 16, Some(42)),
+            (80, 60, 16, Some(42)),
+            (160, 30, 16, Some(42))
+        ]
+    );
+    let trials: Vec<pb::Trial> = events[1..6]
+        .iter()
+        .map(|e| match e {
+            pb::autotune_response::Event::Trial(t) => t.clone(),
+            other => panic!("expected a trial, got {other:?}"),
+        })
+        .collect();
+    for (t, c) in trials.iter().zip(&started.grid) {
+        assert_eq!(t.config.as_ref(), Some(c));
+        assert_eq!(t.source, format!("autotune:{}", started.job_id));
+    }
+    // (80, 30) and (80, 60) share one build.
+    assert_eq!(trials[2].build_millis, trials[3].build_millis);
+    let pb::autotune_response::Event::Finished(fin) = &events[6] else {
+        panic!("last event is not finished")
+    };
+    assert!(fin.promoted);
+    let winner = fin.winner.clone().unwrap();
+    assert_eq!(winner.recall, 1.0);
+    let best = trials
+        .iter()
+        .filter(|t| t.recall == 1.0)
+        .map(|t| t.p50_micros)
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(winner.p50_micros, best);
+    let promo = fin.promotion.clone().unwrap();
+    assert!(
+        promo.note.starts_with("autotune winner: recall=1.00 p50="),
+        "{}",
+        promo.note
+    );
+    assert_eq!(promo.promoted_by, "autotune");
+    assert!(fin.reason.is_empty() && fin.generation.is_none());
+    // Every trial was journaled; the job shows 4 builds for 5 trials.
+    let j = job(&mut a, &started.job_id).await;
+    assert_eq!(
+        (j.state, j.trials_done, j.trials_total, j.graphs_built),
+        (pb::JobState::Succeeded as i32, 5, 5, 4)
+    );
+    let journal = a
+        .list_trials(pb::ListTrialsRequest {
+            index_name: "threat_intel_v1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    assert_eq!(journal.len(), 5);
+
+    // Manual promote of another trial, then rollbacks.
+    let other = trials.iter().find(|t| t.id != winner.id).unwrap();
+    let r = pr
+        .promote(pb::PromoteRequest {
+            index_name: "threat_intel_v1".into(),
+            trial_id: other.id,
+            promoted_by: "ops".into(),
+            note: "manual".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.history_depth, 1);
+    let r = pr
+        .rollback(pb::RollbackRequest {
+            index_name: "threat_intel_v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.current.unwrap().trial_id, winner.id);
+    let r = pr
+        .rollback(pb::RollbackRequest {
+            index_name: "threat_intel_v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.current.is_none());
+    pr.promote(pb::PromoteRequest {
+        index_name: "threat_intel_v1".into(),
+        trial_id: winner.id,
+        promoted_by: "ops".into(),
+        note: "again".into(),
+    })
+    .await
+    .unwrap();
+    let mut c = s.index().await;
+    c.put_profile(pb::PutProfileRequest {
+        profile: Some(pb::Profile {
+            name: "prod".into(),
+            indexes: vec![pb::ProfileIndex {
+                index_name: "threat_intel_v1".into(),
+                default_config: None,
+            }],
+        }),
+    })
+    .await
+    .unwrap();
+
+    let s = s.restart().await;
+    let mut pr = s.promotion().await;
+    let g = pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "threat_intel_v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.current.unwrap().trial_id, winner.id);
+    let mut c = s.index().await;
+    let act = c
+        .activate_profile(pb::ActivateProfileRequest {
+            name: "prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(act.generations[0].config, winner.config);
+    assert_eq!(
+        act.generations[0].config_source,
+        pb::ConfigSource::Promoted as i32
+    );
+}
+
+#[tokio::test]
+async fn gate_not_met_promotes_nothing_and_says_why() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "g", 2000, 32).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "g", "h", 50, None).await;
+    let stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "g".into(),
+            harness: "h".into(),
+            min_recall: Some(1.0),
+            grid: vec![cfg(2, 10, 10)],
+            activate: true,
+            requested_by: "agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, err) = collect(stream).await;
+    assert!(err.is_none());
+    let pb::autotune_response::Event::Finished(fin) = events.last().unwrap() else {
+        panic!()
+    };
+    let w = fin.winner.clone().unwrap();
+    assert!(
+        w.recall < 1.0,
+        "a 2-link graph searched with ef 10 should miss something: {}",
+        w.recall
+    );
+    assert!(!fin.promoted && fin.promotion.is_none() && fin.generation.is_none());
+    assert!(fin.reason.contains("below min_recall 1"), "{}", fin.reason);
+    let mut pr = s.promotion().await;
+    assert!(pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "g".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .current
+        .is_none());
+}
+
+#[tokio::test]
+async fn autotune_validates_before_running() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "v", 30, 4).await;
+    let mut c = s.index().await;
+    create_index(&mut c, "empty", 4, pb::Metric::L2).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "v", "h", 5, None).await;
+    a.create_harness(pb::CreateHarnessRequest {
+        index_name: "empty".into(),
+        name: "h".into(),
+        k: 5,
+        queries: Some(pb::create_harness_request::Queries::Explicit(
+            pb::ExplicitQueries {
+                queries: vec![pb::QueryVector {
+                    vector: vec![1.0; 4],
+                }],
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let req = |grid: Vec<pb::HnswConfig>, min_recall: Option<f64>| pb::AutotuneRequest {
+        index_name: "v".into(),
+        harness: "h".into(),
+        min_recall,
+        grid,
+        ..Default::default()
+    };
+    let e = a
+        .autotune(req(vec![cfg(16, 40, 30), cfg(16, 500, 30)], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("grid[1].ef_construction"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        code_of(a.autotune(req(vec![], Some(1.5))).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(
+            a.autotune(pb::AutotuneRequest {
+                index_name: "nope".into(),
+                harness: "h".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            a.autotune(pb::AutotuneRequest {
+                index_name: "v".into(),
+                harness: "nope".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            a.autotune(pb::AutotuneRequest {
+                index_name: "empty".into(),
+                harness: "h".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert!(a
+        .list_trials(pb::ListTrialsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .trials
+        .is_empty());
+    assert_eq!(
+        code_of(
+            a.cancel_job(pb::CancelJobRequest {
+                id: "job-999".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+}
+
+/// A grid slow enough to be caught running: big builds on a few thousand points.
+fn slow_grid() -> Vec<pb::HnswConfig> {
+    (0..12)
+        .map(|i| pb::HnswConfig {
+            m: 32,
+            ef_construction: 400,
+            ef_search: 200,
+            seed: Some(i),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_job_per_index_cancel_and_disconnect() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "c1", 3000, 32).await;
+    seeded_index(&s, "c2", 60, 4).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "c1", "h", 100, None).await;
+    sampled_harness(&mut a, "c2", "h", 5, None).await;
+
+    let mut first = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "c1".into(),
+            harness: "h".into(),
+            grid: slow_grid(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(started)) =
+        first.message().await.unwrap().unwrap().event
+    else {
+        panic!()
+    };
+    // A second job on the same index: ABORTED naming the running job.
+    let e = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "c1".into(),
+            harness: "h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(e.message().contains(&started.job_id), "{}", e.message());
+    // Another index tunes at the same time.
+    let other = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "c2".into(),
+            harness: "h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, err) = collect(other).await;
+    assert!(err.is_none());
+    assert!(matches!(events.last(), Some(pb::autotune_response::Event::Finished(f)) if f.promoted));
+    let running = job(&mut a, &started.job_id).await;
+    assert_eq!(running.state, pb::JobState::Running as i32);
+    let listed = a
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed[0].id, started.job_id, "running jobs come first");
+
+    // CancelJob: CANCELLED, the stream ends with CANCELLED, nothing promoted, trials kept.
+    let cancelled = a
+        .cancel_job(pb::CancelJobRequest {
+            id: started.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
+    assert!(cancelled.trials_done < 12);
+    let (_, err) = collect(first).await;
+    assert_eq!(err.map(|e| e.code()), Some(Code::Cancelled));
+    let mut pr = s.promotion().await;
+    assert!(pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "c1".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .current
+        .is_none());
+    let journaled = a
+        .list_trials(pb::ListTrialsRequest {
+            index_name: "c1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials
+        .len();
+    assert_eq!(journaled as u32, cancelled.trials_done);
+    assert_eq!(
+        code_of(
+            a.cancel_job(pb::CancelJobRequest {
+                id: started.job_id.clone()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+
+    // Dropping the stream cancels too.
+    let mut second = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "c1".into(),
+            harness: "h".into(),
+            grid: slow_grid(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(started2)) =
+        second.message().await.unwrap().unwrap().event
+    else {
+        panic!()
+    };
+    drop(second);
+    let j = wait_job_end(&mut a, &started2.job_id).await;
+    assert_eq!(j.state, pb::JobState::Cancelled as i32);
+    assert!(pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "c1".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .current
+        .is_none());
+}
+
+#[tokio::test]
+async fn autotune_with_activate_swaps_while_searches_run() {
+    let s = TestServer::start().await;
+    let pts = seeded_index(&s, "act", 1500, 16).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "act", "h", 30, None).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let searcher = {
+        let mut c = s.index().await;
+        let q = pts[7].vector.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                let r = c
+                    .search(pb::SearchRequest {
+                        index_name: "act".into(),
+                        vector: q.clone(),
+                        k: 3,
+                        ef_search: None,
+                    })
+                    .await
+                    .expect("search failed during the swap")
+                    .into_inner();
+                assert_eq!(r.neighbors[0].id, 7);
+                n += 1;
+                if *stop_rx.borrow() && n > 5 {
+                    return n;
+                }
+            }
+        })
+    };
+    let stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "act".into(),
+            harness: "h".into(),
+            min_recall: Some(0.5),
+            activate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, err) = collect(stream).await;
+    stop_tx.send(true).unwrap();
+    assert!(searcher.await.unwrap() > 5);
+    assert!(err.is_none(), "{err:?}");
+    let pb::autotune_response::Event::Finished(fin) = events.last().unwrap() else {
+        panic!()
+    };
+    assert!(fin.promoted);
+    let generation = fin
+        .generation
+        .clone()
+        .expect("a generation when activate and promoted");
+    assert_eq!(generation.number, 2);
+    assert_eq!(generation.config, fin.winner.as_ref().unwrap().config);
+    assert_eq!(generation.config_source, pb::ConfigSource::Promoted as i32);
+    assert!(generation.profile.is_empty());
+    let mut c = s.index().await;
+    let idx = c
+        .get_index(pb::GetIndexRequest { name: "act".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .index
+        .unwrap();
+    assert_eq!(idx.active_generation.unwrap().number, 2);
+}
