@@ -77,7 +77,7 @@ fn main() -> BoxResult<()> {
         Err(_) => None,
     };
 
-    let (dimension, mut vectors) = read_fvecs(&data_path, limit)?;
+    let (dimension, mut vectors) = vectord::dataset::read_fvecs(&data_path, limit)?;
     // Hold out the last vectors as queries; with a small VECTORD_BENCH_N keep at least half as
     // points so the graph is not trivially small.
     let n_queries = QUERIES.min(vectors.len() / 2);
@@ -394,45 +394,6 @@ fn sanity_check(
         }));
     }
     serde_json::Value::Array(results)
-}
-
-/// Reads an fvecs file: per vector a little-endian i32 dimension, then that many f32 values.
-fn read_fvecs(path: &Path, limit: Option<usize>) -> BoxResult<(u32, Vec<Vec<f32>>)> {
-    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let mut vectors = Vec::new();
-    let mut dimension: Option<usize> = None;
-    let mut rest = bytes.as_slice();
-    while !rest.is_empty() && limit.is_none_or(|n| vectors.len() < n) {
-        let (head, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or_else(|| format!("{}: truncated dimension header", path.display()))?;
-        let d = i32::from_le_bytes(*head);
-        let d = usize::try_from(d)
-            .ok()
-            .filter(|&d| d > 0)
-            .ok_or_else(|| format!("{}: bad dimension {d}", path.display()))?;
-        if dimension.is_some_and(|first| first != d) {
-            return Err(format!(
-                "{}: vector {} has dimension {d}, not {dimension:?}",
-                path.display(),
-                vectors.len()
-            )
-            .into());
-        }
-        dimension = Some(d);
-        if tail.len() < d * 4 {
-            return Err(format!("{}: truncated vector {}", path.display(), vectors.len()).into());
-        }
-        let (body, tail) = tail.split_at(d * 4);
-        vectors.push(
-            body.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        );
-        rest = tail;
-    }
-    let dimension = dimension.ok_or_else(|| format!("{}: no vectors", path.display()))?;
-    Ok((u32::try_from(dimension)?, vectors))
 }
 
 /// The word list next to the data (line i goes with vector i), if there is one.

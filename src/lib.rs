@@ -4,6 +4,7 @@
 pub mod autotune;
 pub mod catalog;
 pub mod config;
+pub mod dataset;
 pub mod error;
 pub mod grpc;
 pub mod index;

@@ -8,8 +8,9 @@
 //! job records are durable, and one found RUNNING at startup is marked FAILED.
 //!
 //! Configs sharing (m, ef_construction, seed) share one build: only ef_search differs between
-//! them, and it is a search-time knob. Groups run in the order of their first grid entry, so a
-//! grid that lists shared configs apart streams them together.
+//! them, and it is a search-time knob. Groups build concurrently, one CPU-bound activity per
+//! core (a seeded build runs on one thread, so it stays reproducible); trials are journaled and
+//! streamed in grid order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,6 +96,15 @@ pub enum Event {
     Finished(Box<Outcome>),
     /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
     Ended(String, tonic::Code),
+}
+
+/// One measured grid entry, waiting for its turn to be journaled.
+struct Measured {
+    at: usize,
+    config: HnswConfig,
+    measures: super::lab::Measures,
+    build_millis: u64,
+    memory_bytes: u64,
 }
 
 struct Running {
@@ -332,52 +342,120 @@ impl Jobs {
         };
         // Group grid entries that can share one build, in order of first appearance.
         type BuildKey = (u32, u32, Option<u64>);
-        let mut groups: Vec<(BuildKey, Vec<HnswConfig>)> = Vec::new();
-        for c in &req.grid {
+        let mut groups: Vec<(BuildKey, Vec<(usize, HnswConfig)>)> = Vec::new();
+        for (i, c) in req.grid.iter().enumerate() {
             let key = (c.m, c.ef_construction, c.seed);
             match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, v)) => v.push(*c),
-                None => groups.push((key, vec![*c])),
+                Some((_, v)) => v.push((i, *c)),
+                None => groups.push((key, vec![(i, *c)])),
             }
         }
-        let source = format!("autotune:{}", job.id);
-        let mut trials: Vec<Trial> = Vec::with_capacity(req.grid.len());
+        // Groups build concurrently, at most one CPU-bound activity per core: a seeded build is
+        // single-threaded (deterministic) and takes one permit, an unseeded one inserts on every
+        // core and takes them all; measuring a group takes one. Results are journaled and
+        // streamed in grid order, so trial ids follow the grid.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as u32;
+        let permits = Arc::new(tokio::sync::Semaphore::new(cores as usize));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<Measured>>();
+        let mut tasks = tokio::task::JoinSet::new();
+        let built = Arc::new(std::sync::atomic::AtomicU32::new(0));
         for (_, configs) in groups {
-            cancelled()?;
-            let (lab, prep, tok) = (self.lab.clone(), prepared.clone(), token.clone());
-            let build_config = configs[0];
-            let graph = Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    lab.build(&prep, build_config, &|| tok.is_cancelled())
-                })
-                .await??,
+            let built = built.clone();
+            let (lab, prep, tok, permits, done) = (
+                self.lab.clone(),
+                prepared.clone(),
+                token.clone(),
+                permits.clone(),
+                done_tx.clone(),
             );
-            job.graphs_built += 1;
-            for config in configs {
-                cancelled()?;
-                let (g, prep, tok) = (graph.clone(), prepared.clone(), token.clone());
-                let m = tokio::task::spawn_blocking(move || {
-                    Lab::measure(&g, &prep.harness, config.ef_search, &|| tok.is_cancelled())
-                })
-                .await??;
-                let trial = self
-                    .lab
-                    .journal(
-                        &prepared,
-                        config,
-                        m,
-                        graph.meta.build_millis,
-                        graph.memory_bytes(),
-                        source.clone(),
-                    )
-                    .await?;
-                job.trials_done += 1;
-                self.save(job).await?;
-                // Nobody listening is fine: the trial is journaled.
-                let _ = tx.send(Event::Trial(Box::new(trial.clone())));
-                trials.push(trial);
-            }
+            tasks.spawn(async move {
+                let result = async {
+                    let build_config = configs[0].1;
+                    let need = if build_config.seed.is_some() {
+                        1
+                    } else {
+                        cores
+                    };
+                    let graph = {
+                        let _p = permits
+                            .acquire_many(need)
+                            .await
+                            .map_err(|_| Error::Internal("permits closed".into()))?;
+                        let (lab, prep, tok) = (lab.clone(), prep.clone(), tok.clone());
+                        Arc::new(
+                            tokio::task::spawn_blocking(move || {
+                                lab.build(&prep, build_config, &|| tok.is_cancelled())
+                            })
+                            .await??,
+                        )
+                    };
+                    built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _p = permits
+                        .acquire()
+                        .await
+                        .map_err(|_| Error::Internal("permits closed".into()))?;
+                    for (at, config) in configs {
+                        let (g, p, t) = (graph.clone(), prep.clone(), tok.clone());
+                        let m = tokio::task::spawn_blocking(move || {
+                            Lab::measure(&g, &p.harness, config.ef_search, &|| t.is_cancelled())
+                        })
+                        .await??;
+                        let _ = done.send(Ok(Measured {
+                            at,
+                            config,
+                            measures: m,
+                            build_millis: graph.meta.build_millis,
+                            memory_bytes: graph.memory_bytes(),
+                        }));
+                    }
+                    Ok::<_, Error>(())
+                }
+                .await;
+                if let Err(e) = result {
+                    let _ = done.send(Err(e));
+                }
+            });
         }
+        drop(done_tx);
+        let source = format!("autotune:{}", job.id);
+        let mut pending: std::collections::BTreeMap<usize, Measured> = Default::default();
+        let mut trials: Vec<Trial> = Vec::with_capacity(req.grid.len());
+        let outcome: Result<()> = async {
+            while let Some(msg) = done_rx.recv().await {
+                let measured = msg?;
+                pending.insert(measured.at, measured);
+                while let Some(m) = pending.remove(&trials.len()) {
+                    let trial = self
+                        .lab
+                        .journal(
+                            &prepared,
+                            m.config,
+                            m.measures,
+                            m.build_millis,
+                            m.memory_bytes,
+                            source.clone(),
+                        )
+                        .await?;
+                    job.trials_done += 1;
+                    job.graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
+                    self.save(job).await?;
+                    // Nobody listening is fine: the trial is journaled.
+                    let _ = tx.send(Event::Trial(Box::new(trial.clone())));
+                    trials.push(trial);
+                }
+            }
+            cancelled()
+        }
+        .await;
+        if outcome.is_err() {
+            // Stop the other groups (an error in one, or a cancel) before answering.
+            token.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        job.graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
+        outcome?;
         cancelled()?;
         let winner = pick_winner(&trials).cloned();
         let Some(w) = winner.clone() else {

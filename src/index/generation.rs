@@ -124,7 +124,8 @@ impl Generation {
             .zip(range)
             .map(|(p, internal)| (p.vector.as_slice(), internal))
             .collect();
-        self.engine.insert_many(&items, items.len() >= 4096);
+        // Big batches insert on every core; upserts after a build are never reproducible anyway.
+        self.engine.insert_many(&items, items.len() >= 64);
     }
 
     /// Tombstones the points of `ids`; unknown ids are ignored.

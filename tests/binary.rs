@@ -1,0 +1,478 @@
+//! The `vectord` binary as an operator runs it: flags and environment, the port chosen by the
+//! OS and read back from the log, SIGTERM/SIGINT stopping cleanly with exit code 0, a restart
+//! over the same data dir, and a second server refused on a data dir that is in use.
+//!
+//! No fixed ports and no sleeps: readiness is the child's own log line and health's Watch
+//! stream, and every wait is bounded by `DEADLINE` so a broken build fails instead of hanging.
+
+mod common;
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use common::{create_index, points, search, upsert, Gen};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use vectord::pb;
+use vectord::pb::index_service_client::IndexServiceClient;
+
+/// The longest any single step (start, readiness, a call, exit) may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Removes ANSI escape sequences (`ESC [ ... final-byte`), which tracing's fmt layer may emit
+/// even when stderr is not a terminal.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameter and intermediate bytes, then one final byte in '@'..='~'.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A running `vectord serve` child. Its stderr is read on a thread and forwarded line by line
+/// (ANSI stripped) through a channel, so the pipe never fills up. Dropping it kills the child
+/// if it is still running.
+struct Vectord {
+    child: Option<Child>,
+    pid: u32,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// Every stderr line received so far, for assertions and failure messages.
+    seen: Vec<String>,
+    what: &'static str,
+}
+
+impl Vectord {
+    /// Starts `vectord serve` with `args`, plus `envs` in an environment cleared of any
+    /// VECTORD_* / RUST_LOG the test runner may have.
+    fn spawn(what: &'static str, args: &[&str], envs: &[(&str, &Path)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vectord"));
+        cmd.arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for var in [
+            "VECTORD_ADDR",
+            "VECTORD_DATA_DIR",
+            "VECTORD_LOG",
+            "VECTORD_MAX_REQUEST_BYTES",
+            "VECTORD_SHUTDOWN_GRACE_SECS",
+            "RUST_LOG",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what}: cannot start {:?}: {e}", cmd.get_program()));
+        let stderr = child.stderr.take().expect("child stderr is piped");
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Vectord {
+            pid: child.id(),
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            what,
+        }
+    }
+
+    /// Panics with `msg`, naming this child and showing its stderr so far.
+    fn fail(&mut self, msg: impl std::fmt::Display) -> ! {
+        let log = self.log();
+        panic!("{}: {msg}; stderr:\n{log}", self.what)
+    }
+
+    /// The stderr seen so far, one line each, for failure messages.
+    fn log(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
+    /// Waits (bounded) for a stderr line for which `pred` holds and returns it.
+    async fn wait_line(&mut self, expected: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        let found = tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = self.lines.recv().await {
+                self.seen.push(line.clone());
+                if pred(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => self.fail(format!("stderr closed (exited?) before {expected}")),
+            Err(_) => self.fail(format!("no {expected} within {DEADLINE:?}")),
+        }
+    }
+
+    /// Waits for the `vectord listening` line and returns the address in its `addr=` field.
+    async fn wait_listening(&mut self) -> SocketAddr {
+        let line = self
+            .wait_line("`vectord listening` line", |l| {
+                l.contains("vectord listening")
+            })
+            .await;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("{}: no addr= in {line:?}", self.what));
+        let addr: SocketAddr = addr
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: bad addr= in {line:?}: {e}", self.what));
+        assert_eq!(addr.ip().to_string(), "127.0.0.1", "listening on {addr}");
+        assert_ne!(addr.port(), 0, "the OS-chosen port is reported, not 0");
+        addr
+    }
+
+    /// Waits (bounded) until health's Watch stream says SERVING for the whole server.
+    async fn wait_serving(&mut self, addr: SocketAddr) {
+        let serving = tokio::time::timeout(DEADLINE, async {
+            let channel = Channel::from_shared(format!("http://{addr}"))
+                .map_err(|e| format!("url: {e}"))?
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut stream = HealthClient::new(channel)
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|e| format!("health watch: {e}"))?
+                .into_inner();
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|e| format!("health stream: {e}"))?
+            {
+                if msg.status == ServingStatus::Serving as i32 {
+                    return Ok(());
+                }
+            }
+            Err("health stream ended before SERVING".to_string())
+        })
+        .await;
+        match serving {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.fail(e),
+            Err(_) => self.fail(format!("not SERVING within {DEADLINE:?}")),
+        }
+    }
+
+    /// Sends a signal (`TERM`, `INT`, ...) with kill(1).
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid.to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(
+            status.success(),
+            "kill -{sig} {} failed: {status}",
+            self.pid
+        );
+    }
+
+    /// Waits (bounded) for the child to exit and for its stderr to close; returns the status.
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .expect("the child has not been waited for");
+        let waited =
+            tokio::time::timeout(DEADLINE, tokio::task::spawn_blocking(move || child.wait())).await;
+        let status = match waited {
+            Ok(Ok(Ok(status))) => status,
+            Ok(Ok(Err(e))) => panic!("{}: waiting for the child: {e}", self.what),
+            Ok(Err(e)) => panic!("{}: the waiting task failed: {e}", self.what),
+            Err(_) => {
+                // Unblocks the waiting task, which then reaps the child.
+                let _ = Command::new("kill")
+                    .args(["-KILL", &self.pid.to_string()])
+                    .status();
+                self.fail(format!("did not exit within {DEADLINE:?}"));
+            }
+        };
+        let closed = tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = self.lines.recv().await {
+                self.seen.push(line);
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{}: stderr still open {DEADLINE:?} after exit",
+            self.what
+        );
+        status
+    }
+}
+
+impl Drop for Vectord {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `fut` within `DEADLINE`, panicking with `what` if it takes longer.
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: took longer than {DEADLINE:?}"))
+}
+
+async fn index_client(addr: SocketAddr) -> IndexServiceClient<Channel> {
+    let channel = within("connect", async {
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect to the index service")
+    })
+    .await;
+    IndexServiceClient::new(channel)
+}
+
+fn addr_arg() -> [&'static str; 2] {
+    ["--addr", "127.0.0.1:0"]
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp dir path is UTF-8")
+}
+
+#[tokio::test]
+async fn serve_flags_env_sigterm_and_restart() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let name = "bin_l2";
+    let cfg = pb::HnswConfig {
+        m: 12,
+        ef_construction: 40,
+        ef_search: 20,
+        seed: Some(7),
+    };
+    let pts = points(&mut Gen::new(5), 0..100, 4);
+
+    // First run: the data dir comes from the environment.
+    let mut s = Vectord::spawn(
+        "first run",
+        &[&addr_arg()[..], &["--log", "info"]].concat(),
+        &[("VECTORD_DATA_DIR", dir)],
+    );
+    let addr = s.wait_listening().await;
+    s.wait_serving(addr).await;
+    {
+        let mut c = index_client(addr).await;
+        within(
+            "create index",
+            create_index(&mut c, name, 4, pb::Metric::L2),
+        )
+        .await;
+        let up = within("upsert", upsert(&mut c, name, pts.clone())).await;
+        assert_eq!(up.upserted_count, 100, "{up:?}");
+        within(
+            "put profile",
+            c.put_profile(pb::PutProfileRequest {
+                profile: Some(pb::Profile {
+                    name: "bin".into(),
+                    indexes: vec![pb::ProfileIndex {
+                        index_name: name.into(),
+                        default_config: Some(cfg),
+                    }],
+                }),
+            }),
+        )
+        .await
+        .expect("put profile");
+        let act = within(
+            "activate profile",
+            c.activate_profile(pb::ActivateProfileRequest { name: "bin".into() }),
+        )
+        .await
+        .expect("activate profile")
+        .into_inner();
+        assert_eq!(act.generations.len(), 1, "{act:?}");
+        assert_eq!(act.generations[0].number, 2, "{act:?}");
+        // All clients are dropped here, so nothing is in flight at SIGTERM.
+    }
+    let building =
+        format!("building HNSW index={name} m=12 ef_construction=40 ef_search=20 seed=Some(7)");
+    s.wait_line(&format!("`{building}`"), |l| l.contains(&building))
+        .await;
+
+    // The data dir really came from the environment.
+    let listening = s
+        .wait_line("listening line", |l| l.contains("vectord listening"))
+        .await;
+    assert!(
+        listening.contains(&format!("data_dir={}", dir.display())),
+        "{listening}"
+    );
+
+    s.signal("TERM");
+    let status = s.wait_exit().await;
+    let log = s.log();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status} after SIGTERM; stderr:\n{log}"
+    );
+    assert!(
+        log.contains("store flushed"),
+        "no flush logged; stderr:\n{log}"
+    );
+    assert!(
+        !log.contains("grace period over"),
+        "nothing was in flight, yet the grace period ran out; stderr:\n{log}"
+    );
+    drop(s);
+
+    // Second run: the data dir is a flag this time.
+    let mut s = Vectord::spawn(
+        "restart",
+        &[&addr_arg()[..], &["--data-dir", path_str(dir)]].concat(),
+        &[],
+    );
+    let addr = s.wait_listening().await;
+    s.wait_serving(addr).await;
+    let mut c = index_client(addr).await;
+    let idx = within(
+        "get index",
+        c.get_index(pb::GetIndexRequest { name: name.into() }),
+    )
+    .await
+    .expect("get index after restart")
+    .into_inner()
+    .index
+    .expect("index in the response");
+    assert_eq!(idx.point_count, 100, "{idx:?}");
+    let generation = idx.active_generation.expect("an active generation");
+    assert_eq!(generation.number, 2, "{generation:?}");
+    assert_eq!(generation.config, Some(cfg), "{generation:?}");
+    assert_eq!(generation.profile, "bin", "{generation:?}");
+    for p in &pts {
+        let r = within("search", search(&mut c, name, p.vector.clone(), 1, None)).await;
+        assert_eq!(r.generation, 2, "{r:?}");
+        assert_eq!(
+            r.neighbors.first().map(|n| n.id),
+            Some(p.id),
+            "a stored vector finds itself: {r:?}"
+        );
+    }
+    drop(c);
+    s.signal("TERM");
+    let status = s.wait_exit().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "restart: exit {status}; stderr:\n{}",
+        s.log()
+    );
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_fails_clearly() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let args = [&addr_arg()[..], &["--data-dir", path_str(dir)]].concat();
+
+    let mut first = Vectord::spawn("first server", &args, &[]);
+    let addr = first.wait_listening().await;
+    first.wait_serving(addr).await;
+
+    let mut second = Vectord::spawn("second server", &args, &[]);
+    let status = second.wait_exit().await;
+    let log = second.log();
+    assert!(
+        !status.success(),
+        "the second server on a data dir in use must fail, got {status}; stderr:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&dir.display().to_string()) && l.contains("in use")),
+        "the error must name the data dir {} and say it is in use; stderr:\n{log}",
+        dir.display()
+    );
+
+    // The first one is unharmed.
+    first.wait_serving(addr).await;
+    first.signal("TERM");
+    let status = first.wait_exit().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "first: exit {status}; stderr:\n{}",
+        first.log()
+    );
+}
+
+#[tokio::test]
+async fn sigint_also_stops_cleanly_with_exit_0() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut s = Vectord::spawn(
+        "server",
+        &[&addr_arg()[..], &["--data-dir", path_str(tmp.path())]].concat(),
+        &[],
+    );
+    let addr = s.wait_listening().await;
+    s.wait_serving(addr).await;
+    s.signal("INT");
+    let status = s.wait_exit().await;
+    let log = s.log();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status} after SIGINT; stderr:\n{log}"
+    );
+    assert!(
+        log.contains("store flushed"),
+        "no flush logged; stderr:\n{log}"
+    );
+}
