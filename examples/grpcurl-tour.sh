@@ -12,21 +12,19 @@ echo
 
 g vectord.v1.IndexService/CreateIndex '{"name": "tour", "dimension": 4, "metric": "METRIC_COSINE"}'
 
-# 60 points on a few directions, so neighbours are easy to read.
+# 60 random points (ids 1..60; the generator is seeded, so every run sees the same ones).
 POINTS=$(python3 -c '
-import json, math
-pts = []
-for i in range(60):
-    a = i * 0.1
-    pts.append({"id": str(i), "vector": [math.cos(a), math.sin(a), 0.1 * (i % 3), 1.0]})
+import json, random
+random.seed(7)
+pts = [{"id": str(i), "vector": [round(random.uniform(-1, 1), 3) for _ in range(4)]} for i in range(1, 61)]
 print(json.dumps({"index_name": "tour", "points": pts}))')
 echo "\$ grpcurl -plaintext -d '{\"index_name\": \"tour\", \"points\": [ ...60 points... ]}' $ADDR vectord.v1.IndexService/UpsertPoints"
 grpcurl -plaintext -d "$POINTS" "$ADDR" vectord.v1.IndexService/UpsertPoints
 echo
 
-g vectord.v1.IndexService/Search '{"index_name": "tour", "vector": [1, 0, 0, 1], "k": 3}'
-g vectord.v1.IndexService/SearchBatch '{"index_name": "tour", "queries": [{"vector": [1, 0, 0, 1]}, {"vector": [0, 1, 0.2, 1]}], "k": 2, "ef_search": 32}'
-g vectord.v1.IndexService/DeletePoints '{"index_name": "tour", "ids": ["0"]}'
+g vectord.v1.IndexService/Search '{"index_name": "tour", "vector": [0.3, -0.2, 0.8, 0.1], "k": 3}'
+g vectord.v1.IndexService/SearchBatch '{"index_name": "tour", "queries": [{"vector": [0.3, -0.2, 0.8, 0.1]}, {"vector": [-1, 0.5, 0, 0]}], "k": 2, "ef_search": 32}'
+g vectord.v1.IndexService/DeletePoints '{"index_name": "tour", "ids": ["60"]}'
 g vectord.v1.IndexService/PutProfile '{"profile": {"name": "prod", "indexes": [{"index_name": "tour", "default_config": {"m": 16, "ef_construction": 100, "ef_search": 50}}]}}'
 g vectord.v1.IndexService/ActivateProfile '{"name": "prod"}'
 
