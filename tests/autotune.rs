@@ -1219,3 +1219,34 @@ async fn autotune_with_activate_swaps_while_searches_run() {
         .unwrap();
     assert_eq!(idx.active_generation.unwrap().number, 2);
 }
+
+#[tokio::test]
+async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "sd", 3000, 32).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "sd", "h", 50, None).await;
+    let mut stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "sd".into(),
+            harness: "h".into(),
+            grid: slow_grid(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(started)) =
+        stream.message().await.unwrap().unwrap().event
+    else {
+        panic!()
+    };
+    let reader = tokio::spawn(async move { collect(stream).await });
+    let s = s.restart().await;
+    let (_, err) = reader.await.unwrap();
+    assert_eq!(err.map(|e| e.code()), Some(Code::Unavailable));
+    let mut a = s.autotune().await;
+    let j = job(&mut a, &started.job_id).await;
+    assert_eq!(j.state, pb::JobState::Cancelled as i32);
+    assert!(j.reason.contains("shut down"), "{}", j.reason);
+}

@@ -476,3 +476,107 @@ async fn sigint_also_stops_cleanly_with_exit_0() {
         "no flush logged; stderr:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
+    use vectord::pb::autotune_service_client::AutotuneServiceClient;
+    use vectord::pb::promotion_service_client::PromotionServiceClient;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let args = [&addr_arg()[..], &["--data-dir", path_str(tmp.path())]].concat();
+    let mut s = Vectord::spawn("server", &args, &[]);
+    let addr = s.wait_listening().await;
+    s.wait_serving(addr).await;
+    let mut c = index_client(addr).await;
+    create_index(&mut c, "crash", 32, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(5), 0..3000, 32);
+    upsert(&mut c, "crash", pts.clone()).await;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut a = AutotuneServiceClient::new(channel.clone());
+    a.create_harness(pb::CreateHarnessRequest {
+        index_name: "crash".into(),
+        name: "h".into(),
+        k: 10,
+        queries: Some(pb::create_harness_request::Queries::Sampled(
+            pb::SampledQueries {
+                query_count: 50,
+                seed: None,
+            },
+        )),
+    })
+    .await
+    .expect("create harness");
+    // A grid far too slow to finish before the kill.
+    let grid = (0..20)
+        .map(|i| pb::HnswConfig {
+            m: 48,
+            ef_construction: 400,
+            ef_search: 200,
+            seed: Some(i),
+        })
+        .collect();
+    let mut stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "crash".into(),
+            harness: "h".into(),
+            grid,
+            ..Default::default()
+        })
+        .await
+        .expect("autotune")
+        .into_inner();
+    let first = within("the started event", stream.message())
+        .await
+        .expect("stream")
+        .expect("an event");
+    let Some(pb::autotune_response::Event::Started(started)) = first.event else {
+        panic!("the first event is not started: {first:?}");
+    };
+    s.signal("KILL");
+    let status = s.wait_exit().await;
+    assert!(!status.success());
+    drop(stream);
+
+    let mut s = Vectord::spawn("restarted", &args, &[]);
+    let addr = s.wait_listening().await;
+    s.wait_serving(addr).await;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut a = AutotuneServiceClient::new(channel.clone());
+    let jobs = a
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list jobs")
+        .into_inner()
+        .jobs;
+    let job = jobs
+        .iter()
+        .find(|j| j.id == started.job_id)
+        .expect("the killed job is listed");
+    assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
+    assert!(job.reason.contains("stopped"), "{}", job.reason);
+    assert!(job.end_time.is_some());
+    let mut pr = PromotionServiceClient::new(channel);
+    let promoted = pr
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "crash".into(),
+        })
+        .await
+        .expect("get promoted")
+        .into_inner();
+    assert!(promoted.current.is_none(), "nothing may be half-promoted");
+    // Every acknowledged point survived the kill.
+    let mut c = index_client(addr).await;
+    for p in pts.iter().step_by(97) {
+        let r = search(&mut c, "crash", p.vector.clone(), 1, None).await;
+        assert_eq!(r.neighbors[0].id, p.id);
+    }
+    s.signal("TERM");
+    assert!(s.wait_exit().await.success());
+}

@@ -300,12 +300,21 @@ impl Jobs {
                 }
                 Err(Error::Cancelled(why)) => {
                     job.state = JobState::Cancelled;
-                    job.reason = why.clone();
                     tracing::info!(job = %job.id, "autotune cancelled");
-                    Event::Ended(
-                        format!("job {} was cancelled: {why}", job.id),
-                        tonic::Code::Cancelled,
-                    )
+                    if jobs.root.is_cancelled() {
+                        // Shutdown, not the client's choice: UNAVAILABLE tells it to retry.
+                        job.reason = "the server shut down while the job was running".into();
+                        Event::Ended(
+                            format!("job {} was cancelled: the server is shutting down", job.id),
+                            tonic::Code::Unavailable,
+                        )
+                    } else {
+                        job.reason = why.clone();
+                        Event::Ended(
+                            format!("job {} was cancelled: {why}", job.id),
+                            tonic::Code::Cancelled,
+                        )
+                    }
                 }
                 Err(e) => {
                     job.state = JobState::Failed;
