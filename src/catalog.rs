@@ -23,7 +23,7 @@ use crate::model::{
     Metric, Name, NewIndex, Point, Profile, SearchParams,
 };
 use crate::promotion::Registry;
-use crate::store::{IndexRecord, Store};
+use crate::store::{Counts, IndexRecord, Store};
 
 /// A write made while a build runs, replayed into the new generation before it is swapped in.
 enum Op {
@@ -68,6 +68,13 @@ impl IndexHandle {
             normalize(what, v)?;
         }
         Ok(())
+    }
+
+    fn set_counts(&self, counts: Counts) {
+        self.point_count
+            .store(counts.point_count, Ordering::Release);
+        self.data_version
+            .store(counts.data_version, Ordering::Release);
     }
 
     fn check_live(&self) -> Result<()> {
@@ -314,12 +321,7 @@ impl Catalog {
             }
             counts
         };
-        handle
-            .point_count
-            .store(counts.point_count, Ordering::Release);
-        handle
-            .data_version
-            .store(counts.data_version, Ordering::Release);
+        handle.set_counts(counts);
         Ok((upserted, counts.point_count))
     }
 
@@ -341,12 +343,7 @@ impl Catalog {
         if let Some(rec) = w.recording.as_mut() {
             rec.push(Op::Delete(ids));
         }
-        handle
-            .point_count
-            .store(counts.point_count, Ordering::Release);
-        handle
-            .data_version
-            .store(counts.data_version, Ordering::Release);
+        handle.set_counts(counts);
         Ok((deleted, counts.point_count))
     }
 
