@@ -640,3 +640,105 @@ fn trial_index_is(v: &[u8], index: &str) -> bool {
         .map(|o| o.index == index)
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigSource, HnswConfig, Metric, Name};
+
+    fn record(name: &str, uid: u64) -> IndexRecord {
+        IndexRecord {
+            meta: IndexMeta {
+                name: Name::parse("name", name).unwrap(),
+                uid,
+                dimension: 2,
+                metric: Metric::L2,
+                default_config: HnswConfig::default(),
+                create_time_ms: 0,
+            },
+            generation: GenerationMeta {
+                number: 1,
+                config: HnswConfig::default(),
+                source: ConfigSource::Default,
+                point_count: 0,
+                build_millis: 0,
+                activate_time_ms: 0,
+                profile: String::new(),
+            },
+        }
+    }
+
+    fn pts(ids: std::ops::Range<u64>) -> Vec<Point> {
+        ids.map(|id| Point {
+            id,
+            vector: vec![id as f32, 1.0],
+        })
+        .collect()
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.meta
+                .insert("format_version", &2u32.to_be_bytes())
+                .unwrap();
+            s.flush_blocking().unwrap();
+        }
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("format version 2"), "{e}");
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn points_and_counts_change_together_and_deletes_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        assert!(
+            !s.create_index(&record("a", 8)).unwrap(),
+            "the name is taken"
+        );
+        let c = s.upsert_points(7, &pts(0..10)).unwrap();
+        assert_eq!((c.point_count, c.data_version), (10, 1));
+        let c = s.upsert_points(7, &pts(5..15)).unwrap();
+        assert_eq!((c.point_count, c.data_version), (15, 2));
+        let (deleted, c) = s.delete_points(7, &[0, 1, 99]).unwrap();
+        assert_eq!((deleted, c.point_count, c.data_version), (2, 13, 3));
+        let (deleted, c) = s.delete_points(7, &[99]).unwrap();
+        assert_eq!(
+            (deleted, c.data_version),
+            (0, 3),
+            "nothing removed, no new version"
+        );
+        assert_eq!(s.load_points(7).unwrap().len(), 13);
+        assert_eq!(s.get_point(7, 5).unwrap(), Some(vec![5.0, 1.0]));
+
+        // Points of an index whose record is gone (a crash mid-delete) are swept.
+        s.upsert_points(9, &pts(0..4)).unwrap();
+        assert_eq!(s.sweep_orphans().unwrap(), 4);
+        assert_eq!(s.load_points(7).unwrap().len(), 13);
+        s.delete_index("a", 7).unwrap();
+        assert!(s.load_points(7).unwrap().is_empty());
+        assert!(s.list_indexes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn trial_ids_increase_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let s = Store::open(dir.path()).unwrap();
+            let a = s
+                .append_trial(|id| serde_json::json!({"id": id, "index": "x"}))
+                .unwrap();
+            s.flush_blocking().unwrap();
+            a["id"].as_u64().unwrap()
+        };
+        let s = Store::open(dir.path()).unwrap();
+        let b = s
+            .append_trial(|id| serde_json::json!({"id": id, "index": "x"}))
+            .unwrap();
+        assert!(b["id"].as_u64().unwrap() > first);
+    }
+}
