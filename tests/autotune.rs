@@ -883,6 +883,7 @@ async fn gate_not_met_promotes_nothing_and_says_why() {
             grid: vec![cfg(2, 10, 10)],
             activate: true,
             requested_by: "agent".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1249,4 +1250,174 @@ async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable(
     let j = job(&mut a, &started.job_id).await;
     assert_eq!(j.state, pb::JobState::Cancelled as i32);
     assert!(j.reason.contains("shut down"), "{}", j.reason);
+}
+
+fn dominated(a: &pb::Trial, b: &pb::Trial) -> bool {
+    // a dominated by b
+    let no_worse =
+        b.recall >= a.recall && b.p50_micros <= a.p50_micros && b.memory_bytes <= a.memory_bytes;
+    let better =
+        b.recall > a.recall || b.p50_micros < a.p50_micros || b.memory_bytes < a.memory_bytes;
+    no_worse && better
+}
+
+#[tokio::test]
+async fn target_recall_objective_and_pareto_fronts() {
+    let s = TestServer::start().await;
+    seeded_index(&s, "obj", 2000, 32).await;
+    let mut a = s.autotune().await;
+    sampled_harness(&mut a, "obj", "h", 40, None).await;
+    let grid: Vec<pb::HnswConfig> = [
+        (4, 10, 10),
+        (8, 20, 20),
+        (16, 40, 40),
+        (16, 40, 120),
+        (16, 100, 10),
+    ]
+    .into_iter()
+    .map(|(m, ec, es)| cfg(m, ec, es))
+    .collect();
+    let req = |objective: pb::Objective, target: Option<f64>| pb::AutotuneRequest {
+        index_name: "obj".into(),
+        harness: "h".into(),
+        min_recall: Some(0.0),
+        grid: grid.clone(),
+        objective: objective as i32,
+        target_recall: target,
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(a.autotune(req(pb::Objective::TargetRecall, None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(
+            a.autotune(req(pb::Objective::TargetRecall, Some(1.5)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(a.autotune(req(pb::Objective::MaxRecall, Some(0.5))).await),
+        Code::InvalidArgument
+    );
+
+    let (events, err) = collect(
+        a.autotune(req(pb::Objective::TargetRecall, Some(0.8)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert!(err.is_none(), "{err:?}");
+    let trials: Vec<pb::Trial> = events
+        .iter()
+        .filter_map(|e| match e {
+            pb::autotune_response::Event::Trial(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(trials.len(), 5);
+    let pb::autotune_response::Event::Finished(fin) = events.last().unwrap() else {
+        panic!()
+    };
+    let expected = trials
+        .iter()
+        .filter(|t| t.recall >= 0.8)
+        .min_by(|x, y| {
+            (x.p50_micros, x.memory_bytes, x.build_millis)
+                .partial_cmp(&(y.p50_micros, y.memory_bytes, y.build_millis))
+                .unwrap()
+        })
+        .expect("some config reaches 0.8");
+    assert_eq!(fin.winner.as_ref().unwrap().id, expected.id);
+    assert!(fin.promoted);
+    // The job's front: no member dominated by any trial; every other trial dominated by one.
+    assert!(!fin.pareto_front.is_empty());
+    let in_front = |t: &pb::Trial| fin.pareto_front.iter().any(|f| f.id == t.id);
+    for t in &trials {
+        let beaten = trials.iter().any(|o| dominated(t, o));
+        assert_eq!(in_front(t), !beaten, "trial {} front membership", t.id);
+    }
+    assert!(fin
+        .pareto_front
+        .windows(2)
+        .all(|w| w[0].p50_micros <= w[1].p50_micros));
+
+    // An unreachable target: the best recall is reported, nothing promoted.
+    let mut pr = s.promotion().await;
+    pr.rollback(pb::RollbackRequest {
+        index_name: "obj".into(),
+    })
+    .await
+    .unwrap();
+    let (events, _) = collect(
+        a.autotune(req(pb::Objective::TargetRecall, Some(1.0)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let pb::autotune_response::Event::Finished(fin2) = events.last().unwrap() else {
+        panic!()
+    };
+    if fin2.winner.as_ref().unwrap().recall < 1.0 {
+        assert!(!fin2.promoted);
+        assert!(
+            fin2.reason.contains("no trial reached target_recall 1"),
+            "{}",
+            fin2.reason
+        );
+    }
+
+    // GetParetoFront over the whole journal for the harness (both jobs and a manual trial).
+    trial(&mut a, "obj", "h", cfg(32, 200, 200)).await;
+    let journal = a
+        .list_trials(pb::ListTrialsRequest {
+            index_name: "obj".into(),
+            harness: "h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    assert_eq!(journal.len(), 11);
+    let front = a
+        .get_pareto_front(pb::GetParetoFrontRequest {
+            index_name: "obj".into(),
+            harness: "h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    let mut got: Vec<u64> = front.iter().map(|t| t.id).collect();
+    got.sort();
+    let mut want: Vec<u64> = journal
+        .iter()
+        .filter(|t| !journal.iter().any(|o| dominated(t, o)))
+        .map(|t| t.id)
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        code_of(
+            a.get_pareto_front(pb::GetParetoFrontRequest {
+                index_name: "nope".into(),
+                harness: "h".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    let none = a
+        .get_pareto_front(pb::GetParetoFrontRequest {
+            index_name: "obj".into(),
+            harness: "other".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.trials.is_empty());
 }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::lab::{Lab, Prepared};
+use super::select::{pareto_front, pick, Objective};
 use super::trial::Trial;
 use crate::error::{Error, Result};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name};
@@ -75,6 +76,7 @@ pub struct TuneRequest {
     pub grid: Vec<HnswConfig>,
     pub activate: bool,
     pub requested_by: String,
+    pub objective: Objective,
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +86,8 @@ pub struct Outcome {
     pub promotion: Option<Promotion>,
     pub generation: Option<GenerationMeta>,
     pub reason: String,
+    /// This job's trials on the recall x p50 x memory Pareto front, fastest first.
+    pub pareto_front: Vec<Trial>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,17 +123,6 @@ pub struct Jobs {
     /// Cancelled at shutdown; every job token is its child.
     root: CancellationToken,
     kept: usize,
-}
-
-/// Picks the winner: highest recall, ties broken by lowest p50 (then the earlier trial).
-pub fn pick_winner(trials: &[Trial]) -> Option<&Trial> {
-    trials.iter().reduce(|best, t| {
-        if t.recall > best.recall || (t.recall == best.recall && t.p50_micros < best.p50_micros) {
-            t
-        } else {
-            best
-        }
-    })
 }
 
 impl Jobs {
@@ -466,29 +459,44 @@ impl Jobs {
         job.graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
         outcome?;
         cancelled()?;
-        let winner = pick_winner(&trials).cloned();
-        let Some(w) = winner.clone() else {
-            return Ok(Outcome {
-                job_id: job.id.clone(),
-                winner: None,
-                promotion: None,
-                generation: None,
-                reason: "no trial finished; nothing was promoted".into(),
-            });
+        let front = pareto_front(&trials);
+        let outcome = |winner: Option<Trial>, promotion, generation, reason: String| Outcome {
+            job_id: job.id.clone(),
+            winner,
+            promotion,
+            generation,
+            reason,
+            pareto_front: front.clone(),
         };
-        if w.recall < req.min_recall {
-            let reason = format!(
-                "the best trial {} has recall {:.4} (p50 {:.1}us), below min_recall {}; nothing was promoted",
+        let Some((w, met)) = pick(&trials, req.objective) else {
+            return Ok(outcome(
+                None,
+                None,
+                None,
+                "no trial finished; nothing was promoted".into(),
+            ));
+        };
+        let w = w.clone();
+        let refusal = if !met {
+            let target = match req.objective {
+                Objective::TargetRecall(t) => t,
+                Objective::MaxRecall => 0.0,
+            };
+            Some(format!(
+                "no trial reached target_recall {target}; the best, trial {}, has recall {:.4} (p50 {:.1}us); nothing was promoted",
+                w.id, w.recall, w.p50_micros
+            ))
+        } else if w.recall < req.min_recall {
+            Some(format!(
+                "the winner, trial {}, has recall {:.4} (p50 {:.1}us), below min_recall {}; nothing was promoted",
                 w.id, w.recall, w.p50_micros, req.min_recall
-            );
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             tracing::info!(job = %job.id, %reason, "autotune finished");
-            return Ok(Outcome {
-                job_id: job.id.clone(),
-                winner,
-                promotion: None,
-                generation: None,
-                reason,
-            });
+            return Ok(outcome(Some(w), None, None, reason));
         }
         let note = format!(
             "autotune winner: recall={:.2} p50={:.1}us",
@@ -511,52 +519,13 @@ impl Jobs {
         } else {
             None
         };
-        Ok(Outcome {
-            job_id: job.id.clone(),
-            winner,
-            promotion: Some(promotion),
-            generation,
-            reason: String::new(),
-        })
+        Ok(outcome(Some(w), Some(promotion), generation, String::new()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(id: u64, recall: f64, p50: f64) -> Trial {
-        Trial {
-            id,
-            index: Name::parse("n", "i").unwrap(),
-            harness: Name::parse("n", "h").unwrap(),
-            config: HnswConfig::default(),
-            k: 10,
-            recall,
-            p50_micros: p50,
-            p95_micros: p50,
-            p99_micros: p50,
-            qps: 1.0,
-            build_millis: 1,
-            point_count: 1,
-            memory_bytes: 1,
-            create_time_ms: 0,
-            source: String::new(),
-        }
-    }
-
-    #[test]
-    fn winner_is_highest_recall_then_lowest_p50() {
-        let trials = [
-            t(1, 0.9, 10.0),
-            t(2, 0.95, 30.0),
-            t(3, 0.95, 20.0),
-            t(4, 0.95, 20.0),
-            t(5, 0.94, 1.0),
-        ];
-        assert_eq!(pick_winner(&trials).unwrap().id, 3);
-        assert!(pick_winner(&[]).is_none());
-    }
 
     #[test]
     fn default_grid_is_the_contract_one() {

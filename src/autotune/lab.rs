@@ -353,6 +353,11 @@ impl Lab {
             .ok_or_else(|| Error::not_found("trial", id.to_string()))
     }
 
+    /// Every journaled trial of the index on the harness.
+    pub fn all_trials(&self, index: &Name, harness: &Name) -> Result<Vec<Trial>> {
+        self.list_trials(Some(index), Some(harness), None, usize::MAX)
+    }
+
     /// Trials newest first, filtered, with ids below `before`.
     pub fn list_trials(
         &self,

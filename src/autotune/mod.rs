@@ -3,4 +3,5 @@
 pub mod harness;
 pub mod jobs;
 pub mod lab;
+pub mod select;
 pub mod trial;

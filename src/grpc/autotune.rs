@@ -11,6 +11,7 @@ use crate::autotune::harness::{Harness, QuerySpec, DEFAULT_SEED};
 use crate::autotune::jobs::{
     default_grid, Event, JobRecord, JobState, TuneRequest, DEFAULT_MIN_RECALL,
 };
+use crate::autotune::select::{pareto_front, Objective};
 use crate::error::Error;
 use crate::model::Name;
 use crate::pb;
@@ -92,6 +93,33 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
                 .map(|(i, c)| convert::trial_config(&format!("grid[{i}]."), Some(c)))
                 .collect::<Result<Vec<_>, _>>()?
         };
+        let objective = match pb::Objective::try_from(r.objective) {
+            Ok(pb::Objective::Unspecified) | Ok(pb::Objective::MaxRecall) => {
+                if r.target_recall.is_some() {
+                    return Err(Error::invalid(
+                        "target_recall is only for objective OBJECTIVE_TARGET_RECALL",
+                    ));
+                }
+                Objective::MaxRecall
+            }
+            Ok(pb::Objective::TargetRecall) => {
+                let t = r.target_recall.ok_or_else(|| {
+                    Error::invalid(
+                        "objective OBJECTIVE_TARGET_RECALL needs target_recall in [0, 1]",
+                    )
+                })?;
+                if !(0.0..=1.0).contains(&t) {
+                    return Err(Error::out_of_range("target_recall", "[0, 1]", t));
+                }
+                Objective::TargetRecall(t)
+            }
+            Err(_) => {
+                return Err(Error::invalid(format!(
+                    "objective {} is unknown: use OBJECTIVE_MAX_RECALL or OBJECTIVE_TARGET_RECALL",
+                    r.objective
+                )))
+            }
+        };
         let requested_by = if r.requested_by.is_empty() {
             "autotune".to_string()
         } else {
@@ -104,6 +132,7 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
             grid,
             activate: r.activate,
             requested_by,
+            objective,
         })
     }
 }
@@ -283,6 +312,7 @@ impl AutotuneService for AutotuneApi {
                                 winner: o.winner.map(Into::into),
                                 promotion: o.promotion.map(Into::into),
                                 reason: o.reason,
+                                pareto_front: o.pareto_front.into_iter().map(Into::into).collect(),
                             },
                         )),
                     }),
@@ -308,6 +338,20 @@ impl AutotuneService for AutotuneApi {
         let jobs = self.core.ready()?.jobs.list(index.as_ref())?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.into_iter().map(job_to).collect(),
+        }))
+    }
+
+    async fn get_pareto_front(
+        &self,
+        req: Request<pb::GetParetoFrontRequest>,
+    ) -> R<pb::GetParetoFrontResponse> {
+        let index = name("index_name", &req.get_ref().index_name)?;
+        let harness = name("harness", &req.get_ref().harness)?;
+        let lab = &self.core.ready()?.lab;
+        lab.catalog().handle(&index)?;
+        let trials = lab.all_trials(&index, &harness)?;
+        Ok(Response::new(pb::GetParetoFrontResponse {
+            trials: pareto_front(&trials).into_iter().map(Into::into).collect(),
         }))
     }
 
