@@ -40,5 +40,6 @@ g vectord.v1.PromotionService/Rollback '{"index_name": "tour"}'
 # Autotune: the default grid, streamed; promotes the winner and swaps it in.
 g vectord.v1.AutotuneService/Autotune '{"index_name": "tour", "harness": "smoke", "min_recall": 0.9, "activate": true, "requested_by": "tour"}'
 g vectord.v1.PromotionService/GetPromoted '{"index_name": "tour"}'
+g vectord.v1.AutotuneService/GetParetoFront '{"index_name": "tour", "harness": "smoke"}'
 g vectord.v1.AutotuneService/ListJobs '{}'
 g vectord.v1.IndexService/GetIndex '{"name": "tour"}'
