@@ -1,0 +1,78 @@
+"""Runs the worked example against a real vectord started for the test.
+
+The binary is $VECTORD_BIN, else target/debug/vectord (cargo build), else target/release/vectord.
+"""
+import os
+import re
+import subprocess
+import tempfile
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import example
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def binary():
+    for candidate in [os.environ.get("VECTORD_BIN"), "target/debug/vectord", "target/release/vectord"]:
+        if candidate and os.path.exists(os.path.join(ROOT, candidate)):
+            return os.path.join(ROOT, candidate)
+    pytest.fail("no vectord binary: run `cargo build` first or set VECTORD_BIN")
+
+
+@pytest.fixture
+def server():
+    data = tempfile.mkdtemp(prefix="vectord-py-")
+    proc = subprocess.Popen(
+        [binary(), "serve", "--addr", "127.0.0.1:0", "--data-dir", data],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    addr = None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"vectord listening addr=(\S+)", line)
+        if m:
+            addr = m.group(1)
+            break
+    assert addr, "no listening line:\n" + "".join(lines)
+    # Keep draining stderr so the pipe never fills.
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    with grpc.insecure_channel(addr) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for status in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60):
+            if status.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+    yield addr
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+
+
+def test_create_import_autotune_promote_search(server):
+    printed = []
+    events, promoted, hits = example.run(server, out=printed.append)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["started"] + ["trial"] * 5 + ["finished"]
+    finished = events[-1].finished
+    assert finished.promoted and finished.promotion.note.startswith("autotune winner: recall=")
+    # The manual promotion pushed the autotune winner onto the history.
+    assert promoted.history_depth == 1
+    assert hits.neighbors[0].id == 42  # the stored vector of point 42 finds itself first
+    assert any(line.startswith("trial ") for line in printed)
+
+
+def test_errors_carry_codes(server):
+    ch = grpc.insecure_channel(server)
+    indexes = example.rpc.IndexServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as e:
+        indexes.GetIndex(example.pb.GetIndexRequest(name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        indexes.CreateIndex(example.pb.CreateIndexRequest(name="bad name", dimension=4, metric=example.pb.METRIC_L2))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
