@@ -1,0 +1,72 @@
+// Runs the worked example against a real vectord started for the test (node --test).
+// The binary is $VECTORD_BIN, else target/debug/vectord, else target/release/vectord.
+"use strict";
+const { test } = require("node:test");
+const assert = require("node:assert");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const { spawn } = require("node:child_process");
+const readline = require("node:readline");
+const grpc = require("@grpc/grpc-js");
+const example = require("./example");
+
+const ROOT = path.join(__dirname, "..", "..");
+
+function binary() {
+  for (const c of [process.env.VECTORD_BIN, "target/debug/vectord", "target/release/vectord"]) {
+    if (c && fs.existsSync(path.resolve(ROOT, c))) return path.resolve(ROOT, c);
+  }
+  throw new Error("no vectord binary: run `cargo build` first or set VECTORD_BIN");
+}
+
+function startServer() {
+  const data = fs.mkdtempSync(path.join(os.tmpdir(), "vectord-node-"));
+  const proc = spawn(binary(), ["serve", "--addr", "127.0.0.1:0", "--data-dir", data], { stdio: ["ignore", "ignore", "pipe"] });
+  const lines = readline.createInterface({ input: proc.stderr });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("vectord did not start within 60 s")), 60000);
+    let addr;
+    lines.on("line", (line) => {
+      const m = /vectord listening addr=(\S+)/.exec(line);
+      if (m) addr = m[1];
+      if (addr && /vectord is serving/.test(line)) {
+        clearTimeout(timer);
+        resolve({ addr, proc });
+      }
+    });
+    proc.on("exit", (code) => reject(new Error(`vectord exited with ${code}`)));
+  });
+}
+
+function stop(proc) {
+  return new Promise((resolve) => {
+    proc.removeAllListeners("exit");
+    proc.on("exit", (code) => resolve(code));
+    proc.kill("SIGTERM");
+  });
+}
+
+test("create, import, streamed autotune, promote, search", async () => {
+  const { addr, proc } = await startServer();
+  try {
+    const printed = [];
+    const { events, promoted, hits } = await example.run(addr, { out: (l) => printed.push(l) });
+    assert.deepStrictEqual(events.map((e) => e.event), ["started", "trial", "trial", "trial", "trial", "trial", "finished"]);
+    const fin = events.at(-1).finished;
+    assert.ok(fin.promoted);
+    assert.match(fin.promotion.note, /^autotune winner: recall=/);
+    assert.strictEqual(promoted.history_depth, 1);
+    assert.strictEqual(hits.neighbors[0].id, "42");
+    assert.ok(printed.some((l) => l.startsWith("trial ")));
+
+    // Errors carry their gRPC codes.
+    const v1 = example.load();
+    const c = new v1.IndexService(addr, grpc.credentials.createInsecure());
+    await assert.rejects(example.unary(c, "GetIndex", { name: "nope" }), (e) => e.code === grpc.status.NOT_FOUND);
+    await assert.rejects(example.unary(c, "CreateIndex", { name: "bad name", dimension: 4, metric: "METRIC_L2" }), (e) => e.code === grpc.status.INVALID_ARGUMENT);
+    c.close();
+  } finally {
+    assert.strictEqual(await stop(proc), 0);
+  }
+});
