@@ -12,6 +12,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Finished autotune jobs kept in ListJobs (running ones are always listed).
     pub jobs_kept: usize,
+    /// Where to serve Prometheus metrics at /metrics; None: not served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -21,6 +23,7 @@ impl Config {
             max_request_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             jobs_kept: 100,
+            metrics_addr: None,
         }
     }
 

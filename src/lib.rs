@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod error;
 pub mod grpc;
 pub mod index;
+pub mod metrics;
 pub mod model;
 pub mod promotion;
 pub mod server;

@@ -14,6 +14,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, Ready};
+use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
 use crate::promotion::Registry;
 use crate::store::Store;
@@ -60,9 +61,26 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
     resp
 }
 
-/// Serves until `shutdown` completes (or the grace period after it runs out).
+/// Serves until `shutdown` completes (or the grace period after it runs out); binds
+/// `config.metrics_addr` for the metrics when it is set.
 pub async fn run(
     listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            Error::Unavailable(format!("cannot listen for metrics on {addr}: {e}"))
+        })?),
+        None => None,
+    };
+    run_with(listener, metrics_listener, config, shutdown).await
+}
+
+/// [`run`] with the metrics listener already bound (None: no metrics endpoint).
+pub async fn run_with(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -116,8 +134,25 @@ pub async fn run(
             set_health(&health, ServingStatus::NotServing).await;
         }
     };
+    let metrics = Metrics::new()?;
+    if let Some(l) = metrics_listener {
+        let addr = l
+            .local_addr()
+            .map_err(|e| Error::Unavailable(format!("metrics listener: {e}")))?;
+        tracing::info!(metrics = %crate::metrics::describe(&addr), "serving metrics");
+        let mut rx = sig_rx.clone();
+        tokio::spawn(crate::metrics::serve(
+            l,
+            metrics.clone(),
+            core.clone(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ));
+    }
     let serve = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(RpcMetricsLayer(metrics.clone()))
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))

@@ -513,6 +513,11 @@ impl Store {
             .map_err(tx_err)
     }
 
+    /// Trials in the journal.
+    pub fn trial_count(&self) -> usize {
+        self.trials.len()
+    }
+
     pub fn get_trial<T: DeserializeOwned>(&self, id: u64) -> Result<Option<T>> {
         self.trials
             .get(id.to_be_bytes())?

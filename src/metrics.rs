@@ -1,0 +1,287 @@
+//! Prometheus metrics: RPC counts and latencies (a tower layer around every service), and the
+//! state of indexes, promotions, jobs and the journal (read from the core at each scrape, so
+//! they are always current and survive restarts). Served as text at `/metrics` on
+//! `--metrics-addr`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::Full;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::autotune::jobs::JobState;
+use crate::error::{Error, Result};
+use crate::grpc::Core;
+
+pub struct Metrics {
+    registry: Registry,
+    rpcs: IntCounterVec,
+    rpc_seconds: HistogramVec,
+    points: IntGaugeVec,
+    generation: IntGaugeVec,
+    config: IntGaugeVec,
+    build_seconds: GaugeVec,
+    promoted_recall: GaugeVec,
+    promoted_p50: GaugeVec,
+    jobs: IntGaugeVec,
+    trials: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T> {
+    r.register(Box::new(c.clone()))
+        .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
+    Ok(c)
+}
+
+fn err(e: prometheus::Error) -> Error {
+    Error::Internal(format!("metrics: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Result<Arc<Self>> {
+        let r = Registry::new();
+        let rpcs = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "vectord_rpc_requests_total",
+                    "gRPC calls by method and status code (as known when the response starts)",
+                ),
+                &["method", "code"],
+            )
+            .map_err(err)?,
+        )?;
+        let rpc_seconds = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "vectord_rpc_duration_seconds",
+                    "gRPC call latency until the response starts, by method and status code",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+                &["method", "code"],
+            )
+            .map_err(err)?,
+        )?;
+        let g = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).map_err(err)
+        };
+        let f =
+            |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["index"]).map_err(err);
+        Ok(Arc::new(Metrics {
+            points: register(&r, g("vectord_index_points", "points in the index", &["index"])?)?,
+            generation: register(&r, g("vectord_index_generation", "number of the active generation", &["index"])?)?,
+            config: register(&r, g("vectord_index_config", "HNSW parameter of the active generation (param = m, ef_construction, ef_search)", &["index", "param"])?)?,
+            build_seconds: register(&r, f("vectord_index_build_seconds", "build time of the active generation")?)?,
+            promoted_recall: register(&r, f("vectord_promoted_recall", "recall of the promoted trial")?)?,
+            promoted_p50: register(&r, f("vectord_promoted_p50_seconds", "p50 latency of the promoted trial")?)?,
+            jobs: register(&r, g("vectord_autotune_jobs", "autotune jobs kept, by state", &["state"])?)?,
+            trials: register(&r, IntGauge::new("vectord_trials_journaled", "trials in the journal").map_err(err)?)?,
+            registry: r,
+            rpcs,
+            rpc_seconds,
+        }))
+    }
+
+    fn observe(&self, method: &str, code: &str, seconds: f64) {
+        self.rpcs.with_label_values(&[method, code]).inc();
+        self.rpc_seconds
+            .with_label_values(&[method, code])
+            .observe(seconds);
+    }
+
+    /// Reads the current state from the core and renders every metric as Prometheus text.
+    pub fn render(&self, core: &Core) -> Result<String> {
+        if let Ok(ready) = core.ready() {
+            for g in [&self.points, &self.generation, &self.config, &self.jobs] {
+                g.reset();
+            }
+            for g in [
+                &self.build_seconds,
+                &self.promoted_recall,
+                &self.promoted_p50,
+            ] {
+                g.reset();
+            }
+            let catalog = &ready.catalog;
+            for name in catalog.index_names() {
+                let Ok(view) = catalog.get_index(&name) else {
+                    continue;
+                };
+                let n = name.as_str();
+                self.points
+                    .with_label_values(&[n])
+                    .set(view.point_count as i64);
+                self.generation
+                    .with_label_values(&[n])
+                    .set(view.generation.number as i64);
+                let c = view.generation.config;
+                for (param, v) in [
+                    ("m", c.m),
+                    ("ef_construction", c.ef_construction),
+                    ("ef_search", c.ef_search),
+                ] {
+                    self.config.with_label_values(&[n, param]).set(v as i64);
+                }
+                self.build_seconds
+                    .with_label_values(&[n])
+                    .set(view.generation.build_millis as f64 / 1000.0);
+                if let Ok((Some(p), _)) = catalog.registry().get(&name) {
+                    self.promoted_recall.with_label_values(&[n]).set(p.recall);
+                    self.promoted_p50
+                        .with_label_values(&[n])
+                        .set(p.p50_micros / 1e6);
+                }
+            }
+            for state in ["running", "succeeded", "failed", "cancelled"] {
+                self.jobs.with_label_values(&[state]).set(0);
+            }
+            for job in ready.jobs.list(None)? {
+                let state = match job.state {
+                    JobState::Running => "running",
+                    JobState::Succeeded => "succeeded",
+                    JobState::Failed => "failed",
+                    JobState::Cancelled => "cancelled",
+                };
+                self.jobs.with_label_values(&[state]).inc();
+            }
+            self.trials.set(catalog.store().trial_count() as i64);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(err)?;
+        String::from_utf8(out).map_err(|e| Error::Internal(format!("metrics text: {e}")))
+    }
+}
+
+/// Serves `/metrics` over HTTP/1.1 until `stop` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    continue;
+                }
+            },
+        };
+        let (metrics, core) = (metrics.clone(), core.clone());
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (metrics, core) = (metrics.clone(), core.clone());
+                    async move {
+                        let resp = if req.uri().path() != "/metrics" {
+                            http::Response::builder()
+                                .status(404)
+                                .body(Full::new(bytes_of("not found: metrics are at /metrics\n")))
+                        } else {
+                            match metrics.render(&core) {
+                                Ok(text) => http::Response::builder()
+                                    .header("content-type", "text/plain; version=0.0.4")
+                                    .body(Full::new(bytes_of(&text))),
+                                Err(e) => http::Response::builder()
+                                    .status(500)
+                                    .body(Full::new(bytes_of(&format!("{e}\n")))),
+                            }
+                        };
+                        Ok::<_, Infallible>(
+                            resp.unwrap_or_else(|_| http::Response::new(Full::new(bytes_of("")))),
+                        )
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn bytes_of(s: &str) -> hyper::body::Bytes {
+    hyper::body::Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// The address a metrics listener bound, for the log line.
+pub fn describe(addr: &SocketAddr) -> String {
+    format!("http://{addr}/metrics")
+}
+
+/// A tower layer that counts every gRPC call and times it until its response starts.
+#[derive(Clone)]
+pub struct RpcMetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_string();
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            // Errors answered at once carry grpc-status in the headers; a call that started
+            // answering is OK so far (a stream's final status comes later, in its trailers).
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
+                .unwrap_or_else(|| "Ok".into());
+            metrics.observe(&method, &code, started.elapsed().as_secs_f64());
+            Ok(resp)
+        })
+    }
+}
