@@ -8,16 +8,21 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use vectord::config::Config;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "vectord",
     version,
-    about = "Approximate nearest-neighbour search over gRPC, with measured HNSW configs"
+    about = "Approximate nearest-neighbour search over gRPC, with measured HNSW configs",
+    after_help = cli::EXIT_CODES_HELP
 )]
 struct Cli {
-    /// Log level or filter (e.g. info, debug, vectord=debug); RUST_LOG is used when unset.
+    /// Log level or filter of the server (e.g. info, debug, vectord=debug); RUST_LOG is used when unset.
     #[arg(long, global = true, env = "VECTORD_LOG")]
     log: Option<String>,
+    #[command(flatten)]
+    client: cli::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(clap::Args)]
@@ -101,6 +108,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Client(cmd) => return run_client(cli.client, cmd),
+    };
     init_logging(cli.log.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,16 +123,26 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => serve(args).await,
-        }
-    });
+    let result = runtime.block_on(serve(args));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("vectord: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A client subcommand: no logging (errors go to stderr as `error: CODE: message`).
+fn run_client(global: cli::GlobalArgs, cmd: cli::ClientCommand) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(cli::run(global, cmd)),
+        Err(e) => {
+            eprintln!("error: INTERNAL: cannot start the runtime: {e}");
             ExitCode::from(1)
         }
     }
