@@ -49,9 +49,21 @@ struct ServeArgs {
     /// Seconds in-flight calls get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "VECTORD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off when unset), e.g. 127.0.0.1:9464.
+    #[arg(long, env = "VECTORD_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Log format: text (for people) or json (one object per line, for log shippers).
+    #[arg(long, env = "VECTORD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
-fn init_logging(level: Option<&str>) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(level: Option<&str>, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let spec = level
         .map(str::to_string)
@@ -64,11 +76,15 @@ fn init_logging(level: Option<&str>) {
         format!("{spec},hnsw_rs=warn")
     };
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,hnsw_rs=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -101,6 +117,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let mut config = Config::new(args.data_dir);
     config.max_request_bytes = args.max_request_bytes;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    config.metrics_addr = args.metrics_addr;
     vectord::server::run(listener, config, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
@@ -112,7 +129,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => args,
         Command::Client(cmd) => return run_client(cli.client, cmd),
     };
-    init_logging(cli.log.as_deref());
+    init_logging(cli.log.as_deref(), args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

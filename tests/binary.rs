@@ -580,3 +580,33 @@ async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
     s.signal("TERM");
     assert!(s.wait_exit().await.success());
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut s = Vectord::spawn(
+        "json logs",
+        &[
+            &addr_arg()[..],
+            &["--data-dir", path_str(tmp.path()), "--log-format", "json"],
+        ]
+        .concat(),
+        &[],
+    );
+    let line = s
+        .wait_line("a json `vectord is serving` line", |l| {
+            l.contains("vectord is serving")
+        })
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "vectord is serving", "{v}");
+    assert!(v["timestamp"].is_string(), "{v}");
+    s.signal("TERM");
+    assert!(s.wait_exit().await.success());
+    for l in s.log().lines().filter(|l| !l.is_empty()) {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("a log line is not JSON: {l:?}: {e}"));
+    }
+}
