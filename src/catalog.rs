@@ -347,6 +347,16 @@ impl Catalog {
         Ok((deleted, counts.point_count))
     }
 
+    /// One stored point's vector, or NOT_FOUND.
+    pub async fn get_point(&self, name: &Name, id: u64) -> Result<Vec<f32>> {
+        let handle = self.handle(name)?;
+        let store = self.store.clone();
+        let uid = handle.meta.uid;
+        tokio::task::spawn_blocking(move || store.get_point(uid, id))
+            .await??
+            .ok_or_else(|| Error::not_found("point", format!("{id} in index {name}")))
+    }
+
     /// The k nearest points to one vector on the active generation, with its number.
     pub fn search(
         &self,

@@ -463,8 +463,31 @@ async fn exit_codes() {
     .json();
     assert_eq!(r["neighbors"].as_array().expect("neighbors").len(), 2);
 
+    // --id searches with a stored point's vector: it finds itself first.
+    let r = vectord(
+        &url,
+        &[
+            "search", "--index", "codes", "--id", "7", "-k", "3", "--json",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(r["neighbors"][0]["id"], 7, "{r}");
+    vectord(&url, &["search", "--index", "codes", "--id", "999"])
+        .await
+        .code(3);
+
     // Usage errors are clap's.
     vectord(&url, &["search", "--index", "codes"]).await.code(2);
+    vectord(
+        &url,
+        &[
+            "search", "--index", "codes", "--id", "1", "--vector", "1,2,3",
+        ],
+    )
+    .await
+    .code(2);
 
     // A closed port: connection failure.
     let closed = {

@@ -166,6 +166,75 @@ async fn a_stored_vector_finds_itself_first_for_every_metric() {
 }
 
 #[tokio::test]
+async fn get_point_returns_the_stored_vector() {
+    let s = TestServer::start().await;
+    let mut c = s.index().await;
+    create_index(&mut c, "gp", 2, pb::Metric::Cosine).await;
+    upsert(
+        &mut c,
+        "gp",
+        vec![pb::Point {
+            id: 5,
+            vector: vec![3.0, 4.0],
+        }],
+    )
+    .await;
+    let p = c
+        .get_point(pb::GetPointRequest {
+            index_name: "gp".into(),
+            id: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .point
+        .unwrap();
+    assert_eq!(p.id, 5);
+    // A cosine index stores the normalised vector.
+    assert!(
+        (p.vector[0] - 0.6).abs() < 1e-6 && (p.vector[1] - 0.8).abs() < 1e-6,
+        "{:?}",
+        p.vector
+    );
+    assert_eq!(
+        code_of(
+            c.get_point(pb::GetPointRequest {
+                index_name: "gp".into(),
+                id: 6
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            c.get_point(pb::GetPointRequest {
+                index_name: "nope".into(),
+                id: 5
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    c.delete_points(pb::DeletePointsRequest {
+        index_name: "gp".into(),
+        ids: vec![5],
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code_of(
+            c.get_point(pb::GetPointRequest {
+                index_name: "gp".into(),
+                id: 5
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
 async fn search_batch_equals_search() {
     let s = TestServer::start().await;
     let mut c = s.index().await;

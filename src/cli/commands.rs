@@ -224,10 +224,22 @@ async fn index(ctx: &Ctx, cmd: IndexCommand) -> Res {
 }
 
 async fn search(ctx: &Ctx, a: SearchArgs) -> Res {
+    let vector = match a.id {
+        Some(id) => {
+            let got = ctx
+                .call(ctx.index().get_point(pb::GetPointRequest {
+                    index_name: a.index.clone(),
+                    id,
+                }))
+                .await?;
+            got.point.map(|p| p.vector).unwrap_or_default()
+        }
+        None => a.vector,
+    };
     let r = ctx
         .call(ctx.index().search(pb::SearchRequest {
             index_name: a.index,
-            vector: a.vector,
+            vector,
             k: a.k,
             ef_search: a.ef_search,
         }))

@@ -138,10 +138,14 @@ pub struct SearchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        required = true,
+        required_unless_present = "id",
+        conflicts_with = "id",
         allow_hyphen_values = true
     )]
     pub vector: Vec<f32>,
+    /// Search with the stored vector of this point (it finds itself first).
+    #[arg(long)]
+    pub id: Option<u64>,
     #[arg(short, long, default_value_t = 10)]
     pub k: u32,
     /// Overrides the generation's ef_search for this query.

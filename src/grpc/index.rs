@@ -198,6 +198,15 @@ impl IndexService for IndexApi {
         }))
     }
 
+    async fn get_point(&self, req: Request<pb::GetPointRequest>) -> R<pb::GetPointResponse> {
+        let req = req.into_inner();
+        let n = name("index_name", &req.index_name)?;
+        let vector = self.core.catalog()?.get_point(&n, req.id).await?;
+        Ok(Response::new(pb::GetPointResponse {
+            point: Some(pb::Point { id: req.id, vector }),
+        }))
+    }
+
     async fn search_batch(
         &self,
         req: Request<pb::SearchBatchRequest>,
