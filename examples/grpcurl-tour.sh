@@ -23,6 +23,7 @@ grpcurl -plaintext -d "$POINTS" "$ADDR" vectord.v1.IndexService/UpsertPoints
 echo
 
 g vectord.v1.IndexService/Search '{"index_name": "tour", "vector": [0.3, -0.2, 0.8, 0.1], "k": 3}'
+g vectord.v1.IndexService/GetPoint '{"index_name": "tour", "id": "11"}'
 g vectord.v1.IndexService/SearchBatch '{"index_name": "tour", "queries": [{"vector": [0.3, -0.2, 0.8, 0.1]}, {"vector": [-1, 0.5, 0, 0]}], "k": 2, "ef_search": 32}'
 g vectord.v1.IndexService/DeletePoints '{"index_name": "tour", "ids": ["60"]}'
 g vectord.v1.IndexService/PutProfile '{"profile": {"name": "prod", "indexes": [{"index_name": "tour", "default_config": {"m": 16, "ef_construction": 100, "ef_search": 50}}]}}'

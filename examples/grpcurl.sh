@@ -29,6 +29,7 @@ expect "vectord.v1.IndexService"
 expect "vectord.v1.AutotuneService"
 expect "vectord.v1.PromotionService"
 expect '"upsertedCount": "60"'
+expect '"point": {'
 expect '"configSource": "CONFIG_SOURCE_PROMOTED"'
 expect '"profile": "prod"'
 expect '"nextPageToken"'
