@@ -359,6 +359,13 @@ async fn autotune_json_stream_then_promote_rollback_promoted() {
     assert_eq!(finished["promotion"]["promoted_by"], "ci");
     let winner = finished["winner"]["id"].as_u64().expect("winner");
     assert!(finished["generation"].is_null());
+    let front = finished["pareto_front"].as_array().expect("pareto_front");
+    assert!(
+        !front.is_empty()
+            && front
+                .iter()
+                .all(|t| trial_ids.contains(&t["id"].as_u64().unwrap_or(0)))
+    );
 
     let jobs = vectord(&url, &["jobs", "list", "--json"]).await.ok().json();
     assert_eq!(jobs["jobs"][0]["state"], "JOB_STATE_SUCCEEDED");
@@ -422,6 +429,41 @@ async fn autotune_json_stream_then_promote_rollback_promoted() {
     .json();
     assert_eq!(trials["trials"].as_array().expect("trials").len(), 3);
     assert_eq!(trials["trials"][0]["id"], trial_ids[4], "newest first");
+
+    // --target-recall: the fastest trial that reaches it wins.
+    let tuned = vectord(
+        &url,
+        &[
+            "autotune",
+            "--index",
+            "tune",
+            "--harness",
+            "smoke",
+            "--json",
+            "--target-recall",
+            "0.5",
+        ],
+    )
+    .await
+    .ok()
+    .json_lines();
+    let trials: Vec<&Value> = tuned.iter().filter(|e| e["event"] == "trial").collect();
+    let fastest = trials
+        .iter()
+        .filter(|t| t["recall"].as_f64().unwrap_or(0.0) >= 0.5)
+        .min_by(|a, b| {
+            let key = |t: &Value| {
+                (
+                    t["p50_micros"].as_f64().unwrap_or(f64::MAX),
+                    t["memory_bytes"].as_u64().unwrap_or(0),
+                    t["build_millis"].as_u64().unwrap_or(0),
+                )
+            };
+            key(a).partial_cmp(&key(b)).expect("comparable")
+        })
+        .expect("a trial reaches 0.5");
+    let fin = tuned.last().expect("finished");
+    assert_eq!(fin["winner"]["id"], fastest["id"], "{fin}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,7 +42,12 @@ pub async fn run(ctx: &Ctx, a: AutotuneArgs) -> Result<ExitCode, CliError> {
             .collect(),
         activate: a.activate,
         requested_by: a.requested_by.unwrap_or_default(),
-        ..Default::default()
+        objective: if a.target_recall.is_some() {
+            pb::Objective::TargetRecall as i32
+        } else {
+            pb::Objective::Unspecified as i32
+        },
+        target_recall: a.target_recall,
     };
     let job_id = OnceCell::new();
     let body = std::pin::pin!(deadline(ctx, follow(ctx, request, &job_id)));

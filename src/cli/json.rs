@@ -158,6 +158,7 @@ pub fn autotune_event(e: &pb::autotune_response::Event) -> Value {
             "promotion": opt(&f.promotion, promotion),
             "generation": opt(&f.generation, generation),
             "reason": f.reason,
+            "pareto_front": f.pareto_front.iter().map(trial).collect::<Vec<_>>(),
         }),
     }
 }

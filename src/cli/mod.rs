@@ -254,6 +254,10 @@ pub struct AutotuneArgs {
     /// Recorded as promoted_by (server default "autotune").
     #[arg(long)]
     pub requested_by: Option<String>,
+    /// Objective TARGET_RECALL: the fastest config whose recall reaches this (default objective:
+    /// the highest recall, then the lowest p50).
+    #[arg(long)]
+    pub target_recall: Option<f64>,
 }
 
 /// `ec:es[:m]` as (ef_construction, ef_search, m).
