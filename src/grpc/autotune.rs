@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, name, page_size, page_token_decode, page_token_encode, timestamp};
+use super::convert::{self, name, next_page, page_size, page_token_decode, timestamp};
 use super::Core;
 use crate::autotune::harness::{Harness, QuerySpec, DEFAULT_SEED};
 use crate::autotune::jobs::{
@@ -252,15 +252,7 @@ impl AutotuneService for AutotuneApi {
             before,
             limit + 1,
         )?;
-        let next_page_token = if trials.len() > limit {
-            trials.truncate(limit);
-            trials
-                .last()
-                .map(|t| page_token_encode(&t.id.to_string()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut trials, limit, |t| t.id.to_string());
         Ok(Response::new(pb::ListTrialsResponse {
             trials: trials.into_iter().map(Into::into).collect(),
             next_page_token,

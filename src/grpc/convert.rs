@@ -226,6 +226,19 @@ pub fn page_size(n: u32) -> Result<usize> {
     }
 }
 
+/// Cuts `items` (fetched with one extra) to `limit` and returns the next page's token: the key
+/// of the last item kept when more followed, else empty.
+pub fn next_page<T>(items: &mut Vec<T>, limit: usize, key: impl Fn(&T) -> String) -> String {
+    if items.len() <= limit {
+        return String::new();
+    }
+    items.truncate(limit);
+    items
+        .last()
+        .map(|t| page_token_encode(&key(t)))
+        .unwrap_or_default()
+}
+
 /// Page tokens are opaque to clients: "v1:" + the last key of the page, base64url.
 pub fn page_token_encode(last: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{last}"))

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{self, name, page_after, page_size, page_token_encode};
+use super::convert::{self, name, next_page, page_after, page_size};
 use super::Core;
 use crate::error::Error;
 use crate::model::{NewIndex, Profile, SearchParams};
@@ -52,15 +52,7 @@ impl IndexService for IndexApi {
         let limit = page_size(req.page_size)?;
         let after = page_after(&req.page_token)?;
         let mut views = self.core.catalog()?.list_indexes(after.as_ref(), limit + 1);
-        let next_page_token = if views.len() > limit {
-            views.truncate(limit);
-            views
-                .last()
-                .map(|v| page_token_encode(v.meta.name.as_str()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut views, limit, |v| v.meta.name.to_string());
         Ok(Response::new(pb::ListIndexesResponse {
             indexes: views.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -262,15 +254,7 @@ impl IndexService for IndexApi {
             .core
             .catalog()?
             .list_profiles(after.as_ref(), limit + 1)?;
-        let next_page_token = if profiles.len() > limit {
-            profiles.truncate(limit);
-            profiles
-                .last()
-                .map(|p| page_token_encode(p.name.as_str()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut profiles, limit, |p| p.name.to_string());
         Ok(Response::new(pb::ListProfilesResponse {
             profiles: profiles.into_iter().map(Into::into).collect(),
             next_page_token,
