@@ -1159,30 +1159,7 @@ async fn autotune_with_activate_swaps_while_searches_run() {
     let mut a = s.autotune().await;
     sampled_harness(&mut a, "act", "h", 30, None).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let searcher = {
-        let mut c = s.index().await;
-        let q = pts[7].vector.clone();
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            loop {
-                let r = c
-                    .search(pb::SearchRequest {
-                        index_name: "act".into(),
-                        vector: q.clone(),
-                        k: 3,
-                        ef_search: None,
-                    })
-                    .await
-                    .expect("search failed during the swap")
-                    .into_inner();
-                assert_eq!(r.neighbors[0].id, 7);
-                n += 1;
-                if *stop_rx.borrow() && n > 5 {
-                    return n;
-                }
-            }
-        })
-    };
+    let searcher = spawn_searcher(s.index().await, "act", &pts[7], 5, stop_rx);
     let stream = a
         .autotune(pb::AutotuneRequest {
             index_name: "act".into(),
@@ -1196,7 +1173,7 @@ async fn autotune_with_activate_swaps_while_searches_run() {
         .into_inner();
     let (events, err) = collect(stream).await;
     stop_tx.send(true).unwrap();
-    assert!(searcher.await.unwrap() > 5);
+    assert!(searcher.await.unwrap().0 > 5);
     assert!(err.is_none(), "{err:?}");
     let pb::autotune_response::Event::Finished(fin) = events.last().unwrap() else {
         panic!()

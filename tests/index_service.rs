@@ -414,32 +414,8 @@ async fn activation_swaps_generations_while_searches_never_fail() {
     .await
     .unwrap();
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let searcher = {
-        let mut c = s.index().await;
-        let q = pts[42].vector.clone();
-        tokio::spawn(async move {
-            let (mut ok, mut generations) = (0u64, std::collections::BTreeSet::new());
-            loop {
-                let r = c
-                    .search(pb::SearchRequest {
-                        index_name: "hot".into(),
-                        vector: q.clone(),
-                        k: 5,
-                        ef_search: None,
-                    })
-                    .await
-                    .expect("a search failed during activation")
-                    .into_inner();
-                assert_eq!(r.neighbors[0].id, 42);
-                generations.insert(r.generation);
-                ok += 1;
-                if *stop_rx.borrow_and_update() && ok > 10 {
-                    return (ok, generations);
-                }
-            }
-        })
-    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let searcher = spawn_searcher(s.index().await, "hot", &pts[42], 10, stop_rx);
     // Writes during the builds must not be lost by the swap.
     let writer = {
         let mut c = s.index().await;

@@ -233,3 +233,37 @@ pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
         Err(s) => s.code(),
     }
 }
+
+/// Searches `index` for `point`'s vector in a loop until `stop` turns true (and more than `min`
+/// searches ran), asserting every search succeeds and finds the point itself first. Returns the
+/// number of searches and the generations that answered them.
+pub fn spawn_searcher(
+    mut c: IndexServiceClient<Channel>,
+    index: &str,
+    point: &pb::Point,
+    min: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<(u64, std::collections::BTreeSet<u64>)> {
+    let (index, id, q) = (index.to_string(), point.id, point.vector.clone());
+    tokio::spawn(async move {
+        let (mut ok, mut generations) = (0u64, std::collections::BTreeSet::new());
+        loop {
+            let r = c
+                .search(pb::SearchRequest {
+                    index_name: index.clone(),
+                    vector: q.clone(),
+                    k: 3,
+                    ef_search: None,
+                })
+                .await
+                .expect("a search failed while generations were swapped")
+                .into_inner();
+            assert_eq!(r.neighbors[0].id, id);
+            generations.insert(r.generation);
+            ok += 1;
+            if *stop.borrow_and_update() && ok > min {
+                return (ok, generations);
+            }
+        }
+    })
+}
