@@ -9,18 +9,12 @@
 //! Prints both wall times, the ratio (target <= 0.8), and every trial; writes
 //! `target/bench-autotune.json`. Without the data file it says so and exits successfully.
 
-use std::error::Error;
-use std::path::PathBuf;
 use std::time::Instant;
 
+use common::BoxResult;
 use serde_json::json;
 use vectord::pb;
-use vectord::pb::autotune_service_client::AutotuneServiceClient;
-use vectord::pb::index_service_client::IndexServiceClient;
 
-type BoxResult<T> = Result<T, Box<dyn Error>>;
-
-const DEFAULT_DATA: &str = "../shared/data/words_minilm_30k.fvecs";
 const HARNESS_QUERIES: u32 = 200;
 
 fn default_grid() -> Vec<pb::HnswConfig> {
@@ -50,101 +44,16 @@ fn row(t: &pb::Trial) -> String {
     )
 }
 
+mod common;
+
 #[tokio::main]
 async fn main() -> BoxResult<()> {
-    let path = std::env::var_os("VECTORD_BENCH_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
-    if !path.exists() {
-        println!(
-            "autotune bench skipped: {} not found (set VECTORD_BENCH_DATA)",
-            path.display()
-        );
+    let Some(bench) = common::setup("autotune", "h200", HARNESS_QUERIES).await? else {
         return Ok(());
-    }
-    let limit = std::env::var("VECTORD_BENCH_N")
-        .ok()
-        .and_then(|n| n.parse().ok());
-    let (dimension, vectors) = vectord::dataset::read_fvecs(&path, limit)?;
-    let n = vectors.len();
-    println!("data: {} ({n} x {dimension})", path.display());
-
-    let tmp = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(vectord::server::run(
-        listener,
-        vectord::config::Config::new(tmp.path()),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let url = format!("http://{addr}");
-    let channel = tonic::transport::Channel::from_shared(url)?
-        .connect()
-        .await?;
-    // Wait for SERVING (startup recovery done) on health's Watch stream.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let mut watch = health
-        .watch(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner();
-    while let Some(s) = watch.message().await? {
-        if s.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-            break;
-        }
-    }
-    let mut index = IndexServiceClient::new(channel.clone()).max_encoding_message_size(usize::MAX);
-    let mut tune = AutotuneServiceClient::new(channel);
-    let name = "words";
-    index
-        .create_index(pb::CreateIndexRequest {
-            name: name.into(),
-            dimension,
-            metric: pb::Metric::Cosine as i32,
-            default_config: None,
-        })
-        .await?;
-    let started = Instant::now();
-    let batches: Vec<pb::ImportPointsRequest> = vectors
-        .chunks(1000)
-        .enumerate()
-        .map(|(b, chunk)| pb::ImportPointsRequest {
-            index_name: if b == 0 { name.into() } else { String::new() },
-            points: chunk
-                .iter()
-                .enumerate()
-                .map(|(i, v)| pb::Point {
-                    id: (b * 1000 + i) as u64,
-                    vector: v.clone(),
-                })
-                .collect(),
-        })
-        .collect();
-    let imported = index
-        .import_points(tokio_stream::iter(batches))
-        .await?
-        .into_inner();
-    println!(
-        "import: {} points in {:.1} s (includes the serving graph's inserts)",
-        imported.point_count,
-        started.elapsed().as_secs_f64()
-    );
-    tune.create_harness(pb::CreateHarnessRequest {
-        index_name: name.into(),
-        name: "h200".into(),
-        k: 10,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: HARNESS_QUERIES,
-                seed: Some(42),
-            },
-        )),
-    })
-    .await?;
+    };
+    let (n, dimension) = (bench.points, bench.dimension);
+    let name = common::INDEX;
+    let mut tune = bench.tune();
 
     println!("\n   id   ec   es | recall  | p50 us   | p95 us   | qps     | build ms");
     let started = Instant::now();
@@ -166,27 +75,18 @@ async fn main() -> BoxResult<()> {
     let separate_secs = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let mut stream = tune
-        .autotune(pb::AutotuneRequest {
+    let (tuned, finished) = common::autotune(
+        &mut tune,
+        pb::AutotuneRequest {
             index_name: name.into(),
             harness: "h200".into(),
             min_recall: Some(0.0),
             ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut tuned = Vec::new();
-    let mut winner = None;
-    while let Some(msg) = stream.message().await? {
-        match msg.event {
-            Some(pb::autotune_response::Event::Trial(t)) => {
-                println!("{}  (Autotune)", row(&t));
-                tuned.push(t);
-            }
-            Some(pb::autotune_response::Event::Finished(f)) => winner = f.winner,
-            _ => {}
-        }
-    }
+        },
+        |t| println!("{}  (Autotune)", row(t)),
+    )
+    .await?;
+    let winner = finished.and_then(|f| f.winner);
     let autotune_secs = started.elapsed().as_secs_f64();
     let ratio = autotune_secs / separate_secs;
     println!("\nfive separate RunTrial calls: {separate_secs:.1} s");
@@ -212,7 +112,6 @@ async fn main() -> BoxResult<()> {
         "target/bench-autotune.json",
         serde_json::to_vec_pretty(&out)?,
     )?;
-    let _ = stop.send(());
-    server.await??;
+    bench.stop().await?;
     Ok(())
 }

@@ -45,6 +45,7 @@ pub struct IndexHandle {
     building: tokio::sync::Mutex<()>,
     point_count: AtomicU64,
     data_version: AtomicU64,
+    points_changed: AtomicU64,
     deleted: AtomicBool,
 }
 
@@ -58,6 +59,10 @@ impl IndexHandle {
     /// Bumped by every upsert and every delete that removed something.
     pub fn data_version(&self) -> u64 {
         self.data_version.load(Ordering::Acquire)
+    }
+    /// Points upserted plus points deleted since the index was created.
+    pub fn points_changed(&self) -> u64 {
+        self.points_changed.load(Ordering::Acquire)
     }
 
     /// Checks and prepares a vector for this index: dimension, finiteness, and unit length for
@@ -75,6 +80,8 @@ impl IndexHandle {
             .store(counts.point_count, Ordering::Release);
         self.data_version
             .store(counts.data_version, Ordering::Release);
+        self.points_changed
+            .store(counts.points_changed, Ordering::Release);
     }
 
     fn check_live(&self) -> Result<()> {
@@ -100,7 +107,12 @@ pub struct Catalog {
     indexes: RwLock<BTreeMap<Name, Arc<IndexHandle>>>,
     /// Serialises creating and deleting indexes and changing profiles.
     ddl: tokio::sync::Mutex<()>,
+    /// Called after every acknowledged write to an index (refresh policies listen here).
+    after_write: std::sync::OnceLock<AfterWrite>,
 }
+
+/// A listener for writes: gets the index's name after each acknowledged upsert or delete.
+pub type AfterWrite = Box<dyn Fn(&Name) + Send + Sync>;
 
 impl Catalog {
     /// Opens the catalog over a store: rebuilds every index's active generation with its
@@ -143,6 +155,7 @@ impl Catalog {
                 building: Default::default(),
                 point_count: AtomicU64::new(counts.point_count),
                 data_version: AtomicU64::new(counts.data_version),
+                points_changed: AtomicU64::new(counts.points_changed),
                 deleted: AtomicBool::new(false),
             });
             indexes.insert(rec.meta.name, handle);
@@ -152,7 +165,19 @@ impl Catalog {
             registry,
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
+            after_write: Default::default(),
         })
+    }
+
+    /// Sets the write listener (once; later calls are ignored).
+    pub fn set_after_write(&self, f: AfterWrite) {
+        let _ = self.after_write.set(f);
+    }
+
+    fn wrote(&self, name: &Name) {
+        if let Some(f) = self.after_write.get() {
+            f(name);
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -227,6 +252,7 @@ impl Catalog {
             building: Default::default(),
             point_count: AtomicU64::new(0),
             data_version: AtomicU64::new(0),
+            points_changed: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
         });
         self.indexes
@@ -322,6 +348,8 @@ impl Catalog {
             counts
         };
         handle.set_counts(counts);
+        drop(w);
+        self.wrote(name);
         Ok((upserted, counts.point_count))
     }
 
@@ -344,6 +372,10 @@ impl Catalog {
             rec.push(Op::Delete(ids));
         }
         handle.set_counts(counts);
+        drop(w);
+        if deleted > 0 {
+            self.wrote(name);
+        }
         Ok((deleted, counts.point_count))
     }
 

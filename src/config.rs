@@ -14,6 +14,8 @@ pub struct Config {
     pub jobs_kept: usize,
     /// Where to serve Prometheus metrics at /metrics; None: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How often refresh policies with a recall floor probe their index; zero: never.
+    pub refresh_probe_interval: Duration,
 }
 
 impl Config {
@@ -24,6 +26,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             jobs_kept: 100,
             metrics_addr: None,
+            refresh_probe_interval: Duration::from_secs(60),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod index;
 pub mod metrics;
 pub mod model;
 pub mod promotion;
+pub mod refresh;
 pub mod server;
 pub mod store;
 

@@ -52,6 +52,9 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off when unset), e.g. 127.0.0.1:9464.
     #[arg(long, env = "VECTORD_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Seconds between the recall probes of refresh policies with a recall floor (0: none).
+    #[arg(long, env = "VECTORD_REFRESH_PROBE_SECS", default_value_t = 60)]
+    refresh_probe_secs: u64,
     /// Log format: text (for people) or json (one object per line, for log shippers).
     #[arg(long, env = "VECTORD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -118,6 +121,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     config.max_request_bytes = args.max_request_bytes;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.metrics_addr = args.metrics_addr;
+    config.refresh_probe_interval = Duration::from_secs(args.refresh_probe_secs);
     vectord::server::run(listener, config, shutdown_signal())
         .await
         .map_err(|e| e.to_string())

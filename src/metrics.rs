@@ -31,6 +31,7 @@ pub struct Metrics {
     build_seconds: GaugeVec,
     promoted_recall: GaugeVec,
     promoted_p50: GaugeVec,
+    probe_recall: GaugeVec,
     jobs: IntGaugeVec,
     trials: IntGauge,
 }
@@ -86,6 +87,7 @@ impl Metrics {
             build_seconds: register(&r, f("vectord_index_build_seconds", "build time of the active generation")?)?,
             promoted_recall: register(&r, f("vectord_promoted_recall", "recall of the promoted trial")?)?,
             promoted_p50: register(&r, f("vectord_promoted_p50_seconds", "p50 latency of the promoted trial")?)?,
+            probe_recall: register(&r, f("vectord_refresh_probe_recall", "recall of the last refresh-policy probe of the serving generation")?)?,
             jobs: register(&r, g("vectord_autotune_jobs", "autotune jobs kept, by state", &["state"])?)?,
             trials: register(&r, IntGauge::new("vectord_trials_journaled", "trials in the journal").map_err(err)?)?,
             registry: r,
@@ -111,8 +113,14 @@ impl Metrics {
                 &self.build_seconds,
                 &self.promoted_recall,
                 &self.promoted_p50,
+                &self.probe_recall,
             ] {
                 g.reset();
+            }
+            for (name, recall) in ready.refresh.probe_recalls() {
+                self.probe_recall
+                    .with_label_values(&[name.as_str()])
+                    .set(recall);
             }
             let catalog = &ready.catalog;
             for name in catalog.index_names() {

@@ -17,6 +17,7 @@ use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionAp
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
 use crate::promotion::Registry;
+use crate::refresh::Refresher;
 use crate::store::Store;
 
 /// The names health reports on: "" (the whole server) and each vectord service.
@@ -166,13 +167,21 @@ pub async fn run_with(
     tokio::pin!(serve);
 
     let jobs_kept = config.jobs_kept;
+    let probe_interval = config.refresh_probe_interval;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry).await?);
             let lab = Arc::new(Lab::new(catalog.clone()));
             let jobs = Jobs::recover(lab.clone(), jobs_kept).await?;
-            core.set_ready(Ready { catalog, lab, jobs });
+            let refresh = Refresher::start(lab.clone(), jobs.clone())?;
+            refresh.spawn_prober(probe_interval, jobs.shutdown_token());
+            core.set_ready(Ready {
+                catalog,
+                lab,
+                jobs,
+                refresh,
+            });
             set_health(&health, ServingStatus::Serving).await;
             tracing::info!(addr = ?local, "vectord is serving");
             Ok::<_, Error>(())

@@ -6,8 +6,11 @@
 //! - `indexes`: index name -> JSON `IndexRecord` (what the index is + its active generation).
 //! - `points`: uid (u64 BE) ++ point id (u64 BE) -> the vector as little-endian f32s. Keyed by
 //!   the index's uid, unique per incarnation, so a re-created index never sees old points.
-//! - `counts`: uid (u64 BE) -> data version (u64 BE) ++ point count (u64 BE), changed in the
+//! - `counts`: uid (u64 BE) -> data version (u64 BE) ++ point count (u64 BE) ++ points changed
+//!   (u64 BE, upserted + deleted ever; absent in records written before it: 0), changed in the
 //!   same transaction as the points.
+//! - `refresh`: uid (u64 BE) -> JSON refresh record (the index's refresh policy and the
+//!   points-changed mark of its last tune).
 //! - `profiles`: profile name -> JSON profile.
 //! - `harnesses`: index name ++ 0x00 ++ harness name -> JSON harness (with its ground truth).
 //! - `trials`: trial id (u64 BE) -> JSON trial (the journal; ids increase, never reused).
@@ -45,6 +48,7 @@ pub struct Store {
     trials: sled::Tree,
     promotions: sled::Tree,
     jobs: sled::Tree,
+    refresh: sled::Tree,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -124,6 +128,8 @@ fn abort<T>(e: Error) -> TxResult<T> {
 pub struct Counts {
     pub data_version: u64,
     pub point_count: u64,
+    /// Points upserted plus points deleted, ever: refresh policies measure change with it.
+    pub points_changed: u64,
 }
 
 impl Counts {
@@ -133,13 +139,15 @@ impl Counts {
             Some(b) => Ok(Counts {
                 data_version: u64_at(b, 0)?,
                 point_count: u64_at(b, 8)?,
+                points_changed: if b.len() >= 24 { u64_at(b, 16)? } else { 0 },
             }),
         }
     }
-    fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
         b[..8].copy_from_slice(&self.data_version.to_be_bytes());
-        b[8..].copy_from_slice(&self.point_count.to_be_bytes());
+        b[8..16].copy_from_slice(&self.point_count.to_be_bytes());
+        b[16..].copy_from_slice(&self.points_changed.to_be_bytes());
         b
     }
 }
@@ -170,6 +178,7 @@ impl Store {
             trials: db.open_tree("trials")?,
             promotions: db.open_tree("promotions")?,
             jobs: db.open_tree("jobs")?,
+            refresh: db.open_tree("refresh")?,
             db,
         };
         match store.meta.get("format_version")? {
@@ -273,6 +282,7 @@ impl Store {
         }
         self.points.apply_batch(batch)?;
         self.counts.remove(uid.to_be_bytes())?;
+        self.refresh.remove(uid.to_be_bytes())?;
         let mut batch = sled::Batch::default();
         for k in self.harnesses.scan_prefix(harness_prefix(name)).keys() {
             batch.remove(k?);
@@ -306,10 +316,12 @@ impl Store {
             }
         }
         self.points.apply_batch(batch)?;
-        for k in self.counts.iter().keys() {
-            let k = k?;
-            if !uids.contains(&u64_at(&k, 0)?) {
-                self.counts.remove(k)?;
+        for tree in [&self.counts, &self.refresh] {
+            for k in tree.iter().keys() {
+                let k = k?;
+                if !uids.contains(&u64_at(&k, 0)?) {
+                    tree.remove(k)?;
+                }
             }
         }
         for k in self.harnesses.iter().keys() {
@@ -361,6 +373,7 @@ impl Store {
                     }
                 }
                 counts.data_version += 1;
+                counts.points_changed += encoded.len() as u64;
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
                 Ok(counts)
             })
@@ -382,6 +395,7 @@ impl Store {
                     }
                 }
                 counts.point_count -= deleted.min(counts.point_count);
+                counts.points_changed += deleted;
                 if deleted > 0 {
                     counts.data_version += 1;
                 }
@@ -604,6 +618,19 @@ impl Store {
             Some((n + 1).to_be_bytes().to_vec())
         })?;
         v.as_deref().map(|b| u64_at(b, 0)).unwrap_or(Ok(1))
+    }
+
+    /// An index's refresh record (by uid), if it has one.
+    pub fn get_refresh<T: DeserializeOwned>(&self, uid: u64) -> Result<Option<T>> {
+        self.refresh
+            .get(uid.to_be_bytes())?
+            .map(|v| from_json("refresh record", &v))
+            .transpose()
+    }
+
+    pub fn put_refresh<T: Serialize>(&self, uid: u64, record: &T) -> Result<()> {
+        self.refresh.insert(uid.to_be_bytes(), to_json(record)?)?;
+        Ok(())
     }
 
     pub fn put_job<T: Serialize>(&self, seq: u64, job: &T) -> Result<()> {

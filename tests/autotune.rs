@@ -1398,3 +1398,205 @@ async fn target_recall_objective_and_pareto_fronts() {
         .into_inner();
     assert!(none.trials.is_empty());
 }
+
+fn adaptive_req(index: &str, max_trials: u32, seed: u64) -> pb::AutotuneRequest {
+    pb::AutotuneRequest {
+        index_name: index.into(),
+        harness: "h".into(),
+        min_recall: Some(0.0),
+        objective: pb::Objective::TargetRecall as i32,
+        target_recall: Some(0.97),
+        strategy: pb::Strategy::Adaptive as i32,
+        budget: Some(pb::AdaptiveBudget {
+            max_trials,
+            max_seconds: 0,
+        }),
+        seed: Some(seed),
+        adaptive_m: vec![4, 8, 16],
+        adaptive_ef_construction: vec![10, 40],
+        ..Default::default()
+    }
+}
+
+/// Runs ADAPTIVE to its end; the trials it streamed, and the finished event.
+async fn run_adaptive(
+    a: &mut AutotuneServiceClient<Channel>,
+    req: pb::AutotuneRequest,
+) -> (Vec<pb::Trial>, pb::AutotuneFinished) {
+    let (events, err) = collect(a.autotune(req).await.expect("start").into_inner()).await;
+    assert!(err.is_none(), "{err:?}");
+    let pb::autotune_response::Event::Started(started) = &events[0] else {
+        panic!("first event is not started: {:?}", events[0])
+    };
+    assert_eq!(started.strategy, pb::Strategy::Adaptive as i32);
+    assert!(
+        started.grid.is_empty(),
+        "ADAPTIVE chooses configs as it goes"
+    );
+    let trials: Vec<pb::Trial> = events
+        .iter()
+        .filter_map(|e| match e {
+            pb::autotune_response::Event::Trial(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    let Some(pb::autotune_response::Event::Finished(fin)) = events.last() else {
+        panic!("last event is not finished")
+    };
+    (trials, fin.clone())
+}
+
+/// ADAPTIVE: the same seed and data give the same trials (configs, order, recall, work per
+/// query); it stays within its trial budget; for each graph it finds the smallest ef_search
+/// that reaches the target; its winner is the fastest trial that reached it; and bad
+/// combinations are refused.
+#[tokio::test]
+async fn adaptive_is_deterministic_for_a_seed_and_keeps_its_budget() {
+    let s = TestServer::start().await;
+    for name in ["ad1", "ad2"] {
+        seeded_index(&s, name, 1500, 24).await;
+        let mut a = s.autotune().await;
+        sampled_harness(&mut a, name, "h", 40, Some(9)).await;
+    }
+    let mut a = s.autotune().await;
+
+    let (t1, fin1) = run_adaptive(&mut a, adaptive_req("ad1", 25, 5)).await;
+    let (t2, _) = run_adaptive(&mut a, adaptive_req("ad2", 25, 5)).await;
+    assert!(!t1.is_empty() && t1.len() <= 25, "{} trials", t1.len());
+    let shape = |ts: &[pb::Trial]| -> Vec<(u32, u32, u32, Option<u64>, u64, u64)> {
+        ts.iter()
+            .map(|t| {
+                let c = t.config.expect("config");
+                (
+                    c.m,
+                    c.ef_construction,
+                    c.ef_search,
+                    c.seed,
+                    (t.recall * 1e6).round() as u64,
+                    (t.mean_distance_evals * 1e3).round() as u64,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(shape(&t1), shape(&t2), "same seed and data, same trials");
+    assert!(t1.iter().all(|t| t.mean_distance_evals > 0.0));
+    assert!(t1.iter().all(|t| t.config.and_then(|c| c.seed) == Some(5)));
+
+    // Rung 1 measured every m at the cheapest ef_construction; for every graph that reached the
+    // target, the ef_search step below its smallest passing one was measured and missed (or it
+    // is the ladder's first step).
+    for m in [4, 8, 16] {
+        assert!(
+            t1.iter().any(|t| t
+                .config
+                .is_some_and(|c| c.m == m && c.ef_construction == 10)),
+            "m {m} not explored"
+        );
+    }
+    let ladder = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200];
+    let mut graphs: Vec<(u32, u32)> = t1
+        .iter()
+        .filter_map(|t| t.config.map(|c| (c.m, c.ef_construction)))
+        .collect();
+    graphs.dedup();
+    for (m, ec) in graphs {
+        let on: Vec<&pb::Trial> = t1
+            .iter()
+            .filter(|t| {
+                t.config
+                    .is_some_and(|c| c.m == m && c.ef_construction == ec)
+            })
+            .collect();
+        let ef = |t: &pb::Trial| t.config.map_or(0, |c| c.ef_search);
+        if let Some(best) = on.iter().filter(|t| t.recall >= 0.97).map(|t| ef(t)).min() {
+            let i = ladder
+                .iter()
+                .position(|&e| e == best)
+                .expect("ladder value");
+            if i > 0 {
+                let below = on.iter().find(|t| ef(t) == ladder[i - 1]);
+                assert!(
+                    below.is_some_and(|t| t.recall < 0.97),
+                    "m {m} ec {ec}: {best} passes but {} was not shown to miss",
+                    ladder[i - 1]
+                );
+            }
+        }
+    }
+
+    // The winner is the fastest trial that reached the target (the objective's rule).
+    let reached: Vec<&pb::Trial> = t1.iter().filter(|t| t.recall >= 0.97).collect();
+    let w = fin1.winner.expect("winner");
+    if reached.is_empty() {
+        assert!(!fin1.promoted);
+    } else {
+        assert!(w.recall >= 0.97);
+        let fastest = reached
+            .iter()
+            .map(|t| t.p50_micros)
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(w.p50_micros, fastest);
+        assert!(fin1.promoted, "{}", fin1.reason);
+    }
+    // Every streamed trial is in the journal under the job.
+    let journal = a
+        .list_trials(pb::ListTrialsRequest {
+            index_name: "ad1".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trials;
+    assert_eq!(journal.len(), t1.len());
+
+    // Budgets: never more trials than allowed, and the job says what it was allowed.
+    for max in [1, 3, 7] {
+        let (t, fin) = run_adaptive(&mut a, adaptive_req("ad2", max, 5)).await;
+        assert!(
+            !t.is_empty() && t.len() <= max as usize,
+            "{max}: {}",
+            t.len()
+        );
+        let j = job(&mut a, &fin.job_id).await;
+        assert_eq!(j.trials_total, max);
+        assert_eq!(j.trials_done as usize, t.len());
+    }
+
+    // Refused, with nothing started.
+    let mut no_target = adaptive_req("ad1", 5, 5);
+    no_target.objective = pb::Objective::MaxRecall as i32;
+    no_target.target_recall = None;
+    let mut with_grid = adaptive_req("ad1", 5, 5);
+    with_grid.grid = vec![cfg(8, 20, 20)];
+    let mut bad_m = adaptive_req("ad1", 5, 5);
+    bad_m.adaptive_m = vec![16, 1];
+    let mut grid_with_budget = adaptive_req("ad1", 5, 5);
+    grid_with_budget.strategy = pb::Strategy::Grid as i32;
+    let mut unknown = adaptive_req("ad1", 5, 5);
+    unknown.strategy = 99;
+    for (what, r) in [
+        ("no target", no_target),
+        ("grid", with_grid),
+        ("m 1", bad_m),
+        ("budget on grid", grid_with_budget),
+        ("unknown strategy", unknown),
+    ] {
+        assert_eq!(
+            code_of(a.autotune(r).await),
+            Code::InvalidArgument,
+            "{what}"
+        );
+    }
+    let jobs = a
+        .list_jobs(pb::ListJobsRequest {
+            index_name: "ad1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1, "refused requests start no job");
+}

@@ -760,3 +760,151 @@ async fn ctrl_c_cancels_the_autotune_job() {
     assert_eq!(jobs["jobs"][0]["id"], job_id);
     assert_eq!(jobs["jobs"][0]["state"], "JOB_STATE_CANCELLED", "{jobs}");
 }
+
+/// `vectord report --svg`: every journaled trial of the harness is a point, the Pareto front
+/// (as GetParetoFront computes it) is highlighted, the promoted trial is ringed, and the SVG
+/// parses as XML; the text summary lists the front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_plots_the_journal_with_front_and_promoted() {
+    let s = TestServer::start().await;
+    let url = s.url();
+    let mut c = s.index().await;
+    create_index(&mut c, "rep", 24, pb::Metric::L2).await;
+    upsert(&mut c, "rep", points(&mut Gen::new(11), 0..400, 24)).await;
+
+    // No trials yet: a clear precondition error.
+    let r = vectord(&url, &["report", "--index", "rep"]).await.code(6);
+    assert!(r.stderr.contains("no trials"), "{}", r.stderr);
+
+    vectord(
+        &url,
+        &[
+            "harness", "create", "--index", "rep", "h", "--sample", "40", "-k", "10",
+        ],
+    )
+    .await
+    .ok();
+    let tuned = vectord(
+        &url,
+        &[
+            "autotune",
+            "--index",
+            "rep",
+            "--harness",
+            "h",
+            "--grid",
+            "10:10:4,10:20:4,20:10:8,40:40:8,80:80:16",
+            "--min-recall",
+            "0",
+            "--json",
+        ],
+    )
+    .await
+    .ok()
+    .json_lines();
+    let fin = tuned.last().expect("finished");
+    assert_eq!(fin["promoted"], true, "{fin}");
+    let promoted = fin["winner"]["id"].as_u64().expect("winner id");
+    let trial_ids: Vec<u64> = tuned
+        .iter()
+        .filter(|e| e["event"] == "trial")
+        .filter_map(|e| e["id"].as_u64())
+        .collect();
+    assert_eq!(trial_ids.len(), 5);
+
+    let front: Vec<u64> = s
+        .autotune()
+        .await
+        .get_pareto_front(pb::GetParetoFrontRequest {
+            index_name: "rep".into(),
+            harness: "h".into(),
+        })
+        .await
+        .expect("front")
+        .into_inner()
+        .trials
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert!(!front.is_empty());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg_path = dir.path().join("front.svg");
+    let svg_arg = svg_path.to_str().expect("utf-8 path");
+    let human = vectord(&url, &["report", "--index", "rep", "--svg", svg_arg])
+        .await
+        .ok();
+    assert!(
+        human
+            .stdout
+            .contains(&format!("5 trials, {} on the Pareto front", front.len())),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human
+            .stdout
+            .contains(&format!("* promoted: trial {promoted}"))
+            || human
+                .stdout
+                .contains(&format!("promoted: trial {promoted}")),
+        "{}",
+        human.stdout
+    );
+
+    let text = std::fs::read_to_string(&svg_path).expect("svg written");
+    let doc = roxmltree::Document::parse(&text).expect("the SVG is well-formed XML");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "svg");
+    assert_eq!(
+        root.tag_name().namespace(),
+        Some("http://www.w3.org/2000/svg")
+    );
+    let circles = |class: &str| -> Vec<u64> {
+        let mut ids: Vec<u64> = root
+            .descendants()
+            .filter(|n| n.has_tag_name("circle"))
+            .filter(|n| {
+                n.attribute("class")
+                    .is_some_and(|c| c.split(' ').any(|w| w == class))
+            })
+            .filter_map(|n| n.attribute("data-trial-id")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let mut all = trial_ids.clone();
+    all.sort_unstable();
+    assert_eq!(circles("trial"), all, "every trial is plotted once");
+    let mut want_front = front.clone();
+    want_front.sort_unstable();
+    assert_eq!(circles("front"), want_front, "the front is highlighted");
+    assert_eq!(
+        circles("promoted"),
+        vec![promoted],
+        "the promoted trial is ringed"
+    );
+
+    let j = vectord(
+        &url,
+        &["report", "--index", "rep", "--harness", "h", "--json"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(j["trial_count"], 5);
+    assert_eq!(j["promoted_trial_id"], promoted);
+    let jf: Vec<u64> = j["pareto_front"]
+        .as_array()
+        .expect("front")
+        .iter()
+        .filter_map(|t| t["id"].as_u64())
+        .collect();
+    assert_eq!(jf, front, "same front, same order as GetParetoFront");
+
+    // Unknown index and unknown harness.
+    vectord(&url, &["report", "--index", "nope"]).await.code(3);
+    vectord(&url, &["report", "--index", "rep", "--harness", "zz"])
+        .await
+        .code(6);
+}

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::adaptive::{self, Evaluator, Plan};
 use super::lab::{Lab, Prepared};
 use super::select::{pareto_front, pick, Objective};
 use super::trial::Trial;
@@ -77,6 +78,8 @@ pub struct TuneRequest {
     pub activate: bool,
     pub requested_by: String,
     pub objective: Objective,
+    /// Set for STRATEGY_ADAPTIVE (then `grid` is empty).
+    pub adaptive: Option<Plan>,
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +98,7 @@ pub enum Event {
     Started {
         job_id: String,
         grid: Vec<HnswConfig>,
+        adaptive: bool,
     },
     Trial(Box<Trial>),
     Finished(Box<Outcome>),
@@ -123,6 +127,8 @@ pub struct Jobs {
     /// Cancelled at shutdown; every job token is its child.
     root: CancellationToken,
     kept: usize,
+    /// Called with the index when a job starts on it (refresh policies mark the tune).
+    on_start: std::sync::OnceLock<Box<dyn Fn(&Name) + Send + Sync>>,
 }
 
 impl Jobs {
@@ -144,7 +150,28 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             root: CancellationToken::new(),
             kept,
+            on_start: Default::default(),
         }))
+    }
+
+    /// Sets the job-start listener (once; later calls are ignored).
+    pub fn set_on_start(&self, f: Box<dyn Fn(&Name) + Send + Sync>) {
+        let _ = self.on_start.set(f);
+    }
+
+    /// The id of the job running on an index, if one is.
+    pub fn running_job(&self, index: &Name) -> Option<String> {
+        self.running.lock().get(index).map(|r| r.job_id.clone())
+    }
+
+    /// Whether the server is shutting down.
+    pub fn is_shut_down(&self) -> bool {
+        self.root.is_cancelled()
+    }
+
+    /// A token cancelled at shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.root.child_token()
     }
 
     /// Cancels every running job (server shutdown).
@@ -260,7 +287,10 @@ impl Jobs {
             harness: req.harness.clone(),
             state: JobState::Running,
             trials_done: 0,
-            trials_total: req.grid.len() as u32,
+            trials_total: match &req.adaptive {
+                Some(plan) => plan.max_trials,
+                None => req.grid.len() as u32,
+            },
             start_time_ms: now_millis(),
             end_time_ms: None,
             requested_by: req.requested_by.clone(),
@@ -272,12 +302,16 @@ impl Jobs {
             return Err(e);
         }
         let _ = store.trim_jobs(self.kept + 64);
+        if let Some(f) = self.on_start.get() {
+            f(&req.index);
+        }
         tracing::info!(job = %job_id, index = %req.index, harness = %req.harness, trials = req.grid.len(), "autotune started");
 
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(Event::Started {
             job_id: job_id.clone(),
             grid: req.grid.clone(),
+            adaptive: req.adaptive.is_some(),
         });
         let jobs = self.clone();
         let tok = token.clone();
@@ -333,15 +367,60 @@ impl Jobs {
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
     ) -> Result<Outcome> {
-        let cancelled = || {
-            if token.is_cancelled() {
-                Err(Error::Cancelled(
-                    "cancelled before it finished; nothing was promoted".into(),
-                ))
-            } else {
-                Ok(())
-            }
+        let trials = match &req.adaptive {
+            Some(plan) => self.run_adaptive(job, plan, prepared, token, tx).await?,
+            None => self.run_grid(job, req, prepared, token, tx).await?,
         };
+        cancelled(token)?;
+        self.finish(job, req, trials).await
+    }
+
+    /// ADAPTIVE: successive halving over construction effort (see `adaptive.rs`).
+    async fn run_adaptive(
+        &self,
+        job: &mut JobRecord,
+        plan: &Plan,
+        prepared: Arc<Prepared>,
+        token: &CancellationToken,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) -> Result<Vec<Trial>> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let mut plan = plan.clone();
+        plan.width = cores;
+        let eval = JobEval {
+            jobs: self,
+            prepared,
+            token: token.clone(),
+            permits: Arc::new(tokio::sync::Semaphore::new(cores)),
+            built: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            job: Mutex::new(job.clone()),
+            trials: Mutex::new(Vec::new()),
+            source: format!("autotune:{}", job.id),
+            tx: tx.clone(),
+        };
+        let result = adaptive::run(&plan, &eval).await;
+        *job = eval.job.lock().clone();
+        job.graphs_built = eval.built.load(std::sync::atomic::Ordering::Relaxed);
+        if result.is_err() {
+            token.cancel();
+        }
+        result?;
+        let trials = std::mem::take(&mut *eval.trials.lock());
+        Ok(trials)
+    }
+
+    /// GRID: every config of the grid, in order; configs sharing a build share one graph.
+    async fn run_grid(
+        &self,
+        job: &mut JobRecord,
+        req: &TuneRequest,
+        prepared: Arc<Prepared>,
+        token: &CancellationToken,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) -> Result<Vec<Trial>> {
+        let cancelled = || cancelled(token);
         // Group grid entries that can share one build, in order of first appearance.
         type BuildKey = (u32, u32, Option<u64>);
         let mut groups: Vec<(BuildKey, Vec<(usize, HnswConfig)>)> = Vec::new();
@@ -459,6 +538,16 @@ impl Jobs {
         job.graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
         outcome?;
         cancelled()?;
+        Ok(trials)
+    }
+
+    /// Picks the winner of a job's trials, promotes it when it clears the gate, activates.
+    async fn finish(
+        &self,
+        job: &mut JobRecord,
+        req: &TuneRequest,
+        trials: Vec<Trial>,
+    ) -> Result<Outcome> {
         let front = pareto_front(&trials);
         let outcome = |winner: Option<Trial>, promotion, generation, reason: String| Outcome {
             job_id: job.id.clone(),
@@ -520,6 +609,103 @@ impl Jobs {
             None
         };
         Ok(outcome(Some(w), Some(promotion), generation, String::new()))
+    }
+}
+
+fn cancelled(token: &CancellationToken) -> Result<()> {
+    if token.is_cancelled() {
+        Err(Error::Cancelled(
+            "cancelled before it finished; nothing was promoted".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A job as ADAPTIVE's evaluator: builds take one permit each (seeded builds are
+/// single-threaded), measuring takes one; each trial is journaled, recorded and streamed.
+struct JobEval<'a> {
+    jobs: &'a Jobs,
+    prepared: Arc<Prepared>,
+    token: CancellationToken,
+    permits: Arc<tokio::sync::Semaphore>,
+    built: Arc<std::sync::atomic::AtomicU32>,
+    job: Mutex<JobRecord>,
+    trials: Mutex<Vec<Trial>>,
+    source: String,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Evaluator for JobEval<'_> {
+    type Graph = crate::index::Generation;
+
+    fn spawn_build(
+        &self,
+        config: HnswConfig,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(Arc<Self::Graph>, std::time::Duration)>> {
+        let (lab, prep, tok, permits, built) = (
+            self.jobs.lab.clone(),
+            self.prepared.clone(),
+            self.token.clone(),
+            self.permits.clone(),
+            self.built.clone(),
+        );
+        tokio::spawn(async move {
+            let _p = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Internal("permits closed".into()))?;
+            cancelled(&tok)?;
+            if stop.is_cancelled() {
+                return Err(Error::Cancelled("not needed any more".into()));
+            }
+            let g = tokio::task::spawn_blocking(move || {
+                lab.build(&prep, config, &|| tok.is_cancelled() || stop.is_cancelled())
+            })
+            .await??;
+            built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let took = std::time::Duration::from_millis(g.meta.build_millis);
+            Ok((Arc::new(g), took))
+        })
+    }
+
+    async fn trial(&self, graph: &Arc<Self::Graph>, config: HnswConfig) -> Result<Trial> {
+        cancelled(&self.token)?;
+        let measures = {
+            let _p = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("permits closed".into()))?;
+            let (g, p, t) = (graph.clone(), self.prepared.clone(), self.token.clone());
+            tokio::task::spawn_blocking(move || {
+                Lab::measure(&g, &p.harness, config.ef_search, &|| t.is_cancelled())
+            })
+            .await??
+        };
+        let trial = self
+            .jobs
+            .lab
+            .journal(
+                &self.prepared,
+                config,
+                measures,
+                graph.meta.build_millis,
+                graph.memory_bytes(),
+                self.source.clone(),
+            )
+            .await?;
+        let record = {
+            let mut job = self.job.lock();
+            job.trials_done += 1;
+            job.graphs_built = self.built.load(std::sync::atomic::Ordering::Relaxed);
+            job.clone()
+        };
+        self.jobs.save(&record).await?;
+        let _ = self.tx.send(Event::Trial(Box::new(trial.clone())));
+        self.trials.lock().push(trial.clone());
+        Ok(trial)
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Measures {
     pub p95_micros: f64,
     pub p99_micros: f64,
     pub qps: f64,
+    /// Mean distance computations per query (deterministic for a seeded graph).
+    pub mean_distance_evals: f64,
 }
 
 pub struct Lab {
@@ -248,6 +250,7 @@ impl Lab {
         let k = h.k as usize;
         let mut latencies = Vec::with_capacity(h.queries.len());
         let mut recall_sum = 0.0;
+        let mut evals = 0u64;
         let started = Instant::now();
         for (q, truth) in h.queries.iter().zip(&h.truth.neighbors) {
             if cancelled() {
@@ -255,8 +258,10 @@ impl Lab {
             }
             let t = Instant::now();
             let fetch = if q.exclude.is_some() { k + 1 } else { k };
+            let e0 = crate::index::evals_on_this_thread();
             let hits = g.search(&q.vector, fetch, ef_search as usize);
             latencies.push(t.elapsed().as_secs_f64() * 1e6);
+            evals += crate::index::evals_on_this_thread().wrapping_sub(e0);
             let found: Vec<u64> = hits
                 .iter()
                 .map(|h| h.id)
@@ -279,6 +284,7 @@ impl Lab {
             p95_micros: percentile(&latencies, 95.0),
             p99_micros: percentile(&latencies, 99.0),
             qps: if total > 0.0 { n / total } else { 0.0 },
+            mean_distance_evals: evals as f64 / n,
         })
     }
 
@@ -314,6 +320,7 @@ impl Lab {
             memory_bytes,
             create_time_ms: now_millis(),
             source: source.clone(),
+            mean_distance_evals: m.mean_distance_evals,
         })?;
         self.store().flush().await?;
         tracing::info!(

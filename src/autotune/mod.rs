@@ -1,5 +1,6 @@
 //! Harnesses, trials, the journal and the autotune job loop.
 
+pub mod adaptive;
 pub mod harness;
 pub mod jobs;
 pub mod lab;

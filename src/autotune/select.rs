@@ -102,6 +102,7 @@ mod tests {
             memory_bytes: memory,
             create_time_ms: 0,
             source: String::new(),
+            mean_distance_evals: 0.0,
         }
     }
 

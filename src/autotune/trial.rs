@@ -22,4 +22,7 @@ pub struct Trial {
     pub create_time_ms: u64,
     /// "manual" or "autotune:<job id>".
     pub source: String,
+    /// Mean distance computations per query; 0 for trials journaled before it was recorded.
+    #[serde(default)]
+    pub mean_distance_evals: f64,
 }

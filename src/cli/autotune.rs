@@ -48,6 +48,18 @@ pub async fn run(ctx: &Ctx, a: AutotuneArgs) -> Result<ExitCode, CliError> {
             pb::Objective::Unspecified as i32
         },
         target_recall: a.target_recall,
+        strategy: if a.adaptive {
+            pb::Strategy::Adaptive as i32
+        } else {
+            pb::Strategy::Unspecified as i32
+        },
+        budget: (a.max_trials.is_some() || a.max_seconds.is_some()).then(|| pb::AdaptiveBudget {
+            max_trials: a.max_trials.unwrap_or(0),
+            max_seconds: a.max_seconds.unwrap_or(0),
+        }),
+        seed: a.adaptive.then_some(a.seed),
+        adaptive_m: a.adaptive_m,
+        adaptive_ef_construction: a.adaptive_ef_construction,
     };
     let job_id = OnceCell::new();
     let body = std::pin::pin!(deadline(ctx, follow(ctx, request, &job_id)));
@@ -119,11 +131,18 @@ async fn follow(
             Event::Started(s) => {
                 let _ = job_id.set(s.job_id.clone());
                 if !ctx.json {
-                    out::line(&format!(
-                        "autotune job {}: {} configs",
-                        s.job_id,
-                        s.grid.len()
-                    ));
+                    if s.strategy == pb::Strategy::Adaptive as i32 {
+                        out::line(&format!(
+                            "autotune job {}: adaptive (configs chosen as trials finish)",
+                            s.job_id
+                        ));
+                    } else {
+                        out::line(&format!(
+                            "autotune job {}: {} configs",
+                            s.job_id,
+                            s.grid.len()
+                        ));
+                    }
                     let headers: Vec<String> =
                         TRIAL_HEADERS.iter().map(|h| h.to_string()).collect();
                     out::line(&row(&headers));

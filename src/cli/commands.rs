@@ -57,6 +57,8 @@ pub async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Res {
         ClientCommand::Promoted(a) => promoted(ctx, a.index).await,
         ClientCommand::Profile(c) => profile(ctx, c).await,
         ClientCommand::Jobs(c) => jobs(ctx, c).await,
+        ClientCommand::Report(a) => super::report::run(ctx, a).await,
+        ClientCommand::Refresh(a) => refresh(ctx, a).await,
     }
 }
 
@@ -118,6 +120,75 @@ fn print_index(ctx: &Ctx, i: &Option<pb::Index>) {
         ));
     }
     out::line(&format!("created     {}", out::timestamp(&i.create_time)));
+    if let Some(p) = &i.refresh_policy {
+        let mut s = format!(
+            "refresh     on append: {} of the points changed, harness {}",
+            p.change_threshold, p.harness
+        );
+        if let Some(f) = p.recall_floor {
+            s.push_str(&format!(", recall floor {f}"));
+        }
+        out::line(&s);
+    }
+    if let Some(st) = &i.refresh_status {
+        out::line(&format!(
+            "            {} points changed since the last tune; last probe recall {}; last: {}",
+            st.points_changed_since_tune,
+            st.last_probe_recall
+                .map_or("-".to_string(), |r| format!("{r:.4}")),
+            if st.last_trigger.is_empty() {
+                "-"
+            } else {
+                &st.last_trigger
+            }
+        ));
+    }
+}
+
+async fn refresh(ctx: &Ctx, a: super::RefreshArgs) -> Res {
+    let policy = if a.manual {
+        pb::RefreshPolicy {
+            mode: pb::RefreshMode::Manual as i32,
+            ..Default::default()
+        }
+    } else {
+        pb::RefreshPolicy {
+            mode: pb::RefreshMode::OnAppend as i32,
+            change_threshold: a.on_append.unwrap_or(0.0),
+            harness: a.harness.unwrap_or_default(),
+            recall_floor: a.recall_floor,
+            activate: a.activate,
+            target_recall: a.target_recall,
+            adaptive: a.adaptive,
+            min_recall: a.min_recall,
+        }
+    };
+    let r = ctx
+        .call(
+            ctx.autotune()
+                .set_refresh_policy(pb::SetRefreshPolicyRequest {
+                    index_name: a.index.clone(),
+                    policy: Some(policy),
+                }),
+        )
+        .await?;
+    let p = r.policy.unwrap_or_default();
+    if ctx.json {
+        out::json(&json!({ "policy": j::refresh_policy(&p) }));
+    } else if p.mode == pb::RefreshMode::OnAppend as i32 {
+        out::line(&format!(
+            "{}: re-tuned when {} of its points changed (harness {}){}",
+            a.index,
+            p.change_threshold,
+            p.harness,
+            p.recall_floor.map_or(String::new(), |f| format!(
+                " or when the probe's recall is under {f}"
+            ))
+        ));
+    } else {
+        out::line(&format!("{}: tuned only when asked (manual)", a.index));
+    }
+    ok()
 }
 
 async fn index(ctx: &Ctx, cmd: IndexCommand) -> Res {
@@ -449,26 +520,7 @@ async fn trial(ctx: &Ctx, cmd: TrialCommand) -> Res {
             harness,
             limit,
         } => {
-            let mut trials = Vec::new();
-            let mut page_token = String::new();
-            let mut next = String::new();
-            while trials.len() < limit as usize {
-                let r = ctx
-                    .call(ctx.autotune().list_trials(pb::ListTrialsRequest {
-                        index_name: index.clone().unwrap_or_default(),
-                        harness: harness.clone().unwrap_or_default(),
-                        page_size: (limit as usize - trials.len()).min(1000) as u32,
-                        page_token,
-                    }))
-                    .await?;
-                trials.extend(r.trials);
-                next = r.next_page_token;
-                if next.is_empty() {
-                    break;
-                }
-                page_token = next.clone();
-            }
-            trials.truncate(limit as usize);
+            let (trials, next) = list_trials_page(ctx, index, harness, limit).await?;
             if ctx.json {
                 let v: Vec<Value> = trials.iter().map(j::trial).collect();
                 out::json(&json!({ "trials": v, "next_page_token": next }));
@@ -482,6 +534,47 @@ async fn trial(ctx: &Ctx, cmd: TrialCommand) -> Res {
         }
     }
     ok()
+}
+
+/// Up to `limit` trials of the journal, newest first, following pages; with the token of the
+/// page after them (empty at the end).
+async fn list_trials_page(
+    ctx: &Ctx,
+    index: Option<String>,
+    harness: Option<String>,
+    limit: u32,
+) -> Result<(Vec<pb::Trial>, String), CliError> {
+    let mut trials = Vec::new();
+    let mut page_token = String::new();
+    let mut next = String::new();
+    while trials.len() < limit as usize {
+        let r = ctx
+            .call(ctx.autotune().list_trials(pb::ListTrialsRequest {
+                index_name: index.clone().unwrap_or_default(),
+                harness: harness.clone().unwrap_or_default(),
+                page_size: (limit as usize - trials.len()).min(1000) as u32,
+                page_token,
+            }))
+            .await?;
+        trials.extend(r.trials);
+        next = r.next_page_token;
+        if next.is_empty() {
+            break;
+        }
+        page_token = next.clone();
+    }
+    trials.truncate(limit as usize);
+    Ok((trials, next))
+}
+
+/// Up to `limit` trials of the journal, newest first.
+pub async fn list_trials(
+    ctx: &Ctx,
+    index: Option<String>,
+    harness: Option<String>,
+    limit: u32,
+) -> Result<Vec<pb::Trial>, CliError> {
+    Ok(list_trials_page(ctx, index, harness, limit).await?.0)
 }
 
 fn print_promotion_change(ctx: &Ctx, verb: &str, p: &Option<pb::Promotion>, depth: u32) {

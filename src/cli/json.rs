@@ -49,6 +49,31 @@ pub fn index(i: &pb::Index) -> Value {
         "point_count": i.point_count,
         "active_generation": opt(&i.active_generation, generation),
         "create_time": timestamp(&i.create_time),
+        "refresh_policy": opt(&i.refresh_policy, refresh_policy),
+        "refresh_status": opt(&i.refresh_status, refresh_status),
+    })
+}
+
+pub fn refresh_policy(p: &pb::RefreshPolicy) -> Value {
+    json!({
+        "mode": pb::RefreshMode::try_from(p.mode).map_or("REFRESH_MODE_UNSPECIFIED", |m| m.as_str_name()),
+        "change_threshold": p.change_threshold,
+        "harness": p.harness,
+        "recall_floor": p.recall_floor,
+        "activate": p.activate,
+        "target_recall": p.target_recall,
+        "adaptive": p.adaptive,
+        "min_recall": p.min_recall,
+    })
+}
+
+pub fn refresh_status(s: &pb::RefreshStatus) -> Value {
+    json!({
+        "points_changed_since_tune": s.points_changed_since_tune,
+        "last_probe_recall": s.last_probe_recall,
+        "last_probe_time": timestamp(&s.last_probe_time),
+        "last_trigger": s.last_trigger,
+        "last_job_id": s.last_job_id,
     })
 }
 
@@ -69,6 +94,7 @@ pub fn trial(t: &pb::Trial) -> Value {
         "memory_bytes": t.memory_bytes,
         "create_time": timestamp(&t.create_time),
         "source": t.source,
+        "mean_distance_evals": t.mean_distance_evals,
     })
 }
 
@@ -142,6 +168,8 @@ pub fn autotune_event(e: &pb::autotune_response::Event) -> Value {
             "event": "started",
             "job_id": s.job_id,
             "grid": s.grid.iter().map(config).collect::<Vec<_>>(),
+            "strategy": pb::Strategy::try_from(s.strategy)
+                .map_or("STRATEGY_UNSPECIFIED", |x| x.as_str_name()),
         }),
         Event::Trial(t) => {
             let mut v = trial(t);

@@ -8,6 +8,7 @@ mod files;
 mod import;
 mod json;
 mod out;
+mod report;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -91,6 +92,42 @@ pub enum ClientCommand {
     /// List and cancel autotune jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// The journal of an index as a recall-vs-p50 plot (--svg) with the Pareto front and the
+    /// promoted config marked, and the front as a table.
+    Report(report::ReportArgs),
+    /// Set an index's refresh policy: re-tune by itself after appends (--on-append FRACTION)
+    /// or when a recall probe falls under --recall-floor; --manual clears it.
+    Refresh(RefreshArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RefreshArgs {
+    #[arg(long)]
+    pub index: String,
+    /// Tune only when asked (clears the policy).
+    #[arg(long, conflicts_with_all = ["on_append", "harness", "recall_floor"])]
+    pub manual: bool,
+    /// Re-tune when this fraction of the points changed since the last tune (e.g. 0.2).
+    #[arg(long, required_unless_present = "manual", requires = "harness")]
+    pub on_append: Option<f64>,
+    /// The harness the tune and the probe measure on.
+    #[arg(long)]
+    pub harness: Option<String>,
+    /// Also re-tune when the periodic probe measures the serving recall under this.
+    #[arg(long)]
+    pub recall_floor: Option<f64>,
+    /// Rebuild the index with the winner.
+    #[arg(long)]
+    pub activate: bool,
+    /// Tune for the fastest config reaching this recall (default: the highest recall).
+    #[arg(long)]
+    pub target_recall: Option<f64>,
+    /// Tune with the ADAPTIVE strategy (needs --target-recall).
+    #[arg(long, requires = "target_recall")]
+    pub adaptive: bool,
+    /// The tune's promotion gate (server default 0.9).
+    #[arg(long)]
+    pub min_recall: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -245,9 +282,25 @@ pub struct AutotuneArgs {
     /// Configs to try: ef_construction:ef_search[:m],... (m default 16). Default: the server's grid of five.
     #[arg(long, value_delimiter = ',', value_parser = parse_grid_entry)]
     pub grid: Vec<(u32, u32, u32)>,
-    /// Seed of every --grid entry.
-    #[arg(long, default_value_t = 42, requires = "grid")]
+    /// Seed of every --grid entry, or of every graph --adaptive builds.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Strategy ADAPTIVE (needs --target-recall): successive halving over ef_construction with
+    /// a binary search of ef_search per graph, instead of a fixed grid.
+    #[arg(long, conflicts_with = "grid", requires = "target_recall")]
+    pub adaptive: bool,
+    /// ADAPTIVE: at most this many trials (server default 40).
+    #[arg(long, requires = "adaptive")]
+    pub max_trials: Option<u32>,
+    /// ADAPTIVE: start no build or trial that would end after this many seconds.
+    #[arg(long, requires = "adaptive")]
+    pub max_seconds: Option<u32>,
+    /// ADAPTIVE: the m values to explore (server default 8,16,32).
+    #[arg(long, value_delimiter = ',', requires = "adaptive")]
+    pub adaptive_m: Vec<u32>,
+    /// ADAPTIVE: the ef_construction rungs (server default 40,100,200).
+    #[arg(long, value_delimiter = ',', requires = "adaptive")]
+    pub adaptive_ef_construction: Vec<u32>,
     /// Rebuild the index with the winner's config after promoting it.
     #[arg(long)]
     pub activate: bool,

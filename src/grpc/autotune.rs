@@ -7,13 +7,14 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, name, next_page, page_size, page_token_decode, timestamp};
 use super::Core;
+use crate::autotune::adaptive::{self, Plan};
 use crate::autotune::harness::{Harness, QuerySpec, DEFAULT_SEED};
 use crate::autotune::jobs::{
     default_grid, Event, JobRecord, JobState, TuneRequest, DEFAULT_MIN_RECALL,
 };
 use crate::autotune::select::{pareto_front, Objective};
 use crate::error::Error;
-use crate::model::Name;
+use crate::model::{Name, TRIAL_EF_CONSTRUCTION, TRIAL_M};
 use crate::pb;
 use crate::pb::autotune_service_server::AutotuneService;
 
@@ -78,6 +79,7 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
         if !(0.0..=1.0).contains(&min_recall) {
             return Err(Error::out_of_range("min_recall", "[0, 1]", min_recall));
         }
+        let has_grid = !r.grid.is_empty();
         let grid = if r.grid.is_empty() {
             default_grid()
         } else {
@@ -88,7 +90,8 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
                 )));
             }
             r.grid
-                .into_iter()
+                .iter()
+                .copied()
                 .enumerate()
                 .map(|(i, c)| convert::trial_config(&format!("grid[{i}]."), Some(c)))
                 .collect::<Result<Vec<_>, _>>()?
@@ -123,7 +126,43 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
         let requested_by = if r.requested_by.is_empty() {
             "autotune".to_string()
         } else {
-            r.requested_by
+            r.requested_by.clone()
+        };
+        let adaptive_fields = r.budget.is_some()
+            || r.seed.is_some()
+            || !r.adaptive_m.is_empty()
+            || !r.adaptive_ef_construction.is_empty();
+        let (grid, adaptive) = match pb::Strategy::try_from(r.strategy) {
+            Ok(pb::Strategy::Unspecified) | Ok(pb::Strategy::Grid) => {
+                if adaptive_fields {
+                    return Err(Error::invalid(
+                        "budget, seed, adaptive_m and adaptive_ef_construction are only for \
+                         strategy STRATEGY_ADAPTIVE",
+                    ));
+                }
+                (grid, None)
+            }
+            Ok(pb::Strategy::Adaptive) => {
+                let Objective::TargetRecall(target) = objective else {
+                    return Err(Error::invalid(
+                        "strategy STRATEGY_ADAPTIVE needs objective OBJECTIVE_TARGET_RECALL with \
+                         target_recall: it looks for the cheapest config that reaches a recall",
+                    ));
+                };
+                if has_grid {
+                    return Err(Error::invalid(
+                        "grid is only for strategy STRATEGY_GRID; STRATEGY_ADAPTIVE explores \
+                         adaptive_m x adaptive_ef_construction itself",
+                    ));
+                }
+                (Vec::new(), Some(adaptive_plan(target, &r)?))
+            }
+            Err(_) => {
+                return Err(Error::invalid(format!(
+                    "strategy {} is unknown: use STRATEGY_GRID or STRATEGY_ADAPTIVE",
+                    r.strategy
+                )))
+            }
         };
         Ok(TuneRequest {
             index,
@@ -133,12 +172,92 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
             activate: r.activate,
             requested_by,
             objective,
+            adaptive,
         })
     }
 }
 
+/// The ADAPTIVE fields of a request as a plan (width is set by the job from the cores).
+fn adaptive_plan(target: f64, r: &pb::AutotuneRequest) -> Result<Plan, Error> {
+    let list = |field: &str,
+                given: &[u32],
+                default: &[u32],
+                range: std::ops::RangeInclusive<u32>|
+     -> Result<Vec<u32>, Error> {
+        if given.len() > 8 {
+            return Err(Error::Limit(format!(
+                "{field} has {} values; at most 8 are allowed",
+                given.len()
+            )));
+        }
+        let mut v = Vec::new();
+        for (i, &x) in given.iter().enumerate() {
+            let x = crate::model::in_range(&format!("{field}[{i}]"), x, range.clone())?;
+            if !v.contains(&x) {
+                v.push(x);
+            }
+        }
+        Ok(if v.is_empty() { default.to_vec() } else { v })
+    };
+    let m = list("adaptive_m", &r.adaptive_m, &adaptive::DEFAULT_M, TRIAL_M)?;
+    let mut ef_construction = list(
+        "adaptive_ef_construction",
+        &r.adaptive_ef_construction,
+        &adaptive::DEFAULT_EF_CONSTRUCTION,
+        TRIAL_EF_CONSTRUCTION,
+    )?;
+    ef_construction.sort_unstable();
+    let budget = r.budget.unwrap_or_default();
+    if budget.max_trials > 10_000 {
+        return Err(Error::out_of_range(
+            "budget.max_trials",
+            "[0, 10000] (0: 40)",
+            budget.max_trials,
+        ));
+    }
+    Ok(Plan {
+        target,
+        m,
+        ef_construction,
+        max_trials: if budget.max_trials == 0 {
+            adaptive::DEFAULT_MAX_TRIALS
+        } else {
+            budget.max_trials
+        },
+        max_time: (budget.max_seconds > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(budget.max_seconds))),
+        seed: r.seed.unwrap_or(DEFAULT_SEED),
+        width: 1,
+    })
+}
+
 #[tonic::async_trait]
 impl AutotuneService for AutotuneApi {
+    #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name))]
+    async fn set_refresh_policy(
+        &self,
+        req: Request<pb::SetRefreshPolicyRequest>,
+    ) -> R<pb::SetRefreshPolicyResponse> {
+        let req = req.into_inner();
+        let index = name("index_name", &req.index_name)?;
+        let policy = convert::refresh_policy_from(req.policy)?;
+        let saved = self
+            .core
+            .ready()?
+            .refresh
+            .set_policy(&index, policy)
+            .await?;
+        Ok(Response::new(pb::SetRefreshPolicyResponse {
+            policy: Some(match saved {
+                Some(p) => convert::refresh_policy_to(&p),
+                None => pb::RefreshPolicy {
+                    mode: pb::RefreshMode::Manual as i32,
+                    ..Default::default()
+                },
+            }),
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name, harness = %req.get_ref().name))]
     async fn create_harness(
         &self,
@@ -282,10 +401,19 @@ impl AutotuneService for AutotuneApi {
                     },
                 };
                 let msg = match event {
-                    Event::Started { job_id, grid } => Ok(pb::AutotuneResponse {
+                    Event::Started {
+                        job_id,
+                        grid,
+                        adaptive,
+                    } => Ok(pb::AutotuneResponse {
                         event: Some(pb::autotune_response::Event::Started(pb::AutotuneStarted {
                             job_id,
                             grid: grid.iter().map(convert::config_to).collect(),
+                            strategy: if adaptive {
+                                pb::Strategy::Adaptive
+                            } else {
+                                pb::Strategy::Grid
+                            } as i32,
                         })),
                     }),
                     Event::Trial(t) => Ok(pb::AutotuneResponse {

@@ -10,6 +10,7 @@ use crate::model::{
 };
 use crate::pb;
 use crate::promotion::Promotion;
+use crate::refresh::{Policy, Status as RefreshStatus};
 use base64::Engine as _;
 
 pub fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
@@ -124,7 +125,79 @@ impl From<IndexView> for pb::Index {
             point_count: v.point_count,
             active_generation: Some(generation_to(&v.meta.name, &v.generation)),
             create_time: timestamp(v.meta.create_time_ms),
+            refresh_policy: None,
+            refresh_status: None,
         }
+    }
+}
+
+pub fn refresh_policy_to(p: &Policy) -> pb::RefreshPolicy {
+    pb::RefreshPolicy {
+        mode: if p.on_append {
+            pb::RefreshMode::OnAppend
+        } else {
+            pb::RefreshMode::Manual
+        } as i32,
+        change_threshold: p.change_threshold,
+        harness: p.harness.to_string(),
+        recall_floor: p.recall_floor,
+        activate: p.activate,
+        target_recall: p.target_recall,
+        adaptive: p.adaptive,
+        min_recall: p.min_recall,
+    }
+}
+
+pub fn refresh_status_to(s: &RefreshStatus) -> pb::RefreshStatus {
+    pb::RefreshStatus {
+        points_changed_since_tune: s.points_changed_since_tune,
+        last_probe_recall: s.last_probe_recall,
+        last_probe_time: (s.last_probe_time_ms > 0)
+            .then(|| timestamp(s.last_probe_time_ms))
+            .flatten(),
+
+        last_trigger: s.last_trigger.clone(),
+        last_job_id: s.last_job_id.clone(),
+    }
+}
+
+/// A requested policy: None (or MODE_MANUAL) clears it.
+pub fn refresh_policy_from(p: Option<pb::RefreshPolicy>) -> Result<Option<Policy>> {
+    let Some(p) = p else { return Ok(None) };
+    match pb::RefreshMode::try_from(p.mode) {
+        Ok(pb::RefreshMode::Unspecified) | Ok(pb::RefreshMode::Manual) => {
+            if p.recall_floor.is_some() || p.change_threshold != 0.0 {
+                return Err(Error::invalid(
+                    "policy.change_threshold and policy.recall_floor are only for mode \
+                     REFRESH_MODE_ON_APPEND (MANUAL clears the policy)",
+                ));
+            }
+            Ok(None)
+        }
+        Ok(pb::RefreshMode::OnAppend) => {
+            if p.harness.is_empty() {
+                return Err(Error::invalid(
+                    "policy.harness is required with REFRESH_MODE_ON_APPEND: the tune and the \
+                     probe measure on it",
+                ));
+            }
+            let policy = Policy {
+                on_append: true,
+                change_threshold: p.change_threshold,
+                harness: name("policy.harness", &p.harness)?,
+                recall_floor: p.recall_floor,
+                activate: p.activate,
+                target_recall: p.target_recall,
+                adaptive: p.adaptive,
+                min_recall: p.min_recall,
+            };
+            crate::refresh::validate(&policy)?;
+            Ok(Some(policy))
+        }
+        Err(_) => Err(Error::invalid(format!(
+            "policy.mode {} is unknown: use REFRESH_MODE_MANUAL or REFRESH_MODE_ON_APPEND",
+            p.mode
+        ))),
     }
 }
 
@@ -198,6 +271,7 @@ impl From<Trial> for pb::Trial {
             memory_bytes: t.memory_bytes,
             create_time: timestamp(t.create_time_ms),
             source: t.source,
+            mean_distance_evals: t.mean_distance_evals,
         }
     }
 }

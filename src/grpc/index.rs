@@ -39,9 +39,13 @@ impl IndexService for IndexApi {
 
     async fn get_index(&self, req: Request<pb::GetIndexRequest>) -> R<pb::GetIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        Ok(Response::new(pb::GetIndexResponse {
-            index: Some(self.core.catalog()?.get_index(&n)?.into()),
-        }))
+        let ready = self.core.ready()?;
+        let mut index: pb::Index = ready.catalog.get_index(&n)?.into();
+        if let Some((policy, status)) = ready.refresh.get(&n) {
+            index.refresh_policy = Some(convert::refresh_policy_to(&policy));
+            index.refresh_status = Some(convert::refresh_status_to(&status));
+        }
+        Ok(Response::new(pb::GetIndexResponse { index: Some(index) }))
     }
 
     async fn list_indexes(

@@ -18,6 +18,7 @@ pub struct Ready {
     pub catalog: Arc<Catalog>,
     pub lab: Arc<Lab>,
     pub jobs: Arc<Jobs>,
+    pub refresh: Arc<crate::refresh::Refresher>,
 }
 
 /// What the handlers share: the core, set once startup recovery is done. Until then every

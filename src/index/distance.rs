@@ -139,9 +139,20 @@ fn sanitize(d: f32) -> f32 {
     }
 }
 
+thread_local! {
+    static EVALS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Internal distances computed on this thread so far (graph inserts and searches): the work of
+/// a search, counted by taking the difference around it. A deterministic cost, unlike time.
+pub fn evals_on_this_thread() -> u64 {
+    EVALS.with(std::cell::Cell::get)
+}
+
 /// The internal (graph) distance of a metric; see the module docs.
 #[inline]
 pub fn internal(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
+    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
     match metric {
         Metric::L2 => sanitize(l2sq(a, b)),
         Metric::Cosine => sanitize((1.0 - dot(a, b)).max(0.0)),

@@ -4,4 +4,5 @@ pub mod distance;
 pub mod engine;
 pub mod generation;
 
+pub use distance::evals_on_this_thread;
 pub use generation::Generation;

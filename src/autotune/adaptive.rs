@@ -1,0 +1,399 @@
+//! The ADAPTIVE autotune strategy: successive halving over construction effort.
+//!
+//! Building a graph is the expensive step of a trial; ef_search is a search-time knob, so one
+//! graph answers for every ef_search. The search therefore has two loops:
+//! - **Inner, per graph:** the smallest ef_search on a fixed ladder whose recall reaches the
+//!   target, found by binary search (recall grows with ef_search), starting from a hint when a
+//!   cheaper graph of the same m already found one. The graph's *cost* is the mean number of
+//!   distance computations per query at that ef_search: the work of a search, which — unlike
+//!   a latency — does not depend on the machine's load, so every decision below is the same
+//!   for the same seed and data.
+//! - **Outer, over (m, ef_construction):** successive halving (Jamieson & Talwalkar, 2016;
+//!   Hyperband, Li et al., 2017) with ef_construction as the resource. Rung 1 builds one graph
+//!   per m at the cheapest ef_construction. The best graphs (as many as there are cores, so a
+//!   rung's builds run side by side) are rebuilt at the next ef_construction, and a graph goes
+//!   on climbing only while that lowers its cost by at least [`MIN_GAIN`].
+//!
+//! Budget: never more than `max_trials` trials; no build starts that the measured build times
+//! predict would end after `max_seconds` (build time grows about linearly with
+//! ef_construction), and no trial starts after it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::trial::Trial;
+use crate::error::{Error, Result};
+use crate::model::HnswConfig;
+
+/// The ef_search values tried, within the trial bounds.
+pub const EF_LADDER: [u32; 14] = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200];
+pub const DEFAULT_M: [u32; 3] = [8, 16, 32];
+pub const DEFAULT_EF_CONSTRUCTION: [u32; 3] = [40, 100, 200];
+pub const DEFAULT_MAX_TRIALS: u32 = 40;
+/// A rebuild at the next ef_construction must cut the cost by this fraction to climb further.
+pub const MIN_GAIN: f64 = 0.03;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The recall to reach (the objective's target).
+    pub target: f64,
+    /// m values, in the order they were given (ties go to the earlier).
+    pub m: Vec<u32>,
+    /// ef_construction rungs, ascending.
+    pub ef_construction: Vec<u32>,
+    pub max_trials: u32,
+    pub max_time: Option<Duration>,
+    pub seed: u64,
+    /// Graphs built side by side in a rung after the first.
+    pub width: usize,
+}
+
+/// What ADAPTIVE needs from a job: start builds (they run concurrently) and run trials.
+pub trait Evaluator {
+    type Graph: Send + Sync + 'static;
+    /// Starts building a graph; the task yields it with its build time. A build should stop
+    /// early (with an error) once `stop` is cancelled.
+    fn spawn_build(
+        &self,
+        config: HnswConfig,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(Arc<Self::Graph>, Duration)>>;
+    /// Measures one config on a built graph, journals and streams it.
+    fn trial(
+        &self,
+        graph: &Arc<Self::Graph>,
+        config: HnswConfig,
+    ) -> impl Future<Output = Result<Trial>> + Send;
+}
+
+/// How good a graph is for the target: reached (with its cost) beats not reached (by recall).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Score {
+    /// Index into EF_LADDER of the smallest ef_search that reached the target.
+    ef_at: Option<usize>,
+    /// Mean distance computations per query there.
+    cost: f64,
+    best_recall: f64,
+}
+
+impl Score {
+    /// Whether `self` is clearly better than `old` (the rung-climbing rule).
+    fn improves_on(&self, old: &Score) -> bool {
+        match (self.ef_at.is_some(), old.ef_at.is_some()) {
+            (true, true) => self.cost < old.cost * (1.0 - MIN_GAIN),
+            (true, false) => true,
+            (false, true) => false,
+            (false, false) => self.best_recall > old.best_recall + 0.005,
+        }
+    }
+
+    /// Sort key: reached first, then cheaper, then higher recall.
+    fn key(&self) -> (bool, f64, f64) {
+        (self.ef_at.is_none(), self.cost, -self.best_recall)
+    }
+}
+
+struct Run<'a, E: Evaluator> {
+    plan: &'a Plan,
+    eval: &'a E,
+    started: Instant,
+    trials: u32,
+}
+
+impl<E: Evaluator> Run<'_, E> {
+    fn out_of_time(&self, extra: Duration) -> bool {
+        self.plan
+            .max_time
+            .is_some_and(|t| self.started.elapsed() + extra > t)
+    }
+
+    fn trials_left(&self) -> u32 {
+        self.plan.max_trials.saturating_sub(self.trials)
+    }
+
+    /// Binary search for the smallest ladder ef_search reaching the target, spending at most
+    /// `allowance` trials.
+    async fn find_ef(
+        &mut self,
+        graph: &Arc<E::Graph>,
+        m: u32,
+        ef_construction: u32,
+        hint: Option<usize>,
+        mut allowance: u32,
+    ) -> Result<Score> {
+        let (mut lo, mut hi) = (0usize, EF_LADDER.len() - 1);
+        let mut score = Score {
+            ef_at: None,
+            cost: f64::INFINITY,
+            best_recall: 0.0,
+        };
+        let mut next = hint.unwrap_or(hi / 2).min(hi);
+        while lo <= hi
+            && allowance > 0
+            && self.trials_left() > 0
+            && !self.out_of_time(Duration::ZERO)
+        {
+            let config = HnswConfig {
+                m,
+                ef_construction,
+                ef_search: EF_LADDER[next],
+                seed: Some(self.plan.seed),
+            };
+            let t = self.eval.trial(graph, config).await?;
+            self.trials += 1;
+            allowance -= 1;
+            score.best_recall = score.best_recall.max(t.recall);
+            if t.recall >= self.plan.target {
+                score.ef_at = Some(next);
+                score.cost = t.mean_distance_evals;
+                if next == 0 {
+                    break;
+                }
+                hi = next - 1;
+            } else {
+                lo = next + 1;
+            }
+            next = lo + (hi.saturating_sub(lo)) / 2;
+        }
+        Ok(score)
+    }
+}
+
+/// Runs the plan; returns when the search converged or the budget ran out.
+pub async fn run<E: Evaluator>(plan: &Plan, eval: &E) -> Result<()> {
+    if plan.m.is_empty() || plan.ef_construction.is_empty() {
+        return Err(Error::Internal("adaptive plan with an empty space".into()));
+    }
+    let mut run = Run {
+        plan,
+        eval,
+        started: Instant::now(),
+        trials: 0,
+    };
+    // (m, score, build time of its last graph), one per m still in the race.
+    let mut alive: Vec<(u32, Score, Duration)> = Vec::new();
+    let mut prev_ef = plan.ef_construction[0];
+    for (rung, &ef_construction) in plan.ef_construction.iter().enumerate() {
+        let candidates: Vec<(u32, Option<Score>, Duration)> = if rung == 0 {
+            plan.m.iter().map(|&m| (m, None, Duration::ZERO)).collect()
+        } else {
+            alive.sort_by(|a, b| {
+                a.1.key()
+                    .partial_cmp(&b.1.key())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            alive
+                .iter()
+                .take(plan.width.max(1))
+                .filter(|(_, _, built)| {
+                    // Build time grows about linearly with ef_construction.
+                    let predicted =
+                        built.mul_f64(f64::from(ef_construction) / f64::from(prev_ef.max(1)));
+                    !run.out_of_time(predicted)
+                })
+                .map(|&(m, s, b)| (m, Some(s), b))
+                .collect()
+        };
+        // At least one trial per graph, or don't build it.
+        let n = (candidates.len() as u32).min(run.trials_left()) as usize;
+        if n == 0 || run.out_of_time(Duration::ZERO) {
+            break;
+        }
+        let stop = CancellationToken::new();
+        let builds: Vec<_> = candidates[..n]
+            .iter()
+            .map(|&(m, _, _)| {
+                eval.spawn_build(
+                    HnswConfig {
+                        m,
+                        ef_construction,
+                        ef_search: EF_LADDER[0],
+                        seed: Some(plan.seed),
+                    },
+                    stop.clone(),
+                )
+            })
+            .collect();
+        let mut next_alive = Vec::new();
+        let mut handles = builds.into_iter();
+        for (i, &(m, old, _)) in candidates[..n].iter().enumerate() {
+            let Some(h) = handles.next() else { break };
+            let (graph, built) = match h.await {
+                Ok(r) => r?,
+                Err(e) => return Err(Error::Internal(format!("a build task failed: {e}"))),
+            };
+            // Split what is left evenly among this rung's remaining graphs.
+            let allowance = (run.trials_left() / (n - i) as u32).max(1);
+            let hint = old.and_then(|s| s.ef_at);
+            let score = run
+                .find_ef(&graph, m, ef_construction, hint, allowance)
+                .await?;
+            let keep = match old {
+                None => true,
+                Some(old) => score.improves_on(&old),
+            };
+            tracing::debug!(m, ef_construction, ?score, keep, "adaptive: graph measured");
+            if keep {
+                next_alive.push((m, score, built));
+            }
+        }
+        // Stop builds that will not be measured (the budget ran out); none outlives the job.
+        stop.cancel();
+        for h in handles {
+            let _ = h.await;
+        }
+        if next_alive.is_empty() {
+            break;
+        }
+        alive = next_alive;
+        prev_ef = ef_construction;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Name;
+    use parking_lot::Mutex;
+
+    /// A synthetic landscape: recall grows with ef_search, m and ef_construction; cost grows
+    /// with ef_search and m.
+    struct Fake {
+        log: Mutex<Vec<HnswConfig>>,
+        builds: Mutex<Vec<(u32, u32)>>,
+    }
+
+    fn recall(c: &HnswConfig) -> f64 {
+        let q = f64::from(c.m).ln() * f64::from(c.ef_construction).ln();
+        1.0 - 1.0 / (1.0 + f64::from(c.ef_search) * q / 60.0)
+    }
+
+    impl Evaluator for Fake {
+        type Graph = (u32, u32);
+        fn spawn_build(
+            &self,
+            c: HnswConfig,
+            _stop: CancellationToken,
+        ) -> tokio::task::JoinHandle<Result<(Arc<(u32, u32)>, Duration)>> {
+            self.builds.lock().push((c.m, c.ef_construction));
+            tokio::spawn(async move {
+                Ok((
+                    Arc::new((c.m, c.ef_construction)),
+                    Duration::from_millis(u64::from(c.ef_construction)),
+                ))
+            })
+        }
+        async fn trial(&self, g: &Arc<(u32, u32)>, c: HnswConfig) -> Result<Trial> {
+            assert_eq!((g.0, g.1), (c.m, c.ef_construction));
+            self.log.lock().push(c);
+            Ok(Trial {
+                id: self.log.lock().len() as u64,
+                index: Name::parse("i", "i")?,
+                harness: Name::parse("h", "h")?,
+                config: c,
+                k: 10,
+                recall: recall(&c),
+                p50_micros: 1.0,
+                p95_micros: 1.0,
+                p99_micros: 1.0,
+                qps: 1.0,
+                build_millis: 1,
+                point_count: 1,
+                memory_bytes: 1,
+                create_time_ms: 0,
+                source: String::new(),
+                mean_distance_evals: f64::from(c.ef_search) * f64::from(c.m).sqrt(),
+            })
+        }
+    }
+
+    fn plan(max_trials: u32) -> Plan {
+        Plan {
+            target: 0.95,
+            m: DEFAULT_M.to_vec(),
+            ef_construction: DEFAULT_EF_CONSTRUCTION.to_vec(),
+            max_trials,
+            max_time: None,
+            seed: 7,
+            width: 2,
+        }
+    }
+
+    async fn go(p: &Plan) -> (Vec<HnswConfig>, Vec<(u32, u32)>) {
+        let f = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        run(p, &f).await.expect("run");
+        let log = f.log.lock().clone();
+        let builds = f.builds.lock().clone();
+        (log, builds)
+    }
+
+    #[tokio::test]
+    async fn finds_the_smallest_ef_and_climbs_rungs_deterministically() {
+        let p = plan(40);
+        let (log, builds) = go(&p).await;
+        assert_eq!(go(&p).await.0, log, "same plan, same trials");
+        assert!(log.iter().all(|c| c.seed == Some(7)));
+        // Rung 1 builds every m at the cheapest ef_construction, then at most 2 per rung.
+        assert_eq!(&builds[..3], &[(8, 40), (16, 40), (32, 40)]);
+        assert!(builds.len() <= 3 + 2 + 2, "{builds:?}");
+        // For every graph measured, the smallest ladder ef_search reaching the target was found
+        // (the one below it was measured and missed, or it is the ladder's first).
+        for &(m, ec) in &builds {
+            let on: Vec<&HnswConfig> = log
+                .iter()
+                .filter(|c| c.m == m && c.ef_construction == ec)
+                .collect();
+            let reached: Vec<u32> = on
+                .iter()
+                .filter(|c| recall(c) >= 0.95)
+                .map(|c| c.ef_search)
+                .collect();
+            let Some(&best) = reached.iter().min() else {
+                continue;
+            };
+            let below = EF_LADDER
+                .iter()
+                .position(|&e| e == best)
+                .expect("on ladder");
+            let truth = EF_LADDER
+                .iter()
+                .copied()
+                .find(|&e| {
+                    recall(&HnswConfig {
+                        m,
+                        ef_construction: ec,
+                        ef_search: e,
+                        seed: None,
+                    }) >= 0.95
+                })
+                .expect("reachable");
+            assert_eq!(best, truth, "m {m} ec {ec}: {on:?} (ladder index {below})");
+        }
+    }
+
+    #[tokio::test]
+    async fn never_exceeds_its_trial_budget() {
+        for max in [1, 2, 5, 9, 17] {
+            let (log, builds) = go(&plan(max)).await;
+            assert!(log.len() as u32 <= max, "{max}: {}", log.len());
+            assert!(!log.is_empty());
+            // No graph is built without a trial to measure it.
+            assert!(builds.len() as u32 <= max, "{max}: {builds:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_time_budget_of_zero_runs_nothing() {
+        let mut p = plan(40);
+        p.max_time = Some(Duration::ZERO);
+        let (log, builds) = go(&p).await;
+        assert!(log.is_empty() && builds.is_empty());
+    }
+}
