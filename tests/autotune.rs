@@ -1592,7 +1592,6 @@ async fn adaptive_is_deterministic_for_a_seed_and_keeps_its_budget() {
     let jobs = a
         .list_jobs(pb::ListJobsRequest {
             index_name: "ad1".into(),
-            ..Default::default()
         })
         .await
         .unwrap()

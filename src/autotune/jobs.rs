@@ -120,6 +120,9 @@ struct Running {
     token: CancellationToken,
 }
 
+/// A listener for job starts: gets the index's name.
+pub type OnStart = Box<dyn Fn(&Name) + Send + Sync>;
+
 pub struct Jobs {
     lab: Arc<Lab>,
     /// index -> its running job
@@ -128,7 +131,7 @@ pub struct Jobs {
     root: CancellationToken,
     kept: usize,
     /// Called with the index when a job starts on it (refresh policies mark the tune).
-    on_start: std::sync::OnceLock<Box<dyn Fn(&Name) + Send + Sync>>,
+    on_start: std::sync::OnceLock<OnStart>,
 }
 
 impl Jobs {
@@ -155,7 +158,7 @@ impl Jobs {
     }
 
     /// Sets the job-start listener (once; later calls are ignored).
-    pub fn set_on_start(&self, f: Box<dyn Fn(&Name) + Send + Sync>) {
+    pub fn set_on_start(&self, f: OnStart) {
         let _ = self.on_start.set(f);
     }
 
