@@ -227,7 +227,7 @@ where
         match checked {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(e) => {
-                tracing::info!(code = ?e.code(), "call refused: {e}");
+                tracing::info!(method = %req.uri().path(), code = ?e.code(), "call refused: {e}");
                 let resp = tonic::Status::from(e).into_http::<ResBody>();
                 Box::pin(async move { Ok(resp) })
             }
