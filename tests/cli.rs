@@ -71,6 +71,8 @@ async fn vectord(server: &str, args: &[&str]) -> Run {
         "VECTORD_API_KEY",
         "VECTORD_API_KEY_FILE",
         "VECTORD_TLS_CA",
+        "VECTORD_TLS_CLIENT_CERT",
+        "VECTORD_TLS_CLIENT_KEY",
     ] {
         cmd.env_remove(var);
     }
@@ -857,4 +859,46 @@ async fn https_server_with_a_private_ca() {
     .await;
     assert_ne!(r.code, 0, "{}", r.stdout);
     assert!(r.stderr.starts_with("error: "), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn mtls_server_needs_the_client_certificate_flags() {
+    use common::tls::{serving, tls_channel, tls_server, write, Pki};
+    let pki = Pki::new("cli mTLS CA");
+    let s = tls_server(&pki, Some(&pki)).await;
+    let (cert, key) = pki.leaf(&["cli-client"], true);
+    let ch = tls_channel(s.port, &pki.ca_pem, Some((cert.clone(), key.clone())))
+        .await
+        .expect("mTLS connect");
+    serving(ch).await.expect("SERVING over mTLS");
+    let ca = write(&s.dir, "ca.pem", &pki.ca_pem);
+    let cert = write(&s.dir, "client.pem", &cert);
+    let key = write(&s.dir, "client.key", &key);
+    let (ca, cert, key) = (
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+    let url = format!("https://localhost:{}", s.port);
+    let r = vectord(
+        &url,
+        &[
+            "--tls-ca",
+            ca,
+            "--tls-client-cert",
+            cert,
+            "--tls-client-key",
+            key,
+            "health",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(r.stdout.trim(), "SERVING");
+    let r = vectord(&url, &["--tls-ca", ca, "--timeout", "5", "health"]).await;
+    assert_ne!(
+        r.code, 0,
+        "health without a client certificate: {}",
+        r.stdout
+    );
 }

@@ -26,7 +26,9 @@ object per line, proto field names), --timeout SECS (deadline of each call: defa
 quick unary calls, none for streams and for calls that build graphs or ground truth: import,
 autotune, harness create, trial run, profile activate), --api-key KEY or --api-key-file PATH
 (env VECTORD_API_KEY, VECTORD_API_KEY_FILE: sent as `authorization: Bearer <key>`), --tls-ca PEM
-(env VECTORD_TLS_CA: the CA of an https:// --server; default the system's roots).";
+(env VECTORD_TLS_CA: the CA of an https:// --server; default the system's roots),
+--tls-client-cert PEM --tls-client-key PEM (env VECTORD_TLS_CLIENT_CERT, VECTORD_TLS_CLIENT_KEY:
+a client certificate for an mTLS server).";
 
 /// Exit code for Ctrl-C.
 pub const EXIT_INTERRUPTED: u8 = 130;

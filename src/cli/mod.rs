@@ -18,7 +18,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use vectord::pb::autotune_service_client::AutotuneServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
@@ -67,6 +67,25 @@ pub struct GlobalArgs {
     /// subcommands; default: the system's roots).
     #[arg(long, global = true, env = "VECTORD_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an https:// --server that requires one (mTLS); needs
+    /// --tls-client-key (client subcommands).
+    #[arg(
+        long,
+        global = true,
+        env = "VECTORD_TLS_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert (client subcommands).
+    #[arg(
+        long,
+        global = true,
+        env = "VECTORD_TLS_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -431,12 +450,22 @@ impl Ctx {
                 }
                 None => tls.with_native_roots(),
             };
+            if let (Some(cert), Some(key)) = (&g.tls_client_cert, &g.tls_client_key) {
+                let read = |flag: &str, p: &PathBuf| {
+                    std::fs::read(p)
+                        .map_err(|e| CliError::invalid(format!("{flag} {}: {e}", p.display())))
+                };
+                tls = tls.identity(Identity::from_pem(
+                    read("--tls-client-cert", cert)?,
+                    read("--tls-client-key", key)?,
+                ));
+            }
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| CliError::invalid(format!("TLS: {}", error::chain(&e))))?;
-        } else if g.tls_ca.is_some() {
+        } else if g.tls_ca.is_some() || g.tls_client_cert.is_some() {
             return Err(CliError::invalid(format!(
-                "--tls-ca is given but --server {} is not https://",
+                "--tls-ca or --tls-client-cert is given but --server {} is not https://",
                 g.server
             )));
         }
