@@ -80,4 +80,12 @@ grep -q "serving metrics" "$LOG" || { echo "no metrics endpoint"; cat "$LOG"; ex
 "$BIN" health --server "http://$ADDR"
 kill -TERM $PID
 wait $PID
+
+echo "-- the bind policy: a non-loopback address without TLS, a key or VECTORD_INSECURE is refused"
+set +e
+env -u VECTORD_INSECURE VECTORD_ADDR=0.0.0.0:0 VECTORD_DATA_DIR="$DATA/db2" "$BIN" serve 2>"$LOG.refused"
+CODE=$?
+set -e
+[ "$CODE" = 2 ] && grep -q -- "--insecure" "$LOG.refused" || { echo "not refused (exit $CODE)"; cat "$LOG.refused"; exit 1; }
+echo "refused with exit 2, as expected"
 echo "deploy: all checks passed"

@@ -1,7 +1,15 @@
 //! Server configuration: typed and validated once, from flags and environment (see main.rs).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::auth::ApiKeys;
+use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -16,6 +24,10 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often refresh policies with a recall floor probe their index; zero: never.
     pub refresh_probe_interval: Duration,
+    /// API keys every call but health and reflection must carry; None: no key needed.
+    pub api_keys: Option<Arc<ApiKeys>>,
+    /// TLS on the gRPC listener; None: plaintext HTTP/2.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Config {
@@ -27,11 +39,170 @@ impl Config {
             jobs_kept: 100,
             metrics_addr: None,
             refresh_probe_interval: Duration::from_secs(60),
+            api_keys: None,
+            tls: None,
         }
     }
 
     /// A config for tests: everything default but the data dir.
     pub fn for_tests(dir: &Path) -> Self {
         Config::new(dir)
+    }
+
+    /// The bind policy: a non-loopback `addr` needs TLS or an API key, unless `insecure`.
+    pub fn check_exposure(&self, addr: SocketAddr, insecure: bool) -> Result<()> {
+        if addr.ip().is_loopback() || insecure || self.tls.is_some() || self.api_keys.is_some() {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "refusing to listen on {addr} (not loopback) without TLS or an API key: anyone who \
+             can reach it could read and change every index. Pass --tls-cert and --tls-key, \
+             and/or --api-key (or --api-key-file), or --insecure if the network is your boundary \
+             (e.g. a container network), or listen on 127.0.0.1"
+        )))
+    }
+}
+
+/// A key from its flag (or env) or from its file (first line, trimmed); `flag` names both in
+/// errors. Neither: None.
+pub fn api_key_from(
+    flag: &str,
+    value: Option<String>,
+    file: Option<&Path>,
+) -> Result<Option<crate::auth::ApiKey>> {
+    use crate::auth::ApiKey;
+    match (value, file) {
+        (Some(_), Some(_)) => Err(Error::invalid(format!(
+            "give {flag} or {flag}-file, not both"
+        ))),
+        (Some(v), None) => Ok(Some(ApiKey::parse(flag, &v)?)),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::invalid(format!("{flag}-file {}: {e}", path.display())))?;
+            let first = text.lines().next().unwrap_or("").trim();
+            Ok(Some(ApiKey::parse(
+                &format!("{flag}-file {} (its first line)", path.display()),
+                first,
+            )?))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The server's certificate chain and key, and the CA that client certificates must chain to
+/// (mTLS) if any; all PEM, checked when loaded so a bad file is named at startup.
+#[derive(Clone)]
+pub struct TlsConfig {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::invalid(format!("{flag} {}: {e}", path.display())))
+}
+
+/// Reads a PEM file of certificates (at least one).
+fn read_certs(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    let pem = read(flag, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("{flag} {}: not PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::invalid(format!(
+            "{flag} {}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file",
+            path.display()
+        )));
+    }
+    Ok(pem)
+}
+
+impl TlsConfig {
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self> {
+        let cert_pem = read_certs("--tls-cert", cert)?;
+        let key_pem = read("--tls-key", key)?;
+        // The parse error is not shown: it could quote the key file.
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+            Error::invalid(format!(
+                "--tls-key {}: no PEM private key (PKCS#8, PKCS#1 or SEC1) in the file",
+                key.display()
+            ))
+        })?;
+        let client_ca = client_ca
+            .map(|p| read_certs("--tls-client-ca", p))
+            .transpose()?;
+        Ok(TlsConfig {
+            cert: cert_pem,
+            key: key_pem,
+            client_ca,
+        })
+    }
+
+    /// True when clients must present a certificate signed by the client CA.
+    pub fn mtls(&self) -> bool {
+        self.client_ca.is_some()
+    }
+
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut c = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .timeout(Duration::from_secs(10));
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(Certificate::from_pem(ca));
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::ApiKey;
+
+    #[test]
+    fn bind_policy() {
+        let c = Config::new("/tmp/x");
+        let any: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let e = c.check_exposure(any, false).unwrap_err().to_string();
+        assert!(
+            e.contains("--insecure") && e.contains("--api-key") && e.contains("--tls-cert"),
+            "{e}"
+        );
+        assert!(c.check_exposure(any, true).is_ok());
+        assert!(c
+            .check_exposure("127.0.0.1:0".parse().unwrap(), false)
+            .is_ok());
+        assert!(c.check_exposure("[::1]:0".parse().unwrap(), false).is_ok());
+        assert!(c.check_exposure("[::]:0".parse().unwrap(), false).is_err());
+        let mut keyed = c.clone();
+        let key = ApiKey::parse("--api-key", "k").unwrap();
+        keyed.api_keys = Some(Arc::new(ApiKeys::new(key, None).unwrap()));
+        assert!(keyed.check_exposure(any, false).is_ok());
+    }
+
+    #[test]
+    fn tls_files_are_named_when_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = TlsConfig::load(&missing, &missing, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert") && e.contains("missing.pem"), "{e}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let e = TlsConfig::load(&junk, &junk, None).unwrap_err().to_string();
+        assert!(
+            e.contains("--tls-cert") && e.contains("junk.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
     }
 }

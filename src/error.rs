@@ -35,6 +35,12 @@ pub enum Error {
     /// The server is starting up or shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// No API key, a malformed one, or a key the server does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid key whose role may not call the method.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("storage: {0}")]
     Store(#[from] sled::Error),
     #[error("stored record is unreadable: {0}")]
@@ -80,6 +86,8 @@ impl Error {
             Error::Limit(_) => Code::ResourceExhausted,
             Error::Cancelled(_) => Code::Cancelled,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Store(_) | Error::Corrupt(_) | Error::Internal(_) => Code::Internal,
         }
     }

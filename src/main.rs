@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
-use vectord::config::Config;
+use vectord::auth::ApiKeys;
+use vectord::config::{api_key_from, Config, TlsConfig};
 
 mod cli;
 
@@ -58,6 +61,44 @@ struct ServeArgs {
     /// Log format: text (for people) or json (one object per line, for log shippers).
     #[arg(long, env = "VECTORD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Read-only API key: may call Get*/List*/Search*/GetPoint, health and reflection (needs --api-key).
+    #[arg(
+        long,
+        env = "VECTORD_READ_ONLY_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "read_only_api_key_file"
+    )]
+    read_only_api_key: Option<String>,
+    /// File whose first line is the read-only API key.
+    #[arg(long, env = "VECTORD_READ_ONLY_API_KEY_FILE", value_name = "PATH")]
+    read_only_api_key_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) of the gRPC listener; needs --tls-key.
+    #[arg(
+        long,
+        env = "VECTORD_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(
+        long,
+        env = "VECTORD_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: clients without one are refused (mTLS).
+    #[arg(
+        long,
+        env = "VECTORD_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow a non-loopback --addr without TLS or an API key (when the network is the boundary).
+    #[arg(long, env = "VECTORD_INSECURE")]
+    insecure: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -111,17 +152,76 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
+/// The config from the flags; every file is read here so a bad one is named before binding.
+fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, String> {
+    let mut config = Config::new(args.data_dir.clone());
+    config.max_request_bytes = args.max_request_bytes;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    config.metrics_addr = args.metrics_addr;
+    config.refresh_probe_interval = Duration::from_secs(args.refresh_probe_secs);
+    let admin = api_key_from(
+        "--api-key",
+        client.api_key.clone(),
+        client.api_key_file.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let read_only = api_key_from(
+        "--read-only-api-key",
+        args.read_only_api_key.clone(),
+        args.read_only_api_key_file.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    config.api_keys = match (admin, read_only) {
+        (Some(admin), ro) => Some(Arc::new(
+            ApiKeys::new(admin, ro).map_err(|e| e.to_string())?,
+        )),
+        (None, Some(_)) => {
+            return Err(
+                "--read-only-api-key needs --api-key (the admin key): without one \
+                 nothing could change the data"
+                    .into(),
+            )
+        }
+        (None, None) => None,
+    };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(
+            TlsConfig::load(cert, key, args.tls_client_ca.as_deref()).map_err(|e| e.to_string())?,
+        );
+    }
+    config
+        .check_exposure(args.addr, args.insecure)
+        .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs, config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "vectord listening");
-    let mut config = Config::new(args.data_dir);
-    config.max_request_bytes = args.max_request_bytes;
-    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
-    config.metrics_addr = args.metrics_addr;
-    config.refresh_probe_interval = Duration::from_secs(args.refresh_probe_secs);
+    let keys = match &config.api_keys {
+        None => "none",
+        Some(k) if k.has_read_only() => "admin and read-only",
+        Some(_) => "admin",
+    };
+    tracing::info!(
+        tls = config.tls.is_some(),
+        mtls = config.tls.as_ref().is_some_and(|t| t.mtls()),
+        api_keys = keys,
+        "security"
+    );
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            "serving plaintext on a non-loopback address: calls{} cross the network unencrypted",
+            if config.api_keys.is_some() {
+                " and API keys"
+            } else {
+                ""
+            }
+        );
+    }
     vectord::server::run(listener, config, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
@@ -134,6 +234,14 @@ fn main() -> ExitCode {
         Command::Client(cmd) => return run_client(cli.client, cmd),
     };
     init_logging(cli.log.as_deref(), args.log_format);
+    let config = match config_of(&args, &cli.client) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("vectord: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -144,7 +252,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(serve(args));
+    let result = runtime.block_on(serve(args, config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

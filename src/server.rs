@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::auth::AuthLayer;
 use crate::autotune::{jobs::Jobs, lab::Lab};
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -151,9 +152,20 @@ pub async fn run_with(
             },
         ));
     }
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server_config()).map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            Error::invalid(format!("TLS certificate or key not usable: {e}{cause}"))
+        })?;
+    }
+    // The span names the method only: metadata (and so the API key) is never recorded.
+    let serve = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .layer(RpcMetricsLayer(metrics.clone()))
+        .layer(AuthLayer(config.api_keys.clone()))
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))

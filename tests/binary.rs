@@ -77,6 +77,14 @@ impl Vectord {
             "VECTORD_LOG",
             "VECTORD_MAX_REQUEST_BYTES",
             "VECTORD_SHUTDOWN_GRACE_SECS",
+            "VECTORD_API_KEY",
+            "VECTORD_API_KEY_FILE",
+            "VECTORD_READ_ONLY_API_KEY",
+            "VECTORD_READ_ONLY_API_KEY_FILE",
+            "VECTORD_TLS_CERT",
+            "VECTORD_TLS_KEY",
+            "VECTORD_TLS_CLIENT_CA",
+            "VECTORD_INSECURE",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);
@@ -609,4 +617,157 @@ async fn json_logs_are_one_object_per_line() {
         serde_json::from_str::<serde_json::Value>(l)
             .unwrap_or_else(|e| panic!("a log line is not JSON: {l:?}: {e}"));
     }
+}
+
+/// The port of a `vectord listening` line, text (`addr=IP:PORT`) or JSON (`"addr":"IP:PORT"`).
+fn listening_port(line: &str) -> u16 {
+    let addr = match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(v) => v["fields"]["addr"].as_str().unwrap_or_default().to_string(),
+        Err(_) => line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_default()
+            .to_string(),
+    };
+    addr.parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
+        .port()
+}
+
+#[tokio::test]
+async fn a_public_address_needs_tls_a_key_or_insecure() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = path_str(tmp.path());
+    let mut s = Vectord::spawn(
+        "0.0.0.0 without TLS or a key",
+        &["--addr", "0.0.0.0:0", "--data-dir", dir],
+        &[],
+    );
+    let status = s.wait_exit().await;
+    let log = s.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    for flag in ["--tls-cert", "--api-key", "--insecure", "0.0.0.0"] {
+        assert!(log.contains(flag), "the refusal names {flag}: {log}");
+    }
+    assert!(!log.contains("vectord listening"), "{log}");
+
+    let mut s = Vectord::spawn(
+        "0.0.0.0 with --insecure",
+        &["--addr", "0.0.0.0:0", "--data-dir", dir, "--insecure"],
+        &[],
+    );
+    let line = s
+        .wait_line("`vectord listening`", |l| l.contains("vectord listening"))
+        .await;
+    let port = listening_port(&line);
+    s.wait_serving(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await;
+    assert!(
+        s.log().contains("plaintext on a non-loopback address"),
+        "{}",
+        s.log()
+    );
+    s.signal("TERM");
+    assert!(s.wait_exit().await.success());
+}
+
+/// Keys from the environment and from a file, JSON logs at debug: calls with the right key,
+/// a wrong key and the read-only key on a change; no key appears anywhere in the output, nor
+/// in `--help` with the key in the environment.
+#[tokio::test]
+async fn api_keys_never_appear_in_logs_or_help() {
+    use tonic::metadata::MetadataValue;
+    const ADMIN: &str = "adm1n-SECRET-6c1f0e";
+    const READER: &str = "read0nly-SECRET-b77a";
+    const WRONG: &str = "wr0ng-SECRET-99d3";
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key_file = tmp.path().join("reader.key");
+    std::fs::write(&key_file, format!("  {READER}  \nsecond line is ignored\n")).unwrap();
+    let db = tmp.path().join("db");
+    // A key is enough to listen on every interface.
+    let mut s = Vectord::spawn(
+        "keyed server",
+        &[
+            "--addr",
+            "0.0.0.0:0",
+            "--data-dir",
+            path_str(&db),
+            "--read-only-api-key-file",
+            path_str(&key_file),
+            "--log-format",
+            "json",
+            "--log",
+            "debug",
+        ],
+        &[("VECTORD_API_KEY", Path::new(ADMIN))],
+    );
+    let line = s
+        .wait_line("`vectord listening`", |l| l.contains("vectord listening"))
+        .await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], listening_port(&line)));
+    s.wait_serving(addr).await;
+    let channel = within(
+        "connect",
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let with = |key: &str| {
+        let v: MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+        IndexServiceClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", v.clone());
+            Ok(r)
+        })
+    };
+    let create = pb::CreateIndexRequest {
+        name: "keys".into(),
+        dimension: 4,
+        metric: pb::Metric::L2 as i32,
+        default_config: None,
+    };
+    within("admin create", with(ADMIN).create_index(create.clone()))
+        .await
+        .expect("admin key creates");
+    let e = within(
+        "wrong key",
+        with(WRONG).list_indexes(pb::ListIndexesRequest::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = within("read-only create", with(READER).create_index(create))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let listed = within(
+        "read-only list",
+        with(READER).list_indexes(pb::ListIndexesRequest::default()),
+    )
+    .await
+    .expect("read-only key lists")
+    .into_inner();
+    assert_eq!(listed.indexes.len(), 1);
+    s.signal("TERM");
+    assert!(s.wait_exit().await.success());
+    let log = s.log();
+    assert!(log.contains("call refused"), "refusals are logged: {log}");
+    for key in [ADMIN, READER, WRONG] {
+        assert!(!log.contains(key), "a key is in the log:\n{log}");
+        assert!(!log.contains("SECRET"), "a key is in the log:\n{log}");
+    }
+
+    let help = Command::new(env!("CARGO_BIN_EXE_vectord"))
+        .args(["serve", "--help"])
+        .env("VECTORD_API_KEY", ADMIN)
+        .env("VECTORD_READ_ONLY_API_KEY", READER)
+        .output()
+        .expect("vectord serve --help");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("VECTORD_API_KEY"), "{text}");
+    assert!(
+        !text.contains("SECRET"),
+        "--help shows a key from the environment:\n{text}"
+    );
 }

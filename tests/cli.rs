@@ -64,7 +64,16 @@ async fn vectord(server: &str, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for var in ["VECTORD_SERVER", "VECTORD_LOG", "RUST_LOG"] {
+    for var in [
+        "VECTORD_SERVER",
+        "VECTORD_LOG",
+        "RUST_LOG",
+        "VECTORD_API_KEY",
+        "VECTORD_API_KEY_FILE",
+        "VECTORD_TLS_CA",
+        "VECTORD_TLS_CLIENT_CERT",
+        "VECTORD_TLS_CLIENT_KEY",
+    ] {
         cmd.env_remove(var);
     }
     let what = format!("vectord {}", args.join(" "));
@@ -759,6 +768,139 @@ async fn ctrl_c_cancels_the_autotune_job() {
         .json();
     assert_eq!(jobs["jobs"][0]["id"], job_id);
     assert_eq!(jobs["jobs"][0]["state"], "JOB_STATE_CANCELLED", "{jobs}");
+}
+
+#[tokio::test]
+async fn api_keys_and_their_exit_codes() {
+    use std::sync::Arc;
+    use vectord::auth::{ApiKey, ApiKeys};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = vectord::config::Config::for_tests(tmp.path());
+    config.api_keys = Some(Arc::new(
+        ApiKeys::new(
+            ApiKey::parse("--api-key", "cli-admin").unwrap(),
+            Some(ApiKey::parse("--read-only-api-key", "cli-reader").unwrap()),
+        )
+        .unwrap(),
+    ));
+    let s = TestServer::start_in(tmp.path(), config).await;
+    let url = s.url();
+    let create = ["index", "create", "docs", "--dim", "4", "--metric", "l2"];
+
+    let r = vectord(&url, &["index", "list"]).await.code(9);
+    assert!(
+        r.stderr.starts_with("error: UNAUTHENTICATED: "),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("authorization: Bearer <key>"),
+        "{}",
+        r.stderr
+    );
+    vectord(&url, &["--api-key", "nope", "index", "list"])
+        .await
+        .code(9);
+    vectord(&url, &[&["--api-key", "cli-admin"][..], &create].concat())
+        .await
+        .ok();
+    let r = vectord(&url, &[&["--api-key", "cli-reader"][..], &create].concat())
+        .await
+        .code(10);
+    assert!(
+        r.stderr.starts_with("error: PERMISSION_DENIED: "),
+        "{}",
+        r.stderr
+    );
+    let key_file = tmp.path().join("reader.key");
+    std::fs::write(&key_file, "cli-reader\n").unwrap();
+    let key_file = key_file.to_str().unwrap();
+    let r = vectord(
+        &url,
+        &["--api-key-file", key_file, "--json", "index", "list"],
+    )
+    .await
+    .ok();
+    assert_eq!(r.json()["indexes"][0]["name"], "docs", "{}", r.stdout);
+    // Health is open: a probe needs no key.
+    vectord(&url, &["health"]).await.ok();
+}
+
+#[tokio::test]
+async fn https_server_with_a_private_ca() {
+    use common::tls::{serving, tls_channel, tls_server, write, Pki};
+    let pki = Pki::new("cli test CA");
+    let s = tls_server(&pki, None).await;
+    let ca = write(&s.dir, "ca.pem", &pki.ca_pem);
+    let ca = ca.to_str().unwrap();
+    let url = format!("https://localhost:{}", s.port);
+    let ch = tls_channel(s.port, &pki.ca_pem, None)
+        .await
+        .expect("TLS connect");
+    serving(ch).await.expect("SERVING over TLS");
+    let r = vectord(&url, &["--tls-ca", ca, "health"]).await.ok();
+    assert_eq!(r.stdout.trim(), "SERVING");
+    vectord(
+        &url,
+        &[
+            "--tls-ca", ca, "index", "create", "t", "--dim", "2", "--metric", "l2",
+        ],
+    )
+    .await
+    .ok();
+    // Without the CA the system roots do not trust it.
+    let r = vectord(&url, &["index", "list"]).await.code(5);
+    assert!(r.stderr.contains("UNAVAILABLE"), "{}", r.stderr);
+    // Plaintext to the TLS port fails too.
+    let r = vectord(
+        &format!("http://localhost:{}", s.port),
+        &["--timeout", "5", "index", "list"],
+    )
+    .await;
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.starts_with("error: "), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn mtls_server_needs_the_client_certificate_flags() {
+    use common::tls::{serving, tls_channel, tls_server, write, Pki};
+    let pki = Pki::new("cli mTLS CA");
+    let s = tls_server(&pki, Some(&pki)).await;
+    let (cert, key) = pki.leaf(&["cli-client"], true);
+    let ch = tls_channel(s.port, &pki.ca_pem, Some((cert.clone(), key.clone())))
+        .await
+        .expect("mTLS connect");
+    serving(ch).await.expect("SERVING over mTLS");
+    let ca = write(&s.dir, "ca.pem", &pki.ca_pem);
+    let cert = write(&s.dir, "client.pem", &cert);
+    let key = write(&s.dir, "client.key", &key);
+    let (ca, cert, key) = (
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+    let url = format!("https://localhost:{}", s.port);
+    let r = vectord(
+        &url,
+        &[
+            "--tls-ca",
+            ca,
+            "--tls-client-cert",
+            cert,
+            "--tls-client-key",
+            key,
+            "health",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(r.stdout.trim(), "SERVING");
+    let r = vectord(&url, &["--tls-ca", ca, "--timeout", "5", "health"]).await;
+    assert_ne!(
+        r.code, 0,
+        "health without a client certificate: {}",
+        r.stdout
+    );
 }
 
 /// `vectord report --svg`: every journaled trial of the harness is a point, the Pareto front

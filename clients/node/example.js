@@ -2,6 +2,9 @@
 // make a harness, run a streamed autotune printing each trial as it arrives, promote, search.
 //
 //   node example.js [host:port]        # default 127.0.0.1:50051
+//
+// With VECTORD_API_KEY set (or { apiKey }), every call carries `authorization: Bearer <key>`;
+// with VECTORD_TLS_CA set to a CA file (or { tlsCa }), the connection is TLS.
 "use strict";
 const path = require("node:path");
 const grpc = require("@grpc/grpc-js");
@@ -43,12 +46,31 @@ function autotune(client, req, onEvent) {
   });
 }
 
-async function run(target, { index = "node_example", n = 300, dim = 16, out = console.log } = {}) {
+// Credentials and client options for vectord: TLS with a private CA, and the API key on every
+// call (an interceptor, so it works on plaintext channels too).
+function connection({ apiKey = process.env.VECTORD_API_KEY, tlsCa = process.env.VECTORD_TLS_CA } = {}) {
+  const creds = tlsCa ? grpc.credentials.createSsl(require("node:fs").readFileSync(tlsCa)) : grpc.credentials.createInsecure();
+  const interceptors = [];
+  if (apiKey) {
+    interceptors.push(
+      (options, nextCall) =>
+        new grpc.InterceptingCall(nextCall(options), {
+          start(metadata, listener, next) {
+            metadata.set("authorization", `Bearer ${apiKey}`);
+            next(metadata, listener);
+          },
+        }),
+    );
+  }
+  return { creds, options: { interceptors } };
+}
+
+async function run(target, { index = "node_example", n = 300, dim = 16, out = console.log, apiKey, tlsCa } = {}) {
   const v1 = load();
-  const creds = grpc.credentials.createInsecure();
-  const indexes = new v1.IndexService(target, creds);
-  const tune = new v1.AutotuneService(target, creds);
-  const promotions = new v1.PromotionService(target, creds);
+  const { creds, options } = connection({ apiKey, tlsCa });
+  const indexes = new v1.IndexService(target, creds, options);
+  const tune = new v1.AutotuneService(target, creds, options);
+  const promotions = new v1.PromotionService(target, creds, options);
   try {
     await unary(indexes, "CreateIndex", { name: index, dimension: dim, metric: "METRIC_COSINE" });
     let seed = 7;
@@ -82,7 +104,7 @@ async function run(target, { index = "node_example", n = 300, dim = 16, out = co
   }
 }
 
-module.exports = { run, load, unary };
+module.exports = { run, load, unary, connection };
 
 if (require.main === module) {
   run(process.argv[2] || "127.0.0.1:50051").catch((e) => {

@@ -20,9 +20,10 @@ function binary() {
   throw new Error("no vectord binary: run `cargo build` first or set VECTORD_BIN");
 }
 
-function startServer() {
+function startServer(...flags) {
   const data = fs.mkdtempSync(path.join(os.tmpdir(), "vectord-node-"));
-  const proc = spawn(binary(), ["serve", "--addr", "127.0.0.1:0", "--data-dir", data], { stdio: ["ignore", "ignore", "pipe"] });
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("VECTORD_")));
+  const proc = spawn(binary(), ["serve", "--addr", "127.0.0.1:0", "--data-dir", data, ...flags], { stdio: ["ignore", "ignore", "pipe"], env });
   const lines = readline.createInterface({ input: proc.stderr });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("vectord did not start within 60 s")), 60000);
@@ -67,6 +68,32 @@ test("create, import, streamed autotune, promote, search", async () => {
     await assert.rejects(example.unary(c, "CreateIndex", { name: "bad name", dimension: 4, metric: "METRIC_L2" }), (e) => e.code === grpc.status.INVALID_ARGUMENT);
     c.close();
   } finally {
+    assert.strictEqual(await stop(proc), 0);
+  }
+});
+
+test("API keys: none is UNAUTHENTICATED, read-only reads, admin runs the example", async () => {
+  const { addr, proc } = await startServer("--api-key", "node-admin-key", "--read-only-api-key", "node-reader-key");
+  const v1 = example.load();
+  const client = (apiKey) => {
+    const { creds, options } = example.connection({ apiKey, tlsCa: "" });
+    return new v1.IndexService(addr, creds, options);
+  };
+  const none = client("");
+  const reader = client("node-reader-key");
+  try {
+    await assert.rejects(example.unary(none, "ListIndexes", {}), (e) => e.code === grpc.status.UNAUTHENTICATED);
+    const listed = await example.unary(reader, "ListIndexes", {});
+    assert.deepStrictEqual(listed.indexes, []);
+    await assert.rejects(
+      example.unary(reader, "CreateIndex", { name: "x", dimension: 4, metric: "METRIC_L2" }),
+      (e) => e.code === grpc.status.PERMISSION_DENIED,
+    );
+    const { hits } = await example.run(addr, { apiKey: "node-admin-key", out: () => {} });
+    assert.strictEqual(hits.neighbors[0].id, "42");
+  } finally {
+    none.close();
+    reader.close();
     assert.strictEqual(await stop(proc), 0);
   }
 });

@@ -2,7 +2,11 @@
 run a streamed autotune (printing each trial as it arrives), promote, and search.
 
     python3 example.py [host:port]        # default 127.0.0.1:50051
+
+With VECTORD_API_KEY set (or api_key=...), every call carries `authorization: Bearer <key>`;
+with VECTORD_TLS_CA set to a CA file (or tls_ca=...), the connection is TLS.
 """
+import os
 import random
 import sys
 
@@ -13,8 +17,50 @@ import vectord_stubs
 pb, rpc = vectord_stubs.load()
 
 
-def run(target, index="py_example", n=300, dim=16, out=print):
-    channel = grpc.insecure_channel(target)
+class _BearerKey(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, key):
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        metadata = list(details.metadata or []) + [self._header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
+def connect(target, api_key=None, tls_ca=None):
+    """A channel to vectord: TLS when tls_ca (a PEM file) is given, the key on every call."""
+    api_key = api_key if api_key is not None else os.environ.get("VECTORD_API_KEY")
+    tls_ca = tls_ca if tls_ca is not None else os.environ.get("VECTORD_TLS_CA")
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    else:
+        channel = grpc.insecure_channel(target)
+    if api_key:
+        channel = grpc.intercept_channel(channel, _BearerKey(api_key))
+    return channel
+
+
+def run(target, index="py_example", n=300, dim=16, out=print, api_key=None):
+    channel = connect(target, api_key=api_key)
     indexes = rpc.IndexServiceStub(channel)
     tune = rpc.AutotuneServiceStub(channel)
     promotions = rpc.PromotionServiceStub(channel)

@@ -24,11 +24,12 @@ def binary():
     pytest.fail("no vectord binary: run `cargo build` first or set VECTORD_BIN")
 
 
-@pytest.fixture
-def server():
+def start(*flags):
     data = tempfile.mkdtemp(prefix="vectord-py-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTORD_")}
     proc = subprocess.Popen(
-        [binary(), "serve", "--addr", "127.0.0.1:0", "--data-dir", data],
+        [binary(), "serve", "--addr", "127.0.0.1:0", "--data-dir", data, *flags],
+        env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -49,6 +50,20 @@ def server():
         for status in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60):
             if status.status == health_pb2.HealthCheckResponse.SERVING:
                 break
+    return proc, addr
+
+
+@pytest.fixture
+def server():
+    proc, addr = start()
+    yield addr
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def keyed_server():
+    proc, addr = start("--api-key", "py-admin-key", "--read-only-api-key", "py-reader-key")
     yield addr
     proc.terminate()
     assert proc.wait(timeout=60) == 0
@@ -76,3 +91,21 @@ def test_errors_carry_codes(server):
     with pytest.raises(grpc.RpcError) as e:
         indexes.CreateIndex(example.pb.CreateIndexRequest(name="bad name", dimension=4, metric=example.pb.METRIC_L2))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_api_keys(keyed_server, monkeypatch):
+    # No key: UNAUTHENTICATED.
+    indexes = example.rpc.IndexServiceStub(example.connect(keyed_server, api_key=""))
+    with pytest.raises(grpc.RpcError) as e:
+        indexes.ListIndexes(example.pb.ListIndexesRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The read-only key reads but may not change anything.
+    reader = example.rpc.IndexServiceStub(example.connect(keyed_server, api_key="py-reader-key"))
+    assert list(reader.ListIndexes(example.pb.ListIndexesRequest()).indexes) == []
+    with pytest.raises(grpc.RpcError) as e:
+        reader.CreateIndex(example.pb.CreateIndexRequest(name="x", dimension=4, metric=example.pb.METRIC_L2))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The admin key from the environment runs the whole example (streams included).
+    monkeypatch.setenv("VECTORD_API_KEY", "py-admin-key")
+    _, _, hits = example.run(keyed_server, out=lambda _: None)
+    assert hits.neighbors[0].id == 42

@@ -68,11 +68,9 @@ fn ok() -> Res {
 
 async fn health(ctx: &Ctx) -> Res {
     let r = ctx
-        .call(
-            HealthClient::new(ctx.channel.clone()).check(HealthCheckRequest {
-                service: String::new(),
-            }),
-        )
+        .call(HealthClient::new(ctx.chan()).check(HealthCheckRequest {
+            service: String::new(),
+        }))
         .await?;
     let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
     if ctx.json {

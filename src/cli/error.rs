@@ -17,12 +17,18 @@ Exit codes of the client subcommands (errors print `error: <GRPC CODE>: <message
   6    conflict (FAILED_PRECONDITION, ABORTED)
   7    already exists (ALREADY_EXISTS)
   8    resource exhausted (RESOURCE_EXHAUSTED)
+  9    no or wrong API key (UNAUTHENTICATED): pass --api-key or set VECTORD_API_KEY
+  10   the API key may not call this (PERMISSION_DENIED): a read-only key on a change
   130  interrupted (Ctrl-C)
 
 Client flags: --server (env VECTORD_SERVER, default http://127.0.0.1:50051), --json (one JSON
 object per line, proto field names), --timeout SECS (deadline of each call: default 30 s for
 quick unary calls, none for streams and for calls that build graphs or ground truth: import,
-autotune, harness create, trial run, profile activate).";
+autotune, harness create, trial run, profile activate), --api-key KEY or --api-key-file PATH
+(env VECTORD_API_KEY, VECTORD_API_KEY_FILE: sent as `authorization: Bearer <key>`), --tls-ca PEM
+(env VECTORD_TLS_CA: the CA of an https:// --server; default the system's roots),
+--tls-client-cert PEM --tls-client-key PEM (env VECTORD_TLS_CLIENT_CERT, VECTORD_TLS_CLIENT_KEY:
+a client certificate for an mTLS server).";
 
 /// Exit code for Ctrl-C.
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -98,13 +104,11 @@ pub fn exit_code(code: Code) -> u8 {
         Code::FailedPrecondition | Code::Aborted => 6,
         Code::AlreadyExists => 7,
         Code::ResourceExhausted => 8,
-        Code::Cancelled
-        | Code::Unknown
-        | Code::PermissionDenied
-        | Code::Unimplemented
-        | Code::Internal
-        | Code::DataLoss
-        | Code::Unauthenticated => 1,
+        Code::Unauthenticated => 9,
+        Code::PermissionDenied => 10,
+        Code::Cancelled | Code::Unknown | Code::Unimplemented | Code::Internal | Code::DataLoss => {
+            1
+        }
     }
 }
 
@@ -143,6 +147,8 @@ mod tests {
         assert_eq!(exit_code(Code::Aborted), 6);
         assert_eq!(exit_code(Code::AlreadyExists), 7);
         assert_eq!(exit_code(Code::ResourceExhausted), 8);
+        assert_eq!(exit_code(Code::Unauthenticated), 9);
+        assert_eq!(exit_code(Code::PermissionDenied), 10);
         assert_eq!(exit_code(Code::Internal), 1);
         assert_eq!(code_name(Code::FailedPrecondition), "FAILED_PRECONDITION");
     }

@@ -16,7 +16,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use vectord::pb::autotune_service_client::AutotuneServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
@@ -49,6 +52,41 @@ pub struct GlobalArgs {
     /// for streams and for calls that build graphs.
     #[arg(long, global = true, value_name = "SECS", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
+    /// API key: clients send it as `authorization: Bearer <key>`; `serve` takes it as the admin key.
+    #[arg(
+        long,
+        global = true,
+        env = "VECTORD_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<String>,
+    /// File whose first line is the API key (instead of --api-key).
+    #[arg(long, global = true, env = "VECTORD_API_KEY_FILE", value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+    /// CA certificate (PEM) that an https:// --server's certificate must chain to (client
+    /// subcommands; default: the system's roots).
+    #[arg(long, global = true, env = "VECTORD_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an https:// --server that requires one (mTLS); needs
+    /// --tls-client-key (client subcommands).
+    #[arg(
+        long,
+        global = true,
+        env = "VECTORD_TLS_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert (client subcommands).
+    #[arg(
+        long,
+        global = true,
+        env = "VECTORD_TLS_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -405,24 +443,85 @@ pub enum JobsCommand {
     Cancel { id: String },
 }
 
+/// Adds `authorization: Bearer <key>` to every call when a key is set.
+#[derive(Clone)]
+pub struct BearerKey(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The channel every client uses: the connection plus the key.
+pub type Chan = InterceptedService<Channel, BearerKey>;
+
 /// A connection to the server and how to print.
 pub struct Ctx {
     channel: Channel,
+    key: BearerKey,
     json: bool,
     timeout: Option<Duration>,
 }
 
 impl Ctx {
     async fn connect(g: &GlobalArgs) -> Result<Ctx, CliError> {
+        let key = vectord::config::api_key_from(
+            "--api-key",
+            g.api_key.clone(),
+            g.api_key_file.as_deref(),
+        )
+        .map_err(|e| CliError::invalid(e.to_string()))?;
+        let key = match key {
+            None => BearerKey(None),
+            Some(k) => {
+                BearerKey(Some(k.bearer().parse().map_err(|_| {
+                    CliError::invalid("--api-key cannot be sent as metadata")
+                })?))
+            }
+        };
         // `host:port` alone means plaintext http.
         let url = if g.server.contains("://") {
             g.server.clone()
         } else {
             format!("http://{}", g.server)
         };
-        let endpoint = Endpoint::from_shared(url)
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| CliError::invalid(format!("--server {:?}: {e}", g.server)))?
             .connect_timeout(g.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &g.tls_ca {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        CliError::invalid(format!("--tls-ca {}: {e}", path.display()))
+                    })?;
+                    tls.ca_certificate(Certificate::from_pem(pem))
+                }
+                None => tls.with_native_roots(),
+            };
+            if let (Some(cert), Some(key)) = (&g.tls_client_cert, &g.tls_client_key) {
+                let read = |flag: &str, p: &PathBuf| {
+                    std::fs::read(p)
+                        .map_err(|e| CliError::invalid(format!("{flag} {}: {e}", p.display())))
+                };
+                tls = tls.identity(Identity::from_pem(
+                    read("--tls-client-cert", cert)?,
+                    read("--tls-client-key", key)?,
+                ));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| CliError::invalid(format!("TLS: {}", error::chain(&e))))?;
+        } else if g.tls_ca.is_some() || g.tls_client_cert.is_some() {
+            return Err(CliError::invalid(format!(
+                "--tls-ca or --tls-client-cert is given but --server {} is not https://",
+                g.server
+            )));
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             CliError::unavailable(format!(
                 "cannot connect to {}: {}",
@@ -432,25 +531,31 @@ impl Ctx {
         })?;
         Ok(Ctx {
             channel,
+            key,
             json: g.json,
             timeout: g.timeout,
         })
     }
 
-    fn index(&self) -> IndexServiceClient<Channel> {
-        IndexServiceClient::new(self.channel.clone())
+    /// The connection with the key added to every call.
+    fn chan(&self) -> Chan {
+        InterceptedService::new(self.channel.clone(), self.key.clone())
+    }
+
+    fn index(&self) -> IndexServiceClient<Chan> {
+        IndexServiceClient::new(self.chan())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
-    fn autotune(&self) -> AutotuneServiceClient<Channel> {
-        AutotuneServiceClient::new(self.channel.clone())
+    fn autotune(&self) -> AutotuneServiceClient<Chan> {
+        AutotuneServiceClient::new(self.chan())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
-    fn promotion(&self) -> PromotionServiceClient<Channel> {
-        PromotionServiceClient::new(self.channel.clone())
+    fn promotion(&self) -> PromotionServiceClient<Chan> {
+        PromotionServiceClient::new(self.chan())
     }
 
     /// A quick unary call: `--timeout`, else 30 s.

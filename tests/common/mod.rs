@@ -2,6 +2,8 @@
 //! clients. Readiness is awaited through health's Watch stream, never by sleeping.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::path::{Path, PathBuf};
 
 use tokio::sync::oneshot;
