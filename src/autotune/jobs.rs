@@ -123,11 +123,13 @@ pub struct Jobs {
     /// Cancelled at shutdown; every job token is its child.
     root: CancellationToken,
     kept: usize,
+    /// Most jobs running at once server-wide (--max-concurrent-jobs).
+    max_running: usize,
 }
 
 impl Jobs {
     /// Marks jobs left RUNNING by a previous process as FAILED.
-    pub async fn recover(lab: Arc<Lab>, kept: usize) -> Result<Arc<Self>> {
+    pub async fn recover(lab: Arc<Lab>, kept: usize, max_running: usize) -> Result<Arc<Self>> {
         let store = lab.catalog().store().clone();
         for (seq, mut job) in store.list_jobs::<JobRecord>()? {
             if job.state == JobState::Running {
@@ -144,6 +146,7 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             root: CancellationToken::new(),
             kept,
+            max_running: max_running.max(1),
         }))
     }
 
@@ -230,6 +233,12 @@ impl Jobs {
                     "index {:?} is already being tuned by job {}; wait for it or cancel it",
                     req.index.as_str(),
                     r.job_id
+                )));
+            }
+            if running.len() >= self.max_running {
+                return Err(Error::Limit(format!(
+                    "{} autotune jobs are running, the server's limit (--max-concurrent-jobs); wait for one to finish",
+                    running.len()
                 )));
             }
             let seq = store.next_job_seq()?;
