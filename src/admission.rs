@@ -8,7 +8,7 @@
 //!   away or a deadline that passes never drops a handler halfway (say, after its write is
 //!   stored but before the graph sees it). The permit is held until the handler is done, so
 //!   abandoned work still counts against the limit.
-//! - A unary call past `--request-timeout` gets DEADLINE_EXCEEDED (the client's own
+//! - A unary call past `--request-timeout-secs` gets DEADLINE_EXCEEDED (the client's own
 //!   grpc-timeout, when shorter, is enforced by tonic outside this layer). The streaming calls,
 //!   ImportPoints and Autotune, are not cut by the server's timeout: they can legitimately run
 //!   for long.
@@ -127,7 +127,7 @@ where
                     Err(_) => {
                         tracing::warn!(method = %path, timeout = ?t, "call timed out; its work goes on to completion");
                         return Ok(Status::deadline_exceeded(format!(
-                            "the call took longer than the server's limit of {}s (--request-timeout); a write may still complete: check before retrying",
+                            "the call took longer than the server's limit of {}s (--request-timeout-secs); a write may still complete: check before retrying",
                             t.as_secs_f64()
                         ))
                         .into_http());
