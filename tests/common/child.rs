@@ -69,6 +69,11 @@ impl Vectord {
             "VECTORD_LOG",
             "VECTORD_MAX_REQUEST_BYTES",
             "VECTORD_SHUTDOWN_GRACE_SECS",
+            "VECTORD_MAX_POINTS_PER_UPSERT",
+            "VECTORD_MAX_CONCURRENT_REQUESTS",
+            "VECTORD_REQUEST_TIMEOUT_SECS",
+            "VECTORD_MAX_CONCURRENT_JOBS",
+            "VECTORD_MAX_HARNESS_QUERIES",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);
