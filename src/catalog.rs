@@ -457,6 +457,21 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
+        self.build_and_swap(name, config, source, profile, true)
+            .await
+            .map(|(meta, _)| meta)
+    }
+
+    /// [`rebuild`](Self::rebuild); with `persist` false the swap is made in memory only and the
+    /// index record to persist is returned for the caller to write (with others, atomically).
+    async fn build_and_swap(
+        &self,
+        name: &Name,
+        config: HnswConfig,
+        source: ConfigSource,
+        profile: &str,
+        persist: bool,
+    ) -> Result<(GenerationMeta, IndexRecord)> {
         let handle = self.handle(name)?;
         let _building = handle.building.lock().await;
         tracing::info!(
@@ -516,8 +531,10 @@ impl Catalog {
             meta: handle.meta.clone(),
             generation: gen.meta.clone(),
         };
-        self.store.put_index(&rec)?;
-        self.store.flush().await?;
+        if persist {
+            self.store.put_index(&rec)?;
+            self.store.flush().await?;
+        }
         let meta = gen.meta.clone();
         handle.active.store(Arc::new(gen));
         drop(w);
@@ -529,7 +546,7 @@ impl Catalog {
             replayed,
             "swapped in generation"
         );
-        Ok(meta)
+        Ok((meta, rec))
     }
 
     // ---- profiles ----
@@ -576,10 +593,57 @@ impl Catalog {
             let (config, source) = self.registry.config_or(&pi.index, default)?;
             plan.push((pi.index.clone(), config, source));
         }
+        // The new generations are swapped in one by one as they are built, but recorded all
+        // at once at the end: a crash midway leaves every index on its previous generation
+        // after restart, never a profile half-activated.
         let mut out = Vec::with_capacity(plan.len());
+        let mut records = Vec::with_capacity(plan.len());
+        let mut failed = None;
         for (index, config, source) in plan {
-            out.push(self.rebuild(&index, config, source, name.as_str()).await?);
+            match self
+                .build_and_swap(&index, config, source, name.as_str(), false)
+                .await
+            {
+                Ok((meta, rec)) => {
+                    out.push(meta);
+                    records.push(rec);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        Ok(out)
+        // On failure the generations already swapped in stay (as before) and are recorded too,
+        // so what is served and what a restart brings back agree.
+        self.persist_generations(records).await?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Writes the index records of swapped-in generations in one atomic batch, skipping an
+    /// index deleted meanwhile or one that has since swapped in a newer generation.
+    async fn persist_generations(&self, records: Vec<IndexRecord>) -> Result<()> {
+        // Locked in name order, so two activations never wait on each other in a cycle.
+        let mut records = records;
+        records.sort_by(|a, b| a.meta.name.as_str().cmp(b.meta.name.as_str()));
+        let handles: Vec<_> = records
+            .into_iter()
+            .filter_map(|rec| self.handle(&rec.meta.name).ok().map(|h| (h, rec)))
+            .collect();
+        let mut guards = Vec::with_capacity(handles.len());
+        let mut current = Vec::with_capacity(handles.len());
+        for (handle, rec) in &handles {
+            guards.push(handle.writer.lock().await);
+            if handle.check_live().is_ok() && handle.active().meta.number == rec.generation.number {
+                current.push(rec.clone());
+            }
+        }
+        self.store.put_indexes(&current)?;
+        self.store.flush().await?;
+        drop(guards);
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! vectord: approximate nearest-neighbour search over gRPC whose HNSW configuration is measured,
 //! not guessed. See the README for the user's manual.
 
+pub mod admission;
 pub mod auth;
 pub mod autotune;
 pub mod catalog;

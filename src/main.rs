@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use vectord::auth::ApiKeys;
-use vectord::config::{api_key_from, Config, TlsConfig};
+use vectord::config::{self, api_key_from, Config, TlsConfig};
 
 mod cli;
 
@@ -49,6 +49,25 @@ struct ServeArgs {
     /// Largest request message accepted, in bytes; larger is RESOURCE_EXHAUSTED.
     #[arg(long, env = "VECTORD_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_request_bytes: usize,
+    /// Most points in one UpsertPoints call or one ImportPoints message; more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_POINTS_PER_UPSERT", default_value_t = config::DEFAULT_MAX_POINTS_PER_UPSERT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_points_per_upsert: u64,
+    /// Most calls in flight server-wide; one more gets RESOURCE_EXHAUSTED at once (health is not counted).
+    #[arg(long, env = "VECTORD_MAX_CONCURRENT_REQUESTS", default_value_t = config::DEFAULT_MAX_CONCURRENT_REQUESTS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_concurrent_requests: u64,
+    /// Seconds a unary call may take (the client's deadline wins when shorter); 0: no limit.
+    #[arg(long, env = "VECTORD_REQUEST_TIMEOUT_SECS", default_value_t = config::DEFAULT_REQUEST_TIMEOUT_SECS)]
+    request_timeout_secs: u64,
+    /// Most autotune jobs running at once server-wide; one more gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_CONCURRENT_JOBS", default_value_t = config::DEFAULT_MAX_CONCURRENT_JOBS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_concurrent_jobs: u64,
+    /// Most queries in a harness.
+    #[arg(long, env = "VECTORD_MAX_HARNESS_QUERIES", default_value_t = config::DEFAULT_MAX_HARNESS_QUERIES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_harness_queries: u64,
     /// Seconds in-flight calls get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "VECTORD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -159,6 +178,12 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.metrics_addr = args.metrics_addr;
     config.refresh_probe_interval = Duration::from_secs(args.refresh_probe_secs);
+    config.max_points_per_upsert = args.max_points_per_upsert as usize;
+    config.max_concurrent_requests = args.max_concurrent_requests as usize;
+    config.request_timeout =
+        (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs));
+    config.max_concurrent_jobs = args.max_concurrent_jobs as usize;
+    config.max_harness_queries = args.max_harness_queries as usize;
     let admin = api_key_from(
         "--api-key",
         client.api_key.clone(),

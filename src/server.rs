@@ -104,7 +104,7 @@ pub async fn run_with(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
-    let core = Arc::new(Core::default());
+    let core = Arc::new(Core::new(config.max_points_per_upsert));
     let max = config.max_request_bytes;
     let index = pb::index_service_server::IndexServiceServer::new(IndexApi::new(core.clone()))
         .max_decoding_message_size(max)
@@ -169,6 +169,10 @@ pub async fn run_with(
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))
+        .layer(crate::admission::AdmissionLayer::new(
+            config.max_concurrent_requests,
+            config.request_timeout,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -178,14 +182,18 @@ pub async fn run_with(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
     tokio::pin!(serve);
 
-    let jobs_kept = config.jobs_kept;
+    let (jobs_kept, max_jobs, max_queries) = (
+        config.jobs_kept,
+        config.max_concurrent_jobs,
+        config.max_harness_queries,
+    );
     let probe_interval = config.refresh_probe_interval;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry).await?);
-            let lab = Arc::new(Lab::new(catalog.clone()));
-            let jobs = Jobs::recover(lab.clone(), jobs_kept).await?;
+            let lab = Arc::new(Lab::new(catalog.clone(), max_queries));
+            let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs).await?;
             let refresh = Refresher::start(lab.clone(), jobs.clone())?;
             refresh.spawn_prober(probe_interval, jobs.shutdown_token());
             core.set_ready(Ready {

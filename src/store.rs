@@ -253,6 +253,16 @@ impl Store {
         Ok(())
     }
 
+    /// Writes several index records, all or nothing.
+    pub fn put_indexes(&self, recs: &[IndexRecord]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for rec in recs {
+            batch.insert(rec.meta.name.as_str(), to_json(rec)?);
+        }
+        self.indexes.apply_batch(batch)?;
+        Ok(())
+    }
+
     pub fn list_indexes(&self) -> Result<Vec<IndexRecord>> {
         self.indexes
             .iter()

@@ -132,11 +132,13 @@ pub struct Jobs {
     kept: usize,
     /// Called with the index when a job starts on it (refresh policies mark the tune).
     on_start: std::sync::OnceLock<OnStart>,
+    /// Most jobs running at once server-wide (--max-concurrent-jobs).
+    max_running: usize,
 }
 
 impl Jobs {
     /// Marks jobs left RUNNING by a previous process as FAILED.
-    pub async fn recover(lab: Arc<Lab>, kept: usize) -> Result<Arc<Self>> {
+    pub async fn recover(lab: Arc<Lab>, kept: usize, max_running: usize) -> Result<Arc<Self>> {
         let store = lab.catalog().store().clone();
         for (seq, mut job) in store.list_jobs::<JobRecord>()? {
             if job.state == JobState::Running {
@@ -154,6 +156,7 @@ impl Jobs {
             root: CancellationToken::new(),
             kept,
             on_start: Default::default(),
+            max_running: max_running.max(1),
         }))
     }
 
@@ -260,6 +263,12 @@ impl Jobs {
                     "index {:?} is already being tuned by job {}; wait for it or cancel it",
                     req.index.as_str(),
                     r.job_id
+                )));
+            }
+            if running.len() >= self.max_running {
+                return Err(Error::Limit(format!(
+                    "{} autotune jobs are running, the server's limit (--max-concurrent-jobs); wait for one to finish",
+                    running.len()
                 )));
             }
             let seq = store.next_job_seq()?;

@@ -13,9 +13,6 @@ use crate::index::Generation;
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name, Point};
 use crate::store::Store;
 
-/// Largest number of queries a harness may have.
-pub const MAX_HARNESS_QUERIES: usize = 10_000;
-
 /// An index's points and a harness whose ground truth matches them.
 pub struct Prepared {
     pub handle: Arc<IndexHandle>,
@@ -39,6 +36,8 @@ pub struct Lab {
     catalog: Arc<Catalog>,
     /// Graphs built for trials since start (autotune shares builds; this shows it).
     graphs_built: AtomicU64,
+    /// Most queries a harness may have (--max-harness-queries).
+    max_queries: usize,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -50,10 +49,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 impl Lab {
-    pub fn new(catalog: Arc<Catalog>) -> Self {
+    pub fn new(catalog: Arc<Catalog>, max_queries: usize) -> Self {
         Lab {
             catalog,
             graphs_built: AtomicU64::new(0),
+            max_queries,
         }
     }
 
@@ -100,7 +100,7 @@ impl Lab {
                         index.as_str()
                     )));
                 }
-                let max = points.len().min(MAX_HARNESS_QUERIES);
+                let max = points.len().min(self.max_queries);
                 let count = crate::model::in_range("sampled.query_count", count as usize, 1..=max)?;
                 (sample(&points, count, seed), Some(seed))
             }
@@ -110,10 +110,11 @@ impl Lab {
                         "explicit.queries is empty: give at least one query, or use sampled",
                     ));
                 }
-                if vectors.len() > MAX_HARNESS_QUERIES {
+                if vectors.len() > self.max_queries {
                     return Err(Error::Limit(format!(
-                        "explicit.queries has {} queries; at most {MAX_HARNESS_QUERIES} are allowed",
-                        vectors.len()
+                        "explicit.queries has {} queries; at most {} are allowed (--max-harness-queries)",
+                        vectors.len(),
+                        self.max_queries
                     )));
                 }
                 let mut qs = Vec::with_capacity(vectors.len());

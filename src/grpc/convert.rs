@@ -348,3 +348,188 @@ pub fn page_after(token: &str) -> Result<Option<Name>> {
         })
         .transpose()
 }
+
+/// Property tests: whatever a client sends, conversion never panics, and either yields values
+/// within their documented bounds or an INVALID_ARGUMENT (RESOURCE_EXHAUSTED only for a grid
+/// over its size limit).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::autotune::jobs::TuneRequest;
+    use crate::model::{
+        SearchParams, DEFAULT_CONFIG_EF_CONSTRUCTION, DEFAULT_CONFIG_M, MAX_EF_SEARCH, MAX_K,
+        TRIAL_EF_CONSTRUCTION, TRIAL_EF_SEARCH, TRIAL_M,
+    };
+    use proptest::prelude::*;
+    use tonic::Code;
+
+    /// Names: mostly near the rules (allowed characters, lengths around 64), sometimes anything.
+    fn any_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9_.-]{0,70}",
+            "[A-Za-z0-9_. /é\\x00-]{0,70}",
+            any::<String>(),
+        ]
+    }
+
+    fn any_u32() -> impl Strategy<Value = u32> {
+        prop_oneof![0u32..3000, any::<u32>()]
+    }
+
+    fn any_config() -> impl Strategy<Value = pb::HnswConfig> {
+        (any_u32(), any_u32(), any_u32(), any::<Option<u64>>()).prop_map(
+            |(m, ef_construction, ef_search, seed)| pb::HnswConfig {
+                m,
+                ef_construction,
+                ef_search,
+                seed,
+            },
+        )
+    }
+
+    fn name_ok(n: &Name) -> bool {
+        let s = n.as_str();
+        (1..=64).contains(&s.len())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    }
+
+    fn trial_ok(c: &HnswConfig) -> bool {
+        TRIAL_M.contains(&c.m)
+            && TRIAL_EF_CONSTRUCTION.contains(&c.ef_construction)
+            && TRIAL_EF_SEARCH.contains(&c.ef_search)
+    }
+
+    fn invalid<T>(r: &Result<T>) -> bool {
+        matches!(r, Err(e) if e.code() == Code::InvalidArgument && !e.to_string().is_empty())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn names(s in any_name()) {
+            let r = name("name", &s);
+            match &r {
+                Ok(n) => prop_assert!(name_ok(n) && n.as_str() == s),
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn create_index(name in any_name(), dimension in any_u32(), metric in -2i32..6, config in proptest::option::of(any_config())) {
+            let r = NewIndex::try_from(pb::CreateIndexRequest { name, dimension, metric, default_config: config });
+            match &r {
+                Ok(n) => {
+                    prop_assert!(name_ok(&n.name));
+                    prop_assert!((1..=MAX_DIMENSION).contains(&n.dimension));
+                    let c = &n.default_config;
+                    prop_assert!(DEFAULT_CONFIG_M.contains(&c.m));
+                    prop_assert!(DEFAULT_CONFIG_EF_CONSTRUCTION.contains(&c.ef_construction));
+                    prop_assert!((1..=MAX_EF_SEARCH).contains(&c.ef_search));
+                }
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn trial_configs(config in proptest::option::of(any_config())) {
+            let r = trial_config("config.", config);
+            match &r {
+                Ok(c) => prop_assert!(trial_ok(c)),
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn search_params(k in any_u32(), ef in proptest::option::of(any_u32())) {
+            let r = SearchParams::parse(k, ef);
+            match &r {
+                Ok(p) => {
+                    prop_assert!((1..=MAX_K).contains(&(p.k as u32)));
+                }
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn page_tokens(raw in prop_oneof![any::<String>(), "v1:[A-Za-z0-9_. -]{0,70}".prop_map(|s| page_token_encode(&s)), "[A-Za-z0-9_-]{0,40}"]) {
+            let r = page_token_decode(&raw);
+            prop_assert!(r.is_ok() || invalid(&r));
+            let r = page_after(&raw);
+            match &r {
+                Ok(Some(n)) => prop_assert!(name_ok(n)),
+                Ok(None) => prop_assert!(raw.is_empty()),
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn page_sizes(n in any_u32()) {
+            let r = page_size(n);
+            match &r {
+                Ok(s) => prop_assert!((1..=1000).contains(s)),
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn profiles(name in any_name(), entries in proptest::collection::vec((any_name(), proptest::option::of(any_config())), 0..6)) {
+            let r = Profile::try_from(pb::Profile {
+                name,
+                indexes: entries.into_iter().map(|(index_name, default_config)| pb::ProfileIndex { index_name, default_config }).collect(),
+            });
+            match &r {
+                Ok(p) => {
+                    prop_assert!(name_ok(&p.name));
+                    let mut seen = std::collections::HashSet::new();
+                    for pi in &p.indexes {
+                        prop_assert!(name_ok(&pi.index));
+                        prop_assert!(seen.insert(pi.index.clone()), "an index twice");
+                    }
+                }
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+
+        #[test]
+        fn autotune_requests(
+            index in any_name(),
+            harness in any_name(),
+            min_recall in proptest::option::of(prop_oneof![-1.0f64..2.0, any::<f64>()]),
+            grid in proptest::collection::vec(any_config(), 0..4),
+            objective in -1i32..4,
+            target_recall in proptest::option::of(prop_oneof![-1.0f64..2.0, any::<f64>()]),
+        ) {
+            let r = TuneRequest::try_from(pb::AutotuneRequest {
+                index_name: index,
+                harness,
+                min_recall,
+                grid,
+                activate: false,
+                requested_by: String::new(),
+                objective,
+                target_recall,
+            });
+            match &r {
+                Ok(t) => {
+                    prop_assert!(name_ok(&t.index) && name_ok(&t.harness));
+                    prop_assert!((0.0..=1.0).contains(&t.min_recall));
+                    prop_assert!(!t.grid.is_empty() && t.grid.iter().all(trial_ok));
+                }
+                Err(_) => prop_assert!(invalid(&r)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_grid_over_its_limit_is_resource_exhausted() {
+        let r = TuneRequest::try_from(pb::AutotuneRequest {
+            index_name: "i".into(),
+            harness: "h".into(),
+            grid: vec![pb::HnswConfig::default(); 1001],
+            ..Default::default()
+        });
+        assert!(matches!(r, Err(e) if e.code() == Code::ResourceExhausted));
+    }
+}

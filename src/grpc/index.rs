@@ -80,6 +80,7 @@ impl IndexService for IndexApi {
     ) -> R<pb::UpsertPointsResponse> {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
+        self.core.check_points("the request", req.points.len())?;
         let (upserted_count, point_count) = self
             .core
             .catalog()?
@@ -131,6 +132,15 @@ impl IndexService for IndexApi {
             let Some(n) = index.as_ref() else { continue };
             if msg.points.is_empty() {
                 continue;
+            }
+            if let Err(e) = self.core.check_points(
+                &format!("message {messages} of the stream"),
+                msg.points.len(),
+            ) {
+                return Err(Status::new(
+                    e.code(),
+                    format!("{e}; {upserted_total} points were upserted before it"),
+                ));
             }
             match self
                 .core

@@ -23,12 +23,31 @@ pub struct Ready {
 
 /// What the handlers share: the core, set once startup recovery is done. Until then every
 /// vectord call is UNAVAILABLE (health says NOT_SERVING).
-#[derive(Default)]
 pub struct Core {
     ready: OnceLock<Ready>,
+    /// Most points in one UpsertPoints call or ImportPoints message.
+    pub max_points_per_upsert: usize,
 }
 
 impl Core {
+    pub fn new(max_points_per_upsert: usize) -> Self {
+        Core {
+            ready: OnceLock::new(),
+            max_points_per_upsert,
+        }
+    }
+
+    /// RESOURCE_EXHAUSTED when `n` points are more than one call may carry.
+    pub fn check_points(&self, what: &str, n: usize) -> Result<(), Error> {
+        let max = self.max_points_per_upsert;
+        if n > max {
+            return Err(Error::Limit(format!(
+                "{what} has {n} points; at most {max} are allowed per call or message (--max-points-per-upsert): split it"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn set_ready(&self, ready: Ready) {
         let _ = self.ready.set(ready);
     }

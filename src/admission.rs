@@ -1,0 +1,150 @@
+//! Admission: the server-wide limit on vectord calls in flight and the server's per-call
+//! timeout, as one tower layer around the gRPC services.
+//!
+//! - A call over `--max-concurrent-requests` is refused at once with RESOURCE_EXHAUSTED (load
+//!   shedding: nothing queues without bound). Health and reflection are not counted, so a
+//!   saturated server still answers its health checks.
+//! - Every admitted call's handler runs as its own task, to completion: a client that goes
+//!   away or a deadline that passes never drops a handler halfway (say, after its write is
+//!   stored but before the graph sees it). The permit is held until the handler is done, so
+//!   abandoned work still counts against the limit.
+//! - A unary call past `--request-timeout-secs` gets DEADLINE_EXCEEDED (the client's own
+//!   grpc-timeout, when shorter, is enforced by tonic outside this layer). The streaming calls,
+//!   ImportPoints and Autotune, are not cut by the server's timeout: they can legitimately run
+//!   for long.
+//!
+//! This is tower's `GlobalConcurrencyLimit` + `LoadShed` in one small service, written out
+//! because the health exemption needs the path, and a shed call should carry a gRPC status
+//! rather than a transport error.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::Semaphore;
+use tonic::Status;
+
+/// Methods that stream: the server's timeout does not apply to them.
+const STREAMING: [&str; 2] = [
+    "/vectord.v1.IndexService/ImportPoints",
+    "/vectord.v1.AutotuneService/Autotune",
+];
+
+fn exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+}
+
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    permits: Arc<Semaphore>,
+    max: usize,
+    timeout: Option<Duration>,
+}
+
+impl AdmissionLayer {
+    /// `max` calls in flight at most (0 is taken as 1); `timeout` for unary calls.
+    pub fn new(max: usize, timeout: Option<Duration>) -> Self {
+        let max = max.max(1);
+        AdmissionLayer {
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(max)),
+                max,
+                timeout,
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admission<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, ReqB, ResB> tower::Service<http::Request<ReqB>> for Admission<S>
+where
+    S: tower::Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: Default + Send + 'static,
+{
+    type Response = http::Response<ResB>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        if exempt(&path) {
+            return Box::pin(self.inner.call(req));
+        }
+        let permit = match self.shared.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let max = self.shared.max;
+                tracing::warn!(method = %path, max, "call shed: too many calls in flight");
+                return Box::pin(async move {
+                    Ok(Status::resource_exhausted(format!(
+                        "the server has {max} calls in flight, its limit (--max-concurrent-requests); retry with backoff"
+                    ))
+                    .into_http())
+                });
+            }
+        };
+        let timeout = if STREAMING.contains(&path.as_str()) {
+            None
+        } else {
+            self.shared.timeout
+        };
+        let handler = self.inner.call(req);
+        let task = tokio::spawn(async move {
+            let r = handler.await;
+            drop(permit);
+            r
+        });
+        Box::pin(async move {
+            let joined = match timeout {
+                Some(t) => match tokio::time::timeout(t, task).await {
+                    Ok(j) => j,
+                    Err(_) => {
+                        tracing::warn!(method = %path, timeout = ?t, "call timed out; its work goes on to completion");
+                        return Ok(Status::deadline_exceeded(format!(
+                            "the call took longer than the server's limit of {}s (--request-timeout-secs); a write may still complete: check before retrying",
+                            t.as_secs_f64()
+                        ))
+                        .into_http());
+                    }
+                },
+                None => task.await,
+            };
+            match joined {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(method = %path, error = %e, "a call's handler failed");
+                    Ok(
+                        Status::internal(format!("internal error: the handler failed: {e}"))
+                            .into_http(),
+                    )
+                }
+            }
+        })
+    }
+}

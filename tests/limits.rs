@@ -1,0 +1,262 @@
+//! The server's limits: calls over --max-concurrent-requests are shed at once while health
+//! still answers; --request-timeout answers DEADLINE_EXCEEDED yet never leaves a write half
+//! done, and never cuts a stream; --max-concurrent-jobs is RESOURCE_EXHAUSTED server-wide
+//! (distinct from the per-index ABORTED).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use vectord::config::Config;
+use vectord::pb;
+
+/// The longest a condition may take to show up before the test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn point_count(
+    c: &mut vectord::pb::index_service_client::IndexServiceClient<tonic::transport::Channel>,
+    name: &str,
+) -> Result<u64, tonic::Status> {
+    Ok(c.get_index(pb::GetIndexRequest { name: name.into() })
+        .await?
+        .into_inner()
+        .index
+        .map(|i| i.point_count)
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn calls_over_the_limit_are_shed_at_once_and_health_still_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(tmp.path());
+    config.max_concurrent_requests = 1;
+    let s = TestServer::start_in(tmp.path(), config).await;
+    let mut c = s.index().await;
+    create_index(&mut c, "v", 4, pb::Metric::L2).await;
+
+    // An import whose stream stays open holds the one permit until it ends.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ImportPointsRequest>(4);
+    tx.send(pb::ImportPointsRequest {
+        index_name: "v".into(),
+        points: points(&mut Gen::new(1), 0..10, 4),
+    })
+    .await
+    .unwrap();
+    let mut importer = s.index().await;
+    let import = tokio::spawn(async move {
+        importer
+            .import_points(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+
+    // Until the import is admitted, GetIndex passes; once it is, GetIndex is shed.
+    let started = Instant::now();
+    let shed = loop {
+        match c.get_index(pb::GetIndexRequest { name: "v".into() }).await {
+            Ok(_) => {
+                assert!(started.elapsed() < DEADLINE, "no call was ever shed");
+                tokio::task::yield_now().await;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{}", shed.message());
+    assert!(
+        shed.message().contains("--max-concurrent-requests"),
+        "{}",
+        shed.message()
+    );
+    // Health is outside the limit.
+    let health = HealthClient::new(s.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers while the server is saturated")
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+
+    // The import ends; its permit comes back and calls pass again.
+    tx.send(pb::ImportPointsRequest {
+        index_name: String::new(),
+        points: points(&mut Gen::new(2), 10..20, 4),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let done = import.await.unwrap().expect("import").into_inner();
+    assert_eq!(done.upserted_count, 20);
+    assert_eq!(point_count(&mut c, "v").await.expect("get index"), 20);
+}
+
+#[tokio::test]
+async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(tmp.path());
+    // Far shorter than any write: fsync alone takes longer.
+    config.request_timeout = Some(Duration::from_millis(1));
+    let s = TestServer::start_in(tmp.path(), config).await;
+    let mut c = s.index().await;
+    // CreateIndex may itself time out; it completes all the same.
+    let _ = c
+        .create_index(pb::CreateIndexRequest {
+            name: "v".into(),
+            dimension: 16,
+            metric: pb::Metric::L2 as i32,
+            default_config: None,
+        })
+        .await;
+    let started = Instant::now();
+    while point_count(&mut c, "v").await.is_err() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the timed-out CreateIndex never completed"
+        );
+        tokio::task::yield_now().await;
+    }
+
+    let pts = points(&mut Gen::new(3), 0..3000, 16);
+    let e = c
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: "v".into(),
+            points: pts.clone(),
+        })
+        .await
+        .expect_err("3000 points are not stored and indexed within 1 ms");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(e.message().contains("--request-timeout"), "{}", e.message());
+
+    // The write goes on to completion: the count reaches 3000 and every point is searchable
+    // (a write cut halfway would be stored but missing from the graph).
+    let started = Instant::now();
+    loop {
+        match point_count(&mut c, "v").await {
+            Ok(3000) => break,
+            Ok(n) => assert_eq!(n, 0, "a half-applied upsert"),
+            Err(e) => assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message()),
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the timed-out upsert never completed"
+        );
+        tokio::task::yield_now().await;
+    }
+    for probe in [&pts[0], &pts[1500], &pts[2999]] {
+        let started = Instant::now();
+        let r = loop {
+            match c
+                .search(pb::SearchRequest {
+                    index_name: "v".into(),
+                    vector: probe.vector.clone(),
+                    k: 1,
+                    ef_search: None,
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                Err(e) => assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message()),
+            }
+            assert!(started.elapsed() < DEADLINE);
+        };
+        assert_eq!(r.neighbors[0].id, probe.id);
+    }
+
+    // The streams are not cut by the unary timeout: an import of several messages succeeds...
+    let batches: Vec<pb::ImportPointsRequest> = (0..4u64)
+        .map(|b| pb::ImportPointsRequest {
+            index_name: if b == 0 { "v".into() } else { String::new() },
+            points: points(&mut Gen::new(10 + b), 3000 + b * 500..3500 + b * 500, 16),
+        })
+        .collect();
+    let imported = c
+        .import_points(tokio_stream::iter(batches))
+        .await
+        .expect("an import is not cut by --request-timeout")
+        .into_inner();
+    assert_eq!(imported.upserted_count, 2000);
+    assert_eq!(imported.point_count, 5000);
+}
+
+#[tokio::test]
+async fn jobs_over_the_server_limit_are_resource_exhausted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(tmp.path());
+    config.max_concurrent_jobs = 1;
+    let s = TestServer::start_in(tmp.path(), config).await;
+    let mut c = s.index().await;
+    let mut a = s.autotune().await;
+    for name in ["a", "b"] {
+        create_index(&mut c, name, 8, pb::Metric::L2).await;
+        upsert(&mut c, name, points(&mut Gen::new(5), 0..500, 8)).await;
+        a.create_harness(pb::CreateHarnessRequest {
+            index_name: name.into(),
+            name: "h".into(),
+            k: 10,
+            queries: Some(pb::create_harness_request::Queries::Sampled(
+                pb::SampledQueries {
+                    query_count: 10,
+                    seed: Some(1),
+                },
+            )),
+        })
+        .await
+        .expect("harness");
+    }
+    // A job long enough to still run while the next requests arrive: many separate builds.
+    let grid: Vec<pb::HnswConfig> = (0..200)
+        .map(|i| pb::HnswConfig {
+            m: 48,
+            ef_construction: 400,
+            ef_search: 100,
+            seed: Some(i),
+        })
+        .collect();
+    let tune = |index: &str, grid: Vec<pb::HnswConfig>| pb::AutotuneRequest {
+        index_name: index.into(),
+        harness: "h".into(),
+        grid,
+        ..Default::default()
+    };
+    let mut first = a
+        .autotune(tune("a", grid))
+        .await
+        .expect("first job")
+        .into_inner();
+    let job_id = match first.message().await.expect("event").and_then(|m| m.event) {
+        Some(pb::autotune_response::Event::Started(st)) => st.job_id,
+        other => panic!("expected Started, got {other:?}"),
+    };
+    let other_index = a.autotune(tune("b", vec![])).await;
+    let e = other_index.expect_err("a second job server-wide is over the limit");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message().contains("--max-concurrent-jobs"),
+        "{}",
+        e.message()
+    );
+    let same_index = a.autotune(tune("a", vec![])).await;
+    assert_eq!(code_of(same_index), Code::Aborted);
+
+    // Once the first job ends, the other index can be tuned.
+    a.cancel_job(pb::CancelJobRequest { id: job_id })
+        .await
+        .expect("cancel");
+    drop(first);
+    let mut second = a
+        .autotune(tune("b", vec![]))
+        .await
+        .expect("second job")
+        .into_inner();
+    let mut finished = false;
+    while let Some(m) = second.message().await.expect("stream") {
+        if let Some(pb::autotune_response::Event::Finished(_)) = m.event {
+            finished = true;
+        }
+    }
+    assert!(finished);
+}
