@@ -3,5 +3,6 @@
 pub mod distance;
 pub mod engine;
 pub mod generation;
+pub mod native;
 
 pub use generation::Generation;
