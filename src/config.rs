@@ -14,6 +14,8 @@ pub struct Config {
     pub jobs_kept: usize,
     /// Where to serve Prometheus metrics at /metrics; None: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The HNSW engine every graph of this process is built with.
+    pub engine: crate::index::engine::EngineKind,
 }
 
 impl Config {
@@ -24,6 +26,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             jobs_kept: 100,
             metrics_addr: None,
+            engine: crate::index::engine::EngineKind::default(),
         }
     }
 

@@ -52,6 +52,9 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off when unset), e.g. 127.0.0.1:9464.
     #[arg(long, env = "VECTORD_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// HNSW engine: native (vectord's own, the default) or hnsw_rs.
+    #[arg(long, env = "VECTORD_ENGINE", default_value = "native")]
+    engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).
     #[arg(long, env = "VECTORD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -113,11 +116,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), "vectord listening");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), engine = args.engine.name(), "vectord listening");
     let mut config = Config::new(args.data_dir);
     config.max_request_bytes = args.max_request_bytes;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.metrics_addr = args.metrics_addr;
+    config.engine = args.engine;
     vectord::server::run(listener, config, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
