@@ -9,7 +9,9 @@
 //! Each set is written to a temp dir (base.fvecs, queries.fvecs, truth.ivecs) so that
 //! `bench/hnswlib_bench.py` reads the same bytes. The Python used is `VECTORD_BENCH_PYTHON`
 //! (default `python3`); without hnswlib the hnswlib columns are empty and the rest still runs.
-//! `VECTORD_PERF_GRPC=0` skips the gRPC section. Results go to `target/bench-perf.json`.
+//! `VECTORD_PERF_GRPC=0` skips the gRPC section; `VECTORD_PERF_ENGINES=native` (comma-separated,
+//! default `native,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
+//! minutes per build on the 100k set). Results go to `target/bench-perf.json`.
 //!
 //! Per engine: build time with 1 and 2 threads, recall@10 and single-thread QPS per ef_search,
 //! QPS interpolated at recall 0.90 and 0.95, all-core batch QPS, and memory (engine estimate and
@@ -38,7 +40,21 @@ const M: u32 = 16;
 const EF_CONSTRUCTION: u32 = 100;
 const SEED: u64 = 42;
 const PASSES: usize = 3;
-const ENGINES: [EngineKind; 2] = [EngineKind::Native, EngineKind::HnswRs];
+/// The engines to run, from VECTORD_PERF_ENGINES (default both).
+fn engine_kinds() -> Vec<EngineKind> {
+    match std::env::var("VECTORD_PERF_ENGINES") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|e| e.trim().parse().ok())
+            .collect(),
+        Err(_) => vec![EngineKind::Native, EngineKind::HnswRs],
+    }
+}
+
+fn wants_set(name: &str) -> bool {
+    std::env::var("VECTORD_PERF_SETS")
+        .map_or(true, |s| s.split(',').any(|w| name.contains(w.trim())))
+}
 const GRPC_EF: u32 = 40;
 
 struct DataSet {
@@ -67,7 +83,8 @@ fn main() -> BoxResult<()> {
     let data_path = std::env::var_os("VECTORD_BENCH_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
-    if data_path.exists() {
+    let minilm = wants_set("minilm");
+    if minilm && data_path.exists() {
         let (dim, mut vectors) = vectord::dataset::read_fvecs(&data_path, None)?;
         for (i, v) in vectors.iter_mut().enumerate() {
             vectord::model::normalize(&format!("row {i}"), v)?;
@@ -86,15 +103,17 @@ fn main() -> BoxResult<()> {
             data_path.display()
         );
     }
-    let mut generated = generate_l2(100_000 + QUERIES, 128, 16, SEED);
-    let queries = generated.split_off(100_000);
-    sets.push(DataSet {
-        name: "generated_100k_l2",
-        metric: Metric::L2,
-        dim: 128,
-        base: generated,
-        queries,
-    });
+    if wants_set("l2") {
+        let mut generated = generate_l2(100_000 + QUERIES, 128, 16, SEED);
+        let queries = generated.split_off(100_000);
+        sets.push(DataSet {
+            name: "generated_100k_l2",
+            metric: Metric::L2,
+            dim: 128,
+            base: generated,
+            queries,
+        });
+    }
 
     let mut report_sets = Vec::new();
     let mut grpc = Value::Null;
@@ -122,7 +141,7 @@ fn main() -> BoxResult<()> {
         write_ivecs(&dir.join("truth.ivecs"), &truth)?;
 
         let mut engines = Vec::new();
-        for kind in ENGINES {
+        for kind in engine_kinds() {
             engines.push(engine_report(kind, set, &truth, &dir)?);
         }
         let hnswlib = run_hnswlib(set, &dir);
@@ -489,7 +508,7 @@ fn grpc_section(set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
     let mut out = serde_json::Map::new();
     println!();
     println!("== gRPC on loopback ({}; ef_search {GRPC_EF}) ==", set.name);
-    for kind in ENGINES {
+    for kind in engine_kinds() {
         let v = rt.block_on(grpc_engine(kind, set, truth))?;
         out.insert(kind.name().to_string(), v);
     }
@@ -575,7 +594,7 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     let mut found = Vec::new();
     for q in &set.queries {
         let r = c.search(request(q)).await?.into_inner();
-        found.push(r.hits.iter().map(|h| h.id as u32).collect::<Vec<_>>());
+        found.push(r.neighbors.iter().map(|h| h.id as u32).collect::<Vec<_>>());
     }
     let grpc_recall = recall(&found, truth);
 
