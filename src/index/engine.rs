@@ -177,3 +177,18 @@ impl<D: anndists::dist::Distance<f32> + Send + Sync + 'static> Engine for HnswRs
         vectors + links + n * 128
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_names_parse_and_round_trip() {
+        for kind in [EngineKind::Native, EngineKind::HnswRs] {
+            assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
+        }
+        assert_eq!(EngineKind::default(), EngineKind::Native);
+        let err = "faiss".parse::<EngineKind>().unwrap_err();
+        assert!(err.contains("native or hnsw_rs"), "{err}");
+    }
+}
