@@ -41,6 +41,8 @@ pub struct Config {
     pub api_keys: Option<Arc<ApiKeys>>,
     /// TLS on the gRPC listener; None: plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
+    /// The HNSW engine every graph of this process is built with.
+    pub engine: crate::index::engine::EngineKind,
 }
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -66,6 +68,7 @@ impl Config {
             refresh_probe_interval: Duration::from_secs(60),
             api_keys: None,
             tls: None,
+            engine: crate::index::engine::EngineKind::default(),
         }
     }
 

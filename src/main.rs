@@ -77,6 +77,9 @@ struct ServeArgs {
     /// Seconds between the recall probes of refresh policies with a recall floor (0: none).
     #[arg(long, env = "VECTORD_REFRESH_PROBE_SECS", default_value_t = 60)]
     refresh_probe_secs: u64,
+    /// HNSW engine: native (vectord's own, the default) or hnsw_rs.
+    #[arg(long, env = "VECTORD_ENGINE", default_value = "native")]
+    engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).
     #[arg(long, env = "VECTORD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -184,6 +187,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
         (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs));
     config.max_concurrent_jobs = args.max_concurrent_jobs as usize;
     config.max_harness_queries = args.max_harness_queries as usize;
+    config.engine = args.engine;
     let admin = api_key_from(
         "--api-key",
         client.api_key.clone(),
@@ -225,7 +229,7 @@ async fn serve(args: ServeArgs, config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), "vectord listening");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), engine = args.engine.name(), "vectord listening");
     let keys = match &config.api_keys {
         None => "none",
         Some(k) if k.has_read_only() => "admin and read-only",

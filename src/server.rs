@@ -63,6 +63,21 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
     resp
 }
 
+/// Accepted connections with Nagle's algorithm off: a small unary reply goes out at once instead
+/// of waiting for the client's delayed ACK.
+fn incoming_nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY not set: {e}");
+            }
+        })
+    })
+}
+
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
 /// `config.metrics_addr` for the metrics when it is set.
 pub async fn run(
@@ -86,6 +101,7 @@ pub async fn run_with(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    crate::index::engine::set_default_engine(config.engine);
     let dir = config.data_dir.clone();
     let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
     let registry = Arc::new(Registry::new(store.clone()));
@@ -179,7 +195,7 @@ pub async fn run_with(
         .add_service(index)
         .add_service(promotion)
         .add_service(autotune)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+        .serve_with_incoming_shutdown(incoming_nodelay(listener), stop);
     tokio::pin!(serve);
 
     let (jobs_kept, max_jobs, max_queries) = (

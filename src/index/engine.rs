@@ -1,9 +1,12 @@
-//! The engine seam: the few operations vectord needs from an HNSW library, and hnsw_rs behind
-//! them. Nothing outside `src/index/` names hnsw_rs, so another engine can be compared or added
-//! by implementing [`Engine`].
+//! The engine seam: the few operations vectord needs from an HNSW graph, with two engines behind
+//! them: vectord's own ([`super::native`], the default) and hnsw_rs. Nothing outside `src/index/`
+//! names hnsw_rs. The engine is a process-wide choice made once at start-up (`--engine`), read
+//! by every graph built afterwards.
 //!
 //! Engines speak internal ids (dense `usize`s assigned by the generation) and internal distances
 //! (see `distance.rs`); mapping to users' ids and distances is the generation's job.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use hnsw_rs::hnsw::Hnsw;
 
@@ -29,13 +32,75 @@ pub trait Engine: Send + Sync {
     fn memory_bytes(&self) -> u64;
 }
 
-/// Builds an empty engine for a metric, dimension and config, sized for `capacity` points.
+/// The HNSW implementations vectord can build graphs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// vectord's own engine (`src/index/native.rs`), laid out like hnswlib.
+    #[default]
+    Native,
+    /// The hnsw_rs crate.
+    HnswRs,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Native => "native",
+            EngineKind::HnswRs => "hnsw_rs",
+        }
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(EngineKind::Native),
+            "hnsw_rs" | "hnsw-rs" => Ok(EngineKind::HnswRs),
+            other => Err(format!("engine must be native or hnsw_rs, got {other:?}")),
+        }
+    }
+}
+
+static DEFAULT_ENGINE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the engine of every graph built from now on (the server calls this once at start-up).
+pub fn set_default_engine(kind: EngineKind) {
+    DEFAULT_ENGINE.store(kind as u8, Ordering::Relaxed);
+}
+
+/// The engine graphs are built with.
+pub fn default_engine() -> EngineKind {
+    match DEFAULT_ENGINE.load(Ordering::Relaxed) {
+        1 => EngineKind::HnswRs,
+        _ => EngineKind::Native,
+    }
+}
+
+/// Builds an empty engine of the process-wide kind for a metric, dimension and config, sized for
+/// `capacity` points (it grows past that).
 pub fn new_engine(
     metric: Metric,
     dimension: u32,
     config: &HnswConfig,
     capacity: usize,
 ) -> Box<dyn Engine> {
+    new_engine_of(default_engine(), metric, dimension, config, capacity)
+}
+
+/// Builds an empty engine of a given kind.
+pub fn new_engine_of(
+    kind: EngineKind,
+    metric: Metric,
+    dimension: u32,
+    config: &HnswConfig,
+    capacity: usize,
+) -> Box<dyn Engine> {
+    if kind == EngineKind::Native {
+        return Box::new(super::native::Native::new(
+            metric, dimension, config, capacity,
+        ));
+    }
     let m = config.m as usize;
     let ef_c = config.ef_construction as usize;
     let cap = capacity.max(1);
@@ -110,5 +175,20 @@ impl<D: anndists::dist::Distance<f32> + Send + Sync + 'static> Engine for HnswRs
         let vectors = n * self.dimension as u64 * 4;
         let links = n * (2 * self.m as u64) * 48 * (self.m as u64 + 1) / self.m as u64;
         vectors + links + n * 128
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_names_parse_and_round_trip() {
+        for kind in [EngineKind::Native, EngineKind::HnswRs] {
+            assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
+        }
+        assert_eq!(EngineKind::default(), EngineKind::Native);
+        let err = "faiss".parse::<EngineKind>().unwrap_err();
+        assert!(err.contains("native or hnsw_rs"), "{err}");
     }
 }

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""hnswlib's side of vectord's engine benchmark (benches/perf.rs runs this).
+
+Reads the same base vectors, queries and exact ground truth that the Rust bench wrote (fvecs /
+ivecs), builds hnswlib indexes with the same M and ef_construction on 1 and 2 threads, and prints
+one JSON object: build seconds, recall@k and single-thread QPS per ef_search, all-core batch QPS,
+and the resident-memory growth of the 1-thread build.
+
+Needs numpy and hnswlib (`pip install numpy hnswlib`).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import hnswlib
+
+
+def read_vecs(path, dtype):
+    raw = np.fromfile(path, dtype=np.int32)
+    if raw.size == 0:
+        return np.zeros((0, 0), dtype=dtype)
+    dim = int(raw[0])
+    rows = raw.reshape(-1, dim + 1)
+    return np.ascontiguousarray(rows[:, 1:]).view(dtype)
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build(space, data, m, efc, threads, seed):
+    index = hnswlib.Index(space=space, dim=data.shape[1])
+    index.init_index(max_elements=data.shape[0], M=m, ef_construction=efc, random_seed=seed)
+    index.set_num_threads(threads)
+    start = time.perf_counter()
+    index.add_items(data, np.arange(data.shape[0]), num_threads=threads)
+    return index, time.perf_counter() - start
+
+
+def recall(labels, truth, k):
+    hits = 0
+    for found, exact in zip(labels, truth):
+        hits += len(set(found[:k].tolist()) & set(exact[:k].tolist()))
+    return hits / (len(truth) * k)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--truth", required=True)
+    p.add_argument("--space", choices=["l2", "cosine", "ip"], required=True)
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--ef-construction", type=int, default=100)
+    p.add_argument("--ef", default="10,20,40,80,160")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    a = p.parse_args()
+
+    base = read_vecs(a.base, np.float32)
+    queries = read_vecs(a.queries, np.float32)
+    truth = read_vecs(a.truth, np.int32)
+    cores = os.cpu_count() or 1
+
+    rss0 = rss_bytes()
+    index, build_1t = build(a.space, base, a.m, a.ef_construction, 1, a.seed)
+    rss_delta = rss_bytes() - rss0
+    index2, build_2t = build(a.space, base, a.m, a.ef_construction, 2, a.seed)
+    del index2
+
+    rows = []
+    for ef in [int(x) for x in a.ef.split(",")]:
+        index.set_ef(max(ef, a.k))
+        labels, _ = index.knn_query(queries, k=a.k, num_threads=1)
+        r = recall(labels, truth, a.k)
+        start = time.perf_counter()
+        for _ in range(a.passes):
+            index.knn_query(queries, k=a.k, num_threads=1)
+        single = a.passes * len(queries) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(a.passes):
+            index.knn_query(queries, k=a.k, num_threads=cores)
+        batch = a.passes * len(queries) / (time.perf_counter() - start)
+        rows.append({"ef_search": ef, "recall_at_10": r, "single_thread_qps": single,
+                     "all_core_batch_qps": batch})
+
+    json.dump({
+        "engine": "hnswlib",
+        "version": getattr(hnswlib, "__version__", None),
+        "build_seconds": {"1": build_1t, "2": build_2t},
+        "rss_delta_bytes": rss_delta,
+        "rows": rows,
+    }, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
