@@ -500,6 +500,11 @@ mod props {
             grid in proptest::collection::vec(any_config(), 0..4),
             objective in -1i32..4,
             target_recall in proptest::option::of(prop_oneof![-1.0f64..2.0, any::<f64>()]),
+            strategy in -1i32..4,
+            budget in proptest::option::of((any::<u32>(), any::<u32>())),
+            seed in proptest::option::of(any::<u64>()),
+            adaptive_m in proptest::collection::vec(prop_oneof![0u32..200, any::<u32>()], 0..10),
+            adaptive_ef_construction in proptest::collection::vec(prop_oneof![0u32..500, any::<u32>()], 0..10),
         ) {
             let r = TuneRequest::try_from(pb::AutotuneRequest {
                 index_name: index,
@@ -510,12 +515,27 @@ mod props {
                 requested_by: String::new(),
                 objective,
                 target_recall,
+                strategy,
+                budget: budget.map(|(max_trials, max_seconds)| pb::AdaptiveBudget { max_trials, max_seconds }),
+                seed,
+                adaptive_m,
+                adaptive_ef_construction,
             });
             match &r {
                 Ok(t) => {
                     prop_assert!(name_ok(&t.index) && name_ok(&t.harness));
                     prop_assert!((0.0..=1.0).contains(&t.min_recall));
-                    prop_assert!(!t.grid.is_empty() && t.grid.iter().all(trial_ok));
+                    match &t.adaptive {
+                        None => prop_assert!(!t.grid.is_empty() && t.grid.iter().all(trial_ok)),
+                        Some(plan) => {
+                            prop_assert!(t.grid.is_empty());
+                            prop_assert!((0.0..=1.0).contains(&plan.target));
+                            prop_assert!(!plan.m.is_empty() && plan.m.iter().all(|m| (2..=128).contains(m)));
+                            prop_assert!(!plan.ef_construction.is_empty());
+                            prop_assert!(plan.ef_construction.windows(2).all(|w| w[0] < w[1]));
+                            prop_assert!(plan.max_trials >= 1);
+                        }
+                    }
                 }
                 Err(_) => prop_assert!(invalid(&r)),
             }

@@ -1,5 +1,5 @@
-//! A `vectord serve` child process for tests that run the real binary (a copy of the helper in
-//! tests/binary.rs, shared by tests/crash.rs through `#[path]`). Readiness is the child's own
+//! A `vectord serve` child process for tests that run the real binary (shared by
+//! tests/binary.rs and tests/crash.rs through `#[path]`). Readiness is the child's own
 //! log line and health's Watch stream; every wait is bounded by `DEADLINE`.
 #![allow(dead_code)]
 
@@ -74,6 +74,16 @@ impl Vectord {
             "VECTORD_REQUEST_TIMEOUT_SECS",
             "VECTORD_MAX_CONCURRENT_JOBS",
             "VECTORD_MAX_HARNESS_QUERIES",
+            "VECTORD_API_KEY",
+            "VECTORD_API_KEY_FILE",
+            "VECTORD_READ_ONLY_API_KEY",
+            "VECTORD_READ_ONLY_API_KEY_FILE",
+            "VECTORD_TLS_CERT",
+            "VECTORD_TLS_KEY",
+            "VECTORD_TLS_CLIENT_CA",
+            "VECTORD_INSECURE",
+            "VECTORD_ENGINE",
+            "VECTORD_REFRESH_PROBE_SECS",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);
