@@ -239,25 +239,34 @@ async fn sigint_also_stops_cleanly_with_exit_0() {
     );
 }
 
-#[tokio::test]
-async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
+/// A server with an index of 3,000 points and a harness, and an autotune job on it far too slow
+/// to finish: the stream (its started event read), the job id, the points and the active
+/// generation's config before the job.
+async fn server_with_a_slow_job(
+    args: &[&str],
+    what: &'static str,
+) -> (
+    Vectord,
+    tonic::Streaming<pb::AutotuneResponse>,
+    String,
+    Vec<pb::Point>,
+    Option<pb::HnswConfig>,
+) {
     use vectord::pb::autotune_service_client::AutotuneServiceClient;
-    use vectord::pb::promotion_service_client::PromotionServiceClient;
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let args = [&addr_arg()[..], &["--data-dir", path_str(tmp.path())]].concat();
-    let mut s = Vectord::spawn("server", &args, &[]);
+    let mut s = Vectord::spawn(what, args, &[]);
     let addr = s.wait_listening().await;
     s.wait_serving(addr).await;
     let mut c = index_client(addr).await;
     create_index(&mut c, "crash", 32, pb::Metric::L2).await;
     let pts = points(&mut Gen::new(5), 0..3000, 32);
     upsert(&mut c, "crash", pts.clone()).await;
+    let before = active_config(&mut c).await;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("url")
         .connect()
         .await
         .expect("connect");
-    let mut a = AutotuneServiceClient::new(channel.clone());
+    let mut a = AutotuneServiceClient::new(channel);
     a.create_harness(pb::CreateHarnessRequest {
         index_name: "crash".into(),
         name: "h".into(),
@@ -271,7 +280,7 @@ async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
     })
     .await
     .expect("create harness");
-    // A grid far too slow to finish before the kill.
+    // A grid far too slow to finish before the signal; it would activate its winner.
     let grid = (0..20)
         .map(|i| pb::HnswConfig {
             m: 48,
@@ -285,6 +294,7 @@ async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
             index_name: "crash".into(),
             harness: "h".into(),
             grid,
+            activate: true,
             ..Default::default()
         })
         .await
@@ -297,12 +307,35 @@ async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
     let Some(pb::autotune_response::Event::Started(started)) = first.event else {
         panic!("the first event is not started: {first:?}");
     };
-    s.signal("KILL");
-    let status = s.wait_exit().await;
-    assert!(!status.success());
-    drop(stream);
+    (s, stream, started.job_id, pts, before)
+}
 
-    let mut s = Vectord::spawn("restarted", &args, &[]);
+async fn active_config(c: &mut IndexServiceClient<Channel>) -> Option<pb::HnswConfig> {
+    c.get_index(pb::GetIndexRequest {
+        name: "crash".into(),
+    })
+    .await
+    .expect("get index")
+    .into_inner()
+    .index
+    .and_then(|i| i.active_generation)
+    .and_then(|g| g.config)
+}
+
+/// After a restart: the job is in `state` with a reason containing `why`, nothing is promoted,
+/// the index still serves the generation config it had before the job, and every acknowledged
+/// point is there.
+async fn check_after_restart(
+    args: &[&str],
+    job_id: &str,
+    state: pb::JobState,
+    why: &str,
+    pts: &[pb::Point],
+    before: Option<pb::HnswConfig>,
+) {
+    use vectord::pb::autotune_service_client::AutotuneServiceClient;
+    use vectord::pb::promotion_service_client::PromotionServiceClient;
+    let mut s = Vectord::spawn("restarted", args, &[]);
     let addr = s.wait_listening().await;
     s.wait_serving(addr).await;
     let channel = Channel::from_shared(format!("http://{addr}"))
@@ -319,10 +352,10 @@ async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
         .jobs;
     let job = jobs
         .iter()
-        .find(|j| j.id == started.job_id)
-        .expect("the killed job is listed");
-    assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
-    assert!(job.reason.contains("stopped"), "{}", job.reason);
+        .find(|j| j.id == job_id)
+        .expect("the job is listed");
+    assert_eq!(job.state, state as i32, "{job:?}");
+    assert!(job.reason.contains(why), "{}", job.reason);
     assert!(job.end_time.is_some());
     let mut pr = PromotionServiceClient::new(channel);
     let promoted = pr
@@ -333,14 +366,70 @@ async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
         .expect("get promoted")
         .into_inner();
     assert!(promoted.current.is_none(), "nothing may be half-promoted");
-    // Every acknowledged point survived the kill.
     let mut c = index_client(addr).await;
+    assert_eq!(
+        active_config(&mut c).await,
+        before,
+        "the previous generation serves"
+    );
+    // Every acknowledged point survived.
     for p in pts.iter().step_by(97) {
         let r = search(&mut c, "crash", p.vector.clone(), 1, None).await;
         assert_eq!(r.neighbors[0].id, p.id);
     }
     s.signal("TERM");
     assert!(s.wait_exit().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_when_the_server_is_killed_shows_failed_after_restart() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let args = [&addr_arg()[..], &["--data-dir", path_str(tmp.path())]].concat();
+    let (mut s, stream, job_id, pts, before) = server_with_a_slow_job(&args, "server").await;
+    s.signal("KILL");
+    let status = s.wait_exit().await;
+    assert!(!status.success());
+    drop(stream);
+    check_after_restart(
+        &args,
+        &job_id,
+        pb::JobState::Failed,
+        "stopped",
+        &pts,
+        before,
+    )
+    .await;
+}
+
+/// SIGTERM during an autotune stream: the stream ends UNAVAILABLE (retry elsewhere), the server
+/// exits 0, and after a restart the job is CANCELLED with the shutdown as its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_autotune_stream_ends_it_unavailable_and_records_cancelled() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let args = [&addr_arg()[..], &["--data-dir", path_str(tmp.path())]].concat();
+    let (mut s, mut stream, job_id, pts, before) = server_with_a_slow_job(&args, "server").await;
+    s.signal("TERM");
+    let end = within("the stream's end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(end, Some(tonic::Code::Unavailable));
+    assert!(s.wait_exit().await.success(), "SIGTERM exits 0");
+    check_after_restart(
+        &args,
+        &job_id,
+        pb::JobState::Cancelled,
+        "shut down",
+        &pts,
+        before,
+    )
+    .await;
 }
 
 #[tokio::test]
