@@ -1,5 +1,5 @@
 //! The Prometheus endpoint against a real server: RPC counts by method and code, index,
-//! promotion, job and journal figures.
+//! promotion, job, journal and refresh-probe figures.
 
 mod common;
 
@@ -41,7 +41,11 @@ async fn metrics_show_rpcs_indexes_promotions_jobs_and_trials() {
     let server = tokio::spawn(vectord::server::run_with(
         listener,
         Some(metrics),
-        vectord::config::Config::for_tests(tmp.path()),
+        {
+            let mut config = vectord::config::Config::for_tests(tmp.path());
+            config.refresh_probe_interval = std::time::Duration::from_millis(50);
+            config
+        },
         async move {
             let _ = stopped.await;
         },
@@ -109,6 +113,35 @@ async fn metrics_show_rpcs_indexes_promotions_jobs_and_trials() {
     }
     let winner = winner.expect("a winner");
 
+    // A refresh policy whose floor the index clears: the probe runs and reports its recall.
+    a.set_refresh_policy(pb::SetRefreshPolicyRequest {
+        index_name: "m".into(),
+        policy: Some(pb::RefreshPolicy {
+            mode: pb::RefreshMode::OnAppend as i32,
+            change_threshold: 100.0,
+            harness: "h".into(),
+            recall_floor: Some(0.0),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let probed = loop {
+        let st = c
+            .get_index(pb::GetIndexRequest { name: "m".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .index
+            .and_then(|i| i.refresh_status);
+        if let Some(r) = st.and_then(|s| s.last_probe_recall) {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no probe ran");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+
     let text = scrape(maddr, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(
@@ -159,6 +192,9 @@ async fn metrics_show_rpcs_indexes_promotions_jobs_and_trials() {
         Some(0.0)
     );
     assert_eq!(value(&text, "vectord_trials_journaled"), Some(5.0));
+    let exported = value(&text, r#"vectord_refresh_probe_recall{index="m"}"#);
+    // The same graph and queries give the same recall at every probe.
+    assert_eq!(exported, Some(probed), "{text}");
     assert!(scrape(maddr, "/other").await.starts_with("HTTP/1.1 404"));
 
     // Close every stream and connection first: shutdown waits for in-flight calls.
