@@ -108,6 +108,7 @@ pub enum Event {
 
 /// One measured grid entry, waiting for its turn to be journaled.
 struct Measured {
+    /// Its place in the grid (grid jobs journal in grid order; unused by ADAPTIVE).
     at: usize,
     config: HnswConfig,
     measures: super::lab::Measures,
@@ -396,9 +397,7 @@ impl Jobs {
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
     ) -> Result<Vec<Trial>> {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = cores();
         let mut plan = plan.clone();
         plan.width = cores;
         let eval = JobEval {
@@ -407,13 +406,13 @@ impl Jobs {
             token: token.clone(),
             permits: Arc::new(tokio::sync::Semaphore::new(cores)),
             built: Arc::new(std::sync::atomic::AtomicU32::new(0)),
-            job: Mutex::new(job.clone()),
+            job: tokio::sync::Mutex::new(job.clone()),
             trials: Mutex::new(Vec::new()),
             source: format!("autotune:{}", job.id),
             tx: tx.clone(),
         };
         let result = adaptive::run(&plan, &eval).await;
-        *job = eval.job.lock().clone();
+        *job = eval.job.lock().await.clone();
         job.graphs_built = eval.built.load(std::sync::atomic::Ordering::Relaxed);
         if result.is_err() {
             token.cancel();
@@ -447,9 +446,7 @@ impl Jobs {
         // single-threaded (deterministic) and takes one permit, an unseeded one inserts on every
         // core and takes them all; measuring a group takes one. Results are journaled and
         // streamed in grid order, so trial ids follow the grid.
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1) as u32;
+        let cores = cores() as u32;
         let permits = Arc::new(tokio::sync::Semaphore::new(cores as usize));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<Measured>>();
         let mut tasks = tokio::task::JoinSet::new();
@@ -520,22 +517,10 @@ impl Jobs {
                 let measured = msg?;
                 pending.insert(measured.at, measured);
                 while let Some(m) = pending.remove(&trials.len()) {
+                    let graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
                     let trial = self
-                        .lab
-                        .journal(
-                            &prepared,
-                            m.config,
-                            m.measures,
-                            m.build_millis,
-                            m.memory_bytes,
-                            source.clone(),
-                        )
+                        .record_trial(job, graphs_built, &prepared, m, &source, tx)
                         .await?;
-                    job.trials_done += 1;
-                    job.graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
-                    self.save(job).await?;
-                    // Nobody listening is fine: the trial is journaled.
-                    let _ = tx.send(Event::Trial(Box::new(trial.clone())));
                     trials.push(trial);
                 }
             }
@@ -551,6 +536,35 @@ impl Jobs {
         outcome?;
         cancelled()?;
         Ok(trials)
+    }
+
+    /// Journals one measured config as a trial of `job`, saves the job's progress and streams
+    /// the trial (nobody listening is fine: it is journaled).
+    async fn record_trial(
+        &self,
+        job: &mut JobRecord,
+        graphs_built: u32,
+        prepared: &Prepared,
+        m: Measured,
+        source: &str,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) -> Result<Trial> {
+        let trial = self
+            .lab
+            .journal(
+                prepared,
+                m.config,
+                m.measures,
+                m.build_millis,
+                m.memory_bytes,
+                source.to_string(),
+            )
+            .await?;
+        job.trials_done += 1;
+        job.graphs_built = graphs_built;
+        self.save(job).await?;
+        let _ = tx.send(Event::Trial(Box::new(trial.clone())));
+        Ok(trial)
     }
 
     /// Picks the winner of a job's trials, promotes it when it clears the gate, activates.
@@ -624,6 +638,13 @@ impl Jobs {
     }
 }
 
+/// CPU-bound activities a job runs at once: one per core.
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 fn cancelled(token: &CancellationToken) -> Result<()> {
     if token.is_cancelled() {
         Err(Error::Cancelled(
@@ -642,7 +663,8 @@ struct JobEval<'a> {
     token: CancellationToken,
     permits: Arc<tokio::sync::Semaphore>,
     built: Arc<std::sync::atomic::AtomicU32>,
-    job: Mutex<JobRecord>,
+    /// Held across the journal write and the record's save, so trials are counted in order.
+    job: tokio::sync::Mutex<JobRecord>,
     trials: Mutex<Vec<Trial>>,
     source: String,
     tx: mpsc::UnboundedSender<Event>,
@@ -696,26 +718,25 @@ impl Evaluator for JobEval<'_> {
             })
             .await??
         };
+        let measured = Measured {
+            at: 0,
+            config,
+            measures,
+            build_millis: graph.meta.build_millis,
+            memory_bytes: graph.memory_bytes(),
+        };
+        let graphs_built = self.built.load(std::sync::atomic::Ordering::Relaxed);
         let trial = self
             .jobs
-            .lab
-            .journal(
+            .record_trial(
+                &mut *self.job.lock().await,
+                graphs_built,
                 &self.prepared,
-                config,
-                measures,
-                graph.meta.build_millis,
-                graph.memory_bytes(),
-                self.source.clone(),
+                measured,
+                &self.source,
+                &self.tx,
             )
             .await?;
-        let record = {
-            let mut job = self.job.lock();
-            job.trials_done += 1;
-            job.graphs_built = self.built.load(std::sync::atomic::Ordering::Relaxed);
-            job.clone()
-        };
-        self.jobs.save(&record).await?;
-        let _ = self.tx.send(Event::Trial(Box::new(trial.clone())));
         self.trials.lock().push(trial.clone());
         Ok(trial)
     }
