@@ -30,10 +30,9 @@ use crate::model::{now_millis, Name};
 pub const PROBE_QUERIES: usize = 32;
 pub const REQUESTED_BY: &str = "refresh-policy";
 
+/// An ON_APPEND policy (MANUAL is the absence of a policy).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
-    /// ON_APPEND (false: MANUAL, kept for the record).
-    pub on_append: bool,
     pub change_threshold: f64,
     pub harness: Name,
     pub recall_floor: Option<f64>,
@@ -198,7 +197,7 @@ impl Refresher {
         let decision = {
             let mut st = self.state.lock();
             let Some(s) = st.get_mut(index) else { return };
-            let Some(policy) = s.record.policy.clone().filter(|p| p.on_append) else {
+            let Some(policy) = s.record.policy.clone() else {
                 return;
             };
             let changed = handle
@@ -291,7 +290,7 @@ impl Refresher {
             .iter()
             .filter_map(|(n, s)| {
                 let p = s.record.policy.clone()?;
-                (p.on_append && p.recall_floor.is_some() && !s.pending).then(|| (n.clone(), p))
+                (p.recall_floor.is_some() && !s.pending).then(|| (n.clone(), p))
             })
             .collect();
         for (index, policy) in targets {
@@ -311,10 +310,9 @@ impl Refresher {
         let Some(floor) = policy.recall_floor else {
             return Ok(());
         };
-        let prepared = self.lab.prepare(index, &policy.harness).await?;
-        let version = prepared.handle.data_version();
-        let generation = prepared.handle.active();
-        let mut h = (*prepared.harness).clone();
+        let (handle, mut h) = self.lab.current_harness(index, &policy.harness).await?;
+        let version = h.truth.data_version;
+        let generation = handle.active();
         h.queries.truncate(PROBE_QUERIES);
         h.truth.neighbors.truncate(PROBE_QUERIES);
         let ef = generation.meta.config.ef_search;
@@ -406,7 +404,7 @@ fn tune_request(index: &Name, p: &Policy) -> TuneRequest {
 
 /// Checks a policy's values (the harness is checked against the index by `set_policy`).
 pub fn validate(p: &Policy) -> Result<()> {
-    if p.on_append && !(p.change_threshold > 0.0 && p.change_threshold <= 100.0) {
+    if !(p.change_threshold > 0.0 && p.change_threshold <= 100.0) {
         return Err(Error::out_of_range(
             "policy.change_threshold",
             "(0, 100]",
@@ -427,11 +425,6 @@ pub fn validate(p: &Policy) -> Result<()> {
     if p.adaptive && p.target_recall.is_none() {
         return Err(Error::invalid(
             "policy.adaptive needs policy.target_recall: ADAPTIVE looks for the cheapest config reaching it",
-        ));
-    }
-    if !p.on_append && p.recall_floor.is_some() {
-        return Err(Error::invalid(
-            "policy.recall_floor is only for mode REFRESH_MODE_ON_APPEND",
         ));
     }
     Ok(())

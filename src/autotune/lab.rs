@@ -213,6 +213,22 @@ impl Lab {
         })
     }
 
+    /// The harness with its ground truth current for the index's points, and the index. Unlike
+    /// [`Lab::prepare`], the points are copied only when the truth has to be recomputed.
+    pub async fn current_harness(
+        &self,
+        index: &Name,
+        harness: &Name,
+    ) -> Result<(Arc<IndexHandle>, Harness)> {
+        let h = self.get_harness(index, harness)?;
+        let handle = self.catalog.handle(index)?;
+        if h.truth.data_version == handle.data_version() {
+            return Ok((handle, h));
+        }
+        let p = self.prepare(index, harness).await?;
+        Ok((p.handle, (*p.harness).clone()))
+    }
+
     /// Builds a graph over the prepared points (blocking: call off the async runtime).
     pub fn build(
         &self,
