@@ -133,11 +133,7 @@ impl From<IndexView> for pb::Index {
 
 pub fn refresh_policy_to(p: &Policy) -> pb::RefreshPolicy {
     pb::RefreshPolicy {
-        mode: if p.on_append {
-            pb::RefreshMode::OnAppend
-        } else {
-            pb::RefreshMode::Manual
-        } as i32,
+        mode: pb::RefreshMode::OnAppend as i32,
         change_threshold: p.change_threshold,
         harness: p.harness.to_string(),
         recall_floor: p.recall_floor,
@@ -182,7 +178,6 @@ pub fn refresh_policy_from(p: Option<pb::RefreshPolicy>) -> Result<Option<Policy
                 ));
             }
             let policy = Policy {
-                on_append: true,
                 change_threshold: p.change_threshold,
                 harness: name("policy.harness", &p.harness)?,
                 recall_floor: p.recall_floor,
