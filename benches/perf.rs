@@ -32,6 +32,9 @@ use vectord::model::{HnswConfig, Metric};
 
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
+#[path = "../tests/common/child.rs"]
+mod child;
+
 const DEFAULT_DATA: &str = "../shared/data/words_minilm_30k.fvecs";
 const QUERIES: usize = 1_000;
 const K: usize = 10;
@@ -49,6 +52,11 @@ fn engine_kinds() -> Vec<EngineKind> {
             .collect(),
         Err(_) => vec![EngineKind::Native, EngineKind::HnswRs],
     }
+}
+
+/// `VECTORD_PERF_GRPC=only`: the gRPC section alone (no in-process engines, no hnswlib).
+fn grpc_only() -> bool {
+    std::env::var("VECTORD_PERF_GRPC").as_deref() == Ok("only")
 }
 
 fn wants_set(name: &str) -> bool {
@@ -141,11 +149,14 @@ fn main() -> BoxResult<()> {
         write_ivecs(&dir.join("truth.ivecs"), &truth)?;
 
         let mut engines = Vec::new();
-        for kind in engine_kinds() {
-            engines.push(engine_report(kind, set, &truth, &dir)?);
+        let mut hnswlib = None;
+        if !grpc_only() {
+            for kind in engine_kinds() {
+                engines.push(engine_report(kind, set, &truth, &dir)?);
+            }
+            hnswlib = run_hnswlib(set, &dir);
+            print_set(&engines, hnswlib.as_ref());
         }
-        let hnswlib = run_hnswlib(set, &dir);
-        print_set(&engines, hnswlib.as_ref());
         let mut all = engines.clone();
         if let Some(h) = &hnswlib {
             all.push(h.clone());
@@ -502,12 +513,17 @@ fn print_set(engines: &[Value], hnswlib: Option<&Value>) {
 // ---- gRPC on loopback ----
 
 fn grpc_section(set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The client side runs as a client process would: each client on its own thread with a
+    // current-thread runtime. The server is the real `vectord serve` binary in its own process.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut out = serde_json::Map::new();
     println!();
-    println!("== gRPC on loopback ({}; ef_search {GRPC_EF}) ==", set.name);
+    println!(
+        "== gRPC on loopback ({}; ef_search {GRPC_EF}; `vectord serve` child process, clients on their own threads) ==",
+        set.name
+    );
     for kind in engine_kinds() {
         let v = rt.block_on(grpc_engine(kind, set, truth))?;
         out.insert(kind.name().to_string(), v);
@@ -515,57 +531,121 @@ fn grpc_section(set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
     Ok(Value::Object(out))
 }
 
+type Client = vectord::pb::index_service_client::IndexServiceClient<tonic::transport::Channel>;
+
+async fn connect(addr: std::net::SocketAddr) -> BoxResult<Client> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(Client::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+fn search_request(q: &[f32]) -> vectord::pb::SearchRequest {
+    vectord::pb::SearchRequest {
+        index_name: GRPC_INDEX.into(),
+        vector: q.to_vec(),
+        k: K as u32,
+        ef_search: Some(GRPC_EF),
+    }
+}
+
+const GRPC_INDEX: &str = "bench";
+
+/// Unary Search latencies of one client sending `requests` one after another.
+async fn unary_client(
+    mut c: Client,
+    requests: Vec<vectord::pb::SearchRequest>,
+) -> BoxResult<Vec<Duration>> {
+    let mut lat = Vec::with_capacity(requests.len());
+    for r in requests {
+        let t = Instant::now();
+        c.search(r).await?;
+        lat.push(t.elapsed());
+    }
+    Ok(lat)
+}
+
+/// `clients` concurrent clients, each on its own thread and runtime, each sending every query
+/// once (from its own offset); all connect first, then start together.
+fn unary_clients(
+    addr: std::net::SocketAddr,
+    queries: &[Vec<f32>],
+    clients: usize,
+) -> BoxResult<(Vec<Duration>, f64)> {
+    let barrier = std::sync::Barrier::new(clients + 1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|t| {
+                let barrier = &barrier;
+                let requests: Vec<_> = queries
+                    .iter()
+                    .cycle()
+                    .skip(t * 97)
+                    .take(queries.len())
+                    .map(|q| search_request(q))
+                    .collect();
+                scope.spawn(move || -> Result<Vec<Duration>, String> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    let c = rt.block_on(connect(addr));
+                    barrier.wait();
+                    let c = c.map_err(|e| e.to_string())?;
+                    rt.block_on(unary_client(c, requests))
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        let mut lat = Vec::new();
+        for h in handles {
+            match h.join() {
+                Ok(r) => lat.extend(r?),
+                Err(_) => return Err("a client thread panicked".into()),
+            }
+        }
+        let qps = lat.len() as f64 / started.elapsed().as_secs_f64();
+        lat.sort_unstable();
+        Ok((lat, qps))
+    })
+}
+
 async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
     use vectord::pb;
-    use vectord::pb::index_service_client::IndexServiceClient;
 
     let tmp = tempfile::tempdir()?;
-    let mut config = vectord::config::Config::new(tmp.path());
-    config.engine = kind;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(vectord::server::run(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    let url = format!("http://{addr}");
-    let connect = || async {
-        let channel = tonic::transport::Channel::from_shared(url.clone())?
-            .connect()
-            .await?;
-        Ok::<_, Box<dyn Error>>(
-            IndexServiceClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-        )
-    };
-    // Ready when CreateIndex answers (the server reports SERVING after recovery).
-    let mut c = connect().await?;
-    let name = "bench";
-    let mut tries = 0;
-    loop {
-        let r = c
-            .create_index(pb::CreateIndexRequest {
-                name: name.into(),
-                dimension: set.dim as u32,
-                metric: pb::Metric::Cosine as i32,
-                default_config: Some(pb::HnswConfig {
-                    m: M,
-                    ef_construction: EF_CONSTRUCTION,
-                    ef_search: GRPC_EF,
-                    seed: None,
-                }),
-            })
-            .await;
-        match r {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::Unavailable && tries < 1000 => {
-                tries += 1;
-                tokio::task::yield_now().await;
-            }
-            Err(s) => return Err(s.into()),
-        }
-    }
+    let data_dir = tmp.path().to_string_lossy().into_owned();
+    let mut server = child::Vectord::spawn(
+        "bench server",
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir,
+            "--engine",
+            kind.name(),
+        ],
+        &[],
+    );
+    let addr = server.wait_listening().await;
+    server.wait_serving(addr).await;
+    let mut c = connect(addr).await?;
+    c.create_index(pb::CreateIndexRequest {
+        name: GRPC_INDEX.into(),
+        dimension: set.dim as u32,
+        metric: pb::Metric::Cosine as i32,
+        default_config: Some(pb::HnswConfig {
+            m: M,
+            ef_construction: EF_CONSTRUCTION,
+            ef_search: GRPC_EF,
+            seed: None,
+        }),
+    })
+    .await?;
     let started = Instant::now();
     for (chunk_no, chunk) in set.base.chunks(1000).enumerate() {
         let points = chunk
@@ -577,59 +657,37 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
             })
             .collect();
         c.upsert_points(pb::UpsertPointsRequest {
-            index_name: name.into(),
+            index_name: GRPC_INDEX.into(),
             points,
         })
         .await?;
     }
     let upsert_s = started.elapsed().as_secs_f64();
 
-    let request = |q: &Vec<f32>| pb::SearchRequest {
-        index_name: name.into(),
-        vector: q.clone(),
-        k: K as u32,
-        ef_search: Some(GRPC_EF),
-    };
     // Warm-up, and recall through the whole stack.
     let mut found = Vec::new();
     for q in &set.queries {
-        let r = c.search(request(q)).await?.into_inner();
+        let r = c.search(search_request(q)).await?.into_inner();
         found.push(r.neighbors.iter().map(|h| h.id as u32).collect::<Vec<_>>());
     }
     let grpc_recall = recall(&found, truth);
 
+    // The stack alone: a unary call that does no search (GetIndex), same layers and codec.
+    let mut stack = Vec::with_capacity(set.queries.len());
+    for _ in 0..set.queries.len() {
+        let t = Instant::now();
+        c.get_index(pb::GetIndexRequest {
+            name: GRPC_INDEX.into(),
+        })
+        .await?;
+        stack.push(t.elapsed());
+    }
+    stack.sort_unstable();
+    let stack_p50 = micros(percentile(&stack, 0.5));
+
     let mut unary = serde_json::Map::new();
     for clients in [1usize, 4] {
-        let per_client = set.queries.len();
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for t in 0..clients {
-            let mut c = connect().await?;
-            let qs: Vec<Vec<f32>> = set
-                .queries
-                .iter()
-                .cycle()
-                .skip(t * 97)
-                .take(per_client)
-                .cloned()
-                .collect();
-            let req: Vec<pb::SearchRequest> = qs.iter().map(request).collect();
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(req.len());
-                for r in req {
-                    let t = Instant::now();
-                    c.search(r).await?;
-                    lat.push(t.elapsed());
-                }
-                Ok::<_, tonic::Status>(lat)
-            }));
-        }
-        let mut lat = Vec::new();
-        for t in tasks {
-            lat.extend(t.await??);
-        }
-        let qps = lat.len() as f64 / started.elapsed().as_secs_f64();
-        lat.sort_unstable();
+        let (lat, qps) = unary_clients(addr, &set.queries, clients)?;
         unary.insert(
             clients.to_string(),
             json!({
@@ -644,7 +702,7 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     let started = Instant::now();
     for chunk in set.queries.chunks(100) {
         let req = pb::SearchBatchRequest {
-            index_name: name.into(),
+            index_name: GRPC_INDEX.into(),
             queries: chunk
                 .iter()
                 .map(|q| pb::QueryVector { vector: q.clone() })
@@ -659,15 +717,20 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     let batch_qps = set.queries.len() as f64 / started.elapsed().as_secs_f64();
     lat.sort_unstable();
 
-    let _ = stop.send(());
-    server.await??;
+    drop(c);
+    server.signal("TERM");
+    let status = server.wait_exit().await;
+    if !status.success() {
+        return Err(format!("the bench server exited with {status}").into());
+    }
     let u1 = &unary["1"];
     let u4 = &unary["4"];
     println!(
-        "  {:>8}: upsert {:.1} s | recall {:.4} | unary 1 client p50 {:.0} µs p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
+        "  {:>8}: upsert {:.1} s | recall {:.4} | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
         kind.name(),
         upsert_s,
         grpc_recall,
+        stack_p50,
         u1["p50_us"].as_f64().unwrap_or(0.0),
         u1["p99_us"].as_f64().unwrap_or(0.0),
         u1["qps"].as_f64().unwrap_or(0.0),
@@ -677,8 +740,10 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
         batch_qps,
     );
     Ok(json!({
+        "server": "vectord serve (child process)",
         "upsert_seconds": upsert_s,
         "recall_at_10": grpc_recall,
+        "get_index_p50_us": stack_p50,
         "unary": unary,
         "search_batch_100": {
             "p50_ms": micros(percentile(&lat, 0.5)) / 1000.0,

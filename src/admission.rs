@@ -4,10 +4,13 @@
 //! - A call over `--max-concurrent-requests` is refused at once with RESOURCE_EXHAUSTED (load
 //!   shedding: nothing queues without bound). Health and reflection are not counted, so a
 //!   saturated server still answers its health checks.
-//! - Every admitted call's handler runs as its own task, to completion: a client that goes
-//!   away or a deadline that passes never drops a handler halfway (say, after its write is
-//!   stored but before the graph sees it). The permit is held until the handler is done, so
-//!   abandoned work still counts against the limit.
+//! - Every admitted call's handler that changes state (and SearchBatch, which works on the
+//!   blocking pool) runs as its own task, to completion: a client that goes away or a deadline
+//!   that passes never drops a handler halfway (say, after its write is stored but before the
+//!   graph sees it). The permit is held until the handler is done, so abandoned work still
+//!   counts against the limit. The other reads (Search, Get*, List*) run inline in the
+//!   connection's task: dropping one halfway leaves nothing behind, and a unary Search saves
+//!   a task spawn and a cross-task wake.
 //! - A unary call past `--request-timeout-secs` gets DEADLINE_EXCEEDED (the client's own
 //!   grpc-timeout, when shorter, is enforced by tonic outside this layer). The streaming calls,
 //!   ImportPoints and Autotune, are not cut by the server's timeout: they can legitimately run
@@ -33,6 +36,23 @@ const STREAMING: [&str; 2] = [
 
 fn exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+}
+
+/// Reads that do their work in the handler itself: they run inline (see `call`). SearchBatch
+/// is a read too, but it works on the blocking pool, so it keeps its own task and its permit
+/// until that work is done.
+fn runs_inline(path: &str) -> bool {
+    crate::auth::access_of(path) == crate::auth::Access::ReadOnly
+        && path != "/vectord.v1.IndexService/SearchBatch"
+}
+
+fn timed_out<B: Default>(path: &str, t: Duration) -> http::Response<B> {
+    tracing::warn!(method = %path, timeout = ?t, "call timed out; a write goes on to completion");
+    Status::deadline_exceeded(format!(
+        "the call took longer than the server's limit of {}s (--request-timeout-secs); a write may still complete: check before retrying",
+        t.as_secs_f64()
+    ))
+    .into_http()
 }
 
 #[derive(Clone)]
@@ -115,6 +135,20 @@ where
             self.shared.timeout
         };
         let handler = self.inner.call(req);
+        if runs_inline(&path) {
+            // A read leaves nothing half-done if it is dropped, so it runs in the connection's
+            // own task: no spawn, no cross-task wake on the latency-critical path.
+            return Box::pin(async move {
+                let _permit = permit;
+                match timeout {
+                    Some(t) => match tokio::time::timeout(t, handler).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(timed_out(&path, t)),
+                    },
+                    None => handler.await,
+                }
+            });
+        }
         let task = tokio::spawn(async move {
             let r = handler.await;
             drop(permit);
@@ -124,14 +158,7 @@ where
             let joined = match timeout {
                 Some(t) => match tokio::time::timeout(t, task).await {
                     Ok(j) => j,
-                    Err(_) => {
-                        tracing::warn!(method = %path, timeout = ?t, "call timed out; its work goes on to completion");
-                        return Ok(Status::deadline_exceeded(format!(
-                            "the call took longer than the server's limit of {}s (--request-timeout-secs); a write may still complete: check before retrying",
-                            t.as_secs_f64()
-                        ))
-                        .into_http());
-                    }
+                    Err(_) => return Ok(timed_out(&path, t)),
                 },
                 None => task.await,
             };

@@ -23,6 +23,18 @@ pub trait Engine: Send + Sync {
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool);
     /// The `k` nearest internal ids with their internal distances, nearest first.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)>;
+    /// The `k` nearest internal ids that pass `keep`, searching with at least `ef` of them,
+    /// when the engine can filter as it searches (points that fail still guide the search but
+    /// take no result slot). None: it cannot, and the caller over-fetches instead.
+    fn search_filtered(
+        &self,
+        _query: &[f32],
+        _k: usize,
+        _ef: usize,
+        _keep: &dyn Fn(usize) -> bool,
+    ) -> Option<Vec<(usize, f32)>> {
+        None
+    }
     /// Points in the graph, tombstoned or not.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {

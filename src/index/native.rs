@@ -341,10 +341,27 @@ impl Native {
 
     /// The best-first search of one level from `ep` with a beam of `ef`: leaves the `ef` nearest
     /// found in `s.top` (a max-heap).
-    fn search_layer(&self, q: &[f32], ep: Cand, ef: usize, level: usize, s: &mut Scratch) {
+    /// The `ef` nearest nodes to `q` on `level` that pass `keep`, from `ep`, into `s.top`.
+    ///
+    /// A node that fails `keep` (a tombstone) still guides the search, as hnswlib does with its
+    /// deleted marks: it enters the candidates but never takes a result slot, and the search
+    /// goes on until it has `ef` nodes that pass. With `keep` always true (every build, and
+    /// searches of a graph without tombstones) this is the plain HNSW search, and the check
+    /// compiles away.
+    fn search_layer(
+        &self,
+        q: &[f32],
+        ep: Cand,
+        ef: usize,
+        level: usize,
+        s: &mut Scratch,
+        keep: &impl Fn(u32) -> bool,
+    ) {
         s.start(self.slots.load(AtOrd::Relaxed));
         s.visit(ep.id);
-        s.top.push(ep);
+        if keep(ep.id) {
+            s.top.push(ep);
+        }
         s.candidates.push(Reverse(ep));
         while let Some(Reverse(c)) = s.candidates.pop() {
             let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
@@ -380,9 +397,11 @@ impl Native {
                 if s.top.len() < ef || d < worst {
                     let cand = Cand { d, id };
                     s.candidates.push(Reverse(cand));
-                    s.top.push(cand);
-                    if s.top.len() > ef {
-                        s.top.pop();
+                    if keep(id) {
+                        s.top.push(cand);
+                        if s.top.len() > ef {
+                            s.top.pop();
+                        }
                     }
                 }
             }
@@ -500,6 +519,44 @@ impl Native {
             Self::write_links(links, kept.iter().map(|c| c.id));
         }
     }
+
+    /// The `k` nearest nodes passing `keep`, nearest first.
+    fn search_keeping(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &impl Fn(u32) -> bool,
+    ) -> Vec<(usize, f32)> {
+        if k == 0 || query.len() != self.dim {
+            return Vec::new();
+        }
+        let Some((ep, top)) = *self.entry.read() else {
+            return Vec::new();
+        };
+        let Some(ep_vec) = self.vector(ep) else {
+            return Vec::new();
+        };
+        let mut cur = Cand {
+            d: self.dist(query, ep_vec),
+            id: ep,
+        };
+        for l in (1..=top).rev() {
+            cur = self.greedy(query, cur, l);
+        }
+        with_scratch(|s| {
+            self.search_layer(query, cur, ef.max(k), 0, s, keep);
+            while s.top.len() > k {
+                s.top.pop();
+            }
+            let mut out: Vec<(usize, f32)> = Vec::with_capacity(s.top.len());
+            while let Some(c) = s.top.pop() {
+                out.push((c.id as usize, c.d));
+            }
+            out.reverse();
+            out
+        })
+    }
 }
 
 impl Engine for Native {
@@ -562,7 +619,7 @@ impl Engine for Native {
         }
         with_scratch(|s| {
             for l in (0..=level.min(top)).rev() {
-                self.search_layer(v, cur, self.ef_construction, l, s);
+                self.search_layer(v, cur, self.ef_construction, l, s, &|_| true);
                 let mut found: Vec<Cand> = std::mem::take(&mut s.top).into_sorted_vec();
                 self.connect(id, v, &found, l);
                 if let Some(&nearest) = found.first() {
@@ -589,34 +646,17 @@ impl Engine for Native {
     }
 
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
-        if k == 0 || query.len() != self.dim {
-            return Vec::new();
-        }
-        let Some((ep, top)) = *self.entry.read() else {
-            return Vec::new();
-        };
-        let Some(ep_vec) = self.vector(ep) else {
-            return Vec::new();
-        };
-        let mut cur = Cand {
-            d: self.dist(query, ep_vec),
-            id: ep,
-        };
-        for l in (1..=top).rev() {
-            cur = self.greedy(query, cur, l);
-        }
-        with_scratch(|s| {
-            self.search_layer(query, cur, ef.max(k), 0, s);
-            while s.top.len() > k {
-                s.top.pop();
-            }
-            let mut out: Vec<(usize, f32)> = Vec::with_capacity(s.top.len());
-            while let Some(c) = s.top.pop() {
-                out.push((c.id as usize, c.d));
-            }
-            out.reverse();
-            out
-        })
+        self.search_keeping(query, k, ef, &|_| true)
+    }
+
+    fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Option<Vec<(usize, f32)>> {
+        Some(self.search_keeping(query, k, ef, &|id| keep(id as usize)))
     }
 
     fn len(&self) -> usize {
