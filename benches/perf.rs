@@ -9,7 +9,9 @@
 //! Each set is written to a temp dir (base.fvecs, queries.fvecs, truth.ivecs) so that
 //! `bench/hnswlib_bench.py` reads the same bytes. The Python used is `VECTORD_BENCH_PYTHON`
 //! (default `python3`); without hnswlib the hnswlib columns are empty and the rest still runs.
-//! `VECTORD_PERF_GRPC=0` skips the gRPC section; `VECTORD_PERF_ENGINES=native` (comma-separated,
+//! `VECTORD_PERF_ROUNDS=N` measures the engines and hnswlib N times per set, alternating which
+//! runs first, and prints the median ratios (the machine's load moves single runs a lot).
+//! `VECTORD_PERF_GRPC=0` skips the gRPC section and `VECTORD_PERF_GRPC=only` runs it alone; `VECTORD_PERF_ENGINES=native` (comma-separated,
 //! default `native,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
 //! minutes per build on the 100k set). Results go to `target/bench-perf.json`.
 //!
@@ -51,6 +53,62 @@ fn engine_kinds() -> Vec<EngineKind> {
             .filter_map(|e| e.trim().parse().ok())
             .collect(),
         Err(_) => vec![EngineKind::Native, EngineKind::HnswRs],
+    }
+}
+
+/// `VECTORD_PERF_ROUNDS` (default 1): how many times the engines and hnswlib are measured
+/// against each other on each set.
+fn perf_rounds() -> usize {
+    std::env::var("VECTORD_PERF_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+const RATIO_KEYS: [&str; 5] = [
+    "qps_at_recall_0.90",
+    "qps_at_recall_0.95",
+    "build_1_thread",
+    "build_2_threads",
+    "rss_delta",
+];
+
+/// Per engine and ratio, the median over the rounds that have it.
+fn median_ratios(rounds: &[Value]) -> Value {
+    let mut out = serde_json::Map::new();
+    for kind in engine_kinds() {
+        let mut per = serde_json::Map::new();
+        for key in RATIO_KEYS {
+            let mut v: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| r["ratios_vs_hnswlib"][kind.name()][key].as_f64())
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let median = match v.len() {
+                0 => None,
+                n if n % 2 == 1 => Some(v[n / 2]),
+                n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+            };
+            per.insert(key.to_string(), json!(median));
+        }
+        out.insert(kind.name().to_string(), Value::Object(per));
+    }
+    Value::Object(out)
+}
+
+fn print_median(median: &Value, rounds: usize) {
+    for kind in engine_kinds() {
+        let m = &median[kind.name()];
+        println!(
+            "  {}/hnswlib, median of {rounds} rounds: QPS@0.90 {} | QPS@0.95 {} | build 1t {} | build 2t {} | RSS {}",
+            kind.name(),
+            fmt_ratio(m["qps_at_recall_0.90"].as_f64()),
+            fmt_ratio(m["qps_at_recall_0.95"].as_f64()),
+            fmt_ratio(m["build_1_thread"].as_f64()),
+            fmt_ratio(m["build_2_threads"].as_f64()),
+            fmt_ratio(m["rss_delta"].as_f64()),
+        );
     }
 }
 
@@ -148,27 +206,51 @@ fn main() -> BoxResult<()> {
         write_fvecs(&dir.join("queries.fvecs"), &set.queries)?;
         write_ivecs(&dir.join("truth.ivecs"), &truth)?;
 
-        let mut engines = Vec::new();
-        let mut hnswlib = None;
-        if !grpc_only() {
+        // Rounds alternate which side runs first, so a burst of load from elsewhere does not
+        // always land on the same side; the ratios are reported per round and as medians.
+        let rounds = if grpc_only() { 0 } else { perf_rounds() };
+        let mut round_reports = Vec::new();
+        for round in 0..rounds {
+            if rounds > 1 {
+                println!("  -- round {} of {rounds} --", round + 1);
+            }
+            let mut engines = Vec::new();
+            let mut hnswlib = None;
+            if round % 2 == 1 {
+                hnswlib = run_hnswlib(set, &dir);
+            }
             for kind in engine_kinds() {
                 engines.push(engine_report(kind, set, &truth, &dir)?);
             }
-            hnswlib = run_hnswlib(set, &dir);
+            if round % 2 == 0 {
+                hnswlib = run_hnswlib(set, &dir);
+            }
             print_set(&engines, hnswlib.as_ref());
+            let mut all = engines.clone();
+            if let Some(h) = &hnswlib {
+                all.push(h.clone());
+            }
+            round_reports.push(json!({
+                "load_average_at_end": load_average(),
+                "engines": all,
+                "ratios_vs_hnswlib": hnswlib.as_ref().map(|h| ratios(&engines, h)),
+            }));
         }
-        let mut all = engines.clone();
-        if let Some(h) = &hnswlib {
-            all.push(h.clone());
+        let median = median_ratios(&round_reports);
+        if rounds > 1 {
+            print_median(&median, rounds);
         }
+        let last = round_reports.last().cloned().unwrap_or(Value::Null);
         report_sets.push(json!({
             "name": set.name,
             "metric": set.metric.to_string(),
             "dimension": set.dim,
             "points": set.base.len(),
             "queries": set.queries.len(),
-            "engines": all,
-            "ratios_vs_hnswlib": hnswlib.as_ref().map(|h| ratios(&engines, h)),
+            "engines": last["engines"],
+            "ratios_vs_hnswlib": last["ratios_vs_hnswlib"],
+            "median_ratios_vs_hnswlib": median,
+            "rounds": round_reports,
         }));
         if set.metric == Metric::Cosine && std::env::var("VECTORD_PERF_GRPC").as_deref() != Ok("0")
         {

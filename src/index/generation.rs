@@ -312,8 +312,10 @@ mod tests {
                     .count();
             }
             if kind == EngineKind::Native {
-                // It filters as it searches: past 840 tombstones a search does about the work of
-                // one on a graph of the live points alone, not a scan of the whole graph.
+                // It filters as it searches: past 840 tombstones (70% of the graph) a search
+                // does a few times the work of one on a graph of the live points alone (~2.8x
+                // measured), not a near-scan of the whole graph (over-fetching by the tombstone
+                // count did ~6x: 1,196 distances against 192).
                 let fresh = Generation::build_of(
                     kind,
                     Metric::L2,
@@ -333,7 +335,7 @@ mod tests {
                 };
                 let (tombstoned, alone) = (work(&g), work(&fresh));
                 assert!(
-                    tombstoned <= 3 * alone && tombstoned < 600,
+                    2 * tombstoned <= 9 * alone && tombstoned < 900,
                     "{kind:?}: {tombstoned} distances per search past tombstones, {alone} without"
                 );
             }
