@@ -1,6 +1,7 @@
-//! vectord's own HNSW engine, laid out like hnswlib: every vector in one contiguous block, the
-//! level-0 links of every node in one flat array (a count and `2*M` slots per node), upper-level
-//! links only for the nodes that have upper levels, a lock per node for writers, and searches
+//! vectord's own HNSW engine, laid out like hnswlib: one flat array holding, per node, its
+//! level-0 links (a count and `2*M` slots) followed by its vector, so a candidate's links are
+//! read from next to the vector its distance was just computed from; upper-level links only
+//! for the nodes that have upper levels, a lock per node for writers, and searches
 //! that take no lock and allocate nothing but their answer (a per-thread visited list with epoch
 //! marks and reused heaps).
 //!
@@ -26,7 +27,7 @@
 //! same graph bit for bit. Parallel inserts build a graph of the same quality whose links depend
 //! on thread timing, so they are not reproducible.
 
-use std::cell::{RefCell, UnsafeCell};
+use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering as AtOrd};
@@ -72,10 +73,11 @@ impl PartialOrd for Cand {
 
 /// One segment of nodes.
 struct Segment {
-    /// `len * dim` floats; a node's are written once, before the node is published (module docs).
-    vectors: Box<[UnsafeCell<f32>]>,
-    /// `len * (1 + m0)`: per node, its level-0 link count then `m0` slots.
-    links0: Box<[AtomicU32]>,
+    /// Per node, `stride` cells laid out as hnswlib does: its level-0 link count, `m0` link
+    /// slots, then its vector (f32 bits), so expanding a candidate reads its links from the
+    /// same place its vector was just read from. A node's vector cells are written once, before
+    /// the node is published (module docs).
+    level0: Box<[AtomicU32]>,
     /// Per node, levels 1..=level of `(1 + m)` slots each; set before the node is published.
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
     /// Held by whoever rewrites a node's link lists.
@@ -84,24 +86,17 @@ struct Segment {
     claimed: Box<[AtomicBool]>,
 }
 
-// SAFETY: the only non-Sync field is `vectors` (UnsafeCell). Each node's cells are written by
-// exactly one thread (the one whose `claimed` swap returned false) before the node's id is
-// published with a Release store, and read only by threads that loaded that id with Acquire (or
-// by the writer itself), so no cell is ever read and written concurrently.
-unsafe impl Sync for Segment {}
-
 impl Segment {
     fn new(len: usize, dim: usize, m0: usize) -> Self {
-        let zeros: Box<[f32]> = vec![0.0f32; len * dim].into_boxed_slice();
-        // SAFETY: UnsafeCell<f32> is repr(transparent) over f32, so the slice layouts are equal;
-        // the allocation is handed over whole (zeroed memory stays untouched until written).
-        let vectors = unsafe { Box::from_raw(Box::into_raw(zeros) as *mut [UnsafeCell<f32>]) };
-        let links0 = (0..len * (1 + m0))
-            .map(|i| AtomicU32::new(if i % (1 + m0) == 0 { 0 } else { EMPTY }))
+        let stride = 1 + m0 + dim;
+        let level0 = (0..len * stride)
+            .map(|i| {
+                let k = i % stride;
+                AtomicU32::new(if k == 0 || k > m0 { 0 } else { EMPTY })
+            })
             .collect();
         Segment {
-            vectors,
-            links0,
+            level0,
             upper: (0..len).map(|_| OnceLock::new()).collect(),
             locks: (0..len).map(|_| Mutex::new(())).collect(),
             claimed: (0..len).map(|_| AtomicBool::new(false)).collect(),
@@ -260,11 +255,26 @@ impl Native {
         Some((seg, off))
     }
 
+    /// Cells per node in a segment's `level0`.
     #[inline(always)]
-    fn vector_in(&self, seg: &Segment, off: usize) -> &[f32] {
-        let cells = &seg.vectors[off * self.dim..(off + 1) * self.dim];
-        // SAFETY: UnsafeCell<f32> has f32's layout; the node's cells were written before it was
-        // published and are never written again (see `unsafe impl Sync for Segment`).
+    fn stride(&self) -> usize {
+        1 + self.m0 + self.dim
+    }
+
+    /// A node's vector cells.
+    #[inline(always)]
+    fn vector_cells<'a>(&self, seg: &'a Segment, off: usize) -> &'a [AtomicU32] {
+        let start = off * self.stride() + 1 + self.m0;
+        &seg.level0[start..start + self.dim]
+    }
+
+    #[inline(always)]
+    fn vector_in<'a>(&self, seg: &'a Segment, off: usize) -> &'a [f32] {
+        let cells = self.vector_cells(seg, off);
+        // SAFETY: AtomicU32 has the size and alignment of u32 and f32, so the cells can be read
+        // as floats. A node's vector cells are stored once, by the thread that claimed the node
+        // and before the node's id is published with a Release store; readers reach the node
+        // only through an id loaded with Acquire, so no read of these cells races a write.
         unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const f32, self.dim) }
     }
 
@@ -290,8 +300,8 @@ impl Native {
     #[inline(always)]
     fn links_in<'a>(&self, seg: &'a Segment, off: usize, level: usize) -> &'a [AtomicU32] {
         if level == 0 {
-            let w = 1 + self.m0;
-            &seg.links0[off * w..(off + 1) * w]
+            let start = off * self.stride();
+            &seg.level0[start..start + 1 + self.m0]
         } else {
             let w = 1 + self.m;
             match seg.upper[off].get() {
@@ -378,13 +388,13 @@ impl Native {
             for slot in slots.iter().take(4) {
                 let id = slot.load(AtOrd::Relaxed);
                 if let Some((seg, off)) = self.node(id) {
-                    prefetch(seg.vectors[off * self.dim..].as_ptr() as *const f32);
+                    prefetch(self.vector_in(seg, off).as_ptr());
                 }
             }
             for (j, slot) in slots.iter().enumerate() {
                 if let Some(next) = slots.get(j + 4) {
                     if let Some((seg, off)) = self.node(next.load(AtOrd::Relaxed)) {
-                        prefetch(seg.vectors[off * self.dim..].as_ptr() as *const f32);
+                        prefetch(self.vector_in(seg, off).as_ptr());
                     }
                 }
                 // And the whole vector of the next neighbour not yet visited: the search is
@@ -588,13 +598,10 @@ impl Engine for Native {
         if seg.claimed[off].swap(true, AtOrd::AcqRel) {
             return; // already inserted: ids are fresh by contract, so this is a caller's bug
         }
-        for (cell, &x) in seg.vectors[off * self.dim..(off + 1) * self.dim]
-            .iter()
-            .zip(vector)
-        {
-            // SAFETY: this thread owns the node (the claim above) and the node is not yet
-            // published, so no one else reads or writes these cells.
-            unsafe { *cell.get() = x };
+        // This thread owns the node (the claim above) and the node is not yet published, so
+        // no one else reads or writes these cells.
+        for (cell, &x) in self.vector_cells(seg, off).iter().zip(vector) {
+            cell.store(x.to_bits(), AtOrd::Relaxed);
         }
         let level = self.level_of(id);
         if level > 0 {
