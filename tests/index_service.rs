@@ -450,14 +450,27 @@ async fn activation_swaps_generations_while_searches_never_fail() {
         .index
         .unwrap();
     assert_eq!(idx.point_count, 3200);
+    // Every point written during the builds is in the final graph. A search at ef_search 64
+    // is approximate, so a point it misses is looked for again with an ef_search above the
+    // index's size, which reaches every point linked into the graph: only a point missing from it
+    // fails.
+    let mut approximate_misses = 0;
     for p in &extra {
         let r = search(&mut c, "hot", p.vector.clone(), 1, None).await;
-        assert_eq!(
-            r.neighbors[0].id, p.id,
-            "a point upserted during a build was lost"
-        );
         assert_eq!(r.generation, 4);
+        if r.neighbors[0].id != p.id {
+            approximate_misses += 1;
+            let deep = search(&mut c, "hot", p.vector.clone(), 1, Some(5000)).await;
+            assert_eq!(
+                deep.neighbors[0].id, p.id,
+                "a point upserted during a build was lost"
+            );
+        }
     }
+    assert!(
+        approximate_misses <= 2,
+        "{approximate_misses} of 200 points not found by their own vectors at ef_search 64"
+    );
 }
 
 #[tokio::test]
