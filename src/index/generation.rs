@@ -4,7 +4,7 @@
 //! The engines can neither delete nor update, so a replaced or deleted id leaves its old
 //! internal point in the graph as a tombstone, and no search ever returns one. The native
 //! engine filters tombstones as it searches (they still guide the search, as hnswlib's deleted
-//! marks do), so a search costs about the same with tombstones as without. hnsw_rs cannot, so
+//! marks do), so a search's cost grows with the share of tombstones, not their number. hnsw_rs cannot, so
 //! over it a search over-fetches by the share of tombstones, doubling until it has `k` live
 //! hits or has seen the whole graph. Every internal id is inserted into the graph once, so no
 //! id ever has two live points.
@@ -175,10 +175,11 @@ impl Generation {
         if live == 0 {
             return Vec::new();
         }
+        let keep = |internal: usize| map.live.get(internal).copied().unwrap_or(false);
         let hits = |found: &[(usize, f32)]| -> Vec<Hit> {
             found
                 .iter()
-                .filter(|(internal, _)| map.live.get(*internal).copied().unwrap_or(false))
+                .filter(|&&(internal, _)| keep(internal))
                 .take(k)
                 .map(|&(internal, d)| Hit {
                     id: map.external[internal],
@@ -189,7 +190,6 @@ impl Generation {
         if total == live {
             return hits(&self.engine.search(query, k, ef));
         }
-        let keep = |internal: usize| map.live.get(internal).copied().unwrap_or(false);
         if let Some(found) = self.engine.search_filtered(query, k, ef, &keep) {
             return hits(&found);
         }

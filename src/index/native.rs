@@ -350,8 +350,7 @@ impl Native {
     }
 
     /// The best-first search of one level from `ep` with a beam of `ef`: leaves the `ef` nearest
-    /// found in `s.top` (a max-heap).
-    /// The `ef` nearest nodes to `q` on `level` that pass `keep`, from `ep`, into `s.top`.
+    /// nodes found that pass `keep` in `s.top` (a max-heap).
     ///
     /// A node that fails `keep` (a tombstone) still guides the search, as hnswlib does with its
     /// deleted marks: it enters the candidates but never takes a result slot, and the search
