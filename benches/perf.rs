@@ -36,6 +36,10 @@ type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 #[path = "../tests/common/child.rs"]
 mod child;
+#[path = "common/machine.rs"]
+mod machine;
+
+use machine::{cpu_model, load_average, micros, percentile, rss_bytes};
 
 const DEFAULT_DATA: &str = "../shared/data/words_minilm_30k.fvecs";
 const QUERIES: usize = 1_000;
@@ -140,7 +144,7 @@ fn main() -> BoxResult<()> {
     println!("vectord perf bench: native and hnsw_rs against hnswlib, one run");
     println!(
         "  machine: {cpu}, {cores} cores; load average at start: {}",
-        load_average()
+        load_average().unwrap_or_else(|| "n/a".into())
     );
     println!("  config : M={M} ef_construction={EF_CONSTRUCTION} k={K} seed={SEED}");
 
@@ -231,7 +235,7 @@ fn main() -> BoxResult<()> {
                 all.push(h.clone());
             }
             round_reports.push(json!({
-                "load_average_at_end": load_average(),
+                "load_average_at_end": load_average().unwrap_or_else(|| "n/a".into()),
                 "engines": all,
                 "ratios_vs_hnswlib": hnswlib.as_ref().map(|h| ratios(&engines, h)),
             }));
@@ -259,7 +263,7 @@ fn main() -> BoxResult<()> {
     }
 
     let report = json!({
-        "machine": { "cpu": cpu, "cores": cores, "load_average_at_start": load_average() },
+        "machine": { "cpu": cpu, "cores": cores, "load_average_at_start": load_average().unwrap_or_else(|| "n/a".into()) },
         "config": { "m": M, "ef_construction": EF_CONSTRUCTION, "k": K, "seed": SEED },
         "sets": report_sets,
         "grpc": grpc,
@@ -335,34 +339,15 @@ fn engine_report(
 
 fn sweep_row(engine: &dyn Engine, queries: &[Vec<f32>], truth: &[Vec<u32>], ef: usize) -> Value {
     let r = recall(&search_all(engine, queries, ef), truth);
-    let mut latencies = Vec::with_capacity(queries.len() * PASSES);
-    let started = Instant::now();
-    for _ in 0..PASSES {
-        for q in queries {
-            let t = Instant::now();
-            black_box(engine.search(q, K, ef));
-            latencies.push(t.elapsed());
-        }
-    }
-    let single = latencies.len() as f64 / started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let started = Instant::now();
-    for _ in 0..PASSES {
-        let hits: Vec<_> = queries
-            .par_iter()
-            .map(|q| engine.search(q, K, ef))
-            .collect();
-        black_box(hits);
-    }
-    let batch = (queries.len() * PASSES) as f64 / started.elapsed().as_secs_f64();
+    let t = machine::time_searches(queries, PASSES, |q| engine.search(q, K, ef));
     json!({
         "ef_search": ef,
         "recall_at_10": r,
-        "single_thread_qps": single,
-        "p50_us": micros(percentile(&latencies, 0.5)),
-        "p99_us": micros(percentile(&latencies, 0.99)),
-        "all_core_batch_qps": batch,
-        "batch_over_single": batch / single,
+        "single_thread_qps": t.single_qps,
+        "p50_us": micros(percentile(&t.latencies, 0.5)),
+        "p99_us": micros(percentile(&t.latencies, 0.99)),
+        "all_core_batch_qps": t.batch_qps,
+        "batch_over_single": t.batch_qps / t.single_qps,
     })
 }
 
@@ -918,42 +903,4 @@ fn write_ivecs(path: &Path, rows: &[Vec<u32>]) -> BoxResult<()> {
     }
     std::fs::write(path, out)?;
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "n/a".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
 }

@@ -14,12 +14,17 @@ use std::collections::HashSet;
 use std::error::Error;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rayon::prelude::*;
 use serde_json::json;
 use vectord::index::{distance, Generation};
 use vectord::model::{ConfigSource, GenerationMeta, Hit, HnswConfig, Metric, Point};
+
+#[path = "common/machine.rs"]
+mod machine;
+
+use machine::{cpu_model, load_average, micros, percentile, rss_bytes};
 
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
@@ -269,32 +274,13 @@ fn measure(gen: &Generation, queries: &[Vec<f32>], truth: &[Vec<u64>], ef: usize
     // is deterministic, so the timed passes would return the same hits.
     let recall = recall(&search_all(gen, queries, ef), truth);
 
-    let mut latencies = Vec::with_capacity(queries.len() * PASSES);
-    let started = Instant::now();
-    for _ in 0..PASSES {
-        for q in queries {
-            let t = Instant::now();
-            black_box(gen.search(q, K, ef));
-            latencies.push(t.elapsed());
-        }
-    }
-    let single_qps = latencies.len() as f64 / started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-
-    // As the server's SearchBatch: one rayon task per query on the global pool.
-    let started = Instant::now();
-    for _ in 0..PASSES {
-        let hits: Vec<Vec<Hit>> = queries.par_iter().map(|q| gen.search(q, K, ef)).collect();
-        black_box(hits);
-    }
-    let batch_qps = (queries.len() * PASSES) as f64 / started.elapsed().as_secs_f64();
-
+    let t = machine::time_searches(queries, PASSES, |q| gen.search(q, K, ef));
     Row {
         recall,
-        single_qps,
-        p50_us: micros(percentile(&latencies, 0.50)),
-        p99_us: micros(percentile(&latencies, 0.99)),
-        batch_qps,
+        single_qps: t.single_qps,
+        p50_us: micros(percentile(&t.latencies, 0.50)),
+        p99_us: micros(percentile(&t.latencies, 0.99)),
+        batch_qps: t.batch_qps,
     }
 }
 
@@ -429,43 +415,6 @@ fn meta(seed: Option<u64>) -> GenerationMeta {
     }
 }
 
-/// Nearest-rank percentile of sorted durations.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 fn mib(bytes: f64) -> f64 {
     bytes / (1024.0 * 1024.0)
-}
-
-/// The resident set size of this process, from /proc (Linux only).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// The 1, 5 and 15-minute load averages (Linux only).
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
-    (fields.len() == 3).then(|| fields.join(" "))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
 }
