@@ -35,6 +35,14 @@ pub trait Engine: Send + Sync {
     ) -> Option<Vec<(usize, f32)>> {
         None
     }
+    /// Gives every point that no level-0 link reaches one link from a near point, so a search
+    /// can find it; returns how many it linked. HNSW's neighbour heuristic may prune a point
+    /// from every list that held it (rarely, and more often when inserts run in parallel and
+    /// near points do not see each other); the graph's owner calls this after a build and after
+    /// a large batch, with no insert running. Engines that cannot do this link none.
+    fn link_orphans(&self) -> usize {
+        0
+    }
     /// Points in the graph, tombstoned or not.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {

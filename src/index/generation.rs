@@ -120,6 +120,10 @@ impl Generation {
                 .collect();
             engine.insert_many(&items, parallel);
         }
+        let orphans = engine.link_orphans();
+        if orphans > 0 {
+            tracing::debug!(orphans, "linked points the build left unreachable");
+        }
         meta.point_count = points.len() as u64;
         meta.build_millis = started.elapsed().as_millis() as u64;
         Ok(Generation {
@@ -140,7 +144,13 @@ impl Generation {
             .map(|(p, internal)| (p.vector.as_slice(), internal))
             .collect();
         // Big batches insert on every core; upserts after a build are never reproducible anyway.
-        self.engine.insert_many(&items, items.len() >= 64);
+        let parallel = items.len() >= 64;
+        self.engine.insert_many(&items, parallel);
+        // A batch that is a good share of the graph gets the build's check for points left
+        // unreachable (a scan of every node's level-0 links, so not after every small batch).
+        if parallel && items.len() * 16 >= self.engine.len() {
+            self.engine.link_orphans();
+        }
     }
 
     /// Tombstones the points of `ids`; unknown ids are ignored.
