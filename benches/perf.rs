@@ -303,6 +303,8 @@ fn build(kind: EngineKind, set: &DataSet, threads: usize) -> BoxResult<(Box<dyn 
         .build()?;
     let started = Instant::now();
     pool.install(|| engine.insert_many(&items, threads > 1));
+    // As a generation's build does (a scan of the level-0 links; milliseconds).
+    engine.link_orphans();
     Ok((engine, started.elapsed().as_secs_f64()))
 }
 

@@ -20,15 +20,14 @@
 //!   upper-level link block. Writers of a node's list hold that node's lock; searches take none
 //!   and at worst see a list mid-update (every slot they can see holds a fully inserted id or the
 //!   empty marker), as in hnswlib;
-//! - as in hnswlib, an insert holds its own node's lock from start to end, and the searches an
-//!   insert makes hold each node's lock while they read its links. So an insert that reaches a
-//!   node still being inserted waits for it, rather than building on its unfinished lower-level
-//!   lists. Without this, a node published at level 1 but not yet linked at level 0 could
-//!   become the only level-0 neighbour of another insert, which the first node's own linking may
-//!   then drop, leaving the second unreachable: parallel builds of 2,500 16-d points lost about
-//!   one point in 10,000 that way (`parallel_builds_lose_no_point`). Locks are taken in level
-//!   order (an insert waits only on nodes already published at its current level or above, which
-//!   are further along), so they cannot deadlock.
+//! - an insert writes its own lists at every level before it links any other node to it, so
+//!   no search or insert ever reaches a node with unfinished lists. (hnswlib links level by
+//!   level and makes inserts wait, under node locks, for a node still being inserted; linking
+//!   level by level without waiting let a node published at level 1 but not yet linked at level
+//!   0 become another insert's only level-0 neighbour, which its own linking could then drop:
+//!   parallel builds of 2,500 16-d points lost about one point in 10,000 that way.) Each level's
+//!   search reads only that level's links, so with one thread the graph is the same as linking
+//!   level by level, and no insert ever waits for another except while one rewrites a list.
 //!
 //! # Determinism
 //! A node's level is a hash of the config's seed and its internal id, so it does not depend on
@@ -331,22 +330,10 @@ impl Native {
         ((-u.ln() * self.level_mult) as usize).min(MAX_LEVEL)
     }
 
-    /// Node `id`'s lock when `LOCK`: inserts read a node's links under its lock, so they wait
-    /// for a node still being inserted instead of reading its unfinished lists.
-    #[inline(always)]
-    fn lock_if<const LOCK: bool>(&self, id: u32) -> Option<parking_lot::MutexGuard<'_, ()>> {
-        if !LOCK {
-            return None;
-        }
-        self.node(id).map(|(seg, off)| seg.locks[off].lock())
-    }
-
-    /// Greedy descent at one level from `cur` (ef = 1). With `LOCK` (inserts), each node's
-    /// lock is held while its links are read (module docs, "Concurrency").
-    fn greedy<const LOCK: bool>(&self, q: &[f32], mut cur: Cand, level: usize) -> Cand {
+    /// Greedy descent at one level from `cur` (ef = 1).
+    fn greedy(&self, q: &[f32], mut cur: Cand, level: usize) -> Cand {
         loop {
             let mut changed = false;
-            let _guard = self.lock_if::<LOCK>(cur.id);
             let links = self.links(cur.id, level);
             if let Some((count, slots)) = links.split_first() {
                 let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
@@ -378,11 +365,7 @@ impl Native {
     /// goes on until it has `ef` nodes that pass. With `keep` always true (every build, and
     /// searches of a graph without tombstones) this is the plain HNSW search, and the check
     /// compiles away.
-    ///
-    /// With `LOCK` (inserts), each candidate's lock is held while it is expanded, and `own` (the
-    /// node being inserted, whose lock the caller holds) is never visited.
-    #[allow(clippy::too_many_arguments)]
-    fn search_layer<const LOCK: bool>(
+    fn search_layer(
         &self,
         q: &[f32],
         ep: Cand,
@@ -390,12 +373,8 @@ impl Native {
         level: usize,
         s: &mut Scratch,
         keep: &impl Fn(u32) -> bool,
-        own: u32,
     ) {
         s.start(self.slots.load(AtOrd::Relaxed));
-        if LOCK {
-            s.visit(own);
-        }
         s.visit(ep.id);
         if keep(ep.id) {
             s.top.push(ep);
@@ -406,7 +385,6 @@ impl Native {
             if c.d > worst && s.top.len() >= ef {
                 break;
             }
-            let _guard = self.lock_if::<LOCK>(c.id);
             let links = self.links(c.id, level);
             let Some((count, slots)) = links.split_first() else {
                 continue;
@@ -496,21 +474,13 @@ impl Native {
         count.store(n as u32, AtOrd::Release);
     }
 
-    /// Links node `id` (vector `v`) at `level` to the selection from `found` (nearest first) and
-    /// them back to it. The caller holds `id`'s lock (for its whole insert), so no other insert
-    /// has linked to `id` yet: its own list is written from the selection alone.
-    fn connect(&self, id: u32, v: &[f32], found: &[Cand], level: usize) {
+    /// Links node `id`'s neighbours at `level` (the heuristic's selection, already in `id`'s own
+    /// list) back to it.
+    fn link_back(&self, id: u32, v: &[f32], selected: &[Cand], level: usize) {
         let cap = if level == 0 { self.m0 } else { self.m };
-        let selected = self.select(found, self.m);
-        if let Some((seg, off)) = self.node(id) {
-            Self::write_links(
-                self.links_in(seg, off, level),
-                selected.iter().map(|c| c.id),
-            );
-        }
-        for nb in &selected {
+        for nb in selected {
             if nb.id == id {
-                continue; // never reached (own is never visited), and locking it would deadlock
+                continue;
             }
             let Some((seg, off)) = self.node(nb.id) else {
                 continue;
@@ -603,10 +573,10 @@ impl Native {
             id: ep,
         };
         for l in (1..=top).rev() {
-            cur = self.greedy::<false>(query, cur, l);
+            cur = self.greedy(query, cur, l);
         }
         with_scratch(|s| {
-            self.search_layer::<false>(query, cur, ef.max(k), 0, s, keep, EMPTY);
+            self.search_layer(query, cur, ef.max(k), 0, s, keep);
             while s.top.len() > k {
                 s.top.pop();
             }
@@ -620,8 +590,10 @@ impl Native {
     }
 }
 
-impl Engine for Native {
-    fn insert(&self, vector: &[f32], internal: usize) {
+impl Native {
+    /// Inserts one node (module docs, "Concurrency"): its own lists at every level first, then
+    /// the links back to it, so no search or insert can reach it before its lists are complete.
+    fn insert_one(&self, vector: &[f32], internal: usize) {
         let Ok(id) = u32::try_from(internal) else {
             return;
         };
@@ -634,11 +606,8 @@ impl Engine for Native {
         if seg.claimed[off].swap(true, AtOrd::AcqRel) {
             return; // already inserted: ids are fresh by contract, so this is a caller's bug
         }
-        // Held for the whole insert: other inserts that reach this node wait until its lists are
-        // complete (module docs, "Concurrency").
-        let _own = seg.locks[off].lock();
         // This thread owns the node (the claim above) and the node is not yet published, so
-        // no one else reads or writes these cells.
+        // no one else reads or writes its cells.
         for (cell, &x) in self.vector_cells(seg, off).iter().zip(vector) {
             cell.store(x.to_bits(), AtOrd::Relaxed);
         }
@@ -676,32 +645,48 @@ impl Engine for Native {
             id: ep,
         };
         for l in (level + 1..=top).rev() {
-            cur = self.greedy::<true>(v, cur, l);
+            cur = self.greedy(v, cur, l);
         }
+        // The selection at each level, from the top down: written into the node's own lists
+        // now (unpublished, so without a lock), linked back only once every level is done.
+        // Each level's search reads only that level's links, so with one thread this builds
+        // the same graph as linking back level by level.
+        let mut selections: Vec<(usize, Vec<Cand>)> = Vec::with_capacity(level.min(top) + 1);
         with_scratch(|s| {
             for l in (0..=level.min(top)).rev() {
-                self.search_layer::<true>(v, cur, self.ef_construction, l, s, &|_| true, id);
+                self.search_layer(v, cur, self.ef_construction, l, s, &|_| true);
                 let mut found: Vec<Cand> = std::mem::take(&mut s.top).into_sorted_vec();
-                self.connect(id, v, &found, l);
+                let selected = self.select(&found, self.m);
+                Self::write_links(self.links_in(seg, off, l), selected.iter().map(|c| c.id));
                 if let Some(&nearest) = found.first() {
                     cur = nearest;
                 }
+                selections.push((l, selected));
                 found.clear();
                 s.top = BinaryHeap::from(found); // keeps the allocation
             }
         });
+        for (l, selected) in &selections {
+            self.link_back(id, v, selected, *l);
+        }
         if level > top {
             *self.entry.write() = Some((id, level));
         }
         self.count.fetch_add(1, AtOrd::Relaxed);
     }
+}
+
+impl Engine for Native {
+    fn insert(&self, vector: &[f32], internal: usize) {
+        self.insert_one(vector, internal);
+    }
 
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
         if parallel && items.len() > 1 {
-            items.par_iter().for_each(|&(v, id)| self.insert(v, id));
+            items.par_iter().for_each(|&(v, id)| self.insert_one(v, id));
         } else {
             for &(v, id) in items {
-                self.insert(v, id);
+                self.insert_one(v, id);
             }
         }
     }
@@ -769,10 +754,10 @@ impl Engine for Native {
                 id: entry,
             };
             for l in (1..=top).rev() {
-                cur = self.greedy::<false>(v, cur, l);
+                cur = self.greedy(v, cur, l);
             }
             let found = with_scratch(|s| {
-                self.search_layer::<false>(v, cur, self.ef_construction, 0, s, &|id| id != u, u);
+                self.search_layer(v, cur, self.ef_construction, 0, s, &|id| id != u);
                 std::mem::take(&mut s.top).into_sorted_vec()
             });
             // The nearest point with a free slot links to it; if all are full, the nearest
