@@ -236,10 +236,13 @@ impl Jobs {
         if let Some(t) = token {
             t.cancel();
         }
-        // The job records CANCELLED itself as it stops; wait for that so the answer is true.
+        // The job records CANCELLED itself as it stops, then frees its place under
+        // --max-concurrent-jobs; wait for both, so the answer is true and a job started right
+        // after it is not refused for this one.
         for _ in 0..600 {
             let j = self.get(id)?;
-            if j.state != JobState::Running {
+            let holds_place = self.running.lock().values().any(|r| r.job_id == id);
+            if j.state != JobState::Running && !holds_place {
                 return Ok(j);
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
