@@ -590,10 +590,10 @@ impl Native {
     }
 }
 
-impl Native {
+impl Engine for Native {
     /// Inserts one node (module docs, "Concurrency"): its own lists at every level first, then
     /// the links back to it, so no search or insert can reach it before its lists are complete.
-    fn insert_one(&self, vector: &[f32], internal: usize) {
+    fn insert(&self, vector: &[f32], internal: usize) {
         let Ok(id) = u32::try_from(internal) else {
             return;
         };
@@ -674,19 +674,13 @@ impl Native {
         }
         self.count.fetch_add(1, AtOrd::Relaxed);
     }
-}
-
-impl Engine for Native {
-    fn insert(&self, vector: &[f32], internal: usize) {
-        self.insert_one(vector, internal);
-    }
 
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
         if parallel && items.len() > 1 {
-            items.par_iter().for_each(|&(v, id)| self.insert_one(v, id));
+            items.par_iter().for_each(|&(v, id)| self.insert(v, id));
         } else {
             for &(v, id) in items {
-                self.insert_one(v, id);
+                self.insert(v, id);
             }
         }
     }
@@ -706,7 +700,7 @@ impl Engine for Native {
     }
 
     fn link_orphans(&self) -> usize {
-        let Some((entry, top)) = *self.entry.read() else {
+        let Some((entry, _)) = *self.entry.read() else {
             return 0;
         };
         // Every inserted node, by id, with the number of level-0 links that reach it.
@@ -746,25 +740,15 @@ impl Engine for Native {
                 continue;
             }
             let Some(v) = self.vector(u) else { continue };
-            let Some(ep_vec) = self.vector(entry) else {
-                continue;
-            };
-            let mut cur = Cand {
-                d: self.dist(v, ep_vec),
-                id: entry,
-            };
-            for l in (1..=top).rev() {
-                cur = self.greedy(v, cur, l);
-            }
-            let found = with_scratch(|s| {
-                self.search_layer(v, cur, self.ef_construction, 0, s, &|id| id != u);
-                std::mem::take(&mut s.top).into_sorted_vec()
-            });
+            let ef = self.ef_construction;
+            let found = self.search_keeping(v, ef, ef, &|id| id != u);
             // The nearest point with a free slot links to it; if all are full, the nearest
             // gives its link to the point that most other links also reach.
-            let done = found.iter().any(|c| self.add_link(c.id, u, |_| None))
-                || found.first().is_some_and(|c| {
-                    self.add_link(c.id, u, |slots| {
+            let done = found
+                .iter()
+                .any(|&(c, _)| self.add_link(c as u32, u, |_| None))
+                || found.first().is_some_and(|&(c, _)| {
+                    self.add_link(c as u32, u, |slots| {
                         let most = slots.iter().max_by_key(|s| {
                             indegree.get(s.load(AtOrd::Acquire) as usize).copied()
                         })?;
