@@ -1,4 +1,4 @@
-//! Side-by-side benchmark: vectord's engines (native, hnsw_rs) against hnswlib on the same data,
+//! Side-by-side benchmark: vectord's engines (native, native_f16, hnsw_rs) against hnswlib on the same data,
 //! queries and ground truth in the same run, plus vectord over gRPC on loopback.
 //!
 //! Run with `cargo bench --bench perf`. Data sets:
@@ -12,7 +12,7 @@
 //! `VECTORD_PERF_ROUNDS=N` measures the engines and hnswlib N times per set, alternating which
 //! runs first, and prints the median ratios (the machine's load moves single runs a lot).
 //! `VECTORD_PERF_GRPC=0` skips the gRPC section and `VECTORD_PERF_GRPC=only` runs it alone; `VECTORD_PERF_ENGINES=native` (comma-separated,
-//! default `native,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
+//! default `native,native_f16,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
 //! minutes per build on the 100k set). Results go to `target/bench-perf.json`.
 //!
 //! Per engine: build time with 1 and 2 threads, recall@10 and single-thread QPS per ef_search,
@@ -49,14 +49,18 @@ const M: u32 = 16;
 const EF_CONSTRUCTION: u32 = 100;
 const SEED: u64 = 42;
 const PASSES: usize = 3;
-/// The engines to run, from VECTORD_PERF_ENGINES (default both).
+/// The engines to run, from VECTORD_PERF_ENGINES (default all three).
 fn engine_kinds() -> Vec<EngineKind> {
     match std::env::var("VECTORD_PERF_ENGINES") {
         Ok(list) => list
             .split(',')
             .filter_map(|e| e.trim().parse().ok())
             .collect(),
-        Err(_) => vec![EngineKind::Native, EngineKind::HnswRs],
+        Err(_) => vec![
+            EngineKind::Native,
+            EngineKind::NativeF16,
+            EngineKind::HnswRs,
+        ],
     }
 }
 
@@ -521,12 +525,12 @@ fn print_set(engines: &[Value], hnswlib: Option<&Value>) {
     }
     println!();
     println!(
-        "{:>8} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9}",
+        "{:>10} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9}",
         "engine", "build 1t", "build 2t", "QPS@0.90", "QPS@0.95", "RSS MiB", "est MiB"
     );
     for e in &all {
         println!(
-            "{:>8} | {:>8.2}s | {:>8.2}s | {:>9} | {:>9} | {:>9} | {:>9}",
+            "{:>10} | {:>8.2}s | {:>8.2}s | {:>9} | {:>9} | {:>9} | {:>9}",
             e["engine"].as_str().unwrap_or("?"),
             e["build_seconds"]["1"].as_f64().unwrap_or(f64::NAN),
             e["build_seconds"]["2"].as_f64().unwrap_or(f64::NAN),
@@ -542,13 +546,13 @@ fn print_set(engines: &[Value], hnswlib: Option<&Value>) {
     }
     println!();
     println!(
-        "{:>8} | {:>4} | {:>9} | {:>10} | {:>8} | {:>10} | {:>8}",
+        "{:>10} | {:>4} | {:>9} | {:>10} | {:>8} | {:>10} | {:>8}",
         "engine", "ef", "recall@10", "1t QPS", "p50 µs", "batch QPS", "batch/1t"
     );
     for e in &all {
         for r in e["rows"].as_array().into_iter().flatten() {
             println!(
-                "{:>8} | {:>4} | {:>9.4} | {:>10.0} | {:>8} | {:>10.0} | {:>7.2}x",
+                "{:>10} | {:>4} | {:>9.4} | {:>10.0} | {:>8} | {:>10.0} | {:>7.2}x",
                 e["engine"].as_str().unwrap_or("?"),
                 r["ef_search"].as_u64().unwrap_or(0),
                 r["recall_at_10"].as_f64().unwrap_or(f64::NAN),
@@ -795,7 +799,7 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     let u1 = &unary["1"];
     let u4 = &unary["4"];
     println!(
-        "  {:>8}: upsert {:.1} s | recall {:.4} | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
+        "  {:>10}: upsert {:.1} s | recall {:.4} | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
         kind.name(),
         upsert_s,
         grpc_recall,

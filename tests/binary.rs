@@ -614,3 +614,64 @@ async fn api_keys_never_appear_in_logs_or_help() {
         "--help shows a key from the environment:\n{text}"
     );
 }
+
+/// `--engine native_f16` serves the same API: every point finds itself first, distances are the
+/// exact ones (computed here from the vectors sent), and a restart on the same data dir
+/// rebuilds the index with the same answers.
+#[tokio::test]
+async fn the_half_float_engine_answers_with_exact_distances_across_a_restart() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let args = [
+        &addr_arg()[..],
+        &["--data-dir", path_str(tmp.path()), "--engine", "native_f16"],
+    ]
+    .concat();
+    let mut g = Gen::new(16);
+    let pts = points(&mut g, 0..600, 24);
+    let cosine = |a: &[f32], b: &[f32]| {
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (n(a) * n(b))
+    };
+    let mut answers = Vec::new();
+    for run in 0..2 {
+        let mut s = Vectord::spawn("native_f16 server", &args, &[]);
+        let addr = s.wait_listening().await;
+        s.wait_serving(addr).await;
+        assert!(s.log().contains("engine=\"native_f16\""), "{}", s.log());
+        let mut c = index_client(addr).await;
+        if run == 0 {
+            create_index(&mut c, "half", 24, pb::Metric::Cosine).await;
+            upsert(&mut c, "half", pts.clone()).await;
+        }
+        let mut got = Vec::new();
+        for p in pts.iter().step_by(7) {
+            let r = search(&mut c, "half", p.vector.clone(), 5, Some(64)).await;
+            assert_eq!(r.neighbors.first().map(|h| h.id), Some(p.id), "run {run}");
+            for h in &r.neighbors {
+                let want = cosine(&p.vector, &pts[h.id as usize].vector);
+                assert!(
+                    (h.distance - want).abs() < 1e-5,
+                    "run {run}: id {} at {} but its cosine distance is {want}",
+                    h.id,
+                    h.distance
+                );
+            }
+            got.push(r.neighbors.iter().map(|h| h.id).collect::<Vec<_>>());
+        }
+        answers.push(got);
+        s.signal("TERM");
+        assert!(s.wait_exit().await.success());
+    }
+    let same = answers[0]
+        .iter()
+        .zip(&answers[1])
+        .filter(|(a, b)| a == b)
+        .count();
+    // The rebuild after the restart is another graph (parallel build), so a few answers may
+    // differ in their approximate tail; nearly all must be the same.
+    assert!(
+        same * 10 >= answers[0].len() * 9,
+        "{same} of {} the same",
+        answers[0].len()
+    );
+}

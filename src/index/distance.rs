@@ -130,6 +130,120 @@ pub fn l2sq(a: &[f32], b: &[f32]) -> f32 {
     l2sq_plain(a, b)
 }
 
+/// A float as an IEEE half (binary16), rounded to nearest; values beyond the half range
+/// (|x| > 65504) are clamped to it rather than made infinite.
+#[inline]
+pub fn to_half(x: f32) -> u16 {
+    half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits()
+}
+
+#[inline(always)]
+fn from_half(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
+fn dot_half_plain(a: &[f32], b: &[u16]) -> f32 {
+    a.iter().zip(b).map(|(x, &y)| x * from_half(y)).sum()
+}
+
+fn l2sq_half_plain(a: &[f32], b: &[u16]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, &y)| {
+            let d = x - from_half(y);
+            d * d
+        })
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx_half {
+    use std::arch::x86_64::*;
+
+    /// Sixteen floats of `a` from `i` and the sixteen halves of `b` from `i`, as floats.
+    #[inline(always)]
+    unsafe fn load16(a: &[f32], b: &[u16], i: usize) -> [(__m256, __m256); 2] {
+        let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+        [
+            (
+                _mm256_loadu_ps(pa),
+                _mm256_cvtph_ps(_mm_loadu_si128(pb as *const __m128i)),
+            ),
+            (
+                _mm256_loadu_ps(pa.add(8)),
+                _mm256_cvtph_ps(_mm_loadu_si128(pb.add(8) as *const __m128i)),
+            ),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        lanes.iter().sum()
+    }
+
+    /// SAFETY (both kernels): the CPU must have AVX2, FMA and F16C; every load stays within
+    /// the first `min(a.len(), b.len())` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(a: &[f32], b: &[u16]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            let [(a0, b0), (a1, b1)] = load16(a, b, i);
+            s0 = _mm256_fmadd_ps(a0, b0, s0);
+            s1 = _mm256_fmadd_ps(a1, b1, s1);
+            i += 16;
+        }
+        sum(_mm256_add_ps(s0, s1)) + super::dot_half_plain(&a[i..n], &b[i..n])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn l2sq(a: &[f32], b: &[u16]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            let [(a0, b0), (a1, b1)] = load16(a, b, i);
+            let (d0, d1) = (_mm256_sub_ps(a0, b0), _mm256_sub_ps(a1, b1));
+            s0 = _mm256_fmadd_ps(d0, d0, s0);
+            s1 = _mm256_fmadd_ps(d1, d1, s1);
+            i += 16;
+        }
+        sum(_mm256_add_ps(s0, s1)) + super::l2sq_half_plain(&a[i..n], &b[i..n])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| has_avx2_fma() && is_x86_feature_detected!("f16c"))
+}
+
+/// The dot product of a float vector and a half vector of equal length.
+#[inline]
+pub fn dot_half(a: &[f32], b: &[u16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
+        return unsafe { avx_half::dot(a, b) };
+    }
+    dot_half_plain(a, b)
+}
+
+/// The squared Euclidean distance of a float vector and a half vector of equal length.
+#[inline]
+pub fn l2sq_half(a: &[f32], b: &[u16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
+        return unsafe { avx_half::l2sq(a, b) };
+    }
+    l2sq_half_plain(a, b)
+}
+
 #[inline]
 fn sanitize(d: f32) -> f32 {
     if d.is_nan() {
@@ -154,10 +268,29 @@ pub fn evals_on_this_thread() -> u64 {
 pub fn internal(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
     EVALS.with(|c| c.set(c.get().wrapping_add(1)));
     match metric {
-        Metric::L2 => sanitize(l2sq(a, b)),
-        Metric::Cosine => sanitize((1.0 - dot(a, b)).max(0.0)),
+        Metric::L2 => finish(metric, l2sq(a, b)),
+        Metric::Cosine | Metric::Dot => finish(metric, dot(a, b)),
+    }
+}
+
+/// [`internal`] between a query and a vector stored as IEEE half floats ([`to_half`]).
+#[inline]
+pub fn internal_half(metric: Metric, a: &[f32], b: &[u16]) -> f32 {
+    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
+    match metric {
+        Metric::L2 => finish(metric, l2sq_half(a, b)),
+        Metric::Cosine | Metric::Dot => finish(metric, dot_half(a, b)),
+    }
+}
+
+/// The internal distance from a kernel's result: the squared distance (L2) or the dot product.
+#[inline(always)]
+fn finish(metric: Metric, raw: f32) -> f32 {
+    match metric {
+        Metric::L2 => sanitize(raw),
+        Metric::Cosine => sanitize((1.0 - raw).max(0.0)),
         Metric::Dot => {
-            let d = 1.0 - dot(a, b);
+            let d = 1.0 - raw;
             sanitize(if d >= 0.0 { d + 1.0 } else { d.exp() })
         }
     }
@@ -228,6 +361,34 @@ mod tests {
     }
 
     #[test]
+    fn half_kernels_match_naive_on_the_rounded_vector() {
+        for n in [1usize, 3, 8, 15, 16, 17, 33, 384] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let h: Vec<u16> = b.iter().map(|&x| to_half(x)).collect();
+            let rounded: Vec<f32> = h.iter().map(|&x| from_half(x)).collect();
+            assert!(rounded
+                .iter()
+                .zip(&b)
+                .all(|(r, x)| (r - x).abs() <= x.abs() / 1024.0));
+            let l2: f32 = a.iter().zip(&rounded).map(|(x, y)| (x - y) * (x - y)).sum();
+            assert!(
+                (dot_half(&a, &h) - naive_dot(&a, &rounded)).abs() < 1e-3,
+                "n={n}"
+            );
+            assert!((l2sq_half(&a, &h) - l2).abs() < 1e-3, "n={n}");
+            assert!((dot_half_plain(&a, &h) - naive_dot(&a, &rounded)).abs() < 1e-3);
+            assert!((l2sq_half_plain(&a, &h) - l2).abs() < 1e-3);
+        }
+        // Out of the half range: clamped, never infinite.
+        assert_eq!(from_half(to_half(1e9)), 65504.0);
+        assert_eq!(from_half(to_half(-1e9)), -65504.0);
+        let big = [1e9f32, 0.0];
+        let hb: Vec<u16> = big.iter().map(|&x| to_half(x)).collect();
+        assert!(internal_half(Metric::L2, &big, &hb).is_finite());
+    }
+
+    #[test]
     fn unit_vectors_whose_dot_is_one_never_go_negative() {
         // Rounding can make dot(x, x) slightly above 1 for unit vectors: the scalar DistDot of
         // hnsw_rs asserts on this; ours clamps (cosine) or maps (dot) it.
@@ -237,6 +398,11 @@ mod tests {
             let c = internal(Metric::Cosine, &v, &v);
             let d = internal(Metric::Dot, &v, &v);
             assert!((0.0..1e-5).contains(&c));
+            let h: Vec<u16> = v.iter().map(|&x| to_half(x)).collect();
+            let ch = internal_half(Metric::Cosine, &v, &h);
+            let dh = internal_half(Metric::Dot, &v, &h);
+            assert!((0.0..1e-3).contains(&ch), "{ch}");
+            assert!(dh >= 0.0 && reported(Metric::Dot, dh).abs() < 1e-3, "{dh}");
             assert!(d >= 0.0 && (reported(Metric::Dot, d)).abs() < 1e-5);
         }
     }

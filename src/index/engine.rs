@@ -60,6 +60,9 @@ pub enum EngineKind {
     Native,
     /// The hnsw_rs crate.
     HnswRs,
+    /// vectord's own engine with half-float vectors next to the links for searches to compare
+    /// with, and the float vectors for exact distances (`native::Storage::Half`).
+    NativeF16,
 }
 
 impl EngineKind {
@@ -67,6 +70,7 @@ impl EngineKind {
         match self {
             EngineKind::Native => "native",
             EngineKind::HnswRs => "hnsw_rs",
+            EngineKind::NativeF16 => "native_f16",
         }
     }
 }
@@ -77,7 +81,10 @@ impl std::str::FromStr for EngineKind {
         match s {
             "native" => Ok(EngineKind::Native),
             "hnsw_rs" | "hnsw-rs" => Ok(EngineKind::HnswRs),
-            other => Err(format!("engine must be native or hnsw_rs, got {other:?}")),
+            "native_f16" | "native-f16" => Ok(EngineKind::NativeF16),
+            other => Err(format!(
+                "engine must be native, native_f16 or hnsw_rs, got {other:?}"
+            )),
         }
     }
 }
@@ -93,6 +100,7 @@ pub fn set_default_engine(kind: EngineKind) {
 pub fn default_engine() -> EngineKind {
     match DEFAULT_ENGINE.load(Ordering::Relaxed) {
         1 => EngineKind::HnswRs,
+        2 => EngineKind::NativeF16,
         _ => EngineKind::Native,
     }
 }
@@ -116,10 +124,21 @@ pub fn new_engine_of(
     config: &HnswConfig,
     capacity: usize,
 ) -> Box<dyn Engine> {
-    if kind == EngineKind::Native {
-        return Box::new(super::native::Native::new(
-            metric, dimension, config, capacity,
-        ));
+    use super::native::{Native, Storage};
+    match kind {
+        EngineKind::Native => {
+            return Box::new(Native::new(metric, dimension, config, capacity));
+        }
+        EngineKind::NativeF16 => {
+            return Box::new(Native::with_storage(
+                metric,
+                dimension,
+                config,
+                capacity,
+                Storage::Half,
+            ));
+        }
+        EngineKind::HnswRs => {}
     }
     let m = config.m as usize;
     let ef_c = config.ef_construction as usize;
@@ -204,11 +223,15 @@ mod tests {
 
     #[test]
     fn engine_names_parse_and_round_trip() {
-        for kind in [EngineKind::Native, EngineKind::HnswRs] {
+        for kind in [
+            EngineKind::Native,
+            EngineKind::HnswRs,
+            EngineKind::NativeF16,
+        ] {
             assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
         }
         assert_eq!(EngineKind::default(), EngineKind::Native);
         let err = "faiss".parse::<EngineKind>().unwrap_err();
-        assert!(err.contains("native or hnsw_rs"), "{err}");
+        assert!(err.contains("native, native_f16 or hnsw_rs"), "{err}");
     }
 }

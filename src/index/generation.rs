@@ -285,7 +285,11 @@ mod tests {
                 })
                 .collect()
         };
-        for kind in [EngineKind::Native, EngineKind::HnswRs] {
+        for kind in [
+            EngineKind::Native,
+            EngineKind::NativeF16,
+            EngineKind::HnswRs,
+        ] {
             let g = Generation::build_of(kind, Metric::L2, 8, meta(None), random(400), &|| false)
                 .unwrap();
             g.upsert(&random(400));
@@ -321,7 +325,7 @@ mod tests {
                     .filter(|(_, id)| hits.iter().any(|h| h.id == *id))
                     .count();
             }
-            if kind == EngineKind::Native {
+            if kind != EngineKind::HnswRs {
                 // It filters as it searches: past 840 tombstones (70% of the graph) a search
                 // does a few times the work of one on a graph of the live points alone (~2.8x
                 // measured), not a near-scan of the whole graph (over-fetching by the tombstone

@@ -82,10 +82,14 @@ impl PartialOrd for Cand {
 /// One segment of nodes.
 struct Segment {
     /// Per node, `stride` cells laid out as hnswlib does: its level-0 link count, `m0` link
-    /// slots, then its vector (f32 bits), so expanding a candidate reads its links from the
-    /// same place its vector was just read from. A node's vector cells are written once, before
-    /// the node is published (module docs).
+    /// slots, then the vector searches compare with (f32 bits, or two halves per cell with
+    /// [`Storage::Half`]), so expanding a candidate reads its links from the same place its
+    /// vector was just read from. A node's vector cells are written once, before the node is
+    /// published (module docs).
     level0: Box<[AtomicU32]>,
+    /// With [`Storage::Half`], per node its `dim` float vector (f32 bits), for exact distances;
+    /// empty otherwise. Written once, before the node is published.
+    full: Box<[AtomicU32]>,
     /// Per node, levels 1..=level of `(1 + m)` slots each; set before the node is published.
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
     /// Held by whoever rewrites a node's link lists.
@@ -95,22 +99,50 @@ struct Segment {
 }
 
 impl Segment {
-    fn new(len: usize, dim: usize, m0: usize) -> Self {
-        let stride = 1 + m0 + dim;
-        let level0 = (0..len * stride)
-            .map(|i| {
-                let k = i % stride;
-                AtomicU32::new(if k == 0 || k > m0 { 0 } else { EMPTY })
-            })
-            .collect();
+    fn new(len: usize, cells: usize, m0: usize, full_dim: usize) -> Self {
+        let stride = 1 + m0 + cells;
+        let level0 = huge_cells(len * stride, |i| {
+            let k = i % stride;
+            if k == 0 || k > m0 {
+                0
+            } else {
+                EMPTY
+            }
+        });
         Segment {
             level0,
+            full: huge_cells(len * full_dim, |_| 0),
             upper: (0..len).map(|_| OnceLock::new()).collect(),
             locks: (0..len).map(|_| Mutex::new(())).collect(),
             claimed: (0..len).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 }
+
+/// `n` cells set by `init`, in memory the kernel is asked to back with transparent huge pages
+/// (Linux): a search reads vectors at random places all over the graph, and with 4 KiB pages
+/// nearly every one of those reads also misses the TLB.
+fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Box<[AtomicU32]> {
+    let mut cells: Vec<AtomicU32> = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    if n * 4 >= 4 << 20 {
+        // madvise takes whole pages: the pages wholly inside the allocation.
+        let (start, end) = (cells.as_ptr() as usize, cells.as_ptr() as usize + n * 4);
+        let first = start.next_multiple_of(4096);
+        let len = (end - first) / 4096 * 4096;
+        // SAFETY: the range lies within this Vec's own allocation of `n` cells;
+        // MADV_HUGEPAGE is advice about how to back it and changes none of its contents.
+        // Failure (a kernel without THP, or THP disabled) just leaves 4 KiB pages.
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+    }
+    cells.extend((0..n).map(|i| AtomicU32::new(init(i))));
+    cells.into_boxed_slice()
+}
+
+/// How many neighbours ahead a search asks for whole vectors.
+const LOOKAHEAD: usize = 2;
 
 /// Per-thread search state, reused across searches (and engines).
 #[derive(Default)]
@@ -119,6 +151,8 @@ struct Scratch {
     epoch: u16,
     candidates: BinaryHeap<Reverse<Cand>>,
     top: BinaryHeap<Cand>,
+    /// The unvisited neighbours of the node being expanded.
+    batch: Vec<u32>,
 }
 
 impl Scratch {
@@ -182,9 +216,23 @@ fn prefetch(p: *const f32) {
     let _ = p;
 }
 
+/// How the engine keeps the vectors that graph searches compare with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// 32-bit floats, as given.
+    F32,
+    /// IEEE half floats (16 bits) next to the links, which halves the bytes a search reads, with
+    /// the float vectors kept apart: inserts choose neighbours and searches rank their final
+    /// candidates by exact distances. Values beyond +-65504 are clamped in the half copy.
+    Half,
+}
+
 pub struct Native {
     metric: Metric,
     dim: usize,
+    storage: Storage,
+    /// Cells per node of the vector searches compare with.
+    cells: usize,
     /// Links per node above level 0, and the number of neighbours each insert selects.
     m: usize,
     /// Links per node at level 0.
@@ -210,10 +258,26 @@ pub struct Native {
 
 impl Native {
     pub fn new(metric: Metric, dimension: u32, config: &HnswConfig, capacity: usize) -> Self {
+        Self::with_storage(metric, dimension, config, capacity, Storage::F32)
+    }
+
+    pub fn with_storage(
+        metric: Metric,
+        dimension: u32,
+        config: &HnswConfig,
+        capacity: usize,
+        storage: Storage,
+    ) -> Self {
         let m = (config.m as usize).max(2);
+        let dim = dimension as usize;
         Native {
             metric,
-            dim: dimension as usize,
+            dim,
+            storage,
+            cells: match storage {
+                Storage::F32 => dim,
+                Storage::Half => dim.div_ceil(2),
+            },
             m,
             m0: 2 * m,
             ef_construction: (config.ef_construction as usize).max(m),
@@ -258,7 +322,11 @@ impl Native {
         };
         let seg = self.segments.get(s)?.get_or_init(|| {
             self.slots.fetch_add(len, AtOrd::Relaxed);
-            Segment::new(len, self.dim, self.m0)
+            let full_dim = match self.storage {
+                Storage::F32 => 0,
+                Storage::Half => self.dim,
+            };
+            Segment::new(len, self.cells, self.m0, full_dim)
         });
         Some((seg, off))
     }
@@ -266,16 +334,26 @@ impl Native {
     /// Cells per node in a segment's `level0`.
     #[inline(always)]
     fn stride(&self) -> usize {
-        1 + self.m0 + self.dim
+        1 + self.m0 + self.cells
     }
 
-    /// A node's vector cells.
+    /// A node's cells of the vector searches compare with (next to its level-0 links).
+    #[inline(always)]
+    fn search_cells<'a>(&self, seg: &'a Segment, off: usize) -> &'a [AtomicU32] {
+        let start = off * self.stride() + 1 + self.m0;
+        &seg.level0[start..start + self.cells]
+    }
+
+    /// A node's float vector cells.
     #[inline(always)]
     fn vector_cells<'a>(&self, seg: &'a Segment, off: usize) -> &'a [AtomicU32] {
-        let start = off * self.stride() + 1 + self.m0;
-        &seg.level0[start..start + self.dim]
+        match self.storage {
+            Storage::F32 => self.search_cells(seg, off),
+            Storage::Half => &seg.full[off * self.dim..(off + 1) * self.dim],
+        }
     }
 
+    /// A node's float vector, as inserted.
     #[inline(always)]
     fn vector_in<'a>(&self, seg: &'a Segment, off: usize) -> &'a [f32] {
         let cells = self.vector_cells(seg, off);
@@ -283,7 +361,19 @@ impl Native {
         // as floats. A node's vector cells are stored once, by the thread that claimed the node
         // and before the node's id is published with a Release store; readers reach the node
         // only through an id loaded with Acquire, so no read of these cells races a write.
-        unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const f32, self.dim) }
+        unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const f32, cells.len()) }
+    }
+
+    /// A node's half vector ([`Storage::Half`] only).
+    #[inline(always)]
+    fn half_in<'a>(&self, seg: &'a Segment, off: usize) -> &'a [u16] {
+        let cells = self.search_cells(seg, off);
+        // SAFETY: as in `vector_in`: two u16 fit one AtomicU32 (alignment 4 >= 2) and the cells
+        // are written once before the node is published; `cells` holds dim.div_ceil(2) cells,
+        // so `dim` halves are in bounds.
+        unsafe {
+            std::slice::from_raw_parts(cells.as_ptr() as *const u16, self.dim.min(cells.len() * 2))
+        }
     }
 
     #[inline(always)]
@@ -291,9 +381,33 @@ impl Native {
         self.node(id).map(|(seg, off)| self.vector_in(seg, off))
     }
 
+    /// The exact internal distance of two float vectors.
     #[inline(always)]
     fn dist(&self, a: &[f32], b: &[f32]) -> f32 {
         distance::internal(self.metric, a, b)
+    }
+
+    /// The distance graph searches use from `q` to a node: exact, or to its half vector.
+    #[inline(always)]
+    fn dist_node(&self, q: &[f32], seg: &Segment, off: usize) -> f32 {
+        match self.storage {
+            Storage::F32 => distance::internal(self.metric, q, self.vector_in(seg, off)),
+            Storage::Half => distance::internal_half(self.metric, q, self.half_in(seg, off)),
+        }
+    }
+
+    #[inline(always)]
+    fn dist_to(&self, q: &[f32], id: u32) -> Option<f32> {
+        self.node(id).map(|(seg, off)| self.dist_node(q, seg, off))
+    }
+
+    /// Prefetches the cache lines of a node's search vector, all (`all`) or but the first.
+    #[inline(always)]
+    fn prefetch_vector(&self, seg: &Segment, off: usize, all: bool) {
+        let cells = self.search_cells(seg, off);
+        for line in cells.chunks(16).skip(usize::from(!all)) {
+            prefetch(line.as_ptr() as *const f32);
+        }
     }
 
     /// The link block (count, then slots) of a node at a level; empty if it has none there.
@@ -342,8 +456,7 @@ impl Native {
                     if id == EMPTY {
                         continue;
                     }
-                    if let Some(v) = self.vector(id) {
-                        let d = self.dist(q, v);
+                    if let Some(d) = self.dist_to(q, id) {
                         if d < cur.d {
                             cur = Cand { d, id };
                             changed = true;
@@ -391,40 +504,32 @@ impl Native {
             };
             let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
             let slots = &slots[..n];
-            // Prefetch the vectors of the first neighbours while the rest are being checked.
-            for slot in slots.iter().take(4) {
-                let id = slot.load(AtOrd::Relaxed);
-                if let Some((seg, off)) = self.node(id) {
-                    prefetch(self.vector_in(seg, off).as_ptr());
+            // The neighbours not yet visited, then their distances, with the vectors a few
+            // neighbours ahead asked for in whole while one is compared: the search is bound by
+            // memory latency (vectors at random places, 12-24 cache lines each), and asking
+            // for every line of the next ones overlaps the misses.
+            let mut batch = std::mem::take(&mut s.batch);
+            batch.clear();
+            for slot in slots {
+                let id = slot.load(AtOrd::Acquire);
+                if id != EMPTY && s.visit(id) {
+                    batch.push(id);
                 }
             }
-            for (j, slot) in slots.iter().enumerate() {
-                if let Some(next) = slots.get(j + 4) {
-                    if let Some((seg, off)) = self.node(next.load(AtOrd::Relaxed)) {
-                        prefetch(self.vector_in(seg, off).as_ptr());
+            for &id in batch.iter().take(LOOKAHEAD) {
+                if let Some((seg, off)) = self.node(id) {
+                    self.prefetch_vector(seg, off, true);
+                }
+            }
+            for (j, &id) in batch.iter().enumerate() {
+                if let Some(&next) = batch.get(j + LOOKAHEAD) {
+                    if let Some((seg, off)) = self.node(next) {
+                        self.prefetch_vector(seg, off, true);
                     }
                 }
-                // And the whole vector of the next neighbour not yet visited: the search is
-                // bound by memory latency (a 384-d vector is 24 cache lines, at random places),
-                // and asking for every line ahead overlaps the misses. Measured: 10-25% faster
-                // searches and builds on the 30k set than the first line alone.
-                if let Some(next) = slots.get(j + 1) {
-                    let nid = next.load(AtOrd::Relaxed);
-                    if s.marks.get(nid as usize).is_some_and(|&m| m != s.epoch) {
-                        if let Some((seg, off)) = self.node(nid) {
-                            let v = self.vector_in(seg, off);
-                            for line in v.chunks(16).skip(1) {
-                                prefetch(line.as_ptr());
-                            }
-                        }
-                    }
-                }
-                let id = slot.load(AtOrd::Acquire);
-                if id == EMPTY || !s.visit(id) {
+                let Some(d) = self.dist_to(q, id) else {
                     continue;
-                }
-                let Some(v) = self.vector(id) else { continue };
-                let d = self.dist(q, v);
+                };
                 let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
                 if s.top.len() < ef || d < worst {
                     let cand = Cand { d, id };
@@ -437,6 +542,7 @@ impl Native {
                     }
                 }
             }
+            s.batch = batch;
         }
     }
 
@@ -565,18 +671,38 @@ impl Native {
         let Some((ep, top)) = *self.entry.read() else {
             return Vec::new();
         };
-        let Some(ep_vec) = self.vector(ep) else {
+        let Some(d) = self.dist_to(query, ep) else {
             return Vec::new();
         };
-        let mut cur = Cand {
-            d: self.dist(query, ep_vec),
-            id: ep,
-        };
+        let mut cur = Cand { d, id: ep };
         for l in (1..=top).rev() {
             cur = self.greedy(query, cur, l);
         }
         with_scratch(|s| {
             self.search_layer(query, cur, ef.max(k), 0, s, keep);
+            if self.storage == Storage::Half {
+                // Rank the candidates by their exact distances (float vectors, asked for a
+                // few candidates ahead).
+                let mut found = std::mem::take(&mut s.top).into_vec();
+                let ask = |c: &Cand| {
+                    if let Some(v) = self.vector(c.id) {
+                        for line in v.chunks(16) {
+                            prefetch(line.as_ptr());
+                        }
+                    }
+                };
+                found.iter().take(LOOKAHEAD).for_each(ask);
+                for j in 0..found.len() {
+                    if let Some(next) = found.get(j + LOOKAHEAD) {
+                        ask(next);
+                    }
+                    let c = &mut found[j];
+                    if let Some(v) = self.vector(c.id) {
+                        c.d = self.dist(query, v);
+                    }
+                }
+                s.top = BinaryHeap::from(found);
+            }
             while s.top.len() > k {
                 s.top.pop();
             }
@@ -611,6 +737,13 @@ impl Engine for Native {
         for (cell, &x) in self.vector_cells(seg, off).iter().zip(vector) {
             cell.store(x.to_bits(), AtOrd::Relaxed);
         }
+        if self.storage == Storage::Half {
+            for (cell, pair) in self.search_cells(seg, off).iter().zip(vector.chunks(2)) {
+                let lo = distance::to_half(pair[0]) as u32;
+                let hi = pair.get(1).map_or(0, |&x| distance::to_half(x) as u32);
+                cell.store(lo | hi << 16, AtOrd::Relaxed);
+            }
+        }
         let level = self.level_of(id);
         if level > 0 {
             let w = 1 + self.m;
@@ -637,13 +770,10 @@ impl Engine for Native {
             self.count.fetch_add(1, AtOrd::Relaxed);
             return;
         };
-        let Some(ep_vec) = self.vector(ep) else {
+        let Some(d) = self.dist_to(v, ep) else {
             return;
         };
-        let mut cur = Cand {
-            d: self.dist(v, ep_vec),
-            id: ep,
-        };
+        let mut cur = Cand { d, id: ep };
         for l in (level + 1..=top).rev() {
             cur = self.greedy(v, cur, l);
         }
@@ -775,7 +905,11 @@ impl Engine for Native {
 
     fn memory_bytes(&self) -> u64 {
         let slots = self.slots.load(AtOrd::Relaxed);
-        let per_slot = self.dim * 4 // vector
+        let full = match self.storage {
+            Storage::F32 => 0,
+            Storage::Half => self.dim * 4,
+        };
+        let per_slot = self.cells * 4 + full // vectors
             + (1 + self.m0) * 4 // level-0 links
             + std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
             + std::mem::size_of::<Mutex<()>>()
@@ -898,6 +1032,43 @@ mod tests {
     }
 
     #[test]
+    fn half_storage_keeps_recall_and_reports_exact_distances() {
+        for metric in [Metric::L2, Metric::Cosine, Metric::Dot] {
+            let unit = metric != Metric::L2;
+            // 33-d: an odd dimension, so the last cell holds one half.
+            let base = data(4000, 33, 1, unit);
+            let queries = data(100, 33, 2, unit);
+            let full = build(EngineKind::Native, metric, &base, Some(3), false);
+            let half = build(EngineKind::NativeF16, metric, &base, Some(3), false);
+            assert_eq!(half.len(), base.len());
+            for ef in [10, 40, 80] {
+                let (a, b) = (
+                    recall(full.as_ref(), metric, &base, &queries, ef),
+                    recall(half.as_ref(), metric, &base, &queries, ef),
+                );
+                // Halves change distances by about 1e-4 of their size, which can change a tie
+                // between near candidates, not the quality of the graph.
+                assert!(b >= a - 0.01, "{metric:?} ef={ef}: f16 {b} against f32 {a}");
+            }
+            for q in &queries {
+                let hits = half.search(q, 10, 40);
+                assert_eq!(hits.len(), 10);
+                for w in hits.windows(2) {
+                    assert!(w[0].1 <= w[1].1, "{metric:?}: not nearest first: {hits:?}");
+                }
+                for &(i, d) in &hits {
+                    assert_eq!(d, distance::internal(metric, q, &base[i]), "{metric:?}");
+                }
+            }
+            // Every point finds itself, first, at distance zero (dot: its own norm).
+            for (i, v) in base.iter().enumerate().step_by(37) {
+                let hits = half.search(v, 1, 40);
+                assert_eq!(hits.first().map(|h| h.0), Some(i), "{metric:?}");
+            }
+        }
+    }
+
+    #[test]
     fn parallel_build_finds_as_well() {
         let base = data(4000, 32, 5, false);
         let queries = data(100, 32, 6, false);
@@ -909,10 +1080,12 @@ mod tests {
     #[test]
     fn seeded_single_thread_builds_are_identical() {
         let base = data(2000, 16, 7, false);
-        let a = build(EngineKind::Native, Metric::L2, &base, Some(11), false);
-        let b = build(EngineKind::Native, Metric::L2, &base, Some(11), false);
-        for q in data(50, 16, 8, false) {
-            assert_eq!(a.search(&q, 10, 20), b.search(&q, 10, 20));
+        for kind in [EngineKind::Native, EngineKind::NativeF16] {
+            let a = build(kind, Metric::L2, &base, Some(11), false);
+            let b = build(kind, Metric::L2, &base, Some(11), false);
+            for q in data(50, 16, 8, false) {
+                assert_eq!(a.search(&q, 10, 20), b.search(&q, 10, 20), "{kind:?}");
+            }
         }
     }
 
@@ -974,12 +1147,14 @@ mod tests {
             ef_search: 40,
             seed: None,
         };
-        for round in 0..10u64 {
+        for (round, storage) in
+            (0..20u64).map(|r| (r / 2, [Storage::F32, Storage::Half][r as usize % 2]))
+        {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(round);
             let base: Vec<Vec<f32>> = (0..n)
                 .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
                 .collect();
-            let e = Native::new(Metric::L2, dim as u32, &config, n);
+            let e = Native::with_storage(Metric::L2, dim as u32, &config, n, storage);
             let items: Vec<(&[f32], usize)> = base
                 .iter()
                 .enumerate()
@@ -1003,7 +1178,7 @@ mod tests {
                 .collect();
             assert!(
                 unlinked.is_empty() && lost.is_empty(),
-                "round {round}: nodes no link reaches {unlinked:?}, points not found {lost:?}"
+                "round {round} {storage:?}: nodes no link reaches {unlinked:?}, points not found {lost:?}"
             );
         }
     }
