@@ -159,7 +159,13 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::Unavailable(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+        // No background flusher: every acknowledged write is flushed by its own call, and
+        // sled 0.34's flusher also spends its idle time relocating pages, without end: after
+        // loading 30k 384-d points an idle server rewrote about 2 MB/s for as long as it ran
+        // (2.4 GB in 20 minutes on a 73 MB store). Without it the store is written only when
+        // data changes, and a half-overwrite workload ended 7 % larger (115 vs 107 MB).
+        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        let db = config.open().map_err(|e| match e {
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 Error::Unavailable(format!(
                     "data dir {} is in use by another process (sled's lock is held)",
