@@ -1,6 +1,7 @@
 //! vectord's own HNSW engine, laid out like hnswlib: one flat array holding, per node, its
-//! level-0 links (a count and `2*M` slots) followed by its vector, so a candidate's links are
-//! read from next to the vector its distance was just computed from; upper-level links only
+//! level-0 links (a count and `2*M` slots) followed by its vector (as given, or as half floats
+//! with the float vectors kept apart: [`Storage`]), so a candidate's links are read from next
+//! to the vector its distance was just computed from; upper-level links only
 //! for the nodes that have upper levels, a lock per node for writers, and searches
 //! that take no lock and allocate nothing but their answer (a per-thread visited list with epoch
 //! marks and reused heaps).
@@ -401,11 +402,11 @@ impl Native {
         self.node(id).map(|(seg, off)| self.dist_node(q, seg, off))
     }
 
-    /// Prefetches the cache lines of a node's search vector, all (`all`) or but the first.
+    /// Prefetches every cache line of a node's search vector.
     #[inline(always)]
-    fn prefetch_vector(&self, seg: &Segment, off: usize, all: bool) {
+    fn prefetch_vector(&self, seg: &Segment, off: usize) {
         let cells = self.search_cells(seg, off);
-        for line in cells.chunks(16).skip(usize::from(!all)) {
+        for line in cells.chunks(16) {
             prefetch(line.as_ptr() as *const f32);
         }
     }
@@ -518,13 +519,13 @@ impl Native {
             }
             for &id in batch.iter().take(LOOKAHEAD) {
                 if let Some((seg, off)) = self.node(id) {
-                    self.prefetch_vector(seg, off, true);
+                    self.prefetch_vector(seg, off);
                 }
             }
             for (j, &id) in batch.iter().enumerate() {
                 if let Some(&next) = batch.get(j + LOOKAHEAD) {
                     if let Some((seg, off)) = self.node(next) {
-                        self.prefetch_vector(seg, off, true);
+                        self.prefetch_vector(seg, off);
                     }
                 }
                 let Some(d) = self.dist_to(q, id) else {
