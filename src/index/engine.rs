@@ -125,21 +125,23 @@ pub fn new_engine_of(
     capacity: usize,
 ) -> Box<dyn Engine> {
     use super::native::{Native, Storage};
-    match kind {
-        EngineKind::Native => {
-            return Box::new(Native::new(metric, dimension, config, capacity));
-        }
-        EngineKind::NativeF16 => {
-            return Box::new(Native::with_storage(
-                metric,
-                dimension,
-                config,
-                capacity,
-                Storage::Half,
-            ));
-        }
-        EngineKind::HnswRs => {}
-    }
+    let storage = match kind {
+        EngineKind::Native => Storage::F32,
+        EngineKind::NativeF16 => Storage::Half,
+        EngineKind::HnswRs => return new_hnsw_rs(metric, dimension, config, capacity),
+    };
+    Box::new(Native::with_storage(
+        metric, dimension, config, capacity, storage,
+    ))
+}
+
+/// An empty hnsw_rs graph.
+fn new_hnsw_rs(
+    metric: Metric,
+    dimension: u32,
+    config: &HnswConfig,
+    capacity: usize,
+) -> Box<dyn Engine> {
     let m = config.m as usize;
     let ef_c = config.ef_construction as usize;
     let cap = capacity.max(1);

@@ -142,6 +142,14 @@ fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Box<[AtomicU32]> {
     cells.into_boxed_slice()
 }
 
+/// Prefetches every cache line of `cells`.
+#[inline(always)]
+fn prefetch_cells(cells: &[AtomicU32]) {
+    for line in cells.chunks(16) {
+        prefetch(line.as_ptr() as *const f32);
+    }
+}
+
 /// How many neighbours ahead a search asks for whole vectors.
 const LOOKAHEAD: usize = 2;
 
@@ -323,13 +331,18 @@ impl Native {
         };
         let seg = self.segments.get(s)?.get_or_init(|| {
             self.slots.fetch_add(len, AtOrd::Relaxed);
-            let full_dim = match self.storage {
-                Storage::F32 => 0,
-                Storage::Half => self.dim,
-            };
-            Segment::new(len, self.cells, self.m0, full_dim)
+            Segment::new(len, self.cells, self.m0, self.full_dim())
         });
         Some((seg, off))
+    }
+
+    /// Cells per node in a segment's `full` (float vectors kept apart from the search vectors).
+    #[inline(always)]
+    fn full_dim(&self) -> usize {
+        match self.storage {
+            Storage::F32 => 0,
+            Storage::Half => self.dim,
+        }
     }
 
     /// Cells per node in a segment's `level0`.
@@ -405,10 +418,7 @@ impl Native {
     /// Prefetches every cache line of a node's search vector.
     #[inline(always)]
     fn prefetch_vector(&self, seg: &Segment, off: usize) {
-        let cells = self.search_cells(seg, off);
-        for line in cells.chunks(16) {
-            prefetch(line.as_ptr() as *const f32);
-        }
+        prefetch_cells(self.search_cells(seg, off));
     }
 
     /// The link block (count, then slots) of a node at a level; empty if it has none there.
@@ -686,10 +696,8 @@ impl Native {
                 // few candidates ahead).
                 let mut found = std::mem::take(&mut s.top).into_vec();
                 let ask = |c: &Cand| {
-                    if let Some(v) = self.vector(c.id) {
-                        for line in v.chunks(16) {
-                            prefetch(line.as_ptr());
-                        }
+                    if let Some((seg, off)) = self.node(c.id) {
+                        prefetch_cells(self.vector_cells(seg, off));
                     }
                 };
                 found.iter().take(LOOKAHEAD).for_each(ask);
@@ -906,11 +914,7 @@ impl Engine for Native {
 
     fn memory_bytes(&self) -> u64 {
         let slots = self.slots.load(AtOrd::Relaxed);
-        let full = match self.storage {
-            Storage::F32 => 0,
-            Storage::Half => self.dim * 4,
-        };
-        let per_slot = self.cells * 4 + full // vectors
+        let per_slot = (self.cells + self.full_dim()) * 4 // vectors
             + (1 + self.m0) * 4 // level-0 links
             + std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
             + std::mem::size_of::<Mutex<()>>()
