@@ -1,4 +1,4 @@
-//! Side-by-side benchmark: vectord's engines (native, native_f16, hnsw_rs) against hnswlib on the same data,
+//! Side-by-side benchmark: vectord's engines (native, native_f16, native_i8, hnsw_rs) against hnswlib on the same data,
 //! queries and ground truth in the same run, plus vectord over gRPC on loopback.
 //!
 //! Run with `cargo bench --bench perf`. Data sets:
@@ -12,7 +12,7 @@
 //! `VECTORD_PERF_ROUNDS=N` measures the engines and hnswlib N times per set, alternating which
 //! runs first, and prints the median ratios (the machine's load moves single runs a lot).
 //! `VECTORD_PERF_GRPC=0` skips the gRPC section and `VECTORD_PERF_GRPC=only` runs it alone; `VECTORD_PERF_ENGINES=native` (comma-separated,
-//! default `native,native_f16,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
+//! default `native,native_f16,native_i8,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
 //! minutes per build on the 100k set). Results go to `target/bench-perf.json`.
 //!
 //! Per engine: build time with 1 and 2 threads, recall@10 and single-thread QPS per ef_search,
@@ -49,7 +49,7 @@ const M: u32 = 16;
 const EF_CONSTRUCTION: u32 = 100;
 const SEED: u64 = 42;
 const PASSES: usize = 3;
-/// The engines to run, from VECTORD_PERF_ENGINES (default all three).
+/// The engines to run, from VECTORD_PERF_ENGINES (default all four).
 fn engine_kinds() -> Vec<EngineKind> {
     match std::env::var("VECTORD_PERF_ENGINES") {
         Ok(list) => list
@@ -59,6 +59,7 @@ fn engine_kinds() -> Vec<EngineKind> {
         Err(_) => vec![
             EngineKind::Native,
             EngineKind::NativeF16,
+            EngineKind::NativeI8,
             EngineKind::HnswRs,
         ],
     }

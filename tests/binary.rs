@@ -620,10 +620,20 @@ async fn api_keys_never_appear_in_logs_or_help() {
 /// rebuilds the index with the same answers.
 #[tokio::test]
 async fn the_half_float_engine_answers_with_exact_distances_across_a_restart() {
+    compact_engine_answers_with_exact_distances_across_a_restart("native_f16").await;
+}
+
+/// The same for the 8-bit engine (`--engine native_i8`).
+#[tokio::test]
+async fn the_8_bit_engine_answers_with_exact_distances_across_a_restart() {
+    compact_engine_answers_with_exact_distances_across_a_restart("native_i8").await;
+}
+
+async fn compact_engine_answers_with_exact_distances_across_a_restart(engine: &'static str) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let args = [
         &addr_arg()[..],
-        &["--data-dir", path_str(tmp.path()), "--engine", "native_f16"],
+        &["--data-dir", path_str(tmp.path()), "--engine", engine],
     ]
     .concat();
     let mut g = Gen::new(16);
@@ -634,10 +644,14 @@ async fn the_half_float_engine_answers_with_exact_distances_across_a_restart() {
     };
     let mut answers = Vec::new();
     for run in 0..2 {
-        let mut s = Vectord::spawn("native_f16 server", &args, &[]);
+        let mut s = Vectord::spawn(engine, &args, &[]);
         let addr = s.wait_listening().await;
         s.wait_serving(addr).await;
-        assert!(s.log().contains("engine=\"native_f16\""), "{}", s.log());
+        assert!(
+            s.log().contains(&format!("engine=\"{engine}\"")),
+            "{}",
+            s.log()
+        );
         let mut c = index_client(addr).await;
         if run == 0 {
             create_index(&mut c, "half", 24, pb::Metric::Cosine).await;
@@ -651,7 +665,7 @@ async fn the_half_float_engine_answers_with_exact_distances_across_a_restart() {
                 let want = cosine(&p.vector, &pts[h.id as usize].vector);
                 assert!(
                     (h.distance - want).abs() < 1e-5,
-                    "run {run}: id {} at {} but its cosine distance is {want}",
+                    "{engine} run {run}: id {} at {} but its cosine distance is {want}",
                     h.id,
                     h.distance
                 );

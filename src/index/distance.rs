@@ -244,6 +244,122 @@ pub fn l2sq_half(a: &[f32], b: &[u16]) -> f32 {
     l2sq_half_plain(a, b)
 }
 
+/// A vector as 8-bit codes with one scale: `x[i] ~ scale * codes[i]`, the scale chosen so the
+/// largest |x[i]| maps to 127 (symmetric, per vector, so no training data is needed and any
+/// range works). Writes `x.len()` codes into `codes` and returns the scale (0 for a zero vector).
+pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
+    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if !(max > 0.0 && max.is_finite()) {
+        // Zero (or, never from validated input, not finite): all codes 0.
+        codes.iter_mut().for_each(|c| *c = 0);
+        return 0.0;
+    }
+    let scale = max / 127.0;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = (v / scale).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+fn dot_i8_plain(a: &[f32], b: &[i8]) -> f32 {
+    a.iter().zip(b).map(|(x, &c)| x * c as f32).sum()
+}
+
+fn l2sq_i8_plain(a: &[f32], b: &[i8], scale: f32) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, &c)| {
+            let d = x - scale * c as f32;
+            d * d
+        })
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx_i8 {
+    use std::arch::x86_64::*;
+
+    /// Sixteen floats of `a` from `i` and the sixteen codes of `b` from `i`, as floats.
+    #[inline(always)]
+    unsafe fn load16(a: &[f32], b: &[i8], i: usize) -> [(__m256, __m256); 2] {
+        let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+        let c = _mm_loadu_si128(pb as *const __m128i);
+        [
+            (
+                _mm256_loadu_ps(pa),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)),
+            ),
+            (
+                _mm256_loadu_ps(pa.add(8)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(c))),
+            ),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        lanes.iter().sum()
+    }
+
+    /// SAFETY (both kernels): the CPU must have AVX2 and FMA; every load stays within the
+    /// first `min(a.len(), b.len())` elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[i8]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            let [(a0, b0), (a1, b1)] = load16(a, b, i);
+            s0 = _mm256_fmadd_ps(a0, b0, s0);
+            s1 = _mm256_fmadd_ps(a1, b1, s1);
+            i += 16;
+        }
+        sum(_mm256_add_ps(s0, s1)) + super::dot_i8_plain(&a[i..n], &b[i..n])
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn l2sq(a: &[f32], b: &[i8], scale: f32) -> f32 {
+        let n = a.len().min(b.len());
+        let sv = _mm256_set1_ps(scale);
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            let [(a0, b0), (a1, b1)] = load16(a, b, i);
+            // a - scale * code
+            let (d0, d1) = (_mm256_fnmadd_ps(sv, b0, a0), _mm256_fnmadd_ps(sv, b1, a1));
+            s0 = _mm256_fmadd_ps(d0, d0, s0);
+            s1 = _mm256_fmadd_ps(d1, d1, s1);
+            i += 16;
+        }
+        sum(_mm256_add_ps(s0, s1)) + super::l2sq_i8_plain(&a[i..n], &b[i..n], scale)
+    }
+}
+
+/// The dot product of a float vector and the codes of an 8-bit vector ([`to_i8`]), before
+/// the codes' scale is applied.
+#[inline]
+pub fn dot_i8(a: &[f32], b: &[i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA, checked above.
+        return unsafe { avx_i8::dot(a, b) };
+    }
+    dot_i8_plain(a, b)
+}
+
+/// The squared Euclidean distance of a float vector and an 8-bit vector (codes and scale).
+#[inline]
+pub fn l2sq_i8(a: &[f32], b: &[i8], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA, checked above.
+        return unsafe { avx_i8::l2sq(a, b, scale) };
+    }
+    l2sq_i8_plain(a, b, scale)
+}
+
 #[inline]
 fn sanitize(d: f32) -> f32 {
     if d.is_nan() {
@@ -280,6 +396,16 @@ pub fn internal_half(metric: Metric, a: &[f32], b: &[u16]) -> f32 {
     match metric {
         Metric::L2 => finish(metric, l2sq_half(a, b)),
         Metric::Cosine | Metric::Dot => finish(metric, dot_half(a, b)),
+    }
+}
+
+/// [`internal`] between a query and a vector stored as 8-bit codes with a scale ([`to_i8`]).
+#[inline]
+pub fn internal_i8(metric: Metric, a: &[f32], codes: &[i8], scale: f32) -> f32 {
+    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
+    match metric {
+        Metric::L2 => finish(metric, l2sq_i8(a, codes, scale)),
+        Metric::Cosine | Metric::Dot => finish(metric, scale * dot_i8(a, codes)),
     }
 }
 
@@ -389,6 +515,40 @@ mod tests {
     }
 
     #[test]
+    fn i8_kernels_match_naive_on_the_decoded_vector() {
+        for n in [1usize, 3, 8, 15, 16, 17, 33, 384] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
+            let mut c = vec![0i8; n];
+            let scale = to_i8(&b, &mut c);
+            let decoded: Vec<f32> = c.iter().map(|&x| scale * x as f32).collect();
+            // Each value within half a step of the original; the largest maps to +-127.
+            assert!(decoded
+                .iter()
+                .zip(&b)
+                .all(|(d, x)| (d - x).abs() <= scale * 0.5 + 1e-6));
+            assert!(c.iter().any(|&x| x.abs() == 127), "n={n}");
+            let l2: f32 = a.iter().zip(&decoded).map(|(x, y)| (x - y) * (x - y)).sum();
+            let dot_d = naive_dot(&a, &decoded);
+            assert!((scale * dot_i8(&a, &c) - dot_d).abs() < 1e-3, "n={n}");
+            assert!((l2sq_i8(&a, &c, scale) - l2).abs() < 1e-3, "n={n}");
+            assert!((scale * dot_i8_plain(&a, &c) - dot_d).abs() < 1e-3);
+            assert!((l2sq_i8_plain(&a, &c, scale) - l2).abs() < 1e-3);
+        }
+        // A zero vector: scale 0, codes 0, distances finite.
+        let mut c = [5i8; 4];
+        assert_eq!(to_i8(&[0.0; 4], &mut c), 0.0);
+        assert_eq!(c, [0; 4]);
+        assert_eq!(internal_i8(Metric::L2, &[1.0, 0.0, 0.0, 0.0], &c, 0.0), 1.0);
+        // Huge values keep a finite scale and finite distances.
+        let big = [3e38f32, -3e38, 1.0];
+        let mut c = [0i8; 3];
+        let s = to_i8(&big, &mut c);
+        assert!(s.is_finite() && c[0] == 127 && c[1] == -127);
+        assert!(internal_i8(Metric::L2, &big, &c, s).is_finite());
+    }
+
+    #[test]
     fn unit_vectors_whose_dot_is_one_never_go_negative() {
         // Rounding can make dot(x, x) slightly above 1 for unit vectors: the scalar DistDot of
         // hnsw_rs asserts on this; ours clamps (cosine) or maps (dot) it.
@@ -404,6 +564,12 @@ mod tests {
             assert!((0.0..1e-3).contains(&ch), "{ch}");
             assert!(dh >= 0.0 && reported(Metric::Dot, dh).abs() < 1e-3, "{dh}");
             assert!(d >= 0.0 && (reported(Metric::Dot, d)).abs() < 1e-5);
+            let mut codes = vec![0i8; n];
+            let scale = to_i8(&v, &mut codes);
+            let ci = internal_i8(Metric::Cosine, &v, &codes, scale);
+            let di = internal_i8(Metric::Dot, &v, &codes, scale);
+            assert!((0.0..1e-2).contains(&ci), "{ci}");
+            assert!(di >= 0.0 && reported(Metric::Dot, di).abs() < 1e-2, "{di}");
         }
     }
 

@@ -63,6 +63,9 @@ pub enum EngineKind {
     /// vectord's own engine with half-float vectors next to the links for searches to compare
     /// with, and the float vectors for exact distances (`native::Storage::Half`).
     NativeF16,
+    /// vectord's own engine with 8-bit vectors (one scale each) next to the links for searches to
+    /// compare with, and the float vectors for exact distances (`native::Storage::Int8`).
+    NativeI8,
 }
 
 impl EngineKind {
@@ -71,6 +74,7 @@ impl EngineKind {
             EngineKind::Native => "native",
             EngineKind::HnswRs => "hnsw_rs",
             EngineKind::NativeF16 => "native_f16",
+            EngineKind::NativeI8 => "native_i8",
         }
     }
 }
@@ -82,8 +86,9 @@ impl std::str::FromStr for EngineKind {
             "native" => Ok(EngineKind::Native),
             "hnsw_rs" | "hnsw-rs" => Ok(EngineKind::HnswRs),
             "native_f16" | "native-f16" => Ok(EngineKind::NativeF16),
+            "native_i8" | "native-i8" => Ok(EngineKind::NativeI8),
             other => Err(format!(
-                "engine must be native, native_f16 or hnsw_rs, got {other:?}"
+                "engine must be native, native_f16, native_i8 or hnsw_rs, got {other:?}"
             )),
         }
     }
@@ -101,6 +106,7 @@ pub fn default_engine() -> EngineKind {
     match DEFAULT_ENGINE.load(Ordering::Relaxed) {
         1 => EngineKind::HnswRs,
         2 => EngineKind::NativeF16,
+        3 => EngineKind::NativeI8,
         _ => EngineKind::Native,
     }
 }
@@ -128,6 +134,7 @@ pub fn new_engine_of(
     let storage = match kind {
         EngineKind::Native => Storage::F32,
         EngineKind::NativeF16 => Storage::Half,
+        EngineKind::NativeI8 => Storage::Int8,
         EngineKind::HnswRs => return new_hnsw_rs(metric, dimension, config, capacity),
     };
     Box::new(Native::with_storage(
@@ -229,11 +236,15 @@ mod tests {
             EngineKind::Native,
             EngineKind::HnswRs,
             EngineKind::NativeF16,
+            EngineKind::NativeI8,
         ] {
             assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
         }
         assert_eq!(EngineKind::default(), EngineKind::Native);
         let err = "faiss".parse::<EngineKind>().unwrap_err();
-        assert!(err.contains("native, native_f16 or hnsw_rs"), "{err}");
+        assert!(
+            err.contains("native, native_f16, native_i8 or hnsw_rs"),
+            "{err}"
+        );
     }
 }

@@ -288,6 +288,7 @@ mod tests {
         for kind in [
             EngineKind::Native,
             EngineKind::NativeF16,
+            EngineKind::NativeI8,
             EngineKind::HnswRs,
         ] {
             let g = Generation::build_of(kind, Metric::L2, 8, meta(None), random(400), &|| false)
