@@ -337,6 +337,70 @@ mod avx_i8 {
     }
 }
 
+/// A query as 16-bit fixed point for [`dot_i16_i8`]: `x[i] ~ scale * out[i]`, the scale chosen
+/// so the largest |x[i]| maps to the largest value for which no sum of `x.len()` products with
+/// 8-bit codes can overflow an i32 (32767 up to about 4,000 dimensions; fewer bits above).
+/// Returns the scale, or `None` when the vector is zero or too long for fixed point.
+pub fn to_i16(x: &[f32], out: &mut Vec<i16>) -> Option<f32> {
+    out.clear();
+    let limit = (i32::MAX as usize / (127 * x.len().max(1))).min(i16::MAX as usize);
+    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if limit < 127 || !(max > 0.0 && max.is_finite()) {
+        return None;
+    }
+    let scale = max / limit as f32;
+    let top = limit as f32;
+    out.extend(
+        x.iter()
+            .map(|&v| (v / scale).round().clamp(-top, top) as i16),
+    );
+    Some(scale)
+}
+
+fn dot_i16_i8_plain(a: &[i16], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&x, &c)| x as i32 * c as i32).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx_fixed {
+    use std::arch::x86_64::*;
+
+    /// SAFETY: the CPU must have AVX2; every load stays within the first
+    /// `min(a.len(), b.len())` elements. No lane overflows for a query from [`super::to_i16`].
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot(a: &[i16], b: &[i8]) -> i32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut i = 0;
+        while i + 32 <= n {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            let c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pb as *const __m128i));
+            let c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pb.add(16) as *const __m128i));
+            let q0 = _mm256_loadu_si256(pa as *const __m256i);
+            let q1 = _mm256_loadu_si256(pa.add(16) as *const __m256i);
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(q0, c0));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(q1, c1));
+            i += 32;
+        }
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, _mm256_add_epi32(s0, s1));
+        lanes.iter().sum::<i32>() + super::dot_i16_i8_plain(&a[i..n], &b[i..n])
+    }
+}
+
+/// The dot product of a fixed-point query ([`to_i16`]) and 8-bit codes ([`to_i8`]), before
+/// either scale is applied: integer multiply-adds, twice the work per instruction of the float
+/// kernels.
+#[inline]
+pub fn dot_i16_i8(a: &[i16], b: &[i8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2, checked above.
+        return unsafe { avx_fixed::dot(a, b) };
+    }
+    dot_i16_i8_plain(a, b)
+}
+
 /// The dot product of a float vector and the codes of an 8-bit vector ([`to_i8`]), before
 /// the codes' scale is applied.
 #[inline]
@@ -407,6 +471,13 @@ pub fn internal_i8(metric: Metric, a: &[f32], codes: &[i8], scale: f32) -> f32 {
         Metric::L2 => finish(metric, l2sq_i8(a, codes, scale)),
         Metric::Cosine | Metric::Dot => finish(metric, scale * dot_i8(a, codes)),
     }
+}
+
+/// [`internal`] (cosine or dot) between a fixed-point query ([`to_i16`]) and 8-bit codes.
+#[inline]
+pub fn internal_fixed(metric: Metric, q: &[i16], q_scale: f32, codes: &[i8], scale: f32) -> f32 {
+    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
+    finish(metric, q_scale * scale * dot_i16_i8(q, codes) as f32)
 }
 
 /// The internal distance from a kernel's result: the squared distance (L2) or the dot product.
@@ -549,6 +620,38 @@ mod tests {
     }
 
     #[test]
+    fn fixed_point_kernel_is_exact_integer_math_and_never_overflows() {
+        for n in [1usize, 3, 15, 16, 31, 32, 33, 384, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| ((i + 1) as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let mut q = Vec::new();
+            let qs = to_i16(&a, &mut q).unwrap();
+            assert!(q.iter().all(|&x| x.abs() <= i16::MAX) && q.len() == n);
+            let mut c = vec![0i8; n];
+            let s = to_i8(&b, &mut c);
+            let want: i64 = q.iter().zip(&c).map(|(&x, &y)| x as i64 * y as i64).sum();
+            assert_eq!(dot_i16_i8(&q, &c) as i64, want, "n={n}");
+            assert_eq!(dot_i16_i8_plain(&q, &c) as i64, want, "n={n}");
+            // Close to the float dot of the decoded codes.
+            let decoded: Vec<f32> = c.iter().map(|&x| s * x as f32).collect();
+            let f = qs * s * dot_i16_i8(&q, &c) as f32;
+            assert!((f - naive_dot(&a, &decoded)).abs() < 1e-3, "n={n}");
+        }
+        // The worst case: every product at its largest, in a long vector.
+        for n in [384usize, 5000, 70000] {
+            let mut q = Vec::new();
+            to_i16(&vec![1.0f32; n], &mut q).unwrap();
+            let c = vec![127i8; n];
+            let want: i64 = q.iter().map(|&x| x as i64 * 127).sum();
+            assert!(want <= i32::MAX as i64, "n={n}");
+            assert_eq!(dot_i16_i8(&q, &c) as i64, want, "n={n}");
+            let neg = vec![-127i8; n];
+            assert_eq!(dot_i16_i8(&q, &neg) as i64, -want, "n={n}");
+        }
+        assert_eq!(to_i16(&[0.0; 8], &mut Vec::new()), None);
+    }
+
+    #[test]
     fn unit_vectors_whose_dot_is_one_never_go_negative() {
         // Rounding can make dot(x, x) slightly above 1 for unit vectors: the scalar DistDot of
         // hnsw_rs asserts on this; ours clamps (cosine) or maps (dot) it.
@@ -570,6 +673,12 @@ mod tests {
             let di = internal_i8(Metric::Dot, &v, &codes, scale);
             assert!((0.0..1e-2).contains(&ci), "{ci}");
             assert!(di >= 0.0 && reported(Metric::Dot, di).abs() < 1e-2, "{di}");
+            let mut q = Vec::new();
+            let qs = to_i16(&v, &mut q).unwrap();
+            let cf = internal_fixed(Metric::Cosine, &q, qs, &codes, scale);
+            let df = internal_fixed(Metric::Dot, &q, qs, &codes, scale);
+            assert!((0.0..1e-2).contains(&cf), "{cf}");
+            assert!(df >= 0.0 && reported(Metric::Dot, df).abs() < 1e-2, "{df}");
         }
     }
 
