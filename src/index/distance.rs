@@ -142,37 +142,70 @@ fn from_half(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
 }
 
-fn dot_half_plain(a: &[f32], b: &[u16]) -> f32 {
-    a.iter().zip(b).map(|(x, &y)| x * from_half(y)).sum()
+/// Vector elements kept in a compact form (IEEE half bits, or 8-bit codes), which the kernels
+/// widen to floats.
+pub trait Code: Copy {
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p`, as floats.
+    ///
+    /// # Safety
+    /// Eight elements from `p` must be readable, and the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
-fn l2sq_half_plain(a: &[f32], b: &[u16]) -> f32 {
+impl Code for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        from_half(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl Code for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+}
+
+fn dot_codes_plain<T: Code>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, &y)| x * y.to_f32()).sum()
+}
+
+fn l2sq_codes_plain<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, &y)| {
-            let d = x - from_half(y);
+            let d = x - scale * y.to_f32();
             d * d
         })
         .sum()
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx_half {
+mod avx_codes {
+    use super::Code;
     use std::arch::x86_64::*;
 
-    /// Sixteen floats of `a` from `i` and the sixteen halves of `b` from `i`, as floats.
+    /// Sixteen floats of `a` from `i` and the sixteen elements of `b` from `i`, as floats.
     #[inline(always)]
-    unsafe fn load16(a: &[f32], b: &[u16], i: usize) -> [(__m256, __m256); 2] {
+    unsafe fn load16<T: Code>(a: &[f32], b: &[T], i: usize) -> [(__m256, __m256); 2] {
         let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
         [
-            (
-                _mm256_loadu_ps(pa),
-                _mm256_cvtph_ps(_mm_loadu_si128(pb as *const __m128i)),
-            ),
-            (
-                _mm256_loadu_ps(pa.add(8)),
-                _mm256_cvtph_ps(_mm_loadu_si128(pb.add(8) as *const __m128i)),
-            ),
+            (_mm256_loadu_ps(pa), T::load8(pb)),
+            (_mm256_loadu_ps(pa.add(8)), T::load8(pb.add(8))),
         ]
     }
 
@@ -186,7 +219,7 @@ mod avx_half {
     /// SAFETY (both kernels): the CPU must have AVX2, FMA and F16C; every load stays within
     /// the first `min(a.len(), b.len())` elements.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(a: &[f32], b: &[u16]) -> f32 {
+    pub unsafe fn dot<T: Code>(a: &[f32], b: &[T]) -> f32 {
         let n = a.len().min(b.len());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
@@ -196,22 +229,25 @@ mod avx_half {
             s1 = _mm256_fmadd_ps(a1, b1, s1);
             i += 16;
         }
-        sum(_mm256_add_ps(s0, s1)) + super::dot_half_plain(&a[i..n], &b[i..n])
+        sum(_mm256_add_ps(s0, s1)) + super::dot_codes_plain(&a[i..n], &b[i..n])
     }
 
+    /// The squared distance of `a` and `scale * b`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn l2sq(a: &[f32], b: &[u16]) -> f32 {
+    pub unsafe fn l2sq<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
         let n = a.len().min(b.len());
+        let sv = _mm256_set1_ps(scale);
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i + 16 <= n {
             let [(a0, b0), (a1, b1)] = load16(a, b, i);
-            let (d0, d1) = (_mm256_sub_ps(a0, b0), _mm256_sub_ps(a1, b1));
+            // a - scale * b
+            let (d0, d1) = (_mm256_fnmadd_ps(sv, b0, a0), _mm256_fnmadd_ps(sv, b1, a1));
             s0 = _mm256_fmadd_ps(d0, d0, s0);
             s1 = _mm256_fmadd_ps(d1, d1, s1);
             i += 16;
         }
-        sum(_mm256_add_ps(s0, s1)) + super::l2sq_half_plain(&a[i..n], &b[i..n])
+        sum(_mm256_add_ps(s0, s1)) + super::l2sq_codes_plain(&a[i..n], &b[i..n], scale)
     }
 }
 
@@ -222,26 +258,27 @@ fn has_f16c() -> bool {
     *HAS.get_or_init(|| has_avx2_fma() && is_x86_feature_detected!("f16c"))
 }
 
-/// The dot product of a float vector and a half vector of equal length.
+/// The dot product of a float vector and a compact vector of equal length (8-bit codes before
+/// their scale is applied).
 #[inline]
-pub fn dot_half(a: &[f32], b: &[u16]) -> f32 {
+pub fn dot_codes<T: Code>(a: &[f32], b: &[T]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
-        return unsafe { avx_half::dot(a, b) };
+        return unsafe { avx_codes::dot(a, b) };
     }
-    dot_half_plain(a, b)
+    dot_codes_plain(a, b)
 }
 
-/// The squared Euclidean distance of a float vector and a half vector of equal length.
+/// The squared Euclidean distance of a float vector and `scale` times a compact vector.
 #[inline]
-pub fn l2sq_half(a: &[f32], b: &[u16]) -> f32 {
+pub fn l2sq_codes<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
-        return unsafe { avx_half::l2sq(a, b) };
+        return unsafe { avx_codes::l2sq(a, b, scale) };
     }
-    l2sq_half_plain(a, b)
+    l2sq_codes_plain(a, b, scale)
 }
 
 /// A vector as 8-bit codes with one scale: `x[i] ~ scale * codes[i]`, the scale chosen so the
@@ -259,82 +296,6 @@ pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
         *c = (v / scale).round().clamp(-127.0, 127.0) as i8;
     }
     scale
-}
-
-fn dot_i8_plain(a: &[f32], b: &[i8]) -> f32 {
-    a.iter().zip(b).map(|(x, &c)| x * c as f32).sum()
-}
-
-fn l2sq_i8_plain(a: &[f32], b: &[i8], scale: f32) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, &c)| {
-            let d = x - scale * c as f32;
-            d * d
-        })
-        .sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx_i8 {
-    use std::arch::x86_64::*;
-
-    /// Sixteen floats of `a` from `i` and the sixteen codes of `b` from `i`, as floats.
-    #[inline(always)]
-    unsafe fn load16(a: &[f32], b: &[i8], i: usize) -> [(__m256, __m256); 2] {
-        let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
-        let c = _mm_loadu_si128(pb as *const __m128i);
-        [
-            (
-                _mm256_loadu_ps(pa),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)),
-            ),
-            (
-                _mm256_loadu_ps(pa.add(8)),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(c))),
-            ),
-        ]
-    }
-
-    #[inline(always)]
-    unsafe fn sum(v: __m256) -> f32 {
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-        lanes.iter().sum()
-    }
-
-    /// SAFETY (both kernels): the CPU must have AVX2 and FMA; every load stays within the
-    /// first `min(a.len(), b.len())` elements.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[i8]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            let [(a0, b0), (a1, b1)] = load16(a, b, i);
-            s0 = _mm256_fmadd_ps(a0, b0, s0);
-            s1 = _mm256_fmadd_ps(a1, b1, s1);
-            i += 16;
-        }
-        sum(_mm256_add_ps(s0, s1)) + super::dot_i8_plain(&a[i..n], &b[i..n])
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn l2sq(a: &[f32], b: &[i8], scale: f32) -> f32 {
-        let n = a.len().min(b.len());
-        let sv = _mm256_set1_ps(scale);
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            let [(a0, b0), (a1, b1)] = load16(a, b, i);
-            // a - scale * code
-            let (d0, d1) = (_mm256_fnmadd_ps(sv, b0, a0), _mm256_fnmadd_ps(sv, b1, a1));
-            s0 = _mm256_fmadd_ps(d0, d0, s0);
-            s1 = _mm256_fmadd_ps(d1, d1, s1);
-            i += 16;
-        }
-        sum(_mm256_add_ps(s0, s1)) + super::l2sq_i8_plain(&a[i..n], &b[i..n], scale)
-    }
 }
 
 /// A query as 16-bit fixed point for [`dot_i16_i8`]: `x[i] ~ scale * out[i]`, the scale chosen
@@ -401,29 +362,6 @@ pub fn dot_i16_i8(a: &[i16], b: &[i8]) -> i32 {
     dot_i16_i8_plain(a, b)
 }
 
-/// The dot product of a float vector and the codes of an 8-bit vector ([`to_i8`]), before
-/// the codes' scale is applied.
-#[inline]
-pub fn dot_i8(a: &[f32], b: &[i8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA, checked above.
-        return unsafe { avx_i8::dot(a, b) };
-    }
-    dot_i8_plain(a, b)
-}
-
-/// The squared Euclidean distance of a float vector and an 8-bit vector (codes and scale).
-#[inline]
-pub fn l2sq_i8(a: &[f32], b: &[i8], scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA, checked above.
-        return unsafe { avx_i8::l2sq(a, b, scale) };
-    }
-    l2sq_i8_plain(a, b, scale)
-}
-
 #[inline]
 fn sanitize(d: f32) -> f32 {
     if d.is_nan() {
@@ -458,8 +396,8 @@ pub fn internal(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
 pub fn internal_half(metric: Metric, a: &[f32], b: &[u16]) -> f32 {
     EVALS.with(|c| c.set(c.get().wrapping_add(1)));
     match metric {
-        Metric::L2 => finish(metric, l2sq_half(a, b)),
-        Metric::Cosine | Metric::Dot => finish(metric, dot_half(a, b)),
+        Metric::L2 => finish(metric, l2sq_codes(a, b, 1.0)),
+        Metric::Cosine | Metric::Dot => finish(metric, dot_codes(a, b)),
     }
 }
 
@@ -468,8 +406,8 @@ pub fn internal_half(metric: Metric, a: &[f32], b: &[u16]) -> f32 {
 pub fn internal_i8(metric: Metric, a: &[f32], codes: &[i8], scale: f32) -> f32 {
     EVALS.with(|c| c.set(c.get().wrapping_add(1)));
     match metric {
-        Metric::L2 => finish(metric, l2sq_i8(a, codes, scale)),
-        Metric::Cosine | Metric::Dot => finish(metric, scale * dot_i8(a, codes)),
+        Metric::L2 => finish(metric, l2sq_codes(a, codes, scale)),
+        Metric::Cosine | Metric::Dot => finish(metric, scale * dot_codes(a, codes)),
     }
 }
 
@@ -570,12 +508,12 @@ mod tests {
                 .all(|(r, x)| (r - x).abs() <= x.abs() / 1024.0));
             let l2: f32 = a.iter().zip(&rounded).map(|(x, y)| (x - y) * (x - y)).sum();
             assert!(
-                (dot_half(&a, &h) - naive_dot(&a, &rounded)).abs() < 1e-3,
+                (dot_codes(&a, &h) - naive_dot(&a, &rounded)).abs() < 1e-3,
                 "n={n}"
             );
-            assert!((l2sq_half(&a, &h) - l2).abs() < 1e-3, "n={n}");
-            assert!((dot_half_plain(&a, &h) - naive_dot(&a, &rounded)).abs() < 1e-3);
-            assert!((l2sq_half_plain(&a, &h) - l2).abs() < 1e-3);
+            assert!((l2sq_codes(&a, &h, 1.0) - l2).abs() < 1e-3, "n={n}");
+            assert!((dot_codes_plain(&a, &h) - naive_dot(&a, &rounded)).abs() < 1e-3);
+            assert!((l2sq_codes_plain(&a, &h, 1.0) - l2).abs() < 1e-3);
         }
         // Out of the half range: clamped, never infinite.
         assert_eq!(from_half(to_half(1e9)), 65504.0);
@@ -601,10 +539,10 @@ mod tests {
             assert!(c.iter().any(|&x| x.abs() == 127), "n={n}");
             let l2: f32 = a.iter().zip(&decoded).map(|(x, y)| (x - y) * (x - y)).sum();
             let dot_d = naive_dot(&a, &decoded);
-            assert!((scale * dot_i8(&a, &c) - dot_d).abs() < 1e-3, "n={n}");
-            assert!((l2sq_i8(&a, &c, scale) - l2).abs() < 1e-3, "n={n}");
-            assert!((scale * dot_i8_plain(&a, &c) - dot_d).abs() < 1e-3);
-            assert!((l2sq_i8_plain(&a, &c, scale) - l2).abs() < 1e-3);
+            assert!((scale * dot_codes(&a, &c) - dot_d).abs() < 1e-3, "n={n}");
+            assert!((l2sq_codes(&a, &c, scale) - l2).abs() < 1e-3, "n={n}");
+            assert!((scale * dot_codes_plain(&a, &c) - dot_d).abs() < 1e-3);
+            assert!((l2sq_codes_plain(&a, &c, scale) - l2).abs() < 1e-3);
         }
         // A zero vector: scale 0, codes 0, distances finite.
         let mut c = [5i8; 4];
@@ -626,7 +564,7 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let mut q = Vec::new();
             let qs = to_i16(&a, &mut q).unwrap();
-            assert!(q.iter().all(|&x| x.abs() <= i16::MAX) && q.len() == n);
+            assert!(q.iter().all(|&x| x != i16::MIN) && q.len() == n);
             let mut c = vec![0i8; n];
             let s = to_i8(&b, &mut c);
             let want: i64 = q.iter().zip(&c).map(|(&x, &y)| x as i64 * y as i64).sum();
