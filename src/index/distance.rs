@@ -418,6 +418,14 @@ pub fn internal_fixed(metric: Metric, q: &[i16], q_scale: f32, codes: &[i8], sca
     finish(metric, q_scale * scale * dot_i16_i8(q, codes) as f32)
 }
 
+/// The internal distance from a raw result computed elsewhere (the squared distance for L2, the
+/// dot product otherwise), counted as one distance evaluation.
+#[inline]
+pub fn internal_from(metric: Metric, raw: f32) -> f32 {
+    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
+    finish(metric, raw)
+}
+
 /// The internal distance from a kernel's result: the squared distance (L2) or the dot product.
 #[inline(always)]
 fn finish(metric: Metric, raw: f32) -> f32 {

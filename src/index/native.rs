@@ -218,33 +218,46 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
-/// A query as graph searches compare it: the float vector and, with [`Storage::Int8`] under
-/// cosine or dot, the same vector as 16-bit fixed point with its scale, for the integer kernel
+/// A query as graph searches compare it. The compact storages keep each vector relative to the
+/// engine's center `c` ([`Native::center`]), so for them a query also carries `q - c` (for L2)
+/// and `q . c` (added to `q . (x - c)` for cosine and dot); with [`Storage::Int8`] under cosine
+/// or dot also `q` as 16-bit fixed point with its scale, for the integer kernel
 /// ([`distance::dot_i16_i8`]).
 struct Query<'a> {
     v: &'a [f32],
+    /// `q - c` (just `q` with [`Storage::F32`]).
+    r: &'a [f32],
+    /// `q . c` (0 with [`Storage::F32`]).
+    qc: f32,
     fixed: Option<(&'a [i16], f32)>,
 }
 
-thread_local! {
-    static FIXED: RefCell<Vec<i16>> = const { RefCell::new(Vec::new()) };
+/// A thread's buffers for a query's other forms.
+#[derive(Default)]
+struct QueryBufs {
+    r: Vec<f32>,
+    fixed: Vec<i16>,
 }
 
-/// This thread's buffer for a fixed-point query, given back when dropped (so a search
-/// allocates nothing for it after its thread's first).
-struct FixedBuf(Vec<i16>);
+thread_local! {
+    static QUERY_BUFS: RefCell<QueryBufs> = RefCell::new(QueryBufs::default());
+}
 
-impl FixedBuf {
+/// This thread's query buffers, given back when dropped (so a search allocates nothing for
+/// them after its thread's first).
+struct QueryBuf(QueryBufs);
+
+impl QueryBuf {
     fn take() -> Self {
-        FixedBuf(FIXED.try_with(|c| c.take()).unwrap_or_default())
+        QueryBuf(QUERY_BUFS.try_with(|c| c.take()).unwrap_or_default())
     }
 }
 
-impl Drop for FixedBuf {
+impl Drop for QueryBuf {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        // During thread teardown the buffer is simply freed.
-        let _ = FIXED.try_with(|c| *c.borrow_mut() = buf);
+        let bufs = std::mem::take(&mut self.0);
+        // During thread teardown the buffers are simply freed.
+        let _ = QUERY_BUFS.try_with(|c| *c.borrow_mut() = bufs);
     }
 }
 
@@ -275,6 +288,8 @@ pub enum Storage {
     Half,
     /// 8-bit codes with one scale per vector ([`distance::to_i8`]) next to the links, a quarter
     /// of the float vector's bytes, with the float vectors kept apart as with [`Storage::Half`].
+    /// Both compact storages keep each vector relative to the engine's center
+    /// ([`Native::center`]).
     Int8,
 }
 
@@ -294,6 +309,11 @@ pub struct Native {
     seed: u64,
     /// Nodes in segment 0.
     base: usize,
+    /// With the compact storages, the point their vectors are kept relative to: the mean of
+    /// the first batch inserted (or the first vector, inserted alone). Codes scaled to each
+    /// vector's largest component cannot tell apart vectors that share a large offset (every
+    /// component 1000 +- 1, say); relative to a center inside the data they can.
+    center: OnceLock<Box<[f32]>>,
     segments: Box<[OnceLock<Segment>]>,
     /// The entry point and the top level, None while empty.
     entry: RwLock<Option<(u32, usize)>>,
@@ -337,6 +357,7 @@ impl Native {
             level_mult: 1.0 / (m as f64).ln(),
             seed: config.seed.unwrap_or(DEFAULT_SEED),
             base: capacity.max(1024),
+            center: OnceLock::new(),
             segments: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
             entry: RwLock::new(None),
             top_lock: Mutex::new(()),
@@ -461,35 +482,60 @@ impl Native {
     }
 
     /// `v` as searches of this engine compare it (`buf` holds its fixed-point form, if any).
-    fn query<'a>(&self, v: &'a [f32], buf: &'a mut Vec<i16>) -> Query<'a> {
+    fn query<'a>(&self, v: &'a [f32], bufs: &'a mut QueryBufs) -> Query<'a> {
         let fixed = if self.storage == Storage::Int8 && self.metric != Metric::L2 {
-            distance::to_i16(v, buf)
+            distance::to_i16(v, &mut bufs.fixed)
         } else {
             None
         };
+        let (r, qc) = match self.center.get() {
+            Some(c) if self.storage != Storage::F32 => {
+                bufs.r.clear();
+                bufs.r.extend(v.iter().zip(c.iter()).map(|(x, m)| x - m));
+                (&bufs.r[..], distance::dot(v, c))
+            }
+            _ => (v, 0.0),
+        };
         Query {
             v,
-            fixed: fixed.map(|scale| (&buf[..], scale)),
+            r,
+            qc,
+            fixed: fixed.map(|scale| (&bufs.fixed[..], scale)),
         }
     }
 
+    /// The engine's center ([`Native::center`]), set from `first` if it is not yet.
+    fn center_or(&self, first: impl FnOnce() -> Box<[f32]>) -> &[f32] {
+        self.center.get_or_init(first)
+    }
+
     /// The distance graph searches use from `q` to a node: exact, or to its half or 8-bit
-    /// vector. (L2 on 8-bit codes takes the float kernel, which subtracts before it squares:
-    /// the integer dot product would need `|q|^2 + |x|^2 - 2 q.x`, which cancels badly for
-    /// vectors far from the origin.)
+    /// vector (kept relative to the center). L2 on compact vectors takes the float kernel on
+    /// `q - c`, which subtracts before it squares: an integer dot product would need
+    /// `|q|^2 + |x|^2 - 2 q.x`, which cancels badly.
     #[inline(always)]
     fn dist_node(&self, q: &Query, seg: &Segment, off: usize) -> f32 {
-        match self.storage {
-            Storage::F32 => distance::internal(self.metric, q.v, self.vector_in(seg, off)),
-            Storage::Half => distance::internal_half(self.metric, q.v, self.half_in(seg, off)),
+        let l2 = self.metric == Metric::L2;
+        let raw = match self.storage {
+            Storage::F32 => return distance::internal(self.metric, q.v, self.vector_in(seg, off)),
+            Storage::Half => {
+                let halves = self.half_in(seg, off);
+                if l2 {
+                    distance::l2sq_codes(q.r, halves, 1.0)
+                } else {
+                    distance::dot_codes(q.v, halves) + q.qc
+                }
+            }
             Storage::Int8 => {
                 let (codes, scale) = self.i8_in(seg, off);
                 match q.fixed {
-                    Some((fq, fs)) => distance::internal_fixed(self.metric, fq, fs, codes, scale),
-                    None => distance::internal_i8(self.metric, q.v, codes, scale),
+                    _ if l2 => distance::l2sq_codes(q.r, codes, scale),
+                    Some((fq, fs)) => fs * scale * distance::dot_i16_i8(fq, codes) as f32 + q.qc,
+                    None => scale * distance::dot_codes(q.v, codes) + q.qc,
                 }
             }
-        }
+        };
+        distance::internal_from(self.metric, raw)
     }
 
     #[inline(always)]
@@ -764,7 +810,7 @@ impl Native {
         let Some((ep, top)) = *self.entry.read() else {
             return Vec::new();
         };
-        let mut buf = FixedBuf::take();
+        let mut buf = QueryBuf::take();
         let q = self.query(query, &mut buf.0);
         let Some(d) = self.dist_to(&q, ep) else {
             return Vec::new();
@@ -832,10 +878,17 @@ impl Engine for Native {
         for (cell, &x) in self.vector_cells(seg, off).iter().zip(vector) {
             cell.store(x.to_bits(), AtOrd::Relaxed);
         }
+        let centered: Vec<f32> = match self.storage {
+            Storage::F32 => Vec::new(),
+            Storage::Half | Storage::Int8 => {
+                let c = self.center_or(|| vector.into());
+                vector.iter().zip(c.iter()).map(|(x, m)| x - m).collect()
+            }
+        };
         match self.storage {
             Storage::F32 => {}
             Storage::Half => {
-                for (cell, pair) in self.search_cells(seg, off).iter().zip(vector.chunks(2)) {
+                for (cell, pair) in self.search_cells(seg, off).iter().zip(centered.chunks(2)) {
                     let lo = distance::to_half(pair[0]) as u32;
                     let hi = pair.get(1).map_or(0, |&x| distance::to_half(x) as u32);
                     cell.store(lo | hi << 16, AtOrd::Relaxed);
@@ -843,7 +896,7 @@ impl Engine for Native {
             }
             Storage::Int8 => {
                 let mut codes = vec![0i8; self.dim];
-                let scale = distance::to_i8(vector, &mut codes);
+                let scale = distance::to_i8(&centered, &mut codes);
                 if let Some((first, rest)) = self.search_cells(seg, off).split_first() {
                     first.store(scale.to_bits(), AtOrd::Relaxed);
                     for (cell, four) in rest.iter().zip(codes.chunks(4)) {
@@ -882,7 +935,7 @@ impl Engine for Native {
             self.count.fetch_add(1, AtOrd::Relaxed);
             return;
         };
-        let mut buf = FixedBuf::take();
+        let mut buf = QueryBuf::take();
         let q = self.query(v, &mut buf.0);
         let Some(d) = self.dist_to(&q, ep) else {
             return;
@@ -920,6 +973,25 @@ impl Engine for Native {
     }
 
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
+        if self.storage != Storage::F32 {
+            // The center: the mean of (up to 10,000 of) this first batch's vectors.
+            self.center_or(|| {
+                let mut sum = vec![0.0f64; self.dim];
+                let sample: Vec<&[f32]> = items
+                    .iter()
+                    .map(|&(v, _)| v)
+                    .filter(|v| v.len() == self.dim)
+                    .take(10_000)
+                    .collect();
+                for v in &sample {
+                    for (s, &x) in sum.iter_mut().zip(v.iter()) {
+                        *s += x as f64;
+                    }
+                }
+                let n = sample.len().max(1) as f64;
+                sum.iter().map(|&s| (s / n) as f32).collect()
+            });
+        }
         if parallel && items.len() > 1 {
             items.par_iter().for_each(|&(v, id)| self.insert(v, id));
         } else {
@@ -1187,6 +1259,39 @@ mod tests {
             for (i, v) in base.iter().enumerate().step_by(37) {
                 let hits = half.search(v, 1, 40);
                 assert_eq!(hits.first().map(|h| h.0), Some(i), "{metric:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn compact_storages_find_vectors_that_share_a_large_offset() {
+        // Every component 1000 +- 1.2: scaled to each vector's largest component, the codes of
+        // all these vectors would be nearly the same (8-bit recall was 0.01 before the center).
+        let shift = |v: Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            v.into_iter()
+                .map(|p| p.into_iter().map(|x| x + 1000.0).collect())
+                .collect()
+        };
+        let base = shift(data(3000, 16, 21, false));
+        let queries = shift(data(100, 16, 22, false));
+        for metric in [Metric::L2, Metric::Dot] {
+            let full = build(EngineKind::Native, metric, &base, Some(3), false);
+            let a = recall(full.as_ref(), metric, &base, &queries, 40);
+            for kind in [EngineKind::NativeF16, EngineKind::NativeI8] {
+                // One batch (center: its mean) and one point at a time (center: the first).
+                for parallel in [false, true] {
+                    let e = if parallel {
+                        build(kind, metric, &base, Some(3), true)
+                    } else {
+                        let e = new_engine_of(kind, metric, 16, &config(Some(3)), 0);
+                        for (i, v) in base.iter().enumerate() {
+                            e.insert(v, i);
+                        }
+                        e
+                    };
+                    let b = recall(e.as_ref(), metric, &base, &queries, 40);
+                    assert!(b >= a - 0.03, "{kind:?} {metric:?}: {b} against f32 {a}");
+                }
             }
         }
     }
