@@ -391,35 +391,9 @@ pub fn internal(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// [`internal`] between a query and a vector stored as IEEE half floats ([`to_half`]).
-#[inline]
-pub fn internal_half(metric: Metric, a: &[f32], b: &[u16]) -> f32 {
-    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
-    match metric {
-        Metric::L2 => finish(metric, l2sq_codes(a, b, 1.0)),
-        Metric::Cosine | Metric::Dot => finish(metric, dot_codes(a, b)),
-    }
-}
-
-/// [`internal`] between a query and a vector stored as 8-bit codes with a scale ([`to_i8`]).
-#[inline]
-pub fn internal_i8(metric: Metric, a: &[f32], codes: &[i8], scale: f32) -> f32 {
-    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
-    match metric {
-        Metric::L2 => finish(metric, l2sq_codes(a, codes, scale)),
-        Metric::Cosine | Metric::Dot => finish(metric, scale * dot_codes(a, codes)),
-    }
-}
-
-/// [`internal`] (cosine or dot) between a fixed-point query ([`to_i16`]) and 8-bit codes.
-#[inline]
-pub fn internal_fixed(metric: Metric, q: &[i16], q_scale: f32, codes: &[i8], scale: f32) -> f32 {
-    EVALS.with(|c| c.set(c.get().wrapping_add(1)));
-    finish(metric, q_scale * scale * dot_i16_i8(q, codes) as f32)
-}
-
 /// The internal distance from a raw result computed elsewhere (the squared distance for L2, the
-/// dot product otherwise), counted as one distance evaluation.
+/// dot product otherwise), counted as one distance evaluation: the native engine's compact
+/// storages combine the kernels above with their center and scales, then finish here.
 #[inline]
 pub fn internal_from(metric: Metric, raw: f32) -> f32 {
     EVALS.with(|c| c.set(c.get().wrapping_add(1)));
@@ -528,7 +502,7 @@ mod tests {
         assert_eq!(from_half(to_half(-1e9)), -65504.0);
         let big = [1e9f32, 0.0];
         let hb: Vec<u16> = big.iter().map(|&x| to_half(x)).collect();
-        assert!(internal_half(Metric::L2, &big, &hb).is_finite());
+        assert!(internal_from(Metric::L2, l2sq_codes(&big, &hb, 1.0)).is_finite());
     }
 
     #[test]
@@ -556,13 +530,16 @@ mod tests {
         let mut c = [5i8; 4];
         assert_eq!(to_i8(&[0.0; 4], &mut c), 0.0);
         assert_eq!(c, [0; 4]);
-        assert_eq!(internal_i8(Metric::L2, &[1.0, 0.0, 0.0, 0.0], &c, 0.0), 1.0);
+        assert_eq!(
+            internal_from(Metric::L2, l2sq_codes(&[1.0, 0.0, 0.0, 0.0], &c, 0.0)),
+            1.0
+        );
         // Huge values keep a finite scale and finite distances.
         let big = [3e38f32, -3e38, 1.0];
         let mut c = [0i8; 3];
         let s = to_i8(&big, &mut c);
         assert!(s.is_finite() && c[0] == 127 && c[1] == -127);
-        assert!(internal_i8(Metric::L2, &big, &c, s).is_finite());
+        assert!(internal_from(Metric::L2, l2sq_codes(&big, &c, s)).is_finite());
     }
 
     #[test]
@@ -608,21 +585,21 @@ mod tests {
             let d = internal(Metric::Dot, &v, &v);
             assert!((0.0..1e-5).contains(&c));
             let h: Vec<u16> = v.iter().map(|&x| to_half(x)).collect();
-            let ch = internal_half(Metric::Cosine, &v, &h);
-            let dh = internal_half(Metric::Dot, &v, &h);
+            let ch = internal_from(Metric::Cosine, dot_codes(&v, &h));
+            let dh = internal_from(Metric::Dot, dot_codes(&v, &h));
             assert!((0.0..1e-3).contains(&ch), "{ch}");
             assert!(dh >= 0.0 && reported(Metric::Dot, dh).abs() < 1e-3, "{dh}");
             assert!(d >= 0.0 && (reported(Metric::Dot, d)).abs() < 1e-5);
             let mut codes = vec![0i8; n];
             let scale = to_i8(&v, &mut codes);
-            let ci = internal_i8(Metric::Cosine, &v, &codes, scale);
-            let di = internal_i8(Metric::Dot, &v, &codes, scale);
+            let ci = internal_from(Metric::Cosine, scale * dot_codes(&v, &codes));
+            let di = internal_from(Metric::Dot, scale * dot_codes(&v, &codes));
             assert!((0.0..1e-2).contains(&ci), "{ci}");
             assert!(di >= 0.0 && reported(Metric::Dot, di).abs() < 1e-2, "{di}");
             let mut q = Vec::new();
             let qs = to_i16(&v, &mut q).unwrap();
-            let cf = internal_fixed(Metric::Cosine, &q, qs, &codes, scale);
-            let df = internal_fixed(Metric::Dot, &q, qs, &codes, scale);
+            let cf = internal_from(Metric::Cosine, qs * scale * dot_i16_i8(&q, &codes) as f32);
+            let df = internal_from(Metric::Dot, qs * scale * dot_i16_i8(&q, &codes) as f32);
             assert!((0.0..1e-2).contains(&cf), "{cf}");
             assert!(df >= 0.0 && reported(Metric::Dot, df).abs() < 1e-2, "{df}");
         }

@@ -1,7 +1,7 @@
 //! vectord's own HNSW engine, laid out like hnswlib: one flat array holding, per node, its
-//! level-0 links (a count and `2*M` slots) followed by its vector (as given, or as half floats
-//! with the float vectors kept apart: [`Storage`]), so a candidate's links are read from next
-//! to the vector its distance was just computed from; upper-level links only
+//! level-0 links (a count and `2*M` slots) followed by its vector (as given, or as half floats or
+//! 8-bit codes with the float vectors kept apart: [`Storage`]), so a candidate's links are read
+//! from next to the vector its distance was just computed from; upper-level links only
 //! for the nodes that have upper levels, a lock per node for writers, and searches
 //! that take no lock and allocate nothing but their answer (a per-thread visited list with epoch
 //! marks and reused heaps).
@@ -84,12 +84,12 @@ impl PartialOrd for Cand {
 struct Segment {
     /// Per node, `stride` cells laid out as hnswlib does: its level-0 link count, `m0` link
     /// slots, then the vector searches compare with (f32 bits, two halves per cell with
-    /// [`Storage::Half`], or a scale and four codes per cell with [`Storage::Int8`]), so expanding a candidate reads its links from the same place its
-    /// vector was just read from. A node's vector cells are written once, before the node is
-    /// published (module docs).
+    /// [`Storage::Half`], or a scale and four codes per cell with [`Storage::Int8`]), so
+    /// expanding a candidate reads its links from the same place its vector was just read from.
+    /// A node's vector cells are written once, before the node is published (module docs).
     level0: Box<[AtomicU32]>,
-    /// With [`Storage::Half`] and [`Storage::Int8`], per node its `dim` float vector (f32 bits), for exact distances;
-    /// empty otherwise. Written once, before the node is published.
+    /// With [`Storage::Half`] and [`Storage::Int8`], per node its `dim` float vector (f32 bits),
+    /// for exact distances; empty otherwise. Written once, before the node is published.
     full: Box<[AtomicU32]>,
     /// Per node, levels 1..=level of `(1 + m)` slots each; set before the node is published.
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
@@ -225,9 +225,9 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 /// ([`distance::dot_i16_i8`]).
 struct Query<'a> {
     v: &'a [f32],
-    /// `q - c` (just `q` with [`Storage::F32`]).
+    /// `q - c` for L2 (otherwise just `q`, unused).
     r: &'a [f32],
-    /// `q . c` (0 with [`Storage::F32`]).
+    /// `q . c` for cosine and dot (otherwise 0, unused).
     qc: f32,
     fixed: Option<(&'a [i16], f32)>,
 }
@@ -481,18 +481,23 @@ impl Native {
         distance::internal(self.metric, a, b)
     }
 
-    /// `v` as searches of this engine compare it (`buf` holds its fixed-point form, if any).
+    /// `v` as searches of this engine compare it (`bufs` hold its other forms).
     fn query<'a>(&self, v: &'a [f32], bufs: &'a mut QueryBufs) -> Query<'a> {
         let fixed = if self.storage == Storage::Int8 && self.metric != Metric::L2 {
             distance::to_i16(v, &mut bufs.fixed)
         } else {
             None
         };
+        // Only what the metric uses: `q - c` for L2, `q . c` for cosine and dot.
         let (r, qc) = match self.center.get() {
             Some(c) if self.storage != Storage::F32 => {
-                bufs.r.clear();
-                bufs.r.extend(v.iter().zip(c.iter()).map(|(x, m)| x - m));
-                (&bufs.r[..], distance::dot(v, c))
+                if self.metric == Metric::L2 {
+                    bufs.r.clear();
+                    bufs.r.extend(v.iter().zip(c.iter()).map(|(x, m)| x - m));
+                    (&bufs.r[..], 0.0)
+                } else {
+                    (v, distance::dot(v, c))
+                }
             }
             _ => (v, 0.0),
         };
@@ -502,11 +507,6 @@ impl Native {
             qc,
             fixed: fixed.map(|scale| (&bufs.fixed[..], scale)),
         }
-    }
-
-    /// The engine's center ([`Native::center`]), set from `first` if it is not yet.
-    fn center_or(&self, first: impl FnOnce() -> Box<[f32]>) -> &[f32] {
-        self.center.get_or_init(first)
     }
 
     /// The distance graph searches use from `q` to a node: exact, or to its half or 8-bit
@@ -881,7 +881,7 @@ impl Engine for Native {
         let centered: Vec<f32> = match self.storage {
             Storage::F32 => Vec::new(),
             Storage::Half | Storage::Int8 => {
-                let c = self.center_or(|| vector.into());
+                let c = self.center.get_or_init(|| vector.into());
                 vector.iter().zip(c.iter()).map(|(x, m)| x - m).collect()
             }
         };
@@ -975,7 +975,7 @@ impl Engine for Native {
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
         if self.storage != Storage::F32 {
             // The center: the mean of (up to 10,000 of) this first batch's vectors.
-            self.center_or(|| {
+            self.center.get_or_init(|| {
                 let mut sum = vec![0.0f64; self.dim];
                 let sample: Vec<&[f32]> = items
                     .iter()
