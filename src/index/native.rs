@@ -3,8 +3,8 @@
 //! 8-bit codes with the float vectors kept apart: [`Storage`]), so a candidate's links are read
 //! from next to the vector its distance was just computed from; upper-level links only
 //! for the nodes that have upper levels, a lock per node for writers, and searches
-//! that take no lock and allocate nothing but their answer (a per-thread visited list with epoch
-//! marks and reused heaps).
+//! that take no lock and allocate nothing but their answer (a per-thread visited bitset and
+//! reused heaps).
 //!
 //! # Growth
 //! Storage comes in segments: the first holds the capacity the engine was created with, each
@@ -165,8 +165,14 @@ const LOOKAHEAD: usize = 2;
 /// Per-thread search state, reused across searches (and engines).
 #[derive(Default)]
 struct Scratch {
-    marks: Vec<u16>,
-    epoch: u16,
+    /// One bit per node: visited in this search. A bitset rather than a mark per node, because
+    /// what a search pays for is cache misses: 30,000 nodes take 3.75 KiB of bits (60 cache
+    /// lines) against 58 KiB of 16-bit epoch marks, and between two searches of a server the
+    /// rest of the call (and other work on the core) cools the caches.
+    bits: Vec<u64>,
+    /// The words of `bits` this search set, cleared when the next one starts (so starting costs
+    /// what the last search touched, not the size of the graph).
+    dirty: Vec<u32>,
     candidates: BinaryHeap<Reverse<Cand>>,
     top: BinaryHeap<Cand>,
     /// The unvisited neighbours of the node being expanded.
@@ -175,13 +181,15 @@ struct Scratch {
 
 impl Scratch {
     fn start(&mut self, nodes: usize) {
-        if self.marks.len() < nodes {
-            self.marks.resize(nodes, 0);
+        for &w in &self.dirty {
+            if let Some(word) = self.bits.get_mut(w as usize) {
+                *word = 0;
+            }
         }
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            self.marks.iter_mut().for_each(|m| *m = 0);
-            self.epoch = 1;
+        self.dirty.clear();
+        let words = nodes.div_ceil(64);
+        if self.bits.len() < words {
+            self.bits.resize(words, 0);
         }
         self.candidates.clear();
         self.top.clear();
@@ -190,17 +198,21 @@ impl Scratch {
     /// Marks `id` visited; false if it already was in this search.
     #[inline]
     fn visit(&mut self, id: u32) -> bool {
-        let i = id as usize;
-        if i >= self.marks.len() {
+        let w = (id >> 6) as usize;
+        if w >= self.bits.len() {
             // A node inserted after this search started, in a segment it did not size for.
-            self.marks.resize((i + 1).max(self.marks.len() * 2), 0);
+            self.bits.resize((w + 1).max(self.bits.len() * 2), 0);
         }
-        if self.marks[i] == self.epoch {
-            false
-        } else {
-            self.marks[i] = self.epoch;
-            true
+        let bit = 1u64 << (id & 63);
+        let word = self.bits[w];
+        if word & bit != 0 {
+            return false;
         }
+        if word == 0 {
+            self.dirty.push(w as u32);
+        }
+        self.bits[w] = word | bit;
+        true
     }
 }
 
@@ -1105,6 +1117,27 @@ mod tests {
     use super::*;
     use crate::index::engine::{new_engine_of, EngineKind};
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn the_visited_set_starts_empty_for_every_search_and_grows_past_its_size() {
+        let mut s = Scratch::default();
+        for _ in 0..3 {
+            s.start(100);
+            for id in [0, 5, 63, 64, 99] {
+                assert!(s.visit(id), "{id} was not visited yet in this search");
+                assert!(!s.visit(id), "{id} was just visited");
+            }
+            // A node past the size the search started with (inserted meanwhile).
+            assert!(s.visit(10_000));
+            assert!(!s.visit(10_000));
+            assert!(s.visit(6), "a neighbour of a visited node in the same word");
+        }
+        s.start(100);
+        assert!(
+            (0..20_000).all(|id| s.visit(id)),
+            "a new search sees nothing visited"
+        );
+    }
 
     fn config(seed: Option<u64>) -> HnswConfig {
         HnswConfig {
