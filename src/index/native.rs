@@ -145,9 +145,21 @@ fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Box<[AtomicU32]> {
 /// Prefetches every cache line of `cells`.
 #[inline(always)]
 fn prefetch_cells(cells: &[AtomicU32]) {
-    for line in cells.chunks(16) {
-        prefetch(line.as_ptr() as *const f32);
+    for line in cache_lines(cells) {
+        prefetch(line as *const f32);
     }
+}
+
+/// The addresses of the cache lines `cells` occupies: from the line holding the first cell to
+/// the line holding the last. A slice that does not start on a line boundary spans one line
+/// more than its length in lines, and a node's vector starts after its links, so most do not.
+#[inline(always)]
+fn cache_lines(cells: &[AtomicU32]) -> impl Iterator<Item = usize> {
+    let first = cells.as_ptr() as usize & !63;
+    let end = cells.last().map(|c| c as *const AtomicU32 as usize);
+    (0..)
+        .map(move |i| first + 64 * i)
+        .take_while(move |&line| end.is_some_and(|end| line <= end))
 }
 
 /// How many of a search's candidates (nearest first by the compact vectors) the compact storages
@@ -1117,6 +1129,22 @@ mod tests {
     use super::*;
     use crate::index::engine::{new_engine_of, EngineKind};
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn a_prefetch_asks_for_every_line_a_vector_spans() {
+        let cells: Vec<AtomicU32> = (0..2_000).map(AtomicU32::new).collect();
+        let line_of = |c: &AtomicU32| c as *const AtomicU32 as usize / 64;
+        for start in 0..16 {
+            for len in [1, 16, 17, 97, 384] {
+                let v = &cells[start..start + len];
+                let lines: Vec<usize> = cache_lines(v).map(|a| a / 64).collect();
+                let (first, last) = (line_of(&v[0]), line_of(&v[len - 1]));
+                let want: Vec<usize> = (first..=last).collect();
+                assert_eq!(lines, want, "{len} cells from cell {start}");
+            }
+        }
+        assert_eq!(cache_lines(&cells[..0]).count(), 0);
+    }
 
     #[test]
     fn the_visited_set_starts_empty_for_every_search_and_grows_past_its_size() {
