@@ -87,10 +87,10 @@ struct Segment {
     /// [`Storage::Half`], or a scale and four codes per cell with [`Storage::Int8`]), so
     /// expanding a candidate reads its links from the same place its vector was just read from.
     /// A node's vector cells are written once, before the node is published (module docs).
-    level0: Box<[AtomicU32]>,
+    level0: Cells,
     /// With [`Storage::Half`] and [`Storage::Int8`], per node its `dim` float vector (f32 bits),
     /// for exact distances; empty otherwise. Written once, before the node is published.
-    full: Box<[AtomicU32]>,
+    full: Cells,
     /// Per node, levels 1..=level of `(1 + m)` slots each; set before the node is published.
     upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
     /// Held by whoever rewrites a node's link lists.
@@ -120,26 +120,94 @@ impl Segment {
     }
 }
 
-/// `n` cells set by `init`, in memory the kernel is asked to back with transparent huge pages
-/// (Linux): a search reads vectors at random places all over the graph, and with 4 KiB pages
-/// nearly every one of those reads also misses the TLB.
-fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Box<[AtomicU32]> {
-    let mut cells: Vec<AtomicU32> = Vec::with_capacity(n);
-    #[cfg(target_os = "linux")]
-    if n * 4 >= 4 << 20 {
-        // madvise takes whole pages: the pages wholly inside the allocation.
-        let (start, end) = (cells.as_ptr() as usize, cells.as_ptr() as usize + n * 4);
-        let first = start.next_multiple_of(4096);
-        let len = (end - first) / 4096 * 4096;
-        // SAFETY: the range lies within this Vec's own allocation of `n` cells;
-        // MADV_HUGEPAGE is advice about how to back it and changes none of its contents.
-        // Failure (a kernel without THP, or THP disabled) just leaves 4 KiB pages.
-        unsafe {
-            libc::madvise(first as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+/// A huge page (x86-64 Linux transparent huge pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A fixed array of cells that owns its memory: [`huge_cells`] lays large ones out on huge-page
+/// boundaries, which a `Box<[AtomicU32]>` cannot free.
+struct Cells {
+    ptr: std::ptr::NonNull<AtomicU32>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Cells` owns its allocation, like a `Box<[AtomicU32]>`, and `AtomicU32` is Send and
+// Sync.
+unsafe impl Send for Cells {}
+unsafe impl Sync for Cells {}
+
+impl std::ops::Deref for Cells {
+    type Target = [AtomicU32];
+
+    fn deref(&self) -> &[AtomicU32] {
+        // SAFETY: `ptr` points to `len` initialised cells owned by `self` (or dangles, aligned,
+        // with `len` 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Cells {
+    fn drop(&mut self) {
+        if self.layout.size() > 0 {
+            // SAFETY: allocated in `huge_cells` with this layout; AtomicU32 needs no drop.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
         }
     }
-    cells.extend((0..n).map(|i| AtomicU32::new(init(i))));
-    cells.into_boxed_slice()
+}
+
+/// `n` cells set by `init`. From 2 MiB up they start on a 2 MiB boundary and the kernel is asked
+/// to back them with transparent huge pages (Linux): a search reads vectors at random places all
+/// over the graph, and with 4 KiB pages nearly every one of those reads also misses the TLB.
+/// Aligned, every whole 2 MiB of the array can be one huge page; unaligned, an array under 4 MiB
+/// (the segments a graph filled by small upserts grows) usually holds no aligned 2 MiB at all.
+fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Cells {
+    let bytes = n
+        .checked_mul(std::mem::size_of::<AtomicU32>())
+        .unwrap_or(usize::MAX);
+    let huge = cfg!(target_os = "linux") && bytes >= HUGE_PAGE;
+    let align = if huge {
+        HUGE_PAGE
+    } else {
+        std::mem::align_of::<AtomicU32>()
+    };
+    let Ok(layout) = std::alloc::Layout::from_size_align(bytes, align) else {
+        panic!("capacity overflow: {n} cells");
+    };
+    if bytes == 0 {
+        return Cells {
+            ptr: std::ptr::NonNull::dangling(),
+            len: 0,
+            layout,
+        };
+    }
+    // SAFETY: the layout has a non-zero size.
+    let raw = unsafe { std::alloc::alloc(layout) }.cast::<AtomicU32>();
+    let Some(ptr) = std::ptr::NonNull::new(raw) else {
+        std::alloc::handle_alloc_error(layout);
+    };
+    #[cfg(target_os = "linux")]
+    if huge {
+        // SAFETY: the range is this allocation's own (it starts on a page boundary, being
+        // 2 MiB-aligned, and madvise takes whole pages: those wholly inside). MADV_HUGEPAGE is
+        // advice about how to back it and changes none of its contents; failure (a kernel
+        // without THP, or THP disabled) just leaves 4 KiB pages.
+        unsafe {
+            libc::madvise(
+                ptr.as_ptr().cast(),
+                bytes / 4096 * 4096,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+    for i in 0..n {
+        // SAFETY: `i < n`, within the allocation; each cell is written once before any read.
+        unsafe { ptr.as_ptr().add(i).write(AtomicU32::new(init(i))) };
+    }
+    Cells {
+        ptr,
+        len: n,
+        layout,
+    }
 }
 
 /// Prefetches every cache line of `cells`.
@@ -1129,6 +1197,29 @@ mod tests {
     use super::*;
     use crate::index::engine::{new_engine_of, EngineKind};
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn large_cell_arrays_start_on_a_huge_page_and_hold_what_init_wrote() {
+        let check = |n: usize| {
+            let cells = huge_cells(n, |i| (i as u32).wrapping_mul(3));
+            assert_eq!(cells.len(), n);
+            assert!(cells
+                .iter()
+                .enumerate()
+                .all(|(i, c)| c.load(AtOrd::Relaxed) == (i as u32).wrapping_mul(3)));
+            cells
+        };
+        assert!(check(0).is_empty());
+        check(1);
+        check(1_000);
+        let large = check(HUGE_PAGE / 4 + 5);
+        if cfg!(target_os = "linux") {
+            assert_eq!(large.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        // Cells stay writable, and freeing them (the drops here) frees with the same layout.
+        large[7].store(1, AtOrd::Relaxed);
+        assert_eq!(large[7].load(AtOrd::Relaxed), 1);
+    }
 
     #[test]
     fn a_prefetch_asks_for_every_line_a_vector_spans() {
