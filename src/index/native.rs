@@ -161,9 +161,7 @@ impl Drop for Cells {
 /// Aligned, every whole 2 MiB of the array can be one huge page; unaligned, an array under 4 MiB
 /// (the segments a graph filled by small upserts grows) usually holds no aligned 2 MiB at all.
 fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Cells {
-    let bytes = n
-        .checked_mul(std::mem::size_of::<AtomicU32>())
-        .unwrap_or(usize::MAX);
+    let bytes = n.saturating_mul(std::mem::size_of::<AtomicU32>());
     let huge = cfg!(target_os = "linux") && bytes >= HUGE_PAGE;
     let align = if huge {
         HUGE_PAGE
