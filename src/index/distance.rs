@@ -281,16 +281,21 @@ pub fn l2sq_codes<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
     l2sq_codes_plain(a, b, scale)
 }
 
+/// The largest |x[i]|, if it is positive and finite (the scale of a compact form needs one).
+fn largest_magnitude(x: &[f32]) -> Option<f32> {
+    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (max > 0.0 && max.is_finite()).then_some(max)
+}
+
 /// A vector as 8-bit codes with one scale: `x[i] ~ scale * codes[i]`, the scale chosen so the
 /// largest |x[i]| maps to 127 (symmetric, per vector, so no training data is needed and any
 /// range works). Writes `x.len()` codes into `codes` and returns the scale (0 for a zero vector).
 pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
-    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if !(max > 0.0 && max.is_finite()) {
+    let Some(max) = largest_magnitude(x) else {
         // Zero (or, never from validated input, not finite): all codes 0.
         codes.iter_mut().for_each(|c| *c = 0);
         return 0.0;
-    }
+    };
     let scale = max / 127.0;
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = (v / scale).round().clamp(-127.0, 127.0) as i8;
@@ -305,8 +310,8 @@ pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
 pub fn to_i16(x: &[f32], out: &mut Vec<i16>) -> Option<f32> {
     out.clear();
     let limit = (i32::MAX as usize / (127 * x.len().max(1))).min(i16::MAX as usize);
-    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if limit < 127 || !(max > 0.0 && max.is_finite()) {
+    let max = largest_magnitude(x)?;
+    if limit < 127 {
         return None;
     }
     let scale = max / limit as f32;
