@@ -701,6 +701,75 @@ fn unary_clients(
     })
 }
 
+/// The p50 of `n` `grpc.health.v1.Health/Check` calls from a client on its own thread and
+/// runtime, as the unary Search clients are.
+fn health_p50(addr: std::net::SocketAddr, n: usize) -> BoxResult<f64> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let run = move || -> Result<f64, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut h = HealthClient::new(channel);
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                h.check(HealthCheckRequest::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                lat.push(t.elapsed());
+            }
+            lat.sort_unstable();
+            Ok(micros(percentile(&lat, 0.5)))
+        })
+    };
+    match std::thread::spawn(run).join() {
+        Ok(r) => Ok(r?),
+        Err(_) => Err("the health client thread panicked".into()),
+    }
+}
+
+/// The p50 of `n` round trips of 64 bytes over loopback TCP between two threads (blocking
+/// sockets, TCP_NODELAY): what the kernel alone costs a call on this machine.
+fn tcp_round_trip_p50(n: usize) -> BoxResult<f64> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut lat = Vec::with_capacity(n);
+    {
+        let mut c = std::net::TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        for _ in 0..n {
+            let t = Instant::now();
+            c.write_all(&b)?;
+            c.read_exact(&mut b)?;
+            lat.push(t.elapsed());
+        }
+    }
+    match echo.join() {
+        Ok(r) => r?,
+        Err(_) => return Err("the echo thread panicked".into()),
+    }
+    lat.sort_unstable();
+    Ok(micros(percentile(&lat, 0.5)))
+}
+
 async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
     use vectord::pb;
 
@@ -775,7 +844,12 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     // Unary Search in GRPC_PASSES passes of every query: a pass's p50 moves with the machine's
     // other work from one second to the next, so the figure is the median pass, with every
     // pass kept in the JSON.
+    // With one client, each pass is followed by a pass of health checks on a fresh client
+    // thread: the gRPC stack as this server runs it (its layers, no handler work) at that
+    // moment, so `Search − Health` per pass is what the search request adds, whatever the
+    // host's load did to both.
     let mut unary = serde_json::Map::new();
+    let mut health = Vec::new();
     for clients in [1usize, 4] {
         let mut all = Vec::new();
         let (mut p50s, mut qpss) = (Vec::new(), Vec::new());
@@ -784,6 +858,9 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
             p50s.push(micros(percentile(&lat, 0.5)));
             qpss.push(qps);
             all.extend(lat);
+            if clients == 1 {
+                health.push(health_p50(addr, set.queries.len())?);
+            }
         }
         all.sort_unstable();
         unary.insert(
@@ -796,6 +873,15 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
             }),
         );
     }
+    let over_health: Vec<f64> = unary["1"]["passes"]["p50_us"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_f64).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .iter()
+        .zip(&health)
+        .map(|(search, health)| search - health)
+        .collect();
+    let tcp_rtt = tcp_round_trip_p50(set.queries.len())?;
 
     let mut lat = Vec::new();
     let started = Instant::now();
@@ -825,10 +911,12 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     let u1 = &unary["1"];
     let u4 = &unary["4"];
     println!(
-        "  {:>10}: upsert {:.1} s | recall {:.4} | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs (passes {}) p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
+        "  {:>10}: upsert {:.1} s | recall {:.4} | loopback TCP round trip p50 {:.0} µs | Health p50 {:.0} µs | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs (passes {}; Search − Health {:.0} µs) p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
         kind.name(),
         upsert_s,
         grpc_recall,
+        tcp_rtt,
+        median(&health).unwrap_or(0.0),
         stack_p50,
         u1["p50_us"].as_f64().unwrap_or(0.0),
         u1["passes"]["p50_us"]
@@ -840,6 +928,7 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
                 .collect::<Vec<_>>()
                 .join("/"))
             .unwrap_or_default(),
+        median(&over_health).unwrap_or(0.0),
         u1["p99_us"].as_f64().unwrap_or(0.0),
         u1["qps"].as_f64().unwrap_or(0.0),
         u4["p50_us"].as_f64().unwrap_or(0.0),
@@ -852,6 +941,9 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
         "upsert_seconds": upsert_s,
         "recall_at_10": grpc_recall,
         "get_index_p50_us": stack_p50,
+        "tcp_round_trip_p50_us": tcp_rtt,
+        "health_p50_us": { "median": median(&health), "passes": health },
+        "search_minus_health_p50_us": { "median": median(&over_health), "passes": over_health },
         "unary": unary,
         "search_batch_100": {
             "p50_ms": micros(percentile(&lat, 0.5)) / 1000.0,
