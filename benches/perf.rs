@@ -849,7 +849,7 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
     // moment, so `Search − Health` per pass is what the search request adds, whatever the
     // host's load did to both.
     let mut unary = serde_json::Map::new();
-    let mut health = Vec::new();
+    let (mut health, mut one_client) = (Vec::new(), Vec::new());
     for clients in [1usize, 4] {
         let mut all = Vec::new();
         let (mut p50s, mut qpss) = (Vec::new(), Vec::new());
@@ -863,6 +863,9 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
             }
         }
         all.sort_unstable();
+        if clients == 1 {
+            one_client.clone_from(&p50s);
+        }
         unary.insert(
             clients.to_string(),
             json!({
@@ -873,10 +876,7 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
             }),
         );
     }
-    let over_health: Vec<f64> = unary["1"]["passes"]["p50_us"]
-        .as_array()
-        .map(|v| v.iter().filter_map(Value::as_f64).collect::<Vec<_>>())
-        .unwrap_or_default()
+    let over_health: Vec<f64> = one_client
         .iter()
         .zip(&health)
         .map(|(search, health)| search - health)
@@ -919,15 +919,11 @@ async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> Box
         median(&health).unwrap_or(0.0),
         stack_p50,
         u1["p50_us"].as_f64().unwrap_or(0.0),
-        u1["passes"]["p50_us"]
-            .as_array()
-            .map(|v| v
-                .iter()
-                .filter_map(Value::as_f64)
-                .map(|p| format!("{p:.0}"))
-                .collect::<Vec<_>>()
-                .join("/"))
-            .unwrap_or_default(),
+        one_client
+            .iter()
+            .map(|p| format!("{p:.0}"))
+            .collect::<Vec<_>>()
+            .join("/"),
         median(&over_health).unwrap_or(0.0),
         u1["p99_us"].as_f64().unwrap_or(0.0),
         u1["qps"].as_f64().unwrap_or(0.0),
