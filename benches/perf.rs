@@ -740,9 +740,12 @@ fn health_p50(addr: std::net::SocketAddr, n: usize) -> BoxResult<f64> {
 fn tcp_round_trip_p50(n: usize) -> BoxResult<f64> {
     use std::io::Read;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
+    // Connect before the echo thread starts: the kernel completes the handshake into the
+    // listener's backlog, so `accept` returns at once, and a failed connect leaves no thread
+    // waiting in it.
+    let c = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (mut s, _) = listener.accept()?;
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;
         let mut b = [0u8; 64];
         while s.read_exact(&mut b).is_ok() {
@@ -752,7 +755,8 @@ fn tcp_round_trip_p50(n: usize) -> BoxResult<f64> {
     });
     let mut lat = Vec::with_capacity(n);
     {
-        let mut c = std::net::TcpStream::connect(addr)?;
+        // Closed at the end of this block, which ends the echo loop.
+        let mut c = c;
         c.set_nodelay(true)?;
         let mut b = [0u8; 64];
         for _ in 0..n {
