@@ -11,7 +11,8 @@
 //! (default `python3`); without hnswlib the hnswlib columns are empty and the rest still runs.
 //! `VECTORD_PERF_ROUNDS=N` measures the engines and hnswlib N times per set, alternating which
 //! runs first, and prints the median ratios (the machine's load moves single runs a lot).
-//! Over gRPC, unary Search runs in 5 passes of every query and reports the median pass's p50.
+//! Over gRPC (every engine's server running at once, the passes alternating between them),
+//! unary Search runs in 5 passes of every query and reports the median pass's p50.
 //! `VECTORD_PERF_GRPC=0` skips the gRPC section and `VECTORD_PERF_GRPC=only` runs it alone; `VECTORD_PERF_ENGINES=native` (comma-separated,
 //! default `native,native_f16,native_i8,hnsw_rs`) and `VECTORD_PERF_SETS=minilm` or `l2` run a subset (hnsw_rs takes
 //! minutes per build on the 100k set). Results go to `target/bench-perf.json`.
@@ -599,18 +600,39 @@ fn print_set(engines: &[Value], hnswlib: Option<&Value>) {
 
 fn grpc_section(set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
     // The client side runs as a client process would: each client on its own thread with a
-    // current-thread runtime. The server is the real `vectord serve` binary in its own process.
+    // current-thread runtime. The servers are the real `vectord serve` binary, each in its own
+    // process, all running at once: the passes alternate between them, so every engine meets
+    // the same moments of the host's load (a pass's p50 moves with it from one second to the
+    // next, by more than the engines differ).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut out = serde_json::Map::new();
     println!();
     println!(
-        "== gRPC on loopback ({}; ef_search {GRPC_EF}; `vectord serve` child process, clients on their own threads) ==",
+        "== gRPC on loopback ({}; ef_search {GRPC_EF}; a `vectord serve` child process per engine, clients on their own threads, passes alternating between the engines) ==",
         set.name
     );
+    let mut servers = Vec::new();
     for kind in engine_kinds() {
-        let v = rt.block_on(grpc_engine(kind, set, truth))?;
+        servers.push(rt.block_on(GrpcServer::start(kind, set, truth))?);
+    }
+    let mut tcp = Vec::with_capacity(GRPC_PASSES);
+    for _ in 0..GRPC_PASSES {
+        tcp.push(tcp_round_trip_p50(set.queries.len())?);
+        for s in &mut servers {
+            s.one_client_pass(&set.queries)?;
+        }
+    }
+    for _ in 0..GRPC_PASSES {
+        for s in &mut servers {
+            s.four_client_pass(&set.queries)?;
+        }
+    }
+    let tcp_rtt = median(&tcp).unwrap_or(0.0);
+    let mut out = serde_json::Map::new();
+    for s in servers {
+        let kind = s.kind;
+        let v = rt.block_on(s.finish(set, tcp_rtt))?;
         out.insert(kind.name().to_string(), v);
     }
     Ok(Value::Object(out))
@@ -774,183 +796,231 @@ fn tcp_round_trip_p50(n: usize) -> BoxResult<f64> {
     Ok(micros(percentile(&lat, 0.5)))
 }
 
-async fn grpc_engine(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Value> {
-    use vectord::pb;
+/// Unary passes of one client or of four: every pass's p50 and QPS, and all latencies.
+#[derive(Default)]
+struct Passes {
+    p50s: Vec<f64>,
+    qps: Vec<f64>,
+    all: Vec<Duration>,
+}
 
-    let tmp = tempfile::tempdir()?;
-    let data_dir = tmp.path().to_string_lossy().into_owned();
-    let mut server = child::Vectord::spawn(
-        "bench server",
-        &[
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data_dir,
-            "--engine",
-            kind.name(),
-        ],
-        &[],
-    );
-    let addr = server.wait_listening().await;
-    server.wait_serving(addr).await;
-    let mut c = connect(addr).await?;
-    c.create_index(pb::CreateIndexRequest {
-        name: GRPC_INDEX.into(),
-        dimension: set.dim as u32,
-        metric: pb::Metric::Cosine as i32,
-        default_config: Some(pb::HnswConfig {
-            m: M,
-            ef_construction: EF_CONSTRUCTION,
-            ef_search: GRPC_EF,
-            seed: None,
-        }),
-    })
-    .await?;
-    let started = Instant::now();
-    for (chunk_no, chunk) in set.base.chunks(1000).enumerate() {
-        let points = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| pb::Point {
-                id: (chunk_no * 1000 + i) as u64,
-                vector: v.clone(),
-            })
-            .collect();
-        c.upsert_points(pb::UpsertPointsRequest {
-            index_name: GRPC_INDEX.into(),
-            points,
+impl Passes {
+    fn add(&mut self, (lat, qps): (Vec<Duration>, f64)) {
+        self.p50s.push(micros(percentile(&lat, 0.5)));
+        self.qps.push(qps);
+        self.all.extend(lat);
+    }
+
+    /// The median pass's p50 and QPS, the p99 over all passes, and every pass.
+    fn report(&mut self) -> Value {
+        self.all.sort_unstable();
+        json!({
+            "qps": median(&self.qps),
+            "p50_us": median(&self.p50s),
+            "p99_us": micros(percentile(&self.all, 0.99)),
+            "passes": { "p50_us": self.p50s, "qps": self.qps },
         })
-        .await?;
     }
-    let upsert_s = started.elapsed().as_secs_f64();
+}
 
-    // Warm-up, and recall through the whole stack.
-    let mut found = Vec::new();
-    for q in &set.queries {
-        let r = c.search(search_request(q)).await?.into_inner();
-        found.push(r.neighbors.iter().map(|h| h.id as u32).collect::<Vec<_>>());
-    }
-    let grpc_recall = recall(&found, truth);
+/// One engine's server in the gRPC section, filled and warmed up, with what its passes measured.
+struct GrpcServer {
+    kind: EngineKind,
+    server: child::Vectord,
+    addr: std::net::SocketAddr,
+    client: Client,
+    _dir: tempfile::TempDir,
+    upsert_s: f64,
+    recall: f64,
+    get_index_p50: f64,
+    one: Passes,
+    /// Per 1-client pass, the p50 of a pass of health checks right after it.
+    health: Vec<f64>,
+    four: Passes,
+}
 
-    // The stack alone: a unary call that does no search (GetIndex), same layers and codec.
-    let mut stack = Vec::with_capacity(set.queries.len());
-    for _ in 0..set.queries.len() {
-        let t = Instant::now();
-        c.get_index(pb::GetIndexRequest {
-            name: GRPC_INDEX.into(),
-        })
-        .await?;
-        stack.push(t.elapsed());
-    }
-    stack.sort_unstable();
-    let stack_p50 = micros(percentile(&stack, 0.5));
+impl GrpcServer {
+    /// Starts `vectord serve` with engine `kind`, fills the index through UpsertPoints, then
+    /// measures recall through the whole stack (which also warms it up) and GetIndex's p50.
+    async fn start(kind: EngineKind, set: &DataSet, truth: &[Vec<u32>]) -> BoxResult<Self> {
+        use vectord::pb;
 
-    // Unary Search in GRPC_PASSES passes of every query: a pass's p50 moves with the machine's
-    // other work from one second to the next, so the figure is the median pass, with every
-    // pass kept in the JSON.
-    // With one client, each pass is followed by a pass of health checks on a fresh client
-    // thread: the gRPC stack as this server runs it (its layers, no handler work) at that
-    // moment, so `Search − Health` per pass is what the search request adds, whatever the
-    // host's load did to both.
-    let mut unary = serde_json::Map::new();
-    let (mut health, mut one_client) = (Vec::new(), Vec::new());
-    for clients in [1usize, 4] {
-        let mut all = Vec::new();
-        let (mut p50s, mut qpss) = (Vec::new(), Vec::new());
-        for _ in 0..GRPC_PASSES {
-            let (lat, qps) = unary_clients(addr, &set.queries, clients)?;
-            p50s.push(micros(percentile(&lat, 0.5)));
-            qpss.push(qps);
-            all.extend(lat);
-            if clients == 1 {
-                health.push(health_p50(addr, set.queries.len())?);
-            }
-        }
-        all.sort_unstable();
-        if clients == 1 {
-            one_client.clone_from(&p50s);
-        }
-        unary.insert(
-            clients.to_string(),
-            json!({
-                "qps": median(&qpss),
-                "p50_us": median(&p50s),
-                "p99_us": micros(percentile(&all, 0.99)),
-                "passes": { "p50_us": p50s, "qps": qpss },
-            }),
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().to_string_lossy().into_owned();
+        let mut server = child::Vectord::spawn(
+            "bench server",
+            &[
+                "--addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data_dir,
+                "--engine",
+                kind.name(),
+            ],
+            &[],
         );
-    }
-    let over_health: Vec<f64> = one_client
-        .iter()
-        .zip(&health)
-        .map(|(search, health)| search - health)
-        .collect();
-    let tcp_rtt = tcp_round_trip_p50(set.queries.len())?;
-
-    let mut lat = Vec::new();
-    let started = Instant::now();
-    for chunk in set.queries.chunks(100) {
-        let req = pb::SearchBatchRequest {
-            index_name: GRPC_INDEX.into(),
-            queries: chunk
+        let addr = server.wait_listening().await;
+        server.wait_serving(addr).await;
+        let mut c = connect(addr).await?;
+        c.create_index(pb::CreateIndexRequest {
+            name: GRPC_INDEX.into(),
+            dimension: set.dim as u32,
+            metric: pb::Metric::Cosine as i32,
+            default_config: Some(pb::HnswConfig {
+                m: M,
+                ef_construction: EF_CONSTRUCTION,
+                ef_search: GRPC_EF,
+                seed: None,
+            }),
+        })
+        .await?;
+        let started = Instant::now();
+        for (chunk_no, chunk) in set.base.chunks(1000).enumerate() {
+            let points = chunk
                 .iter()
-                .map(|q| pb::QueryVector { vector: q.clone() })
-                .collect(),
-            k: K as u32,
-            ef_search: Some(GRPC_EF),
-        };
-        let t = Instant::now();
-        c.search_batch(req).await?;
-        lat.push(t.elapsed());
-    }
-    let batch_qps = set.queries.len() as f64 / started.elapsed().as_secs_f64();
-    lat.sort_unstable();
+                .enumerate()
+                .map(|(i, v)| pb::Point {
+                    id: (chunk_no * 1000 + i) as u64,
+                    vector: v.clone(),
+                })
+                .collect();
+            c.upsert_points(pb::UpsertPointsRequest {
+                index_name: GRPC_INDEX.into(),
+                points,
+            })
+            .await?;
+        }
+        let upsert_s = started.elapsed().as_secs_f64();
 
-    drop(c);
-    server.signal("TERM");
-    let status = server.wait_exit().await;
-    if !status.success() {
-        return Err(format!("the bench server exited with {status}").into());
+        // Warm-up, and recall through the whole stack.
+        let mut found = Vec::new();
+        for q in &set.queries {
+            let r = c.search(search_request(q)).await?.into_inner();
+            found.push(r.neighbors.iter().map(|h| h.id as u32).collect::<Vec<_>>());
+        }
+        let recall = recall(&found, truth);
+
+        // The stack alone: a unary call that does no search (GetIndex), same layers and codec.
+        let mut stack = Vec::with_capacity(set.queries.len());
+        for _ in 0..set.queries.len() {
+            let t = Instant::now();
+            c.get_index(pb::GetIndexRequest {
+                name: GRPC_INDEX.into(),
+            })
+            .await?;
+            stack.push(t.elapsed());
+        }
+        stack.sort_unstable();
+        Ok(GrpcServer {
+            kind,
+            server,
+            addr,
+            client: c,
+            _dir: dir,
+            upsert_s,
+            recall,
+            get_index_p50: micros(percentile(&stack, 0.5)),
+            one: Passes::default(),
+            health: Vec::new(),
+            four: Passes::default(),
+        })
     }
-    let u1 = &unary["1"];
-    let u4 = &unary["4"];
-    println!(
-        "  {:>10}: upsert {:.1} s | recall {:.4} | loopback TCP round trip p50 {:.0} µs | Health p50 {:.0} µs | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs (passes {}; Search − Health {:.0} µs) p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
-        kind.name(),
-        upsert_s,
-        grpc_recall,
-        tcp_rtt,
-        median(&health).unwrap_or(0.0),
-        stack_p50,
-        u1["p50_us"].as_f64().unwrap_or(0.0),
-        one_client
+
+    /// A pass of every query from one client, then a pass of health checks on a fresh client
+    /// thread: the gRPC stack as this server runs it (its layers, no handler work) at that
+    /// moment, so `Search − Health` per pass is what the search request adds, whatever the
+    /// host's load did to both.
+    fn one_client_pass(&mut self, queries: &[Vec<f32>]) -> BoxResult<()> {
+        self.one.add(unary_clients(self.addr, queries, 1)?);
+        self.health.push(health_p50(self.addr, queries.len())?);
+        Ok(())
+    }
+
+    /// A pass of every query from each of four concurrent clients.
+    fn four_client_pass(&mut self, queries: &[Vec<f32>]) -> BoxResult<()> {
+        self.four.add(unary_clients(self.addr, queries, 4)?);
+        Ok(())
+    }
+
+    /// SearchBatch of 100 queries, then stops the server; prints the engine's line and returns
+    /// its JSON.
+    async fn finish(mut self, set: &DataSet, tcp_rtt: f64) -> BoxResult<Value> {
+        use vectord::pb;
+
+        let mut lat = Vec::new();
+        let started = Instant::now();
+        for chunk in set.queries.chunks(100) {
+            let req = pb::SearchBatchRequest {
+                index_name: GRPC_INDEX.into(),
+                queries: chunk
+                    .iter()
+                    .map(|q| pb::QueryVector { vector: q.clone() })
+                    .collect(),
+                k: K as u32,
+                ef_search: Some(GRPC_EF),
+            };
+            let t = Instant::now();
+            self.client.search_batch(req).await?;
+            lat.push(t.elapsed());
+        }
+        let batch_qps = set.queries.len() as f64 / started.elapsed().as_secs_f64();
+        lat.sort_unstable();
+
+        drop(self.client);
+        self.server.signal("TERM");
+        let status = self.server.wait_exit().await;
+        if !status.success() {
+            return Err(format!("the bench server exited with {status}").into());
+        }
+        let over_health: Vec<f64> = self
+            .one
+            .p50s
+            .iter()
+            .zip(&self.health)
+            .map(|(search, health)| search - health)
+            .collect();
+        let passes = self
+            .one
+            .p50s
             .iter()
             .map(|p| format!("{p:.0}"))
             .collect::<Vec<_>>()
-            .join("/"),
-        median(&over_health).unwrap_or(0.0),
-        u1["p99_us"].as_f64().unwrap_or(0.0),
-        u1["qps"].as_f64().unwrap_or(0.0),
-        u4["p50_us"].as_f64().unwrap_or(0.0),
-        u4["qps"].as_f64().unwrap_or(0.0),
-        micros(percentile(&lat, 0.5)) / 1000.0,
-        batch_qps,
-    );
-    Ok(json!({
-        "server": "vectord serve (child process)",
-        "upsert_seconds": upsert_s,
-        "recall_at_10": grpc_recall,
-        "get_index_p50_us": stack_p50,
-        "tcp_round_trip_p50_us": tcp_rtt,
-        "health_p50_us": { "median": median(&health), "passes": health },
-        "search_minus_health_p50_us": { "median": median(&over_health), "passes": over_health },
-        "unary": unary,
-        "search_batch_100": {
-            "p50_ms": micros(percentile(&lat, 0.5)) / 1000.0,
-            "p99_ms": micros(percentile(&lat, 0.99)) / 1000.0,
-            "qps": batch_qps,
-        },
-    }))
+            .join("/");
+        let u1 = self.one.report();
+        let u4 = self.four.report();
+        println!(
+            "  {:>10}: upsert {:.1} s | recall {:.4} | loopback TCP round trip p50 {:.0} µs | Health p50 {:.0} µs | GetIndex p50 {:.0} µs | unary 1 client p50 {:.0} µs (passes {passes}; Search − Health {:.0} µs) p99 {:.0} µs {:.0} QPS | 4 clients p50 {:.0} µs {:.0} QPS | SearchBatch(100) p50 {:.1} ms, {:.0} QPS",
+            self.kind.name(),
+            self.upsert_s,
+            self.recall,
+            tcp_rtt,
+            median(&self.health).unwrap_or(0.0),
+            self.get_index_p50,
+            u1["p50_us"].as_f64().unwrap_or(0.0),
+            median(&over_health).unwrap_or(0.0),
+            u1["p99_us"].as_f64().unwrap_or(0.0),
+            u1["qps"].as_f64().unwrap_or(0.0),
+            u4["p50_us"].as_f64().unwrap_or(0.0),
+            u4["qps"].as_f64().unwrap_or(0.0),
+            micros(percentile(&lat, 0.5)) / 1000.0,
+            batch_qps,
+        );
+        Ok(json!({
+            "server": "vectord serve (child process)",
+            "upsert_seconds": self.upsert_s,
+            "recall_at_10": self.recall,
+            "get_index_p50_us": self.get_index_p50,
+            "tcp_round_trip_p50_us": tcp_rtt,
+            "health_p50_us": { "median": median(&self.health), "passes": self.health },
+            "search_minus_health_p50_us": { "median": median(&over_health), "passes": over_health },
+            "unary": { "1": u1, "4": u4 },
+            "search_batch_100": {
+                "p50_ms": micros(percentile(&lat, 0.5)) / 1000.0,
+                "p99_ms": micros(percentile(&lat, 0.99)) / 1000.0,
+                "qps": batch_qps,
+            },
+        }))
+    }
 }
 
 // ---- data ----
