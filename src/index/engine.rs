@@ -56,7 +56,6 @@ pub trait Engine: Send + Sync {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum EngineKind {
     /// vectord's own engine (`src/index/native.rs`), laid out like hnswlib.
-    #[default]
     Native,
     /// The hnsw_rs crate.
     HnswRs,
@@ -64,7 +63,9 @@ pub enum EngineKind {
     /// with, and the float vectors for exact distances (`native::Storage::Half`).
     NativeF16,
     /// vectord's own engine with 8-bit vectors (one scale each) next to the links for searches to
-    /// compare with, and the float vectors for exact distances (`native::Storage::Int8`).
+    /// compare with, and the float vectors for exact distances (`native::Storage::Int8`). The
+    /// default: the fastest searches and builds, for about 1.2x native's memory.
+    #[default]
     NativeI8,
 }
 
@@ -94,7 +95,7 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
-static DEFAULT_ENGINE: AtomicU8 = AtomicU8::new(0);
+static DEFAULT_ENGINE: AtomicU8 = AtomicU8::new(EngineKind::NativeI8 as u8);
 
 /// Sets the engine of every graph built from now on (the server calls this once at start-up).
 pub fn set_default_engine(kind: EngineKind) {
@@ -104,10 +105,10 @@ pub fn set_default_engine(kind: EngineKind) {
 /// The engine graphs are built with.
 pub fn default_engine() -> EngineKind {
     match DEFAULT_ENGINE.load(Ordering::Relaxed) {
+        0 => EngineKind::Native,
         1 => EngineKind::HnswRs,
         2 => EngineKind::NativeF16,
-        3 => EngineKind::NativeI8,
-        _ => EngineKind::Native,
+        _ => EngineKind::NativeI8,
     }
 }
 
@@ -240,7 +241,7 @@ mod tests {
         ] {
             assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
         }
-        assert_eq!(EngineKind::default(), EngineKind::Native);
+        assert_eq!(EngineKind::default(), EngineKind::NativeI8);
         let err = "faiss".parse::<EngineKind>().unwrap_err();
         assert!(
             err.contains("native, native_f16, native_i8 or hnsw_rs"),
