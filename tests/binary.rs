@@ -620,22 +620,30 @@ async fn api_keys_never_appear_in_logs_or_help() {
 /// rebuilds the index with the same answers.
 #[tokio::test]
 async fn the_half_float_engine_answers_with_exact_distances_across_a_restart() {
-    compact_engine_answers_with_exact_distances_across_a_restart("native_f16").await;
+    engine_answers_with_exact_distances_across_a_restart(Some("native_f16")).await;
 }
 
-/// The same for the 8-bit engine (`--engine native_i8`).
+/// The same without `--engine`: the default is the 8-bit engine (`native_i8`).
 #[tokio::test]
-async fn the_8_bit_engine_answers_with_exact_distances_across_a_restart() {
-    compact_engine_answers_with_exact_distances_across_a_restart("native_i8").await;
+async fn the_default_8_bit_engine_answers_with_exact_distances_across_a_restart() {
+    engine_answers_with_exact_distances_across_a_restart(None).await;
 }
 
-async fn compact_engine_answers_with_exact_distances_across_a_restart(engine: &'static str) {
+/// The same for the float engine (`--engine native`).
+#[tokio::test]
+async fn the_float_engine_answers_with_exact_distances_across_a_restart() {
+    engine_answers_with_exact_distances_across_a_restart(Some("native")).await;
+}
+
+/// Runs the server with `--engine engine` (None: no flag, so the default, which its log must
+/// name as `native_i8`).
+async fn engine_answers_with_exact_distances_across_a_restart(engine: Option<&'static str>) {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let args = [
-        &addr_arg()[..],
-        &["--data-dir", path_str(tmp.path()), "--engine", engine],
-    ]
-    .concat();
+    let mut args = [&addr_arg()[..], &["--data-dir", path_str(tmp.path())]].concat();
+    if let Some(e) = engine {
+        args.extend(["--engine", e]);
+    }
+    let engine = engine.unwrap_or("native_i8");
     let mut g = Gen::new(16);
     let pts = points(&mut g, 0..600, 24);
     let cosine = |a: &[f32], b: &[f32]| {
