@@ -78,7 +78,7 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_REFRESH_PROBE_SECS", default_value_t = 60)]
     refresh_probe_secs: u64,
     /// HNSW engine: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
-    #[arg(long, env = "VECTORD_ENGINE", default_value = "native_i8")]
+    #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).
     #[arg(long, env = "VECTORD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -53,7 +53,7 @@ pub trait Engine: Send + Sync {
 }
 
 /// The HNSW implementations vectord can build graphs with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
     /// vectord's own engine (`src/index/native.rs`), laid out like hnswlib.
     Native,
@@ -63,13 +63,15 @@ pub enum EngineKind {
     /// with, and the float vectors for exact distances (`native::Storage::Half`).
     NativeF16,
     /// vectord's own engine with 8-bit vectors (one scale each) next to the links for searches to
-    /// compare with, and the float vectors for exact distances (`native::Storage::Int8`). The
-    /// default: the fastest searches and builds, for about 1.2x native's memory.
-    #[default]
+    /// compare with, and the float vectors for exact distances (`native::Storage::Int8`).
     NativeI8,
 }
 
 impl EngineKind {
+    /// The engine when none is chosen (`--engine`'s default): the 8-bit one, with the fastest
+    /// searches and builds, for about 1.2x native's memory.
+    pub const DEFAULT: EngineKind = EngineKind::NativeI8;
+
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Native => "native",
@@ -77,6 +79,18 @@ impl EngineKind {
             EngineKind::NativeF16 => "native_f16",
             EngineKind::NativeI8 => "native_i8",
         }
+    }
+}
+
+impl Default for EngineKind {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -95,7 +109,7 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
-static DEFAULT_ENGINE: AtomicU8 = AtomicU8::new(EngineKind::NativeI8 as u8);
+static DEFAULT_ENGINE: AtomicU8 = AtomicU8::new(EngineKind::DEFAULT as u8);
 
 /// Sets the engine of every graph built from now on (the server calls this once at start-up).
 pub fn set_default_engine(kind: EngineKind) {
@@ -108,7 +122,9 @@ pub fn default_engine() -> EngineKind {
         0 => EngineKind::Native,
         1 => EngineKind::HnswRs,
         2 => EngineKind::NativeF16,
-        _ => EngineKind::NativeI8,
+        3 => EngineKind::NativeI8,
+        // Only the values above are ever stored.
+        _ => EngineKind::DEFAULT,
     }
 }
 
@@ -240,6 +256,7 @@ mod tests {
             EngineKind::NativeI8,
         ] {
             assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.name());
         }
         assert_eq!(EngineKind::default(), EngineKind::NativeI8);
         let err = "faiss".parse::<EngineKind>().unwrap_err();
