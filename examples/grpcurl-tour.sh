@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's grpcurl tour, as a script. Needs a running server (default 127.0.0.1:50051),
+# The grpcurl tour of docs/grpcurl-tour.md, as a script. Needs a running server (default 127.0.0.1:50051),
 # grpcurl and python3 (to generate a few points).
 #   ./examples/grpcurl-tour.sh [host:port]
 set -euo pipefail
