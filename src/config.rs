@@ -43,6 +43,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The HNSW engine every graph of this process is built with.
     pub engine: crate::index::engine::EngineKind,
+    /// Tests only (no flag sets it): holds autotune jobs on some indexes RUNNING until opened.
+    #[doc(hidden)]
+    pub job_gate: Option<crate::autotune::jobs::JobGate>,
 }
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -69,6 +72,7 @@ impl Config {
             api_keys: None,
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
+            job_gate: None,
         }
     }
 
