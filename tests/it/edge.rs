@@ -100,7 +100,9 @@ async fn made_up_methods_do_not_grow_the_metrics() {
     ));
     let channel = within(
         "connect",
-        Channel::from_shared(format!("http://{addr}")).unwrap().connect(),
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
     )
     .await
     .unwrap();
@@ -343,10 +345,8 @@ async fn free_text_fields_are_bounded() {
     assert!(jobs.jobs.is_empty(), "no job started: {jobs:?}");
 
     let e = status(
-        a.cancel_job(pb::CancelJobRequest {
-            id: "j".repeat(65),
-        })
-        .await,
+        a.cancel_job(pb::CancelJobRequest { id: "j".repeat(65) })
+            .await,
     );
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
@@ -509,7 +509,10 @@ async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
     upsert(&mut c, "c", pts.clone()).await;
     let mut c2 = IndexServiceClient::new(second.clone());
     assert_eq!(
-        search(&mut c2, "c", pts[3].vector.clone(), 1, None).await.neighbors[0].id,
+        search(&mut c2, "c", pts[3].vector.clone(), 1, None)
+            .await
+            .neighbors[0]
+            .id,
         3
     );
     // Closing one frees its slot: a new client gets in.
@@ -517,7 +520,65 @@ async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
     let fourth = served_eventually("a connection in the freed slot", &url).await;
     let mut c4 = IndexServiceClient::new(fourth);
     assert_eq!(
-        search(&mut c4, "c", pts[4].vector.clone(), 1, None).await.neighbors[0].id,
+        search(&mut c4, "c", pts[4].vector.clone(), 1, None)
+            .await
+            .neighbors[0]
+            .id,
         4
     );
+}
+
+/// One HTTP/2 frame as read off the wire: (type, flags, payload).
+async fn read_frame(s: &mut tokio::net::TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut h = [0u8; 9];
+    s.read_exact(&mut h).await.ok()?;
+    let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.ok()?;
+    Some((h[3], h[4], payload))
+}
+
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+
+/// On a raw HTTP/2 connection: the server announces the per-connection stream limit in its
+/// SETTINGS, PINGs the client every keepalive interval, and closes the connection when a PING
+/// goes unanswered for the keepalive timeout.
+#[tokio::test]
+async fn http2_stream_limit_and_keepalive_are_applied() {
+    let (s, _tmp) = server_with(|c| {
+        c.http2_max_concurrent_streams = 7;
+        c.http2_keepalive_interval = Some(Duration::from_secs(1));
+        c.http2_keepalive_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut t = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    t.write_all(vectord::connections::PREFACE).await.unwrap();
+    t.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let (kind, flags, payload) = within("the server's SETTINGS", read_frame(&mut t))
+        .await
+        .expect("a frame");
+    assert_eq!((kind, flags), (SETTINGS, 0));
+    let max_streams = payload
+        .chunks_exact(6)
+        .find(|e| e[..2] == [0, 3])
+        .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
+    assert_eq!(max_streams, Some(7), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    t.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    // The keepalive PING comes; it is not answered, so the server closes the connection.
+    let mut pinged = false;
+    within("a PING, then the close", async {
+        while let Some((kind, flags, _)) = read_frame(&mut t).await {
+            if kind == PING && flags & ACK == 0 {
+                pinged = true;
+            }
+        }
+    })
+    .await;
+    assert!(pinged, "the server sent no keepalive PING before closing");
 }
