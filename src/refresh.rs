@@ -10,6 +10,12 @@
 //! runs is skipped and re-evaluated at the next write or probe. Any job started on an index
 //! (by anyone) counts as its last tune. A probe under the floor starts at most one tune per
 //! data version, so a floor the data cannot reach does not loop.
+//!
+//! State belongs to an index's identity (its uid), not its name: DeleteIndex drops it
+//! ([`Refresher::forget`]) and an entry found for another uid is stale and starts afresh.
+//! The stored record has one writer: it is written from the in-memory record while the state
+//! lock is held, so writes reach sled in the order the changes were made and a stale copy
+//! (set_policy against a job start's tune mark) can never overwrite a newer one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +70,8 @@ pub struct Status {
 
 #[derive(Default)]
 struct State {
+    /// The uid of the index this state belongs to.
+    uid: u64,
     record: Record,
     status: Status,
     /// A job start is in flight.
@@ -73,8 +81,31 @@ struct State {
 pub struct Refresher {
     lab: Arc<Lab>,
     jobs: Arc<Jobs>,
-    /// By index name; an entry exists for every index that had a record or a tune.
+    /// By index name (with the index's uid inside); an entry exists for every index that had
+    /// a record or a tune.
     state: Mutex<HashMap<Name, State>>,
+    /// Held by each probe: DeleteIndex waits for a probe of the index to finish.
+    probing: tokio::sync::Mutex<()>,
+}
+
+/// The index's state, replaced by a fresh one when it belonged to an earlier index of the name.
+fn entry<'a>(st: &'a mut HashMap<Name, State>, index: &Name, uid: u64) -> &'a mut State {
+    let s = st.entry(index.clone()).or_insert_with(|| State {
+        uid,
+        ..Default::default()
+    });
+    if s.uid != uid {
+        *s = State {
+            uid,
+            ..Default::default()
+        };
+    }
+    s
+}
+
+/// The index's state, if it belongs to the index with `uid`.
+fn current<'a>(st: &'a mut HashMap<Name, State>, index: &Name, uid: u64) -> Option<&'a mut State> {
+    st.get_mut(index).filter(|s| s.uid == uid)
 }
 
 impl Refresher {
@@ -88,6 +119,7 @@ impl Refresher {
                 state.insert(
                     name,
                     State {
+                        uid: handle.meta.uid,
                         record,
                         ..Default::default()
                     },
@@ -98,6 +130,7 @@ impl Refresher {
             lab,
             jobs: jobs.clone(),
             state: Mutex::new(state),
+            probing: Default::default(),
         });
         let weak = Arc::downgrade(&r);
         catalog.set_after_write(Box::new(move |name| {
@@ -124,14 +157,18 @@ impl Refresher {
         if let Some(p) = &policy {
             self.lab.get_harness(index, &p.harness)?;
         }
-        let record = {
-            let mut st = self.state.lock();
-            let s = st.entry(index.clone()).or_default();
-            s.record.policy = policy.clone();
-            s.record.clone()
-        };
         let store = self.lab.catalog().store();
-        store.put_refresh(handle.meta.uid, &record)?;
+        {
+            // Written under the lock: see the module's note on the one writer.
+            let mut st = self.state.lock();
+            let s = entry(&mut st, index, handle.meta.uid);
+            let before = s.record.policy.clone();
+            s.record.policy = policy.clone();
+            if let Err(e) = store.put_refresh(handle.meta.uid, &s.record) {
+                s.record.policy = before;
+                return Err(e);
+            }
+        }
         store.flush().await?;
         tracing::info!(index = %index, policy = ?policy, "refresh policy set");
         // A policy set on an index that already changed enough acts at once.
@@ -143,7 +180,7 @@ impl Refresher {
     pub fn get(&self, index: &Name) -> Option<(Policy, Status)> {
         let handle = self.lab.catalog().handle(index).ok()?;
         let st = self.state.lock();
-        let s = st.get(index)?;
+        let s = st.get(index).filter(|s| s.uid == handle.meta.uid)?;
         let policy = s.record.policy.clone()?;
         let mut status = s.status.clone();
         status.points_changed_since_tune = handle
@@ -171,19 +208,16 @@ impl Refresher {
         let Ok(handle) = self.lab.catalog().handle(index) else {
             return;
         };
-        let record = {
-            let mut st = self.state.lock();
-            let s = st.entry(index.clone()).or_default();
-            s.record.tuned_at_changes = handle.points_changed();
-            s.record.clone()
-        };
+        let mut st = self.state.lock();
+        let s = entry(&mut st, index, handle.meta.uid);
+        s.record.tuned_at_changes = handle.points_changed();
         // Bookkeeping, flushed with the next flush: losing it in a crash costs at most one
-        // extra tune.
+        // extra tune. Written under the lock (one writer).
         if let Err(e) = self
             .lab
             .catalog()
             .store()
-            .put_refresh(handle.meta.uid, &record)
+            .put_refresh(handle.meta.uid, &s.record)
         {
             tracing::warn!(index = %index, error = %e, "could not record the tune mark");
         }
@@ -196,7 +230,9 @@ impl Refresher {
         };
         let decision = {
             let mut st = self.state.lock();
-            let Some(s) = st.get_mut(index) else { return };
+            let Some(s) = current(&mut st, index, handle.meta.uid) else {
+                return;
+            };
             let Some(policy) = s.record.policy.clone() else {
                 return;
             };
@@ -214,7 +250,7 @@ impl Refresher {
             self.decide(s, index, policy, why)
         };
         if let Some((policy, why)) = decision {
-            self.trigger(index.clone(), policy, why);
+            self.trigger(index.clone(), handle.meta.uid, policy, why);
         }
     }
 
@@ -241,15 +277,18 @@ impl Refresher {
         Some((policy, why))
     }
 
-    fn trigger(self: &Arc<Self>, index: Name, policy: Policy, why: String) {
+    fn trigger(self: &Arc<Self>, index: Name, uid: u64, policy: Policy, why: String) {
         tracing::info!(index = %index, reason = %why, "refresh policy starts a tune");
-        let req = tune_request(&index, &policy);
+        let req = tune_request(&index, uid, &policy);
         let me = self.clone();
         tokio::spawn(async move {
             let started = me.jobs.start(req).await;
             let mut rx = {
                 let mut st = me.state.lock();
-                let s = st.entry(index.clone()).or_default();
+                let Some(s) = current(&mut st, &index, uid) else {
+                    // The index was deleted meanwhile; its job (if any) is cancelled by that.
+                    return;
+                };
                 s.pending = false;
                 match started {
                     Ok((rx, _token)) => rx,
@@ -264,7 +303,7 @@ impl Refresher {
             while let Some(event) = rx.recv().await {
                 match event {
                     Event::Started { job_id, .. } => {
-                        if let Some(s) = me.state.lock().get_mut(&index) {
+                        if let Some(s) = current(&mut me.state.lock(), &index, uid) {
                             s.status.last_job_id = job_id;
                         }
                     }
@@ -284,44 +323,55 @@ impl Refresher {
 
     /// One probe of every index whose policy has a recall floor.
     pub async fn probe_all(self: &Arc<Self>) {
-        let targets: Vec<(Name, Policy)> = self
+        let targets: Vec<(Name, u64, Policy)> = self
             .state
             .lock()
             .iter()
             .filter_map(|(n, s)| {
                 let p = s.record.policy.clone()?;
-                (p.recall_floor.is_some() && !s.pending).then(|| (n.clone(), p))
+                (p.recall_floor.is_some() && !s.pending).then(|| (n.clone(), s.uid, p))
             })
             .collect();
-        for (index, policy) in targets {
+        for (index, uid, policy) in targets {
             if self.jobs.running_job(&index).is_some() {
                 continue;
             }
-            if let Err(e) = self.probe(&index, &policy).await {
+            let _probing = self.probing.lock().await;
+            // Deleted (forgotten) while earlier probes ran.
+            if current(&mut self.state.lock(), &index, uid).is_none() {
+                continue;
+            }
+            if let Err(e) = self.probe(&index, uid, &policy).await {
                 tracing::warn!(index = %index, error = %e, "refresh probe failed");
-                if let Some(s) = self.state.lock().get_mut(&index) {
+                if let Some(s) = current(&mut self.state.lock(), &index, uid) {
                     s.status.last_trigger = format!("probe failed: {e}");
                 }
             }
         }
     }
 
-    async fn probe(self: &Arc<Self>, index: &Name, policy: &Policy) -> Result<()> {
+    async fn probe(self: &Arc<Self>, index: &Name, uid: u64, policy: &Policy) -> Result<()> {
         let Some(floor) = policy.recall_floor else {
             return Ok(());
         };
         let (handle, mut h) = self.lab.current_harness(index, &policy.harness).await?;
+        if handle.meta.uid != uid {
+            return Ok(());
+        }
         let version = h.truth.data_version;
         let generation = handle.active();
         h.queries.truncate(PROBE_QUERIES);
         h.truth.neighbors.truncate(PROBE_QUERIES);
         let ef = generation.meta.config.ef_search;
-        let m = tokio::task::spawn_blocking(move || Lab::measure(&generation, &h, ef, &|| false))
-            .await??;
+        let halt = self.lab.catalog().stop_token();
+        let m = tokio::task::spawn_blocking(move || {
+            Lab::measure(&generation, &h, ef, &|| halt.is_cancelled())
+        })
+        .await??;
         tracing::debug!(index = %index, recall = m.recall, floor, "refresh probe");
         let decision = {
             let mut st = self.state.lock();
-            let Some(s) = st.get_mut(index) else {
+            let Some(s) = current(&mut st, index, uid) else {
                 return Ok(());
             };
             s.status.last_probe_recall = Some(m.recall);
@@ -341,9 +391,19 @@ impl Refresher {
             }
         };
         if let Some((policy, why)) = decision {
-            self.trigger(index.clone(), policy, why);
+            self.trigger(index.clone(), uid, policy, why);
         }
         Ok(())
+    }
+
+    /// Drops the refresh state of the index with `uid` (DeleteIndex), after any probe running
+    /// now has finished. Its stored record goes with the index's data.
+    pub async fn forget(&self, index: &Name, uid: u64) {
+        let _probing = self.probing.lock().await;
+        let mut st = self.state.lock();
+        if st.get(index).is_some_and(|s| s.uid == uid) {
+            st.remove(index);
+        }
     }
 
     /// Probes every `interval` until `stop`.
@@ -369,7 +429,7 @@ impl Refresher {
 }
 
 /// The autotune request a policy makes.
-fn tune_request(index: &Name, p: &Policy) -> TuneRequest {
+fn tune_request(index: &Name, uid: u64, p: &Policy) -> TuneRequest {
     let objective = match p.target_recall {
         Some(t) => Objective::TargetRecall(t),
         None => Objective::MaxRecall,
@@ -399,6 +459,7 @@ fn tune_request(index: &Name, p: &Policy) -> TuneRequest {
         requested_by: REQUESTED_BY.into(),
         objective,
         adaptive,
+        index_uid: Some(uid),
     }
 }
 
