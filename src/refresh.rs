@@ -13,9 +13,10 @@
 //!
 //! State belongs to an index's identity (its uid), not its name: DeleteIndex drops it
 //! ([`Refresher::forget`]) and an entry found for another uid is stale and starts afresh.
-//! The stored record has one writer: it is written from the in-memory record while the state
-//! lock is held, so writes reach sled in the order the changes were made and a stale copy
-//! (set_policy against a job start's tune mark) can never overwrite a newer one.
+//! The stored record is never overwritten by a stale copy (set_policy against a job start's
+//! tune mark): each writer changes only its own field of the stored record, in one sled
+//! transaction (read, change, write), and does so while holding the state lock, so the stored
+//! record and the one in memory change in the same order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,12 +163,10 @@ impl Refresher {
             // Written under the lock: see the module's note on the one writer.
             let mut st = self.state.lock();
             let s = entry(&mut st, index, handle.meta.uid);
-            let before = s.record.policy.clone();
+            store.update_refresh(handle.meta.uid, |r: &mut Record| {
+                r.policy = policy.clone();
+            })?;
             s.record.policy = policy.clone();
-            if let Err(e) = store.put_refresh(handle.meta.uid, &s.record) {
-                s.record.policy = before;
-                return Err(e);
-            }
         }
         store.flush().await?;
         tracing::info!(index = %index, policy = ?policy, "refresh policy set");
@@ -210,14 +209,17 @@ impl Refresher {
         };
         let mut st = self.state.lock();
         let s = entry(&mut st, index, handle.meta.uid);
-        s.record.tuned_at_changes = handle.points_changed();
+        let changes = handle.points_changed();
+        s.record.tuned_at_changes = changes;
         // Bookkeeping, flushed with the next flush: losing it in a crash costs at most one
-        // extra tune. Written under the lock (one writer).
-        if let Err(e) = self
-            .lab
-            .catalog()
-            .store()
-            .put_refresh(handle.meta.uid, &s.record)
+        // extra tune. Only its own field (see the module's note).
+        if let Err(e) =
+            self.lab
+                .catalog()
+                .store()
+                .update_refresh(handle.meta.uid, |r: &mut Record| {
+                    r.tuned_at_changes = changes;
+                })
         {
             tracing::warn!(index = %index, error = %e, "could not record the tune mark");
         }
@@ -386,6 +388,17 @@ impl Refresher {
                 let d = self.decide(s, index, policy.clone(), why);
                 if d.is_some() {
                     s.record.floor_tuned_version = Some(version);
+                    // Flushed with the next flush (losing it costs at most one extra tune).
+                    let stored =
+                        self.lab
+                            .catalog()
+                            .store()
+                            .update_refresh(uid, |r: &mut Record| {
+                                r.floor_tuned_version = Some(version);
+                            });
+                    if let Err(e) = stored {
+                        tracing::warn!(index = %index, error = %e, "could not record the floor tune");
+                    }
                 }
                 d
             }
@@ -489,4 +502,136 @@ pub fn validate(p: &Policy) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autotune::harness::QuerySpec;
+    use crate::catalog::Catalog;
+    use crate::model::{HnswConfig, Metric, NewIndex, Point};
+    use crate::promotion::Registry;
+    use crate::store::Store;
+
+    fn policy(threshold: f64) -> Policy {
+        Policy {
+            change_threshold: threshold,
+            harness: Name::parse("harness", "h").unwrap(),
+            recall_floor: None,
+            activate: false,
+            target_recall: None,
+            adaptive: false,
+            min_recall: None,
+        }
+    }
+
+    /// A store, a catalog with index "r" (20 points, harness "h") and a refresher over them.
+    async fn refresher(
+        dir: &std::path::Path,
+    ) -> (Arc<Store>, Arc<Catalog>, Arc<Refresher>, Name, u64) {
+        let store = Arc::new(Store::open(dir).unwrap());
+        let registry = Arc::new(Registry::new(store.clone()));
+        let catalog = Arc::new(
+            Catalog::recover(store.clone(), registry, CancellationToken::new())
+                .await
+                .unwrap(),
+        );
+        let index = Name::parse("name", "r").unwrap();
+        catalog
+            .create_index(NewIndex {
+                name: index.clone(),
+                dimension: 2,
+                metric: Metric::L2,
+                default_config: HnswConfig::default(),
+            })
+            .await
+            .unwrap();
+        let point = |id: u64| Point {
+            id,
+            vector: vec![id as f32, 1.0],
+        };
+        catalog
+            .upsert(&index, (0..20).map(point).collect())
+            .await
+            .unwrap();
+        let lab = Arc::new(Lab::new(catalog.clone(), 100));
+        lab.create_harness(
+            &index,
+            Name::parse("name", "h").unwrap(),
+            5,
+            QuerySpec::Sampled { count: 5, seed: 1 },
+        )
+        .await
+        .unwrap();
+        let jobs = Jobs::recover(lab.clone(), 10, 4).await.unwrap();
+        let r = Refresher::start(lab.clone(), jobs).unwrap();
+        let uid = catalog.handle(&index).unwrap().meta.uid;
+        (store, catalog, r, index, uid)
+    }
+
+    /// The race made deterministic: a job start takes the tune mark's copy of the record
+    /// before set_policy changes the policy and writes it after set_policy has written (here:
+    /// memory still holds the older policy when `tuned` runs, disk already has the new one).
+    /// The tune mark's write must not put the older policy back.
+    #[tokio::test]
+    async fn a_tune_mark_written_after_set_policy_keeps_the_new_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, catalog, r, index, uid) = refresher(dir.path()).await;
+        r.set_policy(&index, Some(policy(10.0))).await.unwrap();
+        // set_policy(20) has reached the store; the tune mark's copy still says 10.
+        store
+            .update_refresh(uid, |rec: &mut Record| rec.policy = Some(policy(20.0)))
+            .unwrap();
+        catalog
+            .upsert(
+                &index,
+                vec![Point {
+                    id: 99,
+                    vector: vec![0.5, 0.5],
+                }],
+            )
+            .await
+            .unwrap();
+        r.tuned(&index);
+        let disk: Record = store.get_refresh(uid).unwrap().unwrap();
+        assert_eq!(disk.policy, Some(policy(20.0)), "the newer policy stays");
+        let changed = catalog.handle(&index).unwrap().points_changed();
+        assert_eq!(disk.tuned_at_changes, changed, "the tune mark is recorded");
+
+        // And the other way round: set_policy never puts back an older tune mark.
+        store
+            .update_refresh(uid, |rec: &mut Record| rec.tuned_at_changes = 12345)
+            .unwrap();
+        r.set_policy(&index, Some(policy(30.0))).await.unwrap();
+        let disk: Record = store.get_refresh(uid).unwrap().unwrap();
+        assert_eq!(disk.policy, Some(policy(30.0)));
+        assert_eq!(disk.tuned_at_changes, 12345);
+    }
+
+    /// set_policy and tune marks racing on two worker threads round after round: after each,
+    /// the stored record is what memory holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_writers_leave_the_stored_record_as_memory_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, catalog, r, index, uid) = refresher(dir.path()).await;
+        let point = |id: u64| Point {
+            id,
+            vector: vec![id as f32, 1.0],
+        };
+        for round in 0..300u64 {
+            // Moves points_changed, so each round's tune mark differs from the last.
+            catalog.upsert(&index, vec![point(round)]).await.unwrap();
+            let threshold = 50.0 + (round % 7) as f64;
+            let (a, b, i1, i2) = (r.clone(), r.clone(), index.clone(), index.clone());
+            let set = tokio::spawn(async move { a.set_policy(&i1, Some(policy(threshold))).await });
+            let tune = tokio::task::spawn_blocking(move || b.tuned(&i2));
+            set.await.unwrap().unwrap();
+            tune.await.unwrap();
+            let disk: Record = store.get_refresh(uid).unwrap().unwrap();
+            let mem = r.state.lock().get(&index).unwrap().record.clone();
+            assert_eq!(disk.policy, mem.policy, "round {round}");
+            assert_eq!(disk.policy, Some(policy(threshold)), "round {round}");
+            assert_eq!(disk.tuned_at_changes, mem.tuned_at_changes, "round {round}");
+        }
+    }
 }

@@ -680,6 +680,34 @@ impl Store {
         Ok(())
     }
 
+    /// Reads, changes and writes an index's refresh record in one atomic transaction (a
+    /// missing record starts as the default). `change` may run more than once on conflict, so
+    /// it must only set what it owns: a writer changes its own fields on the stored record,
+    /// never writes back a copy of the others'.
+    pub fn update_refresh<T>(&self, uid: u64, change: impl Fn(&mut T)) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Default,
+    {
+        self.refresh
+            .transaction(|t| {
+                let mut rec: T = match t.get(uid.to_be_bytes())? {
+                    Some(v) => match from_json("refresh record", &v) {
+                        Ok(r) => r,
+                        Err(e) => return abort(e),
+                    },
+                    None => T::default(),
+                };
+                change(&mut rec);
+                let bytes = match to_json(&rec) {
+                    Ok(b) => b,
+                    Err(e) => return abort(e),
+                };
+                t.insert(&uid.to_be_bytes(), bytes)?;
+                Ok(rec)
+            })
+            .map_err(tx_err)
+    }
+
     pub fn put_job<T: Serialize>(&self, seq: u64, job: &T) -> Result<()> {
         self.jobs.insert(seq.to_be_bytes(), to_json(job)?)?;
         Ok(())
