@@ -941,6 +941,104 @@ mod tests {
     }
 
     #[test]
+    fn trim_jobs_keeps_every_running_job_and_the_newest_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for seq in 1..=6u64 {
+            s.put_job(seq, &serde_json::json!({"seq": seq, "running": seq == 1}))
+                .unwrap();
+        }
+        let removed = s
+            .trim_jobs(2, |j: &serde_json::Value| j["running"] == true)
+            .unwrap();
+        assert_eq!(removed, 3);
+        let seqs: Vec<u64> = s
+            .list_jobs::<serde_json::Value>()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(seqs, vec![6, 5, 1], "the oldest, running, stays");
+    }
+
+    #[test]
+    fn work_of_a_deleted_index_never_lands_on_a_new_index_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let trial = |id| serde_json::json!({"id": id, "index": "a", "harness": "h"});
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        let t = s.append_trial(Some(("a", 7)), trial).unwrap();
+        s.delete_index("a", 7).unwrap();
+        assert!(s.create_index(&record("a", 8)).unwrap());
+        let e = s.append_trial(Some(("a", 7)), trial).unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        assert_eq!(s.trial_count(), 0, "the old trial went with its index");
+        let e = s
+            .update_promotion("a", Some(7), None, |_: Option<serde_json::Value>| {
+                Ok((serde_json::json!({}), ()))
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        assert!(s.get_promotion::<serde_json::Value>("a").unwrap().is_none());
+        // The new index's own work goes through; a promotion of a trial that is gone does not.
+        s.append_trial(Some(("a", 8)), trial).unwrap();
+        let e = s
+            .update_promotion(
+                "a",
+                Some(8),
+                Some(t["id"].as_u64().unwrap()),
+                |_: Option<serde_json::Value>| Ok((serde_json::json!({}), ())),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound { what: "trial", .. }), "{e}");
+    }
+
+    #[test]
+    fn prune_trials_keeps_the_newest_and_every_promoted_trial() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let t = s
+                .append_trial(
+                    None,
+                    |id| serde_json::json!({"id": id, "index": "a", "harness": "h"}),
+                )
+                .unwrap();
+            ids.push(t["id"].as_u64().unwrap());
+        }
+        let other = s
+            .append_trial(
+                None,
+                |id| serde_json::json!({"id": id, "index": "a", "harness": "g"}),
+            )
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        let (cur, hist) = (ids[0], ids[1]);
+        s.update_promotion("a", None, None, |_: Option<serde_json::Value>| {
+            Ok((
+                serde_json::json!({"current": {"trial_id": cur}, "history": [{"trial_id": hist}]}),
+                (),
+            ))
+        })
+        .unwrap();
+        assert_eq!(s.prune_trials("a", "h", 2).unwrap(), 2);
+        let left: Vec<u64> = s
+            .list_trials(None, 100, |_: &serde_json::Value| true)
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(left, vec![other, ids[5], ids[4], ids[1], ids[0]]);
+        assert_eq!(
+            s.prune_trials("a", "h", 2).unwrap(),
+            0,
+            "nothing more to do"
+        );
+    }
+
+    #[test]
     fn trial_ids_increase_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let first = {
