@@ -109,6 +109,8 @@ pub struct Catalog {
     ddl: tokio::sync::Mutex<()>,
     /// Called after every acknowledged write to an index (refresh policies listen here).
     after_write: std::sync::OnceLock<AfterWrite>,
+    /// Cancelled when the server shuts down: builds stop at their next chunk.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 /// A listener for writes: gets the index's name after each acknowledged upsert or delete.
@@ -116,8 +118,13 @@ pub type AfterWrite = Box<dyn Fn(&Name) + Send + Sync>;
 
 impl Catalog {
     /// Opens the catalog over a store: rebuilds every index's active generation with its
-    /// recorded config (off the async runtime).
-    pub async fn recover(store: Arc<Store>, registry: Arc<Registry>) -> Result<Self> {
+    /// recorded config (off the async runtime). Every build of the catalog (these and
+    /// activations) stops at its next chunk once `stop` is cancelled (server shutdown).
+    pub async fn recover(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Self> {
         let swept = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.sweep_orphans()).await??
@@ -132,11 +139,15 @@ impl Catalog {
             let st = store.clone();
             let uid = rec.meta.uid;
             let (meta, generation) = (rec.meta.clone(), rec.generation.clone());
+            let halt = stop.clone();
             let (gen, counts) = tokio::task::spawn_blocking(move || -> Result<_> {
                 let points = st.load_points(uid)?;
                 let counts = st.counts(uid)?;
                 let gen =
-                    Generation::build(meta.metric, meta.dimension, generation, points, &|| false)?;
+                    Generation::build(meta.metric, meta.dimension, generation, points, &|| {
+                        halt.is_cancelled()
+                    })
+                    .map_err(|e| shutdown_or(&halt, e))?;
                 Ok((gen, counts))
             })
             .await??;
@@ -166,7 +177,18 @@ impl Catalog {
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
             after_write: Default::default(),
+            stop,
         })
+    }
+
+    /// Whether the server is shutting down (builds stop).
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// A token cancelled when the server shuts down.
+    pub fn stop_token(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
     }
 
     /// Sets the write listener (once; later calls are ignored).
@@ -286,8 +308,17 @@ impl Catalog {
 
     /// Deletes the index with its points, harnesses, trials and promotions.
     pub async fn delete_index(&self, name: &Name) -> Result<()> {
+        self.delete_index_uid(name, None).await
+    }
+
+    /// [`delete_index`](Self::delete_index) of the index with `uid` only (NOT_FOUND when the
+    /// name is another index's by now).
+    pub async fn delete_index_uid(&self, name: &Name, uid: impl Into<Option<u64>>) -> Result<()> {
         let _ddl = self.ddl.lock().await;
         let handle = self.handle(name)?;
+        if uid.into().is_some_and(|u| u != handle.meta.uid) {
+            return Err(Error::not_found("index", name.as_str()));
+        }
         let _w = handle.writer.lock().await;
         handle.deleted.store(true, Ordering::Release);
         let store = self.store.clone();
@@ -457,7 +488,25 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(name, config, source, profile, true)
+        self.build_and_swap(name, None, config, source, profile, true)
+            .await
+            .map(|(meta, _)| meta)
+    }
+
+    /// [`rebuild`](Self::rebuild) of the index with `uid` only: NOT_FOUND when the index of
+    /// that name is gone or is another one created since (work that outlived its index never
+    /// activates onto its successor). The build also stops when `cancel` is cancelled.
+    pub async fn rebuild_for(
+        &self,
+        name: &Name,
+        uid: u64,
+        cancel: &tokio_util::sync::CancellationToken,
+        config: HnswConfig,
+        source: ConfigSource,
+        profile: &str,
+    ) -> Result<GenerationMeta> {
+        let owner = Some((uid, cancel.clone()));
+        self.build_and_swap(name, owner, config, source, profile, true)
             .await
             .map(|(meta, _)| meta)
     }
@@ -467,12 +516,17 @@ impl Catalog {
     async fn build_and_swap(
         &self,
         name: &Name,
+        owner: Option<(u64, tokio_util::sync::CancellationToken)>,
         config: HnswConfig,
         source: ConfigSource,
         profile: &str,
         persist: bool,
     ) -> Result<(GenerationMeta, IndexRecord)> {
         let handle = self.handle(name)?;
+        let (uid, cancel) = owner.unzip();
+        if uid.is_some_and(|u| u != handle.meta.uid) {
+            return Err(Error::not_found("index", name.as_str()));
+        }
         let _building = handle.building.lock().await;
         tracing::info!(
             "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
@@ -502,12 +556,16 @@ impl Catalog {
             profile: profile.to_string(),
         };
         let (metric, dim) = (handle.meta.metric, handle.meta.dimension);
+        let halt = self.stop.clone();
         let built = tokio::task::spawn_blocking(move || {
-            Generation::build(metric, dim, meta, points, &|| false)
+            Generation::build(metric, dim, meta, points, &|| {
+                halt.is_cancelled() || cancel.as_ref().is_some_and(|c| c.is_cancelled())
+            })
         })
         .await
         .map_err(Error::from)
-        .and_then(|r| r);
+        .and_then(|r| r)
+        .map_err(|e| shutdown_or(&self.stop, e));
         let mut w = handle.writer.lock().await;
         let ops = w.recording.take().unwrap_or_default();
         let gen = built?;
@@ -601,7 +659,7 @@ impl Catalog {
         let mut failed = None;
         for (index, config, source) in plan {
             match self
-                .build_and_swap(&index, config, source, name.as_str(), false)
+                .build_and_swap(&index, None, config, source, name.as_str(), false)
                 .await
             {
                 Ok((meta, rec)) => {
@@ -615,8 +673,11 @@ impl Catalog {
             }
         }
         // On failure the generations already swapped in stay (as before) and are recorded too,
-        // so what is served and what a restart brings back agree.
-        self.persist_generations(records).await?;
+        // so what is served and what a restart brings back agree. Not at shutdown: nothing is
+        // served any more, and recording none keeps the profile all-or-nothing after restart.
+        if !(failed.is_some() && self.stop.is_cancelled()) {
+            self.persist_generations(records).await?;
+        }
         match failed {
             Some(e) => Err(e),
             None => Ok(out),
@@ -645,5 +706,15 @@ impl Catalog {
         self.store.flush().await?;
         drop(guards);
         Ok(())
+    }
+}
+
+/// A build stopped by shutdown is UNAVAILABLE (retry elsewhere or later), not CANCELLED.
+fn shutdown_or(stop: &tokio_util::sync::CancellationToken, e: Error) -> Error {
+    match e {
+        Error::Cancelled(_) if stop.is_cancelled() => Error::Unavailable(
+            "the server is shutting down: the build stopped and nothing was recorded; the index keeps its previous generation".into(),
+        ),
+        e => e,
     }
 }

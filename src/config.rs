@@ -31,8 +31,10 @@ pub struct Config {
     pub max_harness_queries: usize,
     /// How long in-flight calls get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// Finished autotune jobs kept in ListJobs (running ones are always listed).
+    /// Finished autotune jobs kept (on disk and in ListJobs); running ones are always kept.
     pub jobs_kept: usize,
+    /// Trials kept per index and harness (the newest; promoted ones are always kept).
+    pub trials_kept: usize,
     /// Where to serve Prometheus metrics at /metrics; None: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often refresh policies with a recall floor probe their index; zero: never.
@@ -77,6 +79,8 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u64 = 256;
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_MAX_CONCURRENT_JOBS: u64 = 4;
 pub const DEFAULT_MAX_HARNESS_QUERIES: u64 = 10_000;
+pub const DEFAULT_JOBS_KEPT: u64 = 100;
+pub const DEFAULT_TRIALS_KEPT: u64 = 1000;
 pub const DEFAULT_MAX_IDS_PER_DELETE: u64 = 100_000;
 pub const DEFAULT_MAX_BATCH_QUERIES: u64 = 10_000;
 pub const DEFAULT_MAX_BATCH_RESULTS: u64 = 1_000_000;
@@ -99,7 +103,8 @@ impl Config {
             max_concurrent_jobs: DEFAULT_MAX_CONCURRENT_JOBS as usize,
             max_harness_queries: DEFAULT_MAX_HARNESS_QUERIES as usize,
             shutdown_grace: Duration::from_secs(10),
-            jobs_kept: 100,
+            jobs_kept: DEFAULT_JOBS_KEPT as usize,
+            trials_kept: DEFAULT_TRIALS_KEPT as usize,
             metrics_addr: None,
             refresh_probe_interval: Duration::from_secs(60),
             api_keys: None,

@@ -68,6 +68,14 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_MAX_HARNESS_QUERIES", default_value_t = config::DEFAULT_MAX_HARNESS_QUERIES,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_harness_queries: u64,
+    /// Finished autotune jobs kept (ListJobs, GetJob); older ones are deleted. Running jobs are always kept.
+    #[arg(long, env = "VECTORD_JOBS_KEPT", default_value_t = config::DEFAULT_JOBS_KEPT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    jobs_kept: u64,
+    /// Trials kept per index and harness: the newest; older ones are deleted, except promoted ones (current or in the history).
+    #[arg(long, env = "VECTORD_TRIALS_KEPT", default_value_t = config::DEFAULT_TRIALS_KEPT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    trials_kept: u64,
     /// Seconds in-flight calls get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "VECTORD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -225,6 +233,8 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
         (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs));
     config.max_concurrent_jobs = args.max_concurrent_jobs as usize;
     config.max_harness_queries = args.max_harness_queries as usize;
+    config.jobs_kept = args.jobs_kept as usize;
+    config.trials_kept = args.trials_kept as usize;
     config.engine = args.engine;
     config.max_ids_per_delete = args.max_ids_per_delete as usize;
     config.max_batch_queries = args.max_batch_queries as usize;

@@ -52,6 +52,21 @@ impl Registry {
         promoted_by: &str,
         note: &str,
     ) -> Result<(Promotion, u32)> {
+        self.promote_for(index, None, trial_id, promoted_by, note)
+            .await
+    }
+
+    /// [`promote`](Self::promote), refused with NOT_FOUND unless the index is still the one
+    /// with `uid` (when given): work that outlived its index never promotes onto a new index
+    /// created under the same name.
+    pub async fn promote_for(
+        &self,
+        index: &Name,
+        uid: Option<u64>,
+        trial_id: u64,
+        promoted_by: &str,
+        note: &str,
+    ) -> Result<(Promotion, u32)> {
         let trial: Trial = self
             .store
             .get_trial(trial_id)?
@@ -73,9 +88,11 @@ impl Registry {
             recall: trial.recall,
             p50_micros: trial.p50_micros,
         };
-        let out = self
-            .store
-            .update_promotion(index.as_str(), |rec: Option<Record>| {
+        let out = self.store.update_promotion(
+            index.as_str(),
+            uid,
+            Some(trial_id),
+            |rec: Option<Record>| {
                 let mut rec = rec.unwrap_or_default();
                 if let Some(prev) = rec.current.take() {
                     rec.history.insert(0, prev);
@@ -84,7 +101,8 @@ impl Registry {
                 rec.current = Some(promotion.clone());
                 let depth = rec.history.len() as u32;
                 Ok((rec, (promotion.clone(), depth)))
-            })?;
+            },
+        )?;
         self.store.flush().await?;
         tracing::info!(index = %index, trial_id, config = %out.0.config, by = promoted_by, "promoted");
         Ok(out)
@@ -93,24 +111,24 @@ impl Registry {
     /// Puts the newest history entry back as current, or clears current when the history is
     /// empty; FAILED_PRECONDITION when there is neither.
     pub async fn rollback(&self, index: &Name) -> Result<(Option<Promotion>, u32)> {
-        let out = self
-            .store
-            .update_promotion(index.as_str(), |rec: Option<Record>| {
-                let mut rec = rec.unwrap_or_default();
-                if rec.current.is_none() && rec.history.is_empty() {
-                    return Err(Error::Precondition(format!(
-                        "index {:?} has nothing promoted and no history to roll back to",
-                        index.as_str()
-                    )));
-                }
-                rec.current = if rec.history.is_empty() {
-                    None
-                } else {
-                    Some(rec.history.remove(0))
-                };
-                let out = (rec.current.clone(), rec.history.len() as u32);
-                Ok((rec, out))
-            })?;
+        let out =
+            self.store
+                .update_promotion(index.as_str(), None, None, |rec: Option<Record>| {
+                    let mut rec = rec.unwrap_or_default();
+                    if rec.current.is_none() && rec.history.is_empty() {
+                        return Err(Error::Precondition(format!(
+                            "index {:?} has nothing promoted and no history to roll back to",
+                            index.as_str()
+                        )));
+                    }
+                    rec.current = if rec.history.is_empty() {
+                        None
+                    } else {
+                        Some(rec.history.remove(0))
+                    };
+                    let out = (rec.current.clone(), rec.history.len() as u32);
+                    Ok((rec, out))
+                })?;
         self.store.flush().await?;
         tracing::info!(index = %index, current = ?out.0.as_ref().map(|p| p.trial_id), "rolled back");
         Ok(out)

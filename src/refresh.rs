@@ -10,6 +10,13 @@
 //! runs is skipped and re-evaluated at the next write or probe. Any job started on an index
 //! (by anyone) counts as its last tune. A probe under the floor starts at most one tune per
 //! data version, so a floor the data cannot reach does not loop.
+//!
+//! State belongs to an index's identity (its uid), not its name: DeleteIndex drops it
+//! ([`Refresher::forget`]) and an entry found for another uid is stale and starts afresh.
+//! The stored record is never overwritten by a stale copy (set_policy against a job start's
+//! tune mark): each writer changes only its own field of the stored record, in one sled
+//! transaction (read, change, write), and does so while holding the state lock, so the stored
+//! record and the one in memory change in the same order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +71,8 @@ pub struct Status {
 
 #[derive(Default)]
 struct State {
+    /// The uid of the index this state belongs to.
+    uid: u64,
     record: Record,
     status: Status,
     /// A job start is in flight.
@@ -73,8 +82,31 @@ struct State {
 pub struct Refresher {
     lab: Arc<Lab>,
     jobs: Arc<Jobs>,
-    /// By index name; an entry exists for every index that had a record or a tune.
+    /// By index name (with the index's uid inside); an entry exists for every index that had
+    /// a record or a tune.
     state: Mutex<HashMap<Name, State>>,
+    /// Held by each probe: DeleteIndex waits for a probe of the index to finish.
+    probing: tokio::sync::Mutex<()>,
+}
+
+/// The index's state, replaced by a fresh one when it belonged to an earlier index of the name.
+fn entry<'a>(st: &'a mut HashMap<Name, State>, index: &Name, uid: u64) -> &'a mut State {
+    let s = st.entry(index.clone()).or_insert_with(|| State {
+        uid,
+        ..Default::default()
+    });
+    if s.uid != uid {
+        *s = State {
+            uid,
+            ..Default::default()
+        };
+    }
+    s
+}
+
+/// The index's state, if it belongs to the index with `uid`.
+fn current<'a>(st: &'a mut HashMap<Name, State>, index: &Name, uid: u64) -> Option<&'a mut State> {
+    st.get_mut(index).filter(|s| s.uid == uid)
 }
 
 impl Refresher {
@@ -88,6 +120,7 @@ impl Refresher {
                 state.insert(
                     name,
                     State {
+                        uid: handle.meta.uid,
                         record,
                         ..Default::default()
                     },
@@ -98,6 +131,7 @@ impl Refresher {
             lab,
             jobs: jobs.clone(),
             state: Mutex::new(state),
+            probing: Default::default(),
         });
         let weak = Arc::downgrade(&r);
         catalog.set_after_write(Box::new(move |name| {
@@ -124,14 +158,16 @@ impl Refresher {
         if let Some(p) = &policy {
             self.lab.get_harness(index, &p.harness)?;
         }
-        let record = {
-            let mut st = self.state.lock();
-            let s = st.entry(index.clone()).or_default();
-            s.record.policy = policy.clone();
-            s.record.clone()
-        };
         let store = self.lab.catalog().store();
-        store.put_refresh(handle.meta.uid, &record)?;
+        {
+            // Written under the lock: see the module's note on the one writer.
+            let mut st = self.state.lock();
+            let s = entry(&mut st, index, handle.meta.uid);
+            store.update_refresh(handle.meta.uid, |r: &mut Record| {
+                r.policy = policy.clone();
+            })?;
+            s.record.policy = policy.clone();
+        }
         store.flush().await?;
         tracing::info!(index = %index, policy = ?policy, "refresh policy set");
         // A policy set on an index that already changed enough acts at once.
@@ -143,7 +179,7 @@ impl Refresher {
     pub fn get(&self, index: &Name) -> Option<(Policy, Status)> {
         let handle = self.lab.catalog().handle(index).ok()?;
         let st = self.state.lock();
-        let s = st.get(index)?;
+        let s = st.get(index).filter(|s| s.uid == handle.meta.uid)?;
         let policy = s.record.policy.clone()?;
         let mut status = s.status.clone();
         status.points_changed_since_tune = handle
@@ -171,19 +207,19 @@ impl Refresher {
         let Ok(handle) = self.lab.catalog().handle(index) else {
             return;
         };
-        let record = {
-            let mut st = self.state.lock();
-            let s = st.entry(index.clone()).or_default();
-            s.record.tuned_at_changes = handle.points_changed();
-            s.record.clone()
-        };
+        let mut st = self.state.lock();
+        let s = entry(&mut st, index, handle.meta.uid);
+        let changes = handle.points_changed();
+        s.record.tuned_at_changes = changes;
         // Bookkeeping, flushed with the next flush: losing it in a crash costs at most one
-        // extra tune.
-        if let Err(e) = self
-            .lab
-            .catalog()
-            .store()
-            .put_refresh(handle.meta.uid, &record)
+        // extra tune. Only its own field (see the module's note).
+        if let Err(e) =
+            self.lab
+                .catalog()
+                .store()
+                .update_refresh(handle.meta.uid, |r: &mut Record| {
+                    r.tuned_at_changes = changes;
+                })
         {
             tracing::warn!(index = %index, error = %e, "could not record the tune mark");
         }
@@ -196,7 +232,9 @@ impl Refresher {
         };
         let decision = {
             let mut st = self.state.lock();
-            let Some(s) = st.get_mut(index) else { return };
+            let Some(s) = current(&mut st, index, handle.meta.uid) else {
+                return;
+            };
             let Some(policy) = s.record.policy.clone() else {
                 return;
             };
@@ -214,7 +252,7 @@ impl Refresher {
             self.decide(s, index, policy, why)
         };
         if let Some((policy, why)) = decision {
-            self.trigger(index.clone(), policy, why);
+            self.trigger(index.clone(), handle.meta.uid, policy, why);
         }
     }
 
@@ -241,15 +279,18 @@ impl Refresher {
         Some((policy, why))
     }
 
-    fn trigger(self: &Arc<Self>, index: Name, policy: Policy, why: String) {
+    fn trigger(self: &Arc<Self>, index: Name, uid: u64, policy: Policy, why: String) {
         tracing::info!(index = %index, reason = %why, "refresh policy starts a tune");
-        let req = tune_request(&index, &policy);
+        let req = tune_request(&index, uid, &policy);
         let me = self.clone();
         tokio::spawn(async move {
             let started = me.jobs.start(req).await;
             let mut rx = {
                 let mut st = me.state.lock();
-                let s = st.entry(index.clone()).or_default();
+                let Some(s) = current(&mut st, &index, uid) else {
+                    // The index was deleted meanwhile; its job (if any) is cancelled by that.
+                    return;
+                };
                 s.pending = false;
                 match started {
                     Ok((rx, _token)) => rx,
@@ -264,7 +305,7 @@ impl Refresher {
             while let Some(event) = rx.recv().await {
                 match event {
                     Event::Started { job_id, .. } => {
-                        if let Some(s) = me.state.lock().get_mut(&index) {
+                        if let Some(s) = current(&mut me.state.lock(), &index, uid) {
                             s.status.last_job_id = job_id;
                         }
                     }
@@ -284,44 +325,55 @@ impl Refresher {
 
     /// One probe of every index whose policy has a recall floor.
     pub async fn probe_all(self: &Arc<Self>) {
-        let targets: Vec<(Name, Policy)> = self
+        let targets: Vec<(Name, u64, Policy)> = self
             .state
             .lock()
             .iter()
             .filter_map(|(n, s)| {
                 let p = s.record.policy.clone()?;
-                (p.recall_floor.is_some() && !s.pending).then(|| (n.clone(), p))
+                (p.recall_floor.is_some() && !s.pending).then(|| (n.clone(), s.uid, p))
             })
             .collect();
-        for (index, policy) in targets {
+        for (index, uid, policy) in targets {
             if self.jobs.running_job(&index).is_some() {
                 continue;
             }
-            if let Err(e) = self.probe(&index, &policy).await {
+            let _probing = self.probing.lock().await;
+            // Deleted (forgotten) while earlier probes ran.
+            if current(&mut self.state.lock(), &index, uid).is_none() {
+                continue;
+            }
+            if let Err(e) = self.probe(&index, uid, &policy).await {
                 tracing::warn!(index = %index, error = %e, "refresh probe failed");
-                if let Some(s) = self.state.lock().get_mut(&index) {
+                if let Some(s) = current(&mut self.state.lock(), &index, uid) {
                     s.status.last_trigger = format!("probe failed: {e}");
                 }
             }
         }
     }
 
-    async fn probe(self: &Arc<Self>, index: &Name, policy: &Policy) -> Result<()> {
+    async fn probe(self: &Arc<Self>, index: &Name, uid: u64, policy: &Policy) -> Result<()> {
         let Some(floor) = policy.recall_floor else {
             return Ok(());
         };
         let (handle, mut h) = self.lab.current_harness(index, &policy.harness).await?;
+        if handle.meta.uid != uid {
+            return Ok(());
+        }
         let version = h.truth.data_version;
         let generation = handle.active();
         h.queries.truncate(PROBE_QUERIES);
         h.truth.neighbors.truncate(PROBE_QUERIES);
         let ef = generation.meta.config.ef_search;
-        let m = tokio::task::spawn_blocking(move || Lab::measure(&generation, &h, ef, &|| false))
-            .await??;
+        let halt = self.lab.catalog().stop_token();
+        let m = tokio::task::spawn_blocking(move || {
+            Lab::measure(&generation, &h, ef, &|| halt.is_cancelled())
+        })
+        .await??;
         tracing::debug!(index = %index, recall = m.recall, floor, "refresh probe");
         let decision = {
             let mut st = self.state.lock();
-            let Some(s) = st.get_mut(index) else {
+            let Some(s) = current(&mut st, index, uid) else {
                 return Ok(());
             };
             s.status.last_probe_recall = Some(m.recall);
@@ -336,14 +388,35 @@ impl Refresher {
                 let d = self.decide(s, index, policy.clone(), why);
                 if d.is_some() {
                     s.record.floor_tuned_version = Some(version);
+                    // Flushed with the next flush (losing it costs at most one extra tune).
+                    let stored =
+                        self.lab
+                            .catalog()
+                            .store()
+                            .update_refresh(uid, |r: &mut Record| {
+                                r.floor_tuned_version = Some(version);
+                            });
+                    if let Err(e) = stored {
+                        tracing::warn!(index = %index, error = %e, "could not record the floor tune");
+                    }
                 }
                 d
             }
         };
         if let Some((policy, why)) = decision {
-            self.trigger(index.clone(), policy, why);
+            self.trigger(index.clone(), uid, policy, why);
         }
         Ok(())
+    }
+
+    /// Drops the refresh state of the index with `uid` (DeleteIndex), after any probe running
+    /// now has finished. Its stored record goes with the index's data.
+    pub async fn forget(&self, index: &Name, uid: u64) {
+        let _probing = self.probing.lock().await;
+        let mut st = self.state.lock();
+        if st.get(index).is_some_and(|s| s.uid == uid) {
+            st.remove(index);
+        }
     }
 
     /// Probes every `interval` until `stop`.
@@ -369,7 +442,7 @@ impl Refresher {
 }
 
 /// The autotune request a policy makes.
-fn tune_request(index: &Name, p: &Policy) -> TuneRequest {
+fn tune_request(index: &Name, uid: u64, p: &Policy) -> TuneRequest {
     let objective = match p.target_recall {
         Some(t) => Objective::TargetRecall(t),
         None => Objective::MaxRecall,
@@ -399,6 +472,7 @@ fn tune_request(index: &Name, p: &Policy) -> TuneRequest {
         requested_by: REQUESTED_BY.into(),
         objective,
         adaptive,
+        index_uid: Some(uid),
     }
 }
 
@@ -428,4 +502,136 @@ pub fn validate(p: &Policy) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autotune::harness::QuerySpec;
+    use crate::catalog::Catalog;
+    use crate::model::{HnswConfig, Metric, NewIndex, Point};
+    use crate::promotion::Registry;
+    use crate::store::Store;
+
+    fn policy(threshold: f64) -> Policy {
+        Policy {
+            change_threshold: threshold,
+            harness: Name::parse("harness", "h").unwrap(),
+            recall_floor: None,
+            activate: false,
+            target_recall: None,
+            adaptive: false,
+            min_recall: None,
+        }
+    }
+
+    /// A store, a catalog with index "r" (20 points, harness "h") and a refresher over them.
+    async fn refresher(
+        dir: &std::path::Path,
+    ) -> (Arc<Store>, Arc<Catalog>, Arc<Refresher>, Name, u64) {
+        let store = Arc::new(Store::open(dir).unwrap());
+        let registry = Arc::new(Registry::new(store.clone()));
+        let catalog = Arc::new(
+            Catalog::recover(store.clone(), registry, CancellationToken::new())
+                .await
+                .unwrap(),
+        );
+        let index = Name::parse("name", "r").unwrap();
+        catalog
+            .create_index(NewIndex {
+                name: index.clone(),
+                dimension: 2,
+                metric: Metric::L2,
+                default_config: HnswConfig::default(),
+            })
+            .await
+            .unwrap();
+        let point = |id: u64| Point {
+            id,
+            vector: vec![id as f32, 1.0],
+        };
+        catalog
+            .upsert(&index, (0..20).map(point).collect())
+            .await
+            .unwrap();
+        let lab = Arc::new(Lab::new(catalog.clone(), 100));
+        lab.create_harness(
+            &index,
+            Name::parse("name", "h").unwrap(),
+            5,
+            QuerySpec::Sampled { count: 5, seed: 1 },
+        )
+        .await
+        .unwrap();
+        let jobs = Jobs::recover(lab.clone(), 10, 4).await.unwrap();
+        let r = Refresher::start(lab.clone(), jobs).unwrap();
+        let uid = catalog.handle(&index).unwrap().meta.uid;
+        (store, catalog, r, index, uid)
+    }
+
+    /// The race made deterministic: a job start takes the tune mark's copy of the record
+    /// before set_policy changes the policy and writes it after set_policy has written (here:
+    /// memory still holds the older policy when `tuned` runs, disk already has the new one).
+    /// The tune mark's write must not put the older policy back.
+    #[tokio::test]
+    async fn a_tune_mark_written_after_set_policy_keeps_the_new_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, catalog, r, index, uid) = refresher(dir.path()).await;
+        r.set_policy(&index, Some(policy(10.0))).await.unwrap();
+        // set_policy(20) has reached the store; the tune mark's copy still says 10.
+        store
+            .update_refresh(uid, |rec: &mut Record| rec.policy = Some(policy(20.0)))
+            .unwrap();
+        catalog
+            .upsert(
+                &index,
+                vec![Point {
+                    id: 99,
+                    vector: vec![0.5, 0.5],
+                }],
+            )
+            .await
+            .unwrap();
+        r.tuned(&index);
+        let disk: Record = store.get_refresh(uid).unwrap().unwrap();
+        assert_eq!(disk.policy, Some(policy(20.0)), "the newer policy stays");
+        let changed = catalog.handle(&index).unwrap().points_changed();
+        assert_eq!(disk.tuned_at_changes, changed, "the tune mark is recorded");
+
+        // And the other way round: set_policy never puts back an older tune mark.
+        store
+            .update_refresh(uid, |rec: &mut Record| rec.tuned_at_changes = 12345)
+            .unwrap();
+        r.set_policy(&index, Some(policy(30.0))).await.unwrap();
+        let disk: Record = store.get_refresh(uid).unwrap().unwrap();
+        assert_eq!(disk.policy, Some(policy(30.0)));
+        assert_eq!(disk.tuned_at_changes, 12345);
+    }
+
+    /// set_policy and tune marks racing on two worker threads round after round: after each,
+    /// the stored record is what memory holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_writers_leave_the_stored_record_as_memory_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, catalog, r, index, uid) = refresher(dir.path()).await;
+        let point = |id: u64| Point {
+            id,
+            vector: vec![id as f32, 1.0],
+        };
+        for round in 0..300u64 {
+            // Moves points_changed, so each round's tune mark differs from the last.
+            catalog.upsert(&index, vec![point(round)]).await.unwrap();
+            let threshold = 50.0 + (round % 7) as f64;
+            let (a, b, i1, i2) = (r.clone(), r.clone(), index.clone(), index.clone());
+            let set = tokio::spawn(async move { a.set_policy(&i1, Some(policy(threshold))).await });
+            let tune = tokio::task::spawn_blocking(move || b.tuned(&i2));
+            set.await.unwrap().unwrap();
+            tune.await.unwrap();
+            let disk: Record = store.get_refresh(uid).unwrap().unwrap();
+            let mem = r.state.lock().get(&index).unwrap().record.clone();
+            assert_eq!(disk.policy, mem.policy, "round {round}");
+            assert_eq!(disk.policy, Some(policy(threshold)), "round {round}");
+            assert_eq!(disk.tuned_at_changes, mem.tuned_at_changes, "round {round}");
+        }
+    }
 }

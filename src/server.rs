@@ -130,15 +130,20 @@ pub async fn run_with(
         let _ = sig_tx.send(true);
     });
     let local = listener.local_addr().ok();
+    // Owned here, handed to the catalog (and through it to jobs): cancelled at the shutdown
+    // signal, so every build (recovery, activation, trial) stops at its next chunk.
+    let halt = tokio_util::sync::CancellationToken::new();
     let stop = {
         let mut rx = sig_rx.clone();
         let health = health.clone();
         let core = core.clone();
+        let halt = halt.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
             tracing::info!(
-                "shutting down: no new calls; in-flight calls may finish; jobs are cancelled"
+                "shutting down: no new calls; in-flight calls may finish; jobs and builds are cancelled"
             );
+            halt.cancel();
             core.shutdown();
             set_health(&health, ServingStatus::NotServing).await;
         }
@@ -212,11 +217,14 @@ pub async fn run_with(
     );
     let probe_interval = config.refresh_probe_interval;
     let job_gate = config.job_gate.clone();
+    let trials_kept = config.trials_kept;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
+        let halt = halt.clone();
         async move {
-            let catalog = Arc::new(Catalog::recover(store, registry).await?);
-            let lab = Arc::new(Lab::new(catalog.clone(), max_queries));
+            let catalog = Arc::new(Catalog::recover(store, registry, halt).await?);
+            let lab =
+                Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
             let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
             let refresh = Refresher::start(lab.clone(), jobs.clone())?;
             refresh.spawn_prober(probe_interval, jobs.shutdown_token());
@@ -247,6 +255,11 @@ pub async fn run_with(
         tokio::select! {
             r = &mut serve => break r.map_err(|e| Error::Unavailable(format!("server: {e}"))),
             r = &mut recovery, if !recovered => {
+                if r.is_err() && halt.is_cancelled() {
+                    tracing::info!("shutdown during recovery: builds stopped");
+                    recovered = true;
+                    continue;
+                }
                 if let Err(e) = r {
                     tracing::error!(error = %e, "startup recovery failed");
                     break Err(e);

@@ -13,9 +13,11 @@
 //!   points-changed mark of its last tune).
 //! - `profiles`: profile name -> JSON profile.
 //! - `harnesses`: index name ++ 0x00 ++ harness name -> JSON harness (with its ground truth).
-//! - `trials`: trial id (u64 BE) -> JSON trial (the journal; ids increase, never reused).
+//! - `trials`: trial id (u64 BE) -> JSON trial (the journal; ids increase, never reused;
+//!   per index and harness the newest `--trials-kept` and every promoted one are kept).
 //! - `promotions`: index name -> JSON `{current, history}`.
-//! - `jobs`: job seq (u64 BE) -> JSON job.
+//! - `jobs`: job seq (u64 BE) -> JSON job (the newest `--jobs-kept` finished ones and every
+//!   running one are kept).
 //!
 //! Every change that must survive a crash is followed by [`Store::flush`] before it is
 //! acknowledged. Names are `[A-Za-z0-9_.-]`, so the 0x00 separator never occurs inside one.
@@ -521,9 +523,22 @@ impl Store {
 
     /// Appends a trial to the journal under the next id, which `make` receives. Ids increase
     /// and are never reused: the counter moves in the same transaction as the record.
-    pub fn append_trial<T: Serialize>(&self, make: impl Fn(u64) -> T) -> Result<T> {
-        (&self.meta, &self.trials)
-            .transaction(|(m, t)| {
+    ///
+    /// With `owner` (index name, uid), the append is refused with NOT_FOUND unless that very
+    /// index (not another created since under the same name) exists, in the same transaction:
+    /// a trial of a deleted index is never journaled under its successor.
+    pub fn append_trial<T: Serialize>(
+        &self,
+        owner: Option<(&str, u64)>,
+        make: impl Fn(u64) -> T,
+    ) -> Result<T> {
+        (&self.meta, &self.trials, &self.indexes)
+            .transaction(|(m, t, i)| {
+                if let Some((name, uid)) = owner {
+                    if let Err(e) = check_owner(i.get(name)?.as_deref(), name, uid) {
+                        return abort(e);
+                    }
+                }
                 let next = match m.get("next_trial_id")? {
                     Some(v) => match u64_at(&v, 0) {
                         Ok(n) => n,
@@ -584,16 +599,32 @@ impl Store {
 
     /// Reads, changes and writes an index's promotion record in one atomic transaction; `f`
     /// may run more than once on conflict, so it must be pure.
+    ///
+    /// In the same transaction: with `uid`, NOT_FOUND unless the index of that uid (not one
+    /// re-created under the name) exists; with `trial`, NOT_FOUND unless that trial is still in
+    /// the journal (so retention never removes a trial as it is being promoted).
     pub fn update_promotion<T, R>(
         &self,
         index: &str,
+        uid: Option<u64>,
+        trial: Option<u64>,
         f: impl Fn(Option<T>) -> Result<(T, R)>,
     ) -> Result<R>
     where
         T: Serialize + DeserializeOwned,
     {
-        self.promotions
-            .transaction(|p| {
+        (&self.promotions, &self.indexes, &self.trials)
+            .transaction(|(p, i, t)| {
+                if let Some(uid) = uid {
+                    if let Err(e) = check_owner(i.get(index)?.as_deref(), index, uid) {
+                        return abort(e);
+                    }
+                }
+                if let Some(id) = trial {
+                    if t.get(id.to_be_bytes())?.is_none() {
+                        return abort(Error::not_found("trial", id.to_string()));
+                    }
+                }
                 let cur: Option<T> = match p.get(index)? {
                     Some(v) => match from_json("promotion record", &v) {
                         Ok(t) => Some(t),
@@ -649,6 +680,34 @@ impl Store {
         Ok(())
     }
 
+    /// Reads, changes and writes an index's refresh record in one atomic transaction (a
+    /// missing record starts as the default). `change` may run more than once on conflict, so
+    /// it must only set what it owns: a writer changes its own fields on the stored record,
+    /// never writes back a copy of the others'.
+    pub fn update_refresh<T>(&self, uid: u64, change: impl Fn(&mut T)) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Default,
+    {
+        self.refresh
+            .transaction(|t| {
+                let mut rec: T = match t.get(uid.to_be_bytes())? {
+                    Some(v) => match from_json("refresh record", &v) {
+                        Ok(r) => r,
+                        Err(e) => return abort(e),
+                    },
+                    None => T::default(),
+                };
+                change(&mut rec);
+                let bytes = match to_json(&rec) {
+                    Ok(b) => b,
+                    Err(e) => return abort(e),
+                };
+                t.insert(&uid.to_be_bytes(), bytes)?;
+                Ok(rec)
+            })
+            .map_err(tx_err)
+    }
+
     pub fn put_job<T: Serialize>(&self, seq: u64, job: &T) -> Result<()> {
         self.jobs.insert(seq.to_be_bytes(), to_json(job)?)?;
         Ok(())
@@ -666,16 +725,125 @@ impl Store {
             .collect()
     }
 
-    /// Keeps the newest `keep` jobs.
-    pub fn trim_jobs(&self, keep: usize) -> Result<()> {
-        let keys: Vec<_> = self.jobs.iter().keys().collect::<Result<_, _>>()?;
-        if keys.len() > keep {
-            for k in &keys[..keys.len() - keep] {
-                self.jobs.remove(k)?;
+    /// Keeps the newest `keep` jobs that `pinned` does not accept, and every job it accepts
+    /// (running ones); returns how many were removed.
+    pub fn trim_jobs<T: DeserializeOwned>(
+        &self,
+        keep: usize,
+        pinned: impl Fn(&T) -> bool,
+    ) -> Result<usize> {
+        let mut kept = 0;
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for kv in self.jobs.iter().rev() {
+            let (k, v) = kv?;
+            // An unreadable record is not pinned: it goes with the old ones.
+            if from_json::<T>("job", &v).is_ok_and(|j| pinned(&j)) {
+                continue;
+            }
+            if kept < keep {
+                kept += 1;
+            } else {
+                batch.remove(k);
+                removed += 1;
             }
         }
-        Ok(())
+        self.jobs.apply_batch(batch)?;
+        Ok(removed)
     }
+
+    /// Trial retention: removes the trials of `index` on `harness` beyond the newest `keep`,
+    /// except those its promotion record names (current or history), which are never removed.
+    /// One transaction with the promotion record, so a promotion racing it either sees its
+    /// trial gone (NOT_FOUND) or protects it. Returns how many were removed.
+    pub fn prune_trials(&self, index: &str, harness: &str, keep: usize) -> Result<usize> {
+        let mut seen = 0;
+        let mut beyond = Vec::new();
+        for kv in self.trials.iter().rev() {
+            let (k, v) = kv?;
+            if trial_of(&v, index, harness) {
+                seen += 1;
+                if seen > keep {
+                    beyond.push(u64_at(&k, 0)?);
+                }
+            }
+        }
+        if beyond.is_empty() {
+            return Ok(0);
+        }
+        (&self.trials, &self.promotions)
+            .transaction(|(t, p)| {
+                let protected = match p.get(index)? {
+                    Some(v) => match promoted_trials(&v) {
+                        Some(ids) => ids,
+                        // Unreadable: what it protects is unknown, so nothing is removed.
+                        None => return Ok(0),
+                    },
+                    None => Default::default(),
+                };
+                let mut removed = 0;
+                for id in &beyond {
+                    if !protected.contains(id) && t.remove(&id.to_be_bytes())?.is_some() {
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            })
+            .map_err(tx_err)
+    }
+}
+
+/// NOT_FOUND unless `record` is the index `name` with `uid`.
+fn check_owner(record: Option<&[u8]>, name: &str, uid: u64) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        uid: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Only {
+        meta: Meta,
+    }
+    match record.map(|r| serde_json::from_slice::<Only>(r)) {
+        Some(Ok(o)) if o.meta.uid == uid => Ok(()),
+        Some(Err(e)) => Err(Error::Corrupt(format!("index record of {name:?}: {e}"))),
+        _ => Err(Error::NotFound {
+            what: "index",
+            name: format!("{name} (the one this work started on was deleted)"),
+        }),
+    }
+}
+
+/// The trial ids a stored promotion record names (current and history).
+fn promoted_trials(v: &[u8]) -> Option<std::collections::HashSet<u64>> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        trial_id: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct R {
+        current: Option<P>,
+        #[serde(default)]
+        history: Vec<P>,
+    }
+    serde_json::from_slice::<R>(v).ok().map(|r| {
+        r.current
+            .into_iter()
+            .chain(r.history)
+            .map(|p| p.trial_id)
+            .collect()
+    })
+}
+
+/// Whether a stored trial (JSON) belongs to `index` and `harness`.
+fn trial_of(v: &[u8], index: &str, harness: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        index: String,
+        harness: String,
+    }
+    serde_json::from_slice::<Only>(v)
+        .map(|o| o.index == index && o.harness == harness)
+        .unwrap_or(false)
 }
 
 /// Whether a stored trial (JSON) belongs to `index`, without decoding the whole record.
@@ -773,19 +941,117 @@ mod tests {
     }
 
     #[test]
+    fn trim_jobs_keeps_every_running_job_and_the_newest_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for seq in 1..=6u64 {
+            s.put_job(seq, &serde_json::json!({"seq": seq, "running": seq == 1}))
+                .unwrap();
+        }
+        let removed = s
+            .trim_jobs(2, |j: &serde_json::Value| j["running"] == true)
+            .unwrap();
+        assert_eq!(removed, 3);
+        let seqs: Vec<u64> = s
+            .list_jobs::<serde_json::Value>()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(seqs, vec![6, 5, 1], "the oldest, running, stays");
+    }
+
+    #[test]
+    fn work_of_a_deleted_index_never_lands_on_a_new_index_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let trial = |id| serde_json::json!({"id": id, "index": "a", "harness": "h"});
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        let t = s.append_trial(Some(("a", 7)), trial).unwrap();
+        s.delete_index("a", 7).unwrap();
+        assert!(s.create_index(&record("a", 8)).unwrap());
+        let e = s.append_trial(Some(("a", 7)), trial).unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        assert_eq!(s.trial_count(), 0, "the old trial went with its index");
+        let e = s
+            .update_promotion("a", Some(7), None, |_: Option<serde_json::Value>| {
+                Ok((serde_json::json!({}), ()))
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        assert!(s.get_promotion::<serde_json::Value>("a").unwrap().is_none());
+        // The new index's own work goes through; a promotion of a trial that is gone does not.
+        s.append_trial(Some(("a", 8)), trial).unwrap();
+        let e = s
+            .update_promotion(
+                "a",
+                Some(8),
+                Some(t["id"].as_u64().unwrap()),
+                |_: Option<serde_json::Value>| Ok((serde_json::json!({}), ())),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound { what: "trial", .. }), "{e}");
+    }
+
+    #[test]
+    fn prune_trials_keeps_the_newest_and_every_promoted_trial() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let t = s
+                .append_trial(
+                    None,
+                    |id| serde_json::json!({"id": id, "index": "a", "harness": "h"}),
+                )
+                .unwrap();
+            ids.push(t["id"].as_u64().unwrap());
+        }
+        let other = s
+            .append_trial(
+                None,
+                |id| serde_json::json!({"id": id, "index": "a", "harness": "g"}),
+            )
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        let (cur, hist) = (ids[0], ids[1]);
+        s.update_promotion("a", None, None, |_: Option<serde_json::Value>| {
+            Ok((
+                serde_json::json!({"current": {"trial_id": cur}, "history": [{"trial_id": hist}]}),
+                (),
+            ))
+        })
+        .unwrap();
+        assert_eq!(s.prune_trials("a", "h", 2).unwrap(), 2);
+        let left: Vec<u64> = s
+            .list_trials(None, 100, |_: &serde_json::Value| true)
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(left, vec![other, ids[5], ids[4], ids[1], ids[0]]);
+        assert_eq!(
+            s.prune_trials("a", "h", 2).unwrap(),
+            0,
+            "nothing more to do"
+        );
+    }
+
+    #[test]
     fn trial_ids_increase_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let first = {
             let s = Store::open(dir.path()).unwrap();
             let a = s
-                .append_trial(|id| serde_json::json!({"id": id, "index": "x"}))
+                .append_trial(None, |id| serde_json::json!({"id": id, "index": "x"}))
                 .unwrap();
             s.flush_blocking().unwrap();
             a["id"].as_u64().unwrap()
         };
         let s = Store::open(dir.path()).unwrap();
         let b = s
-            .append_trial(|id| serde_json::json!({"id": id, "index": "x"}))
+            .append_trial(None, |id| serde_json::json!({"id": id, "index": "x"}))
             .unwrap();
         assert!(b["id"].as_u64().unwrap() > first);
     }

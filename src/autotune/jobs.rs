@@ -80,6 +80,9 @@ pub struct TuneRequest {
     pub objective: Objective,
     /// Set for STRATEGY_ADAPTIVE (then `grid` is empty).
     pub adaptive: Option<Plan>,
+    /// The index's identity (its uid) the request was made for, when the caller knows it:
+    /// NOT_FOUND if the index of that name is another one by now.
+    pub index_uid: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +122,15 @@ struct Measured {
 struct Running {
     job_id: String,
     token: CancellationToken,
+    /// The uid of the index the job runs on: everything it does belongs to that index.
+    uid: u64,
+    /// Cancelled once the job's end is recorded and its place released.
+    done: CancellationToken,
+    /// Why it was cancelled, when not by CancelJob or the client (e.g. its index was deleted).
+    why: Arc<Mutex<Option<String>>>,
+    /// Cancelled when the job's index is deleted: stops even its activation build (CancelJob
+    /// does not: past the promotion, a job activates what it promoted).
+    abandon: CancellationToken,
 }
 
 /// A test hook (`Config::job_gate`; no flag sets it): jobs on the gated indexes wait RUNNING,
@@ -188,11 +200,14 @@ impl Jobs {
                 tracing::warn!(job = %job.id, index = %job.index, "job was running when the server stopped: marked FAILED");
             }
         }
+        store.trim_jobs(kept, |j: &JobRecord| j.state == JobState::Running)?;
         store.flush().await?;
+        // A child of the server's shutdown token: shutdown cancels every job.
+        let root = lab.catalog().stop_token().child_token();
         Ok(Arc::new(Jobs {
             lab,
             running: Mutex::new(HashMap::new()),
-            root: CancellationToken::new(),
+            root,
             kept,
             on_start: Default::default(),
             max_running: max_running.max(1),
@@ -257,6 +272,30 @@ impl Jobs {
             .ok_or_else(|| Error::not_found("job", id))
     }
 
+    /// Cancels the job running on the index with `uid` (if any) and waits until its end is
+    /// recorded: it promotes and activates nothing. For DeleteIndex.
+    pub async fn cancel_index(&self, index: &Name, uid: u64, why: &str) {
+        let found = self
+            .running
+            .lock()
+            .get(index)
+            .filter(|r| r.uid == uid)
+            .map(|r| {
+                (
+                    r.token.clone(),
+                    r.done.clone(),
+                    r.why.clone(),
+                    r.abandon.clone(),
+                )
+            });
+        if let Some((token, done, reason, abandon)) = found {
+            *reason.lock() = Some(why.to_string());
+            abandon.cancel();
+            token.cancel();
+            done.cancelled().await;
+        }
+    }
+
     /// Cancels a running job; FAILED_PRECONDITION for one already finished.
     pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
         let job = self.get(id)?;
@@ -297,8 +336,15 @@ impl Jobs {
     ) -> Result<(mpsc::UnboundedReceiver<Event>, CancellationToken)> {
         // Unknown index or harness: NOT_FOUND before anything else.
         self.lab.get_harness(&req.index, &req.harness)?;
+        let uid = self.lab.catalog().handle(&req.index)?.meta.uid;
+        if req.index_uid.is_some_and(|u| u != uid) {
+            return Err(Error::not_found("index", req.index.as_str()));
+        }
         let store = self.lab.catalog().store().clone();
         let token = self.root.child_token();
+        let done = CancellationToken::new();
+        let abandon = CancellationToken::new();
+        let why = Arc::new(Mutex::new(None::<String>));
         let seq = {
             let mut running = self.running.lock();
             if let Some(r) = running.get(&req.index) {
@@ -320,6 +366,10 @@ impl Jobs {
                 Running {
                     job_id: format!("job-{seq}"),
                     token: token.clone(),
+                    uid,
+                    done: done.clone(),
+                    why: why.clone(),
+                    abandon: abandon.clone(),
                 },
             );
             seq
@@ -327,9 +377,14 @@ impl Jobs {
         let job_id = format!("job-{seq}");
         let release = |jobs: &Jobs| {
             jobs.running.lock().remove(&req.index);
+            done.cancel();
         };
         let prepared = match self.lab.prepare(&req.index, &req.harness).await {
-            Ok(p) => Arc::new(p),
+            Ok(p) if p.handle.meta.uid == uid => Arc::new(p),
+            Ok(_) => {
+                release(self);
+                return Err(Error::not_found("index", req.index.as_str()));
+            }
             Err(e) => {
                 release(self);
                 return Err(e);
@@ -356,7 +411,9 @@ impl Jobs {
             release(self);
             return Err(e);
         }
-        let _ = store.trim_jobs(self.kept + 64);
+        if let Err(e) = store.trim_jobs(self.kept, |j: &JobRecord| j.state == JobState::Running) {
+            tracing::warn!(error = %e, "could not trim old job records");
+        }
         if let Some(f) = self.on_start.get() {
             f(&req.index);
         }
@@ -370,9 +427,12 @@ impl Jobs {
         });
         let jobs = self.clone();
         let tok = token.clone();
+        let stop_why = why;
         tokio::spawn(async move {
             let mut job = job;
-            let result = jobs.run(&mut job, &req, prepared, &tok, &tx).await;
+            let result = jobs
+                .run(&mut job, &req, (uid, &abandon), prepared, &tok, &tx)
+                .await;
             job.end_time_ms = Some(now_millis());
             let event = match result {
                 Ok(outcome) => {
@@ -391,6 +451,7 @@ impl Jobs {
                             tonic::Code::Unavailable,
                         )
                     } else {
+                        let why = stop_why.lock().clone().unwrap_or(why);
                         job.reason = why.clone();
                         Event::Ended(
                             format!("job {} was cancelled: {why}", job.id),
@@ -408,7 +469,14 @@ impl Jobs {
             if let Err(e) = jobs.save(&job).await {
                 tracing::error!(job = %job.id, error = %e, "could not record the job's end");
             }
+            // Flushed with the next write: a crash can only bring old records back.
+            let store = jobs.lab.catalog().store();
+            if let Err(e) = store.trim_jobs(jobs.kept, |j: &JobRecord| j.state == JobState::Running)
+            {
+                tracing::warn!(error = %e, "could not trim old job records");
+            }
             jobs.running.lock().remove(&req.index);
+            done.cancel();
             let _ = tx.send(event);
         });
         Ok((rx, token))
@@ -418,6 +486,7 @@ impl Jobs {
         &self,
         job: &mut JobRecord,
         req: &TuneRequest,
+        owner: (u64, &CancellationToken),
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
@@ -434,7 +503,7 @@ impl Jobs {
             None => self.run_grid(job, req, prepared, token, tx).await?,
         };
         cancelled(token)?;
-        self.finish(job, req, trials).await
+        self.finish(job, req, owner, token, trials).await
     }
 
     /// ADAPTIVE: successive halving over construction effort (see `adaptive.rs`).
@@ -621,6 +690,8 @@ impl Jobs {
         &self,
         job: &mut JobRecord,
         req: &TuneRequest,
+        (uid, abandon): (u64, &CancellationToken),
+        token: &CancellationToken,
         trials: Vec<Trial>,
     ) -> Result<Outcome> {
         let front = pareto_front(&trials);
@@ -666,18 +737,29 @@ impl Jobs {
             "autotune winner: recall={:.2} p50={:.1}us",
             w.recall, w.p50_micros
         );
+        // The last point a cancel (DeleteIndex, CancelJob) stops the job at; past it, the
+        // promotion and the activation are refused (NOT_FOUND) unless the index is still the
+        // one with `uid`.
+        cancelled(token)?;
         let (promotion, _) = self
             .lab
             .catalog()
             .registry()
-            .promote(&req.index, w.id, &req.requested_by, &note)
+            .promote_for(&req.index, Some(uid), w.id, &req.requested_by, &note)
             .await?;
         tracing::info!(job = %job.id, trial = w.id, config = %w.config, recall = w.recall, p50_us = w.p50_micros, "autotune promoted its winner");
         let generation = if req.activate {
             Some(
                 self.lab
                     .catalog()
-                    .rebuild(&req.index, w.config, ConfigSource::Promoted, "")
+                    .rebuild_for(
+                        &req.index,
+                        uid,
+                        abandon,
+                        w.config,
+                        ConfigSource::Promoted,
+                        "",
+                    )
                     .await?,
             )
         } else {

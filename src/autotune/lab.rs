@@ -38,6 +38,8 @@ pub struct Lab {
     graphs_built: AtomicU64,
     /// Most queries a harness may have (--max-harness-queries).
     max_queries: usize,
+    /// Trials kept per index and harness (--trials-kept).
+    trials_kept: usize,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -54,7 +56,14 @@ impl Lab {
             catalog,
             graphs_built: AtomicU64::new(0),
             max_queries,
+            trials_kept: crate::config::DEFAULT_TRIALS_KEPT as usize,
         }
+    }
+
+    /// Keeps the newest `n` trials per index and harness (promoted ones always).
+    pub fn with_trials_kept(mut self, n: usize) -> Self {
+        self.trials_kept = n.max(1);
+        self
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -305,7 +314,10 @@ impl Lab {
         })
     }
 
-    /// Appends a trial to the journal and flushes it.
+    /// Appends a trial to the journal and flushes it; NOT_FOUND when the prepared index was
+    /// deleted meanwhile (even if another was created under its name). Then applies the
+    /// retention to the trial's index and harness (the newest `--trials-kept` stay, and every
+    /// promoted one).
     pub async fn journal(
         &self,
         p: &Prepared,
@@ -321,7 +333,8 @@ impl Lab {
             p.harness.k,
         );
         let point_count = p.points.len() as u64;
-        let trial = self.store().append_trial(|id| Trial {
+        let owner = (index.as_str(), p.handle.meta.uid);
+        let trial = self.store().append_trial(Some(owner), |id| Trial {
             id,
             index: index.clone(),
             harness: harness.clone(),
@@ -349,6 +362,22 @@ impl Lab {
             source = %trial.source,
             "trial journaled"
         );
+        let (store, keep) = (self.store().clone(), self.trials_kept);
+        let (i, h) = (trial.index.clone(), trial.harness.clone());
+        match tokio::task::spawn_blocking(move || store.prune_trials(i.as_str(), h.as_str(), keep))
+            .await
+            .map_err(Error::from)
+            .and_then(|r| r)
+        {
+            // Flushed with the next write: a crash can only bring old trials back.
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::debug!(index = %trial.index, harness = %trial.harness, removed, "trial retention")
+            }
+            Err(e) => {
+                tracing::warn!(index = %trial.index, error = %e, "trial retention failed; retried at the next trial")
+            }
+        }
         Ok(trial)
     }
 
@@ -361,9 +390,11 @@ impl Lab {
     ) -> Result<Trial> {
         let p = Arc::new(self.prepare(index, harness).await?);
         let (lab, prep) = (self.clone(), p.clone());
+        let halt = self.catalog.stop_token();
         let (m, build_millis, memory) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let g = lab.build(&prep, config, &|| false)?;
-            let m = Self::measure(&g, &prep.harness, config.ef_search, &|| false)?;
+            let stop = || halt.is_cancelled();
+            let g = lab.build(&prep, config, &stop)?;
+            let m = Self::measure(&g, &prep.harness, config.ef_search, &stop)?;
             Ok((m, g.meta.build_millis, g.memory_bytes()))
         })
         .await??;

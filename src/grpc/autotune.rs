@@ -173,6 +173,7 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
             requested_by,
             objective,
             adaptive,
+            index_uid: None,
         })
     }
 }

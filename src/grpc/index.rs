@@ -69,7 +69,7 @@ impl IndexService for IndexApi {
         req: Request<pb::DeleteIndexRequest>,
     ) -> R<pb::DeleteIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        self.core.catalog()?.delete_index(&n).await?;
+        self.core.ready()?.delete_index(&n).await?;
         Ok(Response::new(pb::DeleteIndexResponse {}))
     }
 

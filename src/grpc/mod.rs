@@ -21,6 +21,24 @@ pub struct Ready {
     pub refresh: Arc<crate::refresh::Refresher>,
 }
 
+impl Ready {
+    /// DeleteIndex: first cancels the index's autotune job and waits until its end is recorded
+    /// (it promotes and activates nothing), waits for a refresh probe of it and drops its
+    /// refresh state, then deletes the index. Everything the job might still try afterwards
+    /// (a job started in between) is refused by the index's uid.
+    pub async fn delete_index(&self, name: &crate::model::Name) -> Result<(), Error> {
+        let uid = self.catalog.handle(name)?.meta.uid;
+        let why = "its index was deleted; nothing was promoted";
+        self.jobs.cancel_index(name, uid, why).await;
+        self.refresh.forget(name, uid).await;
+        self.catalog.delete_index_uid(name, uid).await?;
+        // A job that started while the first cancel ran stops now (its writes are refused).
+        self.jobs.cancel_index(name, uid, why).await;
+        self.refresh.forget(name, uid).await;
+        Ok(())
+    }
+}
+
 /// The per-call size limits checked at the edge, before any work (all RESOURCE_EXHAUSTED).
 #[derive(Clone, Copy, Debug)]
 pub struct EdgeLimits {

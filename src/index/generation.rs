@@ -23,6 +23,22 @@ use crate::model::{GenerationMeta, Hit, HnswConfig, Metric, Point};
 /// Points inserted between two checks of the cancellation flag during a build.
 const BUILD_CHUNK: usize = 256;
 
+/// A test hook: with `VECTORD_TEST_BUILD_CHUNK_DELAY_MS` set (read once per process), every
+/// build sleeps that long before each chunk, so the binary's tests can catch a build running
+/// (e.g. to send SIGTERM into it) without burning CPU on a big index. Unset in production.
+fn test_chunk_delay() {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("VECTORD_TEST_BUILD_CHUNK_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = delay {
+        std::thread::sleep(*d);
+    }
+}
+
 #[derive(Default)]
 struct IdMap {
     /// internal id -> user id
@@ -109,6 +125,7 @@ impl Generation {
             .chunks(BUILD_CHUNK * if parallel { 16 } else { 1 })
             .enumerate()
         {
+            test_chunk_delay();
             if cancelled() {
                 return Err(Error::Cancelled("the build was cancelled".into()));
             }

@@ -18,4 +18,5 @@ mod limits;
 mod load;
 mod metrics;
 mod refresh;
+mod reliability;
 mod security;
