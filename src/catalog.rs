@@ -23,6 +23,7 @@ use crate::model::{
     Metric, Name, NewIndex, Point, Profile, SearchParams,
 };
 use crate::promotion::Registry;
+use crate::snapshots::{self, Restored};
 use crate::store::{Counts, IndexRecord, Store};
 
 /// A write made while a build runs, replayed into the new generation before it is swapped in.
@@ -126,25 +127,34 @@ impl Catalog {
             tracing::warn!(swept, "removed leftovers of indexes deleted before a crash");
         }
         let records = store.list_indexes()?;
+        {
+            let (store, records) = (store.clone(), records.clone());
+            let swept =
+                tokio::task::spawn_blocking(move || snapshots::sweep(&store, &records)).await?;
+            if swept > 0 {
+                tracing::info!(swept, "removed snapshot files no index uses");
+            }
+        }
         let mut indexes = BTreeMap::new();
-        for rec in records {
+        for mut rec in records {
             let started = std::time::Instant::now();
             let st = store.clone();
-            let uid = rec.meta.uid;
-            let (meta, generation) = (rec.meta.clone(), rec.generation.clone());
-            let (gen, counts) = tokio::task::spawn_blocking(move || -> Result<_> {
-                let points = st.load_points(uid)?;
-                let counts = st.counts(uid)?;
-                let gen =
-                    Generation::build(meta.metric, meta.dimension, generation, points, &|| false)?;
-                Ok((gen, counts))
+            let (gen, counts, restored, rec) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let (gen, counts, restored) = snapshots::restore(&st, &mut rec)?;
+                Ok((gen, counts, restored, rec))
             })
             .await??;
+            let (from, replayed) = match restored {
+                Restored::Snapshot { replayed } => ("snapshot", replayed),
+                Restored::Rebuilt => ("rebuild", 0),
+            };
             tracing::info!(
                 index = %rec.meta.name,
                 points = counts.point_count,
                 generation = gen.meta.number,
                 config = %gen.meta.config,
+                from,
+                replayed,
                 millis = started.elapsed().as_millis() as u64,
                 "recovered index"
             );
@@ -233,6 +243,7 @@ impl Catalog {
         let rec = IndexRecord {
             meta: meta.clone(),
             generation: generation.clone(),
+            snapshot: None,
         };
         if !self.store.create_index(&rec)? {
             return Err(Error::AlreadyExists {
@@ -299,6 +310,8 @@ impl Catalog {
         }
         self.indexes.write().remove(name);
         self.store.flush().await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
         tracing::info!(index = %name, "deleted index");
         Ok(())
     }
@@ -459,7 +472,7 @@ impl Catalog {
     ) -> Result<GenerationMeta> {
         self.build_and_swap(name, config, source, profile, true)
             .await
-            .map(|(meta, _)| meta)
+            .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild`](Self::rebuild); with `persist` false the swap is made in memory only and the
@@ -471,7 +484,7 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
         persist: bool,
-    ) -> Result<(GenerationMeta, IndexRecord)> {
+    ) -> Result<(GenerationMeta, IndexRecord, u64)> {
         let handle = self.handle(name)?;
         let _building = handle.building.lock().await;
         tracing::info!(
@@ -483,14 +496,15 @@ impl Catalog {
             config.seed
         );
         // Snapshot the points and start recording writes, atomically with respect to writes.
-        let points = {
+        // `seq`, the write sequence the points are at, is what the snapshot file will hold.
+        let (points, seq) = {
             let mut w = handle.writer.lock().await;
             handle.check_live()?;
             let store = self.store.clone();
             let uid = handle.meta.uid;
             let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
             w.recording = Some(Vec::new());
-            points
+            (points, handle.data_version())
         };
         let meta = GenerationMeta {
             number: 0, // decided at the swap
@@ -508,10 +522,31 @@ impl Catalog {
         .await
         .map_err(Error::from)
         .and_then(|r| r);
+        // Saved before it is published (nothing else writes to it yet), off the runtime, under
+        // the number it will get: builds of an index are serialised by `building`.
+        let (gen, snapshot) = match built {
+            Ok(gen) => {
+                let store = self.store.clone();
+                let (uid, number) = (handle.meta.uid, handle.active().meta.number + 1);
+                let (gen, snapshot) = tokio::task::spawn_blocking(move || {
+                    let snapshot = snapshots::save(&store, &gen, uid, number, seq);
+                    (gen, snapshot)
+                })
+                .await?;
+                (Ok(gen), snapshot)
+            }
+            Err(e) => (Err(e), None),
+        };
         let mut w = handle.writer.lock().await;
         let ops = w.recording.take().unwrap_or_default();
-        let gen = built?;
-        handle.check_live()?;
+        let gen = gen?;
+        if let Err(e) = handle.check_live() {
+            drop(w);
+            let store = self.store.clone();
+            let uid = handle.meta.uid;
+            tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
+            return Err(e);
+        }
         let replayed = ops.len();
         let gen = tokio::task::spawn_blocking(move || {
             for op in &ops {
@@ -530,10 +565,12 @@ impl Catalog {
         let rec = IndexRecord {
             meta: handle.meta.clone(),
             generation: gen.meta.clone(),
+            snapshot,
         };
         if persist {
             self.store.put_index(&rec)?;
             self.store.flush().await?;
+            self.recorded(&rec, seq).await;
         }
         let meta = gen.meta.clone();
         handle.active.store(Arc::new(gen));
@@ -546,7 +583,18 @@ impl Catalog {
             replayed,
             "swapped in generation"
         );
-        Ok((meta, rec))
+        Ok((meta, rec, seq))
+    }
+
+    /// After an index record is durable (the caller holds the index's writer lock): removes
+    /// the snapshot files it made unused and trims the change log it covers.
+    async fn recorded(&self, rec: &IndexRecord, seq: u64) {
+        let (store, rec) = (self.store.clone(), rec.clone());
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || snapshots::after_recorded(&store, &rec, seq)).await
+        {
+            tracing::warn!(error = %e, "cleaning up after a snapshot failed");
+        }
     }
 
     // ---- profiles ----
@@ -604,9 +652,9 @@ impl Catalog {
                 .build_and_swap(&index, config, source, name.as_str(), false)
                 .await
             {
-                Ok((meta, rec)) => {
+                Ok((meta, rec, seq)) => {
                     out.push(meta);
-                    records.push(rec);
+                    records.push((rec, seq));
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -625,24 +673,28 @@ impl Catalog {
 
     /// Writes the index records of swapped-in generations in one atomic batch, skipping an
     /// index deleted meanwhile or one that has since swapped in a newer generation.
-    async fn persist_generations(&self, records: Vec<IndexRecord>) -> Result<()> {
+    async fn persist_generations(&self, records: Vec<(IndexRecord, u64)>) -> Result<()> {
         // Locked in name order, so two activations never wait on each other in a cycle.
         let mut records = records;
-        records.sort_by(|a, b| a.meta.name.as_str().cmp(b.meta.name.as_str()));
+        records.sort_by(|a, b| a.0.meta.name.as_str().cmp(b.0.meta.name.as_str()));
         let handles: Vec<_> = records
             .into_iter()
-            .filter_map(|rec| self.handle(&rec.meta.name).ok().map(|h| (h, rec)))
+            .filter_map(|rec| self.handle(&rec.0.meta.name).ok().map(|h| (h, rec)))
             .collect();
         let mut guards = Vec::with_capacity(handles.len());
         let mut current = Vec::with_capacity(handles.len());
-        for (handle, rec) in &handles {
+        for (handle, (rec, seq)) in &handles {
             guards.push(handle.writer.lock().await);
             if handle.check_live().is_ok() && handle.active().meta.number == rec.generation.number {
-                current.push(rec.clone());
+                current.push((rec.clone(), *seq));
             }
         }
-        self.store.put_indexes(&current)?;
+        let recs: Vec<IndexRecord> = current.iter().map(|(r, _)| r.clone()).collect();
+        self.store.put_indexes(&recs)?;
         self.store.flush().await?;
+        for (rec, seq) in &current {
+            self.recorded(rec, *seq).await;
+        }
         drop(guards);
         Ok(())
     }
