@@ -48,6 +48,10 @@ pub struct IndexHandle {
     data_version: AtomicU64,
     points_changed: AtomicU64,
     deleted: AtomicBool,
+    /// `points_changed` as of the active generation's last snapshot.
+    snapshot_mark: AtomicU64,
+    /// Set while a background snapshot of the index runs.
+    snapshotting: AtomicBool,
 }
 
 impl IndexHandle {
@@ -144,9 +148,13 @@ impl Catalog {
                 Ok((gen, counts, restored, rec))
             })
             .await??;
-            let (from, replayed) = match restored {
-                Restored::Snapshot { replayed } => ("snapshot", replayed),
-                Restored::Rebuilt => ("rebuild", 0),
+            let (from, replayed, mark) = match restored {
+                Restored::Snapshot { replayed, points } => (
+                    "snapshot",
+                    replayed,
+                    counts.points_changed.saturating_sub(points),
+                ),
+                Restored::Rebuilt => ("rebuild", 0, counts.points_changed),
             };
             tracing::info!(
                 index = %rec.meta.name,
@@ -167,6 +175,8 @@ impl Catalog {
                 data_version: AtomicU64::new(counts.data_version),
                 points_changed: AtomicU64::new(counts.points_changed),
                 deleted: AtomicBool::new(false),
+                snapshot_mark: AtomicU64::new(mark),
+                snapshotting: AtomicBool::new(false),
             });
             indexes.insert(rec.meta.name, handle);
         }
@@ -265,6 +275,8 @@ impl Catalog {
             data_version: AtomicU64::new(0),
             points_changed: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            snapshot_mark: AtomicU64::new(0),
+            snapshotting: AtomicBool::new(false),
         });
         self.indexes
             .write()
@@ -363,6 +375,7 @@ impl Catalog {
         handle.set_counts(counts);
         drop(w);
         self.wrote(name);
+        self.resnapshot_if_due(&handle);
         Ok((upserted, counts.point_count))
     }
 
@@ -388,6 +401,7 @@ impl Catalog {
         drop(w);
         if deleted > 0 {
             self.wrote(name);
+            self.resnapshot_if_due(&handle);
         }
         Ok((deleted, counts.point_count))
     }
@@ -497,14 +511,14 @@ impl Catalog {
         );
         // Snapshot the points and start recording writes, atomically with respect to writes.
         // `seq`, the write sequence the points are at, is what the snapshot file will hold.
-        let (points, seq) = {
+        let (points, seq, mark) = {
             let mut w = handle.writer.lock().await;
             handle.check_live()?;
             let store = self.store.clone();
             let uid = handle.meta.uid;
             let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
             w.recording = Some(Vec::new());
-            (points, handle.data_version())
+            (points, handle.data_version(), handle.points_changed())
         };
         let meta = GenerationMeta {
             number: 0, // decided at the swap
@@ -574,6 +588,9 @@ impl Catalog {
         }
         let meta = gen.meta.clone();
         handle.active.store(Arc::new(gen));
+        if rec.snapshot.is_some() {
+            handle.snapshot_mark.store(mark, Ordering::Release);
+        }
         drop(w);
         tracing::info!(
             index = %name,
@@ -584,6 +601,27 @@ impl Catalog {
             "swapped in generation"
         );
         Ok((meta, rec, seq))
+    }
+
+    /// Starts a background snapshot of the index's active generation when the points changed
+    /// since its last one call for it ([`snapshots::resnapshot_due`]) and none is running.
+    fn resnapshot_if_due(&self, handle: &Arc<IndexHandle>) {
+        let changed = handle
+            .points_changed()
+            .saturating_sub(handle.snapshot_mark.load(Ordering::Acquire));
+        if !snapshots::resnapshot_due(changed, handle.point_count())
+            || !handle.active().can_save()
+            || handle.snapshotting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (store, handle) = (self.store.clone(), handle.clone());
+        tokio::spawn(async move {
+            if let Err(e) = resnapshot(&store, &handle).await {
+                tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
+            }
+            handle.snapshotting.store(false, Ordering::Release);
+        });
     }
 
     /// After an index record is durable (the caller holds the index's writer lock): removes
@@ -698,4 +736,63 @@ impl Catalog {
         drop(guards);
         Ok(())
     }
+}
+
+/// Snapshots the index's active generation as it is now and records it, so a start replays
+/// only the writes after this. The generation is copied into memory under the writer lock
+/// (writes wait for the copy, searches never do) and written to disk without it. Skipped when
+/// a build runs (it writes its own snapshot) or when the active generation is not yet the
+/// recorded one (a profile activation records its generations together at its end).
+async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()> {
+    let Ok(_building) = handle.building.try_lock() else {
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    let (gen, encoded, seq, mark) = {
+        let _w = handle.writer.lock().await;
+        handle.check_live()?;
+        let gen = handle.active();
+        let (seq, mark) = (handle.data_version(), handle.points_changed());
+        let g = gen.clone();
+        let encoded = tokio::task::spawn_blocking(move || g.encode()).await??;
+        (gen, encoded, seq, mark)
+    };
+    let uid = handle.meta.uid;
+    let file = crate::index::snapshot::file_name(uid, gen.meta.number, seq);
+    {
+        let (store, file) = (store.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            let dir = crate::index::snapshot::dir(store.dir());
+            Generation::save_encoded(&dir, &file, uid, seq, &encoded)
+        })
+        .await??;
+    }
+    let _w = handle.writer.lock().await;
+    let recorded = store.get_index(handle.meta.name.as_str())?;
+    let current = handle.check_live().is_ok()
+        && Arc::ptr_eq(&handle.active(), &gen)
+        && recorded
+            .as_ref()
+            .is_some_and(|r| r.meta.uid == uid && r.generation.number == gen.meta.number);
+    let Some(mut rec) = recorded.filter(|_| current) else {
+        let path = crate::index::snapshot::dir(store.dir()).join(&file);
+        let _ = std::fs::remove_file(path);
+        return Ok(());
+    };
+    rec.snapshot = Some(crate::store::SnapshotRef {
+        file: file.clone(),
+        seq,
+    });
+    store.put_index(&rec)?;
+    store.flush().await?;
+    handle.snapshot_mark.store(mark, Ordering::Release);
+    let st = store.clone();
+    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, seq)).await?;
+    tracing::info!(
+        index = %handle.meta.name,
+        file,
+        millis = started.elapsed().as_millis() as u64,
+        "snapshotted the active generation in the background"
+    );
+    Ok(())
 }

@@ -26,11 +26,26 @@ use crate::index::Generation;
 use crate::model::Point;
 use crate::store::{Change, Counts, IndexRecord, SnapshotRef, Store};
 
+/// A generation is snapshotted again in the background once the points upserted and deleted
+/// since its last snapshot reach this share of its points (and at least
+/// [`RESNAPSHOT_MIN_CHANGES`]), so the change log a start replays stays a bounded share of the
+/// index: an index filled by upserts alone, never activated, gets snapshots as it grows (at
+/// 1.25x, 1.56x, ... its size, so about 5x its final size is written in all).
+pub const RESNAPSHOT_SHARE: f64 = 0.25;
+pub const RESNAPSHOT_MIN_CHANGES: u64 = 10_000;
+
+/// Whether `changed` points changed since the last snapshot of a generation of `points` points
+/// call for a new one.
+pub fn resnapshot_due(changed: u64, points: u64) -> bool {
+    changed >= RESNAPSHOT_MIN_CHANGES.max((points as f64 * RESNAPSHOT_SHARE) as u64)
+}
+
 /// How a start got an index's generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Restored {
-    /// Loaded from its snapshot file, with this many logged writes replayed.
-    Snapshot { replayed: usize },
+    /// Loaded from its snapshot file, with this many logged writes replayed, touching this
+    /// many points.
+    Snapshot { replayed: usize, points: u64 },
     /// Rebuilt from the store's points.
     Rebuilt,
 }
@@ -108,7 +123,9 @@ pub fn restore(store: &Store, rec: &mut IndexRecord) -> Result<(Generation, Coun
     let counts = store.counts(rec.meta.uid)?;
     if let Some(snap) = rec.snapshot.clone() {
         match load(store, rec, &snap, counts) {
-            Ok((gen, replayed)) => return Ok((gen, counts, Restored::Snapshot { replayed })),
+            Ok((gen, replayed, points)) => {
+                return Ok((gen, counts, Restored::Snapshot { replayed, points }))
+            }
             Err(e) => tracing::warn!(
                 index = %rec.meta.name,
                 file = snap.file,
@@ -144,7 +161,7 @@ fn load(
     rec: &IndexRecord,
     snap: &SnapshotRef,
     counts: Counts,
-) -> Result<(Generation, usize)> {
+) -> Result<(Generation, usize, u64)> {
     let uid = rec.meta.uid;
     let path = snapshot::dir(store.dir()).join(&snap.file);
     let mut gen = Generation::load(
@@ -162,7 +179,7 @@ fn load(
         )));
     }
     gen.meta = rec.generation.clone();
-    let replayed = replay(store, &gen, uid, snap.seq, counts)?;
+    let (replayed, points) = replay(store, &gen, uid, snap.seq, counts)?;
     let live = gen.live_count() as u64;
     if live != counts.point_count {
         return Err(Error::Corrupt(format!(
@@ -170,13 +187,19 @@ fn load(
             counts.point_count
         )));
     }
-    Ok((gen, replayed))
+    Ok((gen, replayed, points))
 }
 
 /// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
 /// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
 /// from `after` to the store's data version.
-fn replay(store: &Store, gen: &Generation, uid: u64, after: u64, counts: Counts) -> Result<usize> {
+fn replay(
+    store: &Store,
+    gen: &Generation,
+    uid: u64,
+    after: u64,
+    counts: Counts,
+) -> Result<(usize, u64)> {
     let changes = store.changes_since(uid, after)?;
     let mut at = after;
     let mut seen = HashSet::new();
@@ -205,9 +228,10 @@ fn replay(store: &Store, gen: &Generation, uid: u64, after: u64, counts: Counts)
             None => deletes.push(id),
         }
     }
+    let points = (upserts.len() + deletes.len()) as u64;
     gen.delete(&deletes);
     if !upserts.is_empty() {
         gen.upsert(&upserts);
     }
-    Ok(changes.len())
+    Ok((changes.len(), points))
 }

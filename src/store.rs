@@ -337,6 +337,13 @@ impl Store {
         Ok(())
     }
 
+    pub fn get_index(&self, name: &str) -> Result<Option<IndexRecord>> {
+        self.indexes
+            .get(name)?
+            .map(|v| from_json("index record", &v))
+            .transpose()
+    }
+
     pub fn list_indexes(&self) -> Result<Vec<IndexRecord>> {
         self.indexes
             .iter()
@@ -524,11 +531,6 @@ impl Store {
         }
         self.changes.apply_batch(batch)?;
         Ok(n)
-    }
-
-    /// Change log entries of an index (a count a background snapshot may watch).
-    pub fn change_count(&self, uid: u64) -> usize {
-        self.changes.scan_prefix(uid.to_be_bytes()).count()
     }
 
     /// Every point of an index, in id order.

@@ -357,3 +357,55 @@ async fn sigkill_while_a_snapshot_is_written_loses_nothing() {
     assert!(snap_files(dir).is_empty(), "{:?}", snap_files(dir));
     stop(s).await;
 }
+
+/// An index filled by upserts alone (never activated) is snapshotted in the background once
+/// the points changed since its last snapshot pass a share of it, so a restart replays only
+/// the writes after that, not the whole index.
+#[tokio::test]
+async fn a_growing_index_is_snapshotted_in_the_background() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let mut g = Gen::new(8);
+    let live = points(&mut g, 0..12_000, 8);
+
+    let (mut s, addr) = start("first", dir, &[]).await;
+    let mut c = client(addr).await;
+    create_index(&mut c, "s", 8, pb::Metric::L2).await;
+    for chunk in live[..10_000].chunks(1000) {
+        common::upsert(&mut c, "s", chunk.to_vec()).await;
+    }
+    s.wait_line("the background snapshot", |l| {
+        l.contains("snapshotted the active generation in the background")
+    })
+    .await;
+    for chunk in live[10_000..].chunks(1000) {
+        common::upsert(&mut c, "s", chunk.to_vec()).await;
+    }
+    stop(s).await;
+
+    let (mut s, addr) = start("restarted", dir, &[]).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(line.contains("from=\"snapshot\""), "{line}");
+    let replayed: usize = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("replayed="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no replayed= in {line}"));
+    assert!(
+        replayed <= 2,
+        "only the writes after the snapshot are replayed: {line}"
+    );
+    let mut c = client(addr).await;
+    let (count, number) = point_count(&mut c).await;
+    assert_eq!((count, number), (12_000, 1));
+    for p in live.iter().step_by(97) {
+        let r = common::search(&mut c, "s", p.vector.clone(), 1, Some(200)).await;
+        assert_eq!(
+            r.neighbors.first().map(|n| n.id),
+            Some(p.id),
+            "point {}",
+            p.id
+        );
+    }
+    stop(s).await;
+}

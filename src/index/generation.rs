@@ -149,44 +149,85 @@ impl Generation {
     /// at write sequence `seq`. No write may reach the generation meanwhile: the caller owns it
     /// (a build, before its generation is published). Runs on the calling (blocking) thread.
     pub fn save(&self, dir: &std::path::Path, name: &str, uid: u64, seq: u64) -> Result<()> {
-        if !self.can_save() {
-            return Err(Error::Internal(format!(
-                "the {} engine's graphs are not snapshotted",
-                self.kind
-            )));
-        }
-        let meta = serde_json::to_vec(&self.meta)
-            .map_err(|e| Error::Internal(format!("encoding a generation: {e}")))?;
         let ids = self.ids.read();
         let header = snapshot::Header {
             uid,
             seq,
             live: ids.by_external.len() as u64,
         };
-        snapshot::write(dir, name, &header, |enc| {
-            enc.u8(self.kind.code())?;
-            enc.u8(match self.metric {
+        let meta = self.encoded_meta()?;
+        snapshot::write(dir, name, &header, |enc| self.write_body(&meta, &ids, enc))
+    }
+
+    /// The snapshot body and its live-point count, copied into memory: for a generation that is
+    /// already published, the caller excludes writes only while this runs (not while the file
+    /// is written). Pass them to [`Generation::save_encoded`].
+    pub fn encode(&self) -> Result<(u64, Vec<u8>)> {
+        let ids = self.ids.read();
+        let meta = self.encoded_meta()?;
+        let mut out = Vec::new();
+        self.write_body(&meta, &ids, &mut out)
+            .map_err(|e| Error::Internal(format!("encoding a generation: {e}")))?;
+        Ok((ids.by_external.len() as u64, out))
+    }
+
+    /// Writes a body from [`Generation::encode`] as a snapshot file.
+    pub fn save_encoded(
+        dir: &std::path::Path,
+        name: &str,
+        uid: u64,
+        seq: u64,
+        (live, body): &(u64, Vec<u8>),
+    ) -> Result<()> {
+        let header = snapshot::Header {
+            uid,
+            seq,
+            live: *live,
+        };
+        snapshot::write(dir, name, &header, |enc| enc.bytes(body))
+    }
+
+    fn encoded_meta(&self) -> Result<Vec<u8>> {
+        if !self.can_save() {
+            return Err(Error::Internal(format!(
+                "the {} engine's graphs are not snapshotted",
+                self.kind
+            )));
+        }
+        serde_json::to_vec(&self.meta)
+            .map_err(|e| Error::Internal(format!("encoding a generation: {e}")))
+    }
+
+    fn write_body(
+        &self,
+        meta: &[u8],
+        ids: &IdMap,
+        enc: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
+        enc.write_all(&[
+            self.kind.code(),
+            match self.metric {
                 Metric::L2 => 0,
                 Metric::Cosine => 1,
                 Metric::Dot => 2,
-            })?;
-            enc.u32(self.dimension)?;
-            enc.u32(meta.len() as u32)?;
-            enc.bytes(&meta)?;
-            enc.u64(ids.external.len() as u64)?;
-            let mut buf = Vec::with_capacity(ids.external.len() * 8);
-            for id in &ids.external {
-                buf.extend_from_slice(&id.to_le_bytes());
-            }
-            enc.bytes(&buf)?;
-            buf.clear();
-            buf.extend(ids.live.iter().map(|&l| l as u8));
-            enc.bytes(&buf)?;
-            if !self.engine.save(enc)? {
-                return Err(std::io::Error::other("the engine cannot save its graph"));
-            }
-            Ok(())
-        })
+            },
+        ])?;
+        enc.write_all(&self.dimension.to_le_bytes())?;
+        enc.write_all(&(meta.len() as u32).to_le_bytes())?;
+        enc.write_all(meta)?;
+        enc.write_all(&(ids.external.len() as u64).to_le_bytes())?;
+        let mut buf = Vec::with_capacity(ids.external.len() * 8);
+        for id in &ids.external {
+            buf.extend_from_slice(&id.to_le_bytes());
+        }
+        enc.write_all(&buf)?;
+        buf.clear();
+        buf.extend(ids.live.iter().map(|&l| l as u8));
+        enc.write_all(&buf)?;
+        if !self.engine.save(enc)? {
+            return Err(std::io::Error::other("the engine cannot save its graph"));
+        }
+        Ok(())
     }
 
     /// Reads the snapshot at `path`, which must hold a generation of the index `uid` at write
