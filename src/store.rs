@@ -178,6 +178,18 @@ fn tx_err(e: TransactionError<Error>) -> Error {
     }
 }
 
+/// Appends a write to the change log inside the transaction that makes it: `seq` is the data
+/// version the write bumped the index to (one entry per bump, so the log has no gaps).
+fn log_change(
+    ch: &sled::transaction::TransactionalTree,
+    uid: u64,
+    seq: u64,
+    encoded: &[u8],
+) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
+    ch.insert(&point_key(uid, seq)[..], encoded)?;
+    Ok(())
+}
+
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
 
 fn abort<T>(e: Error) -> TxResult<T> {
@@ -468,7 +480,7 @@ impl Store {
                 counts.data_version += 1;
                 counts.points_changed += encoded.len() as u64;
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
-                ch.insert(&point_key(uid, counts.data_version)[..], change.as_slice())?;
+                log_change(ch, uid, counts.data_version, &change)?;
                 Ok(counts)
             })
             .map_err(tx_err)
@@ -493,8 +505,12 @@ impl Store {
                 counts.points_changed += deleted;
                 if deleted > 0 {
                     counts.data_version += 1;
-                    let change = Change::Delete(removed).encode();
-                    ch.insert(&point_key(uid, counts.data_version)[..], change)?;
+                    log_change(
+                        ch,
+                        uid,
+                        counts.data_version,
+                        &Change::Delete(removed).encode(),
+                    )?;
                 }
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
                 Ok((deleted, counts))
@@ -883,6 +899,38 @@ mod tests {
         s.delete_index("a", 7).unwrap();
         assert!(s.load_points(7).unwrap().is_empty());
         assert!(s.list_indexes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_change_log_follows_the_data_version_and_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.upsert_points(7, &pts(0..3)).unwrap();
+        s.delete_points(7, &[1, 99]).unwrap();
+        s.delete_points(7, &[99]).unwrap(); // removes nothing: no new version, no entry
+        let c = s.upsert_points(7, &pts(2..4)).unwrap();
+        assert_eq!(c.data_version, 3);
+        assert_eq!(
+            s.changes_since(7, 0).unwrap(),
+            vec![
+                (1, Change::Upsert(vec![0, 1, 2])),
+                (2, Change::Delete(vec![1])),
+                (3, Change::Upsert(vec![2, 3])),
+            ]
+        );
+        assert_eq!(s.changes_since(7, 2).unwrap().len(), 1);
+        assert_eq!(s.trim_changes(7, 2).unwrap(), 2);
+        assert_eq!(s.changes_since(7, 0).unwrap()[0].0, 3);
+        // Another index's log is its own; a deleted index's log goes with it.
+        s.upsert_points(9, &pts(0..1)).unwrap();
+        s.delete_index("a", 7).unwrap();
+        assert!(s.changes_since(7, 0).unwrap().is_empty());
+        assert_eq!(s.sweep_orphans().unwrap(), 1);
+        assert!(
+            s.changes_since(9, 0).unwrap().is_empty(),
+            "swept with the orphan points"
+        );
     }
 
     #[test]
