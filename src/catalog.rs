@@ -23,6 +23,7 @@ use crate::model::{
     Metric, Name, NewIndex, Point, Profile, SearchParams,
 };
 use crate::promotion::Registry;
+use crate::snapshots::{self, Restored};
 use crate::store::{Counts, IndexRecord, Store};
 
 /// A write made while a build runs, replayed into the new generation before it is swapped in.
@@ -47,6 +48,10 @@ pub struct IndexHandle {
     data_version: AtomicU64,
     points_changed: AtomicU64,
     deleted: AtomicBool,
+    /// `points_changed` as of the active generation's last snapshot.
+    snapshot_mark: AtomicU64,
+    /// Set while a background snapshot of the index runs.
+    snapshotting: AtomicBool,
 }
 
 impl IndexHandle {
@@ -133,29 +138,41 @@ impl Catalog {
             tracing::warn!(swept, "removed leftovers of indexes deleted before a crash");
         }
         let records = store.list_indexes()?;
+        {
+            let (store, records) = (store.clone(), records.clone());
+            let swept =
+                tokio::task::spawn_blocking(move || snapshots::sweep(&store, &records)).await?;
+            if swept > 0 {
+                tracing::info!(swept, "removed snapshot files no index uses");
+            }
+        }
         let mut indexes = BTreeMap::new();
-        for rec in records {
+        for mut rec in records {
             let started = std::time::Instant::now();
             let st = store.clone();
-            let uid = rec.meta.uid;
-            let (meta, generation) = (rec.meta.clone(), rec.generation.clone());
             let halt = stop.clone();
-            let (gen, counts) = tokio::task::spawn_blocking(move || -> Result<_> {
-                let points = st.load_points(uid)?;
-                let counts = st.counts(uid)?;
-                let gen =
-                    Generation::build(meta.metric, meta.dimension, generation, points, &|| {
-                        halt.is_cancelled()
-                    })
-                    .map_err(|e| shutdown_or(&halt, e))?;
-                Ok((gen, counts))
+            let (gen, counts, restored, rec) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let (gen, counts, restored) =
+                    snapshots::restore(&st, &mut rec, &|| halt.is_cancelled())
+                        .map_err(|e| shutdown_or(&halt, e))?;
+                Ok((gen, counts, restored, rec))
             })
             .await??;
+            let (from, replayed, mark) = match restored {
+                Restored::Snapshot { replayed, points } => (
+                    "snapshot",
+                    replayed,
+                    counts.points_changed.saturating_sub(points),
+                ),
+                Restored::Rebuilt => ("rebuild", 0, counts.points_changed),
+            };
             tracing::info!(
                 index = %rec.meta.name,
                 points = counts.point_count,
                 generation = gen.meta.number,
                 config = %gen.meta.config,
+                from,
+                replayed,
                 millis = started.elapsed().as_millis() as u64,
                 "recovered index"
             );
@@ -168,6 +185,8 @@ impl Catalog {
                 data_version: AtomicU64::new(counts.data_version),
                 points_changed: AtomicU64::new(counts.points_changed),
                 deleted: AtomicBool::new(false),
+                snapshot_mark: AtomicU64::new(mark),
+                snapshotting: AtomicBool::new(false),
             });
             indexes.insert(rec.meta.name, handle);
         }
@@ -255,6 +274,7 @@ impl Catalog {
         let rec = IndexRecord {
             meta: meta.clone(),
             generation: generation.clone(),
+            snapshot: None,
         };
         if !self.store.create_index(&rec)? {
             return Err(Error::AlreadyExists {
@@ -276,6 +296,8 @@ impl Catalog {
             data_version: AtomicU64::new(0),
             points_changed: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            snapshot_mark: AtomicU64::new(0),
+            snapshotting: AtomicBool::new(false),
         });
         self.indexes
             .write()
@@ -330,6 +352,8 @@ impl Catalog {
         }
         self.indexes.write().remove(name);
         self.store.flush().await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
         tracing::info!(index = %name, "deleted index");
         Ok(())
     }
@@ -381,6 +405,7 @@ impl Catalog {
         handle.set_counts(counts);
         drop(w);
         self.wrote(name);
+        self.resnapshot_if_due(&handle);
         Ok((upserted, counts.point_count))
     }
 
@@ -406,6 +431,7 @@ impl Catalog {
         drop(w);
         if deleted > 0 {
             self.wrote(name);
+            self.resnapshot_if_due(&handle);
         }
         Ok((deleted, counts.point_count))
     }
@@ -508,7 +534,7 @@ impl Catalog {
         let owner = Some((uid, cancel.clone()));
         self.build_and_swap(name, owner, config, source, profile, true)
             .await
-            .map(|(meta, _)| meta)
+            .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild`](Self::rebuild); with `persist` false the swap is made in memory only and the
@@ -521,7 +547,7 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
         persist: bool,
-    ) -> Result<(GenerationMeta, IndexRecord)> {
+    ) -> Result<(GenerationMeta, IndexRecord, u64)> {
         let handle = self.handle(name)?;
         let (uid, cancel) = owner.unzip();
         if uid.is_some_and(|u| u != handle.meta.uid) {
@@ -537,14 +563,15 @@ impl Catalog {
             config.seed
         );
         // Snapshot the points and start recording writes, atomically with respect to writes.
-        let points = {
+        // `seq`, the write sequence the points are at, is what the snapshot file will hold.
+        let (points, seq, mark) = {
             let mut w = handle.writer.lock().await;
             handle.check_live()?;
             let store = self.store.clone();
             let uid = handle.meta.uid;
             let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
             w.recording = Some(Vec::new());
-            points
+            (points, handle.data_version(), handle.points_changed())
         };
         let meta = GenerationMeta {
             number: 0, // decided at the swap
@@ -566,10 +593,31 @@ impl Catalog {
         .map_err(Error::from)
         .and_then(|r| r)
         .map_err(|e| shutdown_or(&self.stop, e));
+        // Saved before it is published (nothing else writes to it yet), off the runtime, under
+        // the number it will get: builds of an index are serialised by `building`.
+        let (gen, snapshot) = match built {
+            Ok(gen) => {
+                let store = self.store.clone();
+                let (uid, number) = (handle.meta.uid, handle.active().meta.number + 1);
+                let (gen, snapshot) = tokio::task::spawn_blocking(move || {
+                    let snapshot = snapshots::save(&store, &gen, uid, number, seq);
+                    (gen, snapshot)
+                })
+                .await?;
+                (Ok(gen), snapshot)
+            }
+            Err(e) => (Err(e), None),
+        };
         let mut w = handle.writer.lock().await;
         let ops = w.recording.take().unwrap_or_default();
-        let gen = built?;
-        handle.check_live()?;
+        let gen = gen?;
+        if let Err(e) = handle.check_live() {
+            drop(w);
+            let store = self.store.clone();
+            let uid = handle.meta.uid;
+            tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
+            return Err(e);
+        }
         let replayed = ops.len();
         let gen = tokio::task::spawn_blocking(move || {
             for op in &ops {
@@ -588,13 +636,18 @@ impl Catalog {
         let rec = IndexRecord {
             meta: handle.meta.clone(),
             generation: gen.meta.clone(),
+            snapshot,
         };
         if persist {
             self.store.put_index(&rec)?;
             self.store.flush().await?;
+            self.recorded(&rec, seq).await;
         }
         let meta = gen.meta.clone();
         handle.active.store(Arc::new(gen));
+        if rec.snapshot.is_some() {
+            handle.snapshot_mark.store(mark, Ordering::Release);
+        }
         drop(w);
         tracing::info!(
             index = %name,
@@ -604,7 +657,39 @@ impl Catalog {
             replayed,
             "swapped in generation"
         );
-        Ok((meta, rec))
+        Ok((meta, rec, seq))
+    }
+
+    /// Starts a background snapshot of the index's active generation when the points changed
+    /// since its last one call for it ([`snapshots::resnapshot_due`]) and none is running.
+    fn resnapshot_if_due(&self, handle: &Arc<IndexHandle>) {
+        let changed = handle
+            .points_changed()
+            .saturating_sub(handle.snapshot_mark.load(Ordering::Acquire));
+        if !snapshots::resnapshot_due(changed, handle.point_count())
+            || !handle.active().can_save()
+            || handle.snapshotting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (store, handle) = (self.store.clone(), handle.clone());
+        tokio::spawn(async move {
+            if let Err(e) = resnapshot(&store, &handle).await {
+                tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
+            }
+            handle.snapshotting.store(false, Ordering::Release);
+        });
+    }
+
+    /// After an index record is durable (the caller holds the index's writer lock): removes
+    /// the snapshot files it made unused and trims the change log it covers.
+    async fn recorded(&self, rec: &IndexRecord, seq: u64) {
+        let (store, rec) = (self.store.clone(), rec.clone());
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || snapshots::after_recorded(&store, &rec, seq)).await
+        {
+            tracing::warn!(error = %e, "cleaning up after a snapshot failed");
+        }
     }
 
     // ---- profiles ----
@@ -662,9 +747,9 @@ impl Catalog {
                 .build_and_swap(&index, None, config, source, name.as_str(), false)
                 .await
             {
-                Ok((meta, rec)) => {
+                Ok((meta, rec, seq)) => {
                     out.push(meta);
-                    records.push(rec);
+                    records.push((rec, seq));
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -686,24 +771,28 @@ impl Catalog {
 
     /// Writes the index records of swapped-in generations in one atomic batch, skipping an
     /// index deleted meanwhile or one that has since swapped in a newer generation.
-    async fn persist_generations(&self, records: Vec<IndexRecord>) -> Result<()> {
+    async fn persist_generations(&self, records: Vec<(IndexRecord, u64)>) -> Result<()> {
         // Locked in name order, so two activations never wait on each other in a cycle.
         let mut records = records;
-        records.sort_by(|a, b| a.meta.name.as_str().cmp(b.meta.name.as_str()));
+        records.sort_by(|a, b| a.0.meta.name.as_str().cmp(b.0.meta.name.as_str()));
         let handles: Vec<_> = records
             .into_iter()
-            .filter_map(|rec| self.handle(&rec.meta.name).ok().map(|h| (h, rec)))
+            .filter_map(|rec| self.handle(&rec.0.meta.name).ok().map(|h| (h, rec)))
             .collect();
         let mut guards = Vec::with_capacity(handles.len());
         let mut current = Vec::with_capacity(handles.len());
-        for (handle, rec) in &handles {
+        for (handle, (rec, seq)) in &handles {
             guards.push(handle.writer.lock().await);
             if handle.check_live().is_ok() && handle.active().meta.number == rec.generation.number {
-                current.push(rec.clone());
+                current.push((rec.clone(), *seq));
             }
         }
-        self.store.put_indexes(&current)?;
+        let recs: Vec<IndexRecord> = current.iter().map(|(r, _)| r.clone()).collect();
+        self.store.put_indexes(&recs)?;
         self.store.flush().await?;
+        for (rec, seq) in &current {
+            self.recorded(rec, *seq).await;
+        }
         drop(guards);
         Ok(())
     }
@@ -717,4 +806,63 @@ fn shutdown_or(stop: &tokio_util::sync::CancellationToken, e: Error) -> Error {
         ),
         e => e,
     }
+}
+
+/// Snapshots the index's active generation as it is now and records it, so a start replays
+/// only the writes after this. The generation is copied into memory under the writer lock
+/// (writes wait for the copy, searches never do) and written to disk without it. Skipped when
+/// a build runs (it writes its own snapshot) or when the active generation is not yet the
+/// recorded one (a profile activation records its generations together at its end).
+async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()> {
+    let Ok(_building) = handle.building.try_lock() else {
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    let (gen, encoded, seq, mark) = {
+        let _w = handle.writer.lock().await;
+        handle.check_live()?;
+        let gen = handle.active();
+        let (seq, mark) = (handle.data_version(), handle.points_changed());
+        let g = gen.clone();
+        let encoded = tokio::task::spawn_blocking(move || g.encode()).await??;
+        (gen, encoded, seq, mark)
+    };
+    let uid = handle.meta.uid;
+    let file = crate::index::snapshot::file_name(uid, gen.meta.number, seq);
+    {
+        let (store, file) = (store.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            let dir = crate::index::snapshot::dir(store.dir());
+            Generation::save_encoded(&dir, &file, uid, seq, &encoded)
+        })
+        .await??;
+    }
+    let _w = handle.writer.lock().await;
+    let recorded = store.get_index(handle.meta.name.as_str())?;
+    let current = handle.check_live().is_ok()
+        && Arc::ptr_eq(&handle.active(), &gen)
+        && recorded
+            .as_ref()
+            .is_some_and(|r| r.meta.uid == uid && r.generation.number == gen.meta.number);
+    let Some(mut rec) = recorded.filter(|_| current) else {
+        let path = crate::index::snapshot::dir(store.dir()).join(&file);
+        let _ = std::fs::remove_file(path);
+        return Ok(());
+    };
+    rec.snapshot = Some(crate::store::SnapshotRef {
+        file: file.clone(),
+        seq,
+    });
+    store.put_index(&rec)?;
+    store.flush().await?;
+    handle.snapshot_mark.store(mark, Ordering::Release);
+    let st = store.clone();
+    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, seq)).await?;
+    tracing::info!(
+        index = %handle.meta.name,
+        file,
+        millis = started.elapsed().as_millis() as u64,
+        "snapshotted the active generation in the background"
+    );
+    Ok(())
 }

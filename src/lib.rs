@@ -16,6 +16,7 @@ pub mod model;
 pub mod promotion;
 pub mod refresh;
 pub mod server;
+pub mod snapshots;
 pub mod store;
 
 /// The generated `vectord.v1` types and services.

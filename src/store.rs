@@ -3,12 +3,20 @@
 //! Format version 1. Trees and key layout:
 //! - `meta`: `format_version` -> u32 BE; `next_trial_id`, `next_job_seq` -> u64 BE counters
 //!   (bumped in the same transaction as the record they number, so ids are never reused).
-//! - `indexes`: index name -> JSON `IndexRecord` (what the index is + its active generation).
+//! - `indexes`: index name -> JSON `IndexRecord` (what the index is + its active generation +
+//!   the snapshot file holding that generation and the write sequence it covers, if any; the
+//!   snapshot field is absent in records written before it, which reads as "none").
 //! - `points`: uid (u64 BE) ++ point id (u64 BE) -> the vector as little-endian f32s. Keyed by
 //!   the index's uid, unique per incarnation, so a re-created index never sees old points.
 //! - `counts`: uid (u64 BE) -> data version (u64 BE) ++ point count (u64 BE) ++ points changed
 //!   (u64 BE, upserted + deleted ever; absent in records written before it: 0), changed in the
 //!   same transaction as the points.
+//! - `changes`: uid (u64 BE) ++ write sequence (u64 BE, the data version the write made) -> the
+//!   write's ids: a kind byte (0 upsert, 1 delete) then the ids (u64 BE each; for a delete only
+//!   those that existed). The change log: appended in the same transaction as the points and
+//!   counts, read at start to replay the writes a generation's snapshot does not hold, trimmed
+//!   up to the sequence of the snapshot the index record names. Absent in stores written before
+//!   it (an index whose record names no snapshot is rebuilt at start, and its log starts then).
 //! - `refresh`: uid (u64 BE) -> JSON refresh record (the index's refresh policy and the
 //!   points-changed mark of its last tune).
 //! - `profiles`: profile name -> JSON profile.
@@ -37,9 +45,61 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct IndexRecord {
     pub meta: IndexMeta,
     pub generation: GenerationMeta,
+    /// The snapshot file holding the active generation, if one was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRef>,
+}
+
+/// Where an active generation is saved: its file (in the data dir's `snapshots/`) and the
+/// index's write sequence (data version) the file holds; later writes are in the change log.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRef {
+    pub file: String,
+    pub seq: u64,
+}
+
+/// One write in the change log: the ids it touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Upsert(Vec<u64>),
+    Delete(Vec<u64>),
+}
+
+impl Change {
+    fn encode(&self) -> Vec<u8> {
+        let (kind, ids) = match self {
+            Change::Upsert(ids) => (0u8, ids),
+            Change::Delete(ids) => (1u8, ids),
+        };
+        let mut out = Vec::with_capacity(1 + ids.len() * 8);
+        out.push(kind);
+        for id in ids {
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Self> {
+        let (kind, rest) = b
+            .split_first()
+            .ok_or_else(|| Error::Corrupt("an empty change log entry".into()))?;
+        if !rest.len().is_multiple_of(8) {
+            return Err(Error::Corrupt("a change log entry of a partial id".into()));
+        }
+        let ids = rest
+            .chunks_exact(8)
+            .map(|c| u64_at(c, 0))
+            .collect::<Result<Vec<_>>>()?;
+        match kind {
+            0 => Ok(Change::Upsert(ids)),
+            1 => Ok(Change::Delete(ids)),
+            k => Err(Error::Corrupt(format!("a change log entry of kind {k}"))),
+        }
+    }
 }
 
 pub struct Store {
+    dir: std::path::PathBuf,
     db: sled::Db,
     meta: sled::Tree,
     indexes: sled::Tree,
@@ -51,6 +111,7 @@ pub struct Store {
     promotions: sled::Tree,
     jobs: sled::Tree,
     refresh: sled::Tree,
+    changes: sled::Tree,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -117,6 +178,18 @@ fn tx_err(e: TransactionError<Error>) -> Error {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => Error::Store(e),
     }
+}
+
+/// Appends a write to the change log inside the transaction that makes it: `seq` is the data
+/// version the write bumped the index to (one entry per bump, so the log has no gaps).
+fn log_change(
+    ch: &sled::transaction::TransactionalTree,
+    uid: u64,
+    seq: u64,
+    encoded: &[u8],
+) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
+    ch.insert(&point_key(uid, seq)[..], encoded)?;
+    Ok(())
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -187,6 +260,8 @@ impl Store {
             promotions: db.open_tree("promotions")?,
             jobs: db.open_tree("jobs")?,
             refresh: db.open_tree("refresh")?,
+            changes: db.open_tree("changes")?,
+            dir: dir.to_path_buf(),
             db,
         };
         match store.meta.get("format_version")? {
@@ -234,6 +309,11 @@ impl Store {
         Ok(())
     }
 
+    /// The data directory (snapshot files live beside the store, in its `snapshots/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A fresh id, unique across restarts.
     pub fn new_uid(&self) -> Result<u64> {
         Ok(self.db.generate_id()?)
@@ -271,6 +351,13 @@ impl Store {
         Ok(())
     }
 
+    pub fn get_index(&self, name: &str) -> Result<Option<IndexRecord>> {
+        self.indexes
+            .get(name)?
+            .map(|v| from_json("index record", &v))
+            .transpose()
+    }
+
     pub fn list_indexes(&self) -> Result<Vec<IndexRecord>> {
         self.indexes
             .iter()
@@ -301,6 +388,7 @@ impl Store {
         self.points.apply_batch(batch)?;
         self.counts.remove(uid.to_be_bytes())?;
         self.refresh.remove(uid.to_be_bytes())?;
+        self.trim_changes(uid, u64::MAX)?;
         let mut batch = sled::Batch::default();
         for k in self.harnesses.scan_prefix(harness_prefix(name)).keys() {
             batch.remove(k?);
@@ -334,7 +422,7 @@ impl Store {
             }
         }
         self.points.apply_batch(batch)?;
-        for tree in [&self.counts, &self.refresh] {
+        for tree in [&self.counts, &self.refresh, &self.changes] {
             for k in tree.iter().keys() {
                 let k = k?;
                 if !uids.contains(&u64_at(&k, 0)?) {
@@ -379,8 +467,9 @@ impl Store {
             .iter()
             .map(|p| (point_key(uid, p.id), encode_vector(&p.vector)))
             .collect();
-        (&self.points, &self.counts)
-            .transaction(|(pt, ct)| {
+        let change = Change::Upsert(points.iter().map(|p| p.id).collect()).encode();
+        (&self.points, &self.counts, &self.changes)
+            .transaction(|(pt, ct, ch)| {
                 let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
                     Ok(c) => c,
                     Err(e) => return abort(e),
@@ -393,6 +482,7 @@ impl Store {
                 counts.data_version += 1;
                 counts.points_changed += encoded.len() as u64;
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
+                log_change(ch, uid, counts.data_version, &change)?;
                 Ok(counts)
             })
             .map_err(tx_err)
@@ -400,27 +490,65 @@ impl Store {
 
     /// Removes points, all or nothing; returns how many existed and the counts after.
     pub fn delete_points(&self, uid: u64, ids: &[u64]) -> Result<(u64, Counts)> {
-        (&self.points, &self.counts)
-            .transaction(|(pt, ct)| {
+        (&self.points, &self.counts, &self.changes)
+            .transaction(|(pt, ct, ch)| {
                 let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
                     Ok(c) => c,
                     Err(e) => return abort(e),
                 };
-                let mut deleted = 0;
+                let mut removed = Vec::new();
                 for id in ids {
                     if pt.remove(&point_key(uid, *id)[..])?.is_some() {
-                        deleted += 1;
+                        removed.push(*id);
                     }
                 }
+                let deleted = removed.len() as u64;
                 counts.point_count -= deleted.min(counts.point_count);
                 counts.points_changed += deleted;
                 if deleted > 0 {
                     counts.data_version += 1;
+                    log_change(
+                        ch,
+                        uid,
+                        counts.data_version,
+                        &Change::Delete(removed).encode(),
+                    )?;
                 }
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
                 Ok((deleted, counts))
             })
             .map_err(tx_err)
+    }
+
+    /// The change log of an index after write sequence `after`, oldest first.
+    pub fn changes_since(&self, uid: u64, after: u64) -> Result<Vec<(u64, Change)>> {
+        let start = point_key(uid, after.saturating_add(1));
+        let end = point_key(uid, u64::MAX);
+        let mut out = Vec::new();
+        if after == u64::MAX {
+            return Ok(out);
+        }
+        for kv in self.changes.range(start..=end) {
+            let (k, v) = kv?;
+            out.push((u64_at(&k, 8)?, Change::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes an index's change log entries up to write sequence `upto` (all with u64::MAX).
+    pub fn trim_changes(&self, uid: u64, upto: u64) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in self
+            .changes
+            .range(point_key(uid, 0)..=point_key(uid, upto))
+            .keys()
+        {
+            batch.remove(k?);
+            n += 1;
+        }
+        self.changes.apply_batch(batch)?;
+        Ok(n)
     }
 
     /// Every point of an index, in id order.
@@ -881,6 +1009,7 @@ mod tests {
                 activate_time_ms: 0,
                 profile: String::new(),
             },
+            snapshot: None,
         }
     }
 
@@ -1035,6 +1164,38 @@ mod tests {
             s.prune_trials("a", "h", 2).unwrap(),
             0,
             "nothing more to do"
+        );
+    }
+
+    #[test]
+    fn the_change_log_follows_the_data_version_and_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.upsert_points(7, &pts(0..3)).unwrap();
+        s.delete_points(7, &[1, 99]).unwrap();
+        s.delete_points(7, &[99]).unwrap(); // removes nothing: no new version, no entry
+        let c = s.upsert_points(7, &pts(2..4)).unwrap();
+        assert_eq!(c.data_version, 3);
+        assert_eq!(
+            s.changes_since(7, 0).unwrap(),
+            vec![
+                (1, Change::Upsert(vec![0, 1, 2])),
+                (2, Change::Delete(vec![1])),
+                (3, Change::Upsert(vec![2, 3])),
+            ]
+        );
+        assert_eq!(s.changes_since(7, 2).unwrap().len(), 1);
+        assert_eq!(s.trim_changes(7, 2).unwrap(), 2);
+        assert_eq!(s.changes_since(7, 0).unwrap()[0].0, 3);
+        // Another index's log is its own; a deleted index's log goes with it.
+        s.upsert_points(9, &pts(0..1)).unwrap();
+        s.delete_index("a", 7).unwrap();
+        assert!(s.changes_since(7, 0).unwrap().is_empty());
+        assert_eq!(s.sweep_orphans().unwrap(), 1);
+        assert!(
+            s.changes_since(9, 0).unwrap().is_empty(),
+            "swept with the orphan points"
         );
     }
 

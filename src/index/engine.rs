@@ -43,6 +43,11 @@ pub trait Engine: Send + Sync {
     fn link_orphans(&self) -> usize {
         0
     }
+    /// Writes the graph for a snapshot (`super::snapshot`), with no insert running; false if
+    /// this engine cannot (its generations are rebuilt at start instead).
+    fn save(&self, _out: &mut dyn std::io::Write) -> std::io::Result<bool> {
+        Ok(false)
+    }
     /// Points in the graph, tombstoned or not.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -157,6 +162,49 @@ pub fn new_engine_of(
     Box::new(Native::with_storage(
         metric, dimension, config, capacity, storage,
     ))
+}
+
+/// Reads a graph that [`Engine::save`] wrote. hnsw_rs graphs are never saved: hnsw_rs can dump
+/// and reload a graph, but only as two files of its own format whose reloaded graph borrows
+/// from a loader that must outlive it, which fits neither one checksummed file nor a generation
+/// that owns its engine; its generations are rebuilt at start.
+pub fn load_engine(
+    kind: EngineKind,
+    metric: Metric,
+    dimension: u32,
+    config: &HnswConfig,
+    d: &mut super::snapshot::Dec,
+) -> crate::error::Result<Box<dyn Engine>> {
+    use super::native::{Native, Storage};
+    let storage = match kind {
+        EngineKind::Native => Storage::F32,
+        EngineKind::NativeF16 => Storage::Half,
+        EngineKind::NativeI8 => Storage::Int8,
+        EngineKind::HnswRs => {
+            return Err(crate::error::Error::Corrupt(
+                "hnsw_rs graphs are not snapshotted".into(),
+            ))
+        }
+    };
+    Ok(Box::new(Native::load_graph(
+        metric, dimension, config, storage, d,
+    )?))
+}
+
+impl EngineKind {
+    /// The engine's code in snapshot files.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(EngineKind::Native),
+            1 => Some(EngineKind::HnswRs),
+            2 => Some(EngineKind::NativeF16),
+            3 => Some(EngineKind::NativeI8),
+            _ => None,
+        }
+    }
 }
 
 /// An empty hnsw_rs graph.

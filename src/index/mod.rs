@@ -4,6 +4,7 @@ pub mod distance;
 pub mod engine;
 pub mod generation;
 pub mod native;
+pub mod snapshot;
 
 pub use distance::evals_on_this_thread;
 pub use generation::Generation;

@@ -20,3 +20,4 @@ mod metrics;
 mod refresh;
 mod reliability;
 mod security;
+mod snapshots;

@@ -1,0 +1,241 @@
+//! Persisted generations: the catalog's side of snapshot files (the file format is
+//! `index::snapshot`'s).
+//!
+//! Invariants:
+//! - An index record names a snapshot file only once the file is complete and durable (written,
+//!   fsynced, renamed, directory fsynced), and the record is written in one sled write with the
+//!   generation it holds, so a crash leaves either the old generation and its file or the new
+//!   ones.
+//! - The file holds the generation as it was at write sequence `seq` (the index's data version);
+//!   every later acknowledged write is in the store's change log, which is trimmed only up to the
+//!   recorded snapshot's sequence. A start loads the file and replays the log; if anything
+//!   disagrees (file missing, short, corrupt, of another format version or engine; a gap in the
+//!   log; a live-point count unlike the store's) it logs why and rebuilds from the store, which
+//!   stays the source of truth.
+//! - Files of an index other than the recorded one are removed once the record moves on,
+//!   except files of a newer generation (one being built or awaiting its record): disk use per
+//!   index is the active snapshot plus the one being written. Files of deleted indexes and temp
+//!   files left by a crash are swept at start.
+
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+use crate::index::engine::default_engine;
+use crate::index::snapshot;
+use crate::index::Generation;
+use crate::model::Point;
+use crate::store::{Change, Counts, IndexRecord, SnapshotRef, Store};
+
+/// A generation is snapshotted again in the background once the points upserted and deleted
+/// since its last snapshot reach this share of its points (and at least
+/// [`RESNAPSHOT_MIN_CHANGES`]), so the change log a start replays stays a bounded share of the
+/// index: an index filled by upserts alone, never activated, gets snapshots as it grows (at
+/// 1.25x, 1.56x, ... its size, so about 5x its final size is written in all).
+pub const RESNAPSHOT_SHARE: f64 = 0.25;
+pub const RESNAPSHOT_MIN_CHANGES: u64 = 10_000;
+
+/// Whether `changed` points changed since the last snapshot of a generation of `points` points
+/// call for a new one.
+pub fn resnapshot_due(changed: u64, points: u64) -> bool {
+    changed >= RESNAPSHOT_MIN_CHANGES.max((points as f64 * RESNAPSHOT_SHARE) as u64)
+}
+
+/// How a start got an index's generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restored {
+    /// Loaded from its snapshot file, with this many logged writes replayed, touching this
+    /// many points.
+    Snapshot { replayed: usize, points: u64 },
+    /// Rebuilt from the store's points.
+    Rebuilt,
+}
+
+/// Writes `gen` (not yet published, so nothing writes to it) as the snapshot of index `uid` at
+/// write sequence `seq`, under generation number `number`. Blocking. None (logged) when the
+/// engine cannot snapshot or the write fails: the generation is then rebuilt at start.
+pub fn save(
+    store: &Store,
+    gen: &Generation,
+    uid: u64,
+    number: u64,
+    seq: u64,
+) -> Option<SnapshotRef> {
+    if !gen.can_save() {
+        tracing::debug!(engine = %gen.kind, "engine without snapshots: this generation is rebuilt at start");
+        return None;
+    }
+    let started = std::time::Instant::now();
+    let file = snapshot::file_name(uid, number, seq);
+    match gen.save(&snapshot::dir(store.dir()), &file, uid, seq) {
+        Ok(()) => {
+            tracing::info!(
+                file,
+                millis = started.elapsed().as_millis() as u64,
+                "wrote generation snapshot"
+            );
+            Some(SnapshotRef { file, seq })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write a generation snapshot: it will be rebuilt at start");
+            None
+        }
+    }
+}
+
+/// The generation number in a snapshot file's name.
+fn generation_of(name: &str) -> Option<u64> {
+    name.split('-').nth(1)?.parse().ok()
+}
+
+/// After `rec` is durable: removes the index's other snapshot files (but not those of newer
+/// generations, still being written or recorded) and trims its change log up to the recorded
+/// sequence. Blocking; failures are logged (leftovers are swept later).
+pub fn after_recorded(store: &Store, rec: &IndexRecord, seq: u64) {
+    let number = rec.generation.number;
+    let keep = rec.snapshot.as_ref().map(|s| s.file.as_str());
+    snapshot::prune(store.dir(), Some(rec.meta.uid), &|name| {
+        Some(name) == keep || generation_of(name).is_some_and(|g| g > number)
+    });
+    if let Err(e) = store.trim_changes(rec.meta.uid, seq) {
+        tracing::warn!(index = %rec.meta.name, error = %e, "cannot trim the change log");
+    }
+}
+
+/// Removes every snapshot file of an index (deleted). Blocking.
+pub fn remove_all(store: &Store, uid: u64) {
+    snapshot::prune(store.dir(), Some(uid), &|_| false);
+}
+
+/// Removes snapshot files that no record names: of deleted indexes, of generations that never
+/// became active, and temp files of writes a crash interrupted. Blocking.
+pub fn sweep(store: &Store, records: &[IndexRecord]) -> usize {
+    let named: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.snapshot.as_ref().map(|s| s.file.as_str()))
+        .collect();
+    snapshot::prune(store.dir(), None, &|name| named.contains(name))
+}
+
+/// The index's generation at start: its snapshot plus the logged writes after it, or (logged
+/// why) a rebuild from the store's points, which then writes a snapshot and records it.
+/// Blocking.
+pub fn restore(
+    store: &Store,
+    rec: &mut IndexRecord,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Generation, Counts, Restored)> {
+    let counts = store.counts(rec.meta.uid)?;
+    if let Some(snap) = rec.snapshot.clone() {
+        match load(store, rec, &snap, counts) {
+            Ok((gen, replayed, points)) => {
+                return Ok((gen, counts, Restored::Snapshot { replayed, points }))
+            }
+            Err(e) => tracing::warn!(
+                index = %rec.meta.name,
+                file = snap.file,
+                error = %e,
+                "cannot use the generation's snapshot: rebuilding it from the store"
+            ),
+        }
+    }
+    let points = store.load_points(rec.meta.uid)?;
+    let gen = Generation::build(
+        rec.meta.metric,
+        rec.meta.dimension,
+        rec.generation.clone(),
+        points,
+        cancelled,
+    )?;
+    // The store's points are the generation at the current data version.
+    let seq = counts.data_version;
+    let old = rec.snapshot.take();
+    rec.snapshot = save(store, &gen, rec.meta.uid, rec.generation.number, seq);
+    if rec.snapshot != old {
+        store.put_index(rec)?;
+        store.flush_blocking()?;
+    }
+    after_recorded(store, rec, seq);
+    Ok((gen, counts, Restored::Rebuilt))
+}
+
+/// Loads the recorded snapshot and replays the change log after it; checks the result against
+/// the store's counts.
+fn load(
+    store: &Store,
+    rec: &IndexRecord,
+    snap: &SnapshotRef,
+    counts: Counts,
+) -> Result<(Generation, usize, u64)> {
+    let uid = rec.meta.uid;
+    let path = snapshot::dir(store.dir()).join(&snap.file);
+    let mut gen = Generation::load(
+        &path,
+        uid,
+        snap.seq,
+        rec.meta.metric,
+        rec.meta.dimension,
+        default_engine(),
+    )?;
+    if gen.meta.config != rec.generation.config {
+        return Err(Error::Corrupt(format!(
+            "the snapshot's config ({}) is not the recorded generation's ({})",
+            gen.meta.config, rec.generation.config
+        )));
+    }
+    gen.meta = rec.generation.clone();
+    let (replayed, points) = replay(store, &gen, uid, snap.seq, counts)?;
+    let live = gen.live_count() as u64;
+    if live != counts.point_count {
+        return Err(Error::Corrupt(format!(
+            "{live} live points after replaying the change log, the store holds {}",
+            counts.point_count
+        )));
+    }
+    Ok((gen, replayed, points))
+}
+
+/// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
+/// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
+/// from `after` to the store's data version.
+fn replay(
+    store: &Store,
+    gen: &Generation,
+    uid: u64,
+    after: u64,
+    counts: Counts,
+) -> Result<(usize, u64)> {
+    let changes = store.changes_since(uid, after)?;
+    let mut at = after;
+    let mut seen = HashSet::new();
+    let mut touched = Vec::new();
+    for (seq, change) in &changes {
+        if *seq != at + 1 {
+            return Err(Error::Corrupt(format!(
+                "the change log jumps from write {at} to write {seq}"
+            )));
+        }
+        at = *seq;
+        let (Change::Upsert(ids) | Change::Delete(ids)) = change;
+        touched.extend(ids.iter().copied().filter(|id| seen.insert(*id)));
+    }
+    if at != counts.data_version {
+        return Err(Error::Corrupt(format!(
+            "the change log ends at write {at}, the store is at write {}",
+            counts.data_version
+        )));
+    }
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    for id in touched {
+        match store.get_point(uid, id)? {
+            Some(vector) => upserts.push(Point { id, vector }),
+            None => deletes.push(id),
+        }
+    }
+    let points = (upserts.len() + deletes.len()) as u64;
+    gen.delete(&deletes);
+    if !upserts.is_empty() {
+        gen.upsert(&upserts);
+    }
+    Ok((changes.len(), points))
+}
