@@ -113,10 +113,7 @@ type Pending = Arc<Mutex<VecDeque<(u64, AbortHandle)>>>;
 
 /// The admitted connections of `listener`, under `limits`. The accept loop ends when the
 /// stream is dropped (the server stopped).
-pub fn incoming(
-    listener: TcpListener,
-    limits: ConnLimits,
-) -> ReceiverStream<io::Result<Conn>> {
+pub fn incoming(listener: TcpListener, limits: ConnLimits) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(listener, limits, tx));
     ReceiverStream::new(rx)
@@ -128,9 +125,10 @@ fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
         tracing::debug!("TCP_NODELAY not set: {e}");
     }
     if let Some(idle) = keepalive {
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(idle.min(Duration::from_secs(10)).max(Duration::from_secs(1)));
+        let ka = socket2::TcpKeepalive::new().with_time(idle).with_interval(
+            idle.min(Duration::from_secs(10))
+                .max(Duration::from_secs(1)),
+        );
         if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
             tracing::debug!("TCP keepalive not set: {e}");
         }

@@ -100,7 +100,9 @@ async fn made_up_methods_do_not_grow_the_metrics() {
     ));
     let channel = within(
         "connect",
-        Channel::from_shared(format!("http://{addr}")).unwrap().connect(),
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
     )
     .await
     .unwrap();
@@ -343,10 +345,8 @@ async fn free_text_fields_are_bounded() {
     assert!(jobs.jobs.is_empty(), "no job started: {jobs:?}");
 
     let e = status(
-        a.cancel_job(pb::CancelJobRequest {
-            id: "j".repeat(65),
-        })
-        .await,
+        a.cancel_job(pb::CancelJobRequest { id: "j".repeat(65) })
+            .await,
     );
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
@@ -509,7 +509,10 @@ async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
     upsert(&mut c, "c", pts.clone()).await;
     let mut c2 = IndexServiceClient::new(second.clone());
     assert_eq!(
-        search(&mut c2, "c", pts[3].vector.clone(), 1, None).await.neighbors[0].id,
+        search(&mut c2, "c", pts[3].vector.clone(), 1, None)
+            .await
+            .neighbors[0]
+            .id,
         3
     );
     // Closing one frees its slot: a new client gets in.
@@ -517,7 +520,10 @@ async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
     let fourth = served_eventually("a connection in the freed slot", &url).await;
     let mut c4 = IndexServiceClient::new(fourth);
     assert_eq!(
-        search(&mut c4, "c", pts[4].vector.clone(), 1, None).await.neighbors[0].id,
+        search(&mut c4, "c", pts[4].vector.clone(), 1, None)
+            .await
+            .neighbors[0]
+            .id,
         4
     );
 }
