@@ -66,6 +66,9 @@ pub struct Config {
     pub http2_keepalive_timeout: Duration,
     /// Idle time before TCP keepalive probes start on a connection; None: no TCP keepalive.
     pub tcp_keepalive: Option<Duration>,
+    /// Tests only (no flag sets it): holds autotune jobs on some indexes RUNNING until opened.
+    #[doc(hidden)]
+    pub job_gate: Option<crate::autotune::jobs::JobGate>,
 }
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -114,6 +117,7 @@ impl Config {
             )),
             http2_keepalive_timeout: Duration::from_secs(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS),
             tcp_keepalive: Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECS)),
+            job_gate: None,
         }
     }
 

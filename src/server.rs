@@ -211,12 +211,13 @@ pub async fn run_with(
         config.max_harness_queries,
     );
     let probe_interval = config.refresh_probe_interval;
+    let job_gate = config.job_gate.clone();
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry).await?);
             let lab = Arc::new(Lab::new(catalog.clone(), max_queries));
-            let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs).await?;
+            let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
             let refresh = Refresher::start(lab.clone(), jobs.clone())?;
             refresh.spawn_prober(probe_interval, jobs.shutdown_token());
             core.set_ready(Ready {

@@ -5,7 +5,7 @@
 //! Every wait is bounded by `DEADLINE` and waits on an event (a call's answer, a socket's EOF),
 //! never on a fixed sleep.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! No fixed ports and no sleeps: readiness is the child's own log line and health's Watch
 //! stream, and every wait is bounded by `DEADLINE` so a broken build fails instead of hanging.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,8 +17,7 @@ use tonic::transport::Channel;
 use vectord::pb;
 use vectord::pb::index_service_client::IndexServiceClient;
 
-#[path = "common/child.rs"]
-mod child;
+use crate::common::child;
 
 use child::{Vectord, DEADLINE};
 

@@ -1,5 +1,5 @@
-//! A `vectord serve` child process for tests that run the real binary (shared by
-//! tests/binary.rs and tests/crash.rs through `#[path]`). Readiness is the child's own
+//! A `vectord serve` child process for tests that run the real binary (`binary` and `crash`;
+//! `benches/perf.rs` includes this file through `#[path]`). Readiness is the child's own
 //! log line and health's Watch stream; every wait is bounded by `DEADLINE`.
 #![allow(dead_code)]
 

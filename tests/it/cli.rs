@@ -2,7 +2,7 @@
 //! (human and `--json`), imports of every format, autotune's NDJSON stream, promotions, and the
 //! exit codes. No sleeps and no fixed ports; every run of the binary is bounded by `DEADLINE`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
