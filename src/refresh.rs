@@ -310,11 +310,13 @@ impl Refresher {
         let Some(floor) = policy.recall_floor else {
             return Ok(());
         };
-        let (handle, mut h) = self.lab.current_harness(index, &policy.harness).await?;
+        // Ground truth for the probe's queries only, from points read without the writer lock.
+        let (handle, h) = self
+            .lab
+            .probe_harness(index, &policy.harness, PROBE_QUERIES)
+            .await?;
         let version = h.truth.data_version;
         let generation = handle.active();
-        h.queries.truncate(PROBE_QUERIES);
-        h.truth.neighbors.truncate(PROBE_QUERIES);
         let ef = generation.meta.config.ef_search;
         let m = tokio::task::spawn_blocking(move || Lab::measure(&generation, &h, ef, &|| false))
             .await??;
