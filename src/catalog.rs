@@ -881,3 +881,54 @@ async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) 
         let _ = r.send(Ok(o));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(id: u64, x: f32) -> Point {
+        Point {
+            id,
+            vector: vec![x, 0.0],
+        }
+    }
+
+    #[test]
+    fn a_group_reaches_the_graph_in_arrival_order() {
+        let meta = GenerationMeta {
+            number: 1,
+            config: HnswConfig::default(),
+            source: ConfigSource::Default,
+            point_count: 0,
+            build_millis: 0,
+            activate_time_ms: 0,
+            profile: String::new(),
+        };
+        let gen = Generation::empty(Metric::L2, 2, meta);
+        let ops = vec![
+            Op::Upsert(vec![p(1, 10.0)]),
+            Op::Delete(vec![1]),
+            Op::Upsert(vec![p(1, 20.0), p(2, 30.0)]),
+            Op::Upsert(vec![p(2, 40.0)]),
+            Op::Upsert(vec![p(3, 50.0)]),
+            Op::Delete(vec![3, 9]),
+        ];
+        apply_to_graph(&gen, &ops);
+        assert_eq!(gen.live_count(), 2);
+        let first = |x: f32| {
+            gen.search(&[x, 0.0], 1, 16)
+                .first()
+                .map(|h| (h.id, h.distance))
+        };
+        // 1 holds its last vector (20), 2 its last (40); 3 was deleted after its upsert.
+        assert_eq!(first(20.0).map(|h| h.0), Some(1));
+        assert_eq!(first(40.0).map(|h| h.0), Some(2));
+        assert!(first(20.0).is_some_and(|h| h.1 == 0.0));
+        assert!(first(40.0).is_some_and(|h| h.1 == 0.0));
+        assert!(gen.search(&[50.0, 0.0], 3, 16).iter().all(|h| h.id != 3));
+        assert!(gen
+            .search(&[10.0, 0.0], 3, 16)
+            .iter()
+            .all(|h| h.distance > 0.0));
+    }
+}

@@ -114,7 +114,10 @@ async fn concurrent_upserts_and_deletes_of_the_same_ids_keep_their_order() {
                     None
                 };
                 let acked = Instant::now();
-                log.lock().entry(id).or_default().push(Write { sent, acked, value });
+                log.lock()
+                    .entry(id)
+                    .or_default()
+                    .push(Write { sent, acked, value });
             }
         }));
     }
@@ -139,7 +142,10 @@ async fn concurrent_upserts_and_deletes_of_the_same_ids_keep_their_order() {
         );
         if let Some(v) = got {
             live += 1;
-            assert!(found_first(&mut c, "g", *id, &v).await, "id {id}: the graph misses it");
+            assert!(
+                found_first(&mut c, "g", *id, &v).await,
+                "id {id}: the graph misses it"
+            );
         }
     }
     let count = c
@@ -159,19 +165,23 @@ async fn concurrent_upserts_and_deletes_of_the_same_ids_keep_their_order() {
     for round in 0..20u64 {
         let id = 100 + round;
         let v = vec![id as f32, 0.5];
-        let (x, y) = tokio::join!(
-            a.upsert_points(upsert_req("g", id, v.clone())),
-            async {
-                // Sent while the upsert may still be queued: whichever arrived first, the
-                // reported outcomes must be consistent with one order.
-                b.delete_points(delete_req("g", vec![id])).await
-            }
+        let (x, y) = tokio::join!(a.upsert_points(upsert_req("g", id, v.clone())), async {
+            // Sent while the upsert may still be queued: whichever arrived first, the
+            // reported outcomes must be consistent with one order.
+            b.delete_points(delete_req("g", vec![id])).await
+        });
+        let (x, y) = (
+            x.expect("upsert").into_inner(),
+            y.expect("delete").into_inner(),
         );
-        let (x, y) = (x.expect("upsert").into_inner(), y.expect("delete").into_inner());
         let present = stored(&mut c, "g", id).await.is_some();
         // Delete after upsert: deleted 1 and absent. Delete first: deleted 0 and present.
         assert_eq!(y.deleted_count == 1, !present, "round {round}: {x:?} {y:?}");
-        assert_eq!(found_first(&mut c, "g", id, &v).await, present, "round {round}");
+        assert_eq!(
+            found_first(&mut c, "g", id, &v).await,
+            present,
+            "round {round}"
+        );
     }
 }
 
@@ -208,7 +218,10 @@ async fn a_full_write_queue_answers_resource_exhausted_at_once() {
             }
         }
     }
-    assert!(refused > 0, "{CALLS} concurrent writes to a queue of 1: some must be refused");
+    assert!(
+        refused > 0,
+        "{CALLS} concurrent writes to a queue of 1: some must be refused"
+    );
     assert!(ok > 0);
     // Refused writes changed nothing.
     let count = c
@@ -378,7 +391,11 @@ async fn no_acknowledged_write_is_lost_across_sigkill_with_16_writers() {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(base + w);
                 for n in 1..5_000 {
                     let id = w * 1000 + rng.gen_range(0..KIDS);
-                    let op = if rng.gen_bool(0.8) { Some(base + n) } else { None };
+                    let op = if rng.gen_bool(0.8) {
+                        Some(base + n)
+                    } else {
+                        None
+                    };
                     ledger.lock().entry(id).or_default().in_flight = Some(op);
                     let r = match op {
                         Some(v) => c
@@ -422,8 +439,7 @@ async fn no_acknowledged_write_is_lost_across_sigkill_with_16_writers() {
             let got = stored(&mut c, "k", *id).await;
             let got_version = got.as_ref().map(|v| v[1] as u64);
             let acked_state = l.acked.unwrap_or(None);
-            let ok = got_version == acked_state
-                || l.in_flight.is_some_and(|f| got_version == f);
+            let ok = got_version == acked_state || l.in_flight.is_some_and(|f| got_version == f);
             assert!(
                 ok,
                 "cycle {cycle}, id {id}: stored {got_version:?}, last acknowledged {acked_state:?}, in flight {:?}",
