@@ -1,16 +1,27 @@
 //! The catalog: every index with its active generation, the profiles, and activation.
 //!
 //! Invariants:
-//! - A write to an index (upsert, delete) holds that index's writer lock, is durable in the
-//!   store before it touches the active generation, and is visible to searches when it returns.
+//! - Writes to an index (upsert, delete) go through its committer (group commit): callers queue
+//!   their write in a bounded queue (full: RESOURCE_EXHAUSTED at once); the committer takes
+//!   everything queued, applies it in arrival order in one store transaction under the index's
+//!   writer lock, flushes once, applies the same ops in the same order to the active generation
+//!   (on the blocking pool), and only then answers each caller with what its write alone did.
+//!   So a write is durable before it touches the generation, and visible to searches when it
+//!   returns.
+//! - A storage failure is fatal ([`Store::failed`]): the committer stops and the server exits,
+//!   so a write the disk refused is never half-served.
+//! - Search, SearchBatch and the graph side of writes run on the blocking pool, searches under
+//!   a semaphore of one permit per core: no O(N) work on the async runtime's workers.
 //! - A search loads the active generation from an atomic pointer and never waits for a build.
 //! - A build snapshots the points under the writer lock and records every write made while it
 //!   runs; the writes are replayed into the new generation under the lock just before the swap,
 //!   so the swap loses nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
@@ -24,12 +35,32 @@ use crate::model::{
 };
 use crate::promotion::Registry;
 use crate::snapshots::{self, Restored};
-use crate::store::{Counts, IndexRecord, Store};
+use crate::store::{Counts, IndexRecord, OpOutcome, Store, WriteOp as Op};
 
-/// A write made while a build runs, replayed into the new generation before it is swapped in.
-enum Op {
-    Upsert(Vec<Point>),
-    Delete(Vec<u64>),
+/// Default of `--max-pending-writes`: writes (calls) one index may have queued for its
+/// committer before more are refused.
+pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
+
+/// The committer stops adding queued writes to a group once it holds this many points + ids
+/// (a group is never smaller than one write).
+const MAX_GROUP_ITEMS: usize = 100_000;
+
+/// Queries of a SearchBatch between two checks of its cancellation flag.
+const BATCH_CHUNK: usize = 64;
+
+/// A write waiting for its index's committer.
+struct Pending {
+    op: Op,
+    reply: oneshot::Sender<Result<OpOutcome>>,
+}
+
+impl Op {
+    fn items(&self) -> usize {
+        match self {
+            Op::Upsert(p) => p.len(),
+            Op::Delete(ids) => ids.len(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -52,9 +83,43 @@ pub struct IndexHandle {
     snapshot_mark: AtomicU64,
     /// Set while a background snapshot of the index runs.
     snapshotting: AtomicBool,
+    /// The committer's queue (bounded by `--max-pending-writes`).
+    queue: mpsc::Sender<Pending>,
+    max_pending: usize,
 }
 
 impl IndexHandle {
+    /// A handle over `gen` with its committer started.
+    fn start(
+        meta: IndexMeta,
+        gen: Generation,
+        counts: Counts,
+        snapshot_mark: u64,
+        store: Arc<Store>,
+        max_pending: usize,
+    ) -> Arc<Self> {
+        let max_pending = max_pending.max(1);
+        let (queue, rx) = mpsc::channel(max_pending);
+        let handle = Arc::new(IndexHandle {
+            meta,
+            active: ArcSwap::from_pointee(gen),
+            writer: Default::default(),
+            building: Default::default(),
+            point_count: AtomicU64::new(counts.point_count),
+            data_version: AtomicU64::new(counts.data_version),
+            points_changed: AtomicU64::new(counts.points_changed),
+            deleted: AtomicBool::new(false),
+            snapshot_mark: AtomicU64::new(snapshot_mark),
+            snapshotting: AtomicBool::new(false),
+            queue,
+            max_pending,
+        });
+        // Owned by the handle: the task ends when the handle (and so the queue's sender) is
+        // dropped, or at a storage failure.
+        tokio::spawn(committer(Arc::downgrade(&handle), store, rx));
+        handle
+    }
+
     pub fn active(&self) -> Arc<Generation> {
         self.active.load_full()
     }
@@ -116,6 +181,10 @@ pub struct Catalog {
     after_write: std::sync::OnceLock<AfterWrite>,
     /// Cancelled when the server shuts down: builds stop at their next chunk.
     stop: tokio_util::sync::CancellationToken,
+    /// `--max-pending-writes`: each index's write queue.
+    max_pending: usize,
+    /// Searches (single and batch) running on the blocking pool at once: one per core.
+    search_permits: Arc<Semaphore>,
 }
 
 /// A listener for writes: gets the index's name after each acknowledged upsert or delete.
@@ -129,6 +198,7 @@ impl Catalog {
         store: Arc<Store>,
         registry: Arc<Registry>,
         stop: tokio_util::sync::CancellationToken,
+        max_pending: usize,
     ) -> Result<Self> {
         let swept = {
             let store = store.clone();
@@ -176,20 +246,17 @@ impl Catalog {
                 millis = started.elapsed().as_millis() as u64,
                 "recovered index"
             );
-            let handle = Arc::new(IndexHandle {
-                meta: rec.meta.clone(),
-                active: ArcSwap::from_pointee(gen),
-                writer: Default::default(),
-                building: Default::default(),
-                point_count: AtomicU64::new(counts.point_count),
-                data_version: AtomicU64::new(counts.data_version),
-                points_changed: AtomicU64::new(counts.points_changed),
-                deleted: AtomicBool::new(false),
-                snapshot_mark: AtomicU64::new(mark),
-                snapshotting: AtomicBool::new(false),
-            });
+            let handle = IndexHandle::start(
+                rec.meta.clone(),
+                gen,
+                counts,
+                mark,
+                store.clone(),
+                max_pending,
+            );
             indexes.insert(rec.meta.name, handle);
         }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Catalog {
             store,
             registry,
@@ -197,6 +264,8 @@ impl Catalog {
             ddl: Default::default(),
             after_write: Default::default(),
             stop,
+            max_pending,
+            search_permits: Arc::new(Semaphore::new(cores)),
         })
     }
 
@@ -283,22 +352,15 @@ impl Catalog {
             });
         }
         self.store.flush().await?;
-        let handle = Arc::new(IndexHandle {
-            active: ArcSwap::from_pointee(Generation::empty(
-                meta.metric,
-                meta.dimension,
-                generation,
-            )),
+        let gen = Generation::empty(meta.metric, meta.dimension, generation);
+        let handle = IndexHandle::start(
             meta,
-            writer: Default::default(),
-            building: Default::default(),
-            point_count: AtomicU64::new(0),
-            data_version: AtomicU64::new(0),
-            points_changed: AtomicU64::new(0),
-            deleted: AtomicBool::new(false),
-            snapshot_mark: AtomicU64::new(0),
-            snapshotting: AtomicBool::new(false),
-        });
+            gen,
+            Counts::default(),
+            0,
+            self.store.clone(),
+            self.max_pending,
+        );
         self.indexes
             .write()
             .insert(new.name.clone(), handle.clone());
@@ -377,36 +439,11 @@ impl Catalog {
             .collect();
         unique.reverse();
         let upserted = unique.len() as u64;
-
-        let mut w = handle.writer.lock().await;
-        handle.check_live()?;
-        let counts = {
-            let store = self.store.clone();
-            let uid = handle.meta.uid;
-            // The points go to the store and come back for the generation.
-            let (counts, unique) = tokio::task::spawn_blocking(move || {
-                store.upsert_points(uid, &unique).map(|c| (c, unique))
-            })
-            .await??;
-            self.store.flush().await?;
-            let gen = handle.active();
-            let unique = Arc::new(unique);
-            {
-                let (g, pts) = (gen.clone(), unique.clone());
-                tokio::task::spawn_blocking(move || g.upsert(&pts)).await?;
-            }
-            if let Some(rec) = w.recording.as_mut() {
-                rec.push(Op::Upsert(
-                    Arc::try_unwrap(unique).unwrap_or_else(|a| (*a).clone()),
-                ));
-            }
-            counts
-        };
-        handle.set_counts(counts);
-        drop(w);
+        let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
+        debug_assert_eq!(outcome.affected, upserted);
         self.wrote(name);
         self.resnapshot_if_due(&handle);
-        Ok((upserted, counts.point_count))
+        Ok((upserted, outcome.point_count))
     }
 
     /// Removes points; unknown ids are ignored. Returns (deleted, point count).
@@ -415,25 +452,44 @@ impl Catalog {
             return Err(Error::invalid("ids is empty: send at least one id"));
         }
         let handle = self.handle(name)?;
-        let mut w = handle.writer.lock().await;
-        handle.check_live()?;
-        let store = self.store.clone();
-        let uid = handle.meta.uid;
-        let (ids, (deleted, counts)) =
-            tokio::task::spawn_blocking(move || store.delete_points(uid, &ids).map(|r| (ids, r)))
-                .await??;
-        self.store.flush().await?;
-        handle.active().delete(&ids);
-        if let Some(rec) = w.recording.as_mut() {
-            rec.push(Op::Delete(ids));
-        }
-        handle.set_counts(counts);
-        drop(w);
-        if deleted > 0 {
+        let outcome = Self::submit(&handle, Op::Delete(ids)).await?;
+        if outcome.affected > 0 {
             self.wrote(name);
             self.resnapshot_if_due(&handle);
         }
-        Ok((deleted, counts.point_count))
+        Ok((outcome.affected, outcome.point_count))
+    }
+
+    /// Queues a write for the index's committer and waits until a flush covers it.
+    /// RESOURCE_EXHAUSTED at once when the queue is full.
+    async fn submit(handle: &IndexHandle, op: Op) -> Result<OpOutcome> {
+        handle.check_live()?;
+        let (reply, answer) = oneshot::channel();
+        match handle.queue.try_send(Pending { op, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(Error::Limit(format!(
+                    "index {:?} already has {} writes waiting to be committed \
+                     (--max-pending-writes): retry with backoff",
+                    handle.meta.name.as_str(),
+                    handle.max_pending
+                )))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Error::Unavailable(
+                    "the index's writes have stopped: the server is stopping after a storage \
+                     failure; the write was not applied"
+                        .into(),
+                ))
+            }
+        }
+        // Dropped unanswered only when the committer stopped at a storage failure before
+        // taking this write.
+        answer.await.map_err(|_| {
+            Error::Unavailable(
+                "the server is stopping after a storage failure; the write was not applied".into(),
+            )
+        })?
     }
 
     /// One stored point's vector, or NOT_FOUND.
@@ -446,8 +502,9 @@ impl Catalog {
             .ok_or_else(|| Error::not_found("point", format!("{id} in index {name}")))
     }
 
-    /// The k nearest points to one vector on the active generation, with its number.
-    pub fn search(
+    /// The k nearest points to one vector on the active generation, with its number (on the
+    /// blocking pool, one search per core at a time).
+    pub async fn search(
         &self,
         name: &Name,
         mut vector: Vec<f32>,
@@ -459,10 +516,28 @@ impl Catalog {
         let ef = params
             .ef_search
             .unwrap_or(gen.meta.config.ef_search as usize);
-        Ok((gen.search(&vector, params.k, ef), gen.meta.number))
+        let k = params.k;
+        let number = gen.meta.number;
+        let permit = self.search_permit().await?;
+        let hits = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            gen.search(&vector, k, ef)
+        })
+        .await?;
+        Ok((hits, number))
     }
 
-    /// The k nearest points to each query, all on one generation, on every core.
+    async fn search_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.search_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("the search semaphore is closed".into()))
+    }
+
+    /// The k nearest points to each query, all on one generation, on the blocking pool (and
+    /// every core). The work stops between chunks of queries once this future is dropped
+    /// (the caller went away or its deadline passed: tonic drops the handler's future).
     pub async fn search_batch(
         &self,
         name: &Name,
@@ -482,14 +557,45 @@ impl Catalog {
             .unwrap_or(gen.meta.config.ef_search as usize);
         let k = params.k;
         let number = gen.meta.number;
+        let cancel = CancelOnDrop::default();
+        let flag = cancel.0.clone();
+        let permit = self.search_permit().await?;
         let results = tokio::task::spawn_blocking(move || {
-            queries
-                .par_iter()
-                .map(|q| gen.search(q, k, ef))
-                .collect::<Vec<_>>()
+            let _permit = permit;
+            let mut out = Vec::with_capacity(queries.len());
+            for chunk in queries.chunks(BATCH_CHUNK) {
+                if flag.load(Ordering::Acquire) {
+                    return None;
+                }
+                out.extend(
+                    chunk
+                        .par_iter()
+                        .map(|q| gen.search(q, k, ef))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Some(out)
         })
         .await?;
+        drop(cancel);
+        let results = results.ok_or_else(|| Error::Cancelled("the batch was cancelled".into()))?;
         Ok((results, number))
+    }
+
+    /// The index's points and the data version they are at, read without the writer lock
+    /// (the store's counts are checked around the scan; when writes keep racing it, falls back
+    /// to [`Catalog::snapshot`]). For readers that must not hold up writes (the refresh probe).
+    pub async fn snapshot_unlocked(
+        &self,
+        name: &Name,
+    ) -> Result<(Arc<IndexHandle>, Vec<Point>, u64)> {
+        let handle = self.handle(name)?;
+        handle.check_live()?;
+        let (store, uid) = (self.store.clone(), handle.meta.uid);
+        match tokio::task::spawn_blocking(move || store.load_points_consistent(uid, 3)).await?? {
+            Some((points, counts)) => Ok((handle, points, counts.data_version)),
+            None => self.snapshot(name).await,
+        }
     }
 
     /// The index's points and data version, read together (no write can fall between).
@@ -620,12 +726,7 @@ impl Catalog {
         }
         let replayed = ops.len();
         let gen = tokio::task::spawn_blocking(move || {
-            for op in &ops {
-                match op {
-                    Op::Upsert(p) => gen.upsert(p),
-                    Op::Delete(ids) => gen.delete(ids),
-                }
-            }
+            apply_to_graph(&gen, &ops);
             gen
         })
         .await?;
@@ -865,4 +966,191 @@ async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()>
         "snapshotted the active generation in the background"
     );
     Ok(())
+}
+
+/// Sets its flag when dropped: the blocking half of a call sees that the call was abandoned.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Applies writes to a generation in order (blocking). Runs of consecutive upserts are merged
+/// into one insert (the last point of an id wins, as in order), so a group of single-point
+/// upserts inserts in parallel.
+fn apply_to_graph(gen: &Generation, ops: &[Op]) {
+    let mut i = 0;
+    while i < ops.len() {
+        match &ops[i] {
+            Op::Delete(ids) => {
+                gen.delete(ids);
+                i += 1;
+            }
+            Op::Upsert(points) => {
+                let run_end = ops[i..]
+                    .iter()
+                    .position(|op| matches!(op, Op::Delete(_)))
+                    .map_or(ops.len(), |n| i + n);
+                if run_end == i + 1 {
+                    gen.upsert(points);
+                } else {
+                    let mut seen = HashSet::new();
+                    let mut merged = Vec::new();
+                    for op in ops[i..run_end].iter().rev() {
+                        if let Op::Upsert(p) = op {
+                            for pt in p.iter().rev() {
+                                if seen.insert(pt.id) {
+                                    merged.push(pt.clone());
+                                }
+                            }
+                        }
+                    }
+                    merged.reverse();
+                    gen.upsert(&merged);
+                }
+                i = run_end;
+            }
+        }
+    }
+}
+
+/// The same error for every caller of a failed group.
+fn for_each_caller(e: &Error) -> Error {
+    match e {
+        Error::NotFound { what, name } => Error::NotFound {
+            what,
+            name: name.clone(),
+        },
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        other => Error::Internal(format!("the write failed: {other}")),
+    }
+}
+
+/// An index's committer: takes every write queued (up to [`MAX_GROUP_ITEMS`]), commits them
+/// as one group, answers, repeats. Ends when the handle is gone or the store has failed.
+async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::Receiver<Pending>) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = store.failed().cancelled() => return,
+            p = rx.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut items = first.op.items();
+        let mut group = vec![first];
+        while items < MAX_GROUP_ITEMS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    items += p.op.items();
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(h) = handle.upgrade() else { return };
+        commit_group(&h, &store, group).await;
+    }
+}
+
+/// One group commit (see the module's invariants).
+async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) {
+    let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|p| (p.op, p.reply)).unzip();
+    let fail_all = |replies: Vec<oneshot::Sender<Result<OpOutcome>>>, e: &Error| {
+        for r in replies {
+            let _ = r.send(Err(for_each_caller(e)));
+        }
+    };
+    let mut w = h.writer.lock().await;
+    if let Err(e) = h.check_live() {
+        return fail_all(replies, &e);
+    }
+    let ops = Arc::new(ops);
+    let applied = {
+        let (st, ops, uid) = (store.clone(), ops.clone(), h.meta.uid);
+        tokio::task::spawn_blocking(move || st.apply_writes(uid, &ops))
+            .await
+            .map_err(Error::from)
+            .and_then(|r| r)
+    };
+    let (outcomes, counts) = match applied {
+        Ok(x) => x,
+        Err(e) => return fail_all(replies, &e),
+    };
+    // One flush for the whole group. A failure here is fatal (the store fires `failed`).
+    if let Err(e) = store.flush().await {
+        return fail_all(replies, &e);
+    }
+    let graph = {
+        let (gen, ops) = (h.active(), ops.clone());
+        tokio::task::spawn_blocking(move || apply_to_graph(&gen, &ops)).await
+    };
+    if let Err(e) = graph {
+        // The store has the writes and the graph may not: crash rather than diverge.
+        let e = store.fail_with(format!("applying writes to the graph failed: {e}"));
+        return fail_all(replies, &e);
+    }
+    if let Some(rec) = w.recording.as_mut() {
+        rec.extend(Arc::try_unwrap(ops).unwrap_or_else(|a| (*a).clone()));
+    }
+    h.set_counts(counts);
+    drop(w);
+    for (r, o) in replies.into_iter().zip(outcomes) {
+        let _ = r.send(Ok(o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(id: u64, x: f32) -> Point {
+        Point {
+            id,
+            vector: vec![x, 0.0],
+        }
+    }
+
+    #[test]
+    fn a_group_reaches_the_graph_in_arrival_order() {
+        let meta = GenerationMeta {
+            number: 1,
+            config: HnswConfig::default(),
+            source: ConfigSource::Default,
+            point_count: 0,
+            build_millis: 0,
+            activate_time_ms: 0,
+            profile: String::new(),
+        };
+        let gen = Generation::empty(Metric::L2, 2, meta);
+        let ops = vec![
+            Op::Upsert(vec![p(1, 10.0)]),
+            Op::Delete(vec![1]),
+            Op::Upsert(vec![p(1, 20.0), p(2, 30.0)]),
+            Op::Upsert(vec![p(2, 40.0)]),
+            Op::Upsert(vec![p(3, 50.0)]),
+            Op::Delete(vec![3, 9]),
+        ];
+        apply_to_graph(&gen, &ops);
+        assert_eq!(gen.live_count(), 2);
+        let first = |x: f32| {
+            gen.search(&[x, 0.0], 1, 16)
+                .first()
+                .map(|h| (h.id, h.distance))
+        };
+        // 1 holds its last vector (20), 2 its last (40); 3 was deleted after its upsert.
+        assert_eq!(first(20.0).map(|h| h.0), Some(1));
+        assert_eq!(first(40.0).map(|h| h.0), Some(2));
+        assert!(first(20.0).is_some_and(|h| h.1 == 0.0));
+        assert!(first(40.0).is_some_and(|h| h.1 == 0.0));
+        assert!(gen.search(&[50.0, 0.0], 3, 16).iter().all(|h| h.id != 3));
+        assert!(gen
+            .search(&[10.0, 0.0], 3, 16)
+            .iter()
+            .all(|h| h.distance > 0.0));
+    }
 }

@@ -19,6 +19,9 @@ pub struct Config {
     /// Most points in one UpsertPoints call or one ImportPoints message; more is
     /// RESOURCE_EXHAUSTED.
     pub max_points_per_upsert: usize,
+    /// Most writes (UpsertPoints / DeletePoints calls, ImportPoints messages) queued per index
+    /// for its group commit; one more is RESOURCE_EXHAUSTED at once.
+    pub max_pending_writes: usize,
     /// Most vectord calls in flight server-wide; one more is refused at once with
     /// RESOURCE_EXHAUSTED instead of queueing. Health and reflection are not counted.
     pub max_concurrent_requests: usize,
@@ -98,6 +101,7 @@ impl Config {
             data_dir: data_dir.into(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_points_per_upsert: DEFAULT_MAX_POINTS_PER_UPSERT as usize,
+            max_pending_writes: crate::catalog::DEFAULT_MAX_PENDING_WRITES,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS as usize,
             request_timeout: Some(Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS)),
             max_concurrent_jobs: DEFAULT_MAX_CONCURRENT_JOBS as usize,

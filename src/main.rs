@@ -53,6 +53,11 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_MAX_POINTS_PER_UPSERT", default_value_t = config::DEFAULT_MAX_POINTS_PER_UPSERT,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_points_per_upsert: u64,
+    /// Most writes (UpsertPoints / DeletePoints calls, ImportPoints messages) waiting per index
+    /// for its group commit; one more gets RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "VECTORD_MAX_PENDING_WRITES", default_value_t = vectord::catalog::DEFAULT_MAX_PENDING_WRITES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_pending_writes: u64,
     /// Most calls in flight server-wide; one more gets RESOURCE_EXHAUSTED at once (health is not counted).
     #[arg(long, env = "VECTORD_MAX_CONCURRENT_REQUESTS", default_value_t = config::DEFAULT_MAX_CONCURRENT_REQUESTS,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -228,6 +233,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.metrics_addr = args.metrics_addr;
     config.refresh_probe_interval = Duration::from_secs(args.refresh_probe_secs);
     config.max_points_per_upsert = args.max_points_per_upsert as usize;
+    config.max_pending_writes = args.max_pending_writes as usize;
     config.max_concurrent_requests = args.max_concurrent_requests as usize;
     config.request_timeout =
         (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs));
@@ -347,6 +353,9 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("vectord: {e}");
+            // Exit now (a storage failure among others): do not wait for blocking tasks such
+            // as a build still running.
+            runtime.shutdown_background();
             ExitCode::from(1)
         }
     }

@@ -356,14 +356,16 @@ impl Refresher {
         let Some(floor) = policy.recall_floor else {
             return Ok(());
         };
-        let (handle, mut h) = self.lab.current_harness(index, &policy.harness).await?;
+        // Ground truth for the probe's queries only, from points read without the writer lock.
+        let (handle, h) = self
+            .lab
+            .probe_harness(index, &policy.harness, PROBE_QUERIES)
+            .await?;
         if handle.meta.uid != uid {
             return Ok(());
         }
         let version = h.truth.data_version;
         let generation = handle.active();
-        h.queries.truncate(PROBE_QUERIES);
-        h.truth.neighbors.truncate(PROBE_QUERIES);
         let ef = generation.meta.config.ef_search;
         let halt = self.lab.catalog().stop_token();
         let m = tokio::task::spawn_blocking(move || {

@@ -218,11 +218,12 @@ pub async fn run_with(
     let probe_interval = config.refresh_probe_interval;
     let job_gate = config.job_gate.clone();
     let trials_kept = config.trials_kept;
+    let max_pending = config.max_pending_writes;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         let halt = halt.clone();
         async move {
-            let catalog = Arc::new(Catalog::recover(store, registry, halt).await?);
+            let catalog = Arc::new(Catalog::recover(store, registry, halt, max_pending).await?);
             let lab =
                 Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
             let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
@@ -250,9 +251,19 @@ pub async fn run_with(
     };
     tokio::pin!(grace_over);
 
+    // A storage failure is fatal: stop serving, exit non-zero, and do not flush again (see
+    // Store::failed).
+    let failed = store.failed().clone();
     let mut recovered = false;
     let outcome = loop {
         tokio::select! {
+            _ = failed.cancelled() => {
+                let why = store.failure().unwrap_or_default();
+                tracing::error!(error = %why, "storage failure: stopping without flushing; restart to recover from what is on disk");
+                set_health(&health, ServingStatus::NotServing).await;
+                core.shutdown();
+                return Err(Error::Unavailable(format!("storage failure: {why}")));
+            }
             r = &mut serve => break r.map_err(|e| Error::Unavailable(format!("server: {e}"))),
             r = &mut recovery, if !recovered => {
                 if r.is_err() && halt.is_cancelled() {
@@ -275,4 +286,169 @@ pub async fn run_with(
     store.flush().await?;
     tracing::info!("store flushed; stopped");
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    //! The crash-only storage path, driven through a real server in this process: the fault
+    //! hook (`store::faults`) is compiled in tests only, so it cannot be reached from the
+    //! integration tests' binary (see `Store::injected_fault` for why it is not an env var).
+    use super::*;
+    use crate::pb::index_service_client::IndexServiceClient;
+    use tonic_health::pb::health_check_response::ServingStatus as Hs;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    type Task = tokio::task::JoinHandle<Result<()>>;
+
+    async fn start(dir: &std::path::Path) -> (String, Task, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(listener, Config::for_tests(dir), async move {
+            let _ = stopped.await;
+        }));
+        let mut health = HealthClient::new(
+            tonic::transport::Channel::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let mut watch = health
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(m) = watch.message().await.unwrap() {
+            if m.status == Hs::Serving as i32 {
+                return (url, task, stop);
+            }
+        }
+        panic!("no SERVING");
+    }
+
+    fn point(id: u64) -> pb::Point {
+        pb::Point {
+            id,
+            vector: vec![id as f32, 1.0],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_flush_stops_the_server_and_after_restart_store_and_graph_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let (url, task, _stop) = start(&dir).await;
+        let mut c = IndexServiceClient::connect(url.clone()).await.unwrap();
+        c.create_index(pb::CreateIndexRequest {
+            name: "v".into(),
+            dimension: 2,
+            metric: pb::Metric::L2 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let up = |ids: Vec<u64>| pb::UpsertPointsRequest {
+            index_name: "v".into(),
+            points: ids.into_iter().map(point).collect(),
+        };
+        c.upsert_points(up((0..20).collect())).await.unwrap();
+        let mut health = HealthClient::new(
+            tonic::transport::Channel::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let mut watch = health
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+
+        crate::store::faults::fail_flushes_in(&dir);
+        let e = c.upsert_points(up(vec![100])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+        // The server stops on its own, non-zero (main turns this Err into exit code 1).
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), task)
+            .await
+            .expect("the server exits after a storage failure")
+            .unwrap();
+        let e = out.unwrap_err().to_string();
+        assert!(e.contains("storage failure"), "{e}");
+        // Health said NOT_SERVING before the connection went (or the stream just ended).
+        loop {
+            match watch.message().await {
+                Ok(Some(m)) if m.status == Hs::Serving as i32 => continue,
+                Ok(Some(m)) => {
+                    assert_eq!(m.status, Hs::NotServing as i32);
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        crate::store::faults::clear(&dir);
+        // Open connections hold the old server's services (and so its store).
+        drop((c, health, watch));
+
+        // The old store's last handles go as its tasks wind down; wait for sled's lock.
+        let mut opened = false;
+        for _ in 0..500 {
+            let d = dir.clone();
+            if tokio::task::spawn_blocking(move || Store::open(&d))
+                .await
+                .unwrap()
+                .is_ok()
+            {
+                opened = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(opened, "the failed server's store was never released");
+
+        let (url, task, stop) = start(&dir).await;
+        let mut c = IndexServiceClient::connect(url).await.unwrap();
+        let found_first = |c: &mut IndexServiceClient<tonic::transport::Channel>, id: u64| {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .search(pb::SearchRequest {
+                        index_name: "v".into(),
+                        vector: point(id).vector,
+                        k: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                r.neighbors.first().map(|n| n.id) == Some(id)
+            }
+        };
+        for id in 0..20 {
+            assert!(found_first(&mut c, id).await, "acknowledged point {id}");
+        }
+        // The refused write may or may not have reached the disk; either way the graph and
+        // the store agree about it.
+        let stored = c
+            .get_point(pb::GetPointRequest {
+                index_name: "v".into(),
+                id: 100,
+            })
+            .await
+            .is_ok();
+        assert_eq!(found_first(&mut c, 100).await, stored, "stored: {stored}");
+        let count = c
+            .get_index(pb::GetIndexRequest { name: "v".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .index
+            .unwrap()
+            .point_count;
+        assert_eq!(count, 20 + stored as u64);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
 }

@@ -101,6 +101,11 @@ impl Change {
 pub struct Store {
     dir: std::path::PathBuf,
     db: sled::Db,
+    /// Set (with the reason) by the first storage failure: see [`Store::failed`].
+    failed: tokio_util::sync::CancellationToken,
+    failure: std::sync::Mutex<Option<String>>,
+    /// Records in `trials`, kept here because `Tree::len` scans the whole tree.
+    trial_count: std::sync::atomic::AtomicU64,
     meta: sled::Tree,
     indexes: sled::Tree,
     points: sled::Tree,
@@ -198,6 +203,23 @@ fn abort<T>(e: Error) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// One write of a group commit ([`Store::apply_writes`]). Points are validated, normalised
+/// and unique by id within one upsert.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Upsert(Vec<Point>),
+    Delete(Vec<u64>),
+}
+
+/// What one op of [`Store::apply_writes`] did, as it would have alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpOutcome {
+    /// Points upserted, or points that existed and were deleted.
+    pub affected: u64,
+    /// The index's point count right after this op.
+    pub point_count: u64,
+}
+
 /// Counts (data version, point count) of an index.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -263,7 +285,15 @@ impl Store {
             changes: db.open_tree("changes")?,
             dir: dir.to_path_buf(),
             db,
+            failed: Default::default(),
+            failure: Default::default(),
+            trial_count: Default::default(),
         };
+        // Counted once here (a scan), then kept up to date by every change of the tree.
+        store.trial_count.store(
+            store.trials.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         match store.meta.get("format_version")? {
             None => {
                 if !store.indexes.is_empty() || !store.points.is_empty() {
@@ -298,14 +328,76 @@ impl Store {
     /// once and then never completes (spacejam/sled#1308, #1241; fixed only on sled's unreleased
     /// main), which hung our concurrent tests. So the blocking `flush` runs on the blocking pool
     /// instead: the same durability, and the async runtime is never blocked.
+    ///
+    /// A failed flush is fatal (see [`Store::failed`]).
     pub async fn flush(&self) -> Result<()> {
+        self.injected_fault()?;
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush()).await??;
-        Ok(())
+        match tokio::task::spawn_blocking(move || db.flush()).await? {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
-        self.db.flush()?;
+        self.injected_fault()?;
+        match self.db.flush() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Cancelled at the first storage failure (a failed flush or a transaction the disk
+    /// refused). Storage failures are crash-only: after one, the store's memory may hold
+    /// writes that were answered with an error and that a later flush would still make
+    /// durable, while the graph never saw them. So the server stops serving and exits
+    /// non-zero as soon as this fires, without flushing again; a restart rebuilds from what
+    /// is on disk, where store and graph agree again.
+    pub fn failed(&self) -> &tokio_util::sync::CancellationToken {
+        &self.failed
+    }
+
+    /// Why the store failed, once [`Store::failed`] has fired.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Records a storage failure (the first one wins) and fires [`Store::failed`].
+    fn fail(&self, e: sled::Error) -> Error {
+        self.record_failure(e.to_string());
+        Error::Store(e)
+    }
+
+    /// Declares the store and what is served from it out of step (for example a graph that
+    /// could not apply writes the store committed): fatal like a storage failure.
+    pub fn fail_with(&self, reason: String) -> Error {
+        self.record_failure(reason.clone());
+        Error::Internal(reason)
+    }
+
+    fn record_failure(&self, reason: String) {
+        tracing::error!(error = %reason, dir = %self.dir.display(), "storage failure: the server stops");
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(reason);
+        }
+        self.failed.cancel();
+    }
+
+    /// Test-only fault injection: flushes of a store whose directory was passed to
+    /// [`faults::fail_flushes_in`] fail with EIO (as a full or broken disk would). Compiled in
+    /// tests only, so no production build carries a way to fake a disk failure; a directory
+    /// key (not a global switch) keeps parallel tests apart.
+    #[cfg(test)]
+    fn injected_fault(&self) -> Result<()> {
+        if faults::failing(&self.dir) {
+            let e = sled::Error::Io(std::io::Error::from_raw_os_error(5));
+            return Err(self.fail(e));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected_fault(&self) -> Result<()> {
         Ok(())
     }
 
@@ -395,13 +487,16 @@ impl Store {
         }
         self.harnesses.apply_batch(batch)?;
         let mut batch = sled::Batch::default();
+        let mut removed = 0;
         for kv in self.trials.iter() {
             let (k, v) = kv?;
             if trial_index_is(&v, name) {
                 batch.remove(k);
+                removed += 1;
             }
         }
         self.trials.apply_batch(batch)?;
+        self.trials_removed(removed);
         Ok(())
     }
 
@@ -440,8 +535,8 @@ impl Store {
         }
         for kv in self.trials.iter() {
             let (k, v) = kv?;
-            if !names.iter().any(|n| trial_index_is(&v, n)) {
-                self.trials.remove(k)?;
+            if !names.iter().any(|n| trial_index_is(&v, n)) && self.trials.remove(k)?.is_some() {
+                self.trials_removed(1);
                 swept += 1;
             }
         }
@@ -549,6 +644,111 @@ impl Store {
         }
         self.changes.apply_batch(batch)?;
         Ok(n)
+    }
+
+    /// Applies an ordered list of writes to one index in one transaction (group commit):
+    /// all or nothing, in order, so the last write to an id wins and an upsert and a delete of
+    /// one id keep their order. Each op changes the counts exactly as it would alone (an
+    /// upsert bumps the data version; a delete bumps it only if it removed something), and
+    /// its [`OpOutcome`] is what that op alone would have returned. Returns the outcomes in op
+    /// order and the counts after the last. A storage error is fatal ([`Store::failed`]).
+    pub fn apply_writes(&self, uid: u64, ops: &[WriteOp]) -> Result<(Vec<OpOutcome>, Counts)> {
+        // Encoded once, outside the closure, which sled may run more than once.
+        let encoded: Vec<Vec<([u8; 16], Vec<u8>)>> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Upsert(points) => points
+                    .iter()
+                    .map(|p| (point_key(uid, p.id), encode_vector(&p.vector)))
+                    .collect(),
+                WriteOp::Delete(_) => Vec::new(),
+            })
+            .collect();
+        // The change log's entry of each op that bumps the data version (snapshots replay it).
+        let upsert_changes: Vec<Vec<u8>> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Upsert(points) => {
+                    Change::Upsert(points.iter().map(|p| p.id).collect()).encode()
+                }
+                WriteOp::Delete(_) => Vec::new(),
+            })
+            .collect();
+        let res = (&self.points, &self.counts, &self.changes).transaction(|(pt, ct, ch)| {
+            let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return abort(e),
+            };
+            let mut outcomes = Vec::with_capacity(ops.len());
+            for ((op, enc), change) in ops.iter().zip(&encoded).zip(&upsert_changes) {
+                let affected = match op {
+                    WriteOp::Upsert(_) => {
+                        for (k, v) in enc {
+                            if pt.insert(&k[..], v.as_slice())?.is_none() {
+                                counts.point_count += 1;
+                            }
+                        }
+                        counts.data_version += 1;
+                        counts.points_changed += enc.len() as u64;
+                        log_change(ch, uid, counts.data_version, change)?;
+                        enc.len() as u64
+                    }
+                    WriteOp::Delete(ids) => {
+                        let mut removed = Vec::new();
+                        for id in ids {
+                            if pt.remove(&point_key(uid, *id)[..])?.is_some() {
+                                removed.push(*id);
+                            }
+                        }
+                        let deleted = removed.len() as u64;
+                        counts.point_count -= deleted.min(counts.point_count);
+                        counts.points_changed += deleted;
+                        if deleted > 0 {
+                            counts.data_version += 1;
+                            log_change(
+                                ch,
+                                uid,
+                                counts.data_version,
+                                &Change::Delete(removed).encode(),
+                            )?;
+                        }
+                        deleted
+                    }
+                };
+                outcomes.push(OpOutcome {
+                    affected,
+                    point_count: counts.point_count,
+                });
+            }
+            ct.insert(&uid.to_be_bytes(), &counts.encode())?;
+            Ok((outcomes, counts))
+        });
+        match res {
+            Ok(r) => Ok(r),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(self.fail(e)),
+        }
+    }
+
+    /// Every point of an index with the counts they go with, read without any lock: the
+    /// counts (changed in the same transaction as the points) are read before and after the
+    /// scan, and the scan is retried when a write fell between. None after `tries` attempts
+    /// that all raced a write (the caller then reads under the index's writer lock).
+    pub fn load_points_consistent(
+        &self,
+        uid: u64,
+        tries: usize,
+    ) -> Result<Option<(Vec<Point>, Counts)>> {
+        for _ in 0..tries {
+            let before = self.counts(uid)?;
+            let points = self.load_points(uid)?;
+            let after = self.counts(uid)?;
+            // Every write that changes points bumps the data version in its transaction.
+            if before.data_version == after.data_version {
+                return Ok(Some((points, after)));
+            }
+        }
+        Ok(None)
     }
 
     /// Every point of an index, in id order.
@@ -684,11 +884,25 @@ impl Store {
                 Ok(trial)
             })
             .map_err(tx_err)
+            .inspect(|_| {
+                self.trial_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
     }
 
-    /// Trials in the journal.
+    /// Trials in the journal (a counter: no scan).
     pub fn trial_count(&self) -> usize {
-        self.trials.len()
+        self.trial_count.load(std::sync::atomic::Ordering::Relaxed) as usize
+    }
+
+    /// Keeps [`Store::trial_count`] right: every removal from `trials` calls this.
+    fn trials_removed(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .trial_count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(n))
+            });
     }
 
     pub fn get_trial<T: DeserializeOwned>(&self, id: u64) -> Result<Option<T>> {
@@ -918,6 +1132,7 @@ impl Store {
                 Ok(removed)
             })
             .map_err(tx_err)
+            .inspect(|&removed| self.trials_removed(removed as u64))
     }
 }
 
@@ -972,6 +1187,35 @@ fn trial_of(v: &[u8], index: &str, harness: &str) -> bool {
     serde_json::from_slice::<Only>(v)
         .map(|o| o.index == index && o.harness == harness)
         .unwrap_or(false)
+}
+
+/// Test-only storage faults, by data directory (see `Store::injected_fault`).
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// From now on every flush of a store opened in `dir` fails with EIO.
+    pub fn fail_flushes_in(dir: &Path) {
+        if let Ok(mut f) = FAILING.lock() {
+            f.push(dir.to_path_buf());
+        }
+    }
+
+    pub fn clear(dir: &Path) {
+        if let Ok(mut f) = FAILING.lock() {
+            f.retain(|d| d != dir);
+        }
+    }
+
+    pub(super) fn failing(dir: &Path) -> bool {
+        FAILING
+            .lock()
+            .map(|f| f.iter().any(|d| d == dir))
+            .unwrap_or(false)
+    }
 }
 
 /// Whether a stored trial (JSON) belongs to `index`, without decoding the whole record.
@@ -1197,6 +1441,41 @@ mod tests {
             s.changes_since(9, 0).unwrap().is_empty(),
             "swept with the orphan points"
         );
+    }
+
+    #[test]
+    fn a_group_of_writes_answers_each_as_if_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let alone = tempfile::tempdir().unwrap();
+        let a = Store::open(alone.path()).unwrap();
+        let ops = vec![
+            WriteOp::Upsert(pts(0..10)),
+            WriteOp::Delete(vec![3, 4, 99]),
+            WriteOp::Upsert(pts(3..4)),
+            WriteOp::Delete(vec![99]),
+            WriteOp::Upsert(pts(8..12)),
+            WriteOp::Delete(vec![0]),
+        ];
+        let (outcomes, counts) = s.apply_writes(7, &ops).unwrap();
+        let mut expect = Vec::new();
+        let mut last = Counts::default();
+        for op in &ops {
+            let (affected, c) = match op {
+                WriteOp::Upsert(p) => (p.len() as u64, a.upsert_points(7, p).unwrap()),
+                WriteOp::Delete(ids) => a.delete_points(7, ids).unwrap(),
+            };
+            expect.push(OpOutcome {
+                affected,
+                point_count: c.point_count,
+            });
+            last = c;
+        }
+        assert_eq!(outcomes, expect);
+        assert_eq!(counts, last);
+        assert_eq!(s.load_points(7).unwrap(), a.load_points(7).unwrap());
+        let (points, c) = s.load_points_consistent(7, 1).unwrap().unwrap();
+        assert_eq!((points.len() as u64, c), (counts.point_count, counts));
     }
 
     #[test]

@@ -222,6 +222,35 @@ impl Lab {
         })
     }
 
+    /// The first `n` queries of a harness with their ground truth for the index's current
+    /// points, and the index: the stored truth when it is current, else computed for those `n`
+    /// queries only, over points read without the index's writer lock (nothing is stored).
+    pub async fn probe_harness(
+        &self,
+        index: &Name,
+        harness: &Name,
+        n: usize,
+    ) -> Result<(Arc<IndexHandle>, Harness)> {
+        let mut h = self.get_harness(index, harness)?;
+        h.queries.truncate(n);
+        let handle = self.catalog.handle(index)?;
+        if h.truth.data_version == handle.data_version() {
+            h.truth.neighbors.truncate(n);
+            return Ok((handle, h));
+        }
+        let (handle, points, version) = self.catalog.snapshot_unlocked(index).await?;
+        let metric = handle.meta.metric;
+        let h = tokio::task::spawn_blocking(move || {
+            h.truth = GroundTruth {
+                data_version: version,
+                neighbors: ground_truth(metric, &points, &h.queries, h.k as usize),
+            };
+            h
+        })
+        .await?;
+        Ok((handle, h))
+    }
+
     /// The harness with its ground truth current for the index's points, and the index. Unlike
     /// [`Lab::prepare`], the points are copied only when the truth has to be recomputed.
     pub async fn current_harness(

@@ -198,7 +198,7 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
-        let (hits, generation) = self.core.catalog()?.search(&n, req.vector, &params)?;
+        let (hits, generation) = self.core.catalog()?.search(&n, req.vector, &params).await?;
         Ok(Response::new(pb::SearchResponse {
             neighbors: convert::neighbors(hits),
             generation,
