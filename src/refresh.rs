@@ -534,9 +534,14 @@ mod tests {
         let store = Arc::new(Store::open(dir).unwrap());
         let registry = Arc::new(Registry::new(store.clone()));
         let catalog = Arc::new(
-            Catalog::recover(store.clone(), registry, CancellationToken::new())
-                .await
-                .unwrap(),
+            Catalog::recover(
+                store.clone(),
+                registry,
+                CancellationToken::new(),
+                crate::catalog::DEFAULT_MAX_PENDING_WRITES,
+            )
+            .await
+            .unwrap(),
         );
         let index = Name::parse("name", "r").unwrap();
         catalog
