@@ -622,7 +622,7 @@ impl Catalog {
     ) -> Result<GenerationMeta> {
         self.build_and_swap(name, None, config, source, profile, true)
             .await
-            .map(|(meta, _)| meta)
+            .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild`](Self::rebuild) of the index with `uid` only: NOT_FOUND when the index of
