@@ -1389,18 +1389,25 @@ fn judge_code(code: Code, message: &str, malformed: bool) -> Outcome {
 
 /// A status from a typed call: the server's own answer, or the client's transport error.
 fn judge_status(s: &Status, malformed: bool) -> Outcome {
-    if std::error::Error::source(s).is_some() {
-        // Made by the client from a transport error (a reset stream, a closed connection): not
-        // an answer. Whether the server is still there is checked separately.
-        let source = std::error::Error::source(s)
-            .map(|e| format!("{e:?}"))
-            .unwrap_or_default();
-        return Outcome::Noted(
-            format!("transport:{:?}", s.code()),
-            format!("{}: {}", s.message(), clip(&source, 300)),
-        );
+    if let Some(source) = std::error::Error::source(s) {
+        return judge_transport(&format!("{}: {source:?}", s.message()));
     }
     judge_code(s.code(), s.message(), malformed)
+}
+
+/// A transport error on the client's side: a stream reset or a connection closed by the server
+/// is its right (h2's flood protections, garbage it refuses); an HTTP/2 error that the client's
+/// own h2 library raised means the server sent something the client could not accept (as the
+/// over-long grpc-message headers did).
+fn judge_transport(debug: &str) -> Outcome {
+    if debug.contains(", Library)") {
+        Outcome::Bad(format!(
+            "the client's HTTP/2 library refused the server's answer: {}",
+            clip(debug, 500)
+        ))
+    } else {
+        Outcome::Noted("transport".into(), clip(debug, 300))
+    }
 }
 
 fn request<T>(m: T, auth: &Auth, timeout: bool) -> Request<T> {
@@ -1603,7 +1610,11 @@ async fn send_raw(
         Err(_) => return Outcome::Fine("unsendable".into()),
     };
     let exchange = async {
-        let resp = ch.clone().oneshot(req).await.map_err(|e| format!("{e}"))?;
+        let resp = ch
+            .clone()
+            .oneshot(req)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let (parts, mut body) = resp.into_parts();
         if let Some(s) = grpc_status(&parts.headers) {
             return Ok(Some(s));
@@ -1611,7 +1622,7 @@ async fn send_raw(
         // The first message or the trailers, whichever comes first: a server stream (Watch)
         // may never end.
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("{e}"))?;
+            let frame = frame.map_err(|e| format!("{e:?}"))?;
             if let Some(t) = frame.trailers_ref() {
                 return Ok(grpc_status(t));
             }
@@ -1625,7 +1636,7 @@ async fn send_raw(
     match tokio::time::timeout(limit, exchange).await {
         Err(_) if stall => Outcome::Fine("cut".into()),
         Err(_) => Outcome::Bad(format!("hang: raw request not answered within {limit:?}")),
-        Ok(Err(e)) => Outcome::Noted("transport".into(), clip(&e, 300)),
+        Ok(Err(e)) => judge_transport(&e),
         Ok(Ok(Some((code, message)))) => judge_code(code, &message, malformed),
         Ok(Ok(None)) => Outcome::Fine("no grpc-status".into()),
     }
