@@ -1,6 +1,6 @@
 //! A request fuzzer against the real `vectord` binary, for a bounded time (VECTORD_FUZZ_SECS,
 //! default 60). Ignored by the normal `cargo test`; CI runs it with
-//! `cargo test --test fuzz -- --ignored`. See docs/fuzzing.md.
+//! `cargo test --test it fuzz:: -- --ignored`. See docs/fuzzing.md.
 //!
 //! Before the run it writes a fixed set of points (two indexes), a harness, two trials and two
 //! promotions (current + history), and remembers them. During the run several tasks send
@@ -25,16 +25,13 @@
 //! server's state, varies). Set VECTORD_FUZZ_SEED to replay; the seed is printed at the start
 //! and in every failure.
 
-#[path = "common/child.rs"]
-mod child;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use child::{Vectord, DEADLINE};
+use crate::common::child::{Vectord, DEADLINE};
 use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use proptest::prelude::*;
