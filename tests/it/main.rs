@@ -13,6 +13,7 @@ mod binary;
 mod cli;
 mod crash;
 mod edge;
+mod fuzz;
 mod group_commit;
 mod index_service;
 mod limits;
