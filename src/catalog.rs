@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 use rayon::prelude::*;
 
+use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
 use crate::index::Generation;
 use crate::model::{
@@ -24,6 +25,15 @@ use crate::model::{
 };
 use crate::promotion::Registry;
 use crate::store::{Counts, IndexRecord, Store};
+
+/// A flag a build polls between chunks of points.
+type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A compaction's hold on the index's build lock, and when to stop.
+struct Compacting<'a> {
+    building: tokio::sync::MutexGuard<'a, ()>,
+    cancelled: Cancelled,
+}
 
 /// A write made while a build runs, replayed into the new generation before it is swapped in.
 enum Op {
@@ -47,6 +57,8 @@ pub struct IndexHandle {
     data_version: AtomicU64,
     points_changed: AtomicU64,
     deleted: AtomicBool,
+    /// Tombstone compaction's state (see `compaction.rs`).
+    pub compaction: IndexCompaction,
 }
 
 impl IndexHandle {
@@ -99,6 +111,11 @@ pub struct IndexView {
     pub meta: IndexMeta,
     pub point_count: u64,
     pub generation: GenerationMeta,
+    /// Tombstones in the active generation's graph (replaced or deleted points).
+    pub tombstones: u64,
+    /// Tombstones over every point in the active generation's graph.
+    pub deleted_fraction: f64,
+    pub compaction: crate::compaction::CompactionStats,
 }
 
 pub struct Catalog {
@@ -109,6 +126,8 @@ pub struct Catalog {
     ddl: tokio::sync::Mutex<()>,
     /// Called after every acknowledged write to an index (refresh policies listen here).
     after_write: std::sync::OnceLock<AfterWrite>,
+    /// Starts tombstone compactions after acknowledged writes.
+    compactor: Compactor,
 }
 
 /// A listener for writes: gets the index's name after each acknowledged upsert or delete.
@@ -157,6 +176,7 @@ impl Catalog {
                 data_version: AtomicU64::new(counts.data_version),
                 points_changed: AtomicU64::new(counts.points_changed),
                 deleted: AtomicBool::new(false),
+                compaction: Default::default(),
             });
             indexes.insert(rec.meta.name, handle);
         }
@@ -166,6 +186,7 @@ impl Catalog {
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
             after_write: Default::default(),
+            compactor: Default::default(),
         })
     }
 
@@ -178,6 +199,17 @@ impl Catalog {
         if let Some(f) = self.after_write.get() {
             f(name);
         }
+    }
+
+    /// Turns tombstone compaction on with `threshold` (the deleted share past which an index is
+    /// rebuilt; 0: off). Off until called.
+    pub fn start_compaction(self: &Arc<Self>, threshold: f64) {
+        self.compactor.start(self, threshold);
+    }
+
+    /// Stops running compactions at their next check and starts no more (shutdown).
+    pub fn stop_compaction(&self) {
+        self.compactor.shutdown();
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -198,10 +230,15 @@ impl Catalog {
     }
 
     fn view(h: &IndexHandle) -> IndexView {
+        let gen = h.active();
+        let (tombstones, live) = (gen.tombstones(), gen.live_count());
         IndexView {
             meta: h.meta.clone(),
             point_count: h.point_count(),
-            generation: h.active().meta.clone(),
+            generation: gen.meta.clone(),
+            tombstones: tombstones as u64,
+            deleted_fraction: deleted_fraction(tombstones, live),
+            compaction: h.compaction.stats(),
         }
     }
 
@@ -254,6 +291,7 @@ impl Catalog {
             data_version: AtomicU64::new(0),
             points_changed: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            compaction: Default::default(),
         });
         self.indexes
             .write()
@@ -350,6 +388,7 @@ impl Catalog {
         handle.set_counts(counts);
         drop(w);
         self.wrote(name);
+        self.compactor.maybe_start(name, &handle);
         Ok((upserted, counts.point_count))
     }
 
@@ -375,6 +414,7 @@ impl Catalog {
         drop(w);
         if deleted > 0 {
             self.wrote(name);
+            self.compactor.maybe_start(name, &handle);
         }
         Ok((deleted, counts.point_count))
     }
@@ -457,13 +497,48 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(name, config, source, profile, true)
+        self.build_and_swap(name, config, source, profile, true, None)
             .await
             .map(|(meta, _)| meta)
     }
 
+    /// Rebuilds the index's active generation with its own config, source and profile, to drop
+    /// its tombstones (see `compaction.rs`). None: skipped, as an activation holds the build
+    /// lock or the deleted share is no longer past the threshold. CANCELLED when an activation
+    /// arrived (or the server stops) while it built.
+    pub(crate) async fn compact(
+        &self,
+        name: &Name,
+        how: &Compaction,
+    ) -> Result<Option<GenerationMeta>> {
+        let handle = self.handle(name)?;
+        let Ok(building) = handle.building.try_lock() else {
+            return Ok(None);
+        };
+        let gen = handle.active();
+        if handle.compaction.preempted()
+            || deleted_fraction(gen.tombstones(), gen.live_count()) <= how.threshold
+        {
+            return Ok(None);
+        }
+        let m = gen.meta.clone();
+        drop(gen);
+        let (h, stop) = (handle.clone(), how.stop.clone());
+        let compacting = Compacting {
+            building,
+            cancelled: Arc::new(move || h.compaction.preempted() || stop.is_cancelled()),
+        };
+        let (meta, _) = self
+            .build_and_swap(name, m.config, m.source, &m.profile, true, Some(compacting))
+            .await?;
+        Ok(Some(meta))
+    }
+
     /// [`rebuild`](Self::rebuild); with `persist` false the swap is made in memory only and the
     /// index record to persist is returned for the caller to write (with others, atomically).
+    /// With `compacting`, it is a compaction holding the build lock, which stops (CANCELLED)
+    /// when told; otherwise it is an activation, which preempts compactions of the index until
+    /// it returns.
     async fn build_and_swap(
         &self,
         name: &Name,
@@ -471,9 +546,17 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
         persist: bool,
+        compacting: Option<Compacting<'_>>,
     ) -> Result<(GenerationMeta, IndexRecord)> {
         let handle = self.handle(name)?;
-        let _building = handle.building.lock().await;
+        let (_activation, _building, cancelled) = match compacting {
+            None => {
+                let activation = handle.compaction.activation();
+                let never: Cancelled = Arc::new(|| false);
+                (Some(activation), handle.building.lock().await, never)
+            }
+            Some(c) => (None, c.building, c.cancelled),
+        };
         tracing::info!(
             "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
             name,
@@ -503,7 +586,7 @@ impl Catalog {
         };
         let (metric, dim) = (handle.meta.metric, handle.meta.dimension);
         let built = tokio::task::spawn_blocking(move || {
-            Generation::build(metric, dim, meta, points, &|| false)
+            Generation::build(metric, dim, meta, points, &*cancelled)
         })
         .await
         .map_err(Error::from)
@@ -587,12 +670,17 @@ impl Catalog {
         let profile = self.get_profile(name)?;
         // Every index must exist before anything is built.
         let mut plan = Vec::with_capacity(profile.indexes.len());
+        let mut handles = Vec::with_capacity(profile.indexes.len());
         for pi in &profile.indexes {
             let handle = self.handle(&pi.index)?;
+            handles.push(handle.clone());
             let default = pi.default_config.unwrap_or(handle.meta.default_config);
             let (config, source) = self.registry.config_or(&pi.index, default)?;
             plan.push((pi.index.clone(), config, source));
         }
+        // No compaction of these indexes runs until the profile is recorded: one would persist
+        // an index's new generation before the rest of the profile's.
+        let _activations: Vec<_> = handles.iter().map(|h| h.compaction.activation()).collect();
         // The new generations are swapped in one by one as they are built, but recorded all
         // at once at the end: a crash midway leaves every index on its previous generation
         // after restart, never a profile half-activated.
@@ -601,7 +689,7 @@ impl Catalog {
         let mut failed = None;
         for (index, config, source) in plan {
             match self
-                .build_and_swap(&index, config, source, name.as_str(), false)
+                .build_and_swap(&index, config, source, name.as_str(), false, None)
                 .await
             {
                 Ok((meta, rec)) => {

@@ -43,6 +43,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The HNSW engine every graph of this process is built with.
     pub engine: crate::index::engine::EngineKind,
+    /// The deleted share (tombstones over all points of the active generation's graph) past
+    /// which an index is rebuilt in the background to drop its tombstones; 0: never.
+    pub compact_deleted_fraction: f64,
 }
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -69,6 +72,7 @@ impl Config {
             api_keys: None,
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
+            compact_deleted_fraction: crate::compaction::DEFAULT_DELETED_FRACTION,
         }
     }
 

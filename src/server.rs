@@ -204,10 +204,12 @@ pub async fn run_with(
         config.max_harness_queries,
     );
     let probe_interval = config.refresh_probe_interval;
+    let compact_fraction = config.compact_deleted_fraction;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry).await?);
+            catalog.start_compaction(compact_fraction);
             let lab = Arc::new(Lab::new(catalog.clone(), max_queries));
             let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs).await?;
             let refresh = Refresher::start(lab.clone(), jobs.clone())?;
