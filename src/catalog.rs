@@ -207,6 +207,11 @@ impl Catalog {
         self.compactor.start(self, threshold);
     }
 
+    /// Starts a compaction of the index if its deleted share passed the threshold.
+    pub(crate) fn maybe_compact(&self, name: &Name, handle: &Arc<IndexHandle>) {
+        self.compactor.maybe_start(name, handle);
+    }
+
     /// Stops running compactions at their next check and starts no more (shutdown).
     pub fn stop_compaction(&self) {
         self.compactor.shutdown();

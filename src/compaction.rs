@@ -128,8 +128,7 @@ impl Compactor {
     /// Turns compaction on for `catalog` with `threshold` (0: stays off).
     pub fn start(&self, catalog: &Arc<Catalog>, threshold: f64) {
         let _ = self.catalog.set(Arc::downgrade(catalog));
-        self.threshold
-            .store(threshold.to_bits(), Ordering::Release);
+        self.threshold.store(threshold.to_bits(), Ordering::Release);
     }
 
     /// Stops running compactions at their next check and starts no more (shutdown).
@@ -192,6 +191,9 @@ impl Compactor {
                 }
             }
             state.running.store(false, Ordering::Release);
+            // Writes made while it ran were replayed as tombstones and may have passed the
+            // threshold again with no write left to notice: check once more.
+            catalog.maybe_compact(&name, &handle);
         });
     }
 }
