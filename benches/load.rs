@@ -6,10 +6,10 @@
 //! Set `VECTORD_LOAD_SECS`, `VECTORD_LOAD_CLIENTS`, `VECTORD_LOAD_POINTS` (10,000), and `VECTORD_LOAD_MAX_CONCURRENT` (the
 //! server's --max-concurrent-requests: set it below the client count to see shedding).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
-#[path = "../tests/common/load.rs"]
-mod load;
+
+use common::load;
 
 use std::time::Duration;
 

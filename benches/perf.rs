@@ -36,7 +36,7 @@ use vectord::model::{HnswConfig, Metric};
 
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
-#[path = "../tests/common/child.rs"]
+#[path = "../tests/it/common/child.rs"]
 mod child;
 #[path = "common/machine.rs"]
 mod machine;

@@ -7,6 +7,7 @@ pub mod autotune;
 pub mod catalog;
 pub mod compaction;
 pub mod config;
+pub mod connections;
 pub mod dataset;
 pub mod error;
 pub mod grpc;

@@ -121,6 +121,37 @@ struct Running {
     token: CancellationToken,
 }
 
+/// A test hook (`Config::job_gate`; no flag sets it): jobs on the gated indexes wait RUNNING,
+/// with no trial done, until the gate opens or the job is cancelled. Tests use it to hold a job
+/// running for exactly as long as they need, instead of a grid slow enough to be caught running.
+#[derive(Clone, Debug)]
+pub struct JobGate {
+    indexes: Vec<String>,
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl JobGate {
+    /// A closed gate for jobs on `indexes`.
+    pub fn closed<S: Into<String>>(indexes: impl IntoIterator<Item = S>) -> Self {
+        JobGate {
+            indexes: indexes.into_iter().map(Into::into).collect(),
+            open: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Lets every waiting and later job through.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Returns once the gate is open, at once for an index it does not hold.
+    async fn pass(&self, index: &Name) {
+        if self.indexes.iter().any(|i| i == index.as_str()) {
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+        }
+    }
+}
+
 /// A listener for job starts: gets the index's name.
 pub type OnStart = Box<dyn Fn(&Name) + Send + Sync>;
 
@@ -135,11 +166,18 @@ pub struct Jobs {
     on_start: std::sync::OnceLock<OnStart>,
     /// Most jobs running at once server-wide (--max-concurrent-jobs).
     max_running: usize,
+    /// Tests only: see `JobGate`.
+    gate: Option<JobGate>,
 }
 
 impl Jobs {
     /// Marks jobs left RUNNING by a previous process as FAILED.
-    pub async fn recover(lab: Arc<Lab>, kept: usize, max_running: usize) -> Result<Arc<Self>> {
+    pub async fn recover(
+        lab: Arc<Lab>,
+        kept: usize,
+        max_running: usize,
+        gate: Option<JobGate>,
+    ) -> Result<Arc<Self>> {
         let store = lab.catalog().store().clone();
         for (seq, mut job) in store.list_jobs::<JobRecord>()? {
             if job.state == JobState::Running {
@@ -158,6 +196,7 @@ impl Jobs {
             kept,
             on_start: Default::default(),
             max_running: max_running.max(1),
+            gate,
         }))
     }
 
@@ -383,6 +422,13 @@ impl Jobs {
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
     ) -> Result<Outcome> {
+        if let Some(gate) = &self.gate {
+            tokio::select! {
+                _ = gate.pass(&req.index) => {}
+                _ = token.cancelled() => {}
+            }
+            cancelled(token)?;
+        }
         let trials = match &req.adaptive {
             Some(plan) => self.run_adaptive(job, plan, prepared, token, tx).await?,
             None => self.run_grid(job, req, prepared, token, tx).await?,

@@ -4,9 +4,8 @@
 //! generations stay active on every index), and startup on a data dir that is not usable (a
 //! clear error naming the path and a non-zero exit, never a panic, never an empty start).
 
-#[path = "common/child.rs"]
-mod child;
-mod common;
+use crate::common;
+use crate::common::child;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -2,9 +2,13 @@
 //! clients. Readiness is awaited through health's Watch stream, never by sleeping.
 #![allow(dead_code)]
 
+pub mod child;
+pub mod load;
 pub mod tls;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -33,6 +37,25 @@ impl TestServer {
         let mut s = Self::start_in(&dir, Config::for_tests(&dir)).await;
         s._tmp = Some(tmp);
         s
+    }
+
+    /// A server over a fresh temp dir with the test config as `edit` changes it.
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut config = Config::for_tests(&dir);
+        edit(&mut config);
+        let mut s = Self::start_in(&dir, config).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// A server whose autotune jobs on `indexes` wait RUNNING, before their first trial, until
+    /// the returned gate opens or they are cancelled: a job caught running without a slow grid.
+    pub async fn start_gated(indexes: &[&str]) -> (Self, vectord::autotune::jobs::JobGate) {
+        let gate = vectord::autotune::jobs::JobGate::closed(indexes.iter().copied());
+        let s = Self::start_with(|c| c.job_gate = Some(gate.clone())).await;
+        (s, gate)
     }
 
     /// A server over `dir` with `config`, ready (health SERVING) when this returns.
@@ -216,17 +239,59 @@ pub async fn search(
     .into_inner()
 }
 
-/// Exact k nearest ids by squared L2 (brute force).
-pub fn brute_force_l2(points: &[pb::Point], q: &[f32], k: usize) -> Vec<u64> {
-    let mut d: Vec<(f32, u64)> = points
+/// The exact `k` nearest ids of `q` among `points` under `metric`: the library's own ground
+/// truth (`autotune::harness::ground_truth`, the one the trials' recall is measured against),
+/// so the tests and the server agree on distances and on ties (smaller id first). Cosine
+/// vectors are normalised first, as the server stores them.
+pub fn exact_top_k(metric: pb::Metric, points: &[pb::Point], q: &[f32], k: usize) -> Vec<u64> {
+    use vectord::autotune::harness::{ground_truth, Query};
+    use vectord::model::{normalize, Point};
+    let metric = vectord::grpc::convert::metric_from(metric as i32).expect("a metric");
+    let prepared = |v: &[f32]| {
+        let mut v = v.to_vec();
+        if metric == vectord::model::Metric::Cosine {
+            normalize("vector", &mut v).expect("a non-zero vector");
+        }
+        v
+    };
+    let points: Vec<Point> = points
         .iter()
-        .map(|p| {
-            let s: f32 = p.vector.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum();
-            (s, p.id)
+        .map(|p| Point {
+            id: p.id,
+            vector: prepared(&p.vector),
         })
         .collect();
-    d.sort_by(|a, b| a.0.total_cmp(&b.0));
-    d.into_iter().take(k).map(|(_, id)| id).collect()
+    let query = Query {
+        vector: prepared(q),
+        exclude: None,
+    };
+    ground_truth(metric, &points, &[query], k)
+        .pop()
+        .expect("one answer per query")
+}
+
+/// How often `eventually` looks again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `probe` (every `POLL`) until it returns `Some`, and returns that value; panics naming
+/// `what` if `timeout` passes first. For state the server reaches on its own (a job's end, a
+/// refresh probe) and that no stream announces; prefer a stream or a gate where there is one.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {timeout:?}: {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 pub fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {

@@ -1,7 +1,7 @@
 //! Security as a caller meets it: API keys (none, wrong, read-only, admin) on a real server,
 //! health and reflection open for probes, TLS with a CA made in the test, and mTLS.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,5 +1,5 @@
 //! A bounded load run shared by `cargo bench --bench load` (60 s, figures for the README) and
-//! `tests/load.rs` (a few seconds, correctness only): tokio clients on 127.0.0.1 against an
+//! the `load` test module (a few seconds, correctness only): tokio clients on 127.0.0.1 against an
 //! in-process server, each looping over a seeded mix of Search (80 %), UpsertPoints (15 %,
 //! 10 new points) and Promote (5 %) for a fixed time, recording latency and status codes.
 #![allow(dead_code)]
@@ -14,7 +14,7 @@ use vectord::pb::autotune_service_client::AutotuneServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
 use vectord::pb::promotion_service_client::PromotionServiceClient;
 
-use super::common::{create_index, points, upsert, Gen};
+use super::{create_index, points, upsert, Gen};
 
 pub const DIM: usize = 64;
 

@@ -2,14 +2,12 @@
 //! search and upsert gets the index rebuilt in the background, with no failed search, no lost
 //! point and no deleted point coming back.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{create_index, Gen, TestServer};
+use crate::common::{self, create_index, Gen, TestServer};
 use tonic::transport::Channel;
 use vectord::config::Config;
 use vectord::pb;

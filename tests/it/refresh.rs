@@ -2,7 +2,7 @@
 //! points cross the threshold (and none while a job runs), the recall-floor probe starts a tune
 //! on a deliberately bad promoted config, and the policy is durable.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -36,21 +36,14 @@ async fn jobs_of(s: &TestServer, index: &str) -> Vec<pb::Job> {
 
 /// Waits (bounded) for a finished job requested by the refresh policy.
 async fn wait_refresh_job(s: &TestServer, index: &str) -> pb::Job {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let done = jobs_of(s, index).await.into_iter().find(|j| {
-            j.requested_by == "refresh-policy" && j.state != pb::JobState::Running as i32
-        });
-        if let Some(j) = done {
-            return j;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no refresh job finished on {index}: {:?}",
-            jobs_of(s, index).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("a refresh job finished on {index}");
+    eventually(Duration::from_secs(90), &what, || async {
+        jobs_of(s, index)
+            .await
+            .into_iter()
+            .find(|j| j.requested_by == "refresh-policy" && j.state != pb::JobState::Running as i32)
+    })
+    .await
 }
 
 async fn harness(s: &TestServer, index: &str, count: u32) {
@@ -180,20 +173,19 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
     upsert(&mut c, "app", points(&mut g, 240..270, 16)).await;
     let st = get_index(&s, "app").await.refresh_status.expect("status");
     assert!(st.last_trigger.starts_with("started: 70 of 270"), "{st:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let second = loop {
+    let second = eventually(Duration::from_secs(90), "the second job ends", || async {
         let js: Vec<pb::Job> = jobs_of(&s, "app")
             .await
             .into_iter()
             .filter(|j| j.id != first.id)
             .collect();
-        if let Some(j) = js.iter().find(|j| j.state != pb::JobState::Running as i32) {
-            assert_eq!(js.len(), 1, "{js:?}");
-            break j.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let done = js
+            .iter()
+            .find(|j| j.state != pb::JobState::Running as i32)?;
+        assert_eq!(js.len(), 1, "{js:?}");
+        Some(done.clone())
+    })
+    .await;
     assert_eq!(second.requested_by, "refresh-policy");
     assert_eq!(jobs_of(&s, "app").await.len(), 2);
 
@@ -373,21 +365,18 @@ async fn the_recall_floor_probe_retunes_a_bad_promoted_config() {
     let t0 = now
         .last_probe_time
         .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = get_index(&s, "bad").await.refresh_status.expect("status");
-        let t = st
-            .last_probe_time
-            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-        if t > t0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no probe after the tune"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(30),
+        "a probe after the tune",
+        || async {
+            let st = get_index(&s, "bad").await.refresh_status.expect("status");
+            let t = st
+                .last_probe_time
+                .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+            (t > t0).then_some(())
+        },
+    )
+    .await;
     let refresh_jobs = jobs_of(&s, "bad")
         .await
         .into_iter()

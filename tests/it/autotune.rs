@@ -1,13 +1,16 @@
 //! Harnesses, the trial journal, the promotion registry and autotune jobs against a real
 //! server.
 
-mod common;
+use crate::common;
+
+use std::time::Duration;
 
 use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
 use vectord::pb;
 use vectord::pb::autotune_service_client::AutotuneServiceClient;
+use vectord::pb::promotion_service_client::PromotionServiceClient;
 
 async fn sampled_harness(
     a: &mut AutotuneServiceClient<Channel>,
@@ -98,18 +101,11 @@ async fn job(a: &mut AutotuneServiceClient<Channel>, id: &str) -> pb::Job {
 
 /// Waits (bounded) until the job is no longer RUNNING.
 async fn wait_job_end(a: &mut AutotuneServiceClient<Channel>, id: &str) -> pb::Job {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let j = job(a, id).await;
-        if j.state != pb::JobState::Running as i32 {
-            return j;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {id} did not end"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(60), &format!("job {id} ends"), || {
+        let mut a = a.clone();
+        async move { Some(job(&mut a, id).await).filter(|j| j.state != pb::JobState::Running as i32) }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -464,25 +460,55 @@ async fn the_journal_pages_newest_first_and_survives_restart() {
     assert!(left.iter().all(|t| t.index_name == "j"));
 }
 
-#[tokio::test]
-async fn promote_rollback_history_cap_restart_and_activation() {
+/// Index "p" with two trials and a promotion client; "other" with one trial (`foreign`).
+struct Promotions {
+    s: TestServer,
+    pr: PromotionServiceClient<Channel>,
+    t1: pb::Trial,
+    t2: pb::Trial,
+    foreign: pb::Trial,
+}
+
+async fn promotions() -> Promotions {
     let s = TestServer::start().await;
     seeded_index(&s, "p", 80, 4).await;
     seeded_index(&s, "other", 20, 4).await;
     let mut a = s.autotune().await;
-    let mut pr = s.promotion().await;
+    let pr = s.promotion().await;
     sampled_harness(&mut a, "p", "h", 5, None).await;
     sampled_harness(&mut a, "other", "h", 5, None).await;
     let t1 = trial(&mut a, "p", "h", cfg(8, 40, 30)).await;
     let t2 = trial(&mut a, "p", "h", cfg(12, 60, 50)).await;
     let foreign = trial(&mut a, "other", "h", cfg(8, 40, 30)).await;
+    Promotions {
+        s,
+        pr,
+        t1,
+        t2,
+        foreign,
+    }
+}
 
-    let promote = |id: u64| pb::PromoteRequest {
+/// A promotion of trial `id` of index "p" by alice.
+fn promote(id: u64) -> pb::PromoteRequest {
+    pb::PromoteRequest {
         index_name: "p".into(),
         trial_id: id,
         promoted_by: "alice".into(),
         note: format!("n{id}"),
-    };
+    }
+}
+
+#[tokio::test]
+async fn promote_then_rollback_walks_the_history_back_to_nothing() {
+    // `_s` keeps the server up (an unbound field would drop it here).
+    let Promotions {
+        s: _s,
+        mut pr,
+        t1,
+        t2,
+        ..
+    } = promotions().await;
     let r = pr.promote(promote(t1.id)).await.unwrap().into_inner();
     assert_eq!(r.history_depth, 0);
     let cur = r.current.unwrap();
@@ -520,7 +546,17 @@ async fn promote_rollback_history_cap_restart_and_activation() {
         ),
         Code::FailedPrecondition
     );
+}
 
+#[tokio::test]
+async fn promote_refuses_unknown_and_foreign_trials_and_unknown_indexes() {
+    let Promotions {
+        s: _s,
+        mut pr,
+        t1,
+        foreign,
+        ..
+    } = promotions().await;
     assert_eq!(code_of(pr.promote(promote(9999)).await), Code::NotFound);
     assert_eq!(
         code_of(pr.promote(promote(foreign.id)).await),
@@ -546,7 +582,13 @@ async fn promote_rollback_history_cap_restart_and_activation() {
         ),
         Code::NotFound
     );
+}
 
+#[tokio::test]
+async fn history_keeps_the_newest_50_across_a_restart_and_activation_follows_it() {
+    let Promotions {
+        s, mut pr, t1, t2, ..
+    } = promotions().await;
     // 52 promotions: the history keeps the newest 50, newest first.
     for i in 0..52 {
         pr.promote(promote(if i % 2 == 0 { t1.id } else { t2.id }))
@@ -1007,32 +1049,35 @@ async fn autotune_validates_before_running() {
     );
 }
 
-/// A grid slow enough to be caught running: big builds on a few thousand points.
-fn slow_grid() -> Vec<pb::HnswConfig> {
+/// A grid of 12 builds: held at the job gate, so none of it runs.
+fn held_grid() -> Vec<pb::HnswConfig> {
     (0..12)
         .map(|i| pb::HnswConfig {
-            m: 32,
-            ef_construction: 400,
-            ef_search: 200,
             seed: Some(i),
+            ..cfg(8, 20, 20)
         })
         .collect()
 }
 
-#[tokio::test]
-async fn one_job_per_index_cancel_and_disconnect() {
-    let s = TestServer::start().await;
-    seeded_index(&s, "c1", 3000, 32).await;
+/// A server whose jobs on "c1" are held RUNNING at the gate (no trial done) until cancelled,
+/// "c2" tuned freely, and a job on "c1" with its stream after the Started event.
+async fn held_job() -> (
+    TestServer,
+    AutotuneServiceClient<Channel>,
+    tonic::Streaming<pb::AutotuneResponse>,
+    pb::AutotuneStarted,
+) {
+    let (s, _gate) = TestServer::start_gated(&["c1"]).await;
+    seeded_index(&s, "c1", 300, 8).await;
     seeded_index(&s, "c2", 60, 4).await;
     let mut a = s.autotune().await;
-    sampled_harness(&mut a, "c1", "h", 100, None).await;
+    sampled_harness(&mut a, "c1", "h", 20, None).await;
     sampled_harness(&mut a, "c2", "h", 5, None).await;
-
     let mut first = a
         .autotune(pb::AutotuneRequest {
             index_name: "c1".into(),
             harness: "h".into(),
-            grid: slow_grid(),
+            grid: held_grid(),
             ..Default::default()
         })
         .await
@@ -1041,8 +1086,14 @@ async fn one_job_per_index_cancel_and_disconnect() {
     let Some(pb::autotune_response::Event::Started(started)) =
         first.message().await.unwrap().unwrap().event
     else {
-        panic!()
+        panic!("the first event is Started")
     };
+    (s, a, first, started)
+}
+
+#[tokio::test]
+async fn one_job_per_index_while_other_indexes_tune() {
+    let (_s, mut a, _first, started) = held_job().await;
     // A second job on the same index: ABORTED naming the running job.
     let e = a
         .autotune(pb::AutotuneRequest {
@@ -1076,7 +1127,11 @@ async fn one_job_per_index_cancel_and_disconnect() {
         .into_inner()
         .jobs;
     assert_eq!(listed[0].id, started.job_id, "running jobs come first");
+}
 
+#[tokio::test]
+async fn cancel_job_ends_the_job_and_its_stream_cancelled_and_promotes_nothing() {
+    let (s, mut a, first, started) = held_job().await;
     // CancelJob: CANCELLED, the stream ends with CANCELLED, nothing promoted, trials kept.
     let cancelled = a
         .cancel_job(pb::CancelJobRequest {
@@ -1088,7 +1143,7 @@ async fn one_job_per_index_cancel_and_disconnect() {
         .job
         .unwrap();
     assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
-    assert!(cancelled.trials_done < 12);
+    assert_eq!((cancelled.trials_done, cancelled.trials_total), (0, 12));
     let (_, err) = collect(first).await;
     assert_eq!(err.map(|e| e.code()), Some(Code::Cancelled));
     let mut pr = s.promotion().await;
@@ -1121,25 +1176,15 @@ async fn one_job_per_index_cancel_and_disconnect() {
         ),
         Code::FailedPrecondition
     );
+}
 
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_job() {
+    let (s, mut a, first, started) = held_job().await;
+    let mut pr = s.promotion().await;
     // Dropping the stream cancels too.
-    let mut second = a
-        .autotune(pb::AutotuneRequest {
-            index_name: "c1".into(),
-            harness: "h".into(),
-            grid: slow_grid(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::autotune_response::Event::Started(started2)) =
-        second.message().await.unwrap().unwrap().event
-    else {
-        panic!()
-    };
-    drop(second);
-    let j = wait_job_end(&mut a, &started2.job_id).await;
+    drop(first);
+    let j = wait_job_end(&mut a, &started.job_id).await;
     assert_eq!(j.state, pb::JobState::Cancelled as i32);
     assert!(pr
         .get_promoted(pb::GetPromotedRequest {
@@ -1200,15 +1245,15 @@ async fn autotune_with_activate_swaps_while_searches_run() {
 
 #[tokio::test]
 async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable() {
-    let s = TestServer::start().await;
-    seeded_index(&s, "sd", 3000, 32).await;
+    let (s, _gate) = TestServer::start_gated(&["sd"]).await;
+    seeded_index(&s, "sd", 300, 8).await;
     let mut a = s.autotune().await;
-    sampled_harness(&mut a, "sd", "h", 50, None).await;
+    sampled_harness(&mut a, "sd", "h", 20, None).await;
     let mut stream = a
         .autotune(pb::AutotuneRequest {
             index_name: "sd".into(),
             harness: "h".into(),
-            grid: slow_grid(),
+            grid: held_grid(),
             ..Default::default()
         })
         .await

@@ -1,7 +1,7 @@
 //! IndexService against a real server: round trips, search quality, deletes, restarts,
 //! activation under load, validation, reflection and limits.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tonic::Code;
@@ -110,7 +110,7 @@ async fn recall_at_10_against_brute_force() {
     let queries = 100;
     for _ in 0..queries {
         let q = g.vector(64);
-        let exact = brute_force_l2(&pts, &q, 10);
+        let exact = exact_top_k(pb::Metric::L2, &pts, &q, 10);
         let got = search(&mut c, "r", q, 10, Some(64)).await;
         assert_eq!(got.neighbors.len(), 10);
         // Nearest first.

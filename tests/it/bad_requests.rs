@@ -2,7 +2,7 @@
 //! requests across the three services, then the server is still SERVING and the data written
 //! before the table is all there.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tonic::Code;
@@ -109,6 +109,8 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
     config.max_points_per_upsert = 100;
     config.max_harness_queries = 50;
     config.max_request_bytes = 256 * 1024;
+    // The job on "t" stays RUNNING at the gate until it is cancelled after the table.
+    config.job_gate = Some(vectord::autotune::jobs::JobGate::closed(["t"]));
     let s = TestServer::start_in(tmp.path(), config).await;
     let mut c = s.index().await;
     let mut a = s.autotune().await;
@@ -140,11 +142,11 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
         .into_inner()
         .trial
         .expect("trial");
-    // A job that runs for a while: many separate builds. It is cancelled after the table.
+    // A job held RUNNING (the gate) through the table; it is cancelled after it.
     let long_grid: Vec<pb::HnswConfig> = (0..200)
         .map(|i| pb::HnswConfig {
             seed: Some(i),
-            ..cfg(48, 400, 100)
+            ..cfg(8, 40, 40)
         })
         .collect();
     let mut job_stream = a

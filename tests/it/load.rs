@@ -3,9 +3,8 @@
 //! only correctness: every error is deliberate shedding (RESOURCE_EXHAUSTED), some calls of
 //! every kind succeeded, and afterwards every acknowledged write is counted. No timing asserts.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
+use crate::common;
+use crate::common::load;
 
 use std::time::Duration;
 

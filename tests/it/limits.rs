@@ -3,7 +3,7 @@
 //! done, and never cuts a stream; --max-concurrent-jobs is RESOURCE_EXHAUSTED server-wide
 //! (distinct from the per-index ABORTED).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -133,19 +133,23 @@ async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
 
     // The write goes on to completion: the count reaches 3000 and every point is searchable
     // (a write cut halfway would be stored but missing from the graph).
-    let started = Instant::now();
-    loop {
-        match point_count(&mut c, "v").await {
-            Ok(3000) => break,
-            Ok(n) => assert_eq!(n, 0, "a half-applied upsert"),
-            Err(e) => assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message()),
+    eventually(DEADLINE, "the timed-out upsert completes", || {
+        let mut c = c.clone();
+        async move {
+            match point_count(&mut c, "v").await {
+                Ok(3000) => Some(()),
+                Ok(n) => {
+                    assert_eq!(n, 0, "a half-applied upsert");
+                    None
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+                    None
+                }
+            }
         }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the timed-out upsert never completed"
-        );
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
     for probe in [&pts[0], &pts[1500], &pts[2999]] {
         let started = Instant::now();
         let r = loop {
@@ -187,6 +191,7 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(tmp.path());
     config.max_concurrent_jobs = 1;
+    config.job_gate = Some(vectord::autotune::jobs::JobGate::closed(["a"]));
     let s = TestServer::start_in(tmp.path(), config).await;
     let mut c = s.index().await;
     let mut a = s.autotune().await;
@@ -207,15 +212,13 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
         .await
         .expect("harness");
     }
-    // A job long enough to still run while the next requests arrive: many separate builds.
-    let grid: Vec<pb::HnswConfig> = (0..200)
-        .map(|i| pb::HnswConfig {
-            m: 48,
-            ef_construction: 400,
-            ef_search: 100,
-            seed: Some(i),
-        })
-        .collect();
+    // The first job is held RUNNING at the server's job gate while the next requests arrive.
+    let grid = vec![pb::HnswConfig {
+        m: 8,
+        ef_construction: 20,
+        ef_search: 20,
+        seed: Some(1),
+    }];
     let tune = |index: &str, grid: Vec<pb::HnswConfig>| pb::AutotuneRequest {
         index_name: index.into(),
         harness: "h".into(),

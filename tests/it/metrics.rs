@@ -1,7 +1,7 @@
 //! The Prometheus endpoint against a real server: RPC counts by method and code, index,
 //! promotion, job, journal and refresh-probe figures.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,21 +126,19 @@ async fn metrics_show_rpcs_indexes_promotions_jobs_and_trials() {
     })
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let probed = loop {
-        let st = c
-            .get_index(pb::GetIndexRequest { name: "m".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .index
-            .and_then(|i| i.refresh_status);
-        if let Some(r) = st.and_then(|s| s.last_probe_recall) {
-            break r;
+    let probed = eventually(std::time::Duration::from_secs(30), "a probe ran", || {
+        let mut c = c.clone();
+        async move {
+            c.get_index(pb::GetIndexRequest { name: "m".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .index
+                .and_then(|i| i.refresh_status)
+                .and_then(|s| s.last_probe_recall)
         }
-        assert!(tokio::time::Instant::now() < deadline, "no probe ran");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    })
+    .await;
 
     let text = scrape(maddr, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
