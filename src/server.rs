@@ -224,6 +224,7 @@ pub async fn run_with(
         config.max_harness_queries,
     );
     let probe_interval = config.refresh_probe_interval;
+    let compact_fraction = config.compact_deleted_fraction;
     let job_gate = config.job_gate.clone();
     let trials_kept = config.trials_kept;
     let max_pending = config.max_pending_writes;
@@ -232,6 +233,7 @@ pub async fn run_with(
         let halt = halt.clone();
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry, halt, max_pending).await?);
+            catalog.start_compaction(compact_fraction);
             let lab =
                 Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
             let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
