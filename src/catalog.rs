@@ -27,6 +27,7 @@ use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 use rayon::prelude::*;
 
+use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
 use crate::index::Generation;
 use crate::model::{
@@ -36,6 +37,15 @@ use crate::model::{
 use crate::promotion::Registry;
 use crate::snapshots::{self, Restored};
 use crate::store::{Counts, IndexRecord, OpOutcome, Store, WriteOp as Op};
+
+/// A flag a build polls between chunks of points.
+type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A compaction's hold on the index's build lock, and when to stop.
+struct Compacting<'a> {
+    building: tokio::sync::MutexGuard<'a, ()>,
+    cancelled: Cancelled,
+}
 
 /// Default of `--max-pending-writes`: writes (calls) one index may have queued for its
 /// committer before more are refused.
@@ -86,6 +96,8 @@ pub struct IndexHandle {
     /// The committer's queue (bounded by `--max-pending-writes`).
     queue: mpsc::Sender<Pending>,
     max_pending: usize,
+    /// Tombstone compaction's state (see `compaction.rs`).
+    pub compaction: IndexCompaction,
 }
 
 impl IndexHandle {
@@ -111,6 +123,7 @@ impl IndexHandle {
             deleted: AtomicBool::new(false),
             snapshot_mark: AtomicU64::new(snapshot_mark),
             snapshotting: AtomicBool::new(false),
+            compaction: Default::default(),
             queue,
             max_pending,
         });
@@ -169,6 +182,11 @@ pub struct IndexView {
     pub meta: IndexMeta,
     pub point_count: u64,
     pub generation: GenerationMeta,
+    /// Tombstones in the active generation's graph (replaced or deleted points).
+    pub tombstones: u64,
+    /// Tombstones over every point in the active generation's graph.
+    pub deleted_fraction: f64,
+    pub compaction: crate::compaction::CompactionStats,
 }
 
 pub struct Catalog {
@@ -185,6 +203,8 @@ pub struct Catalog {
     max_pending: usize,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
     search_permits: Arc<Semaphore>,
+    /// Starts tombstone compactions after acknowledged writes.
+    compactor: Compactor,
 }
 
 /// A listener for writes: gets the index's name after each acknowledged upsert or delete.
@@ -266,6 +286,7 @@ impl Catalog {
             stop,
             max_pending,
             search_permits: Arc::new(Semaphore::new(cores)),
+            compactor: Default::default(),
         })
     }
 
@@ -290,6 +311,22 @@ impl Catalog {
         }
     }
 
+    /// Turns tombstone compaction on with `threshold` (the deleted share past which an index is
+    /// rebuilt; 0: off). Off until called.
+    pub fn start_compaction(self: &Arc<Self>, threshold: f64) {
+        self.compactor.start(self, threshold);
+    }
+
+    /// Starts a compaction of the index if its deleted share passed the threshold.
+    pub(crate) fn maybe_compact(&self, name: &Name, handle: &Arc<IndexHandle>) {
+        self.compactor.maybe_start(name, handle);
+    }
+
+    /// Stops running compactions at their next check and starts no more (shutdown).
+    pub fn stop_compaction(&self) {
+        self.compactor.shutdown();
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -308,10 +345,15 @@ impl Catalog {
     }
 
     fn view(h: &IndexHandle) -> IndexView {
+        let gen = h.active();
+        let (tombstones, live) = (gen.tombstones(), gen.live_count());
         IndexView {
             meta: h.meta.clone(),
             point_count: h.point_count(),
-            generation: h.active().meta.clone(),
+            generation: gen.meta.clone(),
+            tombstones: tombstones as u64,
+            deleted_fraction: deleted_fraction(tombstones, live),
+            compaction: h.compaction.stats(),
         }
     }
 
@@ -443,6 +485,7 @@ impl Catalog {
         debug_assert_eq!(outcome.affected, upserted);
         self.wrote(name);
         self.resnapshot_if_due(&handle);
+        self.compactor.maybe_start(name, &handle);
         Ok((upserted, outcome.point_count))
     }
 
@@ -456,6 +499,7 @@ impl Catalog {
         if outcome.affected > 0 {
             self.wrote(name);
             self.resnapshot_if_due(&handle);
+            self.compactor.maybe_start(name, &handle);
         }
         Ok((outcome.affected, outcome.point_count))
     }
@@ -620,7 +664,7 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(name, None, config, source, profile, true)
+        self.build_and_swap(name, None, config, source, profile, true, None)
             .await
             .map(|(meta, _, _)| meta)
     }
@@ -638,13 +682,56 @@ impl Catalog {
         profile: &str,
     ) -> Result<GenerationMeta> {
         let owner = Some((uid, cancel.clone()));
-        self.build_and_swap(name, owner, config, source, profile, true)
+        self.build_and_swap(name, owner, config, source, profile, true, None)
             .await
             .map(|(meta, _, _)| meta)
     }
 
+    /// Rebuilds the index's active generation with its own config, source and profile, to drop
+    /// its tombstones (see `compaction.rs`). None: skipped, as an activation holds the build
+    /// lock or the deleted share is no longer past the threshold. CANCELLED when an activation
+    /// arrived (or the server stops) while it built.
+    pub(crate) async fn compact(
+        &self,
+        name: &Name,
+        how: &Compaction,
+    ) -> Result<Option<GenerationMeta>> {
+        let handle = self.handle(name)?;
+        let Ok(building) = handle.building.try_lock() else {
+            return Ok(None);
+        };
+        let gen = handle.active();
+        if handle.compaction.preempted()
+            || deleted_fraction(gen.tombstones(), gen.live_count()) <= how.threshold
+        {
+            return Ok(None);
+        }
+        let m = gen.meta.clone();
+        drop(gen);
+        let (h, stop) = (handle.clone(), how.stop.clone());
+        let compacting = Compacting {
+            building,
+            cancelled: Arc::new(move || h.compaction.preempted() || stop.is_cancelled()),
+        };
+        let (meta, _, _) = self
+            .build_and_swap(
+                name,
+                None,
+                m.config,
+                m.source,
+                &m.profile,
+                true,
+                Some(compacting),
+            )
+            .await?;
+        Ok(Some(meta))
+    }
+
     /// [`rebuild`](Self::rebuild); with `persist` false the swap is made in memory only and the
     /// index record to persist is returned for the caller to write (with others, atomically).
+    /// With `compacting`, it is a compaction holding the build lock, which stops (CANCELLED)
+    /// when told; otherwise it is an activation, which preempts compactions of the index until
+    /// it returns.
     async fn build_and_swap(
         &self,
         name: &Name,
@@ -653,13 +740,21 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
         persist: bool,
+        compacting: Option<Compacting<'_>>,
     ) -> Result<(GenerationMeta, IndexRecord, u64)> {
         let handle = self.handle(name)?;
         let (uid, cancel) = owner.unzip();
         if uid.is_some_and(|u| u != handle.meta.uid) {
             return Err(Error::not_found("index", name.as_str()));
         }
-        let _building = handle.building.lock().await;
+        let (_activation, _building, cancelled) = match compacting {
+            None => {
+                let activation = handle.compaction.activation();
+                let never: Cancelled = Arc::new(|| false);
+                (Some(activation), handle.building.lock().await, never)
+            }
+            Some(c) => (None, c.building, c.cancelled),
+        };
         tracing::info!(
             "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
             name,
@@ -692,7 +787,9 @@ impl Catalog {
         let halt = self.stop.clone();
         let built = tokio::task::spawn_blocking(move || {
             Generation::build(metric, dim, meta, points, &|| {
-                halt.is_cancelled() || cancel.as_ref().is_some_and(|c| c.is_cancelled())
+                halt.is_cancelled()
+                    || cancel.as_ref().is_some_and(|c| c.is_cancelled())
+                    || cancelled()
             })
         })
         .await
@@ -831,12 +928,17 @@ impl Catalog {
         let profile = self.get_profile(name)?;
         // Every index must exist before anything is built.
         let mut plan = Vec::with_capacity(profile.indexes.len());
+        let mut handles = Vec::with_capacity(profile.indexes.len());
         for pi in &profile.indexes {
             let handle = self.handle(&pi.index)?;
+            handles.push(handle.clone());
             let default = pi.default_config.unwrap_or(handle.meta.default_config);
             let (config, source) = self.registry.config_or(&pi.index, default)?;
             plan.push((pi.index.clone(), config, source));
         }
+        // No compaction of these indexes runs until the profile is recorded: one would persist
+        // an index's new generation before the rest of the profile's.
+        let _activations: Vec<_> = handles.iter().map(|h| h.compaction.activation()).collect();
         // The new generations are swapped in one by one as they are built, but recorded all
         // at once at the end: a crash midway leaves every index on its previous generation
         // after restart, never a profile half-activated.
@@ -845,7 +947,7 @@ impl Catalog {
         let mut failed = None;
         for (index, config, source) in plan {
             match self
-                .build_and_swap(&index, None, config, source, name.as_str(), false)
+                .build_and_swap(&index, None, config, source, name.as_str(), false, None)
                 .await
             {
                 Ok((meta, rec, seq)) => {

@@ -48,6 +48,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The HNSW engine every graph of this process is built with.
     pub engine: crate::index::engine::EngineKind,
+    /// The deleted share (tombstones over all points of the active generation's graph) past
+    /// which an index is rebuilt in the background to drop its tombstones; 0: never.
+    pub compact_deleted_fraction: f64,
     /// Most ids in one DeletePoints call; more is RESOURCE_EXHAUSTED.
     pub max_ids_per_delete: usize,
     /// Most queries in one SearchBatch call; more is RESOURCE_EXHAUSTED.
@@ -114,6 +117,7 @@ impl Config {
             api_keys: None,
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
+            compact_deleted_fraction: crate::compaction::DEFAULT_DELETED_FRACTION,
             max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
             max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,
             max_batch_results: DEFAULT_MAX_BATCH_RESULTS as usize,

@@ -93,6 +93,28 @@ impl Error {
     }
 }
 
+/// The longest status message sent, in bytes. A message may quote what the client sent (a job
+/// id, a page token); quoted whole, a huge value makes a grpc-message header larger than the
+/// header list HTTP/2 clients accept (16 KiB for tonic's), and the client drops the whole
+/// connection. Percent-encoding can triple the bytes on the wire: still far under that.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `message`, cut at a character boundary to at most [`MAX_STATUS_MESSAGE`] bytes plus a note of
+/// its full length.
+fn clip_message(mut message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let full = message.len();
+    let mut end = MAX_STATUS_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… (clipped; {full} bytes)"));
+    message
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = e.code();
@@ -100,7 +122,7 @@ impl From<Error> for Status {
             // Handled here, logged once: the caller only sees the status.
             tracing::error!(error = %e, "internal error");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, clip_message(e.to_string()))
     }
 }
 

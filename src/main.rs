@@ -90,6 +90,10 @@ struct ServeArgs {
     /// Seconds between the recall probes of refresh policies with a recall floor (0: none).
     #[arg(long, env = "VECTORD_REFRESH_PROBE_SECS", default_value_t = 60)]
     refresh_probe_secs: u64,
+    /// Rebuild an index in the background (same config) once this share of its graph's points are tombstones of deleted or replaced points: 0 (never) or in (0, 1).
+    #[arg(long, env = "VECTORD_COMPACT_DELETED_FRACTION", default_value_t = vectord::compaction::DEFAULT_DELETED_FRACTION,
+        value_parser = |s: &str| s.parse::<f64>().map_err(|e| e.to_string()).and_then(vectord::compaction::check_fraction))]
+    compact_deleted_fraction: f64,
     /// HNSW engine: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
@@ -242,6 +246,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.jobs_kept = args.jobs_kept as usize;
     config.trials_kept = args.trials_kept as usize;
     config.engine = args.engine;
+    config.compact_deleted_fraction = args.compact_deleted_fraction;
     config.max_ids_per_delete = args.max_ids_per_delete as usize;
     config.max_batch_queries = args.max_batch_queries as usize;
     config.max_batch_results = args.max_batch_results as usize;

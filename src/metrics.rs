@@ -40,6 +40,10 @@ pub struct Metrics {
     probe_recall: GaugeVec,
     jobs: IntGaugeVec,
     trials: IntGauge,
+    tombstones: IntGaugeVec,
+    deleted_fraction: GaugeVec,
+    compactions: IntGaugeVec,
+    compaction_running: IntGaugeVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T> {
@@ -130,6 +134,10 @@ impl Metrics {
             probe_recall: register(&r, f("vectord_refresh_probe_recall", "recall of the last refresh-policy probe of the serving generation")?)?,
             jobs: register(&r, g("vectord_autotune_jobs", "autotune jobs kept, by state", &["state"])?)?,
             trials: register(&r, IntGauge::new("vectord_trials_journaled", "trials in the journal").map_err(err)?)?,
+            tombstones: register(&r, g("vectord_index_tombstones", "points in the active generation's graph that no search returns (replaced or deleted)", &["index"])?)?,
+            deleted_fraction: register(&r, f("vectord_index_deleted_fraction", "tombstones over every point in the active generation's graph; past --compact-deleted-fraction the index is compacted")?)?,
+            compactions: register(&r, g("vectord_index_compactions", "tombstone compactions swapped in since the server started", &["index"])?)?,
+            compaction_running: register(&r, g("vectord_index_compaction_running", "1 while a tombstone compaction of the index is scheduled or building", &["index"])?)?,
             registry: r,
             rpcs,
             rpc_seconds,
@@ -156,7 +164,15 @@ impl Metrics {
     /// Reads the current state from the core and renders every metric as Prometheus text.
     pub fn render(&self, core: &Core) -> Result<String> {
         if let Ok(ready) = core.ready() {
-            for g in [&self.points, &self.generation, &self.config, &self.jobs] {
+            for g in [
+                &self.points,
+                &self.generation,
+                &self.config,
+                &self.jobs,
+                &self.tombstones,
+                &self.compactions,
+                &self.compaction_running,
+            ] {
                 g.reset();
             }
             for g in [
@@ -164,6 +180,7 @@ impl Metrics {
                 &self.promoted_recall,
                 &self.promoted_p50,
                 &self.probe_recall,
+                &self.deleted_fraction,
             ] {
                 g.reset();
             }
@@ -192,6 +209,18 @@ impl Metrics {
                 ] {
                     self.config.with_label_values(&[n, param]).set(v as i64);
                 }
+                self.tombstones
+                    .with_label_values(&[n])
+                    .set(view.tombstones as i64);
+                self.deleted_fraction
+                    .with_label_values(&[n])
+                    .set(view.deleted_fraction);
+                self.compactions
+                    .with_label_values(&[n])
+                    .set(view.compaction.count as i64);
+                self.compaction_running
+                    .with_label_values(&[n])
+                    .set(view.compaction.running as i64);
                 self.build_seconds
                     .with_label_values(&[n])
                     .set(view.generation.build_millis as f64 / 1000.0);

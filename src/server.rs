@@ -30,6 +30,12 @@ pub const HEALTH_SERVICES: [&str; 4] = [
     "vectord.v1.PromotionService",
 ];
 
+/// The largest reflection request (a symbol or file name): larger is OUT_OF_RANGE.
+/// tonic-reflection answers an unknown name with NOT_FOUND quoting it whole; unbounded, a huge
+/// name made a grpc-message trailer over the client's HTTP/2 header limit (16 KiB in hyper's
+/// client), which then dropped the connection. 4 KiB, even percent-encoded, stays under it.
+pub const MAX_REFLECTION_REQUEST_BYTES: usize = 4096;
+
 async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
     for s in HEALTH_SERVICES {
         reporter.set_service_status(s, status).await;
@@ -99,12 +105,14 @@ pub async fn run_with(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?
+        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?
+        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
 
     let core = Arc::new(Core::new(EdgeLimits::of(&config)));
     let max = config.max_request_bytes;
@@ -216,6 +224,7 @@ pub async fn run_with(
         config.max_harness_queries,
     );
     let probe_interval = config.refresh_probe_interval;
+    let compact_fraction = config.compact_deleted_fraction;
     let job_gate = config.job_gate.clone();
     let trials_kept = config.trials_kept;
     let max_pending = config.max_pending_writes;
@@ -224,6 +233,7 @@ pub async fn run_with(
         let halt = halt.clone();
         async move {
             let catalog = Arc::new(Catalog::recover(store, registry, halt, max_pending).await?);
+            catalog.start_compaction(compact_fraction);
             let lab =
                 Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
             let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;

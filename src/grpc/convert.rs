@@ -148,6 +148,15 @@ impl From<IndexView> for pb::Index {
             create_time: timestamp(v.meta.create_time_ms),
             refresh_policy: None,
             refresh_status: None,
+            tombstone_count: v.tombstones,
+            deleted_fraction: v.deleted_fraction,
+            compaction: Some(pb::CompactionStatus {
+                compactions: v.compaction.count,
+                last_compaction_time: (v.compaction.last_ms > 0)
+                    .then(|| timestamp(v.compaction.last_ms))
+                    .flatten(),
+                running: v.compaction.running,
+            }),
         }
     }
 }

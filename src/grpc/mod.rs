@@ -165,6 +165,7 @@ impl Core {
     pub fn shutdown(&self) {
         if let Some(r) = self.ready.get() {
             r.jobs.shutdown();
+            r.catalog.stop_compaction();
         }
     }
 }

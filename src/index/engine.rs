@@ -35,6 +35,11 @@ pub trait Engine: Send + Sync {
     ) -> Option<Vec<(usize, f32)>> {
         None
     }
+    /// The exact internal distances from `query` to the points `ids`, for a search that scans
+    /// a few live points instead of walking a graph of tombstones. None: the engine cannot.
+    fn distances(&self, _query: &[f32], _ids: &[usize]) -> Option<Vec<(usize, f32)>> {
+        None
+    }
     /// Gives every point that no level-0 link reaches one link from a near point, so a search
     /// can find it; returns how many it linked. HNSW's neighbour heuristic may prune a point
     /// from every list that held it (rarely, and more often when inserts run in parallel and

@@ -4,7 +4,11 @@
 //! The engines can neither delete nor update, so a replaced or deleted id leaves its old
 //! internal point in the graph as a tombstone, and no search ever returns one. The native
 //! engine filters tombstones as it searches (they still guide the search, as hnswlib's deleted
-//! marks do), so a search's cost grows with the share of tombstones, not their number. hnsw_rs cannot, so
+//! marks do), so a search's cost grows with the share of tombstones, not their number; it is
+//! bounded when live points are scarce (a few times `ef` expansions, then it stops once it holds
+//! `k`), and with at most [`SCAN_LIVE_PER_EF`]` * ef` live points left a search compares the
+//! query with each of them instead. The server rebuilds a generation whose share of tombstones
+//! passes `--compact-deleted-fraction` (`compaction.rs`). hnsw_rs cannot, so
 //! over it a search over-fetches by the share of tombstones, doubling until it has `k` live
 //! hits or has seen the whole graph. Every internal id is inserted into the graph once, so no
 //! id ever has two live points.
@@ -20,6 +24,12 @@ use super::engine::{default_engine, load_engine, new_engine, new_engine_of, Engi
 use super::snapshot;
 use crate::error::{Error, Result};
 use crate::model::{GenerationMeta, Hit, HnswConfig, Metric, Point};
+
+/// A search of a generation with tombstones and at most this many times `ef` live points
+/// compares the query with each live point instead of walking the graph: at ef 64 and M 16 a
+/// graph search computes about a thousand distances (more past tombstones), twice a scan of
+/// 8 × 64 points, and the scan is exact.
+const SCAN_LIVE_PER_EF: usize = 8;
 
 /// Points inserted between two checks of the cancellation flag during a build.
 const BUILD_CHUNK: usize = 256;
@@ -398,6 +408,15 @@ impl Generation {
         if total == live {
             return hits(&self.engine.search(query, k, ef));
         }
+        // Few live points left among tombstones: comparing the query with each of them is
+        // exact and cheaper than a graph walk that must pass the tombstones to reach them.
+        if live <= ef.max(k).saturating_mul(SCAN_LIVE_PER_EF) {
+            let ids: Vec<usize> = map.by_external.values().copied().collect();
+            if let Some(mut found) = self.engine.distances(query, &ids) {
+                found.sort_unstable_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+                return hits(&found);
+            }
+        }
         if let Some(found) = self.engine.search_filtered(query, k, ef, &keep) {
             return hits(&found);
         }
@@ -562,6 +581,139 @@ mod tests {
             let mut want: Vec<u64> = live.iter().map(|p| p.id).collect();
             want.sort_unstable();
             assert_eq!(all, want, "{kind:?}");
+        }
+    }
+
+    /// Clustered points: `n` around 20 centres in [-1, 1)^dim, spread 0.05.
+    fn clustered(rng: &mut rand_chacha::ChaCha8Rng, n: u64, dim: usize) -> Vec<Point> {
+        use rand::Rng;
+        let centres: Vec<Vec<f32>> = (0..20)
+            .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+            .collect();
+        (0..n)
+            .map(|id| {
+                let c = &centres[rng.gen_range(0..centres.len())];
+                Point {
+                    id,
+                    vector: c
+                        .iter()
+                        .map(|x| x + rng.gen_range(-0.05f32..0.05))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn default_meta() -> GenerationMeta {
+        GenerationMeta {
+            config: HnswConfig::default(),
+            ..meta(None)
+        }
+    }
+
+    /// Points unlike the rest of the data, upserted one per call from several threads after a
+    /// build, are each found first by their own vector at the default ef_search, on every
+    /// native engine (issue 20, section 5: they used to be pruned from every neighbour's list).
+    #[test]
+    fn online_outliers_are_found_by_their_own_vector() {
+        use rand::Rng;
+        const DIM: usize = 32;
+        for kind in [
+            EngineKind::Native,
+            EngineKind::NativeF16,
+            EngineKind::NativeI8,
+        ] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
+            let base = clustered(&mut rng, 4000, DIM);
+            let meta = default_meta();
+            let ef = meta.config.ef_search as usize;
+            let g =
+                Generation::build_of(kind, Metric::L2, DIM as u32, meta, base, &|| false).unwrap();
+            let outliers: Vec<Point> = (0..200)
+                .map(|i| Point {
+                    id: 1_000_000 + i,
+                    vector: (0..DIM).map(|_| rng.gen_range(-3.0f32..3.0)).collect(),
+                })
+                .collect();
+            std::thread::scope(|s| {
+                for part in outliers.chunks(25) {
+                    let g = &g;
+                    s.spawn(move || {
+                        for p in part {
+                            g.upsert(std::slice::from_ref(p));
+                        }
+                    });
+                }
+            });
+            let lost: Vec<u64> = outliers
+                .iter()
+                .filter(|p| g.search(&p.vector, 1, ef).first().map(|h| h.id) != Some(p.id))
+                .map(|p| p.id)
+                .collect();
+            assert!(
+                lost.is_empty(),
+                "{kind:?}: {} of 200 not found first: {lost:?}",
+                lost.len()
+            );
+        }
+    }
+
+    /// After 90% of the points are deleted, a search returns only live points and finds the
+    /// live neighbours; with 99.5% deleted (fewer live points than a search's work) it scans
+    /// them and is exact.
+    #[test]
+    fn searches_after_deleting_most_points_find_the_live_neighbours() {
+        use rand::Rng;
+        const DIM: usize = 16;
+        for kind in [
+            EngineKind::Native,
+            EngineKind::NativeF16,
+            EngineKind::NativeI8,
+            EngineKind::HnswRs,
+        ] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+            let points = clustered(&mut rng, 5000, DIM);
+            let queries: Vec<Vec<f32>> = (0..40)
+                .map(|_| (0..DIM).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+                .collect();
+            let g = Generation::build_of(
+                kind,
+                Metric::L2,
+                DIM as u32,
+                default_meta(),
+                points.clone(),
+                &|| false,
+            )
+            .unwrap();
+            let l2 = |a: &[f32], b: &[f32]| -> f32 {
+                a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+            };
+            for (kept_one_in, min_recall) in [(10u64, 0.9), (200, 1.0)] {
+                let gone: Vec<u64> = (0..5000).filter(|id| id % kept_one_in != 0).collect();
+                g.delete(&gone);
+                let live: Vec<&Point> = points.iter().filter(|p| p.id % kept_one_in == 0).collect();
+                let mut found = 0;
+                for q in &queries {
+                    let hits = g.search(q, 10, 64);
+                    assert_eq!(hits.len(), 10, "{kind:?}");
+                    assert!(
+                        hits.iter().all(|h| h.id % kept_one_in == 0),
+                        "{kind:?}: dead id"
+                    );
+                    let mut exact: Vec<(f32, u64)> =
+                        live.iter().map(|p| (l2(q, &p.vector), p.id)).collect();
+                    exact.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    found += exact[..10]
+                        .iter()
+                        .filter(|(_, id)| hits.iter().any(|h| h.id == *id))
+                        .count();
+                }
+                let recall = found as f64 / (10.0 * queries.len() as f64);
+                assert!(
+                    recall >= min_recall,
+                    "{kind:?}: recall@10 {recall} with one point in {kept_one_in} live"
+                );
+            }
         }
     }
 

@@ -237,6 +237,13 @@ fn rerank_count(k: usize) -> usize {
     (2 * k).max(k + 10)
 }
 
+/// A filtered search (past tombstones) that has expanded this many times `ef` nodes stops as
+/// soon as it holds `k` live ones ([`Native::search_layer`]). A search of a graph without
+/// tombstones expands about `ef` nodes, so this binds only when fewer than about one point in
+/// EXPANSIONS_PER_EF near the query is live; measured with 90% of the points deleted it left
+/// recall@10 at ef 64 unchanged (see docs/scale.md).
+const EXPANSIONS_PER_EF: usize = 8;
+
 /// How many neighbours ahead a search asks for whole vectors.
 const LOOKAHEAD: usize = 2;
 
@@ -394,6 +401,8 @@ pub struct Native {
     /// Links per node at level 0.
     m0: usize,
     ef_construction: usize,
+    /// The config's ef_search: the beam an insert checks an outlier is found with.
+    ef_search: usize,
     /// 1 / ln(M): the level distribution's scale.
     level_mult: f64,
     seed: u64,
@@ -444,6 +453,7 @@ impl Native {
             m,
             m0: 2 * m,
             ef_construction: (config.ef_construction as usize).max(m),
+            ef_search: (config.ef_search as usize).max(1),
             level_mult: 1.0 / (m as f64).ln(),
             seed: config.seed.unwrap_or(DEFAULT_SEED),
             base: capacity.max(1024),
@@ -707,6 +717,12 @@ impl Native {
     /// goes on until it has `ef` nodes that pass. With `keep` always true (every build, and
     /// searches of a graph without tombstones) this is the plain HNSW search, and the check
     /// compiles away.
+    ///
+    /// With `enough: Some(k)` the work is bounded when the nodes that pass are scarce near the
+    /// query (most of the graph tombstoned): past [`EXPANSIONS_PER_EF`]` * ef` expanded nodes
+    /// the search stops as soon as it holds `k` that pass, instead of walking on until it has
+    /// `ef` of them.
+    #[allow(clippy::too_many_arguments)]
     fn search_layer(
         &self,
         q: &Query,
@@ -715,6 +731,7 @@ impl Native {
         level: usize,
         s: &mut Scratch,
         keep: &impl Fn(u32) -> bool,
+        enough: Option<usize>,
     ) {
         s.start(self.slots.load(AtOrd::Relaxed));
         s.visit(ep.id);
@@ -722,10 +739,18 @@ impl Native {
             s.top.push(ep);
         }
         s.candidates.push(Reverse(ep));
+        let budget = ef.saturating_mul(EXPANSIONS_PER_EF);
+        let mut expanded = 0usize;
         while let Some(Reverse(c)) = s.candidates.pop() {
             let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
             if c.d > worst && s.top.len() >= ef {
                 break;
+            }
+            if let Some(k) = enough {
+                expanded += 1;
+                if expanded > budget && s.top.len() >= k {
+                    break;
+                }
             }
             let links = self.links(c.id, level);
             let Some((count, slots)) = links.split_first() else {
@@ -810,9 +835,13 @@ impl Native {
     }
 
     /// Links node `id`'s neighbours at `level` (the heuristic's selection, already in `id`'s own
-    /// list) back to it.
-    fn link_back(&self, id: u32, v: &[f32], selected: &[Cand], level: usize) {
+    /// list) back to it. Returns whether the nearest of them kept a link to it (did not prune
+    /// it from its full list), and whether the node is an outlier: farther from that nearest
+    /// neighbour than all the neighbour's links.
+    fn link_back(&self, id: u32, v: &[f32], selected: &[Cand], level: usize) -> (bool, bool) {
         let cap = if level == 0 { self.m0 } else { self.m };
+        let (mut linked, mut outlier) = (false, false);
+        let nearest = selected.iter().find(|c| c.id != id).map(|c| c.id);
         for nb in selected {
             if nb.id == id {
                 continue;
@@ -828,6 +857,17 @@ impl Native {
             };
             let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
             if n < cap.min(slots.len()) {
+                if Some(nb.id) == nearest {
+                    linked = true;
+                    let d = self.dist(nb_vec, v);
+                    outlier = slots[..n].iter().all(|slot| {
+                        let other = slot.load(AtOrd::Acquire);
+                        other == EMPTY
+                            || self
+                                .vector(other)
+                                .is_none_or(|ov| self.dist(nb_vec, ov) < d)
+                    });
+                }
                 slots[n].store(id, AtOrd::Release);
                 count.store(n as u32 + 1, AtOrd::Release);
                 continue;
@@ -851,9 +891,91 @@ impl Native {
                 }
             }
             cands.sort_unstable();
-            let kept = self.select(&cands, cap);
+            let mut kept = self.select(&cands, cap);
+            // A new point farther from this neighbour than all its links is unlike its
+            // surroundings (an outlier), and each of its neighbours prunes it: the pruned
+            // heuristic keeps fewer than `cap` links, so it keeps it in a free slot. Points like
+            // their surroundings rarely pass this test, so the graph is otherwise the heuristic's.
+            if level == 0
+                && kept.len() < cap
+                && cands.last().is_some_and(|c| c.id == id)
+                && !kept.iter().any(|c| c.id == id)
+            {
+                kept.extend(cands.last().copied());
+            }
+            if Some(nb.id) == nearest {
+                linked = kept.iter().any(|c| c.id == id);
+                outlier = cands.last().is_some_and(|c| c.id == id);
+            }
             Self::write_links(links, kept.iter().map(|c| c.id));
         }
+        (linked, outlier)
+    }
+
+    /// Makes sure a search for outlier node `id` (vector `v`) at the config's ef_search finds
+    /// it: a search for a point unlike the rest of the data can end among points nearly as far
+    /// as its true neighbours but elsewhere (another cluster), so where it ends gets a link to
+    /// it (in place of its most redundant one), up to twice. Only outliers pay for this search.
+    fn make_findable(&self, id: u32, v: &[f32]) {
+        for _ in 0..2 {
+            let found = self.search_keeping(v, 1, self.ef_search, &|_| true);
+            let Some(&(landed, _)) = found.first() else {
+                return;
+            };
+            let landed = landed as u32;
+            if landed == id {
+                return;
+            }
+            let Some(base) = self.vector(landed) else {
+                return;
+            };
+            self.add_link(landed, id, |slots| self.most_redundant(base, slots));
+        }
+    }
+
+    /// Gives node `id`, which its nearest level-0 neighbour (first of `selected`) did not keep
+    /// a link to, a level-0 link from that neighbour: into a free slot, else in place of its
+    /// most redundant link ([`Self::most_redundant`]). A point unlike the rest of the data is
+    /// pruned from the lists of its neighbours (each keeps a nearer point that lies between
+    /// them), and the in-links it may keep from farther ones lead from places a search for it
+    /// never goes; a search for it does reach its nearest neighbour.
+    fn adopt(&self, id: u32, selected: &[Cand]) {
+        let Some(nearest) = selected.iter().find(|c| c.id != id) else {
+            return;
+        };
+        if let Some(base) = self.vector(nearest.id) {
+            self.add_link(nearest.id, id, |slots| self.most_redundant(base, slots));
+        }
+    }
+
+    /// Of a full level-0 list of the node at `base` (caller holds its lock), the slot to give
+    /// up: of the two linked points nearest each other, the one farther from `base` (the one
+    /// hnswlib's heuristic would prune), which stays one hop from the other. A point adopted
+    /// before, far from every other, is never the one dropped.
+    fn most_redundant<'a>(&self, base: &[f32], slots: &'a [AtomicU32]) -> Option<&'a AtomicU32> {
+        let linked: Vec<(usize, &[f32])> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let id = slot.load(AtOrd::Acquire);
+                (id != EMPTY).then(|| self.vector(id).map(|v| (i, v)))?
+            })
+            .collect();
+        let mut best: Option<(f32, usize)> = None;
+        for (a, &(i, va)) in linked.iter().enumerate() {
+            for &(j, vb) in &linked[a + 1..] {
+                let d = self.dist(va, vb);
+                if best.is_none_or(|(bd, _)| d < bd) {
+                    let far = if self.dist(base, va) > self.dist(base, vb) {
+                        i
+                    } else {
+                        j
+                    };
+                    best = Some((d, far));
+                }
+            }
+        }
+        best.and_then(|(_, j)| slots.get(j))
     }
 
     /// Adds a level-0 link from `from` to `to`: into a free slot, or else into the slot `full`
@@ -910,7 +1032,7 @@ impl Native {
             cur = self.greedy(&q, cur, l);
         }
         with_scratch(|s| {
-            self.search_layer(&q, cur, ef.max(k), 0, s, keep);
+            self.search_layer(&q, cur, ef.max(k), 0, s, keep, Some(k));
             if self.storage != Storage::F32 {
                 // Rank the nearest candidates by their exact distances (float vectors, asked
                 // for a few candidates ahead): [`rerank_count`] of them, as reading
@@ -1041,7 +1163,7 @@ impl Engine for Native {
         let mut selections: Vec<(usize, Vec<Cand>)> = Vec::with_capacity(level.min(top) + 1);
         with_scratch(|s| {
             for l in (0..=level.min(top)).rev() {
-                self.search_layer(&q, cur, self.ef_construction, l, s, &|_| true);
+                self.search_layer(&q, cur, self.ef_construction, l, s, &|_| true, None);
                 let mut found: Vec<Cand> = std::mem::take(&mut s.top).into_sorted_vec();
                 let selected = self.select(&found, self.m);
                 Self::write_links(self.links_in(seg, off, l), selected.iter().map(|c| c.id));
@@ -1054,7 +1176,15 @@ impl Engine for Native {
             }
         });
         for (l, selected) in &selections {
-            self.link_back(id, v, selected, *l);
+            let (linked, outlier) = self.link_back(id, v, selected, *l);
+            if *l == 0 {
+                if !linked {
+                    self.adopt(id, selected);
+                }
+                if outlier {
+                    self.make_findable(id, v);
+                }
+            }
         }
         if level > top {
             *self.entry.write() = Some((id, level));
@@ -1103,6 +1233,20 @@ impl Engine for Native {
         keep: &dyn Fn(usize) -> bool,
     ) -> Option<Vec<(usize, f32)>> {
         Some(self.search_keeping(query, k, ef, &|id| keep(id as usize)))
+    }
+
+    fn distances(&self, query: &[f32], ids: &[usize]) -> Option<Vec<(usize, f32)>> {
+        if query.len() != self.dim {
+            return Some(Vec::new());
+        }
+        let found = ids
+            .iter()
+            .filter_map(|&id| {
+                let v = self.vector(u32::try_from(id).ok()?)?;
+                Some((id, self.dist(query, v)))
+            })
+            .collect();
+        Some(found)
     }
 
     fn link_orphans(&self) -> usize {

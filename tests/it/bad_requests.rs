@@ -1083,3 +1083,113 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
     };
     assert!(current.is_none(), "nothing was promoted");
 }
+
+/// Found by tests/fuzz.rs: an error that quoted a client's value in full (a 100,000-character
+/// job id or page token) became a grpc-message header larger than the HTTP/2 header list a
+/// client accepts (tonic's: 16 KiB), and the client dropped the whole connection
+/// (GOAWAY ENHANCE_YOUR_CALM) with every call on it. The message is clipped; the code stays.
+#[tokio::test]
+async fn an_error_quoting_a_huge_value_is_clipped_and_keeps_the_connection() {
+    let s = TestServer::start().await;
+    let ch = s.channel().await;
+    let mut a = vectord::pb::autotune_service_client::AutotuneServiceClient::new(ch.clone());
+    let mut c = vectord::pb::index_service_client::IndexServiceClient::new(ch);
+    let huge = "x".repeat(100_000);
+    let e = a
+        .cancel_job(pb::CancelJobRequest { id: huge.clone() })
+        .await
+        .expect_err("no such job");
+    assert_eq!(e.code(), Code::NotFound, "{}", clip(e.message()));
+    assert!(
+        e.message().len() <= 1100 && e.message().starts_with("job \"xxx"),
+        "clipped, and still says what: {}",
+        clip(e.message())
+    );
+    let e = c
+        .list_indexes(pb::ListIndexesRequest {
+            page_size: 0,
+            page_token: huge,
+        })
+        .await
+        .expect_err("not a token");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", clip(e.message()));
+    assert!(e.message().len() <= 1100, "{}", clip(e.message()));
+    // Clipped at a character boundary.
+    let e = c
+        .list_profiles(pb::ListProfilesRequest {
+            page_size: 0,
+            page_token: "é".repeat(50_000),
+        })
+        .await
+        .expect_err("not a token");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("ééé"), "{}", e.message());
+    // The connection is still usable.
+    c.list_indexes(pb::ListIndexesRequest::default())
+        .await
+        .expect("the same channel still works");
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(300).collect()
+}
+
+/// Found by tests/fuzz.rs: reflection (tonic-reflection) answers an unknown symbol or file with
+/// NOT_FOUND quoting the name whole; a 100,000-character name made a grpc-message trailer over
+/// the client's HTTP/2 header limit and the client dropped the connection. Reflection requests
+/// are bounded (4 KiB: symbol and file names), so a quote stays small; over the bound,
+/// tonic-reflection ends the stream without an answer.
+#[tokio::test]
+async fn reflection_with_a_huge_symbol_is_refused_and_keeps_the_connection() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let s = TestServer::start().await;
+    let ch = s.channel().await;
+    let mut r = ServerReflectionClient::new(ch.clone());
+    for (what, request) in [
+        (
+            "a huge symbol",
+            MessageRequest::FileContainingSymbol("x".repeat(100_000)),
+        ),
+        (
+            "a huge file name",
+            MessageRequest::FileByFilename("é".repeat(50_000)),
+        ),
+        (
+            "an unknown symbol",
+            MessageRequest::FileContainingSymbol("x.Y".into()),
+        ),
+    ] {
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let answer = async {
+            let mut stream = r
+                .server_reflection_info(futures_util::stream::iter([req]))
+                .await?
+                .into_inner();
+            stream.message().await
+        }
+        .await;
+        match answer {
+            // tonic-reflection ends the stream without a message when a request cannot be
+            // read (here: over the bound).
+            Ok(None) => assert_ne!(what, "an unknown symbol"),
+            Ok(Some(m)) => panic!("{what}: answered {m:?}"),
+            Err(e) => {
+                assert!(
+                    std::error::Error::source(&e).is_none(),
+                    "{what}: the server's status, not a broken connection: {e:?}"
+                );
+                assert_eq!(e.code(), Code::NotFound, "{what}");
+                assert!(e.message().len() <= 1100, "{what}: {}", clip(e.message()));
+            }
+        }
+    }
+    let mut c = vectord::pb::index_service_client::IndexServiceClient::new(ch);
+    c.list_indexes(pb::ListIndexesRequest::default())
+        .await
+        .expect("the same channel still works");
+}
