@@ -1134,10 +1134,14 @@ fn for_each_caller(e: &Error) -> Error {
 /// An index's committer: takes every write queued (up to [`MAX_GROUP_ITEMS`]), commits them
 /// as one group, answers, repeats. Ends when the handle is gone or the store has failed.
 async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::Receiver<Pending>) {
+    // The store is held only while a group commits: once the catalog is gone (shutdown), an idle
+    // committer must not keep the data dir locked after the server has returned.
+    let failed = store.failed().clone();
+    let store = Arc::downgrade(&store);
     loop {
         let first = tokio::select! {
             biased;
-            _ = store.failed().cancelled() => return,
+            _ = failed.cancelled() => return,
             p = rx.recv() => match p {
                 Some(p) => p,
                 None => return,
@@ -1155,6 +1159,7 @@ async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::R
             }
         }
         let Some(h) = handle.upgrade() else { return };
+        let Some(store) = store.upgrade() else { return };
         commit_group(&h, &store, group).await;
     }
 }

@@ -135,6 +135,18 @@ impl TestServer {
     /// Stops the server and starts a new one on the same data dir.
     pub async fn restart(mut self) -> Self {
         self.stop().await;
+        // Background tasks of the stopped server (write committers, a compaction) drop their
+        // hold on the store a moment after `run` returns: wait until the data dir is unlocked.
+        let dir = self.dir.clone();
+        eventually(
+            Duration::from_secs(30),
+            "the stopped server's store is closed",
+            || {
+                let dir = dir.clone();
+                async move { vectord::store::Store::open(&dir).ok().map(drop) }
+            },
+        )
+        .await;
         let tmp = self._tmp.take();
         let mut s = Self::start_in(&self.dir, Config::for_tests(&self.dir)).await;
         s._tmp = tmp;
