@@ -732,6 +732,7 @@ impl Catalog {
     /// With `compacting`, it is a compaction holding the build lock, which stops (CANCELLED)
     /// when told; otherwise it is an activation, which preempts compactions of the index until
     /// it returns.
+    #[allow(clippy::too_many_arguments)] // one private seam: who owns the build, what it builds, how it stops
     async fn build_and_swap(
         &self,
         name: &Name,

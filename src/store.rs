@@ -1146,7 +1146,7 @@ fn check_owner(record: Option<&[u8]>, name: &str, uid: u64) -> Result<()> {
     struct Only {
         meta: Meta,
     }
-    match record.map(|r| serde_json::from_slice::<Only>(r)) {
+    match record.map(serde_json::from_slice::<Only>) {
         Some(Ok(o)) if o.meta.uid == uid => Ok(()),
         Some(Err(e)) => Err(Error::Corrupt(format!("index record of {name:?}: {e}"))),
         _ => Err(Error::NotFound {

@@ -1490,7 +1490,7 @@ impl Native {
                 c.store(u32::from_le_bytes([b[0], b[1], b[2], b[3]]), AtOrd::Relaxed);
             }
             let upper = d.u32()? as usize;
-            if upper > MAX_LEVEL * (1 + g.m) || upper % (1 + g.m) != 0 {
+            if upper > MAX_LEVEL * (1 + g.m) || !upper.is_multiple_of(1 + g.m) {
                 return Err(bad(format!("node {id} has {upper} upper-level cells")));
             }
             if upper > 0 {

@@ -90,7 +90,7 @@ async fn compaction_under_concurrent_writes_and_searches_loses_and_resurrects_no
         (0, 0.0),
         "{first:?}"
     );
-    let compaction = first.compaction.clone().expect("compaction status");
+    let compaction = first.compaction.expect("compaction status");
     assert_eq!((compaction.compactions, compaction.running), (0, false));
     let start_generation = first.active_generation.as_ref().unwrap().number;
 

@@ -1644,7 +1644,7 @@ fn grpc_status(h: &http::HeaderMap) -> Option<(Code, String)> {
     let message = h
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())
-        .map(|m| percent_decode(m))
+        .map(percent_decode)
         .unwrap_or_default();
     Some((Code::from_i32(code), message))
 }

@@ -12,8 +12,7 @@ use vectord::config::Config;
 use vectord::pb;
 use vectord::pb::autotune_service_client::AutotuneServiceClient;
 
-#[path = "common/child.rs"]
-mod child;
+use crate::common::child;
 
 /// An index of `n` random `dim`-d L2 points.
 async fn seeded_index(s: &TestServer, name: &str, n: u64, dim: usize) -> Vec<pb::Point> {
