@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use child::{Vectord, DEADLINE};
+use child::{channel, path_str, start, Vectord, DEADLINE};
 use common::{create_index, points, Gen};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
@@ -23,34 +23,6 @@ use vectord::pb;
 use vectord::pb::autotune_service_client::AutotuneServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
 use vectord::pb::promotion_service_client::PromotionServiceClient;
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp dir path is UTF-8")
-}
-
-/// Starts `vectord serve` on `dir` and waits until it is SERVING.
-async fn start(what: &'static str, dir: &Path) -> (Vectord, SocketAddr) {
-    let mut s = Vectord::spawn(
-        what,
-        &["--addr", "127.0.0.1:0", "--data-dir", path_str(dir)],
-        &[],
-    );
-    let addr = s.wait_listening().await;
-    s.wait_serving(addr).await;
-    (s, addr)
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    tokio::time::timeout(
-        DEADLINE,
-        Channel::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect(),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect")
-}
 
 /// Runs `vectord serve` on `dir`, expecting it to refuse to start: a non-zero exit, a message
 /// naming the data dir that contains `expect`, and no panic. Returns stderr.

@@ -7,11 +7,10 @@ use crate::common;
 use crate::common::child;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use child::{Vectord, DEADLINE};
+use child::{channel, start, DEADLINE};
 use common::{create_index, points, Gen, TestServer};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
@@ -309,33 +308,6 @@ async fn a_large_delete_while_searches_run_keeps_health_prompt() {
 }
 
 // ---- SIGKILL loop against the real binary ----
-
-fn path_str(p: &std::path::Path) -> &str {
-    p.to_str().expect("temp dir path is UTF-8")
-}
-
-async fn start(what: &'static str, dir: &std::path::Path) -> (Vectord, SocketAddr) {
-    let mut s = Vectord::spawn(
-        what,
-        &["--addr", "127.0.0.1:0", "--data-dir", path_str(dir)],
-        &[],
-    );
-    let addr = s.wait_listening().await;
-    s.wait_serving(addr).await;
-    (s, addr)
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    tokio::time::timeout(
-        DEADLINE,
-        Channel::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect(),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect")
-}
 
 const KDIM: usize = 8;
 const KWRITERS: u64 = 16;

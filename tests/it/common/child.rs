@@ -278,3 +278,33 @@ impl Drop for Vectord {
         }
     }
 }
+
+/// A path as the UTF-8 string a command-line flag takes.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp dir path is UTF-8")
+}
+
+/// Starts `vectord serve` on `dir` (a loopback port) and waits until it is SERVING.
+pub async fn start(what: &'static str, dir: &Path) -> (Vectord, SocketAddr) {
+    let mut s = Vectord::spawn(
+        what,
+        &["--addr", "127.0.0.1:0", "--data-dir", path_str(dir)],
+        &[],
+    );
+    let addr = s.wait_listening().await;
+    s.wait_serving(addr).await;
+    (s, addr)
+}
+
+/// A channel to `addr`, connected within [`DEADLINE`].
+pub async fn channel(addr: SocketAddr) -> Channel {
+    tokio::time::timeout(
+        DEADLINE,
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect(),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect")
+}
