@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's grpcurl tour, as a script. Needs a running server (default 127.0.0.1:50051),
+# The grpcurl tour of docs/grpcurl-tour.md, as a script. Needs a running server (default 127.0.0.1:50051),
 # grpcurl and python3 (to generate a few points).
 #   ./examples/grpcurl-tour.sh [host:port]
 set -euo pipefail
@@ -44,3 +44,10 @@ g vectord.v1.PromotionService/GetPromoted '{"index_name": "tour"}'
 g vectord.v1.AutotuneService/GetParetoFront '{"index_name": "tour", "harness": "smoke"}'
 g vectord.v1.AutotuneService/ListJobs '{}'
 g vectord.v1.IndexService/GetIndex '{"name": "tour"}'
+
+# ADAPTIVE: the fastest config reaching a target recall, searched instead of a grid.
+echo "# adaptive and refresh"
+g vectord.v1.AutotuneService/Autotune '{"index_name": "tour", "harness": "smoke", "objective": "OBJECTIVE_TARGET_RECALL", "target_recall": 0.95, "strategy": "STRATEGY_ADAPTIVE", "budget": {"max_trials": 20}}'
+
+# A refresh policy: re-tune by itself after a fifth of the points changed, or under recall 0.9.
+g vectord.v1.AutotuneService/SetRefreshPolicy '{"index_name": "tour", "policy": {"mode": "REFRESH_MODE_ON_APPEND", "change_threshold": 0.2, "harness": "smoke", "recall_floor": 0.9, "activate": true}}'

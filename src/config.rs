@@ -43,6 +43,29 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The HNSW engine every graph of this process is built with.
     pub engine: crate::index::engine::EngineKind,
+    /// Most ids in one DeletePoints call; more is RESOURCE_EXHAUSTED.
+    pub max_ids_per_delete: usize,
+    /// Most queries in one SearchBatch call; more is RESOURCE_EXHAUSTED.
+    pub max_batch_queries: usize,
+    /// Most neighbours one SearchBatch may return (queries x k); more is RESOURCE_EXHAUSTED.
+    pub max_batch_results: usize,
+    /// Largest response message the server encodes, in bytes. A SearchBatch whose answer could
+    /// exceed it is refused with RESOURCE_EXHAUSTED before any work is done.
+    pub max_response_bytes: usize,
+    /// Connections past their HTTP/2 preface (or TLS first bytes) served at once; one more is
+    /// closed at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its HTTP/2 preface (plaintext) or its first
+    /// bytes (TLS; the TLS handshake itself has its own 10 s limit) before it is closed.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 streams (calls) one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub http2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 PINGs on a connection; None: no pings.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on a connection; None: no TCP keepalive.
+    pub tcp_keepalive: Option<Duration>,
     /// Tests only (no flag sets it): holds autotune jobs on some indexes RUNNING until opened.
     #[doc(hidden)]
     pub job_gate: Option<crate::autotune::jobs::JobGate>,
@@ -54,6 +77,16 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u64 = 256;
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_MAX_CONCURRENT_JOBS: u64 = 4;
 pub const DEFAULT_MAX_HARNESS_QUERIES: u64 = 10_000;
+pub const DEFAULT_MAX_IDS_PER_DELETE: u64 = 100_000;
+pub const DEFAULT_MAX_BATCH_QUERIES: u64 = 10_000;
+pub const DEFAULT_MAX_BATCH_RESULTS: u64 = 1_000_000;
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_SECS: u64 = 60;
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS: u64 = 20;
+pub const DEFAULT_TCP_KEEPALIVE_SECS: u64 = 60;
 
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
@@ -72,6 +105,18 @@ impl Config {
             api_keys: None,
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
+            max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
+            max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,
+            max_batch_results: DEFAULT_MAX_BATCH_RESULTS as usize,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES as usize,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+            handshake_timeout: Duration::from_secs(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+            http2_max_concurrent_streams: DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+            http2_keepalive_interval: Some(Duration::from_secs(
+                DEFAULT_HTTP2_KEEPALIVE_INTERVAL_SECS,
+            )),
+            http2_keepalive_timeout: Duration::from_secs(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS),
+            tcp_keepalive: Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECS)),
             job_gate: None,
         }
     }
@@ -81,17 +126,37 @@ impl Config {
         Config::new(dir)
     }
 
-    /// The bind policy: a non-loopback `addr` needs TLS or an API key, unless `insecure`.
+    /// The bind policy. The gRPC listener on a non-loopback `addr` needs TLS, or `insecure`:
+    /// without TLS every call (and any API key it carries) crosses the network in clear, so a
+    /// key alone is not enough. The metrics listener (plain HTTP, no keys) on a non-loopback
+    /// address needs `insecure` too: it tells anyone who can reach it every index name and
+    /// size. Checked before anything is bound.
     pub fn check_exposure(&self, addr: SocketAddr, insecure: bool) -> Result<()> {
-        if addr.ip().is_loopback() || insecure || self.tls.is_some() || self.api_keys.is_some() {
-            return Ok(());
+        if !(addr.ip().is_loopback() || insecure || self.tls.is_some()) {
+            let keyed = if self.api_keys.is_some() {
+                "an API key sent without TLS crosses the network in clear, so anyone who can \
+                 see the traffic could replay it"
+            } else {
+                "anyone who can reach it could read and change every index"
+            };
+            return Err(Error::invalid(format!(
+                "refusing to listen on {addr} (not loopback) without TLS: {keyed}. Pass \
+                 --tls-cert and --tls-key (with --api-key or --api-key-file, or \
+                 --tls-client-ca, so that only your clients may call), or --insecure if the \
+                 network is your boundary (e.g. a container network), or listen on 127.0.0.1"
+            )));
         }
-        Err(Error::invalid(format!(
-            "refusing to listen on {addr} (not loopback) without TLS or an API key: anyone who \
-             can reach it could read and change every index. Pass --tls-cert and --tls-key, \
-             and/or --api-key (or --api-key-file), or --insecure if the network is your boundary \
-             (e.g. a container network), or listen on 127.0.0.1"
-        )))
+        if let Some(m) = self.metrics_addr {
+            if !(m.ip().is_loopback() || insecure) {
+                return Err(Error::invalid(format!(
+                    "refusing to serve metrics on {m} (not loopback): the metrics endpoint is \
+                     plain HTTP without keys and shows every index name and size. Pass \
+                     --insecure if the network is your boundary (e.g. a scraper on a container \
+                     network), or use --metrics-addr 127.0.0.1:PORT"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -215,10 +280,35 @@ mod tests {
             .is_ok());
         assert!(c.check_exposure("[::1]:0".parse().unwrap(), false).is_ok());
         assert!(c.check_exposure("[::]:0".parse().unwrap(), false).is_err());
+        // A key without TLS is no longer enough: it would cross the network in clear.
         let mut keyed = c.clone();
         let key = ApiKey::parse("--api-key", "k").unwrap();
         keyed.api_keys = Some(Arc::new(ApiKeys::new(key, None).unwrap()));
-        assert!(keyed.check_exposure(any, false).is_ok());
+        let e = keyed.check_exposure(any, false).unwrap_err().to_string();
+        assert!(e.contains("in clear") && e.contains("--insecure"), "{e}");
+        assert!(keyed.check_exposure(any, true).is_ok());
+        assert!(keyed
+            .check_exposure("127.0.0.1:0".parse().unwrap(), false)
+            .is_ok());
+    }
+
+    #[test]
+    fn metrics_bind_policy() {
+        let mut c = Config::new("/tmp/x");
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        c.metrics_addr = Some("127.0.0.1:9464".parse().unwrap());
+        assert!(c.check_exposure(local, false).is_ok());
+        c.metrics_addr = Some("0.0.0.0:9464".parse().unwrap());
+        let e = c.check_exposure(local, false).unwrap_err().to_string();
+        assert!(
+            e.contains("metrics") && e.contains("0.0.0.0:9464") && e.contains("--insecure"),
+            "{e}"
+        );
+        assert!(c.check_exposure(local, true).is_ok());
+        // Neither a key nor TLS covers the metrics endpoint: it has neither.
+        let key = ApiKey::parse("--api-key", "k").unwrap();
+        c.api_keys = Some(Arc::new(ApiKeys::new(key, None).unwrap()));
+        assert!(c.check_exposure(local, false).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod autotune;
 pub mod catalog;
 pub mod config;
+pub mod connections;
 pub mod dataset;
 pub mod error;
 pub mod grpc;

@@ -118,9 +118,47 @@ struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_client_ca: Option<PathBuf>,
-    /// Allow a non-loopback --addr without TLS or an API key (when the network is the boundary).
+    /// Allow a non-loopback --addr without TLS, and a non-loopback --metrics-addr (when the network is the boundary).
     #[arg(long, env = "VECTORD_INSECURE")]
     insecure: bool,
+    /// Most ids in one DeletePoints call; more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_IDS_PER_DELETE", default_value_t = config::DEFAULT_MAX_IDS_PER_DELETE,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_ids_per_delete: u64,
+    /// Most queries in one SearchBatch call; more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_BATCH_QUERIES", default_value_t = config::DEFAULT_MAX_BATCH_QUERIES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch_queries: u64,
+    /// Most neighbours one SearchBatch may ask for (queries x k); more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_BATCH_RESULTS", default_value_t = config::DEFAULT_MAX_BATCH_RESULTS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch_results: u64,
+    /// Largest response message, in bytes; a SearchBatch whose answer could be larger is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VECTORD_MAX_RESPONSE_BYTES", default_value_t = config::DEFAULT_MAX_RESPONSE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1024..=(u32::MAX as u64)))]
+    max_response_bytes: u64,
+    /// Most client connections served at once; one more is closed at once.
+    #[arg(long, env = "VECTORD_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Seconds a new connection may take to send its first bytes (the HTTP/2 preface) before it is closed.
+    #[arg(long, env = "VECTORD_HANDSHAKE_TIMEOUT_SECS", default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    handshake_timeout_secs: u64,
+    /// Calls one HTTP/2 connection may have open at once.
+    #[arg(long, env = "VECTORD_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    http2_max_concurrent_streams: u32,
+    /// Seconds between HTTP/2 PINGs the server sends on each connection (0: none).
+    #[arg(long, env = "VECTORD_HTTP2_KEEPALIVE_INTERVAL_SECS", default_value_t = config::DEFAULT_HTTP2_KEEPALIVE_INTERVAL_SECS)]
+    http2_keepalive_interval_secs: u64,
+    /// Seconds a PING may go unanswered before the connection is closed.
+    #[arg(long, env = "VECTORD_HTTP2_KEEPALIVE_TIMEOUT_SECS", default_value_t = config::DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    http2_keepalive_timeout_secs: u64,
+    /// Seconds of idleness before TCP keepalive probes start on a connection (0: no TCP keepalive).
+    #[arg(long, env = "VECTORD_TCP_KEEPALIVE_SECS", default_value_t = config::DEFAULT_TCP_KEEPALIVE_SECS)]
+    tcp_keepalive_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -188,6 +226,18 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.max_concurrent_jobs = args.max_concurrent_jobs as usize;
     config.max_harness_queries = args.max_harness_queries as usize;
     config.engine = args.engine;
+    config.max_ids_per_delete = args.max_ids_per_delete as usize;
+    config.max_batch_queries = args.max_batch_queries as usize;
+    config.max_batch_results = args.max_batch_results as usize;
+    config.max_response_bytes = args.max_response_bytes as usize;
+    config.max_connections = args.max_connections as usize;
+    config.handshake_timeout = Duration::from_secs(args.handshake_timeout_secs);
+    config.http2_max_concurrent_streams = args.http2_max_concurrent_streams;
+    config.http2_keepalive_interval = (args.http2_keepalive_interval_secs > 0)
+        .then(|| Duration::from_secs(args.http2_keepalive_interval_secs));
+    config.http2_keepalive_timeout = Duration::from_secs(args.http2_keepalive_timeout_secs);
+    config.tcp_keepalive =
+        (args.tcp_keepalive_secs > 0).then(|| Duration::from_secs(args.tcp_keepalive_secs));
     let admin = api_key_from(
         "--api-key",
         client.api_key.clone(),

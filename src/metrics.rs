@@ -3,6 +3,7 @@
 //! they are always current and survive restarts). Served as text at `/metrics` on
 //! `--metrics-addr`.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,11 @@ use crate::error::{Error, Result};
 use crate::grpc::Core;
 
 pub struct Metrics {
+    /// The paths of every method served (vectord's, health's, reflection's), from their
+    /// descriptor sets: the only values of the `method` label, so that calls to made-up
+    /// methods (answered UNIMPLEMENTED, and not authenticated: this layer is outside auth)
+    /// cannot grow the metrics without bound. Any other path is counted as `unknown`.
+    methods: HashSet<String>,
     registry: Registry,
     rpcs: IntCounterVec,
     rpc_seconds: HistogramVec,
@@ -41,6 +47,33 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T
         .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
     Ok(c)
 }
+
+/// `/package.Service/Method` of every method of the descriptor sets.
+fn method_paths(sets: &[&[u8]]) -> Result<HashSet<String>> {
+    use prost::Message as _;
+    let mut out = HashSet::new();
+    for bytes in sets {
+        let set = prost_types::FileDescriptorSet::decode(*bytes)
+            .map_err(|e| Error::Internal(format!("metrics: a descriptor set: {e}")))?;
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                let full = if package.is_empty() {
+                    service.name().to_string()
+                } else {
+                    format!("{package}.{}", service.name())
+                };
+                for m in &service.method {
+                    out.insert(format!("/{full}/{}", m.name()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `method` label of the metrics for a unknown path.
+pub const UNKNOWN_METHOD: &str = "unknown";
 
 fn err(e: prometheus::Error) -> Error {
     Error::Internal(format!("metrics: {e}"))
@@ -80,7 +113,14 @@ impl Metrics {
         };
         let f =
             |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["index"]).map_err(err);
+        let methods = method_paths(&[
+            crate::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ])?;
         Ok(Arc::new(Metrics {
+            methods,
             points: register(&r, g("vectord_index_points", "points in the index", &["index"])?)?,
             generation: register(&r, g("vectord_index_generation", "number of the active generation", &["index"])?)?,
             config: register(&r, g("vectord_index_config", "HNSW parameter of the active generation (param = m, ef_construction, ef_search)", &["index", "param"])?)?,
@@ -96,7 +136,17 @@ impl Metrics {
         }))
     }
 
-    fn observe(&self, method: &str, code: &str, seconds: f64) {
+    /// The `method` label of a request path: the path of a served method, else `unknown`.
+    pub fn method_label<'a>(&self, path: &'a str) -> &'a str {
+        if self.methods.contains(path) {
+            path
+        } else {
+            UNKNOWN_METHOD
+        }
+    }
+
+    fn observe(&self, path: &str, code: &str, seconds: f64) {
+        let method = self.method_label(path);
         self.rpcs.with_label_values(&[method, code]).inc();
         self.rpc_seconds
             .with_label_values(&[method, code])
@@ -238,7 +288,8 @@ pub fn describe(addr: &SocketAddr) -> String {
     format!("http://{addr}/metrics")
 }
 
-/// A tower layer that counts every gRPC call and times it until its response starts.
+/// A tower layer that counts every gRPC call and times it until its response starts; calls to
+/// paths that are not served methods all count as method `unknown`.
 #[derive(Clone)]
 pub struct RpcMetricsLayer(pub Arc<Metrics>);
 
@@ -291,5 +342,33 @@ where
             metrics.observe(&method, &code, started.elapsed().as_secs_f64());
             Ok(resp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_methods_are_labels() {
+        let m = Metrics::new().unwrap();
+        for path in [
+            "/vectord.v1.IndexService/Search",
+            "/vectord.v1.AutotuneService/Autotune",
+            "/vectord.v1.PromotionService/Promote",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(m.method_label(path), path);
+        }
+        for path in [
+            "/x.Y/M0",
+            "/vectord.v1.IndexService/Nope",
+            "/vectord.v1.IndexService/Search/",
+            "",
+        ] {
+            assert_eq!(m.method_label(path), UNKNOWN_METHOD, "{path}");
+        }
     }
 }

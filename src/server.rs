@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::auth::AuthLayer;
@@ -14,7 +13,9 @@ use crate::autotune::{jobs::Jobs, lab::Lab};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, Ready};
+use crate::grpc::{
+    autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits, Ready,
+};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
 use crate::promotion::Registry;
@@ -63,21 +64,6 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
     resp
 }
 
-/// Accepted connections with Nagle's algorithm off: a small unary reply goes out at once instead
-/// of waiting for the client's delayed ACK.
-fn incoming_nodelay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!("TCP_NODELAY not set: {e}");
-            }
-        })
-    })
-}
-
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
 /// `config.metrics_addr` for the metrics when it is set.
 pub async fn run(
@@ -120,18 +106,23 @@ pub async fn run_with(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
-    let core = Arc::new(Core::new(config.max_points_per_upsert));
+    let core = Arc::new(Core::new(EdgeLimits::of(&config)));
     let max = config.max_request_bytes;
+    // The answer's cap is explicit: SearchBatch checks before searching that its answer fits
+    // (RESOURCE_EXHAUSTED otherwise); the other answers are bounded by page sizes and limits.
+    let max_out = config.max_response_bytes;
     let index = pb::index_service_server::IndexServiceServer::new(IndexApi::new(core.clone()))
         .max_decoding_message_size(max)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(max_out);
     let promotion =
         pb::promotion_service_server::PromotionServiceServer::new(PromotionApi::new(core.clone()))
-            .max_decoding_message_size(max);
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max_out);
 
     let autotune =
         pb::autotune_service_server::AutotuneServiceServer::new(AutotuneApi::new(core.clone()))
-            .max_decoding_message_size(max);
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max_out);
 
     let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -178,6 +169,22 @@ pub async fn run_with(
         })?;
     }
     // The span names the method only: metadata (and so the API key) is never recorded.
+    // Per connection: at most this many calls at once; a PING every interval, and the
+    // connection is closed when one goes unanswered for the timeout (a peer that vanished
+    // without a FIN no longer holds a slot).
+    builder = builder
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        .http2_keepalive_interval(config.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout));
+    let incoming = crate::connections::incoming(
+        listener,
+        crate::connections::ConnLimits {
+            max: config.max_connections,
+            handshake_timeout: config.handshake_timeout,
+            tcp_keepalive: config.tcp_keepalive,
+            tls: config.tls.is_some(),
+        },
+    );
     let serve = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .layer(RpcMetricsLayer(metrics.clone()))
@@ -195,7 +202,7 @@ pub async fn run_with(
         .add_service(index)
         .add_service(promotion)
         .add_service(autotune)
-        .serve_with_incoming_shutdown(incoming_nodelay(listener), stop);
+        .serve_with_incoming_shutdown(incoming, stop);
     tokio::pin!(serve);
 
     let (jobs_kept, max_jobs, max_queries) = (

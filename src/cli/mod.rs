@@ -130,8 +130,9 @@ pub enum ClientCommand {
     /// List and cancel autotune jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// The journal of an index as a recall-vs-p50 plot (--svg) with the Pareto front and the
-    /// promoted config marked, and the front as a table.
+    /// The journal of an index: its recall × p50 × memory Pareto front as a table, and with
+    /// --svg a recall-vs-p50 plot with the recall × p50 front marked, memory as marker area and
+    /// the promoted config ringed.
     Report(report::ReportArgs),
     /// Set an index's refresh policy: re-tune by itself after appends (--on-append FRACTION)
     /// or when a recall probe falls under --recall-floor; --manual clears it.

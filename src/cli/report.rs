@@ -1,6 +1,11 @@
 //! `vectord report`: the trial journal of one index and harness as a recall-vs-p50 scatter (SVG)
-//! with the Pareto front (GetParetoFront: recall × p50 × memory) highlighted and the promoted
-//! config marked, plus a text summary of the front.
+//! and a text summary of its Pareto front (GetParetoFront: recall × p50 × memory).
+//!
+//! The plot has two axes, so the front it highlights is the one it can show: the trials no
+//! other trial beats on both recall and p50. Memory is the third dimension, drawn as marker
+//! area (the legend says so and gives the range); a trial on the recall × p50 × memory front
+//! only because it uses less memory is outlined, not filled, so a slower, less accurate config
+//! never looks like a recommendation. The promoted trial is ringed.
 //!
 //! The SVG is written by hand (a few dozen elements): a plotting crate would need a font
 //! backend to measure labels, which a server image should not carry for one chart.
@@ -176,18 +181,71 @@ pub struct Plot<'a> {
     pub promoted: Option<u64>,
 }
 
-const WIDTH: f64 = 820.0;
+const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 520.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 200.0;
+const RIGHT: f64 = 270.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const FRONT_COLOUR: &str = "#d95f02";
 const TRIAL_COLOUR: &str = "#7f8c9a";
 const PROMOTED_COLOUR: &str = "#1b9e77";
+/// Marker radius of the trial with the most memory; marker area is proportional to memory, down
+/// to a smallest radius that stays visible.
+const R_MAX: f64 = 11.0;
+const R_MIN: f64 = 3.0;
+
+/// The ids of the trials that no other trial beats on recall (higher) and p50 (lower) at once:
+/// the recall × p50 Pareto front, the one a recall-vs-p50 plot can show.
+pub fn recall_p50_front(trials: &[pb::Trial]) -> Vec<u64> {
+    trials
+        .iter()
+        .filter(|t| {
+            !trials.iter().any(|u| {
+                u.recall >= t.recall
+                    && u.p50_micros <= t.p50_micros
+                    && (u.recall > t.recall || u.p50_micros < t.p50_micros)
+            })
+        })
+        .map(|t| t.id)
+        .collect()
+}
+
+/// Marker radius for a trial's memory: area proportional to memory, R_MAX for the most memory
+/// of the plot (so a trial with half of it has half the area), never under R_MIN.
+struct MemoryScale {
+    lo: f64,
+    hi: f64,
+}
+
+impl MemoryScale {
+    fn new(trials: &[pb::Trial]) -> Self {
+        let (lo, hi) = trials
+            .iter()
+            .map(|t| t.memory_bytes as f64)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        MemoryScale { lo, hi }
+    }
+
+    fn spread(&self) -> bool {
+        self.lo.is_finite() && self.hi > self.lo
+    }
+
+    fn radius(&self, memory_bytes: u64) -> f64 {
+        if !self.hi.is_finite() || self.hi <= 0.0 {
+            // No memory figures (trials journaled without one): one size.
+            return (R_MIN + R_MAX) / 2.0;
+        }
+        (R_MAX * (memory_bytes as f64 / self.hi).clamp(0.0, 1.0).sqrt()).max(R_MIN)
+    }
+}
 
 /// The scatter as a standalone SVG document. Every trial is a `<circle class="trial">` with
-/// `data-trial-id`; front trials also have class `front`; the promoted trial gets a ring
+/// `data-trial-id` and `data-memory-bytes`, its radius growing with its memory; trials on the
+/// recall × p50 front also have class `front`; trials of `p.front` (recall × p50 × memory) that
+/// are not on it have class `memory-front`; the promoted trial gets a ring
 /// `<circle class="promoted">`.
 pub fn render_svg(p: &Plot) -> String {
     let xs = Axis::new(p.trials.iter().map(|t| t.p50_micros), false);
@@ -195,7 +253,10 @@ pub fn render_svg(p: &Plot) -> String {
     let (pw, ph) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
     let x = |v: f64| LEFT + xs.frac(v) * pw;
     let y = |v: f64| TOP + (1.0 - ys.frac(v)) * ph;
-    let in_front = |id: u64| p.front.iter().any(|t| t.id == id);
+    let front_ids = recall_p50_front(p.trials);
+    let in_front = |id: u64| front_ids.contains(&id);
+    let memory_only = |id: u64| !in_front(id) && p.front.iter().any(|t| t.id == id);
+    let mem = MemoryScale::new(p.trials);
 
     let mut s = String::new();
     let _ = write!(
@@ -243,18 +304,18 @@ pub fn render_svg(p: &Plot) -> String {
         k = p.k,
     );
 
-    // The front's recall-vs-p50 envelope: front trials by p50, each more accurate than all
-    // faster ones (the front is 3-D, so some front trials sit below it: they win on memory).
-    let mut front: Vec<&pb::Trial> = p.front.iter().collect();
-    front.sort_by(|a, b| a.p50_micros.total_cmp(&b.p50_micros));
-    let mut envelope = Vec::new();
-    let mut best = f64::NEG_INFINITY;
-    for t in front {
-        if t.recall > best {
-            best = t.recall;
-            envelope.push(format!("{:.1},{:.1}", x(t.p50_micros), y(t.recall)));
-        }
-    }
+    // The recall × p50 front as a line: its trials by p50 (each more accurate than every
+    // faster one).
+    let mut front: Vec<&pb::Trial> = p.trials.iter().filter(|t| in_front(t.id)).collect();
+    front.sort_by(|a, b| {
+        a.p50_micros
+            .total_cmp(&b.p50_micros)
+            .then(a.recall.total_cmp(&b.recall))
+    });
+    let envelope: Vec<String> = front
+        .iter()
+        .map(|t| format!("{:.1},{:.1}", x(t.p50_micros), y(t.recall)))
+        .collect();
     if envelope.len() > 1 {
         let _ = writeln!(
             s,
@@ -263,29 +324,58 @@ pub fn render_svg(p: &Plot) -> String {
         );
     }
 
-    // Dominated trials first, so front points are drawn on top.
+    // Dominated trials first, then the memory-only ones, then the front, so front points are
+    // drawn on top; within a group the larger markers first, so none hides a smaller one.
     let mut order: Vec<&pb::Trial> = p.trials.iter().collect();
-    order.sort_by_key(|t| in_front(t.id));
+    order.sort_by(|a, b| {
+        let rank = |t: &pb::Trial| (in_front(t.id), memory_only(t.id));
+        rank(a)
+            .cmp(&rank(b))
+            .then(b.memory_bytes.cmp(&a.memory_bytes))
+    });
     for t in order {
         let front = in_front(t.id);
+        let mem_only = memory_only(t.id);
         let c = t.config.unwrap_or_default();
+        let (cls, fill, op, stroke, tag) = if front {
+            (
+                " front",
+                FRONT_COLOUR,
+                0.85,
+                r#" stroke="white" stroke-width="1""#,
+                " · on the recall × p50 front",
+            )
+        } else if mem_only {
+            (
+                " memory-front",
+                TRIAL_COLOUR,
+                0.35,
+                r##" stroke="#d95f02" stroke-width="1.5" stroke-dasharray="2 2""##,
+                " · off the recall × p50 front; on the recall × p50 × memory front by its memory",
+            )
+        } else {
+            (
+                "",
+                TRIAL_COLOUR,
+                0.5,
+                r#" stroke="white" stroke-width="0.5""#,
+                "",
+            )
+        };
         let _ = writeln!(
             s,
-            r#"<circle class="trial{cls}" data-trial-id="{id}" cx="{cx:.1}" cy="{cy:.1}" r="{r}" fill="{fill}" fill-opacity="{op}"><title>trial {id}: m {m}, ef_construction {ec}, ef_search {es} · recall {rc:.4}, p50 {p50:.1} µs, {mem:.1} MB{tag}</title></circle>"#,
-            cls = if front { " front" } else { "" },
+            r#"<circle class="trial{cls}" data-trial-id="{id}" data-memory-bytes="{bytes}" cx="{cx:.1}" cy="{cy:.1}" r="{r:.2}" fill="{fill}" fill-opacity="{op}"{stroke}><title>trial {id}: m {m}, ef_construction {ec}, ef_search {es} · recall {rc:.4}, p50 {p50:.1} µs, {mb:.2} MB{tag}</title></circle>"#,
             id = t.id,
+            bytes = t.memory_bytes,
             cx = x(t.p50_micros),
             cy = y(t.recall),
-            r = if front { 5.5 } else { 4.0 },
-            fill = if front { FRONT_COLOUR } else { TRIAL_COLOUR },
-            op = if front { 1.0 } else { 0.6 },
+            r = mem.radius(t.memory_bytes),
             m = c.m,
             ec = c.ef_construction,
             es = c.ef_search,
             rc = t.recall,
             p50 = t.p50_micros,
-            mem = t.memory_bytes as f64 / 1e6,
-            tag = if front { " · on the Pareto front" } else { "" },
+            mb = t.memory_bytes as f64 / 1e6,
         );
     }
     if let Some(t) = p
@@ -293,36 +383,72 @@ pub fn render_svg(p: &Plot) -> String {
         .and_then(|id| p.trials.iter().find(|t| t.id == id))
     {
         let (cx, cy) = (x(t.p50_micros), y(t.recall));
+        let r = mem.radius(t.memory_bytes) + 4.5;
         let _ = writeln!(
             s,
-            r#"<circle class="promoted" data-trial-id="{id}" cx="{cx:.1}" cy="{cy:.1}" r="10" fill="none" stroke="{PROMOTED_COLOUR}" stroke-width="2.5"/><text class="promoted-label" x="{lx:.1}" y="{ly:.1}" fill="{PROMOTED_COLOUR}">promoted #{id}</text>"#,
+            r#"<circle class="promoted" data-trial-id="{id}" cx="{cx:.1}" cy="{cy:.1}" r="{r:.2}" fill="none" stroke="{PROMOTED_COLOUR}" stroke-width="2.5"/><text class="promoted-label" x="{lx:.1}" y="{ly:.1}" fill="{PROMOTED_COLOUR}">promoted #{id}</text>"#,
             id = t.id,
-            lx = cx + 12.0,
-            ly = cy - 10.0,
+            lx = cx + r + 2.0,
+            ly = cy - r,
         );
     }
 
-    // Legend.
+    // Legend: what colour, outline and size mean.
     let lx = WIDTH - RIGHT + 20.0;
+    let tx = lx + 18.0;
+    let n_front = p.trials.iter().filter(|t| in_front(t.id)).count();
+    let n_mem = p.trials.iter().filter(|t| memory_only(t.id)).count();
+    let mid = (R_MIN + R_MAX) / 2.0;
     let _ = writeln!(
         s,
-        r#"<g class="legend">
-<circle cx="{lx}" cy="{y1}" r="4" fill="{TRIAL_COLOUR}" fill-opacity="0.6"/><text x="{tx}" y="{t1}">trial</text>
-<circle cx="{lx}" cy="{y2}" r="5.5" fill="{FRONT_COLOUR}"/><text x="{tx}" y="{t2}">Pareto front ({nf})</text>
-<text x="{tx}" y="{t2b}" font-size="10">recall × p50 × memory</text>
-<circle cx="{lx}" cy="{y3}" r="10" fill="none" stroke="{PROMOTED_COLOUR}" stroke-width="2.5"/><text x="{tx}" y="{t3}">promoted</text>
-</g>
-</svg>"#,
+        r##"<g class="legend">
+<circle cx="{lx}" cy="{y1}" r="{mid}" fill="{TRIAL_COLOUR}" fill-opacity="0.5"/><text x="{tx}" y="{t1}">trial</text>
+<circle cx="{lx}" cy="{y2}" r="{mid}" fill="{FRONT_COLOUR}" fill-opacity="0.85"/><text x="{tx}" y="{t2}">recall × p50 front ({n_front})</text>
+<text x="{tx}" y="{t2b}" font-size="10">no trial has higher recall and lower p50</text>
+<circle cx="{lx}" cy="{y3}" r="{mid}" fill="{TRIAL_COLOUR}" fill-opacity="0.35" stroke="{FRONT_COLOUR}" stroke-width="1.5" stroke-dasharray="2 2"/><text x="{tx}" y="{t3}">front only by memory ({n_mem})</text>
+<text x="{tx}" y="{t3b}" font-size="10">dominated on recall × p50; less memory</text>
+<circle cx="{lx}" cy="{y4}" r="{mid}" fill="none" stroke="{PROMOTED_COLOUR}" stroke-width="2.5"/><text x="{tx}" y="{t4}">promoted</text>
+<text class="memory-legend" x="{lx0}" y="{t5}">marker area ∝ memory</text>"##,
+        lx0 = lx - R_MAX,
         y1 = TOP + 10.0,
         t1 = TOP + 14.0,
-        y2 = TOP + 34.0,
-        t2 = TOP + 38.0,
-        t2b = TOP + 52.0,
+        y2 = TOP + 36.0,
+        t2 = TOP + 40.0,
+        t2b = TOP + 53.0,
         y3 = TOP + 76.0,
         t3 = TOP + 80.0,
-        tx = lx + 16.0,
-        nf = p.front.len(),
+        t3b = TOP + 93.0,
+        y4 = TOP + 116.0,
+        t4 = TOP + 120.0,
+        t5 = TOP + 150.0,
     );
+    if mem.spread() {
+        let _ = writeln!(
+            s,
+            r##"<circle class="memory-min" cx="{lx}" cy="{ya}" r="{rlo:.2}" fill="none" stroke="#333"/><text x="{tx}" y="{ta}">{lo:.2} MB (least)</text>
+<circle class="memory-max" cx="{lx}" cy="{yb}" r="{R_MAX}" fill="none" stroke="#333"/><text x="{tx}" y="{tb}">{hi:.2} MB (most)</text>"##,
+            ya = TOP + 170.0,
+            ta = TOP + 174.0,
+            yb = TOP + 196.0,
+            tb = TOP + 200.0,
+            rlo = mem.radius(mem.lo as u64),
+            lo = mem.lo / 1e6,
+            hi = mem.hi / 1e6,
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            r##"<text x="{lx0}" y="{ta}" font-size="10">every trial: {v:.2} MB</text>"##,
+            lx0 = lx - R_MAX,
+            ta = TOP + 170.0,
+            v = if mem.lo.is_finite() {
+                mem.lo / 1e6
+            } else {
+                0.0
+            },
+        );
+    }
+    s.push_str("</g>\n</svg>");
     s
 }
 
@@ -422,26 +548,109 @@ mod tests {
         assert!(a.hi > a.lo && !a.ticks().is_empty());
     }
 
+    fn with_memory(mut t: pb::Trial, bytes: u64) -> pb::Trial {
+        t.memory_bytes = bytes;
+        t
+    }
+
+    /// (class words, radius) of each trial's circle, by trial id.
+    fn circles(svg: &str) -> std::collections::BTreeMap<u64, (Vec<String>, f64)> {
+        let doc = roxmltree::Document::parse(svg).expect("the SVG is well-formed XML");
+        doc.descendants()
+            .filter(|n| n.has_tag_name("circle"))
+            .filter(|n| {
+                n.attribute("class")
+                    .is_some_and(|c| c.split(' ').any(|w| w == "trial"))
+            })
+            .map(|n| {
+                let id = n
+                    .attribute("data-trial-id")
+                    .expect("id")
+                    .parse()
+                    .expect("u64");
+                let classes = n
+                    .attribute("class")
+                    .unwrap_or_default()
+                    .split(' ')
+                    .map(str::to_string)
+                    .collect();
+                let r = n.attribute("r").expect("r").parse().expect("f64");
+                (id, (classes, r))
+            })
+            .collect()
+    }
+
     #[test]
-    fn svg_marks_front_and_promoted_and_escapes() {
+    fn the_front_is_recall_by_p50_and_memory_is_size() {
+        // 1 and 2 are the recall × p50 front. 3 is dominated by 2 (lower recall, twice the
+        // p50) but uses the least memory, so it is on the recall × p50 × memory front that
+        // GetParetoFront returns. 4 is dominated on everything.
         let trials = [
-            trial(1, 0.9, 100.0),
-            trial(2, 0.95, 200.0),
-            trial(3, 0.85, 300.0),
+            with_memory(trial(1, 0.90, 100.0), 2_000_000),
+            with_memory(trial(2, 0.95, 200.0), 3_000_000),
+            with_memory(trial(3, 0.93, 400.0), 1_000_000),
+            with_memory(trial(4, 0.85, 300.0), 5_000_000),
         ];
-        let front = [trials[0].clone(), trials[1].clone()];
+        assert_eq!(recall_p50_front(&trials), vec![1, 2]);
+        let front_3d = [trials[0].clone(), trials[1].clone(), trials[2].clone()];
         let s = render_svg(&Plot {
             title: "a<b & c".into(),
             k: 10,
             trials: &trials,
-            front: &front,
+            front: &front_3d,
             promoted: Some(2),
         });
         assert!(s.contains("a&lt;b &amp; c"));
-        assert_eq!(s.matches(r#"class="trial front""#).count(), 2);
-        assert_eq!(s.matches(r#"class="trial""#).count(), 1);
+        let c = circles(&s);
+        let has = |id: u64, class: &str| c[&id].0.iter().any(|w| w == class);
+        assert_eq!(c.len(), 4, "every trial is plotted once");
+        assert!(has(1, "front") && has(2, "front"));
+        assert!(
+            !has(3, "front"),
+            "a memory-only point is not drawn as the front"
+        );
+        assert!(has(3, "memory-front"));
+        assert!(!has(4, "front") && !has(4, "memory-front"));
+        assert!(!has(1, "memory-front") && !has(2, "memory-front"));
+        // Area follows memory: 3 (1 MB) < 1 (2 MB) < 2 (3 MB) < 4 (5 MB), and in proportion.
+        let r = |id: u64| c[&id].1;
+        assert!(r(3) < r(1) && r(1) < r(2) && r(2) < r(4), "{c:?}");
+        assert!((r(4) - R_MAX).abs() < 0.01);
+        for (id, mb) in [(1, 2.0), (2, 3.0), (3, 1.0)] {
+            let area = (r(id) / r(4)).powi(2);
+            assert!((area - mb / 5.0).abs() < 0.01, "trial {id}: area {area}");
+        }
+        // The legend says what the front is and that size is memory, with its range.
+        assert!(s.contains("recall × p50 front (2)"), "{s}");
+        assert!(s.contains("front only by memory (1)"));
+        assert!(s.contains("marker area ∝ memory"));
+        assert!(s.contains("1.00 MB (least)") && s.contains("5.00 MB (most)"));
         assert!(s.contains(r#"class="promoted" data-trial-id="2""#));
         assert!(s.contains(r#"<polyline class="front-line""#));
+    }
+
+    #[test]
+    fn ties_stay_on_the_front_and_equal_memory_is_one_size() {
+        // Trials without a memory figure (0): one size for all.
+        let trials = [
+            trial(1, 0.9, 100.0),
+            trial(2, 0.9, 100.0),
+            trial(3, 0.9, 150.0),
+        ];
+        assert_eq!(recall_p50_front(&trials), vec![1, 2]);
+        let s = render_svg(&Plot {
+            title: "t".into(),
+            k: 10,
+            trials: &trials,
+            front: &[],
+            promoted: None,
+        });
+        let c = circles(&s);
+        assert!(c
+            .values()
+            .all(|(_, r)| (*r - (R_MIN + R_MAX) / 2.0).abs() < 0.01));
+        assert!(s.contains("every trial: 0.00 MB"));
+        assert!(!s.contains(r#"class="promoted""#));
     }
 
     #[test]

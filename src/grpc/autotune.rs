@@ -126,7 +126,7 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
         let requested_by = if r.requested_by.is_empty() {
             "autotune".to_string()
         } else {
-            r.requested_by.clone()
+            convert::text("requested_by", &r.requested_by, convert::MAX_WHO_BYTES)?.to_string()
         };
         let adaptive_fields = r.budget.is_some()
             || r.seed.is_some()
@@ -483,6 +483,7 @@ impl AutotuneService for AutotuneApi {
                 Error::invalid("id is required: a job id such as job-3 (see ListJobs)").into(),
             );
         }
+        convert::text("id", id, convert::MAX_JOB_ID_BYTES)?;
         let job = self.core.ready()?.jobs.cancel(id).await?;
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(job_to(job)),

@@ -70,6 +70,27 @@ pub fn name(field: &str, s: &str) -> Result<Name> {
     Name::parse(field, s)
 }
 
+/// Most bytes (UTF-8) of who did something: PromoteRequest.promoted_by, AutotuneRequest.requested_by.
+pub const MAX_WHO_BYTES: usize = 256;
+/// Most bytes (UTF-8) of PromoteRequest.note.
+pub const MAX_NOTE_BYTES: usize = 4096;
+/// Most bytes of a job id in CancelJobRequest.id (ids look like job-3).
+pub const MAX_JOB_ID_BYTES: usize = 64;
+/// Most bytes of a page_token (the server's own are far shorter).
+pub const MAX_PAGE_TOKEN_BYTES: usize = 256;
+
+/// A free-text field of at most `max` bytes (INVALID_ARGUMENT otherwise). The value is not
+/// echoed: it may be large.
+pub fn text<'a>(field: &str, s: &'a str, max: usize) -> Result<&'a str> {
+    if s.len() > max {
+        return Err(Error::invalid(format!(
+            "{field} must be at most {max} bytes (UTF-8), got {} bytes",
+            s.len()
+        )));
+    }
+    Ok(s)
+}
+
 impl TryFrom<pb::CreateIndexRequest> for NewIndex {
     type Error = Error;
     fn try_from(r: pb::CreateIndexRequest) -> Result<Self> {
@@ -317,6 +338,7 @@ pub fn page_token_decode(token: &str) -> Result<Option<String>> {
     if token.is_empty() {
         return Ok(None);
     }
+    text("page_token", token, MAX_PAGE_TOKEN_BYTES)?;
     let bad = || {
         Error::invalid(format!(
             "page_token {token:?} is not a token this server issued; pass the next_page_token of an earlier response, or nothing for the first page"

@@ -186,6 +186,7 @@ impl IndexService for IndexApi {
     ) -> R<pb::DeletePointsResponse> {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
+        self.core.check_delete_ids(req.ids.len())?;
         let (deleted_count, point_count) = self.core.catalog()?.delete_points(&n, req.ids).await?;
         Ok(Response::new(pb::DeletePointsResponse {
             deleted_count,
@@ -220,6 +221,7 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
+        self.core.check_batch(req.queries.len(), req.k as usize)?;
         let queries = req.queries.into_iter().map(|q| q.vector).collect();
         let (results, generation) = self
             .core

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::name;
+use super::convert::{name, text, MAX_NOTE_BYTES, MAX_WHO_BYTES};
 use super::Core;
 use crate::pb;
 use crate::pb::promotion_service_server::PromotionService;
@@ -27,12 +27,14 @@ impl PromotionService for PromotionApi {
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> R<pb::PromoteResponse> {
         let req = req.into_inner();
         let index = name("index_name", &req.index_name)?;
+        let promoted_by = text("promoted_by", &req.promoted_by, MAX_WHO_BYTES)?;
+        let note = text("note", &req.note, MAX_NOTE_BYTES)?;
         self.core.catalog()?.handle(&index)?;
         let (current, history_depth) = self
             .core
             .catalog()?
             .registry()
-            .promote(&index, req.trial_id, &req.promoted_by, &req.note)
+            .promote(&index, req.trial_id, promoted_by, note)
             .await?;
         Ok(Response::new(pb::PromoteResponse {
             current: Some(current.into()),

@@ -513,6 +513,50 @@ async fn a_public_address_needs_tls_a_key_or_insecure() {
     assert!(s.wait_exit().await.success());
 }
 
+/// An API key without TLS on a non-loopback address would cross the network in clear, and the
+/// metrics endpoint has neither keys nor TLS: both are refused before anything is bound,
+/// unless --insecure.
+#[tokio::test]
+async fn a_key_without_tls_or_public_metrics_need_insecure() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = path_str(tmp.path());
+    let key_file = tmp.path().join("admin.key");
+    std::fs::write(&key_file, "adm1n-SECRET-4411\n").unwrap();
+    let mut s = Vectord::spawn(
+        "0.0.0.0 with a key, without TLS",
+        &["--addr", "0.0.0.0:0", "--data-dir", dir],
+        &[("VECTORD_API_KEY_FILE", key_file.as_path())],
+    );
+    let status = s.wait_exit().await;
+    let log = s.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    for word in ["in clear", "--tls-cert", "--insecure", "0.0.0.0"] {
+        assert!(log.contains(word), "the refusal says {word:?}: {log}");
+    }
+    assert!(!log.contains("vectord listening"), "{log}");
+    assert!(!log.contains("SECRET"), "{log}");
+
+    let mut s = Vectord::spawn(
+        "metrics on 0.0.0.0",
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir,
+            "--metrics-addr",
+            "0.0.0.0:0",
+        ],
+        &[],
+    );
+    let status = s.wait_exit().await;
+    let log = s.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    for word in ["metrics", "0.0.0.0:0", "--insecure"] {
+        assert!(log.contains(word), "the refusal says {word:?}: {log}");
+    }
+    assert!(!log.contains("vectord listening"), "{log}");
+}
+
 /// Keys from the environment and from a file, JSON logs at debug: calls with the right key,
 /// a wrong key and the read-only key on a change; no key appears anywhere in the output, nor
 /// in `--help` with the key in the environment.
@@ -526,12 +570,11 @@ async fn api_keys_never_appear_in_logs_or_help() {
     let key_file = tmp.path().join("reader.key");
     std::fs::write(&key_file, format!("  {READER}  \nsecond line is ignored\n")).unwrap();
     let db = tmp.path().join("db");
-    // A key is enough to listen on every interface.
     let mut s = Vectord::spawn(
         "keyed server",
         &[
             "--addr",
-            "0.0.0.0:0",
+            "127.0.0.1:0",
             "--data-dir",
             path_str(&db),
             "--read-only-api-key-file",

@@ -903,9 +903,10 @@ async fn mtls_server_needs_the_client_certificate_flags() {
     );
 }
 
-/// `vectord report --svg`: every journaled trial of the harness is a point, the Pareto front
-/// (as GetParetoFront computes it) is highlighted, the promoted trial is ringed, and the SVG
-/// parses as XML; the text summary lists the front.
+/// `vectord report --svg`: every journaled trial of the harness is a point, the recall × p50
+/// front is highlighted, the trials of GetParetoFront (recall × p50 × memory) that are on it only
+/// by memory are marked apart, marker size grows with memory, the promoted trial is ringed, and
+/// the SVG parses as XML; the text summary lists GetParetoFront's front.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_plots_the_journal_with_front_and_promoted() {
     let s = TestServer::start().await;
@@ -947,12 +948,36 @@ async fn report_plots_the_journal_with_front_and_promoted() {
     let fin = tuned.last().expect("finished");
     assert_eq!(fin["promoted"], true, "{fin}");
     let promoted = fin["winner"]["id"].as_u64().expect("winner id");
-    let trial_ids: Vec<u64> = tuned
+    let trial_events: Vec<&serde_json::Value> =
+        tuned.iter().filter(|e| e["event"] == "trial").collect();
+    let trial_ids: Vec<u64> = trial_events
         .iter()
-        .filter(|e| e["event"] == "trial")
         .filter_map(|e| e["id"].as_u64())
         .collect();
     assert_eq!(trial_ids.len(), 5);
+    // (id, recall, p50, memory) of each trial, as streamed.
+    let measured: Vec<(u64, f64, f64, u64)> = trial_events
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_u64().expect("id"),
+                e["recall"].as_f64().expect("recall"),
+                e["p50_micros"].as_f64().expect("p50"),
+                e["memory_bytes"].as_u64().expect("memory"),
+            )
+        })
+        .collect();
+    // The recall × p50 front, computed here from the streamed figures.
+    let mut front_2d: Vec<u64> = measured
+        .iter()
+        .filter(|&&(_, r, p, _)| {
+            !measured
+                .iter()
+                .any(|&(_, r2, p2, _)| r2 >= r && p2 <= p && (r2 > r || p2 < p))
+        })
+        .map(|&(id, ..)| id)
+        .collect();
+    front_2d.sort_unstable();
 
     let front: Vec<u64> = s
         .autotune()
@@ -1018,9 +1043,67 @@ async fn report_plots_the_journal_with_front_and_promoted() {
     let mut all = trial_ids.clone();
     all.sort_unstable();
     assert_eq!(circles("trial"), all, "every trial is plotted once");
-    let mut want_front = front.clone();
-    want_front.sort_unstable();
-    assert_eq!(circles("front"), want_front, "the front is highlighted");
+    assert!(!front_2d.is_empty());
+    assert_eq!(
+        circles("front"),
+        front_2d,
+        "the recall × p50 front is highlighted"
+    );
+    let mut memory_only: Vec<u64> = front
+        .iter()
+        .copied()
+        .filter(|id| !front_2d.contains(id))
+        .collect();
+    memory_only.sort_unstable();
+    assert_eq!(
+        circles("memory-front"),
+        memory_only,
+        "trials on GetParetoFront's front only by memory are marked apart"
+    );
+    // Marker size grows with memory: sorted by memory, the radii never shrink.
+    let mut sized: Vec<(u64, f64)> = root
+        .descendants()
+        .filter(|n| n.has_tag_name("circle"))
+        .filter(|n| {
+            n.attribute("class")
+                .is_some_and(|c| c.split(' ').any(|w| w == "trial"))
+        })
+        .map(|n| {
+            let id: u64 = n
+                .attribute("data-trial-id")
+                .and_then(|v| v.parse().ok())
+                .expect("trial id");
+            let mem = measured
+                .iter()
+                .find(|m| m.0 == id)
+                .expect("a plotted trial was streamed")
+                .3;
+            assert_eq!(
+                n.attribute("data-memory-bytes"),
+                Some(mem.to_string().as_str())
+            );
+            (
+                mem,
+                n.attribute("r").and_then(|v| v.parse().ok()).expect("r"),
+            )
+        })
+        .collect();
+    // Marker area is proportional to memory (the trial with the most has the largest marker;
+    // markers are never drawn smaller than 3 px).
+    sized.sort_by_key(|s| s.0);
+    let (max_mem, max_r) = *sized.last().expect("trials");
+    assert!(
+        sized[0].0 < max_mem,
+        "the grid's m values give different memory"
+    );
+    for &(mem, r) in &sized {
+        let want = (max_r * (mem as f64 / max_mem as f64).sqrt()).max(3.0);
+        assert!((r - want).abs() < 0.02, "area ∝ memory: {sized:?}");
+    }
+    assert!(
+        text.contains("marker area ∝ memory"),
+        "the legend says size is memory"
+    );
     assert_eq!(
         circles("promoted"),
         vec![promoted],

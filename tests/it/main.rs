@@ -12,6 +12,7 @@ mod bad_requests;
 mod binary;
 mod cli;
 mod crash;
+mod edge;
 mod index_service;
 mod limits;
 mod load;

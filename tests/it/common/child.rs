@@ -84,6 +84,17 @@ impl Vectord {
             "VECTORD_INSECURE",
             "VECTORD_ENGINE",
             "VECTORD_REFRESH_PROBE_SECS",
+            "VECTORD_METRICS_ADDR",
+            "VECTORD_MAX_IDS_PER_DELETE",
+            "VECTORD_MAX_BATCH_QUERIES",
+            "VECTORD_MAX_BATCH_RESULTS",
+            "VECTORD_MAX_RESPONSE_BYTES",
+            "VECTORD_MAX_CONNECTIONS",
+            "VECTORD_HANDSHAKE_TIMEOUT_SECS",
+            "VECTORD_HTTP2_MAX_CONCURRENT_STREAMS",
+            "VECTORD_HTTP2_KEEPALIVE_INTERVAL_SECS",
+            "VECTORD_HTTP2_KEEPALIVE_TIMEOUT_SECS",
+            "VECTORD_TCP_KEEPALIVE_SECS",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);

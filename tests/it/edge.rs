@@ -1,0 +1,523 @@
+//! Hardening at the edge (issue 22) against a real server: what a hostile or careless client
+//! can no longer do. Metric labels from made-up methods, SearchBatch and DeletePoints size
+//! bounds, free-text length bounds, and connections that send nothing.
+//!
+//! Every wait is bounded by `DEADLINE` and waits on an event (a call's answer, a socket's EOF),
+//! never on a fixed sleep.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use vectord::config::Config;
+use vectord::pb;
+use vectord::pb::index_service_client::IndexServiceClient;
+
+/// The longest a condition may take to show up before the test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: took longer than {DEADLINE:?}"))
+}
+
+fn status<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Status {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s,
+    }
+}
+
+async fn server_with(f: impl FnOnce(&mut Config)) -> (TestServer, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(tmp.path());
+    f(&mut config);
+    let s = TestServer::start_in(tmp.path(), config).await;
+    (s, tmp)
+}
+
+async fn point_count(c: &mut IndexServiceClient<Channel>, name: &str) -> u64 {
+    c.get_index(pb::GetIndexRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .index
+        .unwrap()
+        .point_count
+}
+
+fn batch(index: &str, n: usize, dim: usize, k: u32) -> pb::SearchBatchRequest {
+    let mut g = Gen::new(7);
+    pb::SearchBatchRequest {
+        index_name: index.into(),
+        queries: (0..n)
+            .map(|_| pb::QueryVector {
+                vector: g.vector(dim),
+            })
+            .collect(),
+        k,
+        ef_search: None,
+    }
+}
+
+// ---- 1. metric labels ----------------------------------------------------------------------
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn made_up_methods_do_not_grow_the_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, maddr) = (
+        listener.local_addr().unwrap(),
+        metrics.local_addr().unwrap(),
+    );
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let _server = tokio::spawn(vectord::server::run_with(
+        listener,
+        Some(metrics),
+        Config::for_tests(tmp.path()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = within(
+        "connect",
+        Channel::from_shared(format!("http://{addr}")).unwrap().connect(),
+    )
+    .await
+    .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(s) = watch.message().await.unwrap() {
+        if s.status == ServingStatus::Serving as i32 {
+            break;
+        }
+    }
+    let mut c = IndexServiceClient::new(channel.clone());
+    create_index(&mut c, "m", 4, pb::Metric::L2).await;
+
+    let call = |path: String| {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        async move {
+            grpc.ready().await.unwrap();
+            grpc.unary::<pb::GetIndexRequest, pb::GetIndexResponse, _>(
+                tonic::Request::new(pb::GetIndexRequest { name: "m".into() }),
+                path.parse().unwrap(),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+        }
+    };
+    // One made-up call first, so the `unknown` series exists in the baseline.
+    assert_eq!(
+        status(call("/x.Y/warmup".into()).await).code(),
+        Code::Unimplemented
+    );
+    let before = scrape(maddr).await;
+    for i in 0..300 {
+        let e = status(call(format!("/x.Y/M{i}")).await);
+        assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    }
+    // A real method under a made-up service name, and a real one: only the real one is named.
+    assert_eq!(
+        status(call("/vectord.v1.Nope/GetIndex".into()).await).code(),
+        Code::Unimplemented
+    );
+    call("/vectord.v1.IndexService/GetIndex".into())
+        .await
+        .expect("a real method");
+    let after = scrape(maddr).await;
+
+    let lines = |t: &str| t.lines().count();
+    assert!(
+        lines(&after) <= lines(&before) + 30,
+        "302 calls to made-up methods grew /metrics from {} to {} lines",
+        lines(&before),
+        lines(&after)
+    );
+    assert!(!after.contains("/x.Y/"), "{after}");
+    assert!(!after.contains("vectord.v1.Nope"), "{after}");
+    assert!(
+        after.contains(r#"vectord_rpc_requests_total{code="Unimplemented",method="unknown"} 302"#),
+        "{after}"
+    );
+    assert!(
+        after.contains(
+            r#"vectord_rpc_requests_total{code="Ok",method="/vectord.v1.IndexService/GetIndex"} 1"#
+        ),
+        "{after}"
+    );
+}
+
+// ---- 2. SearchBatch bounds -----------------------------------------------------------------
+
+#[tokio::test]
+async fn search_batch_is_bounded_by_queries_results_and_answer_size() {
+    let (s, _tmp) = server_with(|c| {
+        c.max_batch_queries = 10;
+        c.max_batch_results = 50;
+    })
+    .await;
+    let mut c = s.index().await;
+    create_index(&mut c, "b", 4, pb::Metric::L2).await;
+    upsert(&mut c, "b", points(&mut Gen::new(1), 0..200, 4)).await;
+
+    let ok = c.search_batch(batch("b", 10, 4, 5)).await.unwrap();
+    assert_eq!(ok.into_inner().results.len(), 10);
+    let e = status(c.search_batch(batch("b", 11, 4, 1)).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-batch-queries"), "{e:?}");
+    let e = status(c.search_batch(batch("b", 10, 4, 6)).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-batch-results") && e.message().contains("60"),
+        "{e:?}"
+    );
+
+    // The answer's size: 10 queries x k 20 could encode to more than 2 KiB.
+    let (s, _tmp) = server_with(|c| c.max_response_bytes = 2048).await;
+    let mut c = s.index().await;
+    create_index(&mut c, "b", 4, pb::Metric::L2).await;
+    upsert(&mut c, "b", points(&mut Gen::new(1), 0..200, 4)).await;
+    let ok = c.search_batch(batch("b", 10, 4, 5)).await.unwrap();
+    assert_eq!(ok.into_inner().results.len(), 10);
+    let e = status(c.search_batch(batch("b", 10, 4, 20)).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-response-bytes"), "{e:?}");
+}
+
+/// The issue's request, scaled down: with the default limits, a batch over them is refused at
+/// once instead of searched.
+#[tokio::test]
+async fn the_default_limits_refuse_a_huge_batch_before_searching() {
+    let s = TestServer::start().await;
+    let mut c = s.index().await;
+    create_index(&mut c, "b", 4, pb::Metric::L2).await;
+    upsert(&mut c, "b", points(&mut Gen::new(1), 0..2000, 4)).await;
+    let e = status(within("10,001 queries", c.search_batch(batch("b", 10_001, 4, 1))).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = status(within("1,001 x k 1000", c.search_batch(batch("b", 1001, 4, 1000))).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("1001000"), "{e:?}");
+}
+
+// ---- 3. DeletePoints cap -------------------------------------------------------------------
+
+#[tokio::test]
+async fn delete_points_is_capped_and_all_or_nothing() {
+    let (s, _tmp) = server_with(|c| c.max_ids_per_delete = 5).await;
+    let mut c = s.index().await;
+    create_index(&mut c, "d", 4, pb::Metric::L2).await;
+    upsert(&mut c, "d", points(&mut Gen::new(1), 0..20, 4)).await;
+    let e = status(
+        c.delete_points(pb::DeletePointsRequest {
+            index_name: "d".into(),
+            ids: (0..6).collect(),
+        })
+        .await,
+    );
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-ids-per-delete"), "{e:?}");
+    assert_eq!(point_count(&mut c, "d").await, 20, "nothing was deleted");
+    let r = c
+        .delete_points(pb::DeletePointsRequest {
+            index_name: "d".into(),
+            ids: (0..5).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.deleted_count, r.point_count), (5, 15));
+}
+
+// ---- 4. free text --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn free_text_fields_are_bounded() {
+    let s = TestServer::start().await;
+    let mut c = s.index().await;
+    create_index(&mut c, "t", 4, pb::Metric::L2).await;
+    upsert(&mut c, "t", points(&mut Gen::new(1), 0..200, 4)).await;
+    let mut a = s.autotune().await;
+    a.create_harness(pb::CreateHarnessRequest {
+        index_name: "t".into(),
+        name: "h".into(),
+        k: 5,
+        queries: Some(pb::create_harness_request::Queries::Sampled(
+            pb::SampledQueries {
+                query_count: 10,
+                seed: None,
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let trial = a
+        .run_trial(pb::RunTrialRequest {
+            index_name: "t".into(),
+            harness: "h".into(),
+            config: Some(pb::HnswConfig {
+                m: 8,
+                ef_construction: 20,
+                ef_search: 20,
+                seed: Some(1),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trial
+        .unwrap();
+    let mut p = s.promotion().await;
+    let promote = |by: String, note: String| pb::PromoteRequest {
+        index_name: "t".into(),
+        trial_id: trial.id,
+        promoted_by: by,
+        note,
+    };
+    for (by, note, field) in [
+        ("x".repeat(257), String::new(), "promoted_by"),
+        (String::new(), "é".repeat(2049), "note"),
+    ] {
+        let e = status(p.promote(promote(by, note)).await);
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{e:?}");
+        assert!(e.message().len() < 200, "the value is not echoed: {e:?}");
+    }
+    let got = p
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.current.is_none(), "nothing was promoted: {got:?}");
+    // At the bounds: stored and read back whole.
+    let cur = p
+        .promote(promote("b".repeat(256), "n".repeat(4096)))
+        .await
+        .unwrap()
+        .into_inner()
+        .current
+        .unwrap();
+    assert_eq!((cur.promoted_by.len(), cur.note.len()), (256, 4096));
+
+    let e = status(
+        a.autotune(pb::AutotuneRequest {
+            index_name: "t".into(),
+            harness: "h".into(),
+            requested_by: "r".repeat(257),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("requested_by"), "{e:?}");
+    let jobs = a
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(jobs.jobs.is_empty(), "no job started: {jobs:?}");
+
+    let e = status(
+        a.cancel_job(pb::CancelJobRequest {
+            id: "j".repeat(65),
+        })
+        .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // A huge page token is refused without being quoted back (it would travel in a header).
+    let token = "A".repeat(1 << 20);
+    let e = status(
+        c.list_indexes(pb::ListIndexesRequest {
+            page_size: 0,
+            page_token: token.clone(),
+        })
+        .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().len() < 200, "{}", e.message().len());
+    let e = status(
+        a.list_trials(pb::ListTrialsRequest {
+            page_token: token,
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().len() < 200, "{}", e.message().len());
+}
+
+// ---- 6. connections ------------------------------------------------------------------------
+
+/// Reads until the server closes `s` (EOF or reset); fails the test after `DEADLINE`.
+async fn closed_by_server(what: &str, s: &mut tokio::net::TcpStream) {
+    let mut buf = [0u8; 256];
+    within(what, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+}
+
+/// A normal client, on its own new connection: health SERVING, then a search finding the
+/// point itself, each within `DEADLINE`.
+async fn served(s: &TestServer, p: &pb::Point) {
+    within("a normal client", async {
+        let ch = Channel::from_shared(s.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        let h = HealthClient::new(ch.clone())
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(h.status, ServingStatus::Serving as i32);
+        let mut c = IndexServiceClient::new(ch);
+        let r = search(&mut c, "c", p.vector.clone(), 1, None).await;
+        assert_eq!(r.neighbors[0].id, p.id);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connections_that_send_nothing_cannot_keep_others_out() {
+    // A long handshake timeout: the normal client must get in without waiting for it.
+    let (s, _tmp) = server_with(|c| {
+        c.max_connections = 4;
+        c.handshake_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut c = s.index().await;
+    create_index(&mut c, "c", 4, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(3), 0..50, 4);
+    upsert(&mut c, "c", pts.clone()).await;
+    drop(c);
+
+    // 20 slow-loris connections (5 x the limit): half send nothing, half a partial preface.
+    let mut loris = Vec::new();
+    for i in 0..20 {
+        let mut t = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        if i % 2 == 1 {
+            t.write_all(&vectord::connections::PREFACE[..10])
+                .await
+                .unwrap();
+        }
+        loris.push(t);
+    }
+    served(&s, &pts[7]).await;
+    // The oldest pending ones were closed to make room (the newest 4 may still wait).
+    for (i, t) in loris.iter_mut().take(16).enumerate() {
+        closed_by_server(&format!("slow-loris connection {i}"), t).await;
+    }
+    served(&s, &pts[8]).await;
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_handshake_timeout() {
+    let (s, _tmp) = server_with(|c| c.handshake_timeout = Duration::from_secs(1)).await;
+    let mut c = s.index().await;
+    create_index(&mut c, "c", 4, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(3), 0..50, 4);
+    upsert(&mut c, "c", pts.clone()).await;
+    let mut silent = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    partial
+        .write_all(&vectord::connections::PREFACE[..20])
+        .await
+        .unwrap();
+    closed_by_server("a silent connection", &mut silent).await;
+    closed_by_server("a partial preface", &mut partial).await;
+    served(&s, &pts[1]).await;
+}
+
+/// A new connection that answered a health check, or None if the server refused it.
+async fn served_channel(url: &str) -> Option<Channel> {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    HealthClient::new(ch.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .ok()?;
+    Some(ch)
+}
+
+/// Connects until a connection is served (a slot freed by an earlier close may take the
+/// server a moment to see), within `DEADLINE`.
+async fn served_eventually(what: &str, url: &str) -> Channel {
+    within(what, async {
+        loop {
+            if let Some(ch) = served_channel(url).await {
+                return ch;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
+    let (s, _tmp) = server_with(|c| c.max_connections = 2).await;
+    let url = s.url();
+    // Two connections held open take both slots (the startup health check's connection may
+    // hold one for a moment after it closes).
+    let first = served_eventually("the first connection", &url).await;
+    let second = served_eventually("the second connection", &url).await;
+    let third = within("a third connection", served_channel(&url)).await;
+    assert!(
+        third.is_none(),
+        "a third connection over a limit of 2 was served"
+    );
+    // The two held connections are still served.
+    let mut c = IndexServiceClient::new(first.clone());
+    create_index(&mut c, "c", 4, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(3), 0..50, 4);
+    upsert(&mut c, "c", pts.clone()).await;
+    let mut c2 = IndexServiceClient::new(second.clone());
+    assert_eq!(
+        search(&mut c2, "c", pts[3].vector.clone(), 1, None).await.neighbors[0].id,
+        3
+    );
+    // Closing one frees its slot: a new client gets in.
+    drop((c2, second));
+    let fourth = served_eventually("a connection in the freed slot", &url).await;
+    let mut c4 = IndexServiceClient::new(fourth);
+    assert_eq!(
+        search(&mut c4, "c", pts[4].vector.clone(), 1, None).await.neighbors[0].id,
+        4
+    );
+}
