@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
+use crate::grpc::status::ErrorCode;
 
 /// Services anyone may call without a key: probes and tooling.
 pub const OPEN_SERVICES: [&str; 3] = [

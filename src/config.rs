@@ -203,9 +203,10 @@ pub fn api_key_from(
 /// (mTLS) if any; all PEM, checked when loaded so a bad file is named at startup.
 #[derive(Clone)]
 pub struct TlsConfig {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+    /// PEM: the server's certificate chain, its key, and (mTLS) the client CA.
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) client_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -259,17 +260,6 @@ impl TlsConfig {
     /// True when clients must present a certificate signed by the client CA.
     pub fn mtls(&self) -> bool {
         self.client_ca.is_some()
-    }
-
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut c = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .timeout(Duration::from_secs(10));
-        if let Some(ca) = &self.client_ca {
-            c = c.client_ca_root(Certificate::from_pem(ca));
-        }
-        c
     }
 }
 

@@ -313,7 +313,7 @@ impl Refresher {
                         tracing::info!(index = %index, job = %o.job_id, promoted = o.promotion.is_some(), reason = %o.reason, "refresh tune finished");
                         break;
                     }
-                    Event::Ended(why, _) => {
+                    Event::Ended(why) => {
                         tracing::warn!(index = %index, reason = %why, "refresh tune ended");
                         break;
                     }

@@ -70,6 +70,18 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
     resp
 }
 
+/// The TLS settings of the listener: the server's identity and, with mTLS, the client CA.
+fn server_tls(tls: &crate::config::TlsConfig) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let mut c = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert, &tls.key))
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = &tls.client_ca {
+        c = c.client_ca_root(Certificate::from_pem(ca));
+    }
+    c
+}
+
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
 /// `config.metrics_addr` for the metrics when it is set.
 pub async fn run(
@@ -174,7 +186,7 @@ pub async fn run_with(
     }
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.server_config()).map_err(|e| {
+        builder = builder.tls_config(server_tls(tls)).map_err(|e| {
             let cause = std::error::Error::source(&e)
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default();

@@ -106,7 +106,7 @@ pub enum Event {
     Trial(Box<Trial>),
     Finished(Box<Outcome>),
     /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
-    Ended(String, tonic::Code),
+    Ended(Error),
 }
 
 /// One measured grid entry, waiting for its turn to be journaled.
@@ -446,24 +446,27 @@ impl Jobs {
                     if jobs.root.is_cancelled() {
                         // Shutdown, not the client's choice: UNAVAILABLE tells it to retry.
                         job.reason = "the server shut down while the job was running".into();
-                        Event::Ended(
-                            format!("job {} was cancelled: the server is shutting down", job.id),
-                            tonic::Code::Unavailable,
-                        )
+                        Event::Ended(Error::Unavailable(format!(
+                            "job {} was cancelled: the server is shutting down",
+                            job.id
+                        )))
                     } else {
                         let why = stop_why.lock().clone().unwrap_or(why);
                         job.reason = why.clone();
-                        Event::Ended(
-                            format!("job {} was cancelled: {why}", job.id),
-                            tonic::Code::Cancelled,
-                        )
+                        Event::Ended(Error::Cancelled(format!(
+                            "job {} was cancelled: {why}",
+                            job.id
+                        )))
                     }
                 }
                 Err(e) => {
                     job.state = JobState::Failed;
                     job.reason = e.to_string();
                     tracing::error!(job = %job.id, error = %e, "autotune failed");
-                    Event::Ended(format!("job {} failed: {e}", job.id), e.code())
+                    Event::Ended(Error::JobFailed {
+                        job: job.id.clone(),
+                        cause: Box::new(e),
+                    })
                 }
             };
             if let Err(e) = jobs.save(&job).await {

@@ -437,7 +437,7 @@ impl AutotuneService for AutotuneApi {
                             },
                         )),
                     }),
-                    Event::Ended(message, code) => Err(Status::new(code, message)),
+                    Event::Ended(e) => Err(e.into()),
                 };
                 tokio::select! {
                     _ = tx.closed() => {

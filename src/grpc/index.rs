@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, name, next_page, page_after, page_size};
+use super::status::ErrorCode;
 use super::Core;
 use crate::error::Error;
 use crate::model::{NewIndex, Profile, SearchParams};

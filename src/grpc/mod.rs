@@ -5,6 +5,7 @@ pub mod autotune;
 pub mod convert;
 pub mod index;
 pub mod promotion;
+pub mod status;
 
 use std::sync::{Arc, OnceLock};
 
