@@ -46,7 +46,8 @@ pub struct Config {
     pub api_keys: Option<Arc<ApiKeys>>,
     /// TLS on the gRPC listener; None: plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
-    /// The HNSW engine every graph of this process is built with.
+    /// `--engine`: the HNSW engine of new indexes that name none, and of indexes created before
+    /// the engine was stored with the index.
     pub engine: crate::index::engine::EngineKind,
     /// The deleted share (tombstones over all points of the active generation's graph) past
     /// which an index is rebuilt in the background to drop its tombstones; 0: never.

@@ -2,6 +2,7 @@
 //! not guessed. See the README for the user's manual.
 
 pub mod admission;
+pub mod app;
 pub mod auth;
 pub mod autotune;
 pub mod catalog;

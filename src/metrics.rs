@@ -163,7 +163,7 @@ impl Metrics {
 
     /// Reads the current state from the core and renders every metric as Prometheus text.
     pub fn render(&self, core: &Core) -> Result<String> {
-        if let Ok(ready) = core.ready() {
+        if let Ok(ready) = core.app() {
             for g in [
                 &self.points,
                 &self.generation,

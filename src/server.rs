@@ -8,18 +8,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use crate::app::App;
 use crate::auth::AuthLayer;
-use crate::autotune::{jobs::Jobs, lab::Lab};
-use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::grpc::{
-    autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits, Ready,
-};
+use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
-use crate::promotion::Registry;
-use crate::refresh::Refresher;
 use crate::store::Store;
 
 /// The names health reports on: "" (the whole server) and each vectord service.
@@ -105,10 +100,8 @@ pub async fn run_with(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    crate::index::engine::set_default_engine(config.engine);
     let dir = config.data_dir.clone();
     let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
-    let registry = Arc::new(Registry::new(store.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -230,33 +223,13 @@ pub async fn run_with(
         .serve_with_incoming_shutdown(incoming, stop);
     tokio::pin!(serve);
 
-    let (jobs_kept, max_jobs, max_queries) = (
-        config.jobs_kept,
-        config.max_concurrent_jobs,
-        config.max_harness_queries,
-    );
-    let probe_interval = config.refresh_probe_interval;
-    let compact_fraction = config.compact_deleted_fraction;
-    let job_gate = config.job_gate.clone();
-    let trials_kept = config.trials_kept;
-    let max_pending = config.max_pending_writes;
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         let halt = halt.clone();
+        let config = config.clone();
         async move {
-            let catalog = Arc::new(Catalog::recover(store, registry, halt, max_pending).await?);
-            catalog.start_compaction(compact_fraction);
-            let lab =
-                Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
-            let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
-            let refresh = Refresher::start(lab.clone(), jobs.clone())?;
-            refresh.spawn_prober(probe_interval, jobs.shutdown_token());
-            core.set_ready(Ready {
-                catalog,
-                lab,
-                jobs,
-                refresh,
-            });
+            let app = App::open(&config, store, halt).await?;
+            core.set_app(Arc::new(app))?;
             set_health(&health, ServingStatus::Serving).await;
             tracing::info!(addr = ?local, "vectord is serving");
             Ok::<_, Error>(())

@@ -164,9 +164,6 @@ impl JobGate {
     }
 }
 
-/// A listener for job starts: gets the index's name.
-pub type OnStart = Box<dyn Fn(&Name) + Send + Sync>;
-
 pub struct Jobs {
     lab: Arc<Lab>,
     /// index -> its running job
@@ -174,8 +171,6 @@ pub struct Jobs {
     /// Cancelled at shutdown; every job token is its child.
     root: CancellationToken,
     kept: usize,
-    /// Called with the index when a job starts on it (refresh policies mark the tune).
-    on_start: std::sync::OnceLock<OnStart>,
     /// Most jobs running at once server-wide (--max-concurrent-jobs).
     max_running: usize,
     /// Tests only: see `JobGate`.
@@ -209,15 +204,9 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             root,
             kept,
-            on_start: Default::default(),
             max_running: max_running.max(1),
             gate,
         }))
-    }
-
-    /// Sets the job-start listener (once; later calls are ignored).
-    pub fn set_on_start(&self, f: OnStart) {
-        let _ = self.on_start.set(f);
     }
 
     /// The id of the job running on an index, if one is.
@@ -413,9 +402,6 @@ impl Jobs {
         }
         if let Err(e) = store.trim_jobs(self.kept, |j: &JobRecord| j.state == JobState::Running) {
             tracing::warn!(error = %e, "could not trim old job records");
-        }
-        if let Some(f) = self.on_start.get() {
-            f(&req.index);
         }
         tracing::info!(job = %job_id, index = %req.index, harness = %req.harness, trials = req.grid.len(), "autotune started");
 

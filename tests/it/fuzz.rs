@@ -400,6 +400,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                             dimension,
                             metric,
                             default_config,
+                            engine: String::new(),
                         }
                     }),
             ),
@@ -1757,6 +1758,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                     dimension: dim as u32,
                     metric: metric as i32,
                     default_config: None,
+                    engine: String::new(),
                 },
                 keys,
             ))
@@ -1792,6 +1794,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                     dimension: dim,
                     metric: metric as i32,
                     default_config: None,
+                    engine: String::new(),
                 },
                 keys,
             ))

@@ -133,7 +133,13 @@ impl TestServer {
     }
 
     /// Stops the server and starts a new one on the same data dir.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops the server and starts a new one on the same data dir, with the test config as
+    /// `edit` changes it.
+    pub async fn restart_with(mut self, edit: impl FnOnce(&mut Config)) -> Self {
         self.stop().await;
         // Background tasks of the stopped server (write committers, a compaction) drop their
         // hold on the store a moment after `run` returns: wait until the data dir is unlocked.
@@ -148,7 +154,9 @@ impl TestServer {
         )
         .await;
         let tmp = self._tmp.take();
-        let mut s = Self::start_in(&self.dir, Config::for_tests(&self.dir)).await;
+        let mut config = Config::for_tests(&self.dir);
+        edit(&mut config);
+        let mut s = Self::start_in(&self.dir, config).await;
         s._tmp = tmp;
         s
     }
@@ -211,6 +219,7 @@ pub async fn create_index(
         dimension: dim,
         metric: metric as i32,
         default_config: None,
+        engine: String::new(),
     })
     .await
     .expect("create index")
