@@ -64,17 +64,21 @@ struct Shared {
     permits: Arc<Semaphore>,
     max: usize,
     timeout: Option<Duration>,
+    /// Owns the handler tasks: shutdown waits for them (within the grace period).
+    tasks: crate::tasks::Tasks,
 }
 
 impl AdmissionLayer {
-    /// `max` calls in flight at most (0 is taken as 1); `timeout` for unary calls.
-    pub fn new(max: usize, timeout: Option<Duration>) -> Self {
+    /// `max` calls in flight at most (0 is taken as 1); `timeout` for unary calls; the
+    /// handlers that run as their own task are owned by `tasks`.
+    pub fn new(max: usize, timeout: Option<Duration>, tasks: crate::tasks::Tasks) -> Self {
         let max = max.max(1);
         AdmissionLayer {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(max)),
                 max,
                 timeout,
+                tasks,
             }),
         }
     }
@@ -149,7 +153,7 @@ where
                 }
             });
         }
-        let task = tokio::spawn(async move {
+        let task = self.shared.tasks.spawn(async move {
             let r = handler.await;
             drop(permit);
             r

@@ -26,6 +26,7 @@ use crate::model::{Name, Point};
 use crate::promotion::Registry;
 use crate::refresh::Refresher;
 use crate::store::Store;
+use crate::tasks::Tasks;
 
 /// The server's parts, built in order by [`App::open`].
 pub struct App {
@@ -37,15 +38,16 @@ pub struct App {
 }
 
 impl App {
-    /// Recovers every part from `store`, in order. `stop` is the server's shutdown signal:
-    /// builds (recovery, activations, trials) stop at their next chunk once it is cancelled.
-    pub async fn open(config: &Config, store: Arc<Store>, stop: CancellationToken) -> Result<Self> {
+    /// Recovers every part from `store`, in order. Every task they start is owned by `tasks`,
+    /// and builds (recovery, activations, trials) stop at their next chunk once its stop token
+    /// is cancelled (shutdown).
+    pub async fn open(config: &Config, store: Arc<Store>, tasks: Tasks) -> Result<Self> {
         let registry = Arc::new(Registry::new(store.clone()));
         let catalog = Arc::new(
             Catalog::recover(
                 store.clone(),
                 registry,
-                stop,
+                tasks,
                 CatalogOptions {
                     max_pending: config.max_pending_writes,
                     default_engine: config.engine,

@@ -39,6 +39,7 @@ use crate::model::{
 use crate::promotion::Registry;
 use crate::snapshots::{self, Restored};
 use crate::store::{Counts, IndexRecord, OpOutcome, Store, WriteOp as Op};
+use crate::tasks::Tasks;
 
 /// A flag a build polls between chunks of points.
 type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -115,6 +116,7 @@ impl IndexHandle {
         snapshot_mark: u64,
         store: Arc<Store>,
         max_pending: usize,
+        tasks: &Tasks,
     ) -> Arc<Self> {
         let max_pending = max_pending.max(1);
         let (queue, rx) = mpsc::channel(max_pending);
@@ -134,9 +136,10 @@ impl IndexHandle {
             queue,
             max_pending,
         });
-        // Owned by the handle: the task ends when the handle (and so the queue's sender) is
-        // dropped, or at a storage failure.
-        tokio::spawn(committer(Arc::downgrade(&handle), store, rx));
+        // Fed by the handle: the task ends when the handle (and so the queue's sender) is
+        // dropped, after answering every write still queued, or at a storage failure. Tracked,
+        // so shutdown waits for the last queued writes.
+        tasks.spawn(committer(Arc::downgrade(&handle), store, rx));
         handle
     }
 
@@ -208,6 +211,8 @@ pub struct Catalog {
     default_engine: EngineKind,
     /// Cancelled when the server shuts down: builds stop at their next chunk.
     stop: tokio_util::sync::CancellationToken,
+    /// The server's tasks: committers, background snapshots and compactions are spawned here.
+    tasks: Tasks,
     /// `--max-pending-writes`: each index's write queue.
     max_pending: usize,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
@@ -242,13 +247,15 @@ impl Default for CatalogOptions {
 impl Catalog {
     /// Opens the catalog over a store: rebuilds every index's active generation with its
     /// recorded config (off the async runtime). Every build of the catalog (these and
-    /// activations) stops at its next chunk once `stop` is cancelled (server shutdown).
+    /// activations) stops at its next chunk once `tasks`' stop token is cancelled (server
+    /// shutdown); every task the catalog starts is owned by `tasks`.
     pub async fn recover(
         store: Arc<Store>,
         registry: Arc<Registry>,
-        stop: tokio_util::sync::CancellationToken,
+        tasks: Tasks,
         options: CatalogOptions,
     ) -> Result<Self> {
+        let stop = tasks.stop_token();
         let CatalogOptions {
             max_pending,
             default_engine,
@@ -309,6 +316,7 @@ impl Catalog {
                 mark,
                 store.clone(),
                 max_pending,
+                &tasks,
             );
             indexes.insert(rec.meta.name, handle);
         }
@@ -319,10 +327,11 @@ impl Catalog {
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
             default_engine,
+            compactor: Compactor::new(compact_fraction, stop.clone()),
             stop,
+            tasks,
             max_pending,
             search_permits: Arc::new(Semaphore::new(cores)),
-            compactor: Compactor::new(compact_fraction),
         })
     }
 
@@ -341,9 +350,9 @@ impl Catalog {
         self.compactor.maybe_start(self, name, handle);
     }
 
-    /// Stops running compactions at their next check and starts no more (shutdown).
-    pub fn stop_compaction(&self) {
-        self.compactor.shutdown();
+    /// The server's tasks (every task the catalog, the jobs and the refresher start).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -425,6 +434,7 @@ impl Catalog {
             0,
             self.store.clone(),
             self.max_pending,
+            &self.tasks,
         );
         self.indexes
             .write()
@@ -893,7 +903,7 @@ impl Catalog {
             return;
         }
         let (store, handle) = (self.store.clone(), handle.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = resnapshot(&store, &handle).await {
                 tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
             }

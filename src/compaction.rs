@@ -124,17 +124,12 @@ pub struct Compactor {
 }
 
 impl Compactor {
-    /// Compaction past `threshold` (0: off).
-    pub fn new(threshold: f64) -> Self {
+    /// Compaction past `threshold` (0: off), until `stop` (server shutdown) is cancelled.
+    pub fn new(threshold: f64, stop: CancellationToken) -> Self {
         Compactor {
             threshold: AtomicU64::new(threshold.to_bits()),
-            stop: CancellationToken::new(),
+            stop,
         }
-    }
-
-    /// Stops running compactions at their next check and starts no more (shutdown).
-    pub fn shutdown(&self) {
-        self.stop.cancel();
     }
 
     fn threshold(&self) -> f64 {
@@ -159,12 +154,13 @@ impl Compactor {
         if state.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (catalog, name, handle) = (catalog.clone(), name.clone(), handle.clone());
+        let (owner, name, handle) = (catalog.clone(), name.clone(), handle.clone());
+        let catalog = owner.clone();
         let how = Compaction {
             threshold,
             stop: self.stop.clone(),
         };
-        tokio::spawn(async move {
+        owner.tasks().spawn(async move {
             let state = &handle.compaction;
             match catalog.compact(&name, &how).await {
                 Ok(Some(meta)) => {

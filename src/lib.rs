@@ -20,6 +20,7 @@ pub mod refresh;
 pub mod server;
 pub mod snapshots;
 pub mod store;
+pub mod tasks;
 
 /// The generated `vectord.v1` types and services.
 pub mod pb {

@@ -273,7 +273,7 @@ impl Refresher {
         tracing::info!(index = %index, reason = %why, "refresh policy starts a tune");
         let req = tune_request(&index, uid, &policy);
         let me = self.clone();
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let started = me.jobs.start(req).await;
             if started.is_ok() {
                 me.tuned(&index);
@@ -420,7 +420,7 @@ impl Refresher {
             return;
         }
         let me = Arc::downgrade(self);
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
@@ -530,7 +530,7 @@ mod tests {
             Catalog::recover(
                 store.clone(),
                 registry,
-                CancellationToken::new(),
+                crate::tasks::Tasks::new(),
                 Default::default(),
             )
             .await

@@ -414,7 +414,7 @@ impl Jobs {
         let jobs = self.clone();
         let tok = token.clone();
         let stop_why = why;
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let mut job = job;
             let result = jobs
                 .run(&mut job, &req, (uid, &abandon), prepared, &tok, &tx)
@@ -805,7 +805,7 @@ impl Evaluator for JobEval<'_> {
             self.permits.clone(),
             self.built.clone(),
         );
-        tokio::spawn(async move {
+        self.jobs.lab.catalog().tasks().spawn(async move {
             let _p = permits
                 .acquire_owned()
                 .await

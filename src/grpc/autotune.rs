@@ -387,8 +387,8 @@ impl AutotuneService for AutotuneApi {
         let (mut events, token) = self.core.app()?.start_tune(tune).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         // The forwarder: the job never waits for the client (its events queue up, a handful per
-        // trial); the client going away cancels the job.
-        tokio::spawn(async move {
+        // trial); the client going away cancels the job. It ends with the job's events.
+        self.core.tasks.spawn(async move {
             loop {
                 let event = tokio::select! {
                     _ = tx.closed() => {

@@ -61,13 +61,17 @@ pub fn batch_response_max_bytes(queries: usize, k: usize) -> usize {
 pub struct Core {
     app: OnceLock<Arc<App>>,
     pub limits: EdgeLimits,
+    /// The server's tasks: a handler that keeps work going after it answers (the autotune
+    /// event forwarder) spawns it here.
+    pub tasks: crate::tasks::Tasks,
 }
 
 impl Core {
-    pub fn new(limits: EdgeLimits) -> Self {
+    pub fn new(limits: EdgeLimits, tasks: crate::tasks::Tasks) -> Self {
         Core {
             app: OnceLock::new(),
             limits,
+            tasks,
         }
     }
 
@@ -137,13 +141,5 @@ impl Core {
 
     pub fn catalog(&self) -> Result<&Arc<Catalog>, Error> {
         Ok(&self.app()?.catalog)
-    }
-
-    /// Cancels running jobs (shutdown).
-    pub fn shutdown(&self) {
-        if let Some(r) = self.app.get() {
-            r.jobs.shutdown();
-            r.catalog.stop_compaction();
-        }
     }
 }

@@ -140,19 +140,9 @@ impl TestServer {
     /// Stops the server and starts a new one on the same data dir, with the test config as
     /// `edit` changes it.
     pub async fn restart_with(mut self, edit: impl FnOnce(&mut Config)) -> Self {
+        // `run` returns once every task of the server has ended and the store is closed, so
+        // the data dir is free at once.
         self.stop().await;
-        // Background tasks of the stopped server (write committers, a compaction) drop their
-        // hold on the store a moment after `run` returns: wait until the data dir is unlocked.
-        let dir = self.dir.clone();
-        eventually(
-            Duration::from_secs(30),
-            "the stopped server's store is closed",
-            || {
-                let dir = dir.clone();
-                async move { vectord::store::Store::open(&dir).ok().map(drop) }
-            },
-        )
-        .await;
         let tmp = self._tmp.take();
         let mut config = Config::for_tests(&self.dir);
         edit(&mut config);
