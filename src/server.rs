@@ -13,19 +13,16 @@ use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::grpc::names;
 use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
 use crate::store::Store;
 use crate::tasks::Tasks;
 
-/// The names health reports on: "" (the whole server) and each vectord service.
-pub const HEALTH_SERVICES: [&str; 4] = [
-    "",
-    "vectord.v1.IndexService",
-    "vectord.v1.AutotuneService",
-    "vectord.v1.PromotionService",
-];
+/// The names health reports on: "" (the whole server) and each vectord service (names from
+/// the generated code).
+pub const HEALTH_SERVICES: [&str; 4] = ["", names::INDEX, names::AUTOTUNE, names::PROMOTION];
 
 /// The largest reflection request (a symbol or file name): larger is OUT_OF_RANGE.
 /// tonic-reflection answers an unknown name with NOT_FOUND quoting it whole; unbounded, a huge

@@ -4,6 +4,7 @@
 pub mod autotune;
 pub mod convert;
 pub mod index;
+pub mod names;
 pub mod promotion;
 pub mod status;
 
