@@ -2,7 +2,7 @@
 //! (`grpc::status`), where every variant has a decided code (the `match` there has no `_` arm,
 //! so a new variant cannot ship without one). Messages say what was wrong and what is allowed.
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// A field of a request is malformed or out of its allowed range.
     #[error("{0}")]
