@@ -109,10 +109,10 @@ pub async fn run_with(
     let tasks = Tasks::new();
     let core = Arc::new(Core::new(EdgeLimits::of(&config), tasks.clone()));
     let metrics = Metrics::new()?;
+    let (health, serve) = grpc_server(listener, &config, &core, &metrics, &tasks)?;
     if let Some(l) = metrics_listener {
         serve_metrics(l, &metrics, &core, &tasks)?;
     }
-    let (health, serve) = grpc_server(listener, &config, &core, &metrics, &tasks)?;
     set_health(&health, ServingStatus::NotServing).await;
     let recovery = recover(
         config.clone(),
