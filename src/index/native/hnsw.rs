@@ -17,10 +17,9 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::encoding::{Query, Storage};
-use super::memory::{prefetch_cells, Segment};
+use super::memory::prefetch_cells;
 use super::scratch::{with_scratch, QueryBuf, Scratch};
 use super::{Native, EMPTY, MAX_LEVEL};
-use crate::index::distance;
 use crate::index::engine::Engine;
 
 /// A graph node's distance to the query, ordered by distance then id (so heaps are deterministic).
@@ -33,13 +32,13 @@ pub(super) struct Cand {
 impl Eq for Cand {}
 
 impl Ord for Cand {
-    pub(super) fn cmp(&self, other: &Self) -> Ordering {
+    fn cmp(&self, other: &Self) -> Ordering {
         self.d.total_cmp(&other.d).then(self.id.cmp(&other.id))
     }
 }
 
 impl PartialOrd for Cand {
-    pub(super) fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }

@@ -79,7 +79,7 @@ unsafe impl Sync for Cells {}
 impl std::ops::Deref for Cells {
     type Target = [AtomicU32];
 
-    pub(super) fn deref(&self) -> &[AtomicU32] {
+    fn deref(&self) -> &[AtomicU32] {
         // SAFETY: `ptr` points to `len` initialised cells owned by `self` (or dangles, aligned,
         // with `len` 0).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }

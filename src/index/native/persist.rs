@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
 
 use super::encoding::Storage;
-use super::Native;
+use super::{Native, EMPTY, MAX_LEVEL};
 use crate::model::{HnswConfig, Metric};
 
 /// Snapshots (`super::snapshot`): the graph written as the engine keeps it and read back into an
@@ -99,7 +99,7 @@ impl Native {
         dimension: u32,
         config: &HnswConfig,
         storage: Storage,
-        d: &mut super::snapshot::Dec,
+        d: &mut crate::index::snapshot::Dec,
     ) -> crate::error::Result<Native> {
         use crate::error::Error;
         let bad = |what: String| Error::Corrupt(format!("snapshot graph: {what}"));

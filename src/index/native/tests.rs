@@ -5,6 +5,8 @@ use super::encoding::Storage;
 use super::memory::{cache_lines, huge_cells, HUGE_PAGE};
 use super::scratch::Scratch;
 use super::*;
+use crate::index::distance;
+use crate::index::engine::Engine;
 use crate::index::engine::{new_engine_of, EngineKind};
 use rand::{Rng, SeedableRng};
 
