@@ -32,14 +32,21 @@ use crate::grpc::names;
 
 /// Methods that stream, as (service, method): the server's timeout does not apply to them.
 /// Checked against the contract's descriptor set in the tests (exactly its streaming RPCs).
-const STREAMING: [(&str, &str); 2] = [(names::INDEX, "ImportPoints"), (names::AUTOTUNE, "Autotune")];
+const STREAMING: [(&str, &str); 2] = [
+    (names::INDEX, "ImportPoints"),
+    (names::AUTOTUNE, "Autotune"),
+];
 
 /// Reads that work on the blocking pool: they keep their own task (see [`runs_inline`]).
 const BLOCKING_READS: [(&str, &str); 1] = [(names::INDEX, "SearchBatch")];
 
 /// Services that are not counted (health and reflection): a saturated server still answers
 /// its probes.
-const EXEMPT: [&str; 3] = [names::HEALTH, names::REFLECTION_V1, names::REFLECTION_V1ALPHA];
+const EXEMPT: [&str; 3] = [
+    names::HEALTH,
+    names::REFLECTION_V1,
+    names::REFLECTION_V1ALPHA,
+];
 
 fn exempt(path: &str) -> bool {
     EXEMPT.contains(&names::split_path(path).0)
@@ -221,12 +228,19 @@ mod tests {
         let mut ours: Vec<String> = STREAMING.iter().map(|(s, m)| format!("/{s}/{m}")).collect();
         ours.sort();
         streaming.sort();
-        assert_eq!(ours, streaming, "STREAMING is the contract's streaming RPCs");
+        assert_eq!(
+            ours, streaming,
+            "STREAMING is the contract's streaming RPCs"
+        );
         for (s, m) in BLOCKING_READS {
             let path = format!("/{s}/{m}");
             assert!(all.contains(&path), "{path} is not an RPC of the contract");
             assert!(!runs_inline(&path), "{path}");
-            assert_eq!(crate::auth::access_of(&path), crate::auth::Access::ReadOnly, "{path}");
+            assert_eq!(
+                crate::auth::access_of(&path),
+                crate::auth::Access::ReadOnly,
+                "{path}"
+            );
         }
         for path in &all {
             assert!(!exempt(path), "{path} is a vectord RPC: it is counted");

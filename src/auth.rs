@@ -19,7 +19,11 @@ use crate::grpc::names;
 use crate::grpc::status::ErrorCode;
 
 /// Services anyone may call without a key: probes and tooling.
-pub const OPEN_SERVICES: [&str; 3] = [names::HEALTH, names::REFLECTION_V1, names::REFLECTION_V1ALPHA];
+pub const OPEN_SERVICES: [&str; 3] = [
+    names::HEALTH,
+    names::REFLECTION_V1,
+    names::REFLECTION_V1ALPHA,
+];
 
 /// The methods a read-only key may call, as (service, method); every other vectord method
 /// needs the admin key. Checked against the contract's descriptor set in the tests.

@@ -21,7 +21,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use arc_swap::ArcSwap;
@@ -108,9 +107,9 @@ pub struct IndexHandle {
 
 impl IndexHandle {
     /// A handle over `gen` with its committer started.
+    /// The index's engine is its first generation's (`gen.kind`).
     fn start(
         meta: IndexMeta,
-        engine: EngineKind,
         gen: Generation,
         counts: Counts,
         snapshot_mark: u64,
@@ -122,7 +121,7 @@ impl IndexHandle {
         let (queue, rx) = mpsc::channel(max_pending);
         let handle = Arc::new(IndexHandle {
             meta,
-            engine,
+            engine: gen.kind,
             active: ArcSwap::from_pointee(gen),
             writer: Default::default(),
             building: Default::default(),
@@ -310,7 +309,6 @@ impl Catalog {
             );
             let handle = IndexHandle::start(
                 rec.meta.clone(),
-                engine,
                 gen,
                 counts,
                 mark,
@@ -428,7 +426,6 @@ impl Catalog {
         let gen = Generation::empty(engine, meta.metric, meta.dimension, generation);
         let handle = IndexHandle::start(
             meta,
-            engine,
             gen,
             Counts::default(),
             0,
@@ -497,7 +494,11 @@ impl Catalog {
 
     /// Adds or replaces points, all or nothing. Vectors are checked (and normalised for cosine)
     /// before anything changes; within a request the last point of an id wins.
-    pub async fn upsert(self: &Arc<Self>, name: &Name, mut points: Vec<Point>) -> Result<(u64, u64)> {
+    pub async fn upsert(
+        self: &Arc<Self>,
+        name: &Name,
+        mut points: Vec<Point>,
+    ) -> Result<(u64, u64)> {
         if points.is_empty() {
             return Err(Error::invalid("points is empty: send at least one point"));
         }

@@ -14,7 +14,9 @@ use crate::auth::AuthLayer;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::names;
-use crate::grpc::{autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits};
+use crate::grpc::{
+    autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits,
+};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
 use crate::store::Store;

@@ -242,12 +242,7 @@ impl AutotuneService for AutotuneApi {
         let req = req.into_inner();
         let index = name("index_name", &req.index_name)?;
         let policy = convert::refresh_policy_from(req.policy)?;
-        let saved = self
-            .core
-            .app()?
-            .refresh
-            .set_policy(&index, policy)
-            .await?;
+        let saved = self.core.app()?.refresh.set_policy(&index, policy).await?;
         Ok(Response::new(pb::SetRefreshPolicyResponse {
             policy: Some(match saved {
                 Some(p) => convert::refresh_policy_to(&p),
@@ -319,11 +314,7 @@ impl AutotuneService for AutotuneApi {
     ) -> R<pb::DeleteHarnessResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
         let hname = name("name", &req.get_ref().name)?;
-        self.core
-            .app()?
-            .lab
-            .delete_harness(&index, &hname)
-            .await?;
+        self.core.app()?.lab.delete_harness(&index, &hname).await?;
         Ok(Response::new(pb::DeleteHarnessResponse {}))
     }
 

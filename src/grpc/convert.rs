@@ -387,8 +387,8 @@ pub fn page_after(token: &str) -> Result<Option<Name>> {
 #[cfg(test)]
 mod props {
     use super::*;
-    use crate::grpc::status::ErrorCode;
     use crate::autotune::jobs::TuneRequest;
+    use crate::grpc::status::ErrorCode;
     use crate::model::{
         SearchParams, DEFAULT_CONFIG_EF_CONSTRUCTION, DEFAULT_CONFIG_M, MAX_EF_SEARCH, MAX_K,
         TRIAL_EF_CONSTRUCTION, TRIAL_EF_SEARCH, TRIAL_M,

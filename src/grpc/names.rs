@@ -16,8 +16,7 @@ pub const AUTOTUNE: &str =
 pub const PROMOTION: &str =
     <pb::promotion_service_server::PromotionServiceServer<()> as NamedService>::NAME;
 /// `grpc.health.v1.Health`.
-pub const HEALTH: &str =
-    <tonic_health::pb::health_server::HealthServer<()> as NamedService>::NAME;
+pub const HEALTH: &str = <tonic_health::pb::health_server::HealthServer<()> as NamedService>::NAME;
 /// `grpc.reflection.v1.ServerReflection`.
 pub const REFLECTION_V1: &str = <tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<()> as NamedService>::NAME;
 /// `grpc.reflection.v1alpha.ServerReflection`.
@@ -39,14 +38,20 @@ mod tests {
 
     #[test]
     fn the_names_are_the_contract_ones() {
-        assert_eq!(VECTORD, [
-            "vectord.v1.IndexService",
-            "vectord.v1.AutotuneService",
-            "vectord.v1.PromotionService",
-        ]);
+        assert_eq!(
+            VECTORD,
+            [
+                "vectord.v1.IndexService",
+                "vectord.v1.AutotuneService",
+                "vectord.v1.PromotionService",
+            ]
+        );
         assert_eq!(HEALTH, "grpc.health.v1.Health");
         assert_eq!(REFLECTION_V1, "grpc.reflection.v1.ServerReflection");
-        assert_eq!(REFLECTION_V1ALPHA, "grpc.reflection.v1alpha.ServerReflection");
+        assert_eq!(
+            REFLECTION_V1ALPHA,
+            "grpc.reflection.v1alpha.ServerReflection"
+        );
         assert_eq!(split_path("/a.B/C"), ("a.B", "C"));
         assert_eq!(split_path("/a.B"), ("a.B", ""));
     }

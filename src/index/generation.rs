@@ -457,7 +457,15 @@ mod tests {
 
     #[test]
     fn deleted_and_replaced_ids_never_come_back() {
-        let g = Generation::build(EngineKind::DEFAULT, Metric::L2, 3, meta(Some(1)), points(200), &|| false).unwrap();
+        let g = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(1)),
+            points(200),
+            &|| false,
+        )
+        .unwrap();
         let q = [50.0, 1.0, 2.0];
         let first = g.search(&q, 1, 50)[0].id;
         g.delete(&[first]);
@@ -498,8 +506,8 @@ mod tests {
             EngineKind::NativeI8,
             EngineKind::HnswRs,
         ] {
-            let g = Generation::build(kind, Metric::L2, 8, meta(None), random(400), &|| false)
-                .unwrap();
+            let g =
+                Generation::build(kind, Metric::L2, 8, meta(None), random(400), &|| false).unwrap();
             g.upsert(&random(400));
             let current = random(400);
             g.upsert(&current);
@@ -617,8 +625,7 @@ mod tests {
             let base = clustered(&mut rng, 4000, DIM);
             let meta = default_meta();
             let ef = meta.config.ef_search as usize;
-            let g =
-                Generation::build(kind, Metric::L2, DIM as u32, meta, base, &|| false).unwrap();
+            let g = Generation::build(kind, Metric::L2, DIM as u32, meta, base, &|| false).unwrap();
             let outliers: Vec<Point> = (0..200)
                 .map(|i| Point {
                     id: 1_000_000 + i,
@@ -709,8 +716,24 @@ mod tests {
 
     #[test]
     fn same_seed_same_results() {
-        let a = Generation::build(EngineKind::DEFAULT, Metric::L2, 3, meta(Some(7)), points(300), &|| false).unwrap();
-        let b = Generation::build(EngineKind::DEFAULT, Metric::L2, 3, meta(Some(7)), points(300), &|| false).unwrap();
+        let a = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(7)),
+            points(300),
+            &|| false,
+        )
+        .unwrap();
+        let b = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(7)),
+            points(300),
+            &|| false,
+        )
+        .unwrap();
         for i in 0..20 {
             let q = [i as f32 * 3.3, 2.0, 1.0];
             assert_eq!(a.search(&q, 10, 12), b.search(&q, 10, 12));
@@ -757,9 +780,8 @@ mod tests {
                         })
                         .collect()
                 };
-                let g =
-                    Generation::build(kind, metric, 12, meta(Some(5)), prep(&base), &|| false)
-                        .unwrap();
+                let g = Generation::build(kind, metric, 12, meta(Some(5)), prep(&base), &|| false)
+                    .unwrap();
                 g.upsert(&prep(&replaced));
                 g.delete(&[3, 7, 250, 999]);
                 let name = format!("1-1-{kind}-{metric}.snap");
@@ -845,7 +867,14 @@ mod tests {
 
     #[test]
     fn cancelled_build_stops() {
-        let e = Generation::build(EngineKind::DEFAULT, Metric::L2, 3, meta(Some(7)), points(300), &|| true);
+        let e = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(7)),
+            points(300),
+            &|| true,
+        );
         assert!(matches!(e, Err(Error::Cancelled(_))));
     }
 }

@@ -1280,7 +1280,6 @@ async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable(
     let listed = a
         .list_jobs(pb::ListJobsRequest {
             index_name: "sd".into(),
-            ..Default::default()
         })
         .await
         .unwrap()

@@ -695,7 +695,11 @@ async fn indexes_on_different_engines_serve_side_by_side() {
             .index
             .unwrap();
         // The test server runs the default engine (native_i8).
-        let want = if engine.is_empty() { "native_i8" } else { engine };
+        let want = if engine.is_empty() {
+            "native_i8"
+        } else {
+            engine
+        };
         assert_eq!(got.engine, want, "{name}");
     }
     let mut g = Gen::new(7);
@@ -712,7 +716,11 @@ async fn indexes_on_different_engines_serve_side_by_side() {
             for q in &queries {
                 let exact = exact_top_k(pb::Metric::L2, &pts, q, 10);
                 let got = search(&mut c, name, q.clone(), 10, Some(64)).await;
-                hits += got.neighbors.iter().filter(|n| exact.contains(&n.id)).count();
+                hits += got
+                    .neighbors
+                    .iter()
+                    .filter(|n| exact.contains(&n.id))
+                    .count();
             }
             hits as f64 / (queries.len() * 10) as f64
         }
@@ -727,7 +735,11 @@ async fn indexes_on_different_engines_serve_side_by_side() {
         .restart_with(|c| c.engine = vectord::index::engine::EngineKind::Native)
         .await;
     let mut c = s.index().await;
-    for (name, engine) in [("i8", "native_i8"), ("rs", "hnsw_rs"), ("dflt", "native_i8")] {
+    for (name, engine) in [
+        ("i8", "native_i8"),
+        ("rs", "hnsw_rs"),
+        ("dflt", "native_i8"),
+    ] {
         let got = c
             .get_index(pb::GetIndexRequest { name: name.into() })
             .await
@@ -735,7 +747,10 @@ async fn indexes_on_different_engines_serve_side_by_side() {
             .into_inner()
             .index
             .unwrap();
-        assert_eq!(got.engine, engine, "{name} after a restart with --engine native");
+        assert_eq!(
+            got.engine, engine,
+            "{name} after a restart with --engine native"
+        );
     }
     for name in ["i8", "rs"] {
         let r = recall(&mut c, name).await;

@@ -229,7 +229,13 @@ impl Native {
     /// list) back to it. Returns whether the nearest of them kept a link to it (did not prune
     /// it from its full list), and whether the node is an outlier: farther from that nearest
     /// neighbour than all the neighbour's links.
-    pub(super) fn link_back(&self, id: u32, v: &[f32], selected: &[Cand], level: usize) -> (bool, bool) {
+    pub(super) fn link_back(
+        &self,
+        id: u32,
+        v: &[f32],
+        selected: &[Cand],
+        level: usize,
+    ) -> (bool, bool) {
         let cap = if level == 0 { self.m0 } else { self.m };
         let (mut linked, mut outlier) = (false, false);
         let nearest = selected.iter().find(|c| c.id != id).map(|c| c.id);
@@ -343,7 +349,11 @@ impl Native {
     /// up: of the two linked points nearest each other, the one farther from `base` (the one
     /// hnswlib's heuristic would prune), which stays one hop from the other. A point adopted
     /// before, far from every other, is never the one dropped.
-    pub(super) fn most_redundant<'a>(&self, base: &[f32], slots: &'a [AtomicU32]) -> Option<&'a AtomicU32> {
+    pub(super) fn most_redundant<'a>(
+        &self,
+        base: &[f32],
+        slots: &'a [AtomicU32],
+    ) -> Option<&'a AtomicU32> {
         let linked: Vec<(usize, &[f32])> = slots
             .iter()
             .enumerate()

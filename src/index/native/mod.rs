@@ -204,7 +204,6 @@ impl Native {
         1 + self.m0 + self.cells
     }
 
-
     /// The link block (count, then slots) of a node at a level; empty if it has none there.
     #[inline(always)]
     fn links(&self, id: u32, level: usize) -> &[AtomicU32] {
