@@ -437,6 +437,17 @@ impl AutotuneService for AutotuneApi {
                             },
                         )),
                     }),
+                    Event::Progress {
+                        job_id,
+                        activities,
+                    } => Ok(pb::AutotuneResponse {
+                        event: Some(pb::autotune_response::Event::Progress(
+                            pb::AutotuneProgress {
+                                job_id,
+                                activities: activities.iter().map(convert::progress_to).collect(),
+                            },
+                        )),
+                    }),
                     Event::Ended(message, code) => Err(Status::new(code, message)),
                 };
                 tokio::select! {
