@@ -742,9 +742,9 @@ async fn profile(ctx: &Ctx, cmd: ProfileCommand) -> Res {
             }
         }
         ProfileCommand::Activate { name } => {
+            let mut client = ctx.index();
             let call = ctx.call_long(
-                ctx.index()
-                    .activate_profile(pb::ActivateProfileRequest { name: name.clone() }),
+                client.activate_profile(pb::ActivateProfileRequest { name: name.clone() }),
             );
             let r = super::progress::follow_activation(ctx, &name, call).await?;
             if ctx.json {
