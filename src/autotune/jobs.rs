@@ -448,10 +448,22 @@ impl Jobs {
             ));
             // The points and the harness's ground truth (recomputed, with progress, when the
             // points changed since it was computed), then the job.
-            let result = match jobs.lab.prepare_tracked(&req.index, &req.harness, &acts).await {
+            let result = match jobs
+                .lab
+                .prepare_tracked(&req.index, &req.harness, &acts)
+                .await
+            {
                 Ok(p) if p.handle.meta.uid == uid => {
-                    jobs.run(&mut job, &req, (uid, &abandon), Arc::new(p), &tok, &tx, &acts)
-                        .await
+                    jobs.run(
+                        &mut job,
+                        &req,
+                        (uid, &abandon),
+                        Arc::new(p),
+                        &tok,
+                        &tx,
+                        &acts,
+                    )
+                    .await
                 }
                 Ok(_) => Err(Error::not_found("index", req.index.as_str())),
                 Err(e) => Err(e),

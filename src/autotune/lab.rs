@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::harness::{ground_truth, ground_truth_tracked, sample, GroundTruth, Harness, Query, QuerySpec};
+use super::harness::{
+    ground_truth, ground_truth_tracked, sample, GroundTruth, Harness, Query, QuerySpec,
+};
 use super::trial::Trial;
 use crate::catalog::{Catalog, IndexHandle};
 use crate::error::{Error, Result};

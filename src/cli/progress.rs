@@ -215,7 +215,10 @@ pub async fn follow_activation<T>(
         }
         for name in indexes.iter().flatten() {
             let got = ctx
-                .call(ctx.index().get_index(pb::GetIndexRequest { name: name.clone() }))
+                .call(
+                    ctx.index()
+                        .get_index(pb::GetIndexRequest { name: name.clone() }),
+                )
                 .await;
             let Ok(Some(index)) = got.map(|r| r.index) else {
                 continue;

@@ -437,10 +437,7 @@ impl AutotuneService for AutotuneApi {
                             },
                         )),
                     }),
-                    Event::Progress {
-                        job_id,
-                        activities,
-                    } => Ok(pb::AutotuneResponse {
+                    Event::Progress { job_id, activities } => Ok(pb::AutotuneResponse {
                         event: Some(pb::autotune_response::Event::Progress(
                             pb::AutotuneProgress {
                                 job_id,

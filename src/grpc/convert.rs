@@ -3,8 +3,8 @@
 
 use crate::autotune::trial::Trial;
 use crate::catalog::IndexView;
-use crate::index::{Phase, ProgressView};
 use crate::error::{Error, Result};
+use crate::index::{Phase, ProgressView};
 use crate::model::{
     default_config_from, trial_config_from, ConfigSource, GenerationMeta, Hit, HnswConfig, Metric,
     Name, NewIndex, Point, Profile, ProfileIndex, MAX_DIMENSION,

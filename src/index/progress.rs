@@ -208,10 +208,7 @@ mod tests {
         t.set_done(4);
         u.add_done(7);
         let v = a.views();
-        assert_eq!(
-            (v[0].phase, v[0].done, v[0].total),
-            (Phase::Build, 4, 10)
-        );
+        assert_eq!((v[0].phase, v[0].done, v[0].total), (Phase::Build, 4, 10));
         // Never more done than the total.
         assert_eq!((v[1].phase, v[1].done), (Phase::Measure, 5));
         drop(t);

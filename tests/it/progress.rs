@@ -180,14 +180,21 @@ async fn autotune_streams_progress_before_its_trials_end() {
             let key = work_key(w);
             if let Some((phase, done)) = last_done.get(&key) {
                 if *phase == w.phase {
-                    assert!(w.done >= *done, "{key}: done went from {done} to {}", w.done);
+                    assert!(
+                        w.done >= *done,
+                        "{key}: done went from {done} to {}",
+                        w.done
+                    );
                 }
             }
             last_done.insert(key, (w.phase, w.done));
         }
     }
     assert!(builds > 0, "builds are reported: {progress:?}");
-    assert!(estimates > 0, "the time left is estimated once points are in: {progress:?}");
+    assert!(
+        estimates > 0,
+        "the time left is estimated once points are in: {progress:?}"
+    );
     v.signal("TERM");
     assert!(v.wait_exit().await.success());
 }
@@ -250,9 +257,9 @@ async fn get_index_shows_an_activation_build_while_it_runs() {
     let later = eventually(DEADLINE, "the build advances", || {
         let c = c.clone();
         async move {
-            get(c).await.filter(|p| {
-                p.phase != pb::ProgressPhase::Build as i32 || p.done > first_done
-            })
+            get(c)
+                .await
+                .filter(|p| p.phase != pb::ProgressPhase::Build as i32 || p.done > first_done)
         }
     })
     .await;
@@ -263,7 +270,11 @@ async fn get_index_shows_an_activation_build_while_it_runs() {
         .expect("activation")
         .into_inner();
     assert_eq!(r.generations[0].config, Some(profile_config));
-    assert_eq!(get(c.clone()).await, None, "cleared once the build is swapped in");
+    assert_eq!(
+        get(c.clone()).await,
+        None,
+        "cleared once the build is swapped in"
+    );
     v.signal("TERM");
     assert!(v.wait_exit().await.success());
 }
@@ -277,7 +288,12 @@ fn cli_json(addr: SocketAddr, args: &[&str]) -> Vec<Value> {
         .args(args)
         .arg("--json")
         .stdin(Stdio::null());
-    for var in ["VECTORD_SERVER", "VECTORD_LOG", "RUST_LOG", "VECTORD_API_KEY"] {
+    for var in [
+        "VECTORD_SERVER",
+        "VECTORD_LOG",
+        "RUST_LOG",
+        "VECTORD_API_KEY",
+    ] {
         cmd.env_remove(var);
     }
     let out = cmd.output().expect("run vectord");
@@ -354,7 +370,10 @@ async fn cli_json_prints_progress_lines() {
     .expect("cli");
     let (last, progress) = lines.split_last().expect("output");
     assert_eq!(last["generations"][0]["index_name"], "big", "{lines:?}");
-    assert!(!progress.is_empty(), "a build of seconds shows progress: {lines:?}");
+    assert!(
+        !progress.is_empty(),
+        "a build of seconds shows progress: {lines:?}"
+    );
     for l in progress {
         assert_eq!(l["event"], "progress", "{l}");
         assert_eq!(l["index_name"], "big", "{l}");
