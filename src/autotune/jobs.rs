@@ -520,6 +520,7 @@ impl Jobs {
         Ok((rx, token))
     }
 
+    #[allow(clippy::too_many_arguments)] // one private seam: the job, its request, and its outputs (events, progress)
     async fn run(
         &self,
         job: &mut JobRecord,
