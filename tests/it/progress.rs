@@ -282,11 +282,20 @@ async fn get_index_shows_an_activation_build_while_it_runs() {
 /// Runs `vectord --server http://addr <args> --json` with no VECTORD_* from the environment;
 /// returns stdout as JSON lines and the exit status.
 fn cli_json(addr: SocketAddr, args: &[&str]) -> Vec<Value> {
+    let args = [args, &["--json"]].concat();
+    cli(addr, &args)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+/// Runs `vectord --server http://addr <args>` (stdout and stderr are pipes, not terminals);
+/// asserts it exits 0 and prints nothing on stderr; returns stdout.
+fn cli(addr: SocketAddr, args: &[&str]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vectord"));
     cmd.arg("--server")
         .arg(format!("http://{addr}"))
         .args(args)
-        .arg("--json")
         .stdin(Stdio::null());
     for var in [
         "VECTORD_SERVER",
@@ -309,10 +318,7 @@ fn cli_json(addr: SocketAddr, args: &[&str]) -> Vec<Value> {
         "no progress noise on a stderr that is not a terminal: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-        .collect()
+    stdout.into_owned()
 }
 
 #[tokio::test]
@@ -359,6 +365,27 @@ async fn cli_json_prints_progress_lines() {
             assert_eq!(w["config"]["ef_construction"], 20, "{l}");
         }
     }
+
+    // Without --json and without a terminal: the table as before, no bars, nothing on stderr
+    // (`cli` checks it).
+    let table = tokio::task::spawn_blocking(move || {
+        cli(
+            addr,
+            &[
+                "autotune",
+                "--index",
+                "big",
+                "--harness",
+                "smoke",
+                "--grid",
+                "40:20:8",
+            ],
+        )
+    })
+    .await
+    .expect("cli");
+    assert!(table.contains("winner: trial"), "{table}");
+    assert!(!table.contains("build m"), "no bar on stdout: {table}");
 
     // profile activate: progress lines (read from GetIndex), then the generations.
     let lines = tokio::task::spawn_blocking(move || {
