@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
 use crate::index::engine::EngineKind;
-use crate::index::Generation;
+use crate::index::{Generation, Phase, Progress, ProgressView};
 use crate::model::{
     check_vector, normalize, now_millis, ConfigSource, GenerationMeta, Hit, HnswConfig, IndexMeta,
     Metric, Name, NewIndex, Point, Profile, SearchParams,
@@ -103,6 +103,8 @@ pub struct IndexHandle {
     max_pending: usize,
     /// Tombstone compaction's state (see `compaction.rs`).
     pub compaction: IndexCompaction,
+    /// The build of the index's next generation, while one runs (GetIndex shows it).
+    build_progress: parking_lot::Mutex<Option<Arc<Progress>>>,
 }
 
 impl IndexHandle {
@@ -132,6 +134,7 @@ impl IndexHandle {
             snapshot_mark: AtomicU64::new(snapshot_mark),
             snapshotting: AtomicBool::new(false),
             compaction: Default::default(),
+            build_progress: Default::default(),
             queue,
             max_pending,
         });
@@ -144,6 +147,11 @@ impl IndexHandle {
 
     pub fn active(&self) -> Arc<Generation> {
         self.active.load_full()
+    }
+
+    /// Where the build of the index's next generation is, while one runs.
+    pub fn build_progress(&self) -> Option<ProgressView> {
+        self.build_progress.lock().as_ref().map(|p| p.view())
     }
     pub fn point_count(&self) -> u64 {
         self.point_count.load(Ordering::Acquire)
@@ -198,6 +206,8 @@ pub struct IndexView {
     pub compaction: crate::compaction::CompactionStats,
     /// The engine its graphs are built with.
     pub engine: EngineKind,
+    /// The build of the next generation, while one runs.
+    pub build: Option<ProgressView>,
 }
 
 pub struct Catalog {
@@ -381,6 +391,7 @@ impl Catalog {
             deleted_fraction: deleted_fraction(tombstones, live),
             compaction: h.compaction.stats(),
             engine: h.engine,
+            build: h.build_progress(),
         }
     }
 
@@ -788,6 +799,9 @@ impl Catalog {
             }
             Some(c) => (None, c.building, c.cancelled),
         };
+        // Shown by GetIndex until this build ends, however it ends.
+        let progress = Arc::new(Progress::new(Phase::Load, Some(config), 0));
+        let _shown = ShownBuild::new(&handle, progress.clone());
         tracing::info!(
             "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
             name,
@@ -818,12 +832,14 @@ impl Catalog {
         };
         let (kind, metric, dim) = (handle.engine, handle.meta.metric, handle.meta.dimension);
         let halt = self.stop.clone();
+        let p = progress.clone();
         let built = tokio::task::spawn_blocking(move || {
-            Generation::build(kind, metric, dim, meta, points, &|| {
+            let stop = || {
                 halt.is_cancelled()
                     || cancel.as_ref().is_some_and(|c| c.is_cancelled())
                     || cancelled()
-            })
+            };
+            Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)
         })
         .await
         .map_err(Error::from)
@@ -835,6 +851,7 @@ impl Catalog {
             Ok(gen) => {
                 let store = self.store.clone();
                 let (uid, number) = (handle.meta.uid, handle.active().meta.number + 1);
+                progress.enter(Phase::Snapshot, 0);
                 let (gen, snapshot) = tokio::task::spawn_blocking(move || {
                     let snapshot = snapshots::save(&store, &gen, uid, number, seq);
                     (gen, snapshot)
@@ -855,6 +872,7 @@ impl Catalog {
             return Err(e);
         }
         let replayed = ops.len();
+        progress.enter(Phase::Replay, 0);
         let gen = tokio::task::spawn_blocking(move || {
             apply_to_graph(&gen, &ops);
             gen
@@ -1031,6 +1049,22 @@ impl Catalog {
         }
         drop(guards);
         Ok(())
+    }
+}
+
+/// An index's build shown by GetIndex while this guard lives.
+struct ShownBuild<'a>(&'a IndexHandle);
+
+impl<'a> ShownBuild<'a> {
+    fn new(handle: &'a IndexHandle, progress: Arc<Progress>) -> Self {
+        *handle.build_progress.lock() = Some(progress);
+        ShownBuild(handle)
+    }
+}
+
+impl Drop for ShownBuild<'_> {
+    fn drop(&mut self) {
+        *self.0.build_progress.lock() = None;
     }
 }
 

@@ -310,7 +310,7 @@ impl Refresher {
                         tracing::warn!(index = %index, reason = %why, "refresh tune ended");
                         break;
                     }
-                    Event::Trial(_) => {}
+                    Event::Trial(_) | Event::Progress { .. } => {}
                 }
             }
         });

@@ -25,10 +25,16 @@ use super::lab::{Lab, Prepared};
 use super::select::{pareto_front, pick, Objective};
 use super::trial::Trial;
 use crate::error::{Error, Result};
+use crate::index::{Activities, Phase, ProgressView};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name};
 use crate::promotion::Promotion;
 
 pub const DEFAULT_MIN_RECALL: f64 = 0.9;
+
+/// How often a job reports its builds and measurements in flight (`Event::Progress`): at most
+/// two events a second, whatever the number of builds running at once (each event lists them
+/// all), and none while nothing is in flight.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The default grid, in order: (ef_construction, ef_search), m = server default, seed 42.
 pub fn default_grid() -> Vec<HnswConfig> {
@@ -105,6 +111,12 @@ pub enum Event {
     },
     Trial(Box<Trial>),
     Finished(Box<Outcome>),
+    /// The builds and measurements in flight, oldest first: sent every [`PROGRESS_EVERY`]
+    /// while at least one is.
+    Progress {
+        job_id: String,
+        activities: Vec<ProgressView>,
+    },
     /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
     Ended(Error),
 }
@@ -325,10 +337,17 @@ impl Jobs {
     ) -> Result<(mpsc::UnboundedReceiver<Event>, CancellationToken)> {
         // Unknown index or harness: NOT_FOUND before anything else.
         self.lab.get_harness(&req.index, &req.harness)?;
-        let uid = self.lab.catalog().handle(&req.index)?.meta.uid;
+        let handle = self.lab.catalog().handle(&req.index)?;
+        let uid = handle.meta.uid;
         if req.index_uid.is_some_and(|u| u != uid) {
             return Err(Error::not_found("index", req.index.as_str()));
         }
+        // Checked again when the job reads the points (`Lab::prepare`); here so that a call
+        // that cannot run fails as a call, not in its stream.
+        if handle.point_count() == 0 {
+            return Err(Lab::no_points(&req.index));
+        }
+        drop(handle);
         let store = self.lab.catalog().store().clone();
         let token = self.root.child_token();
         let done = CancellationToken::new();
@@ -368,17 +387,6 @@ impl Jobs {
             jobs.running.lock().remove(&req.index);
             done.cancel();
         };
-        let prepared = match self.lab.prepare(&req.index, &req.harness).await {
-            Ok(p) if p.handle.meta.uid == uid => Arc::new(p),
-            Ok(_) => {
-                release(self);
-                return Err(Error::not_found("index", req.index.as_str()));
-            }
-            Err(e) => {
-                release(self);
-                return Err(e);
-            }
-        };
         let job = JobRecord {
             id: job_id.clone(),
             seq,
@@ -416,9 +424,39 @@ impl Jobs {
         let stop_why = why;
         self.lab.catalog().tasks().spawn(async move {
             let mut job = job;
-            let result = jobs
-                .run(&mut job, &req, (uid, &abandon), prepared, &tok, &tx)
-                .await;
+            let acts = Activities::default();
+            let ticking = CancellationToken::new();
+            let ticker = tokio::spawn(report_progress(
+                job.id.clone(),
+                acts.clone(),
+                tx.clone(),
+                ticking.clone(),
+            ));
+            // The points and the harness's ground truth (recomputed, with progress, when the
+            // points changed since it was computed), then the job.
+            let result = match jobs
+                .lab
+                .prepare_tracked(&req.index, &req.harness, &acts)
+                .await
+            {
+                Ok(p) if p.handle.meta.uid == uid => {
+                    jobs.run(
+                        &mut job,
+                        &req,
+                        (uid, &abandon),
+                        Arc::new(p),
+                        &tok,
+                        &tx,
+                        &acts,
+                    )
+                    .await
+                }
+                Ok(_) => Err(Error::not_found("index", req.index.as_str())),
+                Err(e) => Err(e),
+            };
+            // No progress after the job's last event.
+            ticking.cancel();
+            let _ = ticker.await;
             job.end_time_ms = Some(now_millis());
             let event = match result {
                 Ok(outcome) => {
@@ -471,6 +509,7 @@ impl Jobs {
         Ok((rx, token))
     }
 
+    #[allow(clippy::too_many_arguments)] // one private seam: the job, its request, and its outputs (events, progress)
     async fn run(
         &self,
         job: &mut JobRecord,
@@ -479,6 +518,7 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
+        acts: &Activities,
     ) -> Result<Outcome> {
         if let Some(gate) = &self.gate {
             tokio::select! {
@@ -488,8 +528,11 @@ impl Jobs {
             cancelled(token)?;
         }
         let trials = match &req.adaptive {
-            Some(plan) => self.run_adaptive(job, plan, prepared, token, tx).await?,
-            None => self.run_grid(job, req, prepared, token, tx).await?,
+            Some(plan) => {
+                self.run_adaptive(job, plan, prepared, token, tx, acts)
+                    .await?
+            }
+            None => self.run_grid(job, req, prepared, token, tx, acts).await?,
         };
         cancelled(token)?;
         self.finish(job, req, owner, token, trials).await
@@ -503,6 +546,7 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
+        acts: &Activities,
     ) -> Result<Vec<Trial>> {
         let cores = cores();
         let mut plan = plan.clone();
@@ -517,6 +561,7 @@ impl Jobs {
             trials: Mutex::new(Vec::new()),
             source: format!("autotune:{}", job.id),
             tx: tx.clone(),
+            acts: acts.clone(),
         };
         let result = adaptive::run(&plan, &eval).await;
         *job = eval.job.lock().await.clone();
@@ -537,6 +582,7 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
+        acts: &Activities,
     ) -> Result<Vec<Trial>> {
         let cancelled = || cancelled(token);
         // Group grid entries that can share one build, in order of first appearance.
@@ -559,7 +605,7 @@ impl Jobs {
         let mut tasks = tokio::task::JoinSet::new();
         let built = Arc::new(std::sync::atomic::AtomicU32::new(0));
         for (_, configs) in groups {
-            let built = built.clone();
+            let (built, acts) = (built.clone(), acts.clone());
             let (lab, prep, tok, permits, done) = (
                 self.lab.clone(),
                 prepared.clone(),
@@ -581,9 +627,16 @@ impl Jobs {
                             .await
                             .map_err(|_| Error::Internal("permits closed".into()))?;
                         let (lab, prep, tok) = (lab.clone(), prep.clone(), tok.clone());
+                        let acts = acts.clone();
                         Arc::new(
                             tokio::task::spawn_blocking(move || {
-                                lab.build(&prep, build_config, &|| tok.is_cancelled())
+                                let p = acts.begin(Phase::Build, Some(build_config), 0);
+                                lab.build_tracked(
+                                    &prep,
+                                    build_config,
+                                    &|| tok.is_cancelled(),
+                                    Some(&*p),
+                                )
                             })
                             .await??,
                         )
@@ -595,8 +648,16 @@ impl Jobs {
                         .map_err(|_| Error::Internal("permits closed".into()))?;
                     for (at, config) in configs {
                         let (g, p, t) = (graph.clone(), prep.clone(), tok.clone());
+                        let acts = acts.clone();
                         let m = tokio::task::spawn_blocking(move || {
-                            Lab::measure(&g, &p.harness, config.ef_search, &|| t.is_cancelled())
+                            let progress = acts.begin(Phase::Measure, Some(config), 0);
+                            Lab::measure_tracked(
+                                &g,
+                                &p.harness,
+                                config.ef_search,
+                                &|| t.is_cancelled(),
+                                Some(&*progress),
+                            )
                         })
                         .await??;
                         let _ = done.send(Ok(Measured {
@@ -758,6 +819,38 @@ impl Jobs {
     }
 }
 
+/// Sends the job's work in flight every [`PROGRESS_EVERY`] while there is some, until `stop`
+/// (or until nobody listens). Owned by the job's task, which stops and awaits it before its
+/// last event.
+async fn report_progress(
+    job_id: String,
+    acts: Activities,
+    tx: mpsc::UnboundedSender<Event>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(PROGRESS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: wait one period before the first report.
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let activities = acts.views();
+        if activities.is_empty() {
+            continue;
+        }
+        let event = Event::Progress {
+            job_id: job_id.clone(),
+            activities,
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
 /// CPU-bound activities a job runs at once: one per core.
 fn cores() -> usize {
     std::thread::available_parallelism()
@@ -788,6 +881,8 @@ struct JobEval<'a> {
     trials: Mutex<Vec<Trial>>,
     source: String,
     tx: mpsc::UnboundedSender<Event>,
+    /// The job's builds and measurements in flight (for its progress events).
+    acts: Activities,
 }
 
 impl Evaluator for JobEval<'_> {
@@ -798,12 +893,13 @@ impl Evaluator for JobEval<'_> {
         config: HnswConfig,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<Result<(Arc<Self::Graph>, std::time::Duration)>> {
-        let (lab, prep, tok, permits, built) = (
+        let (lab, prep, tok, permits, built, acts) = (
             self.jobs.lab.clone(),
             self.prepared.clone(),
             self.token.clone(),
             self.permits.clone(),
             self.built.clone(),
+            self.acts.clone(),
         );
         self.jobs.lab.catalog().tasks().spawn(async move {
             let _p = permits
@@ -815,7 +911,13 @@ impl Evaluator for JobEval<'_> {
                 return Err(Error::Cancelled("not needed any more".into()));
             }
             let g = tokio::task::spawn_blocking(move || {
-                lab.build(&prep, config, &|| tok.is_cancelled() || stop.is_cancelled())
+                let p = acts.begin(Phase::Build, Some(config), 0);
+                lab.build_tracked(
+                    &prep,
+                    config,
+                    &|| tok.is_cancelled() || stop.is_cancelled(),
+                    Some(&*p),
+                )
             })
             .await??;
             built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -833,8 +935,16 @@ impl Evaluator for JobEval<'_> {
                 .await
                 .map_err(|_| Error::Internal("permits closed".into()))?;
             let (g, p, t) = (graph.clone(), self.prepared.clone(), self.token.clone());
+            let acts = self.acts.clone();
             tokio::task::spawn_blocking(move || {
-                Lab::measure(&g, &p.harness, config.ef_search, &|| t.is_cancelled())
+                let progress = acts.begin(Phase::Measure, Some(config), 0);
+                Lab::measure_tracked(
+                    &g,
+                    &p.harness,
+                    config.ef_search,
+                    &|| t.is_cancelled(),
+                    Some(&*progress),
+                )
             })
             .await??
         };

@@ -5,11 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::harness::{ground_truth, sample, GroundTruth, Harness, Query, QuerySpec};
+use super::harness::{
+    ground_truth, ground_truth_tracked, sample, GroundTruth, Harness, Query, QuerySpec,
+};
 use super::trial::Trial;
 use crate::catalog::{Catalog, IndexHandle};
 use crate::error::{Error, Result};
-use crate::index::Generation;
+use crate::index::{Activities, Generation, Phase, Progress};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name, Point};
 use crate::store::Store;
 
@@ -191,21 +193,45 @@ impl Lab {
     /// The index's points and the harness, recomputing and storing its ground truth when the
     /// points changed since it was computed. FAILED_PRECONDITION for an index with no points.
     pub async fn prepare(&self, index: &Name, harness: &Name) -> Result<Prepared> {
+        self.prepare_tracked(index, harness, &Activities::default())
+            .await
+    }
+
+    /// FAILED_PRECONDITION: a trial needs points.
+    pub fn no_points(index: &Name) -> Error {
+        Error::Precondition(format!(
+            "index {:?} has no points: a trial needs points to build a graph over",
+            index.as_str()
+        ))
+    }
+
+    /// [`Lab::prepare`], listing a ground truth it recomputes in `acts` while it runs
+    /// ([`Phase::GroundTruth`], queries done of the harness's).
+    pub async fn prepare_tracked(
+        &self,
+        index: &Name,
+        harness: &Name,
+        acts: &Activities,
+    ) -> Result<Prepared> {
         let mut h = self.get_harness(index, harness)?;
         let (handle, points, version) = self.catalog.snapshot(index).await?;
         if points.is_empty() {
-            return Err(Error::Precondition(format!(
-                "index {:?} has no points: a trial needs points to build a graph over",
-                index.as_str()
-            )));
+            return Err(Self::no_points(index));
         }
         let points = Arc::new(points);
         if h.truth.data_version != version {
             let (pts, metric) = (points.clone(), handle.meta.metric);
+            let progress = acts.begin(Phase::GroundTruth, None, h.queries.len() as u64);
             h = tokio::task::spawn_blocking(move || {
                 h.truth = GroundTruth {
                     data_version: version,
-                    neighbors: ground_truth(metric, &pts, &h.queries, h.k as usize),
+                    neighbors: ground_truth_tracked(
+                        metric,
+                        &pts,
+                        &h.queries,
+                        h.k as usize,
+                        Some(&*progress),
+                    ),
                 };
                 h
             })
@@ -274,6 +300,17 @@ impl Lab {
         config: HnswConfig,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Generation> {
+        self.build_tracked(p, config, cancelled, None)
+    }
+
+    /// [`Lab::build`], reporting the points inserted to `progress`.
+    pub fn build_tracked(
+        &self,
+        p: &Prepared,
+        config: HnswConfig,
+        cancelled: &dyn Fn() -> bool,
+        progress: Option<&Progress>,
+    ) -> Result<Generation> {
         let meta = GenerationMeta {
             number: 0,
             config,
@@ -283,14 +320,18 @@ impl Lab {
             activate_time_ms: 0,
             profile: String::new(),
         };
-        let g = Generation::build(
+        let (kind, metric, dim, points) = (
             p.handle.engine,
             p.handle.meta.metric,
             p.handle.meta.dimension,
-            meta,
             (*p.points).clone(),
-            cancelled,
-        )?;
+        );
+        let g = match progress {
+            Some(progress) => {
+                Generation::build_tracked(kind, metric, dim, meta, points, cancelled, progress)?
+            }
+            None => Generation::build(kind, metric, dim, meta, points, cancelled)?,
+        };
         self.graphs_built.fetch_add(1, Ordering::Relaxed);
         Ok(g)
     }
@@ -303,14 +344,31 @@ impl Lab {
         ef_search: u32,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Measures> {
+        Self::measure_tracked(g, h, ef_search, cancelled, None)
+    }
+
+    /// [`Lab::measure`], reporting the queries run to `progress` (enters [`Phase::Measure`]).
+    pub fn measure_tracked(
+        g: &Generation,
+        h: &Harness,
+        ef_search: u32,
+        cancelled: &dyn Fn() -> bool,
+        progress: Option<&Progress>,
+    ) -> Result<Measures> {
+        if let Some(p) = progress {
+            p.enter(Phase::Measure, h.queries.len() as u64);
+        }
         let k = h.k as usize;
         let mut latencies = Vec::with_capacity(h.queries.len());
         let mut recall_sum = 0.0;
         let mut evals = 0u64;
         let started = Instant::now();
-        for (q, truth) in h.queries.iter().zip(&h.truth.neighbors) {
+        for (i, (q, truth)) in h.queries.iter().zip(&h.truth.neighbors).enumerate() {
             if cancelled() {
                 return Err(Error::Cancelled("the trial was cancelled".into()));
+            }
+            if let Some(p) = progress {
+                p.set_done(i as u64);
             }
             let t = Instant::now();
             let fetch = if q.exclude.is_some() { k + 1 } else { k };

@@ -743,12 +743,11 @@ async fn profile(ctx: &Ctx, cmd: ProfileCommand) -> Res {
             }
         }
         ProfileCommand::Activate { name } => {
-            let r = ctx
-                .call_long(
-                    ctx.index()
-                        .activate_profile(pb::ActivateProfileRequest { name }),
-                )
-                .await?;
+            let mut client = ctx.index();
+            let call = ctx.call_long(
+                client.activate_profile(pb::ActivateProfileRequest { name: name.clone() }),
+            );
+            let r = super::progress::follow_activation(ctx, &name, call).await?;
             if ctx.json {
                 let v: Vec<Value> = r.generations.iter().map(j::generation).collect();
                 out::json(&json!({ "generations": v }));

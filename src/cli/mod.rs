@@ -8,6 +8,7 @@ mod files;
 mod import;
 mod json;
 mod out;
+mod progress;
 mod report;
 
 use std::future::Future;

@@ -427,6 +427,14 @@ impl AutotuneService for AutotuneApi {
                             },
                         )),
                     }),
+                    Event::Progress { job_id, activities } => Ok(pb::AutotuneResponse {
+                        event: Some(pb::autotune_response::Event::Progress(
+                            pb::AutotuneProgress {
+                                job_id,
+                                activities: activities.iter().map(convert::progress_to).collect(),
+                            },
+                        )),
+                    }),
                     Event::Ended(e) => Err(e.into()),
                 };
                 tokio::select! {

@@ -4,6 +4,7 @@
 use crate::autotune::trial::Trial;
 use crate::catalog::IndexView;
 use crate::error::{Error, Result};
+use crate::index::{Phase, ProgressView};
 use crate::model::{
     default_config_from, trial_config_from, ConfigSource, GenerationMeta, Hit, HnswConfig, Metric,
     Name, NewIndex, Point, Profile, ProfileIndex, MAX_DIMENSION,
@@ -163,7 +164,32 @@ impl From<IndexView> for pb::Index {
                 running: v.compaction.running,
             }),
             engine: v.engine.to_string(),
+            build_progress: v.build.as_ref().map(progress_to),
         }
+    }
+}
+
+pub fn phase_to(p: Phase) -> pb::ProgressPhase {
+    match p {
+        Phase::Load => pb::ProgressPhase::Load,
+        Phase::Build => pb::ProgressPhase::Build,
+        Phase::GroundTruth => pb::ProgressPhase::GroundTruth,
+        Phase::Measure => pb::ProgressPhase::Measure,
+        Phase::Snapshot => pb::ProgressPhase::Snapshot,
+        Phase::Replay => pb::ProgressPhase::Replay,
+    }
+}
+
+pub fn progress_to(p: &ProgressView) -> pb::Progress {
+    pb::Progress {
+        phase: phase_to(p.phase) as i32,
+        config: p.config.as_ref().map(config_to),
+        done: p.done,
+        total: p.total,
+        start_time: timestamp(p.started_ms),
+        remaining_millis: p
+            .remaining
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }
 }
 

@@ -21,6 +21,7 @@ use rand::SeedableRng;
 
 use super::distance;
 use super::engine::{load_engine, new_engine_of, Engine, EngineKind};
+use super::progress::{Phase, Progress};
 use super::snapshot;
 use crate::error::{Error, Result};
 use crate::model::{GenerationMeta, Hit, HnswConfig, Metric, Point};
@@ -109,9 +110,45 @@ impl Generation {
         kind: EngineKind,
         metric: Metric,
         dimension: u32,
+        meta: GenerationMeta,
+        points: Vec<Point>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Self> {
+        Self::build_with(kind, metric, dimension, meta, points, cancelled, None)
+    }
+
+    /// [`Generation::build`] reporting the points inserted to `progress` (enters
+    /// [`Phase::Build`] with the point count as its total, then advances once per chunk).
+    pub fn build_tracked(
+        kind: EngineKind,
+        metric: Metric,
+        dimension: u32,
+        meta: GenerationMeta,
+        points: Vec<Point>,
+        cancelled: &dyn Fn() -> bool,
+        progress: &Progress,
+    ) -> Result<Self> {
+        Self::build_with(
+            kind,
+            metric,
+            dimension,
+            meta,
+            points,
+            cancelled,
+            Some(progress),
+        )
+    }
+
+    /// The build. Progress costs one relaxed atomic store per chunk, where the chunk's
+    /// cancellation check already is.
+    fn build_with(
+        kind: EngineKind,
+        metric: Metric,
+        dimension: u32,
         mut meta: GenerationMeta,
         mut points: Vec<Point>,
         cancelled: &dyn Fn() -> bool,
+        progress: Option<&Progress>,
     ) -> Result<Self> {
         let started = std::time::Instant::now();
         let config: HnswConfig = meta.config;
@@ -125,6 +162,9 @@ impl Generation {
         let mut ids = IdMap::default();
         ids.assign(points.iter().map(|p| p.id));
         let parallel = config.seed.is_none();
+        if let Some(p) = progress {
+            p.enter(Phase::Build, points.len() as u64);
+        }
         for (c, chunk) in points
             .chunks(BUILD_CHUNK * if parallel { 16 } else { 1 })
             .enumerate()
@@ -140,6 +180,9 @@ impl Generation {
                 .map(|(i, p)| (p.vector.as_slice(), base + i))
                 .collect();
             engine.insert_many(&items, parallel);
+            if let Some(p) = progress {
+                p.set_done((base + chunk.len()) as u64);
+            }
         }
         let orphans = engine.link_orphans();
         if orphans > 0 {

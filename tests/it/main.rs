@@ -20,6 +20,7 @@ mod index_service;
 mod limits;
 mod load;
 mod metrics;
+mod progress;
 mod refresh;
 mod reliability;
 mod scale_measure;

@@ -155,3 +155,56 @@ fn measure_online_inserts_and_search_after_deletes() {
         recall(&fresh)
     );
 }
+
+/// The cost of build progress (issue 23): the same seeded build with and without a
+/// `Progress` (one relaxed store per chunk of 256 points), alternated so that load on the
+/// machine hits both alike. Prints the fastest of each and their ratio.
+#[test]
+#[ignore]
+fn measure_build_progress_overhead() {
+    use vectord::index::{Phase, Progress};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let base = clustered(&mut rng, 0..20_000);
+    let mut m = meta();
+    m.config = HnswConfig {
+        m: 16,
+        ef_construction: 100,
+        ef_search: 64,
+        seed: Some(42),
+    };
+    let (mut plain, mut tracked) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let g = Generation::build(
+            EngineKind::NativeI8,
+            Metric::L2,
+            DIM as u32,
+            m.clone(),
+            base.clone(),
+            &|| false,
+        );
+        plain.push(t.elapsed().as_secs_f64());
+        drop(g);
+        let p = Progress::new(Phase::Build, Some(m.config), 0);
+        let t = Instant::now();
+        let g = Generation::build_tracked(
+            EngineKind::NativeI8,
+            Metric::L2,
+            DIM as u32,
+            m.clone(),
+            base.clone(),
+            &|| false,
+            &p,
+        );
+        tracked.push(t.elapsed().as_secs_f64());
+        assert_eq!(p.view().done, 20_000);
+        drop(g);
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "20k x {DIM}-d seeded build (m 16, ef_c 100), best of 3: plain {:.3} s, with progress {:.3} s, ratio {:.3}; all: {plain:?} {tracked:?}",
+        best(&plain),
+        best(&tracked),
+        best(&tracked) / best(&plain)
+    );
+}
