@@ -658,6 +658,8 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                             seed,
                             adaptive_m,
                             adaptive_ef_construction,
+                            adaptive_sample_points: None,
+                            adaptive_confirm: 0,
                         },
                     ),
             ),
@@ -677,6 +679,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                 pb::GetParetoFrontRequest {
                     index_name,
                     harness,
+                    include_sample_trials: false,
                 }
             })),
         ),
