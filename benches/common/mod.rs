@@ -65,9 +65,9 @@ pub async fn setup(what: &str, harness: &str, queries: u32) -> BoxResult<Option<
         .map(Some)
 }
 
-#[allow(dead_code)] // the adaptive bench's
 /// `n` clustered `dim`-d points (seeded): 1,000 Gaussian clusters of spread 0.1 around uniform
 /// centres in [-1, 1]^dim, the shape of real embeddings rather than uniform noise.
+#[allow(dead_code)] // the adaptive bench's
 pub fn clustered(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -185,6 +185,7 @@ pub async fn setup_vectors(
 }
 
 /// Runs an autotune to its end: its trials and the finished event.
+#[allow(dead_code)] // the autotune bench's
 pub async fn autotune(
     tune: &mut AutotuneServiceClient<Channel>,
     req: pb::AutotuneRequest,
