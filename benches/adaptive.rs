@@ -21,7 +21,8 @@
 //!   bench says so and succeeds), `VECTORD_BENCH_N` caps the words;
 //! - `VECTORD_BENCH_QUERIES` harness queries (default 500);
 //! - `VECTORD_BENCH_SAMPLE` multi-fidelity's sample (default a tenth of the points, at least
-//!   1,000), `VECTORD_BENCH_CONFIRM` graphs confirmed (default 2);
+//!   1,000; a comma-separated list runs one job per size), `VECTORD_BENCH_CONFIRM` graphs
+//!   confirmed (default 2);
 //! - `VECTORD_BENCH_SKIP_GRID=1` / `VECTORD_BENCH_SKIP_ADAPTIVE=1` skip those runs (the grid is
 //!   hours at 1M points), `VECTORD_BENCH_REMEASURE=0` skips the side-by-side p50.
 
@@ -212,16 +213,26 @@ async fn main() -> BoxResult<()> {
         let req = adaptive_req(Some(0), 0, false);
         outcomes.push(run(&mut tune, "ADAPTIVE (all points)", req).await?);
     }
-    let sample = env("VECTORD_BENCH_SAMPLE").unwrap_or((n / 10).max(1000)) as u32;
+    // One multi-fidelity run per sample size asked for (a comma-separated list), the last one
+    // with activate.
+    let samples: Vec<u32> = match std::env::var("VECTORD_BENCH_SAMPLE") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) => vec![(n / 10).max(1000) as u32],
+    };
+    let sample = samples.last().copied().unwrap_or(1000);
     let confirm = env("VECTORD_BENCH_CONFIRM").unwrap_or(2) as u32;
-    let req = adaptive_req(Some(sample), confirm, true);
-    let mf = run(
-        &mut tune,
-        "multi-fidelity ADAPTIVE (with activate)",
-        req,
-    )
-    .await?;
-    outcomes.push(mf);
+    for (i, &s) in samples.iter().enumerate() {
+        let last = i + 1 == samples.len();
+        let req = adaptive_req(Some(s), confirm, last);
+        let name: &'static str = Box::leak(
+            format!(
+                "multi-fidelity ADAPTIVE (sample {s}{})",
+                if last { ", activate" } else { "" }
+            )
+            .into_boxed_str(),
+        );
+        outcomes.push(run(&mut tune, name, req).await?);
+    }
     let mf = outcomes.last().expect("pushed");
 
     // Activation with a build, for comparison: the held graph was adopted by the job, so an
@@ -286,7 +297,7 @@ async fn main() -> BoxResult<()> {
         .map(|o| o.secs);
     println!("\n{n} points, target recall {TARGET}, {queries} harness queries");
     println!(
-        "{:<42} {:>8} {:>6} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9}  winner",
+        "{:<48} {:>8} {:>6} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9}  winner",
         "run", "wall s", "x grid", "trials", "full", "sample", "recall", "evals/q", "p50 us"
     );
     let mut rows = Vec::new();
@@ -295,7 +306,7 @@ async fn main() -> BoxResult<()> {
         let sample_trials = o.trials.iter().filter(|t| !full(t)).count();
         let p50 = remeasured.get(i).copied().flatten();
         println!(
-            "{:<42} {:>8.1} {:>6} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9}  {}",
+            "{:<48} {:>8.1} {:>6} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9}  {}",
             o.name,
             o.secs,
             grid_secs.map_or("-".into(), |g| format!("{:.2}", o.secs / g)),
@@ -354,7 +365,7 @@ async fn main() -> BoxResult<()> {
     let out = json!({
         "points": n, "dimension": bench.dimension, "harness_queries": queries, "cores": cores,
         "cpu": machine::cpu_model(), "load_average": machine::load_average(),
-        "target_recall": TARGET, "sample": sample, "confirm": confirm,
+        "target_recall": TARGET, "samples": samples, "sample": sample, "confirm": confirm,
         "runs": rows,
         "grid_cheapest": reference.as_ref().map(|r| json!({"config": cfg(r), "mean_distance_evals": r.mean_distance_evals})),
         "activation": {"after_autotune_secs": mf.tail_secs, "adopted": adopted,

@@ -710,9 +710,17 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(name, None, Graph::Build(config), source, profile, true, None)
-            .await
-            .map(|(meta, _, _)| meta)
+        self.build_and_swap(
+            name,
+            None,
+            Graph::Build(config),
+            source,
+            profile,
+            true,
+            None,
+        )
+        .await
+        .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild`](Self::rebuild) of the index with `uid` only: NOT_FOUND when the index of
@@ -728,9 +736,17 @@ impl Catalog {
         profile: &str,
     ) -> Result<GenerationMeta> {
         let owner = Some((uid, cancel.clone()));
-        self.build_and_swap(name, owner, Graph::Build(config), source, profile, true, None)
-            .await
-            .map(|(meta, _, _)| meta)
+        self.build_and_swap(
+            name,
+            owner,
+            Graph::Build(config),
+            source,
+            profile,
+            true,
+            None,
+        )
+        .await
+        .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild_for`](Self::rebuild_for) with `trial`'s graph as the new generation instead

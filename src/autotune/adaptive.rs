@@ -242,7 +242,9 @@ impl<E: Evaluator> Run<'_, E> {
         mut allowance: u32,
     ) -> Result<Score> {
         let Some(hint) = hint else {
-            return self.find_ef(graph, m, ef_construction, None, allowance).await;
+            return self
+                .find_ef(graph, m, ef_construction, None, allowance)
+                .await;
         };
         let (mut lo, mut hi) = (0usize, EF_LADDER.len() - 1);
         let mut score = Score {
@@ -428,7 +430,11 @@ pub async fn confirm<E: Evaluator>(
     };
     // Graphs that reached the target on the sample, if any did; else the closest.
     let reached = ranked.iter().filter(|r| r.score.ef_at.is_some()).count();
-    let pool = if reached > 0 { &ranked[..reached] } else { ranked };
+    let pool = if reached > 0 {
+        &ranked[..reached]
+    } else {
+        ranked
+    };
     let chosen: Vec<&Ranked> = pool
         .iter()
         .take(n.min(run.trials_left() as usize))
@@ -467,7 +473,12 @@ pub async fn confirm<E: Evaluator>(
         let score = run
             .find_ef_near(&graph, r.m, r.ef_construction, r.score.ef_at, allowance)
             .await?;
-        tracing::debug!(m = r.m, ef_construction = r.ef_construction, ?score, "multi-fidelity: graph confirmed on all points");
+        tracing::debug!(
+            m = r.m,
+            ef_construction = r.ef_construction,
+            ?score,
+            "multi-fidelity: graph confirmed on all points"
+        );
     }
     stop.cancel();
     for h in handles {
@@ -620,5 +631,104 @@ mod tests {
         p.max_time = Some(Duration::ZERO);
         let (log, builds) = go(&p).await;
         assert!(log.is_empty() && builds.is_empty());
+    }
+
+    /// The smallest ladder ef_search reaching the target on a (m, ef_construction) graph.
+    fn truth(m: u32, ec: u32) -> Option<u32> {
+        EF_LADDER.iter().copied().find(|&e| {
+            recall(&HnswConfig {
+                m,
+                ef_construction: ec,
+                ef_search: e,
+                seed: None,
+            }) >= 0.95
+        })
+    }
+
+    /// Multi-fidelity's second phase builds exactly the `n` best graphs of the ranking (best
+    /// first), finds each one's smallest ef_search from the hint in a few trials, and keeps its
+    /// own trial budget.
+    #[tokio::test]
+    async fn confirm_builds_the_best_ranked_graphs_and_finds_their_ef_search() {
+        let f = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        let p = plan(40);
+        let ranked = run(&p, &f).await.expect("run");
+        assert!(ranked.len() >= 3);
+        assert!(ranked
+            .windows(2)
+            .all(|w| w[0].cost() <= w[1].cost() || w[1].ef_search().is_none()));
+        let f2 = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        confirm(&p, &f2, &ranked, 2, 10.0, Instant::now())
+            .await
+            .expect("confirm");
+        let builds = f2.builds.lock().clone();
+        let best: Vec<(u32, u32)> = ranked[..2]
+            .iter()
+            .map(|r| (r.m, r.ef_construction))
+            .collect();
+        assert_eq!(builds, best);
+        let log = f2.log.lock().clone();
+        for &(m, ec) in &builds {
+            let on: Vec<u32> = log
+                .iter()
+                .filter(|c| c.m == m && c.ef_construction == ec)
+                .map(|c| c.ef_search)
+                .collect();
+            let found = on
+                .iter()
+                .copied()
+                .filter(|&e| {
+                    recall(&HnswConfig {
+                        m,
+                        ef_construction: ec,
+                        ef_search: e,
+                        seed: None,
+                    }) >= 0.95
+                })
+                .min();
+            assert_eq!(found, truth(m, ec), "m {m} ec {ec}: {on:?}");
+            // From the sample's hint (the same landscape here): the hint and the step below.
+            assert!(on.len() <= 2, "m {m} ec {ec}: {on:?}");
+        }
+        // Its own budget.
+        let f3 = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        let mut small = plan(1);
+        small.max_trials = 1;
+        confirm(&small, &f3, &ranked, 2, 10.0, Instant::now())
+            .await
+            .expect("confirm");
+        assert_eq!(f3.log.lock().len(), 1);
+        assert_eq!(
+            f3.builds.lock().len(),
+            1,
+            "no graph built without a trial for it"
+        );
+    }
+
+    #[test]
+    fn sample_size_is_automatic_for_big_indexes_and_off_when_asked() {
+        let mut p = plan(40);
+        p.sample_points = None;
+        assert_eq!(p.sample_size(10_000), None);
+        assert_eq!(p.sample_size(100_000), Some(20_000));
+        assert_eq!(p.sample_size(1_000_000), Some(100_000));
+        p.sample_points = Some(0);
+        assert_eq!(p.sample_size(1_000_000), None);
+        p.sample_points = Some(5_000);
+        assert_eq!(
+            p.sample_size(3_000),
+            None,
+            "a sample as big as the index is no sample"
+        );
+        assert_eq!(p.sample_size(30_000), Some(5_000));
     }
 }

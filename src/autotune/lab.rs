@@ -304,8 +304,8 @@ impl Lab {
         let mut sorted: Vec<&Point> = p.points.iter().collect();
         sorted.sort_unstable_by_key(|p| p.id);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut picked = rand::seq::index::sample(&mut rng, sorted.len(), n.min(sorted.len()))
-            .into_vec();
+        let mut picked =
+            rand::seq::index::sample(&mut rng, sorted.len(), n.min(sorted.len())).into_vec();
         picked.sort_unstable();
         let points: Vec<Point> = picked.into_iter().map(|i| sorted[i].clone()).collect();
         let mut harness = (*p.harness).clone();
@@ -375,6 +375,7 @@ impl Lab {
     /// deleted meanwhile (even if another was created under its name). Then applies the
     /// retention to the trial's index and harness (the newest `--trials-kept` stay, and every
     /// promoted one).
+    #[allow(clippy::too_many_arguments)] // one trial's fields, each from a different step
     pub async fn journal(
         &self,
         p: &Prepared,

@@ -247,7 +247,11 @@ fn adaptive_plan(target: f64, r: &pb::AutotuneRequest) -> Result<Plan, Error> {
             n => {
                 return Err(Error::out_of_range(
                     "adaptive_confirm",
-                    format!("[0, {}] (0: {})", adaptive::MAX_CONFIRM, adaptive::DEFAULT_CONFIRM),
+                    format!(
+                        "[0, {}] (0: {})",
+                        adaptive::MAX_CONFIRM,
+                        adaptive::DEFAULT_CONFIRM
+                    ),
                     n,
                 ))
             }

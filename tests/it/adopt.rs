@@ -64,7 +64,11 @@ struct Writes {
     deleted: Vec<pb::Point>,
 }
 
-async fn write_meanwhile(c: &mut IndexServiceClient<Channel>, index: &str, all: &[pb::Point]) -> Writes {
+async fn write_meanwhile(
+    c: &mut IndexServiceClient<Channel>,
+    index: &str,
+    all: &[pb::Point],
+) -> Writes {
     let mut g = Gen::new(77);
     let added = points(&mut g, 10_000..10_040, DIM);
     upsert(c, index, added.clone()).await;
@@ -163,10 +167,16 @@ async fn autotune_activate_adopts_the_winners_graph_with_the_writes_made_meanwhi
     assert!(fin.promoted, "{}", fin.reason);
     let winner = fin.winner.expect("winner");
     let generation = fin.generation.expect("activated");
-    assert_eq!(generation.trial_id, winner.id, "the winner's graph, not a build");
+    assert_eq!(
+        generation.trial_id, winner.id,
+        "the winner's graph, not a build"
+    );
     assert_eq!(generation.build_millis, winner.build_millis);
     assert_eq!(generation.config, winner.config);
-    assert_eq!(winner.point_count, 1200, "the trial saw the points before the writes");
+    assert_eq!(
+        winner.point_count, 1200,
+        "the trial saw the points before the writes"
+    );
     let n = 1200 + 40 - 40;
     serves_the_writes(&mut c, "w", &w, n).await;
     let active = c

@@ -116,9 +116,14 @@ async fn multi_fidelity_ranks_on_a_sample_and_answers_on_all_points() {
     assert!(t1.len() <= 30, "{} trials over the budget", t1.len());
 
     // Sample trials first, each marked with the sample's size; then full ones on every point.
-    let first_full = t1.iter().position(|t| !sample(t)).expect("some full trials");
+    let first_full = t1
+        .iter()
+        .position(|t| !sample(t))
+        .expect("some full trials");
     assert!(first_full > 0, "the sample phase ran first");
-    assert!(t1[..first_full].iter().all(|t| sample(t) && t.point_count == u64::from(SAMPLE)));
+    assert!(t1[..first_full]
+        .iter()
+        .all(|t| sample(t) && t.point_count == u64::from(SAMPLE)));
     assert!(t1[first_full..]
         .iter()
         .all(|t| t.fidelity == pb::Fidelity::Full as i32 && t.point_count == N));
@@ -126,7 +131,10 @@ async fn multi_fidelity_ranks_on_a_sample_and_answers_on_all_points() {
     let graph = |t: &pb::Trial| t.config.map(|c| (c.m, c.ef_construction)).expect("config");
     let sampled: HashSet<_> = t1[..first_full].iter().map(graph).collect();
     let full: HashSet<_> = t1[first_full..].iter().map(graph).collect();
-    assert!(full.len() <= 2 && full.is_subset(&sampled), "{full:?} of {sampled:?}");
+    assert!(
+        full.len() <= 2 && full.is_subset(&sampled),
+        "{full:?} of {sampled:?}"
+    );
 
     // The winner is a full trial; re-measured on all the points it gives the same recall.
     let w = fin.winner.clone().expect("winner");
@@ -145,7 +153,10 @@ async fn multi_fidelity_ranks_on_a_sample_and_answers_on_all_points() {
         .trial
         .expect("trial");
     assert_eq!(again.fidelity, pb::Fidelity::Full as i32);
-    assert_eq!(again.recall, w.recall, "the winner's recall is the full data's");
+    assert_eq!(
+        again.recall, w.recall,
+        "the winner's recall is the full data's"
+    );
     if w.recall >= 0.95 {
         assert!(fin.promoted, "{}", fin.reason);
     }
