@@ -27,7 +27,6 @@
 //!   hours at 1M points), `VECTORD_BENCH_REMEASURE=0` skips the side-by-side p50.
 
 mod common;
-#[allow(dead_code)]
 #[path = "common/machine.rs"]
 mod machine;
 
