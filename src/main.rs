@@ -94,7 +94,7 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_COMPACT_DELETED_FRACTION", default_value_t = vectord::compaction::DEFAULT_DELETED_FRACTION,
         value_parser = |s: &str| s.parse::<f64>().map_err(|e| e.to_string()).and_then(vectord::compaction::check_fraction))]
     compact_deleted_fraction: f64,
-    /// HNSW engine: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
+    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).

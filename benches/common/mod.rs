@@ -134,6 +134,7 @@ pub async fn setup_vectors(
             dimension,
             metric: metric as i32,
             default_config: None,
+            engine: String::new(),
         })
         .await?;
     let started = Instant::now();

@@ -287,6 +287,7 @@ impl Lab {
             trial_id: 0,
         };
         let g = Generation::build(
+            p.handle.engine,
             p.handle.meta.metric,
             p.handle.meta.dimension,
             meta,

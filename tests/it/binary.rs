@@ -608,6 +608,7 @@ async fn api_keys_never_appear_in_logs_or_help() {
         dimension: 4,
         metric: pb::Metric::L2 as i32,
         default_config: None,
+        engine: String::new(),
     };
     within("admin create", with(ADMIN).create_index(create.clone()))
         .await
