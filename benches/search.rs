@@ -427,6 +427,7 @@ fn meta(seed: Option<u64>) -> GenerationMeta {
         build_millis: 0,
         activate_time_ms: 0,
         profile: String::new(),
+        trial_id: 0,
     }
 }
 

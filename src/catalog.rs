@@ -105,6 +105,47 @@ pub struct IndexHandle {
     pub compaction: IndexCompaction,
     /// The build of the index's next generation, while one runs (GetIndex shows it).
     build_progress: parking_lot::Mutex<Option<Arc<Progress>>>,
+    /// The graph of the promoted winner of the index's last autotune job that did not activate,
+    /// kept for an activation of that promotion (ActivateProfile) to adopt: at most one per
+    /// index, dropped when adopted, replaced by the next job's and dropped with the index.
+    held: parking_lot::Mutex<Option<TrialGraph>>,
+}
+
+/// A graph a trial built over an index's points at a data version, offered to an activation
+/// in place of a build: the activation replays the writes made since `version` into it (from
+/// the store's change log) and swaps it in. Autotune's winner's graph, so that activating the
+/// winner costs a catch-up, not a second build.
+pub struct TrialGraph {
+    /// The index (incarnation) whose points it was built over.
+    pub uid: u64,
+    pub trial_id: u64,
+    /// The index's data version the points were at.
+    pub version: u64,
+    pub gen: Generation,
+}
+
+impl TrialGraph {
+    /// Whether this graph is what a build of `config` over the same points would give: the
+    /// same m, ef_construction and seed (ef_search is a search-time knob).
+    pub fn builds(&self, config: &HnswConfig) -> bool {
+        let c = &self.gen.meta.config;
+        c.m == config.m && c.ef_construction == config.ef_construction && c.seed == config.seed
+    }
+}
+
+/// What an activation swaps in: a graph built for it, or a trial's graph.
+enum Graph {
+    Build(HnswConfig),
+    Adopt(HnswConfig, Box<TrialGraph>),
+}
+
+/// Activation builds and adoptions since start (the `vectord_activation_*` metrics).
+#[derive(Default)]
+pub struct ActivationCounts {
+    /// Graphs built by activations and compactions.
+    pub builds: AtomicU64,
+    /// Trial graphs swapped in without a build.
+    pub adopted: AtomicU64,
 }
 
 impl IndexHandle {
@@ -135,6 +176,7 @@ impl IndexHandle {
             snapshotting: AtomicBool::new(false),
             compaction: Default::default(),
             build_progress: Default::default(),
+            held: Default::default(),
             queue,
             max_pending,
         });
@@ -228,6 +270,8 @@ pub struct Catalog {
     search_permits: Arc<Semaphore>,
     /// Starts tombstone compactions after acknowledged writes.
     compactor: Compactor,
+    /// Activation builds and trial-graph adoptions since start.
+    activations: ActivationCounts,
 }
 
 /// How a catalog is set up (from the server's flags).
@@ -340,6 +384,7 @@ impl Catalog {
             tasks,
             max_pending,
             search_permits: Arc::new(Semaphore::new(cores)),
+            activations: Default::default(),
         })
     }
 
@@ -421,6 +466,7 @@ impl Catalog {
             build_millis: 0,
             activate_time_ms: meta.create_time_ms,
             profile: String::new(),
+            trial_id: 0,
         };
         let rec = IndexRecord {
             meta: meta.clone(),
@@ -707,9 +753,17 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(name, None, config, source, profile, true, None)
-            .await
-            .map(|(meta, _, _)| meta)
+        self.build_and_swap(
+            name,
+            None,
+            Graph::Build(config),
+            source,
+            profile,
+            true,
+            None,
+        )
+        .await
+        .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild`](Self::rebuild) of the index with `uid` only: NOT_FOUND when the index of
@@ -725,9 +779,77 @@ impl Catalog {
         profile: &str,
     ) -> Result<GenerationMeta> {
         let owner = Some((uid, cancel.clone()));
-        self.build_and_swap(name, owner, config, source, profile, true, None)
+        self.build_and_swap(
+            name,
+            owner,
+            Graph::Build(config),
+            source,
+            profile,
+            true,
+            None,
+        )
+        .await
+        .map(|(meta, _, _)| meta)
+    }
+
+    /// [`rebuild_for`](Self::rebuild_for) with `trial`'s graph as the new generation instead
+    /// of a build when it can be: it is of the index with `uid`, builds `config`, and the
+    /// change log still holds every write since its data version (else, logged, a build).
+    pub async fn adopt_for(
+        &self,
+        name: &Name,
+        uid: u64,
+        cancel: &tokio_util::sync::CancellationToken,
+        config: HnswConfig,
+        trial: TrialGraph,
+        source: ConfigSource,
+    ) -> Result<GenerationMeta> {
+        let owner = Some((uid, cancel.clone()));
+        let graph = Graph::Adopt(config, Box::new(trial));
+        self.build_and_swap(name, owner, graph, source, "", true, None)
             .await
             .map(|(meta, _, _)| meta)
+    }
+
+    /// Keeps `trial`'s graph for a later activation of its promotion (see
+    /// [`IndexHandle::held`]), replacing the one held before. Ignored when the index is gone
+    /// or is another one.
+    pub fn hold(&self, name: &Name, trial: TrialGraph) {
+        if let Ok(h) = self.handle(name) {
+            if h.meta.uid == trial.uid {
+                *h.held.lock() = Some(trial);
+            }
+        }
+    }
+
+    /// Drops the graph held for the index (a job starts on it: the graph it holds is stale).
+    pub fn drop_held(&self, name: &Name) {
+        if let Ok(h) = self.handle(name) {
+            h.held.lock().take();
+        }
+    }
+
+    /// Takes the graph held for the index when it is trial `id`'s.
+    fn take_held(&self, name: &Name, id: u64) -> Option<TrialGraph> {
+        let h = self.handle(name).ok()?;
+        let mut held = h.held.lock();
+        if held.as_ref().is_some_and(|t| t.trial_id == id) {
+            held.take()
+        } else {
+            None
+        }
+    }
+
+    /// The trial whose graph is held for the index, if one is.
+    pub fn held_trial(&self, name: &Name) -> Option<u64> {
+        let h = self.handle(name).ok()?;
+        let held = h.held.lock();
+        held.as_ref().map(|t| t.trial_id)
+    }
+
+    /// Activation builds and trial-graph adoptions since start.
+    pub fn activations(&self) -> &ActivationCounts {
+        &self.activations
     }
 
     /// Rebuilds the index's active generation with its own config, source and profile, to drop
@@ -760,7 +882,7 @@ impl Catalog {
             .build_and_swap(
                 name,
                 None,
-                m.config,
+                Graph::Build(m.config),
                 m.source,
                 &m.profile,
                 true,
@@ -780,12 +902,15 @@ impl Catalog {
         &self,
         name: &Name,
         owner: Option<(u64, tokio_util::sync::CancellationToken)>,
-        config: HnswConfig,
+        graph: Graph,
         source: ConfigSource,
         profile: &str,
         persist: bool,
         compacting: Option<Compacting<'_>>,
     ) -> Result<(GenerationMeta, IndexRecord, u64)> {
+        let config = match &graph {
+            Graph::Build(c) | Graph::Adopt(c, _) => *c,
+        };
         let handle = self.handle(name)?;
         let (uid, cancel) = owner.unzip();
         if uid.is_some_and(|u| u != handle.meta.uid) {
@@ -802,25 +927,67 @@ impl Catalog {
         // Shown by GetIndex until this build ends, however it ends.
         let progress = Arc::new(Progress::new(Phase::Load, Some(config), 0));
         let _shown = ShownBuild::new(&handle, progress.clone());
-        tracing::info!(
-            "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
-            name,
-            config.m,
-            config.ef_construction,
-            config.ef_search,
-            config.seed
-        );
-        // Snapshot the points and start recording writes, atomically with respect to writes.
-        // `seq`, the write sequence the points are at, is what the snapshot file will hold.
-        let (points, seq, mark) = {
+        // Snapshot the points (or, adopting a trial's graph, what changed since its points) and
+        // start recording writes, atomically with respect to writes. `seq`, the write sequence
+        // the points are at, is what the snapshot file will hold.
+        let (input, seq, mark) = {
             let mut w = handle.writer.lock().await;
             handle.check_live()?;
             let store = self.store.clone();
             let uid = handle.meta.uid;
-            let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
+            let now = handle.data_version();
+            let adopt = match graph {
+                Graph::Adopt(_, t)
+                    if t.uid == uid
+                        && t.version <= now
+                        && t.builds(&config)
+                        && t.gen.kind == handle.engine =>
+                {
+                    let (st, after) = (store.clone(), t.version);
+                    let caught = tokio::task::spawn_blocking(move || {
+                        snapshots::catch_up(&st, uid, after, now)
+                    })
+                    .await?;
+                    match caught {
+                        Ok((upserts, deletes, writes)) => Some((t, upserts, deletes, writes)),
+                        Err(e) => {
+                            tracing::warn!(index = %name, trial = t.trial_id, error = %e, "cannot catch the trial's graph up with the writes since it was built: building the generation");
+                            None
+                        }
+                    }
+                }
+                Graph::Adopt(_, t) => {
+                    tracing::warn!(index = %name, trial = t.trial_id, "the trial's graph is not of this index's points or config: building the generation");
+                    None
+                }
+                Graph::Build(_) => None,
+            };
+            let input = match adopt {
+                Some(a) => Err(a),
+                None => Ok(tokio::task::spawn_blocking(move || store.load_points(uid)).await??),
+            };
             w.recording = Some(Vec::new());
-            (points, handle.data_version(), handle.points_changed())
+            (input, now, handle.points_changed())
         };
+        match &input {
+            Ok(_) => tracing::info!(
+                "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
+                name,
+                config.m,
+                config.ef_construction,
+                config.ef_search,
+                config.seed
+            ),
+            Err((t, upserts, deletes, writes)) => tracing::info!(
+                index = %name,
+                trial = t.trial_id,
+                config = %config,
+                writes,
+                upserts = upserts.len(),
+                deletes = deletes.len(),
+                "adopting the trial's graph: no build"
+            ),
+        }
         let meta = GenerationMeta {
             number: 0, // decided at the swap
             config,
@@ -829,17 +996,38 @@ impl Catalog {
             build_millis: 0,
             activate_time_ms: 0,
             profile: profile.to_string(),
+            trial_id: 0,
         };
         let (kind, metric, dim) = (handle.engine, handle.meta.metric, handle.meta.dimension);
         let halt = self.stop.clone();
+        let counts = &self.activations;
+        match &input {
+            Ok(_) => counts.builds.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counts.adopted.fetch_add(1, Ordering::Relaxed),
+        };
         let p = progress.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            let stop = || {
-                halt.is_cancelled()
-                    || cancel.as_ref().is_some_and(|c| c.is_cancelled())
-                    || cancelled()
-            };
-            Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)
+        let built = tokio::task::spawn_blocking(move || match input {
+            Ok(points) => {
+                let stop = || {
+                    halt.is_cancelled()
+                        || cancel.as_ref().is_some_and(|c| c.is_cancelled())
+                        || cancelled()
+                };
+                Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)
+            }
+            Err((t, upserts, deletes, _)) => {
+                // The trial's graph, caught up to `seq`, under the new generation's meta (its
+                // build time is the trial's build: this activation built nothing).
+                p.enter(Phase::Replay, 0);
+                let mut gen = t.gen;
+                snapshots::apply_catch_up(&gen, &upserts, &deletes);
+                gen.meta = GenerationMeta {
+                    build_millis: gen.meta.build_millis,
+                    trial_id: t.trial_id,
+                    ..meta
+                };
+                Ok(gen)
+            }
         })
         .await
         .map_err(Error::from)
@@ -974,7 +1162,9 @@ impl Catalog {
     }
 
     /// For every index of the profile, in order: builds a generation with the promoted config,
-    /// else the profile entry's default, else the index's default, and swaps it in.
+    /// else the profile entry's default, else the index's default, and swaps it in. A promoted
+    /// config whose trial's graph is held (autotune without activate kept its winner's) is not
+    /// built: that graph is adopted, caught up with the writes made since.
     pub async fn activate_profile(&self, name: &Name) -> Result<Vec<GenerationMeta>> {
         let profile = self.get_profile(name)?;
         // Every index must exist before anything is built.
@@ -984,8 +1174,11 @@ impl Catalog {
             let handle = self.handle(&pi.index)?;
             handles.push(handle.clone());
             let default = pi.default_config.unwrap_or(handle.meta.default_config);
-            let (config, source) = self.registry.config_or(&pi.index, default)?;
-            plan.push((pi.index.clone(), config, source));
+            let (config, source, trial) = match self.registry.get(&pi.index)?.0 {
+                Some(p) => (p.config, ConfigSource::Promoted, Some(p.trial_id)),
+                None => (default, ConfigSource::Default, None),
+            };
+            plan.push((pi.index.clone(), config, source, trial));
         }
         // No compaction of these indexes runs until the profile is recorded: one would persist
         // an index's new generation before the rest of the profile's.
@@ -996,9 +1189,14 @@ impl Catalog {
         let mut out = Vec::with_capacity(plan.len());
         let mut records = Vec::with_capacity(plan.len());
         let mut failed = None;
-        for (index, config, source) in plan {
+        for (index, config, source, trial) in plan {
+            let held = trial.and_then(|id| self.take_held(&index, id));
+            let graph = match held {
+                Some(t) => Graph::Adopt(config, Box::new(t)),
+                None => Graph::Build(config),
+            };
             match self
-                .build_and_swap(&index, None, config, source, name.as_str(), false, None)
+                .build_and_swap(&index, None, graph, source, name.as_str(), false, None)
                 .await
             {
                 Ok((meta, rec, seq)) => {
@@ -1299,6 +1497,7 @@ mod tests {
             build_millis: 0,
             activate_time_ms: 0,
             profile: String::new(),
+            trial_id: 0,
         };
         let gen = Generation::empty(EngineKind::DEFAULT, Metric::L2, 2, meta);
         let ops = vec![

@@ -44,6 +44,8 @@ pub struct Metrics {
     deleted_fraction: GaugeVec,
     compactions: IntGaugeVec,
     compaction_running: IntGaugeVec,
+    activation_builds: IntGauge,
+    activation_adopted: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T> {
@@ -138,6 +140,8 @@ impl Metrics {
             deleted_fraction: register(&r, f("vectord_index_deleted_fraction", "tombstones over every point in the active generation's graph; past --compact-deleted-fraction the index is compacted")?)?,
             compactions: register(&r, g("vectord_index_compactions", "tombstone compactions swapped in since the server started", &["index"])?)?,
             compaction_running: register(&r, g("vectord_index_compaction_running", "1 while a tombstone compaction of the index is scheduled or building", &["index"])?)?,
+            activation_builds: register(&r, IntGauge::new("vectord_activation_builds", "graphs built by activations (profile, autotune, rebuild) and compactions since the server started").map_err(err)?)?,
+            activation_adopted: register(&r, IntGauge::new("vectord_activation_trial_graphs_adopted", "activations since the server started that swapped in an autotune trial's graph instead of building one").map_err(err)?)?,
             registry: r,
             rpcs,
             rpc_seconds,
@@ -244,6 +248,11 @@ impl Metrics {
                 self.jobs.with_label_values(&[state]).inc();
             }
             self.trials.set(catalog.store().trial_count() as i64);
+            let counts = catalog.activations();
+            self.activation_builds
+                .set(counts.builds.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            self.activation_adopted
+                .set(counts.adopted.load(std::sync::atomic::Ordering::Relaxed) as i64);
         }
         let mut out = Vec::new();
         TextEncoder::new()

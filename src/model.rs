@@ -160,6 +160,10 @@ pub struct GenerationMeta {
     pub activate_time_ms: u64,
     /// The profile whose activation built it; empty otherwise.
     pub profile: String,
+    /// The trial whose graph became this generation (autotune's winner adopted at activation,
+    /// no second build); 0 when the graph was built for this generation.
+    #[serde(default)]
+    pub trial_id: u64,
 }
 
 /// An index as stored: what it is, independent of its points.

@@ -451,6 +451,9 @@ fn tune_request(index: &Name, uid: u64, p: &Policy) -> TuneRequest {
             max_time: None,
             seed: crate::autotune::harness::DEFAULT_SEED,
             width: 1,
+            // Automatic multi-fidelity: on for big indexes.
+            sample_points: None,
+            confirm: adaptive::DEFAULT_CONFIRM,
         }),
         _ => None,
     };

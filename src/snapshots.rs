@@ -197,21 +197,26 @@ fn load(
     Ok((gen, replayed, points))
 }
 
-/// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
-/// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
-/// from `after` to the store's data version.
-fn replay(
+/// What the logged writes after `after`, up to `upto`, did to the index, as the store holds it
+/// now: the points they touched that are stored (with their current vectors) and the ids they
+/// touched that are gone. Applied to a graph of the points at `after`, they give the graph of
+/// the points at `upto` (when the store is at `upto`: read it under the writer lock). Errors
+/// when the log does not run without a gap from `after` to `upto` (trimmed past `after` by a
+/// later snapshot). Blocking.
+pub fn catch_up(
     store: &Store,
-    gen: &Generation,
     uid: u64,
     after: u64,
-    counts: Counts,
-) -> Result<(usize, u64)> {
+    upto: u64,
+) -> Result<(Vec<Point>, Vec<u64>, usize)> {
     let changes = store.changes_since(uid, after)?;
     let mut at = after;
     let mut seen = HashSet::new();
     let mut touched = Vec::new();
     for (seq, change) in &changes {
+        if *seq > upto {
+            break;
+        }
         if *seq != at + 1 {
             return Err(Error::Corrupt(format!(
                 "the change log jumps from write {at} to write {seq}"
@@ -221,10 +226,9 @@ fn replay(
         let (Change::Upsert(ids) | Change::Delete(ids)) = change;
         touched.extend(ids.iter().copied().filter(|id| seen.insert(*id)));
     }
-    if at != counts.data_version {
+    if at != upto {
         return Err(Error::Corrupt(format!(
-            "the change log ends at write {at}, the store is at write {}",
-            counts.data_version
+            "the change log ends at write {at}, the store is at write {upto}"
         )));
     }
     let mut upserts = Vec::new();
@@ -235,10 +239,29 @@ fn replay(
             None => deletes.push(id),
         }
     }
-    let points = (upserts.len() + deletes.len()) as u64;
-    gen.delete(&deletes);
+    Ok((upserts, deletes, (at - after) as usize))
+}
+
+/// Applies [`catch_up`] to `gen`: a graph of the points at `after`.
+pub fn apply_catch_up(gen: &Generation, upserts: &[Point], deletes: &[u64]) {
+    gen.delete(deletes);
     if !upserts.is_empty() {
-        gen.upsert(&upserts);
+        gen.upsert(upserts);
     }
-    Ok((changes.len(), points))
+}
+
+/// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
+/// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
+/// from `after` to the store's data version.
+fn replay(
+    store: &Store,
+    gen: &Generation,
+    uid: u64,
+    after: u64,
+    counts: Counts,
+) -> Result<(usize, u64)> {
+    let (upserts, deletes, writes) = catch_up(store, uid, after, counts.data_version)?;
+    let points = (upserts.len() + deletes.len()) as u64;
+    apply_catch_up(gen, &upserts, &deletes);
+    Ok((writes, points))
 }

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use super::adaptive::{self, Evaluator, Plan};
 use super::lab::{Lab, Prepared};
 use super::select::{pareto_front, pick, Objective};
-use super::trial::Trial;
+use super::trial::{Fidelity, Trial};
+use crate::catalog::TrialGraph;
 use crate::error::{Error, Result};
-use crate::index::{Activities, Phase, ProgressView};
+use crate::index::{Activities, Generation, Phase, ProgressView};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name};
 use crate::promotion::Promotion;
 
@@ -121,6 +122,50 @@ pub enum Event {
     Ended(Error),
 }
 
+/// The graph of the job's best trial so far: the trial [`pick`] chooses among those journaled
+/// so far, offered in journal order (so it ends as the winner's, ties going to the earlier trial
+/// as in `pick`). Autotune with activate swaps that graph in instead of building the winner's
+/// config again; without activate, a promoted winner's graph is handed to the catalog for a
+/// later ActivateProfile. Only one is held: a better trial's replaces it, so a job keeps at
+/// most one graph beyond the ones it is building or measuring.
+struct Best {
+    objective: Objective,
+    held: Mutex<Option<(Trial, Arc<Generation>)>>,
+}
+
+impl Best {
+    fn new(objective: Objective) -> Self {
+        Best {
+            objective,
+            held: Mutex::new(None),
+        }
+    }
+
+    /// Keeps `graph` when `trial` (measured on it) beats the best so far.
+    fn offer(&self, trial: &Trial, graph: &Arc<Generation>) {
+        let mut held = self.held.lock();
+        let better = match &*held {
+            None => true,
+            Some((best, _)) => {
+                let pair = [best.clone(), trial.clone()];
+                pick(&pair, self.objective).is_some_and(|(w, _)| w.id == trial.id)
+            }
+        };
+        if better {
+            *held = Some((trial.clone(), graph.clone()));
+        }
+    }
+
+    /// The graph of trial `id`, if it is the one held and nothing else uses it any more.
+    fn take(&self, id: u64) -> Option<Generation> {
+        let (t, g) = self.held.lock().take()?;
+        if t.id != id {
+            return None;
+        }
+        Arc::try_unwrap(g).ok()
+    }
+}
+
 /// One measured grid entry, waiting for its turn to be journaled.
 struct Measured {
     /// Its place in the grid (grid jobs journal in grid order; unused by ADAPTIVE).
@@ -129,6 +174,9 @@ struct Measured {
     measures: super::lab::Measures,
     build_millis: u64,
     memory_bytes: u64,
+    /// The graph it was measured on (for [`Best`]).
+    graph: Arc<Generation>,
+    fidelity: Fidelity,
 }
 
 struct Running {
@@ -527,18 +575,29 @@ impl Jobs {
             }
             cancelled(token)?;
         }
+        // The graph an earlier job left for ActivateProfile is stale once this one runs (it
+        // promotes its own winner), and holding both would double the memory.
+        self.lab.catalog().drop_held(&req.index);
+        let best = Best::new(req.objective);
+        let version = prepared.harness.truth.data_version;
         let trials = match &req.adaptive {
             Some(plan) => {
-                self.run_adaptive(job, plan, prepared, token, tx, acts)
+                self.run_adaptive(job, plan, prepared, token, tx, acts, &best)
                     .await?
             }
-            None => self.run_grid(job, req, prepared, token, tx, acts).await?,
+            None => {
+                self.run_grid(job, req, prepared, token, tx, acts, &best)
+                    .await?
+            }
         };
         cancelled(token)?;
-        self.finish(job, req, owner, token, trials).await
+        self.finish(job, req, owner, token, trials, (&best, version))
+            .await
     }
 
-    /// ADAPTIVE: successive halving over construction effort (see `adaptive.rs`).
+    /// ADAPTIVE: successive halving over construction effort (see `adaptive.rs`); on a big
+    /// index (or when asked), multi-fidelity: the search runs on a seeded sample of the points,
+    /// then the best few graphs are built and measured on all of them.
     async fn run_adaptive(
         &self,
         job: &mut JobRecord,
@@ -547,23 +606,76 @@ impl Jobs {
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
         acts: &Activities,
+        best: &Best,
     ) -> Result<Vec<Trial>> {
         let cores = cores();
+        let started = std::time::Instant::now();
         let mut plan = plan.clone();
         plan.width = cores;
-        let eval = JobEval {
+        let permits = Arc::new(tokio::sync::Semaphore::new(cores));
+        let built = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let source = format!("autotune:{}", job.id);
+        let eval = |prepared: Arc<Prepared>, job: &JobRecord, fidelity, best| JobEval {
             jobs: self,
             prepared,
             token: token.clone(),
-            permits: Arc::new(tokio::sync::Semaphore::new(cores)),
-            built: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            permits: permits.clone(),
+            built: built.clone(),
             job: tokio::sync::Mutex::new(job.clone()),
             trials: Mutex::new(Vec::new()),
-            source: format!("autotune:{}", job.id),
+            source: source.clone(),
             tx: tx.clone(),
             acts: acts.clone(),
+            best,
+            fidelity,
         };
-        let result = adaptive::run(&plan, &eval).await;
+        let full_points = prepared.points.len();
+        let Some(n) = plan.sample_size(full_points) else {
+            let e = eval(prepared, job, Fidelity::Full, Some(best));
+            let result = adaptive::run_from(&plan, &e, started).await;
+            return self.phase_end(job, e, result.map(drop), token).await;
+        };
+        // Phase 1: the search on a sample, with ground truth over the sample.
+        let (p, seed) = (prepared.clone(), plan.seed);
+        let sample =
+            Arc::new(tokio::task::spawn_blocking(move || Lab::sample_of(&p, n, seed)).await?);
+        cancelled(token)?;
+        let reserve = (plan.confirm * adaptive::TRIALS_PER_CONFIRM).min(plan.max_trials / 2);
+        let mut first = plan.clone();
+        first.max_trials = plan.max_trials - reserve;
+        // Sample builds are cheap: every m that keeps improving climbs, not only the best
+        // `cores` (on the 30k words, m 8 is the worst at ef_construction 40 and the cheapest at
+        // 100: halving to two m values missed it by 15%).
+        first.width = plan.m.len().max(plan.width);
+        // Half the time for the sample's search, the rest for the full builds.
+        first.max_time = plan.max_time.map(|t| t / 2);
+        tracing::info!(job = %job.id, sample = n, points = full_points, confirm = plan.confirm, "multi-fidelity ADAPTIVE: ranking on a sample");
+        let e = eval(sample, job, Fidelity::Sample, None);
+        let ranked = adaptive::run_from(&first, &e, started).await;
+        let ranked = match ranked {
+            Ok(r) => r,
+            Err(e2) => return self.phase_end(job, e, Err(e2), token).await,
+        };
+        let mut trials = self.phase_end(job, e, Ok(()), token).await?;
+        // Phase 2: the best graphs of the sample, on all the points.
+        let mut second = plan.clone();
+        second.max_trials = plan.max_trials.saturating_sub(trials.len() as u32);
+        let scale = full_points as f64 / n as f64;
+        let e = eval(prepared, job, Fidelity::Full, Some(best));
+        let result =
+            adaptive::confirm(&second, &e, &ranked, plan.confirm as usize, scale, started).await;
+        trials.extend(self.phase_end(job, e, result, token).await?);
+        Ok(trials)
+    }
+
+    /// The end of an ADAPTIVE phase: the job record and trials back from its evaluator.
+    async fn phase_end(
+        &self,
+        job: &mut JobRecord,
+        eval: JobEval<'_>,
+        result: Result<()>,
+        token: &CancellationToken,
+    ) -> Result<Vec<Trial>> {
         *job = eval.job.lock().await.clone();
         job.graphs_built = eval.built.load(std::sync::atomic::Ordering::Relaxed);
         if result.is_err() {
@@ -583,6 +695,7 @@ impl Jobs {
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
         acts: &Activities,
+        best: &Best,
     ) -> Result<Vec<Trial>> {
         let cancelled = || cancelled(token);
         // Group grid entries that can share one build, in order of first appearance.
@@ -666,6 +779,8 @@ impl Jobs {
                             measures: m,
                             build_millis: graph.meta.build_millis,
                             memory_bytes: graph.memory_bytes(),
+                            graph: graph.clone(),
+                            fidelity: Fidelity::Full,
                         }));
                     }
                     Ok::<_, Error>(())
@@ -686,9 +801,11 @@ impl Jobs {
                 pending.insert(measured.at, measured);
                 while let Some(m) = pending.remove(&trials.len()) {
                     let graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
+                    let graph = m.graph.clone();
                     let trial = self
                         .record_trial(job, graphs_built, &prepared, m, &source, tx)
                         .await?;
+                    best.offer(&trial, &graph);
                     trials.push(trial);
                 }
             }
@@ -726,6 +843,7 @@ impl Jobs {
                 m.build_millis,
                 m.memory_bytes,
                 source.to_string(),
+                m.fidelity,
             )
             .await?;
         job.trials_done += 1;
@@ -743,7 +861,11 @@ impl Jobs {
         (uid, abandon): (u64, &CancellationToken),
         token: &CancellationToken,
         trials: Vec<Trial>,
+        (best, version): (&Best, u64),
     ) -> Result<Outcome> {
+        // Only trials on all the points are candidates (multi-fidelity's sample trials ranked
+        // configs; they are never the answer).
+        let trials: Vec<Trial> = trials.into_iter().filter(Trial::is_full).collect();
         let front = pareto_front(&trials);
         let outcome = |winner: Option<Trial>, promotion, generation, reason: String| Outcome {
             job_id: job.id.clone(),
@@ -798,22 +920,48 @@ impl Jobs {
             .promote_for(&req.index, Some(uid), w.id, &req.requested_by, &note)
             .await?;
         tracing::info!(job = %job.id, trial = w.id, config = %w.config, recall = w.recall, p50_us = w.p50_micros, "autotune promoted its winner");
-        let generation = if req.activate {
-            Some(
-                self.lab
-                    .catalog()
-                    .rebuild_for(
+        // The winner's graph: the generation to swap in (activate) or to hold for a later
+        // ActivateProfile. Missing only if something still used it; then activation builds.
+        let graph = best.take(w.id).map(|gen| TrialGraph {
+            uid,
+            trial_id: w.id,
+            version,
+            gen,
+        });
+        let catalog = self.lab.catalog();
+        let generation = match (req.activate, graph) {
+            (true, Some(t)) => Some(
+                catalog
+                    .adopt_for(
                         &req.index,
                         uid,
                         abandon,
                         w.config,
+                        t,
                         ConfigSource::Promoted,
-                        "",
                     )
                     .await?,
-            )
-        } else {
-            None
+            ),
+            (true, None) => {
+                tracing::warn!(job = %job.id, trial = w.id, "the winner's graph is not held: activation builds it");
+                Some(
+                    catalog
+                        .rebuild_for(
+                            &req.index,
+                            uid,
+                            abandon,
+                            w.config,
+                            ConfigSource::Promoted,
+                            "",
+                        )
+                        .await?,
+                )
+            }
+            (false, Some(t)) => {
+                catalog.hold(&req.index, t);
+                None
+            }
+            (false, None) => None,
         };
         Ok(outcome(Some(w), Some(promotion), generation, String::new()))
     }
@@ -883,6 +1031,9 @@ struct JobEval<'a> {
     tx: mpsc::UnboundedSender<Event>,
     /// The job's builds and measurements in flight (for its progress events).
     acts: Activities,
+    /// Where full trials offer their graph (None for sample trials: never activated).
+    best: Option<&'a Best>,
+    fidelity: Fidelity,
 }
 
 impl Evaluator for JobEval<'_> {
@@ -954,6 +1105,8 @@ impl Evaluator for JobEval<'_> {
             measures,
             build_millis: graph.meta.build_millis,
             memory_bytes: graph.memory_bytes(),
+            graph: graph.clone(),
+            fidelity: self.fidelity,
         };
         let graphs_built = self.built.load(std::sync::atomic::Ordering::Relaxed);
         let trial = self
@@ -967,6 +1120,9 @@ impl Evaluator for JobEval<'_> {
                 &self.tx,
             )
             .await?;
+        if let Some(best) = self.best {
+            best.offer(&trial, graph);
+        }
         self.trials.lock().push(trial.clone());
         Ok(trial)
     }

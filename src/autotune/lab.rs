@@ -5,10 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rand::SeedableRng;
+
 use super::harness::{
     ground_truth, ground_truth_tracked, sample, GroundTruth, Harness, Query, QuerySpec,
 };
-use super::trial::Trial;
+use super::trial::{Fidelity, Trial};
 use crate::catalog::{Catalog, IndexHandle};
 use crate::error::{Error, Result};
 use crate::index::{Activities, Generation, Phase, Progress};
@@ -319,6 +321,7 @@ impl Lab {
             build_millis: 0,
             activate_time_ms: 0,
             profile: String::new(),
+            trial_id: 0,
         };
         let (kind, metric, dim, points) = (
             p.handle.engine,
@@ -334,6 +337,31 @@ impl Lab {
         };
         self.graphs_built.fetch_add(1, Ordering::Relaxed);
         Ok(g)
+    }
+
+    /// A seeded sample of `n` of the prepared points with the harness's queries and their ground
+    /// truth over the sample (multi-fidelity autotune's first phase). Blocking: the ground truth
+    /// is `queries x n` distance computations, on every core.
+    pub fn sample_of(p: &Prepared, n: usize, seed: u64) -> Prepared {
+        let mut sorted: Vec<&Point> = p.points.iter().collect();
+        sorted.sort_unstable_by_key(|p| p.id);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut picked =
+            rand::seq::index::sample(&mut rng, sorted.len(), n.min(sorted.len())).into_vec();
+        picked.sort_unstable();
+        let points: Vec<Point> = picked.into_iter().map(|i| sorted[i].clone()).collect();
+        let mut harness = (*p.harness).clone();
+        harness.truth.neighbors = ground_truth(
+            p.handle.meta.metric,
+            &points,
+            &harness.queries,
+            harness.k as usize,
+        );
+        Prepared {
+            handle: p.handle.clone(),
+            points: Arc::new(points),
+            harness: Arc::new(harness),
+        }
     }
 
     /// Runs every harness query one at a time on `g` with `ef_search` (blocking), checking
@@ -406,6 +434,7 @@ impl Lab {
     /// deleted meanwhile (even if another was created under its name). Then applies the
     /// retention to the trial's index and harness (the newest `--trials-kept` stay, and every
     /// promoted one).
+    #[allow(clippy::too_many_arguments)] // one trial's fields, each from a different step
     pub async fn journal(
         &self,
         p: &Prepared,
@@ -414,6 +443,7 @@ impl Lab {
         build_millis: u64,
         memory_bytes: u64,
         source: String,
+        fidelity: Fidelity,
     ) -> Result<Trial> {
         let (index, harness, k) = (
             p.handle.meta.name.clone(),
@@ -439,6 +469,7 @@ impl Lab {
             create_time_ms: now_millis(),
             source: source.clone(),
             mean_distance_evals: m.mean_distance_evals,
+            fidelity,
         })?;
         self.store().flush().await?;
         tracing::info!(
@@ -486,8 +517,16 @@ impl Lab {
             Ok((m, g.meta.build_millis, g.memory_bytes()))
         })
         .await??;
-        self.journal(&p, config, m, build_millis, memory, "manual".into())
-            .await
+        self.journal(
+            &p,
+            config,
+            m,
+            build_millis,
+            memory,
+            "manual".into(),
+            Fidelity::Full,
+        )
+        .await
     }
 
     pub fn get_trial(&self, id: u64) -> Result<Trial> {

@@ -63,6 +63,8 @@ pub async fn run(ctx: &Ctx, a: AutotuneArgs) -> Result<ExitCode, CliError> {
         seed: a.adaptive.then_some(a.seed),
         adaptive_m: a.adaptive_m,
         adaptive_ef_construction: a.adaptive_ef_construction,
+        adaptive_sample_points: a.sample_points,
+        adaptive_confirm: a.confirm.unwrap_or(0),
     };
     let job_id = OnceCell::new();
     let body = std::pin::pin!(deadline(ctx, follow(ctx, request, &job_id)));

@@ -37,6 +37,7 @@ pub fn generation(g: &pb::Generation) -> Value {
         "build_millis": g.build_millis,
         "activate_time": timestamp(&g.activate_time),
         "profile": g.profile,
+        "trial_id": g.trial_id,
     })
 }
 
@@ -96,6 +97,8 @@ pub fn trial(t: &pb::Trial) -> Value {
         "create_time": timestamp(&t.create_time),
         "source": t.source,
         "mean_distance_evals": t.mean_distance_evals,
+        "fidelity": pb::Fidelity::try_from(t.fidelity)
+            .map_or("FIDELITY_UNKNOWN", |f| f.as_str_name()),
     })
 }
 

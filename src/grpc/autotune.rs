@@ -130,14 +130,16 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
         };
         let adaptive_fields = r.budget.is_some()
             || r.seed.is_some()
+            || r.adaptive_sample_points.is_some()
+            || r.adaptive_confirm != 0
             || !r.adaptive_m.is_empty()
             || !r.adaptive_ef_construction.is_empty();
         let (grid, adaptive) = match pb::Strategy::try_from(r.strategy) {
             Ok(pb::Strategy::Unspecified) | Ok(pb::Strategy::Grid) => {
                 if adaptive_fields {
                     return Err(Error::invalid(
-                        "budget, seed, adaptive_m and adaptive_ef_construction are only for \
-                         strategy STRATEGY_ADAPTIVE",
+                        "budget, seed, adaptive_m, adaptive_ef_construction, adaptive_sample_points \
+                         and adaptive_confirm are only for strategy STRATEGY_ADAPTIVE",
                     ));
                 }
                 (grid, None)
@@ -229,6 +231,31 @@ fn adaptive_plan(target: f64, r: &pb::AutotuneRequest) -> Result<Plan, Error> {
             .then(|| std::time::Duration::from_secs(u64::from(budget.max_seconds))),
         seed: r.seed.unwrap_or(DEFAULT_SEED),
         width: 1,
+        sample_points: match r.adaptive_sample_points {
+            Some(n) if n > 0 && n < adaptive::MIN_SAMPLE_POINTS => {
+                return Err(Error::out_of_range(
+                    "adaptive_sample_points",
+                    format!("0 (off) or at least {}", adaptive::MIN_SAMPLE_POINTS),
+                    n,
+                ))
+            }
+            n => n,
+        },
+        confirm: match r.adaptive_confirm {
+            0 => adaptive::DEFAULT_CONFIRM,
+            n if n <= adaptive::MAX_CONFIRM => n,
+            n => {
+                return Err(Error::out_of_range(
+                    "adaptive_confirm",
+                    format!(
+                        "[0, {}] (0: {})",
+                        adaptive::MAX_CONFIRM,
+                        adaptive::DEFAULT_CONFIRM
+                    ),
+                    n,
+                ))
+            }
+        },
     })
 }
 
@@ -468,7 +495,10 @@ impl AutotuneService for AutotuneApi {
         let harness = name("harness", &req.get_ref().harness)?;
         let lab = &self.core.app()?.lab;
         lab.catalog().handle(&index)?;
-        let trials = lab.all_trials(&index, &harness)?;
+        let mut trials = lab.all_trials(&index, &harness)?;
+        if !req.get_ref().include_sample_trials {
+            trials.retain(|t| t.is_full());
+        }
         Ok(Response::new(pb::GetParetoFrontResponse {
             trials: pareto_front(&trials).into_iter().map(Into::into).collect(),
         }))

@@ -139,6 +139,7 @@ pub fn generation_to(index: &Name, g: &GenerationMeta) -> pb::Generation {
         build_millis: g.build_millis,
         activate_time: timestamp(g.activate_time_ms),
         profile: g.profile.clone(),
+        trial_id: g.trial_id,
     }
 }
 
@@ -329,6 +330,10 @@ impl From<Trial> for pb::Trial {
             create_time: timestamp(t.create_time_ms),
             source: t.source,
             mean_distance_evals: t.mean_distance_evals,
+            fidelity: match t.fidelity {
+                crate::autotune::trial::Fidelity::Full => pb::Fidelity::Full,
+                crate::autotune::trial::Fidelity::Sample => pb::Fidelity::Sample,
+            } as i32,
         }
     }
 }
@@ -579,6 +584,8 @@ mod props {
                 seed,
                 adaptive_m,
                 adaptive_ef_construction,
+                adaptive_sample_points: None,
+                adaptive_confirm: 0,
             });
             match &r {
                 Ok(t) => {

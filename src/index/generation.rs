@@ -486,6 +486,7 @@ mod tests {
             build_millis: 0,
             activate_time_ms: 0,
             profile: String::new(),
+            trial_id: 0,
         }
     }
 

@@ -1433,6 +1433,7 @@ async fn target_recall_objective_and_pareto_fronts() {
         .get_pareto_front(pb::GetParetoFrontRequest {
             index_name: "obj".into(),
             harness: "h".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1451,7 +1452,8 @@ async fn target_recall_objective_and_pareto_fronts() {
         code_of(
             a.get_pareto_front(pb::GetParetoFrontRequest {
                 index_name: "nope".into(),
-                harness: "h".into()
+                harness: "h".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -1461,6 +1463,7 @@ async fn target_recall_objective_and_pareto_fronts() {
         .get_pareto_front(pb::GetParetoFrontRequest {
             index_name: "obj".into(),
             harness: "other".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -907,6 +907,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
             ok(a.get_pareto_front(pb::GetParetoFrontRequest {
                 index_name: "nope".into(),
                 harness: "h".into(),
+                ..Default::default()
             })
             .await),
         ),

@@ -993,6 +993,7 @@ async fn report_plots_the_journal_with_front_and_promoted() {
         .get_pareto_front(pb::GetParetoFrontRequest {
             index_name: "rep".into(),
             harness: "h".into(),
+            ..Default::default()
         })
         .await
         .expect("front")

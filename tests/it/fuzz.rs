@@ -666,6 +666,8 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                             seed,
                             adaptive_m,
                             adaptive_ef_construction,
+                            adaptive_sample_points: None,
+                            adaptive_confirm: 0,
                         },
                     ),
             ),
@@ -685,6 +687,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                 pb::GetParetoFrontRequest {
                     index_name,
                     harness,
+                    include_sample_trials: false,
                 }
             })),
         ),

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod adopt;
 mod autotune;
 mod bad_requests;
 mod binary;
@@ -14,6 +15,7 @@ mod cli;
 mod compaction;
 mod crash;
 mod edge;
+mod fidelity;
 mod fuzz;
 mod group_commit;
 mod index_service;

@@ -20,6 +20,7 @@ fn meta() -> GenerationMeta {
         build_millis: 0,
         activate_time_ms: 0,
         profile: String::new(),
+        trial_id: 0,
     }
 }
 
