@@ -388,14 +388,24 @@ async fn cli_json_prints_progress_lines() {
     assert!(table.contains("winner: trial"), "{table}");
     assert!(!table.contains("build m"), "no bar on stdout: {table}");
 
-    // profile activate: progress lines (read from GetIndex), then the generations.
-    let lines = tokio::task::spawn_blocking(move || {
+    // profile activate: progress lines (read from GetIndex), then the generations. The first
+    // activation adopts the graph the last autotune's winner built (no build, so no progress:
+    // issue 23 §2); the second builds it.
+    let (adopted, lines) = tokio::task::spawn_blocking(move || {
         // The index's own (seeded) default config.
         cli_json(addr, &["profile", "put", "p", "--index", "big"]);
-        cli_json(addr, &["profile", "activate", "p"])
+        (
+            cli_json(addr, &["profile", "activate", "p"]),
+            cli_json(addr, &["profile", "activate", "p"]),
+        )
     })
     .await
     .expect("cli");
+    let adopted = adopted.last().expect("output");
+    assert_ne!(
+        adopted["generations"][0]["trial_id"], 0,
+        "the first activation adopts the winner's graph: {adopted}"
+    );
     let (last, progress) = lines.split_last().expect("output");
     assert_eq!(last["generations"][0]["index_name"], "big", "{lines:?}");
     assert!(
