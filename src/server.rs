@@ -95,7 +95,12 @@ pub async fn run_with(
 ) -> Result<()> {
     crate::index::engine::set_default_engine(config.engine);
     let dir = config.data_dir.clone();
-    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
+    let store_options = crate::store::StoreOptions {
+        cache_bytes: config.store_cache_bytes,
+    };
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &store_options)).await??,
+    );
     let registry = Arc::new(Registry::new(store.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
