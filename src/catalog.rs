@@ -29,6 +29,7 @@ use rayon::prelude::*;
 
 use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
+use crate::index::engine::EngineKind;
 use crate::index::Generation;
 use crate::model::{
     check_vector, normalize, now_millis, ConfigSource, GenerationMeta, Hit, HnswConfig, IndexMeta,
@@ -37,6 +38,7 @@ use crate::model::{
 use crate::promotion::Registry;
 use crate::snapshots::{self, Restored};
 use crate::store::{Counts, IndexRecord, OpOutcome, Store, WriteOp as Op};
+use crate::tasks::Tasks;
 
 /// A flag a build polls between chunks of points.
 type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -81,6 +83,9 @@ struct Writer {
 
 pub struct IndexHandle {
     pub meta: IndexMeta,
+    /// The engine its graphs are built with: `meta.engine`, or the server's `--engine` for an
+    /// index created before the engine was stored.
+    pub engine: EngineKind,
     active: ArcSwap<Generation>,
     writer: tokio::sync::Mutex<Writer>,
     /// One build (activation) of an index at a time.
@@ -102,6 +107,7 @@ pub struct IndexHandle {
 
 impl IndexHandle {
     /// A handle over `gen` with its committer started.
+    /// The index's engine is its first generation's (`gen.kind`).
     fn start(
         meta: IndexMeta,
         gen: Generation,
@@ -109,11 +115,13 @@ impl IndexHandle {
         snapshot_mark: u64,
         store: Arc<Store>,
         max_pending: usize,
+        tasks: &Tasks,
     ) -> Arc<Self> {
         let max_pending = max_pending.max(1);
         let (queue, rx) = mpsc::channel(max_pending);
         let handle = Arc::new(IndexHandle {
             meta,
+            engine: gen.kind,
             active: ArcSwap::from_pointee(gen),
             writer: Default::default(),
             building: Default::default(),
@@ -127,9 +135,10 @@ impl IndexHandle {
             queue,
             max_pending,
         });
-        // Owned by the handle: the task ends when the handle (and so the queue's sender) is
-        // dropped, or at a storage failure.
-        tokio::spawn(committer(Arc::downgrade(&handle), store, rx));
+        // Fed by the handle: the task ends when the handle (and so the queue's sender) is
+        // dropped, after answering every write still queued, or at a storage failure. Tracked,
+        // so shutdown waits for the last queued writes.
+        tasks.spawn(committer(Arc::downgrade(&handle), store, rx));
         handle
     }
 
@@ -187,6 +196,8 @@ pub struct IndexView {
     /// Tombstones over every point in the active generation's graph.
     pub deleted_fraction: f64,
     pub compaction: crate::compaction::CompactionStats,
+    /// The engine its graphs are built with.
+    pub engine: EngineKind,
 }
 
 pub struct Catalog {
@@ -195,10 +206,12 @@ pub struct Catalog {
     indexes: RwLock<BTreeMap<Name, Arc<IndexHandle>>>,
     /// Serialises creating and deleting indexes and changing profiles.
     ddl: tokio::sync::Mutex<()>,
-    /// Called after every acknowledged write to an index (refresh policies listen here).
-    after_write: std::sync::OnceLock<AfterWrite>,
+    /// `--engine`: the engine of an index whose record names none.
+    default_engine: EngineKind,
     /// Cancelled when the server shuts down: builds stop at their next chunk.
     stop: tokio_util::sync::CancellationToken,
+    /// The server's tasks: committers, background snapshots and compactions are spawned here.
+    tasks: Tasks,
     /// `--max-pending-writes`: each index's write queue.
     max_pending: usize,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
@@ -207,19 +220,46 @@ pub struct Catalog {
     compactor: Compactor,
 }
 
-/// A listener for writes: gets the index's name after each acknowledged upsert or delete.
-pub type AfterWrite = Box<dyn Fn(&Name) + Send + Sync>;
+/// How a catalog is set up (from the server's flags).
+#[derive(Clone, Copy, Debug)]
+pub struct CatalogOptions {
+    /// `--max-pending-writes`: each index's write queue.
+    pub max_pending: usize,
+    /// `--engine`: the engine of new indexes that name none, and of indexes whose record
+    /// names none (created before the engine was stored).
+    pub default_engine: EngineKind,
+    /// `--compact-deleted-fraction`: the deleted share past which an index is compacted
+    /// (0: never).
+    pub compact_fraction: f64,
+}
+
+impl Default for CatalogOptions {
+    fn default() -> Self {
+        CatalogOptions {
+            max_pending: DEFAULT_MAX_PENDING_WRITES,
+            default_engine: EngineKind::DEFAULT,
+            compact_fraction: 0.0,
+        }
+    }
+}
 
 impl Catalog {
     /// Opens the catalog over a store: rebuilds every index's active generation with its
     /// recorded config (off the async runtime). Every build of the catalog (these and
-    /// activations) stops at its next chunk once `stop` is cancelled (server shutdown).
+    /// activations) stops at its next chunk once `tasks`' stop token is cancelled (server
+    /// shutdown); every task the catalog starts is owned by `tasks`.
     pub async fn recover(
         store: Arc<Store>,
         registry: Arc<Registry>,
-        stop: tokio_util::sync::CancellationToken,
-        max_pending: usize,
+        tasks: Tasks,
+        options: CatalogOptions,
     ) -> Result<Self> {
+        let stop = tasks.stop_token();
+        let CatalogOptions {
+            max_pending,
+            default_engine,
+            compact_fraction,
+        } = options;
         let swept = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.sweep_orphans()).await??
@@ -241,9 +281,10 @@ impl Catalog {
             let started = std::time::Instant::now();
             let st = store.clone();
             let halt = stop.clone();
+            let engine = rec.meta.engine.unwrap_or(default_engine);
             let (gen, counts, restored, rec) = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (gen, counts, restored) =
-                    snapshots::restore(&st, &mut rec, &|| halt.is_cancelled())
+                    snapshots::restore(&st, &mut rec, engine, &|| halt.is_cancelled())
                         .map_err(|e| shutdown_or(&halt, e))?;
                 Ok((gen, counts, restored, rec))
             })
@@ -273,6 +314,7 @@ impl Catalog {
                 mark,
                 store.clone(),
                 max_pending,
+                &tasks,
             );
             indexes.insert(rec.meta.name, handle);
         }
@@ -282,11 +324,12 @@ impl Catalog {
             registry,
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
-            after_write: Default::default(),
+            default_engine,
+            compactor: Compactor::new(compact_fraction, stop.clone()),
             stop,
+            tasks,
             max_pending,
             search_permits: Arc::new(Semaphore::new(cores)),
-            compactor: Default::default(),
         })
     }
 
@@ -300,31 +343,14 @@ impl Catalog {
         self.stop.clone()
     }
 
-    /// Sets the write listener (once; later calls are ignored).
-    pub fn set_after_write(&self, f: AfterWrite) {
-        let _ = self.after_write.set(f);
-    }
-
-    fn wrote(&self, name: &Name) {
-        if let Some(f) = self.after_write.get() {
-            f(name);
-        }
-    }
-
-    /// Turns tombstone compaction on with `threshold` (the deleted share past which an index is
-    /// rebuilt; 0: off). Off until called.
-    pub fn start_compaction(self: &Arc<Self>, threshold: f64) {
-        self.compactor.start(self, threshold);
-    }
-
     /// Starts a compaction of the index if its deleted share passed the threshold.
-    pub(crate) fn maybe_compact(&self, name: &Name, handle: &Arc<IndexHandle>) {
-        self.compactor.maybe_start(name, handle);
+    pub(crate) fn maybe_compact(self: &Arc<Self>, name: &Name, handle: &Arc<IndexHandle>) {
+        self.compactor.maybe_start(self, name, handle);
     }
 
-    /// Stops running compactions at their next check and starts no more (shutdown).
-    pub fn stop_compaction(&self) {
-        self.compactor.shutdown();
+    /// The server's tasks (every task the catalog, the jobs and the refresher start).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -354,6 +380,7 @@ impl Catalog {
             tombstones: tombstones as u64,
             deleted_fraction: deleted_fraction(tombstones, live),
             compaction: h.compaction.stats(),
+            engine: h.engine,
         }
     }
 
@@ -372,7 +399,9 @@ impl Catalog {
             metric: new.metric,
             default_config: new.default_config,
             create_time_ms: now_millis(),
+            engine: Some(new.engine.unwrap_or(self.default_engine)),
         };
+        let engine = meta.engine.unwrap_or(self.default_engine);
         let generation = GenerationMeta {
             number: 1,
             config: new.default_config,
@@ -394,7 +423,7 @@ impl Catalog {
             });
         }
         self.store.flush().await?;
-        let gen = Generation::empty(meta.metric, meta.dimension, generation);
+        let gen = Generation::empty(engine, meta.metric, meta.dimension, generation);
         let handle = IndexHandle::start(
             meta,
             gen,
@@ -402,6 +431,7 @@ impl Catalog {
             0,
             self.store.clone(),
             self.max_pending,
+            &self.tasks,
         );
         self.indexes
             .write()
@@ -464,7 +494,11 @@ impl Catalog {
 
     /// Adds or replaces points, all or nothing. Vectors are checked (and normalised for cosine)
     /// before anything changes; within a request the last point of an id wins.
-    pub async fn upsert(&self, name: &Name, mut points: Vec<Point>) -> Result<(u64, u64)> {
+    pub async fn upsert(
+        self: &Arc<Self>,
+        name: &Name,
+        mut points: Vec<Point>,
+    ) -> Result<(u64, u64)> {
         if points.is_empty() {
             return Err(Error::invalid("points is empty: send at least one point"));
         }
@@ -483,23 +517,21 @@ impl Catalog {
         let upserted = unique.len() as u64;
         let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
         debug_assert_eq!(outcome.affected, upserted);
-        self.wrote(name);
         self.resnapshot_if_due(&handle);
-        self.compactor.maybe_start(name, &handle);
+        self.maybe_compact(name, &handle);
         Ok((upserted, outcome.point_count))
     }
 
     /// Removes points; unknown ids are ignored. Returns (deleted, point count).
-    pub async fn delete_points(&self, name: &Name, ids: Vec<u64>) -> Result<(u64, u64)> {
+    pub async fn delete_points(self: &Arc<Self>, name: &Name, ids: Vec<u64>) -> Result<(u64, u64)> {
         if ids.is_empty() {
             return Err(Error::invalid("ids is empty: send at least one id"));
         }
         let handle = self.handle(name)?;
         let outcome = Self::submit(&handle, Op::Delete(ids)).await?;
         if outcome.affected > 0 {
-            self.wrote(name);
             self.resnapshot_if_due(&handle);
-            self.compactor.maybe_start(name, &handle);
+            self.maybe_compact(name, &handle);
         }
         Ok((outcome.affected, outcome.point_count))
     }
@@ -784,10 +816,10 @@ impl Catalog {
             activate_time_ms: 0,
             profile: profile.to_string(),
         };
-        let (metric, dim) = (handle.meta.metric, handle.meta.dimension);
+        let (kind, metric, dim) = (handle.engine, handle.meta.metric, handle.meta.dimension);
         let halt = self.stop.clone();
         let built = tokio::task::spawn_blocking(move || {
-            Generation::build(metric, dim, meta, points, &|| {
+            Generation::build(kind, metric, dim, meta, points, &|| {
                 halt.is_cancelled()
                     || cancel.as_ref().is_some_and(|c| c.is_cancelled())
                     || cancelled()
@@ -872,7 +904,7 @@ impl Catalog {
             return;
         }
         let (store, handle) = (self.store.clone(), handle.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = resnapshot(&store, &handle).await {
                 tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
             }
@@ -1234,7 +1266,7 @@ mod tests {
             activate_time_ms: 0,
             profile: String::new(),
         };
-        let gen = Generation::empty(Metric::L2, 2, meta);
+        let gen = Generation::empty(EngineKind::DEFAULT, Metric::L2, 2, meta);
         let ops = vec![
             Op::Upsert(vec![p(1, 10.0)]),
             Op::Delete(vec![1]),

@@ -46,7 +46,8 @@ pub struct Config {
     pub api_keys: Option<Arc<ApiKeys>>,
     /// TLS on the gRPC listener; None: plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
-    /// The HNSW engine every graph of this process is built with.
+    /// `--engine`: the HNSW engine of new indexes that name none, and of indexes created before
+    /// the engine was stored with the index.
     pub engine: crate::index::engine::EngineKind,
     /// The deleted share (tombstones over all points of the active generation's graph) past
     /// which an index is rebuilt in the background to drop its tombstones; 0: never.
@@ -211,9 +212,10 @@ pub fn api_key_from(
 /// (mTLS) if any; all PEM, checked when loaded so a bad file is named at startup.
 #[derive(Clone)]
 pub struct TlsConfig {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+    /// PEM: the server's certificate chain, its key, and (mTLS) the client CA.
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) client_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -267,17 +269,6 @@ impl TlsConfig {
     /// True when clients must present a certificate signed by the client CA.
     pub fn mtls(&self) -> bool {
         self.client_ca.is_some()
-    }
-
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut c = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .timeout(Duration::from_secs(10));
-        if let Some(ca) = &self.client_ca {
-            c = c.client_ca_root(Certificate::from_pem(ca));
-        }
-        c
     }
 }
 

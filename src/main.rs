@@ -98,7 +98,7 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_STORE_CACHE_MB", default_value_t = vectord::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     store_cache_mb: u64,
-    /// HNSW engine: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
+    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).

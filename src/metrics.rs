@@ -163,7 +163,7 @@ impl Metrics {
 
     /// Reads the current state from the core and renders every metric as Prometheus text.
     pub fn render(&self, core: &Core) -> Result<String> {
-        if let Ok(ready) = core.ready() {
+        if let Ok(ready) = core.app() {
             for g in [
                 &self.points,
                 &self.generation,
@@ -253,17 +253,18 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` over HTTP/1.1 until `stop` resolves.
+/// Serves `/metrics` over HTTP/1.1 until `tasks` stop; each connection is a task of `tasks`
+/// that ends at the stop too.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     core: Arc<Core>,
-    stop: impl Future<Output = ()> + Send + 'static,
+    tasks: crate::tasks::Tasks,
 ) {
-    tokio::pin!(stop);
+    let stop = tasks.stop_token();
     loop {
         let (stream, _) = tokio::select! {
-            _ = &mut stop => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -272,8 +273,8 @@ pub async fn serve(
                 }
             },
         };
-        let (metrics, core) = (metrics.clone(), core.clone());
-        tokio::spawn(async move {
+        let (metrics, core, stop) = (metrics.clone(), core.clone(), stop.clone());
+        tasks.spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (metrics, core) = (metrics.clone(), core.clone());
@@ -298,10 +299,17 @@ pub async fn serve(
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    // Finish the response being written, then close (keep-alive ends).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
             }
         });

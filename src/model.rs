@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::index::engine::EngineKind;
 
 /// Server defaults for a config field left 0.
 pub const DEFAULT_M: u32 = 16;
@@ -171,6 +172,10 @@ pub struct IndexMeta {
     pub metric: Metric,
     pub default_config: HnswConfig,
     pub create_time_ms: u64,
+    /// The engine its graphs are built with. None (an index created before the engine was
+    /// stored): it follows the server's `--engine`, as it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
 }
 
 /// A request to create an index, validated.
@@ -180,6 +185,8 @@ pub struct NewIndex {
     pub dimension: u32,
     pub metric: Metric,
     pub default_config: HnswConfig,
+    /// None: the server's `--engine` (stored in the index, so a later flag does not change it).
+    pub engine: Option<EngineKind>,
 }
 
 /// A config as given for an index's or profile's default: 0 fields take the server defaults.

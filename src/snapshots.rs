@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 
 use crate::error::{Error, Result};
-use crate::index::engine::default_engine;
+use crate::index::engine::EngineKind;
 use crate::index::snapshot;
 use crate::index::Generation;
 use crate::model::Point;
@@ -117,16 +117,17 @@ pub fn sweep(store: &Store, records: &[IndexRecord]) -> usize {
 }
 
 /// The index's generation at start: its snapshot plus the logged writes after it, or (logged
-/// why) a rebuild from the store's points, which then writes a snapshot and records it.
-/// Blocking.
+/// why) a rebuild from the store's points, which then writes a snapshot and records it. `kind`
+/// is the index's engine: a snapshot of another engine is rebuilt. Blocking.
 pub fn restore(
     store: &Store,
     rec: &mut IndexRecord,
+    kind: EngineKind,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(Generation, Counts, Restored)> {
     let counts = store.counts(rec.meta.uid)?;
     if let Some(snap) = rec.snapshot.clone() {
-        match load(store, rec, &snap, counts) {
+        match load(store, rec, &snap, counts, kind) {
             Ok((gen, replayed, points)) => {
                 return Ok((gen, counts, Restored::Snapshot { replayed, points }))
             }
@@ -140,6 +141,7 @@ pub fn restore(
     }
     let points = store.load_points(rec.meta.uid)?;
     let gen = Generation::build(
+        kind,
         rec.meta.metric,
         rec.meta.dimension,
         rec.generation.clone(),
@@ -165,6 +167,7 @@ fn load(
     rec: &IndexRecord,
     snap: &SnapshotRef,
     counts: Counts,
+    kind: EngineKind,
 ) -> Result<(Generation, usize, u64)> {
     let uid = rec.meta.uid;
     let path = snapshot::dir(store.dir()).join(&snap.file);
@@ -174,7 +177,7 @@ fn load(
         snap.seq,
         rec.meta.metric,
         rec.meta.dimension,
-        default_engine(),
+        kind,
     )?;
     if gen.meta.config != rec.generation.config {
         return Err(Error::Corrupt(format!(

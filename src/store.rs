@@ -1277,6 +1277,7 @@ mod tests {
                 metric: Metric::L2,
                 default_config: HnswConfig::default(),
                 create_time_ms: 0,
+                engine: None,
             },
             generation: GenerationMeta {
                 number: 1,

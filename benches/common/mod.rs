@@ -96,6 +96,7 @@ pub async fn setup(what: &str, harness: &str, queries: u32) -> BoxResult<Option<
             dimension,
             metric: pb::Metric::Cosine as i32,
             default_config: None,
+            engine: String::new(),
         })
         .await?;
     let started = Instant::now();

@@ -106,7 +106,7 @@ pub enum Event {
     Trial(Box<Trial>),
     Finished(Box<Outcome>),
     /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
-    Ended(String, tonic::Code),
+    Ended(Error),
 }
 
 /// One measured grid entry, waiting for its turn to be journaled.
@@ -164,9 +164,6 @@ impl JobGate {
     }
 }
 
-/// A listener for job starts: gets the index's name.
-pub type OnStart = Box<dyn Fn(&Name) + Send + Sync>;
-
 pub struct Jobs {
     lab: Arc<Lab>,
     /// index -> its running job
@@ -174,8 +171,6 @@ pub struct Jobs {
     /// Cancelled at shutdown; every job token is its child.
     root: CancellationToken,
     kept: usize,
-    /// Called with the index when a job starts on it (refresh policies mark the tune).
-    on_start: std::sync::OnceLock<OnStart>,
     /// Most jobs running at once server-wide (--max-concurrent-jobs).
     max_running: usize,
     /// Tests only: see `JobGate`.
@@ -209,15 +204,9 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             root,
             kept,
-            on_start: Default::default(),
             max_running: max_running.max(1),
             gate,
         }))
-    }
-
-    /// Sets the job-start listener (once; later calls are ignored).
-    pub fn set_on_start(&self, f: OnStart) {
-        let _ = self.on_start.set(f);
     }
 
     /// The id of the job running on an index, if one is.
@@ -414,9 +403,6 @@ impl Jobs {
         if let Err(e) = store.trim_jobs(self.kept, |j: &JobRecord| j.state == JobState::Running) {
             tracing::warn!(error = %e, "could not trim old job records");
         }
-        if let Some(f) = self.on_start.get() {
-            f(&req.index);
-        }
         tracing::info!(job = %job_id, index = %req.index, harness = %req.harness, trials = req.grid.len(), "autotune started");
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -428,7 +414,7 @@ impl Jobs {
         let jobs = self.clone();
         let tok = token.clone();
         let stop_why = why;
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let mut job = job;
             let result = jobs
                 .run(&mut job, &req, (uid, &abandon), prepared, &tok, &tx)
@@ -446,24 +432,27 @@ impl Jobs {
                     if jobs.root.is_cancelled() {
                         // Shutdown, not the client's choice: UNAVAILABLE tells it to retry.
                         job.reason = "the server shut down while the job was running".into();
-                        Event::Ended(
-                            format!("job {} was cancelled: the server is shutting down", job.id),
-                            tonic::Code::Unavailable,
-                        )
+                        Event::Ended(Error::Unavailable(format!(
+                            "job {} was cancelled: the server is shutting down",
+                            job.id
+                        )))
                     } else {
                         let why = stop_why.lock().clone().unwrap_or(why);
                         job.reason = why.clone();
-                        Event::Ended(
-                            format!("job {} was cancelled: {why}", job.id),
-                            tonic::Code::Cancelled,
-                        )
+                        Event::Ended(Error::Cancelled(format!(
+                            "job {} was cancelled: {why}",
+                            job.id
+                        )))
                     }
                 }
                 Err(e) => {
                     job.state = JobState::Failed;
                     job.reason = e.to_string();
                     tracing::error!(job = %job.id, error = %e, "autotune failed");
-                    Event::Ended(format!("job {} failed: {e}", job.id), e.code())
+                    Event::Ended(Error::JobFailed {
+                        job: job.id.clone(),
+                        cause: Box::new(e),
+                    })
                 }
             };
             if let Err(e) = jobs.save(&job).await {
@@ -816,7 +805,7 @@ impl Evaluator for JobEval<'_> {
             self.permits.clone(),
             self.built.clone(),
         );
-        tokio::spawn(async move {
+        self.jobs.lab.catalog().tasks().spawn(async move {
             let _p = permits
                 .acquire_owned()
                 .await

@@ -284,6 +284,7 @@ impl Lab {
             profile: String::new(),
         };
         let g = Generation::build(
+            p.handle.engine,
             p.handle.meta.metric,
             p.handle.meta.dimension,
             meta,

@@ -219,6 +219,7 @@ async fn index(ctx: &Ctx, cmd: IndexCommand) -> Res {
                     dimension: dim,
                     metric: metric as i32,
                     default_config,
+                    engine: String::new(),
                 }))
                 .await?;
             print_index(ctx, &r.index);

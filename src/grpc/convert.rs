@@ -98,11 +98,16 @@ impl TryFrom<pb::CreateIndexRequest> for NewIndex {
         let dimension = crate::model::in_range("dimension", r.dimension, 1..=MAX_DIMENSION)?;
         let metric = metric_from(r.metric)?;
         let default_config = default_config("default_config", r.default_config)?;
+        let engine = match r.engine.as_str() {
+            "" => None,
+            e => Some(e.parse().map_err(Error::Invalid)?),
+        };
         Ok(NewIndex {
             name,
             dimension,
             metric,
             default_config,
+            engine,
         })
     }
 }
@@ -157,6 +162,7 @@ impl From<IndexView> for pb::Index {
                     .flatten(),
                 running: v.compaction.running,
             }),
+            engine: v.engine.to_string(),
         }
     }
 }
@@ -382,6 +388,7 @@ pub fn page_after(token: &str) -> Result<Option<Name>> {
 mod props {
     use super::*;
     use crate::autotune::jobs::TuneRequest;
+    use crate::grpc::status::ErrorCode;
     use crate::model::{
         SearchParams, DEFAULT_CONFIG_EF_CONSTRUCTION, DEFAULT_CONFIG_M, MAX_EF_SEARCH, MAX_K,
         TRIAL_EF_CONSTRUCTION, TRIAL_EF_SEARCH, TRIAL_M,
@@ -444,7 +451,7 @@ mod props {
 
         #[test]
         fn create_index(name in any_name(), dimension in any_u32(), metric in -2i32..6, config in proptest::option::of(any_config())) {
-            let r = NewIndex::try_from(pb::CreateIndexRequest { name, dimension, metric, default_config: config });
+            let r = NewIndex::try_from(pb::CreateIndexRequest { name, dimension, metric, default_config: config, engine: String::new() });
             match &r {
                 Ok(n) => {
                     prop_assert!(name_ok(&n.name));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, name, next_page, page_after, page_size};
+use super::status::ErrorCode;
 use super::Core;
 use crate::error::Error;
 use crate::model::{NewIndex, Profile, SearchParams};
@@ -39,7 +40,7 @@ impl IndexService for IndexApi {
 
     async fn get_index(&self, req: Request<pb::GetIndexRequest>) -> R<pb::GetIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        let ready = self.core.ready()?;
+        let ready = self.core.app()?;
         let mut index: pb::Index = ready.catalog.get_index(&n)?.into();
         if let Some((policy, status)) = ready.refresh.get(&n) {
             index.refresh_policy = Some(convert::refresh_policy_to(&policy));
@@ -69,7 +70,7 @@ impl IndexService for IndexApi {
         req: Request<pb::DeleteIndexRequest>,
     ) -> R<pb::DeleteIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        self.core.ready()?.delete_index(&n).await?;
+        self.core.app()?.delete_index(&n).await?;
         Ok(Response::new(pb::DeleteIndexResponse {}))
     }
 
@@ -83,7 +84,7 @@ impl IndexService for IndexApi {
         self.core.check_points("the request", req.points.len())?;
         let (upserted_count, point_count) = self
             .core
-            .catalog()?
+            .app()?
             .upsert(&n, convert::points(req.points))
             .await?;
         Ok(Response::new(pb::UpsertPointsResponse {
@@ -144,7 +145,7 @@ impl IndexService for IndexApi {
             }
             match self
                 .core
-                .catalog()?
+                .app()?
                 .upsert(n, convert::points(msg.points))
                 .await
             {
@@ -187,7 +188,7 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         self.core.check_delete_ids(req.ids.len())?;
-        let (deleted_count, point_count) = self.core.catalog()?.delete_points(&n, req.ids).await?;
+        let (deleted_count, point_count) = self.core.app()?.delete_points(&n, req.ids).await?;
         Ok(Response::new(pb::DeletePointsResponse {
             deleted_count,
             point_count,

@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::distance;
-use super::engine::{default_engine, load_engine, new_engine, new_engine_of, Engine, EngineKind};
+use super::engine::{load_engine, new_engine_of, Engine, EngineKind};
 use super::snapshot;
 use crate::error::{Error, Result};
 use crate::model::{GenerationMeta, Hit, HnswConfig, Metric, Point};
@@ -87,35 +87,25 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// An empty generation (an index's first, before any point).
-    pub fn empty(metric: Metric, dimension: u32, meta: GenerationMeta) -> Self {
-        let engine = new_engine(metric, dimension, &meta.config, 1024);
+    /// An empty generation on engine `kind` (an index's first, before any point).
+    pub fn empty(kind: EngineKind, metric: Metric, dimension: u32, meta: GenerationMeta) -> Self {
+        let engine = new_engine_of(kind, metric, dimension, &meta.config, 1024);
         Generation {
             meta,
             metric,
             dimension,
-            kind: default_engine(),
+            kind,
             engine,
             ids: RwLock::new(IdMap::default()),
         }
     }
 
-    /// Builds a graph over `points` with `meta.config`. With a seed, points are inserted on one
-    /// thread in an order shuffled by the seed (from id order), so the same seed, points and
-    /// config build the same graph; without one, they are inserted in parallel, which is faster
-    /// but not reproducible. `cancelled` is polled between chunks of points.
+    /// Builds a graph on engine `kind` over `points` with `meta.config`. With a seed, points are
+    /// inserted on one thread in an order shuffled by the seed (from id order), so the same
+    /// seed, points and config build the same graph; without one, they are inserted in
+    /// parallel, which is faster but not reproducible. `cancelled` is polled between chunks of
+    /// points.
     pub fn build(
-        metric: Metric,
-        dimension: u32,
-        meta: GenerationMeta,
-        points: Vec<Point>,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<Self> {
-        Self::build_of(default_engine(), metric, dimension, meta, points, cancelled)
-    }
-
-    /// [`Generation::build`] on a given engine.
-    pub fn build_of(
         kind: EngineKind,
         metric: Metric,
         dimension: u32,
@@ -467,7 +457,15 @@ mod tests {
 
     #[test]
     fn deleted_and_replaced_ids_never_come_back() {
-        let g = Generation::build(Metric::L2, 3, meta(Some(1)), points(200), &|| false).unwrap();
+        let g = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(1)),
+            points(200),
+            &|| false,
+        )
+        .unwrap();
         let q = [50.0, 1.0, 2.0];
         let first = g.search(&q, 1, 50)[0].id;
         g.delete(&[first]);
@@ -508,8 +506,8 @@ mod tests {
             EngineKind::NativeI8,
             EngineKind::HnswRs,
         ] {
-            let g = Generation::build_of(kind, Metric::L2, 8, meta(None), random(400), &|| false)
-                .unwrap();
+            let g =
+                Generation::build(kind, Metric::L2, 8, meta(None), random(400), &|| false).unwrap();
             g.upsert(&random(400));
             let current = random(400);
             g.upsert(&current);
@@ -548,7 +546,7 @@ mod tests {
                 // does a few times the work of one on a graph of the live points alone (~2.8x
                 // measured), not a near-scan of the whole graph (over-fetching by the tombstone
                 // count did ~6x: 1,196 distances against 192).
-                let fresh = Generation::build_of(
+                let fresh = Generation::build(
                     kind,
                     Metric::L2,
                     8,
@@ -627,8 +625,7 @@ mod tests {
             let base = clustered(&mut rng, 4000, DIM);
             let meta = default_meta();
             let ef = meta.config.ef_search as usize;
-            let g =
-                Generation::build_of(kind, Metric::L2, DIM as u32, meta, base, &|| false).unwrap();
+            let g = Generation::build(kind, Metric::L2, DIM as u32, meta, base, &|| false).unwrap();
             let outliers: Vec<Point> = (0..200)
                 .map(|i| Point {
                     id: 1_000_000 + i,
@@ -676,7 +673,7 @@ mod tests {
             let queries: Vec<Vec<f32>> = (0..40)
                 .map(|_| (0..DIM).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
                 .collect();
-            let g = Generation::build_of(
+            let g = Generation::build(
                 kind,
                 Metric::L2,
                 DIM as u32,
@@ -719,8 +716,24 @@ mod tests {
 
     #[test]
     fn same_seed_same_results() {
-        let a = Generation::build(Metric::L2, 3, meta(Some(7)), points(300), &|| false).unwrap();
-        let b = Generation::build(Metric::L2, 3, meta(Some(7)), points(300), &|| false).unwrap();
+        let a = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(7)),
+            points(300),
+            &|| false,
+        )
+        .unwrap();
+        let b = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(7)),
+            points(300),
+            &|| false,
+        )
+        .unwrap();
         for i in 0..20 {
             let q = [i as f32 * 3.3, 2.0, 1.0];
             assert_eq!(a.search(&q, 10, 12), b.search(&q, 10, 12));
@@ -767,9 +780,8 @@ mod tests {
                         })
                         .collect()
                 };
-                let g =
-                    Generation::build_of(kind, metric, 12, meta(Some(5)), prep(&base), &|| false)
-                        .unwrap();
+                let g = Generation::build(kind, metric, 12, meta(Some(5)), prep(&base), &|| false)
+                    .unwrap();
                 g.upsert(&prep(&replaced));
                 g.delete(&[3, 7, 250, 999]);
                 let name = format!("1-1-{kind}-{metric}.snap");
@@ -840,7 +852,7 @@ mod tests {
         let e = load(&b).err().unwrap().to_string();
         assert!(e.contains("format version"), "{e}");
         // hnsw_rs graphs are not snapshotted.
-        let g = Generation::build_of(
+        let g = Generation::build(
             EngineKind::HnswRs,
             Metric::L2,
             12,
@@ -855,7 +867,14 @@ mod tests {
 
     #[test]
     fn cancelled_build_stops() {
-        let e = Generation::build(Metric::L2, 3, meta(Some(7)), points(300), &|| true);
+        let e = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(Some(7)),
+            points(300),
+            &|| true,
+        );
         assert!(matches!(e, Err(Error::Cancelled(_))));
     }
 }

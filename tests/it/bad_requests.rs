@@ -21,6 +21,7 @@ fn create(name: &str, dim: u32, metric: i32) -> pb::CreateIndexRequest {
         dimension: dim,
         metric,
         default_config: None,
+        engine: String::new(),
     }
 }
 

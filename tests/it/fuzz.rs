@@ -402,6 +402,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                             dimension,
                             metric,
                             default_config,
+                            engine: String::new(),
                         }
                     }),
             ),
@@ -1764,6 +1765,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                     dimension: dim as u32,
                     metric: metric as i32,
                     default_config: None,
+                    engine: String::new(),
                 },
                 keys,
             ))
@@ -1799,6 +1801,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                     dimension: dim,
                     metric: metric as i32,
                     default_config: None,
+                    engine: String::new(),
                 },
                 keys,
             ))

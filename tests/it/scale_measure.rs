@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
-use vectord::index::engine::{set_default_engine, EngineKind};
+use vectord::index::engine::EngineKind;
 use vectord::index::Generation;
 use vectord::model::{ConfigSource, GenerationMeta, HnswConfig, Metric, Point};
 
@@ -53,10 +53,17 @@ fn p50(g: &Generation, queries: &[Vec<f32>]) -> f64 {
 #[test]
 #[ignore]
 fn measure_online_inserts_and_search_after_deletes() {
-    set_default_engine(EngineKind::NativeI8);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let base = clustered(&mut rng, 0..20_000);
-    let g = Generation::build(Metric::L2, DIM as u32, meta(), base.clone(), &|| false).unwrap();
+    let g = Generation::build(
+        EngineKind::NativeI8,
+        Metric::L2,
+        DIM as u32,
+        meta(),
+        base.clone(),
+        &|| false,
+    )
+    .unwrap();
 
     // Online inserts, one point per call on one thread: like the base, then outliers.
     let like = clustered(&mut rng, 100_000..103_000);
@@ -96,12 +103,28 @@ fn measure_online_inserts_and_search_after_deletes() {
         .into_iter()
         .map(|p| p.vector)
         .collect();
-    let g = Generation::build(Metric::L2, DIM as u32, meta(), base.clone(), &|| false).unwrap();
+    let g = Generation::build(
+        EngineKind::NativeI8,
+        Metric::L2,
+        DIM as u32,
+        meta(),
+        base.clone(),
+        &|| false,
+    )
+    .unwrap();
     let before = p50(&g, &queries);
     let gone: Vec<u64> = (0..20_000).filter(|id| id % 10 != 0).collect();
     g.delete(&gone);
     let live: Vec<Point> = base.iter().filter(|p| p.id % 10 == 0).cloned().collect();
-    let fresh = Generation::build(Metric::L2, DIM as u32, meta(), live.clone(), &|| false).unwrap();
+    let fresh = Generation::build(
+        EngineKind::NativeI8,
+        Metric::L2,
+        DIM as u32,
+        meta(),
+        live.clone(),
+        &|| false,
+    )
+    .unwrap();
     let (tomb, alone) = (p50(&g, &queries), p50(&fresh, &queries));
     let recall = |g: &Generation| {
         let mut hit = 0;

@@ -133,22 +133,20 @@ impl TestServer {
     }
 
     /// Stops the server and starts a new one on the same data dir.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops the server and starts a new one on the same data dir, with the test config as
+    /// `edit` changes it.
+    pub async fn restart_with(mut self, edit: impl FnOnce(&mut Config)) -> Self {
+        // `run` returns once every task of the server has ended and the store is closed, so
+        // the data dir is free at once.
         self.stop().await;
-        // Background tasks of the stopped server (write committers, a compaction) drop their
-        // hold on the store a moment after `run` returns: wait until the data dir is unlocked.
-        let dir = self.dir.clone();
-        eventually(
-            Duration::from_secs(30),
-            "the stopped server's store is closed",
-            || {
-                let dir = dir.clone();
-                async move { vectord::store::Store::open(&dir).ok().map(drop) }
-            },
-        )
-        .await;
         let tmp = self._tmp.take();
-        let mut s = Self::start_in(&self.dir, Config::for_tests(&self.dir)).await;
+        let mut config = Config::for_tests(&self.dir);
+        edit(&mut config);
+        let mut s = Self::start_in(&self.dir, config).await;
         s._tmp = tmp;
         s
     }
@@ -211,6 +209,7 @@ pub async fn create_index(
         dimension: dim,
         metric: metric as i32,
         default_config: None,
+        engine: String::new(),
     })
     .await
     .expect("create index")
