@@ -311,6 +311,7 @@ async fn create(c: &mut Client, name: &str, set: &Set) -> BoxResult<()> {
             Metric::Cosine => pb::Metric::Cosine,
         } as i32,
         default_config: None,
+        ..Default::default()
     })
     .await?;
     Ok(())
