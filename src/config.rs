@@ -52,6 +52,8 @@ pub struct Config {
     /// The deleted share (tombstones over all points of the active generation's graph) past
     /// which an index is rebuilt in the background to drop its tombstones; 0: never.
     pub compact_deleted_fraction: f64,
+    /// Most bytes of the store's pages kept in memory (sled's page cache).
+    pub store_cache_bytes: u64,
     /// Most ids in one DeletePoints call; more is RESOURCE_EXHAUSTED.
     pub max_ids_per_delete: usize,
     /// Most queries in one SearchBatch call; more is RESOURCE_EXHAUSTED.
@@ -123,6 +125,7 @@ impl Config {
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
             compact_deleted_fraction: crate::compaction::DEFAULT_DELETED_FRACTION,
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
             max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,
             max_batch_results: DEFAULT_MAX_BATCH_RESULTS as usize,

@@ -140,8 +140,11 @@ pub async fn run_with(
 /// Opens the store (off the async runtime).
 async fn open_store(config: &Config) -> Result<Arc<Store>> {
     let dir = config.data_dir.clone();
+    let options = crate::store::StoreOptions {
+        cache_bytes: config.store_cache_bytes,
+    };
     Ok(Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&dir)).await??,
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &options)).await??,
     ))
 }
 
