@@ -582,11 +582,11 @@ impl Jobs {
         let version = prepared.harness.truth.data_version;
         let trials = match &req.adaptive {
             Some(plan) => {
-                self.run_adaptive(job, plan, prepared, token, tx, acts, &best)
+                self.run_adaptive(job, plan, prepared, token, tx, (acts, &best))
                     .await?
             }
             None => {
-                self.run_grid(job, req, prepared, token, tx, acts, &best)
+                self.run_grid(job, req, prepared, token, tx, (acts, &best))
                     .await?
             }
         };
@@ -605,8 +605,8 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
-        acts: &Activities,
-        best: &Best,
+        // Where the job reports its work in flight, and where full trials offer their graph.
+        (acts, best): (&Activities, &Best),
     ) -> Result<Vec<Trial>> {
         let cores = cores();
         let started = std::time::Instant::now();
@@ -694,8 +694,8 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
-        acts: &Activities,
-        best: &Best,
+        // Where the job reports its work in flight, and where full trials offer their graph.
+        (acts, best): (&Activities, &Best),
     ) -> Result<Vec<Trial>> {
         let cancelled = || cancelled(token);
         // Group grid entries that can share one build, in order of first appearance.
