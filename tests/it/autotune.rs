@@ -75,24 +75,6 @@ async fn seeded_index(s: &TestServer, name: &str, n: u64, dim: usize) -> Vec<pb:
     pts
 }
 
-async fn collect(
-    mut stream: tonic::Streaming<pb::AutotuneResponse>,
-) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
-    let mut events = Vec::new();
-    loop {
-        match stream.message().await {
-            // Progress comes as the job runs, more of it on a slower machine: the events
-            // checked here are the others (progress.rs tests progress).
-            Ok(Some(pb::AutotuneResponse {
-                event: Some(pb::autotune_response::Event::Progress(_)),
-            })) => {}
-            Ok(Some(m)) => events.push(m.event.expect("event")),
-            Ok(None) => return (events, None),
-            Err(s) => return (events, Some(s)),
-        }
-    }
-}
-
 async fn job(a: &mut AutotuneServiceClient<Channel>, id: &str) -> pb::Job {
     a.list_jobs(pb::ListJobsRequest::default())
         .await

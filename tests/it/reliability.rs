@@ -41,24 +41,6 @@ async fn harness(a: &mut AutotuneServiceClient<Channel>, index: &str, name: &str
     .expect("create harness");
 }
 
-async fn collect(
-    mut stream: tonic::Streaming<pb::AutotuneResponse>,
-) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
-    let mut events = Vec::new();
-    loop {
-        match stream.message().await {
-            // Progress comes as the job runs, more of it on a slower machine: the events
-            // checked here are the others (progress.rs tests progress).
-            Ok(Some(pb::AutotuneResponse {
-                event: Some(pb::autotune_response::Event::Progress(_)),
-            })) => {}
-            Ok(Some(m)) => events.push(m.event.expect("event")),
-            Ok(None) => return (events, None),
-            Err(s) => return (events, Some(s)),
-        }
-    }
-}
-
 async fn all_jobs(a: &mut AutotuneServiceClient<Channel>) -> Vec<pb::Job> {
     a.list_jobs(pb::ListJobsRequest::default())
         .await

@@ -357,3 +357,23 @@ pub fn spawn_searcher(
         }
     })
 }
+
+/// The events of an Autotune stream until it ends, and the status it ended with, if an
+/// error; progress events are dropped.
+pub async fn collect(
+    mut stream: tonic::Streaming<pb::AutotuneResponse>,
+) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
+    let mut events = Vec::new();
+    loop {
+        match stream.message().await {
+            // Progress comes as the job runs, more of it on a slower machine: the events
+            // checked here are the others (progress.rs tests progress).
+            Ok(Some(pb::AutotuneResponse {
+                event: Some(pb::autotune_response::Event::Progress(_)),
+            })) => {}
+            Ok(Some(m)) => events.push(m.event.expect("event")),
+            Ok(None) => return (events, None),
+            Err(s) => return (events, Some(s)),
+        }
+    }
+}
