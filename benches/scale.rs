@@ -28,6 +28,12 @@
 //! (seconds and resident growth). Without hnswlib the bench says so and prints the rest.
 //! `VECTORD_SCALE_SERVER_ARGS` adds flags to every `vectord serve` (e.g. `--store-cache-mb 16`).
 //! Results also go to `target/bench-scale.json`.
+//!
+//! `VECTORD_SCALE_ONLY=writers` runs only step 4 (no hnswlib), on a fresh server per run: import
+//! each size's points, then the 64 writers; `VECTORD_SCALE_ROUNDS` rounds (default 3) of one run
+//! per server binary of `VECTORD_SCALE_BINS` (colon-separated paths, default this build's
+//! `vectord`), alternating, then each binary's medians. For comparing two builds in one run on
+//! a shared machine.
 
 use std::error::Error;
 use std::io::Write;
@@ -218,6 +224,11 @@ impl Server {
     /// Starts `vectord serve` on `dir` and waits (up to [`START_LIMIT`]) until SERVING; returns
     /// it and the seconds from spawn to SERVING.
     async fn start(dir: &Path) -> BoxResult<(Server, f64)> {
+        Self::start_program(env!("CARGO_BIN_EXE_vectord").as_ref(), dir).await
+    }
+
+    /// [`Server::start`] of the server binary `program`.
+    async fn start_program(program: &Path, dir: &Path) -> BoxResult<(Server, f64)> {
         let extra = std::env::var("VECTORD_SCALE_SERVER_ARGS").unwrap_or_default();
         let mut args = vec![
             "--addr",
@@ -229,7 +240,7 @@ impl Server {
         ];
         args.extend(extra.split_whitespace());
         let started = Instant::now();
-        let mut proc = child::Vectord::spawn("vectord under bench", &args, &[]);
+        let mut proc = child::Vectord::spawn_program(program, "vectord under bench", &args, &[]);
         let addr = proc.wait_listening().await;
         wait_serving(addr).await?;
         let took = started.elapsed().as_secs_f64();
@@ -796,6 +807,64 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     Ok(out)
 }
 
+/// `VECTORD_SCALE_ONLY=writers`: step 4 alone, alternating the binaries of `VECTORD_SCALE_BINS`.
+async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
+    let bins: Vec<PathBuf> = match std::env::var("VECTORD_SCALE_BINS") {
+        Ok(v) if !v.trim().is_empty() => v.split(':').map(PathBuf::from).collect(),
+        _ => vec![PathBuf::from(env!("CARGO_BIN_EXE_vectord"))],
+    };
+    let rounds = env_usize("VECTORD_SCALE_ROUNDS", 3).max(1);
+    let mixture = Mixture::new(set.dim, 7);
+    let base = mixture.samples(11, set.n);
+    let all: Vec<u64> = (0..set.n as u64).collect();
+    println!(
+        "\n== writers only: {} ({} x {}), {rounds} rounds x {} binaries, {write_secs} s each ==",
+        set.name,
+        set.n,
+        set.dim,
+        bins.len()
+    );
+    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); bins.len()];
+    for round in 0..rounds {
+        for (b, bin) in bins.iter().enumerate() {
+            let tmp = tempfile::tempdir()?;
+            let (server, _) = Server::start_program(bin, &tmp.path().join("data")).await?;
+            let mut c = server.client().await?;
+            create(&mut c, INDEX, set).await?;
+            import(&mut c, INDEX, &base, &all).await?;
+            let (acks, p50, p99, errors, acked) =
+                writers(server.addr, &mixture, 1_000_000_000, write_secs).await?;
+            // The point count once every acknowledged write is in.
+            let index = c
+                .get_index(pb::GetIndexRequest { name: INDEX.into() })
+                .await?
+                .into_inner()
+                .index
+                .ok_or("no index")?;
+            println!(
+                "  round {round} {}: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points at the end",
+                bin.display(),
+                acked.len(),
+                index.point_count
+            );
+            runs[b].push((acks, p50, p99));
+            drop(c);
+            server.stop().await?;
+        }
+    }
+    for (bin, r) in bins.iter().zip(&runs) {
+        let col = |f: fn(&(f64, f64, f64)) -> f64| r.iter().map(f).collect::<Vec<_>>();
+        println!(
+            "  {}: acks/s {}, p50 {}, p99 {}",
+            bin.display(),
+            spread(&col(|x| x.0), |v| format!("{v:.0}")),
+            spread(&col(|x| x.1), |v| format!("{v:.1} ms")),
+            spread(&col(|x| x.2), |v| format!("{v:.1} ms"))
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> BoxResult<()> {
     let sizes: Vec<usize> = std::env::var("VECTORD_SCALE_SIZES")
@@ -835,6 +904,12 @@ async fn main() -> BoxResult<()> {
             dim: 384,
             metric: Metric::Cosine,
         });
+    }
+    if std::env::var("VECTORD_SCALE_ONLY").as_deref() == Ok("writers") {
+        for set in &sets {
+            writers_only(set, write_secs).await?;
+        }
+        return Ok(());
     }
     let mut results = Vec::new();
     for set in &sets {

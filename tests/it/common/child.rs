@@ -57,7 +57,17 @@ impl Vectord {
     /// Starts `vectord serve` with `args`, plus `envs` in an environment cleared of any
     /// VECTORD_* / RUST_LOG the test runner may have.
     pub fn spawn(what: &'static str, args: &[&str], envs: &[(&str, &Path)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vectord"));
+        Self::spawn_program(env!("CARGO_BIN_EXE_vectord").as_ref(), what, args, envs)
+    }
+
+    /// [`Vectord::spawn`] of another build of vectord (a benchmark comparing two builds).
+    pub fn spawn_program(
+        program: &Path,
+        what: &'static str,
+        args: &[&str],
+        envs: &[(&str, &Path)],
+    ) -> Self {
+        let mut cmd = Command::new(program);
         cmd.arg("serve")
             .args(args)
             .stdin(Stdio::null())
