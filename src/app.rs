@@ -52,6 +52,8 @@ impl App {
                     max_pending: config.max_pending_writes,
                     default_engine: config.engine,
                     compact_fraction: config.compact_deleted_fraction,
+                    max_unindexed: config.max_unindexed_points,
+                    indexer_hold: config.indexer_hold.clone(),
                 },
             )
             .await?,

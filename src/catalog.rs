@@ -4,10 +4,19 @@
 //! - Writes to an index (upsert, delete) go through its committer (group commit): callers queue
 //!   their write in a bounded queue (full: RESOURCE_EXHAUSTED at once); the committer takes
 //!   everything queued, applies it in arrival order in one store transaction under the index's
-//!   writer lock, flushes once, applies the same ops in the same order to the active generation
-//!   (on the blocking pool), and only then answers each caller with what its write alone did.
-//!   So a write is durable before it touches the generation, and visible to searches when it
-//!   returns.
+//!   writer lock, flushes once, applies the same ops in the same order to the active
+//!   generation's id map and fresh segment ([`Generation::stage`]: deletes and replaced points
+//!   are tombstoned at once, new vectors wait in the segment, which searches scan exactly), marks
+//!   the group's write sequence, and only then answers each caller with what its write alone
+//!   did. So a write is durable before it touches the generation, and visible to searches when
+//!   it returns; linking it into the graph is not on the write's path.
+//! - Each index's indexer (a task owned by `Tasks`, its work on the blocking pool) links the
+//!   active generation's fresh points into the graph in batches, oldest first, in parallel;
+//!   a point leaves the segment only once linked. The segment is bounded
+//!   (`--max-unindexed-points`): while it is full the committer takes no group, so the queue
+//!   fills and further writes get RESOURCE_EXHAUSTED at once. The indexer stops at shutdown;
+//!   what it had not linked is in the change log after the generation's linked sequence
+//!   ([`Generation::linked_seq`], what a snapshot records), and is replayed at start.
 //! - A storage failure is fatal ([`Store::failed`]): the committer stops and the server exits,
 //!   so a write the disk refused is never half-served.
 //! - Search, SearchBatch and the graph side of writes run on the blocking pool, searches under
@@ -17,7 +26,7 @@
 //!   runs; the writes are replayed into the new generation under the lock just before the swap,
 //!   so the swap loses nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -30,6 +39,7 @@ use rayon::prelude::*;
 use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
 use crate::index::engine::EngineKind;
+use crate::index::generation::LINK_BATCH;
 use crate::index::{Generation, Phase, Progress, ProgressView};
 use crate::model::{
     check_vector, normalize, now_millis, ConfigSource, GenerationMeta, Hit, HnswConfig, IndexMeta,
@@ -52,6 +62,54 @@ struct Compacting<'a> {
 /// Default of `--max-pending-writes`: writes (calls) one index may have queued for its
 /// committer before more are refused.
 pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
+
+/// Default of `--max-unindexed-points`: points an index may hold committed but not yet linked
+/// into its graph (its fresh segment, which every search scans) before the committer waits.
+pub const DEFAULT_MAX_UNINDEXED_POINTS: usize = 20_000;
+
+/// Tests only: holds or slows every index's background indexer (linking of fresh points).
+#[derive(Clone, Debug, Default)]
+pub struct IndexerHold {
+    paused: Arc<AtomicBool>,
+    delay: Option<std::time::Duration>,
+}
+
+impl IndexerHold {
+    /// The indexer sleeps `delay` before each batch it links.
+    pub fn delayed(delay: std::time::Duration) -> Self {
+        IndexerHold {
+            delay: Some(delay),
+            ..Default::default()
+        }
+    }
+    /// No batch is linked until [`IndexerHold::resume`].
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+    }
+    async fn wait(&self, stop: &tokio_util::sync::CancellationToken) {
+        if let Some(d) = self.delay {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        while self.paused.load(Ordering::Acquire) && !stop.is_cancelled() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// How an index's committer and indexer signal each other.
+#[derive(Default)]
+struct Signals {
+    /// Points were staged (or the generation changed): the indexer has work.
+    wake: tokio::sync::Notify,
+    /// Points were linked (or the generation changed): the fresh segment may have room.
+    room: tokio::sync::Notify,
+}
 
 /// The committer stops adding queued writes to a group once it holds this many points + ids
 /// (a group is never smaller than one write).
@@ -77,8 +135,9 @@ impl Op {
 
 #[derive(Default)]
 struct Writer {
-    /// Set while a build runs: the writes it must replay.
-    recording: Option<Vec<Op>>,
+    /// Set while a build runs: the groups of writes it must replay, each with the write
+    /// sequence the index was at after it.
+    recording: Option<Vec<(Vec<Op>, u64)>>,
 }
 
 pub struct IndexHandle {
@@ -101,6 +160,9 @@ pub struct IndexHandle {
     /// The committer's queue (bounded by `--max-pending-writes`).
     queue: mpsc::Sender<Pending>,
     max_pending: usize,
+    /// `--max-unindexed-points`: the active generation's fresh segment's bound.
+    max_unindexed: usize,
+    signals: Arc<Signals>,
     /// Tombstone compaction's state (see `compaction.rs`).
     pub compaction: IndexCompaction,
     /// The build of the index's next generation, while one runs (GetIndex shows it).
@@ -148,8 +210,23 @@ pub struct ActivationCounts {
     pub adopted: AtomicU64,
 }
 
+impl Drop for IndexHandle {
+    fn drop(&mut self) {
+        // The indexer waiting for work sees the handle gone and ends.
+        self.signals.wake.notify_one();
+    }
+}
+
+/// What an index's committer and indexer are started with (from the catalog's options).
+#[derive(Clone)]
+struct WriteOptions {
+    max_pending: usize,
+    max_unindexed: usize,
+    hold: Option<IndexerHold>,
+}
+
 impl IndexHandle {
-    /// A handle over `gen` with its committer started.
+    /// A handle over `gen` with its committer and indexer started.
     /// The index's engine is its first generation's (`gen.kind`).
     fn start(
         meta: IndexMeta,
@@ -157,11 +234,12 @@ impl IndexHandle {
         counts: Counts,
         snapshot_mark: u64,
         store: Arc<Store>,
-        max_pending: usize,
+        options: &WriteOptions,
         tasks: &Tasks,
     ) -> Arc<Self> {
-        let max_pending = max_pending.max(1);
+        let max_pending = options.max_pending.max(1);
         let (queue, rx) = mpsc::channel(max_pending);
+        let signals = Arc::new(Signals::default());
         let handle = Arc::new(IndexHandle {
             meta,
             engine: gen.kind,
@@ -179,12 +257,35 @@ impl IndexHandle {
             held: Default::default(),
             queue,
             max_pending,
+            max_unindexed: options.max_unindexed.max(1),
+            signals: signals.clone(),
         });
         // Fed by the handle: the task ends when the handle (and so the queue's sender) is
         // dropped, after answering every write still queued, or at a storage failure. Tracked,
         // so shutdown waits for the last queued writes.
-        tasks.spawn(committer(Arc::downgrade(&handle), store, rx));
+        let stop = tasks.stop_token();
+        tasks.spawn(committer(
+            Arc::downgrade(&handle),
+            store.clone(),
+            rx,
+            signals.clone(),
+            stop.clone(),
+        ));
+        // Ends at shutdown (what it had not linked is replayed at the next start), when the
+        // handle is gone, or at a storage failure.
+        tasks.spawn(indexer(
+            Arc::downgrade(&handle),
+            Arc::downgrade(&store),
+            signals,
+            stop,
+            options.hold.clone(),
+        ));
         handle
+    }
+
+    /// Points of the active generation committed but not yet linked into its graph.
+    pub fn unindexed(&self) -> usize {
+        self.active().unlinked()
     }
 
     pub fn active(&self) -> Arc<Generation> {
@@ -250,6 +351,8 @@ pub struct IndexView {
     pub engine: EngineKind,
     /// The build of the next generation, while one runs.
     pub build: Option<ProgressView>,
+    /// Points committed (searchable) but not yet linked into the active generation's graph.
+    pub unindexed: u64,
 }
 
 pub struct Catalog {
@@ -264,8 +367,8 @@ pub struct Catalog {
     stop: tokio_util::sync::CancellationToken,
     /// The server's tasks: committers, background snapshots and compactions are spawned here.
     tasks: Tasks,
-    /// `--max-pending-writes`: each index's write queue.
-    max_pending: usize,
+    /// Each index's write queue and fresh segment bounds.
+    writes: WriteOptions,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
     search_permits: Arc<Semaphore>,
     /// Starts tombstone compactions after acknowledged writes.
@@ -275,7 +378,7 @@ pub struct Catalog {
 }
 
 /// How a catalog is set up (from the server's flags).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CatalogOptions {
     /// `--max-pending-writes`: each index's write queue.
     pub max_pending: usize,
@@ -285,6 +388,10 @@ pub struct CatalogOptions {
     /// `--compact-deleted-fraction`: the deleted share past which an index is compacted
     /// (0: never).
     pub compact_fraction: f64,
+    /// `--max-unindexed-points`: each index's fresh segment (committed, not yet linked).
+    pub max_unindexed: usize,
+    /// Tests only: holds or slows the indexers.
+    pub indexer_hold: Option<IndexerHold>,
 }
 
 impl Default for CatalogOptions {
@@ -293,6 +400,8 @@ impl Default for CatalogOptions {
             max_pending: DEFAULT_MAX_PENDING_WRITES,
             default_engine: EngineKind::DEFAULT,
             compact_fraction: 0.0,
+            max_unindexed: DEFAULT_MAX_UNINDEXED_POINTS,
+            indexer_hold: None,
         }
     }
 }
@@ -313,7 +422,14 @@ impl Catalog {
             max_pending,
             default_engine,
             compact_fraction,
+            max_unindexed,
+            indexer_hold,
         } = options;
+        let writes = WriteOptions {
+            max_pending,
+            max_unindexed,
+            hold: indexer_hold,
+        };
         let swept = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.sweep_orphans()).await??
@@ -361,13 +477,15 @@ impl Catalog {
                 millis = started.elapsed().as_millis() as u64,
                 "recovered index"
             );
+            // Everything the store holds is linked (a build, or a snapshot with the log replayed).
+            gen.mark(counts.data_version);
             let handle = IndexHandle::start(
                 rec.meta.clone(),
                 gen,
                 counts,
                 mark,
                 store.clone(),
-                max_pending,
+                &writes,
                 &tasks,
             );
             indexes.insert(rec.meta.name, handle);
@@ -382,7 +500,7 @@ impl Catalog {
             compactor: Compactor::new(compact_fraction, stop.clone()),
             stop,
             tasks,
-            max_pending,
+            writes,
             search_permits: Arc::new(Semaphore::new(cores)),
             activations: Default::default(),
         })
@@ -437,6 +555,7 @@ impl Catalog {
             compaction: h.compaction.stats(),
             engine: h.engine,
             build: h.build_progress(),
+            unindexed: gen.unlinked() as u64,
         }
     }
 
@@ -487,7 +606,7 @@ impl Catalog {
             Counts::default(),
             0,
             self.store.clone(),
-            self.max_pending,
+            &self.writes,
             &self.tasks,
         );
         self.indexes
@@ -1013,7 +1132,9 @@ impl Catalog {
                         || cancel.as_ref().is_some_and(|c| c.is_cancelled())
                         || cancelled()
                 };
-                Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)
+                let gen = Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)?;
+                gen.mark(seq);
+                Ok(gen)
             }
             Err((t, upserts, deletes, _)) => {
                 // The trial's graph, caught up to `seq`, under the new generation's meta (its
@@ -1021,6 +1142,7 @@ impl Catalog {
                 p.enter(Phase::Replay, 0);
                 let mut gen = t.gen;
                 snapshots::apply_catch_up(&gen, &upserts, &deletes);
+                gen.mark(seq);
                 gen.meta = GenerationMeta {
                     build_millis: gen.meta.build_millis,
                     trial_id: t.trial_id,
@@ -1059,10 +1181,15 @@ impl Catalog {
             tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
             return Err(e);
         }
-        let replayed = ops.len();
+        let replayed: usize = ops.iter().map(|(g, _)| g.len()).sum();
         progress.enter(Phase::Replay, 0);
+        // Staged like the committer's writes: the indexer links them once the generation is
+        // active (searches scan them until then), so the swap does not wait for their linking.
         let gen = tokio::task::spawn_blocking(move || {
-            apply_to_graph(&gen, &ops);
+            for (group, seq) in &ops {
+                stage_writes(&gen, group);
+                gen.mark(*seq);
+            }
             gen
         })
         .await?;
@@ -1082,6 +1209,9 @@ impl Catalog {
         }
         let meta = gen.meta.clone();
         handle.active.store(Arc::new(gen));
+        // The indexer moves to the new generation; the committer sees its fresh segment.
+        handle.signals.wake.notify_one();
+        handle.signals.room.notify_waiters();
         if rec.snapshot.is_some() {
             handle.snapshot_mark.store(mark, Ordering::Release);
         }
@@ -1286,13 +1416,15 @@ async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()>
         return Ok(());
     };
     let started = std::time::Instant::now();
+    // `seq`: the write sequence the graph's linked part holds (points still in the fresh
+    // segment are left out of the file and stay in the change log).
     let (gen, encoded, seq, mark) = {
         let _w = handle.writer.lock().await;
         handle.check_live()?;
         let gen = handle.active();
-        let (seq, mark) = (handle.data_version(), handle.points_changed());
+        let mark = handle.points_changed() - (gen.unlinked() as u64).min(handle.points_changed());
         let g = gen.clone();
-        let encoded = tokio::task::spawn_blocking(move || g.encode()).await??;
+        let (seq, encoded) = tokio::task::spawn_blocking(move || g.encode()).await??;
         (gen, encoded, seq, mark)
     };
     let uid = handle.meta.uid;
@@ -1345,41 +1477,13 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Applies writes to a generation in order (blocking). Runs of consecutive upserts are merged
-/// into one insert (the last point of an id wins, as in order), so a group of single-point
-/// upserts inserts in parallel.
-fn apply_to_graph(gen: &Generation, ops: &[Op]) {
-    let mut i = 0;
-    while i < ops.len() {
-        match &ops[i] {
-            Op::Delete(ids) => {
-                gen.delete(ids);
-                i += 1;
-            }
-            Op::Upsert(points) => {
-                let run_end = ops[i..]
-                    .iter()
-                    .position(|op| matches!(op, Op::Delete(_)))
-                    .map_or(ops.len(), |n| i + n);
-                if run_end == i + 1 {
-                    gen.upsert(points);
-                } else {
-                    let mut seen = HashSet::new();
-                    let mut merged = Vec::new();
-                    for op in ops[i..run_end].iter().rev() {
-                        if let Op::Upsert(p) = op {
-                            for pt in p.iter().rev() {
-                                if seen.insert(pt.id) {
-                                    merged.push(pt.clone());
-                                }
-                            }
-                        }
-                    }
-                    merged.reverse();
-                    gen.upsert(&merged);
-                }
-                i = run_end;
-            }
+/// Applies writes to a generation in order (blocking): deletes and replaced points are
+/// tombstoned at once, new points go to its fresh segment (the indexer links them).
+fn stage_writes(gen: &Generation, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::Delete(ids) => gen.delete(ids),
+            Op::Upsert(points) => gen.stage(points),
         }
     }
 }
@@ -1396,9 +1500,45 @@ fn for_each_caller(e: &Error) -> Error {
     }
 }
 
-/// An index's committer: takes every write queued (up to [`MAX_GROUP_ITEMS`]), commits them
-/// as one group, answers, repeats. Ends when the handle is gone or the store has failed.
-async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::Receiver<Pending>) {
+/// Waits until the index's active generation has room in its fresh segment (or the server
+/// stops: then the queued writes are committed anyway, and replayed at the next start). False
+/// when the handle is gone or the store has failed.
+async fn wait_for_room(
+    handle: &Weak<IndexHandle>,
+    signals: &Signals,
+    stop: &tokio_util::sync::CancellationToken,
+    failed: &tokio_util::sync::CancellationToken,
+) -> bool {
+    loop {
+        let room = signals.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let full = match handle.upgrade() {
+            Some(h) => h.active().unlinked() >= h.max_unindexed,
+            None => return false,
+        };
+        if !full || stop.is_cancelled() {
+            return true;
+        }
+        tokio::select! {
+            biased;
+            _ = failed.cancelled() => return false,
+            _ = stop.cancelled() => return true,
+            _ = room => {}
+        }
+    }
+}
+
+/// An index's committer: takes every write queued (up to [`MAX_GROUP_ITEMS`]) once its fresh
+/// segment has room, commits them as one group, answers, repeats. Ends when the handle is
+/// gone or the store has failed.
+async fn committer(
+    handle: Weak<IndexHandle>,
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Pending>,
+    signals: Arc<Signals>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     // The store is held only while a group commits: once the catalog is gone (shutdown), an idle
     // committer must not keep the data dir locked after the server has returned.
     let failed = store.failed().clone();
@@ -1412,6 +1552,14 @@ async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::R
                 None => return,
             },
         };
+        // While the fresh segment is full, nothing more is taken: the queue fills up and
+        // further writes are refused at once.
+        if !wait_for_room(&handle, &signals, &stop, &failed).await {
+            let _ = first.reply.send(Err(Error::Unavailable(
+                "the index is gone or the server is stopping; the write was not applied".into(),
+            )));
+            return;
+        }
         let mut items = first.op.items();
         let mut group = vec![first];
         while items < MAX_GROUP_ITEMS {
@@ -1426,6 +1574,58 @@ async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::R
         let Some(h) = handle.upgrade() else { return };
         let Some(store) = store.upgrade() else { return };
         commit_group(&h, &store, group).await;
+        signals.wake.notify_one();
+    }
+}
+
+/// An index's indexer: links the active generation's fresh points into its graph, a batch at
+/// a time on the blocking pool, and tells the committer there is room. Ends at shutdown, when
+/// the handle is gone, or at a storage failure.
+async fn indexer(
+    handle: Weak<IndexHandle>,
+    store: Weak<Store>,
+    signals: Arc<Signals>,
+    stop: tokio_util::sync::CancellationToken,
+    hold: Option<IndexerHold>,
+) {
+    let failed = match store.upgrade() {
+        Some(s) => s.failed().clone(),
+        None => return,
+    };
+    loop {
+        let wake = signals.wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let Some(gen) = handle.upgrade().map(|h| h.active()) else {
+            return;
+        };
+        if stop.is_cancelled() || failed.is_cancelled() {
+            return;
+        }
+        if gen.unlinked() == 0 {
+            drop(gen);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = failed.cancelled() => return,
+                _ = wake => continue,
+            }
+        }
+        if let Some(hold) = &hold {
+            hold.wait(&stop).await;
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+        let linked = tokio::task::spawn_blocking(move || gen.link_pending(LINK_BATCH)).await;
+        signals.room.notify_waiters();
+        if let Err(e) = linked {
+            // The store has the writes and the graph may not: crash rather than diverge.
+            if let Some(store) = store.upgrade() {
+                store.fail_with(format!("linking points into the graph failed: {e}"));
+            }
+            return;
+        }
     }
 }
 
@@ -1457,9 +1657,14 @@ async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) 
     if let Err(e) = store.flush().await {
         return fail_all(replies, &e);
     }
+    // Searchable from here on (the fresh segment); linked into the graph by the indexer.
     let graph = {
-        let (gen, ops) = (h.active(), ops.clone());
-        tokio::task::spawn_blocking(move || apply_to_graph(&gen, &ops)).await
+        let (gen, ops, seq) = (h.active(), ops.clone(), counts.data_version);
+        tokio::task::spawn_blocking(move || {
+            stage_writes(&gen, &ops);
+            gen.mark(seq);
+        })
+        .await
     };
     if let Err(e) = graph {
         // The store has the writes and the graph may not: crash rather than diverge.
@@ -1467,7 +1672,10 @@ async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) 
         return fail_all(replies, &e);
     }
     if let Some(rec) = w.recording.as_mut() {
-        rec.extend(Arc::try_unwrap(ops).unwrap_or_else(|a| (*a).clone()));
+        rec.push((
+            Arc::try_unwrap(ops).unwrap_or_else(|a| (*a).clone()),
+            counts.data_version,
+        ));
     }
     h.set_counts(counts);
     drop(w);
@@ -1487,6 +1695,8 @@ mod tests {
         }
     }
 
+    /// A group's writes are searchable in arrival order as soon as they are staged (from the
+    /// fresh segment) and answer the same once the indexer has linked them.
     #[test]
     fn a_group_reaches_the_graph_in_arrival_order() {
         let meta = GenerationMeta {
@@ -1499,31 +1709,52 @@ mod tests {
             profile: String::new(),
             trial_id: 0,
         };
-        let gen = Generation::empty(EngineKind::DEFAULT, Metric::L2, 2, meta);
-        let ops = vec![
-            Op::Upsert(vec![p(1, 10.0)]),
-            Op::Delete(vec![1]),
-            Op::Upsert(vec![p(1, 20.0), p(2, 30.0)]),
-            Op::Upsert(vec![p(2, 40.0)]),
-            Op::Upsert(vec![p(3, 50.0)]),
-            Op::Delete(vec![3, 9]),
-        ];
-        apply_to_graph(&gen, &ops);
-        assert_eq!(gen.live_count(), 2);
-        let first = |x: f32| {
-            gen.search(&[x, 0.0], 1, 16)
-                .first()
-                .map(|h| (h.id, h.distance))
-        };
-        // 1 holds its last vector (20), 2 its last (40); 3 was deleted after its upsert.
-        assert_eq!(first(20.0).map(|h| h.0), Some(1));
-        assert_eq!(first(40.0).map(|h| h.0), Some(2));
-        assert!(first(20.0).is_some_and(|h| h.1 == 0.0));
-        assert!(first(40.0).is_some_and(|h| h.1 == 0.0));
-        assert!(gen.search(&[50.0, 0.0], 3, 16).iter().all(|h| h.id != 3));
-        assert!(gen
-            .search(&[10.0, 0.0], 3, 16)
-            .iter()
-            .all(|h| h.distance > 0.0));
+        for kind in [EngineKind::DEFAULT, EngineKind::HnswRs] {
+            let gen = Generation::empty(kind, Metric::L2, 2, meta.clone());
+            gen.upsert(&[p(7, 70.0), p(1, 5.0)]);
+            let ops = vec![
+                Op::Upsert(vec![p(1, 10.0)]),
+                Op::Delete(vec![1]),
+                Op::Upsert(vec![p(1, 20.0), p(2, 30.0)]),
+                Op::Upsert(vec![p(2, 40.0)]),
+                Op::Upsert(vec![p(3, 50.0)]),
+                Op::Delete(vec![3, 9]),
+            ];
+            stage_writes(&gen, &ops);
+            gen.mark(6);
+            assert_eq!(gen.unlinked(), 5, "{kind}");
+            assert_eq!(gen.linked_seq(), 0, "{kind}");
+            let check = |linked: bool| {
+                assert_eq!(gen.live_count(), 3, "{kind} linked {linked}");
+                let first = |x: f32| {
+                    gen.search(&[x, 0.0], 1, 16)
+                        .first()
+                        .map(|h| (h.id, h.distance))
+                };
+                // 1 holds its last vector (20), 2 its last (40); 3 was deleted after its upsert.
+                assert_eq!(first(20.0), Some((1, 0.0)), "{kind} linked {linked}");
+                assert_eq!(first(40.0), Some((2, 0.0)), "{kind} linked {linked}");
+                assert_eq!(first(70.0), Some((7, 0.0)), "{kind} linked {linked}");
+                let all = gen.search(&[50.0, 0.0], 10, 16);
+                let mut ids: Vec<u64> = all.iter().map(|h| h.id).collect();
+                ids.sort_unstable();
+                assert_eq!(
+                    ids,
+                    vec![1, 2, 7],
+                    "{kind} linked {linked}: each live id once"
+                );
+                // Nearest first, with the exact distances.
+                assert!(all.windows(2).all(|w| w[0].distance <= w[1].distance));
+                assert_eq!(all[0].distance, 10.0, "{kind} linked {linked}");
+                assert!(gen
+                    .search(&[5.0, 0.0], 3, 16)
+                    .iter()
+                    .all(|h| h.distance > 0.0));
+            };
+            check(false);
+            while gen.link_pending(2) > 0 {}
+            assert_eq!((gen.unlinked(), gen.linked_seq()), (0, 6), "{kind}");
+            check(true);
+        }
     }
 }

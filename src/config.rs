@@ -22,6 +22,9 @@ pub struct Config {
     /// Most writes (UpsertPoints / DeletePoints calls, ImportPoints messages) queued per index
     /// for its group commit; one more is RESOURCE_EXHAUSTED at once.
     pub max_pending_writes: usize,
+    /// Most points per index committed but not yet linked into its graph (the fresh segment
+    /// every search scans); while full, the index's committer takes no more writes.
+    pub max_unindexed_points: usize,
     /// Most vectord calls in flight server-wide; one more is refused at once with
     /// RESOURCE_EXHAUSTED instead of queueing. Health and reflection are not counted.
     pub max_concurrent_requests: usize,
@@ -83,6 +86,9 @@ pub struct Config {
     /// Tests only (no flag sets it): holds autotune jobs on some indexes RUNNING until opened.
     #[doc(hidden)]
     pub job_gate: Option<crate::autotune::jobs::JobGate>,
+    /// Tests only (`VECTORD_TEST_INDEXER_DELAY_MS` in the binary): holds or slows the indexers.
+    #[doc(hidden)]
+    pub indexer_hold: Option<crate::catalog::IndexerHold>,
 }
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -112,6 +118,7 @@ impl Config {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_points_per_upsert: DEFAULT_MAX_POINTS_PER_UPSERT as usize,
             max_pending_writes: crate::catalog::DEFAULT_MAX_PENDING_WRITES,
+            max_unindexed_points: crate::catalog::DEFAULT_MAX_UNINDEXED_POINTS,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS as usize,
             request_timeout: Some(Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS)),
             max_concurrent_jobs: DEFAULT_MAX_CONCURRENT_JOBS as usize,
@@ -140,6 +147,7 @@ impl Config {
             http2_keepalive_timeout: Duration::from_secs(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS),
             tcp_keepalive: Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECS)),
             job_gate: None,
+            indexer_hold: None,
         }
     }
 

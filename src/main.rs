@@ -58,6 +58,11 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_MAX_PENDING_WRITES", default_value_t = vectord::catalog::DEFAULT_MAX_PENDING_WRITES as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_pending_writes: u64,
+    /// Most points per index committed (and searchable) but not yet linked into its graph;
+    /// while that many wait, the index's writes queue (then RESOURCE_EXHAUSTED).
+    #[arg(long, env = "VECTORD_MAX_UNINDEXED_POINTS", default_value_t = vectord::catalog::DEFAULT_MAX_UNINDEXED_POINTS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    max_unindexed_points: u64,
     /// Most calls in flight server-wide; one more gets RESOURCE_EXHAUSTED at once (health is not counted).
     #[arg(long, env = "VECTORD_MAX_CONCURRENT_REQUESTS", default_value_t = config::DEFAULT_MAX_CONCURRENT_REQUESTS,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -247,6 +252,16 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.refresh_probe_interval = Duration::from_secs(args.refresh_probe_secs);
     config.max_points_per_upsert = args.max_points_per_upsert as usize;
     config.max_pending_writes = args.max_pending_writes as usize;
+    config.max_unindexed_points = args.max_unindexed_points as usize;
+    // A test hook (the binary's tests): the indexers sleep this long before each batch.
+    if let Some(ms) = std::env::var("VECTORD_TEST_INDEXER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.indexer_hold = Some(vectord::catalog::IndexerHold::delayed(
+            std::time::Duration::from_millis(ms),
+        ));
+    }
     config.max_concurrent_requests = args.max_concurrent_requests as usize;
     config.request_timeout =
         (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs));

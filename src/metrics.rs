@@ -41,6 +41,7 @@ pub struct Metrics {
     jobs: IntGaugeVec,
     trials: IntGauge,
     tombstones: IntGaugeVec,
+    unindexed: IntGaugeVec,
     deleted_fraction: GaugeVec,
     compactions: IntGaugeVec,
     compaction_running: IntGaugeVec,
@@ -137,6 +138,7 @@ impl Metrics {
             jobs: register(&r, g("vectord_autotune_jobs", "autotune jobs kept, by state", &["state"])?)?,
             trials: register(&r, IntGauge::new("vectord_trials_journaled", "trials in the journal").map_err(err)?)?,
             tombstones: register(&r, g("vectord_index_tombstones", "points in the active generation's graph that no search returns (replaced or deleted)", &["index"])?)?,
+            unindexed: register(&r, g("vectord_index_unindexed_points", "points written and searchable but not yet linked into the active generation's graph (scanned by every search; bounded by --max-unindexed-points)", &["index"])?)?,
             deleted_fraction: register(&r, f("vectord_index_deleted_fraction", "tombstones over every point in the active generation's graph; past --compact-deleted-fraction the index is compacted")?)?,
             compactions: register(&r, g("vectord_index_compactions", "tombstone compactions swapped in since the server started", &["index"])?)?,
             compaction_running: register(&r, g("vectord_index_compaction_running", "1 while a tombstone compaction of the index is scheduled or building", &["index"])?)?,
@@ -174,6 +176,7 @@ impl Metrics {
                 &self.config,
                 &self.jobs,
                 &self.tombstones,
+                &self.unindexed,
                 &self.compactions,
                 &self.compaction_running,
             ] {
@@ -219,6 +222,9 @@ impl Metrics {
                 self.deleted_fraction
                     .with_label_values(&[n])
                     .set(view.deleted_fraction);
+                self.unindexed
+                    .with_label_values(&[n])
+                    .set(view.unindexed as i64);
                 self.compactions
                     .with_label_values(&[n])
                     .set(view.compaction.count as i64);

@@ -157,6 +157,7 @@ impl From<IndexView> for pb::Index {
             refresh_status: None,
             tombstone_count: v.tombstones,
             deleted_fraction: v.deleted_fraction,
+            unindexed_count: v.unindexed,
             compaction: Some(pb::CompactionStatus {
                 compactions: v.compaction.count,
                 last_compaction_time: (v.compaction.last_ms > 0)

@@ -12,8 +12,25 @@
 //! over it a search over-fetches by the share of tombstones, doubling until it has `k` live
 //! hits or has seen the whole graph. Every internal id is inserted into the graph once, so no
 //! id ever has two live points.
+//!
+//! The fresh segment (group commit's "committed, not yet linked" points): [`Generation::stage`]
+//! gives points their internal ids at once (tombstoning what they replace, so the id map is
+//! always the index's current state) but only queues their vectors; the index's background
+//! indexer links them into the graph later with [`Generation::link_pending`], oldest first.
+//! Invariants:
+//! - Internal ids are linked in the order they were assigned: every internal id below the
+//!   segment's `base` is in the graph, and the segment holds the vectors of `base..` (a prefix
+//!   is linked, the rest is fresh). `base` moves, and a vector leaves the segment, only after
+//!   the engine has the point; a search reads `base` and the segment under one read lock, so
+//!   it takes each point from the graph or from the segment, never neither nor both.
+//! - A search merges the graph's hits (ids below `base`) with an exact scan of the segment's
+//!   live points, using the engine's own exact distance, so both sides' distances agree.
+//! - [`Generation::linked_seq`]: the index's write sequence that the linked prefix holds
+//!   completely (the catalog marks each group's sequence after staging it). A snapshot writes
+//!   the linked prefix under that sequence; the writes after it stay in the change log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rand::seq::SliceRandom;
@@ -77,6 +94,44 @@ impl IdMap {
     }
 }
 
+/// Points committed but not yet linked into the graph (module docs).
+#[derive(Default)]
+struct Fresh {
+    /// Every internal id below it is in the graph.
+    base: usize,
+    /// The vectors of internal ids `base..`, in order.
+    vectors: VecDeque<Arc<[f32]>>,
+    /// (internal end, write sequence): once every internal id below `end` is linked, the graph
+    /// holds the index as of write `seq`. Oldest first.
+    marks: VecDeque<(usize, u64)>,
+    /// The write sequence the linked graph holds completely.
+    linked_seq: u64,
+}
+
+impl Fresh {
+    fn at(base: usize) -> Self {
+        Fresh {
+            base,
+            ..Default::default()
+        }
+    }
+
+    /// Moves `linked_seq` past every mark the linked prefix covers.
+    fn advance(&mut self) {
+        while let Some(&(end, seq)) = self.marks.front() {
+            if end > self.base {
+                break;
+            }
+            self.linked_seq = self.linked_seq.max(seq);
+            self.marks.pop_front();
+        }
+    }
+}
+
+/// Points the indexer links per call of [`Generation::link_pending`] by default: enough to
+/// keep every core busy, few enough that room frees up often.
+pub const LINK_BATCH: usize = 512;
+
 pub struct Generation {
     pub meta: GenerationMeta,
     pub metric: Metric,
@@ -85,6 +140,10 @@ pub struct Generation {
     pub kind: EngineKind,
     engine: Box<dyn Engine>,
     ids: RwLock<IdMap>,
+    /// Lock order: `ids`, then `fresh`.
+    fresh: RwLock<Fresh>,
+    /// Held while points are linked (one linker at a time, and none while the graph is encoded).
+    linking: parking_lot::Mutex<()>,
 }
 
 impl Generation {
@@ -98,6 +157,8 @@ impl Generation {
             kind,
             engine,
             ids: RwLock::new(IdMap::default()),
+            fresh: Default::default(),
+            linking: Default::default(),
         }
     }
 
@@ -196,7 +257,9 @@ impl Generation {
             dimension,
             kind,
             engine,
+            fresh: RwLock::new(Fresh::at(ids.external.len())),
             ids: RwLock::new(ids),
+            linking: Default::default(),
         })
     }
 
@@ -208,27 +271,48 @@ impl Generation {
     /// Writes the generation to `dir/name` as a snapshot (`super::snapshot`) of the index `uid`
     /// at write sequence `seq`. No write may reach the generation meanwhile: the caller owns it
     /// (a build, before its generation is published). Runs on the calling (blocking) thread.
+    /// Every point must be linked (nothing staged since the build or load).
     pub fn save(&self, dir: &std::path::Path, name: &str, uid: u64, seq: u64) -> Result<()> {
+        let _linking = self.linking.lock();
         let ids = self.ids.read();
+        let linked = self.fresh.read().base;
+        if linked != ids.external.len() {
+            return Err(Error::Internal(format!(
+                "saving a generation with {} points not yet linked",
+                ids.external.len() - linked
+            )));
+        }
         let header = snapshot::Header {
             uid,
             seq,
             live: ids.by_external.len() as u64,
         };
         let meta = self.encoded_meta()?;
-        snapshot::write(dir, name, &header, |enc| self.write_body(&meta, &ids, enc))
+        snapshot::write(dir, name, &header, |enc| {
+            self.write_body(&meta, &ids, linked, enc)
+        })
     }
 
-    /// The snapshot body and its live-point count, copied into memory: for a generation that is
-    /// already published, the caller excludes writes only while this runs (not while the file
-    /// is written). Pass them to [`Generation::save_encoded`].
-    pub fn encode(&self) -> Result<(u64, Vec<u8>)> {
+    /// The snapshot body of the linked part of the graph, its live-point count, and the write
+    /// sequence it holds ([`Generation::linked_seq`]), copied into memory: for a generation
+    /// that is already published, the caller excludes writes only while this runs (not while
+    /// the file is written). The linker waits meanwhile. Points still in the fresh segment are
+    /// left out: they are in the change log after that sequence, and a start replays them
+    /// (deletes of linked points made since are in the body and in the log; replaying them
+    /// again changes nothing). Pass them to [`Generation::save_encoded`].
+    pub fn encode(&self) -> Result<(u64, (u64, Vec<u8>))> {
+        let _linking = self.linking.lock();
         let ids = self.ids.read();
+        let (linked, seq) = {
+            let f = self.fresh.read();
+            (f.base, f.linked_seq)
+        };
         let meta = self.encoded_meta()?;
         let mut out = Vec::new();
-        self.write_body(&meta, &ids, &mut out)
+        self.write_body(&meta, &ids, linked, &mut out)
             .map_err(|e| Error::Internal(format!("encoding a generation: {e}")))?;
-        Ok((ids.by_external.len() as u64, out))
+        let live = ids.live[..linked].iter().filter(|&&l| l).count() as u64;
+        Ok((seq, (live, out)))
     }
 
     /// Writes a body from [`Generation::encode`] as a snapshot file.
@@ -262,6 +346,7 @@ impl Generation {
         &self,
         meta: &[u8],
         ids: &IdMap,
+        linked: usize,
         enc: &mut dyn std::io::Write,
     ) -> std::io::Result<()> {
         enc.write_all(&[
@@ -275,14 +360,14 @@ impl Generation {
         enc.write_all(&self.dimension.to_le_bytes())?;
         enc.write_all(&(meta.len() as u32).to_le_bytes())?;
         enc.write_all(meta)?;
-        enc.write_all(&(ids.external.len() as u64).to_le_bytes())?;
-        let mut buf = Vec::with_capacity(ids.external.len() * 8);
-        for id in &ids.external {
+        enc.write_all(&(linked as u64).to_le_bytes())?;
+        let mut buf = Vec::with_capacity(linked * 8);
+        for id in &ids.external[..linked] {
             buf.extend_from_slice(&id.to_le_bytes());
         }
         enc.write_all(&buf)?;
         buf.clear();
-        buf.extend(ids.live.iter().map(|&l| l as u8));
+        buf.extend(ids.live[..linked].iter().map(|&l| l as u8));
         enc.write_all(&buf)?;
         if !self.engine.save(enc)? {
             return Err(std::io::Error::other("the engine cannot save its graph"));
@@ -368,30 +453,94 @@ impl Generation {
             dimension,
             kind,
             engine,
+            fresh: RwLock::new(Fresh {
+                base: n,
+                linked_seq: seq,
+                ..Default::default()
+            }),
             ids: RwLock::new(IdMap {
                 external,
                 live,
                 by_external,
             }),
+            linking: Default::default(),
         })
     }
 
-    /// Adds or replaces points (already validated and, for cosine, normalised).
+    /// Adds or replaces points (already validated and, for cosine, normalised) and links them
+    /// (with anything staged before them) before returning.
     pub fn upsert(&self, points: &[Point]) {
-        let range = self.ids.write().assign(points.iter().map(|p| p.id));
-        let items: Vec<(&[f32], usize)> = points
+        self.stage(points);
+        while self.link_pending(usize::MAX) > 0 {}
+    }
+
+    /// Adds or replaces points (already validated and, for cosine, normalised) in the id map at
+    /// once, their vectors in the fresh segment: searches find them from now on, and
+    /// [`Generation::link_pending`] links them into the graph later.
+    pub fn stage(&self, points: &[Point]) {
+        if points.is_empty() {
+            return;
+        }
+        let mut ids = self.ids.write();
+        let range = ids.assign(points.iter().map(|p| p.id));
+        let mut fresh = self.fresh.write();
+        debug_assert_eq!(range.start, fresh.base + fresh.vectors.len());
+        fresh.vectors.extend(
+            points
+                .iter()
+                .map(|p| Arc::<[f32]>::from(p.vector.as_slice())),
+        );
+    }
+
+    /// Records that once everything staged so far is linked, the graph holds the index as of
+    /// write sequence `seq` (see [`Generation::linked_seq`]).
+    pub fn mark(&self, seq: u64) {
+        let ids = self.ids.read();
+        let mut fresh = self.fresh.write();
+        fresh.marks.push_back((ids.external.len(), seq));
+        fresh.advance();
+    }
+
+    /// The write sequence the linked graph holds completely.
+    pub fn linked_seq(&self) -> u64 {
+        self.fresh.read().linked_seq
+    }
+
+    /// Points staged and not yet linked into the graph.
+    pub fn unlinked(&self) -> usize {
+        self.fresh.read().vectors.len()
+    }
+
+    /// Links up to `max` staged points into the graph, oldest first (on every core when there
+    /// are several), and only then takes them out of the fresh segment. Returns how many.
+    /// Blocking: the indexer's work.
+    pub fn link_pending(&self, max: usize) -> usize {
+        let _linking = self.linking.lock();
+        let (base, batch): (usize, Vec<Arc<[f32]>>) = {
+            let f = self.fresh.read();
+            (f.base, f.vectors.iter().take(max).cloned().collect())
+        };
+        if batch.is_empty() {
+            return 0;
+        }
+        let items: Vec<(&[f32], usize)> = batch
             .iter()
-            .zip(range)
-            .map(|(p, internal)| (p.vector.as_slice(), internal))
+            .enumerate()
+            .map(|(i, v)| (&v[..], base + i))
             .collect();
-        // Big batches insert on every core; upserts after a build are never reproducible anyway.
-        let parallel = items.len() >= 64;
+        // Upserts after a build are never reproducible anyway: several points link in parallel.
+        let parallel = items.len() >= 2;
         self.engine.insert_many(&items, parallel);
         // A batch that is a good share of the graph gets the build's check for points left
         // unreachable (a scan of every node's level-0 links, so not after every small batch).
-        if parallel && items.len() * 16 >= self.engine.len() {
+        if items.len() >= 64 && items.len() * 16 >= self.engine.len() {
             self.engine.link_orphans();
         }
+        let mut f = self.fresh.write();
+        f.vectors.drain(..items.len());
+        f.base += items.len();
+        f.advance();
+        items.len()
     }
 
     /// Tombstones the points of `ids`; unknown ids are ignored.
@@ -419,50 +568,85 @@ impl Generation {
         self.engine.memory_bytes()
     }
 
-    /// The `k` nearest live points to `query` (validated, normalised for cosine), nearest first.
+    /// The `k` nearest live points to `query` (validated, normalised for cosine), nearest first:
+    /// the graph's, merged with an exact scan of the fresh segment.
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
         let map = self.ids.read();
+        let fresh = self.fresh.read();
+        let base = fresh.base;
         let (total, live) = (map.external.len(), map.by_external.len());
         if live == 0 {
             return Vec::new();
         }
-        let keep = |internal: usize| map.live.get(internal).copied().unwrap_or(false);
-        let hits = |found: &[(usize, f32)]| -> Vec<Hit> {
-            found
+        let keep =
+            |internal: usize| internal < base && map.live.get(internal).copied().unwrap_or(false);
+        // The fresh segment's live points, exactly (the engine's re-ranking distance).
+        let mut staged: Vec<(usize, f32)> = fresh
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (base + i, v))
+            .filter(|&(internal, _)| map.live.get(internal).copied().unwrap_or(false))
+            .map(|(internal, v)| (internal, distance::internal(self.metric, query, v)))
+            .collect();
+        let graph_live = live - staged.len();
+        let hits = |found: &[(usize, f32)], staged: &mut Vec<(usize, f32)>| -> Vec<Hit> {
+            let mut all: Vec<(usize, f32)> = found
                 .iter()
-                .filter(|&&(internal, _)| keep(internal))
+                .copied()
+                .filter(|&(internal, _)| keep(internal))
                 .take(k)
-                .map(|&(internal, d)| Hit {
+                .collect();
+            if !staged.is_empty() {
+                all.append(staged);
+                all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            }
+            all.into_iter()
+                .take(k)
+                .map(|(internal, d)| Hit {
                     id: map.external[internal],
                     distance: distance::reported(self.metric, d),
                 })
                 .collect()
         };
-        if total == live {
-            return hits(&self.engine.search(query, k, ef));
+        if graph_live == 0 {
+            return hits(&[], &mut staged);
+        }
+        if total == live && fresh.vectors.is_empty() {
+            return hits(&self.engine.search(query, k, ef), &mut staged);
         }
         // Few live points left among tombstones: comparing the query with each of them is
         // exact and cheaper than a graph walk that must pass the tombstones to reach them.
-        if live <= ef.max(k).saturating_mul(SCAN_LIVE_PER_EF) {
-            let ids: Vec<usize> = map.by_external.values().copied().collect();
+        if graph_live <= ef.max(k).saturating_mul(SCAN_LIVE_PER_EF) {
+            let ids: Vec<usize> = map
+                .by_external
+                .values()
+                .copied()
+                .filter(|&i| i < base)
+                .collect();
             if let Some(mut found) = self.engine.distances(query, &ids) {
                 found.sort_unstable_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-                return hits(&found);
+                return hits(&found, &mut staged);
             }
         }
         if let Some(found) = self.engine.search_filtered(query, k, ef, &keep) {
-            return hits(&found);
+            return hits(&found, &mut staged);
         }
-        // An engine that cannot filter: over-fetch by the share of tombstones (a tombstone is
-        // as likely as any point to be near the query), doubling until k live hits are found
+        // An engine that cannot filter: over-fetch by the share of tombstones and fresh points
+        // (as likely as any point to be near the query), doubling until k live hits are found
         // or the whole graph has been seen.
-        let mut fetch = (k * total).div_ceil(live).saturating_add(k).min(total);
+        let in_graph = self.engine.len();
+        let mut fetch = (k * in_graph.max(1))
+            .div_ceil(graph_live)
+            .saturating_add(k)
+            .min(in_graph.max(1));
         loop {
-            let found = hits(&self.engine.search(query, fetch, ef.max(fetch)));
-            if found.len() >= k.min(live) || fetch >= total {
-                return found;
+            let found = self.engine.search(query, fetch, ef.max(fetch));
+            let good = found.iter().filter(|&&(i, _)| keep(i)).count();
+            if good >= k.min(graph_live) || fetch >= in_graph {
+                return hits(&found, &mut staged);
             }
-            fetch = fetch.saturating_mul(2).min(total);
+            fetch = fetch.saturating_mul(2).min(in_graph);
         }
     }
 }

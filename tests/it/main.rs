@@ -28,3 +28,4 @@ mod reliability;
 mod scale_measure;
 mod security;
 mod snapshots;
+mod unindexed;
