@@ -111,6 +111,9 @@ struct Signals {
     room: tokio::sync::Notify,
 }
 
+/// Longest a background snapshot waits for the indexer to link the writes that called for it.
+const RESNAPSHOT_LINK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The committer stops adding queued writes to a group once it holds this many points + ids
 /// (a group is never smaller than one write).
 const MAX_GROUP_ITEMS: usize = 100_000;
@@ -1240,8 +1243,9 @@ impl Catalog {
             return;
         }
         let (store, handle) = (self.store.clone(), handle.clone());
+        let stop = self.stop.clone();
         self.tasks.spawn(async move {
-            if let Err(e) = resnapshot(&store, &handle).await {
+            if let Err(e) = resnapshot(&store, &handle, &stop).await {
                 tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
             }
             handle.snapshotting.store(false, Ordering::Release);
@@ -1411,11 +1415,35 @@ fn shutdown_or(stop: &tokio_util::sync::CancellationToken, e: Error) -> Error {
 /// (writes wait for the copy, searches never do) and written to disk without it. Skipped when
 /// a build runs (it writes its own snapshot) or when the active generation is not yet the
 /// recorded one (a profile activation records its generations together at its end).
-async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()> {
+async fn resnapshot(
+    store: &Arc<Store>,
+    handle: &Arc<IndexHandle>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
     let Ok(_building) = handle.building.try_lock() else {
         return Ok(());
     };
     let started = std::time::Instant::now();
+    // The file holds only what the graph has linked: first let the indexer link the writes
+    // that called for this snapshot (bounded: under a load that keeps the fresh segment full
+    // it takes what is linked by then), so a start replays little.
+    let target = handle.data_version();
+    let gen = handle.active();
+    let deadline = tokio::time::Instant::now() + RESNAPSHOT_LINK_WAIT;
+    loop {
+        let room = handle.signals.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        if gen.linked_seq() >= target || !Arc::ptr_eq(&gen, &handle.active()) {
+            break;
+        }
+        tokio::select! {
+            _ = room => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+    drop(gen);
     // `seq`: the write sequence the graph's linked part holds (points still in the fresh
     // segment are left out of the file and stay in the change log).
     let (gen, encoded, seq, mark) = {

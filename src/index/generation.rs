@@ -998,6 +998,69 @@ mod tests {
     /// distances), tombstones and replaced ids included, on every engine that snapshots; and
     /// takes further writes like it. Truncated, corrupt, foreign-version and mismatched files
     /// are refused.
+    /// A generation with points still in its fresh segment encodes only its linked part, under
+    /// the sequence that part holds; the loaded file has the linked points (with deletes made
+    /// since, which a replay would repeat) and none of the fresh ones.
+    #[test]
+    fn an_encoded_generation_holds_its_linked_part_at_its_linked_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Generation::build(
+            EngineKind::DEFAULT,
+            Metric::L2,
+            3,
+            meta(None),
+            points(100),
+            &|| false,
+        )
+        .unwrap();
+        g.mark(10);
+        let fresh: Vec<Point> = (1000..1050)
+            .map(|id| Point {
+                id,
+                vector: vec![id as f32, 0.0, 0.0],
+            })
+            .collect();
+        g.stage(&fresh[..20]);
+        g.mark(11);
+        g.stage(&fresh[20..]);
+        g.delete(&[0, 1020]);
+        g.mark(12);
+        assert_eq!(
+            (g.unlinked(), g.linked_seq(), g.live_count()),
+            (50, 10, 148)
+        );
+        // Every fresh point is found, exactly, before it is linked.
+        for p in &fresh[..20] {
+            let hit = g.search(&p.vector, 1, 16)[0];
+            assert_eq!((hit.id, hit.distance), (p.id, 0.0));
+        }
+        assert_eq!(g.link_pending(20), 20);
+        assert_eq!((g.unlinked(), g.linked_seq()), (30, 11));
+        let (seq, encoded) = g.encode().unwrap();
+        assert_eq!((seq, encoded.0), (11, 119));
+        Generation::save_encoded(dir.path(), "p.snap", 1, seq, &encoded).unwrap();
+        let loaded = Generation::load(
+            &dir.path().join("p.snap"),
+            1,
+            11,
+            Metric::L2,
+            3,
+            EngineKind::DEFAULT,
+        )
+        .unwrap();
+        assert_eq!((loaded.live_count(), loaded.unlinked()), (119, 0));
+        assert_eq!(loaded.linked_seq(), 11);
+        let far = loaded.search(&[1040.0, 0.0, 0.0], 200, 64);
+        assert!(far.iter().all(|h| h.id < 1020 && h.id != 0));
+        assert!(far.iter().any(|h| h.id == 1019));
+        assert!(
+            g.save(dir.path(), "q.snap", 1, 12).is_err(),
+            "fresh points left"
+        );
+        while g.link_pending(7) > 0 {}
+        assert_eq!((g.unlinked(), g.linked_seq(), g.live_count()), (0, 12, 148));
+    }
+
     #[test]
     fn snapshot_round_trip_answers_the_same() {
         use rand::Rng;
