@@ -816,6 +816,7 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
     let rounds = env_usize("VECTORD_SCALE_ROUNDS", 3).max(1);
     let mixture = Mixture::new(set.dim, 7);
     let base = mixture.samples(11, set.n);
+    let queries = mixture.samples(13, 200);
     let all: Vec<u64> = (0..set.n as u64).collect();
     println!(
         "\n== writers only: {} ({} x {}), {rounds} rounds x {} binaries, {write_secs} s each ==",
@@ -832,20 +833,44 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             let mut c = server.client().await?;
             create(&mut c, INDEX, set).await?;
             import(&mut c, INDEX, &base, &all).await?;
+            // The writers start on a graph with every imported point linked.
+            loop {
+                let i = c
+                    .get_index(pb::GetIndexRequest { name: INDEX.into() })
+                    .await?
+                    .into_inner()
+                    .index
+                    .ok_or("no index")?;
+                if i.unindexed_count == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let (acks, p50, p99, errors, acked) =
                 writers(server.addr, &mixture, 1_000_000_000, write_secs).await?;
-            // The point count once every acknowledged write is in.
-            let index = c
-                .get_index(pb::GetIndexRequest { name: INDEX.into() })
-                .await?
-                .into_inner()
-                .index
-                .ok_or("no index")?;
+            let get = |mut c: Client| async move {
+                c.get_index(pb::GetIndexRequest { name: INDEX.into() })
+                    .await?
+                    .into_inner()
+                    .index
+                    .ok_or_else(|| Box::<dyn Error>::from("no index"))
+            };
+            // Search p50 right after the writers (with the points not yet linked), then once
+            // the graph has every point.
+            let index = get(c.clone()).await?;
+            let (search_during, _) = unary_p50(&mut c, INDEX, &queries).await?;
+            let started = Instant::now();
+            while get(c.clone()).await?.unindexed_count > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let drained = started.elapsed().as_secs_f64();
+            let (search_after, _) = unary_p50(&mut c, INDEX, &queries).await?;
             println!(
-                "  round {round} {}: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points at the end",
+                "  round {round} {}: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points; {} not yet linked at the end (linked {drained:.1} s later); search p50 at ef {P50_EF} {search_during:.0} us then, {search_after:.0} us once linked",
                 bin.display(),
                 acked.len(),
-                index.point_count
+                index.point_count,
+                index.unindexed_count
             );
             runs[b].push((acks, p50, p99));
             drop(c);

@@ -65,7 +65,7 @@ pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
 
 /// Default of `--max-unindexed-points`: points an index may hold committed but not yet linked
 /// into its graph (its fresh segment, which every search scans) before the committer waits.
-pub const DEFAULT_MAX_UNINDEXED_POINTS: usize = 20_000;
+pub const DEFAULT_MAX_UNINDEXED_POINTS: usize = 10_000;
 
 /// Tests only: holds or slows every index's background indexer (linking of fresh points).
 #[derive(Clone, Debug, Default)]

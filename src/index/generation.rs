@@ -130,7 +130,7 @@ impl Fresh {
 
 /// Points the indexer links per call of [`Generation::link_pending`] by default: enough to
 /// keep every core busy, few enough that room frees up often.
-pub const LINK_BATCH: usize = 512;
+pub const LINK_BATCH: usize = 64;
 
 pub struct Generation {
     pub meta: GenerationMeta,
