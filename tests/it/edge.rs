@@ -478,15 +478,7 @@ async fn served_channel(url: &str) -> Option<Channel> {
 /// Connects until a connection is served (a slot freed by an earlier close may take the
 /// server a moment to see), within `DEADLINE`.
 async fn served_eventually(what: &str, url: &str) -> Channel {
-    within(what, async {
-        loop {
-            if let Some(ch) = served_channel(url).await {
-                return ch;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
+    eventually(DEADLINE, what, || served_channel(url)).await
 }
 
 /// A health Watch on `ch` whose first answer has come: a call in flight on that connection
