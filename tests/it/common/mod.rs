@@ -281,6 +281,24 @@ pub fn exact_top_k(metric: pb::Metric, points: &[pb::Point], q: &[f32], k: usize
         .expect("one answer per query")
 }
 
+/// A CreateHarness request for `query_count` queries sampled from the index's points.
+pub fn harness_request(
+    index: &str,
+    name: &str,
+    k: u32,
+    query_count: u32,
+    seed: Option<u64>,
+) -> pb::CreateHarnessRequest {
+    pb::CreateHarnessRequest {
+        index_name: index.into(),
+        name: name.into(),
+        k,
+        queries: Some(pb::create_harness_request::Queries::Sampled(
+            pb::SampledQueries { query_count, seed },
+        )),
+    }
+}
+
 /// How often `eventually` looks again.
 pub const POLL: Duration = Duration::from_millis(20);
 
