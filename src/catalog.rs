@@ -23,8 +23,9 @@
 //!   a semaphore of one permit per core: no O(N) work on the async runtime's workers.
 //! - A search loads the active generation from an atomic pointer and never waits for a build.
 //! - A build snapshots the points under the writer lock and records every write made while it
-//!   runs; the writes are replayed into the new generation under the lock just before the swap,
-//!   so the swap loses nothing.
+//!   runs; the writes are replayed (staged, each group with its write sequence) into the new
+//!   generation under the lock just before the swap, so the swap loses nothing; the indexer
+//!   then links them in the new generation.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
