@@ -25,7 +25,8 @@ pub const OPEN_SERVICES: [&str; 3] = [
 
 /// The methods a read-only key may call (`service/method`); every other vectord method needs
 /// the admin key.
-pub const READ_ONLY_METHODS: [&str; 14] = [
+pub const READ_ONLY_METHODS: [&str; 15] = [
+    "vectord.v1.ClusterService/ListNodes",
     "vectord.v1.IndexService/GetIndex",
     "vectord.v1.IndexService/ListIndexes",
     "vectord.v1.IndexService/Search",

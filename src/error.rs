@@ -32,9 +32,13 @@ pub enum Error {
     /// The caller cancelled, or the job was cancelled.
     #[error("{0}")]
     Cancelled(String),
-    /// The server is starting up or shutting down.
+    /// The server is starting up or shutting down, or an engine of the cluster (etcd, NATS)
+    /// does not answer.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller's deadline ended a wait (a search waiting for a write-log sequence).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// No API key, a malformed one, or a key the server does not know.
     #[error("{0}")]
     Unauthenticated(String),
@@ -86,6 +90,7 @@ impl Error {
             Error::Limit(_) => Code::ResourceExhausted,
             Error::Cancelled(_) => Code::Cancelled,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Store(_) | Error::Corrupt(_) | Error::Internal(_) => Code::Internal,

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod auth;
 pub mod autotune;
 pub mod catalog;
+pub mod cluster;
 pub mod compaction;
 pub mod config;
 pub mod connections;

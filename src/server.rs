@@ -14,7 +14,8 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::{
-    autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits, Ready,
+    autotune::AutotuneApi, cluster::ClusterApi, index::IndexApi, promotion::PromotionApi, Core,
+    EdgeLimits, Ready,
 };
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
@@ -23,11 +24,12 @@ use crate::refresh::Refresher;
 use crate::store::Store;
 
 /// The names health reports on: "" (the whole server) and each vectord service.
-pub const HEALTH_SERVICES: [&str; 4] = [
+pub const HEALTH_SERVICES: [&str; 5] = [
     "",
     "vectord.v1.IndexService",
     "vectord.v1.AutotuneService",
     "vectord.v1.PromotionService",
+    "vectord.v1.ClusterService",
 ];
 
 /// The largest reflection request (a symbol or file name): larger is OUT_OF_RANGE.
@@ -132,6 +134,11 @@ pub async fn run_with(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_out);
 
+    let cluster_api =
+        pb::cluster_service_server::ClusterServiceServer::new(ClusterApi::new(core.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max_out);
+
     let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -154,6 +161,9 @@ pub async fn run_with(
             halt.cancel();
             core.shutdown();
             set_health(&health, ServingStatus::NotServing).await;
+            if let Ok(Some(c)) = core.cluster() {
+                c.leave().await;
+            }
         }
     };
     let metrics = Metrics::new()?;
@@ -215,6 +225,7 @@ pub async fn run_with(
         .add_service(index)
         .add_service(promotion)
         .add_service(autotune)
+        .add_service(cluster_api)
         .serve_with_incoming_shutdown(incoming, stop);
     tokio::pin!(serve);
 
@@ -228,22 +239,48 @@ pub async fn run_with(
     let job_gate = config.job_gate.clone();
     let trials_kept = config.trials_kept;
     let max_pending = config.max_pending_writes;
+    let cluster_config = config.cluster.clone();
     let recovery = {
         let (core, health, store) = (core.clone(), health.clone(), store.clone());
         let halt = halt.clone();
         async move {
-            let catalog = Arc::new(Catalog::recover(store, registry, halt, max_pending).await?);
+            let catalog =
+                Arc::new(Catalog::recover(store, registry, halt.clone(), max_pending).await?);
             catalog.start_compaction(compact_fraction);
             let lab =
                 Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
             let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
             let refresh = Refresher::start(lab.clone(), jobs.clone())?;
             refresh.spawn_prober(probe_interval, jobs.shutdown_token());
+            let cluster = match cluster_config {
+                Some(cfg) => {
+                    // The cluster drops a local index the way DeleteIndex does (its job and
+                    // refresh state first) once the server is ready, directly before.
+                    let drop_index: crate::cluster::DropIndex = {
+                        let (core, catalog) = (core.clone(), catalog.clone());
+                        Arc::new(move |name: crate::model::Name| {
+                            let (core, catalog) = (core.clone(), catalog.clone());
+                            Box::pin(async move {
+                                match core.ready() {
+                                    Ok(r) => r.delete_index(&name).await,
+                                    Err(_) => catalog.delete_index(&name).await,
+                                }
+                            })
+                        })
+                    };
+                    Some(
+                        crate::cluster::Cluster::join(cfg, catalog.clone(), drop_index, halt)
+                            .await?,
+                    )
+                }
+                None => None,
+            };
             core.set_ready(Ready {
                 catalog,
                 lab,
                 jobs,
                 refresh,
+                cluster,
             });
             set_health(&health, ServingStatus::Serving).await;
             tracing::info!(addr = ?local, "vectord is serving");
@@ -362,6 +399,7 @@ mod tests {
         let up = |ids: Vec<u64>| pb::UpsertPointsRequest {
             index_name: "v".into(),
             points: ids.into_iter().map(point).collect(),
+            ..Default::default()
         };
         c.upsert_points(up((0..20).collect())).await.unwrap();
         let mut health = HealthClient::new(

@@ -112,6 +112,7 @@ pub async fn setup(what: &str, harness: &str, queries: u32) -> BoxResult<Option<
                     vector: v.clone(),
                 })
                 .collect(),
+            ..Default::default()
         })
         .collect();
     let imported = index

@@ -23,6 +23,22 @@ impl IndexApi {
 
 type R<T> = Result<Response<T>, Status>;
 
+impl IndexApi {
+    /// Read-your-writes on a cluster node: waits until the index's write log is applied up to
+    /// `min_sequence` (0: no wait; a single node has nothing to wait for).
+    async fn wait_applied(
+        &self,
+        n: &crate::model::Name,
+        min_sequence: u64,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<(), Error> {
+        match self.core.cluster()? {
+            Some(c) if min_sequence > 0 => c.wait_applied(n, min_sequence, deadline).await,
+            _ => Ok(()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl IndexService for IndexApi {
     #[tracing::instrument(skip_all, fields(index = %req.get_ref().name))]
@@ -31,7 +47,10 @@ impl IndexService for IndexApi {
         req: Request<pb::CreateIndexRequest>,
     ) -> R<pb::CreateIndexResponse> {
         let new = NewIndex::try_from(req.into_inner())?;
-        let view = self.core.catalog()?.create_index(new).await?;
+        let view = match self.core.cluster()? {
+            Some(c) => c.create_index(new).await?,
+            None => self.core.catalog()?.create_index(new).await?,
+        };
         Ok(Response::new(pb::CreateIndexResponse {
             index: Some(view.into()),
         }))
@@ -69,7 +88,10 @@ impl IndexService for IndexApi {
         req: Request<pb::DeleteIndexRequest>,
     ) -> R<pb::DeleteIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        self.core.ready()?.delete_index(&n).await?;
+        match self.core.cluster()? {
+            Some(c) => c.delete_index(&n).await?,
+            None => self.core.ready()?.delete_index(&n).await?,
+        }
         Ok(Response::new(pb::DeleteIndexResponse {}))
     }
 
@@ -81,6 +103,17 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         self.core.check_points("the request", req.points.len())?;
+        let request_id = convert::request_id(&req.request_id)?;
+        if let Some(c) = self.core.cluster()? {
+            let w = c
+                .upsert(&n, convert::points(req.points), request_id)
+                .await?;
+            return Ok(Response::new(pb::UpsertPointsResponse {
+                upserted_count: w.affected,
+                point_count: w.point_count,
+                sequence: w.sequence,
+            }));
+        }
         let (upserted_count, point_count) = self
             .core
             .catalog()?
@@ -89,6 +122,7 @@ impl IndexService for IndexApi {
         Ok(Response::new(pb::UpsertPointsResponse {
             upserted_count,
             point_count,
+            sequence: 0,
         }))
     }
 
@@ -102,6 +136,8 @@ impl IndexService for IndexApi {
         let mut upserted_total = 0u64;
         let mut point_count = 0u64;
         let mut messages = 0u64;
+        let mut request_id = String::new();
+        let mut sequence = 0u64;
         loop {
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
@@ -128,6 +164,7 @@ impl IndexService for IndexApi {
             messages += 1;
             if index.is_none() {
                 index = Some(name("index_name (of the first message)", &msg.index_name)?);
+                request_id = convert::request_id(&msg.request_id)?.to_string();
             }
             let Some(n) = index.as_ref() else { continue };
             if msg.points.is_empty() {
@@ -142,15 +179,29 @@ impl IndexService for IndexApi {
                     format!("{e}; {upserted_total} points were upserted before it"),
                 ));
             }
-            match self
-                .core
-                .catalog()?
-                .upsert(n, convert::points(msg.points))
-                .await
-            {
-                Ok((u, c)) => {
+            let written = match self.core.cluster()? {
+                Some(c) => {
+                    let id = if request_id.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{request_id}/{messages}")
+                    };
+                    c.upsert(n, convert::points(msg.points), &id)
+                        .await
+                        .map(|w| (w.affected, w.point_count, w.sequence))
+                }
+                None => self
+                    .core
+                    .catalog()?
+                    .upsert(n, convert::points(msg.points))
+                    .await
+                    .map(|(u, c)| (u, c, 0)),
+            };
+            match written {
+                Ok((u, c, s)) => {
                     upserted_total += u;
                     point_count = c;
+                    sequence = s;
                 }
                 Err(e) => {
                     let code = e.code();
@@ -176,6 +227,7 @@ impl IndexService for IndexApi {
         Ok(Response::new(pb::ImportPointsResponse {
             upserted_count: upserted_total,
             point_count,
+            sequence,
         }))
     }
 
@@ -187,17 +239,29 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         self.core.check_delete_ids(req.ids.len())?;
+        let request_id = convert::request_id(&req.request_id)?;
+        if let Some(c) = self.core.cluster()? {
+            let w = c.delete_points(&n, req.ids, request_id).await?;
+            return Ok(Response::new(pb::DeletePointsResponse {
+                deleted_count: w.affected,
+                point_count: w.point_count,
+                sequence: w.sequence,
+            }));
+        }
         let (deleted_count, point_count) = self.core.catalog()?.delete_points(&n, req.ids).await?;
         Ok(Response::new(pb::DeletePointsResponse {
             deleted_count,
             point_count,
+            sequence: 0,
         }))
     }
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> R<pb::SearchResponse> {
+        let deadline = convert::grpc_timeout(req.metadata());
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
+        self.wait_applied(&n, req.min_sequence, deadline).await?;
         let (hits, generation) = self.core.catalog()?.search(&n, req.vector, &params).await?;
         Ok(Response::new(pb::SearchResponse {
             neighbors: convert::neighbors(hits),
@@ -218,10 +282,12 @@ impl IndexService for IndexApi {
         &self,
         req: Request<pb::SearchBatchRequest>,
     ) -> R<pb::SearchBatchResponse> {
+        let deadline = convert::grpc_timeout(req.metadata());
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
         self.core.check_batch(req.queries.len(), req.k as usize)?;
+        self.wait_applied(&n, req.min_sequence, deadline).await?;
         let queries = req.queries.into_iter().map(|q| q.vector).collect();
         let (results, generation) = self
             .core

@@ -2,6 +2,7 @@
 //! request into domain types, call the core, and convert the answer back.
 
 pub mod autotune;
+pub mod cluster;
 pub mod convert;
 pub mod index;
 pub mod promotion;
@@ -19,6 +20,8 @@ pub struct Ready {
     pub lab: Arc<Lab>,
     pub jobs: Arc<Jobs>,
     pub refresh: Arc<crate::refresh::Refresher>,
+    /// Set on a cluster node (--etcd, --nats): indexes and writes go through the cluster.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Ready {
@@ -159,6 +162,11 @@ impl Core {
 
     pub fn catalog(&self) -> Result<&Arc<Catalog>, Error> {
         Ok(&self.ready()?.catalog)
+    }
+
+    /// The cluster this node is part of; None on a single node.
+    pub fn cluster(&self) -> Result<Option<&Arc<crate::cluster::Cluster>>, Error> {
+        Ok(self.ready()?.cluster.as_ref())
     }
 
     /// Cancels running jobs (shutdown).

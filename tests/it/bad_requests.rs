@@ -32,6 +32,7 @@ fn upsert_req(index: &str, points: Vec<pb::Point>) -> pb::UpsertPointsRequest {
     pb::UpsertPointsRequest {
         index_name: index.into(),
         points,
+        ..Default::default()
     }
 }
 
@@ -41,6 +42,7 @@ fn search_req(index: &str, vector: Vec<f32>, k: u32, ef: Option<u32>) -> pb::Sea
         vector,
         k,
         ef_search: ef,
+        ..Default::default()
     }
 }
 
@@ -393,6 +395,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: "nope".into(),
                     points: vec![pt(1, q3.clone())],
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -404,6 +407,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: String::new(),
                     points: vec![pt(1, q3.clone())],
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -415,6 +419,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: "v".into(),
                     points: vec![pt(2, vec![f32::NAN; 3])],
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -426,6 +431,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: "v".into(),
                     points: (10..111).map(|i| pt(i, q3.clone())).collect(),
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -437,6 +443,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
             ok(c.delete_points(pb::DeletePointsRequest {
                 index_name: "v".into(),
                 ids: vec![],
+                ..Default::default()
             })
             .await),
         ),
@@ -446,6 +453,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
             ok(c.delete_points(pb::DeletePointsRequest {
                 index_name: "nope".into(),
                 ids: vec![1],
+                ..Default::default()
             })
             .await),
         ),
@@ -516,6 +524,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 queries: vec![],
                 k: 1,
                 ef_search: None,
+                ..Default::default()
             })
             .await),
         ),
@@ -532,6 +541,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 ],
                 k: 1,
                 ef_search: None,
+                ..Default::default()
             })
             .await),
         ),

@@ -227,6 +227,7 @@ pub async fn upsert(
     c.upsert_points(pb::UpsertPointsRequest {
         index_name: name.into(),
         points,
+        ..Default::default()
     })
     .await
     .expect("upsert")
@@ -245,6 +246,7 @@ pub async fn search(
         vector,
         k,
         ef_search: ef,
+        ..Default::default()
     })
     .await
     .expect("search")
@@ -333,6 +335,7 @@ pub fn spawn_searcher(
                     vector: q.clone(),
                     k: 3,
                     ef_search: None,
+                    ..Default::default()
                 })
                 .await
                 .expect("a search failed while generations were swapped")
