@@ -60,9 +60,12 @@ pub struct Config {
     /// Largest response message the server encodes, in bytes. A SearchBatch whose answer could
     /// exceed it is refused with RESOURCE_EXHAUSTED before any work is done.
     pub max_response_bytes: usize,
-    /// Connections past their HTTP/2 preface (or TLS first bytes) served at once; one more is
-    /// closed at once.
+    /// Connections past their HTTP/2 preface (or TLS first bytes) served at once; one more
+    /// closes the connection idle longest, or is closed at once when every one has a call in
+    /// flight.
     pub max_connections: usize,
+    /// How long a connection may stay open with no call in flight; None: no limit.
+    pub idle_timeout: Option<Duration>,
     /// How long a new connection may take to send its HTTP/2 preface (plaintext) or its first
     /// bytes (TLS; the TLS handshake itself has its own 10 s limit) before it is closed.
     pub handshake_timeout: Duration,
@@ -96,6 +99,7 @@ pub const DEFAULT_MAX_BATCH_RESULTS: u64 = 1_000_000;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_SECS: u64 = 60;
 pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS: u64 = 20;
@@ -127,6 +131,7 @@ impl Config {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES as usize,
             max_connections: DEFAULT_MAX_CONNECTIONS as usize,
             handshake_timeout: Duration::from_secs(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+            idle_timeout: Some(Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)),
             http2_max_concurrent_streams: DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
             http2_keepalive_interval: Some(Duration::from_secs(
                 DEFAULT_HTTP2_KEEPALIVE_INTERVAL_SECS,

@@ -14,23 +14,41 @@
 //! retry). TCP keepalive (`--tcp-keepalive-secs`) and TCP_NODELAY are set on every accepted
 //! connection; tonic's own `tcp_keepalive` does not apply to an incoming stream like this one.
 //!
+//! An admitted connection is *idle* while no call is in flight on it (calls are counted by
+//! [`ActivityLayer`], from the call's start until its response body, a stream's included, has
+//! ended; HTTP/2 PINGs are not calls). Idle connections do not hold a node forever:
+//! - one idle for `--idle-timeout-secs` is closed (the client's channel reconnects at its next
+//!   call);
+//! - when all `--max-connections` slots are taken, a new connection (past its first bytes)
+//!   closes the connection that has been idle longest and takes its slot; only when every open
+//!   connection has a call in flight is the new one refused.
+//! So a client that completes its handshakes (with or without TLS) and then sends nothing, or
+//! only answers PINGs, cannot keep a client that makes calls out.
+//!
+//! Closing is done by the reader: [`Conn`] ends its read side (end of file) when its watch
+//! future says so, and hyper then drops the connection. A call that arrives on a connection at
+//! the very moment it is closed fails with `UNAVAILABLE`, which gRPC clients may retry.
+//!
 //! The bytes read to decide are replayed to the server by [`Conn`]: hyper has such a type
 //! (`Rewind`) but does not export it, and this one is a few lines.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 /// The HTTP/2 client connection preface (RFC 9113, 3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -46,6 +64,109 @@ pub struct ConnLimits {
     pub tcp_keepalive: Option<Duration>,
     /// TLS on the listener: wait for one byte, not for the HTTP/2 preface.
     pub tls: bool,
+    /// How long an admitted connection may stay idle (no call in flight); None: no limit.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// What an admitted connection's calls and its reader share.
+struct ConnState {
+    /// Calls in flight on the connection.
+    in_flight: AtomicUsize,
+    /// When the last call started or ended (or the connection was admitted).
+    last_busy: Mutex<Instant>,
+    /// Set once the connection was chosen to make room for a new one.
+    evicted: AtomicBool,
+    /// Wakes the connection's watch future to close it.
+    evict: Notify,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_busy: Mutex::new(Instant::now()),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+        }
+    }
+
+    /// How long the connection has been idle: zero while a call is in flight.
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            Duration::ZERO
+        } else {
+            self.last_busy.lock().elapsed()
+        }
+    }
+}
+
+/// The admitted connections of one listener, by peer address (unique while open): what
+/// [`ActivityLayer`] counts calls on, and what a new connection may evict from.
+#[derive(Clone, Default)]
+pub struct Registry(Arc<Mutex<HashMap<SocketAddr, Arc<ConnState>>>>);
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The layer that counts each call on the connection it came on.
+    pub fn layer(&self) -> ActivityLayer {
+        ActivityLayer(self.clone())
+    }
+
+    /// Open connections, for tests and logs.
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tells the connection idle longest to close; false if every connection has a call in
+    /// flight (or is already closing).
+    fn evict_idlest(&self) -> bool {
+        let map = self.0.lock();
+        let idlest = map
+            .iter()
+            .filter(|(_, c)| !c.evicted.load(Ordering::Acquire))
+            .map(|(peer, c)| (c.idle_for(), peer, c))
+            .filter(|(idle, _, _)| !idle.is_zero())
+            .max_by_key(|(idle, _, _)| *idle);
+        match idlest {
+            Some((idle, peer, c)) => {
+                c.evicted.store(true, Ordering::Release);
+                c.evict.notify_one();
+                tracing::info!(%peer, ?idle, "closing the longest idle connection to make room for a new one (--max-connections)");
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Resolves when the connection should close: evicted, or idle for `idle`.
+async fn watch(state: Arc<ConnState>, idle: Option<Duration>, peer: SocketAddr) {
+    let Some(limit) = idle else {
+        state.evict.notified().await;
+        return;
+    };
+    loop {
+        // Never a zero sleep: a busy connection is looked at again one `limit` later.
+        let wait = limit
+            .saturating_sub(state.idle_for())
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            _ = state.evict.notified() => return,
+            _ = tokio::time::sleep(wait) => {
+                if state.idle_for() >= limit {
+                    tracing::debug!(%peer, ?limit, "closing an idle connection (--idle-timeout-secs)");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// An admitted connection: the bytes read while deciding, then the socket. Holds its slot
@@ -55,6 +176,17 @@ pub struct Conn {
     prefix: Vec<u8>,
     pos: usize,
     _slot: OwnedSemaphorePermit,
+    peer: SocketAddr,
+    registry: Registry,
+    /// Resolves when the connection is to be closed (idle or evicted).
+    close: Pin<Box<dyn Future<Output = ()> + Send>>,
+    closed: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.registry.0.lock().remove(&self.peer);
+    }
 }
 
 impl AsyncRead for Conn {
@@ -64,6 +196,13 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.closed && this.close.as_mut().poll(cx).is_ready() {
+            this.closed = true;
+        }
+        if this.closed {
+            // End of file: hyper ends the connection.
+            return Poll::Ready(Ok(()));
+        }
         if this.pos < this.prefix.len() {
             let rest = &this.prefix[this.pos..];
             let n = rest.len().min(buf.remaining());
@@ -113,9 +252,13 @@ type Pending = Arc<Mutex<VecDeque<(u64, AbortHandle)>>>;
 
 /// The admitted connections of `listener`, under `limits`. The accept loop ends when the
 /// stream is dropped (the server stopped).
-pub fn incoming(listener: TcpListener, limits: ConnLimits) -> ReceiverStream<io::Result<Conn>> {
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnLimits,
+    registry: Registry,
+) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, limits, tx));
+    tokio::spawn(accept_loop(listener, limits, registry, tx));
     ReceiverStream::new(rx)
 }
 
@@ -138,6 +281,7 @@ fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
 async fn accept_loop(
     listener: TcpListener,
     limits: ConnLimits,
+    registry: Registry,
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let max = limits.max.max(1);
@@ -178,6 +322,7 @@ async fn accept_loop(
             slots.clone(),
             pending.clone(),
             id,
+            registry.clone(),
             tx.clone(),
         ));
         p.push_back((id, task.abort_handle()));
@@ -194,6 +339,7 @@ async fn admit(
     slots: Arc<Semaphore>,
     pending: Pending,
     id: u64,
+    registry: Registry,
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let need = if limits.tls { 1 } else { PREFACE.len() };
@@ -227,19 +373,139 @@ async fn admit(
         }
     }
     prefix.truncate(got);
-    let slot = match slots.try_acquire_owned() {
+    let slot = match slots.clone().try_acquire_owned() {
         Ok(s) => s,
+        // Full: the idlest connection makes room, and its slot is ours once it has closed.
+        Err(_) if registry.evict_idlest() => {
+            match tokio::time::timeout(limits.handshake_timeout, slots.acquire_owned()).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::warn!(%peer, max = limits.max, "connection refused: no slot freed in time (--max-connections)");
+                    return;
+                }
+            }
+        }
         Err(_) => {
-            tracing::warn!(%peer, max = limits.max, "connection refused: --max-connections connections are open");
+            tracing::warn!(%peer, max = limits.max, "connection refused: --max-connections connections are open, each with a call in flight");
             return;
         }
     };
+    let state = Arc::new(ConnState::new());
+    registry.0.lock().insert(peer, state.clone());
     let _ = tx
         .send(Ok(Conn {
             inner: stream,
             prefix,
             pos: 0,
             _slot: slot,
+            peer,
+            registry,
+            close: Box::pin(watch(state, limits.idle_timeout, peer)),
+            closed: false,
         }))
         .await;
+}
+
+/// A tower layer that counts each call as in flight on its connection, from its start until
+/// its response body has ended (or was dropped), so that [`Registry`] knows which connections
+/// are idle. Calls whose connection it cannot find (none in tests that serve without
+/// [`incoming`]) pass through uncounted.
+#[derive(Clone)]
+pub struct ActivityLayer(Registry);
+
+impl<S> tower::Layer<S> for ActivityLayer {
+    type Service = Activity<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Activity {
+            inner,
+            registry: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Activity<S> {
+    inner: S,
+    registry: Registry,
+}
+
+/// One call in flight on a connection; ends it when dropped.
+struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn start(state: Arc<ConnState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        *state.last_busy.lock() = Instant::now();
+        Self(state)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last_busy.lock() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for Activity<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Tracked<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let ext = req.extensions();
+        let peer = ext
+            .get::<TcpConnectInfo>()
+            .or_else(|| {
+                ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .map(TlsConnectInfo::get_ref)
+            })
+            .and_then(TcpConnectInfo::remote_addr);
+        let busy = peer
+            .and_then(|p| self.registry.0.lock().get(&p).cloned())
+            .map(Busy::start);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| Tracked { inner, _busy: busy }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its call counted as in flight until it is dropped.
+    pub struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _busy: Option<Busy>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

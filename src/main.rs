@@ -172,7 +172,8 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_MAX_RESPONSE_BYTES", default_value_t = config::DEFAULT_MAX_RESPONSE_BYTES,
           value_parser = clap::value_parser!(u64).range(1024..=(u32::MAX as u64)))]
     max_response_bytes: u64,
-    /// Most client connections served at once; one more is closed at once.
+    /// Most client connections served at once; one more closes the connection idle longest
+    /// (no call in flight), or is closed at once when every one has a call in flight.
     #[arg(long, env = "VECTORD_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
@@ -180,6 +181,10 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_HANDSHAKE_TIMEOUT_SECS", default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT_SECS,
           value_parser = clap::value_parser!(u64).range(1..))]
     handshake_timeout_secs: u64,
+    /// Seconds a connection may stay open with no call in flight before it is closed (0: no
+    /// limit); clients reconnect at their next call.
+    #[arg(long, env = "VECTORD_IDLE_TIMEOUT_SECS", default_value_t = config::DEFAULT_IDLE_TIMEOUT_SECS)]
+    idle_timeout_secs: u64,
     /// Calls one HTTP/2 connection may have open at once.
     #[arg(long, env = "VECTORD_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -271,6 +276,8 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.max_response_bytes = args.max_response_bytes as usize;
     config.max_connections = args.max_connections as usize;
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout_secs);
+    config.idle_timeout =
+        (args.idle_timeout_secs > 0).then(|| Duration::from_secs(args.idle_timeout_secs));
     config.http2_max_concurrent_streams = args.http2_max_concurrent_streams;
     config.http2_keepalive_interval = (args.http2_keepalive_interval_secs > 0)
         .then(|| Duration::from_secs(args.http2_keepalive_interval_secs));

@@ -199,6 +199,7 @@ pub async fn run_with(
         .max_concurrent_streams(config.http2_max_concurrent_streams)
         .http2_keepalive_interval(config.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout));
+    let connections = crate::connections::Registry::new();
     let incoming = crate::connections::incoming(
         listener,
         crate::connections::ConnLimits {
@@ -206,10 +207,14 @@ pub async fn run_with(
             handshake_timeout: config.handshake_timeout,
             tcp_keepalive: config.tcp_keepalive,
             tls: config.tls.is_some(),
+            idle_timeout: config.idle_timeout,
         },
+        connections.clone(),
     );
     let serve = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        // Outermost: every call, refused ones included, makes its connection busy.
+        .layer(connections.layer())
         .layer(RpcMetricsLayer(metrics.clone()))
         .layer(AuthLayer(config.api_keys.clone()))
         .layer(tower::util::MapResponseLayer::new(

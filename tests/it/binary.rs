@@ -18,6 +18,7 @@ use vectord::pb;
 use vectord::pb::index_service_client::IndexServiceClient;
 
 use crate::common::child;
+use child::path_str;
 
 use child::{Vectord, DEADLINE};
 
@@ -42,10 +43,6 @@ async fn index_client(addr: SocketAddr) -> IndexServiceClient<Channel> {
 
 fn addr_arg() -> [&'static str; 2] {
     ["--addr", "127.0.0.1:0"]
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp dir path is UTF-8")
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Hardening at the edge (issue 22) against a real server: what a hostile or careless client
 //! can no longer do. Metric labels from made-up methods, SearchBatch and DeletePoints size
-//! bounds, free-text length bounds, and connections that send nothing.
+//! bounds, free-text length bounds, and connections that send nothing or sit idle.
 //!
 //! Every wait is bounded by `DEADLINE` and waits on an event (a call's answer, a socket's EOF),
 //! never on a fixed sleep.
@@ -492,35 +492,45 @@ async fn served_eventually(what: &str, url: &str) -> Channel {
     .await
 }
 
+/// A health Watch on `ch` whose first answer has come: a call in flight on that connection
+/// for as long as the returned stream lives.
+async fn call_in_flight(ch: &Channel) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut w = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("health watch")
+        .into_inner();
+    let first = within("the watch's first answer", w.message())
+        .await
+        .expect("watch")
+        .expect("an answer");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    w
+}
+
 #[tokio::test]
-async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
+async fn a_full_node_closes_its_idlest_connection_and_refuses_only_when_all_are_busy() {
     let (s, _tmp) = server_with(|c| c.max_connections = 2).await;
     let url = s.url();
-    // Two connections held open take both slots (the startup health check's connection may
-    // hold one for a moment after it closes).
+    // Two connections, each with a call in flight, take both slots (the startup health check's
+    // connection may hold one for a moment after it closes: it is idle, so it makes room).
     let first = served_eventually("the first connection", &url).await;
+    let _first_busy = call_in_flight(&first).await;
     let second = served_eventually("the second connection", &url).await;
+    let second_busy = call_in_flight(&second).await;
     let third = within("a third connection", served_channel(&url)).await;
     assert!(
         third.is_none(),
-        "a third connection over a limit of 2 was served"
+        "a third connection was served while both slots had a call in flight"
     );
-    // The two held connections are still served.
+    // The busy connections are still served.
     let mut c = IndexServiceClient::new(first.clone());
     create_index(&mut c, "c", 4, pb::Metric::L2).await;
     let pts = points(&mut Gen::new(3), 0..50, 4);
     upsert(&mut c, "c", pts.clone()).await;
-    let mut c2 = IndexServiceClient::new(second.clone());
-    assert_eq!(
-        search(&mut c2, "c", pts[3].vector.clone(), 1, None)
-            .await
-            .neighbors[0]
-            .id,
-        3
-    );
-    // Closing one frees its slot: a new client gets in.
-    drop((c2, second));
-    let fourth = served_eventually("a connection in the freed slot", &url).await;
+    // The second connection's call ends: it is idle, and a new connection takes its slot.
+    drop(second_busy);
+    let fourth = served_eventually("a connection in place of the idle one", &url).await;
     let mut c4 = IndexServiceClient::new(fourth);
     assert_eq!(
         search(&mut c4, "c", pts[4].vector.clone(), 1, None)
@@ -528,6 +538,117 @@ async fn connections_over_the_limit_are_closed_and_a_freed_slot_is_reused() {
             .neighbors[0]
             .id,
         4
+    );
+    // The first connection, busy all along, kept its slot (a third connection would have had
+    // to reconnect, which the watch stream cannot survive).
+    assert_eq!(
+        search(&mut c, "c", pts[5].vector.clone(), 1, None)
+            .await
+            .neighbors[0]
+            .id,
+        5
+    );
+}
+
+/// A raw HTTP/2 connection past its handshake (preface and an empty SETTINGS sent) that then
+/// sends nothing more: a slow-loris that completed its handshake.
+async fn handshaken(s: &TestServer) -> tokio::net::TcpStream {
+    let mut t = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    t.write_all(vectord::connections::PREFACE).await.unwrap();
+    t.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    t
+}
+
+#[tokio::test]
+async fn connections_idle_after_their_handshake_cannot_keep_others_out() {
+    // No PINGs and no idle timeout: only making room can close them.
+    let (s, _tmp) = server_with(|c| {
+        c.max_connections = 4;
+        c.http2_keepalive_interval = None;
+        c.idle_timeout = None;
+    })
+    .await;
+    let mut c = s.index().await;
+    create_index(&mut c, "c", 4, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(3), 0..50, 4);
+    upsert(&mut c, "c", pts.clone()).await;
+    drop(c);
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(handshaken(&s).await);
+    }
+    // Each new client takes the place of an idle one.
+    served(&s, &pts[7]).await;
+    served(&s, &pts[8]).await;
+    let mut closed = 0;
+    for t in &mut idle {
+        let mut buf = [0u8; 256];
+        // Drain what the server sent; a closed connection reads end of file (or a reset).
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), t.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    assert!(
+        closed >= 4,
+        "only {closed} of 8 idle connections were closed to make room"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    // No PINGs: the only reason left to close a connection is that it is idle.
+    let (s, _tmp) = server_with(|c| {
+        c.idle_timeout = Some(Duration::from_secs(1));
+        c.http2_keepalive_interval = None;
+    })
+    .await;
+    let mut c = s.index().await;
+    create_index(&mut c, "c", 4, pb::Metric::L2).await;
+    let pts = points(&mut Gen::new(3), 0..50, 4);
+    upsert(&mut c, "c", pts[..10].to_vec()).await;
+    // A busy connection: a watch in flight, and an import stream open on the same connection.
+    let busy = s.channel().await;
+    let _watch = call_in_flight(&busy).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut importer = IndexServiceClient::new(busy.clone());
+    let import = tokio::spawn(async move {
+        importer
+            .import_points(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // A connection that completed its handshake and then made no call is closed.
+    let mut idle = handshaken(&s).await;
+    closed_by_server("an idle connection", &mut idle).await;
+    // Longer than the idle timeout later, the busy connection still carries its import.
+    tx.send(pb::ImportPointsRequest {
+        index_name: "c".into(),
+        points: pts[10..].to_vec(),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let r = within("the import", import)
+        .await
+        .unwrap()
+        .expect("the import on the busy connection")
+        .into_inner();
+    assert_eq!(r.upserted_count, 40, "{r:?}");
+    // A client whose connection was closed while idle just reconnects at its next call.
+    assert_eq!(
+        search(&mut c, "c", pts[30].vector.clone(), 1, None)
+            .await
+            .neighbors[0]
+            .id,
+        30
     );
 }
 

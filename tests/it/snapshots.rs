@@ -10,17 +10,13 @@ use crate::common::child;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use child::{Vectord, DEADLINE};
+use child::{path_str, Vectord, DEADLINE};
 use common::{create_index, points, Gen};
 use tonic::transport::Channel;
 use vectord::pb;
 use vectord::pb::index_service_client::IndexServiceClient;
 
 const DIM: usize = 16;
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp dir path is UTF-8")
-}
 
 async fn start(what: &'static str, dir: &Path, envs: &[(&str, &Path)]) -> (Vectord, SocketAddr) {
     let mut s = Vectord::spawn(
