@@ -22,6 +22,7 @@
 //! - when all `--max-connections` slots are taken, a new connection (past its first bytes)
 //!   closes the connection that has been idle longest and takes its slot; only when every open
 //!   connection has a call in flight is the new one refused.
+//!
 //! So a client that completes its handshakes (with or without TLS) and then sends nothing, or
 //! only answers PINGs, cannot keep a client that makes calls out.
 //!
@@ -332,6 +333,7 @@ async fn accept_loop(
 
 /// Reads the first bytes of a pending connection within the handshake timeout, then gives it a
 /// slot or closes it.
+#[allow(clippy::too_many_arguments)]
 async fn admit(
     mut stream: TcpStream,
     peer: std::net::SocketAddr,

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -375,7 +375,7 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
         Command::Client(cmd) => return run_client(cli.client, cmd),
     };
     init_logging(cli.log.as_deref(), args.log_format);

@@ -107,6 +107,9 @@ pub struct WriteAck {
     pub sequence: u64,
 }
 
+/// Per cluster uid, (sequence, affected) of the newest applied writes, oldest first.
+type RecentOutcomes = HashMap<u64, VecDeque<(u64, u64)>>;
+
 struct Applier {
     uid: u64,
     cancel: CancellationToken,
@@ -123,7 +126,7 @@ pub struct Cluster {
     /// Serialises changes of the local replicas (the watch and the DDL calls of this node).
     reconciling: tokio::sync::Mutex<()>,
     /// Recent outcomes per cluster uid: (sequence, affected), oldest first.
-    recent: Arc<Mutex<HashMap<u64, VecDeque<(u64, u64)>>>>,
+    recent: Arc<Mutex<RecentOutcomes>>,
     stop: CancellationToken,
     start_time_ms: u64,
 }
@@ -166,7 +169,7 @@ impl Cluster {
             match res {
                 Ok(c) => return Ok(c),
                 Err(e) => {
-                    if attempt % 5 == 0 {
+                    if attempt.is_multiple_of(5) {
                         tracing::warn!(error = %e, "cluster node waiting for its engines (etcd, NATS): NOT_SERVING until they answer");
                     }
                     attempt += 1;

@@ -301,7 +301,10 @@ async fn three_nodes_share_the_catalog_and_every_write() {
         .expect("retried upsert")
         .into_inner();
     assert_eq!(retry.sequence, up.sequence, "deduplicated by request_id");
-    assert_eq!(retry.upserted_count, 50, "answered with what the first write did");
+    assert_eq!(
+        retry.upserted_count, 50,
+        "answered with what the first write did"
+    );
     assert_eq!(retry.point_count, 50);
 
     // Deletes through node 2, seen by nodes 1 and 3.

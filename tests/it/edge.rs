@@ -632,6 +632,7 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     tx.send(pb::ImportPointsRequest {
         index_name: "c".into(),
         points: pts[10..].to_vec(),
+        ..Default::default()
     })
     .await
     .unwrap();
