@@ -6,6 +6,10 @@ ivecs), builds hnswlib indexes with the same M and ef_construction on 1 and 2 th
 one JSON object: build seconds, recall@k and single-thread QPS per ef_search, all-core batch QPS,
 and the resident-memory growth of the 1-thread build.
 
+benches/scale.rs also uses `--builds 2 --save PATH` (build once on 2 threads and save the index)
+and `--load PATH --space S --dim D` (one fresh process: load_index's seconds and the process's
+resident-memory growth with the loaded index).
+
 Needs numpy and hnswlib (`pip install numpy hnswlib`).
 """
 import argparse
@@ -48,11 +52,27 @@ def recall(labels, truth, k):
     return hits / (len(truth) * k)
 
 
+def load_only(path, space, dim):
+    rss0 = rss_bytes()
+    index = hnswlib.Index(space=space, dim=dim)
+    start = time.perf_counter()
+    index.load_index(path)
+    seconds = time.perf_counter() - start
+    json.dump({"engine": "hnswlib", "version": getattr(hnswlib, "__version__", None),
+               "load_seconds": seconds, "rss_delta_bytes": rss_bytes() - rss0,
+               "points": index.get_current_count()}, sys.stdout)
+    print()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--base", required=True)
-    p.add_argument("--queries", required=True)
-    p.add_argument("--truth", required=True)
+    p.add_argument("--load")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--save")
+    p.add_argument("--builds", default="1,2")
+    p.add_argument("--base")
+    p.add_argument("--queries")
+    p.add_argument("--truth")
     p.add_argument("--space", choices=["l2", "cosine", "ip"], required=True)
     p.add_argument("--m", type=int, default=16)
     p.add_argument("--ef-construction", type=int, default=100)
@@ -61,17 +81,29 @@ def main():
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
+    if a.load:
+        load_only(a.load, a.space, a.dim)
+        return
+    if not (a.base and a.queries and a.truth):
+        p.error("--base, --queries and --truth are needed (or --load)")
 
     base = read_vecs(a.base, np.float32)
     queries = read_vecs(a.queries, np.float32)
     truth = read_vecs(a.truth, np.int32)
     cores = os.cpu_count() or 1
 
+    builds = [int(t) for t in a.builds.split(",")]
+    seconds = {}
     rss0 = rss_bytes()
-    index, build_1t = build(a.space, base, a.m, a.ef_construction, 1, a.seed)
+    index, seconds[str(builds[0])] = build(a.space, base, a.m, a.ef_construction, builds[0],
+                                           a.seed)
     rss_delta = rss_bytes() - rss0
-    index2, build_2t = build(a.space, base, a.m, a.ef_construction, 2, a.seed)
-    del index2
+    for threads in builds[1:]:
+        other, seconds[str(threads)] = build(a.space, base, a.m, a.ef_construction, threads,
+                                             a.seed)
+        del other
+    if a.save:
+        index.save_index(a.save)
 
     rows = []
     for ef in [int(x) for x in a.ef.split(",")]:
@@ -92,7 +124,7 @@ def main():
     json.dump({
         "engine": "hnswlib",
         "version": getattr(hnswlib, "__version__", None),
-        "build_seconds": {"1": build_1t, "2": build_2t},
+        "build_seconds": seconds,
         "rss_delta_bytes": rss_delta,
         "rows": rows,
     }, sys.stdout)

@@ -1,34 +1,67 @@
-//! The ADAPTIVE quality bar, over gRPC against a real in-process server, in one run:
+//! Autotune at scale (issue 23 §4), over gRPC against a real in-process server, in one run on
+//! one index:
 //! - the reference: an exhaustive grid (m 8/16/32 x ef_construction 40/100/200 x every
 //!   ef_search of ADAPTIVE's ladder, 126 configs, builds shared per (m, ef_construction)),
-//!   whose fastest trial with recall >= 0.95 is the "best config";
-//! - ADAPTIVE with target_recall 0.95 and a time budget of 0.3x the exhaustive wall time.
+//!   whose trial with the least distance computations per query at recall >= 0.95 is the best;
+//! - ADAPTIVE on all the points (multi-fidelity off), target 0.95;
+//! - multi-fidelity ADAPTIVE (ranked on a sample, the best `confirm` graphs built on all the
+//!   points), target 0.95, with `activate`: the winner's graph becomes the generation.
 //!
-//! Prints both wall times and their ratio (target <= 0.30), the two best p50s and their ratio
-//! (target <= 1.10), the same for the machine-independent cost (distance computations per
-//! query), and writes `target/bench-adaptive.json`. Run with `cargo bench --bench adaptive`
-//! (`VECTORD_BENCH_N` caps the points; without the data file it says so and succeeds).
+//! For each: wall time, trials (sample / full), graphs built on all the points, the winner's
+//! recall, its distance computations per query and the ratio to the grid's least, and the
+//! winners' p50 re-measured side by side at the end (a RunTrial of each winner's config, one
+//! after the other). Then activation: the time from the multi-fidelity job's last trial to its
+//! Finished event (promotion + adopting the winner's graph), against an ActivateProfile of the
+//! same config that builds it (the held graph was used up), and against the winner's build time.
+//! Writes `target/bench-adaptive.json`.
+//!
+//! Sizes, by environment (a short run: `VECTORD_BENCH_N=3000`):
+//! - `VECTORD_BENCH_GEN=300000`: generated clustered 128-d L2 points instead of the words file
+//!   (`VECTORD_BENCH_DATA`, default ../shared/data/words_minilm_30k.fvecs, cosine; without it the
+//!   bench says so and succeeds), `VECTORD_BENCH_N` caps the words;
+//! - `VECTORD_BENCH_QUERIES` harness queries (default 500);
+//! - `VECTORD_BENCH_SAMPLE` multi-fidelity's sample (default a tenth of the points, at least
+//!   1,000; a comma-separated list runs one job per size), `VECTORD_BENCH_CONFIRM` graphs
+//!   confirmed (default 2);
+//! - `VECTORD_BENCH_SKIP_GRID=1` / `VECTORD_BENCH_SKIP_ADAPTIVE=1` skip those runs (the grid is
+//!   hours at 1M points), `VECTORD_BENCH_REMEASURE=0` skips the side-by-side p50.
 
 mod common;
+#[path = "common/machine.rs"]
+mod machine;
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use common::BoxResult;
 use serde_json::json;
+use tonic::transport::Channel;
 use vectord::pb;
+use vectord::pb::autotune_service_client::AutotuneServiceClient;
+use vectord::pb::index_service_client::IndexServiceClient;
 
-const HARNESS_QUERIES: u32 = 500;
+const HARNESS: &str = "h";
 const TARGET: f64 = 0.95;
 const LADDER: [u32; 14] = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200];
 
+fn env(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn row(t: &pb::Trial) -> String {
     let c = t.config.unwrap_or_default();
+    let fidelity = if t.fidelity == pb::Fidelity::Sample as i32 {
+        "sample"
+    } else {
+        "full"
+    };
     format!(
-        "{:>5} {:>3} {:>4} {:>4} | {:>6.4} | {:>8.1} | {:>7.0} | {:>7}",
+        "{:>5} {:>3} {:>4} {:>4} {:>6} | {:>6.4} | {:>8.1} | {:>7.0} | {:>7}",
         t.id,
         c.m,
         c.ef_construction,
         c.ef_search,
+        fidelity,
         t.recall,
         t.p50_micros,
         t.mean_distance_evals,
@@ -36,136 +69,307 @@ fn row(t: &pb::Trial) -> String {
     )
 }
 
-/// The trial reaching the target with the least `key` (p50, or distance computations).
-fn least_reaching(trials: &[pb::Trial], key: fn(&pb::Trial) -> f64) -> Option<&pb::Trial> {
+fn cfg(t: &pb::Trial) -> String {
+    let c = t.config.unwrap_or_default();
+    format!(
+        "m {} ef_construction {} ef_search {}",
+        c.m, c.ef_construction, c.ef_search
+    )
+}
+
+fn full(t: &pb::Trial) -> bool {
+    t.fidelity != pb::Fidelity::Sample as i32
+}
+
+/// The full trial reaching the target with the least distance computations per query.
+fn cheapest(trials: &[pb::Trial]) -> Option<&pb::Trial> {
     trials
         .iter()
-        .filter(|t| t.recall >= TARGET)
-        .min_by(|a, b| key(a).total_cmp(&key(b)))
+        .filter(|t| full(t) && t.recall >= TARGET)
+        .min_by(|a, b| a.mean_distance_evals.total_cmp(&b.mean_distance_evals))
 }
 
-fn p50(t: &pb::Trial) -> f64 {
-    t.p50_micros
+struct Outcome {
+    name: &'static str,
+    secs: f64,
+    trials: Vec<pb::Trial>,
+    finished: Option<pb::AutotuneFinished>,
+    /// From the last trial to the Finished event: pick, promote and (with activate) activate.
+    tail_secs: f64,
 }
 
-fn evals(t: &pb::Trial) -> f64 {
-    t.mean_distance_evals
+impl Outcome {
+    fn graphs(&self, fidelity_full: bool) -> usize {
+        self.trials
+            .iter()
+            .filter(|t| full(t) == fidelity_full)
+            .filter_map(|t| t.config.map(|c| (c.m, c.ef_construction)))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    fn winner(&self) -> Option<&pb::Trial> {
+        self.finished.as_ref().and_then(|f| f.winner.as_ref())
+    }
 }
 
-fn summary(t: Option<&pb::Trial>) -> serde_json::Value {
-    t.map_or(serde_json::Value::Null, |t| {
-        let c = t.config.unwrap_or_default();
-        json!({"id": t.id, "m": c.m, "ef_construction": c.ef_construction, "ef_search": c.ef_search,
-               "recall": t.recall, "p50_micros": t.p50_micros, "mean_distance_evals": t.mean_distance_evals})
+async fn run(
+    tune: &mut AutotuneServiceClient<Channel>,
+    name: &'static str,
+    req: pb::AutotuneRequest,
+) -> BoxResult<Outcome> {
+    println!("\n{name}");
+    println!("   id   m   ec   es fidel. | recall |   p50 us |   evals | build ms");
+    let started = Instant::now();
+    let mut stream = tune.autotune(req).await?.into_inner();
+    let (mut trials, mut finished, mut last) = (Vec::new(), None, started);
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(pb::autotune_response::Event::Trial(t)) => {
+                println!("{}", row(&t));
+                trials.push(t);
+                last = Instant::now();
+            }
+            Some(pb::autotune_response::Event::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+    }
+    Ok(Outcome {
+        name,
+        secs: started.elapsed().as_secs_f64(),
+        trials,
+        finished,
+        tail_secs: last.elapsed().as_secs_f64(),
     })
+}
+
+fn adaptive_req(sample: Option<u32>, confirm: u32, activate: bool) -> pb::AutotuneRequest {
+    pb::AutotuneRequest {
+        index_name: common::INDEX.into(),
+        harness: HARNESS.into(),
+        min_recall: Some(0.0),
+        objective: pb::Objective::TargetRecall as i32,
+        target_recall: Some(TARGET),
+        strategy: pb::Strategy::Adaptive as i32,
+        seed: Some(42),
+        adaptive_sample_points: sample,
+        adaptive_confirm: confirm,
+        activate,
+        ..Default::default()
+    }
 }
 
 #[tokio::main]
 async fn main() -> BoxResult<()> {
-    let Some(bench) = common::setup("adaptive", "h500", HARNESS_QUERIES).await? else {
-        return Ok(());
+    let queries = env("VECTORD_BENCH_QUERIES").unwrap_or(500) as u32;
+    let bench = match env("VECTORD_BENCH_GEN") {
+        Some(n) => {
+            println!("data: {n} generated clustered points x 128, L2");
+            let vectors = common::clustered(n, 128, 7);
+            common::setup_vectors(vectors, 128, pb::Metric::L2, HARNESS, queries).await?
+        }
+        None => match common::setup("adaptive", HARNESS, queries).await? {
+            Some(b) => b,
+            None => return Ok(()),
+        },
     };
+    let n = bench.points;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "machine: {} ({cores} cores), load average {}",
+        machine::cpu_model(),
+        machine::load_average().unwrap_or_default()
+    );
     let mut tune = bench.tune();
-    let mut grid = Vec::new();
-    for m in [8, 16, 32] {
-        for ef_construction in [40, 100, 200] {
-            for ef_search in LADDER {
-                grid.push(pb::HnswConfig {
-                    m,
-                    ef_construction,
-                    ef_search,
-                    seed: Some(42),
-                });
+    let mut outcomes = Vec::new();
+
+    if env("VECTORD_BENCH_SKIP_GRID") != Some(1) {
+        let mut grid = Vec::new();
+        for m in [8, 16, 32] {
+            for ef_construction in [40, 100, 200] {
+                for ef_search in LADDER {
+                    grid.push(pb::HnswConfig {
+                        m,
+                        ef_construction,
+                        ef_search,
+                        seed: Some(42),
+                    });
+                }
             }
         }
-    }
-    println!("\nexhaustive grid: {} configs", grid.len());
-    println!("   id   m   ec   es | recall |   p50 us |   evals | build ms");
-    let started = Instant::now();
-    let (exhaustive, _) = common::autotune(
-        &mut tune,
-        pb::AutotuneRequest {
+        let req = pb::AutotuneRequest {
             index_name: common::INDEX.into(),
-            harness: "h500".into(),
+            harness: HARNESS.into(),
             min_recall: Some(0.0),
             grid,
             objective: pb::Objective::TargetRecall as i32,
             target_recall: Some(TARGET),
             ..Default::default()
-        },
-        |t| println!("{}", row(t)),
-    )
-    .await?;
-    let exhaustive_secs = started.elapsed().as_secs_f64();
-    let budget = (exhaustive_secs * 0.3).floor().max(1.0) as u32;
+        };
+        outcomes.push(run(&mut tune, "exhaustive grid (shared graphs)", req).await?);
+    }
+    if env("VECTORD_BENCH_SKIP_ADAPTIVE") != Some(1) {
+        let req = adaptive_req(Some(0), 0, false);
+        outcomes.push(run(&mut tune, "ADAPTIVE (all points)", req).await?);
+    }
+    // One multi-fidelity run per sample size asked for (a comma-separated list), the last one
+    // with activate.
+    let samples: Vec<u32> = match std::env::var("VECTORD_BENCH_SAMPLE") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) => vec![(n / 10).max(1000) as u32],
+    };
+    let sample = samples.last().copied().unwrap_or(1000);
+    let confirm = env("VECTORD_BENCH_CONFIRM").unwrap_or(2) as u32;
+    for (i, &s) in samples.iter().enumerate() {
+        let last = i + 1 == samples.len();
+        let req = adaptive_req(Some(s), confirm, last);
+        let name: &'static str = Box::leak(
+            format!(
+                "multi-fidelity ADAPTIVE (sample {s}{})",
+                if last { ", activate" } else { "" }
+            )
+            .into_boxed_str(),
+        );
+        outcomes.push(run(&mut tune, name, req).await?);
+    }
+    let mf = outcomes.last().expect("pushed");
 
-    println!("\nADAPTIVE, target {TARGET}, budget {budget} s");
-    let started = Instant::now();
-    let (adaptive, _) = common::autotune(
-        &mut tune,
-        pb::AutotuneRequest {
-            index_name: common::INDEX.into(),
-            harness: "h500".into(),
-            min_recall: Some(0.0),
-            objective: pb::Objective::TargetRecall as i32,
-            target_recall: Some(TARGET),
-            strategy: pb::Strategy::Adaptive as i32,
-            budget: Some(pb::AdaptiveBudget {
-                max_trials: 0,
-                max_seconds: budget,
+    // Activation with a build, for comparison: the held graph was adopted by the job, so an
+    // ActivateProfile of the promoted config builds it.
+    let mut index = IndexServiceClient::new(bench.channel.clone());
+    index
+        .put_profile(pb::PutProfileRequest {
+            profile: Some(pb::Profile {
+                name: "bench".into(),
+                indexes: vec![pb::ProfileIndex {
+                    index_name: common::INDEX.into(),
+                    default_config: None,
+                }],
             }),
-            seed: Some(42),
-            ..Default::default()
-        },
-        |t| println!("{}", row(t)),
-    )
-    .await?;
-    let adaptive_secs = started.elapsed().as_secs_f64();
+        })
+        .await?;
+    let started = Instant::now();
+    let built = index
+        .activate_profile(pb::ActivateProfileRequest {
+            name: "bench".into(),
+        })
+        .await?
+        .into_inner()
+        .generations;
+    let build_activation_secs = started.elapsed().as_secs_f64();
+    let adopted = mf
+        .finished
+        .as_ref()
+        .and_then(|f| f.generation.as_ref())
+        .is_some_and(|g| g.trial_id != 0);
+    let rebuilt = built.first().is_some_and(|g| g.trial_id == 0);
 
-    let (rb, ab) = (
-        least_reaching(&exhaustive, p50),
-        least_reaching(&adaptive, p50),
-    );
-    let (rc, ac) = (
-        least_reaching(&exhaustive, evals),
-        least_reaching(&adaptive, evals),
-    );
-    let time_ratio = adaptive_secs / exhaustive_secs;
+    // The winners' p50, re-measured one after the other.
+    let mut remeasured = Vec::new();
+    if env("VECTORD_BENCH_REMEASURE") != Some(0) {
+        for o in &outcomes {
+            let Some(w) = o.winner() else {
+                remeasured.push(None);
+                continue;
+            };
+            let t = tune
+                .run_trial(pb::RunTrialRequest {
+                    index_name: common::INDEX.into(),
+                    harness: HARNESS.into(),
+                    config: w.config,
+                })
+                .await?
+                .into_inner()
+                .trial;
+            remeasured.push(t.map(|t| t.p50_micros));
+        }
+    }
+
+    let reference = outcomes
+        .iter()
+        .find(|o| o.name.starts_with("exhaustive"))
+        .and_then(|o| cheapest(&o.trials))
+        .cloned();
+    let grid_secs = outcomes
+        .iter()
+        .find(|o| o.name.starts_with("exhaustive"))
+        .map(|o| o.secs);
+    println!("\n{n} points, target recall {TARGET}, {queries} harness queries");
     println!(
-        "\nexhaustive: {} trials in {exhaustive_secs:.1} s; ADAPTIVE: {} trials in {adaptive_secs:.1} s; ratio {time_ratio:.2} (target <= 0.30)",
-        exhaustive.len(),
-        adaptive.len()
+        "{:<48} {:>8} {:>6} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9}  winner",
+        "run", "wall s", "x grid", "trials", "full", "sample", "recall", "evals/q", "p50 us"
     );
-    let p50_ratio = match (rb, ab) {
-        (Some(r), Some(a)) => {
-            let ratio = a.p50_micros / r.p50_micros;
-            println!("best p50 at recall >= {TARGET}: exhaustive {:.1} us ({}), ADAPTIVE {:.1} us ({}); ratio {ratio:.3} (target <= 1.10)",
-                r.p50_micros, common_cfg(r), a.p50_micros, common_cfg(a));
-            Some(ratio)
+    let mut rows = Vec::new();
+    for (i, o) in outcomes.iter().enumerate() {
+        let w = o.winner();
+        let sample_trials = o.trials.iter().filter(|t| !full(t)).count();
+        let p50 = remeasured.get(i).copied().flatten();
+        println!(
+            "{:<48} {:>8.1} {:>6} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9}  {}",
+            o.name,
+            o.secs,
+            grid_secs.map_or("-".into(), |g| format!("{:.2}", o.secs / g)),
+            o.trials.len(),
+            o.graphs(true),
+            o.graphs(false),
+            w.map_or("-".into(), |w| format!("{:.4}", w.recall)),
+            w.map_or("-".into(), |w| format!("{:.0}", w.mean_distance_evals)),
+            p50.map_or("-".into(), |p| format!("{p:.1}")),
+            w.map_or("-".into(), cfg),
+        );
+        rows.push(json!({
+            "run": o.name, "secs": o.secs, "trials": o.trials.len(), "sample_trials": sample_trials,
+            "full_graphs": o.graphs(true), "sample_graphs": o.graphs(false),
+            "winner": w.map(|w| json!({"config": cfg(w), "recall": w.recall,
+                "mean_distance_evals": w.mean_distance_evals, "build_millis": w.build_millis,
+                "p50_micros_in_job": w.p50_micros})),
+            "p50_micros_remeasured": p50,
+            "evals_ratio_to_grid": match (w, &reference) {
+                (Some(w), Some(r)) => Some(w.mean_distance_evals / r.mean_distance_evals),
+                _ => None,
+            },
+            "wall_ratio_to_grid": grid_secs.map(|g| o.secs / g),
+            "tail_secs": o.tail_secs,
+        }));
+    }
+    if let Some(r) = &reference {
+        println!(
+            "grid's least distance computations at recall >= {TARGET}: {:.0} ({})",
+            r.mean_distance_evals,
+            cfg(r)
+        );
+        for o in &outcomes {
+            if let Some(w) = o.winner() {
+                println!(
+                    "  {}: winner {:.0} evals/q, {:.3}x the grid's least (target <= 1.10)",
+                    o.name,
+                    w.mean_distance_evals,
+                    w.mean_distance_evals / r.mean_distance_evals
+                );
+            }
         }
-        _ => {
-            println!("a run found no config reaching {TARGET}");
-            None
-        }
-    };
-    let cost_ratio = match (rc, ac) {
-        (Some(r), Some(a)) => {
-            let ratio = a.mean_distance_evals / r.mean_distance_evals;
-            println!("least distance computations per query at recall >= {TARGET}: exhaustive {:.0} ({}), ADAPTIVE {:.0} ({}); ratio {ratio:.3}",
-                r.mean_distance_evals, common_cfg(r), a.mean_distance_evals, common_cfg(a));
-            Some(ratio)
-        }
-        _ => None,
-    };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    }
+    let winner_build = mf.winner().map(|w| w.build_millis as f64 / 1000.0);
+    println!(
+        "activation: autotune --activate's last trial to serving {:.2} s (adopted the trial's graph: {adopted}); ActivateProfile building it {build_activation_secs:.2} s (built: {rebuilt})",
+        mf.tail_secs
+    );
+    if let Some(b) = winner_build {
+        println!(
+            "  winner's build {b:.2} s: activation after autotune {:.3}x a build (target <= 0.1); multi-fidelity with activation {:.2}x a build (target at 1M <= 2.5)",
+            mf.tail_secs / b,
+            mf.secs / b
+        );
+    }
     let out = json!({
-        "points": bench.points, "dimension": bench.dimension, "harness_queries": HARNESS_QUERIES,
-        "cores": cores, "target_recall": TARGET,
-        "exhaustive": {"trials": exhaustive.len(), "secs": exhaustive_secs, "best": summary(rb), "cheapest": summary(rc)},
-        "adaptive": {"trials": adaptive.len(), "secs": adaptive_secs, "budget_secs": budget, "best": summary(ab), "cheapest": summary(ac)},
-        "time_ratio": time_ratio, "p50_ratio": p50_ratio, "cost_ratio": cost_ratio,
+        "points": n, "dimension": bench.dimension, "harness_queries": queries, "cores": cores,
+        "cpu": machine::cpu_model(), "load_average": machine::load_average(),
+        "target_recall": TARGET, "samples": samples, "sample": sample, "confirm": confirm,
+        "runs": rows,
+        "grid_cheapest": reference.as_ref().map(|r| json!({"config": cfg(r), "mean_distance_evals": r.mean_distance_evals})),
+        "activation": {"after_autotune_secs": mf.tail_secs, "adopted": adopted,
+                       "activate_profile_build_secs": build_activation_secs, "built": rebuilt,
+                       "winner_build_secs": winner_build},
     });
     std::fs::create_dir_all("target")?;
     std::fs::write(
@@ -174,12 +378,4 @@ async fn main() -> BoxResult<()> {
     )?;
     bench.stop().await?;
     Ok(())
-}
-
-fn common_cfg(t: &pb::Trial) -> String {
-    let c = t.config.unwrap_or_default();
-    format!(
-        "m {} ef_construction {} ef_search {}",
-        c.m, c.ef_construction, c.ef_search
-    )
 }

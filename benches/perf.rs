@@ -873,6 +873,7 @@ impl GrpcServer {
                 ef_search: GRPC_EF,
                 seed: None,
             }),
+            engine: String::new(),
         })
         .await?;
         let started = Instant::now();

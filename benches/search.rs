@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde_json::json;
+use vectord::index::engine::EngineKind;
 use vectord::index::{distance, Generation};
 use vectord::model::{ConfigSource, GenerationMeta, Hit, HnswConfig, Metric, Point};
 
@@ -148,7 +149,14 @@ fn main() -> BoxResult<()> {
     let points_1t = to_points(&base);
     let rss_before = rss_bytes();
     let started = Instant::now();
-    let gen = Generation::build(METRIC, dimension, meta(Some(SEED)), points_1t, &|| false)?;
+    let gen = Generation::build(
+        EngineKind::DEFAULT,
+        METRIC,
+        dimension,
+        meta(Some(SEED)),
+        points_1t,
+        &|| false,
+    )?;
     let build_1t = started.elapsed();
     let rss_after = rss_bytes();
     let rss_delta = match (rss_before, rss_after) {
@@ -158,7 +166,14 @@ fn main() -> BoxResult<()> {
 
     let points_par = to_points(&base);
     let started = Instant::now();
-    let gen_par = Generation::build(METRIC, dimension, meta(None), points_par, &|| false)?;
+    let gen_par = Generation::build(
+        EngineKind::DEFAULT,
+        METRIC,
+        dimension,
+        meta(None),
+        points_par,
+        &|| false,
+    )?;
     let build_par = started.elapsed();
     // The parallel graph is not the one swept below; one recall figure at the default ef shows
     // whether building on all cores costs quality.
@@ -412,6 +427,7 @@ fn meta(seed: Option<u64>) -> GenerationMeta {
         build_millis: 0,
         activate_time_ms: 0,
         profile: String::new(),
+        trial_id: 0,
     }
 }
 

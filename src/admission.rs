@@ -28,14 +28,32 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tonic::Status;
 
-/// Methods that stream: the server's timeout does not apply to them.
-const STREAMING: [&str; 2] = [
-    "/vectord.v1.IndexService/ImportPoints",
-    "/vectord.v1.AutotuneService/Autotune",
+use crate::grpc::names;
+
+/// Methods that stream, as (service, method): the server's timeout does not apply to them.
+/// Checked against the contract's descriptor set in the tests (exactly its streaming RPCs).
+const STREAMING: [(&str, &str); 2] = [
+    (names::INDEX, "ImportPoints"),
+    (names::AUTOTUNE, "Autotune"),
+];
+
+/// Reads that work on the blocking pool: they keep their own task (see [`runs_inline`]).
+const BLOCKING_READS: [(&str, &str); 1] = [(names::INDEX, "SearchBatch")];
+
+/// Services that are not counted (health and reflection): a saturated server still answers
+/// its probes.
+const EXEMPT: [&str; 3] = [
+    names::HEALTH,
+    names::REFLECTION_V1,
+    names::REFLECTION_V1ALPHA,
 ];
 
 fn exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+    EXEMPT.contains(&names::split_path(path).0)
+}
+
+fn streams(path: &str) -> bool {
+    STREAMING.contains(&names::split_path(path))
 }
 
 /// Reads that do their work in the handler itself: they run inline (see `call`). SearchBatch
@@ -43,7 +61,7 @@ fn exempt(path: &str) -> bool {
 /// until that work is done.
 fn runs_inline(path: &str) -> bool {
     crate::auth::access_of(path) == crate::auth::Access::ReadOnly
-        && path != "/vectord.v1.IndexService/SearchBatch"
+        && !BLOCKING_READS.contains(&names::split_path(path))
 }
 
 fn timed_out<B: Default>(path: &str, t: Duration) -> http::Response<B> {
@@ -64,17 +82,21 @@ struct Shared {
     permits: Arc<Semaphore>,
     max: usize,
     timeout: Option<Duration>,
+    /// Owns the handler tasks: shutdown waits for them (within the grace period).
+    tasks: crate::tasks::Tasks,
 }
 
 impl AdmissionLayer {
-    /// `max` calls in flight at most (0 is taken as 1); `timeout` for unary calls.
-    pub fn new(max: usize, timeout: Option<Duration>) -> Self {
+    /// `max` calls in flight at most (0 is taken as 1); `timeout` for unary calls; the
+    /// handlers that run as their own task are owned by `tasks`.
+    pub fn new(max: usize, timeout: Option<Duration>, tasks: crate::tasks::Tasks) -> Self {
         let max = max.max(1);
         AdmissionLayer {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(max)),
                 max,
                 timeout,
+                tasks,
             }),
         }
     }
@@ -129,7 +151,7 @@ where
                 });
             }
         };
-        let timeout = if STREAMING.contains(&path.as_str()) {
+        let timeout = if streams(&path) {
             None
         } else {
             self.shared.timeout
@@ -149,7 +171,7 @@ where
                 }
             });
         }
-        let task = tokio::spawn(async move {
+        let task = self.shared.tasks.spawn(async move {
             let r = handler.await;
             drop(permit);
             r
@@ -173,5 +195,74 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The admission tables name only RPCs of the contract: the streaming ones are exactly the
+    /// contract's streaming RPCs (so a new streaming RPC is not cut by the unary timeout
+    /// unnoticed), the blocking reads are read-only RPCs, and health and reflection are the
+    /// services the server registers.
+    #[test]
+    fn the_tables_match_the_contract() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let mut all = Vec::new();
+        let mut streaming = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                let s = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    let path = format!("/{s}/{}", method.name());
+                    if method.client_streaming() || method.server_streaming() {
+                        streaming.push(path.clone());
+                    }
+                    all.push(path);
+                }
+            }
+        }
+        assert!(all.len() > 25, "{all:?}");
+        let mut ours: Vec<String> = STREAMING.iter().map(|(s, m)| format!("/{s}/{m}")).collect();
+        ours.sort();
+        streaming.sort();
+        assert_eq!(
+            ours, streaming,
+            "STREAMING is the contract's streaming RPCs"
+        );
+        for (s, m) in BLOCKING_READS {
+            let path = format!("/{s}/{m}");
+            assert!(all.contains(&path), "{path} is not an RPC of the contract");
+            assert!(!runs_inline(&path), "{path}");
+            assert_eq!(
+                crate::auth::access_of(&path),
+                crate::auth::Access::ReadOnly,
+                "{path}"
+            );
+        }
+        for path in &all {
+            assert!(!exempt(path), "{path} is a vectord RPC: it is counted");
+            assert_eq!(streams(path), streaming.contains(path), "{path}");
+        }
+        let health = tonic_health::pb::FILE_DESCRIPTOR_SET;
+        let reflection = [
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut probes = Vec::new();
+        for fds in [health, reflection[0], reflection[1]] {
+            let set = prost_types::FileDescriptorSet::decode(fds).unwrap();
+            for file in &set.file {
+                for service in &file.service {
+                    probes.push(format!("{}.{}", file.package(), service.name()));
+                }
+            }
+        }
+        probes.sort();
+        let mut exempt_sorted = EXEMPT.to_vec();
+        exempt_sorted.sort();
+        assert_eq!(probes, exempt_sorted);
     }
 }

@@ -15,32 +15,34 @@ use std::task::{Context, Poll};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
+use crate::grpc::names;
+use crate::grpc::status::ErrorCode;
 
 /// Services anyone may call without a key: probes and tooling.
 pub const OPEN_SERVICES: [&str; 3] = [
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
+    names::HEALTH,
+    names::REFLECTION_V1,
+    names::REFLECTION_V1ALPHA,
 ];
 
-/// The methods a read-only key may call (`service/method`); every other vectord method needs
-/// the admin key.
-pub const READ_ONLY_METHODS: [&str; 15] = [
-    "vectord.v1.ClusterService/ListNodes",
-    "vectord.v1.IndexService/GetIndex",
-    "vectord.v1.IndexService/ListIndexes",
-    "vectord.v1.IndexService/Search",
-    "vectord.v1.IndexService/SearchBatch",
-    "vectord.v1.IndexService/GetPoint",
-    "vectord.v1.IndexService/GetProfile",
-    "vectord.v1.IndexService/ListProfiles",
-    "vectord.v1.AutotuneService/GetHarness",
-    "vectord.v1.AutotuneService/ListHarnesses",
-    "vectord.v1.AutotuneService/GetTrial",
-    "vectord.v1.AutotuneService/ListTrials",
-    "vectord.v1.AutotuneService/ListJobs",
-    "vectord.v1.AutotuneService/GetParetoFront",
-    "vectord.v1.PromotionService/GetPromoted",
+/// The methods a read-only key may call, as (service, method); every other vectord method
+/// needs the admin key. Checked against the contract's descriptor set in the tests.
+pub const READ_ONLY_METHODS: [(&str, &str); 15] = [
+    (names::INDEX, "GetIndex"),
+    (names::INDEX, "ListIndexes"),
+    (names::INDEX, "Search"),
+    (names::INDEX, "SearchBatch"),
+    (names::INDEX, "GetPoint"),
+    (names::INDEX, "GetProfile"),
+    (names::INDEX, "ListProfiles"),
+    (names::AUTOTUNE, "GetHarness"),
+    (names::AUTOTUNE, "ListHarnesses"),
+    (names::AUTOTUNE, "GetTrial"),
+    (names::AUTOTUNE, "ListTrials"),
+    (names::AUTOTUNE, "ListJobs"),
+    (names::AUTOTUNE, "GetParetoFront"),
+    (names::PROMOTION, "GetPromoted"),
+    (names::CLUSTER, "ListNodes"),
 ];
 
 /// What a call needs, from its path `/service/method`.
@@ -52,11 +54,10 @@ pub enum Access {
 }
 
 pub fn access_of(path: &str) -> Access {
-    let name = path.strip_prefix('/').unwrap_or(path);
-    let service = name.split('/').next().unwrap_or("");
+    let (service, method) = names::split_path(path);
     if OPEN_SERVICES.contains(&service) {
         Access::Open
-    } else if READ_ONLY_METHODS.contains(&name) {
+    } else if READ_ONLY_METHODS.contains(&(service, method)) {
         Access::ReadOnly
     } else {
         Access::Admin
@@ -327,9 +328,10 @@ mod tests {
             }
         }
         assert!(all.len() > 25, "{all:?}");
-        for m in READ_ONLY_METHODS {
+        for (service, method) in READ_ONLY_METHODS {
+            let m = format!("{service}/{method}");
             assert!(
-                all.iter().any(|(full, _)| full == m),
+                all.iter().any(|(full, _)| *full == m),
                 "{m} is not an RPC of the contract"
             );
         }

@@ -29,7 +29,8 @@ use rayon::prelude::*;
 
 use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
-use crate::index::Generation;
+use crate::index::engine::EngineKind;
+use crate::index::{Generation, Phase, Progress, ProgressView};
 use crate::model::{
     check_vector, normalize, now_millis, ConfigSource, GenerationMeta, Hit, HnswConfig, IndexMeta,
     Metric, Name, NewIndex, Point, Profile, SearchParams,
@@ -37,6 +38,7 @@ use crate::model::{
 use crate::promotion::Registry;
 use crate::snapshots::{self, Restored};
 use crate::store::{Counts, IndexRecord, OpOutcome, Store, WriteOp as Op};
+use crate::tasks::Tasks;
 
 /// A flag a build polls between chunks of points.
 type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -83,6 +85,9 @@ struct Writer {
 
 pub struct IndexHandle {
     pub meta: IndexMeta,
+    /// The engine its graphs are built with: `meta.engine`, or the server's `--engine` for an
+    /// index created before the engine was stored.
+    pub engine: EngineKind,
     active: ArcSwap<Generation>,
     writer: tokio::sync::Mutex<Writer>,
     /// One build (activation) of an index at a time.
@@ -104,10 +109,54 @@ pub struct IndexHandle {
     pub cluster_uid: Option<u64>,
     /// The last write-log sequence applied (durable and searchable); 0 on a single node.
     applied: tokio::sync::watch::Sender<u64>,
+    /// The build of the index's next generation, while one runs (GetIndex shows it).
+    build_progress: parking_lot::Mutex<Option<Arc<Progress>>>,
+    /// The graph of the promoted winner of the index's last autotune job that did not activate,
+    /// kept for an activation of that promotion (ActivateProfile) to adopt: at most one per
+    /// index, dropped when adopted, replaced by the next job's and dropped with the index.
+    held: parking_lot::Mutex<Option<TrialGraph>>,
+}
+
+/// A graph a trial built over an index's points at a data version, offered to an activation
+/// in place of a build: the activation replays the writes made since `version` into it (from
+/// the store's change log) and swaps it in. Autotune's winner's graph, so that activating the
+/// winner costs a catch-up, not a second build.
+pub struct TrialGraph {
+    /// The index (incarnation) whose points it was built over.
+    pub uid: u64,
+    pub trial_id: u64,
+    /// The index's data version the points were at.
+    pub version: u64,
+    pub gen: Generation,
+}
+
+impl TrialGraph {
+    /// Whether this graph is what a build of `config` over the same points would give: the
+    /// same m, ef_construction and seed (ef_search is a search-time knob).
+    pub fn builds(&self, config: &HnswConfig) -> bool {
+        let c = &self.gen.meta.config;
+        c.m == config.m && c.ef_construction == config.ef_construction && c.seed == config.seed
+    }
+}
+
+/// What an activation swaps in: a graph built for it, or a trial's graph.
+enum Graph {
+    Build(HnswConfig),
+    Adopt(HnswConfig, Box<TrialGraph>),
+}
+
+/// Activation builds and adoptions since start (the `vectord_activation_*` metrics).
+#[derive(Default)]
+pub struct ActivationCounts {
+    /// Graphs built by activations and compactions.
+    pub builds: AtomicU64,
+    /// Trial graphs swapped in without a build.
+    pub adopted: AtomicU64,
 }
 
 impl IndexHandle {
     /// A handle over `gen` with its committer started.
+    /// The index's engine is its first generation's (`gen.kind`).
     #[allow(clippy::too_many_arguments)]
     fn start(
         meta: IndexMeta,
@@ -117,11 +166,13 @@ impl IndexHandle {
         store: Arc<Store>,
         max_pending: usize,
         applied: Option<crate::store::Applied>,
+        tasks: &Tasks,
     ) -> Arc<Self> {
         let max_pending = max_pending.max(1);
         let (queue, rx) = mpsc::channel(max_pending);
         let handle = Arc::new(IndexHandle {
             meta,
+            engine: gen.kind,
             active: ArcSwap::from_pointee(gen),
             writer: Default::default(),
             building: Default::default(),
@@ -132,14 +183,17 @@ impl IndexHandle {
             snapshot_mark: AtomicU64::new(snapshot_mark),
             snapshotting: AtomicBool::new(false),
             compaction: Default::default(),
+            build_progress: Default::default(),
+            held: Default::default(),
             queue,
             max_pending,
             cluster_uid: applied.map(|a| a.cluster_uid),
             applied: tokio::sync::watch::Sender::new(applied.map_or(0, |a| a.sequence)),
         });
-        // Owned by the handle: the task ends when the handle (and so the queue's sender) is
-        // dropped, or at a storage failure.
-        tokio::spawn(committer(Arc::downgrade(&handle), store, rx));
+        // Fed by the handle: the task ends when the handle (and so the queue's sender) is
+        // dropped, after answering every write still queued, or at a storage failure. Tracked,
+        // so shutdown waits for the last queued writes.
+        tasks.spawn(committer(Arc::downgrade(&handle), store, rx));
         handle
     }
 
@@ -158,6 +212,11 @@ impl IndexHandle {
             .await
             .is_ok_and(|r| r.is_ok());
         reached
+    }
+
+    /// Where the build of the index's next generation is, while one runs.
+    pub fn build_progress(&self) -> Option<ProgressView> {
+        self.build_progress.lock().as_ref().map(|p| p.view())
     }
     pub fn point_count(&self) -> u64 {
         self.point_count.load(Ordering::Acquire)
@@ -210,6 +269,10 @@ pub struct IndexView {
     /// Tombstones over every point in the active generation's graph.
     pub deleted_fraction: f64,
     pub compaction: crate::compaction::CompactionStats,
+    /// The engine its graphs are built with.
+    pub engine: EngineKind,
+    /// The build of the next generation, while one runs.
+    pub build: Option<ProgressView>,
 }
 
 pub struct Catalog {
@@ -218,31 +281,62 @@ pub struct Catalog {
     indexes: RwLock<BTreeMap<Name, Arc<IndexHandle>>>,
     /// Serialises creating and deleting indexes and changing profiles.
     ddl: tokio::sync::Mutex<()>,
-    /// Called after every acknowledged write to an index (refresh policies listen here).
-    after_write: std::sync::OnceLock<AfterWrite>,
+    /// `--engine`: the engine of an index whose record names none.
+    default_engine: EngineKind,
     /// Cancelled when the server shuts down: builds stop at their next chunk.
     stop: tokio_util::sync::CancellationToken,
+    /// The server's tasks: committers, background snapshots and compactions are spawned here.
+    tasks: Tasks,
     /// `--max-pending-writes`: each index's write queue.
     max_pending: usize,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
     search_permits: Arc<Semaphore>,
     /// Starts tombstone compactions after acknowledged writes.
     compactor: Compactor,
+    /// Activation builds and trial-graph adoptions since start.
+    activations: ActivationCounts,
 }
 
-/// A listener for writes: gets the index's name after each acknowledged upsert or delete.
-pub type AfterWrite = Box<dyn Fn(&Name) + Send + Sync>;
+/// How a catalog is set up (from the server's flags).
+#[derive(Clone, Copy, Debug)]
+pub struct CatalogOptions {
+    /// `--max-pending-writes`: each index's write queue.
+    pub max_pending: usize,
+    /// `--engine`: the engine of new indexes that name none, and of indexes whose record
+    /// names none (created before the engine was stored).
+    pub default_engine: EngineKind,
+    /// `--compact-deleted-fraction`: the deleted share past which an index is compacted
+    /// (0: never).
+    pub compact_fraction: f64,
+}
+
+impl Default for CatalogOptions {
+    fn default() -> Self {
+        CatalogOptions {
+            max_pending: DEFAULT_MAX_PENDING_WRITES,
+            default_engine: EngineKind::DEFAULT,
+            compact_fraction: 0.0,
+        }
+    }
+}
 
 impl Catalog {
     /// Opens the catalog over a store: rebuilds every index's active generation with its
     /// recorded config (off the async runtime). Every build of the catalog (these and
-    /// activations) stops at its next chunk once `stop` is cancelled (server shutdown).
+    /// activations) stops at its next chunk once `tasks`' stop token is cancelled (server
+    /// shutdown); every task the catalog starts is owned by `tasks`.
     pub async fn recover(
         store: Arc<Store>,
         registry: Arc<Registry>,
-        stop: tokio_util::sync::CancellationToken,
-        max_pending: usize,
+        tasks: Tasks,
+        options: CatalogOptions,
     ) -> Result<Self> {
+        let stop = tasks.stop_token();
+        let CatalogOptions {
+            max_pending,
+            default_engine,
+            compact_fraction,
+        } = options;
         let swept = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.sweep_orphans()).await??
@@ -264,9 +358,10 @@ impl Catalog {
             let started = std::time::Instant::now();
             let st = store.clone();
             let halt = stop.clone();
+            let engine = rec.meta.engine.unwrap_or(default_engine);
             let (gen, counts, restored, rec) = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (gen, counts, restored) =
-                    snapshots::restore(&st, &mut rec, &|| halt.is_cancelled())
+                    snapshots::restore(&st, &mut rec, engine, &|| halt.is_cancelled())
                         .map_err(|e| shutdown_or(&halt, e))?;
                 Ok((gen, counts, restored, rec))
             })
@@ -298,6 +393,7 @@ impl Catalog {
                 store.clone(),
                 max_pending,
                 applied,
+                &tasks,
             );
             indexes.insert(rec.meta.name, handle);
         }
@@ -307,12 +403,19 @@ impl Catalog {
             registry,
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
-            after_write: Default::default(),
+            default_engine,
+            compactor: Compactor::new(compact_fraction, stop.clone()),
             stop,
+            tasks,
             max_pending,
             search_permits: Arc::new(Semaphore::new(cores)),
-            compactor: Default::default(),
+            activations: Default::default(),
         })
+    }
+
+    /// The engine of indexes created without one (`--engine`).
+    pub fn default_engine(&self) -> EngineKind {
+        self.default_engine
     }
 
     /// Whether the server is shutting down (builds stop).
@@ -325,31 +428,14 @@ impl Catalog {
         self.stop.clone()
     }
 
-    /// Sets the write listener (once; later calls are ignored).
-    pub fn set_after_write(&self, f: AfterWrite) {
-        let _ = self.after_write.set(f);
-    }
-
-    fn wrote(&self, name: &Name) {
-        if let Some(f) = self.after_write.get() {
-            f(name);
-        }
-    }
-
-    /// Turns tombstone compaction on with `threshold` (the deleted share past which an index is
-    /// rebuilt; 0: off). Off until called.
-    pub fn start_compaction(self: &Arc<Self>, threshold: f64) {
-        self.compactor.start(self, threshold);
-    }
-
     /// Starts a compaction of the index if its deleted share passed the threshold.
-    pub(crate) fn maybe_compact(&self, name: &Name, handle: &Arc<IndexHandle>) {
-        self.compactor.maybe_start(name, handle);
+    pub(crate) fn maybe_compact(self: &Arc<Self>, name: &Name, handle: &Arc<IndexHandle>) {
+        self.compactor.maybe_start(self, name, handle);
     }
 
-    /// Stops running compactions at their next check and starts no more (shutdown).
-    pub fn stop_compaction(&self) {
-        self.compactor.shutdown();
+    /// The server's tasks (every task the catalog, the jobs and the refresher start).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -379,6 +465,8 @@ impl Catalog {
             tombstones: tombstones as u64,
             deleted_fraction: deleted_fraction(tombstones, live),
             compaction: h.compaction.stats(),
+            engine: h.engine,
+            build: h.build_progress(),
         }
     }
 
@@ -418,7 +506,9 @@ impl Catalog {
             metric: new.metric,
             default_config: new.default_config,
             create_time_ms: link.map_or_else(now_millis, |(_, ms)| ms),
+            engine: Some(new.engine.unwrap_or(self.default_engine)),
         };
+        let engine = meta.engine.unwrap_or(self.default_engine);
         let generation = GenerationMeta {
             number: 1,
             config: new.default_config,
@@ -427,6 +517,7 @@ impl Catalog {
             build_millis: 0,
             activate_time_ms: meta.create_time_ms,
             profile: String::new(),
+            trial_id: 0,
         };
         let rec = IndexRecord {
             meta: meta.clone(),
@@ -447,7 +538,7 @@ impl Catalog {
             None => None,
         };
         self.store.flush().await?;
-        let gen = Generation::empty(meta.metric, meta.dimension, generation);
+        let gen = Generation::empty(engine, meta.metric, meta.dimension, generation);
         let handle = IndexHandle::start(
             meta,
             gen,
@@ -456,6 +547,7 @@ impl Catalog {
             self.store.clone(),
             self.max_pending,
             applied,
+            &self.tasks,
         );
         self.indexes
             .write()
@@ -518,14 +610,13 @@ impl Catalog {
 
     /// Adds or replaces points, all or nothing. Vectors are checked (and normalised for cosine)
     /// before anything changes; within a request the last point of an id wins.
-    pub async fn upsert(&self, name: &Name, points: Vec<Point>) -> Result<(u64, u64)> {
+    pub async fn upsert(self: &Arc<Self>, name: &Name, points: Vec<Point>) -> Result<(u64, u64)> {
         let (handle, unique) = self.prepare_upsert(name, points)?;
         let upserted = unique.len() as u64;
         let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
         debug_assert_eq!(outcome.affected, upserted);
-        self.wrote(name);
         self.resnapshot_if_due(&handle);
-        self.compactor.maybe_start(name, &handle);
+        self.maybe_compact(name, &handle);
         Ok((upserted, outcome.point_count))
     }
 
@@ -584,25 +675,23 @@ impl Catalog {
         Ok(answer)
     }
 
-    /// What follows an acknowledged write to an index (refresh listeners, a background
-    /// snapshot, compaction), for writes applied from the cluster's log.
-    pub fn after_logged_write(&self, handle: &Arc<IndexHandle>) {
-        self.wrote(&handle.meta.name);
+    /// What follows an acknowledged write to an index (a background snapshot, compaction),
+    /// for writes applied from the cluster's log.
+    pub fn after_logged_write(self: &Arc<Self>, handle: &Arc<IndexHandle>) {
         self.resnapshot_if_due(handle);
-        self.compactor.maybe_start(&handle.meta.name, handle);
+        self.maybe_compact(&handle.meta.name, handle);
     }
 
     /// Removes points; unknown ids are ignored. Returns (deleted, point count).
-    pub async fn delete_points(&self, name: &Name, ids: Vec<u64>) -> Result<(u64, u64)> {
+    pub async fn delete_points(self: &Arc<Self>, name: &Name, ids: Vec<u64>) -> Result<(u64, u64)> {
         if ids.is_empty() {
             return Err(Error::invalid("ids is empty: send at least one id"));
         }
         let handle = self.handle(name)?;
         let outcome = Self::submit(&handle, Op::Delete(ids)).await?;
         if outcome.affected > 0 {
-            self.wrote(name);
             self.resnapshot_if_due(&handle);
-            self.compactor.maybe_start(name, &handle);
+            self.maybe_compact(name, &handle);
         }
         Ok((outcome.affected, outcome.point_count))
     }
@@ -771,9 +860,17 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(name, None, config, source, profile, true, None)
-            .await
-            .map(|(meta, _, _)| meta)
+        self.build_and_swap(
+            name,
+            None,
+            Graph::Build(config),
+            source,
+            profile,
+            true,
+            None,
+        )
+        .await
+        .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild`](Self::rebuild) of the index with `uid` only: NOT_FOUND when the index of
@@ -789,9 +886,77 @@ impl Catalog {
         profile: &str,
     ) -> Result<GenerationMeta> {
         let owner = Some((uid, cancel.clone()));
-        self.build_and_swap(name, owner, config, source, profile, true, None)
+        self.build_and_swap(
+            name,
+            owner,
+            Graph::Build(config),
+            source,
+            profile,
+            true,
+            None,
+        )
+        .await
+        .map(|(meta, _, _)| meta)
+    }
+
+    /// [`rebuild_for`](Self::rebuild_for) with `trial`'s graph as the new generation instead
+    /// of a build when it can be: it is of the index with `uid`, builds `config`, and the
+    /// change log still holds every write since its data version (else, logged, a build).
+    pub async fn adopt_for(
+        &self,
+        name: &Name,
+        uid: u64,
+        cancel: &tokio_util::sync::CancellationToken,
+        config: HnswConfig,
+        trial: TrialGraph,
+        source: ConfigSource,
+    ) -> Result<GenerationMeta> {
+        let owner = Some((uid, cancel.clone()));
+        let graph = Graph::Adopt(config, Box::new(trial));
+        self.build_and_swap(name, owner, graph, source, "", true, None)
             .await
             .map(|(meta, _, _)| meta)
+    }
+
+    /// Keeps `trial`'s graph for a later activation of its promotion (see
+    /// [`IndexHandle::held`]), replacing the one held before. Ignored when the index is gone
+    /// or is another one.
+    pub fn hold(&self, name: &Name, trial: TrialGraph) {
+        if let Ok(h) = self.handle(name) {
+            if h.meta.uid == trial.uid {
+                *h.held.lock() = Some(trial);
+            }
+        }
+    }
+
+    /// Drops the graph held for the index (a job starts on it: the graph it holds is stale).
+    pub fn drop_held(&self, name: &Name) {
+        if let Ok(h) = self.handle(name) {
+            h.held.lock().take();
+        }
+    }
+
+    /// Takes the graph held for the index when it is trial `id`'s.
+    fn take_held(&self, name: &Name, id: u64) -> Option<TrialGraph> {
+        let h = self.handle(name).ok()?;
+        let mut held = h.held.lock();
+        if held.as_ref().is_some_and(|t| t.trial_id == id) {
+            held.take()
+        } else {
+            None
+        }
+    }
+
+    /// The trial whose graph is held for the index, if one is.
+    pub fn held_trial(&self, name: &Name) -> Option<u64> {
+        let h = self.handle(name).ok()?;
+        let held = h.held.lock();
+        held.as_ref().map(|t| t.trial_id)
+    }
+
+    /// Activation builds and trial-graph adoptions since start.
+    pub fn activations(&self) -> &ActivationCounts {
+        &self.activations
     }
 
     /// Rebuilds the index's active generation with its own config, source and profile, to drop
@@ -824,7 +989,7 @@ impl Catalog {
             .build_and_swap(
                 name,
                 None,
-                m.config,
+                Graph::Build(m.config),
                 m.source,
                 &m.profile,
                 true,
@@ -844,12 +1009,15 @@ impl Catalog {
         &self,
         name: &Name,
         owner: Option<(u64, tokio_util::sync::CancellationToken)>,
-        config: HnswConfig,
+        graph: Graph,
         source: ConfigSource,
         profile: &str,
         persist: bool,
         compacting: Option<Compacting<'_>>,
     ) -> Result<(GenerationMeta, IndexRecord, u64)> {
+        let config = match &graph {
+            Graph::Build(c) | Graph::Adopt(c, _) => *c,
+        };
         let handle = self.handle(name)?;
         let (uid, cancel) = owner.unzip();
         if uid.is_some_and(|u| u != handle.meta.uid) {
@@ -863,25 +1031,70 @@ impl Catalog {
             }
             Some(c) => (None, c.building, c.cancelled),
         };
-        tracing::info!(
-            "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
-            name,
-            config.m,
-            config.ef_construction,
-            config.ef_search,
-            config.seed
-        );
-        // Snapshot the points and start recording writes, atomically with respect to writes.
-        // `seq`, the write sequence the points are at, is what the snapshot file will hold.
-        let (points, seq, mark) = {
+        // Shown by GetIndex until this build ends, however it ends.
+        let progress = Arc::new(Progress::new(Phase::Load, Some(config), 0));
+        let _shown = ShownBuild::new(&handle, progress.clone());
+        // Snapshot the points (or, adopting a trial's graph, what changed since its points) and
+        // start recording writes, atomically with respect to writes. `seq`, the write sequence
+        // the points are at, is what the snapshot file will hold.
+        let (input, seq, mark) = {
             let mut w = handle.writer.lock().await;
             handle.check_live()?;
             let store = self.store.clone();
             let uid = handle.meta.uid;
-            let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
+            let now = handle.data_version();
+            let adopt = match graph {
+                Graph::Adopt(_, t)
+                    if t.uid == uid
+                        && t.version <= now
+                        && t.builds(&config)
+                        && t.gen.kind == handle.engine =>
+                {
+                    let (st, after) = (store.clone(), t.version);
+                    let caught = tokio::task::spawn_blocking(move || {
+                        snapshots::catch_up(&st, uid, after, now)
+                    })
+                    .await?;
+                    match caught {
+                        Ok((upserts, deletes, writes)) => Some((t, upserts, deletes, writes)),
+                        Err(e) => {
+                            tracing::warn!(index = %name, trial = t.trial_id, error = %e, "cannot catch the trial's graph up with the writes since it was built: building the generation");
+                            None
+                        }
+                    }
+                }
+                Graph::Adopt(_, t) => {
+                    tracing::warn!(index = %name, trial = t.trial_id, "the trial's graph is not of this index's points or config: building the generation");
+                    None
+                }
+                Graph::Build(_) => None,
+            };
+            let input = match adopt {
+                Some(a) => Err(a),
+                None => Ok(tokio::task::spawn_blocking(move || store.load_points(uid)).await??),
+            };
             w.recording = Some(Vec::new());
-            (points, handle.data_version(), handle.points_changed())
+            (input, now, handle.points_changed())
         };
+        match &input {
+            Ok(_) => tracing::info!(
+                "building HNSW index={} m={} ef_construction={} ef_search={} seed={:?}",
+                name,
+                config.m,
+                config.ef_construction,
+                config.ef_search,
+                config.seed
+            ),
+            Err((t, upserts, deletes, writes)) => tracing::info!(
+                index = %name,
+                trial = t.trial_id,
+                config = %config,
+                writes,
+                upserts = upserts.len(),
+                deletes = deletes.len(),
+                "adopting the trial's graph: no build"
+            ),
+        }
         let meta = GenerationMeta {
             number: 0, // decided at the swap
             config,
@@ -890,15 +1103,38 @@ impl Catalog {
             build_millis: 0,
             activate_time_ms: 0,
             profile: profile.to_string(),
+            trial_id: 0,
         };
-        let (metric, dim) = (handle.meta.metric, handle.meta.dimension);
+        let (kind, metric, dim) = (handle.engine, handle.meta.metric, handle.meta.dimension);
         let halt = self.stop.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            Generation::build(metric, dim, meta, points, &|| {
-                halt.is_cancelled()
-                    || cancel.as_ref().is_some_and(|c| c.is_cancelled())
-                    || cancelled()
-            })
+        let counts = &self.activations;
+        match &input {
+            Ok(_) => counts.builds.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counts.adopted.fetch_add(1, Ordering::Relaxed),
+        };
+        let p = progress.clone();
+        let built = tokio::task::spawn_blocking(move || match input {
+            Ok(points) => {
+                let stop = || {
+                    halt.is_cancelled()
+                        || cancel.as_ref().is_some_and(|c| c.is_cancelled())
+                        || cancelled()
+                };
+                Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)
+            }
+            Err((t, upserts, deletes, _)) => {
+                // The trial's graph, caught up to `seq`, under the new generation's meta (its
+                // build time is the trial's build: this activation built nothing).
+                p.enter(Phase::Replay, 0);
+                let mut gen = t.gen;
+                snapshots::apply_catch_up(&gen, &upserts, &deletes);
+                gen.meta = GenerationMeta {
+                    build_millis: gen.meta.build_millis,
+                    trial_id: t.trial_id,
+                    ..meta
+                };
+                Ok(gen)
+            }
         })
         .await
         .map_err(Error::from)
@@ -910,6 +1146,7 @@ impl Catalog {
             Ok(gen) => {
                 let store = self.store.clone();
                 let (uid, number) = (handle.meta.uid, handle.active().meta.number + 1);
+                progress.enter(Phase::Snapshot, 0);
                 let (gen, snapshot) = tokio::task::spawn_blocking(move || {
                     let snapshot = snapshots::save(&store, &gen, uid, number, seq);
                     (gen, snapshot)
@@ -930,6 +1167,7 @@ impl Catalog {
             return Err(e);
         }
         let replayed = ops.len();
+        progress.enter(Phase::Replay, 0);
         let gen = tokio::task::spawn_blocking(move || {
             apply_to_graph(&gen, &ops);
             gen
@@ -979,7 +1217,7 @@ impl Catalog {
             return;
         }
         let (store, handle) = (self.store.clone(), handle.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = resnapshot(&store, &handle).await {
                 tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
             }
@@ -1031,7 +1269,9 @@ impl Catalog {
     }
 
     /// For every index of the profile, in order: builds a generation with the promoted config,
-    /// else the profile entry's default, else the index's default, and swaps it in.
+    /// else the profile entry's default, else the index's default, and swaps it in. A promoted
+    /// config whose trial's graph is held (autotune without activate kept its winner's) is not
+    /// built: that graph is adopted, caught up with the writes made since.
     pub async fn activate_profile(&self, name: &Name) -> Result<Vec<GenerationMeta>> {
         let profile = self.get_profile(name)?;
         // Every index must exist before anything is built.
@@ -1041,8 +1281,11 @@ impl Catalog {
             let handle = self.handle(&pi.index)?;
             handles.push(handle.clone());
             let default = pi.default_config.unwrap_or(handle.meta.default_config);
-            let (config, source) = self.registry.config_or(&pi.index, default)?;
-            plan.push((pi.index.clone(), config, source));
+            let (config, source, trial) = match self.registry.get(&pi.index)?.0 {
+                Some(p) => (p.config, ConfigSource::Promoted, Some(p.trial_id)),
+                None => (default, ConfigSource::Default, None),
+            };
+            plan.push((pi.index.clone(), config, source, trial));
         }
         // No compaction of these indexes runs until the profile is recorded: one would persist
         // an index's new generation before the rest of the profile's.
@@ -1053,9 +1296,14 @@ impl Catalog {
         let mut out = Vec::with_capacity(plan.len());
         let mut records = Vec::with_capacity(plan.len());
         let mut failed = None;
-        for (index, config, source) in plan {
+        for (index, config, source, trial) in plan {
+            let held = trial.and_then(|id| self.take_held(&index, id));
+            let graph = match held {
+                Some(t) => Graph::Adopt(config, Box::new(t)),
+                None => Graph::Build(config),
+            };
             match self
-                .build_and_swap(&index, None, config, source, name.as_str(), false, None)
+                .build_and_swap(&index, None, graph, source, name.as_str(), false, None)
                 .await
             {
                 Ok((meta, rec, seq)) => {
@@ -1106,6 +1354,22 @@ impl Catalog {
         }
         drop(guards);
         Ok(())
+    }
+}
+
+/// An index's build shown by GetIndex while this guard lives.
+struct ShownBuild<'a>(&'a IndexHandle);
+
+impl<'a> ShownBuild<'a> {
+    fn new(handle: &'a IndexHandle, progress: Arc<Progress>) -> Self {
+        *handle.build_progress.lock() = Some(progress);
+        ShownBuild(handle)
+    }
+}
+
+impl Drop for ShownBuild<'_> {
+    fn drop(&mut self) {
+        *self.0.build_progress.lock() = None;
     }
 }
 
@@ -1351,8 +1615,9 @@ mod tests {
             build_millis: 0,
             activate_time_ms: 0,
             profile: String::new(),
+            trial_id: 0,
         };
-        let gen = Generation::empty(Metric::L2, 2, meta);
+        let gen = Generation::empty(EngineKind::DEFAULT, Metric::L2, 2, meta);
         let ops = vec![
             Op::Upsert(vec![p(1, 10.0)]),
             Op::Delete(vec![1]),

@@ -17,7 +17,7 @@
 //!   [`RETRY_AFTER`], so a failing store does not turn every write into a rebuild.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -115,25 +115,21 @@ pub struct Compaction {
     pub stop: CancellationToken,
 }
 
-/// Starts compactions (one per catalog).
+/// Starts compactions (one per catalog, which passes itself to [`Compactor::maybe_start`]).
 #[derive(Default)]
 pub struct Compactor {
-    /// The threshold as f64 bits; 0: off. Off until [`Catalog::start_compaction`].
+    /// The threshold as f64 bits; 0: off.
     threshold: AtomicU64,
-    catalog: OnceLock<Weak<Catalog>>,
     stop: CancellationToken,
 }
 
 impl Compactor {
-    /// Turns compaction on for `catalog` with `threshold` (0: stays off).
-    pub fn start(&self, catalog: &Arc<Catalog>, threshold: f64) {
-        let _ = self.catalog.set(Arc::downgrade(catalog));
-        self.threshold.store(threshold.to_bits(), Ordering::Release);
-    }
-
-    /// Stops running compactions at their next check and starts no more (shutdown).
-    pub fn shutdown(&self) {
-        self.stop.cancel();
+    /// Compaction past `threshold` (0: off), until `stop` (server shutdown) is cancelled.
+    pub fn new(threshold: f64, stop: CancellationToken) -> Self {
+        Compactor {
+            threshold: AtomicU64::new(threshold.to_bits()),
+            stop,
+        }
     }
 
     fn threshold(&self) -> f64 {
@@ -142,7 +138,7 @@ impl Compactor {
 
     /// The cheap check after an acknowledged write: starts a background compaction of the index
     /// when its deleted share passed the threshold and none is running or preempted.
-    pub fn maybe_start(&self, name: &Name, handle: &Arc<IndexHandle>) {
+    pub fn maybe_start(&self, catalog: &Arc<Catalog>, name: &Name, handle: &Arc<IndexHandle>) {
         let threshold = self.threshold();
         if threshold <= 0.0 || self.stop.is_cancelled() {
             return;
@@ -158,16 +154,13 @@ impl Compactor {
         if state.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Some(catalog) = self.catalog.get().and_then(Weak::upgrade) else {
-            state.running.store(false, Ordering::Release);
-            return;
-        };
-        let (name, handle) = (name.clone(), handle.clone());
+        let (owner, name, handle) = (catalog.clone(), name.clone(), handle.clone());
+        let catalog = owner.clone();
         let how = Compaction {
             threshold,
             stop: self.stop.clone(),
         };
-        tokio::spawn(async move {
+        owner.tasks().spawn(async move {
             let state = &handle.compaction;
             match catalog.compact(&name, &how).await {
                 Ok(Some(meta)) => {

@@ -46,11 +46,14 @@ pub struct Config {
     pub api_keys: Option<Arc<ApiKeys>>,
     /// TLS on the gRPC listener; None: plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
-    /// The HNSW engine every graph of this process is built with.
+    /// `--engine`: the HNSW engine of new indexes that name none, and of indexes created before
+    /// the engine was stored with the index.
     pub engine: crate::index::engine::EngineKind,
     /// The deleted share (tombstones over all points of the active generation's graph) past
     /// which an index is rebuilt in the background to drop its tombstones; 0: never.
     pub compact_deleted_fraction: f64,
+    /// Most bytes of the store's pages kept in memory (sled's page cache).
+    pub store_cache_bytes: u64,
     /// Most ids in one DeletePoints call; more is RESOURCE_EXHAUSTED.
     pub max_ids_per_delete: usize,
     /// Most queries in one SearchBatch call; more is RESOURCE_EXHAUSTED.
@@ -125,6 +128,7 @@ impl Config {
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
             compact_deleted_fraction: crate::compaction::DEFAULT_DELETED_FRACTION,
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
             max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,
             max_batch_results: DEFAULT_MAX_BATCH_RESULTS as usize,
@@ -212,9 +216,10 @@ pub fn api_key_from(
 /// (mTLS) if any; all PEM, checked when loaded so a bad file is named at startup.
 #[derive(Clone)]
 pub struct TlsConfig {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+    /// PEM: the server's certificate chain, its key, and (mTLS) the client CA.
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) client_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -268,17 +273,6 @@ impl TlsConfig {
     /// True when clients must present a certificate signed by the client CA.
     pub fn mtls(&self) -> bool {
         self.client_ca.is_some()
-    }
-
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut c = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .timeout(Duration::from_secs(10));
-        if let Some(ca) = &self.client_ca {
-            c = c.client_ca_root(Certificate::from_pem(ca));
-        }
-        c
     }
 }
 

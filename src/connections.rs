@@ -251,15 +251,17 @@ impl Connected for Conn {
 /// Pending connections, oldest first, by id.
 type Pending = Arc<Mutex<VecDeque<(u64, AbortHandle)>>>;
 
-/// The admitted connections of `listener`, under `limits`. The accept loop ends when the
-/// stream is dropped (the server stopped).
+/// The admitted connections of `listener`, under `limits`. The accept loop and the pending
+/// connections' tasks are owned by `tasks`; the loop ends when the stream is dropped (the
+/// server stopped) and closes the connections still pending as it ends.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnLimits,
     registry: Registry,
+    tasks: crate::tasks::Tasks,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, limits, registry, tx));
+    tasks.spawn(accept_loop(listener, limits, registry, tx, tasks.clone()));
     ReceiverStream::new(rx)
 }
 
@@ -284,6 +286,7 @@ async fn accept_loop(
     limits: ConnLimits,
     registry: Registry,
     tx: mpsc::Sender<io::Result<Conn>>,
+    tasks: crate::tasks::Tasks,
 ) {
     let max = limits.max.max(1);
     let slots = Arc::new(Semaphore::new(max));
@@ -291,7 +294,14 @@ async fn accept_loop(
     let mut next_id = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
-            _ = tx.closed() => return,
+            _ = tx.closed() => {
+                // No one takes connections any more: the pending ones are closed now rather
+                // than at their handshake timeout, so shutdown need not wait for them.
+                for (_, task) in pending.lock().drain(..) {
+                    task.abort();
+                }
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -316,7 +326,7 @@ async fn accept_loop(
                 );
             }
         }
-        let task = tokio::spawn(admit(
+        let task = tasks.spawn(admit(
             stream,
             peer,
             limits,
@@ -332,7 +342,7 @@ async fn accept_loop(
 }
 
 /// Reads the first bytes of a pending connection within the handshake timeout, then gives it a
-/// slot or closes it.
+/// slot or closes it. (Its one caller is the accept loop, which owns every argument.)
 #[allow(clippy::too_many_arguments)]
 async fn admit(
     mut stream: TcpStream,

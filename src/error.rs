@@ -1,11 +1,8 @@
-//! The one domain error type and its one mapping to gRPC status codes.
-//!
-//! Every variant has a decided code: the `match` in `From<Error> for Status` has no `_` arm, so a
-//! new variant cannot ship without one. Messages say what was wrong and what is allowed.
+//! The one domain error type. It names no transport: the gRPC edge maps it to a status once
+//! (`grpc::status`), where every variant has a decided code (the `match` there has no `_` arm,
+//! so a new variant cannot ship without one). Messages say what was wrong and what is allowed.
 
-use tonic::{Code, Status};
-
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// A field of a request is malformed or out of its allowed range.
     #[error("{0}")]
@@ -32,10 +29,19 @@ pub enum Error {
     /// The caller cancelled, or the job was cancelled.
     #[error("{0}")]
     Cancelled(String),
-    /// The server is starting up or shutting down, or an engine of the cluster (etcd, NATS)
-    /// does not answer.
+    /// The server is starting up or shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// A cluster node's engine (etcd or NATS JetStream, `engine`) did not answer or refused
+    /// the call; the message names the engine and its endpoints (docs/cluster.md).
+    #[error("{engine} ({endpoints}){what}: {detail}")]
+    Engine {
+        engine: &'static str,
+        endpoints: String,
+        /// What was being done, e.g. " (creating the index)", or empty.
+        what: String,
+        detail: String,
+    },
     /// The caller's deadline ended a wait (a search waiting for a write-log sequence).
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -49,6 +55,9 @@ pub enum Error {
     Store(#[from] sled::Error),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+    /// An autotune job failed; the code a client sees is its cause's.
+    #[error("job {job} failed: {cause}")]
+    JobFailed { job: String, cause: Box<Error> },
     /// A bug: an invariant the code relies on did not hold.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,56 +87,6 @@ impl Error {
             what,
             name: name.into(),
         }
-    }
-
-    pub fn code(&self) -> Code {
-        match self {
-            Error::Invalid(_) | Error::OutOfRange { .. } => Code::InvalidArgument,
-            Error::NotFound { .. } => Code::NotFound,
-            Error::AlreadyExists { .. } => Code::AlreadyExists,
-            Error::Precondition(_) => Code::FailedPrecondition,
-            Error::Conflict(_) => Code::Aborted,
-            Error::Limit(_) => Code::ResourceExhausted,
-            Error::Cancelled(_) => Code::Cancelled,
-            Error::Unavailable(_) => Code::Unavailable,
-            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::Store(_) | Error::Corrupt(_) | Error::Internal(_) => Code::Internal,
-        }
-    }
-}
-
-/// The longest status message sent, in bytes. A message may quote what the client sent (a job
-/// id, a page token); quoted whole, a huge value makes a grpc-message header larger than the
-/// header list HTTP/2 clients accept (16 KiB for tonic's), and the client drops the whole
-/// connection. Percent-encoding can triple the bytes on the wire: still far under that.
-pub const MAX_STATUS_MESSAGE: usize = 1024;
-
-/// `message`, cut at a character boundary to at most [`MAX_STATUS_MESSAGE`] bytes plus a note of
-/// its full length.
-fn clip_message(mut message: String) -> String {
-    if message.len() <= MAX_STATUS_MESSAGE {
-        return message;
-    }
-    let full = message.len();
-    let mut end = MAX_STATUS_MESSAGE;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message.truncate(end);
-    message.push_str(&format!("… (clipped; {full} bytes)"));
-    message
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = e.code();
-        if code == Code::Internal {
-            // Handled here, logged once: the caller only sees the status.
-            tracing::error!(error = %e, "internal error");
-        }
-        Status::new(code, clip_message(e.to_string()))
     }
 }
 

@@ -2,6 +2,7 @@
 //! not guessed. See the README for the user's manual.
 
 pub mod admission;
+pub mod app;
 pub mod auth;
 pub mod autotune;
 pub mod catalog;
@@ -20,6 +21,7 @@ pub mod refresh;
 pub mod server;
 pub mod snapshots;
 pub mod store;
+pub mod tasks;
 
 /// The generated `vectord.v1` types and services.
 pub mod pb {

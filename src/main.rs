@@ -94,7 +94,11 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_COMPACT_DELETED_FRACTION", default_value_t = vectord::compaction::DEFAULT_DELETED_FRACTION,
         value_parser = |s: &str| s.parse::<f64>().map_err(|e| e.to_string()).and_then(vectord::compaction::check_fraction))]
     compact_deleted_fraction: f64,
-    /// HNSW engine: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
+    /// Megabytes of the store's pages kept in memory (sled's page cache); the serving graphs hold the vectors themselves, so a bigger cache mainly speeds GetPoint and restarts that rebuild.
+    #[arg(long, env = "VECTORD_STORE_CACHE_MB", default_value_t = vectord::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    store_cache_mb: u64,
+    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).
@@ -270,6 +274,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.trials_kept = args.trials_kept as usize;
     config.engine = args.engine;
     config.compact_deleted_fraction = args.compact_deleted_fraction;
+    config.store_cache_bytes = args.store_cache_mb * 1024 * 1024;
     config.max_ids_per_delete = args.max_ids_per_delete as usize;
     config.max_batch_queries = args.max_batch_queries as usize;
     config.max_batch_results = args.max_batch_results as usize;

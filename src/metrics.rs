@@ -44,6 +44,8 @@ pub struct Metrics {
     deleted_fraction: GaugeVec,
     compactions: IntGaugeVec,
     compaction_running: IntGaugeVec,
+    activation_builds: IntGauge,
+    activation_adopted: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T> {
@@ -138,6 +140,8 @@ impl Metrics {
             deleted_fraction: register(&r, f("vectord_index_deleted_fraction", "tombstones over every point in the active generation's graph; past --compact-deleted-fraction the index is compacted")?)?,
             compactions: register(&r, g("vectord_index_compactions", "tombstone compactions swapped in since the server started", &["index"])?)?,
             compaction_running: register(&r, g("vectord_index_compaction_running", "1 while a tombstone compaction of the index is scheduled or building", &["index"])?)?,
+            activation_builds: register(&r, IntGauge::new("vectord_activation_builds", "graphs built by activations (profile, autotune, rebuild) and compactions since the server started").map_err(err)?)?,
+            activation_adopted: register(&r, IntGauge::new("vectord_activation_trial_graphs_adopted", "activations since the server started that swapped in an autotune trial's graph instead of building one").map_err(err)?)?,
             registry: r,
             rpcs,
             rpc_seconds,
@@ -163,7 +167,7 @@ impl Metrics {
 
     /// Reads the current state from the core and renders every metric as Prometheus text.
     pub fn render(&self, core: &Core) -> Result<String> {
-        if let Ok(ready) = core.ready() {
+        if let Ok(ready) = core.app() {
             for g in [
                 &self.points,
                 &self.generation,
@@ -244,6 +248,11 @@ impl Metrics {
                 self.jobs.with_label_values(&[state]).inc();
             }
             self.trials.set(catalog.store().trial_count() as i64);
+            let counts = catalog.activations();
+            self.activation_builds
+                .set(counts.builds.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            self.activation_adopted
+                .set(counts.adopted.load(std::sync::atomic::Ordering::Relaxed) as i64);
         }
         let mut out = Vec::new();
         TextEncoder::new()
@@ -253,17 +262,18 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` over HTTP/1.1 until `stop` resolves.
+/// Serves `/metrics` over HTTP/1.1 until `tasks` stop; each connection is a task of `tasks`
+/// that ends at the stop too.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     core: Arc<Core>,
-    stop: impl Future<Output = ()> + Send + 'static,
+    tasks: crate::tasks::Tasks,
 ) {
-    tokio::pin!(stop);
+    let stop = tasks.stop_token();
     loop {
         let (stream, _) = tokio::select! {
-            _ = &mut stop => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -272,8 +282,8 @@ pub async fn serve(
                 }
             },
         };
-        let (metrics, core) = (metrics.clone(), core.clone());
-        tokio::spawn(async move {
+        let (metrics, core, stop) = (metrics.clone(), core.clone(), stop.clone());
+        tasks.spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (metrics, core) = (metrics.clone(), core.clone());
@@ -298,10 +308,17 @@ pub async fn serve(
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    // Finish the response being written, then close (keep-alive ends).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
             }
         });

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::index::engine::EngineKind;
 
 /// Server defaults for a config field left 0.
 pub const DEFAULT_M: u32 = 16;
@@ -159,6 +160,10 @@ pub struct GenerationMeta {
     pub activate_time_ms: u64,
     /// The profile whose activation built it; empty otherwise.
     pub profile: String,
+    /// The trial whose graph became this generation (autotune's winner adopted at activation,
+    /// no second build); 0 when the graph was built for this generation.
+    #[serde(default)]
+    pub trial_id: u64,
 }
 
 /// An index as stored: what it is, independent of its points.
@@ -171,6 +176,10 @@ pub struct IndexMeta {
     pub metric: Metric,
     pub default_config: HnswConfig,
     pub create_time_ms: u64,
+    /// The engine its graphs are built with. None (an index created before the engine was
+    /// stored): it follows the server's `--engine`, as it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
 }
 
 /// A request to create an index, validated.
@@ -180,6 +189,8 @@ pub struct NewIndex {
     pub dimension: u32,
     pub metric: Metric,
     pub default_config: HnswConfig,
+    /// None: the server's `--engine` (stored in the index, so a later flag does not change it).
+    pub engine: Option<EngineKind>,
 }
 
 /// A config as given for an index's or profile's default: 0 fields take the server defaults.

@@ -78,6 +78,13 @@ impl Registry {
                 index.as_str()
             )));
         }
+        if !trial.is_full() {
+            return Err(Error::Precondition(format!(
+                "trial {trial_id} was measured on a sample of {} points (multi-fidelity autotune's \
+                 first phase), not on the index's points: promote a FIDELITY_FULL trial",
+                trial.point_count
+            )));
+        }
         let promotion = Promotion {
             index: index.clone(),
             trial_id,

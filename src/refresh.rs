@@ -110,8 +110,9 @@ fn current<'a>(st: &'a mut HashMap<Name, State>, index: &Name, uid: u64) -> Opti
 }
 
 impl Refresher {
-    /// Loads every index's record and hooks into writes and job starts.
-    pub fn start(lab: Arc<Lab>, jobs: Arc<Jobs>) -> Result<Arc<Self>> {
+    /// Loads every index's record. The application tells it of writes ([`Refresher::after_write`])
+    /// and job starts ([`Refresher::tuned`]): see `app.rs`.
+    pub fn new(lab: Arc<Lab>, jobs: Arc<Jobs>) -> Result<Arc<Self>> {
         let catalog = lab.catalog().clone();
         let mut state = HashMap::new();
         for name in catalog.index_names() {
@@ -127,25 +128,12 @@ impl Refresher {
                 );
             }
         }
-        let r = Arc::new(Refresher {
+        Ok(Arc::new(Refresher {
             lab,
-            jobs: jobs.clone(),
+            jobs,
             state: Mutex::new(state),
             probing: Default::default(),
-        });
-        let weak = Arc::downgrade(&r);
-        catalog.set_after_write(Box::new(move |name| {
-            if let Some(r) = weak.upgrade() {
-                r.after_write(name);
-            }
-        }));
-        let weak = Arc::downgrade(&r);
-        jobs.set_on_start(Box::new(move |name| {
-            if let Some(r) = weak.upgrade() {
-                r.tuned(name);
-            }
-        }));
-        Ok(r)
+        }))
     }
 
     /// Sets or clears an index's policy, durably. NOT_FOUND for an unknown index or harness.
@@ -198,12 +186,14 @@ impl Refresher {
             .collect()
     }
 
-    fn after_write(self: &Arc<Self>, index: &Name) {
+    /// An acknowledged write changed the index: re-evaluates its ON_APPEND threshold before
+    /// the write is answered (so the write has decided whether it starts a tune).
+    pub fn after_write(self: &Arc<Self>, index: &Name) {
         self.evaluate(index);
     }
 
     /// A job started on the index: it is the last tune now.
-    fn tuned(&self, index: &Name) {
+    pub fn tuned(&self, index: &Name) {
         let Ok(handle) = self.lab.catalog().handle(index) else {
             return;
         };
@@ -283,8 +273,11 @@ impl Refresher {
         tracing::info!(index = %index, reason = %why, "refresh policy starts a tune");
         let req = tune_request(&index, uid, &policy);
         let me = self.clone();
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let started = me.jobs.start(req).await;
+            if started.is_ok() {
+                me.tuned(&index);
+            }
             let mut rx = {
                 let mut st = me.state.lock();
                 let Some(s) = current(&mut st, &index, uid) else {
@@ -313,11 +306,11 @@ impl Refresher {
                         tracing::info!(index = %index, job = %o.job_id, promoted = o.promotion.is_some(), reason = %o.reason, "refresh tune finished");
                         break;
                     }
-                    Event::Ended(why, _) => {
+                    Event::Ended(why) => {
                         tracing::warn!(index = %index, reason = %why, "refresh tune ended");
                         break;
                     }
-                    Event::Trial(_) => {}
+                    Event::Trial(_) | Event::Progress { .. } => {}
                 }
             }
         });
@@ -427,7 +420,7 @@ impl Refresher {
             return;
         }
         let me = Arc::downgrade(self);
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
@@ -458,6 +451,9 @@ fn tune_request(index: &Name, uid: u64, p: &Policy) -> TuneRequest {
             max_time: None,
             seed: crate::autotune::harness::DEFAULT_SEED,
             width: 1,
+            // Automatic multi-fidelity: on for big indexes.
+            sample_points: None,
+            confirm: adaptive::DEFAULT_CONFIRM,
         }),
         _ => None,
     };
@@ -537,8 +533,8 @@ mod tests {
             Catalog::recover(
                 store.clone(),
                 registry,
-                CancellationToken::new(),
-                crate::catalog::DEFAULT_MAX_PENDING_WRITES,
+                crate::tasks::Tasks::new(),
+                Default::default(),
             )
             .await
             .unwrap(),
@@ -550,6 +546,7 @@ mod tests {
                 dimension: 2,
                 metric: Metric::L2,
                 default_config: HnswConfig::default(),
+                engine: None,
             })
             .await
             .unwrap();
@@ -571,7 +568,7 @@ mod tests {
         .await
         .unwrap();
         let jobs = Jobs::recover(lab.clone(), 10, 4, None).await.unwrap();
-        let r = Refresher::start(lab.clone(), jobs).unwrap();
+        let r = Refresher::new(lab.clone(), jobs).unwrap();
         let uid = catalog.handle(&index).unwrap().meta.uid;
         (store, catalog, r, index, uid)
     }

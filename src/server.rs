@@ -1,6 +1,7 @@
-//! The server: opens the store, serves health and reflection at once, recovers the indexes,
-//! then reports SERVING; on shutdown reports NOT_SERVING, lets in-flight calls finish within
-//! the grace period, and flushes the store.
+//! The server: opens the store, serves health and reflection at once, recovers the application
+//! (`app.rs`), then reports SERVING. On shutdown: cancels every task, reports NOT_SERVING, lets
+//! in-flight calls finish, drains every task (`tasks.rs`), flushes and closes the store, all
+//! within the grace period.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,28 +9,28 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use crate::app::App;
 use crate::auth::AuthLayer;
-use crate::autotune::{jobs::Jobs, lab::Lab};
-use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::grpc::names;
 use crate::grpc::{
     autotune::AutotuneApi, cluster::ClusterApi, index::IndexApi, promotion::PromotionApi, Core,
-    EdgeLimits, Ready,
+    EdgeLimits,
 };
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
-use crate::promotion::Registry;
-use crate::refresh::Refresher;
 use crate::store::Store;
+use crate::tasks::Tasks;
 
-/// The names health reports on: "" (the whole server) and each vectord service.
+/// The names health reports on: "" (the whole server) and each vectord service (names from
+/// the generated code).
 pub const HEALTH_SERVICES: [&str; 5] = [
     "",
-    "vectord.v1.IndexService",
-    "vectord.v1.AutotuneService",
-    "vectord.v1.PromotionService",
-    "vectord.v1.ClusterService",
+    names::INDEX,
+    names::AUTOTUNE,
+    names::PROMOTION,
+    names::CLUSTER,
 ];
 
 /// The largest reflection request (a symbol or file name): larger is OUT_OF_RANGE.
@@ -72,6 +73,18 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
     resp
 }
 
+/// The TLS settings of the listener: the server's identity and, with mTLS, the client CA.
+fn server_tls(tls: &crate::config::TlsConfig) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let mut c = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert, &tls.key))
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = &tls.client_ca {
+        c = c.client_ca_root(Certificate::from_pem(ca));
+    }
+    c
+}
+
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
 /// `config.metrics_addr` for the metrics when it is set.
 pub async fn run(
@@ -89,20 +102,94 @@ pub async fn run(
 }
 
 /// [`run`] with the metrics listener already bound (None: no metrics endpoint).
+///
+/// The steps, in order: open the store; report NOT_SERVING and start listening (health and
+/// reflection answer at once, vectord calls are UNAVAILABLE); recover the application
+/// ([`App::open`]) and report SERVING; serve until `shutdown`; then shut down: cancel →
+/// in-flight calls finish → drain every task → flush → close the store (the whole of it
+/// bounded by `config.shutdown_grace`; see [`Tasks`]).
 pub async fn run_with(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    crate::index::engine::set_default_engine(config.engine);
-    let dir = config.data_dir.clone();
-    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&dir)).await??);
-    let registry = Arc::new(Registry::new(store.clone()));
-
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let store = open_store(&config).await?;
+    let tasks = Tasks::new();
+    let core = Arc::new(Core::new(EdgeLimits::of(&config), tasks.clone()));
+    let metrics = Metrics::new()?;
+    let (health, serve) = grpc_server(listener, &config, &core, &metrics, &tasks)?;
+    if let Some(l) = metrics_listener {
+        serve_metrics(l, &metrics, &core, &tasks)?;
+    }
     set_health(&health, ServingStatus::NotServing).await;
+    let recovery = recover(
+        config.clone(),
+        store.clone(),
+        core.clone(),
+        health.clone(),
+        tasks.clone(),
+    );
+    // From here the services, the metrics endpoint and recovery hold the core; it goes (and
+    // the application with it) when they end.
+    drop(core);
+    let grace = config.shutdown_grace;
+    match serve_until(serve, recovery, shutdown, &store, &health, &tasks, grace).await {
+        Served::Stopped { deadline, outcome } => {
+            shut_down(store, &tasks, deadline).await?;
+            outcome
+        }
+        // A storage failure: stop without flushing again (see Store::failed).
+        Served::Failed(e) => Err(e),
+    }
+}
 
+/// Opens the store (off the async runtime).
+async fn open_store(config: &Config) -> Result<Arc<Store>> {
+    let dir = config.data_dir.clone();
+    let options = crate::store::StoreOptions {
+        cache_bytes: config.store_cache_bytes,
+    };
+    Ok(Arc::new(
+        tokio::task::spawn_blocking(move || Store::open_with(&dir, &options)).await??,
+    ))
+}
+
+/// Serves `/metrics` on `listener` until shutdown.
+fn serve_metrics(
+    listener: TcpListener,
+    metrics: &Arc<Metrics>,
+    core: &Arc<Core>,
+    tasks: &Tasks,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Unavailable(format!("metrics listener: {e}")))?;
+    tracing::info!(metrics = %crate::metrics::describe(&addr), "serving metrics");
+    tasks.spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        core.clone(),
+        tasks.clone(),
+    ));
+    Ok(())
+}
+
+/// The gRPC server on `listener`: health, reflection and the four vectord services behind
+/// the edge layers (metrics, auth, the request-size rewrite, admission), with the connection
+/// limits. It stops taking calls when `tasks` stop and completes once the calls in flight are
+/// done.
+fn grpc_server(
+    listener: TcpListener,
+    config: &Config,
+    core: &Arc<Core>,
+    metrics: &Arc<Metrics>,
+    tasks: &Tasks,
+) -> Result<(
+    tonic_health::server::HealthReporter,
+    impl Future<Output = Result<(), tonic::transport::Error>>,
+)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -116,7 +203,6 @@ pub async fn run_with(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?
         .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
 
-    let core = Arc::new(Core::new(EdgeLimits::of(&config)));
     let max = config.max_request_bytes;
     // The answer's cap is explicit: SearchBatch checks before searching that its answer fits
     // (RESOURCE_EXHAUSTED otherwise); the other answers are bounded by page sizes and limits.
@@ -128,70 +214,24 @@ pub async fn run_with(
         pb::promotion_service_server::PromotionServiceServer::new(PromotionApi::new(core.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_out);
-
     let autotune =
         pb::autotune_service_server::AutotuneServiceServer::new(AutotuneApi::new(core.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_out);
-
-    let cluster_api =
+    let cluster =
         pb::cluster_service_server::ClusterServiceServer::new(ClusterApi::new(core.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_out);
 
-    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = sig_tx.send(true);
-    });
-    let local = listener.local_addr().ok();
-    // Owned here, handed to the catalog (and through it to jobs): cancelled at the shutdown
-    // signal, so every build (recovery, activation, trial) stops at its next chunk.
-    let halt = tokio_util::sync::CancellationToken::new();
-    let stop = {
-        let mut rx = sig_rx.clone();
-        let health = health.clone();
-        let core = core.clone();
-        let halt = halt.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-            tracing::info!(
-                "shutting down: no new calls; in-flight calls may finish; jobs and builds are cancelled"
-            );
-            halt.cancel();
-            core.shutdown();
-            set_health(&health, ServingStatus::NotServing).await;
-            if let Ok(Some(c)) = core.cluster() {
-                c.leave().await;
-            }
-        }
-    };
-    let metrics = Metrics::new()?;
-    if let Some(l) = metrics_listener {
-        let addr = l
-            .local_addr()
-            .map_err(|e| Error::Unavailable(format!("metrics listener: {e}")))?;
-        tracing::info!(metrics = %crate::metrics::describe(&addr), "serving metrics");
-        let mut rx = sig_rx.clone();
-        tokio::spawn(crate::metrics::serve(
-            l,
-            metrics.clone(),
-            core.clone(),
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        ));
-    }
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.server_config()).map_err(|e| {
+        builder = builder.tls_config(server_tls(tls)).map_err(|e| {
             let cause = std::error::Error::source(&e)
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default();
             Error::invalid(format!("TLS certificate or key not usable: {e}{cause}"))
         })?;
     }
-    // The span names the method only: metadata (and so the API key) is never recorded.
     // Per connection: at most this many calls at once; a PING every interval, and the
     // connection is closed when one goes unanswered for the timeout (a peer that vanished
     // without a FIN no longer holds a slot).
@@ -210,7 +250,9 @@ pub async fn run_with(
             idle_timeout: config.idle_timeout,
         },
         connections.clone(),
+        tasks.clone(),
     );
+    // The span names the method only: metadata (and so the API key) is never recorded.
     let serve = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         // Outermost: every call, refused ones included, makes its connection busy.
@@ -223,6 +265,7 @@ pub async fn run_with(
         .layer(crate::admission::AdmissionLayer::new(
             config.max_concurrent_requests,
             config.request_timeout,
+            tasks.clone(),
         ))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -230,114 +273,119 @@ pub async fn run_with(
         .add_service(index)
         .add_service(promotion)
         .add_service(autotune)
-        .add_service(cluster_api)
-        .serve_with_incoming_shutdown(incoming, stop);
-    tokio::pin!(serve);
+        .add_service(cluster)
+        .serve_with_incoming_shutdown(incoming, tasks.stop_token().cancelled_owned());
+    Ok((health, serve))
+}
 
-    let (jobs_kept, max_jobs, max_queries) = (
-        config.jobs_kept,
-        config.max_concurrent_jobs,
-        config.max_harness_queries,
-    );
-    let probe_interval = config.refresh_probe_interval;
-    let compact_fraction = config.compact_deleted_fraction;
-    let job_gate = config.job_gate.clone();
-    let trials_kept = config.trials_kept;
-    let max_pending = config.max_pending_writes;
-    let cluster_config = config.cluster.clone();
-    let recovery = {
-        let (core, health, store) = (core.clone(), health.clone(), store.clone());
-        let halt = halt.clone();
-        async move {
-            let catalog =
-                Arc::new(Catalog::recover(store, registry, halt.clone(), max_pending).await?);
-            catalog.start_compaction(compact_fraction);
-            let lab =
-                Arc::new(Lab::new(catalog.clone(), max_queries).with_trials_kept(trials_kept));
-            let jobs = Jobs::recover(lab.clone(), jobs_kept, max_jobs, job_gate).await?;
-            let refresh = Refresher::start(lab.clone(), jobs.clone())?;
-            refresh.spawn_prober(probe_interval, jobs.shutdown_token());
-            let cluster = match cluster_config {
-                Some(cfg) => {
-                    // The cluster drops a local index the way DeleteIndex does (its job and
-                    // refresh state first) once the server is ready, directly before.
-                    let drop_index: crate::cluster::DropIndex = {
-                        let (core, catalog) = (core.clone(), catalog.clone());
-                        Arc::new(move |name: crate::model::Name| {
-                            let (core, catalog) = (core.clone(), catalog.clone());
-                            Box::pin(async move {
-                                match core.ready() {
-                                    Ok(r) => r.delete_index(&name).await,
-                                    Err(_) => catalog.delete_index(&name).await,
-                                }
-                            })
-                        })
-                    };
-                    Some(
-                        crate::cluster::Cluster::join(cfg, catalog.clone(), drop_index, halt)
-                            .await?,
-                    )
-                }
-                None => None,
-            };
-            core.set_ready(Ready {
-                catalog,
-                lab,
-                jobs,
-                refresh,
-                cluster,
-            });
-            set_health(&health, ServingStatus::Serving).await;
-            tracing::info!(addr = ?local, "vectord is serving");
-            Ok::<_, Error>(())
-        }
-    };
-    tokio::pin!(recovery);
-    let grace = config.shutdown_grace;
-    let grace_over = {
-        let mut rx = sig_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        }
-    };
-    tokio::pin!(grace_over);
+/// Startup recovery: builds the application and hands it to the services, then reports
+/// SERVING (unless shutdown started meanwhile).
+async fn recover(
+    config: Config,
+    store: Arc<Store>,
+    core: Arc<Core>,
+    health: tonic_health::server::HealthReporter,
+    tasks: Tasks,
+) -> Result<()> {
+    let app = App::open(&config, store, tasks.clone()).await?;
+    core.set_app(Arc::new(app))?;
+    if !tasks.is_stopping() {
+        set_health(&health, ServingStatus::Serving).await;
+        tracing::info!("vectord is serving");
+    }
+    Ok(())
+}
 
-    // A storage failure is fatal: stop serving, exit non-zero, and do not flush again (see
-    // Store::failed).
+/// How serving ended.
+enum Served {
+    /// Shutdown, or the server or its recovery failed (`outcome`): the drain must end by
+    /// `deadline`.
+    Stopped {
+        deadline: tokio::time::Instant,
+        outcome: Result<()>,
+    },
+    /// A storage failure: the process must stop at once, without flushing.
+    Failed(Error),
+}
+
+/// Serves until `shutdown` and the calls in flight are done (or the grace period after
+/// `shutdown` ran out), a storage failure, or a startup recovery failure. At `shutdown`:
+/// cancels every task (jobs, builds, probes, compactions stop), reports NOT_SERVING, and stops
+/// taking calls.
+async fn serve_until(
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    recovery: impl Future<Output = Result<()>>,
+    shutdown: impl Future<Output = ()>,
+    store: &Store,
+    health: &tonic_health::server::HealthReporter,
+    tasks: &Tasks,
+    grace: std::time::Duration,
+) -> Served {
+    tokio::pin!(serve, recovery, shutdown);
     let failed = store.failed().clone();
     let mut recovered = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
     let outcome = loop {
         tokio::select! {
             _ = failed.cancelled() => {
                 let why = store.failure().unwrap_or_default();
                 tracing::error!(error = %why, "storage failure: stopping without flushing; restart to recover from what is on disk");
-                set_health(&health, ServingStatus::NotServing).await;
-                core.shutdown();
-                return Err(Error::Unavailable(format!("storage failure: {why}")));
+                set_health(health, ServingStatus::NotServing).await;
+                tasks.cancel();
+                return Served::Failed(Error::Unavailable(format!("storage failure: {why}")));
+            }
+            () = &mut shutdown, if deadline.is_none() => {
+                tracing::info!(
+                    "shutting down: no new calls; in-flight calls may finish; jobs and builds are cancelled"
+                );
+                deadline = Some(tokio::time::Instant::now() + grace);
+                tasks.cancel();
+                set_health(health, ServingStatus::NotServing).await;
             }
             r = &mut serve => break r.map_err(|e| Error::Unavailable(format!("server: {e}"))),
             r = &mut recovery, if !recovered => {
-                if r.is_err() && halt.is_cancelled() {
-                    tracing::info!("shutdown during recovery: builds stopped");
-                    recovered = true;
-                    continue;
-                }
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "startup recovery failed");
-                    break Err(e);
-                }
                 recovered = true;
+                match r {
+                    Err(_) if tasks.is_stopping() => tracing::info!("shutdown during recovery: builds stopped"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "startup recovery failed");
+                        break Err(e);
+                    }
+                    Ok(()) => {}
+                }
             }
-            _ = &mut grace_over => {
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
                 tracing::warn!(?grace, "grace period over: dropping the calls still in flight");
                 break Ok(());
             }
         }
     };
+    tasks.cancel();
+    let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + grace);
+    Served::Stopped { deadline, outcome }
+}
+
+/// The end of shutdown: waits until `deadline` for every task to end (a job cancelled by the
+/// shutdown records CANCELLED as it ends), flushes the store, and closes it, so the data dir is
+/// free when this returns (unless a task outlived the grace period).
+async fn shut_down(store: Arc<Store>, tasks: &Tasks, deadline: tokio::time::Instant) -> Result<()> {
+    let within = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !tasks.drain(within).await {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "grace period over: tasks still running are abandoned"
+        );
+    }
     store.flush().await?;
+    match Arc::try_unwrap(store) {
+        Ok(store) => drop(store),
+        Err(_) => tracing::warn!(
+            "the store is still held by work that outlived the grace period; it closes when that ends"
+        ),
+    }
     tracing::info!("store flushed; stopped");
-    outcome
+    Ok(())
 }
 
 #[cfg(test)]

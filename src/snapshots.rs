@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 
 use crate::error::{Error, Result};
-use crate::index::engine::default_engine;
+use crate::index::engine::EngineKind;
 use crate::index::snapshot;
 use crate::index::Generation;
 use crate::model::Point;
@@ -117,16 +117,17 @@ pub fn sweep(store: &Store, records: &[IndexRecord]) -> usize {
 }
 
 /// The index's generation at start: its snapshot plus the logged writes after it, or (logged
-/// why) a rebuild from the store's points, which then writes a snapshot and records it.
-/// Blocking.
+/// why) a rebuild from the store's points, which then writes a snapshot and records it. `kind`
+/// is the index's engine: a snapshot of another engine is rebuilt. Blocking.
 pub fn restore(
     store: &Store,
     rec: &mut IndexRecord,
+    kind: EngineKind,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(Generation, Counts, Restored)> {
     let counts = store.counts(rec.meta.uid)?;
     if let Some(snap) = rec.snapshot.clone() {
-        match load(store, rec, &snap, counts) {
+        match load(store, rec, &snap, counts, kind) {
             Ok((gen, replayed, points)) => {
                 return Ok((gen, counts, Restored::Snapshot { replayed, points }))
             }
@@ -140,6 +141,7 @@ pub fn restore(
     }
     let points = store.load_points(rec.meta.uid)?;
     let gen = Generation::build(
+        kind,
         rec.meta.metric,
         rec.meta.dimension,
         rec.generation.clone(),
@@ -165,6 +167,7 @@ fn load(
     rec: &IndexRecord,
     snap: &SnapshotRef,
     counts: Counts,
+    kind: EngineKind,
 ) -> Result<(Generation, usize, u64)> {
     let uid = rec.meta.uid;
     let path = snapshot::dir(store.dir()).join(&snap.file);
@@ -174,7 +177,7 @@ fn load(
         snap.seq,
         rec.meta.metric,
         rec.meta.dimension,
-        default_engine(),
+        kind,
     )?;
     if gen.meta.config != rec.generation.config {
         return Err(Error::Corrupt(format!(
@@ -194,21 +197,26 @@ fn load(
     Ok((gen, replayed, points))
 }
 
-/// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
-/// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
-/// from `after` to the store's data version.
-fn replay(
+/// What the logged writes after `after`, up to `upto`, did to the index, as the store holds it
+/// now: the points they touched that are stored (with their current vectors) and the ids they
+/// touched that are gone. Applied to a graph of the points at `after`, they give the graph of
+/// the points at `upto` (when the store is at `upto`: read it under the writer lock). Errors
+/// when the log does not run without a gap from `after` to `upto` (trimmed past `after` by a
+/// later snapshot). Blocking.
+pub fn catch_up(
     store: &Store,
-    gen: &Generation,
     uid: u64,
     after: u64,
-    counts: Counts,
-) -> Result<(usize, u64)> {
+    upto: u64,
+) -> Result<(Vec<Point>, Vec<u64>, usize)> {
     let changes = store.changes_since(uid, after)?;
     let mut at = after;
     let mut seen = HashSet::new();
     let mut touched = Vec::new();
     for (seq, change) in &changes {
+        if *seq > upto {
+            break;
+        }
         if *seq != at + 1 {
             return Err(Error::Corrupt(format!(
                 "the change log jumps from write {at} to write {seq}"
@@ -218,10 +226,9 @@ fn replay(
         let (Change::Upsert(ids) | Change::Delete(ids)) = change;
         touched.extend(ids.iter().copied().filter(|id| seen.insert(*id)));
     }
-    if at != counts.data_version {
+    if at != upto {
         return Err(Error::Corrupt(format!(
-            "the change log ends at write {at}, the store is at write {}",
-            counts.data_version
+            "the change log ends at write {at}, the store is at write {upto}"
         )));
     }
     let mut upserts = Vec::new();
@@ -232,10 +239,29 @@ fn replay(
             None => deletes.push(id),
         }
     }
-    let points = (upserts.len() + deletes.len()) as u64;
-    gen.delete(&deletes);
+    Ok((upserts, deletes, (at - after) as usize))
+}
+
+/// Applies [`catch_up`] to `gen`: a graph of the points at `after`.
+pub fn apply_catch_up(gen: &Generation, upserts: &[Point], deletes: &[u64]) {
+    gen.delete(deletes);
     if !upserts.is_empty() {
-        gen.upsert(&upserts);
+        gen.upsert(upserts);
     }
-    Ok((changes.len(), points))
+}
+
+/// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
+/// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
+/// from `after` to the store's data version.
+fn replay(
+    store: &Store,
+    gen: &Generation,
+    uid: u64,
+    after: u64,
+    counts: Counts,
+) -> Result<(usize, u64)> {
+    let (upserts, deletes, writes) = catch_up(store, uid, after, counts.data_version)?;
+    let points = (upserts.len() + deletes.len()) as u64;
+    apply_catch_up(gen, &upserts, &deletes);
+    Ok((writes, points))
 }

@@ -286,20 +286,54 @@ impl Counts {
     }
 }
 
+/// The store's page cache when `--store-cache-mb` is not given: 64 MiB. sled's own default is
+/// 1 GiB, which after a big import holds the points a second time (the serving graphs already
+/// keep every vector in memory); the store is read in bulk only at start (a rebuild or the
+/// replay after a snapshot) and otherwise by GetPoint and the small record trees, which fit.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How the store is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Most bytes of pages sled keeps in memory (its `cache_capacity`).
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// sled's config for the store in `dir`.
+fn sled_config(dir: &Path, options: &StoreOptions) -> sled::Config {
+    // No background flusher: every acknowledged write is flushed by its own call, and
+    // sled 0.34's flusher also spends its idle time relocating pages, without end: after
+    // loading 30k 384-d points an idle server rewrote about 2 MB/s for as long as it ran
+    // (2.4 GB in 20 minutes on a 73 MB store). Without it the store is written only when
+    // data changes, and a half-overwrite workload ended 7 % larger (115 vs 107 MB).
+    sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .cache_capacity(options.cache_bytes)
+}
+
 impl Store {
-    /// Opens (or creates) the store in `dir`. Refuses a directory of a newer format, one that is
-    /// not a vectord store, and one that another process has open.
+    /// Opens (or creates) the store in `dir` with the default [`StoreOptions`]. Refuses a
+    /// directory of a newer format, one that is not a vectord store, and one that another
+    /// process has open.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, &StoreOptions::default())
+    }
+
+    /// [`Store::open`] with `options`.
+    pub fn open_with(dir: &Path, options: &StoreOptions) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::Unavailable(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
-        // No background flusher: every acknowledged write is flushed by its own call, and
-        // sled 0.34's flusher also spends its idle time relocating pages, without end: after
-        // loading 30k 384-d points an idle server rewrote about 2 MB/s for as long as it ran
-        // (2.4 GB in 20 minutes on a 73 MB store). Without it the store is written only when
-        // data changes, and a half-overwrite workload ended 7 % larger (115 vs 107 MB).
-        let config = sled::Config::new().path(dir).flush_every_ms(None);
-        let db = config.open().map_err(|e| match e {
+        let db = sled_config(dir, options).open().map_err(|e| match e {
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 Error::Unavailable(format!(
                     "data dir {} is in use by another process (sled's lock is held)",
@@ -1334,6 +1368,7 @@ mod tests {
                 metric: Metric::L2,
                 default_config: HnswConfig::default(),
                 create_time_ms: 0,
+                engine: None,
             },
             generation: GenerationMeta {
                 number: 1,
@@ -1343,6 +1378,7 @@ mod tests {
                 build_millis: 0,
                 activate_time_ms: 0,
                 profile: String::new(),
+                trial_id: 0,
             },
             snapshot: None,
         }
@@ -1354,6 +1390,54 @@ mod tests {
             vector: vec![id as f32, 1.0],
         })
         .collect()
+    }
+
+    #[test]
+    fn the_cache_option_reaches_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            sled_config(dir.path(), &StoreOptions::default()).cache_capacity,
+            DEFAULT_CACHE_BYTES
+        );
+        let tiny = StoreOptions {
+            cache_bytes: 1024 * 1024,
+        };
+        assert_eq!(sled_config(dir.path(), &tiny).cache_capacity, 1024 * 1024);
+    }
+
+    #[test]
+    fn a_store_larger_than_its_cache_reads_back_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = StoreOptions {
+            cache_bytes: 1024 * 1024,
+        };
+        // 5,000 points of 128 floats: 2.5 MB of vectors through a 1 MiB cache.
+        let points: Vec<Point> = (0..5_000u64)
+            .map(|id| Point {
+                id,
+                vector: (0..128).map(|i| (id * 128 + i) as f32).collect(),
+            })
+            .collect();
+        {
+            let s = Store::open_with(dir.path(), &tiny).unwrap();
+            assert!(s.create_index(&record("a", 7)).unwrap());
+            for chunk in points.chunks(500) {
+                s.upsert_points(7, chunk).unwrap();
+            }
+            s.flush_blocking().unwrap();
+        }
+        let s = Store::open_with(dir.path(), &tiny).unwrap();
+        let mut back = s.load_points(7).unwrap();
+        back.sort_by_key(|p| p.id);
+        assert_eq!(back.len(), points.len());
+        assert!(back
+            .iter()
+            .zip(&points)
+            .all(|(a, b)| a.id == b.id && a.vector == b.vector));
+        assert_eq!(
+            s.get_point(7, 4_321).unwrap(),
+            Some(points[4_321].vector.clone())
+        );
     }
 
     #[test]

@@ -60,6 +60,44 @@ pub async fn setup(what: &str, harness: &str, queries: u32) -> BoxResult<Option<
     let (dimension, vectors) = vectord::dataset::read_fvecs(&path, limit)?;
     let n = vectors.len();
     println!("data: {} ({n} x {dimension})", path.display());
+    setup_vectors(vectors, dimension, pb::Metric::Cosine, harness, queries)
+        .await
+        .map(Some)
+}
+
+/// `n` clustered `dim`-d points (seeded): 1,000 Gaussian clusters of spread 0.1 around uniform
+/// centres in [-1, 1]^dim, the shape of real embeddings rather than uniform noise.
+#[allow(dead_code)] // the adaptive bench's
+pub fn clustered(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..1000)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+        .collect();
+    (0..n)
+        .map(|_| {
+            let c = &centres[rng.gen_range(0..centres.len())];
+            c.iter()
+                .map(|x| {
+                    // Sum of uniforms: close enough to a Gaussian, no extra crate.
+                    let g: f32 = (0..4).map(|_| rng.gen_range(-0.5f32..0.5)).sum();
+                    x + 0.1 * g
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Starts the server, imports `vectors` into the index [`INDEX`] under `metric` and creates a
+/// sampled harness `harness` of `queries` queries (seed 42).
+pub async fn setup_vectors(
+    vectors: Vec<Vec<f32>>,
+    dimension: u32,
+    metric: pb::Metric,
+    harness: &str,
+    queries: u32,
+) -> BoxResult<Bench> {
+    let n = vectors.len();
 
     let tmp = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -94,8 +132,9 @@ pub async fn setup(what: &str, harness: &str, queries: u32) -> BoxResult<Option<
         .create_index(pb::CreateIndexRequest {
             name: INDEX.into(),
             dimension,
-            metric: pb::Metric::Cosine as i32,
+            metric: metric as i32,
             default_config: None,
+            engine: String::new(),
         })
         .await?;
     let started = Instant::now();
@@ -137,17 +176,18 @@ pub async fn setup(what: &str, harness: &str, queries: u32) -> BoxResult<Option<
             )),
         })
         .await?;
-    Ok(Some(Bench {
+    Ok(Bench {
         channel,
         points: n,
         dimension,
         stop: Some(stop),
         server: Some(server),
         _tmp: tmp,
-    }))
+    })
 }
 
 /// Runs an autotune to its end: its trials and the finished event.
+#[allow(dead_code)] // the autotune bench's
 pub async fn autotune(
     tune: &mut AutotuneServiceClient<Channel>,
     req: pb::AutotuneRequest,

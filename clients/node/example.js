@@ -85,7 +85,14 @@ async function run(target, { index = "node_example", n = 300, dim = 16, out = co
       else if (e.event === "trial") {
         const t = e.trial;
         out(`trial ${t.id}: ef_construction=${t.config.ef_construction} ef_search=${t.config.ef_search} recall=${t.recall.toFixed(3)} p50=${t.p50_micros.toFixed(1)}us`);
-      } else out(`winner trial ${e.finished.winner.id} promoted=${e.finished.promoted} ${e.finished.reason}`);
+      } else if (e.event === "progress") {
+        // At most 2 a second while the job builds or measures (long trials on big indexes).
+        for (const a of e.progress.activities) {
+          const phase = a.phase.replace("PROGRESS_PHASE_", "").toLowerCase();
+          out(`  ${phase} m=${a.config ? a.config.m : "-"} ef_construction=${a.config ? a.config.ef_construction : "-"}: ${a.done}/${a.total}`);
+        }
+      } else if (e.event === "finished") out(`winner trial ${e.finished.winner.id} promoted=${e.finished.promoted} ${e.finished.reason}`);
+      // Any other event is from a newer server: ignore it.
     });
 
     const trials = events.filter((e) => e.event === "trial").map((e) => e.trial);

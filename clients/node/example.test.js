@@ -53,7 +53,8 @@ test("create, import, streamed autotune, promote, search", async () => {
   try {
     const printed = [];
     const { events, promoted, hits } = await example.run(addr, { out: (l) => printed.push(l) });
-    assert.deepStrictEqual(events.map((e) => e.event), ["started", "trial", "trial", "trial", "trial", "trial", "finished"]);
+    // Progress events may come between the others (the job reports long builds).
+    assert.deepStrictEqual(events.map((e) => e.event).filter((k) => k !== "progress"), ["started", "trial", "trial", "trial", "trial", "trial", "finished"]);
     const fin = events.at(-1).finished;
     assert.ok(fin.promoted);
     assert.match(fin.promotion.note, /^autotune winner: recall=/);

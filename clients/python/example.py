@@ -92,9 +92,15 @@ def run(target, index="py_example", n=300, dim=16, out=print, api_key=None):
                 f"trial {t.id}: ef_construction={t.config.ef_construction} ef_search={t.config.ef_search} "
                 f"recall={t.recall:.3f} p50={t.p50_micros:.1f}us"
             )
-        else:
+        elif kind == "progress":
+            # At most 2 a second while the job builds or measures (long trials on big indexes).
+            for a in event.progress.activities:
+                phase = pb.ProgressPhase.Name(a.phase).removeprefix("PROGRESS_PHASE_").lower()
+                out(f"  {phase} m={a.config.m} ef_construction={a.config.ef_construction}: {a.done}/{a.total}")
+        elif kind == "finished":
             f = event.finished
             out(f"winner trial {f.winner.id} recall={f.winner.recall:.3f} promoted={f.promoted} {f.reason}")
+        # Any other kind is from a newer server: ignore it.
 
     # Promote by hand the fastest trial of the job that still has the winner's recall.
     trials = [e.trial for e in events if e.WhichOneof("event") == "trial"]

@@ -17,6 +17,16 @@
 //! Budget: never more than `max_trials` trials; no build starts that the measured build times
 //! predict would end after `max_seconds` (build time grows about linearly with
 //! ef_construction), and no trial starts after it.
+//!
+//! **Multi-fidelity** (issue 23 §1): on a big index the search above runs on a seeded sample of
+//! the points (the job gives it a harness whose ground truth is over the sample), and
+//! [`confirm`] then builds only the best few graphs of the sample on all the points. The rule
+//! that carries the ranking over is the cost: graphs that reached the target on the sample,
+//! least distance computations first (cost ranks graphs far more stably across N than p50, and
+//! recall at a fixed ef_search drops as N grows, so the ef_search found on the sample is a
+//! starting point, not the answer). On all the points each confirmed graph's smallest
+//! ef_search is searched for again starting at the sample's: one step down to check it, then
+//! up (a step, then binary search) while it misses.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,6 +45,20 @@ pub const DEFAULT_EF_CONSTRUCTION: [u32; 3] = [40, 100, 200];
 pub const DEFAULT_MAX_TRIALS: u32 = 40;
 /// A rebuild at the next ef_construction must cut the cost by this fraction to climb further.
 pub const MIN_GAIN: f64 = 0.03;
+/// Multi-fidelity by default: on for an index of at least this many points...
+pub const AUTO_SAMPLE_MIN_POINTS: usize = 50_000;
+/// ...with a sample of this share of them...
+pub const AUTO_SAMPLE_SHARE: f64 = 0.1;
+/// ...and at least this many points.
+pub const AUTO_SAMPLE_FLOOR: usize = 20_000;
+/// The smallest sample a request may ask for.
+pub const MIN_SAMPLE_POINTS: u32 = 1_000;
+/// Graphs of the sample phase confirmed on all the points, by default and at most.
+pub const DEFAULT_CONFIRM: u32 = 2;
+pub const MAX_CONFIRM: u32 = 8;
+/// Trials set aside for each confirmed graph out of `max_trials` (the ef_search search around
+/// the sample's takes 2 or 3).
+pub const TRIALS_PER_CONFIRM: u32 = 4;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -49,6 +73,47 @@ pub struct Plan {
     pub seed: u64,
     /// Graphs built side by side in a rung after the first.
     pub width: usize,
+    /// Multi-fidelity's sample size: None automatic, Some(0) off (see [`Plan::sample_size`]).
+    pub sample_points: Option<u32>,
+    /// Graphs of the sample phase confirmed on all the points.
+    pub confirm: u32,
+}
+
+impl Plan {
+    /// The size of multi-fidelity's sample for an index of `n` points; None: no sample phase,
+    /// every trial on all the points.
+    pub fn sample_size(&self, n: usize) -> Option<usize> {
+        let s = match self.sample_points {
+            Some(0) => return None,
+            Some(s) => s as usize,
+            None if n >= AUTO_SAMPLE_MIN_POINTS => {
+                ((n as f64 * AUTO_SAMPLE_SHARE) as usize).max(AUTO_SAMPLE_FLOOR)
+            }
+            None => return None,
+        };
+        (s < n).then_some(s)
+    }
+}
+
+/// A graph the search measured: its (m, ef_construction), the smallest ladder ef_search that
+/// reached the target on it (if any), its cost there and its build time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranked {
+    pub m: u32,
+    pub ef_construction: u32,
+    score: Score,
+    pub built: Duration,
+}
+
+impl Ranked {
+    /// The smallest ladder ef_search that reached the target, if one did.
+    pub fn ef_search(&self) -> Option<u32> {
+        self.score.ef_at.map(|i| EF_LADDER[i])
+    }
+    /// Mean distance computations per query there (infinite when none reached it).
+    pub fn cost(&self) -> f64 {
+        self.score.cost
+    }
 }
 
 /// What ADAPTIVE needs from a job: start builds (they run concurrently) and run trials.
@@ -101,6 +166,8 @@ struct Run<'a, E: Evaluator> {
     eval: &'a E,
     started: Instant,
     trials: u32,
+    /// Every graph measured, in the order measured.
+    measured: Vec<Ranked>,
 }
 
 impl<E: Evaluator> Run<'_, E> {
@@ -162,16 +229,90 @@ impl<E: Evaluator> Run<'_, E> {
     }
 }
 
-/// Runs the plan; returns when the search converged or the budget ran out.
-pub async fn run<E: Evaluator>(plan: &Plan, eval: &E) -> Result<()> {
+impl<E: Evaluator> Run<'_, E> {
+    /// The smallest ladder ef_search reaching the target on a graph where about `hint` reached
+    /// it on a sample: probes `hint`; while it passes, the step below (at most one step, then
+    /// binary search below); while it misses, the step above, then binary search above.
+    async fn find_ef_near(
+        &mut self,
+        graph: &Arc<E::Graph>,
+        m: u32,
+        ef_construction: u32,
+        hint: Option<usize>,
+        mut allowance: u32,
+    ) -> Result<Score> {
+        let Some(hint) = hint else {
+            return self
+                .find_ef(graph, m, ef_construction, None, allowance)
+                .await;
+        };
+        let (mut lo, mut hi) = (0usize, EF_LADDER.len() - 1);
+        let mut score = Score {
+            ef_at: None,
+            cost: f64::INFINITY,
+            best_recall: 0.0,
+        };
+        let mut next = hint.min(hi);
+        let mut steps = 0;
+        while lo <= hi
+            && allowance > 0
+            && self.trials_left() > 0
+            && !self.out_of_time(Duration::ZERO)
+        {
+            let config = HnswConfig {
+                m,
+                ef_construction,
+                ef_search: EF_LADDER[next],
+                seed: Some(self.plan.seed),
+            };
+            let t = self.eval.trial(graph, config).await?;
+            self.trials += 1;
+            allowance -= 1;
+            steps += 1;
+            score.best_recall = score.best_recall.max(t.recall);
+            if t.recall >= self.plan.target {
+                score.ef_at = Some(next);
+                score.cost = t.mean_distance_evals;
+                if next == 0 {
+                    break;
+                }
+                hi = next - 1;
+                next = if steps <= 2 { hi } else { lo + (hi - lo) / 2 };
+            } else {
+                lo = next + 1;
+                next = if steps <= 2 {
+                    lo
+                } else {
+                    lo + hi.saturating_sub(lo) / 2
+                };
+            }
+        }
+        Ok(score)
+    }
+}
+
+/// Runs the plan; returns when the search converged or the budget ran out, with every graph
+/// it measured, best first (reached the target, then least cost, then highest recall; ties in
+/// the order measured).
+pub async fn run<E: Evaluator>(plan: &Plan, eval: &E) -> Result<Vec<Ranked>> {
+    run_from(plan, eval, Instant::now()).await
+}
+
+/// [`run`] with the budget's clock started at `started`.
+pub async fn run_from<E: Evaluator>(
+    plan: &Plan,
+    eval: &E,
+    started: Instant,
+) -> Result<Vec<Ranked>> {
     if plan.m.is_empty() || plan.ef_construction.is_empty() {
         return Err(Error::Internal("adaptive plan with an empty space".into()));
     }
     let mut run = Run {
         plan,
         eval,
-        started: Instant::now(),
+        started,
         trials: 0,
+        measured: Vec::new(),
     };
     // (m, score, build time of its last graph), one per m still in the race.
     let mut alive: Vec<(u32, Score, Duration)> = Vec::new();
@@ -236,6 +377,12 @@ pub async fn run<E: Evaluator>(plan: &Plan, eval: &E) -> Result<()> {
                 Some(old) => score.improves_on(&old),
             };
             tracing::debug!(m, ef_construction, ?score, keep, "adaptive: graph measured");
+            run.measured.push(Ranked {
+                m,
+                ef_construction,
+                score,
+                built,
+            });
             if keep {
                 next_alive.push((m, score, built));
             }
@@ -250,6 +397,92 @@ pub async fn run<E: Evaluator>(plan: &Plan, eval: &E) -> Result<()> {
         }
         alive = next_alive;
         prev_ef = ef_construction;
+    }
+    let mut ranked = run.measured;
+    ranked.sort_by(|a, b| {
+        a.score
+            .key()
+            .partial_cmp(&b.score.key())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok(ranked)
+}
+
+/// Multi-fidelity's second phase: builds the first `n` graphs of `ranked` (the sample phase's
+/// ranking) on all the points and finds each one's smallest ladder ef_search reaching the target
+/// there, starting at the sample's. `scale` (all points over the sample's) predicts a full
+/// build's time from the sample's; no build starts that would end after `max_time` counted from
+/// `started`, and no trial starts after it or beyond `max_trials` (this phase's own).
+pub async fn confirm<E: Evaluator>(
+    plan: &Plan,
+    eval: &E,
+    ranked: &[Ranked],
+    n: usize,
+    scale: f64,
+    started: Instant,
+) -> Result<()> {
+    let mut run = Run {
+        plan,
+        eval,
+        started,
+        trials: 0,
+        measured: Vec::new(),
+    };
+    // Graphs that reached the target on the sample, if any did; else the closest.
+    let reached = ranked.iter().filter(|r| r.score.ef_at.is_some()).count();
+    let pool = if reached > 0 {
+        &ranked[..reached]
+    } else {
+        ranked
+    };
+    let chosen: Vec<&Ranked> = pool
+        .iter()
+        .take(n.min(run.trials_left() as usize))
+        .filter(|r| !run.out_of_time(r.built.mul_f64(scale)))
+        .collect();
+    if chosen.is_empty() {
+        return Ok(());
+    }
+    let stop = CancellationToken::new();
+    let builds: Vec<_> = chosen
+        .iter()
+        .map(|r| {
+            eval.spawn_build(
+                HnswConfig {
+                    m: r.m,
+                    ef_construction: r.ef_construction,
+                    ef_search: EF_LADDER[0],
+                    seed: Some(plan.seed),
+                },
+                stop.clone(),
+            )
+        })
+        .collect();
+    let mut handles = builds.into_iter();
+    let total = chosen.len();
+    for (i, r) in chosen.into_iter().enumerate() {
+        let Some(h) = handles.next() else { break };
+        let (graph, _) = match h.await {
+            Ok(r) => r?,
+            Err(e) => return Err(Error::Internal(format!("a build task failed: {e}"))),
+        };
+        if run.trials_left() == 0 || run.out_of_time(Duration::ZERO) {
+            break;
+        }
+        let allowance = (run.trials_left() / (total - i) as u32).max(1);
+        let score = run
+            .find_ef_near(&graph, r.m, r.ef_construction, r.score.ef_at, allowance)
+            .await?;
+        tracing::debug!(
+            m = r.m,
+            ef_construction = r.ef_construction,
+            ?score,
+            "multi-fidelity: graph confirmed on all points"
+        );
+    }
+    stop.cancel();
+    for h in handles {
+        let _ = h.await;
     }
     Ok(())
 }
@@ -307,6 +540,7 @@ mod tests {
                 create_time_ms: 0,
                 source: String::new(),
                 mean_distance_evals: f64::from(c.ef_search) * f64::from(c.m).sqrt(),
+                fidelity: Default::default(),
             })
         }
     }
@@ -320,6 +554,8 @@ mod tests {
             max_time: None,
             seed: 7,
             width: 2,
+            sample_points: Some(0),
+            confirm: DEFAULT_CONFIRM,
         }
     }
 
@@ -395,5 +631,104 @@ mod tests {
         p.max_time = Some(Duration::ZERO);
         let (log, builds) = go(&p).await;
         assert!(log.is_empty() && builds.is_empty());
+    }
+
+    /// The smallest ladder ef_search reaching the target on a (m, ef_construction) graph.
+    fn truth(m: u32, ec: u32) -> Option<u32> {
+        EF_LADDER.iter().copied().find(|&e| {
+            recall(&HnswConfig {
+                m,
+                ef_construction: ec,
+                ef_search: e,
+                seed: None,
+            }) >= 0.95
+        })
+    }
+
+    /// Multi-fidelity's second phase builds exactly the `n` best graphs of the ranking (best
+    /// first), finds each one's smallest ef_search from the hint in a few trials, and keeps its
+    /// own trial budget.
+    #[tokio::test]
+    async fn confirm_builds_the_best_ranked_graphs_and_finds_their_ef_search() {
+        let f = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        let p = plan(40);
+        let ranked = run(&p, &f).await.expect("run");
+        assert!(ranked.len() >= 3);
+        assert!(ranked
+            .windows(2)
+            .all(|w| w[0].cost() <= w[1].cost() || w[1].ef_search().is_none()));
+        let f2 = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        confirm(&p, &f2, &ranked, 2, 10.0, Instant::now())
+            .await
+            .expect("confirm");
+        let builds = f2.builds.lock().clone();
+        let best: Vec<(u32, u32)> = ranked[..2]
+            .iter()
+            .map(|r| (r.m, r.ef_construction))
+            .collect();
+        assert_eq!(builds, best);
+        let log = f2.log.lock().clone();
+        for &(m, ec) in &builds {
+            let on: Vec<u32> = log
+                .iter()
+                .filter(|c| c.m == m && c.ef_construction == ec)
+                .map(|c| c.ef_search)
+                .collect();
+            let found = on
+                .iter()
+                .copied()
+                .filter(|&e| {
+                    recall(&HnswConfig {
+                        m,
+                        ef_construction: ec,
+                        ef_search: e,
+                        seed: None,
+                    }) >= 0.95
+                })
+                .min();
+            assert_eq!(found, truth(m, ec), "m {m} ec {ec}: {on:?}");
+            // From the sample's hint (the same landscape here): the hint and the step below.
+            assert!(on.len() <= 2, "m {m} ec {ec}: {on:?}");
+        }
+        // Its own budget.
+        let f3 = Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+        };
+        let mut small = plan(1);
+        small.max_trials = 1;
+        confirm(&small, &f3, &ranked, 2, 10.0, Instant::now())
+            .await
+            .expect("confirm");
+        assert_eq!(f3.log.lock().len(), 1);
+        assert_eq!(
+            f3.builds.lock().len(),
+            1,
+            "no graph built without a trial for it"
+        );
+    }
+
+    #[test]
+    fn sample_size_is_automatic_for_big_indexes_and_off_when_asked() {
+        let mut p = plan(40);
+        p.sample_points = None;
+        assert_eq!(p.sample_size(10_000), None);
+        assert_eq!(p.sample_size(100_000), Some(20_000));
+        assert_eq!(p.sample_size(1_000_000), Some(100_000));
+        p.sample_points = Some(0);
+        assert_eq!(p.sample_size(1_000_000), None);
+        p.sample_points = Some(5_000);
+        assert_eq!(
+            p.sample_size(3_000),
+            None,
+            "a sample as big as the index is no sample"
+        );
+        assert_eq!(p.sample_size(30_000), Some(5_000));
     }
 }

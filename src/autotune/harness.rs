@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::index::distance;
+use crate::index::{distance, Progress};
 use crate::model::{Metric, Name, Point};
 
 pub const DEFAULT_K: u32 = 10;
@@ -73,6 +73,17 @@ pub fn ground_truth(
     queries: &[Query],
     k: usize,
 ) -> Vec<Vec<u64>> {
+    ground_truth_tracked(metric, points, queries, k, None)
+}
+
+/// [`ground_truth`], counting the queries done in `progress` (one relaxed add per query).
+pub fn ground_truth_tracked(
+    metric: Metric,
+    points: &[Point],
+    queries: &[Query],
+    k: usize,
+    progress: Option<&Progress>,
+) -> Vec<Vec<u64>> {
     queries
         .par_iter()
         .map(|q| {
@@ -87,6 +98,9 @@ pub fn ground_truth(
                     best.insert(at, (d, p.id));
                     best.truncate(k);
                 }
+            }
+            if let Some(p) = progress {
+                p.add_done(1);
             }
             best.into_iter().map(|(_, id)| id).collect()
         })

@@ -23,12 +23,19 @@ use tokio_util::sync::CancellationToken;
 use super::adaptive::{self, Evaluator, Plan};
 use super::lab::{Lab, Prepared};
 use super::select::{pareto_front, pick, Objective};
-use super::trial::Trial;
+use super::trial::{Fidelity, Trial};
+use crate::catalog::TrialGraph;
 use crate::error::{Error, Result};
+use crate::index::{Activities, Generation, Phase, ProgressView};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name};
 use crate::promotion::Promotion;
 
 pub const DEFAULT_MIN_RECALL: f64 = 0.9;
+
+/// How often a job reports its builds and measurements in flight (`Event::Progress`): at most
+/// two events a second, whatever the number of builds running at once (each event lists them
+/// all), and none while nothing is in flight.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The default grid, in order: (ef_construction, ef_search), m = server default, seed 42.
 pub fn default_grid() -> Vec<HnswConfig> {
@@ -105,8 +112,58 @@ pub enum Event {
     },
     Trial(Box<Trial>),
     Finished(Box<Outcome>),
+    /// The builds and measurements in flight, oldest first: sent every [`PROGRESS_EVERY`]
+    /// while at least one is.
+    Progress {
+        job_id: String,
+        activities: Vec<ProgressView>,
+    },
     /// The job ended without an outcome (cancelled or failed); the stream ends with this error.
-    Ended(String, tonic::Code),
+    Ended(Error),
+}
+
+/// The graph of the job's best trial so far: the trial [`pick`] chooses among those journaled
+/// so far, offered in journal order (so it ends as the winner's, ties going to the earlier trial
+/// as in `pick`). Autotune with activate swaps that graph in instead of building the winner's
+/// config again; without activate, a promoted winner's graph is handed to the catalog for a
+/// later ActivateProfile. Only one is held: a better trial's replaces it, so a job keeps at
+/// most one graph beyond the ones it is building or measuring.
+struct Best {
+    objective: Objective,
+    held: Mutex<Option<(Trial, Arc<Generation>)>>,
+}
+
+impl Best {
+    fn new(objective: Objective) -> Self {
+        Best {
+            objective,
+            held: Mutex::new(None),
+        }
+    }
+
+    /// Keeps `graph` when `trial` (measured on it) beats the best so far.
+    fn offer(&self, trial: &Trial, graph: &Arc<Generation>) {
+        let mut held = self.held.lock();
+        let better = match &*held {
+            None => true,
+            Some((best, _)) => {
+                let pair = [best.clone(), trial.clone()];
+                pick(&pair, self.objective).is_some_and(|(w, _)| w.id == trial.id)
+            }
+        };
+        if better {
+            *held = Some((trial.clone(), graph.clone()));
+        }
+    }
+
+    /// The graph of trial `id`, if it is the one held and nothing else uses it any more.
+    fn take(&self, id: u64) -> Option<Generation> {
+        let (t, g) = self.held.lock().take()?;
+        if t.id != id {
+            return None;
+        }
+        Arc::try_unwrap(g).ok()
+    }
 }
 
 /// One measured grid entry, waiting for its turn to be journaled.
@@ -117,6 +174,9 @@ struct Measured {
     measures: super::lab::Measures,
     build_millis: u64,
     memory_bytes: u64,
+    /// The graph it was measured on (for [`Best`]).
+    graph: Arc<Generation>,
+    fidelity: Fidelity,
 }
 
 struct Running {
@@ -164,9 +224,6 @@ impl JobGate {
     }
 }
 
-/// A listener for job starts: gets the index's name.
-pub type OnStart = Box<dyn Fn(&Name) + Send + Sync>;
-
 pub struct Jobs {
     lab: Arc<Lab>,
     /// index -> its running job
@@ -174,8 +231,6 @@ pub struct Jobs {
     /// Cancelled at shutdown; every job token is its child.
     root: CancellationToken,
     kept: usize,
-    /// Called with the index when a job starts on it (refresh policies mark the tune).
-    on_start: std::sync::OnceLock<OnStart>,
     /// Most jobs running at once server-wide (--max-concurrent-jobs).
     max_running: usize,
     /// Tests only: see `JobGate`.
@@ -209,15 +264,9 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             root,
             kept,
-            on_start: Default::default(),
             max_running: max_running.max(1),
             gate,
         }))
-    }
-
-    /// Sets the job-start listener (once; later calls are ignored).
-    pub fn set_on_start(&self, f: OnStart) {
-        let _ = self.on_start.set(f);
     }
 
     /// The id of the job running on an index, if one is.
@@ -336,10 +385,17 @@ impl Jobs {
     ) -> Result<(mpsc::UnboundedReceiver<Event>, CancellationToken)> {
         // Unknown index or harness: NOT_FOUND before anything else.
         self.lab.get_harness(&req.index, &req.harness)?;
-        let uid = self.lab.catalog().handle(&req.index)?.meta.uid;
+        let handle = self.lab.catalog().handle(&req.index)?;
+        let uid = handle.meta.uid;
         if req.index_uid.is_some_and(|u| u != uid) {
             return Err(Error::not_found("index", req.index.as_str()));
         }
+        // Checked again when the job reads the points (`Lab::prepare`); here so that a call
+        // that cannot run fails as a call, not in its stream.
+        if handle.point_count() == 0 {
+            return Err(Lab::no_points(&req.index));
+        }
+        drop(handle);
         let store = self.lab.catalog().store().clone();
         let token = self.root.child_token();
         let done = CancellationToken::new();
@@ -379,17 +435,6 @@ impl Jobs {
             jobs.running.lock().remove(&req.index);
             done.cancel();
         };
-        let prepared = match self.lab.prepare(&req.index, &req.harness).await {
-            Ok(p) if p.handle.meta.uid == uid => Arc::new(p),
-            Ok(_) => {
-                release(self);
-                return Err(Error::not_found("index", req.index.as_str()));
-            }
-            Err(e) => {
-                release(self);
-                return Err(e);
-            }
-        };
         let job = JobRecord {
             id: job_id.clone(),
             seq,
@@ -414,9 +459,6 @@ impl Jobs {
         if let Err(e) = store.trim_jobs(self.kept, |j: &JobRecord| j.state == JobState::Running) {
             tracing::warn!(error = %e, "could not trim old job records");
         }
-        if let Some(f) = self.on_start.get() {
-            f(&req.index);
-        }
         tracing::info!(job = %job_id, index = %req.index, harness = %req.harness, trials = req.grid.len(), "autotune started");
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -428,11 +470,41 @@ impl Jobs {
         let jobs = self.clone();
         let tok = token.clone();
         let stop_why = why;
-        tokio::spawn(async move {
+        self.lab.catalog().tasks().spawn(async move {
             let mut job = job;
-            let result = jobs
-                .run(&mut job, &req, (uid, &abandon), prepared, &tok, &tx)
-                .await;
+            let acts = Activities::default();
+            let ticking = CancellationToken::new();
+            let ticker = tokio::spawn(report_progress(
+                job.id.clone(),
+                acts.clone(),
+                tx.clone(),
+                ticking.clone(),
+            ));
+            // The points and the harness's ground truth (recomputed, with progress, when the
+            // points changed since it was computed), then the job.
+            let result = match jobs
+                .lab
+                .prepare_tracked(&req.index, &req.harness, &acts)
+                .await
+            {
+                Ok(p) if p.handle.meta.uid == uid => {
+                    jobs.run(
+                        &mut job,
+                        &req,
+                        (uid, &abandon),
+                        Arc::new(p),
+                        &tok,
+                        &tx,
+                        &acts,
+                    )
+                    .await
+                }
+                Ok(_) => Err(Error::not_found("index", req.index.as_str())),
+                Err(e) => Err(e),
+            };
+            // No progress after the job's last event.
+            ticking.cancel();
+            let _ = ticker.await;
             job.end_time_ms = Some(now_millis());
             let event = match result {
                 Ok(outcome) => {
@@ -446,24 +518,27 @@ impl Jobs {
                     if jobs.root.is_cancelled() {
                         // Shutdown, not the client's choice: UNAVAILABLE tells it to retry.
                         job.reason = "the server shut down while the job was running".into();
-                        Event::Ended(
-                            format!("job {} was cancelled: the server is shutting down", job.id),
-                            tonic::Code::Unavailable,
-                        )
+                        Event::Ended(Error::Unavailable(format!(
+                            "job {} was cancelled: the server is shutting down",
+                            job.id
+                        )))
                     } else {
                         let why = stop_why.lock().clone().unwrap_or(why);
                         job.reason = why.clone();
-                        Event::Ended(
-                            format!("job {} was cancelled: {why}", job.id),
-                            tonic::Code::Cancelled,
-                        )
+                        Event::Ended(Error::Cancelled(format!(
+                            "job {} was cancelled: {why}",
+                            job.id
+                        )))
                     }
                 }
                 Err(e) => {
                     job.state = JobState::Failed;
                     job.reason = e.to_string();
                     tracing::error!(job = %job.id, error = %e, "autotune failed");
-                    Event::Ended(format!("job {} failed: {e}", job.id), e.code())
+                    Event::Ended(Error::JobFailed {
+                        job: job.id.clone(),
+                        cause: Box::new(e),
+                    })
                 }
             };
             if let Err(e) = jobs.save(&job).await {
@@ -482,6 +557,7 @@ impl Jobs {
         Ok((rx, token))
     }
 
+    #[allow(clippy::too_many_arguments)] // one private seam: the job, its request, and its outputs (events, progress)
     async fn run(
         &self,
         job: &mut JobRecord,
@@ -490,6 +566,7 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
+        acts: &Activities,
     ) -> Result<Outcome> {
         if let Some(gate) = &self.gate {
             tokio::select! {
@@ -498,15 +575,29 @@ impl Jobs {
             }
             cancelled(token)?;
         }
+        // The graph an earlier job left for ActivateProfile is stale once this one runs (it
+        // promotes its own winner), and holding both would double the memory.
+        self.lab.catalog().drop_held(&req.index);
+        let best = Best::new(req.objective);
+        let version = prepared.harness.truth.data_version;
         let trials = match &req.adaptive {
-            Some(plan) => self.run_adaptive(job, plan, prepared, token, tx).await?,
-            None => self.run_grid(job, req, prepared, token, tx).await?,
+            Some(plan) => {
+                self.run_adaptive(job, plan, prepared, token, tx, (acts, &best))
+                    .await?
+            }
+            None => {
+                self.run_grid(job, req, prepared, token, tx, (acts, &best))
+                    .await?
+            }
         };
         cancelled(token)?;
-        self.finish(job, req, owner, token, trials).await
+        self.finish(job, req, owner, token, trials, (&best, version))
+            .await
     }
 
-    /// ADAPTIVE: successive halving over construction effort (see `adaptive.rs`).
+    /// ADAPTIVE: successive halving over construction effort (see `adaptive.rs`); on a big
+    /// index (or when asked), multi-fidelity: the search runs on a seeded sample of the points,
+    /// then the best few graphs are built and measured on all of them.
     async fn run_adaptive(
         &self,
         job: &mut JobRecord,
@@ -514,22 +605,77 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
+        // Where the job reports its work in flight, and where full trials offer their graph.
+        (acts, best): (&Activities, &Best),
     ) -> Result<Vec<Trial>> {
         let cores = cores();
+        let started = std::time::Instant::now();
         let mut plan = plan.clone();
         plan.width = cores;
-        let eval = JobEval {
+        let permits = Arc::new(tokio::sync::Semaphore::new(cores));
+        let built = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let source = format!("autotune:{}", job.id);
+        let eval = |prepared: Arc<Prepared>, job: &JobRecord, fidelity, best| JobEval {
             jobs: self,
             prepared,
             token: token.clone(),
-            permits: Arc::new(tokio::sync::Semaphore::new(cores)),
-            built: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            permits: permits.clone(),
+            built: built.clone(),
             job: tokio::sync::Mutex::new(job.clone()),
             trials: Mutex::new(Vec::new()),
-            source: format!("autotune:{}", job.id),
+            source: source.clone(),
             tx: tx.clone(),
+            acts: acts.clone(),
+            best,
+            fidelity,
         };
-        let result = adaptive::run(&plan, &eval).await;
+        let full_points = prepared.points.len();
+        let Some(n) = plan.sample_size(full_points) else {
+            let e = eval(prepared, job, Fidelity::Full, Some(best));
+            let result = adaptive::run_from(&plan, &e, started).await;
+            return self.phase_end(job, e, result.map(drop), token).await;
+        };
+        // Phase 1: the search on a sample, with ground truth over the sample.
+        let (p, seed) = (prepared.clone(), plan.seed);
+        let sample =
+            Arc::new(tokio::task::spawn_blocking(move || Lab::sample_of(&p, n, seed)).await?);
+        cancelled(token)?;
+        let reserve = (plan.confirm * adaptive::TRIALS_PER_CONFIRM).min(plan.max_trials / 2);
+        let mut first = plan.clone();
+        first.max_trials = plan.max_trials - reserve;
+        // Sample builds are cheap: every m that keeps improving climbs, not only the best
+        // `cores` (on the 30k words, m 8 is the worst at ef_construction 40 and the cheapest at
+        // 100: halving to two m values missed it by 15%).
+        first.width = plan.m.len().max(plan.width);
+        // Half the time for the sample's search, the rest for the full builds.
+        first.max_time = plan.max_time.map(|t| t / 2);
+        tracing::info!(job = %job.id, sample = n, points = full_points, confirm = plan.confirm, "multi-fidelity ADAPTIVE: ranking on a sample");
+        let e = eval(sample, job, Fidelity::Sample, None);
+        let ranked = adaptive::run_from(&first, &e, started).await;
+        let ranked = match ranked {
+            Ok(r) => r,
+            Err(e2) => return self.phase_end(job, e, Err(e2), token).await,
+        };
+        let mut trials = self.phase_end(job, e, Ok(()), token).await?;
+        // Phase 2: the best graphs of the sample, on all the points.
+        let mut second = plan.clone();
+        second.max_trials = plan.max_trials.saturating_sub(trials.len() as u32);
+        let scale = full_points as f64 / n as f64;
+        let e = eval(prepared, job, Fidelity::Full, Some(best));
+        let result =
+            adaptive::confirm(&second, &e, &ranked, plan.confirm as usize, scale, started).await;
+        trials.extend(self.phase_end(job, e, result, token).await?);
+        Ok(trials)
+    }
+
+    /// The end of an ADAPTIVE phase: the job record and trials back from its evaluator.
+    async fn phase_end(
+        &self,
+        job: &mut JobRecord,
+        eval: JobEval<'_>,
+        result: Result<()>,
+        token: &CancellationToken,
+    ) -> Result<Vec<Trial>> {
         *job = eval.job.lock().await.clone();
         job.graphs_built = eval.built.load(std::sync::atomic::Ordering::Relaxed);
         if result.is_err() {
@@ -548,6 +694,8 @@ impl Jobs {
         prepared: Arc<Prepared>,
         token: &CancellationToken,
         tx: &mpsc::UnboundedSender<Event>,
+        // Where the job reports its work in flight, and where full trials offer their graph.
+        (acts, best): (&Activities, &Best),
     ) -> Result<Vec<Trial>> {
         let cancelled = || cancelled(token);
         // Group grid entries that can share one build, in order of first appearance.
@@ -570,7 +718,7 @@ impl Jobs {
         let mut tasks = tokio::task::JoinSet::new();
         let built = Arc::new(std::sync::atomic::AtomicU32::new(0));
         for (_, configs) in groups {
-            let built = built.clone();
+            let (built, acts) = (built.clone(), acts.clone());
             let (lab, prep, tok, permits, done) = (
                 self.lab.clone(),
                 prepared.clone(),
@@ -592,9 +740,16 @@ impl Jobs {
                             .await
                             .map_err(|_| Error::Internal("permits closed".into()))?;
                         let (lab, prep, tok) = (lab.clone(), prep.clone(), tok.clone());
+                        let acts = acts.clone();
                         Arc::new(
                             tokio::task::spawn_blocking(move || {
-                                lab.build(&prep, build_config, &|| tok.is_cancelled())
+                                let p = acts.begin(Phase::Build, Some(build_config), 0);
+                                lab.build_tracked(
+                                    &prep,
+                                    build_config,
+                                    &|| tok.is_cancelled(),
+                                    Some(&*p),
+                                )
                             })
                             .await??,
                         )
@@ -606,8 +761,16 @@ impl Jobs {
                         .map_err(|_| Error::Internal("permits closed".into()))?;
                     for (at, config) in configs {
                         let (g, p, t) = (graph.clone(), prep.clone(), tok.clone());
+                        let acts = acts.clone();
                         let m = tokio::task::spawn_blocking(move || {
-                            Lab::measure(&g, &p.harness, config.ef_search, &|| t.is_cancelled())
+                            let progress = acts.begin(Phase::Measure, Some(config), 0);
+                            Lab::measure_tracked(
+                                &g,
+                                &p.harness,
+                                config.ef_search,
+                                &|| t.is_cancelled(),
+                                Some(&*progress),
+                            )
                         })
                         .await??;
                         let _ = done.send(Ok(Measured {
@@ -616,6 +779,8 @@ impl Jobs {
                             measures: m,
                             build_millis: graph.meta.build_millis,
                             memory_bytes: graph.memory_bytes(),
+                            graph: graph.clone(),
+                            fidelity: Fidelity::Full,
                         }));
                     }
                     Ok::<_, Error>(())
@@ -636,9 +801,11 @@ impl Jobs {
                 pending.insert(measured.at, measured);
                 while let Some(m) = pending.remove(&trials.len()) {
                     let graphs_built = built.load(std::sync::atomic::Ordering::Relaxed);
+                    let graph = m.graph.clone();
                     let trial = self
                         .record_trial(job, graphs_built, &prepared, m, &source, tx)
                         .await?;
+                    best.offer(&trial, &graph);
                     trials.push(trial);
                 }
             }
@@ -676,6 +843,7 @@ impl Jobs {
                 m.build_millis,
                 m.memory_bytes,
                 source.to_string(),
+                m.fidelity,
             )
             .await?;
         job.trials_done += 1;
@@ -693,7 +861,11 @@ impl Jobs {
         (uid, abandon): (u64, &CancellationToken),
         token: &CancellationToken,
         trials: Vec<Trial>,
+        (best, version): (&Best, u64),
     ) -> Result<Outcome> {
+        // Only trials on all the points are candidates (multi-fidelity's sample trials ranked
+        // configs; they are never the answer).
+        let trials: Vec<Trial> = trials.into_iter().filter(Trial::is_full).collect();
         let front = pareto_front(&trials);
         let outcome = |winner: Option<Trial>, promotion, generation, reason: String| Outcome {
             job_id: job.id.clone(),
@@ -748,24 +920,82 @@ impl Jobs {
             .promote_for(&req.index, Some(uid), w.id, &req.requested_by, &note)
             .await?;
         tracing::info!(job = %job.id, trial = w.id, config = %w.config, recall = w.recall, p50_us = w.p50_micros, "autotune promoted its winner");
-        let generation = if req.activate {
-            Some(
-                self.lab
-                    .catalog()
-                    .rebuild_for(
+        // The winner's graph: the generation to swap in (activate) or to hold for a later
+        // ActivateProfile. Missing only if something still used it; then activation builds.
+        let graph = best.take(w.id).map(|gen| TrialGraph {
+            uid,
+            trial_id: w.id,
+            version,
+            gen,
+        });
+        let catalog = self.lab.catalog();
+        let generation = match (req.activate, graph) {
+            (true, Some(t)) => Some(
+                catalog
+                    .adopt_for(
                         &req.index,
                         uid,
                         abandon,
                         w.config,
+                        t,
                         ConfigSource::Promoted,
-                        "",
                     )
                     .await?,
-            )
-        } else {
-            None
+            ),
+            (true, None) => {
+                tracing::warn!(job = %job.id, trial = w.id, "the winner's graph is not held: activation builds it");
+                Some(
+                    catalog
+                        .rebuild_for(
+                            &req.index,
+                            uid,
+                            abandon,
+                            w.config,
+                            ConfigSource::Promoted,
+                            "",
+                        )
+                        .await?,
+                )
+            }
+            (false, Some(t)) => {
+                catalog.hold(&req.index, t);
+                None
+            }
+            (false, None) => None,
         };
         Ok(outcome(Some(w), Some(promotion), generation, String::new()))
+    }
+}
+
+/// Sends the job's work in flight every [`PROGRESS_EVERY`] while there is some, until `stop`
+/// (or until nobody listens). Owned by the job's task, which stops and awaits it before its
+/// last event.
+async fn report_progress(
+    job_id: String,
+    acts: Activities,
+    tx: mpsc::UnboundedSender<Event>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(PROGRESS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: wait one period before the first report.
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let activities = acts.views();
+        if activities.is_empty() {
+            continue;
+        }
+        let event = Event::Progress {
+            job_id: job_id.clone(),
+            activities,
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
     }
 }
 
@@ -799,6 +1029,11 @@ struct JobEval<'a> {
     trials: Mutex<Vec<Trial>>,
     source: String,
     tx: mpsc::UnboundedSender<Event>,
+    /// The job's builds and measurements in flight (for its progress events).
+    acts: Activities,
+    /// Where full trials offer their graph (None for sample trials: never activated).
+    best: Option<&'a Best>,
+    fidelity: Fidelity,
 }
 
 impl Evaluator for JobEval<'_> {
@@ -809,14 +1044,15 @@ impl Evaluator for JobEval<'_> {
         config: HnswConfig,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<Result<(Arc<Self::Graph>, std::time::Duration)>> {
-        let (lab, prep, tok, permits, built) = (
+        let (lab, prep, tok, permits, built, acts) = (
             self.jobs.lab.clone(),
             self.prepared.clone(),
             self.token.clone(),
             self.permits.clone(),
             self.built.clone(),
+            self.acts.clone(),
         );
-        tokio::spawn(async move {
+        self.jobs.lab.catalog().tasks().spawn(async move {
             let _p = permits
                 .acquire_owned()
                 .await
@@ -826,7 +1062,13 @@ impl Evaluator for JobEval<'_> {
                 return Err(Error::Cancelled("not needed any more".into()));
             }
             let g = tokio::task::spawn_blocking(move || {
-                lab.build(&prep, config, &|| tok.is_cancelled() || stop.is_cancelled())
+                let p = acts.begin(Phase::Build, Some(config), 0);
+                lab.build_tracked(
+                    &prep,
+                    config,
+                    &|| tok.is_cancelled() || stop.is_cancelled(),
+                    Some(&*p),
+                )
             })
             .await??;
             built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -844,8 +1086,16 @@ impl Evaluator for JobEval<'_> {
                 .await
                 .map_err(|_| Error::Internal("permits closed".into()))?;
             let (g, p, t) = (graph.clone(), self.prepared.clone(), self.token.clone());
+            let acts = self.acts.clone();
             tokio::task::spawn_blocking(move || {
-                Lab::measure(&g, &p.harness, config.ef_search, &|| t.is_cancelled())
+                let progress = acts.begin(Phase::Measure, Some(config), 0);
+                Lab::measure_tracked(
+                    &g,
+                    &p.harness,
+                    config.ef_search,
+                    &|| t.is_cancelled(),
+                    Some(&*progress),
+                )
             })
             .await??
         };
@@ -855,6 +1105,8 @@ impl Evaluator for JobEval<'_> {
             measures,
             build_millis: graph.meta.build_millis,
             memory_bytes: graph.memory_bytes(),
+            graph: graph.clone(),
+            fidelity: self.fidelity,
         };
         let graphs_built = self.built.load(std::sync::atomic::Ordering::Relaxed);
         let trial = self
@@ -868,6 +1120,9 @@ impl Evaluator for JobEval<'_> {
                 &self.tx,
             )
             .await?;
+        if let Some(best) = self.best {
+            best.offer(&trial, graph);
+        }
         self.trials.lock().push(trial.clone());
         Ok(trial)
     }

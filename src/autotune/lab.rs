@@ -5,11 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::harness::{ground_truth, sample, GroundTruth, Harness, Query, QuerySpec};
-use super::trial::Trial;
+use rand::SeedableRng;
+
+use super::harness::{
+    ground_truth, ground_truth_tracked, sample, GroundTruth, Harness, Query, QuerySpec,
+};
+use super::trial::{Fidelity, Trial};
 use crate::catalog::{Catalog, IndexHandle};
 use crate::error::{Error, Result};
-use crate::index::Generation;
+use crate::index::{Activities, Generation, Phase, Progress};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name, Point};
 use crate::store::Store;
 
@@ -191,21 +195,45 @@ impl Lab {
     /// The index's points and the harness, recomputing and storing its ground truth when the
     /// points changed since it was computed. FAILED_PRECONDITION for an index with no points.
     pub async fn prepare(&self, index: &Name, harness: &Name) -> Result<Prepared> {
+        self.prepare_tracked(index, harness, &Activities::default())
+            .await
+    }
+
+    /// FAILED_PRECONDITION: a trial needs points.
+    pub fn no_points(index: &Name) -> Error {
+        Error::Precondition(format!(
+            "index {:?} has no points: a trial needs points to build a graph over",
+            index.as_str()
+        ))
+    }
+
+    /// [`Lab::prepare`], listing a ground truth it recomputes in `acts` while it runs
+    /// ([`Phase::GroundTruth`], queries done of the harness's).
+    pub async fn prepare_tracked(
+        &self,
+        index: &Name,
+        harness: &Name,
+        acts: &Activities,
+    ) -> Result<Prepared> {
         let mut h = self.get_harness(index, harness)?;
         let (handle, points, version) = self.catalog.snapshot(index).await?;
         if points.is_empty() {
-            return Err(Error::Precondition(format!(
-                "index {:?} has no points: a trial needs points to build a graph over",
-                index.as_str()
-            )));
+            return Err(Self::no_points(index));
         }
         let points = Arc::new(points);
         if h.truth.data_version != version {
             let (pts, metric) = (points.clone(), handle.meta.metric);
+            let progress = acts.begin(Phase::GroundTruth, None, h.queries.len() as u64);
             h = tokio::task::spawn_blocking(move || {
                 h.truth = GroundTruth {
                     data_version: version,
-                    neighbors: ground_truth(metric, &pts, &h.queries, h.k as usize),
+                    neighbors: ground_truth_tracked(
+                        metric,
+                        &pts,
+                        &h.queries,
+                        h.k as usize,
+                        Some(&*progress),
+                    ),
                 };
                 h
             })
@@ -274,6 +302,17 @@ impl Lab {
         config: HnswConfig,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Generation> {
+        self.build_tracked(p, config, cancelled, None)
+    }
+
+    /// [`Lab::build`], reporting the points inserted to `progress`.
+    pub fn build_tracked(
+        &self,
+        p: &Prepared,
+        config: HnswConfig,
+        cancelled: &dyn Fn() -> bool,
+        progress: Option<&Progress>,
+    ) -> Result<Generation> {
         let meta = GenerationMeta {
             number: 0,
             config,
@@ -282,16 +321,47 @@ impl Lab {
             build_millis: 0,
             activate_time_ms: 0,
             profile: String::new(),
+            trial_id: 0,
         };
-        let g = Generation::build(
+        let (kind, metric, dim, points) = (
+            p.handle.engine,
             p.handle.meta.metric,
             p.handle.meta.dimension,
-            meta,
             (*p.points).clone(),
-            cancelled,
-        )?;
+        );
+        let g = match progress {
+            Some(progress) => {
+                Generation::build_tracked(kind, metric, dim, meta, points, cancelled, progress)?
+            }
+            None => Generation::build(kind, metric, dim, meta, points, cancelled)?,
+        };
         self.graphs_built.fetch_add(1, Ordering::Relaxed);
         Ok(g)
+    }
+
+    /// A seeded sample of `n` of the prepared points with the harness's queries and their ground
+    /// truth over the sample (multi-fidelity autotune's first phase). Blocking: the ground truth
+    /// is `queries x n` distance computations, on every core.
+    pub fn sample_of(p: &Prepared, n: usize, seed: u64) -> Prepared {
+        let mut sorted: Vec<&Point> = p.points.iter().collect();
+        sorted.sort_unstable_by_key(|p| p.id);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut picked =
+            rand::seq::index::sample(&mut rng, sorted.len(), n.min(sorted.len())).into_vec();
+        picked.sort_unstable();
+        let points: Vec<Point> = picked.into_iter().map(|i| sorted[i].clone()).collect();
+        let mut harness = (*p.harness).clone();
+        harness.truth.neighbors = ground_truth(
+            p.handle.meta.metric,
+            &points,
+            &harness.queries,
+            harness.k as usize,
+        );
+        Prepared {
+            handle: p.handle.clone(),
+            points: Arc::new(points),
+            harness: Arc::new(harness),
+        }
     }
 
     /// Runs every harness query one at a time on `g` with `ef_search` (blocking), checking
@@ -302,14 +372,31 @@ impl Lab {
         ef_search: u32,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Measures> {
+        Self::measure_tracked(g, h, ef_search, cancelled, None)
+    }
+
+    /// [`Lab::measure`], reporting the queries run to `progress` (enters [`Phase::Measure`]).
+    pub fn measure_tracked(
+        g: &Generation,
+        h: &Harness,
+        ef_search: u32,
+        cancelled: &dyn Fn() -> bool,
+        progress: Option<&Progress>,
+    ) -> Result<Measures> {
+        if let Some(p) = progress {
+            p.enter(Phase::Measure, h.queries.len() as u64);
+        }
         let k = h.k as usize;
         let mut latencies = Vec::with_capacity(h.queries.len());
         let mut recall_sum = 0.0;
         let mut evals = 0u64;
         let started = Instant::now();
-        for (q, truth) in h.queries.iter().zip(&h.truth.neighbors) {
+        for (i, (q, truth)) in h.queries.iter().zip(&h.truth.neighbors).enumerate() {
             if cancelled() {
                 return Err(Error::Cancelled("the trial was cancelled".into()));
+            }
+            if let Some(p) = progress {
+                p.set_done(i as u64);
             }
             let t = Instant::now();
             let fetch = if q.exclude.is_some() { k + 1 } else { k };
@@ -347,6 +434,7 @@ impl Lab {
     /// deleted meanwhile (even if another was created under its name). Then applies the
     /// retention to the trial's index and harness (the newest `--trials-kept` stay, and every
     /// promoted one).
+    #[allow(clippy::too_many_arguments)] // one trial's fields, each from a different step
     pub async fn journal(
         &self,
         p: &Prepared,
@@ -355,6 +443,7 @@ impl Lab {
         build_millis: u64,
         memory_bytes: u64,
         source: String,
+        fidelity: Fidelity,
     ) -> Result<Trial> {
         let (index, harness, k) = (
             p.handle.meta.name.clone(),
@@ -380,6 +469,7 @@ impl Lab {
             create_time_ms: now_millis(),
             source: source.clone(),
             mean_distance_evals: m.mean_distance_evals,
+            fidelity,
         })?;
         self.store().flush().await?;
         tracing::info!(
@@ -427,8 +517,16 @@ impl Lab {
             Ok((m, g.meta.build_millis, g.memory_bytes()))
         })
         .await??;
-        self.journal(&p, config, m, build_millis, memory, "manual".into())
-            .await
+        self.journal(
+            &p,
+            config,
+            m,
+            build_millis,
+            memory,
+            "manual".into(),
+            Fidelity::Full,
+        )
+        .await
     }
 
     pub fn get_trial(&self, id: u64) -> Result<Trial> {

@@ -103,6 +103,7 @@ mod tests {
             create_time_ms: 0,
             source: String::new(),
             mean_distance_evals: 0.0,
+            fidelity: Default::default(),
         }
     }
 

@@ -25,4 +25,25 @@ pub struct Trial {
     /// Mean distance computations per query; 0 for trials journaled before it was recorded.
     #[serde(default)]
     pub mean_distance_evals: f64,
+    /// On what points it was measured: all the index's (every trial journaled before
+    /// multi-fidelity autotune) or a sample (multi-fidelity ADAPTIVE's first phase).
+    #[serde(default)]
+    pub fidelity: Fidelity,
+}
+
+/// The points a trial's graph was built over and its recall measured against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fidelity {
+    /// All the index's points, with the harness's ground truth.
+    #[default]
+    Full,
+    /// A seeded sample of them (`point_count` of them), with ground truth computed over the
+    /// sample. Never picked, promoted or activated; left out of Pareto fronts unless asked.
+    Sample,
+}
+
+impl Trial {
+    pub fn is_full(&self) -> bool {
+        self.fidelity == Fidelity::Full
+    }
 }

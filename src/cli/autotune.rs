@@ -1,4 +1,6 @@
 //! `vectord autotune`: start the stream, print a row per trial as it arrives, then the outcome.
+//! On a terminal, the job's builds and measurements in flight are progress bars on stderr;
+//! with `--json` every event, progress included, is one JSON line.
 //! Ctrl-C cancels the job (CancelJob with the started event's id) and exits 130.
 
 use std::cell::OnceCell;
@@ -9,6 +11,7 @@ use vectord::pb::autotune_response::Event;
 
 use super::commands::{trial_row, TRIAL_HEADERS};
 use super::error::{CliError, EXIT_INTERRUPTED};
+use super::progress::Bars;
 use super::{json as j, out, AutotuneArgs, Ctx};
 
 /// Widths of the live table's columns (rows are printed one at a time, so they are fixed).
@@ -60,6 +63,8 @@ pub async fn run(ctx: &Ctx, a: AutotuneArgs) -> Result<ExitCode, CliError> {
         seed: a.adaptive.then_some(a.seed),
         adaptive_m: a.adaptive_m,
         adaptive_ef_construction: a.adaptive_ef_construction,
+        adaptive_sample_points: a.sample_points,
+        adaptive_confirm: a.confirm.unwrap_or(0),
     };
     let job_id = OnceCell::new();
     let body = std::pin::pin!(deadline(ctx, follow(ctx, request, &job_id)));
@@ -122,6 +127,7 @@ async fn follow(
     job_id: &OnceCell<String>,
 ) -> Result<(), CliError> {
     let mut stream = ctx.autotune().autotune(request).await?.into_inner();
+    let mut bars = Bars::new(ctx.json);
     while let Some(msg) = stream.message().await? {
         let Some(event) = msg.event else { continue };
         if ctx.json {
@@ -132,12 +138,12 @@ async fn follow(
                 let _ = job_id.set(s.job_id.clone());
                 if !ctx.json {
                     if s.strategy == pb::Strategy::Adaptive as i32 {
-                        out::line(&format!(
+                        bars.println(&format!(
                             "autotune job {}: adaptive (configs chosen as trials finish)",
                             s.job_id
                         ));
                     } else {
-                        out::line(&format!(
+                        bars.println(&format!(
                             "autotune job {}: {} configs",
                             s.job_id,
                             s.grid.len()
@@ -145,15 +151,17 @@ async fn follow(
                     }
                     let headers: Vec<String> =
                         TRIAL_HEADERS.iter().map(|h| h.to_string()).collect();
-                    out::line(&row(&headers));
+                    bars.println(&row(&headers));
                 }
             }
             Event::Trial(t) => {
                 if !ctx.json {
-                    out::line(&row(&trial_row(&t)));
+                    bars.println(&row(&trial_row(&t)));
                 }
             }
+            Event::Progress(p) => bars.show("", &p.activities),
             Event::Finished(f) => {
+                bars.clear();
                 if !ctx.json {
                     print_finished(&f);
                 }

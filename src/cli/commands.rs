@@ -219,6 +219,7 @@ async fn index(ctx: &Ctx, cmd: IndexCommand) -> Res {
                     dimension: dim,
                     metric: metric as i32,
                     default_config,
+                    engine: String::new(),
                 }))
                 .await?;
             print_index(ctx, &r.index);
@@ -743,12 +744,11 @@ async fn profile(ctx: &Ctx, cmd: ProfileCommand) -> Res {
             }
         }
         ProfileCommand::Activate { name } => {
-            let r = ctx
-                .call_long(
-                    ctx.index()
-                        .activate_profile(pb::ActivateProfileRequest { name }),
-                )
-                .await?;
+            let mut client = ctx.index();
+            let call = ctx.call_long(
+                client.activate_profile(pb::ActivateProfileRequest { name: name.clone() }),
+            );
+            let r = super::progress::follow_activation(ctx, &name, call).await?;
             if ctx.json {
                 let v: Vec<Value> = r.generations.iter().map(j::generation).collect();
                 out::json(&json!({ "generations": v }));

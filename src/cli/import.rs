@@ -1,14 +1,13 @@
 //! `vectord import`: read and check the whole file, then stream batches through ImportPoints.
 
-use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use serde_json::json;
 use vectord::pb;
 
 use super::error::CliError;
 use super::files::{self, Expect, Format};
+use super::progress::Bars;
 use super::{out, Ctx, ImportArgs};
 
 pub async fn run(ctx: &Ctx, a: ImportArgs) -> Result<ExitCode, CliError> {
@@ -38,9 +37,10 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Result<ExitCode, CliError> {
 
     let total = points.len();
     let batch_size = a.batch_size as usize;
-    let progress = std::io::stderr()
-        .is_terminal()
-        .then(|| Progress::new(total));
+    // On a terminal (with --json too: the bar is on stderr): a bar of the points handed to
+    // the stream, their rate and the time left at it; nothing otherwise.
+    let mut bars = Bars::new(false);
+    let progress = bars.counter("import", "import", total as u64);
     let mut first = Some(a.index.clone());
     let mut sent = 0usize;
     let mut rest = points.into_iter();
@@ -48,13 +48,13 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Result<ExitCode, CliError> {
         let batch: Vec<pb::Point> = rest.by_ref().take(batch_size).collect();
         if batch.is_empty() {
             if let Some(p) = &progress {
-                p.done();
+                p.finish_and_clear();
             }
             return None;
         }
         sent += batch.len();
         if let Some(p) = &progress {
-            p.show(sent);
+            p.set_position(sent as u64);
         }
         Some(pb::ImportPointsRequest {
             index_name: first.take().unwrap_or_default(),
@@ -64,7 +64,9 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Result<ExitCode, CliError> {
     });
     let r = ctx
         .call_long(ctx.index().import_points(tokio_stream::iter(batches)))
-        .await?;
+        .await;
+    bars.clear();
+    let r = r?;
     if ctx.json {
         out::json(&json!({
             "upserted_count": r.upserted_count,
@@ -77,39 +79,4 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Result<ExitCode, CliError> {
         ));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A one-line progress report on a terminal's stderr: points handed to the stream, points/s
-/// and the time left at that rate.
-struct Progress {
-    total: usize,
-    start: Instant,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Progress {
-            total,
-            start: Instant::now(),
-        }
-    }
-
-    fn show(&self, sent: usize) {
-        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        let rate = sent as f64 / secs;
-        let eta = (self.total - sent.min(self.total)) as f64 / rate.max(1e-9);
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[K{sent}/{} points  {rate:.0} points/s  ETA {eta:.0} s",
-            self.total
-        );
-        let _ = err.flush();
-    }
-
-    fn done(&self) {
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[K");
-        let _ = err.flush();
-    }
 }

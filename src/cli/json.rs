@@ -37,6 +37,7 @@ pub fn generation(g: &pb::Generation) -> Value {
         "build_millis": g.build_millis,
         "activate_time": timestamp(&g.activate_time),
         "profile": g.profile,
+        "trial_id": g.trial_id,
     })
 }
 
@@ -51,6 +52,7 @@ pub fn index(i: &pb::Index) -> Value {
         "create_time": timestamp(&i.create_time),
         "refresh_policy": opt(&i.refresh_policy, refresh_policy),
         "refresh_status": opt(&i.refresh_status, refresh_status),
+        "build_progress": opt(&i.build_progress, progress),
     })
 }
 
@@ -95,6 +97,8 @@ pub fn trial(t: &pb::Trial) -> Value {
         "create_time": timestamp(&t.create_time),
         "source": t.source,
         "mean_distance_evals": t.mean_distance_evals,
+        "fidelity": pb::Fidelity::try_from(t.fidelity)
+            .map_or("FIDELITY_UNKNOWN", |f| f.as_str_name()),
     })
 }
 
@@ -178,6 +182,11 @@ pub fn autotune_event(e: &pb::autotune_response::Event) -> Value {
             }
             v
         }
+        Event::Progress(p) => json!({
+            "event": "progress",
+            "job_id": p.job_id,
+            "activities": p.activities.iter().map(progress).collect::<Vec<_>>(),
+        }),
         Event::Finished(f) => json!({
             "event": "finished",
             "job_id": f.job_id,
@@ -189,4 +198,18 @@ pub fn autotune_event(e: &pb::autotune_response::Event) -> Value {
             "pareto_front": f.pareto_front.iter().map(trial).collect::<Vec<_>>(),
         }),
     }
+}
+
+/// One piece of long work (`Progress`), with the proto field names; `remaining_millis` is null
+/// while unknown.
+pub fn progress(p: &pb::Progress) -> Value {
+    json!({
+        "phase": pb::ProgressPhase::try_from(p.phase)
+            .map_or("PROGRESS_PHASE_UNSPECIFIED", |x| x.as_str_name()),
+        "config": opt(&p.config, config),
+        "done": p.done,
+        "total": p.total,
+        "start_time": timestamp(&p.start_time),
+        "remaining_millis": p.remaining_millis,
+    })
 }

@@ -8,6 +8,7 @@ mod files;
 mod import;
 mod json;
 mod out;
+mod progress;
 mod report;
 
 use std::future::Future;
@@ -340,7 +341,16 @@ pub struct AutotuneArgs {
     /// ADAPTIVE: the ef_construction rungs (server default 40,100,200).
     #[arg(long, value_delimiter = ',', requires = "adaptive")]
     pub adaptive_ef_construction: Vec<u32>,
-    /// Rebuild the index with the winner's config after promoting it.
+    /// ADAPTIVE: multi-fidelity, ranking configs on a seeded sample of this many points before
+    /// confirming the best on all of them; 0 turns it off (server default: on from 50,000
+    /// points, a tenth of them, at least 20,000).
+    #[arg(long, requires = "adaptive")]
+    pub sample_points: Option<u32>,
+    /// ADAPTIVE multi-fidelity: graphs of the sample confirmed on all points (server default 2).
+    #[arg(long, requires = "adaptive")]
+    pub confirm: Option<u32>,
+    /// Swap in the winner's config after promoting it: the graph its trial built becomes the
+    /// new generation (the writes made since replayed into it), no second build.
     #[arg(long)]
     pub activate: bool,
     /// Recorded as promoted_by (server default "autotune").

@@ -74,6 +74,7 @@ pub async fn run(ctx: &Ctx, a: ReportArgs) -> Result<ExitCode, CliError> {
         .call(ctx.autotune().get_pareto_front(pb::GetParetoFrontRequest {
             index_name: a.index.clone(),
             harness: harness.clone(),
+            include_sample_trials: false,
         }))
         .await?
         .trials;

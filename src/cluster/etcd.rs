@@ -12,6 +12,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::error::{Error, Result};
+use crate::index::engine::EngineKind;
 use crate::model::{HnswConfig, Metric};
 
 pub const PREFIX: &str = "/vectord/v1/";
@@ -41,6 +42,11 @@ pub struct IndexEntry {
     pub metric: Metric,
     pub default_config: HnswConfig,
     pub create_time_ms: u64,
+    /// The HNSW engine of every node's graphs of the index: the one CreateIndex named, or the
+    /// creating node's `--engine` (so every node builds the same kind). None in an entry
+    /// written before the field existed: each node's `--engine`.
+    #[serde(default)]
+    pub engine: Option<EngineKind>,
     /// Write log shards (streams `VECTORD_<uid>_S<n>`); 1 for now: the layout leaves room for
     /// more.
     pub shards: u32,
@@ -59,10 +65,12 @@ pub struct NodeRecord {
 
 /// An etcd failure as the client sees it: UNAVAILABLE naming etcd.
 pub fn unavailable(urls: &[String], what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Unavailable(format!(
-        "etcd ({}) did not answer {what}: {e}",
-        urls.join(",")
-    ))
+    Error::Engine {
+        engine: "etcd",
+        endpoints: urls.join(","),
+        what: format!(" did not answer {what}"),
+        detail: e.to_string(),
+    }
 }
 
 /// Runs one etcd call, bounded by [`TIMEOUT`].

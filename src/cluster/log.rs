@@ -201,12 +201,16 @@ impl WriteLog {
 }
 
 fn unavailable(urls: &[String], what: &str, e: impl std::fmt::Display) -> Error {
-    let what = if what.is_empty() {
-        String::new()
-    } else {
-        format!(" ({what})")
-    };
-    Error::Unavailable(format!("NATS JetStream ({}){what}: {e}", urls.join(",")))
+    Error::Engine {
+        engine: "NATS JetStream",
+        endpoints: urls.join(","),
+        what: if what.is_empty() {
+            String::new()
+        } else {
+            format!(" ({what})")
+        },
+        detail: e.to_string(),
+    }
 }
 
 /// What the apply loop tells about the writes it applied (their outcomes by sequence).
@@ -246,7 +250,7 @@ pub async fn apply_loop(
 
 async fn apply_from(
     log: &WriteLog,
-    catalog: &Catalog,
+    catalog: &Arc<Catalog>,
     handle: &Arc<IndexHandle>,
     cluster_uid: u64,
     on_applied: &OnApplied,

@@ -12,7 +12,14 @@
 //!   transaction as the data (`store::Applied`). So every node applies the same writes in the
 //!   same order, and a restarted node resumes right after what its store holds.
 //! - An engine that does not answer makes the call UNAVAILABLE within a few seconds, with a
-//!   message naming the engine; searches never need either engine.
+//!   message naming the engine (`Error::Engine`); searches never need either engine.
+//! - The node is joined by `App::open` (after the refresher; the server reports SERVING only
+//!   once it has joined), and every task it starts (the apply loops, the catalog watch, the
+//!   membership heartbeat) is spawned on the server's `Tasks` and ends at its cancellation:
+//!   the heartbeat revokes the node's lease as it ends, so a node that shuts down leaves
+//!   `ListNodes` at once (a node that dies leaves it when its lease expires).
+//! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`); it names no tonic type but
+//!   the etcd client's own.
 
 pub mod codec;
 pub mod etcd;
@@ -30,6 +37,7 @@ use crate::catalog::{Catalog, IndexView};
 use crate::error::{Error, Result};
 use crate::model::{now_millis, Name, NewIndex, Point};
 use crate::store::WriteOp;
+use crate::tasks::Tasks;
 
 use self::etcd::{IndexEntry, NodeRecord};
 use self::log::WriteLog;
@@ -43,6 +51,8 @@ const WRITE_APPLY_WAIT: Duration = Duration::from_secs(10);
 const RECENT_OUTCOMES: usize = 4096;
 /// How often a node renews its lease and reports its applied sequences.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Longest the lease revoke at shutdown may take (it is within the shutdown grace).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The cluster flags.
 #[derive(Clone, Debug)]
@@ -95,7 +105,8 @@ impl ClusterConfig {
     }
 }
 
-/// Drops a local index (with its jobs and refresh state): the server's DeleteIndex path.
+/// Drops a local index (with its job and refresh state): DeleteIndex's steps on this node,
+/// given by `App::open` over the parts built before the cluster.
 pub type DropIndex = Arc<dyn Fn(Name) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// What a logged write did.
@@ -105,6 +116,16 @@ pub struct WriteAck {
     pub affected: u64,
     pub point_count: u64,
     pub sequence: u64,
+}
+
+impl From<WriteAck> for crate::app::Written {
+    fn from(w: WriteAck) -> Self {
+        crate::app::Written {
+            affected: w.affected,
+            point_count: w.point_count,
+            sequence: w.sequence,
+        }
+    }
 }
 
 /// Per cluster uid, (sequence, affected) of the newest applied writes, oldest first.
@@ -127,6 +148,9 @@ pub struct Cluster {
     reconciling: tokio::sync::Mutex<()>,
     /// Recent outcomes per cluster uid: (sequence, affected), oldest first.
     recent: Arc<Mutex<RecentOutcomes>>,
+    /// The server's tasks: every task of the node is spawned here.
+    tasks: Tasks,
+    /// A child of the server's stop token (cancelled alone when a join attempt fails).
     stop: CancellationToken,
     start_time_ms: u64,
 }
@@ -135,13 +159,14 @@ impl Cluster {
     /// Joins the cluster: connects to both engines, matches the local replicas to the catalog,
     /// starts applying every index's log, watching the catalog and holding the node's
     /// registration. While an engine does not answer it waits (logging why, every few
-    /// seconds) until it does or `stop` is cancelled.
+    /// seconds) until it does or the server stops. Its tasks are the catalog's `Tasks`.
     pub async fn join(
         cfg: ClusterConfig,
         catalog: Arc<Catalog>,
         drop_index: DropIndex,
-        stop: CancellationToken,
     ) -> Result<Arc<Self>> {
+        let tasks = catalog.tasks().clone();
+        let stop = tasks.stop_token();
         let store = catalog.store().clone();
         match store.cluster_node()? {
             Some(id) if id != cfg.node_id => {
@@ -165,7 +190,7 @@ impl Cluster {
         }
         let mut attempt = 0u64;
         loop {
-            let res = Self::connect(&cfg, &catalog, &drop_index, &stop).await;
+            let res = Self::connect(&cfg, &catalog, &drop_index, &tasks).await;
             match res {
                 Ok(c) => return Ok(c),
                 Err(e) => {
@@ -176,7 +201,7 @@ impl Cluster {
                 }
             }
             tokio::select! {
-                _ = stop.cancelled() => return Err(Error::Unavailable("shutting down before the cluster's engines answered".into())),
+                _ = stop.cancelled() => return Err(Error::Unavailable("shutting down before the cluster's engines (etcd, NATS) answered".into())),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
@@ -186,7 +211,7 @@ impl Cluster {
         cfg: &ClusterConfig,
         catalog: &Arc<Catalog>,
         drop_index: &DropIndex,
-        stop: &CancellationToken,
+        tasks: &Tasks,
     ) -> Result<Arc<Self>> {
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
@@ -208,7 +233,8 @@ impl Cluster {
             appliers: Default::default(),
             reconciling: Default::default(),
             recent: Default::default(),
-            stop: stop.child_token(),
+            tasks: tasks.clone(),
+            stop: tasks.stop_token().child_token(),
             start_time_ms: now_millis(),
         });
         let joined = async {
@@ -224,28 +250,14 @@ impl Cluster {
                 return Err(e);
             }
         };
-        tokio::spawn(cluster.clone().watch(rev));
-        tokio::spawn(cluster.clone().heartbeat(lease));
+        tasks.spawn(cluster.clone().watch(rev));
+        tasks.spawn(cluster.clone().heartbeat(lease));
         tracing::info!(node = %cfg.node_id, advertise = %cfg.advertise_addr, indexes = cluster.appliers.lock().len(), "joined the cluster");
         Ok(cluster)
     }
 
     fn etcd(&self) -> etcd_client::Client {
         self.etcd.clone()
-    }
-
-    /// Stops the node's tasks and gives up its registration (best effort, within a second).
-    pub async fn leave(&self) {
-        self.stop.cancel();
-        for (_, a) in self.appliers.lock().drain() {
-            a.cancel.cancel();
-        }
-        let mut etcd = self.etcd();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            etcd.delete(etcd::node_key(&self.cfg.node_id), None),
-        )
-        .await;
     }
 
     /// Matches the local replicas to the catalog; the revision it was read at.
@@ -288,6 +300,7 @@ impl Cluster {
                 dimension: entry.dimension,
                 metric: entry.metric,
                 default_config: entry.default_config,
+                engine: entry.engine,
             };
             self.catalog
                 .create_replica(new, uid, entry.create_time_ms)
@@ -317,7 +330,7 @@ impl Cluster {
                     q.pop_front();
                 }
             });
-            tokio::spawn(log::apply_loop(
+            self.tasks.spawn(log::apply_loop(
                 self.log.clone(),
                 self.catalog.clone(),
                 handle,
@@ -473,13 +486,17 @@ impl Cluster {
     }
 
     /// Renews the node's lease and reports its applied sequences when they changed; registers
-    /// again (a new lease) after losing it.
+    /// again (a new lease) after losing it. At the server's stop, revokes the lease (the node
+    /// leaves the membership at once; best effort, bounded by [`LEAVE_TIMEOUT`]) and ends.
     async fn heartbeat(self: Arc<Self>, mut lease: i64) {
         let mut reported = self.node_record();
         let mut failing = false;
         loop {
             tokio::select! {
-                _ = self.stop.cancelled() => return,
+                _ = self.stop.cancelled() => {
+                    self.leave(lease).await;
+                    return;
+                }
                 _ = tokio::time::sleep(HEARTBEAT) => {}
             }
             let mut etcd = self.etcd();
@@ -529,6 +546,16 @@ impl Cluster {
         }
     }
 
+    /// Gives up the node's registration: revokes its lease, which deletes its record.
+    async fn leave(&self, lease: i64) {
+        let mut etcd = self.etcd();
+        match tokio::time::timeout(LEAVE_TIMEOUT, etcd.lease_revoke(lease)).await {
+            Ok(Ok(_)) => tracing::info!(node = %self.cfg.node_id, "left the cluster (lease revoked)"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "revoking the node's lease failed: its record expires with the lease"),
+            Err(_) => tracing::warn!("etcd did not answer the lease revoke in time: the node's record expires with the lease"),
+        }
+    }
+
     // ---- the calls ----
 
     /// CreateIndex: one compare-and-swap in etcd; answered once this node's replica exists.
@@ -547,6 +574,7 @@ impl Cluster {
             metric: new.metric,
             default_config: new.default_config,
             create_time_ms: now_millis(),
+            engine: Some(new.engine.unwrap_or(self.catalog.default_engine())),
             shards: 1,
         };
         let uid = etcd::create_index(&mut self.etcd(), &self.cfg.etcd, &entry)

@@ -130,14 +130,16 @@ impl TryFrom<pb::AutotuneRequest> for TuneRequest {
         };
         let adaptive_fields = r.budget.is_some()
             || r.seed.is_some()
+            || r.adaptive_sample_points.is_some()
+            || r.adaptive_confirm != 0
             || !r.adaptive_m.is_empty()
             || !r.adaptive_ef_construction.is_empty();
         let (grid, adaptive) = match pb::Strategy::try_from(r.strategy) {
             Ok(pb::Strategy::Unspecified) | Ok(pb::Strategy::Grid) => {
                 if adaptive_fields {
                     return Err(Error::invalid(
-                        "budget, seed, adaptive_m and adaptive_ef_construction are only for \
-                         strategy STRATEGY_ADAPTIVE",
+                        "budget, seed, adaptive_m, adaptive_ef_construction, adaptive_sample_points \
+                         and adaptive_confirm are only for strategy STRATEGY_ADAPTIVE",
                     ));
                 }
                 (grid, None)
@@ -229,6 +231,31 @@ fn adaptive_plan(target: f64, r: &pb::AutotuneRequest) -> Result<Plan, Error> {
             .then(|| std::time::Duration::from_secs(u64::from(budget.max_seconds))),
         seed: r.seed.unwrap_or(DEFAULT_SEED),
         width: 1,
+        sample_points: match r.adaptive_sample_points {
+            Some(n) if n > 0 && n < adaptive::MIN_SAMPLE_POINTS => {
+                return Err(Error::out_of_range(
+                    "adaptive_sample_points",
+                    format!("0 (off) or at least {}", adaptive::MIN_SAMPLE_POINTS),
+                    n,
+                ))
+            }
+            n => n,
+        },
+        confirm: match r.adaptive_confirm {
+            0 => adaptive::DEFAULT_CONFIRM,
+            n if n <= adaptive::MAX_CONFIRM => n,
+            n => {
+                return Err(Error::out_of_range(
+                    "adaptive_confirm",
+                    format!(
+                        "[0, {}] (0: {})",
+                        adaptive::MAX_CONFIRM,
+                        adaptive::DEFAULT_CONFIRM
+                    ),
+                    n,
+                ))
+            }
+        },
     })
 }
 
@@ -242,12 +269,7 @@ impl AutotuneService for AutotuneApi {
         let req = req.into_inner();
         let index = name("index_name", &req.index_name)?;
         let policy = convert::refresh_policy_from(req.policy)?;
-        let saved = self
-            .core
-            .ready()?
-            .refresh
-            .set_policy(&index, policy)
-            .await?;
+        let saved = self.core.app()?.refresh.set_policy(&index, policy).await?;
         Ok(Response::new(pb::SetRefreshPolicyResponse {
             policy: Some(match saved {
                 Some(p) => convert::refresh_policy_to(&p),
@@ -284,7 +306,7 @@ impl AutotuneService for AutotuneApi {
         };
         let h = self
             .core
-            .ready()?
+            .app()?
             .lab
             .create_harness(&index, hname, req.k, spec)
             .await?;
@@ -296,7 +318,7 @@ impl AutotuneService for AutotuneApi {
     async fn get_harness(&self, req: Request<pb::GetHarnessRequest>) -> R<pb::GetHarnessResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
         let hname = name("name", &req.get_ref().name)?;
-        let h = self.core.ready()?.lab.get_harness(&index, &hname)?;
+        let h = self.core.app()?.lab.get_harness(&index, &hname)?;
         Ok(Response::new(pb::GetHarnessResponse {
             harness: Some(harness_to(&h)),
         }))
@@ -307,7 +329,7 @@ impl AutotuneService for AutotuneApi {
         req: Request<pb::ListHarnessesRequest>,
     ) -> R<pb::ListHarnessesResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
-        let hs = self.core.ready()?.lab.list_harnesses(&index)?;
+        let hs = self.core.app()?.lab.list_harnesses(&index)?;
         Ok(Response::new(pb::ListHarnessesResponse {
             harnesses: hs.iter().map(harness_to).collect(),
         }))
@@ -319,11 +341,7 @@ impl AutotuneService for AutotuneApi {
     ) -> R<pb::DeleteHarnessResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
         let hname = name("name", &req.get_ref().name)?;
-        self.core
-            .ready()?
-            .lab
-            .delete_harness(&index, &hname)
-            .await?;
+        self.core.app()?.lab.delete_harness(&index, &hname).await?;
         Ok(Response::new(pb::DeleteHarnessResponse {}))
     }
 
@@ -335,7 +353,7 @@ impl AutotuneService for AutotuneApi {
         let config = convert::trial_config("config.", req.config)?;
         let trial = self
             .core
-            .ready()?
+            .app()?
             .lab
             .run_trial(&index, &harness, config)
             .await?;
@@ -345,7 +363,7 @@ impl AutotuneService for AutotuneApi {
     }
 
     async fn get_trial(&self, req: Request<pb::GetTrialRequest>) -> R<pb::GetTrialResponse> {
-        let t = self.core.ready()?.lab.get_trial(req.get_ref().id)?;
+        let t = self.core.app()?.lab.get_trial(req.get_ref().id)?;
         Ok(Response::new(pb::GetTrialResponse {
             trial: Some(t.into()),
         }))
@@ -366,7 +384,7 @@ impl AutotuneService for AutotuneApi {
                 })
             })
             .transpose()?;
-        let mut trials = self.core.ready()?.lab.list_trials(
+        let mut trials = self.core.app()?.lab.list_trials(
             index.as_ref(),
             harness.as_ref(),
             before,
@@ -384,12 +402,11 @@ impl AutotuneService for AutotuneApi {
     #[tracing::instrument(skip_all, fields(index = %req.get_ref().index_name, harness = %req.get_ref().harness))]
     async fn autotune(&self, req: Request<pb::AutotuneRequest>) -> R<Self::AutotuneStream> {
         let tune = TuneRequest::try_from(req.into_inner())?;
-        let ready = self.core.ready()?;
-        let (mut events, token) = ready.jobs.start(tune).await?;
+        let (mut events, token) = self.core.app()?.start_tune(tune).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         // The forwarder: the job never waits for the client (its events queue up, a handful per
-        // trial); the client going away cancels the job.
-        tokio::spawn(async move {
+        // trial); the client going away cancels the job. It ends with the job's events.
+        self.core.tasks.spawn(async move {
             loop {
                 let event = tokio::select! {
                     _ = tx.closed() => {
@@ -437,7 +454,15 @@ impl AutotuneService for AutotuneApi {
                             },
                         )),
                     }),
-                    Event::Ended(message, code) => Err(Status::new(code, message)),
+                    Event::Progress { job_id, activities } => Ok(pb::AutotuneResponse {
+                        event: Some(pb::autotune_response::Event::Progress(
+                            pb::AutotuneProgress {
+                                job_id,
+                                activities: activities.iter().map(convert::progress_to).collect(),
+                            },
+                        )),
+                    }),
+                    Event::Ended(e) => Err(e.into()),
                 };
                 tokio::select! {
                     _ = tx.closed() => {
@@ -456,7 +481,7 @@ impl AutotuneService for AutotuneApi {
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
         let index = optional_name("index_name", &req.get_ref().index_name)?;
-        let jobs = self.core.ready()?.jobs.list(index.as_ref())?;
+        let jobs = self.core.app()?.jobs.list(index.as_ref())?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.into_iter().map(job_to).collect(),
         }))
@@ -468,9 +493,12 @@ impl AutotuneService for AutotuneApi {
     ) -> R<pb::GetParetoFrontResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
         let harness = name("harness", &req.get_ref().harness)?;
-        let lab = &self.core.ready()?.lab;
+        let lab = &self.core.app()?.lab;
         lab.catalog().handle(&index)?;
-        let trials = lab.all_trials(&index, &harness)?;
+        let mut trials = lab.all_trials(&index, &harness)?;
+        if !req.get_ref().include_sample_trials {
+            trials.retain(|t| t.is_full());
+        }
         Ok(Response::new(pb::GetParetoFrontResponse {
             trials: pareto_front(&trials).into_iter().map(Into::into).collect(),
         }))
@@ -485,7 +513,7 @@ impl AutotuneService for AutotuneApi {
             );
         }
         convert::text("id", id, convert::MAX_JOB_ID_BYTES)?;
-        let job = self.core.ready()?.jobs.cancel(id).await?;
+        let job = self.core.app()?.jobs.cancel(id).await?;
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(job_to(job)),
         }))

@@ -25,7 +25,7 @@ impl ClusterService for ClusterApi {
         &self,
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let cluster = self.core.cluster()?.ok_or_else(|| {
+        let cluster = self.core.app()?.cluster.as_ref().ok_or_else(|| {
             Error::Precondition(
                 "this server is a single node: it was started without --etcd and --nats".into(),
             )

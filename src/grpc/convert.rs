@@ -4,6 +4,7 @@
 use crate::autotune::trial::Trial;
 use crate::catalog::IndexView;
 use crate::error::{Error, Result};
+use crate::index::{Phase, ProgressView};
 use crate::model::{
     default_config_from, trial_config_from, ConfigSource, GenerationMeta, Hit, HnswConfig, Metric,
     Name, NewIndex, Point, Profile, ProfileIndex, MAX_DIMENSION,
@@ -98,11 +99,16 @@ impl TryFrom<pb::CreateIndexRequest> for NewIndex {
         let dimension = crate::model::in_range("dimension", r.dimension, 1..=MAX_DIMENSION)?;
         let metric = metric_from(r.metric)?;
         let default_config = default_config("default_config", r.default_config)?;
+        let engine = match r.engine.as_str() {
+            "" => None,
+            e => Some(e.parse().map_err(Error::Invalid)?),
+        };
         Ok(NewIndex {
             name,
             dimension,
             metric,
             default_config,
+            engine,
         })
     }
 }
@@ -133,6 +139,7 @@ pub fn generation_to(index: &Name, g: &GenerationMeta) -> pb::Generation {
         build_millis: g.build_millis,
         activate_time: timestamp(g.activate_time_ms),
         profile: g.profile.clone(),
+        trial_id: g.trial_id,
     }
 }
 
@@ -157,7 +164,33 @@ impl From<IndexView> for pb::Index {
                     .flatten(),
                 running: v.compaction.running,
             }),
+            engine: v.engine.to_string(),
+            build_progress: v.build.as_ref().map(progress_to),
         }
+    }
+}
+
+pub fn phase_to(p: Phase) -> pb::ProgressPhase {
+    match p {
+        Phase::Load => pb::ProgressPhase::Load,
+        Phase::Build => pb::ProgressPhase::Build,
+        Phase::GroundTruth => pb::ProgressPhase::GroundTruth,
+        Phase::Measure => pb::ProgressPhase::Measure,
+        Phase::Snapshot => pb::ProgressPhase::Snapshot,
+        Phase::Replay => pb::ProgressPhase::Replay,
+    }
+}
+
+pub fn progress_to(p: &ProgressView) -> pb::Progress {
+    pb::Progress {
+        phase: phase_to(p.phase) as i32,
+        config: p.config.as_ref().map(config_to),
+        done: p.done,
+        total: p.total,
+        start_time: timestamp(p.started_ms),
+        remaining_millis: p
+            .remaining
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }
 }
 
@@ -297,6 +330,10 @@ impl From<Trial> for pb::Trial {
             create_time: timestamp(t.create_time_ms),
             source: t.source,
             mean_distance_evals: t.mean_distance_evals,
+            fidelity: match t.fidelity {
+                crate::autotune::trial::Fidelity::Full => pb::Fidelity::Full,
+                crate::autotune::trial::Fidelity::Sample => pb::Fidelity::Sample,
+            } as i32,
         }
     }
 }
@@ -375,9 +412,6 @@ pub fn page_after(token: &str) -> Result<Option<Name>> {
         .transpose()
 }
 
-/// Property tests: whatever a client sends, conversion never panics, and either yields values
-/// within their documented bounds or an INVALID_ARGUMENT (RESOURCE_EXHAUSTED only for a grid
-/// over its size limit).
 /// The longest request_id (cluster writes' dedupe id).
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
@@ -410,10 +444,14 @@ pub fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<std::time::Dura
     })
 }
 
+/// Property tests: whatever a client sends, conversion never panics, and either yields values
+/// within their documented bounds or an INVALID_ARGUMENT (RESOURCE_EXHAUSTED only for a grid
+/// over its size limit).
 #[cfg(test)]
 mod props {
     use super::*;
     use crate::autotune::jobs::TuneRequest;
+    use crate::grpc::status::ErrorCode;
     use crate::model::{
         SearchParams, DEFAULT_CONFIG_EF_CONSTRUCTION, DEFAULT_CONFIG_M, MAX_EF_SEARCH, MAX_K,
         TRIAL_EF_CONSTRUCTION, TRIAL_EF_SEARCH, TRIAL_M,
@@ -476,7 +514,7 @@ mod props {
 
         #[test]
         fn create_index(name in any_name(), dimension in any_u32(), metric in -2i32..6, config in proptest::option::of(any_config())) {
-            let r = NewIndex::try_from(pb::CreateIndexRequest { name, dimension, metric, default_config: config });
+            let r = NewIndex::try_from(pb::CreateIndexRequest { name, dimension, metric, default_config: config, engine: String::new() });
             match &r {
                 Ok(n) => {
                     prop_assert!(name_ok(&n.name));
@@ -578,6 +616,8 @@ mod props {
                 seed,
                 adaptive_m,
                 adaptive_ef_construction,
+                adaptive_sample_points: None,
+                adaptive_confirm: 0,
             });
             match &r {
                 Ok(t) => {

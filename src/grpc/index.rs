@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, name, next_page, page_after, page_size};
+use super::status::ErrorCode;
 use super::Core;
 use crate::error::Error;
 use crate::model::{NewIndex, Profile, SearchParams};
@@ -23,22 +24,6 @@ impl IndexApi {
 
 type R<T> = Result<Response<T>, Status>;
 
-impl IndexApi {
-    /// Read-your-writes on a cluster node: waits until the index's write log is applied up to
-    /// `min_sequence` (0: no wait; a single node has nothing to wait for).
-    async fn wait_applied(
-        &self,
-        n: &crate::model::Name,
-        min_sequence: u64,
-        deadline: Option<std::time::Duration>,
-    ) -> Result<(), Error> {
-        match self.core.cluster()? {
-            Some(c) if min_sequence > 0 => c.wait_applied(n, min_sequence, deadline).await,
-            _ => Ok(()),
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl IndexService for IndexApi {
     #[tracing::instrument(skip_all, fields(index = %req.get_ref().name))]
@@ -47,10 +32,7 @@ impl IndexService for IndexApi {
         req: Request<pb::CreateIndexRequest>,
     ) -> R<pb::CreateIndexResponse> {
         let new = NewIndex::try_from(req.into_inner())?;
-        let view = match self.core.cluster()? {
-            Some(c) => c.create_index(new).await?,
-            None => self.core.catalog()?.create_index(new).await?,
-        };
+        let view = self.core.app()?.create_index(new).await?;
         Ok(Response::new(pb::CreateIndexResponse {
             index: Some(view.into()),
         }))
@@ -58,7 +40,7 @@ impl IndexService for IndexApi {
 
     async fn get_index(&self, req: Request<pb::GetIndexRequest>) -> R<pb::GetIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        let ready = self.core.ready()?;
+        let ready = self.core.app()?;
         let mut index: pb::Index = ready.catalog.get_index(&n)?.into();
         if let Some((policy, status)) = ready.refresh.get(&n) {
             index.refresh_policy = Some(convert::refresh_policy_to(&policy));
@@ -88,10 +70,7 @@ impl IndexService for IndexApi {
         req: Request<pb::DeleteIndexRequest>,
     ) -> R<pb::DeleteIndexResponse> {
         let n = name("name", &req.get_ref().name)?;
-        match self.core.cluster()? {
-            Some(c) => c.delete_index(&n).await?,
-            None => self.core.ready()?.delete_index(&n).await?,
-        }
+        self.core.app()?.delete_index(&n).await?;
         Ok(Response::new(pb::DeleteIndexResponse {}))
     }
 
@@ -104,25 +83,15 @@ impl IndexService for IndexApi {
         let n = name("index_name", &req.index_name)?;
         self.core.check_points("the request", req.points.len())?;
         let request_id = convert::request_id(&req.request_id)?;
-        if let Some(c) = self.core.cluster()? {
-            let w = c
-                .upsert(&n, convert::points(req.points), request_id)
-                .await?;
-            return Ok(Response::new(pb::UpsertPointsResponse {
-                upserted_count: w.affected,
-                point_count: w.point_count,
-                sequence: w.sequence,
-            }));
-        }
-        let (upserted_count, point_count) = self
+        let w = self
             .core
-            .catalog()?
-            .upsert(&n, convert::points(req.points))
+            .app()?
+            .upsert(&n, convert::points(req.points), request_id)
             .await?;
         Ok(Response::new(pb::UpsertPointsResponse {
-            upserted_count,
-            point_count,
-            sequence: 0,
+            upserted_count: w.affected,
+            point_count: w.point_count,
+            sequence: w.sequence,
         }))
     }
 
@@ -179,29 +148,22 @@ impl IndexService for IndexApi {
                     format!("{e}; {upserted_total} points were upserted before it"),
                 ));
             }
-            let written = match self.core.cluster()? {
-                Some(c) => {
-                    let id = if request_id.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{request_id}/{messages}")
-                    };
-                    c.upsert(n, convert::points(msg.points), &id)
-                        .await
-                        .map(|w| (w.affected, w.point_count, w.sequence))
-                }
-                None => self
-                    .core
-                    .catalog()?
-                    .upsert(n, convert::points(msg.points))
-                    .await
-                    .map(|(u, c)| (u, c, 0)),
+            // Message n of a stream with a request_id is logged as "<request_id>/<n>".
+            let id = if request_id.is_empty() {
+                String::new()
+            } else {
+                format!("{request_id}/{messages}")
             };
-            match written {
-                Ok((u, c, s)) => {
-                    upserted_total += u;
-                    point_count = c;
-                    sequence = s;
+            match self
+                .core
+                .app()?
+                .upsert(n, convert::points(msg.points), &id)
+                .await
+            {
+                Ok(w) => {
+                    upserted_total += w.affected;
+                    point_count = w.point_count;
+                    sequence = w.sequence;
                 }
                 Err(e) => {
                     let code = e.code();
@@ -240,19 +202,15 @@ impl IndexService for IndexApi {
         let n = name("index_name", &req.index_name)?;
         self.core.check_delete_ids(req.ids.len())?;
         let request_id = convert::request_id(&req.request_id)?;
-        if let Some(c) = self.core.cluster()? {
-            let w = c.delete_points(&n, req.ids, request_id).await?;
-            return Ok(Response::new(pb::DeletePointsResponse {
-                deleted_count: w.affected,
-                point_count: w.point_count,
-                sequence: w.sequence,
-            }));
-        }
-        let (deleted_count, point_count) = self.core.catalog()?.delete_points(&n, req.ids).await?;
+        let w = self
+            .core
+            .app()?
+            .delete_points(&n, req.ids, request_id)
+            .await?;
         Ok(Response::new(pb::DeletePointsResponse {
-            deleted_count,
-            point_count,
-            sequence: 0,
+            deleted_count: w.affected,
+            point_count: w.point_count,
+            sequence: w.sequence,
         }))
     }
 
@@ -261,7 +219,10 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
-        self.wait_applied(&n, req.min_sequence, deadline).await?;
+        self.core
+            .app()?
+            .wait_applied(&n, req.min_sequence, deadline)
+            .await?;
         let (hits, generation) = self.core.catalog()?.search(&n, req.vector, &params).await?;
         Ok(Response::new(pb::SearchResponse {
             neighbors: convert::neighbors(hits),
@@ -287,7 +248,10 @@ impl IndexService for IndexApi {
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
         self.core.check_batch(req.queries.len(), req.k as usize)?;
-        self.wait_applied(&n, req.min_sequence, deadline).await?;
+        self.core
+            .app()?
+            .wait_applied(&n, req.min_sequence, deadline)
+            .await?;
         let queries = req.queries.into_iter().map(|q| q.vector).collect();
         let (results, generation) = self
             .core

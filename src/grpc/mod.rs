@@ -5,42 +5,15 @@ pub mod autotune;
 pub mod cluster;
 pub mod convert;
 pub mod index;
+pub mod names;
 pub mod promotion;
+pub mod status;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::autotune::jobs::Jobs;
-use crate::autotune::lab::Lab;
+use crate::app::App;
 use crate::catalog::Catalog;
 use crate::error::Error;
-
-/// The core once startup recovery is done.
-pub struct Ready {
-    pub catalog: Arc<Catalog>,
-    pub lab: Arc<Lab>,
-    pub jobs: Arc<Jobs>,
-    pub refresh: Arc<crate::refresh::Refresher>,
-    /// Set on a cluster node (--etcd, --nats): indexes and writes go through the cluster.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-}
-
-impl Ready {
-    /// DeleteIndex: first cancels the index's autotune job and waits until its end is recorded
-    /// (it promotes and activates nothing), waits for a refresh probe of it and drops its
-    /// refresh state, then deletes the index. Everything the job might still try afterwards
-    /// (a job started in between) is refused by the index's uid.
-    pub async fn delete_index(&self, name: &crate::model::Name) -> Result<(), Error> {
-        let uid = self.catalog.handle(name)?.meta.uid;
-        let why = "its index was deleted; nothing was promoted";
-        self.jobs.cancel_index(name, uid, why).await;
-        self.refresh.forget(name, uid).await;
-        self.catalog.delete_index_uid(name, uid).await?;
-        // A job that started while the first cancel ran stops now (its writes are refused).
-        self.jobs.cancel_index(name, uid, why).await;
-        self.refresh.forget(name, uid).await;
-        Ok(())
-    }
-}
 
 /// The per-call size limits checked at the edge, before any work (all RESOURCE_EXHAUSTED).
 #[derive(Clone, Copy, Debug)]
@@ -84,18 +57,23 @@ pub fn batch_response_max_bytes(queries: usize, k: usize) -> usize {
         .saturating_add(BATCH_RESPONSE_OVERHEAD)
 }
 
-/// What the handlers share: the core, set once startup recovery is done. Until then every
-/// vectord call is UNAVAILABLE (health says NOT_SERVING).
+/// What the handlers share: the application, set once startup recovery is done (the server
+/// listens during recovery, for health). Until then every vectord call is UNAVAILABLE (health
+/// says NOT_SERVING).
 pub struct Core {
-    ready: OnceLock<Ready>,
+    app: OnceLock<Arc<App>>,
     pub limits: EdgeLimits,
+    /// The server's tasks: a handler that keeps work going after it answers (the autotune
+    /// event forwarder) spawns it here.
+    pub tasks: crate::tasks::Tasks,
 }
 
 impl Core {
-    pub fn new(limits: EdgeLimits) -> Self {
+    pub fn new(limits: EdgeLimits, tasks: crate::tasks::Tasks) -> Self {
         Core {
-            ready: OnceLock::new(),
+            app: OnceLock::new(),
             limits,
+            tasks,
         }
     }
 
@@ -148,12 +126,15 @@ impl Core {
         Ok(())
     }
 
-    pub fn set_ready(&self, ready: Ready) {
-        let _ = self.ready.set(ready);
+    /// Hands the recovered application to the services; INTERNAL if one was handed already.
+    pub fn set_app(&self, app: Arc<App>) -> Result<(), Error> {
+        self.app
+            .set(app)
+            .map_err(|_| Error::Internal("the application was set twice".into()))
     }
 
-    pub fn ready(&self) -> Result<&Ready, Error> {
-        self.ready.get().ok_or_else(|| {
+    pub fn app(&self) -> Result<&Arc<App>, Error> {
+        self.app.get().ok_or_else(|| {
             Error::Unavailable(
                 "vectord is starting: indexes are being recovered; retry shortly".into(),
             )
@@ -161,19 +142,6 @@ impl Core {
     }
 
     pub fn catalog(&self) -> Result<&Arc<Catalog>, Error> {
-        Ok(&self.ready()?.catalog)
-    }
-
-    /// The cluster this node is part of; None on a single node.
-    pub fn cluster(&self) -> Result<Option<&Arc<crate::cluster::Cluster>>, Error> {
-        Ok(self.ready()?.cluster.as_ref())
-    }
-
-    /// Cancels running jobs (shutdown).
-    pub fn shutdown(&self) {
-        if let Some(r) = self.ready.get() {
-            r.jobs.shutdown();
-            r.catalog.stop_compaction();
-        }
+        Ok(&self.app()?.catalog)
     }
 }

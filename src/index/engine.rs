@@ -1,12 +1,11 @@
 //! The engine seam: the few operations vectord needs from an HNSW graph, with two engines behind
 //! them: vectord's own ([`super::native`], the default) and hnsw_rs. Nothing outside `src/index/`
-//! names hnsw_rs. The engine is a process-wide choice made once at start-up (`--engine`), read
-//! by every graph built afterwards.
+//! names hnsw_rs. The engine is a property of each index (`IndexMeta::engine`, chosen at
+//! CreateIndex, default `--engine`); an index created before it was stored follows `--engine`.
+//! There is no process-wide engine: every build names the kind it builds.
 //!
 //! Engines speak internal ids (dense `usize`s assigned by the generation) and internal distances
 //! (see `distance.rs`); mapping to users' ids and distances is the generation's job.
-
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use hnsw_rs::hnsw::Hnsw;
 
@@ -62,8 +61,10 @@ pub trait Engine: Send + Sync {
     fn memory_bytes(&self) -> u64;
 }
 
-/// The HNSW implementations vectord can build graphs with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The HNSW implementations vectord can build graphs with (stored in an index's record by
+/// [`EngineKind::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EngineKind {
     /// vectord's own engine (`src/index/native.rs`), laid out like hnswlib.
     Native,
@@ -117,36 +118,6 @@ impl std::str::FromStr for EngineKind {
             )),
         }
     }
-}
-
-static DEFAULT_ENGINE: AtomicU8 = AtomicU8::new(EngineKind::DEFAULT as u8);
-
-/// Sets the engine of every graph built from now on (the server calls this once at start-up).
-pub fn set_default_engine(kind: EngineKind) {
-    DEFAULT_ENGINE.store(kind as u8, Ordering::Relaxed);
-}
-
-/// The engine graphs are built with.
-pub fn default_engine() -> EngineKind {
-    match DEFAULT_ENGINE.load(Ordering::Relaxed) {
-        0 => EngineKind::Native,
-        1 => EngineKind::HnswRs,
-        2 => EngineKind::NativeF16,
-        3 => EngineKind::NativeI8,
-        // Only the values above are ever stored.
-        _ => EngineKind::DEFAULT,
-    }
-}
-
-/// Builds an empty engine of the process-wide kind for a metric, dimension and config, sized for
-/// `capacity` points (it grows past that).
-pub fn new_engine(
-    metric: Metric,
-    dimension: u32,
-    config: &HnswConfig,
-    capacity: usize,
-) -> Box<dyn Engine> {
-    new_engine_of(default_engine(), metric, dimension, config, capacity)
 }
 
 /// Builds an empty engine of a given kind.

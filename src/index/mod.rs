@@ -4,7 +4,9 @@ pub mod distance;
 pub mod engine;
 pub mod generation;
 pub mod native;
+pub mod progress;
 pub mod snapshot;
 
 pub use distance::evals_on_this_thread;
 pub use generation::Generation;
+pub use progress::{Activities, Phase, Progress, ProgressView, Tracked};

@@ -75,19 +75,6 @@ async fn seeded_index(s: &TestServer, name: &str, n: u64, dim: usize) -> Vec<pb:
     pts
 }
 
-async fn collect(
-    mut stream: tonic::Streaming<pb::AutotuneResponse>,
-) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
-    let mut events = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(m)) => events.push(m.event.expect("event")),
-            Ok(None) => return (events, None),
-            Err(s) => return (events, Some(s)),
-        }
-    }
-}
-
 async fn job(a: &mut AutotuneServiceClient<Channel>, id: &str) -> pb::Job {
     a.list_jobs(pb::ListJobsRequest::default())
         .await
@@ -1244,6 +1231,9 @@ async fn autotune_with_activate_swaps_while_searches_run() {
     assert_eq!(idx.active_generation.unwrap().number, 2);
 }
 
+/// A graceful shutdown (what SIGTERM starts in `main`) while a job is held RUNNING by the gate:
+/// the job's stream ends UNAVAILABLE, the job is recorded CANCELLED before the server returns,
+/// and a server started on the same data dir right after finds it so in GetJob and ListJobs.
 #[tokio::test]
 async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable() {
     let (s, _gate) = TestServer::start_gated(&["sd"]).await;
@@ -1269,10 +1259,26 @@ async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable(
     let s = s.restart().await;
     let (_, err) = reader.await.unwrap();
     assert_eq!(err.map(|e| e.code()), Some(Code::Unavailable));
+    // The restart opened the data dir at once: the stopped server recorded the job's end and
+    // closed its store before `run` returned.
     let mut a = s.autotune().await;
     let j = job(&mut a, &started.job_id).await;
     assert_eq!(j.state, pb::JobState::Cancelled as i32);
     assert!(j.reason.contains("shut down"), "{}", j.reason);
+    let listed = a
+        .list_jobs(pb::ListJobsRequest {
+            index_name: "sd".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let found: Vec<_> = listed
+        .jobs
+        .iter()
+        .filter(|l| l.id == started.job_id)
+        .collect();
+    assert_eq!(found.len(), 1, "{listed:?}");
+    assert_eq!(found[0].state, pb::JobState::Cancelled as i32);
 }
 
 fn dominated(a: &pb::Trial, b: &pb::Trial) -> bool {
@@ -1410,6 +1416,7 @@ async fn target_recall_objective_and_pareto_fronts() {
         .get_pareto_front(pb::GetParetoFrontRequest {
             index_name: "obj".into(),
             harness: "h".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1428,7 +1435,8 @@ async fn target_recall_objective_and_pareto_fronts() {
         code_of(
             a.get_pareto_front(pb::GetParetoFrontRequest {
                 index_name: "nope".into(),
-                harness: "h".into()
+                harness: "h".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -1438,6 +1446,7 @@ async fn target_recall_objective_and_pareto_fronts() {
         .get_pareto_front(pb::GetParetoFrontRequest {
             index_name: "obj".into(),
             harness: "other".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

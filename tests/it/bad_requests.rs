@@ -21,6 +21,7 @@ fn create(name: &str, dim: u32, metric: i32) -> pb::CreateIndexRequest {
         dimension: dim,
         metric,
         default_config: None,
+        engine: String::new(),
     }
 }
 
@@ -916,6 +917,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
             ok(a.get_pareto_front(pb::GetParetoFrontRequest {
                 index_name: "nope".into(),
                 harness: "h".into(),
+                ..Default::default()
             })
             .await),
         ),

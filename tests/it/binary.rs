@@ -608,6 +608,7 @@ async fn api_keys_never_appear_in_logs_or_help() {
         dimension: 4,
         metric: pb::Metric::L2 as i32,
         default_config: None,
+        engine: String::new(),
     };
     within("admin create", with(ADMIN).create_index(create.clone()))
         .await
@@ -795,4 +796,91 @@ async fn an_idle_server_writes_nothing_to_disk() {
     );
     s.signal("TERM");
     assert!(s.wait_exit().await.success());
+}
+
+/// A store cache far smaller than the data (`--store-cache-mb 1`, and the same through
+/// VECTORD_STORE_CACHE_MB) serves every point right after an import and after a restart; a
+/// cache of 0 MB is refused, naming the flag.
+#[tokio::test]
+async fn a_tiny_store_cache_serves_the_right_data_across_a_restart() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = path_str(tmp.path());
+    let refused = Command::new(env!("CARGO_BIN_EXE_vectord"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", dir])
+        .args(["--store-cache-mb", "0"])
+        .output()
+        .expect("vectord serve --store-cache-mb 0");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--store-cache-mb"), "{err}");
+
+    // 4,000 points of 96 floats: 1.5 MB of vectors, more than the 1 MiB cache.
+    let mut g = Gen::new(20);
+    let pts = points(&mut g, 0..4_000, 96);
+    for run in 0..2 {
+        let mut s = if run == 0 {
+            Vectord::spawn(
+                "1 MB cache from the environment",
+                &[&addr_arg()[..], &["--data-dir", dir]].concat(),
+                &[("VECTORD_STORE_CACHE_MB", Path::new("1"))],
+            )
+        } else {
+            Vectord::spawn(
+                "1 MB cache from the flag, restarted",
+                &[
+                    &addr_arg()[..],
+                    &["--data-dir", dir, "--store-cache-mb", "1"],
+                ]
+                .concat(),
+                &[],
+            )
+        };
+        let addr = s.wait_listening().await;
+        s.wait_serving(addr).await;
+        let mut c = index_client(addr).await;
+        if run == 0 {
+            create_index(&mut c, "small_cache", 96, pb::Metric::L2).await;
+            let batches: Vec<pb::ImportPointsRequest> = pts
+                .chunks(500)
+                .enumerate()
+                .map(|(b, chunk)| pb::ImportPointsRequest {
+                    index_name: if b == 0 {
+                        "small_cache".into()
+                    } else {
+                        String::new()
+                    },
+                    points: chunk.to_vec(),
+                    ..Default::default()
+                })
+                .collect();
+            let imported = within("import", c.import_points(tokio_stream::iter(batches)))
+                .await
+                .expect("import")
+                .into_inner();
+            assert_eq!(imported.point_count, 4_000);
+        }
+        for p in pts.iter().step_by(97) {
+            let got = within(
+                "get point",
+                c.get_point(pb::GetPointRequest {
+                    index_name: "small_cache".into(),
+                    id: p.id,
+                }),
+            )
+            .await
+            .expect("get point")
+            .into_inner()
+            .point
+            .expect("the point");
+            assert_eq!(got.vector, p.vector, "run {run}: point {}", p.id);
+            let r = search(&mut c, "small_cache", p.vector.clone(), 1, Some(64)).await;
+            assert_eq!(
+                r.neighbors.first().map(|h| h.id),
+                Some(p.id),
+                "run {run}: searched by its own vector"
+            );
+        }
+        s.signal("TERM");
+        assert!(s.wait_exit().await.success());
+    }
 }

@@ -162,6 +162,7 @@ async fn create(c: &mut IndexServiceClient<Channel>, name: &str, dim: u32) -> pb
         dimension: dim,
         metric: pb::Metric::L2 as i32,
         default_config: None,
+        ..Default::default()
     })
     .await
     .expect("create index")
@@ -262,6 +263,7 @@ async fn three_nodes_share_the_catalog_and_every_write() {
             dimension: dim,
             metric: pb::Metric::L2 as i32,
             default_config: None,
+            ..Default::default()
         })
         .await
         .expect_err("the name is taken cluster-wide");

@@ -402,6 +402,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                             dimension,
                             metric,
                             default_config,
+                            engine: String::new(),
                         }
                     }),
             ),
@@ -668,6 +669,8 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                             seed,
                             adaptive_m,
                             adaptive_ef_construction,
+                            adaptive_sample_points: None,
+                            adaptive_confirm: 0,
                         },
                     ),
             ),
@@ -687,6 +690,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                 pb::GetParetoFrontRequest {
                     index_name,
                     harness,
+                    include_sample_trials: false,
                 }
             })),
         ),
@@ -1775,6 +1779,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                     dimension: dim as u32,
                     metric: metric as i32,
                     default_config: None,
+                    engine: String::new(),
                 },
                 keys,
             ))
@@ -1811,6 +1816,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                     dimension: dim,
                     metric: metric as i32,
                     default_config: None,
+                    engine: String::new(),
                 },
                 keys,
             ))

@@ -679,3 +679,92 @@ async fn reflection_lists_every_service_in_v1_and_v1alpha() {
         "v1alpha describe failed: {msg:?}"
     );
 }
+
+/// Two engines side by side in one server: each index keeps the engine it was created with
+/// (shown by GetIndex, kept across a restart with another --engine), and each answers searches
+/// as well as brute force says it should. An unknown engine is INVALID_ARGUMENT.
+#[tokio::test]
+async fn indexes_on_different_engines_serve_side_by_side() {
+    let s = TestServer::start().await;
+    let mut c = s.index().await;
+    let create = |name: &str, engine: &str| pb::CreateIndexRequest {
+        name: name.into(),
+        dimension: 16,
+        metric: pb::Metric::L2 as i32,
+        default_config: None,
+        engine: engine.into(),
+    };
+    let e = c.create_index(create("bad", "faiss")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("faiss"), "{}", e.message());
+    for (name, engine) in [("i8", "native_i8"), ("rs", "hnsw_rs"), ("dflt", "")] {
+        let got = c
+            .create_index(create(name, engine))
+            .await
+            .unwrap()
+            .into_inner()
+            .index
+            .unwrap();
+        // The test server runs the default engine (native_i8).
+        let want = if engine.is_empty() {
+            "native_i8"
+        } else {
+            engine
+        };
+        assert_eq!(got.engine, want, "{name}");
+    }
+    let mut g = Gen::new(7);
+    let pts = points(&mut g, 0..600, 16);
+    for name in ["i8", "rs"] {
+        upsert(&mut c, name, pts.clone()).await;
+    }
+    let queries: Vec<Vec<f32>> = (0..30).map(|_| g.vector(16)).collect();
+    let recall = |c: &mut pb::index_service_client::IndexServiceClient<_>, name: &'static str| {
+        let mut c = c.clone();
+        let (pts, queries) = (pts.clone(), queries.clone());
+        async move {
+            let mut hits = 0;
+            for q in &queries {
+                let exact = exact_top_k(pb::Metric::L2, &pts, q, 10);
+                let got = search(&mut c, name, q.clone(), 10, Some(64)).await;
+                hits += got
+                    .neighbors
+                    .iter()
+                    .filter(|n| exact.contains(&n.id))
+                    .count();
+            }
+            hits as f64 / (queries.len() * 10) as f64
+        }
+    };
+    for name in ["i8", "rs"] {
+        let r = recall(&mut c, name).await;
+        assert!(r >= 0.95, "{name}: recall@10 = {r}");
+    }
+
+    // A restart with another --engine changes none of them: each index stored its own.
+    let s = s
+        .restart_with(|c| c.engine = vectord::index::engine::EngineKind::Native)
+        .await;
+    let mut c = s.index().await;
+    for (name, engine) in [
+        ("i8", "native_i8"),
+        ("rs", "hnsw_rs"),
+        ("dflt", "native_i8"),
+    ] {
+        let got = c
+            .get_index(pb::GetIndexRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .index
+            .unwrap();
+        assert_eq!(
+            got.engine, engine,
+            "{name} after a restart with --engine native"
+        );
+    }
+    for name in ["i8", "rs"] {
+        let r = recall(&mut c, name).await;
+        assert!(r >= 0.95, "{name} after the restart: recall@10 = {r}");
+    }
+}

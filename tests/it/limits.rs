@@ -111,6 +111,7 @@ async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
             dimension: 16,
             metric: pb::Metric::L2 as i32,
             default_config: None,
+            engine: String::new(),
         })
         .await;
     let started = Instant::now();

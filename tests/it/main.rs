@@ -7,6 +7,7 @@
 
 mod common;
 
+mod adopt;
 mod autotune;
 mod bad_requests;
 mod binary;
@@ -15,12 +16,14 @@ mod cluster;
 mod compaction;
 mod crash;
 mod edge;
+mod fidelity;
 mod fuzz;
 mod group_commit;
 mod index_service;
 mod limits;
 mod load;
 mod metrics;
+mod progress;
 mod refresh;
 mod reliability;
 mod scale_measure;

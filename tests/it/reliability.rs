@@ -41,19 +41,6 @@ async fn harness(a: &mut AutotuneServiceClient<Channel>, index: &str, name: &str
     .expect("create harness");
 }
 
-async fn collect(
-    mut stream: tonic::Streaming<pb::AutotuneResponse>,
-) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
-    let mut events = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(m)) => events.push(m.event.expect("event")),
-            Ok(None) => return (events, None),
-            Err(s) => return (events, Some(s)),
-        }
-    }
-}
-
 async fn all_jobs(a: &mut AutotuneServiceClient<Channel>) -> Vec<pb::Job> {
     a.list_jobs(pb::ListJobsRequest::default())
         .await
@@ -150,8 +137,13 @@ async fn delete_index_cancels_its_job_and_nothing_reaches_an_index_recreated_und
     else {
         panic!("the first event is not started")
     };
-    // The job is journaling: its first trial is out.
-    let first = stream.message().await.expect("stream").expect("event");
+    // The job is journaling: its first trial is out (after progress on its builds).
+    let first = loop {
+        let m = stream.message().await.expect("stream").expect("event");
+        if !matches!(m.event, Some(pb::autotune_response::Event::Progress(_))) {
+            break m;
+        }
+    };
     assert!(
         matches!(first.event, Some(pb::autotune_response::Event::Trial(_))),
         "{first:?}"

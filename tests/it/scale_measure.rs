@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
-use vectord::index::engine::{set_default_engine, EngineKind};
+use vectord::index::engine::EngineKind;
 use vectord::index::Generation;
 use vectord::model::{ConfigSource, GenerationMeta, HnswConfig, Metric, Point};
 
@@ -20,6 +20,7 @@ fn meta() -> GenerationMeta {
         build_millis: 0,
         activate_time_ms: 0,
         profile: String::new(),
+        trial_id: 0,
     }
 }
 
@@ -53,10 +54,17 @@ fn p50(g: &Generation, queries: &[Vec<f32>]) -> f64 {
 #[test]
 #[ignore]
 fn measure_online_inserts_and_search_after_deletes() {
-    set_default_engine(EngineKind::NativeI8);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let base = clustered(&mut rng, 0..20_000);
-    let g = Generation::build(Metric::L2, DIM as u32, meta(), base.clone(), &|| false).unwrap();
+    let g = Generation::build(
+        EngineKind::NativeI8,
+        Metric::L2,
+        DIM as u32,
+        meta(),
+        base.clone(),
+        &|| false,
+    )
+    .unwrap();
 
     // Online inserts, one point per call on one thread: like the base, then outliers.
     let like = clustered(&mut rng, 100_000..103_000);
@@ -96,12 +104,28 @@ fn measure_online_inserts_and_search_after_deletes() {
         .into_iter()
         .map(|p| p.vector)
         .collect();
-    let g = Generation::build(Metric::L2, DIM as u32, meta(), base.clone(), &|| false).unwrap();
+    let g = Generation::build(
+        EngineKind::NativeI8,
+        Metric::L2,
+        DIM as u32,
+        meta(),
+        base.clone(),
+        &|| false,
+    )
+    .unwrap();
     let before = p50(&g, &queries);
     let gone: Vec<u64> = (0..20_000).filter(|id| id % 10 != 0).collect();
     g.delete(&gone);
     let live: Vec<Point> = base.iter().filter(|p| p.id % 10 == 0).cloned().collect();
-    let fresh = Generation::build(Metric::L2, DIM as u32, meta(), live.clone(), &|| false).unwrap();
+    let fresh = Generation::build(
+        EngineKind::NativeI8,
+        Metric::L2,
+        DIM as u32,
+        meta(),
+        live.clone(),
+        &|| false,
+    )
+    .unwrap();
     let (tomb, alone) = (p50(&g, &queries), p50(&fresh, &queries));
     let recall = |g: &Generation| {
         let mut hit = 0;
@@ -130,5 +154,58 @@ fn measure_online_inserts_and_search_after_deletes() {
         tomb / alone,
         recall(&g),
         recall(&fresh)
+    );
+}
+
+/// The cost of build progress (issue 23): the same seeded build with and without a
+/// `Progress` (one relaxed store per chunk of 256 points), alternated so that load on the
+/// machine hits both alike. Prints the fastest of each and their ratio.
+#[test]
+#[ignore]
+fn measure_build_progress_overhead() {
+    use vectord::index::{Phase, Progress};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let base = clustered(&mut rng, 0..20_000);
+    let mut m = meta();
+    m.config = HnswConfig {
+        m: 16,
+        ef_construction: 100,
+        ef_search: 64,
+        seed: Some(42),
+    };
+    let (mut plain, mut tracked) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let g = Generation::build(
+            EngineKind::NativeI8,
+            Metric::L2,
+            DIM as u32,
+            m.clone(),
+            base.clone(),
+            &|| false,
+        );
+        plain.push(t.elapsed().as_secs_f64());
+        drop(g);
+        let p = Progress::new(Phase::Build, Some(m.config), 0);
+        let t = Instant::now();
+        let g = Generation::build_tracked(
+            EngineKind::NativeI8,
+            Metric::L2,
+            DIM as u32,
+            m.clone(),
+            base.clone(),
+            &|| false,
+            &p,
+        );
+        tracked.push(t.elapsed().as_secs_f64());
+        assert_eq!(p.view().done, 20_000);
+        drop(g);
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "20k x {DIM}-d seeded build (m 16, ef_c 100), best of 3: plain {:.3} s, with progress {:.3} s, ratio {:.3}; all: {plain:?} {tracked:?}",
+        best(&plain),
+        best(&tracked),
+        best(&tracked) / best(&plain)
     );
 }

@@ -175,6 +175,7 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
         dimension: 8,
         metric: pb::Metric::L2 as i32,
         default_config: None,
+        engine: String::new(),
     })
     .await
     .expect("admin create");
@@ -306,6 +307,7 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
             dimension: 4,
             metric: pb::Metric::L2 as i32,
             default_config: None,
+            engine: String::new(),
         })
         .await);
     denied("create", e, "vectord.v1.IndexService/CreateIndex");

@@ -133,13 +133,21 @@ impl TestServer {
     }
 
     /// Stops the server and starts a new one on the same data dir.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops the server and starts a new one on the same data dir, with the test config as
+    /// `edit` changes it.
+    pub async fn restart_with(mut self, edit: impl FnOnce(&mut Config)) -> Self {
+        // `run` returns once every tracked task of the server has ended, but under load (the
+        // whole suite on 2 cores) the data dir was seen still locked a moment after: a blocking
+        // task that holds the store outlived the drain. Wait (bounded) until it is free.
+        // TODO(issue 24 §1): find that holder and make `run` wait for it.
         self.stop().await;
-        // Background tasks of the stopped server (write committers, a compaction) drop their
-        // hold on the store a moment after `run` returns: wait until the data dir is unlocked.
         let dir = self.dir.clone();
         eventually(
-            Duration::from_secs(30),
+            std::time::Duration::from_secs(30),
             "the stopped server's store is closed",
             || {
                 let dir = dir.clone();
@@ -148,7 +156,9 @@ impl TestServer {
         )
         .await;
         let tmp = self._tmp.take();
-        let mut s = Self::start_in(&self.dir, Config::for_tests(&self.dir)).await;
+        let mut config = Config::for_tests(&self.dir);
+        edit(&mut config);
+        let mut s = Self::start_in(&self.dir, config).await;
         s._tmp = tmp;
         s
     }
@@ -211,6 +221,7 @@ pub async fn create_index(
         dimension: dim,
         metric: metric as i32,
         default_config: None,
+        engine: String::new(),
     })
     .await
     .expect("create index")
@@ -348,4 +359,24 @@ pub fn spawn_searcher(
             }
         }
     })
+}
+
+/// The events of an Autotune stream until it ends, and the status it ended with, if an
+/// error; progress events are dropped.
+pub async fn collect(
+    mut stream: tonic::Streaming<pb::AutotuneResponse>,
+) -> (Vec<pb::autotune_response::Event>, Option<tonic::Status>) {
+    let mut events = Vec::new();
+    loop {
+        match stream.message().await {
+            // Progress comes as the job runs, more of it on a slower machine: the events
+            // checked here are the others (progress.rs tests progress).
+            Ok(Some(pb::AutotuneResponse {
+                event: Some(pb::autotune_response::Event::Progress(_)),
+            })) => {}
+            Ok(Some(m)) => events.push(m.event.expect("event")),
+            Ok(None) => return (events, None),
+            Err(s) => return (events, Some(s)),
+        }
+    }
 }

@@ -1,0 +1,212 @@
+//! Vector encodings: how a node's vector is kept next to its links and the distance a search
+//! computes to it.
+//!
+//! # Invariants
+//! - [`Storage::F32`] keeps the float vector next to the links; [`Storage::Half`] and
+//!   [`Storage::Int8`] keep a compact copy there, relative to the engine's center (set once, by
+//!   the first insert or batch, before any compact vector is written), and the float vector
+//!   apart for exact distances: inserts choose neighbours and searches rank their final
+//!   candidates by exact distances.
+//! - A node's cells are written once ([`Native::write_vector`]), by the thread that claimed it,
+//!   before it is published (see `memory`); this file reads them only through `memory`'s views.
+
+use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
+
+use super::memory::{self, prefetch_cells, Segment};
+use super::scratch::QueryBufs;
+use super::Native;
+use crate::index::distance;
+use crate::model::Metric;
+
+/// How the engine keeps the vectors that graph searches compare with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// 32-bit floats, as given.
+    F32,
+    /// IEEE half floats (16 bits) next to the links, which halves the bytes a search reads, with
+    /// the float vectors kept apart: inserts choose neighbours and searches rank their final
+    /// candidates by exact distances. Values beyond +-65504 are clamped in the half copy.
+    Half,
+    /// 8-bit codes with one scale per vector ([`distance::to_i8`]) next to the links, a quarter
+    /// of the float vector's bytes, with the float vectors kept apart as with [`Storage::Half`].
+    /// Both compact storages keep each vector relative to the engine's center
+    /// ([`Native::center`]).
+    Int8,
+}
+
+/// A query as graph searches compare it. The compact storages keep each vector relative to the
+/// engine's center `c` ([`Native::center`]), so for them a query also carries `q - c` (for L2)
+/// and `q . c` (added to `q . (x - c)` for cosine and dot); with [`Storage::Int8`] under cosine
+/// or dot also `q` as 16-bit fixed point with its scale, for the integer kernel
+/// ([`distance::dot_i16_i8`]).
+pub(super) struct Query<'a> {
+    pub(super) v: &'a [f32],
+    /// `q - c` for L2 (otherwise just `q`, unused).
+    pub(super) r: &'a [f32],
+    /// `q . c` for cosine and dot (otherwise 0, unused).
+    pub(super) qc: f32,
+    pub(super) fixed: Option<(&'a [i16], f32)>,
+}
+
+impl Native {
+    /// A node's cells of the vector searches compare with (next to its level-0 links).
+    #[inline(always)]
+    pub(super) fn search_cells<'a>(&self, seg: &'a Segment, off: usize) -> &'a [AtomicU32] {
+        let start = off * self.stride() + 1 + self.m0;
+        &seg.level0[start..start + self.cells]
+    }
+
+    /// A node's float vector cells.
+    #[inline(always)]
+    pub(super) fn vector_cells<'a>(&self, seg: &'a Segment, off: usize) -> &'a [AtomicU32] {
+        match self.storage {
+            Storage::F32 => self.search_cells(seg, off),
+            Storage::Half | Storage::Int8 => &seg.full[off * self.dim..(off + 1) * self.dim],
+        }
+    }
+
+    /// A node's float vector, as inserted.
+    #[inline(always)]
+    pub(super) fn vector_in<'a>(&self, seg: &'a Segment, off: usize) -> &'a [f32] {
+        memory::as_f32(self.vector_cells(seg, off))
+    }
+
+    /// A node's half vector ([`Storage::Half`] only).
+    #[inline(always)]
+    pub(super) fn half_in<'a>(&self, seg: &'a Segment, off: usize) -> &'a [u16] {
+        memory::as_u16(self.search_cells(seg, off), self.dim)
+    }
+
+    /// A node's 8-bit codes and their scale ([`Storage::Int8`] only).
+    #[inline(always)]
+    pub(super) fn i8_in<'a>(&self, seg: &'a Segment, off: usize) -> (&'a [i8], f32) {
+        let Some((scale, codes)) = self.search_cells(seg, off).split_first() else {
+            return (&[], 0.0);
+        };
+        (
+            memory::as_i8(codes, self.dim),
+            f32::from_bits(scale.load(AtOrd::Relaxed)),
+        )
+    }
+
+    #[inline(always)]
+    pub(super) fn vector(&self, id: u32) -> Option<&[f32]> {
+        self.node(id).map(|(seg, off)| self.vector_in(seg, off))
+    }
+
+    /// The exact internal distance of two float vectors.
+    #[inline(always)]
+    pub(super) fn dist(&self, a: &[f32], b: &[f32]) -> f32 {
+        distance::internal(self.metric, a, b)
+    }
+
+    /// `v` as searches of this engine compare it (`bufs` hold its other forms).
+    pub(super) fn query<'a>(&self, v: &'a [f32], bufs: &'a mut QueryBufs) -> Query<'a> {
+        let fixed = if self.storage == Storage::Int8 && self.metric != Metric::L2 {
+            distance::to_i16(v, &mut bufs.fixed)
+        } else {
+            None
+        };
+        // Only what the metric uses: `q - c` for L2, `q . c` for cosine and dot.
+        let (r, qc) = match self.center.get() {
+            Some(c) if self.storage != Storage::F32 => {
+                if self.metric == Metric::L2 {
+                    bufs.r.clear();
+                    bufs.r.extend(v.iter().zip(c.iter()).map(|(x, m)| x - m));
+                    (&bufs.r[..], 0.0)
+                } else {
+                    (v, distance::dot(v, c))
+                }
+            }
+            _ => (v, 0.0),
+        };
+        Query {
+            v,
+            r,
+            qc,
+            fixed: fixed.map(|scale| (&bufs.fixed[..], scale)),
+        }
+    }
+
+    /// The distance graph searches use from `q` to a node: exact, or to its half or 8-bit
+    /// vector (kept relative to the center). L2 on compact vectors takes the float kernel on
+    /// `q - c`, which subtracts before it squares: an integer dot product would need
+    /// `|q|^2 + |x|^2 - 2 q.x`, which cancels badly.
+    #[inline(always)]
+    pub(super) fn dist_node(&self, q: &Query, seg: &Segment, off: usize) -> f32 {
+        let l2 = self.metric == Metric::L2;
+        let raw = match self.storage {
+            Storage::F32 => return distance::internal(self.metric, q.v, self.vector_in(seg, off)),
+            Storage::Half => {
+                let halves = self.half_in(seg, off);
+                if l2 {
+                    distance::l2sq_codes(q.r, halves, 1.0)
+                } else {
+                    distance::dot_codes(q.v, halves) + q.qc
+                }
+            }
+            Storage::Int8 => {
+                let (codes, scale) = self.i8_in(seg, off);
+                match q.fixed {
+                    _ if l2 => distance::l2sq_codes(q.r, codes, scale),
+                    Some((fq, fs)) => fs * scale * distance::dot_i16_i8(fq, codes) as f32 + q.qc,
+                    None => scale * distance::dot_codes(q.v, codes) + q.qc,
+                }
+            }
+        };
+        distance::internal_from(self.metric, raw)
+    }
+
+    #[inline(always)]
+    pub(super) fn dist_to(&self, q: &Query, id: u32) -> Option<f32> {
+        self.node(id).map(|(seg, off)| self.dist_node(q, seg, off))
+    }
+
+    /// Prefetches every cache line of a node's search vector.
+    #[inline(always)]
+    pub(super) fn prefetch_vector(&self, seg: &Segment, off: usize) {
+        prefetch_cells(self.search_cells(seg, off));
+    }
+
+    /// Writes a claimed, unpublished node's vector: its float cells and, with the compact
+    /// storages, its compact copy relative to the center (set here by the first insert if no
+    /// batch set it). Only the thread that claimed the node calls this, before publishing it.
+    pub(super) fn write_vector(&self, seg: &Segment, off: usize, vector: &[f32]) {
+        // The calling thread owns the node (its claim) and the node is not yet published, so
+        // no one else reads or writes its cells.
+        for (cell, &x) in self.vector_cells(seg, off).iter().zip(vector) {
+            cell.store(x.to_bits(), AtOrd::Relaxed);
+        }
+        let centered: Vec<f32> = match self.storage {
+            Storage::F32 => Vec::new(),
+            Storage::Half | Storage::Int8 => {
+                let c = self.center.get_or_init(|| vector.into());
+                vector.iter().zip(c.iter()).map(|(x, m)| x - m).collect()
+            }
+        };
+        match self.storage {
+            Storage::F32 => {}
+            Storage::Half => {
+                for (cell, pair) in self.search_cells(seg, off).iter().zip(centered.chunks(2)) {
+                    let lo = distance::to_half(pair[0]) as u32;
+                    let hi = pair.get(1).map_or(0, |&x| distance::to_half(x) as u32);
+                    cell.store(lo | hi << 16, AtOrd::Relaxed);
+                }
+            }
+            Storage::Int8 => {
+                let mut codes = vec![0i8; self.dim];
+                let scale = distance::to_i8(&centered, &mut codes);
+                if let Some((first, rest)) = self.search_cells(seg, off).split_first() {
+                    first.store(scale.to_bits(), AtOrd::Relaxed);
+                    for (cell, four) in rest.iter().zip(codes.chunks(4)) {
+                        let mut b = [0u8; 4];
+                        for (x, &c) in b.iter_mut().zip(four) {
+                            *x = c as u8;
+                        }
+                        cell.store(u32::from_ne_bytes(b), AtOrd::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,705 @@
+//! The HNSW algorithm on the engine's layout: node levels, greedy descent, the layer search,
+//! neighbour selection, linking (and re-linking orphans), and the [`Engine`] implementation.
+//!
+//! # Invariants
+//! - An insert writes its own lists at every level before it links any other node to it, and
+//!   publishes ids only with `Release` stores (module docs of `native`, "Concurrency").
+//! - Writers of a node's list hold that node's lock; searches take none and see every slot
+//!   either empty or holding a fully inserted id.
+//! - A node's level depends only on the seed and its id ("Determinism").
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtOrd};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+use rayon::prelude::*;
+
+use super::encoding::{Query, Storage};
+use super::memory::prefetch_cells;
+use super::scratch::{with_scratch, QueryBuf, Scratch};
+use super::{Native, EMPTY, MAX_LEVEL};
+use crate::index::engine::Engine;
+
+/// A graph node's distance to the query, ordered by distance then id (so heaps are deterministic).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Cand {
+    pub(super) d: f32,
+    pub(super) id: u32,
+}
+
+impl Eq for Cand {}
+
+impl Ord for Cand {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.d.total_cmp(&other.d).then(self.id.cmp(&other.id))
+    }
+}
+
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// How many of a search's candidates (nearest first by the compact vectors) the compact storages
+/// rank again by exact distances, for `k` results: `max(2k, k + 10)`. Measured on the 30k
+/// 384-d set at ef_search 40 and k 10: re-ranking all 40 or the nearest 20 gave the same
+/// recall@10 with 8-bit vectors (0.9704, 0.9705) and half floats (0.9708, 0.9716); the nearest
+/// 10 alone lost 0.004 with 8-bit vectors; and 20 instead of 40 cut the p50 by about a fifth.
+pub(super) fn rerank_count(k: usize) -> usize {
+    (2 * k).max(k + 10)
+}
+
+/// A filtered search (past tombstones) that has expanded this many times `ef` nodes stops as
+/// soon as it holds `k` live ones ([`Native::search_layer`]). A search of a graph without
+/// tombstones expands about `ef` nodes, so this binds only when fewer than about one point in
+/// EXPANSIONS_PER_EF near the query is live; measured with 90% of the points deleted it left
+/// recall@10 at ef 64 unchanged (see docs/scale.md).
+pub(super) const EXPANSIONS_PER_EF: usize = 8;
+
+/// How many neighbours ahead a search asks for whole vectors.
+pub(super) const LOOKAHEAD: usize = 2;
+
+impl Native {
+    /// The level of node `id`: from a hash of the seed and the id, so independent of order.
+    pub(super) fn level_of(&self, id: u32) -> usize {
+        let mut z = self.seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // splitmix64's finaliser
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let u = ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64; // (0, 1]
+        ((-u.ln() * self.level_mult) as usize).min(MAX_LEVEL)
+    }
+
+    /// Greedy descent at one level from `cur` (ef = 1).
+    pub(super) fn greedy(&self, q: &Query, mut cur: Cand, level: usize) -> Cand {
+        loop {
+            let mut changed = false;
+            let links = self.links(cur.id, level);
+            if let Some((count, slots)) = links.split_first() {
+                let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
+                for slot in &slots[..n] {
+                    let id = slot.load(AtOrd::Acquire);
+                    if id == EMPTY {
+                        continue;
+                    }
+                    if let Some(d) = self.dist_to(q, id) {
+                        if d < cur.d {
+                            cur = Cand { d, id };
+                            changed = true;
+                        }
+                    }
+                }
+            }
+            if !changed {
+                return cur;
+            }
+        }
+    }
+
+    /// The best-first search of one level from `ep` with a beam of `ef`: leaves the `ef` nearest
+    /// nodes found that pass `keep` in `s.top` (a max-heap).
+    ///
+    /// A node that fails `keep` (a tombstone) still guides the search, as hnswlib does with its
+    /// deleted marks: it enters the candidates but never takes a result slot, and the search
+    /// goes on until it has `ef` nodes that pass. With `keep` always true (every build, and
+    /// searches of a graph without tombstones) this is the plain HNSW search, and the check
+    /// compiles away.
+    ///
+    /// With `enough: Some(k)` the work is bounded when the nodes that pass are scarce near the
+    /// query (most of the graph tombstoned): past [`EXPANSIONS_PER_EF`]` * ef` expanded nodes
+    /// the search stops as soon as it holds `k` that pass, instead of walking on until it has
+    /// `ef` of them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn search_layer(
+        &self,
+        q: &Query,
+        ep: Cand,
+        ef: usize,
+        level: usize,
+        s: &mut Scratch,
+        keep: &impl Fn(u32) -> bool,
+        enough: Option<usize>,
+    ) {
+        s.start(self.slots.load(AtOrd::Relaxed));
+        s.visit(ep.id);
+        if keep(ep.id) {
+            s.top.push(ep);
+        }
+        s.candidates.push(Reverse(ep));
+        let budget = ef.saturating_mul(EXPANSIONS_PER_EF);
+        let mut expanded = 0usize;
+        while let Some(Reverse(c)) = s.candidates.pop() {
+            let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
+            if c.d > worst && s.top.len() >= ef {
+                break;
+            }
+            if let Some(k) = enough {
+                expanded += 1;
+                if expanded > budget && s.top.len() >= k {
+                    break;
+                }
+            }
+            let links = self.links(c.id, level);
+            let Some((count, slots)) = links.split_first() else {
+                continue;
+            };
+            let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
+            let slots = &slots[..n];
+            // The neighbours not yet visited, then their distances, with the vectors a few
+            // neighbours ahead asked for in whole while one is compared: the search is bound by
+            // memory latency (vectors at random places, 12-24 cache lines each), and asking
+            // for every line of the next ones overlaps the misses.
+            let mut batch = std::mem::take(&mut s.batch);
+            batch.clear();
+            for slot in slots {
+                let id = slot.load(AtOrd::Acquire);
+                if id != EMPTY && s.visit(id) {
+                    batch.push(id);
+                }
+            }
+            for &id in batch.iter().take(LOOKAHEAD) {
+                if let Some((seg, off)) = self.node(id) {
+                    self.prefetch_vector(seg, off);
+                }
+            }
+            for (j, &id) in batch.iter().enumerate() {
+                if let Some(&next) = batch.get(j + LOOKAHEAD) {
+                    if let Some((seg, off)) = self.node(next) {
+                        self.prefetch_vector(seg, off);
+                    }
+                }
+                let Some(d) = self.dist_to(q, id) else {
+                    continue;
+                };
+                let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
+                if s.top.len() < ef || d < worst {
+                    let cand = Cand { d, id };
+                    s.candidates.push(Reverse(cand));
+                    if keep(id) {
+                        s.top.push(cand);
+                        if s.top.len() > ef {
+                            s.top.pop();
+                        }
+                    }
+                }
+            }
+            s.batch = batch;
+        }
+    }
+
+    /// hnswlib's neighbour heuristic: from `cands` (nearest first), keep up to `m`, skipping a
+    /// candidate that is nearer to one already kept than to the base point.
+    pub(super) fn select(&self, cands: &[Cand], m: usize) -> Vec<Cand> {
+        if cands.len() <= m {
+            return cands.to_vec();
+        }
+        let mut kept: Vec<(Cand, &[f32])> = Vec::with_capacity(m);
+        for &c in cands {
+            if kept.len() >= m {
+                break;
+            }
+            let Some(vc) = self.vector(c.id) else {
+                continue;
+            };
+            if kept.iter().all(|&(_, vr)| self.dist(vc, vr) >= c.d) {
+                kept.push((c, vc));
+            }
+        }
+        kept.into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// Rewrites a link block (caller holds the node's lock): slots first, then the count.
+    pub(super) fn write_links(links: &[AtomicU32], ids: impl Iterator<Item = u32>) {
+        let Some((count, slots)) = links.split_first() else {
+            return;
+        };
+        let mut n = 0;
+        for (slot, id) in slots.iter().zip(ids) {
+            slot.store(id, AtOrd::Release);
+            n += 1;
+        }
+        count.store(n as u32, AtOrd::Release);
+    }
+
+    /// Links node `id`'s neighbours at `level` (the heuristic's selection, already in `id`'s own
+    /// list) back to it. Returns whether the nearest of them kept a link to it (did not prune
+    /// it from its full list), and whether the node is an outlier: farther from that nearest
+    /// neighbour than all the neighbour's links.
+    pub(super) fn link_back(
+        &self,
+        id: u32,
+        v: &[f32],
+        selected: &[Cand],
+        level: usize,
+    ) -> (bool, bool) {
+        let cap = if level == 0 { self.m0 } else { self.m };
+        let (mut linked, mut outlier) = (false, false);
+        let nearest = selected.iter().find(|c| c.id != id).map(|c| c.id);
+        for nb in selected {
+            if nb.id == id {
+                continue;
+            }
+            let Some((seg, off)) = self.node(nb.id) else {
+                continue;
+            };
+            let nb_vec = self.vector_in(seg, off);
+            let _lock = seg.locks[off].lock();
+            let links = self.links_in(seg, off, level);
+            let Some((count, slots)) = links.split_first() else {
+                continue;
+            };
+            let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
+            if n < cap.min(slots.len()) {
+                if Some(nb.id) == nearest {
+                    linked = true;
+                    let d = self.dist(nb_vec, v);
+                    outlier = slots[..n].iter().all(|slot| {
+                        let other = slot.load(AtOrd::Acquire);
+                        other == EMPTY
+                            || self
+                                .vector(other)
+                                .is_none_or(|ov| self.dist(nb_vec, ov) < d)
+                    });
+                }
+                slots[n].store(id, AtOrd::Release);
+                count.store(n as u32 + 1, AtOrd::Release);
+                continue;
+            }
+            // Full: keep the heuristic's choice among the old links and the new node.
+            let mut cands: Vec<Cand> = Vec::with_capacity(n + 1);
+            cands.push(Cand {
+                d: self.dist(nb_vec, v),
+                id,
+            });
+            for slot in &slots[..n] {
+                let other = slot.load(AtOrd::Acquire);
+                if other == EMPTY {
+                    continue;
+                }
+                if let Some(ov) = self.vector(other) {
+                    cands.push(Cand {
+                        d: self.dist(nb_vec, ov),
+                        id: other,
+                    });
+                }
+            }
+            cands.sort_unstable();
+            let mut kept = self.select(&cands, cap);
+            // A new point farther from this neighbour than all its links is unlike its
+            // surroundings (an outlier), and each of its neighbours prunes it: the pruned
+            // heuristic keeps fewer than `cap` links, so it keeps it in a free slot. Points like
+            // their surroundings rarely pass this test, so the graph is otherwise the heuristic's.
+            if level == 0
+                && kept.len() < cap
+                && cands.last().is_some_and(|c| c.id == id)
+                && !kept.iter().any(|c| c.id == id)
+            {
+                kept.extend(cands.last().copied());
+            }
+            if Some(nb.id) == nearest {
+                linked = kept.iter().any(|c| c.id == id);
+                outlier = cands.last().is_some_and(|c| c.id == id);
+            }
+            Self::write_links(links, kept.iter().map(|c| c.id));
+        }
+        (linked, outlier)
+    }
+
+    /// Makes sure a search for outlier node `id` (vector `v`) at the config's ef_search finds
+    /// it: a search for a point unlike the rest of the data can end among points nearly as far
+    /// as its true neighbours but elsewhere (another cluster), so where it ends gets a link to
+    /// it (in place of its most redundant one), up to twice. Only outliers pay for this search.
+    pub(super) fn make_findable(&self, id: u32, v: &[f32]) {
+        for _ in 0..2 {
+            let found = self.search_keeping(v, 1, self.ef_search, &|_| true);
+            let Some(&(landed, _)) = found.first() else {
+                return;
+            };
+            let landed = landed as u32;
+            if landed == id {
+                return;
+            }
+            let Some(base) = self.vector(landed) else {
+                return;
+            };
+            self.add_link(landed, id, |slots| self.most_redundant(base, slots));
+        }
+    }
+
+    /// Gives node `id`, which its nearest level-0 neighbour (first of `selected`) did not keep
+    /// a link to, a level-0 link from that neighbour: into a free slot, else in place of its
+    /// most redundant link ([`Self::most_redundant`]). A point unlike the rest of the data is
+    /// pruned from the lists of its neighbours (each keeps a nearer point that lies between
+    /// them), and the in-links it may keep from farther ones lead from places a search for it
+    /// never goes; a search for it does reach its nearest neighbour.
+    pub(super) fn adopt(&self, id: u32, selected: &[Cand]) {
+        let Some(nearest) = selected.iter().find(|c| c.id != id) else {
+            return;
+        };
+        if let Some(base) = self.vector(nearest.id) {
+            self.add_link(nearest.id, id, |slots| self.most_redundant(base, slots));
+        }
+    }
+
+    /// Of a full level-0 list of the node at `base` (caller holds its lock), the slot to give
+    /// up: of the two linked points nearest each other, the one farther from `base` (the one
+    /// hnswlib's heuristic would prune), which stays one hop from the other. A point adopted
+    /// before, far from every other, is never the one dropped.
+    pub(super) fn most_redundant<'a>(
+        &self,
+        base: &[f32],
+        slots: &'a [AtomicU32],
+    ) -> Option<&'a AtomicU32> {
+        let linked: Vec<(usize, &[f32])> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let id = slot.load(AtOrd::Acquire);
+                (id != EMPTY).then(|| self.vector(id).map(|v| (i, v)))?
+            })
+            .collect();
+        let mut best: Option<(f32, usize)> = None;
+        for (a, &(i, va)) in linked.iter().enumerate() {
+            for &(j, vb) in &linked[a + 1..] {
+                let d = self.dist(va, vb);
+                if best.is_none_or(|(bd, _)| d < bd) {
+                    let far = if self.dist(base, va) > self.dist(base, vb) {
+                        i
+                    } else {
+                        j
+                    };
+                    best = Some((d, far));
+                }
+            }
+        }
+        best.and_then(|(_, j)| slots.get(j))
+    }
+
+    /// Adds a level-0 link from `from` to `to`: into a free slot, or else into the slot `full`
+    /// picks from the full list. False if neither.
+    pub(super) fn add_link<'a>(
+        &'a self,
+        from: u32,
+        to: u32,
+        full: impl FnOnce(&'a [AtomicU32]) -> Option<&'a AtomicU32>,
+    ) -> bool {
+        let Some((seg, off)) = self.node(from) else {
+            return false;
+        };
+        let _lock = seg.locks[off].lock();
+        let Some((count, slots)) = self.links_in(seg, off, 0).split_first() else {
+            return false;
+        };
+        let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
+        if let Some(free) = slots.get(n) {
+            free.store(to, AtOrd::Release);
+            count.store(n as u32 + 1, AtOrd::Release);
+            return true;
+        }
+        match full(slots) {
+            Some(slot) => {
+                slot.store(to, AtOrd::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The `k` nearest nodes passing `keep`, nearest first.
+    pub(super) fn search_keeping(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &impl Fn(u32) -> bool,
+    ) -> Vec<(usize, f32)> {
+        if k == 0 || query.len() != self.dim {
+            return Vec::new();
+        }
+        let Some((ep, top)) = *self.entry.read() else {
+            return Vec::new();
+        };
+        let mut buf = QueryBuf::take();
+        let q = self.query(query, &mut buf.0);
+        let Some(d) = self.dist_to(&q, ep) else {
+            return Vec::new();
+        };
+        let mut cur = Cand { d, id: ep };
+        for l in (1..=top).rev() {
+            cur = self.greedy(&q, cur, l);
+        }
+        with_scratch(|s| {
+            self.search_layer(&q, cur, ef.max(k), 0, s, keep, Some(k));
+            if self.storage != Storage::F32 {
+                // Rank the nearest candidates by their exact distances (float vectors, asked
+                // for a few candidates ahead): [`rerank_count`] of them, as reading
+                // float vectors from all over memory is a good part of a search's time.
+                let mut found = std::mem::take(&mut s.top).into_sorted_vec();
+                found.truncate(rerank_count(k));
+                let ask = |c: &Cand| {
+                    if let Some((seg, off)) = self.node(c.id) {
+                        prefetch_cells(self.vector_cells(seg, off));
+                    }
+                };
+                found.iter().take(LOOKAHEAD).for_each(ask);
+                for j in 0..found.len() {
+                    if let Some(next) = found.get(j + LOOKAHEAD) {
+                        ask(next);
+                    }
+                    let c = &mut found[j];
+                    if let Some(v) = self.vector(c.id) {
+                        c.d = self.dist(query, v);
+                    }
+                }
+                s.top = BinaryHeap::from(found);
+            }
+            while s.top.len() > k {
+                s.top.pop();
+            }
+            let mut out: Vec<(usize, f32)> = Vec::with_capacity(s.top.len());
+            while let Some(c) = s.top.pop() {
+                out.push((c.id as usize, c.d));
+            }
+            out.reverse();
+            out
+        })
+    }
+}
+
+impl Engine for Native {
+    /// Inserts one node (module docs, "Concurrency"): its own lists at every level first, then
+    /// the links back to it, so no search or insert can reach it before its lists are complete.
+    fn insert(&self, vector: &[f32], internal: usize) {
+        let Ok(id) = u32::try_from(internal) else {
+            return;
+        };
+        if id == EMPTY || vector.len() != self.dim {
+            return;
+        }
+        let Some((seg, off)) = self.node_or_create(id) else {
+            return;
+        };
+        if seg.claimed[off].swap(true, AtOrd::AcqRel) {
+            return; // already inserted: ids are fresh by contract, so this is a caller's bug
+        }
+        self.write_vector(seg, off, vector);
+        let level = self.level_of(id);
+        if level > 0 {
+            let w = 1 + self.m;
+            let block: Box<[AtomicU32]> = (0..level * w)
+                .map(|i| AtomicU32::new(if i % w == 0 { 0 } else { EMPTY }))
+                .collect();
+            self.upper_bytes.fetch_add(block.len() * 4, AtOrd::Relaxed);
+            let _ = seg.upper[off].set(block);
+        }
+        let v = self.vector_in(seg, off);
+
+        // An insert that may raise the top level holds the top lock until it is done.
+        let mut entry = *self.entry.read();
+        let _top = match entry {
+            Some((_, top)) if level <= top => None,
+            _ => {
+                let guard = self.top_lock.lock();
+                entry = *self.entry.read();
+                Some(guard)
+            }
+        };
+        let Some((ep, top)) = entry else {
+            *self.entry.write() = Some((id, level));
+            self.count.fetch_add(1, AtOrd::Relaxed);
+            return;
+        };
+        let mut buf = QueryBuf::take();
+        let q = self.query(v, &mut buf.0);
+        let Some(d) = self.dist_to(&q, ep) else {
+            return;
+        };
+        let mut cur = Cand { d, id: ep };
+        for l in (level + 1..=top).rev() {
+            cur = self.greedy(&q, cur, l);
+        }
+        // The selection at each level, from the top down: written into the node's own lists
+        // now (unpublished, so without a lock), linked back only once every level is done.
+        // Each level's search reads only that level's links, so with one thread this builds
+        // the same graph as linking back level by level.
+        let mut selections: Vec<(usize, Vec<Cand>)> = Vec::with_capacity(level.min(top) + 1);
+        with_scratch(|s| {
+            for l in (0..=level.min(top)).rev() {
+                self.search_layer(&q, cur, self.ef_construction, l, s, &|_| true, None);
+                let mut found: Vec<Cand> = std::mem::take(&mut s.top).into_sorted_vec();
+                let selected = self.select(&found, self.m);
+                Self::write_links(self.links_in(seg, off, l), selected.iter().map(|c| c.id));
+                if let Some(&nearest) = found.first() {
+                    cur = nearest;
+                }
+                selections.push((l, selected));
+                found.clear();
+                s.top = BinaryHeap::from(found); // keeps the allocation
+            }
+        });
+        for (l, selected) in &selections {
+            let (linked, outlier) = self.link_back(id, v, selected, *l);
+            if *l == 0 {
+                if !linked {
+                    self.adopt(id, selected);
+                }
+                if outlier {
+                    self.make_findable(id, v);
+                }
+            }
+        }
+        if level > top {
+            *self.entry.write() = Some((id, level));
+        }
+        self.count.fetch_add(1, AtOrd::Relaxed);
+    }
+
+    fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
+        if self.storage != Storage::F32 {
+            // The center: the mean of (up to 10,000 of) this first batch's vectors.
+            self.center.get_or_init(|| {
+                let mut sum = vec![0.0f64; self.dim];
+                let sample: Vec<&[f32]> = items
+                    .iter()
+                    .map(|&(v, _)| v)
+                    .filter(|v| v.len() == self.dim)
+                    .take(10_000)
+                    .collect();
+                for v in &sample {
+                    for (s, &x) in sum.iter_mut().zip(v.iter()) {
+                        *s += x as f64;
+                    }
+                }
+                let n = sample.len().max(1) as f64;
+                sum.iter().map(|&s| (s / n) as f32).collect()
+            });
+        }
+        if parallel && items.len() > 1 {
+            items.par_iter().for_each(|&(v, id)| self.insert(v, id));
+        } else {
+            for &(v, id) in items {
+                self.insert(v, id);
+            }
+        }
+    }
+
+    fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        self.search_keeping(query, k, ef, &|_| true)
+    }
+
+    fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Option<Vec<(usize, f32)>> {
+        Some(self.search_keeping(query, k, ef, &|id| keep(id as usize)))
+    }
+
+    fn distances(&self, query: &[f32], ids: &[usize]) -> Option<Vec<(usize, f32)>> {
+        if query.len() != self.dim {
+            return Some(Vec::new());
+        }
+        let found = ids
+            .iter()
+            .filter_map(|&id| {
+                let v = self.vector(u32::try_from(id).ok()?)?;
+                Some((id, self.dist(query, v)))
+            })
+            .collect();
+        Some(found)
+    }
+
+    fn link_orphans(&self) -> usize {
+        let Some((entry, _)) = *self.entry.read() else {
+            return 0;
+        };
+        // Every inserted node, by id, with the number of level-0 links that reach it.
+        let mut nodes: Vec<u32> = Vec::new();
+        let mut indegree: Vec<u8> = Vec::new();
+        for (s, seg) in self.segments.iter().enumerate() {
+            let Some(seg) = seg.get() else { continue };
+            let start = if s == 0 { 0 } else { self.base << (s - 1) };
+            for (off, claimed) in seg.claimed.iter().enumerate() {
+                if !claimed.load(AtOrd::Acquire) {
+                    continue;
+                }
+                let Ok(id) = u32::try_from(start + off) else {
+                    continue;
+                };
+                nodes.push(id);
+                let (count, slots) = match self.links_in(seg, off, 0).split_first() {
+                    Some(block) => block,
+                    None => continue,
+                };
+                let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
+                for slot in &slots[..n] {
+                    let to = slot.load(AtOrd::Acquire) as usize;
+                    if to == EMPTY as usize {
+                        continue;
+                    }
+                    if indegree.len() <= to {
+                        indegree.resize(to + 1, 0);
+                    }
+                    indegree[to] = indegree[to].saturating_add(1);
+                }
+            }
+        }
+        let mut linked = 0;
+        for &u in &nodes {
+            if u == entry || indegree.get(u as usize).is_some_and(|&d| d > 0) {
+                continue;
+            }
+            let Some(v) = self.vector(u) else { continue };
+            let ef = self.ef_construction;
+            let found = self.search_keeping(v, ef, ef, &|id| id != u);
+            // The nearest point with a free slot links to it; if all are full, the nearest
+            // gives its link to the point that most other links also reach.
+            let done = found
+                .iter()
+                .any(|&(c, _)| self.add_link(c as u32, u, |_| None))
+                || found.first().is_some_and(|&(c, _)| {
+                    self.add_link(c as u32, u, |slots| {
+                        let most = slots.iter().max_by_key(|s| {
+                            indegree.get(s.load(AtOrd::Acquire) as usize).copied()
+                        })?;
+                        let old = most.load(AtOrd::Acquire) as usize;
+                        let d = indegree.get_mut(old).filter(|d| **d > 1)?;
+                        *d -= 1;
+                        Some(most)
+                    })
+                });
+            if done {
+                if indegree.len() <= u as usize {
+                    indegree.resize(u as usize + 1, 0);
+                }
+                indegree[u as usize] = 1;
+                linked += 1;
+            }
+        }
+        linked
+    }
+
+    fn len(&self) -> usize {
+        self.count.load(AtOrd::Relaxed)
+    }
+
+    fn save(&self, out: &mut dyn std::io::Write) -> std::io::Result<bool> {
+        self.save_graph(out).map(|()| true)
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        let slots = self.slots.load(AtOrd::Relaxed);
+        let per_slot = (self.cells + self.full_dim()) * 4 // vectors
+            + (1 + self.m0) * 4 // level-0 links
+            + std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
+            + std::mem::size_of::<Mutex<()>>()
+            + std::mem::size_of::<AtomicBool>();
+        (slots * per_slot + self.upper_bytes.load(AtOrd::Relaxed)) as u64
+    }
+}

@@ -1,0 +1,214 @@
+//! Raw memory: the cell arrays a graph lives in and every `unsafe` block of the engine.
+//!
+//! # Invariants
+//! - A [`Cells`] owns its allocation (made by [`huge_cells`], freed on drop with the same
+//!   layout); every cell is initialised before the array is handed out.
+//! - A node's vector cells (in [`Segment::level0`] after its links, and in [`Segment::full`])
+//!   are written once (relaxed atomic stores) by the thread that claimed the node
+//!   ([`Segment::claimed`]) and before the node's id is published with a `Release` store into a
+//!   link list or the entry point. Readers reach a node only through an id loaded with
+//!   `Acquire`, so [`as_f32`], [`as_u16`] and [`as_i8`], which view cells as plain numbers, are
+//!   only ever applied to cells no one writes any more. Nothing outside `native` can call them.
+//! - Link slots are never viewed as plain numbers: they are read and written as atomics.
+
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+
+#[cfg(doc)]
+use super::Storage;
+use super::EMPTY;
+
+/// One segment of nodes.
+pub(super) struct Segment {
+    /// Per node, `stride` cells laid out as hnswlib does: its level-0 link count, `m0` link
+    /// slots, then the vector searches compare with (f32 bits, two halves per cell with
+    /// [`Storage::Half`], or a scale and four codes per cell with [`Storage::Int8`]), so
+    /// expanding a candidate reads its links from the same place its vector was just read from.
+    /// A node's vector cells are written once, before the node is published (module docs).
+    pub(super) level0: Cells,
+    /// With [`Storage::Half`] and [`Storage::Int8`], per node its `dim` float vector (f32 bits),
+    /// for exact distances; empty otherwise. Written once, before the node is published.
+    pub(super) full: Cells,
+    /// Per node, levels 1..=level of `(1 + m)` slots each; set before the node is published.
+    pub(super) upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
+    /// Held by whoever rewrites a node's link lists.
+    pub(super) locks: Box<[Mutex<()>]>,
+    /// Set by the insert that owns the node's slot.
+    pub(super) claimed: Box<[AtomicBool]>,
+}
+
+impl Segment {
+    pub(super) fn new(len: usize, cells: usize, m0: usize, full_dim: usize) -> Self {
+        let stride = 1 + m0 + cells;
+        let level0 = huge_cells(len * stride, |i| {
+            let k = i % stride;
+            if k == 0 || k > m0 {
+                0
+            } else {
+                EMPTY
+            }
+        });
+        Segment {
+            level0,
+            full: huge_cells(len * full_dim, |_| 0),
+            upper: (0..len).map(|_| OnceLock::new()).collect(),
+            locks: (0..len).map(|_| Mutex::new(())).collect(),
+            claimed: (0..len).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+}
+
+/// A huge page (x86-64 Linux transparent huge pages).
+pub(super) const HUGE_PAGE: usize = 2 << 20;
+
+/// A fixed array of cells that owns its memory: [`huge_cells`] lays large ones out on huge-page
+/// boundaries, which a `Box<[AtomicU32]>` cannot free.
+pub(super) struct Cells {
+    ptr: std::ptr::NonNull<AtomicU32>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Cells` owns its allocation, like a `Box<[AtomicU32]>`, and `AtomicU32` is Send and
+// Sync.
+unsafe impl Send for Cells {}
+unsafe impl Sync for Cells {}
+
+impl std::ops::Deref for Cells {
+    type Target = [AtomicU32];
+
+    fn deref(&self) -> &[AtomicU32] {
+        // SAFETY: `ptr` points to `len` initialised cells owned by `self` (or dangles, aligned,
+        // with `len` 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Cells {
+    fn drop(&mut self) {
+        if self.layout.size() > 0 {
+            // SAFETY: allocated in `huge_cells` with this layout; AtomicU32 needs no drop.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+        }
+    }
+}
+
+/// `n` cells set by `init`. From 2 MiB up they start on a 2 MiB boundary and the kernel is asked
+/// to back them with transparent huge pages (Linux): a search reads vectors at random places all
+/// over the graph, and with 4 KiB pages nearly every one of those reads also misses the TLB.
+/// Aligned, every whole 2 MiB of the array can be one huge page; unaligned, an array under 4 MiB
+/// (the segments a graph filled by small upserts grows) usually holds no aligned 2 MiB at all.
+pub(super) fn huge_cells(n: usize, init: impl Fn(usize) -> u32) -> Cells {
+    let bytes = n.saturating_mul(std::mem::size_of::<AtomicU32>());
+    let huge = cfg!(target_os = "linux") && bytes >= HUGE_PAGE;
+    let align = if huge {
+        HUGE_PAGE
+    } else {
+        std::mem::align_of::<AtomicU32>()
+    };
+    let Ok(layout) = std::alloc::Layout::from_size_align(bytes, align) else {
+        panic!("capacity overflow: {n} cells");
+    };
+    if bytes == 0 {
+        return Cells {
+            ptr: std::ptr::NonNull::dangling(),
+            len: 0,
+            layout,
+        };
+    }
+    // SAFETY: the layout has a non-zero size.
+    let raw = unsafe { std::alloc::alloc(layout) }.cast::<AtomicU32>();
+    let Some(ptr) = std::ptr::NonNull::new(raw) else {
+        std::alloc::handle_alloc_error(layout);
+    };
+    #[cfg(target_os = "linux")]
+    if huge {
+        // SAFETY: the range is this allocation's own (it starts on a page boundary, being
+        // 2 MiB-aligned, and madvise takes whole pages: those wholly inside). MADV_HUGEPAGE is
+        // advice about how to back it and changes none of its contents; failure (a kernel
+        // without THP, or THP disabled) just leaves 4 KiB pages.
+        unsafe {
+            libc::madvise(
+                ptr.as_ptr().cast(),
+                bytes / 4096 * 4096,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+    for i in 0..n {
+        // SAFETY: `i < n`, within the allocation; each cell is written once before any read.
+        unsafe { ptr.as_ptr().add(i).write(AtomicU32::new(init(i))) };
+    }
+    Cells {
+        ptr,
+        len: n,
+        layout,
+    }
+}
+
+/// Prefetches every cache line of `cells`.
+#[inline(always)]
+pub(super) fn prefetch_cells(cells: &[AtomicU32]) {
+    for line in cache_lines(cells) {
+        prefetch(line as *const f32);
+    }
+}
+
+/// The addresses of the cache lines `cells` occupies: from the line holding the first cell to
+/// the line holding the last. A slice that does not start on a line boundary spans one line
+/// more than its length in lines, and a node's vector starts after its links, so most do not.
+#[inline(always)]
+pub(super) fn cache_lines(cells: &[AtomicU32]) -> impl Iterator<Item = usize> {
+    let first = cells.as_ptr() as usize & !63;
+    let end = cells.last().map(|c| c as *const AtomicU32 as usize);
+    (0..)
+        .map(move |i| first + 64 * i)
+        .take_while(move |&line| end.is_some_and(|end| line <= end))
+}
+
+#[inline(always)]
+pub(super) fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address, and SSE (which
+        // provides it) is part of the x86-64 baseline.
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// `cells` read as the `f32`s whose bits they hold (the module's invariants: only a published
+/// node's vector cells, which no one writes any more).
+#[inline(always)]
+pub(super) fn as_f32(cells: &[AtomicU32]) -> &[f32] {
+    // SAFETY: AtomicU32 has the size and alignment of u32 and f32, so the cells can be read as
+    // floats. A node's vector cells are stored once, by the thread that claimed the node and
+    // before the node's id is published with a Release store; readers reach the node only
+    // through an id loaded with Acquire, so no read of these cells races a write.
+    unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const f32, cells.len()) }
+}
+
+/// The first `n` (at most two per cell) half floats packed in `cells` (as [`as_f32`]).
+#[inline(always)]
+pub(super) fn as_u16(cells: &[AtomicU32], n: usize) -> &[u16] {
+    // SAFETY: as in `as_f32`: two u16 fit one AtomicU32 (alignment 4 >= 2) and the cells are
+    // written once before the node is published; at most `cells.len() * 2` halves are read, so
+    // the slice is in bounds.
+    unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const u16, n.min(cells.len() * 2)) }
+}
+
+/// The first `n` (at most four per cell) 8-bit codes packed in `cells` (as [`as_f32`]).
+#[inline(always)]
+pub(super) fn as_i8(cells: &[AtomicU32], n: usize) -> &[i8] {
+    // SAFETY: as in `as_f32`: four i8 fit one AtomicU32 and the cells are written once before
+    // the node is published; at most `cells.len() * 4` codes are read, so the slice is in
+    // bounds.
+    unsafe { std::slice::from_raw_parts(cells.as_ptr() as *const i8, n.min(cells.len() * 4)) }
+}

@@ -1,0 +1,225 @@
+//! The snapshot layout of a native graph (`index::snapshot` writes and reads the files).
+//!
+//! # Invariants
+//! - A graph is saved only while nothing inserts (the caller owns the engine exclusively).
+//! - A loaded graph searches exactly like the one saved; anything out of range in the input is
+//!   an `InvalidData` error, never a panic or an out-of-bounds node.
+
+use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
+
+use super::encoding::Storage;
+use super::{Native, EMPTY, MAX_LEVEL};
+use crate::model::{HnswConfig, Metric};
+
+/// Snapshots (`super::snapshot`): the graph written as the engine keeps it and read back into an
+/// engine that searches exactly like the one written.
+///
+/// Layout (little-endian): storage u8, dimension u32, m u32, ef_construction u32, seed u64,
+/// base u64; the center (u8 present, then `dim` f32 bits); the entry point (u8 present, id u32,
+/// top level u32); inserted nodes u64; node slots written u64; then per slot: claimed u8 and,
+/// if claimed, its level-0 cells (count, slots, search vector), its float vector cells (compact
+/// storages) and its upper-level block (u32 length + cells).
+impl Native {
+    fn storage_code(storage: Storage) -> u8 {
+        match storage {
+            Storage::F32 => 0,
+            Storage::Half => 1,
+            Storage::Int8 => 2,
+        }
+    }
+
+    /// Writes the graph. Nothing may insert meanwhile (the caller owns the engine exclusively,
+    /// as a build does before its generation is published).
+    pub fn save_graph(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        out.write_all(&[Self::storage_code(self.storage)])?;
+        out.write_all(&(self.dim as u32).to_le_bytes())?;
+        out.write_all(&(self.m as u32).to_le_bytes())?;
+        out.write_all(&(self.ef_construction as u32).to_le_bytes())?;
+        out.write_all(&self.seed.to_le_bytes())?;
+        out.write_all(&(self.base as u64).to_le_bytes())?;
+        match self.center.get() {
+            Some(c) => {
+                out.write_all(&[1])?;
+                for x in c.iter() {
+                    out.write_all(&x.to_bits().to_le_bytes())?;
+                }
+            }
+            None => out.write_all(&[0])?,
+        }
+        match *self.entry.read() {
+            Some((id, level)) => {
+                out.write_all(&[1])?;
+                out.write_all(&id.to_le_bytes())?;
+                out.write_all(&(level as u32).to_le_bytes())?;
+            }
+            None => out.write_all(&[0])?,
+        }
+        out.write_all(&(self.count.load(AtOrd::Acquire) as u64).to_le_bytes())?;
+        // Slots up to the last claimed one.
+        let mut slots = 0usize;
+        for (s, seg) in self.segments.iter().enumerate() {
+            let Some(seg) = seg.get() else { continue };
+            let start = if s == 0 { 0 } else { self.base << (s - 1) };
+            if let Some(last) = seg.claimed.iter().rposition(|c| c.load(AtOrd::Acquire)) {
+                slots = slots.max(start + last + 1);
+            }
+        }
+        out.write_all(&(slots as u64).to_le_bytes())?;
+        let mut buf: Vec<u8> = Vec::new();
+        for id in 0..slots {
+            buf.clear();
+            let node = u32::try_from(id).ok().and_then(|id| self.node(id));
+            match node {
+                Some((seg, off)) if seg.claimed[off].load(AtOrd::Acquire) => {
+                    buf.push(1);
+                    let stride = self.stride();
+                    let cells = seg.level0[off * stride..(off + 1) * stride]
+                        .iter()
+                        .chain(&seg.full[off * self.full_dim()..(off + 1) * self.full_dim()]);
+                    for c in cells {
+                        buf.extend_from_slice(&c.load(AtOrd::Acquire).to_le_bytes());
+                    }
+                    let upper: &[AtomicU32] = seg.upper[off].get().map_or(&[], |b| &b[..]);
+                    buf.extend_from_slice(&(upper.len() as u32).to_le_bytes());
+                    for c in upper {
+                        buf.extend_from_slice(&c.load(AtOrd::Acquire).to_le_bytes());
+                    }
+                }
+                _ => buf.push(0),
+            }
+            out.write_all(&buf)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a graph written by [`Native::save_graph`] for `metric`, `dimension`, `config` and
+    /// `storage`; any disagreement with them, or a value out of range, is an error.
+    pub fn load_graph(
+        metric: Metric,
+        dimension: u32,
+        config: &HnswConfig,
+        storage: Storage,
+        d: &mut crate::index::snapshot::Dec,
+    ) -> crate::error::Result<Native> {
+        use crate::error::Error;
+        let bad = |what: String| Error::Corrupt(format!("snapshot graph: {what}"));
+        let code = d.u8()?;
+        if code != Self::storage_code(storage) {
+            return Err(bad(format!(
+                "vector storage {code}, expected {}",
+                Self::storage_code(storage)
+            )));
+        }
+        let (dim, m, ef_c, seed) = (d.u32()?, d.u32()?, d.u32()?, d.u64()?);
+        let base = d.u64()?;
+        if base > u32::MAX as u64 || base == 0 {
+            return Err(bad(format!("segment size {base}")));
+        }
+        let g = Native::with_storage(metric, dimension, config, base as usize, storage);
+        if (dim as usize, m as usize, ef_c as usize, seed, base as usize)
+            != (g.dim, g.m, g.ef_construction, g.seed, g.base)
+        {
+            return Err(bad(format!(
+                "(dimension, m, ef_construction, seed, base) ({dim}, {m}, {ef_c}, {seed}, {base}) \
+                 disagree with the generation's ({}, {}, {}, {}, {})",
+                g.dim, g.m, g.ef_construction, g.seed, g.base
+            )));
+        }
+        if d.u8()? == 1 {
+            let c: Vec<f32> = (0..g.dim)
+                .map(|_| d.u32().map(f32::from_bits))
+                .collect::<crate::error::Result<_>>()?;
+            let _ = g.center.set(c.into());
+        }
+        let entry = if d.u8()? == 1 {
+            let (id, level) = (d.u32()?, d.u32()? as usize);
+            if level > MAX_LEVEL {
+                return Err(bad(format!("entry level {level}")));
+            }
+            Some((id, level))
+        } else {
+            None
+        };
+        let count = d.u64()?;
+        let slots = d.count(1)?;
+        if slots > EMPTY as usize {
+            return Err(bad(format!("{slots} nodes")));
+        }
+        let stride = g.stride();
+        let full = g.full_dim();
+        let mut claimed = 0u64;
+        for id in 0..slots as u32 {
+            if d.u8()? != 1 {
+                continue;
+            }
+            let Some((seg, off)) = g.node_or_create(id) else {
+                return Err(bad(format!("node {id} out of range")));
+            };
+            let cells = seg.level0[off * stride..(off + 1) * stride]
+                .iter()
+                .chain(&seg.full[off * full..(off + 1) * full]);
+            let raw = d.bytes((stride + full) * 4)?;
+            for (c, b) in cells.zip(raw.chunks_exact(4)) {
+                c.store(u32::from_le_bytes([b[0], b[1], b[2], b[3]]), AtOrd::Relaxed);
+            }
+            let upper = d.u32()? as usize;
+            if upper > MAX_LEVEL * (1 + g.m) || !upper.is_multiple_of(1 + g.m) {
+                return Err(bad(format!("node {id} has {upper} upper-level cells")));
+            }
+            if upper > 0 {
+                let raw = d.bytes(upper * 4)?;
+                let block: Box<[AtomicU32]> = raw
+                    .chunks_exact(4)
+                    .map(|b| AtomicU32::new(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    .collect();
+                g.upper_bytes.fetch_add(block.len() * 4, AtOrd::Relaxed);
+                let _ = seg.upper[off].set(block);
+            }
+            seg.claimed[off].store(true, AtOrd::Relaxed);
+            claimed += 1;
+        }
+        if claimed != count {
+            return Err(bad(format!("{claimed} nodes present, {count} recorded")));
+        }
+        // Every link must name a present node: a search follows them without checks beyond
+        // the segment lookup.
+        for id in 0..slots as u32 {
+            let Some((seg, off)) = g.node(id) else {
+                continue;
+            };
+            if !seg.claimed[off].load(AtOrd::Relaxed) {
+                continue;
+            }
+            for level in 0..=MAX_LEVEL {
+                let links = g.links_in(seg, off, level);
+                let Some((n, ids)) = links.split_first() else {
+                    break;
+                };
+                let n = n.load(AtOrd::Relaxed) as usize;
+                if n > ids.len() {
+                    return Err(bad(format!("node {id} has {n} links at level {level}")));
+                }
+                for l in &ids[..n] {
+                    let to = l.load(AtOrd::Relaxed);
+                    let present = g
+                        .node(to)
+                        .is_some_and(|(s, o)| s.claimed[o].load(AtOrd::Relaxed));
+                    if to != EMPTY && !present {
+                        return Err(bad(format!("node {id} links to missing node {to}")));
+                    }
+                }
+            }
+        }
+        if let Some((id, _)) = entry {
+            if !g
+                .node(id)
+                .is_some_and(|(s, o)| s.claimed[o].load(AtOrd::Relaxed))
+            {
+                return Err(bad(format!("entry point {id} is missing")));
+            }
+        }
+        *g.entry.write() = entry;
+        g.count.store(count as usize, AtOrd::Release);
+        Ok(g)
+    }
+}
