@@ -30,6 +30,7 @@ async fn upsert_one(c: &mut Client, index: &str, p: pb::Point) -> Result<(), ton
     c.upsert_points(pb::UpsertPointsRequest {
         index_name: index.into(),
         points: vec![p],
+        ..Default::default()
     })
     .await
     .map(drop)
@@ -39,6 +40,7 @@ async fn delete(c: &mut Client, index: &str, ids: Vec<u64>) {
     c.delete_points(pb::DeletePointsRequest {
         index_name: index.into(),
         ids,
+        ..Default::default()
     })
     .await
     .expect("delete");
