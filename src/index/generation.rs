@@ -994,10 +994,6 @@ mod tests {
         }
     }
 
-    /// A saved and loaded generation answers exactly like the one saved (same ids, same
-    /// distances), tombstones and replaced ids included, on every engine that snapshots; and
-    /// takes further writes like it. Truncated, corrupt, foreign-version and mismatched files
-    /// are refused.
     /// A generation with points still in its fresh segment encodes only its linked part, under
     /// the sequence that part holds; the loaded file has the linked points (with deletes made
     /// since, which a replay would repeat) and none of the fresh ones.
@@ -1061,6 +1057,10 @@ mod tests {
         assert_eq!((g.unlinked(), g.linked_seq(), g.live_count()), (0, 12, 148));
     }
 
+    /// A saved and loaded generation answers exactly like the one saved (same ids, same
+    /// distances), tombstones and replaced ids included, on every engine that snapshots; and
+    /// takes further writes like it. Truncated, corrupt, foreign-version and mismatched files
+    /// are refused.
     #[test]
     fn snapshot_round_trip_answers_the_same() {
         use rand::Rng;
