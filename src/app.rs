@@ -52,6 +52,7 @@ impl App {
                     max_pending: config.max_pending_writes,
                     default_engine: config.engine,
                     compact_fraction: config.compact_deleted_fraction,
+                    snapshot_idle: config.snapshot_idle,
                 },
             )
             .await?,

@@ -96,8 +96,16 @@ pub struct IndexHandle {
     deleted: AtomicBool,
     /// `points_changed` as of the active generation's last snapshot.
     snapshot_mark: AtomicU64,
-    /// Set while a background snapshot of the index runs.
-    snapshotting: AtomicBool,
+    /// Background snapshots ([`snapshotter`]): woken by writes, an import's end and the
+    /// handle's drop.
+    snap_poke: Arc<tokio::sync::Notify>,
+    /// Requests for a snapshot without waiting for writes to stop (an import's end, a start's
+    /// replay), counted: the snapshotter has served those it counted before its last snapshot.
+    snap_requests: AtomicU64,
+    /// Why the last request was made (logged with the snapshot).
+    snap_why: parking_lot::Mutex<&'static str>,
+    /// When the index's last write was acknowledged.
+    last_write: parking_lot::Mutex<std::time::Instant>,
     /// The committer's queue (bounded by `--max-pending-writes`).
     queue: mpsc::Sender<Pending>,
     max_pending: usize,
@@ -148,18 +156,35 @@ pub struct ActivationCounts {
     pub adopted: AtomicU64,
 }
 
+/// How an index's handle starts (the catalog's settings and what its start found).
+struct HandleStart<'a> {
+    /// `points_changed` as of the generation's snapshot.
+    snapshot_mark: u64,
+    store: Arc<Store>,
+    max_pending: usize,
+    /// `--snapshot-idle-secs`.
+    snapshot_idle: Option<std::time::Duration>,
+    tasks: &'a Tasks,
+}
+
+impl Drop for IndexHandle {
+    fn drop(&mut self) {
+        // Its snapshotter sees that the handle is gone and ends.
+        self.snap_poke.notify_one();
+    }
+}
+
 impl IndexHandle {
-    /// A handle over `gen` with its committer started.
+    /// A handle over `gen` with its committer and snapshotter started.
     /// The index's engine is its first generation's (`gen.kind`).
-    fn start(
-        meta: IndexMeta,
-        gen: Generation,
-        counts: Counts,
-        snapshot_mark: u64,
-        store: Arc<Store>,
-        max_pending: usize,
-        tasks: &Tasks,
-    ) -> Arc<Self> {
+    fn start(meta: IndexMeta, gen: Generation, counts: Counts, how: HandleStart) -> Arc<Self> {
+        let HandleStart {
+            snapshot_mark,
+            store,
+            max_pending,
+            snapshot_idle,
+            tasks,
+        } = how;
         let max_pending = max_pending.max(1);
         let (queue, rx) = mpsc::channel(max_pending);
         let handle = Arc::new(IndexHandle {
@@ -173,7 +198,10 @@ impl IndexHandle {
             points_changed: AtomicU64::new(counts.points_changed),
             deleted: AtomicBool::new(false),
             snapshot_mark: AtomicU64::new(snapshot_mark),
-            snapshotting: AtomicBool::new(false),
+            snap_poke: Default::default(),
+            snap_requests: AtomicU64::new(0),
+            snap_why: parking_lot::Mutex::new(""),
+            last_write: parking_lot::Mutex::new(std::time::Instant::now()),
             compaction: Default::default(),
             build_progress: Default::default(),
             held: Default::default(),
@@ -183,8 +211,29 @@ impl IndexHandle {
         // Fed by the handle: the task ends when the handle (and so the queue's sender) is
         // dropped, after answering every write still queued, or at a storage failure. Tracked,
         // so shutdown waits for the last queued writes.
+        tasks.spawn(snapshotter(
+            Arc::downgrade(&handle),
+            handle.snap_poke.clone(),
+            Arc::downgrade(&store),
+            tasks.stop_token(),
+            snapshot_idle,
+        ));
         tasks.spawn(committer(Arc::downgrade(&handle), store, rx));
         handle
+    }
+
+    /// Asks the snapshotter for a snapshot without waiting for writes to stop (if anything
+    /// changed since the last one).
+    fn request_snapshot(&self, why: &'static str) {
+        *self.snap_why.lock() = why;
+        self.snap_requests.fetch_add(1, Ordering::AcqRel);
+        self.snap_poke.notify_one();
+    }
+
+    /// An acknowledged write changed the index: its snapshotter decides again.
+    fn wrote(&self) {
+        *self.last_write.lock() = std::time::Instant::now();
+        self.snap_poke.notify_one();
     }
 
     pub fn active(&self) -> Arc<Generation> {
@@ -266,6 +315,8 @@ pub struct Catalog {
     tasks: Tasks,
     /// `--max-pending-writes`: each index's write queue.
     max_pending: usize,
+    /// `--snapshot-idle-secs` (None: 0, off).
+    snapshot_idle: Option<std::time::Duration>,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
     search_permits: Arc<Semaphore>,
     /// Starts tombstone compactions after acknowledged writes.
@@ -285,6 +336,9 @@ pub struct CatalogOptions {
     /// `--compact-deleted-fraction`: the deleted share past which an index is compacted
     /// (0: never).
     pub compact_fraction: f64,
+    /// `--snapshot-idle-secs`: an index with changes since its snapshot and no write for this
+    /// long is snapshotted in the background (None: never for that reason).
+    pub snapshot_idle: Option<std::time::Duration>,
 }
 
 impl Default for CatalogOptions {
@@ -293,6 +347,7 @@ impl Default for CatalogOptions {
             max_pending: DEFAULT_MAX_PENDING_WRITES,
             default_engine: EngineKind::DEFAULT,
             compact_fraction: 0.0,
+            snapshot_idle: Some(snapshots::DEFAULT_IDLE),
         }
     }
 }
@@ -313,6 +368,7 @@ impl Catalog {
             max_pending,
             default_engine,
             compact_fraction,
+            snapshot_idle,
         } = options;
         let swept = {
             let store = store.clone();
@@ -331,6 +387,7 @@ impl Catalog {
             }
         }
         let mut indexes = BTreeMap::new();
+        let mut replayed_many = Vec::new();
         for mut rec in records {
             let started = std::time::Instant::now();
             let st = store.clone();
@@ -343,13 +400,14 @@ impl Catalog {
                 Ok((gen, counts, restored, rec))
             })
             .await??;
-            let (from, replayed, mark) = match restored {
+            let (from, replayed, mark, soon) = match restored {
                 Restored::Snapshot { replayed, points } => (
                     "snapshot",
                     replayed,
                     counts.points_changed.saturating_sub(points),
+                    snapshots::replay_calls_for_snapshot(points, counts.point_count),
                 ),
-                Restored::Rebuilt => ("rebuild", 0, counts.points_changed),
+                Restored::Rebuilt => ("rebuild", 0, counts.points_changed, false),
             };
             tracing::info!(
                 index = %rec.meta.name,
@@ -365,12 +423,23 @@ impl Catalog {
                 rec.meta.clone(),
                 gen,
                 counts,
-                mark,
-                store.clone(),
-                max_pending,
-                &tasks,
+                HandleStart {
+                    snapshot_mark: mark,
+                    store: store.clone(),
+                    max_pending,
+                    snapshot_idle,
+                    tasks: &tasks,
+                },
             );
+            if soon {
+                replayed_many.push(handle.clone());
+            }
             indexes.insert(rec.meta.name, handle);
+        }
+        // A start that replayed many points snapshots the index in the background once every
+        // index is up (not while others still load), so the next start does not replay them.
+        for handle in replayed_many {
+            handle.request_snapshot("the start replayed many writes");
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Catalog {
@@ -383,6 +452,7 @@ impl Catalog {
             stop,
             tasks,
             max_pending,
+            snapshot_idle,
             search_permits: Arc::new(Semaphore::new(cores)),
             activations: Default::default(),
         })
@@ -485,10 +555,13 @@ impl Catalog {
             meta,
             gen,
             Counts::default(),
-            0,
-            self.store.clone(),
-            self.max_pending,
-            &self.tasks,
+            HandleStart {
+                snapshot_mark: 0,
+                store: self.store.clone(),
+                max_pending: self.max_pending,
+                snapshot_idle: self.snapshot_idle,
+                tasks: &self.tasks,
+            },
         );
         self.indexes
             .write()
@@ -574,7 +647,7 @@ impl Catalog {
         let upserted = unique.len() as u64;
         let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
         debug_assert_eq!(outcome.affected, upserted);
-        self.resnapshot_if_due(&handle);
+        handle.wrote();
         self.maybe_compact(name, &handle);
         Ok((upserted, outcome.point_count))
     }
@@ -587,7 +660,7 @@ impl Catalog {
         let handle = self.handle(name)?;
         let outcome = Self::submit(&handle, Op::Delete(ids)).await?;
         if outcome.affected > 0 {
-            self.resnapshot_if_due(&handle);
+            handle.wrote();
             self.maybe_compact(name, &handle);
         }
         Ok((outcome.affected, outcome.point_count))
@@ -1097,25 +1170,13 @@ impl Catalog {
         Ok((meta, rec, seq))
     }
 
-    /// Starts a background snapshot of the index's active generation when the points changed
-    /// since its last one call for it ([`snapshots::resnapshot_due`]) and none is running.
-    fn resnapshot_if_due(&self, handle: &Arc<IndexHandle>) {
-        let changed = handle
-            .points_changed()
-            .saturating_sub(handle.snapshot_mark.load(Ordering::Acquire));
-        if !snapshots::resnapshot_due(changed, handle.point_count())
-            || !handle.active().can_save()
-            || handle.snapshotting.swap(true, Ordering::AcqRel)
-        {
-            return;
+    /// An ImportPoints stream into `name` ended with its last message committed: the index is
+    /// snapshotted in the background if anything changed since its snapshot
+    /// ([`snapshots::next_snapshot`], rule 3), so a restart after a bulk load loads it.
+    pub fn import_ended(&self, name: &Name) {
+        if let Ok(handle) = self.handle(name) {
+            handle.request_snapshot("an import ended");
         }
-        let (store, handle) = (self.store.clone(), handle.clone());
-        self.tasks.spawn(async move {
-            if let Err(e) = resnapshot(&store, &handle).await {
-                tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
-            }
-            handle.snapshotting.store(false, Ordering::Release);
-        });
     }
 
     /// After an index record is durable (the caller holds the index's writer lock): removes
@@ -1276,24 +1337,136 @@ fn shutdown_or(stop: &tokio_util::sync::CancellationToken, e: Error) -> Error {
     }
 }
 
+/// After a background snapshot was skipped (a build runs, or an activation has not yet
+/// recorded its generations), the snapshotter waits this long before it decides again.
+const SKIPPED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An index's background snapshots, for as long as its handle lives: decides with
+/// [`snapshots::next_snapshot`] whenever a write, an import's end or a timer wakes it, and runs
+/// one snapshot at a time ([`resnapshot`]). At shutdown it writes one more if the next start
+/// would otherwise replay many points ([`snapshots::replay_calls_for_snapshot`]), then ends.
+/// Holds the handle and the store only while it decides or snapshots: an idle snapshotter
+/// keeps neither alive.
+async fn snapshotter(
+    handle: Weak<IndexHandle>,
+    poke: Arc<tokio::sync::Notify>,
+    store: Weak<Store>,
+    stop: tokio_util::sync::CancellationToken,
+    idle: Option<std::time::Duration>,
+) {
+    use std::time::{Duration, Instant};
+    // The requests counted before the last snapshot that succeeded.
+    let mut served = 0u64;
+    // When the last background snapshot ended and how long it took.
+    let mut last: Option<(Instant, Duration)> = None;
+    let mut not_before: Option<Instant> = None;
+    loop {
+        let (wait, requests) = {
+            let Some(h) = handle.upgrade() else { return };
+            if h.check_live().is_err() {
+                return;
+            }
+            let requests = h.snap_requests.load(Ordering::Acquire);
+            let state = snapshots::SnapshotState {
+                changed: h
+                    .points_changed()
+                    .saturating_sub(h.snapshot_mark.load(Ordering::Acquire)),
+                points: h.point_count(),
+                requested: requests > served,
+                since_write: h.last_write.lock().elapsed(),
+                last: last.map(|(end, took)| (end.elapsed(), took)),
+                idle,
+            };
+            let wait = h
+                .active()
+                .can_save()
+                .then(|| snapshots::next_snapshot(state))
+                .flatten()
+                .map(|w| {
+                    let held = not_before.map_or(Duration::ZERO, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    });
+                    w.max(held)
+                });
+            (wait, requests)
+        };
+        match wait {
+            None => tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = poke.notified() => continue,
+            },
+            Some(w) if !w.is_zero() => tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = poke.notified() => continue,
+                _ = tokio::time::sleep(w) => continue,
+            },
+            Some(_) => {}
+        }
+        let (Some(h), Some(st)) = (handle.upgrade(), store.upgrade()) else {
+            return;
+        };
+        let started = Instant::now();
+        let why = if requests > served {
+            *h.snap_why.lock()
+        } else if snapshots::resnapshot_due(
+            h.points_changed()
+                .saturating_sub(h.snapshot_mark.load(Ordering::Acquire)),
+            h.point_count(),
+        ) {
+            "a quarter of the index changed"
+        } else {
+            "writes stopped"
+        };
+        match resnapshot(&st, &h, why).await {
+            Ok(true) => {
+                served = requests;
+                not_before = None;
+            }
+            Ok(false) => not_before = Some(Instant::now() + SKIPPED_RETRY),
+            Err(e) => {
+                tracing::warn!(index = %h.meta.name, error = %e, "background snapshot failed");
+                not_before = Some(Instant::now() + snapshots::MIN_SPACING);
+            }
+        }
+        last = Some((Instant::now(), started.elapsed()));
+    }
+    // Shutdown: the next start would replay what changed since the snapshot.
+    let (Some(h), Some(st)) = (handle.upgrade(), store.upgrade()) else {
+        return;
+    };
+    let changed = h
+        .points_changed()
+        .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
+    if h.check_live().is_ok()
+        && h.active().can_save()
+        && snapshots::replay_calls_for_snapshot(changed, h.point_count())
+    {
+        if let Err(e) = resnapshot(&st, &h, "the server is stopping").await {
+            tracing::warn!(index = %h.meta.name, error = %e, "snapshot at shutdown failed");
+        }
+    }
+}
+
 /// Snapshots the index's active generation as it is now and records it, so a start replays
 /// only the writes after this. The generation is copied into memory under the writer lock
-/// (writes wait for the copy, searches never do) and written to disk without it. Skipped when
-/// a build runs (it writes its own snapshot) or when the active generation is not yet the
-/// recorded one (a profile activation records its generations together at its end).
-async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()> {
+/// (writes wait for the copy, searches never do) and written to disk without it. Skipped (false)
+/// when a build runs (it writes its own snapshot) or when the active generation is not yet the
+/// recorded one (a profile activation records its generations together at its end). `why` is
+/// logged.
+async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>, why: &str) -> Result<bool> {
     let Ok(_building) = handle.building.try_lock() else {
-        return Ok(());
+        return Ok(false);
     };
     let started = std::time::Instant::now();
-    let (gen, encoded, seq, mark) = {
+    let (gen, encoded, seq, mark, before) = {
         let _w = handle.writer.lock().await;
         handle.check_live()?;
         let gen = handle.active();
         let (seq, mark) = (handle.data_version(), handle.points_changed());
+        let before = handle.snapshot_mark.load(Ordering::Acquire);
         let g = gen.clone();
         let encoded = tokio::task::spawn_blocking(move || g.encode()).await??;
-        (gen, encoded, seq, mark)
+        (gen, encoded, seq, mark, before)
     };
     let uid = handle.meta.uid;
     let file = crate::index::snapshot::file_name(uid, gen.meta.number, seq);
@@ -1315,7 +1488,7 @@ async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()>
     let Some(mut rec) = recorded.filter(|_| current) else {
         let path = crate::index::snapshot::dir(store.dir()).join(&file);
         let _ = std::fs::remove_file(path);
-        return Ok(());
+        return Ok(false);
     };
     rec.snapshot = Some(crate::store::SnapshotRef {
         file: file.clone(),
@@ -1329,10 +1502,12 @@ async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>) -> Result<()>
     tracing::info!(
         index = %handle.meta.name,
         file,
+        points = mark.saturating_sub(before),
+        why,
         millis = started.elapsed().as_millis() as u64,
         "snapshotted the active generation in the background"
     );
-    Ok(())
+    Ok(true)
 }
 
 /// Sets its flag when dropped: the blocking half of a call sees that the call was abandoned.

@@ -394,6 +394,29 @@ impl Generation {
         }
     }
 
+    /// Adds or replaces many points the way a build inserts them: in chunks on every core
+    /// (rayon), polling `cancelled` between chunks, then the build's check for points left
+    /// unreachable when the batch is a good share of the graph. A start's replay of the writes
+    /// after a snapshot. On cancellation the generation holds a prefix of the points: drop it.
+    pub fn upsert_batch(&self, points: &[Point], cancelled: &dyn Fn() -> bool) -> Result<()> {
+        let range = self.ids.write().assign(points.iter().map(|p| p.id));
+        let items: Vec<(&[f32], usize)> = points
+            .iter()
+            .zip(range)
+            .map(|(p, internal)| (p.vector.as_slice(), internal))
+            .collect();
+        for chunk in items.chunks(BUILD_CHUNK * 16) {
+            if cancelled() {
+                return Err(Error::Cancelled("the replay was cancelled".into()));
+            }
+            self.engine.insert_many(chunk, chunk.len() >= 64);
+        }
+        if items.len() >= 64 && items.len() * 16 >= self.engine.len() {
+            self.engine.link_orphans();
+        }
+        Ok(())
+    }
+
     /// Tombstones the points of `ids`; unknown ids are ignored.
     pub fn delete(&self, ids: &[u64]) {
         let mut map = self.ids.write();
