@@ -106,6 +106,10 @@ pub struct IndexHandle {
     snap_why: parking_lot::Mutex<&'static str>,
     /// When the index's last write was acknowledged.
     last_write: parking_lot::Mutex<std::time::Instant>,
+    /// The oldest data version a trial may have built a graph at since the last activation
+    /// (u64::MAX: none): background snapshots keep the change log after it, so that the
+    /// graph can still be adopted (caught up from the log) instead of rebuilt.
+    log_pin: AtomicU64,
     /// The committer's queue (bounded by `--max-pending-writes`).
     queue: mpsc::Sender<Pending>,
     max_pending: usize,
@@ -202,6 +206,7 @@ impl IndexHandle {
             snap_requests: AtomicU64::new(0),
             snap_why: parking_lot::Mutex::new(""),
             last_write: parking_lot::Mutex::new(std::time::Instant::now()),
+            log_pin: AtomicU64::new(u64::MAX),
             compaction: Default::default(),
             build_progress: Default::default(),
             held: Default::default(),
@@ -799,7 +804,12 @@ impl Catalog {
         handle.check_live()?;
         let (store, uid) = (self.store.clone(), handle.meta.uid);
         match tokio::task::spawn_blocking(move || store.load_points_consistent(uid, 3)).await?? {
-            Some((points, counts)) => Ok((handle, points, counts.data_version)),
+            Some((points, counts)) => {
+                handle
+                    .log_pin
+                    .fetch_min(counts.data_version, Ordering::AcqRel);
+                Ok((handle, points, counts.data_version))
+            }
             None => self.snapshot(name).await,
         }
     }
@@ -813,6 +823,7 @@ impl Catalog {
         let uid = handle.meta.uid;
         let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
         let version = handle.data_version();
+        handle.log_pin.fetch_min(version, Ordering::AcqRel);
         Ok((handle.clone(), points, version))
     }
 
@@ -1158,6 +1169,10 @@ impl Catalog {
         if rec.snapshot.is_some() {
             handle.snapshot_mark.store(mark, Ordering::Release);
         }
+        if persist {
+            // The record trimmed the change log: older trial graphs are rebuilt, not adopted.
+            handle.log_pin.store(u64::MAX, Ordering::Release);
+        }
         drop(w);
         tracing::info!(
             index = %name,
@@ -1305,6 +1320,9 @@ impl Catalog {
         self.store.flush().await?;
         for (rec, seq) in &current {
             self.recorded(rec, *seq).await;
+            if let Some((h, _)) = handles.iter().find(|(h, _)| h.meta.uid == rec.meta.uid) {
+                h.log_pin.store(u64::MAX, Ordering::Release);
+            }
         }
         drop(guards);
         Ok(())
@@ -1498,7 +1516,9 @@ async fn resnapshot(store: &Arc<Store>, handle: &Arc<IndexHandle>, why: &str) ->
     store.flush().await?;
     handle.snapshot_mark.store(mark, Ordering::Release);
     let st = store.clone();
-    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, seq)).await?;
+    // Not past a version a trial built a graph at: an activation may still adopt it.
+    let trim = seq.min(handle.log_pin.load(Ordering::Acquire));
+    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, trim)).await?;
     tracing::info!(
         index = %handle.meta.name,
         file,
