@@ -97,7 +97,7 @@ pub struct IndexHandle {
     /// `points_changed` as of the active generation's last snapshot.
     snapshot_mark: AtomicU64,
     /// Background snapshots ([`snapshotter`]): woken by writes, an import's end and the
-    /// handle's drop.
+    /// index's deletion.
     snap_poke: Arc<tokio::sync::Notify>,
     /// Requests for a snapshot without waiting for writes to stop (an import's end, a start's
     /// replay), counted: the snapshotter has served those it counted before its last snapshot.
@@ -171,13 +171,6 @@ struct HandleStart<'a> {
     tasks: &'a Tasks,
 }
 
-impl Drop for IndexHandle {
-    fn drop(&mut self) {
-        // Its snapshotter sees that the handle is gone and ends.
-        self.snap_poke.notify_one();
-    }
-}
-
 impl IndexHandle {
     /// A handle over `gen` with its committer and snapshotter started.
     /// The index's engine is its first generation's (`gen.kind`).
@@ -217,7 +210,7 @@ impl IndexHandle {
         // dropped, after answering every write still queued, or at a storage failure. Tracked,
         // so shutdown waits for the last queued writes.
         tasks.spawn(snapshotter(
-            Arc::downgrade(&handle),
+            handle.clone(),
             handle.snap_poke.clone(),
             Arc::downgrade(&store),
             tasks.stop_token(),
@@ -620,6 +613,8 @@ impl Catalog {
             return Err(e);
         }
         self.indexes.write().remove(name);
+        // Its snapshotter sees the index is gone and ends.
+        handle.snap_poke.notify_one();
         self.store.flush().await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
@@ -1359,14 +1354,14 @@ fn shutdown_or(stop: &tokio_util::sync::CancellationToken, e: Error) -> Error {
 /// recorded its generations), the snapshotter waits this long before it decides again.
 const SKIPPED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// An index's background snapshots, for as long as its handle lives: decides with
-/// [`snapshots::next_snapshot`] whenever a write, an import's end or a timer wakes it, and runs
-/// one snapshot at a time ([`resnapshot`]). At shutdown it writes one more if the next start
-/// would otherwise replay many points ([`snapshots::replay_calls_for_snapshot`]), then ends.
-/// Holds the handle and the store only while it decides or snapshots: an idle snapshotter
-/// keeps neither alive.
+/// An index's background snapshots, until the index is deleted or the server stops: decides
+/// with [`snapshots::next_snapshot`] whenever a write, an import's end or a timer wakes it, and
+/// runs one snapshot at a time ([`resnapshot`]). At shutdown it writes one more if the next
+/// start would otherwise replay many points ([`snapshots::replay_calls_for_snapshot`]), then
+/// ends. It holds the handle (so the shutdown snapshot still has it while the catalog is
+/// dropped; the handle's committer ends after it) but the store only while it snapshots.
 async fn snapshotter(
-    handle: Weak<IndexHandle>,
+    h: Arc<IndexHandle>,
     poke: Arc<tokio::sync::Notify>,
     store: Weak<Store>,
     stop: tokio_util::sync::CancellationToken,
@@ -1380,7 +1375,6 @@ async fn snapshotter(
     let mut not_before: Option<Instant> = None;
     loop {
         let (wait, requests) = {
-            let Some(h) = handle.upgrade() else { return };
             if h.check_live().is_err() {
                 return;
             }
@@ -1420,7 +1414,7 @@ async fn snapshotter(
             },
             Some(_) => {}
         }
-        let (Some(h), Some(st)) = (handle.upgrade(), store.upgrade()) else {
+        let Some(st) = store.upgrade() else {
             return;
         };
         let started = Instant::now();
@@ -1448,14 +1442,16 @@ async fn snapshotter(
         }
         last = Some((Instant::now(), started.elapsed()));
     }
-    // Shutdown: the next start would replay what changed since the snapshot.
-    let (Some(h), Some(st)) = (handle.upgrade(), store.upgrade()) else {
+    // Shutdown: the next start would replay what changed since the snapshot (not after a
+    // storage failure: the server stops without writing).
+    let Some(st) = store.upgrade() else {
         return;
     };
     let changed = h
         .points_changed()
         .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
-    if h.check_live().is_ok()
+    if !st.failed().is_cancelled()
+        && h.check_live().is_ok()
         && h.active().can_save()
         && snapshots::replay_calls_for_snapshot(changed, h.point_count())
     {
