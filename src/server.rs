@@ -366,11 +366,17 @@ async fn shut_down(store: Arc<Store>, tasks: &Tasks, deadline: tokio::time::Inst
         );
     }
     store.flush().await?;
-    match Arc::try_unwrap(store) {
-        Ok(store) => drop(store),
-        Err(_) => tracing::warn!(
-            "the store is still held by work that outlived the grace period; it closes when that ends"
-        ),
+    // Blocking calls whose callers went away (a search or a snapshot write of a call whose
+    // client left) may still hold the store: wait for them too, within the same deadline, so
+    // the data dir is free when this returns.
+    let closed = store.closed();
+    drop(store);
+    if let Some(closed) = closed {
+        if tokio::time::timeout_at(deadline, closed).await.is_err() {
+            tracing::warn!(
+                "the store is still held by work that outlived the grace period; it closes when that ends"
+            );
+        }
     }
     tracing::info!("store flushed; stopped");
     Ok(())

@@ -31,6 +31,7 @@
 //! acknowledged. Names are `[A-Za-z0-9_.-]`, so the 0x00 separator never occurs inside one.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -117,6 +118,12 @@ pub struct Store {
     jobs: sled::Tree,
     refresh: sled::Tree,
     changes: sled::Tree,
+    /// Dropped after every sled handle: the last clone of `open` going (the store and every
+    /// blocking store call still running, see [`Store::flush`]) closes the channel, which is how
+    /// [`Store::closed`]'s receiver learns that the data dir is free. Declared last so that it
+    /// drops after `db` and the trees.
+    open: Arc<tokio::sync::oneshot::Sender<()>>,
+    closed: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -305,6 +312,7 @@ impl Store {
             }
             other => Error::Unavailable(format!("cannot open data dir {}: {other}", dir.display())),
         })?;
+        let (open, closed) = tokio::sync::oneshot::channel();
         let store = Store {
             meta: db.open_tree("meta")?,
             indexes: db.open_tree("indexes")?,
@@ -322,6 +330,8 @@ impl Store {
             failed: Default::default(),
             failure: Default::default(),
             trial_count: Default::default(),
+            open: Arc::new(open),
+            closed: std::sync::Mutex::new(Some(closed)),
         };
         // Counted once here (a scan), then kept up to date by every change of the tree.
         store.trial_count.store(
@@ -366,11 +376,21 @@ impl Store {
     /// A failed flush is fatal (see [`Store::failed`]).
     pub async fn flush(&self) -> Result<()> {
         self.injected_fault()?;
-        let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await? {
+        // The closure outlives this future if the caller goes away: it holds the store open
+        // (the handle first, then the `open` token, dropped in that order) until it ends.
+        let held = (self.db.clone(), self.open.clone());
+        match tokio::task::spawn_blocking(move || held.0.flush()).await? {
             Ok(_) => Ok(()),
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Resolves once the store is closed: every `Arc<Store>` and every blocking store call
+    /// that outlived its caller have gone, so the data dir's lock is released. Only the first
+    /// call gets the signal (None after that). The receiver resolves with an error (the sender
+    /// is never used: the channel closes when its last holder drops).
+    pub fn closed(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.closed.lock().ok()?.take()
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
@@ -1299,6 +1319,37 @@ mod tests {
             vector: vec![id as f32, 1.0],
         })
         .collect()
+    }
+
+    #[tokio::test]
+    async fn closed_fires_when_the_last_holder_and_every_flush_have_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut closed = store.closed().unwrap();
+        assert!(
+            store.closed().is_none(),
+            "only the first caller gets the signal"
+        );
+        let other = store.clone();
+        // A flush whose caller gives up at once: its blocking call may still run.
+        let flush = tokio::spawn({
+            let s = store.clone();
+            async move { s.flush().await }
+        });
+        flush.abort();
+        drop(store);
+        assert!(matches!(
+            closed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ));
+        assert!(
+            Store::open(dir.path()).is_err(),
+            "still open: another holder"
+        );
+        drop(other);
+        let _ = closed.await;
+        // The signal means the data dir is free.
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]

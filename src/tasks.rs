@@ -9,8 +9,11 @@
 //!   committer, a metrics connection, a pending connection) ends at [`Tasks::stop_token`]'s
 //!   cancellation or when what feeds it is dropped, so [`Tasks::drain`] ends.
 //! - Shutdown is: cancel ([`Tasks::cancel`]) → let in-flight calls finish → drain (bounded by
-//!   the grace period) → flush the store → exit. A task that ends by cancellation records how
-//!   it ended (a job: CANCELLED) before it returns, so the drain covers that write.
+//!   the grace period) → flush the store → wait (within the same deadline) until the store is
+//!   closed → exit. A task that ends by cancellation records how it ended (a job: CANCELLED)
+//!   before it returns, so the drain covers that write. Blocking calls are not tracked here:
+//!   one whose caller went away still holds the store, and the last step waits for it
+//!   ([`crate::store::Store::closed`]), so the data dir is free when the server returns.
 
 use std::future::Future;
 use std::time::Duration;

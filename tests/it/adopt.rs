@@ -14,19 +14,9 @@ use vectord::pb::index_service_client::IndexServiceClient;
 const DIM: usize = 16;
 
 async fn harness(a: &mut AutotuneServiceClient<Channel>, index: &str) {
-    a.create_harness(pb::CreateHarnessRequest {
-        index_name: index.into(),
-        name: "h".into(),
-        k: 10,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: 30,
-                seed: Some(3),
-            },
-        )),
-    })
-    .await
-    .expect("create harness");
+    a.create_harness(harness_request(index, "h", 10, 30, Some(3)))
+        .await
+        .expect("create harness");
 }
 
 fn grid() -> Vec<pb::HnswConfig> {

@@ -19,22 +19,12 @@ async fn sampled_harness(
     count: u32,
     seed: Option<u64>,
 ) -> pb::Harness {
-    a.create_harness(pb::CreateHarnessRequest {
-        index_name: index.into(),
-        name: name.into(),
-        k: 10,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: count,
-                seed,
-            },
-        )),
-    })
-    .await
-    .expect("create harness")
-    .into_inner()
-    .harness
-    .expect("harness")
+    a.create_harness(harness_request(index, name, 10, count, seed))
+        .await
+        .expect("create harness")
+        .into_inner()
+        .harness
+        .expect("harness")
 }
 
 fn cfg(m: u32, ef_construction: u32, ef_search: u32) -> pb::HnswConfig {
@@ -143,31 +133,11 @@ async fn harness_round_trip_and_errors() {
     assert_eq!(list.harnesses.len(), 2);
 
     let dup = a
-        .create_harness(pb::CreateHarnessRequest {
-            index_name: "h".into(),
-            name: "smoke".into(),
-            k: 10,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: 5,
-                    seed: None,
-                },
-            )),
-        })
+        .create_harness(harness_request("h", "smoke", 10, 5, None))
         .await;
     assert_eq!(code_of(dup), Code::AlreadyExists);
     let too_many = a
-        .create_harness(pb::CreateHarnessRequest {
-            index_name: "h".into(),
-            name: "big".into(),
-            k: 10,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: 101,
-                    seed: None,
-                },
-            )),
-        })
+        .create_harness(harness_request("h", "big", 10, 101, None))
         .await;
     assert_eq!(code_of(too_many), Code::InvalidArgument);
     let wrong_dim = a
@@ -195,17 +165,7 @@ async fn harness_round_trip_and_errors() {
         .await;
     assert_eq!(code_of(none), Code::InvalidArgument);
     let unknown = a
-        .create_harness(pb::CreateHarnessRequest {
-            index_name: "nope".into(),
-            name: "n".into(),
-            k: 10,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: 1,
-                    seed: None,
-                },
-            )),
-        })
+        .create_harness(harness_request("nope", "n", 10, 1, None))
         .await;
     assert_eq!(code_of(unknown), Code::NotFound);
     a.delete_harness(pb::DeleteHarnessRequest {

@@ -263,19 +263,9 @@ async fn server_with_a_slow_job(
         .await
         .expect("connect");
     let mut a = AutotuneServiceClient::new(channel);
-    a.create_harness(pb::CreateHarnessRequest {
-        index_name: "crash".into(),
-        name: "h".into(),
-        k: 10,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: 50,
-                seed: None,
-            },
-        )),
-    })
-    .await
-    .expect("create harness");
+    a.create_harness(common::harness_request("crash", "h", 10, 50, None))
+        .await
+        .expect("create harness");
     // A grid far too slow to finish before the signal; it would activate its winner.
     let grid = (0..20)
         .map(|i| pb::HnswConfig {

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::common::{self, create_index, Gen, TestServer};
+use crate::common::{self, create_index, eventually, Gen, TestServer};
 use tonic::transport::Channel;
 use vectord::config::Config;
 use vectord::pb;
@@ -32,15 +32,15 @@ async fn wait_for(
     what: &str,
     done: impl Fn(&pb::Index) -> bool,
 ) -> pb::Index {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let index = get_index(c).await;
-        if done(&index) {
-            return index;
+    eventually(Duration::from_secs(60), what, || {
+        let mut c = c.clone();
+        let done = &done;
+        async move {
+            let index = get_index(&mut c).await;
+            done(&index).then_some(index)
         }
-        assert!(Instant::now() < deadline, "{what}: still {index:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Searches each vector at k and ef 200 in one batch.

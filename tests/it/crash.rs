@@ -196,17 +196,7 @@ async fn sigkill_at_seeded_moments_loses_no_acknowledged_write() {
         create_index(&mut c, "w", DIM as u32, pb::Metric::L2).await;
         common::upsert(&mut c, "w", batch(0)).await;
         AutotuneServiceClient::new(ch)
-            .create_harness(pb::CreateHarnessRequest {
-                index_name: "w".into(),
-                name: "h".into(),
-                k: 10,
-                queries: Some(pb::create_harness_request::Queries::Sampled(
-                    pb::SampledQueries {
-                        query_count: 20,
-                        seed: Some(1),
-                    },
-                )),
-            })
+            .create_harness(common::harness_request("w", "h", 10, 20, Some(1)))
             .await
             .expect("harness");
     }

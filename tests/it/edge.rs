@@ -263,19 +263,9 @@ async fn free_text_fields_are_bounded() {
     create_index(&mut c, "t", 4, pb::Metric::L2).await;
     upsert(&mut c, "t", points(&mut Gen::new(1), 0..200, 4)).await;
     let mut a = s.autotune().await;
-    a.create_harness(pb::CreateHarnessRequest {
-        index_name: "t".into(),
-        name: "h".into(),
-        k: 5,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: 10,
-                seed: None,
-            },
-        )),
-    })
-    .await
-    .unwrap();
+    a.create_harness(harness_request("t", "h", 5, 10, None))
+        .await
+        .unwrap();
     let trial = a
         .run_trial(pb::RunTrialRequest {
             index_name: "t".into(),
@@ -478,15 +468,7 @@ async fn served_channel(url: &str) -> Option<Channel> {
 /// Connects until a connection is served (a slot freed by an earlier close may take the
 /// server a moment to see), within `DEADLINE`.
 async fn served_eventually(what: &str, url: &str) -> Channel {
-    within(what, async {
-        loop {
-            if let Some(ch) = served_channel(url).await {
-                return ch;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
+    eventually(DEADLINE, what, || served_channel(url)).await
 }
 
 /// A health Watch on `ch` whose first answer has come: a call in flight on that connection

@@ -24,17 +24,7 @@ async fn index_with_harness(s: &TestServer, name: &str) {
     }
     s.autotune()
         .await
-        .create_harness(pb::CreateHarnessRequest {
-            index_name: name.into(),
-            name: "h".into(),
-            k: 10,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: 40,
-                    seed: Some(4),
-                },
-            )),
-        })
+        .create_harness(harness_request(name, "h", 10, 40, Some(4)))
         .await
         .expect("harness");
 }

@@ -1828,17 +1828,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
             .expect("upsert scratch points");
         autotune
             .create_harness(authed(
-                pb::CreateHarnessRequest {
-                    index_name: name.into(),
-                    name: "h".into(),
-                    k: 5,
-                    queries: Some(pb::create_harness_request::Queries::Sampled(
-                        pb::SampledQueries {
-                            query_count: 10,
-                            seed: Some(1),
-                        },
-                    )),
-                },
+                crate::common::harness_request(name, "h", 5, 10, Some(1)),
                 keys,
             ))
             .await
@@ -1846,17 +1836,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
     }
     let harness = autotune
         .create_harness(authed(
-            pb::CreateHarnessRequest {
-                index_name: FIXED[0].into(),
-                name: FIXED_HARNESS.into(),
-                k: 5,
-                queries: Some(pb::create_harness_request::Queries::Sampled(
-                    pb::SampledQueries {
-                        query_count: 20,
-                        seed: Some(7),
-                    },
-                )),
-            },
+            crate::common::harness_request(FIXED[0], FIXED_HARNESS, 5, 20, Some(7)),
             keys,
         ))
         .await

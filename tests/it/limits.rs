@@ -199,19 +199,9 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
     for name in ["a", "b"] {
         create_index(&mut c, name, 8, pb::Metric::L2).await;
         upsert(&mut c, name, points(&mut Gen::new(5), 0..500, 8)).await;
-        a.create_harness(pb::CreateHarnessRequest {
-            index_name: name.into(),
-            name: "h".into(),
-            k: 10,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: 10,
-                    seed: Some(1),
-                },
-            )),
-        })
-        .await
-        .expect("harness");
+        a.create_harness(harness_request(name, "h", 10, 10, Some(1)))
+            .await
+            .expect("harness");
     }
     // The first job is held RUNNING at the server's job gate while the next requests arrive.
     let grid = vec![pb::HnswConfig {

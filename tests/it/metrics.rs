@@ -82,19 +82,9 @@ async fn metrics_show_rpcs_indexes_promotions_jobs_and_trials() {
         .await
         .is_err());
     let mut a = vectord::pb::autotune_service_client::AutotuneServiceClient::new(channel.clone());
-    a.create_harness(pb::CreateHarnessRequest {
-        index_name: "m".into(),
-        name: "h".into(),
-        k: 5,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: 10,
-                seed: None,
-            },
-        )),
-    })
-    .await
-    .unwrap();
+    a.create_harness(harness_request("m", "h", 5, 10, None))
+        .await
+        .unwrap();
     let mut stream = a
         .autotune(pb::AutotuneRequest {
             index_name: "m".into(),

@@ -57,17 +57,7 @@ async fn slow_server(dir: &std::path::Path) -> (Vectord, SocketAddr) {
         upsert(&mut c, "big", chunk.to_vec()).await;
     }
     AutotuneServiceClient::new(child::channel(addr).await)
-        .create_harness(pb::CreateHarnessRequest {
-            index_name: "big".into(),
-            name: "smoke".into(),
-            k: 5,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: 20,
-                    seed: Some(1),
-                },
-            )),
-        })
+        .create_harness(common::harness_request("big", "smoke", 5, 20, Some(1)))
         .await
         .expect("create harness");
     (v, addr)

@@ -49,17 +49,7 @@ async fn wait_refresh_job(s: &TestServer, index: &str) -> pb::Job {
 async fn harness(s: &TestServer, index: &str, count: u32) {
     s.autotune()
         .await
-        .create_harness(pb::CreateHarnessRequest {
-            index_name: index.into(),
-            name: "h".into(),
-            k: 10,
-            queries: Some(pb::create_harness_request::Queries::Sampled(
-                pb::SampledQueries {
-                    query_count: count,
-                    seed: Some(1),
-                },
-            )),
-        })
+        .create_harness(harness_request(index, "h", 10, count, Some(1)))
         .await
         .expect("harness");
 }

@@ -26,19 +26,9 @@ async fn seeded_index(s: &TestServer, name: &str, n: u64, dim: usize) -> Vec<pb:
 }
 
 async fn harness(a: &mut AutotuneServiceClient<Channel>, index: &str, name: &str, count: u32) {
-    a.create_harness(pb::CreateHarnessRequest {
-        index_name: index.into(),
-        name: name.into(),
-        k: 10,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: count,
-                seed: Some(1),
-            },
-        )),
-    })
-    .await
-    .expect("create harness");
+    a.create_harness(harness_request(index, name, 10, count, Some(1)))
+        .await
+        .expect("create harness");
 }
 
 async fn all_jobs(a: &mut AutotuneServiceClient<Channel>) -> Vec<pb::Job> {

@@ -185,19 +185,9 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
     })
     .await
     .expect("admin upsert");
-    aa.create_harness(pb::CreateHarnessRequest {
-        index_name: "docs".into(),
-        name: "h".into(),
-        k: 5,
-        queries: Some(pb::create_harness_request::Queries::Sampled(
-            pb::SampledQueries {
-                query_count: 10,
-                seed: Some(1),
-            },
-        )),
-    })
-    .await
-    .expect("admin harness");
+    aa.create_harness(common::harness_request("docs", "h", 5, 10, Some(1)))
+        .await
+        .expect("admin harness");
     let trial = aa
         .run_trial(pb::RunTrialRequest {
             index_name: "docs".into(),

@@ -140,21 +140,9 @@ impl TestServer {
     /// Stops the server and starts a new one on the same data dir, with the test config as
     /// `edit` changes it.
     pub async fn restart_with(mut self, edit: impl FnOnce(&mut Config)) -> Self {
-        // `run` returns once every tracked task of the server has ended, but under load (the
-        // whole suite on 2 cores) the data dir was seen still locked a moment after: a blocking
-        // task that holds the store outlived the drain. Wait (bounded) until it is free.
-        // TODO(issue 24 §1): find that holder and make `run` wait for it.
+        // `run` returns once every tracked task has ended and the store is closed (no blocking
+        // call holds it any more), so the data dir is free at once.
         self.stop().await;
-        let dir = self.dir.clone();
-        eventually(
-            std::time::Duration::from_secs(30),
-            "the stopped server's store is closed",
-            || {
-                let dir = dir.clone();
-                async move { vectord::store::Store::open(&dir).ok().map(drop) }
-            },
-        )
-        .await;
         let tmp = self._tmp.take();
         let mut config = Config::for_tests(&self.dir);
         edit(&mut config);
@@ -291,6 +279,24 @@ pub fn exact_top_k(metric: pb::Metric, points: &[pb::Point], q: &[f32], k: usize
     ground_truth(metric, &points, &[query], k)
         .pop()
         .expect("one answer per query")
+}
+
+/// A CreateHarness request for `query_count` queries sampled from the index's points.
+pub fn harness_request(
+    index: &str,
+    name: &str,
+    k: u32,
+    query_count: u32,
+    seed: Option<u64>,
+) -> pb::CreateHarnessRequest {
+    pb::CreateHarnessRequest {
+        index_name: index.into(),
+        name: name.into(),
+        k,
+        queries: Some(pb::create_harness_request::Queries::Sampled(
+            pb::SampledQueries { query_count, seed },
+        )),
+    }
 }
 
 /// How often `eventually` looks again.
