@@ -492,7 +492,11 @@ async fn an_import_is_snapshotted_when_it_ends_and_a_restart_loads_it() {
     live.retain(|p| !gone.contains(&p.id));
     let files = snap_files(dir);
     stop(s).await;
-    assert_eq!(snap_files(dir), files, "no snapshot at shutdown for 110 points");
+    assert_eq!(
+        snap_files(dir),
+        files,
+        "no snapshot at shutdown for 110 points"
+    );
 
     let (mut s, addr) = start("replays", dir, &no_idle()).await;
     let line = recovered(&mut s, "s").await;
