@@ -57,6 +57,7 @@ async fn writes(addr: std::net::SocketAddr, clients: usize, secs: u64, seed_poin
                     .upsert_points(pb::UpsertPointsRequest {
                         index_name: "w".into(),
                         points: p,
+                        ..Default::default()
                     })
                     .await
                 {

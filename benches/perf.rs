@@ -655,6 +655,7 @@ fn search_request(q: &[f32]) -> vectord::pb::SearchRequest {
         vector: q.to_vec(),
         k: K as u32,
         ef_search: Some(GRPC_EF),
+        ..Default::default()
     }
 }
 
@@ -888,6 +889,7 @@ impl GrpcServer {
             c.upsert_points(pb::UpsertPointsRequest {
                 index_name: GRPC_INDEX.into(),
                 points,
+                ..Default::default()
             })
             .await?;
         }
@@ -959,6 +961,7 @@ impl GrpcServer {
                     .collect(),
                 k: K as u32,
                 ef_search: Some(GRPC_EF),
+                ..Default::default()
             };
             let t = Instant::now();
             self.client.search_batch(req).await?;

@@ -337,6 +337,7 @@ async fn import(c: &mut Client, name: &str, base: &[Vec<f32>], ids: &[u64]) -> B
                     vector: base[id as usize].clone(),
                 })
                 .collect(),
+            ..Default::default()
         })
         .collect();
     let started = Instant::now();
@@ -367,6 +368,7 @@ async fn batch(
             .collect(),
         k: K as u32,
         ef_search: Some(ef),
+        ..Default::default()
     };
     let mut answers = Vec::new();
     let started = Instant::now();
@@ -399,6 +401,7 @@ async fn unary_p50(
                     vector: q.clone(),
                     k: K as u32,
                     ef_search: Some(P50_EF),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -442,6 +445,7 @@ async fn writers(
                     .upsert_points(pb::UpsertPointsRequest {
                         index_name: INDEX.into(),
                         points: vec![pb::Point { id, vector }],
+                        ..Default::default()
                     })
                     .await
                 {
@@ -766,6 +770,7 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         c.delete_points(pb::DeletePointsRequest {
             index_name: INDEX.into(),
             ids: chunk.to_vec(),
+            ..Default::default()
         })
         .await?;
     }

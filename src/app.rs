@@ -1,7 +1,8 @@
 //! The application: every long-lived part of the server, built in one order and passed down.
 //!
 //! Order (each part gets what was built before it, nothing is bound later):
-//! store → catalog (with the engine of indexes that name none) → lab → jobs → refresher.
+//! store → catalog (with the engine of indexes that name none) → lab → jobs → refresher →
+//! cluster (only with `--etcd`/`--nats`: joins etcd and NATS JetStream, see `cluster/`).
 //! The gRPC services get the [`App`] once it is built (`grpc::Core`); until then they answer
 //! UNAVAILABLE.
 //!
@@ -11,18 +12,23 @@
 //!   the work tells it, in the same call, before the caller is answered.
 //! - Every write and every job start that a client or a policy makes goes through the methods
 //!   here, so nothing bypasses the refresher.
+//! - On a cluster node the index DDL and every write go through the cluster (etcd's catalog,
+//!   the index's write log); without the cluster flags there is no cluster part at all and
+//!   the methods here are the single node's.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::autotune::jobs::{Event, Jobs, TuneRequest};
 use crate::autotune::lab::Lab;
-use crate::catalog::{Catalog, CatalogOptions};
+use crate::catalog::{Catalog, CatalogOptions, IndexView};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::Result;
-use crate::model::{Name, Point};
+use crate::model::{Name, NewIndex, Point};
 use crate::promotion::Registry;
 use crate::refresh::Refresher;
 use crate::store::Store;
@@ -35,6 +41,20 @@ pub struct App {
     pub lab: Arc<Lab>,
     pub jobs: Arc<Jobs>,
     pub refresh: Arc<Refresher>,
+    /// The cluster this node is part of (`--etcd`, `--nats`); None on a single node.
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// What an acknowledged write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// Points upserted, or points that existed and were deleted.
+    pub affected: u64,
+    /// The index's point count after the write (on a cluster node: on this node, once applied
+    /// here).
+    pub point_count: u64,
+    /// The index's write-log sequence of the write (cluster nodes; 0 on a single node).
+    pub sequence: u64,
 }
 
 impl App {
@@ -70,29 +90,104 @@ impl App {
         .await?;
         let refresh = Refresher::new(lab.clone(), jobs.clone())?;
         refresh.spawn_prober(config.refresh_probe_interval, jobs.shutdown_token());
+        let cluster = match &config.cluster {
+            Some(c) => {
+                // A replica the cluster no longer has is dropped the way DeleteIndex drops an
+                // index (its job and refresh state first): the parts it needs exist already.
+                let drop_index: crate::cluster::DropIndex = {
+                    let (catalog, jobs, refresh) = (catalog.clone(), jobs.clone(), refresh.clone());
+                    Arc::new(move |name: Name| {
+                        let (catalog, jobs, refresh) =
+                            (catalog.clone(), jobs.clone(), refresh.clone());
+                        Box::pin(
+                            async move { delete_local(&catalog, &jobs, &refresh, &name).await },
+                        )
+                    })
+                };
+                Some(Cluster::join(c.clone(), catalog.clone(), drop_index).await?)
+            }
+            None => None,
+        };
         Ok(App {
             store,
             catalog,
             lab,
             jobs,
             refresh,
+            cluster,
         })
     }
 
-    /// Upserts points; the refresher hears of the write before it is answered.
-    pub async fn upsert(&self, index: &Name, points: Vec<Point>) -> Result<(u64, u64)> {
-        let done = self.catalog.upsert(index, points).await?;
+    /// CreateIndex: on a cluster node one compare-and-swap in etcd, answered once this node
+    /// has its replica.
+    pub async fn create_index(&self, new: NewIndex) -> Result<IndexView> {
+        match &self.cluster {
+            Some(c) => c.create_index(new).await,
+            None => self.catalog.create_index(new).await,
+        }
+    }
+
+    /// Upserts points; the refresher hears of the write before it is answered. On a cluster
+    /// node the write goes through the index's write log (`request_id`: its dedupe id, may be
+    /// empty; ignored on a single node).
+    pub async fn upsert(
+        &self,
+        index: &Name,
+        points: Vec<Point>,
+        request_id: &str,
+    ) -> Result<Written> {
+        let done = match &self.cluster {
+            Some(c) => c.upsert(index, points, request_id).await?.into(),
+            None => {
+                let (affected, point_count) = self.catalog.upsert(index, points).await?;
+                Written {
+                    affected,
+                    point_count,
+                    sequence: 0,
+                }
+            }
+        };
         self.refresh.after_write(index);
         Ok(done)
     }
 
     /// Deletes points; the refresher hears of a delete that removed something.
-    pub async fn delete_points(&self, index: &Name, ids: Vec<u64>) -> Result<(u64, u64)> {
-        let done = self.catalog.delete_points(index, ids).await?;
-        if done.0 > 0 {
+    pub async fn delete_points(
+        &self,
+        index: &Name,
+        ids: Vec<u64>,
+        request_id: &str,
+    ) -> Result<Written> {
+        let done = match &self.cluster {
+            Some(c) => c.delete_points(index, ids, request_id).await?.into(),
+            None => {
+                let (affected, point_count) = self.catalog.delete_points(index, ids).await?;
+                Written {
+                    affected,
+                    point_count,
+                    sequence: 0,
+                }
+            }
+        };
+        if done.affected > 0 {
             self.refresh.after_write(index);
         }
         Ok(done)
+    }
+
+    /// Read-your-writes: on a cluster node, waits until the index's write log is applied here
+    /// up to `min_sequence` (bounded by `deadline`, the caller's, and
+    /// `cluster::MAX_SEQUENCE_WAIT`). Nothing to wait for on a single node or for 0.
+    pub async fn wait_applied(
+        &self,
+        index: &Name,
+        min_sequence: u64,
+        deadline: Option<Duration>,
+    ) -> Result<()> {
+        match &self.cluster {
+            Some(c) if min_sequence > 0 => c.wait_applied(index, min_sequence, deadline).await,
+            _ => Ok(()),
+        }
     }
 
     /// Starts an autotune job; the refresher counts it as the index's last tune.
@@ -110,15 +205,32 @@ impl App {
     /// (it promotes and activates nothing), waits for a refresh probe of it and drops its
     /// refresh state, then deletes the index. Everything the job might still try afterwards
     /// (a job started in between) is refused by the index's uid.
+    ///
+    /// On a cluster node: one compare-and-swap in etcd, then this node's replica the same way
+    /// (the other nodes drop theirs from their watch of the catalog).
     pub async fn delete_index(&self, name: &Name) -> Result<()> {
-        let uid = self.catalog.handle(name)?.meta.uid;
-        let why = "its index was deleted; nothing was promoted";
-        self.jobs.cancel_index(name, uid, why).await;
-        self.refresh.forget(name, uid).await;
-        self.catalog.delete_index_uid(name, uid).await?;
-        // A job that started while the first cancel ran stops now (its writes are refused).
-        self.jobs.cancel_index(name, uid, why).await;
-        self.refresh.forget(name, uid).await;
-        Ok(())
+        match &self.cluster {
+            Some(c) => c.delete_index(name).await,
+            None => delete_local(&self.catalog, &self.jobs, &self.refresh, name).await,
+        }
     }
+}
+
+/// Deletes the index on this node: its job (cancelled, its end recorded), its refresh state,
+/// then the index (see [`App::delete_index`]).
+async fn delete_local(
+    catalog: &Catalog,
+    jobs: &Jobs,
+    refresh: &Refresher,
+    name: &Name,
+) -> Result<()> {
+    let uid = catalog.handle(name)?.meta.uid;
+    let why = "its index was deleted; nothing was promoted";
+    jobs.cancel_index(name, uid, why).await;
+    refresh.forget(name, uid).await;
+    catalog.delete_index_uid(name, uid).await?;
+    // A job that started while the first cancel ran stops now (its writes are refused).
+    jobs.cancel_index(name, uid, why).await;
+    refresh.forget(name, uid).await;
+    Ok(())
 }

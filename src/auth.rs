@@ -27,7 +27,7 @@ pub const OPEN_SERVICES: [&str; 3] = [
 
 /// The methods a read-only key may call, as (service, method); every other vectord method
 /// needs the admin key. Checked against the contract's descriptor set in the tests.
-pub const READ_ONLY_METHODS: [(&str, &str); 14] = [
+pub const READ_ONLY_METHODS: [(&str, &str); 15] = [
     (names::INDEX, "GetIndex"),
     (names::INDEX, "ListIndexes"),
     (names::INDEX, "Search"),
@@ -42,6 +42,7 @@ pub const READ_ONLY_METHODS: [(&str, &str); 14] = [
     (names::AUTOTUNE, "ListJobs"),
     (names::AUTOTUNE, "GetParetoFront"),
     (names::PROMOTION, "GetPromoted"),
+    (names::CLUSTER, "ListNodes"),
 ];
 
 /// What a call needs, from its path `/service/method`.

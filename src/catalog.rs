@@ -63,6 +63,8 @@ const BATCH_CHUNK: usize = 64;
 /// A write waiting for its index's committer.
 struct Pending {
     op: Op,
+    /// The write log's sequence of the write (cluster replicas; None on a single node).
+    logged: Option<u64>,
     reply: oneshot::Sender<Result<OpOutcome>>,
 }
 
@@ -115,6 +117,10 @@ pub struct IndexHandle {
     max_pending: usize,
     /// Tombstone compaction's state (see `compaction.rs`).
     pub compaction: IndexCompaction,
+    /// The cluster index this one replicates (its uid in the cluster); None on a single node.
+    pub cluster_uid: Option<u64>,
+    /// The last write-log sequence applied (durable and searchable); 0 on a single node.
+    applied: tokio::sync::watch::Sender<u64>,
     /// The build of the index's next generation, while one runs (GetIndex shows it).
     build_progress: parking_lot::Mutex<Option<Arc<Progress>>>,
     /// The graph of the promoted winner of the index's last autotune job that did not activate,
@@ -168,6 +174,8 @@ struct HandleStart<'a> {
     max_pending: usize,
     /// `--snapshot-idle-secs`.
     snapshot_idle: Option<std::time::Duration>,
+    /// The write-log sequence applied (cluster replicas).
+    applied: Option<crate::store::Applied>,
     tasks: &'a Tasks,
 }
 
@@ -180,6 +188,7 @@ impl IndexHandle {
             store,
             max_pending,
             snapshot_idle,
+            applied,
             tasks,
         } = how;
         let max_pending = max_pending.max(1);
@@ -205,6 +214,8 @@ impl IndexHandle {
             held: Default::default(),
             queue,
             max_pending,
+            cluster_uid: applied.map(|a| a.cluster_uid),
+            applied: tokio::sync::watch::Sender::new(applied.map_or(0, |a| a.sequence)),
         });
         // Fed by the handle: the task ends when the handle (and so the queue's sender) is
         // dropped, after answering every write still queued, or at a storage failure. Tracked,
@@ -236,6 +247,33 @@ impl IndexHandle {
 
     pub fn active(&self) -> Arc<Generation> {
         self.active.load_full()
+    }
+    /// The last write-log sequence applied (cluster replicas; 0 on a single node).
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+    /// Publishes that the write log is applied up to `seq` (never backwards): called by the
+    /// apply loop once the writes up to `seq` are durable, searchable AND their outcomes are
+    /// recorded, so a writer or a search woken by it sees everything of its write (the
+    /// committer does not publish it: a writer woken between the commit and the outcome's
+    /// record answered without its outcome).
+    pub fn mark_applied(&self, seq: u64) {
+        self.applied.send_if_modified(|a| {
+            let newer = seq > *a;
+            if newer {
+                *a = seq;
+            }
+            newer
+        });
+    }
+    /// Waits until the write-log sequence `seq` is applied; false if `timeout` passed first or
+    /// the index was deleted.
+    pub async fn wait_applied(&self, seq: u64, timeout: std::time::Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
     }
 
     /// Where the build of the index's next generation is, while one runs.
@@ -417,6 +455,7 @@ impl Catalog {
                 millis = started.elapsed().as_millis() as u64,
                 "recovered index"
             );
+            let applied = store.applied(rec.meta.uid)?;
             let handle = IndexHandle::start(
                 rec.meta.clone(),
                 gen,
@@ -426,6 +465,7 @@ impl Catalog {
                     store: store.clone(),
                     max_pending,
                     snapshot_idle,
+                    applied,
                     tasks: &tasks,
                 },
             );
@@ -454,6 +494,11 @@ impl Catalog {
             search_permits: Arc::new(Semaphore::new(cores)),
             activations: Default::default(),
         })
+    }
+
+    /// The engine of indexes created without one (`--engine`).
+    pub fn default_engine(&self) -> EngineKind {
+        self.default_engine
     }
 
     /// Whether the server is shutting down (builds stop).
@@ -509,6 +554,27 @@ impl Catalog {
     }
 
     pub async fn create_index(&self, new: NewIndex) -> Result<IndexView> {
+        self.create_index_linked(new, None).await
+    }
+
+    /// [`create_index`](Self::create_index) of a cluster node's replica of the cluster index
+    /// `cluster_uid` created at `create_time_ms`: linked to it in the store (nothing of its
+    /// write log applied yet) before it is acknowledged.
+    pub async fn create_replica(
+        &self,
+        new: NewIndex,
+        cluster_uid: u64,
+        create_time_ms: u64,
+    ) -> Result<IndexView> {
+        self.create_index_linked(new, Some((cluster_uid, create_time_ms)))
+            .await
+    }
+
+    async fn create_index_linked(
+        &self,
+        new: NewIndex,
+        link: Option<(u64, u64)>,
+    ) -> Result<IndexView> {
         let _ddl = self.ddl.lock().await;
         if self.indexes.read().contains_key(&new.name) {
             return Err(Error::AlreadyExists {
@@ -522,7 +588,7 @@ impl Catalog {
             dimension: new.dimension,
             metric: new.metric,
             default_config: new.default_config,
-            create_time_ms: now_millis(),
+            create_time_ms: link.map_or_else(now_millis, |(_, ms)| ms),
             engine: Some(new.engine.unwrap_or(self.default_engine)),
         };
         let engine = meta.engine.unwrap_or(self.default_engine);
@@ -547,6 +613,13 @@ impl Catalog {
                 name: new.name.to_string(),
             });
         }
+        let applied = match link {
+            Some((cluster_uid, _)) => {
+                self.store.link_replica(meta.uid, cluster_uid)?;
+                self.store.applied(meta.uid)?
+            }
+            None => None,
+        };
         self.store.flush().await?;
         let gen = Generation::empty(engine, meta.metric, meta.dimension, generation);
         let handle = IndexHandle::start(
@@ -558,6 +631,7 @@ impl Catalog {
                 store: self.store.clone(),
                 max_pending: self.max_pending,
                 snapshot_idle: self.snapshot_idle,
+                applied,
                 tasks: &self.tasks,
             },
         );
@@ -624,11 +698,24 @@ impl Catalog {
 
     /// Adds or replaces points, all or nothing. Vectors are checked (and normalised for cosine)
     /// before anything changes; within a request the last point of an id wins.
-    pub async fn upsert(
-        self: &Arc<Self>,
+    pub async fn upsert(self: &Arc<Self>, name: &Name, points: Vec<Point>) -> Result<(u64, u64)> {
+        let (handle, unique) = self.prepare_upsert(name, points)?;
+        let upserted = unique.len() as u64;
+        let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
+        debug_assert_eq!(outcome.affected, upserted);
+        handle.wrote();
+        self.maybe_compact(name, &handle);
+        Ok((upserted, outcome.point_count))
+    }
+
+    /// Checks an upsert's points (and normalises them for cosine) without writing anything:
+    /// the index's handle and the points unique by id (the last of an id wins, as if they
+    /// were upserted one by one).
+    pub fn prepare_upsert(
+        &self,
         name: &Name,
         mut points: Vec<Point>,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(Arc<IndexHandle>, Vec<Point>)> {
         if points.is_empty() {
             return Err(Error::invalid("points is empty: send at least one point"));
         }
@@ -636,7 +723,6 @@ impl Catalog {
         for (i, p) in points.iter_mut().enumerate() {
             handle.prepare_vector(&format!("points[{i}] (id {})", p.id), &mut p.vector)?;
         }
-        // Last occurrence of an id wins, as if the points were upserted one by one.
         let mut seen = std::collections::HashSet::with_capacity(points.len());
         let mut unique: Vec<Point> = points
             .into_iter()
@@ -644,12 +730,44 @@ impl Catalog {
             .filter(|p| seen.insert(p.id))
             .collect();
         unique.reverse();
-        let upserted = unique.len() as u64;
-        let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
-        debug_assert_eq!(outcome.affected, upserted);
+        Ok((handle, unique))
+    }
+
+    /// Queues a write taken from the cluster's write log at `seq` for the replica's committer,
+    /// waiting for room in the queue (the log is the backlog, nothing is refused); the answer
+    /// comes once the write and the applied sequence are durable and searchable. Writes must
+    /// be queued in log order.
+    pub async fn queue_logged(
+        &self,
+        handle: &Arc<IndexHandle>,
+        op: Op,
+        seq: u64,
+    ) -> Result<oneshot::Receiver<Result<OpOutcome>>> {
+        handle.check_live()?;
+        let (reply, answer) = oneshot::channel();
+        handle
+            .queue
+            .send(Pending {
+                op,
+                logged: Some(seq),
+                reply,
+            })
+            .await
+            .map_err(|_| {
+                Error::Unavailable(
+                    "the index's writes have stopped: the server is stopping after a storage \
+                     failure"
+                        .into(),
+                )
+            })?;
+        Ok(answer)
+    }
+
+    /// What follows an acknowledged write to an index (a background snapshot, compaction),
+    /// for writes applied from the cluster's log.
+    pub fn after_logged_write(self: &Arc<Self>, handle: &Arc<IndexHandle>) {
         handle.wrote();
-        self.maybe_compact(name, &handle);
-        Ok((upserted, outcome.point_count))
+        self.maybe_compact(&handle.meta.name, handle);
     }
 
     /// Removes points; unknown ids are ignored. Returns (deleted, point count).
@@ -671,7 +789,11 @@ impl Catalog {
     async fn submit(handle: &IndexHandle, op: Op) -> Result<OpOutcome> {
         handle.check_live()?;
         let (reply, answer) = oneshot::channel();
-        match handle.queue.try_send(Pending { op, reply }) {
+        match handle.queue.try_send(Pending {
+            op,
+            logged: None,
+            reply,
+        }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 return Err(Error::Limit(format!(
@@ -1622,6 +1744,7 @@ async fn committer(handle: Weak<IndexHandle>, store: Arc<Store>, mut rx: mpsc::R
 
 /// One group commit (see the module's invariants).
 async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) {
+    let logged = group.iter().filter_map(|p| p.logged).max();
     let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|p| (p.op, p.reply)).unzip();
     let fail_all = |replies: Vec<oneshot::Sender<Result<OpOutcome>>>, e: &Error| {
         for r in replies {
@@ -1635,7 +1758,14 @@ async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) 
     let ops = Arc::new(ops);
     let applied = {
         let (st, ops, uid) = (store.clone(), ops.clone(), h.meta.uid);
-        tokio::task::spawn_blocking(move || st.apply_writes(uid, &ops))
+        let applied =
+            logged
+                .zip(h.cluster_uid)
+                .map(|(sequence, cluster_uid)| crate::store::Applied {
+                    cluster_uid,
+                    sequence,
+                });
+        tokio::task::spawn_blocking(move || st.apply_writes_logged(uid, &ops, applied))
             .await
             .map_err(Error::from)
             .and_then(|r| r)

@@ -83,6 +83,9 @@ pub struct Config {
     pub http2_keepalive_timeout: Duration,
     /// Idle time before TCP keepalive probes start on a connection; None: no TCP keepalive.
     pub tcp_keepalive: Option<Duration>,
+    /// The cluster this node joins (--etcd, --nats, --node-id, --advertise-addr); None: a
+    /// single node.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Tests only (no flag sets it): holds autotune jobs on some indexes RUNNING until opened.
     #[doc(hidden)]
     pub job_gate: Option<crate::autotune::jobs::JobGate>,
@@ -143,6 +146,7 @@ impl Config {
             )),
             http2_keepalive_timeout: Duration::from_secs(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECS),
             tcp_keepalive: Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECS)),
+            cluster: None,
             job_gate: None,
         }
     }

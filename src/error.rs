@@ -32,6 +32,19 @@ pub enum Error {
     /// The server is starting up or shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// A cluster node's engine (etcd or NATS JetStream, `engine`) did not answer or refused
+    /// the call; the message names the engine and its endpoints (docs/cluster.md).
+    #[error("{engine} ({endpoints}){what}: {detail}")]
+    Engine {
+        engine: &'static str,
+        endpoints: String,
+        /// What was being done, e.g. " (creating the index)", or empty.
+        what: String,
+        detail: String,
+    },
+    /// The caller's deadline ended a wait (a search waiting for a write-log sequence).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// No API key, a malformed one, or a key the server does not know.
     #[error("{0}")]
     Unauthenticated(String),

@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod autotune;
 pub mod catalog;
+pub mod cluster;
 pub mod compaction;
 pub mod config;
 pub mod connections;

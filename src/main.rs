@@ -30,6 +30,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched at once: the variants' sizes (the server's many flags, the
+// client subcommands) do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
@@ -143,6 +146,24 @@ struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_client_ca: Option<PathBuf>,
+    /// Cluster: etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379); needs --nats and
+    /// --node-id. Unset: a single node (docs/cluster.md).
+    #[arg(long, env = "VECTORD_ETCD", value_name = "URLS", requires_all = ["nats", "node_id"])]
+    etcd: Option<String>,
+    /// Cluster: NATS servers with JetStream, comma-separated (e.g. nats://127.0.0.1:4222); needs --etcd.
+    #[arg(long, env = "VECTORD_NATS", value_name = "URLS", requires = "etcd")]
+    nats: Option<String>,
+    /// Cluster: this node's id, unique in the cluster (1 to 64 characters of [A-Za-z0-9_.-]).
+    #[arg(long, env = "VECTORD_NODE_ID", requires = "etcd")]
+    node_id: Option<String>,
+    /// Cluster: the HOST:PORT other nodes and clients reach this node at (default: --addr).
+    #[arg(
+        long,
+        env = "VECTORD_ADVERTISE_ADDR",
+        value_name = "HOST:PORT",
+        requires = "etcd"
+    )]
+    advertise_addr: Option<String>,
     /// Allow a non-loopback --addr without TLS, and a non-loopback --metrics-addr (when the network is the boundary).
     #[arg(long, env = "VECTORD_INSECURE")]
     insecure: bool,
@@ -307,17 +328,37 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
             TlsConfig::load(cert, key, args.tls_client_ca.as_deref()).map_err(|e| e.to_string())?,
         );
     }
+    if let (Some(etcd), Some(nats), Some(node_id)) = (&args.etcd, &args.nats, &args.node_id) {
+        config.cluster = Some(
+            vectord::cluster::ClusterConfig::parse(
+                etcd,
+                nats,
+                node_id,
+                &args
+                    .advertise_addr
+                    .clone()
+                    .unwrap_or_else(|| args.addr.to_string()),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+    }
     config
         .check_exposure(args.addr, args.insecure)
         .map_err(|e| e.to_string())?;
     Ok(config)
 }
 
-async fn serve(args: ServeArgs, config: Config) -> Result<(), String> {
+async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if let Some(c) = config.cluster.as_mut() {
+        // --addr with port 0 and no --advertise-addr: advertise the port the OS chose.
+        if args.advertise_addr.is_none() {
+            c.advertise_addr = addr.to_string();
+        }
+    }
     tracing::info!(%addr, data_dir = %args.data_dir.display(), engine = args.engine.name(), "vectord listening");
     let keys = match &config.api_keys {
         None => "none",

@@ -15,7 +15,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::names;
 use crate::grpc::{
-    autotune::AutotuneApi, index::IndexApi, promotion::PromotionApi, Core, EdgeLimits,
+    autotune::AutotuneApi, cluster::ClusterApi, index::IndexApi, promotion::PromotionApi, Core,
+    EdgeLimits,
 };
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::pb;
@@ -24,7 +25,13 @@ use crate::tasks::Tasks;
 
 /// The names health reports on: "" (the whole server) and each vectord service (names from
 /// the generated code).
-pub const HEALTH_SERVICES: [&str; 4] = ["", names::INDEX, names::AUTOTUNE, names::PROMOTION];
+pub const HEALTH_SERVICES: [&str; 5] = [
+    "",
+    names::INDEX,
+    names::AUTOTUNE,
+    names::PROMOTION,
+    names::CLUSTER,
+];
 
 /// The largest reflection request (a symbol or file name): larger is OUT_OF_RANGE.
 /// tonic-reflection answers an unknown name with NOT_FOUND quoting it whole; unbounded, a huge
@@ -168,7 +175,7 @@ fn serve_metrics(
     Ok(())
 }
 
-/// The gRPC server on `listener`: health, reflection and the three vectord services behind
+/// The gRPC server on `listener`: health, reflection and the four vectord services behind
 /// the edge layers (metrics, auth, the request-size rewrite, admission), with the connection
 /// limits. It stops taking calls when `tasks` stop and completes once the calls in flight are
 /// done.
@@ -209,6 +216,10 @@ fn grpc_server(
             .max_encoding_message_size(max_out);
     let autotune =
         pb::autotune_service_server::AutotuneServiceServer::new(AutotuneApi::new(core.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max_out);
+    let cluster =
+        pb::cluster_service_server::ClusterServiceServer::new(ClusterApi::new(core.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_out);
 
@@ -262,6 +273,7 @@ fn grpc_server(
         .add_service(index)
         .add_service(promotion)
         .add_service(autotune)
+        .add_service(cluster)
         .serve_with_incoming_shutdown(incoming, tasks.stop_token().cancelled_owned());
     Ok((health, serve))
 }
@@ -446,6 +458,7 @@ mod tests {
         let up = |ids: Vec<u64>| pb::UpsertPointsRequest {
             index_name: "v".into(),
             points: ids.into_iter().map(point).collect(),
+            ..Default::default()
         };
         c.upsert_points(up((0..20).collect())).await.unwrap();
         let mut health = HealthClient::new(

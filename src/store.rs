@@ -26,6 +26,14 @@
 //! - `promotions`: index name -> JSON `{current, history}`.
 //! - `jobs`: job seq (u64 BE) -> JSON job (the newest `--jobs-kept` finished ones and every
 //!   running one are kept).
+//! - `applied` (cluster nodes only, docs/cluster.md): uid (u64 BE) -> the cluster's uid of the
+//!   index (u64 BE) ++ the last write-log sequence applied (u64 BE). Written when the node
+//!   creates its replica of a cluster index, then in the same transaction as the points, counts
+//!   and change log of every logged write, so a restart resumes the log right after what the
+//!   points hold. Absent for an index of a single node (and in stores written before it, which
+//!   a single node reads the same: the tree is only added to, so the format stays 1).
+//! - `meta` `cluster_node`: the node id of the cluster node that uses this data dir, set at its
+//!   first start in a cluster (a data dir with indexes but without it was a single node's).
 //!
 //! Every change that must survive a crash is followed by [`Store::flush`] before it is
 //! acknowledged. Names are `[A-Za-z0-9_.-]`, so the 0x00 separator never occurs inside one.
@@ -118,6 +126,7 @@ pub struct Store {
     jobs: sled::Tree,
     refresh: sled::Tree,
     changes: sled::Tree,
+    applied: sled::Tree,
     /// Dropped after every sled handle: the last clone of `open` going (the store and every
     /// blocking store call still running, see [`Store::flush`]) closes the channel, which is how
     /// [`Store::closed`]'s receiver learns that the data dir is free. Declared last so that it
@@ -216,6 +225,34 @@ fn abort<T>(e: Error) -> TxResult<T> {
 pub enum WriteOp {
     Upsert(Vec<Point>),
     Delete(Vec<u64>),
+}
+
+/// Where a cluster replica is in its index's write log (the `applied` tree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The index's uid in the cluster (its catalog key's create revision in etcd).
+    pub cluster_uid: u64,
+    /// The last log sequence whose write is in the points (0: none).
+    pub sequence: u64,
+}
+
+impl Applied {
+    fn encode(&self) -> [u8; 16] {
+        point_key(self.cluster_uid, self.sequence)
+    }
+
+    fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() != 16 {
+            return Err(Error::Corrupt(format!(
+                "an applied-sequence record of {} bytes (16 expected)",
+                b.len()
+            )));
+        }
+        Ok(Applied {
+            cluster_uid: u64_at(b, 0)?,
+            sequence: u64_at(b, 8)?,
+        })
+    }
 }
 
 /// What one op of [`Store::apply_writes`] did, as it would have alone.
@@ -325,6 +362,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             refresh: db.open_tree("refresh")?,
             changes: db.open_tree("changes")?,
+            applied: db.open_tree("applied")?,
             dir: dir.to_path_buf(),
             db,
             failed: Default::default(),
@@ -535,6 +573,7 @@ impl Store {
         self.counts.remove(uid.to_be_bytes())?;
         self.refresh.remove(uid.to_be_bytes())?;
         self.trim_changes(uid, u64::MAX)?;
+        self.applied.remove(uid.to_be_bytes())?;
         let mut batch = sled::Batch::default();
         for k in self.harnesses.scan_prefix(harness_prefix(name)).keys() {
             batch.remove(k?);
@@ -571,7 +610,7 @@ impl Store {
             }
         }
         self.points.apply_batch(batch)?;
-        for tree in [&self.counts, &self.refresh, &self.changes] {
+        for tree in [&self.counts, &self.refresh, &self.changes, &self.applied] {
             for k in tree.iter().keys() {
                 let k = k?;
                 if !uids.contains(&u64_at(&k, 0)?) {
@@ -707,6 +746,18 @@ impl Store {
     /// its [`OpOutcome`] is what that op alone would have returned. Returns the outcomes in op
     /// order and the counts after the last. A storage error is fatal ([`Store::failed`]).
     pub fn apply_writes(&self, uid: u64, ops: &[WriteOp]) -> Result<(Vec<OpOutcome>, Counts)> {
+        self.apply_writes_logged(uid, ops, None)
+    }
+
+    /// [`apply_writes`](Self::apply_writes) of writes taken from a cluster's write log:
+    /// `applied` (the index's cluster uid, the log sequence of the last op) is recorded in the
+    /// same transaction, so what the points hold and where the log resumes never disagree.
+    pub fn apply_writes_logged(
+        &self,
+        uid: u64,
+        ops: &[WriteOp],
+        applied: Option<Applied>,
+    ) -> Result<(Vec<OpOutcome>, Counts)> {
         // Encoded once, outside the closure, which sled may run more than once.
         let encoded: Vec<Vec<([u8; 16], Vec<u8>)>> = ops
             .iter()
@@ -728,60 +779,100 @@ impl Store {
                 WriteOp::Delete(_) => Vec::new(),
             })
             .collect();
-        let res = (&self.points, &self.counts, &self.changes).transaction(|(pt, ct, ch)| {
-            let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
-                Ok(c) => c,
-                Err(e) => return abort(e),
-            };
-            let mut outcomes = Vec::with_capacity(ops.len());
-            for ((op, enc), change) in ops.iter().zip(&encoded).zip(&upsert_changes) {
-                let affected = match op {
-                    WriteOp::Upsert(_) => {
-                        for (k, v) in enc {
-                            if pt.insert(&k[..], v.as_slice())?.is_none() {
-                                counts.point_count += 1;
-                            }
-                        }
-                        counts.data_version += 1;
-                        counts.points_changed += enc.len() as u64;
-                        log_change(ch, uid, counts.data_version, change)?;
-                        enc.len() as u64
-                    }
-                    WriteOp::Delete(ids) => {
-                        let mut removed = Vec::new();
-                        for id in ids {
-                            if pt.remove(&point_key(uid, *id)[..])?.is_some() {
-                                removed.push(*id);
-                            }
-                        }
-                        let deleted = removed.len() as u64;
-                        counts.point_count -= deleted.min(counts.point_count);
-                        counts.points_changed += deleted;
-                        if deleted > 0 {
-                            counts.data_version += 1;
-                            log_change(
-                                ch,
-                                uid,
-                                counts.data_version,
-                                &Change::Delete(removed).encode(),
-                            )?;
-                        }
-                        deleted
-                    }
+        let res = (&self.points, &self.counts, &self.changes, &self.applied).transaction(
+            |(pt, ct, ch, ap)| {
+                let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
+                    Ok(c) => c,
+                    Err(e) => return abort(e),
                 };
-                outcomes.push(OpOutcome {
-                    affected,
-                    point_count: counts.point_count,
-                });
-            }
-            ct.insert(&uid.to_be_bytes(), &counts.encode())?;
-            Ok((outcomes, counts))
-        });
+                let mut outcomes = Vec::with_capacity(ops.len());
+                for ((op, enc), change) in ops.iter().zip(&encoded).zip(&upsert_changes) {
+                    let affected = match op {
+                        WriteOp::Upsert(_) => {
+                            for (k, v) in enc {
+                                if pt.insert(&k[..], v.as_slice())?.is_none() {
+                                    counts.point_count += 1;
+                                }
+                            }
+                            counts.data_version += 1;
+                            counts.points_changed += enc.len() as u64;
+                            log_change(ch, uid, counts.data_version, change)?;
+                            enc.len() as u64
+                        }
+                        WriteOp::Delete(ids) => {
+                            let mut removed = Vec::new();
+                            for id in ids {
+                                if pt.remove(&point_key(uid, *id)[..])?.is_some() {
+                                    removed.push(*id);
+                                }
+                            }
+                            let deleted = removed.len() as u64;
+                            counts.point_count -= deleted.min(counts.point_count);
+                            counts.points_changed += deleted;
+                            if deleted > 0 {
+                                counts.data_version += 1;
+                                log_change(
+                                    ch,
+                                    uid,
+                                    counts.data_version,
+                                    &Change::Delete(removed).encode(),
+                                )?;
+                            }
+                            deleted
+                        }
+                    };
+                    outcomes.push(OpOutcome {
+                        affected,
+                        point_count: counts.point_count,
+                    });
+                }
+                ct.insert(&uid.to_be_bytes(), &counts.encode())?;
+                if let Some(a) = applied {
+                    ap.insert(&uid.to_be_bytes(), &a.encode()[..])?;
+                }
+                Ok((outcomes, counts))
+            },
+        );
         match res {
             Ok(r) => Ok(r),
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(self.fail(e)),
         }
+    }
+
+    // ---- cluster replicas ----
+
+    /// Links a (new, empty) index to the cluster index it replicates: nothing of the log applied.
+    pub fn link_replica(&self, uid: u64, cluster_uid: u64) -> Result<()> {
+        let a = Applied {
+            cluster_uid,
+            sequence: 0,
+        };
+        self.applied.insert(uid.to_be_bytes(), &a.encode()[..])?;
+        Ok(())
+    }
+
+    /// The cluster index an index replicates and the log sequence it has applied; None for a
+    /// single node's index.
+    pub fn applied(&self, uid: u64) -> Result<Option<Applied>> {
+        self.applied
+            .get(uid.to_be_bytes())?
+            .map(|v| Applied::decode(&v))
+            .transpose()
+    }
+
+    /// The node id of the cluster node using this data dir, if it ever was one.
+    pub fn cluster_node(&self) -> Result<Option<String>> {
+        Ok(self
+            .meta
+            .get("cluster_node")?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Marks the data dir as cluster node `node_id`'s (not flushed: the caller flushes).
+    pub fn set_cluster_node(&self, node_id: &str) -> Result<()> {
+        self.meta.insert("cluster_node", node_id.as_bytes())?;
+        Ok(())
     }
 
     /// Every point of an index with the counts they go with, read without any lock: the
@@ -1576,6 +1667,46 @@ mod tests {
             s.changes_since(9, 0).unwrap().is_empty(),
             "swept with the orphan points"
         );
+    }
+
+    #[test]
+    fn the_applied_sequence_moves_with_the_data_and_goes_with_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert!(s.create_index(&record("a", 7)).unwrap());
+            assert_eq!(s.applied(7).unwrap(), None, "a single node's index");
+            s.link_replica(7, 4242).unwrap();
+            let at = |sequence| Applied {
+                cluster_uid: 4242,
+                sequence,
+            };
+            assert_eq!(s.applied(7).unwrap(), Some(at(0)));
+            s.apply_writes_logged(7, &[WriteOp::Upsert(pts(0..3))], Some(at(5)))
+                .unwrap();
+            assert_eq!(s.applied(7).unwrap(), Some(at(5)));
+            // A failed transaction (an unreadable count) leaves data and sequence as they were.
+            s.counts.insert(7u64.to_be_bytes(), &[1u8][..]).unwrap();
+            assert!(s
+                .apply_writes_logged(7, &[WriteOp::Delete(vec![0])], Some(at(6)))
+                .is_err());
+            assert_eq!(s.applied(7).unwrap(), Some(at(5)));
+            s.counts
+                .insert(7u64.to_be_bytes(), &Counts::default().encode())
+                .unwrap();
+            s.flush_blocking().unwrap();
+        }
+        // Durable across a reopen; removed with the index, and swept when orphaned.
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.applied(7).unwrap().map(|a| a.sequence), Some(5));
+        assert_eq!(s.load_points(7).unwrap().len(), 3);
+        s.set_cluster_node("n1").unwrap();
+        assert_eq!(s.cluster_node().unwrap().as_deref(), Some("n1"));
+        s.delete_index("a", 7).unwrap();
+        assert_eq!(s.applied(7).unwrap(), None);
+        s.link_replica(8, 1).unwrap();
+        s.sweep_orphans().unwrap();
+        assert_eq!(s.applied(8).unwrap(), None);
     }
 
     #[test]

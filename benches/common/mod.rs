@@ -151,6 +151,7 @@ pub async fn setup_vectors(
                     vector: v.clone(),
                 })
                 .collect(),
+            ..Default::default()
         })
         .collect();
     let imported = index

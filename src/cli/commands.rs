@@ -312,6 +312,7 @@ async fn search(ctx: &Ctx, a: SearchArgs) -> Res {
             vector,
             k: a.k,
             ef_search: a.ef_search,
+            ..Default::default()
         }))
         .await?;
     if ctx.json {

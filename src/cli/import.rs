@@ -59,6 +59,7 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Result<ExitCode, CliError> {
         Some(pb::ImportPointsRequest {
             index_name: first.take().unwrap_or_default(),
             points: batch,
+            ..Default::default()
         })
     });
     let r = ctx

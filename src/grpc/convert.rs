@@ -412,6 +412,38 @@ pub fn page_after(token: &str) -> Result<Option<Name>> {
         .transpose()
 }
 
+/// The longest request_id (cluster writes' dedupe id).
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// A write's request_id: empty, or 1 to 128 bytes of [A-Za-z0-9_.:/-].
+pub fn request_id(s: &str) -> Result<&str, Error> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-');
+    if s.len() > MAX_REQUEST_ID_BYTES || !s.bytes().all(ok) {
+        return Err(Error::invalid(format!(
+            "request_id must be at most {MAX_REQUEST_ID_BYTES} bytes of [A-Za-z0-9_.:/-], got {} bytes",
+            s.len()
+        )));
+    }
+    Ok(s)
+}
+
+/// The caller's deadline from its grpc-timeout header (None: no deadline, or unreadable).
+pub fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    use std::time::Duration as D;
+    Some(match unit {
+        "H" => D::from_secs(n.saturating_mul(3600)),
+        "M" => D::from_secs(n.saturating_mul(60)),
+        "S" => D::from_secs(n),
+        "m" => D::from_millis(n),
+        "u" => D::from_micros(n),
+        "n" => D::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Property tests: whatever a client sends, conversion never panics, and either yields values
 /// within their documented bounds or an INVALID_ARGUMENT (RESOURCE_EXHAUSTED only for a grid
 /// over its size limit).

@@ -32,7 +32,7 @@ impl IndexService for IndexApi {
         req: Request<pb::CreateIndexRequest>,
     ) -> R<pb::CreateIndexResponse> {
         let new = NewIndex::try_from(req.into_inner())?;
-        let view = self.core.catalog()?.create_index(new).await?;
+        let view = self.core.app()?.create_index(new).await?;
         Ok(Response::new(pb::CreateIndexResponse {
             index: Some(view.into()),
         }))
@@ -82,14 +82,16 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         self.core.check_points("the request", req.points.len())?;
-        let (upserted_count, point_count) = self
+        let request_id = convert::request_id(&req.request_id)?;
+        let w = self
             .core
             .app()?
-            .upsert(&n, convert::points(req.points))
+            .upsert(&n, convert::points(req.points), request_id)
             .await?;
         Ok(Response::new(pb::UpsertPointsResponse {
-            upserted_count,
-            point_count,
+            upserted_count: w.affected,
+            point_count: w.point_count,
+            sequence: w.sequence,
         }))
     }
 
@@ -103,6 +105,8 @@ impl IndexService for IndexApi {
         let mut upserted_total = 0u64;
         let mut point_count = 0u64;
         let mut messages = 0u64;
+        let mut request_id = String::new();
+        let mut sequence = 0u64;
         loop {
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
@@ -129,6 +133,7 @@ impl IndexService for IndexApi {
             messages += 1;
             if index.is_none() {
                 index = Some(name("index_name (of the first message)", &msg.index_name)?);
+                request_id = convert::request_id(&msg.request_id)?.to_string();
             }
             let Some(n) = index.as_ref() else { continue };
             if msg.points.is_empty() {
@@ -143,15 +148,22 @@ impl IndexService for IndexApi {
                     format!("{e}; {upserted_total} points were upserted before it"),
                 ));
             }
+            // Message n of a stream with a request_id is logged as "<request_id>/<n>".
+            let id = if request_id.is_empty() {
+                String::new()
+            } else {
+                format!("{request_id}/{messages}")
+            };
             match self
                 .core
                 .app()?
-                .upsert(n, convert::points(msg.points))
+                .upsert(n, convert::points(msg.points), &id)
                 .await
             {
-                Ok((u, c)) => {
-                    upserted_total += u;
-                    point_count = c;
+                Ok(w) => {
+                    upserted_total += w.affected;
+                    point_count = w.point_count;
+                    sequence = w.sequence;
                 }
                 Err(e) => {
                     let code = e.code();
@@ -181,6 +193,7 @@ impl IndexService for IndexApi {
         Ok(Response::new(pb::ImportPointsResponse {
             upserted_count: upserted_total,
             point_count,
+            sequence,
         }))
     }
 
@@ -192,17 +205,28 @@ impl IndexService for IndexApi {
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         self.core.check_delete_ids(req.ids.len())?;
-        let (deleted_count, point_count) = self.core.app()?.delete_points(&n, req.ids).await?;
+        let request_id = convert::request_id(&req.request_id)?;
+        let w = self
+            .core
+            .app()?
+            .delete_points(&n, req.ids, request_id)
+            .await?;
         Ok(Response::new(pb::DeletePointsResponse {
-            deleted_count,
-            point_count,
+            deleted_count: w.affected,
+            point_count: w.point_count,
+            sequence: w.sequence,
         }))
     }
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> R<pb::SearchResponse> {
+        let deadline = convert::grpc_timeout(req.metadata());
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
+        self.core
+            .app()?
+            .wait_applied(&n, req.min_sequence, deadline)
+            .await?;
         let (hits, generation) = self.core.catalog()?.search(&n, req.vector, &params).await?;
         Ok(Response::new(pb::SearchResponse {
             neighbors: convert::neighbors(hits),
@@ -223,10 +247,15 @@ impl IndexService for IndexApi {
         &self,
         req: Request<pb::SearchBatchRequest>,
     ) -> R<pb::SearchBatchResponse> {
+        let deadline = convert::grpc_timeout(req.metadata());
         let req = req.into_inner();
         let n = name("index_name", &req.index_name)?;
         let params = SearchParams::parse(req.k, req.ef_search)?;
         self.core.check_batch(req.queries.len(), req.k as usize)?;
+        self.core
+            .app()?
+            .wait_applied(&n, req.min_sequence, deadline)
+            .await?;
         let queries = req.queries.into_iter().map(|q| q.vector).collect();
         let (results, generation) = self
             .core

@@ -2,6 +2,7 @@
 //! request into domain types, call the core, and convert the answer back.
 
 pub mod autotune;
+pub mod cluster;
 pub mod convert;
 pub mod index;
 pub mod names;

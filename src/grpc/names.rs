@@ -15,6 +15,9 @@ pub const AUTOTUNE: &str =
 /// `vectord.v1.PromotionService`.
 pub const PROMOTION: &str =
     <pb::promotion_service_server::PromotionServiceServer<()> as NamedService>::NAME;
+/// `vectord.v1.ClusterService`.
+pub const CLUSTER: &str =
+    <pb::cluster_service_server::ClusterServiceServer<()> as NamedService>::NAME;
 /// `grpc.health.v1.Health`.
 pub const HEALTH: &str = <tonic_health::pb::health_server::HealthServer<()> as NamedService>::NAME;
 /// `grpc.reflection.v1.ServerReflection`.
@@ -23,7 +26,7 @@ pub const REFLECTION_V1: &str = <tonic_reflection::pb::v1::server_reflection_ser
 pub const REFLECTION_V1ALPHA: &str = <tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<()> as NamedService>::NAME;
 
 /// The vectord services.
-pub const VECTORD: [&str; 3] = [INDEX, AUTOTUNE, PROMOTION];
+pub const VECTORD: [&str; 4] = [INDEX, AUTOTUNE, PROMOTION, CLUSTER];
 
 /// `path` (`/service/method`, as HTTP/2 carries it) as (service, method); the method is empty
 /// when the path has none.
@@ -44,6 +47,7 @@ mod tests {
                 "vectord.v1.IndexService",
                 "vectord.v1.AutotuneService",
                 "vectord.v1.PromotionService",
+                "vectord.v1.ClusterService",
             ]
         );
         assert_eq!(HEALTH, "grpc.health.v1.Health");

@@ -68,6 +68,7 @@ async fn write_meanwhile(
     c.delete_points(pb::DeletePointsRequest {
         index_name: index.into(),
         ids: deleted.iter().map(|p| p.id).collect(),
+        ..Default::default()
     })
     .await
     .expect("delete");
@@ -77,6 +78,7 @@ async fn write_meanwhile(
     c.delete_points(pb::DeletePointsRequest {
         index_name: index.into(),
         ids: transient.iter().map(|p| p.id).collect(),
+        ..Default::default()
     })
     .await
     .expect("delete");

@@ -303,6 +303,7 @@ async fn trials_measure_sanely_exclude_self_matches_and_follow_point_changes() {
     c.delete_points(pb::DeletePointsRequest {
         index_name: "t".into(),
         ids,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -33,6 +33,7 @@ fn upsert_req(index: &str, points: Vec<pb::Point>) -> pb::UpsertPointsRequest {
     pb::UpsertPointsRequest {
         index_name: index.into(),
         points,
+        ..Default::default()
     }
 }
 
@@ -42,6 +43,7 @@ fn search_req(index: &str, vector: Vec<f32>, k: u32, ef: Option<u32>) -> pb::Sea
         vector,
         k,
         ef_search: ef,
+        ..Default::default()
     }
 }
 
@@ -394,6 +396,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: "nope".into(),
                     points: vec![pt(1, q3.clone())],
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -405,6 +408,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: String::new(),
                     points: vec![pt(1, q3.clone())],
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -416,6 +420,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: "v".into(),
                     points: vec![pt(2, vec![f32::NAN; 3])],
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -427,6 +432,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 c.import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
                     index_name: "v".into(),
                     points: (10..111).map(|i| pt(i, q3.clone())).collect(),
+                    ..Default::default()
                 }]))
                 .await,
             ),
@@ -438,6 +444,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
             ok(c.delete_points(pb::DeletePointsRequest {
                 index_name: "v".into(),
                 ids: vec![],
+                ..Default::default()
             })
             .await),
         ),
@@ -447,6 +454,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
             ok(c.delete_points(pb::DeletePointsRequest {
                 index_name: "nope".into(),
                 ids: vec![1],
+                ..Default::default()
             })
             .await),
         ),
@@ -517,6 +525,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 queries: vec![],
                 k: 1,
                 ef_search: None,
+                ..Default::default()
             })
             .await),
         ),
@@ -533,6 +542,7 @@ async fn every_bad_request_gets_its_exact_code_and_changes_nothing() {
                 ],
                 k: 1,
                 ef_search: None,
+                ..Default::default()
             })
             .await),
         ),

@@ -840,6 +840,7 @@ async fn a_tiny_store_cache_serves_the_right_data_across_a_restart() {
                         String::new()
                     },
                     points: chunk.to_vec(),
+                    ..Default::default()
                 })
                 .collect();
             let imported = within("import", c.import_points(tokio_stream::iter(batches)))

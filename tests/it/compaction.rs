@@ -60,6 +60,7 @@ async fn search_all(
                     .collect(),
                 k,
                 ef_search: Some(200),
+                ..Default::default()
             })
             .await
             .expect("search batch")
@@ -153,6 +154,7 @@ async fn compaction_under_concurrent_writes_and_searches_loses_and_resurrects_no
             .delete_points(pb::DeletePointsRequest {
                 index_name: INDEX.into(),
                 ids: chunk.to_vec(),
+                ..Default::default()
             })
             .await
             .expect("delete")
@@ -245,6 +247,7 @@ async fn compaction_off_keeps_tombstones_and_reports_them() {
     c.delete_points(pb::DeletePointsRequest {
         index_name: INDEX.into(),
         ids: (0..60).collect(),
+        ..Default::default()
     })
     .await
     .expect("delete");

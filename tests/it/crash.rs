@@ -133,6 +133,7 @@ async fn verify(
                     .collect(),
                 k: 1,
                 ef_search: Some(200),
+                ..Default::default()
             })
             .await
             .expect("search batch")
@@ -265,6 +266,7 @@ async fn sigkill_at_seeded_moments_loses_no_acknowledged_write() {
                         .upsert_points(pb::UpsertPointsRequest {
                             index_name: "w".into(),
                             points: batch(k),
+                            ..Default::default()
                         })
                         .await;
                     match r {

@@ -65,6 +65,7 @@ fn batch(index: &str, n: usize, dim: usize, k: u32) -> pb::SearchBatchRequest {
             .collect(),
         k,
         ef_search: None,
+        ..Default::default()
     }
 }
 
@@ -237,6 +238,7 @@ async fn delete_points_is_capped_and_all_or_nothing() {
         c.delete_points(pb::DeletePointsRequest {
             index_name: "d".into(),
             ids: (0..6).collect(),
+            ..Default::default()
         })
         .await,
     );
@@ -247,6 +249,7 @@ async fn delete_points_is_capped_and_all_or_nothing() {
         .delete_points(pb::DeletePointsRequest {
             index_name: "d".into(),
             ids: (0..5).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -611,6 +614,7 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     tx.send(pb::ImportPointsRequest {
         index_name: "c".into(),
         points: pts[10..].to_vec(),
+        ..Default::default()
     })
     .await
     .unwrap();

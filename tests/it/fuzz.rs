@@ -430,7 +430,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
         (
             m("/vectord.v1.IndexService/UpsertPoints", Unary),
             one((index_name(false), points(32)).prop_map(|(index_name, points)| {
-                pb::UpsertPointsRequest { index_name, points }
+                pb::UpsertPointsRequest { index_name, points, ..Default::default() }
             })),
         ),
         (
@@ -445,6 +445,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                                 // one's never names a fixed index.
                                 index_name: if i == 0 { first.clone() } else { name },
                                 points,
+                                ..Default::default()
                             })
                         })
                         .collect()
@@ -461,7 +462,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                         1 => (1000u64..20_000).prop_map(|n| (0..n).collect()),
                     ],
                 )
-                    .prop_map(|(index_name, ids)| pb::DeletePointsRequest { index_name, ids }),
+                    .prop_map(|(index_name, ids)| pb::DeletePointsRequest { index_name, ids, ..Default::default() }),
             ),
         ),
         (
@@ -472,6 +473,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                     vector,
                     k,
                     ef_search,
+                    ..Default::default()
                 },
             )),
         ),
@@ -488,6 +490,7 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
                     queries,
                     k,
                     ef_search,
+                    ..Default::default()
                 },
             )),
         ),
@@ -750,6 +753,10 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
             one(index_name(true).prop_map(|index_name| pb::GetPromotedRequest { index_name })),
         ),
         (
+            m("/vectord.v1.ClusterService/ListNodes", Unary),
+            one(Just(pb::ListNodesRequest {})),
+        ),
+        (
             m("/grpc.health.v1.Health/Check", Unary),
             one(health_service().prop_map(|service| HealthCheckRequest { service })),
         ),
@@ -817,6 +824,7 @@ fn sane(path: &str) -> Option<S<Vec<Msg>>> {
             sane_points(d, 32).prop_map(move |points| pb::UpsertPointsRequest {
                 index_name: n.to_string(),
                 points,
+                ..Default::default()
             })
         })),
         "ImportPoints" => scratch()
@@ -828,6 +836,7 @@ fn sane(path: &str) -> Option<S<Vec<Msg>>> {
                             msg(pb::ImportPointsRequest {
                                 index_name: n.to_string(),
                                 points,
+                                ..Default::default()
                             })
                         })
                         .collect()
@@ -841,6 +850,7 @@ fn sane(path: &str) -> Option<S<Vec<Msg>>> {
                     vector,
                     k,
                     ef_search,
+                    ..Default::default()
                 },
             )
         })),
@@ -858,6 +868,7 @@ fn sane(path: &str) -> Option<S<Vec<Msg>>> {
                     queries,
                     k,
                     ef_search,
+                    ..Default::default()
                 })
         })),
         "GetPoint" => one(prop_oneof![
@@ -1354,7 +1365,7 @@ fn paths_is_watch(method: usize) -> bool {
     method == WATCH
 }
 
-const WATCH: usize = 31;
+const WATCH: usize = 32;
 
 // ---------------------------------------------------------------------------------------------
 // Running an operation and judging the answer.
@@ -1785,6 +1796,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                 pb::UpsertPointsRequest {
                     index_name: name.into(),
                     points: ps.clone(),
+                    ..Default::default()
                 },
                 keys,
             ))
@@ -1821,6 +1833,7 @@ async fn write_fixed(addr: SocketAddr, keys: bool) -> Fixed {
                 pb::UpsertPointsRequest {
                     index_name: name.into(),
                     points: ps,
+                    ..Default::default()
                 },
                 keys,
             ))
@@ -1953,6 +1966,7 @@ async fn verify_fixed(addr: SocketAddr, keys: bool, fixed: &Fixed) -> Vec<String
                         vector: p.vector.clone(),
                         k: 5,
                         ef_search: Some(400),
+                        ..Default::default()
                     },
                     keys,
                 ))

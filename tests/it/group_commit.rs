@@ -25,6 +25,7 @@ fn upsert_req(index: &str, id: u64, vector: Vec<f32>) -> pb::UpsertPointsRequest
     pb::UpsertPointsRequest {
         index_name: index.into(),
         points: vec![pb::Point { id, vector }],
+        ..Default::default()
     }
 }
 
@@ -32,6 +33,7 @@ fn delete_req(index: &str, ids: Vec<u64>) -> pb::DeletePointsRequest {
     pb::DeletePointsRequest {
         index_name: index.into(),
         ids,
+        ..Default::default()
     }
 }
 
@@ -58,6 +60,7 @@ async fn found_first(c: &mut IndexServiceClient<Channel>, index: &str, id: u64, 
             vector: v.to_vec(),
             k: 1,
             ef_search: None,
+            ..Default::default()
         })
         .await
         .expect("search")
@@ -201,6 +204,7 @@ async fn a_full_write_queue_answers_resource_exhausted_at_once() {
             c.upsert_points(pb::UpsertPointsRequest {
                 index_name: "q".into(),
                 points: pts,
+                ..Default::default()
             })
             .await
         }));
@@ -249,6 +253,7 @@ async fn a_large_delete_while_searches_run_keeps_health_prompt() {
         c.upsert_points(pb::UpsertPointsRequest {
             index_name: "d".into(),
             points: pts,
+            ..Default::default()
         })
         .await
         .expect("upsert");

@@ -219,6 +219,7 @@ async fn get_point_returns_the_stored_vector() {
     c.delete_points(pb::DeletePointsRequest {
         index_name: "gp".into(),
         ids: vec![5],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -251,6 +252,7 @@ async fn search_batch_equals_search() {
                 .collect(),
             k: 7,
             ef_search: Some(50),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -277,6 +279,7 @@ async fn deleted_and_replaced_ids_never_come_back() {
         .delete_points(pb::DeletePointsRequest {
             index_name: "d".into(),
             ids: [deleted.clone(), vec![9999]].concat(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -330,6 +333,7 @@ async fn restart_keeps_indexes_points_profiles_and_active_config() {
     c.delete_points(pb::DeletePointsRequest {
         index_name: "keep".into(),
         ids: vec![0, 1, 2],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -483,6 +487,7 @@ async fn import_points_streams_batches_and_reports_partial_progress() {
         .map(|b| pb::ImportPointsRequest {
             index_name: if b == 0 { "imp".into() } else { String::new() },
             points: points(&mut g, b * 100..(b + 1) * 100, 4),
+            ..Default::default()
         })
         .collect();
     let r = c
@@ -497,19 +502,23 @@ async fn import_points_streams_batches_and_reports_partial_progress() {
         pb::ImportPointsRequest {
             index_name: "imp".into(),
             points: points(&mut g, 1000..1010, 4),
+            ..Default::default()
         },
         pb::ImportPointsRequest {
             index_name: String::new(),
             points: points(&mut g, 1010..1020, 4),
+            ..Default::default()
         },
         pb::ImportPointsRequest {
             index_name: String::new(),
             points: points(&mut g, 1020..1030, 3),
+            ..Default::default()
         },
     ];
     bad.push(pb::ImportPointsRequest {
         index_name: String::new(),
         points: points(&mut g, 1030..1040, 4),
+        ..Default::default()
     });
     let e = c.import_points(tokio_stream::iter(bad)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -531,6 +540,7 @@ async fn import_points_streams_batches_and_reports_partial_progress() {
         .import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
             index_name: "nope".into(),
             points: vec![],
+            ..Default::default()
         }]))
         .await
         .unwrap_err();
@@ -550,6 +560,7 @@ async fn oversized_requests_are_resource_exhausted() {
         .upsert_points(pb::UpsertPointsRequest {
             index_name: "big".into(),
             points: points(&mut g, 0..200, 128),
+            ..Default::default()
         })
         .await
         .unwrap_err();

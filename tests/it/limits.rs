@@ -44,6 +44,7 @@ async fn calls_over_the_limit_are_shed_at_once_and_health_still_answers() {
     tx.send(pb::ImportPointsRequest {
         index_name: "v".into(),
         points: points(&mut Gen::new(1), 0..10, 4),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -85,6 +86,7 @@ async fn calls_over_the_limit_are_shed_at_once_and_health_still_answers() {
     tx.send(pb::ImportPointsRequest {
         index_name: String::new(),
         points: points(&mut Gen::new(2), 10..20, 4),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -126,6 +128,7 @@ async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
         .upsert_points(pb::UpsertPointsRequest {
             index_name: "v".into(),
             points: pts.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("3000 points are not stored and indexed within 1 ms");
@@ -160,6 +163,7 @@ async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
                     vector: probe.vector.clone(),
                     k: 1,
                     ef_search: None,
+                    ..Default::default()
                 })
                 .await
             {
@@ -176,6 +180,7 @@ async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
         .map(|b| pb::ImportPointsRequest {
             index_name: if b == 0 { "v".into() } else { String::new() },
             points: points(&mut Gen::new(10 + b), 3000 + b * 500..3500 + b * 500, 16),
+            ..Default::default()
         })
         .collect();
     let imported = c

@@ -12,6 +12,7 @@ mod autotune;
 mod bad_requests;
 mod binary;
 mod cli;
+mod cluster;
 mod compaction;
 mod crash;
 mod edge;

