@@ -879,6 +879,7 @@ async fn restarts_only(
                             vector: base[id as usize].clone(),
                         })
                         .collect(),
+                    ..Default::default()
                 })
                 .collect::<Vec<_>>(),
         ))

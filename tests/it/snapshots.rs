@@ -416,6 +416,7 @@ async fn import_all(c: &mut IndexServiceClient<Channel>, pts: &[pb::Point]) {
         .map(|(i, chunk)| pb::ImportPointsRequest {
             index_name: if i == 0 { "s".into() } else { String::new() },
             points: chunk.to_vec(),
+            ..Default::default()
         })
         .collect();
     let r = c
@@ -487,6 +488,7 @@ async fn an_import_is_snapshotted_when_it_ends_and_a_restart_loads_it() {
     c.delete_points(pb::DeletePointsRequest {
         index_name: "s".into(),
         ids: gone.clone(),
+        ..Default::default()
     })
     .await
     .expect("delete");
