@@ -27,6 +27,12 @@
 //! recall and QPS per ef, then `load_index` in a fresh process `VECTORD_SCALE_REPEATS` times
 //! (seconds and resident growth). Without hnswlib the bench says so and prints the rest.
 //! `VECTORD_SCALE_SERVER_ARGS` adds flags to every `vectord serve` (e.g. `--store-cache-mb 16`).
+//!
+//! `VECTORD_SCALE_PHASES=restart` runs only the restart phase, without hnswlib: the import
+//! (then a graceful stop, as a user would restart), then `VECTORD_SCALE_REPEATS` pairs of a
+//! restart with the snapshot and a forced rebuild, alternating (medians of each), then one
+//! crash case: 20% more points imported, SIGKILL right after the import is acknowledged, and
+//! a restart that replays them (the import's snapshot may not have been written).
 //! Results also go to `target/bench-scale.json`.
 //!
 //! `VECTORD_SCALE_ONLY=writers` runs only step 4 (no hnswlib), on a fresh server per run: import
@@ -574,6 +580,16 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     out["import_points_per_s"] = json!(import_rate);
     out["empty_server_rss"] = json!(empty_rss);
     out["rss_after_import"] = json!(import_rss);
+    if std::env::var("VECTORD_SCALE_PHASES").as_deref() == Ok("restart") {
+        drop(c);
+        let stopping = Instant::now();
+        server.stop().await?;
+        println!(
+            "  graceful stop after the import: {:.2} s",
+            stopping.elapsed().as_secs_f64()
+        );
+        return restarts_only(set, &data_dir, &mixture, repeats, out).await;
+    }
 
     // 2. QPS at recall 0.95.
     let mut rows = Vec::new();
@@ -893,6 +909,91 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
         );
     }
     Ok(())
+}
+
+/// `VECTORD_SCALE_PHASES=restart`: restarts with the snapshot and forced rebuilds,
+/// alternating, then a restart after a SIGKILL right after an import of 20% more points.
+async fn restarts_only(
+    set: &Set,
+    data_dir: &Path,
+    mixture: &Mixture,
+    pairs: usize,
+    mut out: Value,
+) -> BoxResult<Value> {
+    let (mut restarts, mut rebuilt) = (Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        let (mut s, took) = Server::start(data_dir).await?;
+        println!(
+            "  restart with snapshot: {took:.2} s to SERVING ({})",
+            s.recovery()
+        );
+        restarts.push(took);
+        s.stop().await?;
+        let mut removed = 0;
+        for e in std::fs::read_dir(data_dir.join("snapshots"))? {
+            let e = e?;
+            if e.path().extension().is_some_and(|x| x == "snap") {
+                std::fs::remove_file(e.path())?;
+                removed += 1;
+            }
+        }
+        let (mut s, took) = Server::start(data_dir).await?;
+        println!(
+            "  restart without snapshot ({removed} file(s) deleted): {took:.2} s to SERVING ({})",
+            s.recovery()
+        );
+        rebuilt.push(took);
+        s.stop().await?;
+    }
+    let (restart, rebuild) = (median(&restarts), median(&rebuilt));
+    println!(
+        "  restart: with snapshot {}, rebuild {}: {:.3}x a rebuild (target <= 0.1x)",
+        spread(&restarts, secs),
+        spread(&rebuilt, secs),
+        restart / rebuild
+    );
+    // A crash right after an import: the start replays it (in batches, on every core).
+    let extra = set.n / 5;
+    let more = mixture.samples(17, extra);
+    let ids: Vec<u64> = (set.n as u64..(set.n + extra) as u64).collect();
+    let mut base = vec![Vec::new(); set.n];
+    base.extend(more);
+    let (mut s, _) = Server::start(data_dir).await?;
+    let mut c = s.client().await?;
+    let r = c
+        .import_points(tokio_stream::iter(
+            ids.chunks(1000)
+                .enumerate()
+                .map(|(b, chunk)| pb::ImportPointsRequest {
+                    index_name: if b == 0 { INDEX.into() } else { String::new() },
+                    points: chunk
+                        .iter()
+                        .map(|&id| pb::Point {
+                            id,
+                            vector: base[id as usize].clone(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        ))
+        .await?
+        .into_inner();
+    s.proc.signal("KILL");
+    s.proc.wait_exit().await;
+    let (mut s, took) = Server::start(data_dir).await?;
+    println!(
+        "  restart after SIGKILL right after importing {} more points (to {}): {took:.2} s to SERVING ({}): {:.3}x a rebuild",
+        r.upserted_count,
+        r.point_count,
+        s.recovery(),
+        took / rebuild
+    );
+    s.stop().await?;
+    out["restart_s"] = json!(restarts);
+    out["rebuild_s"] = json!(rebuilt);
+    out["restart_after_kill_s"] = json!(took);
+    Ok(out)
 }
 
 #[tokio::main]

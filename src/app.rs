@@ -74,6 +74,7 @@ impl App {
                     compact_fraction: config.compact_deleted_fraction,
                     max_unindexed: config.max_unindexed_points,
                     indexer_hold: config.indexer_hold.clone(),
+                    snapshot_idle: config.snapshot_idle,
                 },
             )
             .await?,

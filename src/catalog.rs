@@ -161,8 +161,20 @@ pub struct IndexHandle {
     deleted: AtomicBool,
     /// `points_changed` as of the active generation's last snapshot.
     snapshot_mark: AtomicU64,
-    /// Set while a background snapshot of the index runs.
-    snapshotting: AtomicBool,
+    /// Background snapshots ([`snapshotter`]): woken by writes, an import's end and the
+    /// index's deletion.
+    snap_poke: Arc<tokio::sync::Notify>,
+    /// Requests for a snapshot without waiting for writes to stop (an import's end, a start's
+    /// replay), counted: the snapshotter has served those it counted before its last snapshot.
+    snap_requests: AtomicU64,
+    /// Why the last request was made (logged with the snapshot).
+    snap_why: parking_lot::Mutex<&'static str>,
+    /// When the index's last write was acknowledged.
+    last_write: parking_lot::Mutex<std::time::Instant>,
+    /// The oldest data version a trial may have built a graph at since the last activation
+    /// (u64::MAX: none): background snapshots keep the change log after it, so that the
+    /// graph can still be adopted (caught up from the log) instead of rebuilt.
+    log_pin: AtomicU64,
     /// The committer's queue (bounded by `--max-pending-writes`).
     queue: mpsc::Sender<Pending>,
     max_pending: usize,
@@ -227,28 +239,39 @@ impl Drop for IndexHandle {
     }
 }
 
-/// What an index's committer and indexer are started with (from the catalog's options).
+/// What an index's committer, indexer and snapshotter are started with (the catalog's
+/// options).
 #[derive(Clone)]
 struct WriteOptions {
     max_pending: usize,
     max_unindexed: usize,
     hold: Option<IndexerHold>,
+    /// `--snapshot-idle-secs`.
+    snapshot_idle: Option<std::time::Duration>,
+}
+
+/// How an index's handle starts (the catalog's settings and what its start found).
+struct HandleStart<'a> {
+    /// `points_changed` as of the generation's snapshot.
+    snapshot_mark: u64,
+    store: Arc<Store>,
+    options: &'a WriteOptions,
+    /// The write-log sequence applied (cluster replicas).
+    applied: Option<crate::store::Applied>,
+    tasks: &'a Tasks,
 }
 
 impl IndexHandle {
-    /// A handle over `gen` with its committer and indexer started.
+    /// A handle over `gen` with its committer, indexer and snapshotter started.
     /// The index's engine is its first generation's (`gen.kind`).
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        meta: IndexMeta,
-        gen: Generation,
-        counts: Counts,
-        snapshot_mark: u64,
-        store: Arc<Store>,
-        options: &WriteOptions,
-        applied: Option<crate::store::Applied>,
-        tasks: &Tasks,
-    ) -> Arc<Self> {
+    fn start(meta: IndexMeta, gen: Generation, counts: Counts, how: HandleStart) -> Arc<Self> {
+        let HandleStart {
+            snapshot_mark,
+            store,
+            options,
+            applied,
+            tasks,
+        } = how;
         let max_pending = options.max_pending.max(1);
         let (queue, rx) = mpsc::channel(max_pending);
         let signals = Arc::new(Signals::default());
@@ -263,7 +286,11 @@ impl IndexHandle {
             points_changed: AtomicU64::new(counts.points_changed),
             deleted: AtomicBool::new(false),
             snapshot_mark: AtomicU64::new(snapshot_mark),
-            snapshotting: AtomicBool::new(false),
+            snap_poke: Default::default(),
+            snap_requests: AtomicU64::new(0),
+            snap_why: parking_lot::Mutex::new(""),
+            last_write: parking_lot::Mutex::new(std::time::Instant::now()),
+            log_pin: AtomicU64::new(u64::MAX),
             compaction: Default::default(),
             build_progress: Default::default(),
             held: Default::default(),
@@ -278,6 +305,13 @@ impl IndexHandle {
         // dropped, after answering every write still queued, or at a storage failure. Tracked,
         // so shutdown waits for the last queued writes.
         let stop = tasks.stop_token();
+        tasks.spawn(snapshotter(
+            handle.clone(),
+            handle.snap_poke.clone(),
+            Arc::downgrade(&store),
+            stop.clone(),
+            options.snapshot_idle,
+        ));
         tasks.spawn(committer(
             Arc::downgrade(&handle),
             store.clone(),
@@ -300,6 +334,20 @@ impl IndexHandle {
     /// Points of the active generation committed but not yet linked into its graph.
     pub fn unindexed(&self) -> usize {
         self.active().unlinked()
+    }
+
+    /// Asks the snapshotter for a snapshot without waiting for writes to stop (if anything
+    /// changed since the last one).
+    fn request_snapshot(&self, why: &'static str) {
+        *self.snap_why.lock() = why;
+        self.snap_requests.fetch_add(1, Ordering::AcqRel);
+        self.snap_poke.notify_one();
+    }
+
+    /// An acknowledged write changed the index: its snapshotter decides again.
+    fn wrote(&self) {
+        *self.last_write.lock() = std::time::Instant::now();
+        self.snap_poke.notify_one();
     }
 
     pub fn active(&self) -> Arc<Generation> {
@@ -408,7 +456,7 @@ pub struct Catalog {
     stop: tokio_util::sync::CancellationToken,
     /// The server's tasks: committers, background snapshots and compactions are spawned here.
     tasks: Tasks,
-    /// Each index's write queue and fresh segment bounds.
+    /// Each index's write queue, fresh segment bound and snapshot rule.
     writes: WriteOptions,
     /// Searches (single and batch) running on the blocking pool at once: one per core.
     search_permits: Arc<Semaphore>,
@@ -433,6 +481,9 @@ pub struct CatalogOptions {
     pub max_unindexed: usize,
     /// Tests only: holds or slows the indexers.
     pub indexer_hold: Option<IndexerHold>,
+    /// `--snapshot-idle-secs`: an index with changes since its snapshot and no write for this
+    /// long is snapshotted in the background (None: never for that reason).
+    pub snapshot_idle: Option<std::time::Duration>,
 }
 
 impl Default for CatalogOptions {
@@ -443,6 +494,7 @@ impl Default for CatalogOptions {
             compact_fraction: 0.0,
             max_unindexed: DEFAULT_MAX_UNINDEXED_POINTS,
             indexer_hold: None,
+            snapshot_idle: Some(snapshots::DEFAULT_IDLE),
         }
     }
 }
@@ -465,11 +517,13 @@ impl Catalog {
             compact_fraction,
             max_unindexed,
             indexer_hold,
+            snapshot_idle,
         } = options;
         let writes = WriteOptions {
             max_pending,
             max_unindexed,
             hold: indexer_hold,
+            snapshot_idle,
         };
         let swept = {
             let store = store.clone();
@@ -488,6 +542,7 @@ impl Catalog {
             }
         }
         let mut indexes = BTreeMap::new();
+        let mut replayed_many = Vec::new();
         for mut rec in records {
             let started = std::time::Instant::now();
             let st = store.clone();
@@ -500,13 +555,14 @@ impl Catalog {
                 Ok((gen, counts, restored, rec))
             })
             .await??;
-            let (from, replayed, mark) = match restored {
+            let (from, replayed, mark, soon) = match restored {
                 Restored::Snapshot { replayed, points } => (
                     "snapshot",
                     replayed,
                     counts.points_changed.saturating_sub(points),
+                    snapshots::replay_calls_for_snapshot(points, counts.point_count),
                 ),
-                Restored::Rebuilt => ("rebuild", 0, counts.points_changed),
+                Restored::Rebuilt => ("rebuild", 0, counts.points_changed, false),
             };
             tracing::info!(
                 index = %rec.meta.name,
@@ -525,13 +581,23 @@ impl Catalog {
                 rec.meta.clone(),
                 gen,
                 counts,
-                mark,
-                store.clone(),
-                &writes,
-                applied,
-                &tasks,
+                HandleStart {
+                    snapshot_mark: mark,
+                    store: store.clone(),
+                    options: &writes,
+                    applied,
+                    tasks: &tasks,
+                },
             );
+            if soon {
+                replayed_many.push(handle.clone());
+            }
             indexes.insert(rec.meta.name, handle);
+        }
+        // A start that replayed many points snapshots the index in the background once every
+        // index is up (not while others still load), so the next start does not replay them.
+        for handle in replayed_many {
+            handle.request_snapshot("the start replayed many writes");
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Catalog {
@@ -680,11 +746,13 @@ impl Catalog {
             meta,
             gen,
             Counts::default(),
-            0,
-            self.store.clone(),
-            &self.writes,
-            applied,
-            &self.tasks,
+            HandleStart {
+                snapshot_mark: 0,
+                store: self.store.clone(),
+                options: &self.writes,
+                applied,
+                tasks: &self.tasks,
+            },
         );
         self.indexes
             .write()
@@ -738,6 +806,8 @@ impl Catalog {
             return Err(e);
         }
         self.indexes.write().remove(name);
+        // Its snapshotter sees the index is gone and ends.
+        handle.snap_poke.notify_one();
         self.store.flush().await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || snapshots::remove_all(&store, uid)).await?;
@@ -752,7 +822,7 @@ impl Catalog {
         let upserted = unique.len() as u64;
         let outcome = Self::submit(&handle, Op::Upsert(unique)).await?;
         debug_assert_eq!(outcome.affected, upserted);
-        self.resnapshot_if_due(&handle);
+        handle.wrote();
         self.maybe_compact(name, &handle);
         Ok((upserted, outcome.point_count))
     }
@@ -815,7 +885,7 @@ impl Catalog {
     /// What follows an acknowledged write to an index (a background snapshot, compaction),
     /// for writes applied from the cluster's log.
     pub fn after_logged_write(self: &Arc<Self>, handle: &Arc<IndexHandle>) {
-        self.resnapshot_if_due(handle);
+        handle.wrote();
         self.maybe_compact(&handle.meta.name, handle);
     }
 
@@ -827,7 +897,7 @@ impl Catalog {
         let handle = self.handle(name)?;
         let outcome = Self::submit(&handle, Op::Delete(ids)).await?;
         if outcome.affected > 0 {
-            self.resnapshot_if_due(&handle);
+            handle.wrote();
             self.maybe_compact(name, &handle);
         }
         Ok((outcome.affected, outcome.point_count))
@@ -970,7 +1040,12 @@ impl Catalog {
         handle.check_live()?;
         let (store, uid) = (self.store.clone(), handle.meta.uid);
         match tokio::task::spawn_blocking(move || store.load_points_consistent(uid, 3)).await?? {
-            Some((points, counts)) => Ok((handle, points, counts.data_version)),
+            Some((points, counts)) => {
+                handle
+                    .log_pin
+                    .fetch_min(counts.data_version, Ordering::AcqRel);
+                Ok((handle, points, counts.data_version))
+            }
             None => self.snapshot(name).await,
         }
     }
@@ -984,6 +1059,7 @@ impl Catalog {
         let uid = handle.meta.uid;
         let points = tokio::task::spawn_blocking(move || store.load_points(uid)).await??;
         let version = handle.data_version();
+        handle.log_pin.fetch_min(version, Ordering::AcqRel);
         Ok((handle.clone(), points, version))
     }
 
@@ -1340,6 +1416,10 @@ impl Catalog {
         if rec.snapshot.is_some() {
             handle.snapshot_mark.store(mark, Ordering::Release);
         }
+        if persist {
+            // The record trimmed the change log: older trial graphs are rebuilt, not adopted.
+            handle.log_pin.store(u64::MAX, Ordering::Release);
+        }
         drop(w);
         tracing::info!(
             index = %name,
@@ -1352,26 +1432,13 @@ impl Catalog {
         Ok((meta, rec, seq))
     }
 
-    /// Starts a background snapshot of the index's active generation when the points changed
-    /// since its last one call for it ([`snapshots::resnapshot_due`]) and none is running.
-    fn resnapshot_if_due(&self, handle: &Arc<IndexHandle>) {
-        let changed = handle
-            .points_changed()
-            .saturating_sub(handle.snapshot_mark.load(Ordering::Acquire));
-        if !snapshots::resnapshot_due(changed, handle.point_count())
-            || !handle.active().can_save()
-            || handle.snapshotting.swap(true, Ordering::AcqRel)
-        {
-            return;
+    /// An ImportPoints stream into `name` ended with its last message committed: the index is
+    /// snapshotted in the background if anything changed since its snapshot
+    /// ([`snapshots::next_snapshot`], rule 3), so a restart after a bulk load loads it.
+    pub fn import_ended(&self, name: &Name) {
+        if let Ok(handle) = self.handle(name) {
+            handle.request_snapshot("an import ended");
         }
-        let (store, handle) = (self.store.clone(), handle.clone());
-        let stop = self.stop.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = resnapshot(&store, &handle, &stop).await {
-                tracing::warn!(index = %handle.meta.name, error = %e, "background snapshot failed");
-            }
-            handle.snapshotting.store(false, Ordering::Release);
-        });
     }
 
     /// After an index record is durable (the caller holds the index's writer lock): removes
@@ -1500,6 +1567,9 @@ impl Catalog {
         self.store.flush().await?;
         for (rec, seq) in &current {
             self.recorded(rec, *seq).await;
+            if let Some((h, _)) = handles.iter().find(|(h, _)| h.meta.uid == rec.meta.uid) {
+                h.log_pin.store(u64::MAX, Ordering::Release);
+            }
         }
         drop(guards);
         Ok(())
@@ -1532,27 +1602,146 @@ fn shutdown_or(stop: &tokio_util::sync::CancellationToken, e: Error) -> Error {
     }
 }
 
+/// After a background snapshot was skipped (a build runs, or an activation has not yet
+/// recorded its generations), the snapshotter waits this long before it decides again.
+const SKIPPED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An index's background snapshots, until the index is deleted or the server stops: decides
+/// with [`snapshots::next_snapshot`] whenever a write, an import's end or a timer wakes it, and
+/// runs one snapshot at a time ([`resnapshot`]). At shutdown it writes one more if the next
+/// start would otherwise replay many points ([`snapshots::replay_calls_for_snapshot`]), then
+/// ends. It holds the handle (so the shutdown snapshot still has it while the catalog is
+/// dropped; the handle's committer ends after it) but the store only while it snapshots.
+async fn snapshotter(
+    h: Arc<IndexHandle>,
+    poke: Arc<tokio::sync::Notify>,
+    store: Weak<Store>,
+    stop: tokio_util::sync::CancellationToken,
+    idle: Option<std::time::Duration>,
+) {
+    use std::time::{Duration, Instant};
+    // The requests counted before the last snapshot that succeeded.
+    let mut served = 0u64;
+    // When the last background snapshot ended and how long it took.
+    let mut last: Option<(Instant, Duration)> = None;
+    let mut not_before: Option<Instant> = None;
+    loop {
+        let (wait, requests) = {
+            if h.check_live().is_err() {
+                return;
+            }
+            let requests = h.snap_requests.load(Ordering::Acquire);
+            let state = snapshots::SnapshotState {
+                changed: h
+                    .points_changed()
+                    .saturating_sub(h.snapshot_mark.load(Ordering::Acquire)),
+                points: h.point_count(),
+                requested: requests > served,
+                since_write: h.last_write.lock().elapsed(),
+                last: last.map(|(end, took)| (end.elapsed(), took)),
+                idle,
+            };
+            let wait = h
+                .active()
+                .can_save()
+                .then(|| snapshots::next_snapshot(state))
+                .flatten()
+                .map(|w| {
+                    let held = not_before.map_or(Duration::ZERO, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    });
+                    w.max(held)
+                });
+            (wait, requests)
+        };
+        match wait {
+            None => tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = poke.notified() => continue,
+            },
+            Some(w) if !w.is_zero() => tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = poke.notified() => continue,
+                _ = tokio::time::sleep(w) => continue,
+            },
+            Some(_) => {}
+        }
+        let Some(st) = store.upgrade() else {
+            return;
+        };
+        let started = Instant::now();
+        let why = if requests > served {
+            *h.snap_why.lock()
+        } else if snapshots::resnapshot_due(
+            h.points_changed()
+                .saturating_sub(h.snapshot_mark.load(Ordering::Acquire)),
+            h.point_count(),
+        ) {
+            "a quarter of the index changed"
+        } else {
+            "writes stopped"
+        };
+        match resnapshot(&st, &h, &stop, why).await {
+            Ok(true) => {
+                served = requests;
+                not_before = None;
+            }
+            Ok(false) => not_before = Some(Instant::now() + SKIPPED_RETRY),
+            Err(e) => {
+                tracing::warn!(index = %h.meta.name, error = %e, "background snapshot failed");
+                not_before = Some(Instant::now() + snapshots::MIN_SPACING);
+            }
+        }
+        last = Some((Instant::now(), started.elapsed()));
+    }
+    // Shutdown: the next start would replay what changed since the snapshot (not after a
+    // storage failure: the server stops without writing).
+    let Some(st) = store.upgrade() else {
+        return;
+    };
+    let changed = h
+        .points_changed()
+        .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
+    if !st.failed().is_cancelled()
+        && h.check_live().is_ok()
+        && h.active().can_save()
+        && snapshots::replay_calls_for_snapshot(changed, h.point_count())
+    {
+        if let Err(e) = resnapshot(&st, &h, &stop, "the server is stopping").await {
+            tracing::warn!(index = %h.meta.name, error = %e, "snapshot at shutdown failed");
+        }
+    }
+}
+
 /// Snapshots the index's active generation as it is now and records it, so a start replays
 /// only the writes after this. The generation is copied into memory under the writer lock
-/// (writes wait for the copy, searches never do) and written to disk without it. Skipped when
-/// a build runs (it writes its own snapshot) or when the active generation is not yet the
-/// recorded one (a profile activation records its generations together at its end).
+/// (writes wait for the copy, searches never do) and written to disk without it. Skipped (false)
+/// when a build runs (it writes its own snapshot) or when the active generation is not yet the
+/// recorded one (a profile activation records its generations together at its end). `why` is
+/// logged.
 async fn resnapshot(
     store: &Arc<Store>,
     handle: &Arc<IndexHandle>,
     stop: &tokio_util::sync::CancellationToken,
-) -> Result<()> {
+    why: &str,
+) -> Result<bool> {
     let Ok(_building) = handle.building.try_lock() else {
-        return Ok(());
+        return Ok(false);
     };
     let started = std::time::Instant::now();
     // The file holds only what the graph has linked: first let the indexer link the writes
     // that called for this snapshot (bounded: under a load that keeps the fresh segment full
-    // it takes what is linked by then), so a start replays little.
+    // it takes what is linked by then), so a start replays little. At shutdown the indexer
+    // has stopped and no write comes any more: link what is left here (at most
+    // --max-unindexed-points, within the grace period), so the next start replays nothing.
     let target = handle.data_version();
     let gen = handle.active();
+    if stop.is_cancelled() && gen.unlinked() > 0 {
+        let g = gen.clone();
+        tokio::task::spawn_blocking(move || while g.link_pending(usize::MAX) > 0 {}).await?;
+    }
     let deadline = tokio::time::Instant::now() + RESNAPSHOT_LINK_WAIT;
-    loop {
+    while !stop.is_cancelled() {
         let room = handle.signals.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
@@ -1562,20 +1751,21 @@ async fn resnapshot(
         tokio::select! {
             _ = room => {}
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(false),
         }
     }
     drop(gen);
     // `seq`: the write sequence the graph's linked part holds (points still in the fresh
     // segment are left out of the file and stay in the change log).
-    let (gen, encoded, seq, mark) = {
+    let (gen, encoded, seq, mark, before) = {
         let _w = handle.writer.lock().await;
         handle.check_live()?;
         let gen = handle.active();
         let mark = handle.points_changed() - (gen.unlinked() as u64).min(handle.points_changed());
+        let before = handle.snapshot_mark.load(Ordering::Acquire);
         let g = gen.clone();
         let (seq, encoded) = tokio::task::spawn_blocking(move || g.encode()).await??;
-        (gen, encoded, seq, mark)
+        (gen, encoded, seq, mark, before)
     };
     let uid = handle.meta.uid;
     let file = crate::index::snapshot::file_name(uid, gen.meta.number, seq);
@@ -1597,7 +1787,7 @@ async fn resnapshot(
     let Some(mut rec) = recorded.filter(|_| current) else {
         let path = crate::index::snapshot::dir(store.dir()).join(&file);
         let _ = std::fs::remove_file(path);
-        return Ok(());
+        return Ok(false);
     };
     rec.snapshot = Some(crate::store::SnapshotRef {
         file: file.clone(),
@@ -1607,14 +1797,18 @@ async fn resnapshot(
     store.flush().await?;
     handle.snapshot_mark.store(mark, Ordering::Release);
     let st = store.clone();
-    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, seq)).await?;
+    // Not past a version a trial built a graph at: an activation may still adopt it.
+    let trim = seq.min(handle.log_pin.load(Ordering::Acquire));
+    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, trim)).await?;
     tracing::info!(
         index = %handle.meta.name,
         file,
+        points = mark.saturating_sub(before),
+        why,
         millis = started.elapsed().as_millis() as u64,
         "snapshotted the active generation in the background"
     );
-    Ok(())
+    Ok(true)
 }
 
 /// Sets its flag when dropped: the blocking half of a call sees that the call was abandoned.

@@ -57,6 +57,9 @@ pub struct Config {
     pub compact_deleted_fraction: f64,
     /// Most bytes of the store's pages kept in memory (sled's page cache).
     pub store_cache_bytes: u64,
+    /// An index with changes since its snapshot and no write for this long is snapshotted in
+    /// the background; None: not for that reason (`--snapshot-idle-secs 0`).
+    pub snapshot_idle: Option<Duration>,
     /// Most ids in one DeletePoints call; more is RESOURCE_EXHAUSTED.
     pub max_ids_per_delete: usize,
     /// Most queries in one SearchBatch call; more is RESOURCE_EXHAUSTED.
@@ -135,6 +138,7 @@ impl Config {
             tls: None,
             engine: crate::index::engine::EngineKind::default(),
             compact_deleted_fraction: crate::compaction::DEFAULT_DELETED_FRACTION,
+            snapshot_idle: Some(crate::snapshots::DEFAULT_IDLE),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
             max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,

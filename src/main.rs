@@ -106,6 +106,10 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_STORE_CACHE_MB", default_value_t = vectord::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     store_cache_mb: u64,
+    /// Snapshot an index's graph in the background once its writes have stopped for this many seconds and it changed since its last snapshot (at most one such snapshot per 30 s, or 10x the last one's duration), so a restart loads it instead of replaying the writes; 0: only at an import's end, past a quarter of the index changed, after a start that replayed many points and at shutdown.
+    #[arg(long, env = "VECTORD_SNAPSHOT_IDLE_SECS", default_value_t = vectord::snapshots::DEFAULT_IDLE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    snapshot_idle_secs: u64,
     /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
@@ -293,6 +297,8 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.engine = args.engine;
     config.compact_deleted_fraction = args.compact_deleted_fraction;
     config.store_cache_bytes = args.store_cache_mb * 1024 * 1024;
+    config.snapshot_idle =
+        (args.snapshot_idle_secs > 0).then(|| Duration::from_secs(args.snapshot_idle_secs));
     config.max_ids_per_delete = args.max_ids_per_delete as usize;
     config.max_batch_queries = args.max_batch_queries as usize;
     config.max_batch_results = args.max_batch_results as usize;

@@ -18,6 +18,7 @@
 //!   files left by a crash are swept at start.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::index::engine::EngineKind;
@@ -38,6 +39,77 @@ pub const RESNAPSHOT_MIN_CHANGES: u64 = 10_000;
 /// call for a new one.
 pub fn resnapshot_due(changed: u64, points: u64) -> bool {
     changed >= RESNAPSHOT_MIN_CHANGES.max((points as f64 * RESNAPSHOT_SHARE) as u64)
+}
+
+/// Default of `--snapshot-idle-secs`: an index whose writes have stopped for this long, with
+/// changes since its snapshot, is snapshotted in the background.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(5);
+
+/// A background snapshot that is not due to [`resnapshot_due`] (an import's end, writes gone
+/// quiet, a start's replay) starts no sooner than this after the index's previous background
+/// snapshot ended, nor sooner than [`SPACING_PER_SNAPSHOT_TIME`] times that snapshot's duration:
+/// an index that takes a small write every few seconds spends at most about a tenth of its
+/// time writing snapshots.
+pub const MIN_SPACING: Duration = Duration::from_secs(30);
+pub const SPACING_PER_SNAPSHOT_TIME: u32 = 10;
+
+/// A start that replayed at least this many points ([`replay_calls_for_snapshot`]), and a
+/// shutdown with at least this many points changed since the snapshot, write a new snapshot
+/// (after SERVING, or before the process exits), so the next start does not replay them again.
+pub const REPLAY_SNAPSHOT_MIN_POINTS: u64 = 1_000;
+
+/// Whether a start that replayed `replayed` points of an index of `points` points (or a
+/// shutdown with that many points changed since the snapshot) should write a snapshot: at
+/// least [`REPLAY_SNAPSHOT_MIN_POINTS`] and at least 1% of the index (a snapshot writes the
+/// whole index; replaying a point costs about what inserting it in a build does).
+pub fn replay_calls_for_snapshot(replayed: u64, points: u64) -> bool {
+    replayed >= REPLAY_SNAPSHOT_MIN_POINTS && replayed.saturating_mul(100) >= points
+}
+
+/// What the background snapshot policy knows of one index when it decides.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotState {
+    /// Points upserted and deleted since the active generation's snapshot.
+    pub changed: u64,
+    /// Live points.
+    pub points: u64,
+    /// An import ended, or a start replayed enough ([`replay_calls_for_snapshot`]), since the
+    /// last snapshot: snapshot without waiting for writes to stop.
+    pub requested: bool,
+    /// Since the index's last acknowledged write.
+    pub since_write: Duration,
+    /// Since the index's last background snapshot ended, and how long it took; None if none
+    /// ran since the server started.
+    pub last: Option<(Duration, Duration)>,
+    /// `--snapshot-idle-secs` (None: writes going quiet never call for a snapshot).
+    pub idle: Option<Duration>,
+}
+
+/// When to snapshot an index in the background: `Some(ZERO)` now, `Some(wait)` not before
+/// `wait` from now (decide again then, or at the next write), None not until something
+/// changes. The rules, in order:
+/// 1. nothing changed since the snapshot: None;
+/// 2. the changes reach [`resnapshot_due`]'s share: now;
+/// 3. an import ended or a start replayed enough (`requested`): now, spaced
+///    ([`MIN_SPACING`]) from the previous background snapshot;
+/// 4. writes stopped `idle` ago: then, spaced likewise; None without `idle`.
+pub fn next_snapshot(s: SnapshotState) -> Option<Duration> {
+    if s.changed == 0 {
+        return None;
+    }
+    if resnapshot_due(s.changed, s.points) {
+        return Some(Duration::ZERO);
+    }
+    let spaced = s.last.map_or(Duration::ZERO, |(since, took)| {
+        MIN_SPACING
+            .max(took.saturating_mul(SPACING_PER_SNAPSHOT_TIME))
+            .saturating_sub(since)
+    });
+    if s.requested {
+        return Some(spaced);
+    }
+    let quiet = s.idle?.saturating_sub(s.since_write);
+    Some(quiet.max(spaced))
 }
 
 /// How a start got an index's generation.
@@ -127,10 +199,11 @@ pub fn restore(
 ) -> Result<(Generation, Counts, Restored)> {
     let counts = store.counts(rec.meta.uid)?;
     if let Some(snap) = rec.snapshot.clone() {
-        match load(store, rec, &snap, counts, kind) {
+        match load(store, rec, &snap, counts, kind, cancelled) {
             Ok((gen, replayed, points)) => {
                 return Ok((gen, counts, Restored::Snapshot { replayed, points }))
             }
+            Err(e @ Error::Cancelled(_)) => return Err(e),
             Err(e) => tracing::warn!(
                 index = %rec.meta.name,
                 file = snap.file,
@@ -168,6 +241,7 @@ fn load(
     snap: &SnapshotRef,
     counts: Counts,
     kind: EngineKind,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<(Generation, usize, u64)> {
     let uid = rec.meta.uid;
     let path = snapshot::dir(store.dir()).join(&snap.file);
@@ -186,7 +260,7 @@ fn load(
         )));
     }
     gen.meta = rec.generation.clone();
-    let (replayed, points) = replay(store, &gen, uid, snap.seq, counts)?;
+    let (replayed, points) = replay(store, &gen, uid, snap.seq, counts, cancelled)?;
     let live = gen.live_count() as u64;
     if live != counts.point_count {
         return Err(Error::Corrupt(format!(
@@ -252,16 +326,83 @@ pub fn apply_catch_up(gen: &Generation, upserts: &[Point], deletes: &[u64]) {
 
 /// Applies the logged writes after `after` to `gen`: each id they touched gets its stored
 /// vector, or is deleted if the store no longer has it. Checks that the log runs without a gap
-/// from `after` to the store's data version.
+/// from `after` to the store's data version. The points are inserted the way a build inserts
+/// them ([`Generation::upsert_batch`]: in chunks on every core, stopping at `cancelled`).
 fn replay(
     store: &Store,
     gen: &Generation,
     uid: u64,
     after: u64,
     counts: Counts,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<(usize, u64)> {
     let (upserts, deletes, writes) = catch_up(store, uid, after, counts.data_version)?;
     let points = (upserts.len() + deletes.len()) as u64;
-    apply_catch_up(gen, &upserts, &deletes);
+    gen.delete(&deletes);
+    gen.upsert_batch(&upserts, cancelled)?;
     Ok((writes, points))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> SnapshotState {
+        SnapshotState {
+            changed: 10,
+            points: 100_000,
+            requested: false,
+            since_write: Duration::ZERO,
+            last: None,
+            idle: Some(DEFAULT_IDLE),
+        }
+    }
+
+    #[test]
+    fn the_snapshot_rules() {
+        let s = |f: &dyn Fn(&mut SnapshotState)| {
+            let mut st = state();
+            f(&mut st);
+            next_snapshot(st)
+        };
+        let secs = Duration::from_secs;
+        // 1. Nothing changed: never, whatever else holds.
+        assert_eq!(s(&|x| (x.changed, x.requested) = (0, true)), None);
+        // 2. A quarter of the index changed: now, even while writes go on and right after
+        // another snapshot.
+        assert_eq!(
+            s(&|x| (x.changed, x.last) = (25_000, Some((secs(1), secs(1))))),
+            Some(Duration::ZERO)
+        );
+        // 3. An import ended: now, or once spaced from the previous background snapshot (30 s,
+        // or 10x its duration when longer).
+        assert_eq!(s(&|x| x.requested = true), Some(Duration::ZERO));
+        assert_eq!(
+            s(&|x| (x.requested, x.last) = (true, Some((secs(10), secs(1))))),
+            Some(secs(20))
+        );
+        assert_eq!(
+            s(&|x| (x.requested, x.last) = (true, Some((secs(10), secs(5))))),
+            Some(secs(40))
+        );
+        assert_eq!(
+            s(&|x| (x.requested, x.last) = (true, Some((secs(60), secs(1))))),
+            Some(Duration::ZERO)
+        );
+        // 4. Writes stopped: once they have been quiet for the idle time, spaced likewise;
+        // never with the idle rule off.
+        assert_eq!(s(&|_| {}), Some(DEFAULT_IDLE));
+        assert_eq!(s(&|x| x.since_write = secs(2)), Some(secs(3)));
+        assert_eq!(s(&|x| x.since_write = secs(9)), Some(Duration::ZERO));
+        assert_eq!(
+            s(&|x| (x.since_write, x.last) = (secs(9), Some((secs(20), secs(1))))),
+            Some(secs(10))
+        );
+        assert_eq!(s(&|x| x.idle = None), None);
+        // A start's replay and a shutdown call for a snapshot past 1,000 points and 1%.
+        assert!(!replay_calls_for_snapshot(999, 1_000));
+        assert!(replay_calls_for_snapshot(1_000, 100_000));
+        assert!(!replay_calls_for_snapshot(1_000, 100_001));
+        assert!(replay_calls_for_snapshot(21_000, 100_000));
+    }
 }

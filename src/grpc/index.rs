@@ -186,6 +186,10 @@ impl IndexService for IndexApi {
             point_count = self.core.catalog()?.get_index(&n)?.point_count;
         }
         tracing::info!(index = %n, upserted = upserted_total, messages, "import finished");
+        if upserted_total > 0 {
+            // A bulk load is when a snapshot pays: a restart then loads instead of replaying.
+            self.core.catalog()?.import_ended(&n);
+        }
         Ok(Response::new(pb::ImportPointsResponse {
             upserted_count: upserted_total,
             point_count,

@@ -543,6 +543,51 @@ impl Generation {
         items.len()
     }
 
+    /// Adds or replaces many points the way a build inserts them: in chunks on every core
+    /// (rayon), polling `cancelled` between chunks, then the build's check for points left
+    /// unreachable when the batch is a good share of the graph. A start's replay of the writes
+    /// after a snapshot. On cancellation the generation holds a prefix of the points: drop it.
+    /// The batch is linked directly (not staged): with points already staged it takes the
+    /// staged path instead, so internal ids stay linked in order (module docs).
+    pub fn upsert_batch(&self, points: &[Point], cancelled: &dyn Fn() -> bool) -> Result<()> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let linking = self.linking.lock();
+        let range = {
+            let mut ids = self.ids.write();
+            let fresh = self.fresh.read();
+            if !fresh.vectors.is_empty() || fresh.base != ids.external.len() {
+                drop((fresh, ids, linking));
+                self.upsert(points);
+                return Ok(());
+            }
+            ids.assign(points.iter().map(|p| p.id))
+        };
+        let end = range.end;
+        let items: Vec<(&[f32], usize)> = points
+            .iter()
+            .zip(range)
+            .map(|(p, internal)| (p.vector.as_slice(), internal))
+            .collect();
+        for chunk in items.chunks(BUILD_CHUNK * 16) {
+            if cancelled() {
+                return Err(Error::Cancelled("the replay was cancelled".into()));
+            }
+            self.engine.insert_many(chunk, chunk.len() >= 64);
+        }
+        if items.len() >= 64 && items.len() * 16 >= self.engine.len() {
+            self.engine.link_orphans();
+        }
+        // Linked: the graph holds every internal id below `end` now.
+        let mut f = self.fresh.write();
+        f.base = end;
+        f.advance();
+        drop(f);
+        drop(linking);
+        Ok(())
+    }
+
     /// Tombstones the points of `ids`; unknown ids are ignored.
     pub fn delete(&self, ids: &[u64]) {
         let mut map = self.ids.write();
@@ -899,10 +944,16 @@ mod tests {
         assert_every_outlier_found(1);
     }
 
-    /// The same from 8 writer threads at once. KNOWN GAP (issue 20 §5 is open): an outlier's
-    /// adoption can be undone by a concurrent one (about 1 in 200 missed in one CI run on 2
-    /// cores, 2026-12-02), so this is ignored until adoption is made safe against concurrent
-    /// inserts. Run with `cargo test --lib concurrent_online_outliers -- --ignored`.
+    /// The same from 8 writer threads at once. KNOWN GAP (issue 20 §5 is open): 1 outlier in
+    /// 200 missed in 2 of 30 runs (2026-12-02, 2 shared cores), so this is ignored. The missed
+    /// outlier still has its level-0 link from its nearest neighbour (the adoption held): the
+    /// search at ef_search ends in another cluster nearly as far from it, so the link that
+    /// `make_findable` added from where the search ended at insert time no longer helps after
+    /// later inserts changed the paths. One thread misses too at a lower rate (engine-level
+    /// runs with 40 seeds: 10 of 8,000 outliers missed with one thread, 15 with 8), so this
+    /// is the fragility of `make_findable` against later inserts rather than a race; making
+    /// adoption survive concurrent rewrites of the adopter's list did not change the rate.
+    /// Run with `cargo test --lib concurrent_online_outliers -- --ignored`.
     #[test]
     #[ignore]
     fn concurrent_online_outliers_are_found_by_their_own_vector() {

@@ -258,3 +258,86 @@ async fn activate_profile_adopts_the_held_winners_graph() {
     assert_eq!(g2.config, winner.config);
     serves_the_writes(&mut c, "p", &w, 1200).await;
 }
+
+/// The snapshot files (not temp files) of a data dir.
+fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".snap"))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// A background snapshot taken after the job (here: writes stopped for 1 s) keeps the change
+/// log after the points the trials were built over, so ActivateProfile still adopts the held
+/// winner's graph, caught up with the writes, instead of building.
+#[tokio::test]
+async fn a_background_snapshot_after_the_job_keeps_the_held_graph_adoptable() {
+    let s = TestServer::start_with(|c| {
+        c.snapshot_idle = Some(std::time::Duration::from_secs(1));
+    })
+    .await;
+    let mut c = s.index().await;
+    create_index(&mut c, "b", DIM as u32, pb::Metric::L2).await;
+    let all = points(&mut Gen::new(8), 0..1200, DIM);
+    upsert(&mut c, "b", all.clone()).await;
+    c.put_profile(pb::PutProfileRequest {
+        profile: Some(pb::Profile {
+            name: "prof".into(),
+            indexes: vec![pb::ProfileIndex {
+                index_name: "b".into(),
+                default_config: None,
+            }],
+        }),
+    })
+    .await
+    .expect("put profile");
+    let activate = |mut c: IndexServiceClient<Channel>| async move {
+        c.activate_profile(pb::ActivateProfileRequest {
+            name: "prof".into(),
+        })
+        .await
+        .expect("activate")
+        .into_inner()
+        .generations
+        .remove(0)
+    };
+    // A build, which snapshots the points (so no background snapshot is due before the job).
+    activate(c.clone()).await;
+    let first = snapshot_files(&s.dir);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let mut a = s.autotune().await;
+    harness(&mut a, "b").await;
+    let stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: "b".into(),
+            harness: "h".into(),
+            grid: grid(),
+            min_recall: Some(0.0),
+            ..Default::default()
+        })
+        .await
+        .expect("autotune")
+        .into_inner();
+    let fin = finish(stream).await;
+    assert!(fin.promoted, "{}", fin.reason);
+    let winner = fin.winner.expect("winner");
+    let w = write_meanwhile(&mut c, "b", &all).await;
+    eventually(
+        std::time::Duration::from_secs(60),
+        "a background snapshot of the writes",
+        || async {
+            let f = snapshot_files(&s.dir);
+            (f.len() == 1 && f != first).then_some(())
+        },
+    )
+    .await;
+    let g = activate(c.clone()).await;
+    assert_eq!(g.trial_id, winner.id, "the held graph, not a build");
+    serves_the_writes(&mut c, "b", &w, 1200).await;
+}

@@ -3,6 +3,8 @@
 //! exactly as before, and replays the writes acknowledged after the snapshot; a truncated,
 //! corrupt, foreign-version or missing snapshot falls back to a rebuild with the right data; a
 //! SIGKILL while a snapshot is being written loses nothing and serves the previous generation.
+//! Background snapshots: at an import's end, once writes stop (`--snapshot-idle-secs`), after a
+//! start that replayed many points and at shutdown, so a restart after normal use is a load.
 
 use crate::common;
 use crate::common::child;
@@ -182,7 +184,7 @@ async fn restart_loads_the_snapshot_replays_later_writes_and_rebuilds_from_bad_f
     stop(s).await;
 
     // 1. A restart loads it: no rebuild, the same neighbours at the same distances.
-    let (mut s, addr) = start("loads the snapshot", dir, &[]).await;
+    let (mut s, addr) = start("loads the snapshot", dir, &no_idle()).await;
     let line = recovered(&mut s, "s").await;
     assert!(
         line.contains("from=\"snapshot\"") && line.contains("replayed=0"),
@@ -301,7 +303,7 @@ async fn sigkill_while_a_snapshot_is_written_loses_nothing() {
     let mut g = Gen::new(5);
     let mut live = points(&mut g, 0..1200, DIM);
 
-    let (s, addr) = start("first", dir, &[]).await;
+    let (s, addr) = start("first", dir, &no_idle()).await;
     let mut c = client(addr).await;
     create_index(&mut c, "s", DIM as u32, pb::Metric::L2).await;
     upsert_all(&mut c, &live).await;
@@ -403,5 +405,219 @@ async fn a_growing_index_is_snapshotted_in_the_background() {
             p.id
         );
     }
+    stop(s).await;
+}
+
+/// Imports `pts` into "s" through one ImportPoints stream (500 points a message).
+async fn import_all(c: &mut IndexServiceClient<Channel>, pts: &[pb::Point]) {
+    let msgs: Vec<pb::ImportPointsRequest> = pts
+        .chunks(500)
+        .enumerate()
+        .map(|(i, chunk)| pb::ImportPointsRequest {
+            index_name: if i == 0 { "s".into() } else { String::new() },
+            points: chunk.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    let r = c
+        .import_points(tokio_stream::iter(msgs))
+        .await
+        .expect("import")
+        .into_inner();
+    assert_eq!(r.upserted_count, pts.len() as u64);
+}
+
+/// The `replayed=` of a `recovered index` line.
+fn replayed_of(line: &str) -> usize {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("replayed="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no replayed= in {line}"))
+}
+
+/// Waits for the background snapshot logged with `why`.
+async fn snapshotted(s: &mut Vectord, why: &str) -> String {
+    let tag = format!("why=\"{why}\"");
+    s.wait_line(&format!("a background snapshot ({why})"), |l| {
+        l.contains("snapshotted the active generation in the background") && l.contains(&tag)
+    })
+    .await
+}
+
+/// The idle rule off, so that only the rules under test snapshot.
+fn no_idle() -> [(&'static str, &'static Path); 1] {
+    [("VECTORD_SNAPSHOT_IDLE_SECS", Path::new("0"))]
+}
+
+/// An index filled through ImportPoints (never activated, far below the 25% rule's 10,000
+/// points) is snapshotted when the import ends, so a restart loads it with nothing to replay;
+/// writes after that snapshot are replayed; a start that replayed many points snapshots the
+/// index right after it, and a shutdown with many points changed since the snapshot writes
+/// one before the process exits.
+#[tokio::test]
+async fn an_import_is_snapshotted_when_it_ends_and_a_restart_loads_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let mut g = Gen::new(31);
+    let mut live = points(&mut g, 0..3000, DIM);
+
+    let (mut s, addr) = start("first", dir, &no_idle()).await;
+    let mut c = client(addr).await;
+    create_index(&mut c, "s", DIM as u32, pb::Metric::L2).await;
+    import_all(&mut c, &live).await;
+    let line = snapshotted(&mut s, "an import ended").await;
+    assert!(line.contains("points=3000"), "{line}");
+    stop(s).await;
+
+    // 1. Loaded, nothing replayed, every point there.
+    let (mut s, addr) = start("after the import", dir, &no_idle()).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(
+        line.contains("from=\"snapshot\"") && line.contains("replayed=0"),
+        "{line}"
+    );
+    let mut c = client(addr).await;
+    check_data(&mut c, &live, &[]).await;
+
+    // 2. Writes after the import's snapshot (fewer than the shutdown rule's 1,000 points):
+    // replayed at the next start, with the right data.
+    let added = points(&mut g, 9000..9100, DIM);
+    upsert_all(&mut c, &added).await;
+    live.extend(added);
+    let gone: Vec<u64> = (100..110).collect();
+    c.delete_points(pb::DeletePointsRequest {
+        index_name: "s".into(),
+        ids: gone.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    live.retain(|p| !gone.contains(&p.id));
+    let files = snap_files(dir);
+    stop(s).await;
+    assert_eq!(
+        snap_files(dir),
+        files,
+        "no snapshot at shutdown for 110 points"
+    );
+
+    let (mut s, addr) = start("replays", dir, &no_idle()).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(
+        line.contains("from=\"snapshot\"") && replayed_of(&line) >= 1,
+        "{line}"
+    );
+    let mut c = client(addr).await;
+    check_data(&mut c, &live, &gone).await;
+
+    // 3. 1,500 more points, then a crash (no shutdown snapshot): the start replays them and
+    // snapshots right after it, so the start after that replays nothing.
+    let more = points(&mut g, 20_000..21_500, DIM);
+    upsert_all(&mut c, &more).await;
+    live.extend(more);
+    s.signal("KILL");
+    assert!(!s.wait_exit().await.success());
+    let (mut s, addr) = start("replays many", dir, &no_idle()).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(
+        line.contains("from=\"snapshot\"") && replayed_of(&line) >= 1,
+        "{line}"
+    );
+    snapshotted(&mut s, "the start replayed many writes").await;
+    let mut c = client(addr).await;
+    check_data(&mut c, &live, &gone).await;
+    s.signal("KILL");
+    assert!(!s.wait_exit().await.success());
+    let (mut s, addr) = start("after the start's snapshot", dir, &no_idle()).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(line.contains("replayed=0"), "{line}");
+
+    // 4. 1,200 more points, then a graceful stop: snapshotted before the process exits.
+    let mut c = client(addr).await;
+    let last = points(&mut g, 30_000..31_200, DIM);
+    upsert_all(&mut c, &last).await;
+    live.extend(last);
+    s.signal("TERM");
+    snapshotted(&mut s, "the server is stopping").await;
+    assert!(s.wait_exit().await.success());
+    let (mut s, addr) = start("after the shutdown's snapshot", dir, &no_idle()).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(line.contains("replayed=0"), "{line}");
+    let mut c = client(addr).await;
+    check_data(&mut c, &live, &gone).await;
+    stop(s).await;
+}
+
+/// Writes that stop: once no write has come for `--snapshot-idle-secs`, the index is
+/// snapshotted (a few upserts, far below every other rule's threshold).
+#[tokio::test]
+async fn an_index_whose_writes_stopped_is_snapshotted() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let mut g = Gen::new(32);
+    let live = points(&mut g, 0..40, DIM);
+    let idle = [("VECTORD_SNAPSHOT_IDLE_SECS", Path::new("1"))];
+    let (mut s, addr) = start("first", dir, &idle).await;
+    let mut c = client(addr).await;
+    create_index(&mut c, "s", DIM as u32, pb::Metric::L2).await;
+    common::upsert(&mut c, "s", live.clone()).await;
+    let line = snapshotted(&mut s, "writes stopped").await;
+    assert!(line.contains("points=40"), "{line}");
+    s.signal("KILL");
+    assert!(!s.wait_exit().await.success());
+    let (mut s, addr) = start("restarted", dir, &idle).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(
+        line.contains("from=\"snapshot\"") && line.contains("replayed=0"),
+        "{line}"
+    );
+    let mut c = client(addr).await;
+    check_data(&mut c, &live, &[]).await;
+    stop(s).await;
+}
+
+/// A SIGKILL while the snapshot an import's end started is being written: the temp file is
+/// swept, the previous snapshot is loaded with the import replayed, and every imported point
+/// is there.
+#[tokio::test]
+async fn sigkill_during_an_imports_snapshot_loses_nothing() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let mut g = Gen::new(33);
+    let mut live = points(&mut g, 0..1000, DIM);
+
+    let (mut s, addr) = start("first", dir, &no_idle()).await;
+    let mut c = client(addr).await;
+    create_index(&mut c, "s", DIM as u32, pb::Metric::L2).await;
+    import_all(&mut c, &live).await;
+    snapshotted(&mut s, "an import ended").await;
+    stop(s).await;
+    let first = snap_files(dir);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    let delay = [
+        ("VECTORD_SNAPSHOT_IDLE_SECS", Path::new("0")),
+        ("VECTORD_TEST_SNAPSHOT_DELAY_MS", Path::new("600000")),
+    ];
+    let (mut s, addr) = start("paused", dir, &delay).await;
+    let mut c = client(addr).await;
+    let second = points(&mut g, 5000..6500, DIM);
+    import_all(&mut c, &second).await; // acknowledged
+    live.extend(second);
+    s.wait_line("the snapshot pause", |l| l.contains("pausing mid-snapshot"))
+        .await;
+    assert_eq!(tmp_files(dir).len(), 1, "a temp file is being written");
+    s.signal("KILL");
+    assert!(!s.wait_exit().await.success());
+
+    let (mut s, addr) = start("after the kill", dir, &no_idle()).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(
+        line.contains("from=\"snapshot\"") && replayed_of(&line) >= 1,
+        "{line}"
+    );
+    let mut c = client(addr).await;
+    check_data(&mut c, &live, &[]).await;
+    assert!(tmp_files(dir).is_empty(), "the temp file was swept");
     stop(s).await;
 }
