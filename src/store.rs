@@ -213,6 +213,38 @@ fn log_change(
     Ok(())
 }
 
+/// Removes `ids` of index `uid` inside a transaction: the points that existed go, `counts`
+/// follows, and a delete that removed something is one new data version with its change-log
+/// entry. Returns how many were removed. Shared by [`Store::delete_points`] and a group's
+/// deletes in [`Store::apply_writes_logged`].
+fn delete_in_tx(
+    pt: &sled::transaction::TransactionalTree,
+    ch: &sled::transaction::TransactionalTree,
+    counts: &mut Counts,
+    uid: u64,
+    ids: &[u64],
+) -> std::result::Result<u64, sled::transaction::UnabortableTransactionError> {
+    let mut removed = Vec::new();
+    for id in ids {
+        if pt.remove(&point_key(uid, *id)[..])?.is_some() {
+            removed.push(*id);
+        }
+    }
+    let deleted = removed.len() as u64;
+    counts.point_count -= deleted.min(counts.point_count);
+    counts.points_changed += deleted;
+    if deleted > 0 {
+        counts.data_version += 1;
+        log_change(
+            ch,
+            uid,
+            counts.data_version,
+            &Change::Delete(removed).encode(),
+        )?;
+    }
+    Ok(deleted)
+}
+
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
 
 fn abort<T>(e: Error) -> TxResult<T> {
@@ -684,24 +716,7 @@ impl Store {
                     Ok(c) => c,
                     Err(e) => return abort(e),
                 };
-                let mut removed = Vec::new();
-                for id in ids {
-                    if pt.remove(&point_key(uid, *id)[..])?.is_some() {
-                        removed.push(*id);
-                    }
-                }
-                let deleted = removed.len() as u64;
-                counts.point_count -= deleted.min(counts.point_count);
-                counts.points_changed += deleted;
-                if deleted > 0 {
-                    counts.data_version += 1;
-                    log_change(
-                        ch,
-                        uid,
-                        counts.data_version,
-                        &Change::Delete(removed).encode(),
-                    )?;
-                }
+                let deleted = delete_in_tx(pt, ch, &mut counts, uid, ids)?;
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
                 Ok((deleted, counts))
             })
@@ -799,27 +814,7 @@ impl Store {
                             log_change(ch, uid, counts.data_version, change)?;
                             enc.len() as u64
                         }
-                        WriteOp::Delete(ids) => {
-                            let mut removed = Vec::new();
-                            for id in ids {
-                                if pt.remove(&point_key(uid, *id)[..])?.is_some() {
-                                    removed.push(*id);
-                                }
-                            }
-                            let deleted = removed.len() as u64;
-                            counts.point_count -= deleted.min(counts.point_count);
-                            counts.points_changed += deleted;
-                            if deleted > 0 {
-                                counts.data_version += 1;
-                                log_change(
-                                    ch,
-                                    uid,
-                                    counts.data_version,
-                                    &Change::Delete(removed).encode(),
-                                )?;
-                            }
-                            deleted
-                        }
+                        WriteOp::Delete(ids) => delete_in_tx(pt, ch, &mut counts, uid, ids)?,
                     };
                     outcomes.push(OpOutcome {
                         affected,
