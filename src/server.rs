@@ -149,6 +149,9 @@ async fn open_store(config: &Config) -> Result<Arc<Store>> {
     let dir = config.data_dir.clone();
     let options = crate::store::StoreOptions {
         cache_bytes: config.store_cache_bytes,
+        // A restart (a supervisor's, or a test's) can come while the stopped process's last
+        // sled writes still hold the lock for a moment.
+        lock_wait: std::time::Duration::from_secs(5),
     };
     Ok(Arc::new(
         tokio::task::spawn_blocking(move || Store::open_with(&dir, &options)).await??,

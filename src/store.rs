@@ -336,12 +336,18 @@ pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 pub struct StoreOptions {
     /// Most bytes of pages sled keeps in memory (its `cache_capacity`).
     pub cache_bytes: u64,
+    /// How long to keep trying when another holder has the data dir's lock (zero: fail at
+    /// once). A process that has just closed the store can still hold the lock for a moment
+    /// (sled's own write threads end after its last handle), so a restart on the same dir
+    /// waits for it instead of failing.
+    pub lock_wait: std::time::Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             cache_bytes: DEFAULT_CACHE_BYTES,
+            lock_wait: std::time::Duration::ZERO,
         }
     }
 }
@@ -372,15 +378,35 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::Unavailable(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
-        let db = sled_config(dir, options).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                Error::Unavailable(format!(
-                    "data dir {} is in use by another process (sled's lock is held)",
-                    dir.display()
-                ))
+        let started = std::time::Instant::now();
+        let first_pause = std::time::Duration::from_millis(5);
+        let mut pause = first_pause;
+        let db = loop {
+            match sled_config(dir, options).open() {
+                Ok(db) => break db,
+                // No notification exists for a released flock, so this polls, bounded by
+                // `lock_wait`, with a growing pause.
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() + pause > options.lock_wait {
+                        return Err(Error::Unavailable(format!(
+                            "data dir {} is in use by another process (sled's lock is held)",
+                            dir.display()
+                        )));
+                    }
+                    if pause == first_pause {
+                        tracing::info!(dir = %dir.display(), wait = ?options.lock_wait, "the data dir's lock is held; waiting for it");
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                }
+                Err(other) => {
+                    return Err(Error::Unavailable(format!(
+                        "cannot open data dir {}: {other}",
+                        dir.display()
+                    )))
+                }
             }
-            other => Error::Unavailable(format!("cannot open data dir {}: {other}", dir.display())),
-        })?;
+        };
         let (open, closed) = tokio::sync::oneshot::channel();
         let store = Store {
             meta: db.open_tree("meta")?,
@@ -1447,8 +1473,35 @@ mod tests {
         );
         let tiny = StoreOptions {
             cache_bytes: 1024 * 1024,
+            ..Default::default()
         };
         assert_eq!(sled_config(dir.path(), &tiny).cache_capacity, 1024 * 1024);
+    }
+
+    #[test]
+    fn an_open_with_lock_wait_gets_the_store_once_its_holder_closes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = Store::open(dir.path()).unwrap();
+        let (opened_tx, opened) = std::sync::mpsc::channel();
+        let d = dir.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let options = StoreOptions {
+                lock_wait: std::time::Duration::from_secs(30),
+                ..Default::default()
+            };
+            let r = Store::open_with(&d, &options).map(|_| ());
+            let _ = opened_tx.send(());
+            r
+        });
+        // While the holder has it, the waiter is still waiting (it has not answered).
+        assert!(opened
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        drop(holder);
+        waiter.join().unwrap().unwrap();
+        // Without a wait, a held store is refused at once.
+        let _again = Store::open(dir.path()).unwrap();
+        assert!(Store::open(dir.path()).is_err());
     }
 
     #[test]
@@ -1456,6 +1509,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tiny = StoreOptions {
             cache_bytes: 1024 * 1024,
+            ..Default::default()
         };
         // 5,000 points of 128 floats: 2.5 MB of vectors through a 1 MiB cache.
         let points: Vec<Point> = (0..5_000u64)

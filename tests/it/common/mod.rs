@@ -68,14 +68,20 @@ impl TestServer {
         let task = tokio::spawn(vectord::server::run(listener, config, async move {
             let _ = stopped.await;
         }));
-        let s = TestServer {
+        let mut s = TestServer {
             addr,
             dir: dir.to_path_buf(),
             _tmp: None,
             stop: Some(stop),
-            task: Some(task),
+            task: None,
         };
-        s.wait_serving().await;
+        // A server that fails to start drops its listener (a connect is then reset): say why
+        // it failed rather than how the connect did.
+        if let Err(e) = s.try_wait_serving().await {
+            let ended = tokio::time::timeout(Duration::from_secs(30), task).await;
+            panic!("the server did not become SERVING ({e}); its task: {ended:?}");
+        }
+        s.task = Some(task);
         s
     }
 
@@ -92,20 +98,34 @@ impl TestServer {
     }
 
     pub async fn wait_serving(&self) {
-        let mut health = HealthClient::new(self.channel().await);
-        let mut stream = health
+        if let Err(e) = self.try_wait_serving().await {
+            panic!("{e}");
+        }
+    }
+
+    async fn try_wait_serving(&self) -> Result<(), String> {
+        let channel = Channel::from_shared(self.url())
+            .map_err(|e| format!("url: {e}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let mut stream = HealthClient::new(channel)
             .watch(HealthCheckRequest {
                 service: String::new(),
             })
             .await
-            .expect("health watch")
+            .map_err(|e| format!("health watch: {e}"))?
             .into_inner();
-        while let Some(msg) = stream.message().await.expect("health stream") {
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|e| format!("health stream: {e}"))?
+        {
             if msg.status == ServingStatus::Serving as i32 {
-                return;
+                return Ok(());
             }
         }
-        panic!("health stream ended before SERVING");
+        Err("health stream ended before SERVING".into())
     }
 
     pub async fn index(&self) -> IndexServiceClient<Channel> {
