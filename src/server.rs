@@ -87,18 +87,29 @@ fn server_tls(tls: &crate::config::TlsConfig) -> tonic::transport::ServerTlsConf
 
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
 /// `config.metrics_addr` for the metrics when it is set.
+///
+/// The shutdown future is boxed here, so every function below is compiled once, in this crate:
+/// a caller (the binary, each test or bench crate) does not instantiate the server's generic
+/// stack (tonic, hyper, tower) again for its own future type, which cost minutes of CI build.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_boxed(listener, config, Box::pin(shutdown)).await
+}
+
+/// The shutdown future of [`run`] and [`run_with`], boxed.
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+async fn run_boxed(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<()> {
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
             Error::Unavailable(format!("cannot listen for metrics on {addr}: {e}"))
         })?),
         None => None,
     };
-    run_with(listener, metrics_listener, config, shutdown).await
+    run_with_boxed(listener, metrics_listener, config, shutdown).await
 }
 
 /// [`run`] with the metrics listener already bound (None: no metrics endpoint).
@@ -113,6 +124,15 @@ pub async fn run_with(
     metrics_listener: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_with_boxed(listener, metrics_listener, config, Box::pin(shutdown)).await
+}
+
+async fn run_with_boxed(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: Shutdown,
 ) -> Result<()> {
     let store = open_store(&config).await?;
     let tasks = Tasks::new();
