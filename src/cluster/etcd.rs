@@ -425,3 +425,117 @@ pub async fn list_nodes(etcd: &mut Client, urls: &[String]) -> Result<Vec<NodeRe
     out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Name;
+    use crate::promotion::{Promotion, HISTORY_CAP};
+
+    fn promotion(i: u64, node: &str) -> Promotion {
+        Promotion {
+            index: Name::parse("index", "idx").unwrap(),
+            trial_id: i,
+            config: HnswConfig {
+                m: 8,
+                ef_construction: 40,
+                ef_search: 20,
+                seed: Some(i),
+            },
+            promoted_by: "test".into(),
+            note: format!("note {i}"),
+            promote_time_ms: 1000 + i,
+            recall: 0.9,
+            p50_micros: 12.5,
+            trial_node: node.into(),
+        }
+    }
+
+    #[test]
+    fn a_promotion_record_round_trips_with_its_uid_and_node() {
+        let mut entry = PromotionEntry {
+            uid: 77,
+            ..Default::default()
+        };
+        assert_eq!(entry.record.promote(promotion(1, "n1")), 0);
+        assert_eq!(entry.record.promote(promotion(2, "n2")), 1);
+        let bytes = encode("a promotion record", &entry).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        // The record's fields sit next to the uid (flattened), and the node is kept.
+        assert!(
+            text.contains("\"uid\":77") && text.contains("\"current\""),
+            "{text}"
+        );
+        assert!(text.contains("\"trial_node\":\"n2\""), "{text}");
+        let back: PromotionEntry = decode("k", &bytes).unwrap();
+        assert_eq!(back, entry);
+        // Not JSON: CORRUPT naming the key.
+        let err = decode::<PromotionEntry>("/vectord/v1/promotions/idx", b"{").unwrap_err();
+        assert!(matches!(err, Error::Corrupt(ref m) if m.contains("/vectord/v1/promotions/idx")));
+    }
+
+    #[test]
+    fn a_single_nodes_promotion_has_no_node_field() {
+        let text = serde_json::to_string(&promotion(1, "")).unwrap();
+        assert!(!text.contains("trial_node"), "{text}");
+        let back: Promotion = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.trial_node, "");
+    }
+
+    #[test]
+    fn history_keeps_the_newest_fifty_and_rollback_pops_it() {
+        let idx = Name::parse("index", "idx").unwrap();
+        let mut rec = Record::default();
+        assert!(matches!(rec.rollback(&idx), Err(Error::Precondition(_))));
+        for i in 0..60 {
+            let depth = rec.promote(promotion(i, "n1"));
+            assert_eq!(depth as usize, (i as usize).min(HISTORY_CAP));
+        }
+        assert_eq!(rec.current.as_ref().map(|p| p.trial_id), Some(59));
+        assert_eq!(rec.history.len(), HISTORY_CAP);
+        assert_eq!(rec.history[0].trial_id, 58);
+        assert_eq!(rec.history[HISTORY_CAP - 1].trial_id, 9);
+        let (current, depth) = rec.rollback(&idx).unwrap();
+        assert_eq!((current.map(|p| p.trial_id), depth), (Some(58), 49));
+        let mut one = Record::default();
+        one.promote(promotion(1, "n1"));
+        assert_eq!(one.rollback(&idx).unwrap(), (None, 0));
+        assert!(one.rollback(&idx).is_err());
+    }
+
+    #[test]
+    fn desired_generations_and_node_reports_round_trip() {
+        let d = Desired {
+            uid: 5,
+            number: 3,
+            config: HnswConfig {
+                m: 16,
+                ef_construction: 80,
+                ef_search: 30,
+                seed: None,
+            },
+            source: ConfigSource::Promoted,
+            profile: "serve".into(),
+            trial: Some(TrialRef {
+                node: "n2".into(),
+                id: 9,
+            }),
+            set_by: "n3".into(),
+            set_time_ms: 42,
+        };
+        let back: Desired = decode("k", &encode("d", &d).unwrap()).unwrap();
+        assert_eq!(back, d);
+        // A node record written before `generations` existed still reads.
+        let old = br#"{"node_id":"n1","advertise_addr":"127.0.0.1:1","start_time_ms":1,"applied":{"a":4}}"#;
+        let rec: NodeRecord = decode("k", old).unwrap();
+        assert!(rec.generations.is_empty());
+        assert_eq!(rec.applied.get("a"), Some(&4));
+        let g = NodeGeneration {
+            served: 3,
+            local: 7,
+            error: String::new(),
+        };
+        let text = serde_json::to_string(&g).unwrap();
+        assert!(!text.contains("error"), "{text}");
+    }
+}
