@@ -651,6 +651,52 @@ async fn writes_fail_fast_naming_the_engine_that_is_gone() {
         .expect_err("no membership");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("etcd"), "{err:?}");
+
+    // The control plane is etcd's: profiles, promotions and activations fail fast too.
+    let mut p =
+        vectord::pb::promotion_service_client::PromotionServiceClient::new(node.channel().await);
+    let fast = |what: &'static str, r: Result<(), tonic::Status>, t: Instant| {
+        let err = r.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{what}: {err:?}");
+        assert!(err.message().contains("etcd"), "{what}: {err:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+    };
+    let t = Instant::now();
+    let r = c
+        .put_profile(pb::PutProfileRequest {
+            profile: Some(pb::Profile {
+                name: "p".into(),
+                indexes: vec![pb::ProfileIndex {
+                    index_name: "gone".into(),
+                    default_config: None,
+                }],
+            }),
+        })
+        .await;
+    fast("PutProfile", r.map(|_| ()), t);
+    let t = Instant::now();
+    let r = c
+        .activate_profile(pb::ActivateProfileRequest { name: "p".into() })
+        .await;
+    fast("ActivateProfile", r.map(|_| ()), t);
+    let t = Instant::now();
+    let r = p
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "gone".into(),
+        })
+        .await;
+    fast("GetPromoted", r.map(|_| ()), t);
+    let t = Instant::now();
+    let r = p
+        .rollback(pb::RollbackRequest {
+            index_name: "gone".into(),
+        })
+        .await;
+    fast("Rollback", r.map(|_| ()), t);
 }
 
 // ---- the control plane: promotions, profiles, rollout, job leases (in-process nodes) ----
