@@ -245,7 +245,7 @@ impl JobGate {
     }
 
     /// Returns once the gate is open, at once for an index it does not hold.
-    async fn pass(&self, index: &Name) {
+    pub(crate) async fn pass(&self, index: &Name) {
         if self.indexes.iter().any(|i| i == index.as_str()) {
             let _ = self.open.subscribe().wait_for(|open| *open).await;
         }

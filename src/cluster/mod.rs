@@ -67,6 +67,9 @@ pub struct ClusterConfig {
     pub nats: Vec<String>,
     pub node_id: String,
     pub advertise_addr: String,
+    /// A test hook (no flag sets it): this node's rollouts of the gated indexes wait, before
+    /// building, until the gate opens, so a test can hold a node behind the desired generation.
+    pub rollout_gate: Option<crate::autotune::jobs::JobGate>,
 }
 
 impl ClusterConfig {
@@ -107,6 +110,7 @@ impl ClusterConfig {
             nats: list("--nats", nats, &["nats://"])?,
             node_id: node.to_string(),
             advertise_addr: advertise_addr.to_string(),
+            rollout_gate: None,
         })
     }
 }

@@ -260,6 +260,12 @@ impl Cluster {
             .as_ref()
             .filter(|t| t.node == self.cfg.node_id)
             .map(|t| t.id);
+        if let Some(gate) = &self.cfg.rollout_gate {
+            tokio::select! {
+                _ = gate.pass(&name) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
         loop {
             let res = self
                 .catalog

@@ -707,6 +707,7 @@ async fn node_in_process(
     id: &str,
     e: &Engines,
     gate: Option<vectord::autotune::jobs::JobGate>,
+    rollout_gate: Option<vectord::autotune::jobs::JobGate>,
 ) -> TestServer {
     let dir = e.dir.path().join(format!("in-process-{id}"));
     std::fs::create_dir_all(&dir).expect("node dir");
@@ -715,10 +716,11 @@ async fn node_in_process(
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut config = vectord::config::Config::for_tests(&dir);
-    config.cluster = Some(
+    let mut cluster =
         vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
-            .expect("cluster flags"),
-    );
+            .expect("cluster flags");
+    cluster.rollout_gate = rollout_gate;
+    config.cluster = Some(cluster);
     config.job_gate = gate;
     TestServer::start_on(listener, &dir, config).await
 }
@@ -729,9 +731,9 @@ async fn three_in_process(
     gated: &[&str],
 ) -> (Vec<TestServer>, vectord::autotune::jobs::JobGate) {
     let gate = vectord::autotune::jobs::JobGate::closed(gated.iter().copied());
-    let mut nodes = vec![node_in_process("n1", e, Some(gate.clone())).await];
+    let mut nodes = vec![node_in_process("n1", e, Some(gate.clone()), None).await];
     for id in ["n2", "n3"] {
-        nodes.push(node_in_process(id, e, None).await);
+        nodes.push(node_in_process(id, e, None, None).await);
     }
     (nodes, gate)
 }
@@ -1163,4 +1165,107 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     assert!(on2.active_generation.expect("generation").trial_id > 0);
     let got = promoted(&nodes[0], "jobs").await;
     assert_eq!(got.current.expect("promoted").trial_node_id, "n2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline() {
+    let Some(e) = Engines::start(
+        "control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline",
+    ) else {
+        return;
+    };
+    // Node 3's rollouts of "lag" wait at a gate: it stays behind until the test opens it.
+    let gate = vectord::autotune::jobs::JobGate::closed(["lag"]);
+    let nodes = vec![
+        node_in_process("n1", &e, None, None).await,
+        node_in_process("n2", &e, None, None).await,
+        node_in_process("n3", &e, None, Some(gate.clone())).await,
+    ];
+    seeded_cluster_index(&nodes, "lag", 100, 4).await;
+    let config = pb::HnswConfig {
+        m: 6,
+        ef_construction: 30,
+        ef_search: 30,
+        seed: Some(5),
+    };
+    nodes[0]
+        .index()
+        .await
+        .put_profile(pb::PutProfileRequest {
+            profile: Some(pb::Profile {
+                name: "lagging".into(),
+                indexes: vec![pb::ProfileIndex {
+                    index_name: "lag".into(),
+                    default_config: Some(config),
+                }],
+            }),
+        })
+        .await
+        .expect("put profile");
+
+    // The activation answers at its deadline, with each node's status: node 3 is behind.
+    let mut req = tonic::Request::new(pb::ActivateProfileRequest {
+        name: "lagging".into(),
+    });
+    req.set_timeout(Duration::from_secs(4));
+    let act = nodes[0]
+        .index()
+        .await
+        .activate_profile(req)
+        .await
+        .expect("answered at the deadline, not failed")
+        .into_inner();
+    assert!(!act.rolled_out, "{act:?}");
+    let status = |id: &str| {
+        act.nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .unwrap_or_else(|| panic!("{id} in {act:?}"))
+            .clone()
+    };
+    for id in ["n1", "n2"] {
+        let s = status(id);
+        assert!(s.current && s.served_desired_generation == 1, "{s:?}");
+    }
+    let behind = status("n3");
+    assert!(!behind.current, "{behind:?}");
+    assert_eq!(
+        (behind.served_desired_generation, behind.desired_generation),
+        (0, 1)
+    );
+    assert_eq!(act.generations[0].config, Some(config), "node 1 serves it");
+
+    // Node 3 says so in its per-index health and keeps serving searches from what it has.
+    eventually(WAIT, "node 3 NOT_SERVING for the index", || async {
+        (index_health_status(&nodes[2], "lag").await == Some(2)).then_some(())
+    })
+    .await;
+    assert_eq!(index_health(&nodes[0], "lag").await, 1, "node 1 SERVING");
+    let ids = search_min(&mut nodes[2].index().await, "lag", point(7, 4).vector, 1, 0)
+        .await
+        .expect("a node behind still serves searches");
+    assert_eq!(ids, vec![7]);
+    let seen = get_index(&nodes[1], "lag").await;
+    assert!(
+        seen.nodes.iter().any(|n| n.node_id == "n3" && !n.current),
+        "{seen:?}"
+    );
+
+    // Let it through: it catches up, and every node sees every node current.
+    gate.open();
+    eventually(WAIT, "node 3 SERVING again", || async {
+        (index_health_status(&nodes[2], "lag").await == Some(1)).then_some(())
+    })
+    .await;
+    let on3 = get_index(&nodes[2], "lag").await;
+    let gen = on3.active_generation.expect("generation");
+    assert_eq!(
+        (gen.config, gen.profile.as_str()),
+        (Some(config), "lagging")
+    );
+    eventually(WAIT, "every node current, as node 1 sees it", || async {
+        let i = get_index(&nodes[0], "lag").await;
+        (i.nodes.len() == 3 && i.nodes.iter().all(|n| n.current)).then_some(())
+    })
+    .await;
 }
