@@ -44,6 +44,8 @@ const JOB_LEASE_RENEW: Duration = Duration::from_secs(2);
 pub struct Rollout {
     pub desired: u64,
     pub served: u64,
+    /// The desired generation number whose last build attempt on this node failed (0: none).
+    pub failed: u64,
 }
 
 impl Rollout {
@@ -70,6 +72,10 @@ fn conflict(what: &str) -> Error {
 
 /// A short random pause before the next attempt, growing with `attempt`.
 async fn backoff(attempt: u32) {
+    tracing::debug!(
+        attempt,
+        "a compare-and-swap in etcd lost to another node's change; retrying from a fresh read"
+    );
     let ms = 5 + rand::random::<u64>() % (10 * u64::from(attempt.min(10)) + 10);
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
@@ -477,7 +483,8 @@ impl Control {
         Err(conflict("the autotune job's activation"))
     }
 
-    /// Waits until this node serves desired generation `number` of `index` (or a later one).
+    /// Waits until this node serves desired generation `number` of `index` (or a later one);
+    /// UNAVAILABLE when its build of it failed (the node goes on retrying it).
     async fn wait_served(
         &self,
         index: &str,
@@ -485,12 +492,20 @@ impl Control {
         cancel: &CancellationToken,
     ) -> Result<()> {
         let mut rx = self.rollouts();
-        tokio::select! {
-            r = rx.wait_for(|m| m.get(index).is_some_and(|r| r.served >= number)) => {
-                r.map(|_| ()).map_err(|_| Error::Unavailable("the node is shutting down".into()))
+        let seen = tokio::select! {
+            r = rx.wait_for(|m| m.get(index).is_some_and(|r| r.served >= number || r.failed == number)) => {
+                r.map(|m| m.get(index).copied().unwrap_or_default())
+                    .map_err(|_| Error::Unavailable("the node is shutting down".into()))?
             }
-            _ = cancel.cancelled() => Err(Error::Cancelled(format!("the activation of index {index:?} was abandoned"))),
+            _ = cancel.cancelled() => return Err(Error::Cancelled(format!("the activation of index {index:?} was abandoned"))),
+        };
+        if seen.served >= number {
+            return Ok(());
         }
+        Err(Error::Unavailable(format!(
+            "node {} could not build desired generation {number} of index {index:?} (it retries every 5 s; GetIndex.nodes shows its error); the promotion stands",
+            self.cfg.node_id
+        )))
     }
 }
 

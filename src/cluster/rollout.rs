@@ -277,6 +277,7 @@ impl Cluster {
                     self.rollout_errors.lock().remove(name.as_str());
                     self.control.set_rollout(name.as_str(), |r| {
                         r.served = r.served.max(d.number);
+                        r.failed = 0;
                         true
                     });
                     break;
@@ -288,6 +289,11 @@ impl Cluster {
                     self.rollout_errors
                         .lock()
                         .insert(name.to_string(), e.to_string());
+                    self.control.set_rollout(name.as_str(), |r| {
+                        let changed = r.failed != d.number;
+                        r.failed = d.number;
+                        changed
+                    });
                     self.report_now().await;
                     tokio::select! {
                         _ = cancel.cancelled() => return,
