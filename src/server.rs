@@ -311,12 +311,71 @@ async fn recover(
     tasks: Tasks,
 ) -> Result<()> {
     let app = App::open(&config, store, tasks.clone()).await?;
+    if let Some(c) = &app.cluster {
+        tasks.spawn(index_health(
+            c.control().rollouts(),
+            health.clone(),
+            tasks.stop_token(),
+        ));
+    }
     core.set_app(Arc::new(app))?;
     if !tasks.is_stopping() {
         set_health(&health, ServingStatus::Serving).await;
         tracing::info!("vectord is serving");
     }
     Ok(())
+}
+
+/// The health service name of one index on a cluster node.
+pub fn index_health_name(index: &str) -> String {
+    format!("{}/{index}", names::INDEX)
+}
+
+/// A cluster node's per-index health: `vectord.v1.IndexService/<index>` is SERVING while the
+/// node serves the index's desired generation and NOT_SERVING while it is behind (building it,
+/// or failing to); an index the node no longer has is cleared. All NOT_SERVING at shutdown.
+async fn index_health(
+    mut rollouts: tokio::sync::watch::Receiver<
+        std::collections::BTreeMap<String, crate::cluster::control::Rollout>,
+    >,
+    mut health: tonic_health::server::HealthReporter,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut known: std::collections::BTreeMap<String, bool> = Default::default();
+    loop {
+        let now: std::collections::BTreeMap<String, bool> = rollouts
+            .borrow_and_update()
+            .iter()
+            .map(|(k, r)| (k.clone(), r.current()))
+            .collect();
+        for (index, current) in &now {
+            if known.get(index) != Some(current) {
+                let status = if *current {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health
+                    .set_service_status(index_health_name(index), status)
+                    .await;
+            }
+        }
+        for index in known.keys() {
+            if !now.contains_key(index) {
+                health.clear_service_status(&index_health_name(index)).await;
+            }
+        }
+        known = now;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = rollouts.changed() => if changed.is_err() { break },
+        }
+    }
+    for index in known.keys() {
+        health
+            .set_service_status(index_health_name(index), ServingStatus::NotServing)
+            .await;
+    }
 }
 
 /// How serving ended.
