@@ -63,6 +63,7 @@ impl App {
     /// is cancelled (shutdown).
     pub async fn open(config: &Config, store: Arc<Store>, tasks: Tasks) -> Result<Self> {
         let registry = Arc::new(Registry::new(store.clone()));
+
         let catalog = Arc::new(
             Catalog::recover(
                 store.clone(),
@@ -75,6 +76,7 @@ impl App {
                     max_unindexed: config.max_unindexed_points,
                     indexer_hold: config.indexer_hold.clone(),
                     snapshot_idle: config.snapshot_idle,
+                    map_float_vectors: config.map_float_vectors,
                 },
             )
             .await?,

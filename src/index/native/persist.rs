@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
 
 use super::encoding::Storage;
 use super::{Native, EMPTY, MAX_LEVEL};
+use crate::index::engine::EngineMemory;
 use crate::model::{HnswConfig, Metric};
 
 /// Snapshots (`super::snapshot`): the graph written as the engine keeps it and read back into an
@@ -93,12 +94,14 @@ impl Native {
     }
 
     /// Reads a graph written by [`Native::save_graph`] for `metric`, `dimension`, `config` and
-    /// `storage`; any disagreement with them, or a value out of range, is an error.
+    /// `storage` (its float vectors kept where `memory` says); any disagreement with them, or a
+    /// value out of range, is an error.
     pub fn load_graph(
         metric: Metric,
         dimension: u32,
         config: &HnswConfig,
         storage: Storage,
+        memory: &EngineMemory,
         d: &mut crate::index::snapshot::Dec,
     ) -> crate::error::Result<Native> {
         use crate::error::Error;
@@ -115,7 +118,8 @@ impl Native {
         if base > u32::MAX as u64 || base == 0 {
             return Err(bad(format!("segment size {base}")));
         }
-        let g = Native::with_storage(metric, dimension, config, base as usize, storage);
+        let g = Native::with_storage(metric, dimension, config, base as usize, storage)
+            .with_memory(memory.clone());
         if (dim as usize, m as usize, ef_c as usize, seed, base as usize)
             != (g.dim, g.m, g.ef_construction, g.seed, g.base)
         {
