@@ -1204,14 +1204,18 @@ mod tests {
                 let name = format!("1-1-{kind}-{metric}.snap");
                 g.save(dir.path(), &name, 42, 9).unwrap();
                 let path = dir.path().join(&name);
-                let h = Generation::load(&path, 42, 9, metric, 12, kind, &EngineMemory::IN_RAM)
-                    .unwrap();
+                // Loaded with the float vectors mapped (the server's default), which changes
+                // no answer.
+                let mapped = EngineMemory::mapped_in(dir.path());
+                let h = Generation::load(&path, 42, 9, metric, 12, kind, &mapped).unwrap();
                 assert_eq!(h.meta, g.meta);
                 assert_eq!(
                     (h.live_count(), h.tombstones()),
                     (g.live_count(), g.tombstones())
                 );
-                assert_eq!(h.memory_bytes(), g.memory_bytes());
+                // The loaded graph's nodes fill one segment of their number: no more memory
+                // than the saved graph's segments.
+                assert!(h.memory_bytes() <= g.memory_bytes(), "{kind} {metric}");
                 for q in prep(&queries) {
                     for ef in [10, 64] {
                         assert_eq!(

@@ -118,6 +118,7 @@ unsafe impl Sync for Cells {}
 
 impl Cells {
     /// Whether the cells are in a mapped file.
+    #[cfg(test)]
     pub(super) fn is_mapped(&self) -> bool {
         matches!(self.owner, Owner::Mapped(_))
     }
