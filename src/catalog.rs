@@ -617,6 +617,8 @@ impl Catalog {
         for handle in replayed_many {
             handle.request_snapshot("the start replayed many writes");
         }
+        // Rebuilds and replays read points from the store that are garbage now.
+        tokio::task::spawn_blocking(crate::index::native::release_free_memory).await?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Catalog {
             store,
@@ -1831,7 +1833,12 @@ async fn resnapshot(
     let st = store.clone();
     // Not past a version a trial built a graph at: an activation may still adopt it.
     let trim = seq.min(handle.log_pin.load(Ordering::Acquire));
-    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, trim)).await?;
+    tokio::task::spawn_blocking(move || {
+        snapshots::after_recorded(&st, &rec, trim);
+        // What led here (an import, many writes) and the encoding left free memory behind.
+        crate::index::native::release_free_memory();
+    })
+    .await?;
     tracing::info!(
         index = %handle.meta.name,
         file,

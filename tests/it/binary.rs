@@ -958,7 +958,11 @@ async fn mapped_float_vectors_serve_and_survive_restarts_with_the_same_answers()
                 .chunks(1_000)
                 .enumerate()
                 .map(|(b, chunk)| pb::ImportPointsRequest {
-                    index_name: if b == 0 { "mapped".into() } else { String::new() },
+                    index_name: if b == 0 {
+                        "mapped".into()
+                    } else {
+                        String::new()
+                    },
                     points: chunk.to_vec(),
                     ..Default::default()
                 })

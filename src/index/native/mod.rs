@@ -75,6 +75,7 @@ use super::engine::Engine;
 use crate::index::engine::EngineMemory;
 use crate::model::{HnswConfig, Metric};
 pub use encoding::Storage;
+pub use memory::release_free_memory;
 use memory::Segment;
 
 /// The marker of an empty link slot.

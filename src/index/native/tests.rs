@@ -49,6 +49,19 @@ fn mapped_cells_start_zeroed_stay_writable_and_leave_no_file() {
         }
         let names = std::fs::read_dir(dir.path()).expect("read dir").count();
         assert_eq!(names, 0, "a mapped file left a name behind");
+        // The kernel may evict the pages (here at once, as memory pressure would), and they
+        // come back from the file unchanged.
+        #[cfg(target_os = "linux")]
+        if n > 0 {
+            let resident = cells.evict().expect("evict").expect("mapped");
+            assert!(
+                resident < (n * 4).div_ceil(4096).max(2) / 2,
+                "{resident} pages still resident"
+            );
+            for (i, c) in cells.iter().enumerate().step_by(997) {
+                assert_eq!(c.load(AtOrd::Relaxed), i as u32 + 1);
+            }
+        }
     }
     assert!(
         mapped_cells(10, &dir.path().join("missing")).is_err(),
@@ -99,6 +112,12 @@ fn mapped_float_vectors_answer_exactly_like_ram_and_leave_no_file() {
                 .expect("load");
             // Loaded into one segment of the nodes' number, mapped.
             assert_eq!(segments(&loaded), vec![true], "{storage:?}");
+            // Evicted (as under memory pressure), the float vectors are read back from the
+            // files by the searches below.
+            #[cfg(target_os = "linux")]
+            for seg in map.segments.iter().filter_map(|s| s.get()) {
+                seg.full.evict().expect("evict");
+            }
             for q in &queries {
                 let want = ram.search(q, 10, 40);
                 assert_eq!(want.len(), 10);
