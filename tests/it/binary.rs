@@ -749,10 +749,13 @@ async fn an_idle_server_writes_nothing_to_disk() {
     let tmp = tempfile::tempdir().expect("temp dir");
     // Compaction off: the replacements below leave half the graph as tombstones, and a
     // compaction (a rebuild and its snapshot) is work, not idling; the subject is the store.
+    // Float vectors in RAM: with them mapped, the indexer linking the last writes after they
+    // are acknowledged writes their float vectors to the graph's mapped file (work, too).
     let args = [
         &addr_arg()[..],
         &["--data-dir", path_str(tmp.path())],
         &["--compact-deleted-fraction", "0"],
+        &["--map-float-vectors", "false"],
     ]
     .concat();
     let mut s = Vectord::spawn("idle server", &args, &[]);
