@@ -1126,6 +1126,10 @@ async fn restarts_only(
     Ok(out)
 }
 
+/// One restart of the memory phase: memory after SERVING, after the searches, QPS at recall
+/// 0.95 and its ef.
+type Round = (Rss, Rss, f64, u32);
+
 /// `VECTORD_SCALE_PHASES=memory`: after the import and a graceful stop, `VECTORD_SCALE_REPEATS`
 /// rounds of a restart with `--map-float-vectors true` and one with `false` (alternating which
 /// goes first): the server's resident memory after SERVING (VmRSS, RssAnon, RssFile, less an
@@ -1154,7 +1158,7 @@ async fn memory_only(
     );
     let modes = ["true", "false"];
     // Per mode: after SERVING, after the searches, QPS at 0.95, its ef.
-    let mut seen: Vec<Vec<(Rss, Rss, f64, u32)>> = vec![Vec::new(); modes.len()];
+    let mut seen: Vec<Vec<Round>> = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
         for i in 0..modes.len() {
             let m = if round % 2 == 0 {
@@ -1269,8 +1273,7 @@ async fn memory_only(
     let h = median(&hl_rss);
     let mut summary = Vec::new();
     for (m, rows) in seen.iter().enumerate() {
-        let col =
-            |f: &dyn Fn(&(Rss, Rss, f64, u32)) -> f64| -> Vec<f64> { rows.iter().map(f).collect() };
+        let col = |f: &dyn Fn(&Round) -> f64| -> Vec<f64> { rows.iter().map(f).collect() };
         let (total, anon, file) = (col(&|r| r.0.total), col(&|r| r.0.anon), col(&|r| r.0.file));
         let (after_total, after_anon, qps) =
             (col(&|r| r.1.total), col(&|r| r.1.anon), col(&|r| r.2));

@@ -910,6 +910,8 @@ async fn mapped_float_vectors_serve_and_survive_restarts_with_the_same_answers()
             .collect()
     };
     let mut first: Option<Vec<Vec<(u64, f32)>>> = None;
+    // (what, flags, environment, whether float vectors are mapped)
+    #[allow(clippy::type_complexity)]
     let runs: [(&str, &[&str], &[(&str, &Path)], bool); 4] = [
         ("mapped by default, importing", &[], &[], true),
         ("mapped, rebuilding without the snapshot", &[], &[], true),
