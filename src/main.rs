@@ -114,7 +114,7 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_SNAPSHOT_IDLE_SECS", default_value_t = vectord::snapshots::DEFAULT_IDLE.as_secs(),
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     snapshot_idle_secs: u64,
-    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
+    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking, which --map-float-vectors keeps out of anonymous memory; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, all in RAM: about 0.8x native_i8's memory with everything in RAM, more than native_i8 keeps in RAM with --map-float-vectors) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).
