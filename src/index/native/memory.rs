@@ -6,9 +6,11 @@
 //!   on drop). Every cell is initialised before the array is handed out: `huge_cells` writes
 //!   each one, and a mapped file's fresh blocks read as zeros.
 //! - A mapped file is this process's alone: created without a name (or unlinked at once), its
-//!   only descriptor closed once mapped, its blocks reserved before the mapping is used (so a
-//!   store to it never meets a full disk, which would be a SIGBUS), and never truncated. So the
-//!   mapping stays valid for as long as its `Cells`, and its contents change only through it.
+//!   only descriptor closed once mapped, its blocks reserved before the mapping is used (Linux:
+//!   so a store to it never meets a full disk, which would be a SIGBUS), and never truncated.
+//!   So the mapping stays valid for as long as its `Cells`, and its contents change only
+//!   through it. Its cells are written and read like heap cells (the invariant below), through
+//!   the same atomics: a mapping changes where the bytes live, not who may touch them when.
 //! - A node's vector cells (in [`Segment::level0`] after its links, and in [`Segment::full`])
 //!   are written once (relaxed atomic stores) by the thread that claimed the node
 //!   ([`Segment::claimed`]) and before the node's id is published with a `Release` store into a
@@ -184,7 +186,6 @@ impl Drop for Cells {
 /// reserved first (`posix_fallocate`): a store into a hole of a full file system would kill the
 /// process with SIGBUS; a full disk is an error here instead.
 pub(super) fn mapped_cells(n: usize, dir: &Path) -> std::io::Result<Cells> {
-    use std::os::fd::AsRawFd;
     let bytes = n
         .checked_mul(std::mem::size_of::<AtomicU32>())
         .ok_or_else(|| std::io::Error::other(format!("capacity overflow: {n} cells")))?;
@@ -196,14 +197,21 @@ pub(super) fn mapped_cells(n: usize, dir: &Path) -> std::io::Result<Cells> {
         });
     }
     let file = tempfile::tempfile_in(dir)?;
-    let len = libc::off_t::try_from(bytes)
-        .map_err(|_| std::io::Error::other(format!("{bytes} bytes is too large a file")))?;
-    // SAFETY: a plain system call on a descriptor this function owns; it touches no memory of
-    // ours.
-    let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    if err != 0 {
-        return Err(std::io::Error::from_raw_os_error(err));
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(bytes)
+            .map_err(|_| std::io::Error::other(format!("{bytes} bytes is too large a file")))?;
+        // SAFETY: a plain system call on a descriptor this function owns; it touches no memory
+        // of ours.
+        let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
     }
+    // Elsewhere the file is only sized: its blocks are allocated as the cells are written.
+    #[cfg(not(target_os = "linux"))]
+    file.set_len(bytes as u64)?;
     // SAFETY: the file is this process's alone (module invariants): it has no name, nothing
     // else has a descriptor to it, and nothing truncates it, so the mapping stays valid for the
     // life of the returned `Cells` (which owns it) and its contents change only through it.
