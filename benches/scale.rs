@@ -205,6 +205,114 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((p / 100.0 * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// A process's resident memory (`/proc/<pid>/status`), in bytes: VmRSS and its parts RssAnon
+/// (anonymous: the heap and anonymous mappings, which only swap could evict), RssFile (pages
+/// of mapped files: the binary, and with `--map-float-vectors` the float vectors, which the
+/// kernel may write back and evict) and RssShmem.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rss {
+    total: f64,
+    anon: f64,
+    file: f64,
+    shmem: f64,
+}
+
+impl Rss {
+    fn of(pid: u32) -> Rss {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .map_or(f64::NAN, |kib| kib * 1024.0)
+        };
+        Rss {
+            total: field("VmRSS:"),
+            anon: field("RssAnon:"),
+            file: field("RssFile:"),
+            shmem: field("RssShmem:"),
+        }
+    }
+
+    fn minus(self, o: Rss) -> Rss {
+        Rss {
+            total: self.total - o.total,
+            anon: self.anon - o.anon,
+            file: self.file - o.file,
+            shmem: self.shmem - o.shmem,
+        }
+    }
+
+    fn show(self, n: usize) -> String {
+        format!(
+            "VmRSS {} ({:.0} B/point) = anon {} ({:.0} B/point) + file {} ({:.0} B/point) + shmem {}",
+            mib(self.total),
+            self.total / n as f64,
+            mib(self.anon),
+            self.anon / n as f64,
+            mib(self.file),
+            self.file / n as f64,
+            mib(self.shmem)
+        )
+    }
+}
+
+/// Where process `pid`'s resident memory is, from `/proc/<pid>/smaps`: the mapped float
+/// vectors (files under `float-vectors`), other files (the binary, libraries), the heap, and
+/// the largest anonymous mappings one by one (the graph's cell arrays are allocations of their
+/// own, from 2 MiB up; glibc's thread arenas are 64 MiB reservations), then the rest.
+fn smaps_breakdown(pid: u32) -> Vec<(String, f64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut floats, mut files, mut heap, mut small) = (0.0, 0.0, 0.0, 0.0);
+    let mut anon: Vec<(f64, f64)> = Vec::new(); // (size, rss)
+    let mut current: Option<(String, f64)> = None;
+    let mut flush = |c: Option<(String, f64)>, rss: f64| {
+        if let Some((path, size)) = c {
+            if path.contains("float-vectors") {
+                floats += rss;
+            } else if path.starts_with('/') {
+                files += rss;
+            } else if path == "[heap]" {
+                heap += rss;
+            } else if path.is_empty() && size >= 2.0 * 1024.0 * 1024.0 {
+                anon.push((size, rss));
+            } else {
+                small += rss;
+            }
+        }
+    };
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first
+            .split_once('-')
+            .filter(|(a, _)| !a.is_empty() && a.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            let size = (u64::from_str_radix(b, 16).unwrap_or(0)
+                - u64::from_str_radix(a, 16).unwrap_or(0)) as f64;
+            let path = words.skip(4).collect::<Vec<_>>().join(" ");
+            current = Some((path, size));
+        } else if first == "Rss:" {
+            let kib: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0.0);
+            flush(current.take(), kib * 1024.0);
+        }
+    }
+    anon.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut out = vec![
+        ("mapped float vectors (RssFile)".to_string(), floats),
+        ("other files: binary, libraries".to_string(), files),
+        ("[heap] (brk)".to_string(), heap),
+    ];
+    let rest: f64 = anon.iter().skip(12).map(|a| a.1).sum();
+    for (size, rss) in anon.iter().take(12) {
+        out.push((format!("anonymous mapping of {}", mib(*size)), *rss));
+    }
+    out.push(("other large anonymous mappings".into(), rest));
+    out.push(("small anonymous mappings, stacks".into(), small));
+    out
+}
+
 /// VmRSS of process `pid`, in bytes.
 fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -235,6 +343,11 @@ impl Server {
 
     /// [`Server::start`] of the server binary `program`.
     async fn start_program(program: &Path, dir: &Path) -> BoxResult<(Server, f64)> {
+        Self::start_with(program, dir, &[]).await
+    }
+
+    /// [`Server::start_program`] with `more` flags after `VECTORD_SCALE_SERVER_ARGS`.
+    async fn start_with(program: &Path, dir: &Path, more: &[&str]) -> BoxResult<(Server, f64)> {
         let extra = std::env::var("VECTORD_SCALE_SERVER_ARGS").unwrap_or_default();
         let mut args = vec![
             "--addr",
@@ -245,6 +358,7 @@ impl Server {
             "info",
         ];
         args.extend(extra.split_whitespace());
+        args.extend(more);
         let started = Instant::now();
         let mut proc = child::Vectord::spawn_program(program, "vectord under bench", &args, &[]);
         let addr = proc.wait_listening().await;
@@ -264,6 +378,10 @@ impl Server {
 
     fn rss(&self) -> f64 {
         rss_of(self.proc.pid).map(|b| b as f64).unwrap_or(f64::NAN)
+    }
+
+    fn rss_parts(&self) -> Rss {
+        Rss::of(self.proc.pid)
     }
 
     /// The `from=` and `millis=` of the last `recovered index` line of index `INDEX`.
@@ -566,6 +684,7 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     // 1. Import.
     let (server, _) = Server::start(&data_dir).await?;
     let empty_rss = server.rss();
+    let empty_parts = server.rss_parts();
     let mut c = server.client().await?;
     create(&mut c, INDEX, set).await?;
     let took = import(&mut c, INDEX, &base, &all).await?;
@@ -576,6 +695,10 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         mib(import_rss),
         mib(empty_rss),
         import_rss / set.n as f64
+    );
+    println!(
+        "  server memory after the import, less an empty server's: {}",
+        server.rss_parts().minus(empty_parts).show(set.n)
     );
     out["import_points_per_s"] = json!(import_rate);
     out["empty_server_rss"] = json!(empty_rss);
@@ -589,6 +712,12 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
             stopping.elapsed().as_secs_f64()
         );
         return restarts_only(set, &data_dir, &mixture, repeats, out).await;
+    }
+    if std::env::var("VECTORD_SCALE_PHASES").as_deref() == Ok("memory") {
+        drop(c);
+        server.stop().await?;
+        let hl = (space, bf, qf, tf, hf);
+        return memory_only(set, &data_dir, &queries, &truth, hl, repeats, out).await;
     }
 
     // 2. QPS at recall 0.95.
@@ -690,10 +819,11 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         let (mut s, took) = Server::start(&data_dir).await?;
         let r = s.rss() - empty_rss;
         println!(
-            "  restart with snapshot: {took:.2} s to SERVING ({}), RSS {} ({:.0} B/point)",
+            "  restart with snapshot: {took:.2} s to SERVING ({}), RSS {} ({:.0} B/point): {}",
             s.recovery(),
             mib(r),
-            r / set.n as f64
+            r / set.n as f64,
+            s.rss_parts().minus(empty_parts).show(set.n)
         );
         restarts.push(took);
         rss.push(r);
@@ -993,6 +1123,183 @@ async fn restarts_only(
     out["restart_s"] = json!(restarts);
     out["rebuild_s"] = json!(rebuilt);
     out["restart_after_kill_s"] = json!(took);
+    Ok(out)
+}
+
+/// One restart of the memory phase: memory after SERVING, after the searches, QPS at recall
+/// 0.95 and its ef.
+type Round = (Rss, Rss, f64, u32);
+
+/// `VECTORD_SCALE_PHASES=memory`: after the import and a graceful stop, `VECTORD_SCALE_REPEATS`
+/// rounds of a restart with `--map-float-vectors true` and one with `false` (alternating which
+/// goes first): the server's resident memory after SERVING (VmRSS, RssAnon, RssFile, less an
+/// empty server's, and where it is by smaps), SearchBatch QPS at the first ef of the sweep
+/// reaching recall@10 0.95, and the memory after those searches; then hnswlib's build, its QPS
+/// at 0.95 and the resident growth of its loaded index.
+async fn memory_only(
+    set: &Set,
+    data_dir: &Path,
+    queries: &[Vec<f32>],
+    truth: &[Vec<u64>],
+    (space, bf, qf, tf, hf): (&str, PathBuf, PathBuf, PathBuf, PathBuf),
+    rounds: usize,
+    mut out: Value,
+) -> BoxResult<Value> {
+    let program: &Path = env!("CARGO_BIN_EXE_vectord").as_ref();
+    let empty_dir = tempfile::tempdir()?;
+    let (empty, _) = Server::start(empty_dir.path()).await?;
+    let base_rss = empty.rss_parts();
+    empty.stop().await?;
+    println!(
+        "  an empty server: VmRSS {}, anon {}, file {}",
+        mib(base_rss.total),
+        mib(base_rss.anon),
+        mib(base_rss.file)
+    );
+    let modes = ["true", "false"];
+    // Per mode: after SERVING, after the searches, QPS at 0.95, its ef.
+    let mut seen: Vec<Vec<Round>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for i in 0..modes.len() {
+            let m = if round % 2 == 0 {
+                i
+            } else {
+                modes.len() - 1 - i
+            };
+            let (mut s, took) =
+                Server::start_with(program, data_dir, &["--map-float-vectors", modes[m]]).await?;
+            let start = s.rss_parts().minus(base_rss);
+            println!(
+                "  round {} --map-float-vectors {}: SERVING in {took:.2} s ({}); {}",
+                round + 1,
+                modes[m],
+                s.recovery(),
+                start.show(set.n)
+            );
+            if round == 0 {
+                for (what, b) in smaps_breakdown(s.proc.pid) {
+                    if b >= 1024.0 * 1024.0 {
+                        println!("      {what}: {} ({:.0} B/point)", mib(b), b / set.n as f64);
+                    }
+                }
+            }
+            let mut c = s.client().await?;
+            let mut at = None;
+            for ef in EF_SWEEP {
+                let (qps, found) = batch(&mut c, INDEX, queries, ef, 3).await?;
+                let r = recall(&found, truth);
+                if r >= 0.95 {
+                    at = Some((ef, r, qps));
+                    break;
+                }
+            }
+            let after = s.rss_parts().minus(base_rss);
+            let (ef, r, qps) = at.unwrap_or((0, f64::NAN, f64::NAN));
+            println!(
+                "      SearchBatch QPS at recall 0.95: {qps:.0} (ef {ef}, {r:.3}); after the searches: {}",
+                after.show(set.n)
+            );
+            seen[m].push((start, after, qps, ef));
+            drop(c);
+            s.stop().await?;
+        }
+    }
+    let p = |p: &PathBuf| p.display().to_string();
+    let efs: Vec<String> = EF_SWEEP.iter().map(|e| e.to_string()).collect();
+    let built = hnswlib(&[
+        "--base".into(),
+        p(&bf),
+        "--queries".into(),
+        p(&qf),
+        "--truth".into(),
+        p(&tf),
+        "--space".into(),
+        space.into(),
+        "--m".into(),
+        M.to_string(),
+        "--ef-construction".into(),
+        EF_CONSTRUCTION.to_string(),
+        "--ef".into(),
+        efs.join(","),
+        "--builds".into(),
+        "2".into(),
+        "--save".into(),
+        p(&hf),
+    ]);
+    let (mut hl_rss, mut hl_qps) = (Vec::new(), f64::NAN);
+    if let Some(b) = &built {
+        let rows: Vec<(u32, f64, f64)> = b["rows"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        (
+                            r["ef_search"].as_u64().unwrap_or(0) as u32,
+                            r["recall_at_10"].as_f64().unwrap_or(0.0),
+                            r["all_core_batch_qps"].as_f64().unwrap_or(0.0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(h) = at_095(&rows) {
+            hl_qps = h.2;
+            println!(
+                "  hnswlib {}: QPS at recall 0.95 {:.0} (ef {}, {:.3})",
+                b["version"].as_str().unwrap_or("?"),
+                h.2,
+                h.0,
+                h.1
+            );
+        }
+        for _ in 0..rounds {
+            if let Some(l) = hnswlib(&[
+                "--load".into(),
+                p(&hf),
+                "--space".into(),
+                space.into(),
+                "--dim".into(),
+                set.dim.to_string(),
+            ]) {
+                hl_rss.push(l["rss_delta_bytes"].as_f64().unwrap_or(f64::NAN));
+            }
+        }
+        println!(
+            "  hnswlib's loaded index: resident growth {} ({:.0} B/point)",
+            spread(&hl_rss, mib),
+            median(&hl_rss) / set.n as f64
+        );
+    }
+    let h = median(&hl_rss);
+    let mut summary = Vec::new();
+    for (m, rows) in seen.iter().enumerate() {
+        let col = |f: &dyn Fn(&Round) -> f64| -> Vec<f64> { rows.iter().map(f).collect() };
+        let (total, anon, file) = (col(&|r| r.0.total), col(&|r| r.0.anon), col(&|r| r.0.file));
+        let (after_total, after_anon, qps) =
+            (col(&|r| r.1.total), col(&|r| r.1.anon), col(&|r| r.2));
+        println!(
+            "  --map-float-vectors {} ({} rounds), after a restart: VmRSS {} = {:.0} B/point ({:.2}x hnswlib), anon {} = {:.0} B/point ({:.2}x), file {}; after the searches VmRSS {} ({:.2}x), anon {} ({:.2}x); QPS at 0.95 {} ({:.2}x hnswlib's)",
+            modes[m],
+            rows.len(),
+            spread(&total, mib),
+            median(&total) / set.n as f64,
+            median(&total) / h,
+            spread(&anon, mib),
+            median(&anon) / set.n as f64,
+            median(&anon) / h,
+            spread(&file, mib),
+            spread(&after_total, mib),
+            median(&after_total) / h,
+            spread(&after_anon, mib),
+            median(&after_anon) / h,
+            spread(&qps, |q| format!("{q:.0}")),
+            median(&qps) / hl_qps
+        );
+        summary.push(json!({"map_float_vectors": modes[m], "rss": total, "anon": anon, "file": file,
+            "rss_after_searches": after_total, "anon_after_searches": after_anon, "qps_at_095": qps}));
+    }
+    out["memory"] = json!({"modes": summary, "hnswlib_rss": hl_rss, "hnswlib_qps_at_095": hl_qps,
+        "empty_server": {"rss": base_rss.total, "anon": base_rss.anon, "file": base_rss.file}});
     Ok(out)
 }
 

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde_json::json;
-use vectord::index::engine::EngineKind;
+use vectord::index::engine::{EngineKind, EngineMemory};
 use vectord::index::{distance, Generation};
 use vectord::model::{ConfigSource, GenerationMeta, Hit, HnswConfig, Metric, Point};
 
@@ -151,6 +151,7 @@ fn main() -> BoxResult<()> {
     let started = Instant::now();
     let gen = Generation::build(
         EngineKind::DEFAULT,
+        &EngineMemory::IN_RAM,
         METRIC,
         dimension,
         meta(Some(SEED)),
@@ -168,6 +169,7 @@ fn main() -> BoxResult<()> {
     let started = Instant::now();
     let gen_par = Generation::build(
         EngineKind::DEFAULT,
+        &EngineMemory::IN_RAM,
         METRIC,
         dimension,
         meta(None),

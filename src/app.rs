@@ -73,6 +73,7 @@ impl App {
             Some(c) => Registry::shared(store.clone(), c.clone(), c.node_id().to_string()),
             None => Registry::new(store.clone()),
         });
+
         let catalog = Arc::new(
             Catalog::recover(
                 store.clone(),
@@ -85,6 +86,7 @@ impl App {
                     max_unindexed: config.max_unindexed_points,
                     indexer_hold: config.indexer_hold.clone(),
                     snapshot_idle: config.snapshot_idle,
+                    map_float_vectors: config.map_float_vectors,
                 },
             )
             .await?,

@@ -39,7 +39,7 @@ use rayon::prelude::*;
 
 use crate::compaction::{deleted_fraction, Compaction, Compactor, IndexCompaction};
 use crate::error::{Error, Result};
-use crate::index::engine::EngineKind;
+use crate::index::engine::{EngineKind, EngineMemory};
 use crate::index::generation::LINK_BATCH;
 use crate::index::{Generation, Phase, Progress, ProgressView};
 use crate::model::{
@@ -452,6 +452,9 @@ pub struct Catalog {
     ddl: tokio::sync::Mutex<()>,
     /// `--engine`: the engine of an index whose record names none.
     default_engine: EngineKind,
+    /// `--map-float-vectors`: where every graph the catalog builds or loads keeps its float
+    /// vectors.
+    memory: EngineMemory,
     /// Cancelled when the server shuts down: builds stop at their next chunk.
     stop: tokio_util::sync::CancellationToken,
     /// The server's tasks: committers, background snapshots and compactions are spawned here.
@@ -484,6 +487,10 @@ pub struct CatalogOptions {
     /// `--snapshot-idle-secs`: an index with changes since its snapshot and no write for this
     /// long is snapshotted in the background (None: never for that reason).
     pub snapshot_idle: Option<std::time::Duration>,
+    /// `--map-float-vectors`: graphs keep the float vectors they hold apart from their search
+    /// codes in mapped temp files under the store's dir (`EngineMemory::in_data_dir`), or in
+    /// RAM.
+    pub map_float_vectors: bool,
 }
 
 impl Default for CatalogOptions {
@@ -495,6 +502,7 @@ impl Default for CatalogOptions {
             max_unindexed: DEFAULT_MAX_UNINDEXED_POINTS,
             indexer_hold: None,
             snapshot_idle: Some(snapshots::DEFAULT_IDLE),
+            map_float_vectors: true,
         }
     }
 }
@@ -518,6 +526,7 @@ impl Catalog {
             max_unindexed,
             indexer_hold,
             snapshot_idle,
+            map_float_vectors,
         } = options;
         let writes = WriteOptions {
             max_pending,
@@ -532,6 +541,14 @@ impl Catalog {
         if swept > 0 {
             tracing::warn!(swept, "removed leftovers of indexes deleted before a crash");
         }
+        // The mapped float vectors' directory is cleaned of what an earlier process left only
+        // now, while the store's lock says the data dir is this process's.
+        let memory = if map_float_vectors {
+            let dir = store.dir().to_path_buf();
+            tokio::task::spawn_blocking(move || EngineMemory::in_data_dir(&dir)).await??
+        } else {
+            EngineMemory::IN_RAM
+        };
         let records = store.list_indexes()?;
         {
             let (store, records) = (store.clone(), records.clone());
@@ -548,9 +565,10 @@ impl Catalog {
             let st = store.clone();
             let halt = stop.clone();
             let engine = rec.meta.engine.unwrap_or(default_engine);
+            let mem = memory.clone();
             let (gen, counts, restored, rec) = tokio::task::spawn_blocking(move || -> Result<_> {
                 let (gen, counts, restored) =
-                    snapshots::restore(&st, &mut rec, engine, &|| halt.is_cancelled())
+                    snapshots::restore(&st, &mut rec, engine, &mem, &|| halt.is_cancelled())
                         .map_err(|e| shutdown_or(&halt, e))?;
                 Ok((gen, counts, restored, rec))
             })
@@ -599,6 +617,8 @@ impl Catalog {
         for handle in replayed_many {
             handle.request_snapshot("the start replayed many writes");
         }
+        // Rebuilds and replays read points from the store that are garbage now.
+        tokio::task::spawn_blocking(crate::index::native::release_free_memory).await?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Catalog {
             store,
@@ -606,6 +626,7 @@ impl Catalog {
             indexes: RwLock::new(indexes),
             ddl: Default::default(),
             default_engine,
+            memory,
             compactor: Compactor::new(compact_fraction, stop.clone()),
             stop,
             tasks,
@@ -618,6 +639,11 @@ impl Catalog {
     /// The engine of indexes created without one (`--engine`).
     pub fn default_engine(&self) -> EngineKind {
         self.default_engine
+    }
+
+    /// Where the catalog's graphs (and the lab's) keep their float vectors.
+    pub fn engine_memory(&self) -> &EngineMemory {
+        &self.memory
     }
 
     /// Whether the server is shutting down (builds stop).
@@ -741,7 +767,13 @@ impl Catalog {
             None => None,
         };
         self.store.flush().await?;
-        let gen = Generation::empty(engine, meta.metric, meta.dimension, generation);
+        let gen = Generation::empty(
+            engine,
+            &self.memory,
+            meta.metric,
+            meta.dimension,
+            generation,
+        );
         let handle = IndexHandle::start(
             meta,
             gen,
@@ -1346,6 +1378,7 @@ impl Catalog {
             trial_id: 0,
         };
         let (kind, metric, dim) = (handle.engine, handle.meta.metric, handle.meta.dimension);
+        let memory = self.memory.clone();
         let halt = self.stop.clone();
         let counts = &self.activations;
         match &input {
@@ -1360,7 +1393,8 @@ impl Catalog {
                         || cancel.as_ref().is_some_and(|c| c.is_cancelled())
                         || cancelled()
                 };
-                let gen = Generation::build_tracked(kind, metric, dim, meta, points, &stop, &p)?;
+                let gen =
+                    Generation::build_tracked(kind, &memory, metric, dim, meta, points, &stop, &p)?;
                 gen.mark(seq);
                 Ok(gen)
             }
@@ -1834,7 +1868,12 @@ async fn resnapshot(
     let st = store.clone();
     // Not past a version a trial built a graph at: an activation may still adopt it.
     let trim = seq.min(handle.log_pin.load(Ordering::Acquire));
-    tokio::task::spawn_blocking(move || snapshots::after_recorded(&st, &rec, trim)).await?;
+    tokio::task::spawn_blocking(move || {
+        snapshots::after_recorded(&st, &rec, trim);
+        // What led here (an import, many writes) and the encoding left free memory behind.
+        crate::index::native::release_free_memory();
+    })
+    .await?;
     tracing::info!(
         index = %handle.meta.name,
         file,
@@ -2097,7 +2136,7 @@ mod tests {
             trial_id: 0,
         };
         for kind in [EngineKind::DEFAULT, EngineKind::HnswRs] {
-            let gen = Generation::empty(kind, Metric::L2, 2, meta.clone());
+            let gen = Generation::empty(kind, &EngineMemory::IN_RAM, Metric::L2, 2, meta.clone());
             gen.upsert(&[p(7, 70.0), p(1, 5.0)]);
             let ops = vec![
                 Op::Upsert(vec![p(1, 10.0)]),

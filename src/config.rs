@@ -57,6 +57,10 @@ pub struct Config {
     pub compact_deleted_fraction: f64,
     /// Most bytes of the store's pages kept in memory (sled's page cache).
     pub store_cache_bytes: u64,
+    /// `--map-float-vectors`: native_f16 and native_i8 graphs keep their float vectors (read
+    /// only to rank a search's last candidates and while inserting) in mapped temp files under
+    /// `data_dir/float-vectors`, which the kernel may evict, instead of in anonymous memory.
+    pub map_float_vectors: bool,
     /// An index with changes since its snapshot and no write for this long is snapshotted in
     /// the background; None: not for that reason (`--snapshot-idle-secs 0`).
     pub snapshot_idle: Option<Duration>,
@@ -140,6 +144,7 @@ impl Config {
             compact_deleted_fraction: crate::compaction::DEFAULT_DELETED_FRACTION,
             snapshot_idle: Some(crate::snapshots::DEFAULT_IDLE),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            map_float_vectors: true,
             max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
             max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,
             max_batch_results: DEFAULT_MAX_BATCH_RESULTS as usize,

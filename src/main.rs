@@ -106,11 +106,15 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_STORE_CACHE_MB", default_value_t = vectord::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     store_cache_mb: u64,
+    /// Keep the float vectors of native_f16 and native_i8 graphs (read only to rank a search's last candidates exactly and while inserting) in mapped, unlinked temp files under DATA_DIR/float-vectors, which the kernel may write back and evict under memory pressure, instead of in the process's anonymous memory; needs disk space for them (4 x dimension bytes per point per graph). false: keep them in RAM.
+    #[arg(long, env = "VECTORD_MAP_FLOAT_VECTORS", default_value_t = true, action = clap::ArgAction::Set,
+          value_name = "BOOL")]
+    map_float_vectors: bool,
     /// Snapshot an index's graph in the background once its writes have stopped for this many seconds and it changed since its last snapshot (at most one such snapshot per 30 s, or 10x the last one's duration), so a restart loads it instead of replaying the writes; 0: only at an import's end, past a quarter of the index changed, after a start that replayed many points and at shutdown.
     #[arg(long, env = "VECTORD_SNAPSHOT_IDLE_SECS", default_value_t = vectord::snapshots::DEFAULT_IDLE.as_secs(),
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     snapshot_idle_secs: u64,
-    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, about 0.8x native_i8's memory) or hnsw_rs.
+    /// HNSW engine of indexes created without one (CreateIndex's engine field) and of indexes created before the engine was stored per index: native_i8 (the default: vectord's own with 8-bit search vectors and exact float vectors for the final ranking, which --map-float-vectors keeps out of anonymous memory; fastest searches and builds), native_f16 (the same with half-float search vectors, about 1.2x native_i8's memory), native (float vectors only, all in RAM: about 0.8x native_i8's memory with everything in RAM, more than native_i8 keeps in RAM with --map-float-vectors) or hnsw_rs.
     #[arg(long, env = "VECTORD_ENGINE", default_value_t = vectord::index::engine::EngineKind::DEFAULT)]
     engine: vectord::index::engine::EngineKind,
     /// Log format: text (for people) or json (one object per line, for log shippers).
@@ -297,6 +301,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.engine = args.engine;
     config.compact_deleted_fraction = args.compact_deleted_fraction;
     config.store_cache_bytes = args.store_cache_mb * 1024 * 1024;
+    config.map_float_vectors = args.map_float_vectors;
     config.snapshot_idle =
         (args.snapshot_idle_secs > 0).then(|| Duration::from_secs(args.snapshot_idle_secs));
     config.max_ids_per_delete = args.max_ids_per_delete as usize;

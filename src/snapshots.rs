@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::index::engine::EngineKind;
+use crate::index::engine::{EngineKind, EngineMemory};
 use crate::index::snapshot;
 use crate::index::Generation;
 use crate::model::Point;
@@ -195,11 +195,12 @@ pub fn restore(
     store: &Store,
     rec: &mut IndexRecord,
     kind: EngineKind,
+    memory: &EngineMemory,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(Generation, Counts, Restored)> {
     let counts = store.counts(rec.meta.uid)?;
     if let Some(snap) = rec.snapshot.clone() {
-        match load(store, rec, &snap, counts, kind, cancelled) {
+        match load(store, rec, &snap, counts, kind, memory, cancelled) {
             Ok((gen, replayed, points)) => {
                 return Ok((gen, counts, Restored::Snapshot { replayed, points }))
             }
@@ -215,6 +216,7 @@ pub fn restore(
     let points = store.load_points(rec.meta.uid)?;
     let gen = Generation::build(
         kind,
+        memory,
         rec.meta.metric,
         rec.meta.dimension,
         rec.generation.clone(),
@@ -241,6 +243,7 @@ fn load(
     snap: &SnapshotRef,
     counts: Counts,
     kind: EngineKind,
+    memory: &EngineMemory,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(Generation, usize, u64)> {
     let uid = rec.meta.uid;
@@ -252,6 +255,7 @@ fn load(
         rec.meta.metric,
         rec.meta.dimension,
         kind,
+        memory,
     )?;
     if gen.meta.config != rec.generation.config {
         return Err(Error::Corrupt(format!(

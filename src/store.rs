@@ -179,6 +179,27 @@ fn u64_at(bytes: &[u8], at: usize) -> Result<u64> {
         .ok_or_else(|| Error::Corrupt("a stored counter is too short".into()))
 }
 
+/// The uids (a key's first 8 bytes) of `tree`'s keys that `live` lacks, reading one key per uid
+/// present (a seek past each uid's keys), not every key: a start sweeps the points tree, and a
+/// scan of all its keys pulled every page of the points into sled's cache, where they stayed
+/// resident (at 100k x 128, 52 MB of the server's 105 MB of anonymous memory after a restart).
+fn orphan_uids(tree: &sled::Tree, live: &std::collections::HashSet<u64>) -> Result<Vec<u64>> {
+    let mut orphans = Vec::new();
+    let mut from = [0u8; 8];
+    while let Some(kv) = tree.range(from..).next() {
+        let (k, _) = kv?;
+        let uid = u64_at(&k, 0)?;
+        if !live.contains(&uid) {
+            orphans.push(uid);
+        }
+        match uid.checked_add(1) {
+            Some(next) => from = next.to_be_bytes(),
+            None => break,
+        }
+    }
+    Ok(orphans)
+}
+
 fn harness_key(index: &str, name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(index.len() + name.len() + 1);
     k.extend_from_slice(index.as_bytes());
@@ -660,19 +681,17 @@ impl Store {
             recs.iter().map(|r| r.meta.name.as_str()).collect();
         let mut swept = 0;
         let mut batch = sled::Batch::default();
-        for k in self.points.iter().keys() {
-            let k = k?;
-            if !uids.contains(&u64_at(&k, 0)?) {
-                batch.remove(k);
+        for uid in orphan_uids(&self.points, &uids)? {
+            for k in self.points.scan_prefix(uid.to_be_bytes()).keys() {
+                batch.remove(k?);
                 swept += 1;
             }
         }
         self.points.apply_batch(batch)?;
         for tree in [&self.counts, &self.refresh, &self.changes, &self.applied] {
-            for k in tree.iter().keys() {
-                let k = k?;
-                if !uids.contains(&u64_at(&k, 0)?) {
-                    tree.remove(k)?;
+            for uid in orphan_uids(tree, &uids)? {
+                for k in tree.scan_prefix(uid.to_be_bytes()).keys() {
+                    tree.remove(k?)?;
                 }
             }
         }
@@ -1580,9 +1599,15 @@ mod tests {
         assert_eq!(s.get_point(7, 5).unwrap(), Some(vec![5.0, 1.0]));
 
         // Points of an index whose record is gone (a crash mid-delete) are swept.
+        // Orphans on both sides of the live index's keys (the sweep seeks from uid to uid).
         s.upsert_points(9, &pts(0..4)).unwrap();
-        assert_eq!(s.sweep_orphans().unwrap(), 4);
+        s.upsert_points(2, &pts(0..3)).unwrap();
+        assert_eq!(s.sweep_orphans().unwrap(), 7);
         assert_eq!(s.load_points(7).unwrap().len(), 13);
+        assert!(s.load_points(2).unwrap().is_empty());
+        assert!(s.load_points(9).unwrap().is_empty());
+        assert!(s.changes_since(2, 0).unwrap().is_empty());
+        assert_eq!(s.sweep_orphans().unwrap(), 0);
         s.delete_index("a", 7).unwrap();
         assert!(s.load_points(7).unwrap().is_empty());
         assert!(s.list_indexes().unwrap().is_empty());

@@ -329,11 +329,12 @@ impl Lab {
             p.handle.meta.dimension,
             (*p.points).clone(),
         );
+        let memory = self.catalog.engine_memory();
         let g = match progress {
-            Some(progress) => {
-                Generation::build_tracked(kind, metric, dim, meta, points, cancelled, progress)?
-            }
-            None => Generation::build(kind, metric, dim, meta, points, cancelled)?,
+            Some(progress) => Generation::build_tracked(
+                kind, memory, metric, dim, meta, points, cancelled, progress,
+            )?,
+            None => Generation::build(kind, memory, metric, dim, meta, points, cancelled)?,
         };
         self.graphs_built.fetch_add(1, Ordering::Relaxed);
         Ok(g)

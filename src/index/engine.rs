@@ -7,6 +7,9 @@
 //! Engines speak internal ids (dense `usize`s assigned by the generation) and internal distances
 //! (see `distance.rs`); mapping to users' ids and distances is the generation's job.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use hnsw_rs::hnsw::Hnsw;
 
 use super::distance::{CosineInternal, DotInternal, L2Internal};
@@ -120,6 +123,57 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
+/// The data dir's directory of mapped float vectors ([`EngineMemory::in_data_dir`]).
+pub const MAPPED_DIR: &str = "float-vectors";
+
+/// Where an engine keeps the float vectors it holds apart from what its searches compare with
+/// (`--map-float-vectors`): native_f16 and native_i8 read them only to rank a search's last
+/// candidates exactly and while inserting, so they can live in file-backed memory the kernel
+/// may evict (and read back) instead of in the process's anonymous memory. The other engines
+/// search their float vectors themselves and keep them in RAM either way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineMemory {
+    map_dir: Option<Arc<Path>>,
+}
+
+impl EngineMemory {
+    /// Every vector in the process's own (anonymous) memory.
+    pub const IN_RAM: EngineMemory = EngineMemory { map_dir: None };
+
+    /// The float vectors of each segment in a shared mapping of its own unlinked temp file
+    /// created in `dir` (which must exist): no file name is ever left behind, and the file's
+    /// blocks are freed when the engine is dropped or the process ends.
+    pub fn mapped_in(dir: impl Into<std::path::PathBuf>) -> Self {
+        EngineMemory {
+            map_dir: Some(Arc::from(dir.into())),
+        }
+    }
+
+    /// Float vectors mapped in files of `data_dir`'s `float-vectors` directory, created if
+    /// missing and emptied of anything a process before this one left there (a file system
+    /// without `O_TMPFILE` gives each file a name for a moment after it is created). Only while
+    /// this process holds the data dir (the store's lock).
+    pub fn in_data_dir(data_dir: &Path) -> crate::error::Result<Self> {
+        let dir = data_dir.join(MAPPED_DIR);
+        let failed = |what: &str, e: std::io::Error| {
+            crate::error::Error::Unavailable(format!("cannot {what} {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| failed("create", e))?;
+        for entry in std::fs::read_dir(&dir).map_err(|e| failed("read", e))? {
+            let path = entry.map_err(|e| failed("read", e))?.path();
+            if path.is_file() {
+                std::fs::remove_file(&path).map_err(|e| failed("clean", e))?;
+            }
+        }
+        Ok(Self::mapped_in(dir))
+    }
+
+    /// The directory of the mapped files, if the float vectors are mapped.
+    pub fn map_dir(&self) -> Option<&Path> {
+        self.map_dir.as_deref()
+    }
+}
+
 /// Builds an empty engine of a given kind.
 pub fn new_engine_of(
     kind: EngineKind,
@@ -128,6 +182,25 @@ pub fn new_engine_of(
     config: &HnswConfig,
     capacity: usize,
 ) -> Box<dyn Engine> {
+    new_engine_in(
+        kind,
+        metric,
+        dimension,
+        config,
+        capacity,
+        &EngineMemory::IN_RAM,
+    )
+}
+
+/// [`new_engine_of`] keeping its float vectors where `memory` says.
+pub fn new_engine_in(
+    kind: EngineKind,
+    metric: Metric,
+    dimension: u32,
+    config: &HnswConfig,
+    capacity: usize,
+    memory: &EngineMemory,
+) -> Box<dyn Engine> {
     use super::native::{Native, Storage};
     let storage = match kind {
         EngineKind::Native => Storage::F32,
@@ -135,9 +208,10 @@ pub fn new_engine_of(
         EngineKind::NativeI8 => Storage::Int8,
         EngineKind::HnswRs => return new_hnsw_rs(metric, dimension, config, capacity),
     };
-    Box::new(Native::with_storage(
-        metric, dimension, config, capacity, storage,
-    ))
+    Box::new(
+        Native::with_storage(metric, dimension, config, capacity, storage)
+            .with_memory(memory.clone()),
+    )
 }
 
 /// Reads a graph that [`Engine::save`] wrote. hnsw_rs graphs are never saved: hnsw_rs can dump
@@ -149,6 +223,7 @@ pub fn load_engine(
     metric: Metric,
     dimension: u32,
     config: &HnswConfig,
+    memory: &EngineMemory,
     d: &mut super::snapshot::Dec,
 ) -> crate::error::Result<Box<dyn Engine>> {
     use super::native::{Native, Storage};
@@ -163,7 +238,7 @@ pub fn load_engine(
         }
     };
     Ok(Box::new(Native::load_graph(
-        metric, dimension, config, storage, d,
+        metric, dimension, config, storage, memory, d,
     )?))
 }
 

@@ -37,7 +37,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::distance;
-use super::engine::{load_engine, new_engine_of, Engine, EngineKind};
+use super::engine::{load_engine, new_engine_in, Engine, EngineKind, EngineMemory};
 use super::progress::{Phase, Progress};
 use super::snapshot;
 use crate::error::{Error, Result};
@@ -147,9 +147,16 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// An empty generation on engine `kind` (an index's first, before any point).
-    pub fn empty(kind: EngineKind, metric: Metric, dimension: u32, meta: GenerationMeta) -> Self {
-        let engine = new_engine_of(kind, metric, dimension, &meta.config, 1024);
+    /// An empty generation on engine `kind` (an index's first, before any point), keeping its
+    /// float vectors where `memory` says.
+    pub fn empty(
+        kind: EngineKind,
+        memory: &EngineMemory,
+        metric: Metric,
+        dimension: u32,
+        meta: GenerationMeta,
+    ) -> Self {
+        let engine = new_engine_in(kind, metric, dimension, &meta.config, 1024, memory);
         Generation {
             meta,
             metric,
@@ -166,22 +173,27 @@ impl Generation {
     /// inserted on one thread in an order shuffled by the seed (from id order), so the same
     /// seed, points and config build the same graph; without one, they are inserted in
     /// parallel, which is faster but not reproducible. `cancelled` is polled between chunks of
-    /// points.
+    /// points. The engine keeps its float vectors where `memory` says.
     pub fn build(
         kind: EngineKind,
+        memory: &EngineMemory,
         metric: Metric,
         dimension: u32,
         meta: GenerationMeta,
         points: Vec<Point>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Self> {
-        Self::build_with(kind, metric, dimension, meta, points, cancelled, None)
+        Self::build_with(
+            kind, memory, metric, dimension, meta, points, cancelled, None,
+        )
     }
 
     /// [`Generation::build`] reporting the points inserted to `progress` (enters
     /// [`Phase::Build`] with the point count as its total, then advances once per chunk).
+    #[allow(clippy::too_many_arguments)]
     pub fn build_tracked(
         kind: EngineKind,
+        memory: &EngineMemory,
         metric: Metric,
         dimension: u32,
         meta: GenerationMeta,
@@ -191,6 +203,7 @@ impl Generation {
     ) -> Result<Self> {
         Self::build_with(
             kind,
+            memory,
             metric,
             dimension,
             meta,
@@ -202,8 +215,10 @@ impl Generation {
 
     /// The build. Progress costs one relaxed atomic store per chunk, where the chunk's
     /// cancellation check already is.
+    #[allow(clippy::too_many_arguments)]
     fn build_with(
         kind: EngineKind,
+        memory: &EngineMemory,
         metric: Metric,
         dimension: u32,
         mut meta: GenerationMeta,
@@ -219,7 +234,7 @@ impl Generation {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             points.shuffle(&mut rng);
         }
-        let engine = new_engine_of(kind, metric, dimension, &config, points.len());
+        let engine = new_engine_in(kind, metric, dimension, &config, points.len(), memory);
         let mut ids = IdMap::default();
         ids.assign(points.iter().map(|p| p.id));
         let parallel = config.seed.is_none();
@@ -376,8 +391,9 @@ impl Generation {
     }
 
     /// Reads the snapshot at `path`, which must hold a generation of the index `uid` at write
-    /// sequence `seq`, with `metric` and `dimension`, built with `kind`. Any disagreement, a
-    /// short or corrupt file, or one of another format version is an error (the caller rebuilds).
+    /// sequence `seq`, with `metric` and `dimension`, built with `kind`; its float vectors are
+    /// kept where `memory` says. Any disagreement, a short or corrupt file, or one of another
+    /// format version is an error (the caller rebuilds).
     pub fn load(
         path: &std::path::Path,
         uid: u64,
@@ -385,6 +401,7 @@ impl Generation {
         metric: Metric,
         dimension: u32,
         kind: EngineKind,
+        memory: &EngineMemory,
     ) -> Result<Self> {
         let (header, body) = snapshot::read(path)?;
         let bad = |what: String| Error::Corrupt(format!("snapshot {}: {what}", path.display()));
@@ -437,7 +454,7 @@ impl Generation {
                 header.live
             )));
         }
-        let engine = load_engine(kind, metric, dimension, &meta.config, &mut d)?;
+        let engine = load_engine(kind, metric, dimension, &meta.config, memory, &mut d)?;
         if !d.done() {
             return Err(bad("bytes after the graph".into()));
         }
@@ -732,6 +749,7 @@ mod tests {
     fn deleted_and_replaced_ids_never_come_back() {
         let g = Generation::build(
             EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             3,
             meta(Some(1)),
@@ -779,8 +797,16 @@ mod tests {
             EngineKind::NativeI8,
             EngineKind::HnswRs,
         ] {
-            let g =
-                Generation::build(kind, Metric::L2, 8, meta(None), random(400), &|| false).unwrap();
+            let g = Generation::build(
+                kind,
+                &EngineMemory::IN_RAM,
+                Metric::L2,
+                8,
+                meta(None),
+                random(400),
+                &|| false,
+            )
+            .unwrap();
             g.upsert(&random(400));
             let current = random(400);
             g.upsert(&current);
@@ -821,6 +847,7 @@ mod tests {
                 // count did ~6x: 1,196 distances against 192).
                 let fresh = Generation::build(
                     kind,
+                    &EngineMemory::IN_RAM,
                     Metric::L2,
                     8,
                     meta(None),
@@ -898,7 +925,16 @@ mod tests {
             let base = clustered(&mut rng, 4000, DIM);
             let meta = default_meta();
             let ef = meta.config.ef_search as usize;
-            let g = Generation::build(kind, Metric::L2, DIM as u32, meta, base, &|| false).unwrap();
+            let g = Generation::build(
+                kind,
+                &EngineMemory::IN_RAM,
+                Metric::L2,
+                DIM as u32,
+                meta,
+                base,
+                &|| false,
+            )
+            .unwrap();
             let outliers: Vec<Point> = (0..200)
                 .map(|i| Point {
                     id: 1_000_000 + i,
@@ -980,6 +1016,7 @@ mod tests {
                 .collect();
             let g = Generation::build(
                 kind,
+                &EngineMemory::IN_RAM,
                 Metric::L2,
                 DIM as u32,
                 default_meta(),
@@ -1023,6 +1060,7 @@ mod tests {
     fn same_seed_same_results() {
         let a = Generation::build(
             EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             3,
             meta(Some(7)),
@@ -1032,6 +1070,7 @@ mod tests {
         .unwrap();
         let b = Generation::build(
             EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             3,
             meta(Some(7)),
@@ -1053,6 +1092,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = Generation::build(
             EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             3,
             meta(None),
@@ -1093,6 +1133,7 @@ mod tests {
             Metric::L2,
             3,
             EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
         )
         .unwrap();
         assert_eq!((loaded.live_count(), loaded.unlinked()), (119, 0));
@@ -1148,20 +1189,33 @@ mod tests {
                         })
                         .collect()
                 };
-                let g = Generation::build(kind, metric, 12, meta(Some(5)), prep(&base), &|| false)
-                    .unwrap();
+                let g = Generation::build(
+                    kind,
+                    &EngineMemory::IN_RAM,
+                    metric,
+                    12,
+                    meta(Some(5)),
+                    prep(&base),
+                    &|| false,
+                )
+                .unwrap();
                 g.upsert(&prep(&replaced));
                 g.delete(&[3, 7, 250, 999]);
                 let name = format!("1-1-{kind}-{metric}.snap");
                 g.save(dir.path(), &name, 42, 9).unwrap();
                 let path = dir.path().join(&name);
-                let h = Generation::load(&path, 42, 9, metric, 12, kind).unwrap();
+                // Loaded with the float vectors mapped (the server's default), which changes
+                // no answer.
+                let mapped = EngineMemory::mapped_in(dir.path());
+                let h = Generation::load(&path, 42, 9, metric, 12, kind, &mapped).unwrap();
                 assert_eq!(h.meta, g.meta);
                 assert_eq!(
                     (h.live_count(), h.tombstones()),
                     (g.live_count(), g.tombstones())
                 );
-                assert_eq!(h.memory_bytes(), g.memory_bytes());
+                // The loaded graph's nodes fill one segment of their number: no more memory
+                // than the saved graph's segments.
+                assert!(h.memory_bytes() <= g.memory_bytes(), "{kind} {metric}");
                 for q in prep(&queries) {
                     for ef in [10, 64] {
                         assert_eq!(
@@ -1193,7 +1247,9 @@ mod tests {
                     (42, 9, metric, 12, other),
                     (42, 9, metric, 13, kind),
                 ] {
-                    assert!(Generation::load(&path, uid, seq, m, d, k).is_err());
+                    assert!(
+                        Generation::load(&path, uid, seq, m, d, k, &EngineMemory::IN_RAM).is_err()
+                    );
                 }
             }
         }
@@ -1203,7 +1259,15 @@ mod tests {
         let bad = dir.path().join("bad.snap");
         let load = |bytes: &[u8]| {
             std::fs::write(&bad, bytes).unwrap();
-            Generation::load(&bad, 42, 9, Metric::L2, 12, EngineKind::NativeI8)
+            Generation::load(
+                &bad,
+                42,
+                9,
+                Metric::L2,
+                12,
+                EngineKind::NativeI8,
+                &EngineMemory::IN_RAM,
+            )
         };
         assert!(load(&good).is_ok());
         for cut in [0, 10, good.len() / 2, good.len() - 1] {
@@ -1222,6 +1286,7 @@ mod tests {
         // hnsw_rs graphs are not snapshotted.
         let g = Generation::build(
             EngineKind::HnswRs,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             12,
             meta(Some(1)),
@@ -1237,6 +1302,7 @@ mod tests {
     fn cancelled_build_stops() {
         let e = Generation::build(
             EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             3,
             meta(Some(7)),

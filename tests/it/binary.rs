@@ -749,10 +749,13 @@ async fn an_idle_server_writes_nothing_to_disk() {
     let tmp = tempfile::tempdir().expect("temp dir");
     // Compaction off: the replacements below leave half the graph as tombstones, and a
     // compaction (a rebuild and its snapshot) is work, not idling; the subject is the store.
+    // Float vectors in RAM: with them mapped, the indexer linking the last writes after they
+    // are acknowledged writes their float vectors to the graph's mapped file (work, too).
     let args = [
         &addr_arg()[..],
         &["--data-dir", path_str(tmp.path())],
         &["--compact-deleted-fraction", "0"],
+        &["--map-float-vectors", "false"],
     ]
     .concat();
     let mut s = Vectord::spawn("idle server", &args, &[]);
@@ -872,5 +875,138 @@ async fn a_tiny_store_cache_serves_the_right_data_across_a_restart() {
         }
         s.signal("TERM");
         assert!(s.wait_exit().await.success());
+    }
+}
+
+/// `--map-float-vectors` (default on): the real binary serves an import with the float vectors
+/// of its native_i8 graph in mapped files under DATA_DIR/float-vectors that have no name (the
+/// directory stays empty; the process maps deleted files there), and a seeded graph rebuilt
+/// with them mapped, then loaded from its snapshot with mapping off (flag) and on again
+/// (environment), answers exactly the same neighbours at the same distances each time. A
+/// value that is not a bool is refused, naming the flag.
+#[tokio::test]
+async fn mapped_float_vectors_serve_and_survive_restarts_with_the_same_answers() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = path_str(tmp.path());
+    let refused = Command::new(env!("CARGO_BIN_EXE_vectord"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", dir])
+        .args(["--map-float-vectors", "maybe"])
+        .output()
+        .expect("vectord serve --map-float-vectors maybe");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--map-float-vectors"), "{err}");
+
+    let mut g = Gen::new(31);
+    let pts = points(&mut g, 0..3_000, 48);
+    let mapped_dir = tmp.path().join("float-vectors");
+    // The float-vectors mappings of process `pid`.
+    let mappings = |pid: u32| -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .expect("the server's maps")
+            .lines()
+            .filter(|l| l.contains("float-vectors"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut first: Option<Vec<Vec<(u64, f32)>>> = None;
+    // (what, flags, environment, whether float vectors are mapped)
+    #[allow(clippy::type_complexity)]
+    let runs: [(&str, &[&str], &[(&str, &Path)], bool); 4] = [
+        ("mapped by default, importing", &[], &[], true),
+        ("mapped, rebuilding without the snapshot", &[], &[], true),
+        (
+            "restarted unmapped",
+            &["--map-float-vectors", "false"],
+            &[],
+            false,
+        ),
+        (
+            "restarted mapped from the environment",
+            &[],
+            &[("VECTORD_MAP_FLOAT_VECTORS", Path::new("true"))],
+            true,
+        ),
+    ];
+    for (run, (what, flags, envs, mapped)) in runs.into_iter().enumerate() {
+        if run == 1 {
+            // A rebuild of the seeded config: one thread, seeded order, the same graph
+            // whatever the run; its snapshot is what the next two runs load.
+            for e in std::fs::read_dir(tmp.path().join("snapshots")).expect("snapshots") {
+                std::fs::remove_file(e.expect("entry").path()).expect("remove a snapshot");
+            }
+        }
+        let mut s = Vectord::spawn(
+            what,
+            &[&addr_arg()[..], &["--data-dir", dir], flags].concat(),
+            envs,
+        );
+        let addr = s.wait_listening().await;
+        s.wait_serving(addr).await;
+        let mut c = index_client(addr).await;
+        if run == 0 {
+            c.create_index(pb::CreateIndexRequest {
+                name: "mapped".into(),
+                dimension: 48,
+                metric: pb::Metric::L2 as i32,
+                default_config: Some(pb::HnswConfig {
+                    m: 12,
+                    ef_construction: 80,
+                    ef_search: 64,
+                    seed: Some(7),
+                }),
+                engine: "native_i8".into(),
+            })
+            .await
+            .expect("create index");
+            let batches: Vec<pb::ImportPointsRequest> = pts
+                .chunks(1_000)
+                .enumerate()
+                .map(|(b, chunk)| pb::ImportPointsRequest {
+                    index_name: if b == 0 {
+                        "mapped".into()
+                    } else {
+                        String::new()
+                    },
+                    points: chunk.to_vec(),
+                    ..Default::default()
+                })
+                .collect();
+            let imported = within("import", c.import_points(tokio_stream::iter(batches)))
+                .await
+                .expect("import")
+                .into_inner();
+            assert_eq!(imported.point_count, 3_000);
+        }
+        let maps = mappings(s.pid);
+        assert_eq!(!maps.is_empty(), mapped, "{what}: {maps:?}");
+        assert!(
+            maps.iter().all(|l| l.ends_with("(deleted)")),
+            "{what}: a mapped file has a name: {maps:?}"
+        );
+        let names = std::fs::read_dir(&mapped_dir)
+            .expect("the float-vectors directory")
+            .count();
+        assert_eq!(names, 0, "{what}: files left in {}", mapped_dir.display());
+        let mut answers = Vec::new();
+        for p in pts.iter().step_by(59) {
+            let r = search(&mut c, "mapped", p.vector.clone(), 10, Some(64)).await;
+            assert_eq!(
+                r.neighbors.first().map(|h| (h.id, h.distance)),
+                Some((p.id, 0.0)),
+                "{what}: point {} searched by its own vector",
+                p.id
+            );
+            answers.push(r.neighbors.iter().map(|h| (h.id, h.distance)).collect());
+        }
+        match (run, &first) {
+            (0, _) => {}
+            (_, None) => first = Some(answers),
+            (_, Some(want)) => {
+                assert!(want == &answers, "{what}: other answers than the rebuild's")
+            }
+        }
+        s.signal("TERM");
+        assert!(s.wait_exit().await.success(), "{what}: a clean stop");
     }
 }

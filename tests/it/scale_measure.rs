@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
-use vectord::index::engine::EngineKind;
+use vectord::index::engine::{EngineKind, EngineMemory};
 use vectord::index::Generation;
 use vectord::model::{ConfigSource, GenerationMeta, HnswConfig, Metric, Point};
 
@@ -58,6 +58,7 @@ fn measure_online_inserts_and_search_after_deletes() {
     let base = clustered(&mut rng, 0..20_000);
     let g = Generation::build(
         EngineKind::NativeI8,
+        &EngineMemory::IN_RAM,
         Metric::L2,
         DIM as u32,
         meta(),
@@ -106,6 +107,7 @@ fn measure_online_inserts_and_search_after_deletes() {
         .collect();
     let g = Generation::build(
         EngineKind::NativeI8,
+        &EngineMemory::IN_RAM,
         Metric::L2,
         DIM as u32,
         meta(),
@@ -119,6 +121,7 @@ fn measure_online_inserts_and_search_after_deletes() {
     let live: Vec<Point> = base.iter().filter(|p| p.id % 10 == 0).cloned().collect();
     let fresh = Generation::build(
         EngineKind::NativeI8,
+        &EngineMemory::IN_RAM,
         Metric::L2,
         DIM as u32,
         meta(),
@@ -178,6 +181,7 @@ fn measure_build_progress_overhead() {
         let t = Instant::now();
         let g = Generation::build(
             EngineKind::NativeI8,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             DIM as u32,
             m.clone(),
@@ -190,6 +194,7 @@ fn measure_build_progress_overhead() {
         let t = Instant::now();
         let g = Generation::build_tracked(
             EngineKind::NativeI8,
+            &EngineMemory::IN_RAM,
             Metric::L2,
             DIM as u32,
             m.clone(),

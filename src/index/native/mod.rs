@@ -36,6 +36,14 @@
 //! same graph bit for bit. Parallel inserts build a graph of the same quality whose links depend
 //! on thread timing, so they are not reproducible.
 //!
+//! # Memory
+//! With [`Storage::Half`] and [`Storage::Int8`] a node's float vector is kept apart from its
+//! links, read only to rank a search's last candidates exactly and while inserting. With an
+//! [`EngineMemory`] that maps them ([`Native::with_memory`]), each segment keeps them in a
+//! shared mapping of its own unlinked temp file (`memory::mapped_cells`), which the kernel may
+//! write back and evict; the links and the vectors searches compare with stay in the process's
+//! own memory.
+//!
 //! # Files
 //! - [`memory`]: the raw memory (cell arrays on huge pages, segments, prefetch) and every
 //!   `unsafe` block of the engine, with the invariants that make them sound;
@@ -64,8 +72,10 @@ use parking_lot::{Mutex, RwLock};
 
 #[cfg(doc)]
 use super::engine::Engine;
+use crate::index::engine::EngineMemory;
 use crate::model::{HnswConfig, Metric};
 pub use encoding::Storage;
+pub use memory::release_free_memory;
 use memory::Segment;
 
 /// The marker of an empty link slot.
@@ -102,6 +112,8 @@ pub struct Native {
     /// component 1000 +- 1, say); relative to a center inside the data they can.
     center: OnceLock<Box<[f32]>>,
     segments: Box<[OnceLock<Segment>]>,
+    /// Where segments keep their float vectors (module docs, "Memory").
+    memory: EngineMemory,
     /// The entry point and the top level, None while empty.
     entry: RwLock<Option<(u32, usize)>>,
     /// Held by an insert whose node may become the new entry point.
@@ -147,12 +159,20 @@ impl Native {
             base: capacity.max(1024),
             center: OnceLock::new(),
             segments: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
+            memory: EngineMemory::IN_RAM,
             entry: RwLock::new(None),
             top_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
             slots: AtomicUsize::new(0),
             upper_bytes: AtomicUsize::new(0),
         }
+    }
+
+    /// The engine keeping its float vectors where `memory` says (module docs, "Memory"); only
+    /// before anything is inserted, as segments already created keep theirs where they are.
+    pub fn with_memory(mut self, memory: EngineMemory) -> Self {
+        self.memory = memory;
+        self
     }
 
     /// The segment number and offset of node `id`.
@@ -184,7 +204,13 @@ impl Native {
         };
         let seg = self.segments.get(s)?.get_or_init(|| {
             self.slots.fetch_add(len, AtOrd::Relaxed);
-            Segment::new(len, self.cells, self.m0, self.full_dim())
+            Segment::new(
+                len,
+                self.cells,
+                self.m0,
+                self.full_dim(),
+                self.memory.map_dir(),
+            )
         });
         Some((seg, off))
     }

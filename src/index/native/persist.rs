@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
 
 use super::encoding::Storage;
 use super::{Native, EMPTY, MAX_LEVEL};
+use crate::index::engine::EngineMemory;
 use crate::model::{HnswConfig, Metric};
 
 /// Snapshots (`super::snapshot`): the graph written as the engine keeps it and read back into an
@@ -93,12 +94,14 @@ impl Native {
     }
 
     /// Reads a graph written by [`Native::save_graph`] for `metric`, `dimension`, `config` and
-    /// `storage`; any disagreement with them, or a value out of range, is an error.
+    /// `storage` (its float vectors kept where `memory` says); any disagreement with them, or a
+    /// value out of range, is an error.
     pub fn load_graph(
         metric: Metric,
         dimension: u32,
         config: &HnswConfig,
         storage: Storage,
+        memory: &EngineMemory,
         d: &mut crate::index::snapshot::Dec,
     ) -> crate::error::Result<Native> {
         use crate::error::Error;
@@ -115,22 +118,30 @@ impl Native {
         if base > u32::MAX as u64 || base == 0 {
             return Err(bad(format!("segment size {base}")));
         }
-        let g = Native::with_storage(metric, dimension, config, base as usize, storage);
+        let probe = Native::with_storage(metric, dimension, config, base as usize, storage);
         if (dim as usize, m as usize, ef_c as usize, seed, base as usize)
-            != (g.dim, g.m, g.ef_construction, g.seed, g.base)
+            != (
+                probe.dim,
+                probe.m,
+                probe.ef_construction,
+                probe.seed,
+                probe.base,
+            )
         {
             return Err(bad(format!(
                 "(dimension, m, ef_construction, seed, base) ({dim}, {m}, {ef_c}, {seed}, {base}) \
                  disagree with the generation's ({}, {}, {}, {}, {})",
-                g.dim, g.m, g.ef_construction, g.seed, g.base
+                probe.dim, probe.m, probe.ef_construction, probe.seed, probe.base
             )));
         }
-        if d.u8()? == 1 {
-            let c: Vec<f32> = (0..g.dim)
+        let center = if d.u8()? == 1 {
+            let c: Vec<f32> = (0..probe.dim)
                 .map(|_| d.u32().map(f32::from_bits))
                 .collect::<crate::error::Result<_>>()?;
-            let _ = g.center.set(c.into());
-        }
+            Some(c)
+        } else {
+            None
+        };
         let entry = if d.u8()? == 1 {
             let (id, level) = (d.u32()?, d.u32()? as usize);
             if level > MAX_LEVEL {
@@ -144,6 +155,20 @@ impl Native {
         let slots = d.count(1)?;
         if slots > EMPTY as usize {
             return Err(bad(format!("{slots} nodes")));
+        }
+        // The loaded nodes in one first segment of their number when the saved graph spread
+        // them over more (a graph grown by inserts doubles its segments from 1,024 nodes, so
+        // up to half its last segment is empty, and its cells would be written and resident
+        // all the same). A node's place in memory changes nothing a search computes: its
+        // level and links depend on its id alone.
+        let g = if slots > probe.base {
+            Native::with_storage(metric, dimension, config, slots, storage)
+        } else {
+            probe
+        }
+        .with_memory(memory.clone());
+        if let Some(c) = center {
+            let _ = g.center.set(c.into());
         }
         let stride = g.stride();
         let full = g.full_dim();

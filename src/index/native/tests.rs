@@ -2,12 +2,12 @@
 //! determinism, concurrency and snapshots.
 
 use super::encoding::Storage;
-use super::memory::{cache_lines, huge_cells, HUGE_PAGE};
+use super::memory::{cache_lines, huge_cells, mapped_cells, HUGE_PAGE};
 use super::scratch::Scratch;
 use super::*;
 use crate::index::distance;
 use crate::index::engine::Engine;
-use crate::index::engine::{new_engine_of, EngineKind};
+use crate::index::engine::{new_engine_in, new_engine_of, EngineKind, EngineMemory};
 use rand::{Rng, SeedableRng};
 
 #[test]
@@ -31,6 +31,134 @@ fn large_cell_arrays_start_on_a_huge_page_and_hold_what_init_wrote() {
     // Cells stay writable, and freeing them (the drops here) frees with the same layout.
     large[7].store(1, AtOrd::Relaxed);
     assert_eq!(large[7].load(AtOrd::Relaxed), 1);
+}
+
+#[test]
+fn mapped_cells_start_zeroed_stay_writable_and_leave_no_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for n in [0, 1, 1_000, HUGE_PAGE / 4 + 5] {
+        let cells = mapped_cells(n, dir.path()).expect("mapped cells");
+        assert_eq!(cells.len(), n);
+        assert_eq!(cells.is_mapped(), n > 0);
+        assert!(cells.iter().all(|c| c.load(AtOrd::Relaxed) == 0));
+        for (i, c) in cells.iter().enumerate().step_by(997) {
+            c.store(i as u32 + 1, AtOrd::Relaxed);
+        }
+        for (i, c) in cells.iter().enumerate().step_by(997) {
+            assert_eq!(c.load(AtOrd::Relaxed), i as u32 + 1);
+        }
+        let names = std::fs::read_dir(dir.path()).expect("read dir").count();
+        assert_eq!(names, 0, "a mapped file left a name behind");
+        // The kernel may evict the pages (here at once, as memory pressure would), and they
+        // come back from the file unchanged.
+        #[cfg(target_os = "linux")]
+        if n > 0 {
+            let resident = cells.evict().expect("evict").expect("mapped");
+            assert!(
+                resident < (n * 4).div_ceil(4096).max(2) / 2,
+                "{resident} pages still resident"
+            );
+            for (i, c) in cells.iter().enumerate().step_by(997) {
+                assert_eq!(c.load(AtOrd::Relaxed), i as u32 + 1);
+            }
+        }
+    }
+    assert!(
+        mapped_cells(10, &dir.path().join("missing")).is_err(),
+        "a directory that does not exist is an error, not a panic"
+    );
+}
+
+/// The float vectors in mapped files change nothing a search answers: the same seeded build
+/// in RAM and mapped gives the same neighbours at the same distances, through segment growth
+/// (inserts one at a time from a small capacity) and a snapshot round trip, and no file name
+/// is left in the directory, while the engine lives or after.
+#[test]
+fn mapped_float_vectors_answer_exactly_like_ram_and_leave_no_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = || std::fs::read_dir(dir.path()).expect("read dir").count();
+    let memory = EngineMemory::mapped_in(dir.path());
+    for storage in [Storage::Half, Storage::Int8] {
+        for metric in [Metric::L2, Metric::Cosine] {
+            let unit = metric != Metric::L2;
+            let base = data(3000, 24, 21, unit);
+            let queries = data(60, 24, 22, unit);
+            let make = |memory: &EngineMemory| {
+                // The smallest first segment (1,024 nodes): the points fill three segments,
+                // each created by an insert.
+                let e = Native::with_storage(metric, 24, &config(Some(4)), 0, storage)
+                    .with_memory(memory.clone());
+                for (i, v) in base.iter().enumerate() {
+                    e.insert(v, i);
+                }
+                e
+            };
+            let ram = make(&EngineMemory::IN_RAM);
+            let map = make(&memory);
+            let segments = |e: &Native| -> Vec<bool> {
+                e.segments
+                    .iter()
+                    .filter_map(|s| s.get())
+                    .map(|s| s.full.is_mapped())
+                    .collect()
+            };
+            assert_eq!(segments(&ram), vec![false; 3], "{storage:?}");
+            assert_eq!(segments(&map), vec![true; 3], "{storage:?}");
+            assert_eq!(files(), 0, "{storage:?}: a mapped file has a name");
+            let mut bytes = Vec::new();
+            ram.save_graph(&mut bytes).expect("save");
+            let mut d = crate::index::snapshot::Dec::new(&bytes);
+            let loaded = Native::load_graph(metric, 24, &config(Some(4)), storage, &memory, &mut d)
+                .expect("load");
+            // Loaded into one segment of the nodes' number, mapped.
+            assert_eq!(segments(&loaded), vec![true], "{storage:?}");
+            // Evicted (as under memory pressure), the float vectors are read back from the
+            // files by the searches below.
+            #[cfg(target_os = "linux")]
+            for seg in map.segments.iter().filter_map(|s| s.get()) {
+                seg.full.evict().expect("evict");
+            }
+            for q in &queries {
+                let want = ram.search(q, 10, 40);
+                assert_eq!(want.len(), 10);
+                assert_eq!(map.search(q, 10, 40), want, "{storage:?} {metric:?}");
+                assert_eq!(loaded.search(q, 10, 40), want, "{storage:?} {metric:?}");
+                // The distances are the exact ones, read from the mapped float vectors.
+                for &(i, d) in &want {
+                    assert_eq!(d, distance::internal(metric, q, &base[i]));
+                }
+            }
+        }
+    }
+    assert_eq!(files(), 0);
+}
+
+/// A directory the float vectors cannot be mapped in (here: it does not exist) leaves them
+/// in RAM, with the same answers.
+#[test]
+fn float_vectors_stay_in_ram_when_they_cannot_be_mapped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = EngineMemory::mapped_in(dir.path().join("missing"));
+    let base = data(500, 8, 23, false);
+    let a = build_in(
+        EngineKind::NativeI8,
+        Metric::L2,
+        &base,
+        Some(2),
+        false,
+        &missing,
+    );
+    let b = build_in(
+        EngineKind::NativeI8,
+        Metric::L2,
+        &base,
+        Some(2),
+        false,
+        &EngineMemory::IN_RAM,
+    );
+    for q in data(20, 8, 24, false) {
+        assert_eq!(a.search(&q, 5, 20), b.search(&q, 5, 20));
+    }
 }
 
 #[test]
@@ -128,6 +256,13 @@ fn recall(
     hit as f64 / (queries.len() * k) as f64
 }
 
+/// Where the tests' engines map their float vectors: the system's temp dir (the files have no
+/// name, so nothing is left there).
+fn mapped() -> EngineMemory {
+    EngineMemory::mapped_in(std::env::temp_dir())
+}
+
+/// A graph of `base` (float vectors mapped, as the server runs by default).
 fn build(
     kind: EngineKind,
     metric: Metric,
@@ -135,12 +270,24 @@ fn build(
     seed: Option<u64>,
     parallel: bool,
 ) -> Box<dyn Engine> {
-    let e = new_engine_of(
+    build_in(kind, metric, base, seed, parallel, &mapped())
+}
+
+fn build_in(
+    kind: EngineKind,
+    metric: Metric,
+    base: &[Vec<f32>],
+    seed: Option<u64>,
+    parallel: bool,
+    memory: &EngineMemory,
+) -> Box<dyn Engine> {
+    let e = new_engine_in(
         kind,
         metric,
         base[0].len() as u32,
         &config(seed),
         base.len(),
+        memory,
     );
     let items: Vec<(&[f32], usize)> = base
         .iter()
@@ -355,7 +502,9 @@ fn parallel_builds_lose_no_point() {
         let base: Vec<Vec<f32>> = (0..n)
             .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
             .collect();
-        let e = Native::with_storage(Metric::L2, dim as u32, &config, n, storage);
+        // Mapped float vectors, in segments grown while inserts run (capacity n / 8).
+        let e = Native::with_storage(Metric::L2, dim as u32, &config, n / 8, storage)
+            .with_memory(mapped());
         let items: Vec<(&[f32], usize)> = base
             .iter()
             .enumerate()

@@ -100,6 +100,7 @@ impl Vectord {
             "VECTORD_METRICS_ADDR",
             "VECTORD_MAX_IDS_PER_DELETE",
             "VECTORD_STORE_CACHE_MB",
+            "VECTORD_MAP_FLOAT_VECTORS",
             "VECTORD_SNAPSHOT_IDLE_SECS",
             "VECTORD_MAX_BATCH_QUERIES",
             "VECTORD_MAX_BATCH_RESULTS",
