@@ -13,7 +13,7 @@ echo "-- YAML parses"
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore pyyaml
 python3 - <<'PY'
 import yaml
-for path in ["deploy/compose.yaml", "deploy/k8s/statefulset.yaml", "deploy/k8s/service.yaml"]:
+for path in ["deploy/compose.yaml", "deploy/cluster/compose.yaml", "deploy/k8s/statefulset.yaml", "deploy/k8s/service.yaml"]:
     with open(path) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     assert docs, f"{path}: empty"
@@ -89,4 +89,62 @@ CODE=$?
 set -e
 [ "$CODE" = 2 ] && grep -q -- "--insecure" "$LOG.refused" || { echo "not refused (exit $CODE)"; cat "$LOG.refused"; exit 1; }
 echo "refused with exit 2, as expected"
+echo "-- the cluster compose: the nodes agree on the engines, and the binary takes each node's environment"
+CLUSTER_ENV=$(python3 - <<'PY'
+import yaml
+c = yaml.safe_load(open("deploy/cluster/compose.yaml"))
+s = c["services"]
+etcd = sorted(n for n in s if n.startswith("etcd-"))
+nats = sorted(n for n in s if n.startswith("nats-"))
+nodes = sorted(n for n in s if n.startswith("vectord-"))
+assert len(etcd) == 3 and len(nats) == 3 and len(nodes) == 3, (etcd, nats, nodes)
+want_etcd = ",".join(f"http://{e}:2379" for e in etcd)
+want_nats = ",".join(f"nats://{n}:4222" for n in nats)
+ids = set()
+for n in nodes:
+    env = {k: str(v) for k, v in s[n]["environment"].items()}
+    assert env["VECTORD_ETCD"] == want_etcd, (n, env["VECTORD_ETCD"])
+    assert env["VECTORD_NATS"] == want_nats, (n, env["VECTORD_NATS"])
+    assert env["VECTORD_ADVERTISE_ADDR"] == f"{n}:50051", (n, env["VECTORD_ADVERTISE_ADDR"])
+    ids.add(env["VECTORD_NODE_ID"])
+    assert s[n]["command"] == ["serve"], n
+    # One line per node: its environment but the addresses, data dir and engines (moved below).
+    print(" ".join(f"{k}={v}" for k, v in sorted(env.items())
+                   if k not in ("VECTORD_ADDR", "VECTORD_METRICS_ADDR", "VECTORD_DATA_DIR", "VECTORD_ETCD", "VECTORD_NATS")))
+assert len(ids) == 3, f"node ids are not unique: {ids}"
+PY
+)
+bash scripts/cluster.sh start "$DATA/engines" >"$DATA/engines.log" 2>&1 || { cat "$DATA/engines.log"; exit 1; }
+trap 'kill $PID ${NODES:-} 2>/dev/null || true; bash scripts/cluster.sh stop "$DATA/engines" >/dev/null 2>&1 || true; rm -rf "$DATA"' EXIT
+ENGINES_ENV=$(grep -E '^VECTORD_(ETCD|NATS)=' "$DATA/engines/env")
+NODES=""
+i=0
+while read -r NODE_ENV; do
+  i=$((i + 1))
+  : >"$DATA/node$i.log"
+  env $NODE_ENV $ENGINES_ENV VECTORD_ADDR=127.0.0.1:0 VECTORD_DATA_DIR="$DATA/node$i" \
+    "$BIN" serve 2>"$DATA/node$i.log" &
+  NODES="$NODES $!"
+done <<<"$CLUSTER_ENV"
+i=0
+for P in $NODES; do
+  i=$((i + 1))
+  for _ in $(seq 1 600); do
+    grep -q "vectord is serving" "$DATA/node$i.log" && break
+    kill -0 "$P" || { cat "$DATA/node$i.log"; exit 1; }
+    sleep 0.1
+  done
+  grep -q "joined the cluster" "$DATA/node$i.log" || { echo "node $i did not join"; cat "$DATA/node$i.log"; exit 1; }
+  A=$(sed -n 's/.*vectord listening addr=\([0-9.:]*\).*/\1/p' "$DATA/node$i.log" | head -1)
+  "$BIN" health --server "http://$A"
+  LAST=$A
+done
+if command -v grpcurl >/dev/null; then
+  N=$(grpcurl -plaintext "$LAST" vectord.v1.ClusterService/ListNodes | grep -c '"nodeId"' || true)
+  [ "$N" = 3 ] || { echo "ListNodes shows $N nodes, not 3"; grpcurl -plaintext "$LAST" vectord.v1.ClusterService/ListNodes; exit 1; }
+  echo "ListNodes: 3 nodes"
+fi
+kill -TERM $NODES
+for P in $NODES; do wait "$P"; done
+NODES=""
 echo "deploy: all checks passed"
