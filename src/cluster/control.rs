@@ -87,10 +87,10 @@ impl Control {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(etcd::TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-        let etcd = etcd::bounded(
+        let etcd = etcd::bounded!(
             &cfg.etcd,
             "connecting",
-            Client::connect(&cfg.etcd, Some(opts)),
+            Client::connect(&cfg.etcd, Some(opts.clone())),
         )
         .await?;
         Ok(Arc::new(Control {
@@ -550,7 +550,7 @@ impl ClusterJobs for Control {
     async fn acquire(self: Arc<Self>, index: &Name, job_id: &str) -> Result<Arc<dyn JobLease>> {
         let urls = self.urls().to_vec();
         let mut etcd = self.etcd();
-        let lease = etcd::bounded(
+        let lease = etcd::bounded!(
             &urls,
             "granting the job's lease",
             etcd.lease_grant(JOB_LEASE_TTL_SECS, None),
@@ -632,7 +632,7 @@ async fn renew_job_lease(control: Arc<Control>, lease: i64, stop: CancellationTo
             _ = tokio::time::sleep(JOB_LEASE_RENEW) => {}
         }
         let mut etcd = control.etcd();
-        let kept = etcd::bounded(control.urls(), "renewing the job lease", async {
+        let kept = etcd::bounded!(control.urls(), "renewing the job lease", async {
             let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
             keeper.keep_alive().await?;
             Ok(answers.message().await?.map_or(0, |a| a.ttl()))

@@ -167,7 +167,7 @@ pub async fn read(
     keys: &[String],
 ) -> Result<Vec<Option<Read>>> {
     let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
-    let resp = bounded(urls, what, etcd.txn(Txn::new().and_then(ops))).await?;
+    let resp = bounded!(urls, what, etcd.txn(Txn::new().and_then(ops.clone()))).await?;
     let mut out = Vec::with_capacity(keys.len());
     for r in resp.op_responses() {
         match r {
@@ -202,7 +202,12 @@ pub async fn commit(
     when: Vec<Compare>,
     ops: Vec<TxnOp>,
 ) -> Result<Option<i64>> {
-    let resp = bounded(urls, what, etcd.txn(Txn::new().when(when).and_then(ops))).await?;
+    let resp = bounded!(
+        urls,
+        what,
+        etcd.txn(Txn::new().when(when.clone()).and_then(ops.clone()))
+    )
+    .await?;
     Ok(resp
         .succeeded()
         .then(|| resp.header().map_or(0, |h| h.revision())))
@@ -215,10 +220,10 @@ pub async fn list(
     what: &str,
     prefix: String,
 ) -> Result<(Vec<(String, Read)>, i64)> {
-    let resp = bounded(
+    let resp = bounded!(
         urls,
         what,
-        etcd.get(prefix, Some(GetOptions::new().with_prefix())),
+        etcd.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
     )
     .await?;
     let rev = resp.header().map_or(0, |h| h.revision());
@@ -282,29 +287,59 @@ pub fn unavailable(urls: &[String], what: &str, e: impl std::fmt::Display) -> Er
     }
 }
 
-/// Runs one etcd call, bounded by [`TIMEOUT`].
-pub async fn bounded<T>(
-    urls: &[String],
-    what: &str,
-    f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
-) -> Result<T> {
-    match tokio::time::timeout(TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(urls, what, e)),
-        Err(_) => Err(unavailable(
-            urls,
-            what,
-            format!("no answer within {} s", TIMEOUT.as_secs()),
-        )),
-    }
+/// Attempts of one etcd call that could not connect (see [`bounded!`]).
+pub const CONNECT_ATTEMPTS: u32 = 4;
+
+/// Whether an etcd call failed before its request was sent: it could not connect to the member
+/// it was routed to (a member that is down: etcd-client's balanced channel still routes some
+/// calls to it until it is back), so repeating it cannot apply it twice.
+pub fn never_sent(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("tcp connect error"))
 }
+
+/// Runs one etcd call, bounded by [`TIMEOUT`] in all: `$call` is an expression evaluated again
+/// for each attempt. A call that could not connect ([`never_sent`]) is repeated, up to
+/// [`CONNECT_ATTEMPTS`] times within the bound, so that another member takes it: with one
+/// member of three down, calls go on. Any other failure is UNAVAILABLE naming etcd at once.
+macro_rules! bounded {
+    ($urls:expr, $what:expr, $call:expr $(,)?) => {
+        async {
+            let deadline = tokio::time::Instant::now() + $crate::cluster::etcd::TIMEOUT;
+            let mut attempts = 0u32;
+            loop {
+                attempts += 1;
+                match tokio::time::timeout_at(deadline, $call).await {
+                    Ok(Ok(v)) => break Ok(v),
+                    Ok(Err(e))
+                        if attempts < $crate::cluster::etcd::CONNECT_ATTEMPTS
+                            && $crate::cluster::etcd::never_sent(&e) =>
+                    {
+                        continue
+                    }
+                    Ok(Err(e)) => break Err($crate::cluster::etcd::unavailable($urls, $what, e)),
+                    Err(_) => {
+                        break Err($crate::cluster::etcd::unavailable(
+                            $urls,
+                            $what,
+                            format!(
+                                "no answer within {} s",
+                                $crate::cluster::etcd::TIMEOUT.as_secs()
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+    };
+}
+pub(crate) use bounded;
 
 /// The catalog: every index with its uid, and the revision the list was read at.
 pub async fn list_indexes(
     etcd: &mut Client,
     urls: &[String],
 ) -> Result<(Vec<(IndexEntry, u64)>, i64)> {
-    let resp = bounded(
+    let resp = bounded!(
         urls,
         "listing the catalog",
         etcd.get(indexes_prefix(), Some(GetOptions::new().with_prefix())),
@@ -335,7 +370,7 @@ pub async fn create_index(
     let txn = Txn::new()
         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(key, value, None)]);
-    let resp = bounded(urls, "creating the index", etcd.txn(txn)).await?;
+    let resp = bounded!(urls, "creating the index", etcd.txn(txn.clone())).await?;
     if !resp.succeeded() {
         return Ok(None);
     }
@@ -349,7 +384,7 @@ pub async fn get_index(
     urls: &[String],
     name: &str,
 ) -> Result<Option<(IndexEntry, u64)>> {
-    let resp = bounded(urls, "reading the catalog", etcd.get(index_key(name), None)).await?;
+    let resp = bounded!(urls, "reading the catalog", etcd.get(index_key(name), None)).await?;
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };
@@ -379,7 +414,7 @@ pub async fn delete_index(
             TxnOp::delete(active_key(name), None),
             TxnOp::delete(job_key(name), None),
         ]);
-    let resp = bounded(urls, "deleting the index", etcd.txn(txn)).await?;
+    let resp = bounded!(urls, "deleting the index", etcd.txn(txn.clone())).await?;
     Ok(resp.succeeded())
 }
 
@@ -392,12 +427,12 @@ pub async fn put_node(
 ) -> Result<()> {
     let value = serde_json::to_vec(rec)
         .map_err(|e| Error::Internal(format!("encoding a node record: {e}")))?;
-    bounded(
+    bounded!(
         urls,
         "registering the node",
         etcd.put(
             node_key(&rec.node_id),
-            value,
+            value.clone(),
             Some(PutOptions::new().with_lease(lease)),
         ),
     )
@@ -407,7 +442,7 @@ pub async fn put_node(
 
 /// Every registered (live) node, in node id order.
 pub async fn list_nodes(etcd: &mut Client, urls: &[String]) -> Result<Vec<NodeRecord>> {
-    let resp = bounded(
+    let resp = bounded!(
         urls,
         "listing the nodes",
         etcd.get(nodes_prefix(), Some(GetOptions::new().with_prefix())),

@@ -422,10 +422,10 @@ impl Cluster {
         let opts = etcd_client::WatchOptions::new()
             .with_prefix()
             .with_start_revision(*rev + 1);
-        let mut stream = etcd::bounded(
+        let mut stream = etcd::bounded!(
             urls,
             "watching the catalog",
-            etcd.watch(etcd::indexes_prefix(), Some(opts)),
+            etcd.watch(etcd::indexes_prefix(), Some(opts.clone())),
         )
         .await?;
         loop {
@@ -513,7 +513,7 @@ impl Cluster {
     async fn register(&self) -> Result<i64> {
         let mut etcd = self.etcd();
         let urls = &self.cfg.etcd;
-        let lease = etcd::bounded(
+        let lease = etcd::bounded!(
             urls,
             "granting the node's lease",
             etcd.lease_grant(etcd::LEASE_TTL_SECS, None),
@@ -541,7 +541,7 @@ impl Cluster {
             }
             let mut etcd = self.etcd();
             let urls = &self.cfg.etcd;
-            let kept = etcd::bounded(urls, "renewing the node's lease", async {
+            let kept = etcd::bounded!(urls, "renewing the node's lease", async {
                 let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
                 keeper.keep_alive().await?;
                 Ok(answers.message().await?.map_or(0, |a| a.ttl()))

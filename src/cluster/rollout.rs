@@ -131,8 +131,12 @@ impl Cluster {
         let opts = etcd_client::WatchOptions::new()
             .with_prefix()
             .with_start_revision(*rev + 1);
-        let mut stream =
-            etcd::bounded(urls, what, client.watch(etcd::active_prefix(), Some(opts))).await?;
+        let mut stream = etcd::bounded!(
+            urls,
+            what,
+            client.watch(etcd::active_prefix(), Some(opts.clone()))
+        )
+        .await?;
         loop {
             let msg = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),

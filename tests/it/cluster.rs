@@ -37,6 +37,11 @@ fn script() -> PathBuf {
 impl Engines {
     /// None only when VECTORD_CLUSTER_TESTS=skip; panics when the engines cannot start.
     fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, 1, 1)
+    }
+
+    /// [`Engines::start`] with `etcd_members` etcd members and `nats_servers` NATS servers.
+    fn start_with(test: &str, etcd_members: usize, nats_servers: usize) -> Option<Self> {
         if std::env::var("VECTORD_CLUSTER_TESTS").as_deref() == Ok("skip") {
             eprintln!(
                 "SKIPPED {test}: VECTORD_CLUSTER_TESTS=skip. To run it: scripts/cluster.sh install \
@@ -50,8 +55,8 @@ impl Engines {
             .arg(script())
             .arg("start")
             .arg(dir.path())
-            .env("ETCD_MEMBERS", "1")
-            .env("NATS_SERVERS", "1")
+            .env("ETCD_MEMBERS", etcd_members.to_string())
+            .env("NATS_SERVERS", nats_servers.to_string())
             .output()
             .expect("run scripts/cluster.sh");
         if !out.status.success() {
@@ -1268,4 +1273,117 @@ async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_d
         (i.nodes.len() == 3 && i.nodes.iter().all(|n| n.current)).then_some(())
     })
     .await;
+}
+
+/// UpsertPoints of point `id` through `c`, retried with the same request_id (as docs/cluster.md
+/// tells clients to) while the call is UNAVAILABLE, up to [`WAIT`]: its sequence.
+async fn write_retrying(
+    c: &mut IndexServiceClient<Channel>,
+    index: &str,
+    id: u64,
+    dim: usize,
+) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = c
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: index.into(),
+                points: vec![point(id, dim)],
+                request_id: format!("{index}-{id}"),
+            })
+            .await;
+        match r {
+            Ok(r) => return r.into_inner().sequence,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                // A client's retry pause, not a wait for an event: the engines elect new
+                // leaders meanwhile.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("write {id}: {s:?}"),
+        }
+    }
+}
+
+/// 3 etcd members, 3 NATS servers, 3 nodes: SIGKILL of one etcd member and one NATS server
+/// (quorum kept) does not stop the cluster: writes through every node are acknowledged (after
+/// retries while the engines elect new leaders), searches are served throughout, the control
+/// plane answers, and every acknowledged write is on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_etcd_member_and_nats_server_do_not_stop_the_cluster() {
+    let test = "a_killed_etcd_member_and_nats_server_do_not_stop_the_cluster";
+    let Some(e) = Engines::start_with(test, 3, 3) else {
+        return;
+    };
+    let nodes = three_nodes(&e).await;
+    let dim = 4usize;
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.index().await);
+    }
+    create(&mut clients[0], "ha", dim as u32).await;
+    for c in &clients {
+        eventually(WAIT, "the index on every node", || {
+            let mut c = c.clone();
+            async move {
+                c.get_index(pb::GetIndexRequest { name: "ha".into() })
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+    let mut last = 0;
+    for id in 0..30u64 {
+        let c = &mut clients[id as usize % 3];
+        last = last.max(write_retrying(c, "ha", id, dim).await);
+    }
+    e.kill("etcd/e0");
+    e.kill("nats/n0");
+    for id in 30..60u64 {
+        let c = &mut clients[id as usize % 3];
+        last = last.max(write_retrying(c, "ha", id, dim).await);
+    }
+    // The control plane answers with one etcd member gone (the client moves to another).
+    let mut c2 = clients[1].clone();
+    eventually(WAIT, "PutProfile with an etcd member gone", || {
+        let mut c = c2.clone();
+        async move {
+            c.put_profile(pb::PutProfileRequest {
+                profile: Some(pb::Profile {
+                    name: "ha".into(),
+                    indexes: vec![pb::ProfileIndex {
+                        index_name: "ha".into(),
+                        default_config: None,
+                    }],
+                }),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    let listed = c2
+        .list_profiles(pb::ListProfilesRequest::default())
+        .await
+        .expect("list profiles")
+        .into_inner();
+    assert!(listed.profiles.iter().any(|p| p.name == "ha"));
+    // Every node has applied every acknowledged write and serves it.
+    for (n, c) in clients.iter_mut().enumerate() {
+        let found = search_min(c, "ha", point(59, dim).vector, 1, last)
+            .await
+            .unwrap_or_else(|s| panic!("node {}: catches up to {last}: {s:?}", n + 1));
+        assert_eq!(found, [59], "node {}", n + 1);
+        for id in 0..60u64 {
+            let p = c
+                .get_point(pb::GetPointRequest {
+                    index_name: "ha".into(),
+                    id,
+                })
+                .await
+                .unwrap_or_else(|s| panic!("node {}: point {id}: {s:?}", n + 1))
+                .into_inner();
+            assert_eq!(p.point.expect("point").vector, point(id, dim).vector);
+        }
+    }
 }
