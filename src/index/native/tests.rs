@@ -450,3 +450,141 @@ fn empty_and_oversized_requests() {
     assert!(e.search(&[0.0; 3], 10, 10).is_empty()); // wrong dimension
     assert!(e.memory_bytes() > 0);
 }
+
+/// Clustered 32-d points around 20 centres in [-1, 1), spread 0.05 (the generation tests'
+/// data), and points unlike them: uniform in [-3, 3).
+fn clustered_and_outliers(seed: u64, n: usize, outliers: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let dim = 32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..20)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+        .collect();
+    let base = (0..n)
+        .map(|_| {
+            let c = &centres[rng.gen_range(0..20)];
+            c.iter()
+                .map(|x| x + rng.gen_range(-0.05f32..0.05))
+                .collect()
+        })
+        .collect();
+    let far = (0..outliers)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-3.0f32..3.0)).collect())
+        .collect();
+    (base, far)
+}
+
+/// Online outliers on the engine, seed after seed: the points a search with their own vector
+/// does not find first, at ef 64 (the default ef_search) and at ef 200. Run with
+/// `cargo test --lib online_outliers_over_many_seeds -- --ignored --nocapture`
+/// (`SEEDS`, `THREADS` in the environment; about 25 s per 10 seeds on 2 cores).
+#[test]
+#[ignore]
+fn online_outliers_over_many_seeds() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (seeds, threads) = (env("SEEDS", 40) as u64, env("THREADS", 1));
+    for storage in [Storage::F32, Storage::Half, Storage::Int8] {
+        let (mut lost64, mut lost200) = (Vec::new(), Vec::new());
+        for seed in 0..seeds {
+            let (base, far) = clustered_and_outliers(seed, 4000, 200);
+            let e = Native::with_storage(Metric::L2, 32, &HnswConfig::default(), 4000, storage);
+            let items: Vec<(&[f32], usize)> = base
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.as_slice(), i))
+                .collect();
+            e.insert_many(&items, true);
+            e.link_orphans();
+            let per = far.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                for (c, part) in far.chunks(per).enumerate() {
+                    let e = &e;
+                    s.spawn(move || {
+                        for (j, v) in part.iter().enumerate() {
+                            e.insert_many(&[(v.as_slice(), 4000 + c * per + j)], false);
+                        }
+                    });
+                }
+            });
+            for (j, v) in far.iter().enumerate() {
+                let id = 4000 + j;
+                if e.search(v, 1, 64).first().map(|f| f.0) != Some(id) {
+                    lost64.push((seed, id));
+                }
+                if e.search(v, 1, 200).first().map(|f| f.0) != Some(id) {
+                    lost200.push((seed, id));
+                }
+            }
+        }
+        println!(
+            "{storage:?}, {threads} threads, {} outliers: not found first at ef 64: {lost64:?}; at ef 200: {lost200:?}",
+            seeds * 200
+        );
+    }
+}
+
+/// What keeping every point findable costs inserts: the same inserts with and without it
+/// (`Native::findable`), alternating, 5 repeats, medians. Run with
+/// `cargo test --lib findability_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn findability_cost() {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for storage in [Storage::Int8, Storage::F32] {
+        // [mode][phase]: points/s of the build (parallel), of online clustered points and of
+        // online outliers (one at a time).
+        let mut rates = [
+            [Vec::new(), Vec::new(), Vec::new()],
+            [Vec::new(), Vec::new(), Vec::new()],
+        ];
+        for rep in 0..5u64 {
+            let (points, far) = clustered_and_outliers(100 + rep, 12_000, 300);
+            let (base, online) = points.split_at(10_000);
+            for (mode, findable) in [(0, true), (1, false)] {
+                let mut e =
+                    Native::with_storage(Metric::L2, 32, &HnswConfig::default(), 10_000, storage);
+                e.findable = findable;
+                let items: Vec<(&[f32], usize)> = base
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.as_slice(), i))
+                    .collect();
+                let t = std::time::Instant::now();
+                e.insert_many(&items, true);
+                rates[mode][0].push(base.len() as f64 / t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for (j, v) in online.iter().enumerate() {
+                    e.insert_many(&[(v.as_slice(), 10_000 + j)], false);
+                }
+                rates[mode][1].push(online.len() as f64 / t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for (j, v) in far.iter().enumerate() {
+                    e.insert_many(&[(v.as_slice(), 12_000 + j)], false);
+                }
+                rates[mode][2].push(far.len() as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        for (phase, what) in ["build (2 threads)", "online clustered", "online outliers"]
+            .iter()
+            .enumerate()
+        {
+            let (with, without) = (
+                median(rates[0][phase].clone()),
+                median(rates[1][phase].clone()),
+            );
+            println!(
+                "{storage:?} {what}: {with:.0} points/s with, {without:.0} without: ratio {:.3} (runs with {:?}, without {:?})",
+                with / without,
+                rates[0][phase].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+                rates[1][phase].iter().map(|r| *r as u64).collect::<Vec<_>>()
+            );
+        }
+    }
+}
