@@ -20,7 +20,9 @@ use super::encoding::{Query, Storage};
 use super::memory::prefetch_cells;
 use super::scratch::{with_scratch, QueryBuf, Scratch};
 use super::{Native, EMPTY, MAX_LEVEL};
+use crate::index::distance;
 use crate::index::engine::Engine;
+use crate::model::Metric;
 
 /// A graph node's distance to the query, ordered by distance then id (so heaps are deterministic).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -576,7 +578,7 @@ impl Native {
                 // for a few candidates ahead): [`rerank_count`] of them, as reading
                 // float vectors from all over memory is a good part of a search's time.
                 let mut found = std::mem::take(&mut s.top).into_sorted_vec();
-                found.truncate(rerank_count(k));
+                let rest = found.split_off(rerank_count(k).min(found.len()));
                 let ask = |c: &Cand| {
                     if let Some((seg, off)) = self.node(c.id) {
                         prefetch_cells(self.vector_cells(seg, off));
@@ -592,6 +594,7 @@ impl Native {
                         c.d = self.dist(query, v);
                     }
                 }
+                self.rerank_uncertain(&q, query, k, &mut found, &rest);
                 s.top = BinaryHeap::from(found);
             }
             while s.top.len() > k {
@@ -604,6 +607,45 @@ impl Native {
             out.reverse();
             out
         })
+    }
+}
+
+impl Native {
+    /// After the first [`rerank_count`] candidates are ranked exactly (`ranked`), ranks also
+    /// each of the `rest` (nearest first by code distance) whose code distance cannot rule it
+    /// out of the `k` nearest: its lower bound ([`Native::coded_lower_bound`]) is below the
+    /// k-th exact distance so far. 8-bit codes of points close to each other and far from the
+    /// center (where a code step is large) can order them wrongly by more than the window; a
+    /// point that a search reached is then still ranked where it belongs.
+    fn rerank_uncertain(
+        &self,
+        q: &Query,
+        query: &[f32],
+        k: usize,
+        ranked: &mut Vec<Cand>,
+        rest: &[Cand],
+    ) {
+        if self.storage != Storage::Int8 || !self.bounded_rerank || rest.is_empty() || k == 0 {
+            return;
+        }
+        ranked.sort_unstable();
+        let mut kth = ranked.get(k - 1).map_or(f32::INFINITY, |c| c.d);
+        let q_norm = match self.metric {
+            Metric::L2 => 0.0,
+            Metric::Cosine | Metric::Dot => distance::dot(query, query).sqrt(),
+        };
+        for c in rest {
+            if self.coded_lower_bound(q, q_norm, c.id, c.d) >= kth {
+                continue;
+            }
+            let Some(v) = self.vector(c.id) else { continue };
+            let d = self.dist(query, v);
+            ranked.push(Cand { d, id: c.id });
+            if d < kth {
+                ranked.sort_unstable();
+                kth = ranked.get(k - 1).map_or(f32::INFINITY, |c| c.d);
+            }
+        }
     }
 }
 

@@ -116,6 +116,10 @@ pub struct Native {
     /// Whether inserts keep every node findable (`hnsw`'s in-link floor and checks); false
     /// only in the measurement of what that costs.
     findable: bool,
+    /// Whether 8-bit searches also rank exactly the candidates past the re-rank window that
+    /// their codes cannot rule out (`hnsw::Native::rerank_uncertain`); false only in the
+    /// measurement of what that costs.
+    bounded_rerank: bool,
     /// Node slots in created segments.
     slots: AtomicUsize,
     /// Bytes of upper-level link blocks.
@@ -160,6 +164,7 @@ impl Native {
             top_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
             findable: true,
+            bounded_rerank: true,
             slots: AtomicUsize::new(0),
             upper_bytes: AtomicUsize::new(0),
         }

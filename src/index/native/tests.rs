@@ -451,6 +451,38 @@ fn empty_and_oversized_requests() {
     assert!(e.memory_bytes() > 0);
 }
 
+/// 8-bit codes cannot tell apart points close to each other and far from the center (the
+/// code step there is large): 2-d points [100 + r, 0.5] beside points [0..8, up to 16,000]
+/// (group_commit's test data). With k = 1 the re-rank window holds 11 candidates, fewer than
+/// the points its codes tie; the candidates the codes cannot rule out are ranked exactly
+/// too, so each point is found first by its own vector.
+#[test]
+fn int8_searches_rank_every_candidate_the_codes_cannot_rule_out() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let spread: Vec<Vec<f32>> = (0..400)
+        .map(|i| vec![(i % 8) as f32, rng.gen_range(0.0f32..16_000.0)])
+        .collect();
+    let near: Vec<Vec<f32>> = (0..40).map(|r| vec![100.0 + r as f32 * 0.5, 0.5]).collect();
+    let lost = |bounded: bool| {
+        let mut e = Native::with_storage(Metric::L2, 2, &HnswConfig::default(), 16, Storage::Int8);
+        e.bounded_rerank = bounded;
+        let items: Vec<(&[f32], usize)> = spread
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect();
+        e.insert_many(&items, false);
+        for (r, v) in near.iter().enumerate() {
+            e.insert(v, 400 + r);
+        }
+        (0..near.len())
+            .filter(|&r| e.search(&near[r], 1, 64).first().map(|f| f.0) != Some(400 + r))
+            .count()
+    };
+    assert!(lost(false) > 0, "the data no longer shows the codes' ties");
+    assert_eq!(lost(true), 0);
+}
+
 /// Clustered 32-d points around 20 centres in [-1, 1), spread 0.05 (the generation tests'
 /// data), and points unlike them: uniform in [-3, 3).
 fn clustered_and_outliers(seed: u64, n: usize, outliers: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
@@ -586,5 +618,88 @@ fn findability_cost() {
                 rates[1][phase].iter().map(|r| *r as u64).collect::<Vec<_>>()
             );
         }
+    }
+}
+
+/// What ranking the candidates the 8-bit codes cannot rule out costs searches
+/// (`Native::bounded_rerank`), on the 30k 384-d sentence embeddings (cosine) if present: QPS
+/// on one thread with and without, alternating, 5 repeats, medians, and recall@k against
+/// exact search. Run with `cargo test --lib bounded_rerank_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bounded_rerank_cost() {
+    let path = std::path::Path::new("../shared/data/words_minilm_30k.fvecs");
+    let Ok((dim, mut all)) = crate::dataset::read_fvecs(path, None) else {
+        println!("no {}: skipped", path.display());
+        return;
+    };
+    for v in &mut all {
+        crate::model::normalize("v", v).unwrap();
+    }
+    let queries = all.split_off(all.len() - 1000);
+    let metric = Metric::Cosine;
+    let mut e = Native::with_storage(
+        metric,
+        dim,
+        &HnswConfig {
+            m: 16,
+            ef_construction: 100,
+            ef_search: 64,
+            seed: None,
+        },
+        all.len(),
+        Storage::Int8,
+    );
+    let items: Vec<(&[f32], usize)> = all
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_slice(), i))
+        .collect();
+    e.insert_many(&items, true);
+    let truth: Vec<Vec<usize>> = queries.iter().map(|q| exact(metric, &all, q, 10)).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (k, ef) in [(1usize, 64usize), (10, 40), (10, 64)] {
+        let mut qps = [Vec::new(), Vec::new()];
+        let mut rec = [0.0, 0.0];
+        for _ in 0..5 {
+            for (mode, on) in [(0, true), (1, false)] {
+                e.bounded_rerank = on;
+                let t = std::time::Instant::now();
+                let mut hit = 0;
+                for (q, want) in queries.iter().zip(&truth) {
+                    let got = e.search(q, k, ef);
+                    hit += want[..k]
+                        .iter()
+                        .filter(|w| got.iter().any(|g| g.0 == **w))
+                        .count();
+                }
+                qps[mode].push(queries.len() as f64 / t.elapsed().as_secs_f64());
+                rec[mode] = hit as f64 / (k * queries.len()) as f64;
+            }
+        }
+        let (with, without) = (median(qps[0].clone()), median(qps[1].clone()));
+        println!(
+            "k {k} ef {ef}: {with:.0} QPS with, {without:.0} without: ratio {:.3}; recall@{k} {:.4} with, {:.4} without (runs with {:?}, without {:?})",
+            with / without, rec[0], rec[1],
+            qps[0].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            qps[1].iter().map(|r| *r as u64).collect::<Vec<_>>()
+        );
+    }
+    // Each point found first by its own vector: how many are not, with and without.
+    for (mode, on) in [(0, true), (1, false)] {
+        e.bounded_rerank = on;
+        let lost = all
+            .iter()
+            .enumerate()
+            .step_by(10)
+            .filter(|(i, v)| e.search(v, 1, 64).first().map(|f| f.0) != Some(*i))
+            .count();
+        println!(
+            "mode {mode} (bounded {on}): {lost} of {} points not found first at k 1 ef 64",
+            all.len().div_ceil(10)
+        );
     }
 }
