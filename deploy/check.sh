@@ -63,6 +63,7 @@ for k in $(echo "$ENV_LINES" | cut -d= -f1); do
 done
 DATA=$(mktemp -d)
 LOG="$DATA/log"
+: >"$LOG" # exists before the background server's redirect opens it, for the poll below
 # The manifests' command is `serve` with this environment; only where it listens and stores moves.
 env $(echo "$ENV_LINES" | grep -v -e '^VECTORD_ADDR=' -e '^VECTORD_METRICS_ADDR=' -e '^VECTORD_DATA_DIR=') \
   VECTORD_ADDR=127.0.0.1:0 VECTORD_METRICS_ADDR=127.0.0.1:0 VECTORD_DATA_DIR="$DATA/db" \

@@ -1,7 +1,7 @@
 // A worked example of vectord from Node.js: create an index, import points (client stream),
 // make a harness, run a streamed autotune printing each trial as it arrives, promote, search.
 //
-//   node example.js [host:port]        # default 127.0.0.1:50051
+//   node example.js [host:port[,host:port...]]   # default 127.0.0.1:50051; several: failover
 //
 // With VECTORD_API_KEY set (or { apiKey }), every call carries `authorization: Bearer <key>`;
 // with VECTORD_TLS_CA set to a CA file (or { tlsCa }), the connection is TLS.
@@ -65,9 +65,42 @@ function connection({ apiKey = process.env.VECTORD_API_KEY, tlsCa = process.env.
   return { creds, options: { interceptors } };
 }
 
+// The gRPC target for `target`: "host:port", or several nodes of a cluster separated by commas
+// (or an array). Several become gRPC's static address list ("ipv4:a,b" — literal addresses
+// only, so host names are resolved here, in the order given) with pick_first: the channel uses
+// the first node that accepts a connection and, when it goes away, the next one. A call in
+// flight when its node goes away fails with UNAVAILABLE; the next call goes to the next node.
+// Writes carry request_id, so retrying one is safe. Returns { target, options } (options: the
+// channel options that go with it).
+async function resolveTarget(target) {
+  const net = require("node:net");
+  const dns = require("node:dns").promises;
+  const items = (Array.isArray(target) ? target : String(target).split(",")).map((t) => t.trim()).filter(Boolean);
+  if (items.length === 0) throw new Error("no vectord address given");
+  if (items.length === 1) return { target: items[0], options: {} };
+  const addrs = [];
+  for (const item of items) {
+    const i = item.lastIndexOf(":");
+    const host = item.slice(0, i).replace(/^\[|\]$/g, "");
+    const port = item.slice(i + 1);
+    const ips = net.isIP(host) ? [host] : (await dns.lookup(host, { all: true })).map((a) => a.address);
+    for (const ip of ips) addrs.push(net.isIPv6(ip) ? `[${ip}]:${port}` : `${ip}:${port}`);
+  }
+  const scheme = addrs.some((a) => a.startsWith("[")) ? "ipv6" : "ipv4";
+  return {
+    target: `${scheme}:${addrs.join(",")}`,
+    // The certificate is checked against the first node's name, not an address.
+    options: { "grpc.default_authority": items[0], "grpc.service_config": JSON.stringify({ loadBalancingConfig: [{ pick_first: {} }] }) },
+  };
+}
+
 async function run(target, { index = "node_example", n = 300, dim = 16, out = console.log, apiKey, tlsCa } = {}) {
   const v1 = load();
-  const { creds, options } = connection({ apiKey, tlsCa });
+  const resolved = await resolveTarget(target);
+  target = resolved.target;
+  const connected = connection({ apiKey, tlsCa });
+  const creds = connected.creds;
+  const options = { ...connected.options, ...resolved.options };
   const indexes = new v1.IndexService(target, creds, options);
   const tune = new v1.AutotuneService(target, creds, options);
   const promotions = new v1.PromotionService(target, creds, options);
@@ -111,7 +144,7 @@ async function run(target, { index = "node_example", n = 300, dim = 16, out = co
   }
 }
 
-module.exports = { run, load, unary, connection };
+module.exports = { run, load, unary, connection, resolveTarget };
 
 if (require.main === module) {
   run(process.argv[2] || "127.0.0.1:50051").catch((e) => {

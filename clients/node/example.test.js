@@ -98,3 +98,54 @@ test("API keys: none is UNAUTHENTICATED, read-only reads, admin runs the example
     assert.strictEqual(await stop(proc), 0);
   }
 });
+
+test("several addresses: a dead one is skipped, and a stopped node fails over to the next", async () => {
+  const a = await startServer();
+  const b = await startServer();
+  const v1 = example.load();
+  const clients = [];
+  const indexesOf = async (target) => {
+    const { target: t, options } = await example.resolveTarget(target);
+    const c = new v1.IndexService(t, grpc.credentials.createInsecure(), options);
+    clients.push(c);
+    return c;
+  };
+  const names = (c, wait) =>
+    new Promise((resolve, reject) =>
+      c.ListIndexes({}, { deadline: Date.now() + 10000, waitForReady: wait }, (err, res) => (err ? reject(err) : resolve(res.indexes.map((i) => i.name)))),
+    );
+  let aRunning = true;
+  try {
+    const onA = await indexesOf(a.addr);
+    await example.unary(onA, "CreateIndex", { name: "only_on_a", dimension: 4, metric: "METRIC_L2" });
+    // Nothing listens on `dead` (bound, then closed): the channel goes on to the next node.
+    const dead = await new Promise((resolve) => {
+      const srv = require("node:net").createServer();
+      srv.listen(0, "127.0.0.1", () => {
+        const port = srv.address().port;
+        srv.close(() => resolve(`127.0.0.1:${port}`));
+      });
+    });
+    assert.deepStrictEqual(await names(await indexesOf(`${dead},${a.addr}`)), ["only_on_a"]);
+    // Two live nodes: the first is used; once it is gone, the next call goes to the other.
+    const both = await indexesOf([a.addr, b.addr]);
+    assert.deepStrictEqual(await names(both), ["only_on_a"]);
+    assert.strictEqual(await stop(a.proc), 0);
+    aRunning = false;
+    const deadline = Date.now() + 30000;
+    for (;;) {
+      try {
+        // waitForReady: the call waits for the channel to reach a node, no busy loop.
+        assert.deepStrictEqual(await names(both, true), [], "answered by the stopped node");
+        break;
+      } catch (e) {
+        // The call that finds the first node gone may fail; the next one reconnects.
+        if (e.code !== grpc.status.UNAVAILABLE || Date.now() > deadline) throw e;
+      }
+    }
+  } finally {
+    for (const c of clients) c.close();
+    if (aRunning) await stop(a.proc);
+    assert.strictEqual(await stop(b.proc), 0);
+  }
+});

@@ -1,7 +1,7 @@
 """A worked example of vectord from Python: create an index, import points, make a harness,
 run a streamed autotune (printing each trial as it arrives), promote, and search.
 
-    python3 example.py [host:port]        # default 127.0.0.1:50051
+    python3 example.py [host:port[,host:port...]]   # default 127.0.0.1:50051; several: failover
 
 With VECTORD_API_KEY set (or api_key=...), every call carries `authorization: Bearer <key>`;
 with VECTORD_TLS_CA set to a CA file (or tls_ca=...), the connection is TLS.
@@ -45,15 +45,63 @@ class _BearerKey(
         return continuation(self._with_key(details), requests)
 
 
+def _targets(target):
+    """The node addresses in `target`: a "host:port", or several separated by commas, or a list."""
+    items = target.split(",") if isinstance(target, str) else list(target)
+    items = [t.strip() for t in items if t.strip()]
+    if not items:
+        raise ValueError("no vectord address given")
+    return items
+
+
+def _static_target(addresses):
+    """One gRPC target over several nodes: each host resolved here to its addresses, in the
+    order given, as gRPC's static address list (its `ipv4:`/`ipv6:` resolver takes literal
+    addresses only)."""
+    import ipaddress
+    import socket
+
+    out = []
+    for a in addresses:
+        host, _, port = a.rpartition(":")
+        host = host.strip("[]")
+        try:
+            ips = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            ips = [info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)]
+        for ip in ips:
+            out.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    if all(":" not in a.rsplit(":", 1)[0] for a in out):
+        return "ipv4:" + ",".join(out)
+    return "ipv6:" + ",".join(out)
+
+
 def connect(target, api_key=None, tls_ca=None):
-    """A channel to vectord: TLS when tls_ca (a PEM file) is given, the key on every call."""
+    """A channel to vectord: TLS when tls_ca (a PEM file) is given, the key on every call.
+
+    `target` may name several nodes of a cluster ("10.0.0.1:50051,10.0.0.2:50051", or a list):
+    the channel then uses the first node that accepts a connection and, when that node goes
+    away, the next one (gRPC's pick_first over the address list). A call in flight when its
+    node goes away fails with UNAVAILABLE; the next call goes to the next node. Writes carry
+    request_id, so retrying one is safe.
+    """
     api_key = api_key if api_key is not None else os.environ.get("VECTORD_API_KEY")
     tls_ca = tls_ca if tls_ca is not None else os.environ.get("VECTORD_TLS_CA")
+    addresses = _targets(target)
+    options = []
+    if len(addresses) > 1:
+        # The certificate is checked against the first node's host name, not an address.
+        options.append(("grpc.default_authority", addresses[0]))
+        options.append(("grpc.service_config", '{"loadBalancingConfig": [{"pick_first": {}}]}'))
+        target = _static_target(addresses)
+    else:
+        target = addresses[0]
     if tls_ca:
         with open(tls_ca, "rb") as f:
-            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(target, creds, options=options)
     else:
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(target, options=options)
     if api_key:
         channel = grpc.intercept_channel(channel, _BearerKey(api_key))
     return channel

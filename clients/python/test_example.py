@@ -110,3 +110,47 @@ def test_api_keys(keyed_server, monkeypatch):
     monkeypatch.setenv("VECTORD_API_KEY", "py-admin-key")
     _, _, hits = example.run(keyed_server, out=lambda _: None)
     assert hits.neighbors[0].id == 42
+
+
+def _names(channel, wait_for_ready=None):
+    indexes = example.rpc.IndexServiceStub(channel)
+    answer = indexes.ListIndexes(example.pb.ListIndexesRequest(), timeout=10, wait_for_ready=wait_for_ready)
+    return [i.name for i in answer.indexes]
+
+
+def test_several_addresses_fail_over():
+    import socket
+    import time
+
+    a_proc, a = start()
+    b_proc, b = start()
+    try:
+        with grpc.insecure_channel(a) as ch:
+            example.rpc.IndexServiceStub(ch).CreateIndex(
+                example.pb.CreateIndexRequest(name="only_on_a", dimension=4, metric=example.pb.METRIC_L2)
+            )
+        # Nothing listens on `dead` (bound, then closed): the channel goes on to the next node.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        assert _names(example.connect(f"{dead},{a}")) == ["only_on_a"]
+        # Two live nodes: the first is used; once it is gone, the next call goes to the other.
+        both = example.connect([a, b])
+        assert _names(both) == ["only_on_a"]
+        a_proc.terminate()
+        assert a_proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                # wait_for_ready: the call waits for the channel to reach a node, no busy loop.
+                assert _names(both, wait_for_ready=True) == [], "answered by the stopped node"
+                break
+            except grpc.RpcError as e:
+                # The call that finds the first node gone may fail; the next one reconnects.
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                assert time.monotonic() < deadline, "no failover within 30 s"
+    finally:
+        for p in (a_proc, b_proc):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=60)

@@ -189,43 +189,11 @@ impl<E: Evaluator> Run<'_, E> {
         m: u32,
         ef_construction: u32,
         hint: Option<usize>,
-        mut allowance: u32,
+        allowance: u32,
     ) -> Result<Score> {
-        let (mut lo, mut hi) = (0usize, EF_LADDER.len() - 1);
-        let mut score = Score {
-            ef_at: None,
-            cost: f64::INFINITY,
-            best_recall: 0.0,
-        };
-        let mut next = hint.unwrap_or(hi / 2).min(hi);
-        while lo <= hi
-            && allowance > 0
-            && self.trials_left() > 0
-            && !self.out_of_time(Duration::ZERO)
-        {
-            let config = HnswConfig {
-                m,
-                ef_construction,
-                ef_search: EF_LADDER[next],
-                seed: Some(self.plan.seed),
-            };
-            let t = self.eval.trial(graph, config).await?;
-            self.trials += 1;
-            allowance -= 1;
-            score.best_recall = score.best_recall.max(t.recall);
-            if t.recall >= self.plan.target {
-                score.ef_at = Some(next);
-                score.cost = t.mean_distance_evals;
-                if next == 0 {
-                    break;
-                }
-                hi = next - 1;
-            } else {
-                lo = next + 1;
-            }
-            next = lo + (hi.saturating_sub(lo)) / 2;
-        }
-        Ok(score)
+        let start = hint.unwrap_or((EF_LADDER.len() - 1) / 2);
+        self.search_ladder(graph, m, ef_construction, start, 0, allowance)
+            .await
     }
 }
 
@@ -239,20 +207,40 @@ impl<E: Evaluator> Run<'_, E> {
         m: u32,
         ef_construction: u32,
         hint: Option<usize>,
+        allowance: u32,
+    ) -> Result<Score> {
+        match hint {
+            None => {
+                self.find_ef(graph, m, ef_construction, None, allowance)
+                    .await
+            }
+            Some(hint) => {
+                self.search_ladder(graph, m, ef_construction, hint, 2, allowance)
+                    .await
+            }
+        }
+    }
+
+    /// The search both of the above run: trials at ladder steps from `start`, the first
+    /// `neighbour_steps` of them moving one step (down after a pass, up after a miss), the rest
+    /// halving the interval still open, until it is empty or the allowance, the job's trials or
+    /// its time run out.
+    async fn search_ladder(
+        &mut self,
+        graph: &Arc<E::Graph>,
+        m: u32,
+        ef_construction: u32,
+        start: usize,
+        neighbour_steps: u32,
         mut allowance: u32,
     ) -> Result<Score> {
-        let Some(hint) = hint else {
-            return self
-                .find_ef(graph, m, ef_construction, None, allowance)
-                .await;
-        };
         let (mut lo, mut hi) = (0usize, EF_LADDER.len() - 1);
         let mut score = Score {
             ef_at: None,
             cost: f64::INFINITY,
             best_recall: 0.0,
         };
-        let mut next = hint.min(hi);
+        let mut next = start.min(hi);
         let mut steps = 0;
         while lo <= hi
             && allowance > 0
@@ -270,22 +258,22 @@ impl<E: Evaluator> Run<'_, E> {
             allowance -= 1;
             steps += 1;
             score.best_recall = score.best_recall.max(t.recall);
-            if t.recall >= self.plan.target {
+            let passed = t.recall >= self.plan.target;
+            if passed {
                 score.ef_at = Some(next);
                 score.cost = t.mean_distance_evals;
                 if next == 0 {
                     break;
                 }
                 hi = next - 1;
-                next = if steps <= 2 { hi } else { lo + (hi - lo) / 2 };
             } else {
                 lo = next + 1;
-                next = if steps <= 2 {
-                    lo
-                } else {
-                    lo + hi.saturating_sub(lo) / 2
-                };
             }
+            next = match (steps <= neighbour_steps, passed) {
+                (true, true) => hi,
+                (true, false) => lo,
+                (false, _) => lo + hi.saturating_sub(lo) / 2,
+            };
         }
         Ok(score)
     }

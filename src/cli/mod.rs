@@ -22,6 +22,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use vectord::pb::autotune_service_client::AutotuneServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
 use vectord::pb::promotion_service_client::PromotionServiceClient;
@@ -38,7 +41,8 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flags of the client subcommands (accepted anywhere on the command line).
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
-    /// Server to call (client subcommands).
+    /// Server to call (client subcommands): HOST:PORT or a URL; several, comma-separated (a
+    /// cluster's nodes, at most 32): the first, in order, that connects and reports SERVING.
     #[arg(
         long,
         global = true,
@@ -494,52 +498,65 @@ impl Ctx {
                 })?))
             }
         };
-        // `host:port` alone means plaintext http.
-        let url = if g.server.contains("://") {
-            g.server.clone()
-        } else {
-            format!("http://{}", g.server)
-        };
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| CliError::invalid(format!("--server {:?}: {e}", g.server)))?
-            .connect_timeout(g.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
-        if url.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            tls = match &g.tls_ca {
-                Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| {
-                        CliError::invalid(format!("--tls-ca {}: {e}", path.display()))
-                    })?;
-                    tls.ca_certificate(Certificate::from_pem(pem))
-                }
-                None => tls.with_native_roots(),
-            };
-            if let (Some(cert), Some(key)) = (&g.tls_client_cert, &g.tls_client_key) {
-                let read = |flag: &str, p: &PathBuf| {
-                    std::fs::read(p)
-                        .map_err(|e| CliError::invalid(format!("{flag} {}: {e}", p.display())))
-                };
-                tls = tls.identity(Identity::from_pem(
-                    read("--tls-client-cert", cert)?,
-                    read("--tls-client-key", key)?,
-                ));
-            }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| CliError::invalid(format!("TLS: {}", error::chain(&e))))?;
-        } else if g.tls_ca.is_some() || g.tls_client_cert.is_some() {
+        let servers: Vec<&str> = g
+            .server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(CliError::invalid("--server names no address"));
+        }
+        if servers.len() > MAX_SERVERS {
             return Err(CliError::invalid(format!(
-                "--tls-ca or --tls-client-cert is given but --server {} is not https://",
-                g.server
+                "--server names {} addresses; at most {MAX_SERVERS}",
+                servers.len()
             )));
         }
-        let channel = endpoint.connect().await.map_err(|e| {
-            CliError::unavailable(format!(
-                "cannot connect to {}: {}",
-                g.server,
-                error::chain(&e)
-            ))
-        })?;
+        let mut endpoints = Vec::with_capacity(servers.len());
+        for server in &servers {
+            endpoints.push(endpoint(server, g)?);
+        }
+        // One address: that server. Several (a cluster's nodes): the first, in the order
+        // given, that accepts a connection and reports SERVING; else the first that accepted
+        // one (its answers then say why it is not serving).
+        let mut failures = Vec::new();
+        let mut fallback = None;
+        for (server, endpoint) in servers.iter().zip(endpoints) {
+            match endpoint.connect().await {
+                Ok(channel) if servers.len() == 1 => {
+                    fallback = Some(channel);
+                    break;
+                }
+                Ok(channel) => {
+                    let mut health = HealthClient::new(channel.clone());
+                    let check = health.check(HealthCheckRequest {
+                        service: String::new(),
+                    });
+                    match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, check).await {
+                        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => {
+                            fallback = Some(channel);
+                            break;
+                        }
+                        _ => {
+                            failures.push(format!("{server}: not SERVING"));
+                            fallback.get_or_insert(channel);
+                        }
+                    }
+                }
+                Err(e) => failures.push(format!("{server}: {}", error::chain(&e))),
+            }
+        }
+        let Some(channel) = fallback else {
+            return Err(CliError::unavailable(if servers.len() == 1 {
+                format!("cannot connect to {}", failures.join("; "))
+            } else {
+                format!("cannot connect to any of --server: {}", failures.join("; "))
+            }));
+        };
+        if !failures.is_empty() && !g.json {
+            eprintln!("note: skipped {}", failures.join("; "));
+        }
         Ok(Ctx {
             channel,
             key,
@@ -584,6 +601,53 @@ impl Ctx {
     ) -> Result<T, CliError> {
         deadline(self.timeout, f).await
     }
+}
+
+/// Most addresses `--server` may name.
+const MAX_SERVERS: usize = 32;
+/// How long a node of several named by `--server` has to answer the health check.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The endpoint of one `--server` address, with the TLS flags applied.
+fn endpoint(server: &str, g: &GlobalArgs) -> Result<Endpoint, CliError> {
+    // `host:port` alone means plaintext http.
+    let url = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| CliError::invalid(format!("--server {server:?}: {e}")))?
+        .connect_timeout(g.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &g.tls_ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| CliError::invalid(format!("--tls-ca {}: {e}", path.display())))?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&g.tls_client_cert, &g.tls_client_key) {
+            let read = |flag: &str, p: &PathBuf| {
+                std::fs::read(p)
+                    .map_err(|e| CliError::invalid(format!("{flag} {}: {e}", p.display())))
+            };
+            tls = tls.identity(Identity::from_pem(
+                read("--tls-client-cert", cert)?,
+                read("--tls-client-key", key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| CliError::invalid(format!("TLS: {}", error::chain(&e))))?;
+    } else if g.tls_ca.is_some() || g.tls_client_cert.is_some() {
+        return Err(CliError::invalid(format!(
+            "--tls-ca or --tls-client-cert is given but --server {server} is not https://"
+        )));
+    }
+    Ok(endpoint)
 }
 
 async fn deadline<T>(

@@ -226,34 +226,14 @@ async fn activate_profile_adopts_the_held_winners_graph() {
     assert!(fin.generation.is_none());
     let winner = fin.winner.expect("winner");
     let w = write_meanwhile(&mut c, "p", &all).await;
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "prof".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "p".into(),
-                default_config: None,
-            }],
-        }),
-    })
-    .await
-    .expect("put profile");
-    let activate = |mut c: IndexServiceClient<Channel>| async move {
-        c.activate_profile(pb::ActivateProfileRequest {
-            name: "prof".into(),
-        })
-        .await
-        .expect("activate")
-        .into_inner()
-        .generations
-        .remove(0)
-    };
-    let g = activate(c.clone()).await;
+    common::put_profile(&mut c, "prof", &[("p", None)]).await;
+    let g = common::activate(&mut c, "prof").await;
     assert_eq!(g.trial_id, winner.id, "the held graph, not a build");
     assert_eq!(g.config, winner.config);
     assert_eq!(g.config_source, pb::ConfigSource::Promoted as i32);
     serves_the_writes(&mut c, "p", &w, 1200).await;
     // The held graph was used up: activating again builds the promoted config.
-    let g2 = activate(c.clone()).await;
+    let g2 = common::activate(&mut c, "prof").await;
     assert_eq!(g2.trial_id, 0);
     assert_eq!(g2.config, winner.config);
     serves_the_writes(&mut c, "p", &w, 1200).await;
@@ -286,29 +266,9 @@ async fn a_background_snapshot_after_the_job_keeps_the_held_graph_adoptable() {
     create_index(&mut c, "b", DIM as u32, pb::Metric::L2).await;
     let all = points(&mut Gen::new(8), 0..1200, DIM);
     upsert(&mut c, "b", all.clone()).await;
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "prof".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "b".into(),
-                default_config: None,
-            }],
-        }),
-    })
-    .await
-    .expect("put profile");
-    let activate = |mut c: IndexServiceClient<Channel>| async move {
-        c.activate_profile(pb::ActivateProfileRequest {
-            name: "prof".into(),
-        })
-        .await
-        .expect("activate")
-        .into_inner()
-        .generations
-        .remove(0)
-    };
+    common::put_profile(&mut c, "prof", &[("b", None)]).await;
     // A build, which snapshots the points (so no background snapshot is due before the job).
-    activate(c.clone()).await;
+    common::activate(&mut c, "prof").await;
     let first = snapshot_files(&s.dir);
     assert_eq!(first.len(), 1, "{first:?}");
     let mut a = s.autotune().await;
@@ -337,7 +297,7 @@ async fn a_background_snapshot_after_the_job_keeps_the_held_graph_adoptable() {
         },
     )
     .await;
-    let g = activate(c.clone()).await;
+    let g = common::activate(&mut c, "prof").await;
     assert_eq!(g.trial_id, winner.id, "the held graph, not a build");
     serves_the_writes(&mut c, "b", &w, 1200).await;
 }

@@ -1142,3 +1142,52 @@ async fn report_plots_the_journal_with_front_and_promoted() {
         .await
         .code(6);
 }
+
+/// `--server` with several addresses (a cluster's nodes): the first that connects and serves is
+/// used; a stopped node is skipped; none reachable is UNAVAILABLE (exit 5) naming each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_servers_use_the_first_that_serves() {
+    let mut a = TestServer::start().await;
+    let b = TestServer::start().await;
+    create_index(&mut a.index().await, "only_on_a", 4, pb::Metric::L2).await;
+    // Nothing listens on `dead` (bound, then closed).
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let names = |r: Run| -> Vec<String> {
+        r.ok().json()["indexes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let first_dead = vectord(&format!("{dead},{}", a.url()), &["--json", "index", "list"]).await;
+    assert_eq!(names(first_dead), ["only_on_a"]);
+    let both = format!("{},{}", a.url(), b.url());
+    assert_eq!(
+        names(vectord(&both, &["--json", "index", "list"]).await),
+        ["only_on_a"]
+    );
+    a.stop().await;
+    let after = vectord(&both, &["index", "list"]).await.ok();
+    assert!(
+        !after.stdout.contains("only_on_a") && after.stderr.contains("skipped"),
+        "{} / {}",
+        after.stdout,
+        after.stderr
+    );
+    let none = vectord(&format!("{dead},{}", a.addr), &["index", "list"])
+        .await
+        .code(5);
+    assert!(
+        none.stderr.contains("cannot connect to any of --server")
+            && none.stderr.contains(&dead)
+            && none.stderr.contains(&a.addr.to_string()),
+        "{}",
+        none.stderr
+    );
+}

@@ -130,6 +130,23 @@ async fn point_count(c: &mut IndexServiceClient<Channel>) -> (u64, u64) {
 }
 
 /// Every point in `live` is found first by its own vector, and none of `gone` is stored.
+/// Starts a server over `dir` that must load index "s" from its snapshot with a replay count
+/// `replayed` accepts; its process and a client.
+async fn start_loaded(
+    what: &'static str,
+    dir: &Path,
+    envs: &[(&str, &Path)],
+    replayed: impl Fn(usize) -> bool,
+) -> (Vectord, IndexServiceClient<Channel>) {
+    let (mut s, addr) = start(what, dir, envs).await;
+    let line = recovered(&mut s, "s").await;
+    assert!(
+        line.contains("from=\"snapshot\"") && replayed(replayed_of(&line)),
+        "{what}: {line}"
+    );
+    (s, client(addr).await)
+}
+
 async fn check_data(c: &mut IndexServiceClient<Channel>, live: &[pb::Point], gone: &[u64]) {
     let (count, _) = point_count(c).await;
     assert_eq!(count, live.len() as u64, "point count");
@@ -184,13 +201,10 @@ async fn restart_loads_the_snapshot_replays_later_writes_and_rebuilds_from_bad_f
     stop(s).await;
 
     // 1. A restart loads it: no rebuild, the same neighbours at the same distances.
-    let (mut s, addr) = start("loads the snapshot", dir, &no_idle()).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && line.contains("replayed=0"),
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (s, mut c) = start_loaded("loads the snapshot", dir, &no_idle(), |replayed| {
+        replayed == 0
+    })
+    .await;
     assert_eq!(
         answers(&mut c, &queries).await,
         before,
@@ -219,13 +233,7 @@ async fn restart_loads_the_snapshot_replays_later_writes_and_rebuilds_from_bad_f
     live.retain(|p| !gone.contains(&p.id));
     stop(s).await;
 
-    let (mut s, addr) = start("replays", dir, &[]).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && line.contains("replayed=3"),
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (s, mut c) = start_loaded("replays", dir, &[], |replayed| replayed == 3).await;
     check_data(&mut c, &live, &gone).await;
     assert_eq!(
         snap_files(dir),
@@ -333,13 +341,7 @@ async fn sigkill_while_a_snapshot_is_written_loses_nothing() {
     let r = activation.await.expect("activation task");
     assert!(r.is_err(), "the activation was not acknowledged");
 
-    let (mut s, addr) = start("after the kill", dir, &[]).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && line.contains("replayed=1"),
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (s, mut c) = start_loaded("after the kill", dir, &[], |replayed| replayed == 1).await;
     check_data(&mut c, &live, &[]).await;
     assert_eq!(
         point_count(&mut c).await.1,
@@ -470,13 +472,10 @@ async fn an_import_is_snapshotted_when_it_ends_and_a_restart_loads_it() {
     stop(s).await;
 
     // 1. Loaded, nothing replayed, every point there.
-    let (mut s, addr) = start("after the import", dir, &no_idle()).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && line.contains("replayed=0"),
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (s, mut c) = start_loaded("after the import", dir, &no_idle(), |replayed| {
+        replayed == 0
+    })
+    .await;
     check_data(&mut c, &live, &[]).await;
 
     // 2. Writes after the import's snapshot (fewer than the shutdown rule's 1,000 points):
@@ -501,13 +500,7 @@ async fn an_import_is_snapshotted_when_it_ends_and_a_restart_loads_it() {
         "no snapshot at shutdown for 110 points"
     );
 
-    let (mut s, addr) = start("replays", dir, &no_idle()).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && replayed_of(&line) >= 1,
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (mut s, mut c) = start_loaded("replays", dir, &no_idle(), |replayed| replayed >= 1).await;
     check_data(&mut c, &live, &gone).await;
 
     // 3. 1,500 more points, then a crash (no shutdown snapshot): the start replays them and
@@ -565,13 +558,7 @@ async fn an_index_whose_writes_stopped_is_snapshotted() {
     assert!(line.contains("points=40"), "{line}");
     s.signal("KILL");
     assert!(!s.wait_exit().await.success());
-    let (mut s, addr) = start("restarted", dir, &idle).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && line.contains("replayed=0"),
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (s, mut c) = start_loaded("restarted", dir, &idle, |replayed| replayed == 0).await;
     check_data(&mut c, &live, &[]).await;
     stop(s).await;
 }
@@ -610,13 +597,8 @@ async fn sigkill_during_an_imports_snapshot_loses_nothing() {
     s.signal("KILL");
     assert!(!s.wait_exit().await.success());
 
-    let (mut s, addr) = start("after the kill", dir, &no_idle()).await;
-    let line = recovered(&mut s, "s").await;
-    assert!(
-        line.contains("from=\"snapshot\"") && replayed_of(&line) >= 1,
-        "{line}"
-    );
-    let mut c = client(addr).await;
+    let (s, mut c) =
+        start_loaded("after the kill", dir, &no_idle(), |replayed| replayed >= 1).await;
     check_data(&mut c, &live, &[]).await;
     assert!(tmp_files(dir).is_empty(), "the temp file was swept");
     stop(s).await;

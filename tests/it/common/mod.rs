@@ -276,6 +276,38 @@ pub async fn search(
 /// truth (`autotune::harness::ground_truth`, the one the trials' recall is measured against),
 /// so the tests and the server agree on distances and on ties (smaller id first). Cosine
 /// vectors are normalised first, as the server stores them.
+/// PutProfile of `name` over `indexes` (index name, default config).
+pub async fn put_profile(
+    c: &mut IndexServiceClient<Channel>,
+    name: &str,
+    indexes: &[(&str, Option<pb::HnswConfig>)],
+) {
+    c.put_profile(pb::PutProfileRequest {
+        profile: Some(pb::Profile {
+            name: name.into(),
+            indexes: indexes
+                .iter()
+                .map(|(index, config)| pb::ProfileIndex {
+                    index_name: (*index).into(),
+                    default_config: *config,
+                })
+                .collect(),
+        }),
+    })
+    .await
+    .expect("put profile");
+}
+
+/// ActivateProfile of `name`: the generation it made for the profile's first index.
+pub async fn activate(c: &mut IndexServiceClient<Channel>, name: &str) -> pb::Generation {
+    c.activate_profile(pb::ActivateProfileRequest { name: name.into() })
+        .await
+        .expect("activate")
+        .into_inner()
+        .generations
+        .remove(0)
+}
+
 pub fn exact_top_k(metric: pb::Metric, points: &[pb::Point], q: &[f32], k: usize) -> Vec<u64> {
     use vectord::autotune::harness::{ground_truth, Query};
     use vectord::model::{normalize, Point};
