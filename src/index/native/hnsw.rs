@@ -19,7 +19,8 @@
 //!   at ef_search / 4 and at ef_search and links it from where a search that missed it ended
 //!   ([`Native::make_findable`]). Those links are protected by the floor above. Measured, not
 //!   proven: on 48,000 online outliers (40 seeds, 3 storages, 1 and 8 writers) every one was
-//!   found first at ef 200, and all but one (8 writers) at ef 64; see docs/scale.md.
+//!   found first at ef 200, and all but one (8 writers) at ef 64. Known gap: points upserted
+//!   online that form a new cluster (about 3% missed; docs/scale.md).
 //! - 8-bit searches rank exactly every candidate of the beam whose code distance cannot rule it
 //!   out of the `k` nearest ([`Native::coded_lower_bound`]), not only the [`rerank_count`]
 //!   nearest by code, so points that the codes tie (close together, far from the center) are

@@ -703,3 +703,62 @@ fn bounded_rerank_cost() {
         );
     }
 }
+
+/// Clustered points (tests/it/scale_measure.rs's: 50 centres in 64-d, spread 0.1) inserted
+/// online after a 20,000-point build of other clusters: how many a search with their own vector does
+/// not find first, by beam. Run with `cargo test --lib online_points_like_the_data --
+/// --ignored --nocapture`.
+#[test]
+#[ignore]
+fn online_points_like_the_data_found_first_by_beam() {
+    let dim = 64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    // As scale_measure's `clustered`: each call draws its own 50 centres, so the online
+    // points form 50 new clusters of about 60 points each.
+    let mut clustered = |n: usize| -> Vec<Vec<f32>> {
+        let centres: Vec<Vec<f32>> = (0..50)
+            .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+            .collect();
+        (0..n)
+            .map(|_| {
+                let c = &centres[rng.gen_range(0..50)];
+                c.iter().map(|x| x + rng.gen_range(-0.1f32..0.1)).collect()
+            })
+            .collect()
+    };
+    let base = clustered(20_000);
+    let like = clustered(3000);
+    for storage in [Storage::Int8, Storage::F32] {
+        let e = Native::with_storage(
+            Metric::L2,
+            dim as u32,
+            &HnswConfig::default(),
+            20_000,
+            storage,
+        );
+        let items: Vec<(&[f32], usize)> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect();
+        e.insert_many(&items, true);
+        e.link_orphans();
+        for (j, v) in like.iter().enumerate() {
+            e.insert(v, 20_000 + j);
+        }
+        for ef in [64, 128, 200, 400] {
+            let missed = like
+                .iter()
+                .enumerate()
+                .filter(|(j, v)| e.search(v, 1, ef).first().map(|f| f.0) != Some(20_000 + j))
+                .count();
+            let missed_base = base
+                .iter()
+                .enumerate()
+                .step_by(7)
+                .filter(|(j, v)| e.search(v, 1, ef).first().map(|f| f.0) != Some(*j))
+                .count();
+            println!("{storage:?} ef {ef}: online like the data not found first {missed}/3000; built points {missed_base}/{}", base.len().div_ceil(7));
+        }
+    }
+}
