@@ -758,6 +758,31 @@ fn online_points_like_the_data_found_first_by_beam() {
                 .step_by(7)
                 .filter(|(j, v)| e.search(v, 1, ef).first().map(|f| f.0) != Some(*j))
                 .count();
+            if ef == 64 {
+                let mut into_new = 0;
+                let mut few = 0;
+                let mut nn_hit = 0;
+                for (j, v) in like.iter().enumerate() {
+                    let got = e.search(v, 1, ef).first().map(|f| f.0);
+                    if got != Some(20_000 + j) {
+                        into_new += usize::from(got.is_some_and(|g| g >= 20_000));
+                        let mut all: Vec<&Vec<f32>> = base.iter().collect();
+                        all.extend(like.iter());
+                        let nn = (0..all.len())
+                            .filter(|&i| i != 20_000 + j)
+                            .min_by(|&a, &b| {
+                                distance::internal(Metric::L2, v, all[a])
+                                    .total_cmp(&distance::internal(Metric::L2, v, all[b]))
+                            });
+                        nn_hit += usize::from(got == nn);
+                        few += usize::from(
+                            e.in_links_of((20_000 + j) as u32)
+                                .is_some_and(|c| c.load(AtOrd::Relaxed) <= 3),
+                        );
+                    }
+                }
+                println!("{storage:?}: of the missed, the search ended at another online point: {into_new}; with <= 3 in-links: {few}; at its exact nearest neighbour: {nn_hit}");
+            }
             println!("{storage:?} ef {ef}: online like the data not found first {missed}/3000; built points {missed_base}/{}", base.len().div_ceil(7));
         }
     }
