@@ -1,8 +1,10 @@
 //! The application: every long-lived part of the server, built in one order and passed down.
 //!
 //! Order (each part gets what was built before it, nothing is bound later):
-//! store → catalog (with the engine of indexes that name none) → lab → jobs → refresher →
-//! cluster (only with `--etcd`/`--nats`: joins etcd and NATS JetStream, see `cluster/`).
+//! store → control plane (only with `--etcd`: the etcd client, connected lazily) → registry
+//! (the store's, or the control plane's) → catalog (with the engine of indexes that name none)
+//! → lab → jobs (with the control plane's job leases) → refresher → cluster (only with
+//! `--etcd`/`--nats`: joins etcd and NATS JetStream, see `cluster/`).
 //! The gRPC services get the [`App`] once it is built (`grpc::Core`); until then they answer
 //! UNAVAILABLE.
 //!
@@ -25,10 +27,11 @@ use tokio_util::sync::CancellationToken;
 use crate::autotune::jobs::{Event, Jobs, TuneRequest};
 use crate::autotune::lab::Lab;
 use crate::catalog::{Catalog, CatalogOptions, IndexView};
-use crate::cluster::Cluster;
+use crate::cluster::control::Control;
+use crate::cluster::{Activation, Cluster};
 use crate::config::Config;
 use crate::error::Result;
-use crate::model::{Name, NewIndex, Point};
+use crate::model::{Name, NewIndex, Point, Profile};
 use crate::promotion::Registry;
 use crate::refresh::Refresher;
 use crate::store::Store;
@@ -62,7 +65,14 @@ impl App {
     /// and builds (recovery, activations, trials) stop at their next chunk once its stop token
     /// is cancelled (shutdown).
     pub async fn open(config: &Config, store: Arc<Store>, tasks: Tasks) -> Result<Self> {
-        let registry = Arc::new(Registry::new(store.clone()));
+        let control = match &config.cluster {
+            Some(c) => Some(Control::connect(c, tasks.clone()).await?),
+            None => None,
+        };
+        let registry = Arc::new(match &control {
+            Some(c) => Registry::shared(store.clone(), c.clone(), c.node_id().to_string()),
+            None => Registry::new(store.clone()),
+        });
         let catalog = Arc::new(
             Catalog::recover(
                 store.clone(),
@@ -88,12 +98,15 @@ impl App {
             config.jobs_kept,
             config.max_concurrent_jobs,
             config.job_gate.clone(),
+            control
+                .clone()
+                .map(|c| c as Arc<dyn crate::autotune::jobs::ClusterJobs>),
         )
         .await?;
         let refresh = Refresher::new(lab.clone(), jobs.clone())?;
         refresh.spawn_prober(config.refresh_probe_interval, jobs.shutdown_token());
-        let cluster = match &config.cluster {
-            Some(c) => {
+        let cluster = match (&config.cluster, control) {
+            (Some(c), Some(control)) => {
                 // A replica the cluster no longer has is dropped the way DeleteIndex drops an
                 // index (its job and refresh state first): the parts it needs exist already.
                 let drop_index: crate::cluster::DropIndex = {
@@ -106,9 +119,9 @@ impl App {
                         )
                     })
                 };
-                Some(Cluster::join(c.clone(), catalog.clone(), drop_index).await?)
+                Some(Cluster::join(c.clone(), control, catalog.clone(), drop_index).await?)
             }
-            None => None,
+            _ => None,
         };
         Ok(App {
             store,
@@ -189,6 +202,65 @@ impl App {
         match &self.cluster {
             Some(c) if min_sequence > 0 => c.wait_applied(index, min_sequence, deadline).await,
             _ => Ok(()),
+        }
+    }
+
+    /// PutProfile: on a cluster node one compare-and-swap in etcd.
+    pub async fn put_profile(&self, profile: Profile) -> Result<Profile> {
+        match &self.cluster {
+            Some(c) => c.control().put_profile(profile).await,
+            None => self.catalog.put_profile(profile).await,
+        }
+    }
+
+    /// GetProfile: on a cluster node, from etcd.
+    pub async fn get_profile(&self, name: &Name) -> Result<Profile> {
+        match &self.cluster {
+            Some(c) => c.control().get_profile(name).await,
+            None => self.catalog.get_profile(name),
+        }
+    }
+
+    /// ListProfiles: on a cluster node, from etcd.
+    pub async fn list_profiles(&self, after: Option<&Name>, limit: usize) -> Result<Vec<Profile>> {
+        match &self.cluster {
+            Some(c) => c.control().list_profiles(after, limit).await,
+            None => self.catalog.list_profiles(after, limit),
+        }
+    }
+
+    /// DeleteProfile: on a cluster node one compare-and-swap in etcd.
+    pub async fn delete_profile(&self, name: &Name) -> Result<()> {
+        match &self.cluster {
+            Some(c) => c.control().delete_profile(name).await,
+            None => self.catalog.delete_profile(name).await,
+        }
+    }
+
+    /// ActivateProfile. On a cluster node: the profile's desired generations are set in etcd
+    /// (one transaction) and every live node rolls them out; answered when all serve them, or
+    /// at `deadline` (the caller's) with each node's status.
+    pub async fn activate_profile(
+        &self,
+        name: &Name,
+        deadline: Option<Duration>,
+    ) -> Result<Activation> {
+        match &self.cluster {
+            Some(c) => c.activate_profile(name, deadline).await,
+            None => {
+                let profile = self.catalog.get_profile(name)?;
+                let gens = self.catalog.activate_profile(name).await?;
+                Ok(Activation {
+                    generations: profile
+                        .indexes
+                        .into_iter()
+                        .map(|pi| pi.index)
+                        .zip(gens)
+                        .collect(),
+                    nodes: Vec::new(),
+                    rolled_out: true,
+                })
+            }
         }
     }
 

@@ -1131,6 +1131,32 @@ impl Catalog {
             .map(|(meta, _, _)| meta)
     }
 
+    /// A cluster node's rollout of a desired generation: builds `config` (or, when `trial` is
+    /// the graph this node holds for the index, adopts it) and swaps it in, like
+    /// [`rebuild_for`](Self::rebuild_for). When `cancel` fires before the swap (the desired
+    /// generation changed meanwhile), nothing is swapped in: CANCELLED.
+    #[allow(clippy::too_many_arguments)] // what to build, for whom, and how it stops
+    pub async fn activate_for(
+        &self,
+        name: &Name,
+        uid: u64,
+        cancel: &tokio_util::sync::CancellationToken,
+        config: HnswConfig,
+        source: ConfigSource,
+        profile: &str,
+        trial: Option<u64>,
+    ) -> Result<GenerationMeta> {
+        let held = trial.and_then(|id| self.take_held(name, id));
+        let graph = match held {
+            Some(t) => Graph::Adopt(config, Box::new(t)),
+            None => Graph::Build(config),
+        };
+        let owner = Some((uid, cancel.clone()));
+        self.build_and_swap(name, owner, graph, source, profile, true, None)
+            .await
+            .map(|(meta, _, _)| meta)
+    }
+
     /// Keeps `trial`'s graph for a later activation of its promotion (see
     /// [`IndexHandle::held`]), replacing the one held before. Ignored when the index is gone
     /// or is another one.
@@ -1233,6 +1259,7 @@ impl Catalog {
         };
         let handle = self.handle(name)?;
         let (uid, cancel) = owner.unzip();
+        let owner_cancel = cancel.clone();
         if uid.is_some_and(|u| u != handle.meta.uid) {
             return Err(Error::not_found("index", name.as_str()));
         }
@@ -1375,6 +1402,14 @@ impl Catalog {
         let mut w = handle.writer.lock().await;
         let ops = w.recording.take().unwrap_or_default();
         let gen = gen?;
+        // The owner gave the build up while it ran (its index was deleted, or a cluster
+        // node's desired generation changed): nothing is swapped in.
+        // (Its snapshot file, under a number no record names, is pruned like any unused one.)
+        if handle.check_live().is_ok() && owner_cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return Err(Error::Cancelled(format!(
+                "the build of index {name:?} was abandoned before its swap"
+            )));
+        }
         if let Err(e) = handle.check_live() {
             drop(w);
             let store = self.store.clone();
@@ -1497,7 +1532,7 @@ impl Catalog {
             let handle = self.handle(&pi.index)?;
             handles.push(handle.clone());
             let default = pi.default_config.unwrap_or(handle.meta.default_config);
-            let (config, source, trial) = match self.registry.get(&pi.index)?.0 {
+            let (config, source, trial) = match self.registry.get(&pi.index).await?.0 {
                 Some(p) => (p.config, ConfigSource::Promoted, Some(p.trial_id)),
                 None => (default, ConfigSource::Default, None),
             };

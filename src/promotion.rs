@@ -3,6 +3,11 @@
 //! Invariants: history is newest first and never longer than [`HISTORY_CAP`]; every change is
 //! one atomic store transaction, flushed before it is acknowledged, so concurrent promotes and
 //! rollbacks never lose or duplicate an entry.
+//!
+//! On a cluster node the registry lives in etcd instead ([`Shared`], implemented by
+//! `cluster::control`, given at construction): every change is one compare-and-swap
+//! transaction there, and every read answers from etcd. The record's rules ([`Record::promote`],
+//! [`Record::rollback`]) are the same for both.
 
 use std::sync::Arc;
 
@@ -25,22 +30,92 @@ pub struct Promotion {
     pub promote_time_ms: u64,
     pub recall: f64,
     pub p50_micros: f64,
+    /// Cluster only: the node whose trial journal holds `trial_id` (trial ids are per node).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trial_node: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Record {
-    current: Option<Promotion>,
+/// An index's registry: the current promotion and the history.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub current: Option<Promotion>,
     /// Newest first, at most HISTORY_CAP.
-    history: Vec<Promotion>,
+    pub history: Vec<Promotion>,
+}
+
+impl Record {
+    /// Makes `p` current; the previous current goes on top of the history (kept to
+    /// [`HISTORY_CAP`]). The new history depth.
+    pub fn promote(&mut self, p: Promotion) -> u32 {
+        if let Some(prev) = self.current.take() {
+            self.history.insert(0, prev);
+            self.history.truncate(HISTORY_CAP);
+        }
+        self.current = Some(p);
+        self.history.len() as u32
+    }
+
+    /// Puts the newest history entry back as current, or clears current when the history is
+    /// empty; FAILED_PRECONDITION when there is neither. The new current and history depth.
+    pub fn rollback(&mut self, index: &Name) -> Result<(Option<Promotion>, u32)> {
+        if self.current.is_none() && self.history.is_empty() {
+            return Err(Error::Precondition(format!(
+                "index {:?} has nothing promoted and no history to roll back to",
+                index.as_str()
+            )));
+        }
+        self.current = if self.history.is_empty() {
+            None
+        } else {
+            Some(self.history.remove(0))
+        };
+        Ok((self.current.clone(), self.history.len() as u32))
+    }
+}
+
+/// The proof that an autotune job still holds its index's job lease (cluster nodes): the
+/// promotion it guards is made only if the lease key still has this create revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub index: Name,
+    pub token: i64,
+}
+
+/// A registry kept outside this node (a cluster node's, in etcd): each change one
+/// compare-and-swap of the index's record, conditioned on the index's incarnation and, when
+/// given, on the job lease's fencing token.
+#[async_trait::async_trait]
+pub trait Shared: Send + Sync {
+    async fn promote(&self, p: Promotion, fence: Option<&Fence>) -> Result<(Promotion, u32)>;
+    async fn rollback(&self, index: &Name) -> Result<(Option<Promotion>, u32)>;
+    async fn get(&self, index: &Name) -> Result<Record>;
 }
 
 pub struct Registry {
     store: Arc<Store>,
+    /// A cluster node's registry (etcd), with the node's id: then the store is not used.
+    shared: Option<(Arc<dyn Shared>, String)>,
 }
 
 impl Registry {
     pub fn new(store: Arc<Store>) -> Self {
-        Registry { store }
+        Registry {
+            store,
+            shared: None,
+        }
+    }
+
+    /// A cluster node's registry: kept in `shared`; `node` names this node's trial journal.
+    pub fn shared(store: Arc<Store>, shared: Arc<dyn Shared>, node: String) -> Self {
+        Registry {
+            store,
+            shared: Some((shared, node)),
+        }
+    }
+
+    /// Whether the registry is a cluster's (etcd).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Makes the trial's config the index's current promotion; the previous current goes on
@@ -52,13 +127,14 @@ impl Registry {
         promoted_by: &str,
         note: &str,
     ) -> Result<(Promotion, u32)> {
-        self.promote_for(index, None, trial_id, promoted_by, note)
+        self.promote_for(index, None, trial_id, promoted_by, note, None)
             .await
     }
 
     /// [`promote`](Self::promote), refused with NOT_FOUND unless the index is still the one
     /// with `uid` (when given): work that outlived its index never promotes onto a new index
-    /// created under the same name.
+    /// created under the same name. On a cluster node, with `fence`, refused (ABORTED) unless
+    /// the job lease it names is still held.
     pub async fn promote_for(
         &self,
         index: &Name,
@@ -66,6 +142,7 @@ impl Registry {
         trial_id: u64,
         promoted_by: &str,
         note: &str,
+        fence: Option<&Fence>,
     ) -> Result<(Promotion, u32)> {
         let trial: Trial = self
             .store
@@ -94,19 +171,24 @@ impl Registry {
             promote_time_ms: now_millis(),
             recall: trial.recall,
             p50_micros: trial.p50_micros,
+            trial_node: String::new(),
         };
+        if let Some((shared, node)) = &self.shared {
+            let promotion = Promotion {
+                trial_node: node.clone(),
+                ..promotion
+            };
+            let out = shared.promote(promotion, fence).await?;
+            tracing::info!(index = %index, trial_id, config = %out.0.config, by = promoted_by, "promoted (cluster)");
+            return Ok(out);
+        }
         let out = self.store.update_promotion(
             index.as_str(),
             uid,
             Some(trial_id),
             |rec: Option<Record>| {
                 let mut rec = rec.unwrap_or_default();
-                if let Some(prev) = rec.current.take() {
-                    rec.history.insert(0, prev);
-                    rec.history.truncate(HISTORY_CAP);
-                }
-                rec.current = Some(promotion.clone());
-                let depth = rec.history.len() as u32;
+                let depth = rec.promote(promotion.clone());
                 Ok((rec, (promotion.clone(), depth)))
             },
         )?;
@@ -118,22 +200,16 @@ impl Registry {
     /// Puts the newest history entry back as current, or clears current when the history is
     /// empty; FAILED_PRECONDITION when there is neither.
     pub async fn rollback(&self, index: &Name) -> Result<(Option<Promotion>, u32)> {
+        if let Some((shared, _)) = &self.shared {
+            let out = shared.rollback(index).await?;
+            tracing::info!(index = %index, current = ?out.0.as_ref().map(|p| p.trial_id), "rolled back (cluster)");
+            return Ok(out);
+        }
         let out =
             self.store
                 .update_promotion(index.as_str(), None, None, |rec: Option<Record>| {
                     let mut rec = rec.unwrap_or_default();
-                    if rec.current.is_none() && rec.history.is_empty() {
-                        return Err(Error::Precondition(format!(
-                            "index {:?} has nothing promoted and no history to roll back to",
-                            index.as_str()
-                        )));
-                    }
-                    rec.current = if rec.history.is_empty() {
-                        None
-                    } else {
-                        Some(rec.history.remove(0))
-                    };
-                    let out = (rec.current.clone(), rec.history.len() as u32);
+                    let out = rec.rollback(index)?;
                     Ok((rec, out))
                 })?;
         self.store.flush().await?;
@@ -141,8 +217,18 @@ impl Registry {
         Ok(out)
     }
 
-    /// The current promotion and the history, newest first.
-    pub fn get(&self, index: &Name) -> Result<(Option<Promotion>, Vec<Promotion>)> {
+    /// The current promotion and the history, newest first (on a cluster node, from etcd).
+    pub async fn get(&self, index: &Name) -> Result<(Option<Promotion>, Vec<Promotion>)> {
+        if let Some((shared, _)) = &self.shared {
+            let rec = shared.get(index).await?;
+            return Ok((rec.current, rec.history));
+        }
+        self.get_local(index)
+    }
+
+    /// [`get`](Self::get) of this node's store, without waiting: what a single node has (a
+    /// cluster node keeps nothing there: None and no history).
+    pub fn get_local(&self, index: &Name) -> Result<(Option<Promotion>, Vec<Promotion>)> {
         let rec: Record = self
             .store
             .get_promotion(index.as_str())?
@@ -151,12 +237,12 @@ impl Registry {
     }
 
     /// The promoted config of the index, or `default` when nothing is promoted.
-    pub fn config_or(
+    pub async fn config_or(
         &self,
         index: &Name,
         default: HnswConfig,
     ) -> Result<(HnswConfig, ConfigSource)> {
-        Ok(match self.get(index)?.0 {
+        Ok(match self.get(index).await?.0 {
             Some(p) => (p.config, ConfigSource::Promoted),
             None => (default, ConfigSource::Default),
         })

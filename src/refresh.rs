@@ -567,7 +567,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let jobs = Jobs::recover(lab.clone(), 10, 4, None).await.unwrap();
+        let jobs = Jobs::recover(lab.clone(), 10, 4, None, None).await.unwrap();
         let r = Refresher::new(lab.clone(), jobs).unwrap();
         let uid = catalog.handle(&index).unwrap().meta.uid;
         (store, catalog, r, index, uid)

@@ -87,18 +87,29 @@ fn server_tls(tls: &crate::config::TlsConfig) -> tonic::transport::ServerTlsConf
 
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
 /// `config.metrics_addr` for the metrics when it is set.
+///
+/// The shutdown future is boxed here, so every function below is compiled once, in this crate:
+/// a caller (the binary, each test or bench crate) does not instantiate the server's generic
+/// stack (tonic, hyper, tower) again for its own future type, which cost minutes of CI build.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_boxed(listener, config, Box::pin(shutdown)).await
+}
+
+/// The shutdown future of [`run`] and [`run_with`], boxed.
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+async fn run_boxed(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<()> {
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
             Error::Unavailable(format!("cannot listen for metrics on {addr}: {e}"))
         })?),
         None => None,
     };
-    run_with(listener, metrics_listener, config, shutdown).await
+    run_with_boxed(listener, metrics_listener, config, shutdown).await
 }
 
 /// [`run`] with the metrics listener already bound (None: no metrics endpoint).
@@ -113,6 +124,15 @@ pub async fn run_with(
     metrics_listener: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_with_boxed(listener, metrics_listener, config, Box::pin(shutdown)).await
+}
+
+async fn run_with_boxed(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: Shutdown,
 ) -> Result<()> {
     let store = open_store(&config).await?;
     let tasks = Tasks::new();
@@ -291,12 +311,71 @@ async fn recover(
     tasks: Tasks,
 ) -> Result<()> {
     let app = App::open(&config, store, tasks.clone()).await?;
+    if let Some(c) = &app.cluster {
+        tasks.spawn(index_health(
+            c.control().rollouts(),
+            health.clone(),
+            tasks.stop_token(),
+        ));
+    }
     core.set_app(Arc::new(app))?;
     if !tasks.is_stopping() {
         set_health(&health, ServingStatus::Serving).await;
         tracing::info!("vectord is serving");
     }
     Ok(())
+}
+
+/// The health service name of one index on a cluster node.
+pub fn index_health_name(index: &str) -> String {
+    format!("{}/{index}", names::INDEX)
+}
+
+/// A cluster node's per-index health: `vectord.v1.IndexService/<index>` is SERVING while the
+/// node serves the index's desired generation and NOT_SERVING while it is behind (building it,
+/// or failing to); an index the node no longer has is cleared. All NOT_SERVING at shutdown.
+async fn index_health(
+    mut rollouts: tokio::sync::watch::Receiver<
+        std::collections::BTreeMap<String, crate::cluster::control::Rollout>,
+    >,
+    mut health: tonic_health::server::HealthReporter,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut known: std::collections::BTreeMap<String, bool> = Default::default();
+    loop {
+        let now: std::collections::BTreeMap<String, bool> = rollouts
+            .borrow_and_update()
+            .iter()
+            .map(|(k, r)| (k.clone(), r.current()))
+            .collect();
+        for (index, current) in &now {
+            if known.get(index) != Some(current) {
+                let status = if *current {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health
+                    .set_service_status(index_health_name(index), status)
+                    .await;
+            }
+        }
+        for index in known.keys() {
+            if !now.contains_key(index) {
+                health.clear_service_status(&index_health_name(index)).await;
+            }
+        }
+        known = now;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = rollouts.changed() => if changed.is_err() { break },
+        }
+    }
+    for index in known.keys() {
+        health
+            .set_service_status(index_health_name(index), ServingStatus::NotServing)
+            .await;
+    }
 }
 
 /// How serving ended.

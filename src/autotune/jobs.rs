@@ -28,7 +28,7 @@ use crate::catalog::TrialGraph;
 use crate::error::{Error, Result};
 use crate::index::{Activities, Generation, Phase, ProgressView};
 use crate::model::{now_millis, ConfigSource, GenerationMeta, HnswConfig, Name};
-use crate::promotion::Promotion;
+use crate::promotion::{Fence, Promotion};
 
 pub const DEFAULT_MIN_RECALL: f64 = 0.9;
 
@@ -191,6 +191,34 @@ struct Running {
     /// Cancelled when the job's index is deleted: stops even its activation build (CancelJob
     /// does not: past the promotion, a job activates what it promoted).
     abandon: CancellationToken,
+    /// The job's lease on a cluster node.
+    lease: Option<Arc<dyn JobLease>>,
+}
+
+/// A cluster node's job leases (implemented by `cluster::control` over etcd): one autotune job
+/// per index across the cluster.
+#[async_trait::async_trait]
+pub trait ClusterJobs: Send + Sync {
+    /// Takes the index's job lease for `job_id`: ABORTED (`Error::Conflict`) naming the holder
+    /// when another job (on any node) has it.
+    async fn acquire(self: Arc<Self>, index: &Name, job_id: &str) -> Result<Arc<dyn JobLease>>;
+}
+
+/// A job's hold on its index's job lease. Its fence goes into the job's promotion, and its
+/// activation is made through it, so a job that lost the lease can do neither.
+#[async_trait::async_trait]
+pub trait JobLease: Send + Sync {
+    fn fence(&self) -> Fence;
+    /// Sets the index's desired generation to `config` (the promoted trial's, whose graph this
+    /// node holds), fenced, and waits until this node serves it (or `cancel`): its number.
+    async fn activate(
+        &self,
+        config: HnswConfig,
+        trial_id: u64,
+        cancel: &CancellationToken,
+    ) -> Result<u64>;
+    /// Gives the lease up (best effort: it expires by itself otherwise).
+    async fn release(&self);
 }
 
 /// A test hook (`Config::job_gate`; no flag sets it): jobs on the gated indexes wait RUNNING,
@@ -217,7 +245,7 @@ impl JobGate {
     }
 
     /// Returns once the gate is open, at once for an index it does not hold.
-    async fn pass(&self, index: &Name) {
+    pub(crate) async fn pass(&self, index: &Name) {
         if self.indexes.iter().any(|i| i == index.as_str()) {
             let _ = self.open.subscribe().wait_for(|open| *open).await;
         }
@@ -235,6 +263,8 @@ pub struct Jobs {
     max_running: usize,
     /// Tests only: see `JobGate`.
     gate: Option<JobGate>,
+    /// A cluster node's job leases; None on a single node.
+    cluster: Option<Arc<dyn ClusterJobs>>,
 }
 
 impl Jobs {
@@ -244,6 +274,7 @@ impl Jobs {
         kept: usize,
         max_running: usize,
         gate: Option<JobGate>,
+        cluster: Option<Arc<dyn ClusterJobs>>,
     ) -> Result<Arc<Self>> {
         let store = lab.catalog().store().clone();
         for (seq, mut job) in store.list_jobs::<JobRecord>()? {
@@ -266,6 +297,7 @@ impl Jobs {
             kept,
             max_running: max_running.max(1),
             gate,
+            cluster,
         }))
     }
 
@@ -401,7 +433,25 @@ impl Jobs {
         let done = CancellationToken::new();
         let abandon = CancellationToken::new();
         let why = Arc::new(Mutex::new(None::<String>));
-        let seq = {
+        if let Some(r) = self.running.lock().get(&req.index) {
+            return Err(Error::Conflict(format!(
+                "index {:?} is already being tuned by job {}; wait for it or cancel it",
+                req.index.as_str(),
+                r.job_id
+            )));
+        }
+        // A cluster node first takes the index's job lease (one job per index across the
+        // cluster), under the id the job will get.
+        let lease = match &self.cluster {
+            Some(c) => {
+                let seq = store.next_job_seq()?;
+                let id = format!("job-{seq}");
+                Some((c.clone().acquire(&req.index, &id).await?, seq))
+            }
+            None => None,
+        };
+        let (lease, leased_seq) = lease.unzip();
+        let placed = (|| {
             let mut running = self.running.lock();
             if let Some(r) = running.get(&req.index) {
                 return Err(Error::Conflict(format!(
@@ -416,7 +466,7 @@ impl Jobs {
                     running.len()
                 )));
             }
-            let seq = store.next_job_seq()?;
+            let seq = leased_seq.map_or_else(|| store.next_job_seq(), Ok)?;
             running.insert(
                 req.index.clone(),
                 Running {
@@ -426,14 +476,29 @@ impl Jobs {
                     done: done.clone(),
                     why: why.clone(),
                     abandon: abandon.clone(),
+                    lease: lease.clone(),
                 },
             );
-            seq
+            Ok(seq)
+        })();
+        let seq = match placed {
+            Ok(seq) => seq,
+            Err(e) => {
+                if let Some(l) = lease {
+                    l.release().await;
+                }
+                return Err(e);
+            }
         };
         let job_id = format!("job-{seq}");
         let release = |jobs: &Jobs| {
             jobs.running.lock().remove(&req.index);
             done.cancel();
+        };
+        let release_lease = |lease: Option<Arc<dyn JobLease>>| async move {
+            if let Some(l) = lease {
+                l.release().await;
+            }
         };
         let job = JobRecord {
             id: job_id.clone(),
@@ -454,6 +519,7 @@ impl Jobs {
         };
         if let Err(e) = self.save(&job).await {
             release(self);
+            release_lease(lease).await;
             return Err(e);
         }
         if let Err(e) = store.trim_jobs(self.kept, |j: &JobRecord| j.state == JobState::Running) {
@@ -550,6 +616,9 @@ impl Jobs {
             {
                 tracing::warn!(error = %e, "could not trim old job records");
             }
+            // The cluster's job lease goes before the place here: a job started right after
+            // this one ended (on any node) finds the lease free.
+            release_lease(lease).await;
             jobs.running.lock().remove(&req.index);
             done.cancel();
             let _ = tx.send(event);
@@ -913,11 +982,25 @@ impl Jobs {
         // promotion and the activation are refused (NOT_FOUND) unless the index is still the
         // one with `uid`.
         cancelled(token)?;
+        let lease = self
+            .running
+            .lock()
+            .get(&req.index)
+            .filter(|r| r.uid == uid)
+            .and_then(|r| r.lease.clone());
+        let fence = lease.as_ref().map(|l| l.fence());
         let (promotion, _) = self
             .lab
             .catalog()
             .registry()
-            .promote_for(&req.index, Some(uid), w.id, &req.requested_by, &note)
+            .promote_for(
+                &req.index,
+                Some(uid),
+                w.id,
+                &req.requested_by,
+                &note,
+                fence.as_ref(),
+            )
             .await?;
         tracing::info!(job = %job.id, trial = w.id, config = %w.config, recall = w.recall, p50_us = w.p50_micros, "autotune promoted its winner");
         // The winner's graph: the generation to swap in (activate) or to hold for a later
@@ -929,6 +1012,20 @@ impl Jobs {
             gen,
         });
         let catalog = self.lab.catalog();
+        if let Some(lease) = &lease {
+            // A cluster node: the activation is the index's next desired generation (fenced
+            // by the lease), which every node rolls out; this node adopts the held graph.
+            if let Some(t) = graph {
+                catalog.hold(&req.index, t);
+            }
+            let generation = if req.activate {
+                lease.activate(w.config, w.id, abandon).await?;
+                Some(catalog.get_index(&req.index)?.generation)
+            } else {
+                None
+            };
+            return Ok(outcome(Some(w), Some(promotion), generation, String::new()));
+        }
         let generation = match (req.activate, graph) {
             (true, Some(t)) => Some(
                 catalog

@@ -5,6 +5,16 @@
 //!   swap transactions; the key's create revision is the index's cluster uid (unique for each
 //!   incarnation of a name), which names its write log streams.
 //! - `/vectord/v1/nodes/<node-id>` -> JSON [`NodeRecord`], attached to the node's lease.
+//! - `/vectord/v1/profiles/<name>` -> JSON `model::Profile`.
+//! - `/vectord/v1/promotions/<index>` -> JSON [`PromotionEntry`]: the index's registry
+//!   (current + history), tagged with the index's uid.
+//! - `/vectord/v1/active/<index>` -> JSON [`Desired`]: the index's desired active generation.
+//! - `/vectord/v1/jobs/<index>` -> JSON [`JobLeaseEntry`], attached to the job's own lease; the
+//!   key's create revision is the job's fencing token.
+//!
+//! Every change of these is one transaction: a read of the keys it depends on ([`read`]),
+//! then a commit ([`commit`]) conditioned on each of them being unchanged ([`unchanged`]),
+//! retried from a fresh read when another node changed one first.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +23,8 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 
 use crate::error::{Error, Result};
 use crate::index::engine::EngineKind;
-use crate::model::{HnswConfig, Metric};
+use crate::model::{ConfigSource, HnswConfig, Metric};
+use crate::promotion::Record;
 
 pub const PREFIX: &str = "/vectord/v1/";
 /// Longest any one etcd call may take before it is UNAVAILABLE.
@@ -32,6 +43,201 @@ pub fn nodes_prefix() -> String {
 }
 pub fn node_key(node_id: &str) -> String {
     format!("{PREFIX}nodes/{node_id}")
+}
+pub fn profiles_prefix() -> String {
+    format!("{PREFIX}profiles/")
+}
+pub fn profile_key(name: &str) -> String {
+    format!("{PREFIX}profiles/{name}")
+}
+pub fn promotion_key(index: &str) -> String {
+    format!("{PREFIX}promotions/{index}")
+}
+pub fn active_prefix() -> String {
+    format!("{PREFIX}active/")
+}
+pub fn active_key(index: &str) -> String {
+    format!("{PREFIX}active/{index}")
+}
+pub fn job_key(index: &str) -> String {
+    format!("{PREFIX}jobs/{index}")
+}
+
+/// An index's promotion registry in etcd.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromotionEntry {
+    /// The index incarnation (catalog uid) it belongs to: a record of an older incarnation of
+    /// the name reads as empty.
+    pub uid: u64,
+    #[serde(flatten)]
+    pub record: Record,
+}
+
+/// A trial by the node whose journal holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrialRef {
+    pub node: String,
+    pub id: u64,
+}
+
+/// An index's desired active generation: what every node builds (or adopts) and serves.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Desired {
+    /// The index incarnation it is for.
+    pub uid: u64,
+    /// 1 for the first activation in the cluster, then one more for each; 0 (no key) means
+    /// the generation made at creation.
+    pub number: u64,
+    pub config: HnswConfig,
+    pub source: ConfigSource,
+    /// The profile whose activation set it; empty for an autotune job's activation.
+    #[serde(default)]
+    pub profile: String,
+    /// The promoted trial whose config it is: the node holding that trial's graph adopts it.
+    #[serde(default)]
+    pub trial: Option<TrialRef>,
+    pub set_by: String,
+    pub set_time_ms: u64,
+}
+
+/// The holder of an index's autotune job lease.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobLeaseEntry {
+    pub node_id: String,
+    pub job_id: String,
+    pub lease: i64,
+    pub start_time_ms: u64,
+}
+
+/// A node's rollout state of one index, as it reports it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeGeneration {
+    /// The desired generation number this node serves (0: none was set yet).
+    pub served: u64,
+    /// The node's own active generation number.
+    pub local: u64,
+    /// Why its last attempt to build the desired generation failed; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// A key as read: its value and revisions.
+#[derive(Clone, Debug)]
+pub struct Read {
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+impl Read {
+    /// The value as JSON `T`; CORRUPT naming the key when it is not.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        decode(key, &self.value)
+    }
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| Error::Corrupt(format!("etcd key {key}: {e}")))
+}
+
+pub fn encode<T: serde::Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Internal(format!("encoding {what}: {e}")))
+}
+
+/// The compare that holds while `key` is as `read` saw it (absent, or unchanged since).
+pub fn unchanged(key: &str, read: &Option<Read>) -> Compare {
+    match read {
+        Some(r) => Compare::mod_revision(key, CompareOp::Equal, r.mod_revision),
+        None => Compare::create_revision(key, CompareOp::Equal, 0),
+    }
+}
+
+/// The compare that holds while `key` is the incarnation created at `revision` (an index's
+/// uid, a job lease's fencing token).
+pub fn incarnation(key: &str, revision: i64) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, revision)
+}
+
+/// Reads `keys` at one revision (one transaction of gets).
+pub async fn read(
+    etcd: &mut Client,
+    urls: &[String],
+    what: &str,
+    keys: &[String],
+) -> Result<Vec<Option<Read>>> {
+    let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+    let resp = bounded(urls, what, etcd.txn(Txn::new().and_then(ops))).await?;
+    let mut out = Vec::with_capacity(keys.len());
+    for r in resp.op_responses() {
+        match r {
+            etcd_client::TxnOpResponse::Get(g) => out.push(g.kvs().first().map(|kv| Read {
+                value: kv.value().to_vec(),
+                create_revision: kv.create_revision(),
+                mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
+            })),
+            _ => {
+                return Err(Error::Internal(
+                    "etcd answered a get with another op".into(),
+                ))
+            }
+        }
+    }
+    if out.len() != keys.len() {
+        return Err(Error::Internal(format!(
+            "etcd answered {} of {} reads",
+            out.len(),
+            keys.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Commits `ops` if every compare holds: true when it did (the revision of the commit).
+pub async fn commit(
+    etcd: &mut Client,
+    urls: &[String],
+    what: &str,
+    when: Vec<Compare>,
+    ops: Vec<TxnOp>,
+) -> Result<Option<i64>> {
+    let resp = bounded(urls, what, etcd.txn(Txn::new().when(when).and_then(ops))).await?;
+    Ok(resp
+        .succeeded()
+        .then(|| resp.header().map_or(0, |h| h.revision())))
+}
+
+/// Every key under `prefix` with its value, and the revision the list was read at.
+pub async fn list(
+    etcd: &mut Client,
+    urls: &[String],
+    what: &str,
+    prefix: String,
+) -> Result<(Vec<(String, Read)>, i64)> {
+    let resp = bounded(
+        urls,
+        what,
+        etcd.get(prefix, Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    let out = resp
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                Read {
+                    value: kv.value().to_vec(),
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
+                },
+            )
+        })
+        .collect();
+    Ok((out, rev))
 }
 
 /// An index in the cluster's catalog.
@@ -61,6 +267,9 @@ pub struct NodeRecord {
     /// Per index name, the last write-log sequence applied.
     #[serde(default)]
     pub applied: BTreeMap<String, u64>,
+    /// Per index name, the generation the node serves.
+    #[serde(default)]
+    pub generations: BTreeMap<String, NodeGeneration>,
 }
 
 /// An etcd failure as the client sees it: UNAVAILABLE naming etcd.
@@ -149,7 +358,8 @@ pub async fn get_index(
     Ok(Some((e, kv.create_revision() as u64)))
 }
 
-/// Deletes the entry of `name` if it is still incarnation `uid`; false if it is not.
+/// Deletes the entry of `name` if it is still incarnation `uid`, with its promotions, desired
+/// generation and job lease (one transaction); false if it is not.
 pub async fn delete_index(
     etcd: &mut Client,
     urls: &[String],
@@ -163,7 +373,12 @@ pub async fn delete_index(
             CompareOp::Equal,
             uid as i64,
         )])
-        .and_then([TxnOp::delete(key, None)]);
+        .and_then([
+            TxnOp::delete(key, None),
+            TxnOp::delete(promotion_key(name), None),
+            TxnOp::delete(active_key(name), None),
+            TxnOp::delete(job_key(name), None),
+        ]);
     let resp = bounded(urls, "deleting the index", etcd.txn(txn)).await?;
     Ok(resp.succeeded())
 }
@@ -209,4 +424,118 @@ pub async fn list_nodes(etcd: &mut Client, urls: &[String]) -> Result<Vec<NodeRe
     }
     out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Name;
+    use crate::promotion::{Promotion, HISTORY_CAP};
+
+    fn promotion(i: u64, node: &str) -> Promotion {
+        Promotion {
+            index: Name::parse("index", "idx").unwrap(),
+            trial_id: i,
+            config: HnswConfig {
+                m: 8,
+                ef_construction: 40,
+                ef_search: 20,
+                seed: Some(i),
+            },
+            promoted_by: "test".into(),
+            note: format!("note {i}"),
+            promote_time_ms: 1000 + i,
+            recall: 0.9,
+            p50_micros: 12.5,
+            trial_node: node.into(),
+        }
+    }
+
+    #[test]
+    fn a_promotion_record_round_trips_with_its_uid_and_node() {
+        let mut entry = PromotionEntry {
+            uid: 77,
+            ..Default::default()
+        };
+        assert_eq!(entry.record.promote(promotion(1, "n1")), 0);
+        assert_eq!(entry.record.promote(promotion(2, "n2")), 1);
+        let bytes = encode("a promotion record", &entry).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        // The record's fields sit next to the uid (flattened), and the node is kept.
+        assert!(
+            text.contains("\"uid\":77") && text.contains("\"current\""),
+            "{text}"
+        );
+        assert!(text.contains("\"trial_node\":\"n2\""), "{text}");
+        let back: PromotionEntry = decode("k", &bytes).unwrap();
+        assert_eq!(back, entry);
+        // Not JSON: CORRUPT naming the key.
+        let err = decode::<PromotionEntry>("/vectord/v1/promotions/idx", b"{").unwrap_err();
+        assert!(matches!(err, Error::Corrupt(ref m) if m.contains("/vectord/v1/promotions/idx")));
+    }
+
+    #[test]
+    fn a_single_nodes_promotion_has_no_node_field() {
+        let text = serde_json::to_string(&promotion(1, "")).unwrap();
+        assert!(!text.contains("trial_node"), "{text}");
+        let back: Promotion = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.trial_node, "");
+    }
+
+    #[test]
+    fn history_keeps_the_newest_fifty_and_rollback_pops_it() {
+        let idx = Name::parse("index", "idx").unwrap();
+        let mut rec = Record::default();
+        assert!(matches!(rec.rollback(&idx), Err(Error::Precondition(_))));
+        for i in 0..60 {
+            let depth = rec.promote(promotion(i, "n1"));
+            assert_eq!(depth as usize, (i as usize).min(HISTORY_CAP));
+        }
+        assert_eq!(rec.current.as_ref().map(|p| p.trial_id), Some(59));
+        assert_eq!(rec.history.len(), HISTORY_CAP);
+        assert_eq!(rec.history[0].trial_id, 58);
+        assert_eq!(rec.history[HISTORY_CAP - 1].trial_id, 9);
+        let (current, depth) = rec.rollback(&idx).unwrap();
+        assert_eq!((current.map(|p| p.trial_id), depth), (Some(58), 49));
+        let mut one = Record::default();
+        one.promote(promotion(1, "n1"));
+        assert_eq!(one.rollback(&idx).unwrap(), (None, 0));
+        assert!(one.rollback(&idx).is_err());
+    }
+
+    #[test]
+    fn desired_generations_and_node_reports_round_trip() {
+        let d = Desired {
+            uid: 5,
+            number: 3,
+            config: HnswConfig {
+                m: 16,
+                ef_construction: 80,
+                ef_search: 30,
+                seed: None,
+            },
+            source: ConfigSource::Promoted,
+            profile: "serve".into(),
+            trial: Some(TrialRef {
+                node: "n2".into(),
+                id: 9,
+            }),
+            set_by: "n3".into(),
+            set_time_ms: 42,
+        };
+        let back: Desired = decode("k", &encode("d", &d).unwrap()).unwrap();
+        assert_eq!(back, d);
+        // A node record written before `generations` existed still reads.
+        let old = br#"{"node_id":"n1","advertise_addr":"127.0.0.1:1","start_time_ms":1,"applied":{"a":4}}"#;
+        let rec: NodeRecord = decode("k", old).unwrap();
+        assert!(rec.generations.is_empty());
+        assert_eq!(rec.applied.get("a"), Some(&4));
+        let g = NodeGeneration {
+            served: 3,
+            local: 7,
+            error: String::new(),
+        };
+        let text = serde_json::to_string(&g).unwrap();
+        assert!(!text.contains("error"), "{text}");
+    }
 }

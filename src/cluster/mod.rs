@@ -22,10 +22,13 @@
 //!   the etcd client's own.
 
 pub mod codec;
+pub mod control;
 pub mod etcd;
 pub mod log;
+mod rollout;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +42,11 @@ use crate::model::{now_millis, Name, NewIndex, Point};
 use crate::store::WriteOp;
 use crate::tasks::Tasks;
 
-use self::etcd::{IndexEntry, NodeRecord};
+use self::control::Control;
+use self::etcd::{Desired, IndexEntry, NodeGeneration, NodeRecord};
 use self::log::WriteLog;
+
+pub use self::rollout::{Activation, NodeStatus, MAX_ROLLOUT_WAIT};
 
 /// Longest a Search with min_sequence waits for the node to apply it.
 pub const MAX_SEQUENCE_WAIT: Duration = Duration::from_secs(30);
@@ -61,6 +67,9 @@ pub struct ClusterConfig {
     pub nats: Vec<String>,
     pub node_id: String,
     pub advertise_addr: String,
+    /// A test hook (no flag sets it): this node's rollouts of the gated indexes wait, before
+    /// building, until the gate opens, so a test can hold a node behind the desired generation.
+    pub rollout_gate: Option<crate::autotune::jobs::JobGate>,
 }
 
 impl ClusterConfig {
@@ -101,6 +110,7 @@ impl ClusterConfig {
             nats: list("--nats", nats, &["nats://"])?,
             node_id: node.to_string(),
             advertise_addr: advertise_addr.to_string(),
+            rollout_gate: None,
         })
     }
 }
@@ -138,7 +148,18 @@ struct Applier {
 
 pub struct Cluster {
     cfg: ClusterConfig,
+    /// The control plane (profiles, promotions, desired generations, job leases), shared with
+    /// the registry and the jobs.
+    control: Arc<Control>,
     etcd: etcd_client::Client,
+    /// The node's current membership lease (0 before it registered).
+    lease: AtomicI64,
+    /// Per index name, its desired generation as last read from etcd.
+    desired: Mutex<HashMap<String, Desired>>,
+    /// Per index name, the rollout running on this node: (desired number, its stop token).
+    rolling: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Per index name, why this node's last rollout attempt failed.
+    rollout_errors: Mutex<HashMap<String, String>>,
     log: Arc<WriteLog>,
     catalog: Arc<Catalog>,
     drop_index: DropIndex,
@@ -162,6 +183,7 @@ impl Cluster {
     /// seconds) until it does or the server stops. Its tasks are the catalog's `Tasks`.
     pub async fn join(
         cfg: ClusterConfig,
+        control: Arc<Control>,
         catalog: Arc<Catalog>,
         drop_index: DropIndex,
     ) -> Result<Arc<Self>> {
@@ -190,7 +212,7 @@ impl Cluster {
         }
         let mut attempt = 0u64;
         loop {
-            let res = Self::connect(&cfg, &catalog, &drop_index, &tasks).await;
+            let res = Self::connect(&cfg, &control, &catalog, &drop_index, &tasks).await;
             match res {
                 Ok(c) => return Ok(c),
                 Err(e) => {
@@ -209,24 +231,21 @@ impl Cluster {
 
     async fn connect(
         cfg: &ClusterConfig,
+        control: &Arc<Control>,
         catalog: &Arc<Catalog>,
         drop_index: &DropIndex,
         tasks: &Tasks,
     ) -> Result<Arc<Self>> {
-        let opts = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(etcd::TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-        let etcd = etcd::bounded(
-            &cfg.etcd,
-            "connecting",
-            etcd_client::Client::connect(&cfg.etcd, Some(opts)),
-        )
-        .await?;
+        let etcd = control.etcd();
         let log = Arc::new(WriteLog::connect(&cfg.nats, &cfg.node_id).await?);
         let cluster = Arc::new(Cluster {
             cfg: cfg.clone(),
+            control: control.clone(),
             etcd,
+            lease: AtomicI64::new(0),
+            desired: Default::default(),
+            rolling: Default::default(),
+            rollout_errors: Default::default(),
             log,
             catalog: catalog.clone(),
             drop_index: drop_index.clone(),
@@ -239,10 +258,11 @@ impl Cluster {
         });
         let joined = async {
             let rev = cluster.reconcile().await?;
+            let desired_rev = cluster.load_desired().await?;
             let lease = cluster.register().await?;
-            Ok::<_, Error>((rev, lease))
+            Ok::<_, Error>((rev, desired_rev, lease))
         };
-        let (rev, lease) = match joined.await {
+        let (rev, desired_rev, lease) = match joined.await {
             Ok(x) => x,
             Err(e) => {
                 // The apply loops this attempt started stop: the next attempt starts its own.
@@ -251,6 +271,7 @@ impl Cluster {
             }
         };
         tasks.spawn(cluster.clone().watch(rev));
+        tasks.spawn(cluster.clone().watch_desired(desired_rev));
         tasks.spawn(cluster.clone().heartbeat(lease));
         tracing::info!(node = %cfg.node_id, advertise = %cfg.advertise_addr, indexes = cluster.appliers.lock().len(), "joined the cluster");
         Ok(cluster)
@@ -258,6 +279,11 @@ impl Cluster {
 
     fn etcd(&self) -> etcd_client::Client {
         self.etcd.clone()
+    }
+
+    /// The control plane this node shares through etcd.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Matches the local replicas to the catalog; the revision it was read at.
@@ -340,6 +366,7 @@ impl Cluster {
             ));
         }
         drop(appliers);
+        self.check_rollout(name.as_str(), true);
         self.catalog.get_index(&name)
     }
 
@@ -356,6 +383,7 @@ impl Cluster {
         if let Some(uid) = uid {
             self.recent.lock().remove(&uid);
         }
+        self.forget_rollout(name.as_str());
         match (self.drop_index)(name.clone()).await {
             Ok(()) | Err(Error::NotFound { .. }) => {
                 tracing::info!(index = %name, "dropped the local replica of an index the cluster no longer has");
@@ -457,9 +485,19 @@ impl Cluster {
 
     fn node_record(&self) -> NodeRecord {
         let mut applied = BTreeMap::new();
+        let mut generations = BTreeMap::new();
+        let errors = self.rollout_errors.lock().clone();
         for name in self.catalog.index_names() {
             if let Ok(h) = self.catalog.handle(&name) {
                 applied.insert(name.to_string(), h.applied());
+                generations.insert(
+                    name.to_string(),
+                    NodeGeneration {
+                        served: self.control.rollout(name.as_str()).served,
+                        local: h.active().meta.number,
+                        error: errors.get(name.as_str()).cloned().unwrap_or_default(),
+                    },
+                );
             }
         }
         NodeRecord {
@@ -467,6 +505,7 @@ impl Cluster {
             advertise_addr: self.cfg.advertise_addr.clone(),
             start_time_ms: self.start_time_ms,
             applied,
+            generations,
         }
     }
 
@@ -482,6 +521,7 @@ impl Cluster {
         .await?
         .id();
         etcd::put_node(&mut etcd, urls, &self.node_record(), lease).await?;
+        self.lease.store(lease, Ordering::Release);
         Ok(lease)
     }
 

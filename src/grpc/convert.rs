@@ -167,6 +167,8 @@ impl From<IndexView> for pb::Index {
             }),
             engine: v.engine.to_string(),
             build_progress: v.build.as_ref().map(progress_to),
+            nodes: Vec::new(),
+            desired_generation: 0,
         }
     }
 }
@@ -350,7 +352,22 @@ impl From<Promotion> for pb::Promotion {
             promote_time: timestamp(p.promote_time_ms),
             recall: p.recall,
             p50_micros: p.p50_micros,
+            trial_node_id: p.trial_node,
         }
+    }
+}
+
+/// A cluster node's rollout of an index.
+pub fn node_generation_to(n: &crate::cluster::NodeStatus) -> pb::NodeGeneration {
+    pb::NodeGeneration {
+        node_id: n.node_id.clone(),
+        index_name: n.index.clone(),
+        generation: n.generation,
+        served_desired_generation: n.served,
+        desired_generation: n.desired,
+        current: n.current(),
+        applied_sequence: n.applied,
+        error: n.error.clone(),
     }
 }
 

@@ -46,6 +46,11 @@ impl IndexService for IndexApi {
             index.refresh_policy = Some(convert::refresh_policy_to(&policy));
             index.refresh_status = Some(convert::refresh_status_to(&status));
         }
+        if let Some(c) = &ready.cluster {
+            let (desired, nodes) = c.index_nodes(&n).await;
+            index.desired_generation = desired;
+            index.nodes = nodes.iter().map(convert::node_generation_to).collect();
+        }
         Ok(Response::new(pb::GetIndexResponse { index: Some(index) }))
     }
 
@@ -280,7 +285,7 @@ impl IndexService for IndexApi {
             .profile
             .ok_or_else(|| Error::invalid("profile is required"))?;
         let profile = Profile::try_from(p)?;
-        let saved = self.core.catalog()?.put_profile(profile).await?;
+        let saved = self.core.app()?.put_profile(profile).await?;
         Ok(Response::new(pb::PutProfileResponse {
             profile: Some(saved.into()),
         }))
@@ -289,7 +294,7 @@ impl IndexService for IndexApi {
     async fn get_profile(&self, req: Request<pb::GetProfileRequest>) -> R<pb::GetProfileResponse> {
         let n = name("name", &req.get_ref().name)?;
         Ok(Response::new(pb::GetProfileResponse {
-            profile: Some(self.core.catalog()?.get_profile(&n)?.into()),
+            profile: Some(self.core.app()?.get_profile(&n).await?.into()),
         }))
     }
 
@@ -302,8 +307,9 @@ impl IndexService for IndexApi {
         let after = page_after(&req.page_token)?;
         let mut profiles = self
             .core
-            .catalog()?
-            .list_profiles(after.as_ref(), limit + 1)?;
+            .app()?
+            .list_profiles(after.as_ref(), limit + 1)
+            .await?;
         let next_page_token = next_page(&mut profiles, limit, |p| p.name.to_string());
         Ok(Response::new(pb::ListProfilesResponse {
             profiles: profiles.into_iter().map(Into::into).collect(),
@@ -316,7 +322,7 @@ impl IndexService for IndexApi {
         req: Request<pb::DeleteProfileRequest>,
     ) -> R<pb::DeleteProfileResponse> {
         let n = name("name", &req.get_ref().name)?;
-        self.core.catalog()?.delete_profile(&n).await?;
+        self.core.app()?.delete_profile(&n).await?;
         Ok(Response::new(pb::DeleteProfileResponse {}))
     }
 
@@ -326,15 +332,16 @@ impl IndexService for IndexApi {
         req: Request<pb::ActivateProfileRequest>,
     ) -> R<pb::ActivateProfileResponse> {
         let n = name("name", &req.get_ref().name)?;
-        let profile = self.core.catalog()?.get_profile(&n)?;
-        let gens = self.core.catalog()?.activate_profile(&n).await?;
+        let deadline = convert::grpc_timeout(req.metadata());
+        let done = self.core.app()?.activate_profile(&n, deadline).await?;
         Ok(Response::new(pb::ActivateProfileResponse {
-            generations: profile
-                .indexes
+            generations: done
+                .generations
                 .iter()
-                .zip(gens.iter())
-                .map(|(pi, g)| convert::generation_to(&pi.index, g))
+                .map(|(index, g)| convert::generation_to(index, g))
                 .collect(),
+            rolled_out: done.rolled_out,
+            nodes: done.nodes.iter().map(convert::node_generation_to).collect(),
         }))
     }
 }

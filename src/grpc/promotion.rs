@@ -59,7 +59,7 @@ impl PromotionService for PromotionApi {
     ) -> R<pb::GetPromotedResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
         self.core.catalog()?.handle(&index)?;
-        let (current, history) = self.core.catalog()?.registry().get(&index)?;
+        let (current, history) = self.core.catalog()?.registry().get(&index).await?;
         Ok(Response::new(pb::GetPromotedResponse {
             current: current.map(Into::into),
             history: history.into_iter().map(Into::into).collect(),

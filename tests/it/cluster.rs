@@ -19,7 +19,7 @@ use vectord::pb::cluster_service_client::ClusterServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
 
 use crate::common::child::{path_str, Vectord};
-use crate::common::{eventually, Gen};
+use crate::common::{collect, eventually, harness_request, Gen, TestServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -651,4 +651,621 @@ async fn writes_fail_fast_naming_the_engine_that_is_gone() {
         .expect_err("no membership");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("etcd"), "{err:?}");
+
+    // The control plane is etcd's: profiles, promotions and activations fail fast too.
+    let mut p =
+        vectord::pb::promotion_service_client::PromotionServiceClient::new(node.channel().await);
+    let fast = |what: &'static str, r: Result<(), tonic::Status>, t: Instant| {
+        let err = r.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{what}: {err:?}");
+        assert!(err.message().contains("etcd"), "{what}: {err:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+    };
+    let t = Instant::now();
+    let r = c
+        .put_profile(pb::PutProfileRequest {
+            profile: Some(pb::Profile {
+                name: "p".into(),
+                indexes: vec![pb::ProfileIndex {
+                    index_name: "gone".into(),
+                    default_config: None,
+                }],
+            }),
+        })
+        .await;
+    fast("PutProfile", r.map(|_| ()), t);
+    let t = Instant::now();
+    let r = c
+        .activate_profile(pb::ActivateProfileRequest { name: "p".into() })
+        .await;
+    fast("ActivateProfile", r.map(|_| ()), t);
+    let t = Instant::now();
+    let r = p
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: "gone".into(),
+        })
+        .await;
+    fast("GetPromoted", r.map(|_| ()), t);
+    let t = Instant::now();
+    let r = p
+        .rollback(pb::RollbackRequest {
+            index_name: "gone".into(),
+        })
+        .await;
+    fast("Rollback", r.map(|_| ()), t);
+}
+
+// ---- the control plane: promotions, profiles, rollout, job leases (in-process nodes) ----
+
+/// A cluster node in this process (so a test can hold its autotune jobs with a `JobGate`),
+/// on a free loopback port, advertising it.
+async fn node_in_process(
+    id: &str,
+    e: &Engines,
+    gate: Option<vectord::autotune::jobs::JobGate>,
+    rollout_gate: Option<vectord::autotune::jobs::JobGate>,
+) -> TestServer {
+    let dir = e.dir.path().join(format!("in-process-{id}"));
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut config = vectord::config::Config::for_tests(&dir);
+    let mut cluster =
+        vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
+            .expect("cluster flags");
+    cluster.rollout_gate = rollout_gate;
+    config.cluster = Some(cluster);
+    config.job_gate = gate;
+    TestServer::start_on(listener, &dir, config).await
+}
+
+/// Three in-process nodes n1..n3 (n1's autotune jobs on `gated` wait at the returned gate).
+async fn three_in_process(
+    e: &Engines,
+    gated: &[&str],
+) -> (Vec<TestServer>, vectord::autotune::jobs::JobGate) {
+    let gate = vectord::autotune::jobs::JobGate::closed(gated.iter().copied());
+    let mut nodes = vec![node_in_process("n1", e, Some(gate.clone()), None).await];
+    for id in ["n2", "n3"] {
+        nodes.push(node_in_process(id, e, None, None).await);
+    }
+    (nodes, gate)
+}
+
+/// Creates `name` through the first node with `n` points, and waits until every node applied
+/// them (read-your-writes: the first search with the write's sequence).
+async fn seeded_cluster_index(nodes: &[TestServer], name: &str, n: u64, dim: usize) {
+    let mut c = nodes[0].index().await;
+    create(&mut c, name, dim as u32).await;
+    let pts: Vec<pb::Point> = (0..n).map(|i| point(i, dim)).collect();
+    let up = c
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: name.into(),
+            points: pts.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("upsert")
+        .into_inner();
+    for node in nodes {
+        let mut c = node.index().await;
+        eventually(WAIT, "the index on every node", || {
+            let mut c = c.clone();
+            async move {
+                c.get_index(pb::GetIndexRequest { name: name.into() })
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        let ids = search_min(&mut c, name, pts[3].vector.clone(), 1, up.sequence)
+            .await
+            .expect("search with min_sequence");
+        assert_eq!(ids, vec![3]);
+    }
+}
+
+/// A trial of `config` run on `node` (harness "h", created there first if missing).
+async fn trial_on(node: &TestServer, index: &str, config: pb::HnswConfig) -> pb::Trial {
+    let mut a = node.autotune().await;
+    let _ = a
+        .create_harness(harness_request(index, "h", 10, 20, Some(1)))
+        .await;
+    a.run_trial(pb::RunTrialRequest {
+        index_name: index.into(),
+        harness: "h".into(),
+        config: Some(config),
+    })
+    .await
+    .expect("run trial")
+    .into_inner()
+    .trial
+    .expect("trial")
+}
+
+async fn promoted(node: &TestServer, index: &str) -> pb::GetPromotedResponse {
+    node.promotion()
+        .await
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: index.into(),
+        })
+        .await
+        .expect("get promoted")
+        .into_inner()
+}
+
+async fn get_index(node: &TestServer, name: &str) -> pb::Index {
+    node.index()
+        .await
+        .get_index(pb::GetIndexRequest { name: name.into() })
+        .await
+        .expect("get index")
+        .into_inner()
+        .index
+        .expect("index")
+}
+
+/// The index's health status on the node; None while the node has not registered the name.
+async fn index_health_status(node: &TestServer, index: &str) -> Option<i32> {
+    tonic_health::pb::health_client::HealthClient::new(node.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: format!("vectord.v1.IndexService/{index}"),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+async fn index_health(node: &TestServer, index: &str) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(node.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: format!("vectord.v1.IndexService/{index}"),
+        })
+        .await
+        .expect("health check of the index")
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_promote_on_one_node_then_activate_on_another_rolls_out_everywhere() {
+    let Some(e) =
+        Engines::start("control_promote_on_one_node_then_activate_on_another_rolls_out_everywhere")
+    else {
+        return;
+    };
+    let (nodes, _gate) = three_in_process(&e, &[]).await;
+    seeded_cluster_index(&nodes, "tuned", 300, 8).await;
+
+    // A trial on node 2, promoted there: every node reads the same registry (etcd).
+    let config = pb::HnswConfig {
+        m: 8,
+        ef_construction: 40,
+        ef_search: 24,
+        seed: Some(7),
+    };
+    let trial = trial_on(&nodes[1], "tuned", config).await;
+    let done = nodes[1]
+        .promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: "tuned".into(),
+            trial_id: trial.id,
+            promoted_by: "test".into(),
+            note: "from node 2".into(),
+        })
+        .await
+        .expect("promote on node 2")
+        .into_inner();
+    let current = done.current.expect("current");
+    assert_eq!(
+        (current.trial_id, current.trial_node_id.as_str()),
+        (trial.id, "n2")
+    );
+    for (i, node) in nodes.iter().enumerate() {
+        let got = promoted(node, "tuned").await;
+        assert_eq!(got.current.as_ref(), Some(&current), "node {}", i + 1);
+    }
+    // Nothing rolled out yet: every node serves the generation made at creation.
+    for node in &nodes {
+        eventually(WAIT, "the index's health SERVING", || async move {
+            (index_health_status(node, "tuned").await == Some(1)).then_some(())
+        })
+        .await;
+        assert_eq!(get_index(node, "tuned").await.desired_generation, 0);
+    }
+
+    // The profile through node 1 (read back through node 2), activated through node 3.
+    nodes[0]
+        .index()
+        .await
+        .put_profile(pb::PutProfileRequest {
+            profile: Some(pb::Profile {
+                name: "serve".into(),
+                indexes: vec![pb::ProfileIndex {
+                    index_name: "tuned".into(),
+                    default_config: None,
+                }],
+            }),
+        })
+        .await
+        .expect("put profile on node 1");
+    let profile = nodes[1]
+        .index()
+        .await
+        .get_profile(pb::GetProfileRequest {
+            name: "serve".into(),
+        })
+        .await
+        .expect("the profile on node 2")
+        .into_inner()
+        .profile
+        .expect("profile");
+    assert_eq!(profile.indexes[0].index_name, "tuned");
+    let mut req = tonic::Request::new(pb::ActivateProfileRequest {
+        name: "serve".into(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    let act = nodes[2]
+        .index()
+        .await
+        .activate_profile(req)
+        .await
+        .expect("activate on node 3")
+        .into_inner();
+    assert!(act.rolled_out, "{act:?}");
+    let mut reported: Vec<&str> = act.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    reported.sort();
+    assert_eq!(reported, ["n1", "n2", "n3"], "{act:?}");
+    assert!(
+        act.nodes
+            .iter()
+            .all(|n| n.current && n.desired_generation == 1 && n.served_desired_generation == 1),
+        "{act:?}"
+    );
+
+    // Every node serves the promoted config, and says so for every node.
+    for (i, node) in nodes.iter().enumerate() {
+        let index = get_index(node, "tuned").await;
+        let gen = index.active_generation.as_ref().expect("generation");
+        assert_eq!(gen.config, Some(config), "node {}", i + 1);
+        assert_eq!(gen.config_source, pb::ConfigSource::Promoted as i32);
+        assert_eq!(gen.profile, "serve");
+        assert_eq!(index.desired_generation, 1);
+        assert_eq!(index.nodes.len(), 3, "{index:?}");
+        assert!(index.nodes.iter().all(|n| n.current), "{index:?}");
+        assert_eq!(index_health(node, "tuned").await, 1, "SERVING");
+        let ids = search_min(&mut node.index().await, "tuned", point(42, 8).vector, 1, 0)
+            .await
+            .expect("search on the new generation");
+        assert_eq!(ids, vec![42]);
+    }
+
+    // Rollback through node 1: one registry, so node 3 sees it.
+    nodes[0]
+        .promotion()
+        .await
+        .rollback(pb::RollbackRequest {
+            index_name: "tuned".into(),
+        })
+        .await
+        .expect("rollback");
+    let after = promoted(&nodes[2], "tuned").await;
+    assert_eq!((after.current, after.history.len()), (None, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_racing_promotes_on_two_nodes_leave_one_history() {
+    let Some(e) = Engines::start("control_racing_promotes_on_two_nodes_leave_one_history") else {
+        return;
+    };
+    let (nodes, _gate) = three_in_process(&e, &[]).await;
+    seeded_cluster_index(&nodes, "race", 100, 4).await;
+    let config = |m| pb::HnswConfig {
+        m,
+        ef_construction: 20,
+        ef_search: 20,
+        seed: Some(1),
+    };
+    let t1 = trial_on(&nodes[0], "race", config(6)).await;
+    let t2 = trial_on(&nodes[1], "race", config(10)).await;
+
+    // Three writers per node, four promotes each, all at once: 24 compare-and-swaps racing.
+    let mut writers = Vec::new();
+    for (node, trial, who) in [(&nodes[0], t1.id, "n1"), (&nodes[1], t2.id, "n2")] {
+        for w in 0..3 {
+            let p = node.promotion().await;
+            writers.push(tokio::spawn(async move {
+                let mut p = p;
+                for i in 0..4 {
+                    p.promote(pb::PromoteRequest {
+                        index_name: "race".into(),
+                        trial_id: trial,
+                        promoted_by: who.into(),
+                        note: format!("{who}-{w}-{i}"),
+                    })
+                    .await
+                    .expect("a racing promote succeeds");
+                }
+            }));
+        }
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+
+    // One history, the same from every node: every promote exactly once, each writer's in
+    // its own order (newest first).
+    let mut seen = Vec::new();
+    for node in &nodes {
+        let got = promoted(node, "race").await;
+        let all: Vec<String> = got
+            .current
+            .iter()
+            .chain(got.history.iter())
+            .map(|p| p.note.clone())
+            .collect();
+        seen.push(all);
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0], seen[2]);
+    let all = &seen[0];
+    assert_eq!(all.len(), 24, "{all:?}");
+    let unique: std::collections::BTreeSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), 24, "{all:?}");
+    for who in ["n1", "n2"] {
+        for w in 0..3 {
+            let order: Vec<&String> = all
+                .iter()
+                .filter(|n| n.starts_with(&format!("{who}-{w}-")))
+                .collect();
+            let expected: Vec<String> = (0..4).rev().map(|i| format!("{who}-{w}-{i}")).collect();
+            assert_eq!(
+                order,
+                expected.iter().collect::<Vec<_>>(),
+                "writer {who}-{w}"
+            );
+        }
+    }
+    let got = promoted(&nodes[2], "race").await;
+    let current = got.current.expect("current");
+    let want_trial = if current.trial_node_id == "n1" {
+        t1.id
+    } else {
+        t2.id
+    };
+    assert_eq!(current.trial_id, want_trial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
+    let Some(e) =
+        Engines::start("control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote")
+    else {
+        return;
+    };
+    let (nodes, gate) = three_in_process(&e, &["jobs"]).await;
+    seeded_cluster_index(&nodes, "jobs", 200, 8).await;
+    let grid = vec![pb::HnswConfig {
+        m: 8,
+        ef_construction: 40,
+        ef_search: 40,
+        seed: Some(3),
+    }];
+    let mut a1 = nodes[0].autotune().await;
+    let mut a2 = nodes[1].autotune().await;
+    for a in [&mut a1, &mut a2] {
+        a.create_harness(harness_request("jobs", "h", 10, 20, Some(1)))
+            .await
+            .expect("harness");
+    }
+    let tune = pb::AutotuneRequest {
+        index_name: "jobs".into(),
+        harness: "h".into(),
+        grid: grid.clone(),
+        min_recall: Some(0.0),
+        activate: true,
+        ..Default::default()
+    };
+
+    // Node 1's job holds the index's job lease (held RUNNING at its gate).
+    let mut first = a1
+        .autotune(tune.clone())
+        .await
+        .expect("autotune on node 1")
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(started)) =
+        first.message().await.expect("stream").expect("event").event
+    else {
+        panic!("the first event is Started")
+    };
+    // A second job on the same index through another node: ABORTED, naming the holder.
+    let err = a2
+        .autotune(tune.clone())
+        .await
+        .expect_err("one job per index across the cluster");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains(&started.job_id) && err.message().contains("n1"),
+        "{err:?}"
+    );
+
+    // Node 1 loses its lease (revoked in etcd, as when it expires): its job, let through the
+    // gate, measures its trial but can neither promote nor activate.
+    let mut etcd = etcd_client::Client::connect([e.etcd.as_str()], None)
+        .await
+        .expect("etcd client");
+    let held = etcd
+        .get("/vectord/v1/jobs/jobs", None)
+        .await
+        .expect("read the job lease");
+    let lease = held.kvs().first().expect("the job lease key").lease();
+    etcd.lease_revoke(lease)
+        .await
+        .expect("revoke the job lease");
+    gate.open();
+    let (events, err) = collect(first).await;
+    let err = err.expect("the fenced job fails");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
+    assert!(err.message().contains("lease"), "{err:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, pb::autotune_response::Event::Trial(_))),
+        "the job ran its trial: {events:?}"
+    );
+    for node in &nodes {
+        let got = promoted(node, "jobs").await;
+        assert_eq!(
+            (got.current, got.history.len()),
+            (None, 0),
+            "nothing promoted"
+        );
+        assert_eq!(
+            get_index(node, "jobs").await.desired_generation,
+            0,
+            "nothing activated"
+        );
+    }
+
+    // The lease is free again: a job through node 2 promotes and activates, and every node
+    // rolls its winner out.
+    let second = a2
+        .autotune(tune)
+        .await
+        .expect("autotune on node 2")
+        .into_inner();
+    let (events, err) = collect(second).await;
+    assert!(err.is_none(), "{err:?}");
+    let Some(pb::autotune_response::Event::Finished(f)) = events.last() else {
+        panic!("finished: {events:?}")
+    };
+    assert!(f.promoted, "{f:?}");
+    for node in &nodes {
+        let index = eventually(WAIT, "the winner rolled out on every node", || async move {
+            let i = get_index(node, "jobs").await;
+            let gen = i.active_generation.clone()?;
+            (i.desired_generation == 1
+                && gen.config_source == pb::ConfigSource::Promoted as i32
+                && index_health(node, "jobs").await == 1)
+                .then_some(i)
+        })
+        .await;
+        let gen = index.active_generation.expect("generation");
+        assert_eq!(gen.config, Some(grid[0]));
+    }
+    // Node 2 held the winner's graph: it adopted it instead of building.
+    let on2 = get_index(&nodes[1], "jobs").await;
+    assert!(on2.active_generation.expect("generation").trial_id > 0);
+    let got = promoted(&nodes[0], "jobs").await;
+    assert_eq!(got.current.expect("promoted").trial_node_id, "n2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline() {
+    let Some(e) = Engines::start(
+        "control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline",
+    ) else {
+        return;
+    };
+    // Node 3's rollouts of "lag" wait at a gate: it stays behind until the test opens it.
+    let gate = vectord::autotune::jobs::JobGate::closed(["lag"]);
+    let nodes = vec![
+        node_in_process("n1", &e, None, None).await,
+        node_in_process("n2", &e, None, None).await,
+        node_in_process("n3", &e, None, Some(gate.clone())).await,
+    ];
+    seeded_cluster_index(&nodes, "lag", 100, 4).await;
+    let config = pb::HnswConfig {
+        m: 6,
+        ef_construction: 30,
+        ef_search: 30,
+        seed: Some(5),
+    };
+    nodes[0]
+        .index()
+        .await
+        .put_profile(pb::PutProfileRequest {
+            profile: Some(pb::Profile {
+                name: "lagging".into(),
+                indexes: vec![pb::ProfileIndex {
+                    index_name: "lag".into(),
+                    default_config: Some(config),
+                }],
+            }),
+        })
+        .await
+        .expect("put profile");
+
+    // The activation answers at its deadline, with each node's status: node 3 is behind.
+    let mut req = tonic::Request::new(pb::ActivateProfileRequest {
+        name: "lagging".into(),
+    });
+    req.set_timeout(Duration::from_secs(4));
+    let act = nodes[0]
+        .index()
+        .await
+        .activate_profile(req)
+        .await
+        .expect("answered at the deadline, not failed")
+        .into_inner();
+    assert!(!act.rolled_out, "{act:?}");
+    let status = |id: &str| {
+        act.nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .unwrap_or_else(|| panic!("{id} in {act:?}"))
+            .clone()
+    };
+    for id in ["n1", "n2"] {
+        let s = status(id);
+        assert!(s.current && s.served_desired_generation == 1, "{s:?}");
+    }
+    let behind = status("n3");
+    assert!(!behind.current, "{behind:?}");
+    assert_eq!(
+        (behind.served_desired_generation, behind.desired_generation),
+        (0, 1)
+    );
+    assert_eq!(act.generations[0].config, Some(config), "node 1 serves it");
+
+    // Node 3 says so in its per-index health and keeps serving searches from what it has.
+    eventually(WAIT, "node 3 NOT_SERVING for the index", || async {
+        (index_health_status(&nodes[2], "lag").await == Some(2)).then_some(())
+    })
+    .await;
+    assert_eq!(index_health(&nodes[0], "lag").await, 1, "node 1 SERVING");
+    let ids = search_min(&mut nodes[2].index().await, "lag", point(7, 4).vector, 1, 0)
+        .await
+        .expect("a node behind still serves searches");
+    assert_eq!(ids, vec![7]);
+    let seen = get_index(&nodes[1], "lag").await;
+    assert!(
+        seen.nodes.iter().any(|n| n.node_id == "n3" && !n.current),
+        "{seen:?}"
+    );
+
+    // Let it through: it catches up, and every node sees every node current.
+    gate.open();
+    eventually(WAIT, "node 3 SERVING again", || async {
+        (index_health_status(&nodes[2], "lag").await == Some(1)).then_some(())
+    })
+    .await;
+    let on3 = get_index(&nodes[2], "lag").await;
+    let gen = on3.active_generation.expect("generation");
+    assert_eq!(
+        (gen.config, gen.profile.as_str()),
+        (Some(config), "lagging")
+    );
+    eventually(WAIT, "every node current, as node 1 sees it", || async {
+        let i = get_index(&nodes[0], "lag").await;
+        (i.nodes.len() == 3 && i.nodes.iter().all(|n| n.current)).then_some(())
+    })
+    .await;
 }

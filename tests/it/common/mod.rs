@@ -63,6 +63,13 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        Self::start_on(listener, dir, config).await
+    }
+
+    /// A server on `listener` (bound by the caller, who may need its address in `config`,
+    /// e.g. a cluster node's advertise address), over `dir` with `config`, ready when this
+    /// returns.
+    pub async fn start_on(listener: tokio::net::TcpListener, dir: &Path, config: Config) -> Self {
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(vectord::server::run(listener, config, async move {

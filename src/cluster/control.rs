@@ -1,0 +1,697 @@
+//! The control plane a cluster node shares through etcd: profiles, the promotion registry,
+//! each index's desired active generation and the autotune job leases.
+//!
+//! Invariants:
+//! - Every change is ONE etcd transaction: the keys it depends on are read at one revision
+//!   ([`etcd::read`]), the change is computed from them, and it is committed only if each of
+//!   them is still as read ([`etcd::unchanged`], [`etcd::incarnation`]). A commit that loses
+//!   to another node's change is retried from a fresh read, at most [`CAS_ATTEMPTS`] times
+//!   (then ABORTED), so two racing promotes on two nodes leave one history with both.
+//! - A change made for an autotune job carries its fence (the job lease key's create
+//!   revision) as one more compare of the same transaction: a job whose lease expired or was
+//!   revoked (its key is gone, or is another job's) can never promote or activate.
+//! - Reads answer from etcd; every call is bounded (`etcd::TIMEOUT`) and UNAVAILABLE naming
+//!   etcd when it does not answer (`Error::Engine`).
+//! - The etcd client connects lazily: the control plane exists before the node has joined
+//!   (the registry and the jobs are built with it), and its calls fail fast until etcd
+//!   answers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, PutOptions, TxnOp};
+use tokio_util::sync::CancellationToken;
+
+use super::etcd::{self, Desired, JobLeaseEntry, PromotionEntry, Read, TrialRef};
+use super::ClusterConfig;
+use crate::autotune::jobs::{ClusterJobs, JobLease};
+use crate::error::{Error, Result};
+use crate::model::{now_millis, ConfigSource, HnswConfig, Name, Profile};
+use crate::promotion::{Fence, Promotion, Record, Shared};
+use crate::tasks::Tasks;
+
+/// Commits lost to concurrent changes before a change is ABORTED.
+pub const CAS_ATTEMPTS: u32 = 16;
+/// A job lease outlives a node that died holding it by at most this.
+pub const JOB_LEASE_TTL_SECS: i64 = 10;
+/// How often a job's node renews its lease.
+const JOB_LEASE_RENEW: Duration = Duration::from_secs(2);
+
+/// An index's rollout on this node: the desired generation number (0: none set) and the one
+/// it serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rollout {
+    pub desired: u64,
+    pub served: u64,
+    /// The desired generation number whose last build attempt on this node failed (0: none).
+    pub failed: u64,
+}
+
+impl Rollout {
+    /// Whether the node serves what the cluster wants for the index.
+    pub fn current(&self) -> bool {
+        self.served >= self.desired
+    }
+}
+
+pub struct Control {
+    cfg: ClusterConfig,
+    etcd: Client,
+    tasks: Tasks,
+    /// Per index name, this node's rollout (set by the node's watch of the desired
+    /// generations, `rollout.rs`): what jobs wait on, and what per-index health reports.
+    rollouts: tokio::sync::watch::Sender<BTreeMap<String, Rollout>>,
+}
+
+fn conflict(what: &str) -> Error {
+    Error::Conflict(format!(
+        "{what}: lost {CAS_ATTEMPTS} times to concurrent changes by other nodes; retry"
+    ))
+}
+
+/// A short random pause before the next attempt, growing with `attempt`.
+async fn backoff(attempt: u32) {
+    tracing::debug!(
+        attempt,
+        "a compare-and-swap in etcd lost to another node's change; retrying from a fresh read"
+    );
+    let ms = 5 + rand::random::<u64>() % (10 * u64::from(attempt.min(10)) + 10);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+impl Control {
+    /// The control plane of node `cfg.node_id`; etcd is connected at the first call.
+    pub async fn connect(cfg: &ClusterConfig, tasks: Tasks) -> Result<Arc<Self>> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(etcd::TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let etcd = etcd::bounded(
+            &cfg.etcd,
+            "connecting",
+            Client::connect(&cfg.etcd, Some(opts)),
+        )
+        .await?;
+        Ok(Arc::new(Control {
+            cfg: cfg.clone(),
+            etcd,
+            tasks,
+            rollouts: tokio::sync::watch::channel(BTreeMap::new()).0,
+        }))
+    }
+
+    pub fn etcd(&self) -> Client {
+        self.etcd.clone()
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.cfg.etcd
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    /// This node's rollout of every index, as it changes.
+    pub fn rollouts(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, Rollout>> {
+        self.rollouts.subscribe()
+    }
+
+    pub fn rollout(&self, index: &str) -> Rollout {
+        self.rollouts
+            .borrow()
+            .get(index)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Changes this node's rollout of `index` (None: the index is gone).
+    pub(super) fn set_rollout(&self, index: &str, f: impl FnOnce(&mut Rollout) -> bool) {
+        self.rollouts.send_if_modified(|m| {
+            let new = !m.contains_key(index);
+            let r = m.entry(index.to_string()).or_default();
+            f(r) || new
+        });
+    }
+
+    pub(super) fn forget_rollout(&self, index: &str) {
+        self.rollouts
+            .send_if_modified(|m| m.remove(index).is_some());
+    }
+
+    async fn read(&self, what: &str, keys: &[String]) -> Result<Vec<Option<Read>>> {
+        etcd::read(&mut self.etcd(), self.urls(), what, keys).await
+    }
+
+    async fn commit(
+        &self,
+        what: &str,
+        when: Vec<etcd_client::Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<Option<i64>> {
+        etcd::commit(&mut self.etcd(), self.urls(), what, when, ops).await
+    }
+
+    // ---- profiles ----
+
+    /// PutProfile: one transaction, "every index it names exists (the incarnation read) → put".
+    pub async fn put_profile(&self, profile: Profile) -> Result<Profile> {
+        let key = etcd::profile_key(profile.name.as_str());
+        let value = etcd::encode("a profile", &profile)?;
+        let keys: Vec<String> = profile
+            .indexes
+            .iter()
+            .map(|pi| etcd::index_key(pi.index.as_str()))
+            .collect();
+        for attempt in 0..CAS_ATTEMPTS {
+            let read = self.read("reading the profile's indexes", &keys).await?;
+            let mut when = Vec::with_capacity(keys.len());
+            for ((k, r), pi) in keys.iter().zip(&read).zip(&profile.indexes) {
+                let r = r
+                    .as_ref()
+                    .ok_or_else(|| Error::not_found("index", pi.index.as_str()))?;
+                when.push(etcd::incarnation(k, r.create_revision));
+            }
+            let ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+            if self
+                .commit("putting the profile", when, ops)
+                .await?
+                .is_some()
+            {
+                return Ok(profile);
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict("PutProfile"))
+    }
+
+    pub async fn get_profile(&self, name: &Name) -> Result<Profile> {
+        let key = etcd::profile_key(name.as_str());
+        let read = self
+            .read("reading the profile", std::slice::from_ref(&key))
+            .await?;
+        match read.into_iter().next().flatten() {
+            Some(r) => r.decode(&key),
+            None => Err(Error::not_found("profile", name.as_str())),
+        }
+    }
+
+    /// Profiles in name order after `after`, at most `limit`.
+    pub async fn list_profiles(&self, after: Option<&Name>, limit: usize) -> Result<Vec<Profile>> {
+        let (kvs, _) = etcd::list(
+            &mut self.etcd(),
+            self.urls(),
+            "listing the profiles",
+            etcd::profiles_prefix(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        for (key, r) in kvs {
+            match r.decode::<Profile>(&key) {
+                Ok(p) if after.is_none_or(|a| p.name.as_str() > a.as_str()) => out.push(p),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "unreadable profile in etcd: not listed")
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// DeleteProfile: one transaction, "the profile exists → delete"; NOT_FOUND otherwise.
+    pub async fn delete_profile(&self, name: &Name) -> Result<()> {
+        let key = etcd::profile_key(name.as_str());
+        let when = vec![etcd_client::Compare::version(
+            key.clone(),
+            etcd_client::CompareOp::Greater,
+            0,
+        )];
+        match self
+            .commit("deleting the profile", when, vec![TxnOp::delete(key, None)])
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(Error::not_found("profile", name.as_str())),
+        }
+    }
+
+    // ---- the promotion registry ----
+
+    /// The fence's compare, after checking that the lease key read is still the job's.
+    fn fenced(fence: &Fence, read: &Option<Read>) -> Result<etcd_client::Compare> {
+        let key = etcd::job_key(fence.index.as_str());
+        if read.as_ref().map(|r| r.create_revision) != Some(fence.token) {
+            return Err(lost_lease(&fence.index));
+        }
+        Ok(etcd::incarnation(&key, fence.token))
+    }
+
+    /// Reads the index (its uid), its promotion record and, with a fence, its job lease.
+    async fn read_registry(
+        &self,
+        index: &Name,
+        fence: Option<&Fence>,
+    ) -> Result<(u64, Option<Read>, PromotionEntry, Option<Read>)> {
+        let mut keys = vec![
+            etcd::index_key(index.as_str()),
+            etcd::promotion_key(index.as_str()),
+        ];
+        if fence.is_some() {
+            keys.push(etcd::job_key(index.as_str()));
+        }
+        let mut read = self.read("reading the promotion registry", &keys).await?;
+        let job = if fence.is_some() {
+            read.pop().flatten()
+        } else {
+            None
+        };
+        let promo = read.pop().flatten();
+        let uid = read
+            .pop()
+            .flatten()
+            .map(|r| r.create_revision as u64)
+            .ok_or_else(|| Error::not_found("index", index.as_str()))?;
+        let entry = match &promo {
+            Some(r) => {
+                let e: PromotionEntry = r.decode(&keys[1])?;
+                if e.uid == uid {
+                    e
+                } else {
+                    PromotionEntry::default()
+                }
+            }
+            None => PromotionEntry::default(),
+        };
+        Ok((uid, promo, PromotionEntry { uid, ..entry }, job))
+    }
+
+    /// Changes the index's record with `f`, in one compare-and-swap (retried).
+    async fn update_registry<T>(
+        &self,
+        index: &Name,
+        fence: Option<&Fence>,
+        what: &str,
+        f: impl Fn(&mut Record) -> Result<T>,
+    ) -> Result<T> {
+        for attempt in 0..CAS_ATTEMPTS {
+            let (uid, promo, mut entry, job) = self.read_registry(index, fence).await?;
+            let out = f(&mut entry.record)?;
+            let key = etcd::promotion_key(index.as_str());
+            let mut when = vec![
+                etcd::incarnation(&etcd::index_key(index.as_str()), uid as i64),
+                etcd::unchanged(&key, &promo),
+            ];
+            if let Some(fence) = fence {
+                when.push(Self::fenced(fence, &job)?);
+            }
+            let ops = vec![TxnOp::put(
+                key,
+                etcd::encode("a promotion record", &entry)?,
+                None,
+            )];
+            if self.commit(what, when, ops).await?.is_some() {
+                return Ok(out);
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict(what))
+    }
+
+    // ---- desired generations ----
+
+    /// ActivateProfile: sets the desired generation of every index of the profile (the
+    /// promoted config, else the profile entry's default, else the index's default), one
+    /// transaction for the whole profile, conditioned on the profile, each index, its
+    /// promotions and its desired generation being as read.
+    pub async fn activate_profile(&self, name: &Name) -> Result<Vec<(Name, Desired)>> {
+        let pkey = etcd::profile_key(name.as_str());
+        for attempt in 0..CAS_ATTEMPTS {
+            let first = self
+                .read("reading the profile", std::slice::from_ref(&pkey))
+                .await?;
+            let Some(Some(pread)) = first.into_iter().next() else {
+                return Err(Error::not_found("profile", name.as_str()));
+            };
+            let profile: Profile = pread.decode(&pkey)?;
+            let mut keys = vec![pkey.clone()];
+            for pi in &profile.indexes {
+                let i = pi.index.as_str();
+                keys.extend([
+                    etcd::index_key(i),
+                    etcd::promotion_key(i),
+                    etcd::active_key(i),
+                ]);
+            }
+            let read = self.read("reading the profile's indexes", &keys).await?;
+            let mut when = vec![etcd::unchanged(&pkey, &read[0])];
+            let mut ops = Vec::new();
+            let mut out = Vec::new();
+            for (n, pi) in profile.indexes.iter().enumerate() {
+                let i = pi.index.as_str();
+                let (ir, pr, ar) = (&read[1 + 3 * n], &read[2 + 3 * n], &read[3 + 3 * n]);
+                let ir = ir.as_ref().ok_or_else(|| Error::not_found("index", i))?;
+                let uid = ir.create_revision as u64;
+                let entry: etcd::IndexEntry = ir.decode(&keys[1 + 3 * n])?;
+                let current = match pr {
+                    Some(r) => {
+                        let e: PromotionEntry = r.decode(&keys[2 + 3 * n])?;
+                        (e.uid == uid).then_some(e.record.current).flatten()
+                    }
+                    None => None,
+                };
+                let prev = match ar {
+                    Some(r) => {
+                        let d: Desired = r.decode(&keys[3 + 3 * n])?;
+                        if d.uid == uid {
+                            d.number
+                        } else {
+                            0
+                        }
+                    }
+                    None => 0,
+                };
+                let (config, source, trial) = match current {
+                    Some(p) => (
+                        p.config,
+                        ConfigSource::Promoted,
+                        (!p.trial_node.is_empty()).then(|| TrialRef {
+                            node: p.trial_node.clone(),
+                            id: p.trial_id,
+                        }),
+                    ),
+                    None => (
+                        pi.default_config.unwrap_or(entry.default_config),
+                        ConfigSource::Default,
+                        None,
+                    ),
+                };
+                let desired = Desired {
+                    uid,
+                    number: prev + 1,
+                    config,
+                    source,
+                    profile: name.to_string(),
+                    trial,
+                    set_by: self.cfg.node_id.clone(),
+                    set_time_ms: now_millis(),
+                };
+                when.push(etcd::incarnation(&keys[1 + 3 * n], uid as i64));
+                when.push(etcd::unchanged(&keys[2 + 3 * n], pr));
+                when.push(etcd::unchanged(&keys[3 + 3 * n], ar));
+                ops.push(TxnOp::put(
+                    keys[3 + 3 * n].clone(),
+                    etcd::encode("a desired generation", &desired)?,
+                    None,
+                ));
+                out.push((pi.index.clone(), desired));
+            }
+            if self
+                .commit("setting the desired generations", when, ops)
+                .await?
+                .is_some()
+            {
+                return Ok(out);
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict("ActivateProfile"))
+    }
+
+    /// An autotune job's activation of its promoted winner: the index's next desired
+    /// generation, fenced by the job's lease.
+    async fn activate_job(
+        &self,
+        fence: &Fence,
+        config: HnswConfig,
+        trial: TrialRef,
+    ) -> Result<Desired> {
+        let index = &fence.index;
+        let keys = vec![
+            etcd::index_key(index.as_str()),
+            etcd::active_key(index.as_str()),
+            etcd::job_key(index.as_str()),
+        ];
+        for attempt in 0..CAS_ATTEMPTS {
+            let read = self.read("reading the desired generation", &keys).await?;
+            let uid = read[0]
+                .as_ref()
+                .map(|r| r.create_revision as u64)
+                .ok_or_else(|| Error::not_found("index", index.as_str()))?;
+            let prev = match &read[1] {
+                Some(r) => {
+                    let d: Desired = r.decode(&keys[1])?;
+                    if d.uid == uid {
+                        d.number
+                    } else {
+                        0
+                    }
+                }
+                None => 0,
+            };
+            let when = vec![
+                etcd::incarnation(&keys[0], uid as i64),
+                etcd::unchanged(&keys[1], &read[1]),
+                Self::fenced(fence, &read[2])?,
+            ];
+            let desired = Desired {
+                uid,
+                number: prev + 1,
+                config,
+                source: ConfigSource::Promoted,
+                profile: String::new(),
+                trial: Some(trial.clone()),
+                set_by: self.cfg.node_id.clone(),
+                set_time_ms: now_millis(),
+            };
+            let ops = vec![TxnOp::put(
+                keys[1].clone(),
+                etcd::encode("a desired generation", &desired)?,
+                None,
+            )];
+            if self
+                .commit("setting the desired generation", when, ops)
+                .await?
+                .is_some()
+            {
+                return Ok(desired);
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict("the autotune job's activation"))
+    }
+
+    /// Waits until this node serves desired generation `number` of `index` (or a later one);
+    /// UNAVAILABLE when its build of it failed (the node goes on retrying it).
+    async fn wait_served(
+        &self,
+        index: &str,
+        number: u64,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut rx = self.rollouts();
+        let seen = tokio::select! {
+            r = rx.wait_for(|m| m.get(index).is_some_and(|r| r.served >= number || r.failed == number)) => {
+                r.map(|m| m.get(index).copied().unwrap_or_default())
+                    .map_err(|_| Error::Unavailable("the node is shutting down".into()))?
+            }
+            _ = cancel.cancelled() => return Err(Error::Cancelled(format!("the activation of index {index:?} was abandoned"))),
+        };
+        if seen.served >= number {
+            return Ok(());
+        }
+        Err(Error::Unavailable(format!(
+            "node {} could not build desired generation {number} of index {index:?} (it retries every 5 s; GetIndex.nodes shows its error); the promotion stands",
+            self.cfg.node_id
+        )))
+    }
+}
+
+fn lost_lease(index: &Name) -> Error {
+    Error::Conflict(format!(
+        "the autotune job no longer holds index {:?}'s job lease in etcd (it expired or was revoked): nothing was promoted or activated",
+        index.as_str()
+    ))
+}
+
+#[async_trait::async_trait]
+impl Shared for Control {
+    async fn promote(&self, p: Promotion, fence: Option<&Fence>) -> Result<(Promotion, u32)> {
+        let index = p.index.clone();
+        let depth = self
+            .update_registry(&index, fence, "promoting", |rec| Ok(rec.promote(p.clone())))
+            .await?;
+        Ok((p, depth))
+    }
+
+    async fn rollback(&self, index: &Name) -> Result<(Option<Promotion>, u32)> {
+        self.update_registry(index, None, "rolling back", |rec| rec.rollback(index))
+            .await
+    }
+
+    async fn get(&self, index: &Name) -> Result<Record> {
+        Ok(self.read_registry(index, None).await?.2.record)
+    }
+}
+
+/// An autotune job's hold on its index's job lease.
+pub struct EtcdJobLease {
+    control: Arc<Control>,
+    fence: Fence,
+    lease: i64,
+    /// Stops the renewals.
+    renew: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl ClusterJobs for Control {
+    async fn acquire(self: Arc<Self>, index: &Name, job_id: &str) -> Result<Arc<dyn JobLease>> {
+        let urls = self.urls().to_vec();
+        let mut etcd = self.etcd();
+        let lease = etcd::bounded(
+            &urls,
+            "granting the job's lease",
+            etcd.lease_grant(JOB_LEASE_TTL_SECS, None),
+        )
+        .await?
+        .id();
+        let key = etcd::job_key(index.as_str());
+        let ikey = etcd::index_key(index.as_str());
+        let entry = JobLeaseEntry {
+            node_id: self.cfg.node_id.clone(),
+            job_id: job_id.to_string(),
+            lease,
+            start_time_ms: now_millis(),
+        };
+        let taken = async {
+            let read = self
+                .read("reading the job lease", &[ikey.clone(), key.clone()])
+                .await?;
+            let uid = read[0]
+                .as_ref()
+                .map(|r| r.create_revision)
+                .ok_or_else(|| Error::not_found("index", index.as_str()))?;
+            if let Some(r) = &read[1] {
+                let holder: JobLeaseEntry = r.decode(&key)?;
+                return Err(Error::Conflict(format!(
+                    "index {:?} is already being tuned by job {} on node {} (its job lease in etcd); wait for it or cancel it there",
+                    index.as_str(),
+                    holder.job_id,
+                    holder.node_id
+                )));
+            }
+            let when = vec![
+                etcd::incarnation(&ikey, uid),
+                etcd::unchanged(&key, &None),
+            ];
+            let ops = vec![TxnOp::put(
+                key.clone(),
+                etcd::encode("a job lease", &entry)?,
+                Some(PutOptions::new().with_lease(lease)),
+            )];
+            match self.commit("taking the job lease", when, ops).await? {
+                Some(rev) => Ok(rev),
+                None => Err(Error::Conflict(format!(
+                    "index {:?} is already being tuned by a job on another node (its job lease in etcd); wait for it",
+                    index.as_str()
+                ))),
+            }
+        }
+        .await;
+        let token = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = tokio::time::timeout(JOB_LEASE_RENEW, etcd.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
+        let renew = CancellationToken::new();
+        self.tasks
+            .spawn(renew_job_lease(self.clone(), lease, renew.clone()));
+        tracing::info!(index = %index, job = job_id, token, "took the index's job lease");
+        Ok(Arc::new(EtcdJobLease {
+            control: self,
+            fence: Fence {
+                index: index.clone(),
+                token,
+            },
+            lease,
+            renew,
+        }))
+    }
+}
+
+/// Renews a job lease every [`JOB_LEASE_RENEW`] until `stop`; a lease etcd no longer has is
+/// not taken again (the job's fence then fails).
+async fn renew_job_lease(control: Arc<Control>, lease: i64, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(JOB_LEASE_RENEW) => {}
+        }
+        let mut etcd = control.etcd();
+        let kept = etcd::bounded(control.urls(), "renewing the job lease", async {
+            let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(answers.message().await?.map_or(0, |a| a.ttl()))
+        })
+        .await;
+        match kept {
+            Ok(ttl) if ttl > 0 => {}
+            Ok(_) => {
+                tracing::warn!(
+                    lease,
+                    "the autotune job's lease expired: it can no longer promote or activate"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(lease, error = %e, "renewing the autotune job's lease failed; retrying")
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl JobLease for EtcdJobLease {
+    fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
+    async fn activate(
+        &self,
+        config: HnswConfig,
+        trial_id: u64,
+        cancel: &CancellationToken,
+    ) -> Result<u64> {
+        let trial = TrialRef {
+            node: self.control.cfg.node_id.clone(),
+            id: trial_id,
+        };
+        let desired = self
+            .control
+            .activate_job(&self.fence, config, trial)
+            .await?;
+        tracing::info!(index = %self.fence.index, desired = desired.number, config = %config, "autotune set the index's desired generation");
+        self.control
+            .wait_served(self.fence.index.as_str(), desired.number, cancel)
+            .await?;
+        Ok(desired.number)
+    }
+
+    async fn release(&self) {
+        self.renew.cancel();
+        let mut etcd = self.control.etcd();
+        match tokio::time::timeout(JOB_LEASE_RENEW, etcd.lease_revoke(self.lease)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(index = %self.fence.index, error = %e, "releasing the job lease failed: it expires by itself")
+            }
+            Err(_) => {
+                tracing::warn!(index = %self.fence.index, "etcd did not answer the job lease's release: it expires by itself")
+            }
+        }
+    }
+}
