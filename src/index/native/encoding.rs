@@ -157,6 +157,49 @@ impl Native {
         distance::internal_from(self.metric, raw)
     }
 
+    /// A lower bound of the exact internal distance from `q` to node `id` whose 8-bit code
+    /// distance is `coded` ([`Storage::Int8`]; the other storages return `coded`). A code is
+    /// within half its scale of each component, so the vector it stands for is within
+    /// `scale * sqrt(dim) / 2` of the node's: for L2 the exact distance is at least the coded
+    /// one less that (in distance units); for cosine and dot the dot product moves by at most
+    /// `|q|` times that, plus the query's own fixed-point rounding (`q_norm`: `|q|`).
+    pub(super) fn coded_lower_bound(&self, q: &Query, q_norm: f32, id: u32, coded: f32) -> f32 {
+        if self.storage != Storage::Int8 {
+            return coded;
+        }
+        let Some((seg, off)) = self.node(id) else {
+            return coded;
+        };
+        let (_, scale) = self.i8_in(seg, off);
+        let root = (self.dim as f32).sqrt();
+        let off_by = scale * root * 0.5;
+        match self.metric {
+            Metric::L2 => {
+                let below = (coded.sqrt() - off_by).max(0.0);
+                below * below
+            }
+            Metric::Cosine | Metric::Dot => {
+                // |x^| <= 127 * scale * sqrt(dim); the fixed-point query is within fs / 2 of q
+                // in each component.
+                let fixed = q
+                    .fixed
+                    .map_or(0.0, |(_, fs)| fs * root * 0.5 * 127.0 * scale * root);
+                let slack = q_norm * off_by + fixed;
+                if self.metric == Metric::Cosine {
+                    (coded - slack).max(0.0)
+                } else {
+                    // Internal dot distances: 1 - q.x, shifted to stay positive and ordered.
+                    let d = distance::reported(Metric::Dot, coded) - slack;
+                    if d >= 0.0 {
+                        d + 1.0
+                    } else {
+                        d.exp()
+                    }
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     pub(super) fn dist_to(&self, q: &Query, id: u32) -> Option<f32> {
         self.node(id).map(|(seg, off)| self.dist_node(q, seg, off))

@@ -65,7 +65,7 @@ mod scratch;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering as AtOrd};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering as AtOrd};
 use std::sync::OnceLock;
 
 use parking_lot::{Mutex, RwLock};
@@ -114,12 +114,24 @@ pub struct Native {
     segments: Box<[OnceLock<Segment>]>,
     /// Where segments keep their float vectors (module docs, "Memory").
     memory: EngineMemory,
+    /// Per segment, per node: how many level-0 lists link to it (saturating: a count that
+    /// reaches `u16::MAX` stays there). Kept by every writer of a level-0 list (`hnsw`), so a
+    /// prune can refuse to drop one of a node's last links (`hnsw::MIN_IN_LINKS`). Created
+    /// with its segment, before any node of it is published.
+    in_links: Box<[OnceLock<Box<[AtomicU16]>>]>,
     /// The entry point and the top level, None while empty.
     entry: RwLock<Option<(u32, usize)>>,
     /// Held by an insert whose node may become the new entry point.
     top_lock: Mutex<()>,
     /// Nodes fully inserted.
     count: AtomicUsize,
+    /// Whether inserts keep every node findable (`hnsw`'s in-link floor and checks); false
+    /// only in the measurement of what that costs.
+    findable: bool,
+    /// Whether 8-bit searches also rank exactly the candidates past the re-rank window that
+    /// their codes cannot rule out (`hnsw::Native::rerank_uncertain`); false only in the
+    /// measurement of what that costs.
+    bounded_rerank: bool,
     /// Node slots in created segments.
     slots: AtomicUsize,
     /// Bytes of upper-level link blocks.
@@ -160,9 +172,12 @@ impl Native {
             center: OnceLock::new(),
             segments: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
             memory: EngineMemory::IN_RAM,
+            in_links: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
             entry: RwLock::new(None),
             top_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
+            findable: true,
+            bounded_rerank: true,
             slots: AtomicUsize::new(0),
             upper_bytes: AtomicUsize::new(0),
         }
@@ -194,6 +209,13 @@ impl Native {
         self.segments.get(s)?.get().map(|seg| (seg, off))
     }
 
+    /// The level-0 in-link counter of node `id` (created with its segment).
+    #[inline(always)]
+    fn in_links_of(&self, id: u32) -> Option<&AtomicU16> {
+        let (s, off) = self.locate(id);
+        self.in_links.get(s)?.get()?.get(off)
+    }
+
     /// The segment of node `id`, created if needed.
     fn node_or_create(&self, id: u32) -> Option<(&Segment, usize)> {
         let (s, off) = self.locate(id);
@@ -202,6 +224,9 @@ impl Native {
         } else {
             self.base << (s - 1)
         };
+        self.in_links
+            .get(s)?
+            .get_or_init(|| (0..len).map(|_| AtomicU16::new(0)).collect());
         let seg = self.segments.get(s)?.get_or_init(|| {
             self.slots.fetch_add(len, AtOrd::Relaxed);
             Segment::new(

@@ -232,6 +232,10 @@ impl Native {
                     if to != EMPTY && !present {
                         return Err(bad(format!("node {id} links to missing node {to}")));
                     }
+                    // The level-0 in-link counts are not saved: counted again here.
+                    if to != EMPTY && level == 0 {
+                        g.gain_link(to);
+                    }
                 }
             }
         }

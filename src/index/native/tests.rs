@@ -599,3 +599,340 @@ fn empty_and_oversized_requests() {
     assert!(e.search(&[0.0; 3], 10, 10).is_empty()); // wrong dimension
     assert!(e.memory_bytes() > 0);
 }
+
+/// 8-bit codes cannot tell apart points close to each other and far from the center (the
+/// code step there is large): 2-d points [100 + r, 0.5] beside points [0..8, up to 16,000]
+/// (group_commit's test data). With k = 1 the re-rank window holds 11 candidates, fewer than
+/// the points its codes tie; the candidates the codes cannot rule out are ranked exactly
+/// too, so each point is found first by its own vector.
+#[test]
+fn int8_searches_rank_every_candidate_the_codes_cannot_rule_out() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let spread: Vec<Vec<f32>> = (0..400)
+        .map(|i| vec![(i % 8) as f32, rng.gen_range(0.0f32..16_000.0)])
+        .collect();
+    let near: Vec<Vec<f32>> = (0..40).map(|r| vec![100.0 + r as f32 * 0.5, 0.5]).collect();
+    let lost = |bounded: bool| {
+        let mut e = Native::with_storage(Metric::L2, 2, &HnswConfig::default(), 16, Storage::Int8);
+        e.bounded_rerank = bounded;
+        let items: Vec<(&[f32], usize)> = spread
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect();
+        e.insert_many(&items, false);
+        for (r, v) in near.iter().enumerate() {
+            e.insert(v, 400 + r);
+        }
+        (0..near.len())
+            .filter(|&r| e.search(&near[r], 1, 64).first().map(|f| f.0) != Some(400 + r))
+            .count()
+    };
+    assert!(lost(false) > 0, "the data no longer shows the codes' ties");
+    assert_eq!(lost(true), 0);
+}
+
+/// Clustered 32-d points around 20 centres in [-1, 1), spread 0.05 (the generation tests'
+/// data), and points unlike them: uniform in [-3, 3).
+fn clustered_and_outliers(seed: u64, n: usize, outliers: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let dim = 32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..20)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+        .collect();
+    let base = (0..n)
+        .map(|_| {
+            let c = &centres[rng.gen_range(0..20)];
+            c.iter()
+                .map(|x| x + rng.gen_range(-0.05f32..0.05))
+                .collect()
+        })
+        .collect();
+    let far = (0..outliers)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-3.0f32..3.0)).collect())
+        .collect();
+    (base, far)
+}
+
+/// Online outliers on the engine, seed after seed: the points a search with their own vector
+/// does not find first, at ef 64 (the default ef_search) and at ef 200. Run with
+/// `cargo test --lib online_outliers_over_many_seeds -- --ignored --nocapture`
+/// (`SEEDS`, `THREADS` in the environment; about 25 s per 10 seeds on 2 cores).
+#[test]
+#[ignore]
+fn online_outliers_over_many_seeds() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (seeds, threads) = (env("SEEDS", 40) as u64, env("THREADS", 1));
+    for storage in [Storage::F32, Storage::Half, Storage::Int8] {
+        let (mut lost64, mut lost200) = (Vec::new(), Vec::new());
+        for seed in 0..seeds {
+            let (base, far) = clustered_and_outliers(seed, 4000, 200);
+            let e = Native::with_storage(Metric::L2, 32, &HnswConfig::default(), 4000, storage);
+            let items: Vec<(&[f32], usize)> = base
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.as_slice(), i))
+                .collect();
+            e.insert_many(&items, true);
+            e.link_orphans();
+            let per = far.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                for (c, part) in far.chunks(per).enumerate() {
+                    let e = &e;
+                    s.spawn(move || {
+                        for (j, v) in part.iter().enumerate() {
+                            e.insert_many(&[(v.as_slice(), 4000 + c * per + j)], false);
+                        }
+                    });
+                }
+            });
+            for (j, v) in far.iter().enumerate() {
+                let id = 4000 + j;
+                if e.search(v, 1, 64).first().map(|f| f.0) != Some(id) {
+                    lost64.push((seed, id));
+                }
+                if e.search(v, 1, 200).first().map(|f| f.0) != Some(id) {
+                    lost200.push((seed, id));
+                }
+            }
+        }
+        println!(
+            "{storage:?}, {threads} threads, {} outliers: not found first at ef 64: {lost64:?}; at ef 200: {lost200:?}",
+            seeds * 200
+        );
+    }
+}
+
+/// What keeping every point findable costs inserts: the same inserts with and without it
+/// (`Native::findable`), alternating, 5 repeats, medians. Run with
+/// `cargo test --lib findability_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn findability_cost() {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for storage in [Storage::Int8, Storage::F32] {
+        // [mode][phase]: points/s of the build (parallel), of online clustered points and of
+        // online outliers (one at a time).
+        let mut rates = [
+            [Vec::new(), Vec::new(), Vec::new()],
+            [Vec::new(), Vec::new(), Vec::new()],
+        ];
+        for rep in 0..5u64 {
+            let (points, far) = clustered_and_outliers(100 + rep, 12_000, 300);
+            let (base, online) = points.split_at(10_000);
+            for (mode, findable) in [(0, true), (1, false)] {
+                let mut e =
+                    Native::with_storage(Metric::L2, 32, &HnswConfig::default(), 10_000, storage);
+                e.findable = findable;
+                let items: Vec<(&[f32], usize)> = base
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.as_slice(), i))
+                    .collect();
+                let t = std::time::Instant::now();
+                e.insert_many(&items, true);
+                rates[mode][0].push(base.len() as f64 / t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for (j, v) in online.iter().enumerate() {
+                    e.insert_many(&[(v.as_slice(), 10_000 + j)], false);
+                }
+                rates[mode][1].push(online.len() as f64 / t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for (j, v) in far.iter().enumerate() {
+                    e.insert_many(&[(v.as_slice(), 12_000 + j)], false);
+                }
+                rates[mode][2].push(far.len() as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        for (phase, what) in ["build (2 threads)", "online clustered", "online outliers"]
+            .iter()
+            .enumerate()
+        {
+            let (with, without) = (
+                median(rates[0][phase].clone()),
+                median(rates[1][phase].clone()),
+            );
+            println!(
+                "{storage:?} {what}: {with:.0} points/s with, {without:.0} without: ratio {:.3} (runs with {:?}, without {:?})",
+                with / without,
+                rates[0][phase].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+                rates[1][phase].iter().map(|r| *r as u64).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+/// What ranking the candidates the 8-bit codes cannot rule out costs searches
+/// (`Native::bounded_rerank`), on the 30k 384-d sentence embeddings (cosine) if present: QPS
+/// on one thread with and without, alternating, 5 repeats, medians, and recall@k against
+/// exact search. Run with `cargo test --lib bounded_rerank_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bounded_rerank_cost() {
+    let path = std::path::Path::new("../shared/data/words_minilm_30k.fvecs");
+    let Ok((dim, mut all)) = crate::dataset::read_fvecs(path, None) else {
+        println!("no {}: skipped", path.display());
+        return;
+    };
+    for v in &mut all {
+        crate::model::normalize("v", v).unwrap();
+    }
+    let queries = all.split_off(all.len() - 1000);
+    let metric = Metric::Cosine;
+    let mut e = Native::with_storage(
+        metric,
+        dim,
+        &HnswConfig {
+            m: 16,
+            ef_construction: 100,
+            ef_search: 64,
+            seed: None,
+        },
+        all.len(),
+        Storage::Int8,
+    );
+    let items: Vec<(&[f32], usize)> = all
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_slice(), i))
+        .collect();
+    e.insert_many(&items, true);
+    let truth: Vec<Vec<usize>> = queries.iter().map(|q| exact(metric, &all, q, 10)).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (k, ef) in [(1usize, 64usize), (10, 40), (10, 64)] {
+        let mut qps = [Vec::new(), Vec::new()];
+        let mut rec = [0.0, 0.0];
+        for _ in 0..5 {
+            for (mode, on) in [(0, true), (1, false)] {
+                e.bounded_rerank = on;
+                let t = std::time::Instant::now();
+                let mut hit = 0;
+                for (q, want) in queries.iter().zip(&truth) {
+                    let got = e.search(q, k, ef);
+                    hit += want[..k]
+                        .iter()
+                        .filter(|w| got.iter().any(|g| g.0 == **w))
+                        .count();
+                }
+                qps[mode].push(queries.len() as f64 / t.elapsed().as_secs_f64());
+                rec[mode] = hit as f64 / (k * queries.len()) as f64;
+            }
+        }
+        let (with, without) = (median(qps[0].clone()), median(qps[1].clone()));
+        println!(
+            "k {k} ef {ef}: {with:.0} QPS with, {without:.0} without: ratio {:.3}; recall@{k} {:.4} with, {:.4} without (runs with {:?}, without {:?})",
+            with / without, rec[0], rec[1],
+            qps[0].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            qps[1].iter().map(|r| *r as u64).collect::<Vec<_>>()
+        );
+    }
+    // Each point found first by its own vector: how many are not, with and without.
+    for (mode, on) in [(0, true), (1, false)] {
+        e.bounded_rerank = on;
+        let lost = all
+            .iter()
+            .enumerate()
+            .step_by(10)
+            .filter(|(i, v)| e.search(v, 1, 64).first().map(|f| f.0) != Some(*i))
+            .count();
+        println!(
+            "mode {mode} (bounded {on}): {lost} of {} points not found first at k 1 ef 64",
+            all.len().div_ceil(10)
+        );
+    }
+}
+
+/// Clustered points (tests/it/scale_measure.rs's: 50 centres in 64-d, spread 0.1) inserted
+/// online after a 20,000-point build of other clusters: how many a search with their own vector does
+/// not find first, by beam. Run with `cargo test --lib online_points_like_the_data --
+/// --ignored --nocapture`.
+#[test]
+#[ignore]
+fn online_points_like_the_data_found_first_by_beam() {
+    let dim = 64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    // As scale_measure's `clustered`: each call draws its own 50 centres, so the online
+    // points form 50 new clusters of about 60 points each.
+    let mut clustered = |n: usize| -> Vec<Vec<f32>> {
+        let centres: Vec<Vec<f32>> = (0..50)
+            .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+            .collect();
+        (0..n)
+            .map(|_| {
+                let c = &centres[rng.gen_range(0..50)];
+                c.iter().map(|x| x + rng.gen_range(-0.1f32..0.1)).collect()
+            })
+            .collect()
+    };
+    let base = clustered(20_000);
+    let like = clustered(3000);
+    for storage in [Storage::Int8, Storage::F32] {
+        let e = Native::with_storage(
+            Metric::L2,
+            dim as u32,
+            &HnswConfig::default(),
+            20_000,
+            storage,
+        );
+        let items: Vec<(&[f32], usize)> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect();
+        e.insert_many(&items, true);
+        e.link_orphans();
+        for (j, v) in like.iter().enumerate() {
+            e.insert(v, 20_000 + j);
+        }
+        for ef in [64, 128, 200, 400] {
+            let missed = like
+                .iter()
+                .enumerate()
+                .filter(|(j, v)| e.search(v, 1, ef).first().map(|f| f.0) != Some(20_000 + j))
+                .count();
+            let missed_base = base
+                .iter()
+                .enumerate()
+                .step_by(7)
+                .filter(|(j, v)| e.search(v, 1, ef).first().map(|f| f.0) != Some(*j))
+                .count();
+            if ef == 64 {
+                let mut into_new = 0;
+                let mut few = 0;
+                let mut nn_hit = 0;
+                for (j, v) in like.iter().enumerate() {
+                    let got = e.search(v, 1, ef).first().map(|f| f.0);
+                    if got != Some(20_000 + j) {
+                        into_new += usize::from(got.is_some_and(|g| g >= 20_000));
+                        let mut all: Vec<&Vec<f32>> = base.iter().collect();
+                        all.extend(like.iter());
+                        let nn = (0..all.len())
+                            .filter(|&i| i != 20_000 + j)
+                            .min_by(|&a, &b| {
+                                distance::internal(Metric::L2, v, all[a])
+                                    .total_cmp(&distance::internal(Metric::L2, v, all[b]))
+                            });
+                        nn_hit += usize::from(got == nn);
+                        few += usize::from(
+                            e.in_links_of((20_000 + j) as u32)
+                                .is_some_and(|c| c.load(AtOrd::Relaxed) <= 3),
+                        );
+                    }
+                }
+                println!("{storage:?}: of the missed, the search ended at another online point: {into_new}; with <= 3 in-links: {few}; at its exact nearest neighbour: {nn_hit}");
+            }
+            println!("{storage:?} ef {ef}: online like the data not found first {missed}/3000; built points {missed_base}/{}", base.len().div_ceil(7));
+        }
+    }
+}
