@@ -616,6 +616,39 @@ fn python() -> String {
 }
 
 /// Runs the hnswlib helper with `args`; its JSON, or None (and why, printed).
+/// hnswlib's build (2 threads, vectord's M and ef_construction) of `base`, its ef sweep over
+/// `queries` against `truth`, saved to `save`.
+fn hnswlib_build(
+    base: &Path,
+    queries: &Path,
+    truth: &Path,
+    space: &str,
+    save: &Path,
+) -> Option<Value> {
+    let p = |p: &Path| p.display().to_string();
+    let efs: Vec<String> = EF_SWEEP.iter().map(|e| e.to_string()).collect();
+    hnswlib(&[
+        "--base".into(),
+        p(base),
+        "--queries".into(),
+        p(queries),
+        "--truth".into(),
+        p(truth),
+        "--space".into(),
+        space.into(),
+        "--m".into(),
+        M.to_string(),
+        "--ef-construction".into(),
+        EF_CONSTRUCTION.to_string(),
+        "--ef".into(),
+        efs.join(","),
+        "--builds".into(),
+        "2".into(),
+        "--save".into(),
+        p(save),
+    ])
+}
+
 fn hnswlib(args: &[String]) -> Option<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hnswlib_bench.py");
     match std::process::Command::new(python())
@@ -737,28 +770,8 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     server.stop().await?;
 
     // hnswlib: build, sweep, then load_index in fresh processes.
-    let efs: Vec<String> = EF_SWEEP.iter().map(|e| e.to_string()).collect();
     let p = |p: &PathBuf| p.display().to_string();
-    let built = hnswlib(&[
-        "--base".into(),
-        p(&bf),
-        "--queries".into(),
-        p(&qf),
-        "--truth".into(),
-        p(&tf),
-        "--space".into(),
-        space.into(),
-        "--m".into(),
-        M.to_string(),
-        "--ef-construction".into(),
-        EF_CONSTRUCTION.to_string(),
-        "--ef".into(),
-        efs.join(","),
-        "--builds".into(),
-        "2".into(),
-        "--save".into(),
-        p(&hf),
-    ]);
+    let built = hnswlib_build(&bf, &qf, &tf, space, &hf);
     let mut hl_loads = Vec::new();
     let mut hl_rss = Vec::new();
     let mut hl_095 = None;
@@ -1205,27 +1218,7 @@ async fn memory_only(
         }
     }
     let p = |p: &PathBuf| p.display().to_string();
-    let efs: Vec<String> = EF_SWEEP.iter().map(|e| e.to_string()).collect();
-    let built = hnswlib(&[
-        "--base".into(),
-        p(&bf),
-        "--queries".into(),
-        p(&qf),
-        "--truth".into(),
-        p(&tf),
-        "--space".into(),
-        space.into(),
-        "--m".into(),
-        M.to_string(),
-        "--ef-construction".into(),
-        EF_CONSTRUCTION.to_string(),
-        "--ef".into(),
-        efs.join(","),
-        "--builds".into(),
-        "2".into(),
-        "--save".into(),
-        p(&hf),
-    ]);
+    let built = hnswlib_build(&bf, &qf, &tf, space, &hf);
     let (mut hl_rss, mut hl_qps) = (Vec::new(), f64::NAN);
     if let Some(b) = &built {
         let rows: Vec<(u32, f64, f64)> = b["rows"]

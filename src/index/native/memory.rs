@@ -216,9 +216,10 @@ pub(super) fn mapped_cells(n: usize, dir: &Path) -> std::io::Result<Cells> {
     // else has a descriptor to it, and nothing truncates it, so the mapping stays valid for the
     // life of the returned `Cells` (which owns it) and its contents change only through it.
     let mut map = unsafe { memmap2::MmapOptions::new().len(bytes).map_mut(&file) }?;
-    drop(file); // the mapping keeps the file alive; its blocks are freed with the mapping
-                // Reads after an eviction come one vector at a time, from all over the file: read-ahead
-                // would only fetch pages no one asked for. Advice only: failure changes nothing.
+    // The mapping keeps the file alive; its blocks are freed with the mapping.
+    drop(file);
+    // Reads after an eviction come one vector at a time, from all over the file: read-ahead
+    // would only fetch pages no one asked for. Advice only: failure changes nothing.
     let _ = map.advise(memmap2::Advice::Random);
     let Some(ptr) = std::ptr::NonNull::new(map.as_mut_ptr().cast::<AtomicU32>()) else {
         return Err(std::io::Error::other("a mapping at address 0"));
