@@ -184,6 +184,29 @@ fn point(id: u64, dim: usize) -> pb::Point {
     }
 }
 
+/// Waits (up to [`WAIT`]) until index `name` holds at least `at_least` points on the node of
+/// `c`: its point count then.
+async fn wait_points(
+    c: &IndexServiceClient<Channel>,
+    name: &str,
+    at_least: u64,
+    what: &str,
+) -> u64 {
+    eventually(WAIT, what, || {
+        let mut c = c.clone();
+        async move {
+            let i = c
+                .get_index(pb::GetIndexRequest { name: name.into() })
+                .await
+                .ok()?
+                .into_inner()
+                .index?;
+            (i.point_count >= at_least).then_some(i.point_count)
+        }
+    })
+    .await
+}
+
 async fn search_min(
     c: &mut IndexServiceClient<Channel>,
     name: &str,
@@ -479,77 +502,29 @@ async fn a_killed_node_restarts_with_every_acknowledged_write() {
         }));
     }
     // The writers make progress before the kill: wait for a first sequence on node 1.
-    eventually(WAIT, "writes flowing", || {
-        let mut c = c1.clone();
-        async move {
-            let i = c
-                .get_index(pb::GetIndexRequest {
-                    name: "crash".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .index?;
-            (i.point_count >= 20).then_some(())
-        }
-    })
-    .await;
+    wait_points(&c1, "crash", 20, "writes flowing").await;
     let dir3 = nodes[2].dir.clone();
     nodes[2].proc.signal("KILL");
     let _ = nodes[2].proc.wait_exit().await;
     // Writes go on while node 3 is down: wait until the others applied 50 more points' worth.
-    let before = c1
-        .get_index(pb::GetIndexRequest {
-            name: "crash".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .index
-        .expect("index")
-        .point_count;
-    eventually(WAIT, "writes flowing while node 3 is down", || {
-        let mut c = c1.clone();
-        async move {
-            let i = c
-                .get_index(pb::GetIndexRequest {
-                    name: "crash".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .index?;
-            (i.point_count >= before + 30).then_some(())
-        }
-    })
+    let before = wait_points(&c1, "crash", 0, "the point count").await;
+    wait_points(
+        &c1,
+        "crash",
+        before + 30,
+        "writes flowing while node 3 is down",
+    )
     .await;
     nodes[2] = Node::start("n3", &dir3, &e).await;
     c3 = nodes[2].index().await;
     // And on after it is back.
-    let back = c1
-        .get_index(pb::GetIndexRequest {
-            name: "crash".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .index
-        .expect("index")
-        .point_count;
-    eventually(WAIT, "writes flowing after node 3 is back", || {
-        let mut c = c1.clone();
-        async move {
-            let i = c
-                .get_index(pb::GetIndexRequest {
-                    name: "crash".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .index?;
-            (i.point_count >= back + 20).then_some(())
-        }
-    })
+    let back = wait_points(&c1, "crash", 0, "the point count").await;
+    wait_points(
+        &c1,
+        "crash",
+        back + 20,
+        "writes flowing after node 3 is back",
+    )
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut acked = BTreeMap::new();
