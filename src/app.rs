@@ -168,6 +168,38 @@ impl App {
         Ok(done)
     }
 
+    /// One message of an ImportPoints stream: [`upsert`](Self::upsert), except that on a
+    /// cluster node it is answered once logged, without waiting for this node to apply it;
+    /// the import calls [`import_ended`](Self::import_ended) after its last message.
+    pub async fn import_message(
+        &self,
+        index: &Name,
+        points: Vec<Point>,
+        request_id: &str,
+    ) -> Result<Written> {
+        match &self.cluster {
+            Some(c) => {
+                let done = c
+                    .upsert_with(index, points, request_id, false)
+                    .await?
+                    .into();
+                self.refresh.after_write(index);
+                Ok(done)
+            }
+            None => self.upsert(index, points, request_id).await,
+        }
+    }
+
+    /// The end of an import whose last message was logged at `sequence`: on a cluster node,
+    /// waits while this node applies the import (see `Cluster::wait_imported`); the index's
+    /// point count.
+    pub async fn import_ended(&self, index: &Name, sequence: u64) -> Result<u64> {
+        match &self.cluster {
+            Some(c) if sequence > 0 => c.wait_imported(index, sequence).await,
+            _ => Ok(self.catalog.get_index(index)?.point_count),
+        }
+    }
+
     /// Deletes points; the refresher hears of a delete that removed something.
     pub async fn delete_points(
         &self,

@@ -76,6 +76,11 @@ impl WriteLog {
         })
     }
 
+    /// The largest message the connected NATS server takes (its `max_payload`), when known.
+    pub fn max_payload(&self) -> Option<usize> {
+        Some(self.client.server_info().max_payload).filter(|&m| m > 0)
+    }
+
     fn check_connected(&self) -> Result<()> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),

@@ -25,6 +25,7 @@ pub mod codec;
 pub mod control;
 pub mod etcd;
 pub mod log;
+pub mod publish;
 mod rollout;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -45,6 +46,7 @@ use crate::tasks::Tasks;
 use self::control::Control;
 use self::etcd::{Desired, IndexEntry, NodeGeneration, NodeRecord};
 use self::log::WriteLog;
+use self::publish::Publishers;
 
 pub use self::rollout::{Activation, NodeStatus, MAX_ROLLOUT_WAIT};
 
@@ -161,6 +163,8 @@ pub struct Cluster {
     /// Per index name, why this node's last rollout attempt failed.
     rollout_errors: Mutex<HashMap<String, String>>,
     log: Arc<WriteLog>,
+    /// Upserts without a request_id, grouped into one write-log message per index.
+    publishers: Publishers,
     catalog: Arc<Catalog>,
     drop_index: DropIndex,
     /// The running apply loop of each index.
@@ -238,6 +242,13 @@ impl Cluster {
     ) -> Result<Arc<Self>> {
         let etcd = control.etcd();
         let log = Arc::new(WriteLog::connect(&cfg.nats, &cfg.node_id).await?);
+        let stop = tasks.stop_token().child_token();
+        let publishers = Publishers::new(
+            log.clone(),
+            cfg.node_id.clone(),
+            tasks.clone(),
+            stop.clone(),
+        );
         let cluster = Arc::new(Cluster {
             cfg: cfg.clone(),
             control: control.clone(),
@@ -247,13 +258,14 @@ impl Cluster {
             rolling: Default::default(),
             rollout_errors: Default::default(),
             log,
+            publishers,
             catalog: catalog.clone(),
             drop_index: drop_index.clone(),
             appliers: Default::default(),
             reconciling: Default::default(),
             recent: Default::default(),
             tasks: tasks.clone(),
-            stop: tasks.stop_token().child_token(),
+            stop,
             start_time_ms: now_millis(),
         });
         let joined = async {
@@ -382,6 +394,7 @@ impl Cluster {
         }
         if let Some(uid) = uid {
             self.recent.lock().remove(&uid);
+            self.publishers.forget(uid);
         }
         self.forget_rollout(name.as_str());
         match (self.drop_index)(name.clone()).await {
@@ -665,10 +678,29 @@ impl Cluster {
         points: Vec<Point>,
         request_id: &str,
     ) -> Result<WriteAck> {
+        self.upsert_with(name, points, request_id, true).await
+    }
+
+    /// [`upsert`](Self::upsert); with `wait_applied` false, answered once JetStream has it,
+    /// without waiting for this node to apply it (an import's messages: the import waits
+    /// once, for its last). The answer's point count is then the count before it.
+    pub async fn upsert_with(
+        &self,
+        name: &Name,
+        points: Vec<Point>,
+        request_id: &str,
+        wait_applied: bool,
+    ) -> Result<WriteAck> {
         let (handle, unique) = self.catalog.prepare_upsert(name, points)?;
         let upserted = unique.len() as u64;
-        self.logged(&handle, WriteOp::Upsert(unique), request_id, Some(upserted))
-            .await
+        self.logged(
+            &handle,
+            WriteOp::Upsert(unique),
+            request_id,
+            Some(upserted),
+            wait_applied,
+        )
+        .await
     }
 
     /// DeletePoints, like [`upsert`](Self::upsert).
@@ -682,7 +714,7 @@ impl Cluster {
             return Err(Error::invalid("ids is empty: send at least one id"));
         }
         let handle = self.catalog.handle(name)?;
-        self.logged(&handle, WriteOp::Delete(ids), request_id, None)
+        self.logged(&handle, WriteOp::Delete(ids), request_id, None, true)
             .await
     }
 
@@ -692,6 +724,7 @@ impl Cluster {
         op: WriteOp,
         request_id: &str,
         affected: Option<u64>,
+        wait_applied: bool,
     ) -> Result<WriteAck> {
         let uid = handle.cluster_uid.ok_or_else(|| {
             Error::Unavailable(format!(
@@ -699,7 +732,21 @@ impl Cluster {
                 handle.meta.name
             ))
         })?;
-        let (sequence, retried) = self.log.publish(uid, &op, &self.msg_id(request_id)).await?;
+        let (sequence, retried) = match op {
+            // Upserts without a request_id share messages (publish.rs).
+            WriteOp::Upsert(points) if request_id.is_empty() => {
+                (self.publishers.upsert(uid, points).await?, false)
+            }
+            op => self.log.publish(uid, &op, &self.msg_id(request_id)).await?,
+        };
+        // A retry's answer is the first write's outcome, known once applied: it waits.
+        if !wait_applied && !retried {
+            return Ok(WriteAck {
+                affected: affected.unwrap_or(0),
+                point_count: handle.point_count(),
+                sequence,
+            });
+        }
         if !handle.wait_applied(sequence, WRITE_APPLY_WAIT).await {
             tracing::warn!(index = %handle.meta.name, sequence, applied = handle.applied(), "a logged write is not applied on this node yet: answering without its outcome");
         }
@@ -755,6 +802,25 @@ impl Cluster {
                 "{msg} (the most a search waits): retry, or ask another node"
             )))
         }
+    }
+
+    /// The end of an import whose messages were logged without waiting (`upsert_with`):
+    /// waits until this node has applied the log up to `seq` for as long as it keeps applying
+    /// (each [`WRITE_APPLY_WAIT`] must see progress), so the import answers with its points
+    /// searchable here; the index's point count then.
+    pub async fn wait_imported(&self, name: &Name, seq: u64) -> Result<u64> {
+        let handle = self.catalog.handle(name)?;
+        loop {
+            let before = handle.applied();
+            if handle.wait_applied(seq, WRITE_APPLY_WAIT).await {
+                break;
+            }
+            if handle.applied() == before {
+                tracing::warn!(index = %name, sequence = seq, applied = before, "an import is logged but not applied on this node yet: answering without waiting more");
+                break;
+            }
+        }
+        Ok(handle.point_count())
     }
 
     /// ListNodes.

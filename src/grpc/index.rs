@@ -162,7 +162,7 @@ impl IndexService for IndexApi {
             match self
                 .core
                 .app()?
-                .upsert(n, convert::points(msg.points), &id)
+                .import_message(n, convert::points(msg.points), &id)
                 .await
             {
                 Ok(w) => {
@@ -187,8 +187,8 @@ impl IndexService for IndexApi {
             )
             .into());
         };
-        if messages > 0 && upserted_total == 0 {
-            point_count = self.core.catalog()?.get_index(&n)?.point_count;
+        if sequence > 0 || (messages > 0 && upserted_total == 0) {
+            point_count = self.core.app()?.import_ended(&n, sequence).await?;
         }
         tracing::info!(index = %n, upserted = upserted_total, messages, "import finished");
         if upserted_total > 0 {

@@ -1362,3 +1362,111 @@ async fn a_killed_etcd_member_and_nats_server_do_not_stop_the_cluster() {
         }
     }
 }
+
+/// Upserts without a request_id that arrive together share write-log messages (publish.rs):
+/// 100 concurrent one-point upserts through n1 get fewer than 100 sequences, an upsert with a
+/// request_id keeps a message of its own, every acknowledged point is on every node; and an
+/// ImportPoints stream (logged without waiting per message) answers once the node that took
+/// it has applied it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_log_messages_and_an_import_answers_applied() {
+    let Some(e) = Engines::start("concurrent_writes_share_log_messages") else {
+        return;
+    };
+    let (nodes, _gate) = three_in_process(&e, &[]).await;
+    let dim = 8;
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, "g", dim as u32).await;
+    let mut writes = Vec::new();
+    for id in 0..102u64 {
+        let mut c = c1.clone();
+        writes.push(tokio::spawn(async move {
+            // Two of them carry a request_id.
+            let request_id = if id >= 100 {
+                format!("rid-{id}")
+            } else {
+                String::new()
+            };
+            let r = c
+                .upsert_points(pb::UpsertPointsRequest {
+                    index_name: "g".into(),
+                    points: vec![point(id, dim)],
+                    request_id,
+                })
+                .await
+                .expect("a concurrent upsert")
+                .into_inner();
+            assert_eq!(r.upserted_count, 1);
+            (id, r.sequence)
+        }));
+    }
+    let mut seqs = BTreeMap::<u64, Vec<u64>>::new();
+    for w in writes {
+        let (id, seq) = w.await.expect("writer");
+        assert!(seq > 0, "a cluster write has a sequence");
+        seqs.entry(seq).or_default().push(id);
+    }
+    assert!(
+        seqs.len() < 100,
+        "100 concurrent upserts without a request_id took {} messages: they were not grouped",
+        seqs.len()
+    );
+    for id in [100, 101] {
+        let shared: Vec<_> = seqs.values().filter(|ids| ids.contains(&id)).collect();
+        assert_eq!(
+            shared,
+            vec![&vec![id]],
+            "an upsert with a request_id has a message of its own"
+        );
+    }
+    let last = *seqs.keys().last().expect("sequences");
+    for node in &nodes {
+        let mut c = node.index().await;
+        // The index reaches each node's catalog through its etcd watch.
+        assert_eq!(wait_points(&c, "g", 102, "every write applied").await, 102);
+        for id in [0, 37, 99, 100, 101] {
+            let ids = search_min(&mut c, "g", point(id, dim).vector, 1, last)
+                .await
+                .expect("search with min_sequence");
+            assert_eq!(ids, vec![id], "point {id} on every node");
+        }
+    }
+
+    // ImportPoints through n2: three messages of 50 points.
+    let mut c2 = nodes[1].index().await;
+    let messages: Vec<pb::ImportPointsRequest> = (0..3u64)
+        .map(|m| pb::ImportPointsRequest {
+            index_name: if m == 0 { "g".into() } else { String::new() },
+            points: (0..50).map(|i| point(1000 + m * 50 + i, dim)).collect(),
+            ..Default::default()
+        })
+        .collect();
+    let r = c2
+        .import_points(tokio_stream::iter(messages))
+        .await
+        .expect("import")
+        .into_inner();
+    assert_eq!(r.upserted_count, 150);
+    assert_eq!(
+        r.point_count, 252,
+        "the import answers with its points applied"
+    );
+    assert!(r.sequence > last);
+    // On the node that took it, at once, without min_sequence.
+    let found = c2
+        .search(pb::SearchRequest {
+            index_name: "g".into(),
+            vector: point(1149, dim).vector,
+            k: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("search")
+        .into_inner();
+    assert_eq!(found.neighbors.first().map(|n| n.id), Some(1149));
+    let mut c3 = nodes[2].index().await;
+    let ids = search_min(&mut c3, "g", point(1000, dim).vector, 1, r.sequence)
+        .await
+        .expect("search with the import's sequence");
+    assert_eq!(ids, vec![1000]);
+}
