@@ -206,18 +206,9 @@ async fn qps(
             while Instant::now() < until {
                 let qs = &chunks[i % chunks.len()];
                 i += 1;
-                c.search_batch(pb::SearchBatchRequest {
-                    index_name: INDEX.into(),
-                    queries: qs
-                        .iter()
-                        .map(|q| pb::QueryVector { vector: q.clone() })
-                        .collect(),
-                    k: K as u32,
-                    ef_search: Some(ef),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+                c.search_batch(batch_request(INDEX, qs, ef))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 done += qs.len();
             }
             Ok::<usize, String>(done)
@@ -396,30 +387,13 @@ async fn main() -> BoxResult<()> {
     let (mut w_single, mut w_cluster) = (Vec::new(), Vec::new());
     let mut next_id = 1_000_000_000u64;
     for _ in 0..rounds {
-        w_single.push(
-            writers(
-                &[single.addr],
-                INDEX,
-                WRITERS,
-                &mixture,
-                next_id,
-                write_secs,
-            )
-            .await?,
-        );
-        next_id += 1_000_000_000;
-        w_cluster.push(
-            writers(
-                &cluster_addrs,
-                INDEX,
-                WRITERS,
-                &mixture,
-                next_id,
-                write_secs,
-            )
-            .await?,
-        );
-        next_id += 1_000_000_000;
+        for (addrs, runs) in [
+            (&[single.addr][..], &mut w_single),
+            (&cluster_addrs[..], &mut w_cluster),
+        ] {
+            runs.push(writers(addrs, INDEX, WRITERS, &mixture, next_id, write_secs).await?);
+            next_id += 1_000_000_000;
+        }
     }
     let col = |w: &[Writes], f: fn(&Writes) -> f64| w.iter().map(f).collect::<Vec<f64>>();
     println!("\n4. {WRITERS} writers x 1 point per UpsertPoints, {write_secs} s, {rounds} rounds alternating:");

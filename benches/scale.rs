@@ -721,22 +721,7 @@ async fn restarts_only(
     let (mut s, _) = Server::start(data_dir).await?;
     let mut c = s.client().await?;
     let r = c
-        .import_points(tokio_stream::iter(
-            ids.chunks(1000)
-                .enumerate()
-                .map(|(b, chunk)| pb::ImportPointsRequest {
-                    index_name: if b == 0 { INDEX.into() } else { String::new() },
-                    points: chunk
-                        .iter()
-                        .map(|&id| pb::Point {
-                            id,
-                            vector: base[id as usize].clone(),
-                        })
-                        .collect(),
-                    ..Default::default()
-                })
-                .collect::<Vec<_>>(),
-        ))
+        .import_points(tokio_stream::iter(import_batches(INDEX, &base, &ids)))
         .await?
         .into_inner();
     s.proc.signal("KILL");

@@ -263,10 +263,9 @@ pub async fn create(c: &mut Client, name: &str, set: &Set) -> BoxResult<()> {
     Ok(())
 }
 
-/// Imports `ids` of `base` into `name`; returns the seconds taken.
-pub async fn import(c: &mut Client, name: &str, base: &[Vec<f32>], ids: &[u64]) -> BoxResult<f64> {
-    let batches: Vec<pb::ImportPointsRequest> = ids
-        .chunks(1000)
+/// The ImportPoints messages of `ids` of `base` into `name`, 1,000 points each.
+pub fn import_batches(name: &str, base: &[Vec<f32>], ids: &[u64]) -> Vec<pb::ImportPointsRequest> {
+    ids.chunks(1000)
         .enumerate()
         .map(|(b, chunk)| pb::ImportPointsRequest {
             index_name: if b == 0 { name.into() } else { String::new() },
@@ -279,7 +278,12 @@ pub async fn import(c: &mut Client, name: &str, base: &[Vec<f32>], ids: &[u64]) 
                 .collect(),
             ..Default::default()
         })
-        .collect();
+        .collect()
+}
+
+/// Imports `ids` of `base` into `name`; returns the seconds taken.
+pub async fn import(c: &mut Client, name: &str, base: &[Vec<f32>], ids: &[u64]) -> BoxResult<f64> {
+    let batches = import_batches(name, base, ids);
     let started = Instant::now();
     let r = c
         .import_points(tokio_stream::iter(batches))
@@ -292,15 +296,9 @@ pub async fn import(c: &mut Client, name: &str, base: &[Vec<f32>], ids: &[u64]) 
     Ok(took)
 }
 
-/// SearchBatch of every query at `ef`, `passes` times: (QPS, the answers).
-pub async fn batch(
-    c: &mut Client,
-    name: &str,
-    queries: &[Vec<f32>],
-    ef: u32,
-    passes: usize,
-) -> BoxResult<(f64, Vec<Vec<u64>>)> {
-    let req = pb::SearchBatchRequest {
+/// A SearchBatch of `queries` for their top [`K`] at `ef`.
+pub fn batch_request(name: &str, queries: &[Vec<f32>], ef: u32) -> pb::SearchBatchRequest {
+    pb::SearchBatchRequest {
         index_name: name.into(),
         queries: queries
             .iter()
@@ -309,7 +307,18 @@ pub async fn batch(
         k: K as u32,
         ef_search: Some(ef),
         ..Default::default()
-    };
+    }
+}
+
+/// SearchBatch of every query at `ef`, `passes` times: (QPS, the answers).
+pub async fn batch(
+    c: &mut Client,
+    name: &str,
+    queries: &[Vec<f32>],
+    ef: u32,
+    passes: usize,
+) -> BoxResult<(f64, Vec<Vec<u64>>)> {
+    let req = batch_request(name, queries, ef);
     let mut answers = Vec::new();
     let started = Instant::now();
     for _ in 0..passes {
