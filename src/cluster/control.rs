@@ -543,6 +543,8 @@ pub struct EtcdJobLease {
     lease: i64,
     /// Stops the renewals.
     renew: CancellationToken,
+    /// Cancelled by the renewals when the lease is lost (expired or revoked).
+    lost: CancellationToken,
 }
 
 #[async_trait::async_trait]
@@ -608,8 +610,13 @@ impl ClusterJobs for Control {
             }
         };
         let renew = CancellationToken::new();
-        self.tasks
-            .spawn(renew_job_lease(self.clone(), lease, renew.clone()));
+        let lost = CancellationToken::new();
+        self.tasks.spawn(renew_job_lease(
+            self.clone(),
+            lease,
+            renew.clone(),
+            lost.clone(),
+        ));
         tracing::info!(index = %index, job = job_id, token, "took the index's job lease");
         Ok(Arc::new(EtcdJobLease {
             control: self,
@@ -619,32 +626,57 @@ impl ClusterJobs for Control {
             },
             lease,
             renew,
+            lost,
         }))
     }
 }
 
-/// Renews a job lease every [`JOB_LEASE_RENEW`] until `stop`; a lease etcd no longer has is
-/// not taken again (the job's fence then fails).
-async fn renew_job_lease(control: Arc<Control>, lease: i64, stop: CancellationToken) {
+/// Renews a job lease every [`JOB_LEASE_RENEW`] until `stop`. When the lease is lost it
+/// cancels `lost` and ends (a lease etcd no longer has is not taken again; the job's fence
+/// fails from then on): lost when etcd answers a renewal with TTL 0 (the lease expired or was
+/// revoked), or when no renewal succeeded for [`JOB_LEASE_TTL_SECS`] (the node was paused or
+/// cut off from etcd that long: etcd has let the lease expire, or will before it hears again).
+async fn renew_job_lease(
+    control: Arc<Control>,
+    lease: i64,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
+    let ttl = Duration::from_secs(JOB_LEASE_TTL_SECS as u64);
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(JOB_LEASE_RENEW) => {}
         }
-        let mut etcd = control.etcd();
-        let kept = etcd::bounded!(control.urls(), "renewing the job lease", async {
-            let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            Ok(answers.message().await?.map_or(0, |a| a.ttl()))
-        })
+        if renewed.elapsed() >= ttl {
+            tracing::warn!(
+                lease,
+                secs = renewed.elapsed().as_secs(),
+                "the autotune job's lease was not renewed for longer than its TTL: it is lost; stopping the job"
+            );
+            lost.cancel();
+            return;
+        }
+        let asked = tokio::time::Instant::now();
+        let kept = etcd::keep_alive(
+            &mut control.etcd(),
+            control.urls(),
+            "renewing the job lease",
+            lease,
+        )
         .await;
+        if stop.is_cancelled() {
+            return;
+        }
         match kept {
-            Ok(ttl) if ttl > 0 => {}
+            Ok(ttl) if ttl > 0 => renewed = asked,
             Ok(_) => {
                 tracing::warn!(
                     lease,
-                    "the autotune job's lease expired: it can no longer promote or activate"
+                    "the autotune job's lease expired or was revoked: stopping the job; it can no longer promote or activate"
                 );
+                lost.cancel();
                 return;
             }
             Err(e) => {
@@ -658,6 +690,10 @@ async fn renew_job_lease(control: Arc<Control>, lease: i64, stop: CancellationTo
 impl JobLease for EtcdJobLease {
     fn fence(&self) -> Fence {
         self.fence.clone()
+    }
+
+    fn lost(&self) -> CancellationToken {
+        self.lost.clone()
     }
 
     async fn activate(

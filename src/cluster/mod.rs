@@ -541,12 +541,7 @@ impl Cluster {
             }
             let mut etcd = self.etcd();
             let urls = &self.cfg.etcd;
-            let kept = etcd::bounded!(urls, "renewing the node's lease", async {
-                let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                Ok(answers.message().await?.map_or(0, |a| a.ttl()))
-            })
-            .await;
+            let kept = etcd::keep_alive(&mut etcd, urls, "renewing the node's lease", lease).await;
             let now = self.node_record();
             let res = match kept {
                 Ok(ttl) if ttl > 0 => {

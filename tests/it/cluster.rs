@@ -1076,21 +1076,79 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         "{err:?}"
     );
 
-    // Node 1 loses its lease (revoked in etcd, as when it expires): its job, let through the
-    // gate, measures its trial but can neither promote nor activate.
+    // Node 1 loses its lease (revoked in etcd, as when it expires) while its job waits at the
+    // gate, which stays closed: the job is stopped at once (it would wait forever otherwise),
+    // FAILED naming the lease, with no trial run.
     let mut etcd = etcd_client::Client::connect([e.etcd.as_str()], None)
         .await
         .expect("etcd client");
-    let held = etcd
-        .get("/vectord/v1/jobs/jobs", None)
-        .await
-        .expect("read the job lease");
-    let lease = held.kvs().first().expect("the job lease key").lease();
+    let lease_of = |etcd: &etcd_client::Client| {
+        let mut etcd = etcd.clone();
+        async move {
+            let held = etcd
+                .get("/vectord/v1/jobs/jobs", None)
+                .await
+                .expect("read the job lease");
+            held.kvs().first().expect("the job lease key").lease()
+        }
+    };
+    let lease = lease_of(&etcd).await;
     etcd.lease_revoke(lease)
         .await
         .expect("revoke the job lease");
+    let revoked = Instant::now();
+    let (events, err) = tokio::time::timeout(WAIT, collect(first))
+        .await
+        .expect("the job stops when its lease is lost, though its gate stays closed");
+    let err = err.expect("the job without its lease fails");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
+    assert!(
+        err.message().contains("lost") && err.message().contains("lease"),
+        "{err:?}"
+    );
+    assert!(
+        revoked.elapsed() < Duration::from_secs(10),
+        "stopped within the renewal period, not at the lease's TTL: {:?}",
+        revoked.elapsed()
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, pb::autotune_response::Event::Trial(_))),
+        "stopped before any trial: {events:?}"
+    );
+    let jobs = a1
+        .list_jobs(pb::ListJobsRequest {
+            index_name: "jobs".into(),
+        })
+        .await
+        .expect("list jobs on node 1")
+        .into_inner()
+        .jobs;
+    let job = jobs
+        .iter()
+        .find(|j| j.id == started.job_id)
+        .expect("the job's record on node 1");
+    assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
+    assert!(job.reason.contains("lease"), "{job:?}");
+
+    // The fence: a job whose lease key is gone (the lease itself still renewed, so nothing
+    // stops the job) runs its trial but can neither promote nor activate.
+    let mut held = a1
+        .autotune(tune.clone())
+        .await
+        .expect("autotune on node 1 again: the lease is free")
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(_)) =
+        held.message().await.expect("stream").expect("event").event
+    else {
+        panic!("the first event is Started")
+    };
+    etcd.delete("/vectord/v1/jobs/jobs", None)
+        .await
+        .expect("delete the job lease key");
     gate.open();
-    let (events, err) = collect(first).await;
+    let (events, err) = collect(held).await;
     let err = err.expect("the fenced job fails");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
     assert!(err.message().contains("lease"), "{err:?}");
