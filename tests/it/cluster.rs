@@ -28,6 +28,8 @@ struct Engines {
     dir: tempfile::TempDir,
     etcd: String,
     nats: String,
+    /// (etcd members, NATS servers)
+    sizes: (usize, usize),
 }
 
 fn script() -> PathBuf {
@@ -80,7 +82,33 @@ impl Engines {
             etcd: get("VECTORD_ETCD"),
             nats: get("VECTORD_NATS"),
             dir,
+            sizes: (etcd_members, nats_servers),
         })
+    }
+
+    /// Stops every engine and starts them again on the same data and ports
+    /// (`scripts/cluster.sh stop`, then `start`, on the same dir).
+    fn restart(&self) {
+        for cmd in ["stop", "start"] {
+            let out = Command::new("bash")
+                .arg(script())
+                .arg(cmd)
+                .arg(self.dir.path())
+                .env("ETCD_MEMBERS", self.sizes.0.to_string())
+                .env("NATS_SERVERS", self.sizes.1.to_string())
+                .output()
+                .expect("run scripts/cluster.sh");
+            assert!(
+                out.status.success(),
+                "cluster.sh {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env = std::fs::read_to_string(self.dir.path().join("env")).expect("env file");
+        assert!(
+            env.contains(&self.etcd) && env.contains(&self.nats),
+            "the engines came back on their ports: {env}"
+        );
     }
 
     /// Kills one engine's process (`etcd/e0` or `nats/n0`) with SIGKILL.
@@ -1418,5 +1446,440 @@ async fn a_killed_etcd_member_and_nats_server_do_not_stop_the_cluster() {
                 .into_inner();
             assert_eq!(p.point.expect("point").vector, point(id, dim).vector);
         }
+    }
+}
+
+// ---- faults with the real binary: the job-lease holder killed or paused; everything restarted ----
+
+impl Node {
+    async fn autotune(&self) -> pb::autotune_service_client::AutotuneServiceClient<Channel> {
+        pb::autotune_service_client::AutotuneServiceClient::new(self.channel().await)
+    }
+
+    async fn promotion(&self) -> pb::promotion_service_client::PromotionServiceClient<Channel> {
+        pb::promotion_service_client::PromotionServiceClient::new(self.channel().await)
+    }
+
+    async fn promoted(&self, index: &str) -> pb::GetPromotedResponse {
+        self.promotion()
+            .await
+            .get_promoted(pb::GetPromotedRequest {
+                index_name: index.into(),
+            })
+            .await
+            .expect("get promoted")
+            .into_inner()
+    }
+
+    async fn get_index(&self, name: &str) -> pb::Index {
+        self.index()
+            .await
+            .get_index(pb::GetIndexRequest { name: name.into() })
+            .await
+            .expect("get index")
+            .into_inner()
+            .index
+            .expect("index")
+    }
+
+    async fn jobs(&self, index: &str) -> Vec<pb::Job> {
+        self.autotune()
+            .await
+            .list_jobs(pb::ListJobsRequest {
+                index_name: index.into(),
+            })
+            .await
+            .expect("list jobs")
+            .into_inner()
+            .jobs
+    }
+}
+
+/// Creates `name` through node 1 with `n` points and waits until every node applied them.
+async fn seeded_nodes(nodes: &[Node], name: &str, n: u64, dim: usize) {
+    let mut c = nodes[0].index().await;
+    create(&mut c, name, dim as u32).await;
+    let pts: Vec<pb::Point> = (0..n).map(|i| point(i, dim)).collect();
+    let up = c
+        .upsert_points(pb::UpsertPointsRequest {
+            index_name: name.into(),
+            points: pts.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("upsert")
+        .into_inner();
+    for node in nodes {
+        let mut c = node.index().await;
+        let ids = eventually(WAIT, "the index and its points on every node", || {
+            let (mut c, v) = (c.clone(), pts[3].vector.clone());
+            async move { search_min(&mut c, name, v, 1, up.sequence).await.ok() }
+        })
+        .await;
+        assert_eq!(ids, vec![3]);
+        c.get_index(pb::GetIndexRequest { name: name.into() })
+            .await
+            .expect("get index");
+    }
+}
+
+/// A grid slow enough that a job is still building when the test acts on it right after its
+/// Started event (several seeded builds of ef_construction 200).
+fn slow_grid() -> Vec<pb::HnswConfig> {
+    (0..6)
+        .map(|seed| pb::HnswConfig {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 100,
+            seed: Some(seed),
+        })
+        .collect()
+}
+
+fn quick_grid() -> Vec<pb::HnswConfig> {
+    vec![pb::HnswConfig {
+        m: 8,
+        ef_construction: 40,
+        ef_search: 40,
+        seed: Some(3),
+    }]
+}
+
+/// Starts an Autotune (harness "h", created first if missing) with `grid` and `activate`:
+/// the stream after its Started event, and the job id.
+async fn start_job(
+    node: &Node,
+    index: &str,
+    grid: Vec<pb::HnswConfig>,
+) -> Result<(tonic::Streaming<pb::AutotuneResponse>, String), tonic::Status> {
+    let mut a = node.autotune().await;
+    let _ = a
+        .create_harness(harness_request(index, "h", 10, 20, Some(1)))
+        .await;
+    let mut stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: index.into(),
+            harness: "h".into(),
+            grid,
+            min_recall: Some(0.0),
+            activate: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(started)) = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("event")
+        .event
+    else {
+        panic!("the first event is Started")
+    };
+    Ok((stream, started.job_id))
+}
+
+/// Waits (up to [`WAIT`]) until etcd no longer has `key`: a watch from the revision it was read
+/// at, for its deletion.
+async fn wait_key_gone(e: &Engines, key: &str) {
+    let mut etcd = etcd_client::Client::connect([e.etcd.as_str()], None)
+        .await
+        .expect("etcd client");
+    let got = etcd.get(key, None).await.expect("read the key");
+    if got.kvs().is_empty() {
+        return;
+    }
+    let rev = got.header().expect("header").revision();
+    let mut stream = etcd
+        .watch(
+            key,
+            Some(etcd_client::WatchOptions::new().with_start_revision(rev + 1)),
+        )
+        .await
+        .expect("watch the key");
+    tokio::time::timeout(WAIT, async {
+        while let Some(resp) = stream.message().await.expect("watch") {
+            if resp
+                .events()
+                .iter()
+                .any(|ev| ev.event_type() == etcd_client::EventType::Delete)
+            {
+                return;
+            }
+        }
+        panic!("the watch of {key} ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{key} still in etcd after {WAIT:?}"));
+}
+
+/// The outcome of a job that ran to its end: its Finished event.
+async fn finished(stream: tonic::Streaming<pb::AutotuneResponse>) -> pb::AutotuneFinished {
+    let (events, err) = collect(stream).await;
+    assert!(err.is_none(), "{err:?} after {events:?}");
+    match events.last() {
+        Some(pb::autotune_response::Event::Finished(f)) => f.clone(),
+        other => panic!("finished: {other:?}"),
+    }
+}
+
+/// SIGKILL of the node holding an index's job lease mid-autotune: the lease outlives it at most
+/// its TTL (a job on another node is ABORTED until then, then starts), the dead job promoted
+/// and activated nothing, and the restarted node records it FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
+    let test = "a_killed_job_lease_holder_fails_its_job_and_frees_the_index";
+    let Some(e) = Engines::start(test) else {
+        return;
+    };
+    let mut nodes = three_nodes(&e).await;
+    seeded_nodes(&nodes, "tune", 2000, 16).await;
+    let (_stream, job) = start_job(&nodes[0], "tune", slow_grid())
+        .await
+        .expect("autotune on node 1");
+    let dir1 = nodes[0].dir.clone();
+    nodes[0].proc.signal("KILL");
+    let _ = nodes[0].proc.wait_exit().await;
+
+    // The dead node's lease still holds the index (for at most its TTL).
+    let err = start_job(&nodes[1], "tune", quick_grid())
+        .await
+        .expect_err("the index is still leased to the dead node's job");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains(&job) && err.message().contains("n1"),
+        "{err:?}"
+    );
+    // Its lease expires: the index is free; the dead job changed nothing in the registry.
+    wait_key_gone(&e, "/vectord/v1/jobs/tune").await;
+    for node in &nodes[1..] {
+        let got = node.promoted("tune").await;
+        assert_eq!((got.current, got.history.len()), (None, 0), "{}", node.id);
+        assert_eq!(node.get_index("tune").await.desired_generation, 0);
+    }
+    let (second, _) = start_job(&nodes[1], "tune", quick_grid())
+        .await
+        .expect("a job on node 2 once the dead node's lease expired");
+    let f = finished(second).await;
+    assert!(f.promoted, "{f:?}");
+
+    // Node 1 back on its data: the dead job is FAILED there; the registry has node 2's only.
+    nodes[0] = Node::start("n1", &dir1, &e).await;
+    let jobs = nodes[0].jobs("tune").await;
+    let dead = jobs
+        .iter()
+        .find(|j| j.id == job)
+        .unwrap_or_else(|| panic!("{job} on node 1: {jobs:?}"));
+    assert_eq!(dead.state, pb::JobState::Failed as i32, "{dead:?}");
+    for node in &nodes {
+        let got = node.promoted("tune").await;
+        let current = got.current.expect("node 2's promotion");
+        assert_eq!(
+            (current.trial_node_id.as_str(), got.history.len()),
+            ("n2", 0),
+            "{}",
+            node.id
+        );
+        assert_eq!(node.get_index("tune").await.desired_generation, 1);
+    }
+}
+
+/// SIGSTOP of the job-lease holder past its lease, a job on another node meanwhile, SIGCONT: the
+/// paused job cannot promote or activate (it ends FAILED, ABORTED naming the lease); the
+/// registry and the desired generation are the second job's only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_job_lease_holder_cannot_promote_after_its_lease_expired() {
+    let test = "a_paused_job_lease_holder_cannot_promote_after_its_lease_expired";
+    let Some(e) = Engines::start(test) else {
+        return;
+    };
+    let nodes = three_nodes(&e).await;
+    seeded_nodes(&nodes, "pause", 2000, 16).await;
+    let (first, job) = start_job(&nodes[0], "pause", slow_grid())
+        .await
+        .expect("autotune on node 1");
+    nodes[0].proc.signal("STOP");
+    wait_key_gone(&e, "/vectord/v1/jobs/pause").await;
+    let (second, _) = start_job(&nodes[1], "pause", quick_grid())
+        .await
+        .expect("a job on node 2 once node 1's lease expired");
+    nodes[0].proc.signal("CONT");
+
+    let (events, err) = tokio::time::timeout(WAIT, collect(first))
+        .await
+        .expect("the paused job ends once it runs again");
+    let err = err.expect("the paused job fails");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
+    assert!(err.message().contains("lease"), "{err:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, pb::autotune_response::Event::Finished(_))),
+        "{events:?}"
+    );
+    let f = finished(second).await;
+    assert!(f.promoted, "{f:?}");
+    let winner = f.winner.expect("winner");
+
+    let jobs = nodes[0].jobs("pause").await;
+    let paused = jobs
+        .iter()
+        .find(|j| j.id == job)
+        .unwrap_or_else(|| panic!("{job} on node 1: {jobs:?}"));
+    assert_eq!(paused.state, pb::JobState::Failed as i32, "{paused:?}");
+    assert!(paused.reason.contains("lease"), "{paused:?}");
+    for node in &nodes {
+        let got = node.promoted("pause").await;
+        let current = got.current.expect("node 2's promotion");
+        assert_eq!(
+            (
+                current.trial_node_id.as_str(),
+                current.trial_id,
+                got.history.len()
+            ),
+            ("n2", winner.id, 0),
+            "{}: only node 2's promotion",
+            node.id
+        );
+        // Every node, node 1 included, rolls out node 2's winner, and nothing else.
+        let index = eventually(WAIT, "node 2's winner served everywhere", || async {
+            let i = node.get_index("pause").await;
+            (i.nodes.iter().any(|n| n.node_id == node.id && n.current)).then_some(i)
+        })
+        .await;
+        assert_eq!(index.desired_generation, 1, "{}", node.id);
+        let gen = index.active_generation.expect("generation");
+        assert_eq!(gen.config, winner.config, "{}", node.id);
+    }
+}
+
+/// Everything stopped (3 nodes, etcd, NATS) and started again on the same dirs: the same points,
+/// promotions and active generations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_everything_keeps_points_promotions_and_generations() {
+    let test = "a_restart_of_everything_keeps_points_promotions_and_generations";
+    let Some(e) = Engines::start(test) else {
+        return;
+    };
+    let mut nodes = three_nodes(&e).await;
+    let dim = 8;
+    seeded_nodes(&nodes, "keep", 500, dim).await;
+    // Two promotions through node 2 (so there is a history), activated through node 3.
+    let mut a2 = nodes[1].autotune().await;
+    a2.create_harness(harness_request("keep", "h", 10, 20, Some(1)))
+        .await
+        .expect("harness");
+    for (m, note) in [(6, "first"), (10, "second")] {
+        let trial = a2
+            .run_trial(pb::RunTrialRequest {
+                index_name: "keep".into(),
+                harness: "h".into(),
+                config: Some(pb::HnswConfig {
+                    m,
+                    ef_construction: 40,
+                    ef_search: 30,
+                    seed: Some(2),
+                }),
+            })
+            .await
+            .expect("trial")
+            .into_inner()
+            .trial
+            .expect("trial");
+        nodes[1]
+            .promotion()
+            .await
+            .promote(pb::PromoteRequest {
+                index_name: "keep".into(),
+                trial_id: trial.id,
+                promoted_by: "test".into(),
+                note: note.into(),
+            })
+            .await
+            .expect("promote");
+    }
+    let mut c3 = nodes[2].index().await;
+    c3.put_profile(pb::PutProfileRequest {
+        profile: Some(pb::Profile {
+            name: "keep".into(),
+            indexes: vec![pb::ProfileIndex {
+                index_name: "keep".into(),
+                default_config: None,
+            }],
+        }),
+    })
+    .await
+    .expect("put profile");
+    let mut req = tonic::Request::new(pb::ActivateProfileRequest {
+        name: "keep".into(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    let act = c3
+        .activate_profile(req)
+        .await
+        .expect("activate")
+        .into_inner();
+    assert!(act.rolled_out, "{act:?}");
+
+    // What a user sees on each node, before and after.
+    type Seen = (
+        u64,
+        Vec<u64>,
+        pb::GetPromotedResponse,
+        u64,
+        Option<(u64, Option<pb::HnswConfig>, i32, String, u64)>,
+    );
+    async fn seen(node: &Node) -> Seen {
+        let index = node.get_index("keep").await;
+        let ids = search_min(&mut node.index().await, "keep", point(42, 8).vector, 1, 0)
+            .await
+            .expect("search");
+        let gen = index
+            .active_generation
+            .map(|g| (g.number, g.config, g.config_source, g.profile, g.trial_id));
+        (
+            index.point_count,
+            ids,
+            node.promoted("keep").await,
+            index.desired_generation,
+            gen,
+        )
+    }
+    let mut before = Vec::new();
+    for node in &nodes {
+        let s = seen(node).await;
+        assert_eq!(s.0, 500, "{}", node.id);
+        assert_eq!(s.1, [42], "{}", node.id);
+        assert_eq!(
+            (
+                s.2.current.as_ref().map(|p| p.note.as_str()),
+                s.2.history.len()
+            ),
+            (Some("second"), 1)
+        );
+        assert_eq!(s.3, 1);
+        before.push(s);
+    }
+
+    let mut dirs = Vec::new();
+    for node in &mut nodes {
+        node.proc.signal("TERM");
+        let _ = node.proc.wait_exit().await;
+        dirs.push((node.id.clone(), node.dir.clone()));
+    }
+    e.restart();
+    for (i, (id, dir)) in dirs.iter().enumerate() {
+        nodes[i] = Node::start(id, dir, &e).await;
+    }
+    for (node, was) in nodes.iter().zip(&before) {
+        eventually(WAIT, "the node serving its desired generation", || async {
+            let i = node.get_index("keep").await;
+            i.nodes
+                .iter()
+                .any(|n| n.node_id == node.id && n.current)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(&seen(node).await, was, "{} after the restart", node.id);
     }
 }
