@@ -50,6 +50,9 @@ pub fn profiles_prefix() -> String {
 pub fn profile_key(name: &str) -> String {
     format!("{PREFIX}profiles/{name}")
 }
+pub fn promotions_prefix() -> String {
+    format!("{PREFIX}promotions/")
+}
 pub fn promotion_key(index: &str) -> String {
     format!("{PREFIX}promotions/{index}")
 }

@@ -717,6 +717,21 @@ async fn node_in_process(
     gate: Option<vectord::autotune::jobs::JobGate>,
     rollout_gate: Option<vectord::autotune::jobs::JobGate>,
 ) -> TestServer {
+    node_in_process_with(id, e, |config| {
+        if let Some(c) = &mut config.cluster {
+            c.rollout_gate = rollout_gate;
+        }
+        config.job_gate = gate;
+    })
+    .await
+}
+
+/// [`node_in_process`] with its config (cluster flags included) as `edit` changes it.
+async fn node_in_process_with(
+    id: &str,
+    e: &Engines,
+    edit: impl FnOnce(&mut vectord::config::Config),
+) -> TestServer {
     let dir = e.dir.path().join(format!("in-process-{id}"));
     std::fs::create_dir_all(&dir).expect("node dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -724,12 +739,10 @@ async fn node_in_process(
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut config = vectord::config::Config::for_tests(&dir);
-    let mut cluster =
-        vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
-            .expect("cluster flags");
-    cluster.rollout_gate = rollout_gate;
+    let cluster = vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
+        .expect("cluster flags");
     config.cluster = Some(cluster);
-    config.job_gate = gate;
+    edit(&mut config);
     TestServer::start_on(listener, &dir, config).await
 }
 
@@ -1882,4 +1895,212 @@ async fn a_restart_of_everything_keeps_points_promotions_and_generations() {
         .await;
         assert_eq!(&seen(node).await, was, "{} after the restart", node.id);
     }
+}
+
+// ---- a node behind on the write log; the promotion metrics of a node that did not promote ----
+
+/// A node held behind on an index's write log (its apply loop at a gate; "behind" lowered to
+/// 10 messages) is NOT_SERVING for that index while the others are SERVING, still answers
+/// searches from what it applied, and is SERVING again once it caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_node_behind_on_the_write_log_is_not_serving_until_it_caught_up() {
+    let Some(e) =
+        Engines::start("control_a_node_behind_on_the_write_log_is_not_serving_until_it_caught_up")
+    else {
+        return;
+    };
+    let gate = vectord::autotune::jobs::JobGate::closed(["backlog"]);
+    let nodes = vec![
+        node_in_process("n1", &e, None, None).await,
+        node_in_process("n2", &e, None, None).await,
+        node_in_process_with("n3", &e, |c| {
+            let cluster = c.cluster.as_mut().expect("cluster flags");
+            cluster.apply_gate = Some(gate.clone());
+            cluster.behind_messages = 10;
+        })
+        .await,
+    ];
+    let dim = 4;
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, "backlog", dim as u32).await;
+    for node in &nodes {
+        eventually(WAIT, "the index SERVING on every node", || async move {
+            (index_health_status(node, "backlog").await == Some(1)).then_some(())
+        })
+        .await;
+    }
+    // 30 writes (messages), node 3 applying none of them.
+    let mut last = 0;
+    for id in 0..30u64 {
+        last = c1
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: "backlog".into(),
+                points: vec![point(id, dim)],
+                request_id: String::new(),
+            })
+            .await
+            .expect("upsert")
+            .into_inner()
+            .sequence;
+    }
+    eventually(WAIT, "node 3 NOT_SERVING for the index", || async {
+        (index_health_status(&nodes[2], "backlog").await == Some(2)).then_some(())
+    })
+    .await;
+    for node in &nodes[..2] {
+        assert_eq!(
+            index_health(node, "backlog").await,
+            1,
+            "caught-up nodes SERVING"
+        );
+    }
+    let mut c3 = nodes[2].index().await;
+    let ids = search_min(&mut c3, "backlog", point(7, dim).vector, 1, 0)
+        .await
+        .expect("a node behind still answers searches");
+    assert!(ids.is_empty(), "node 3 applied nothing yet: {ids:?}");
+    assert_eq!(get_index(&nodes[2], "backlog").await.point_count, 0);
+
+    // Let it apply: it catches up and is SERVING again, with every write.
+    gate.open();
+    eventually(WAIT, "node 3 SERVING again", || async {
+        (index_health_status(&nodes[2], "backlog").await == Some(1)).then_some(())
+    })
+    .await;
+    let ids = search_min(&mut c3, "backlog", point(7, dim).vector, 1, last)
+        .await
+        .expect("search on node 3");
+    assert_eq!(ids, vec![7]);
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `vectord_promoted_*` on a cluster node come from the cluster's registry: a node that did
+/// not make the promotion reports it (and its rollback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_promoted_metrics_on_a_node_that_did_not_promote() {
+    let Some(e) = Engines::start("control_promoted_metrics_on_a_node_that_did_not_promote") else {
+        return;
+    };
+    // Node 2 with a metrics endpoint (a listener bound here, on a free port).
+    let dir = e.dir.path().join("in-process-metrics-n2");
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let (addr, maddr) = (
+        listener.local_addr().expect("addr"),
+        metrics.local_addr().expect("metrics addr"),
+    );
+    let mut config = vectord::config::Config::for_tests(&dir);
+    config.cluster = Some(
+        vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, "n2", &addr.to_string())
+            .expect("cluster flags"),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vectord::server::run_with(
+        listener,
+        Some(metrics),
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let n1 = node_in_process("n1", &e, None, None).await;
+    let c2 = IndexServiceClient::new(crate::common::child::channel(addr).await);
+    eventually(WAIT, "node 2 serving", || {
+        let mut c = c2.clone();
+        async move { c.list_indexes(pb::ListIndexesRequest::default()).await.ok() }
+    })
+    .await;
+    seeded_cluster_index(std::slice::from_ref(&n1), "watched", 200, 4).await;
+    let series = r#"vectord_promoted_recall{index="watched"}"#;
+    eventually(WAIT, "the index on node 2", || {
+        let mut c = c2.clone();
+        async move {
+            c.get_index(pb::GetIndexRequest {
+                name: "watched".into(),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(&scrape(maddr).await, series),
+        None,
+        "nothing promoted"
+    );
+
+    // Promoted through node 1: node 2 reports it.
+    let trial = trial_on(
+        &n1,
+        "watched",
+        pb::HnswConfig {
+            m: 8,
+            ef_construction: 40,
+            ef_search: 30,
+            seed: Some(4),
+        },
+    )
+    .await;
+    n1.promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: "watched".into(),
+            trial_id: trial.id,
+            promoted_by: "test".into(),
+            note: String::new(),
+        })
+        .await
+        .expect("promote on node 1");
+    let recall = eventually(WAIT, "node 2's vectord_promoted_recall", || async {
+        metric(&scrape(maddr).await, series)
+    })
+    .await;
+    assert_eq!(recall, trial.recall);
+    let p50 = metric(
+        &scrape(maddr).await,
+        r#"vectord_promoted_p50_seconds{index="watched"}"#,
+    );
+    assert_eq!(p50, Some(trial.p50_micros / 1e6));
+
+    // Rolled back through node 1: node 2 reports nothing promoted again.
+    n1.promotion()
+        .await
+        .rollback(pb::RollbackRequest {
+            index_name: "watched".into(),
+        })
+        .await
+        .expect("rollback");
+    eventually(WAIT, "node 2's metric gone with the rollback", || async {
+        metric(&scrape(maddr).await, series).is_none().then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    server
+        .await
+        .expect("node 2's task")
+        .expect("node 2 stopped cleanly");
 }
