@@ -1513,15 +1513,25 @@ async fn seeded_nodes(nodes: &[Node], name: &str, n: u64, dim: usize) {
     let mut c = nodes[0].index().await;
     create(&mut c, name, dim as u32).await;
     let pts: Vec<pb::Point> = (0..n).map(|i| point(i, dim)).collect();
-    let up = c
-        .upsert_points(pb::UpsertPointsRequest {
-            index_name: name.into(),
-            points: pts.clone(),
-            request_id: String::new(),
-        })
-        .await
-        .expect("upsert")
-        .into_inner();
+    // Retried with its request_id while UNAVAILABLE: a fresh NATS cluster may still be
+    // electing the stream's leader.
+    let deadline = Instant::now() + WAIT;
+    let up = loop {
+        let r = c
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: name.into(),
+                points: pts.clone(),
+                request_id: format!("seed-{name}"),
+            })
+            .await;
+        match r {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("upsert: {s:?}"),
+        }
+    };
     for node in nodes {
         let mut c = node.index().await;
         let ids = eventually(WAIT, "the index and its points on every node", || {
@@ -1595,7 +1605,7 @@ async fn start_job(
 /// Waits (up to [`WAIT`]) until etcd no longer has `key`: a watch from the revision it was read
 /// at, for its deletion.
 async fn wait_key_gone(e: &Engines, key: &str) {
-    let mut etcd = etcd_client::Client::connect([e.etcd.as_str()], None)
+    let mut etcd = etcd_client::Client::connect(e.etcd.split(',').collect::<Vec<_>>(), None)
         .await
         .expect("etcd client");
     let got = etcd.get(key, None).await.expect("read the key");
@@ -1642,7 +1652,7 @@ async fn finished(stream: tonic::Streaming<pb::AutotuneResponse>) -> pb::Autotun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
     let test = "a_killed_job_lease_holder_fails_its_job_and_frees_the_index";
-    let Some(e) = Engines::start(test) else {
+    let Some(e) = Engines::start_with(test, 3, 3) else {
         return;
     };
     let mut nodes = three_nodes(&e).await;
@@ -1703,7 +1713,7 @@ async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_job_lease_holder_cannot_promote_after_its_lease_expired() {
     let test = "a_paused_job_lease_holder_cannot_promote_after_its_lease_expired";
-    let Some(e) = Engines::start(test) else {
+    let Some(e) = Engines::start_with(test, 3, 3) else {
         return;
     };
     let nodes = three_nodes(&e).await;
@@ -1771,7 +1781,7 @@ async fn a_paused_job_lease_holder_cannot_promote_after_its_lease_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_everything_keeps_points_promotions_and_generations() {
     let test = "a_restart_of_everything_keeps_points_promotions_and_generations";
-    let Some(e) = Engines::start(test) else {
+    let Some(e) = Engines::start_with(test, 3, 3) else {
         return;
     };
     let mut nodes = three_nodes(&e).await;
