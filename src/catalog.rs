@@ -371,6 +371,10 @@ impl IndexHandle {
             newer
         });
     }
+    /// The applied write-log sequence, as it moves.
+    pub fn applied_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
     /// Waits until the write-log sequence `seq` is applied; false if `timeout` passed first or
     /// the index was deleted.
     pub async fn wait_applied(&self, seq: u64, timeout: std::time::Duration) -> bool {

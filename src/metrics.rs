@@ -234,7 +234,7 @@ impl Metrics {
                 self.build_seconds
                     .with_label_values(&[n])
                     .set(view.generation.build_millis as f64 / 1000.0);
-                if let Ok((Some(p), _)) = catalog.registry().get_local(&name) {
+                if let Ok(Some(p)) = catalog.registry().current_known(&name) {
                     self.promoted_recall.with_label_values(&[n]).set(p.recall);
                     self.promoted_p50
                         .with_label_values(&[n])

@@ -89,6 +89,9 @@ pub trait Shared: Send + Sync {
     async fn promote(&self, p: Promotion, fence: Option<&Fence>) -> Result<(Promotion, u32)>;
     async fn rollback(&self, index: &Name) -> Result<(Option<Promotion>, u32)>;
     async fn get(&self, index: &Name) -> Result<Record>;
+    /// The index's current promotion as this node last saw it, without waiting (it follows
+    /// the registry's changes; for reports such as the metrics, not for decisions).
+    fn known_current(&self, index: &Name) -> Option<Promotion>;
 }
 
 pub struct Registry {
@@ -234,6 +237,16 @@ impl Registry {
             .get_promotion(index.as_str())?
             .unwrap_or_default();
         Ok((rec.current, rec.history))
+    }
+
+    /// The index's current promotion without waiting: a single node's from its store, a
+    /// cluster node's as it last saw it in etcd (it follows every change, whichever node made
+    /// it). For reports (the metrics).
+    pub fn current_known(&self, index: &Name) -> Result<Option<Promotion>> {
+        if let Some((shared, _)) = &self.shared {
+            return Ok(shared.known_current(index));
+        }
+        Ok(self.get_local(index)?.0)
     }
 
     /// The promoted config of the index, or `default` when nothing is promoted.

@@ -332,8 +332,10 @@ pub fn index_health_name(index: &str) -> String {
 }
 
 /// A cluster node's per-index health: `vectord.v1.IndexService/<index>` is SERVING while the
-/// node serves the index's desired generation and NOT_SERVING while it is behind (building it,
-/// or failing to); an index the node no longer has is cleared. All NOT_SERVING at shutdown.
+/// node serves the index's desired generation and is not behind on its write log, and
+/// NOT_SERVING while it is behind on either (building the generation, or failing to; applying
+/// a backlog of writes); an index the node no longer has is cleared. All NOT_SERVING at
+/// shutdown.
 async fn index_health(
     mut rollouts: tokio::sync::watch::Receiver<
         std::collections::BTreeMap<String, crate::cluster::control::Rollout>,
@@ -346,7 +348,7 @@ async fn index_health(
         let now: std::collections::BTreeMap<String, bool> = rollouts
             .borrow_and_update()
             .iter()
-            .map(|(k, r)| (k.clone(), r.current()))
+            .map(|(k, r)| (k.clone(), r.serving()))
             .collect();
         for (index, current) in &now {
             if known.get(index) != Some(current) {

@@ -209,6 +209,9 @@ pub trait ClusterJobs: Send + Sync {
 #[async_trait::async_trait]
 pub trait JobLease: Send + Sync {
     fn fence(&self) -> Fence;
+    /// Cancelled when the lease is lost (it expired, e.g. its node was paused or cut off from
+    /// etcd past its TTL, or it was revoked): the job stops at once and ends FAILED.
+    fn lost(&self) -> CancellationToken;
     /// Sets the index's desired generation to `config` (the promoted trial's, whose graph this
     /// node holds), fenced, and waits until this node serves it (or `cancel`): its number.
     async fn activate(
@@ -533,6 +536,26 @@ impl Jobs {
             grid: req.grid.clone(),
             adaptive: req.adaptive.is_some(),
         });
+        // A lost job lease stops the job at once: its trials and builds are cancelled and it
+        // ends FAILED naming the lease (its promotion and activation are fenced anyway).
+        let lost = Arc::new(Mutex::new(None::<String>));
+        if let Some(l) = &lease {
+            let (gone, tok, done, lost) = (l.lost(), token.clone(), done.clone(), lost.clone());
+            let (id, index) = (job_id.clone(), req.index.clone());
+            self.lab.catalog().tasks().spawn(async move {
+                tokio::select! {
+                    _ = gone.cancelled() => {
+                        tracing::warn!(job = %id, index = %index, "the job lost its index's job lease: stopping it");
+                        *lost.lock() = Some(format!(
+                            "job {id} lost index {:?}'s job lease (it expired or was revoked: its node was paused or cut off from the cluster's control plane past the lease's TTL, or the lease was revoked) and was stopped; nothing was promoted or activated",
+                            index.as_str(),
+                        ));
+                        tok.cancel();
+                    }
+                    _ = done.cancelled() => {}
+                }
+            });
+        }
         let jobs = self.clone();
         let tok = token.clone();
         let stop_why = why;
@@ -577,6 +600,22 @@ impl Jobs {
                     job.state = JobState::Succeeded;
                     job.reason = outcome.reason.clone();
                     Event::Finished(Box::new(outcome))
+                }
+                // Stopped by the loss of its job lease (not by a client, DeleteIndex or
+                // shutdown): FAILED, naming the lease.
+                Err(Error::Cancelled(_))
+                    if !jobs.root.is_cancelled()
+                        && stop_why.lock().is_none()
+                        && lost.lock().is_some() =>
+                {
+                    let why = lost.lock().clone().unwrap_or_default();
+                    job.state = JobState::Failed;
+                    job.reason = why.clone();
+                    tracing::error!(job = %job.id, reason = %why, "autotune failed");
+                    Event::Ended(Error::JobFailed {
+                        job: job.id.clone(),
+                        cause: Box::new(Error::Conflict(why)),
+                    })
                 }
                 Err(Error::Cancelled(why)) => {
                     job.state = JobState::Cancelled;

@@ -46,12 +46,20 @@ pub struct Rollout {
     pub served: u64,
     /// The desired generation number whose last build attempt on this node failed (0: none).
     pub failed: u64,
+    /// Whether the node is behind on the index's write log (see `cluster::BEHIND_MESSAGES`).
+    pub log_behind: bool,
 }
 
 impl Rollout {
-    /// Whether the node serves what the cluster wants for the index.
+    /// Whether the node serves the generation the cluster wants for the index.
     pub fn current(&self) -> bool {
         self.served >= self.desired
+    }
+
+    /// Whether the node is fit to serve the index: it serves the desired generation and is
+    /// not behind on the write log (the index's health name is SERVING).
+    pub fn serving(&self) -> bool {
+        self.current() && !self.log_behind
     }
 }
 
@@ -62,6 +70,10 @@ pub struct Control {
     /// Per index name, this node's rollout (set by the node's watch of the desired
     /// generations, `rollout.rs`): what jobs wait on, and what per-index health reports.
     rollouts: tokio::sync::watch::Sender<BTreeMap<String, Rollout>>,
+    /// Per index name, its current promotion as this node last saw it in etcd, with the
+    /// record's mod revision (`follow_promotions`, and this node's own changes): what the node
+    /// reports without asking etcd (its metrics).
+    promoted: parking_lot::Mutex<BTreeMap<String, (i64, Option<Promotion>)>>,
 }
 
 fn conflict(what: &str) -> Error {
@@ -98,6 +110,7 @@ impl Control {
             etcd,
             tasks,
             rollouts: tokio::sync::watch::channel(BTreeMap::new()).0,
+            promoted: Default::default(),
         }))
     }
 
@@ -135,9 +148,109 @@ impl Control {
         });
     }
 
+    /// Changes this node's rollout of `index` only if the node has it.
+    pub(super) fn set_rollout_if_known(&self, index: &str, f: impl FnOnce(&mut Rollout) -> bool) {
+        self.rollouts
+            .send_if_modified(|m| m.get_mut(index).is_some_and(f));
+    }
+
     pub(super) fn forget_rollout(&self, index: &str) {
         self.rollouts
             .send_if_modified(|m| m.remove(index).is_some());
+    }
+
+    /// Notes index `name`'s current promotion as of revision `rev` (an older one is ignored;
+    /// None with `gone`: the record was deleted).
+    fn note_promoted(&self, name: &str, rev: i64, current: Option<Promotion>, gone: bool) {
+        let mut promoted = self.promoted.lock();
+        if promoted.get(name).is_some_and(|(r, _)| *r > rev) {
+            return;
+        }
+        if gone {
+            promoted.remove(name);
+        } else {
+            promoted.insert(name.to_string(), (rev, current));
+        }
+    }
+
+    /// Follows the promotion records in etcd (a list, then a watch from its revision; after
+    /// any break, again every second) until `stop`, keeping what [`Shared::known_current`]
+    /// answers.
+    pub(super) async fn follow_promotions(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.follow_promotions_once() => if let Err(e) = r {
+                    tracing::debug!(error = %e, "following the promotion records in etcd stopped; resyncing");
+                },
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn follow_promotions_once(&self) -> Result<()> {
+        let what = "following the promotion records";
+        let prefix = etcd::promotions_prefix();
+        let (kvs, rev) = etcd::list(&mut self.etcd(), self.urls(), what, prefix.clone()).await?;
+        let mut all = BTreeMap::new();
+        for (key, r) in kvs {
+            let Some(name) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            match r.decode::<PromotionEntry>(&key) {
+                Ok(e) => {
+                    all.insert(name.to_string(), (r.mod_revision, e.record.current));
+                }
+                Err(e) => tracing::error!(%key, error = %e, "unreadable promotion record in etcd"),
+            }
+        }
+        *self.promoted.lock() = all;
+        let mut client = self.etcd();
+        let opts = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        let urls = self.urls();
+        let mut stream =
+            etcd::bounded!(urls, what, client.watch(prefix.clone(), Some(opts.clone()))).await?;
+        loop {
+            let resp = stream
+                .message()
+                .await
+                .map_err(|e| etcd::unavailable(urls, what, e))?
+                .ok_or_else(|| etcd::unavailable(urls, what, "the watch ended"))?;
+            if resp.canceled() {
+                return Err(etcd::unavailable(
+                    urls,
+                    what,
+                    format!("the watch was cancelled: {}", resp.cancel_reason()),
+                ));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let Some(name) = key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                match ev.event_type() {
+                    etcd_client::EventType::Put => {
+                        match etcd::decode::<PromotionEntry>(&key, kv.value()) {
+                            Ok(e) => {
+                                self.note_promoted(name, kv.mod_revision(), e.record.current, false)
+                            }
+                            Err(e) => {
+                                tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
+                            }
+                        }
+                    }
+                    etcd_client::EventType::Delete => {
+                        self.note_promoted(name, kv.mod_revision(), None, true)
+                    }
+                }
+            }
+        }
     }
 
     async fn read(&self, what: &str, keys: &[String]) -> Result<Vec<Option<Read>>> {
@@ -312,7 +425,8 @@ impl Control {
                 etcd::encode("a promotion record", &entry)?,
                 None,
             )];
-            if self.commit(what, when, ops).await?.is_some() {
+            if let Some(rev) = self.commit(what, when, ops).await? {
+                self.note_promoted(index.as_str(), rev, entry.record.current.clone(), false);
                 return Ok(out);
             }
             backoff(attempt).await;
@@ -534,6 +648,13 @@ impl Shared for Control {
     async fn get(&self, index: &Name) -> Result<Record> {
         Ok(self.read_registry(index, None).await?.2.record)
     }
+
+    fn known_current(&self, index: &Name) -> Option<Promotion> {
+        self.promoted
+            .lock()
+            .get(index.as_str())
+            .and_then(|(_, p)| p.clone())
+    }
 }
 
 /// An autotune job's hold on its index's job lease.
@@ -543,6 +664,8 @@ pub struct EtcdJobLease {
     lease: i64,
     /// Stops the renewals.
     renew: CancellationToken,
+    /// Cancelled by the renewals when the lease is lost (expired or revoked).
+    lost: CancellationToken,
 }
 
 #[async_trait::async_trait]
@@ -608,8 +731,13 @@ impl ClusterJobs for Control {
             }
         };
         let renew = CancellationToken::new();
-        self.tasks
-            .spawn(renew_job_lease(self.clone(), lease, renew.clone()));
+        let lost = CancellationToken::new();
+        self.tasks.spawn(renew_job_lease(
+            self.clone(),
+            lease,
+            renew.clone(),
+            lost.clone(),
+        ));
         tracing::info!(index = %index, job = job_id, token, "took the index's job lease");
         Ok(Arc::new(EtcdJobLease {
             control: self,
@@ -619,32 +747,57 @@ impl ClusterJobs for Control {
             },
             lease,
             renew,
+            lost,
         }))
     }
 }
 
-/// Renews a job lease every [`JOB_LEASE_RENEW`] until `stop`; a lease etcd no longer has is
-/// not taken again (the job's fence then fails).
-async fn renew_job_lease(control: Arc<Control>, lease: i64, stop: CancellationToken) {
+/// Renews a job lease every [`JOB_LEASE_RENEW`] until `stop`. When the lease is lost it
+/// cancels `lost` and ends (a lease etcd no longer has is not taken again; the job's fence
+/// fails from then on): lost when etcd answers a renewal with TTL 0 (the lease expired or was
+/// revoked), or when no renewal succeeded for [`JOB_LEASE_TTL_SECS`] (the node was paused or
+/// cut off from etcd that long: etcd has let the lease expire, or will before it hears again).
+async fn renew_job_lease(
+    control: Arc<Control>,
+    lease: i64,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
+    let ttl = Duration::from_secs(JOB_LEASE_TTL_SECS as u64);
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(JOB_LEASE_RENEW) => {}
         }
-        let mut etcd = control.etcd();
-        let kept = etcd::bounded!(control.urls(), "renewing the job lease", async {
-            let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            Ok(answers.message().await?.map_or(0, |a| a.ttl()))
-        })
+        if renewed.elapsed() >= ttl {
+            tracing::warn!(
+                lease,
+                secs = renewed.elapsed().as_secs(),
+                "the autotune job's lease was not renewed for longer than its TTL: it is lost; stopping the job"
+            );
+            lost.cancel();
+            return;
+        }
+        let asked = tokio::time::Instant::now();
+        let kept = etcd::keep_alive(
+            &mut control.etcd(),
+            control.urls(),
+            "renewing the job lease",
+            lease,
+        )
         .await;
+        if stop.is_cancelled() {
+            return;
+        }
         match kept {
-            Ok(ttl) if ttl > 0 => {}
+            Ok(ttl) if ttl > 0 => renewed = asked,
             Ok(_) => {
                 tracing::warn!(
                     lease,
-                    "the autotune job's lease expired: it can no longer promote or activate"
+                    "the autotune job's lease expired or was revoked: stopping the job; it can no longer promote or activate"
                 );
+                lost.cancel();
                 return;
             }
             Err(e) => {
@@ -658,6 +811,10 @@ async fn renew_job_lease(control: Arc<Control>, lease: i64, stop: CancellationTo
 impl JobLease for EtcdJobLease {
     fn fence(&self) -> Fence {
         self.fence.clone()
+    }
+
+    fn lost(&self) -> CancellationToken {
+        self.lost.clone()
     }
 
     async fn activate(

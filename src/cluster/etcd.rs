@@ -50,6 +50,9 @@ pub fn profiles_prefix() -> String {
 pub fn profile_key(name: &str) -> String {
     format!("{PREFIX}profiles/{name}")
 }
+pub fn promotions_prefix() -> String {
+    format!("{PREFIX}promotions/")
+}
 pub fn promotion_key(index: &str) -> String {
     format!("{PREFIX}promotions/{index}")
 }
@@ -333,6 +336,23 @@ macro_rules! bounded {
     };
 }
 pub(crate) use bounded;
+
+/// Renews `lease` once: its remaining TTL in seconds, 0 when etcd no longer has it (it
+/// expired or was revoked). The etcd client reports a lease etcd answered "not found" (TTL 0)
+/// as an error of its own: that is an answer, not a failure.
+pub async fn keep_alive(etcd: &mut Client, urls: &[String], what: &str, lease: i64) -> Result<i64> {
+    bounded!(urls, what, async {
+        match etcd.lease_keep_alive(lease).await {
+            Ok((mut keeper, mut answers)) => {
+                keeper.keep_alive().await?;
+                Ok(answers.message().await?.map_or(0, |a| a.ttl()))
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
 
 /// The catalog: every index with its uid, and the revision the list was read at.
 pub async fn list_indexes(

@@ -126,6 +126,16 @@ impl WriteLog {
             .map_err(|e| unavailable(&self.urls, "reading the write log", e))
     }
 
+    /// The last sequence the shard's stream holds (0: empty).
+    pub async fn last_sequence(&self, uid: u64, shard: u32) -> Result<u64> {
+        Ok(self
+            .get_stream(uid, shard)
+            .await?
+            .cached_info()
+            .state
+            .last_sequence)
+    }
+
     /// Removes the shard's stream (its index is deleted).
     pub async fn delete_stream(&self, uid: u64, shard: u32) -> Result<()> {
         match tokio::time::timeout(
@@ -233,7 +243,8 @@ pub type OnApplied = Arc<dyn Fn(u64, &[(u64, u64)]) + Send + Sync>;
 
 /// Applies the index's write log to the node's replica in stream order, from the sequence after
 /// the one the store holds, until `cancel` (the index was deleted or the node stops). Failures
-/// (NATS away, a storage error) are logged and retried every second.
+/// (NATS away, a storage error) are logged and retried every second. `gate` (a test hook,
+/// `ClusterConfig::apply_gate`) holds the loop before it applies anything.
 pub async fn apply_loop(
     log: Arc<WriteLog>,
     catalog: Arc<Catalog>,
@@ -241,8 +252,15 @@ pub async fn apply_loop(
     cluster_uid: u64,
     cancel: CancellationToken,
     on_applied: OnApplied,
+    gate: Option<crate::autotune::jobs::JobGate>,
 ) {
     let name = handle.meta.name.clone();
+    if let Some(gate) = gate {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = gate.pass(&name) => {}
+        }
+    }
     let mut warned = false;
     loop {
         let run = apply_from(&log, &catalog, &handle, cluster_uid, &on_applied);

@@ -59,6 +59,12 @@ const WRITE_APPLY_WAIT: Duration = Duration::from_secs(10);
 const RECENT_OUTCOMES: usize = 4096;
 /// How often a node renews its lease and reports its applied sequences.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A node more than this many write-log messages (write batches) behind the last sequence of an
+/// index's stream is *behind* on the index: its health name for the index is NOT_SERVING until
+/// it has applied every message the stream held when it last looked (see [`LAG_CHECK`]).
+pub const BEHIND_MESSAGES: u64 = 1000;
+/// How often a node reads the last sequence of each index's stream, to know how far behind it is.
+const LAG_CHECK: Duration = Duration::from_secs(1);
 /// Longest the lease revoke at shutdown may take (it is within the shutdown grace).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -72,6 +78,12 @@ pub struct ClusterConfig {
     /// A test hook (no flag sets it): this node's rollouts of the gated indexes wait, before
     /// building, until the gate opens, so a test can hold a node behind the desired generation.
     pub rollout_gate: Option<crate::autotune::jobs::JobGate>,
+    /// A test hook (no flag sets it): this node's apply loops of the gated indexes wait, before
+    /// applying anything, until the gate opens, so a test can hold a node behind on the log.
+    pub apply_gate: Option<crate::autotune::jobs::JobGate>,
+    /// Write-log messages behind past which the node is behind on an index:
+    /// [`BEHIND_MESSAGES`] (no flag sets it; tests lower it).
+    pub behind_messages: u64,
 }
 
 impl ClusterConfig {
@@ -113,6 +125,8 @@ impl ClusterConfig {
             node_id: node.to_string(),
             advertise_addr: advertise_addr.to_string(),
             rollout_gate: None,
+            apply_gate: None,
+            behind_messages: BEHIND_MESSAGES,
         })
     }
 }
@@ -285,6 +299,7 @@ impl Cluster {
         tasks.spawn(cluster.clone().watch(rev));
         tasks.spawn(cluster.clone().watch_desired(desired_rev));
         tasks.spawn(cluster.clone().heartbeat(lease));
+        tasks.spawn(control.clone().follow_promotions(cluster.stop.clone()));
         tracing::info!(node = %cfg.node_id, advertise = %cfg.advertise_addr, indexes = cluster.appliers.lock().len(), "joined the cluster");
         Ok(cluster)
     }
@@ -371,15 +386,68 @@ impl Cluster {
             self.tasks.spawn(log::apply_loop(
                 self.log.clone(),
                 self.catalog.clone(),
-                handle,
+                handle.clone(),
                 uid,
-                cancel,
+                cancel.clone(),
                 on_applied,
+                self.cfg.apply_gate.clone(),
             ));
+            self.tasks
+                .spawn(self.clone().follow_lag(handle, uid, cancel));
         }
         drop(appliers);
         self.check_rollout(name.as_str(), true);
         self.catalog.get_index(&name)
+    }
+
+    /// Follows how far behind this node is on the index's write log (the stream's last
+    /// sequence, read every [`LAG_CHECK`], against what the node applied) until `cancel`, and
+    /// says so in the index's rollout (its health): behind past `behind_messages`, caught up
+    /// once it applied everything up to the last sequence read.
+    async fn follow_lag(
+        self: Arc<Self>,
+        handle: Arc<crate::catalog::IndexHandle>,
+        uid: u64,
+        cancel: CancellationToken,
+    ) {
+        let name = handle.meta.name.to_string();
+        let mut applied = handle.applied_updates();
+        drop(handle);
+        let mut every = tokio::time::interval(LAG_CHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut end = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = every.tick() => match self.log.last_sequence(uid, 0).await {
+                    Ok(last) => end = end.max(last),
+                    Err(e) => tracing::debug!(index = %name, error = %e, "reading the write log's last sequence failed"),
+                },
+                changed = applied.changed() => if changed.is_err() { return },
+            }
+            let done = *applied.borrow_and_update();
+            let lag = end.saturating_sub(done);
+            // What the rollout says (not a copy of it here): until the index's rollout exists
+            // (the replica just created), a change is tried again at the next look.
+            let behind = self.control.rollout(&name).log_behind;
+            let now = if behind {
+                lag > 0
+            } else {
+                lag > self.cfg.behind_messages
+            };
+            if now != behind {
+                if now {
+                    tracing::warn!(index = %name, applied = done, last = end, "behind on the index's write log: NOT_SERVING for the index until caught up");
+                } else {
+                    tracing::info!(index = %name, applied = done, "caught up on the index's write log");
+                }
+                self.control.set_rollout_if_known(&name, |r| {
+                    let changed = r.log_behind != now;
+                    r.log_behind = now;
+                    changed
+                });
+            }
+        }
     }
 
     async fn drop_local(&self, name: &Name) -> Result<()> {
@@ -554,12 +622,7 @@ impl Cluster {
             }
             let mut etcd = self.etcd();
             let urls = &self.cfg.etcd;
-            let kept = etcd::bounded!(urls, "renewing the node's lease", async {
-                let (mut keeper, mut answers) = etcd.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                Ok(answers.message().await?.map_or(0, |a| a.ttl()))
-            })
-            .await;
+            let kept = etcd::keep_alive(&mut etcd, urls, "renewing the node's lease", lease).await;
             let now = self.node_record();
             let res = match kept {
                 Ok(ttl) if ttl > 0 => {

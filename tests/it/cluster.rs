@@ -28,6 +28,8 @@ struct Engines {
     dir: tempfile::TempDir,
     etcd: String,
     nats: String,
+    /// (etcd members, NATS servers)
+    sizes: (usize, usize),
 }
 
 fn script() -> PathBuf {
@@ -80,7 +82,33 @@ impl Engines {
             etcd: get("VECTORD_ETCD"),
             nats: get("VECTORD_NATS"),
             dir,
+            sizes: (etcd_members, nats_servers),
         })
+    }
+
+    /// Stops every engine and starts them again on the same data and ports
+    /// (`scripts/cluster.sh stop`, then `start`, on the same dir).
+    fn restart(&self) {
+        for cmd in ["stop", "start"] {
+            let out = Command::new("bash")
+                .arg(script())
+                .arg(cmd)
+                .arg(self.dir.path())
+                .env("ETCD_MEMBERS", self.sizes.0.to_string())
+                .env("NATS_SERVERS", self.sizes.1.to_string())
+                .output()
+                .expect("run scripts/cluster.sh");
+            assert!(
+                out.status.success(),
+                "cluster.sh {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env = std::fs::read_to_string(self.dir.path().join("env")).expect("env file");
+        assert!(
+            env.contains(&self.etcd) && env.contains(&self.nats),
+            "the engines came back on their ports: {env}"
+        );
     }
 
     /// Kills one engine's process (`etcd/e0` or `nats/n0`) with SIGKILL.
@@ -689,6 +717,21 @@ async fn node_in_process(
     gate: Option<vectord::autotune::jobs::JobGate>,
     rollout_gate: Option<vectord::autotune::jobs::JobGate>,
 ) -> TestServer {
+    node_in_process_with(id, e, |config| {
+        if let Some(c) = &mut config.cluster {
+            c.rollout_gate = rollout_gate;
+        }
+        config.job_gate = gate;
+    })
+    .await
+}
+
+/// [`node_in_process`] with its config (cluster flags included) as `edit` changes it.
+async fn node_in_process_with(
+    id: &str,
+    e: &Engines,
+    edit: impl FnOnce(&mut vectord::config::Config),
+) -> TestServer {
     let dir = e.dir.path().join(format!("in-process-{id}"));
     std::fs::create_dir_all(&dir).expect("node dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -696,12 +739,10 @@ async fn node_in_process(
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut config = vectord::config::Config::for_tests(&dir);
-    let mut cluster =
-        vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
-            .expect("cluster flags");
-    cluster.rollout_gate = rollout_gate;
+    let cluster = vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
+        .expect("cluster flags");
     config.cluster = Some(cluster);
-    config.job_gate = gate;
+    edit(&mut config);
     TestServer::start_on(listener, &dir, config).await
 }
 
@@ -1076,21 +1117,79 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         "{err:?}"
     );
 
-    // Node 1 loses its lease (revoked in etcd, as when it expires): its job, let through the
-    // gate, measures its trial but can neither promote nor activate.
+    // Node 1 loses its lease (revoked in etcd, as when it expires) while its job waits at the
+    // gate, which stays closed: the job is stopped at once (it would wait forever otherwise),
+    // FAILED naming the lease, with no trial run.
     let mut etcd = etcd_client::Client::connect([e.etcd.as_str()], None)
         .await
         .expect("etcd client");
-    let held = etcd
-        .get("/vectord/v1/jobs/jobs", None)
-        .await
-        .expect("read the job lease");
-    let lease = held.kvs().first().expect("the job lease key").lease();
+    let lease_of = |etcd: &etcd_client::Client| {
+        let mut etcd = etcd.clone();
+        async move {
+            let held = etcd
+                .get("/vectord/v1/jobs/jobs", None)
+                .await
+                .expect("read the job lease");
+            held.kvs().first().expect("the job lease key").lease()
+        }
+    };
+    let lease = lease_of(&etcd).await;
     etcd.lease_revoke(lease)
         .await
         .expect("revoke the job lease");
+    let revoked = Instant::now();
+    let (events, err) = tokio::time::timeout(WAIT, collect(first))
+        .await
+        .expect("the job stops when its lease is lost, though its gate stays closed");
+    let err = err.expect("the job without its lease fails");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
+    assert!(
+        err.message().contains("lost") && err.message().contains("lease"),
+        "{err:?}"
+    );
+    assert!(
+        revoked.elapsed() < Duration::from_secs(10),
+        "stopped within the renewal period, not at the lease's TTL: {:?}",
+        revoked.elapsed()
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, pb::autotune_response::Event::Trial(_))),
+        "stopped before any trial: {events:?}"
+    );
+    let jobs = a1
+        .list_jobs(pb::ListJobsRequest {
+            index_name: "jobs".into(),
+        })
+        .await
+        .expect("list jobs on node 1")
+        .into_inner()
+        .jobs;
+    let job = jobs
+        .iter()
+        .find(|j| j.id == started.job_id)
+        .expect("the job's record on node 1");
+    assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
+    assert!(job.reason.contains("lease"), "{job:?}");
+
+    // The fence: a job whose lease key is gone (the lease itself still renewed, so nothing
+    // stops the job) runs its trial but can neither promote nor activate.
+    let mut held = a1
+        .autotune(tune.clone())
+        .await
+        .expect("autotune on node 1 again: the lease is free")
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(_)) =
+        held.message().await.expect("stream").expect("event").event
+    else {
+        panic!("the first event is Started")
+    };
+    etcd.delete("/vectord/v1/jobs/jobs", None)
+        .await
+        .expect("delete the job lease key");
     gate.open();
-    let (events, err) = collect(first).await;
+    let (events, err) = collect(held).await;
     let err = err.expect("the fenced job fails");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
     assert!(err.message().contains("lease"), "{err:?}");
@@ -1469,4 +1568,657 @@ async fn concurrent_writes_share_log_messages_and_an_import_answers_applied() {
         .await
         .expect("search with the import's sequence");
     assert_eq!(ids, vec![1000]);
+}
+
+// ---- faults with the real binary: the job-lease holder killed or paused; everything restarted ----
+
+impl Node {
+    async fn autotune(&self) -> pb::autotune_service_client::AutotuneServiceClient<Channel> {
+        pb::autotune_service_client::AutotuneServiceClient::new(self.channel().await)
+    }
+
+    async fn promotion(&self) -> pb::promotion_service_client::PromotionServiceClient<Channel> {
+        pb::promotion_service_client::PromotionServiceClient::new(self.channel().await)
+    }
+
+    async fn promoted(&self, index: &str) -> pb::GetPromotedResponse {
+        self.promotion()
+            .await
+            .get_promoted(pb::GetPromotedRequest {
+                index_name: index.into(),
+            })
+            .await
+            .expect("get promoted")
+            .into_inner()
+    }
+
+    async fn get_index(&self, name: &str) -> pb::Index {
+        self.index()
+            .await
+            .get_index(pb::GetIndexRequest { name: name.into() })
+            .await
+            .expect("get index")
+            .into_inner()
+            .index
+            .expect("index")
+    }
+
+    async fn jobs(&self, index: &str) -> Vec<pb::Job> {
+        self.autotune()
+            .await
+            .list_jobs(pb::ListJobsRequest {
+                index_name: index.into(),
+            })
+            .await
+            .expect("list jobs")
+            .into_inner()
+            .jobs
+    }
+}
+
+/// Creates `name` through node 1 with `n` points and waits until every node applied them.
+async fn seeded_nodes(nodes: &[Node], name: &str, n: u64, dim: usize) {
+    let mut c = nodes[0].index().await;
+    create(&mut c, name, dim as u32).await;
+    let pts: Vec<pb::Point> = (0..n).map(|i| point(i, dim)).collect();
+    // Retried with its request_id while UNAVAILABLE: a fresh NATS cluster may still be
+    // electing the stream's leader.
+    let deadline = Instant::now() + WAIT;
+    let up = loop {
+        let r = c
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: name.into(),
+                points: pts.clone(),
+                request_id: format!("seed-{name}"),
+            })
+            .await;
+        match r {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("upsert: {s:?}"),
+        }
+    };
+    for node in nodes {
+        let mut c = node.index().await;
+        let ids = eventually(WAIT, "the index and its points on every node", || {
+            let (mut c, v) = (c.clone(), pts[3].vector.clone());
+            async move { search_min(&mut c, name, v, 1, up.sequence).await.ok() }
+        })
+        .await;
+        assert_eq!(ids, vec![3]);
+        c.get_index(pb::GetIndexRequest { name: name.into() })
+            .await
+            .expect("get index");
+    }
+}
+
+/// A grid slow enough that a job is still building when the test acts on it right after its
+/// Started event (several seeded builds of ef_construction 200).
+fn slow_grid() -> Vec<pb::HnswConfig> {
+    (0..6)
+        .map(|seed| pb::HnswConfig {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 100,
+            seed: Some(seed),
+        })
+        .collect()
+}
+
+fn quick_grid() -> Vec<pb::HnswConfig> {
+    vec![pb::HnswConfig {
+        m: 8,
+        ef_construction: 40,
+        ef_search: 40,
+        seed: Some(3),
+    }]
+}
+
+/// Starts an Autotune (harness "h", created first if missing) with `grid` and `activate`:
+/// the stream after its Started event, and the job id.
+async fn start_job(
+    node: &Node,
+    index: &str,
+    grid: Vec<pb::HnswConfig>,
+) -> Result<(tonic::Streaming<pb::AutotuneResponse>, String), tonic::Status> {
+    let mut a = node.autotune().await;
+    let _ = a
+        .create_harness(harness_request(index, "h", 10, 20, Some(1)))
+        .await;
+    let mut stream = a
+        .autotune(pb::AutotuneRequest {
+            index_name: index.into(),
+            harness: "h".into(),
+            grid,
+            min_recall: Some(0.0),
+            activate: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let Some(pb::autotune_response::Event::Started(started)) = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("event")
+        .event
+    else {
+        panic!("the first event is Started")
+    };
+    Ok((stream, started.job_id))
+}
+
+/// Waits (up to [`WAIT`]) until etcd no longer has `key`: a watch from the revision it was read
+/// at, for its deletion.
+async fn wait_key_gone(e: &Engines, key: &str) {
+    let mut etcd = etcd_client::Client::connect(e.etcd.split(',').collect::<Vec<_>>(), None)
+        .await
+        .expect("etcd client");
+    let got = etcd.get(key, None).await.expect("read the key");
+    if got.kvs().is_empty() {
+        return;
+    }
+    let rev = got.header().expect("header").revision();
+    let mut stream = etcd
+        .watch(
+            key,
+            Some(etcd_client::WatchOptions::new().with_start_revision(rev + 1)),
+        )
+        .await
+        .expect("watch the key");
+    tokio::time::timeout(WAIT, async {
+        while let Some(resp) = stream.message().await.expect("watch") {
+            if resp
+                .events()
+                .iter()
+                .any(|ev| ev.event_type() == etcd_client::EventType::Delete)
+            {
+                return;
+            }
+        }
+        panic!("the watch of {key} ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{key} still in etcd after {WAIT:?}"));
+}
+
+/// The outcome of a job that ran to its end: its Finished event.
+async fn finished(stream: tonic::Streaming<pb::AutotuneResponse>) -> pb::AutotuneFinished {
+    let (events, err) = collect(stream).await;
+    assert!(err.is_none(), "{err:?} after {events:?}");
+    match events.last() {
+        Some(pb::autotune_response::Event::Finished(f)) => f.clone(),
+        other => panic!("finished: {other:?}"),
+    }
+}
+
+/// SIGKILL of the node holding an index's job lease mid-autotune: the lease outlives it at most
+/// its TTL (a job on another node is ABORTED until then, then starts), the dead job promoted
+/// and activated nothing, and the restarted node records it FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
+    let test = "a_killed_job_lease_holder_fails_its_job_and_frees_the_index";
+    let Some(e) = Engines::start_with(test, 3, 3) else {
+        return;
+    };
+    let mut nodes = three_nodes(&e).await;
+    seeded_nodes(&nodes, "tune", 2000, 16).await;
+    let (_stream, job) = start_job(&nodes[0], "tune", slow_grid())
+        .await
+        .expect("autotune on node 1");
+    let dir1 = nodes[0].dir.clone();
+    nodes[0].proc.signal("KILL");
+    let _ = nodes[0].proc.wait_exit().await;
+
+    // The dead node's lease still holds the index (for at most its TTL).
+    let err = start_job(&nodes[1], "tune", quick_grid())
+        .await
+        .expect_err("the index is still leased to the dead node's job");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains(&job) && err.message().contains("n1"),
+        "{err:?}"
+    );
+    // Its lease expires: the index is free; the dead job changed nothing in the registry.
+    wait_key_gone(&e, "/vectord/v1/jobs/tune").await;
+    for node in &nodes[1..] {
+        let got = node.promoted("tune").await;
+        assert_eq!((got.current, got.history.len()), (None, 0), "{}", node.id);
+        assert_eq!(node.get_index("tune").await.desired_generation, 0);
+    }
+    let (second, _) = start_job(&nodes[1], "tune", quick_grid())
+        .await
+        .expect("a job on node 2 once the dead node's lease expired");
+    let f = finished(second).await;
+    assert!(f.promoted, "{f:?}");
+
+    // Node 1 back on its data: the dead job is FAILED there; the registry has node 2's only.
+    nodes[0] = Node::start("n1", &dir1, &e).await;
+    let jobs = nodes[0].jobs("tune").await;
+    let dead = jobs
+        .iter()
+        .find(|j| j.id == job)
+        .unwrap_or_else(|| panic!("{job} on node 1: {jobs:?}"));
+    assert_eq!(dead.state, pb::JobState::Failed as i32, "{dead:?}");
+    for node in &nodes {
+        let got = node.promoted("tune").await;
+        let current = got.current.expect("node 2's promotion");
+        assert_eq!(
+            (current.trial_node_id.as_str(), got.history.len()),
+            ("n2", 0),
+            "{}",
+            node.id
+        );
+        assert_eq!(node.get_index("tune").await.desired_generation, 1);
+    }
+}
+
+/// SIGSTOP of the job-lease holder past its lease, a job on another node meanwhile, SIGCONT: the
+/// paused job cannot promote or activate (it ends FAILED, ABORTED naming the lease); the
+/// registry and the desired generation are the second job's only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_job_lease_holder_cannot_promote_after_its_lease_expired() {
+    let test = "a_paused_job_lease_holder_cannot_promote_after_its_lease_expired";
+    let Some(e) = Engines::start_with(test, 3, 3) else {
+        return;
+    };
+    let nodes = three_nodes(&e).await;
+    seeded_nodes(&nodes, "pause", 2000, 16).await;
+    let (first, job) = start_job(&nodes[0], "pause", slow_grid())
+        .await
+        .expect("autotune on node 1");
+    nodes[0].proc.signal("STOP");
+    wait_key_gone(&e, "/vectord/v1/jobs/pause").await;
+    let (second, _) = start_job(&nodes[1], "pause", quick_grid())
+        .await
+        .expect("a job on node 2 once node 1's lease expired");
+    nodes[0].proc.signal("CONT");
+
+    let (events, err) = tokio::time::timeout(WAIT, collect(first))
+        .await
+        .expect("the paused job ends once it runs again");
+    let err = err.expect("the paused job fails");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
+    assert!(err.message().contains("lease"), "{err:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, pb::autotune_response::Event::Finished(_))),
+        "{events:?}"
+    );
+    let f = finished(second).await;
+    assert!(f.promoted, "{f:?}");
+    let winner = f.winner.expect("winner");
+
+    let jobs = nodes[0].jobs("pause").await;
+    let paused = jobs
+        .iter()
+        .find(|j| j.id == job)
+        .unwrap_or_else(|| panic!("{job} on node 1: {jobs:?}"));
+    assert_eq!(paused.state, pb::JobState::Failed as i32, "{paused:?}");
+    assert!(paused.reason.contains("lease"), "{paused:?}");
+    for node in &nodes {
+        let got = node.promoted("pause").await;
+        let current = got.current.expect("node 2's promotion");
+        assert_eq!(
+            (
+                current.trial_node_id.as_str(),
+                current.trial_id,
+                got.history.len()
+            ),
+            ("n2", winner.id, 0),
+            "{}: only node 2's promotion",
+            node.id
+        );
+        // Every node, node 1 included, rolls out node 2's winner, and nothing else.
+        let index = eventually(WAIT, "node 2's winner served everywhere", || async {
+            let i = node.get_index("pause").await;
+            (i.nodes.iter().any(|n| n.node_id == node.id && n.current)).then_some(i)
+        })
+        .await;
+        assert_eq!(index.desired_generation, 1, "{}", node.id);
+        let gen = index.active_generation.expect("generation");
+        assert_eq!(gen.config, winner.config, "{}", node.id);
+    }
+}
+
+/// Everything stopped (3 nodes, etcd, NATS) and started again on the same dirs: the same points,
+/// promotions and active generations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_everything_keeps_points_promotions_and_generations() {
+    let test = "a_restart_of_everything_keeps_points_promotions_and_generations";
+    let Some(e) = Engines::start_with(test, 3, 3) else {
+        return;
+    };
+    let mut nodes = three_nodes(&e).await;
+    let dim = 8;
+    seeded_nodes(&nodes, "keep", 500, dim).await;
+    // Two promotions through node 2 (so there is a history), activated through node 3.
+    let mut a2 = nodes[1].autotune().await;
+    a2.create_harness(harness_request("keep", "h", 10, 20, Some(1)))
+        .await
+        .expect("harness");
+    for (m, note) in [(6, "first"), (10, "second")] {
+        let trial = a2
+            .run_trial(pb::RunTrialRequest {
+                index_name: "keep".into(),
+                harness: "h".into(),
+                config: Some(pb::HnswConfig {
+                    m,
+                    ef_construction: 40,
+                    ef_search: 30,
+                    seed: Some(2),
+                }),
+            })
+            .await
+            .expect("trial")
+            .into_inner()
+            .trial
+            .expect("trial");
+        nodes[1]
+            .promotion()
+            .await
+            .promote(pb::PromoteRequest {
+                index_name: "keep".into(),
+                trial_id: trial.id,
+                promoted_by: "test".into(),
+                note: note.into(),
+            })
+            .await
+            .expect("promote");
+    }
+    let mut c3 = nodes[2].index().await;
+    c3.put_profile(pb::PutProfileRequest {
+        profile: Some(pb::Profile {
+            name: "keep".into(),
+            indexes: vec![pb::ProfileIndex {
+                index_name: "keep".into(),
+                default_config: None,
+            }],
+        }),
+    })
+    .await
+    .expect("put profile");
+    let mut req = tonic::Request::new(pb::ActivateProfileRequest {
+        name: "keep".into(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    let act = c3
+        .activate_profile(req)
+        .await
+        .expect("activate")
+        .into_inner();
+    assert!(act.rolled_out, "{act:?}");
+
+    // What a user sees on each node, before and after.
+    type Seen = (
+        u64,
+        Vec<u64>,
+        pb::GetPromotedResponse,
+        u64,
+        Option<(u64, Option<pb::HnswConfig>, i32, String, u64)>,
+    );
+    async fn seen(node: &Node) -> Seen {
+        let index = node.get_index("keep").await;
+        let ids = search_min(&mut node.index().await, "keep", point(42, 8).vector, 1, 0)
+            .await
+            .expect("search");
+        let gen = index
+            .active_generation
+            .map(|g| (g.number, g.config, g.config_source, g.profile, g.trial_id));
+        (
+            index.point_count,
+            ids,
+            node.promoted("keep").await,
+            index.desired_generation,
+            gen,
+        )
+    }
+    let mut before = Vec::new();
+    for node in &nodes {
+        let s = seen(node).await;
+        assert_eq!(s.0, 500, "{}", node.id);
+        assert_eq!(s.1, [42], "{}", node.id);
+        assert_eq!(
+            (
+                s.2.current.as_ref().map(|p| p.note.as_str()),
+                s.2.history.len()
+            ),
+            (Some("second"), 1)
+        );
+        assert_eq!(s.3, 1);
+        before.push(s);
+    }
+
+    let mut dirs = Vec::new();
+    for node in &mut nodes {
+        node.proc.signal("TERM");
+        let _ = node.proc.wait_exit().await;
+        dirs.push((node.id.clone(), node.dir.clone()));
+    }
+    e.restart();
+    for (i, (id, dir)) in dirs.iter().enumerate() {
+        nodes[i] = Node::start(id, dir, &e).await;
+    }
+    for (node, was) in nodes.iter().zip(&before) {
+        eventually(WAIT, "the node serving its desired generation", || async {
+            let i = node.get_index("keep").await;
+            i.nodes
+                .iter()
+                .any(|n| n.node_id == node.id && n.current)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(&seen(node).await, was, "{} after the restart", node.id);
+    }
+}
+
+// ---- a node behind on the write log; the promotion metrics of a node that did not promote ----
+
+/// A node held behind on an index's write log (its apply loop at a gate; "behind" lowered to
+/// 10 messages) is NOT_SERVING for that index while the others are SERVING, still answers
+/// searches from what it applied, and is SERVING again once it caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_node_behind_on_the_write_log_is_not_serving_until_it_caught_up() {
+    let Some(e) =
+        Engines::start("control_a_node_behind_on_the_write_log_is_not_serving_until_it_caught_up")
+    else {
+        return;
+    };
+    let gate = vectord::autotune::jobs::JobGate::closed(["backlog"]);
+    let nodes = vec![
+        node_in_process("n1", &e, None, None).await,
+        node_in_process("n2", &e, None, None).await,
+        node_in_process_with("n3", &e, |c| {
+            let cluster = c.cluster.as_mut().expect("cluster flags");
+            cluster.apply_gate = Some(gate.clone());
+            cluster.behind_messages = 10;
+        })
+        .await,
+    ];
+    let dim = 4;
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, "backlog", dim as u32).await;
+    for node in &nodes {
+        eventually(WAIT, "the index SERVING on every node", || async move {
+            (index_health_status(node, "backlog").await == Some(1)).then_some(())
+        })
+        .await;
+    }
+    // 30 writes (messages), node 3 applying none of them.
+    let mut last = 0;
+    for id in 0..30u64 {
+        last = c1
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: "backlog".into(),
+                points: vec![point(id, dim)],
+                request_id: String::new(),
+            })
+            .await
+            .expect("upsert")
+            .into_inner()
+            .sequence;
+    }
+    eventually(WAIT, "node 3 NOT_SERVING for the index", || async {
+        (index_health_status(&nodes[2], "backlog").await == Some(2)).then_some(())
+    })
+    .await;
+    for node in &nodes[..2] {
+        assert_eq!(
+            index_health(node, "backlog").await,
+            1,
+            "caught-up nodes SERVING"
+        );
+    }
+    let mut c3 = nodes[2].index().await;
+    let ids = search_min(&mut c3, "backlog", point(7, dim).vector, 1, 0)
+        .await
+        .expect("a node behind still answers searches");
+    assert!(ids.is_empty(), "node 3 applied nothing yet: {ids:?}");
+    assert_eq!(get_index(&nodes[2], "backlog").await.point_count, 0);
+
+    // Let it apply: it catches up and is SERVING again, with every write.
+    gate.open();
+    eventually(WAIT, "node 3 SERVING again", || async {
+        (index_health_status(&nodes[2], "backlog").await == Some(1)).then_some(())
+    })
+    .await;
+    let ids = search_min(&mut c3, "backlog", point(7, dim).vector, 1, last)
+        .await
+        .expect("search on node 3");
+    assert_eq!(ids, vec![7]);
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `vectord_promoted_*` on a cluster node come from the cluster's registry: a node that did
+/// not make the promotion reports it (and its rollback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_promoted_metrics_on_a_node_that_did_not_promote() {
+    let Some(e) = Engines::start("control_promoted_metrics_on_a_node_that_did_not_promote") else {
+        return;
+    };
+    // Node 2 with a metrics endpoint (a listener bound here, on a free port).
+    let dir = e.dir.path().join("in-process-metrics-n2");
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let (addr, maddr) = (
+        listener.local_addr().expect("addr"),
+        metrics.local_addr().expect("metrics addr"),
+    );
+    let mut config = vectord::config::Config::for_tests(&dir);
+    config.cluster = Some(
+        vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, "n2", &addr.to_string())
+            .expect("cluster flags"),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vectord::server::run_with(
+        listener,
+        Some(metrics),
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let n1 = node_in_process("n1", &e, None, None).await;
+    let c2 = IndexServiceClient::new(crate::common::child::channel(addr).await);
+    eventually(WAIT, "node 2 serving", || {
+        let mut c = c2.clone();
+        async move { c.list_indexes(pb::ListIndexesRequest::default()).await.ok() }
+    })
+    .await;
+    seeded_cluster_index(std::slice::from_ref(&n1), "watched", 200, 4).await;
+    let series = r#"vectord_promoted_recall{index="watched"}"#;
+    eventually(WAIT, "the index on node 2", || {
+        let mut c = c2.clone();
+        async move {
+            c.get_index(pb::GetIndexRequest {
+                name: "watched".into(),
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(&scrape(maddr).await, series),
+        None,
+        "nothing promoted"
+    );
+
+    // Promoted through node 1: node 2 reports it.
+    let trial = trial_on(
+        &n1,
+        "watched",
+        pb::HnswConfig {
+            m: 8,
+            ef_construction: 40,
+            ef_search: 30,
+            seed: Some(4),
+        },
+    )
+    .await;
+    n1.promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: "watched".into(),
+            trial_id: trial.id,
+            promoted_by: "test".into(),
+            note: String::new(),
+        })
+        .await
+        .expect("promote on node 1");
+    let recall = eventually(WAIT, "node 2's vectord_promoted_recall", || async {
+        metric(&scrape(maddr).await, series)
+    })
+    .await;
+    assert_eq!(recall, trial.recall);
+    let p50 = metric(
+        &scrape(maddr).await,
+        r#"vectord_promoted_p50_seconds{index="watched"}"#,
+    );
+    assert_eq!(p50, Some(trial.p50_micros / 1e6));
+
+    // Rolled back through node 1: node 2 reports nothing promoted again.
+    n1.promotion()
+        .await
+        .rollback(pb::RollbackRequest {
+            index_name: "watched".into(),
+        })
+        .await
+        .expect("rollback");
+    eventually(WAIT, "node 2's metric gone with the rollback", || async {
+        metric(&scrape(maddr).await, series).is_none().then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    server
+        .await
+        .expect("node 2's task")
+        .expect("node 2 stopped cleanly");
 }
