@@ -24,6 +24,7 @@
 pub mod codec;
 pub mod control;
 pub mod etcd;
+pub mod lab;
 pub mod log;
 mod rollout;
 
@@ -161,6 +162,8 @@ pub struct Cluster {
     /// Per index name, why this node's last rollout attempt failed.
     rollout_errors: Mutex<HashMap<String, String>>,
     log: Arc<WriteLog>,
+    /// The cluster's lab log (harnesses and trials), mirrored into the store.
+    lab: Arc<lab::LabLog>,
     catalog: Arc<Catalog>,
     drop_index: DropIndex,
     /// The running apply loop of each index.
@@ -184,6 +187,7 @@ impl Cluster {
     pub async fn join(
         cfg: ClusterConfig,
         control: Arc<Control>,
+        lab: Arc<lab::LabLog>,
         catalog: Arc<Catalog>,
         drop_index: DropIndex,
     ) -> Result<Arc<Self>> {
@@ -212,7 +216,7 @@ impl Cluster {
         }
         let mut attempt = 0u64;
         loop {
-            let res = Self::connect(&cfg, &control, &catalog, &drop_index, &tasks).await;
+            let res = Self::connect(&cfg, &control, &lab, &catalog, &drop_index, &tasks).await;
             match res {
                 Ok(c) => return Ok(c),
                 Err(e) => {
@@ -232,6 +236,7 @@ impl Cluster {
     async fn connect(
         cfg: &ClusterConfig,
         control: &Arc<Control>,
+        lab: &Arc<lab::LabLog>,
         catalog: &Arc<Catalog>,
         drop_index: &DropIndex,
         tasks: &Tasks,
@@ -247,6 +252,7 @@ impl Cluster {
             rolling: Default::default(),
             rollout_errors: Default::default(),
             log,
+            lab: lab.clone(),
             catalog: catalog.clone(),
             drop_index: drop_index.clone(),
             appliers: Default::default(),
@@ -273,6 +279,11 @@ impl Cluster {
         tasks.spawn(cluster.clone().watch(rev));
         tasks.spawn(cluster.clone().watch_desired(desired_rev));
         tasks.spawn(cluster.clone().heartbeat(lease));
+        tasks.spawn(lab::mirror_loop(
+            cluster.clone(),
+            cluster.lab.clone(),
+            cluster.stop.clone(),
+        ));
         tracing::info!(node = %cfg.node_id, advertise = %cfg.advertise_addr, indexes = cluster.appliers.lock().len(), "joined the cluster");
         Ok(cluster)
     }
@@ -644,6 +655,10 @@ impl Cluster {
         self.drop_local(name).await?;
         if let Err(e) = self.log.delete_stream(uid, 0).await {
             tracing::warn!(index = %name, uid, error = %e, "deleting the write log failed: remove stream {} by hand", log::stream_name(uid, 0));
+        }
+        if let Err(e) = self.lab.purge_index(uid).await {
+            // Its records stay in the lab log; every node skips them (the index is gone).
+            tracing::warn!(index = %name, uid, error = %e, "purging the index's lab records failed: purge subject {} of stream {} by hand", lab::subject(uid), lab::STREAM);
         }
         tracing::info!(index = %name, uid, "deleted index from the cluster");
         Ok(())
