@@ -156,10 +156,13 @@ impl Registry {
         note: &str,
         fence: Option<&Fence>,
     ) -> Result<(Promotion, u32)> {
-        let trial: Trial = self
-            .store
-            .get_trial(trial_id)?
-            .ok_or_else(|| Error::not_found("trial", trial_id.to_string()))?;
+        let mut trial: Option<Trial> = self.store.get_trial(trial_id)?;
+        if let (None, Some(lab)) = (&trial, &self.lab) {
+            // Journaled through another node a moment ago: mirrored here once synced.
+            lab.sync().await?;
+            trial = self.store.get_trial(trial_id)?;
+        }
+        let trial = trial.ok_or_else(|| Error::not_found("trial", trial_id.to_string()))?;
         if &trial.index != index {
             return Err(Error::invalid(format!(
                 "trial {trial_id} belongs to index {:?}, not {:?}; promote it on its own index",

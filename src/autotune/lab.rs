@@ -217,6 +217,30 @@ impl Lab {
         Ok(harness)
     }
 
+    /// [`Lab::get_harness`]; on a cluster node, when this node does not have it (yet), once
+    /// more after mirroring every lab record logged so far (one made through another node a
+    /// moment ago is then found).
+    pub async fn get_harness_synced(&self, index: &Name, name: &Name) -> Result<Harness> {
+        match (self.get_harness(index, name), &self.shared) {
+            (Err(Error::NotFound { .. }), Some(shared)) => {
+                shared.sync().await?;
+                self.get_harness(index, name)
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// [`Lab::get_trial`], synced like [`Lab::get_harness_synced`].
+    pub async fn get_trial_synced(&self, id: u64) -> Result<Trial> {
+        match (self.get_trial(id), &self.shared) {
+            (Err(Error::NotFound { .. }), Some(shared)) => {
+                shared.sync().await?;
+                self.get_trial(id)
+            }
+            (r, _) => r,
+        }
+    }
+
     pub fn get_harness(&self, index: &Name, name: &Name) -> Result<Harness> {
         self.catalog.handle(index)?;
         self.store()
@@ -277,7 +301,7 @@ impl Lab {
         harness: &Name,
         acts: &Activities,
     ) -> Result<Prepared> {
-        let mut h = self.get_harness(index, harness)?;
+        let mut h = self.get_harness_synced(index, harness).await?;
         let (handle, points, version) = self.catalog.snapshot(index).await?;
         if points.is_empty() {
             return Err(Self::no_points(index));

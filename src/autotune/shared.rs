@@ -86,6 +86,10 @@ pub trait SharedLab: Send + Sync {
     /// sequence. A retried publish is logged once. UNAVAILABLE naming the engine when the log
     /// does not acknowledge it; RESOURCE_EXHAUSTED when the record is larger than the log takes.
     async fn log(&self, record: &LabRecord) -> Result<u64>;
+    /// Waits (a few seconds at most) until this node has mirrored every record logged so far,
+    /// so a harness or trial just made through another node is found here. UNAVAILABLE when
+    /// the log does not answer or the wait ends first.
+    async fn sync(&self) -> Result<()>;
 }
 
 /// Mirrors the record at log sequence `seq` into `store` (None: an unreadable record, only the

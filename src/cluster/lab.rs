@@ -199,12 +199,32 @@ impl SharedLab for LabLog {
             .map_err(|e| Error::Internal(format!("encoding a lab record: {e}")))?;
         let msg_id = format!("lab-{}-{:032x}", self.node_id, rand::random::<u128>());
         let seq = self.publish(record.index().1, payload, &msg_id).await?;
+        self.wait_mirrored(seq).await?;
+        Ok(seq)
+    }
+
+    async fn sync(&self) -> Result<()> {
+        // The stream's state as NATS answers it now: every record logged so far is at or below
+        // its last sequence.
+        let last = self
+            .ensure_stream()
+            .await?
+            .cached_info()
+            .state
+            .last_sequence;
+        self.wait_mirrored(last).await
+    }
+}
+
+impl LabLog {
+    /// Waits until this node mirrored the log up to `seq`, at most [`MIRROR_WAIT`].
+    async fn wait_mirrored(&self, seq: u64) -> Result<()> {
         let mut mirrored = self.mirrored.subscribe();
         let waited = tokio::time::timeout(MIRROR_WAIT, mirrored.wait_for(|at| *at >= seq)).await;
         match waited {
-            Ok(Ok(_)) => Ok(seq),
+            Ok(Ok(_)) => Ok(()),
             _ => Err(Error::Unavailable(format!(
-                "the lab record is logged (sequence {seq}) but this node has not mirrored it within {} s (its mirror is at {}); it will: retry the read later",
+                "this node has not mirrored the cluster's lab log up to sequence {seq} within {} s (its mirror is at {}); it will: retry later",
                 MIRROR_WAIT.as_secs(),
                 *self.mirrored.borrow()
             ))),

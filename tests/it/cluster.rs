@@ -1477,19 +1477,25 @@ async fn lab_a_trial_run_on_one_node_is_seen_and_promoted_from_every_node() {
         .create_harness(harness_request("lab", "h", 10, 20, Some(1)))
         .await
         .expect("create harness on node 1");
-    let trial = run_trial(&nodes[1], "lab", small_config(8)).await;
+    // At once: node 2 catches up on the lab log when it does not have the harness yet.
+    let trial = nodes[1]
+        .autotune()
+        .await
+        .run_trial(pb::RunTrialRequest {
+            index_name: "lab".into(),
+            harness: "h".into(),
+            config: Some(small_config(8)),
+        })
+        .await
+        .expect("run trial on node 2 with node 1's harness")
+        .into_inner()
+        .trial
+        .expect("trial");
     assert_eq!(trial.node_id, "n2");
     assert!(trial.recall > 0.0, "{trial:?}");
 
-    // Every node has it, under the same id, with the same figures.
+    // Every node has it, under the same id, with the same figures (GetTrial at once).
     for (i, node) in nodes.iter().enumerate() {
-        wait_trial_ids(
-            node,
-            "lab",
-            &[trial.id],
-            "the trial in every node's journal",
-        )
-        .await;
         let mut a = node.autotune().await;
         let got = a
             .get_trial(pb::GetTrialRequest { id: trial.id })
@@ -1498,6 +1504,13 @@ async fn lab_a_trial_run_on_one_node_is_seen_and_promoted_from_every_node() {
             .into_inner()
             .trial;
         assert_eq!(got.as_ref(), Some(&trial), "node {}", i + 1);
+        wait_trial_ids(
+            node,
+            "lab",
+            &[trial.id],
+            "the trial in every node's journal",
+        )
+        .await;
         let front = a
             .get_pareto_front(pb::GetParetoFrontRequest {
                 index_name: "lab".into(),
