@@ -1918,6 +1918,88 @@ mod tests {
     }
 
     #[test]
+    fn the_lab_mirror_applies_each_record_once_for_its_replica_and_keeps_pinned_trials() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.link_replica(7, 100).unwrap();
+        let trial = |id: u64| LabOp::Trial {
+            index: "a",
+            cluster_uid: 100,
+            json: serde_json::to_vec(&serde_json::json!({"id": id, "index": "a", "harness": "h"}))
+                .unwrap(),
+        };
+        let ids = |s: &Store| -> Vec<u64> {
+            s.list_trials(None, 100, |_: &serde_json::Value| true)
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap())
+                .collect()
+        };
+        for seq in 1..=4 {
+            s.apply_lab(seq, &trial(seq)).unwrap();
+        }
+        // A replay (at or below the mirrored sequence) changes nothing.
+        s.apply_lab(2, &LabOp::RemoveTrials { ids: &[1, 2, 3] })
+            .unwrap();
+        assert_eq!(ids(&s), [4, 3, 2, 1]);
+        assert_eq!(s.lab_applied().unwrap(), 4);
+        // Another incarnation's record (uid 101) or an unknown index's: only the sequence moves.
+        let other = LabOp::Trial {
+            index: "a",
+            cluster_uid: 101,
+            json: b"{}".to_vec(),
+        };
+        s.apply_lab(5, &other).unwrap();
+        let missing = LabOp::CreateHarness {
+            index: "b",
+            cluster_uid: 100,
+            name: "h",
+            json: b"{}".to_vec(),
+        };
+        s.apply_lab(6, &missing).unwrap();
+        assert_eq!(ids(&s), [4, 3, 2, 1]);
+        assert_eq!(s.lab_applied().unwrap(), 6);
+        // A pin of a trial the journal has (of its index) protects it; the others go.
+        s.apply_lab(7, &LabOp::Pin { index: "b", id: 1 }).unwrap();
+        s.apply_lab(8, &LabOp::Pin { index: "a", id: 2 }).unwrap();
+        assert!(!s.is_pinned(1).unwrap());
+        assert!(s.is_pinned(2).unwrap());
+        assert_eq!(s.trials_beyond("a", "h", 1).unwrap(), [3, 1]);
+        s.apply_lab(9, &LabOp::RemoveTrials { ids: &[3, 2, 1] })
+            .unwrap();
+        assert_eq!(ids(&s), [4, 2]);
+        assert_eq!(s.trial_count(), 2);
+        // The harness: created once (a second record of the name is ignored), then deleted.
+        let harness = |json: &str| LabOp::CreateHarness {
+            index: "a",
+            cluster_uid: 100,
+            name: "h",
+            json: json.as_bytes().to_vec(),
+        };
+        s.apply_lab(10, &harness("{\"n\":1}")).unwrap();
+        s.apply_lab(11, &harness("{\"n\":2}")).unwrap();
+        let h: serde_json::Value = s.get_harness("a", "h").unwrap().unwrap();
+        assert_eq!(h["n"], 1);
+        let delete = LabOp::DeleteHarness {
+            index: "a",
+            cluster_uid: 100,
+            name: "h",
+        };
+        s.apply_lab(12, &delete).unwrap();
+        assert!(s
+            .get_harness::<serde_json::Value>("a", "h")
+            .unwrap()
+            .is_none());
+        // Survives a reopen: the mirror resumes after 12.
+        s.flush_blocking().unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.lab_applied().unwrap(), 12);
+        assert!(s.is_pinned(2).unwrap());
+    }
+
+    #[test]
     fn the_change_log_follows_the_data_version_and_is_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
