@@ -75,6 +75,14 @@ impl Lab {
         self
     }
 
+    /// NOT_FOUND: the index a lab record was logged for is gone (deleted meanwhile).
+    fn index_gone(index: &Name) -> Error {
+        Error::NotFound {
+            what: "index",
+            name: format!("{index} (the one this work started on was deleted)"),
+        }
+    }
+
     /// The index's cluster uid (cluster nodes): UNAVAILABLE while the local index is not
     /// linked to the cluster yet.
     fn cluster_uid(handle: &IndexHandle) -> Result<u64> {
@@ -194,11 +202,16 @@ impl Lab {
             let stored: Option<Harness> = self
                 .store()
                 .get_harness(index.as_str(), harness.name.as_str())?;
-            if stored.is_none_or(|h| h.create_time_ms != created || h.seed != harness.seed) {
-                return Err(Error::AlreadyExists {
-                    what: "harness",
-                    name: harness.name.to_string(),
-                });
+            match stored {
+                // The mirror skipped it: the index was deleted meanwhile.
+                None => return Err(Self::index_gone(index)),
+                Some(h) if h.create_time_ms != created || h.seed != harness.seed => {
+                    return Err(Error::AlreadyExists {
+                        what: "harness",
+                        name: harness.name.to_string(),
+                    })
+                }
+                Some(_) => {}
             }
             tracing::info!(index = %index, harness = %harness.name, queries = harness.queries.len(), k, "created harness (cluster)");
             return Ok(harness);
@@ -614,6 +627,10 @@ impl Lab {
             })
             .await?;
         let trial = Trial { id, ..trial };
+        if self.store().get_trial::<Trial>(id)?.is_none() {
+            // The mirror skipped it: the index was deleted meanwhile.
+            return Err(Self::index_gone(&trial.index));
+        }
         tracing::info!(
             trial = trial.id,
             index = %trial.index,

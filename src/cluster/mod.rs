@@ -18,7 +18,7 @@
 //!   membership heartbeat) is spawned on the server's `Tasks` and ends at its cancellation:
 //!   the heartbeat revokes the node's lease as it ends, so a node that shuts down leaves
 //!   `ListNodes` at once (a node that dies leaves it when its lease expires).
-//! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`); it names no tonic type but
+//! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`, `lab.rs`); it names no tonic type but
 //!   the etcd client's own.
 
 pub mod codec;

@@ -1116,12 +1116,13 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     let err = err.expect("the fenced job fails");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
     assert!(err.message().contains("lease"), "{err:?}");
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, pb::autotune_response::Event::Trial(_))),
-        "the job ran its trial: {events:?}"
-    );
+    let fenced_trial = events
+        .iter()
+        .find_map(|e| match e {
+            pb::autotune_response::Event::Trial(t) => Some(t.id),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the job ran its trial: {events:?}"));
     for node in &nodes {
         let got = promoted(node, "jobs").await;
         assert_eq!(
@@ -1166,7 +1167,22 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     let on2 = get_index(&nodes[1], "jobs").await;
     assert!(on2.active_generation.expect("generation").trial_id > 0);
     let got = promoted(&nodes[0], "jobs").await;
-    assert_eq!(got.current.expect("promoted").trial_node_id, "n2");
+    let current = got.current.expect("promoted");
+    assert_eq!(current.trial_node_id, "n2");
+    // The job's trials (and the fenced job's) are the cluster's: node 3 has the winner, run on
+    // node 2, under the promoted id.
+    let winner = f.winner.clone().expect("winner");
+    assert_eq!(
+        (winner.id, winner.node_id.as_str()),
+        (current.trial_id, "n2")
+    );
+    wait_trial_ids(
+        &nodes[2],
+        "jobs",
+        &[winner.id, fenced_trial],
+        "both jobs' trials on node 3",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
