@@ -1,9 +1,11 @@
 //! The application: every long-lived part of the server, built in one order and passed down.
 //!
 //! Order (each part gets what was built before it, nothing is bound later):
-//! store → control plane (only with `--etcd`: the etcd client, connected lazily) → registry
-//! (the store's, or the control plane's) → catalog (with the engine of indexes that name none)
-//! → lab → jobs (with the control plane's job leases) → refresher → cluster (only with
+//! store → control plane (only with `--etcd`: the etcd client, connected lazily) → lab log
+//! (only with `--nats`: the cluster's harnesses and trials, its NATS client connecting in the
+//! background) → registry (the store's, or the control plane's, pinning through the lab log) →
+//! catalog (with the engine of indexes that name none) → lab (through the lab log on a cluster
+//! node) → jobs (with the control plane's job leases) → refresher → cluster (only with
 //! `--etcd`/`--nats`: joins etcd and NATS JetStream, see `cluster/`).
 //! The gRPC services get the [`App`] once it is built (`grpc::Core`); until then they answer
 //! UNAVAILABLE.
