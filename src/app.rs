@@ -1,9 +1,11 @@
 //! The application: every long-lived part of the server, built in one order and passed down.
 //!
 //! Order (each part gets what was built before it, nothing is bound later):
-//! store → control plane (only with `--etcd`: the etcd client, connected lazily) → registry
-//! (the store's, or the control plane's) → catalog (with the engine of indexes that name none)
-//! → lab → jobs (with the control plane's job leases) → refresher → cluster (only with
+//! store → control plane (only with `--etcd`: the etcd client, connected lazily) → lab log
+//! (only with `--nats`: the cluster's harnesses and trials, its NATS client connecting in the
+//! background) → registry (the store's, or the control plane's, pinning through the lab log) →
+//! catalog (with the engine of indexes that name none) → lab (through the lab log on a cluster
+//! node) → jobs (with the control plane's job leases) → refresher → cluster (only with
 //! `--etcd`/`--nats`: joins etcd and NATS JetStream, see `cluster/`).
 //! The gRPC services get the [`App`] once it is built (`grpc::Core`); until then they answer
 //! UNAVAILABLE.
@@ -69,9 +71,18 @@ impl App {
             Some(c) => Some(Control::connect(c, tasks.clone()).await?),
             None => None,
         };
-        let registry = Arc::new(match &control {
-            Some(c) => Registry::shared(store.clone(), c.clone(), c.node_id().to_string()),
-            None => Registry::new(store.clone()),
+        // The cluster's lab log (harnesses and trials), connecting in the background.
+        let lab_log = match &config.cluster {
+            Some(c) => Some(
+                crate::cluster::lab::LabLog::connect(&c.nats, &c.node_id, store.clone()).await?,
+            ),
+            None => None,
+        };
+        let registry = Arc::new(match (&control, &lab_log) {
+            (Some(c), Some(l)) => {
+                Registry::shared(store.clone(), c.clone(), c.node_id().to_string(), l.clone())
+            }
+            _ => Registry::new(store.clone()),
         });
 
         let catalog = Arc::new(
@@ -91,10 +102,12 @@ impl App {
             )
             .await?,
         );
-        let lab = Arc::new(
-            Lab::new(catalog.clone(), config.max_harness_queries)
-                .with_trials_kept(config.trials_kept),
-        );
+        let mut lab = Lab::new(catalog.clone(), config.max_harness_queries)
+            .with_trials_kept(config.trials_kept);
+        if let Some(l) = &lab_log {
+            lab = lab.with_shared(l.clone());
+        }
+        let lab = Arc::new(lab);
         let jobs = Jobs::recover(
             lab.clone(),
             config.jobs_kept,
@@ -107,8 +120,8 @@ impl App {
         .await?;
         let refresh = Refresher::new(lab.clone(), jobs.clone())?;
         refresh.spawn_prober(config.refresh_probe_interval, jobs.shutdown_token());
-        let cluster = match (&config.cluster, control) {
-            (Some(c), Some(control)) => {
+        let cluster = match (&config.cluster, control, lab_log) {
+            (Some(c), Some(control), Some(lab_log)) => {
                 // A replica the cluster no longer has is dropped the way DeleteIndex drops an
                 // index (its job and refresh state first): the parts it needs exist already.
                 let drop_index: crate::cluster::DropIndex = {
@@ -121,7 +134,7 @@ impl App {
                         )
                     })
                 };
-                Some(Cluster::join(c.clone(), control, catalog.clone(), drop_index).await?)
+                Some(Cluster::join(c.clone(), control, lab_log, catalog.clone(), drop_index).await?)
             }
             _ => None,
         };

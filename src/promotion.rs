@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::autotune::shared::{LabRecord, SharedLab};
 use crate::autotune::trial::Trial;
 use crate::error::{Error, Result};
 use crate::model::{now_millis, ConfigSource, HnswConfig, Name};
@@ -30,7 +31,8 @@ pub struct Promotion {
     pub promote_time_ms: u64,
     pub recall: f64,
     pub p50_micros: f64,
-    /// Cluster only: the node whose trial journal holds `trial_id` (trial ids are per node).
+    /// Cluster only: the node that ran trial `trial_id` (trial ids are the cluster's: every
+    /// node's journal has the trial under that id).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub trial_node: String,
 }
@@ -98,6 +100,8 @@ pub struct Registry {
     store: Arc<Store>,
     /// A cluster node's registry (etcd), with the node's id: then the store is not used.
     shared: Option<(Arc<dyn Shared>, String)>,
+    /// A cluster node's lab log: a promotion pins its trial there first.
+    lab: Option<Arc<dyn SharedLab>>,
 }
 
 impl Registry {
@@ -105,14 +109,22 @@ impl Registry {
         Registry {
             store,
             shared: None,
+            lab: None,
         }
     }
 
-    /// A cluster node's registry: kept in `shared`; `node` names this node's trial journal.
-    pub fn shared(store: Arc<Store>, shared: Arc<dyn Shared>, node: String) -> Self {
+    /// A cluster node's registry: kept in `shared`; `node` names this node (the trial's node
+    /// when the trial names none). A promotion pins its trial in `lab` before it is made.
+    pub fn shared(
+        store: Arc<Store>,
+        shared: Arc<dyn Shared>,
+        node: String,
+        lab: Arc<dyn SharedLab>,
+    ) -> Self {
         Registry {
             store,
             shared: Some((shared, node)),
+            lab: Some(lab),
         }
     }
 
@@ -147,10 +159,13 @@ impl Registry {
         note: &str,
         fence: Option<&Fence>,
     ) -> Result<(Promotion, u32)> {
-        let trial: Trial = self
-            .store
-            .get_trial(trial_id)?
-            .ok_or_else(|| Error::not_found("trial", trial_id.to_string()))?;
+        let mut trial: Option<Trial> = self.store.get_trial(trial_id)?;
+        if let (None, Some(lab)) = (&trial, &self.lab) {
+            // Journaled through another node a moment ago: mirrored here once synced.
+            lab.sync().await?;
+            trial = self.store.get_trial(trial_id)?;
+        }
+        let trial = trial.ok_or_else(|| Error::not_found("trial", trial_id.to_string()))?;
         if &trial.index != index {
             return Err(Error::invalid(format!(
                 "trial {trial_id} belongs to index {:?}, not {:?}; promote it on its own index",
@@ -177,8 +192,36 @@ impl Registry {
             trial_node: String::new(),
         };
         if let Some((shared, node)) = &self.shared {
+            // Pinned first, in the lab log: retention, whichever node decides it, then never
+            // removes the trial; a trial removed before its pin was logged is gone on every
+            // node, and not promoted.
+            if let Some(lab) = &self.lab {
+                let uid = self.store.cluster_uid_of(index.as_str())?.ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "index {index} is not linked to the cluster on this node yet; retry"
+                    ))
+                })?;
+                if !self.store.is_pinned(trial_id)? {
+                    lab.log(&LabRecord::TrialPinned {
+                        index_uid: uid,
+                        index: index.clone(),
+                        trial_id,
+                    })
+                    .await?;
+                    if !self.store.is_pinned(trial_id)? {
+                        return Err(Error::not_found(
+                            "trial",
+                            format!("{trial_id} (removed by the journal's retention)"),
+                        ));
+                    }
+                }
+            }
             let promotion = Promotion {
-                trial_node: node.clone(),
+                trial_node: if trial.node_id.is_empty() {
+                    node.clone()
+                } else {
+                    trial.node_id.clone()
+                },
                 ..promotion
             };
             let out = shared.promote(promotion, fence).await?;

@@ -144,7 +144,7 @@ impl Refresher {
     ) -> Result<Option<Policy>> {
         let handle = self.lab.catalog().handle(index)?;
         if let Some(p) = &policy {
-            self.lab.get_harness(index, &p.harness)?;
+            self.lab.get_harness_synced(index, &p.harness).await?;
         }
         let store = self.lab.catalog().store();
         {

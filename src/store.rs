@@ -32,6 +32,10 @@
 //!   and change log of every logged write, so a restart resumes the log right after what the
 //!   points hold. Absent for an index of a single node (and in stores written before it, which
 //!   a single node reads the same: the tree is only added to, so the format stays 1).
+//! - `lab` (cluster nodes only, docs/cluster.md): `applied` -> the last sequence of the
+//!   cluster's lab log (harnesses, trials, retention, pins) mirrored here (u64 BE), written in
+//!   the same transaction as the mirrored record; `pin` ++ trial id (u64 BE) -> empty: a trial
+//!   promoted in the cluster, which retention never removes.
 //! - `meta` `cluster_node`: the node id of the cluster node that uses this data dir, set at its
 //!   first start in a cluster (a data dir with indexes but without it was a single node's).
 //!
@@ -127,6 +131,7 @@ pub struct Store {
     refresh: sled::Tree,
     changes: sled::Tree,
     applied: sled::Tree,
+    lab: sled::Tree,
     /// Dropped after every sled handle: the last clone of `open` going (the store and every
     /// blocking store call still running, see [`Store::flush`]) closes the channel, which is how
     /// [`Store::closed`]'s receiver learns that the data dir is free. Declared last so that it
@@ -442,6 +447,7 @@ impl Store {
             refresh: db.open_tree("refresh")?,
             changes: db.open_tree("changes")?,
             applied: db.open_tree("applied")?,
+            lab: db.open_tree("lab")?,
             dir: dir.to_path_buf(),
             db,
             failed: Default::default(),
@@ -663,6 +669,7 @@ impl Store {
         for kv in self.trials.iter() {
             let (k, v) = kv?;
             if trial_index_is(&v, name) {
+                self.lab.remove(pin_key(u64_at(&k, 0)?))?;
                 batch.remove(k);
                 removed += 1;
             }
@@ -901,6 +908,14 @@ impl Store {
             .transpose()
     }
 
+    /// The cluster uid of the index named `name`, when it is a cluster replica.
+    pub fn cluster_uid_of(&self, name: &str) -> Result<Option<u64>> {
+        let Some(rec) = self.get_index(name)? else {
+            return Ok(None);
+        };
+        Ok(self.applied(rec.meta.uid)?.map(|a| a.cluster_uid))
+    }
+
     /// The node id of the cluster node using this data dir, if it ever was one.
     pub fn cluster_node(&self) -> Result<Option<String>> {
         Ok(self
@@ -1007,9 +1022,12 @@ impl Store {
         Ok(swapped.is_ok())
     }
 
+    /// Replaces a harness (its ground truth recomputed) if it still exists: a harness deleted
+    /// meanwhile is not brought back.
     pub fn put_harness<T: Serialize>(&self, index: &str, name: &str, h: &T) -> Result<()> {
+        let value = to_json(h)?;
         self.harnesses
-            .insert(harness_key(index, name), to_json(h)?)?;
+            .fetch_and_update(harness_key(index, name), |old| old.map(|_| value.clone()))?;
         Ok(())
     }
 
@@ -1319,6 +1337,194 @@ impl Store {
             .map_err(tx_err)
             .inspect(|&removed| self.trials_removed(removed as u64))
     }
+
+    // ---- the cluster's lab log (cluster nodes) ----
+
+    /// The last sequence of the cluster's lab log mirrored into this store (0: none).
+    pub fn lab_applied(&self) -> Result<u64> {
+        self.lab
+            .get(LAB_APPLIED)?
+            .map(|v| u64_at(&v, 0))
+            .transpose()
+            .map(|s| s.unwrap_or(0))
+    }
+
+    /// Whether trial `id` is pinned (promoted in the cluster): retention never removes it.
+    pub fn is_pinned(&self, id: u64) -> Result<bool> {
+        Ok(self.lab.contains_key(pin_key(id))?)
+    }
+
+    /// Mirrors one record of the cluster's lab log, at sequence `seq`, in one transaction with
+    /// the applied sequence: a record at or below the applied one is skipped (a replay), and a
+    /// record of an index this store does not replicate under `cluster_uid` (deleted, or
+    /// another incarnation) changes nothing but the applied sequence. Not flushed.
+    pub fn apply_lab(&self, seq: u64, op: &LabOp<'_>) -> Result<()> {
+        let (inserted, removed) = (
+            &self.lab,
+            &self.harnesses,
+            &self.trials,
+            &self.indexes,
+            &self.applied,
+        )
+            .transaction(|(l, h, t, i, a)| {
+                let at = match l.get(LAB_APPLIED)? {
+                    Some(v) => match u64_at(&v, 0) {
+                        Ok(n) => n,
+                        Err(e) => return abort(e),
+                    },
+                    None => 0,
+                };
+                if seq <= at {
+                    return Ok((0u64, 0u64));
+                }
+                l.insert(LAB_APPLIED, &seq.to_be_bytes())?;
+                let replica = |name: &str, cluster_uid: u64| -> TxResult<bool> {
+                    let Some(rec) = i.get(name)? else {
+                        return Ok(false);
+                    };
+                    #[derive(serde::Deserialize)]
+                    struct Meta {
+                        uid: u64,
+                    }
+                    #[derive(serde::Deserialize)]
+                    struct Only {
+                        meta: Meta,
+                    }
+                    let local = match serde_json::from_slice::<Only>(&rec) {
+                        Ok(o) => o.meta.uid,
+                        Err(e) => {
+                            return abort(Error::Corrupt(format!("index record of {name:?}: {e}")))
+                        }
+                    };
+                    match a.get(local.to_be_bytes())? {
+                        Some(v) => match Applied::decode(&v) {
+                            Ok(ap) => Ok(ap.cluster_uid == cluster_uid),
+                            Err(e) => abort(e),
+                        },
+                        None => Ok(false),
+                    }
+                };
+                match op {
+                    LabOp::Skip => Ok((0, 0)),
+                    LabOp::CreateHarness {
+                        index,
+                        cluster_uid,
+                        name,
+                        json,
+                    } => {
+                        let key = harness_key(index, name);
+                        if replica(index, *cluster_uid)? && h.get(&key)?.is_none() {
+                            h.insert(key, json.as_slice())?;
+                        }
+                        Ok((0, 0))
+                    }
+                    LabOp::DeleteHarness {
+                        index,
+                        cluster_uid,
+                        name,
+                    } => {
+                        if replica(index, *cluster_uid)? {
+                            h.remove(harness_key(index, name))?;
+                        }
+                        Ok((0, 0))
+                    }
+                    LabOp::Trial {
+                        index,
+                        cluster_uid,
+                        json,
+                    } => {
+                        if replica(index, *cluster_uid)?
+                            && t.insert(&seq.to_be_bytes(), json.as_slice())?.is_none()
+                        {
+                            return Ok((1, 0));
+                        }
+                        Ok((0, 0))
+                    }
+                    LabOp::RemoveTrials { ids } => {
+                        let mut removed = 0;
+                        for id in ids.iter() {
+                            if l.get(pin_key(*id))?.is_none()
+                                && t.remove(&id.to_be_bytes())?.is_some()
+                            {
+                                removed += 1;
+                            }
+                        }
+                        Ok((0, removed))
+                    }
+                    LabOp::Pin { index, id } => {
+                        let of_index = t
+                            .get(id.to_be_bytes())?
+                            .is_some_and(|v| trial_index_is(&v, index));
+                        if of_index {
+                            l.insert(&pin_key(*id), &[][..])?;
+                        }
+                        Ok((0, 0))
+                    }
+                }
+            })
+            .map_err(tx_err)?;
+        use std::sync::atomic::Ordering;
+        self.trial_count.fetch_add(inserted, Ordering::Relaxed);
+        self.trials_removed(removed);
+        Ok(())
+    }
+
+    /// The trials of `index` on `harness` beyond the newest `keep`, except pinned ones: what
+    /// cluster retention asks every node to remove.
+    pub fn trials_beyond(&self, index: &str, harness: &str, keep: usize) -> Result<Vec<u64>> {
+        let mut seen = 0;
+        let mut beyond = Vec::new();
+        for kv in self.trials.iter().rev() {
+            let (k, v) = kv?;
+            if trial_of(&v, index, harness) {
+                seen += 1;
+                let id = u64_at(&k, 0)?;
+                if seen > keep && !self.is_pinned(id)? {
+                    beyond.push(id);
+                }
+            }
+        }
+        Ok(beyond)
+    }
+}
+
+/// The `lab` tree's key of the mirrored sequence.
+const LAB_APPLIED: &[u8] = b"applied";
+
+fn pin_key(id: u64) -> [u8; 11] {
+    let mut k = [0u8; 11];
+    k[..3].copy_from_slice(b"pin");
+    k[3..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// One record of the cluster's lab log, as the store mirrors it ([`Store::apply_lab`]).
+#[derive(Debug)]
+pub enum LabOp<'a> {
+    /// Nothing to store (an unreadable record, or one of an index this node does not have).
+    Skip,
+    /// A new harness (JSON), unless the index already has one of that name.
+    CreateHarness {
+        index: &'a str,
+        cluster_uid: u64,
+        name: &'a str,
+        json: Vec<u8>,
+    },
+    DeleteHarness {
+        index: &'a str,
+        cluster_uid: u64,
+        name: &'a str,
+    },
+    /// A trial (JSON), journaled under the record's sequence as its id.
+    Trial {
+        index: &'a str,
+        cluster_uid: u64,
+        json: Vec<u8>,
+    },
+    /// Retention: these trials go, except pinned ones.
+    RemoveTrials { ids: &'a [u64] },
+    /// Pins trial `id` when the journal has it, of `index`.
+    Pin { index: &'a str, id: u64 },
 }
 
 /// NOT_FOUND unless `record` is the index `name` with `uid`.
@@ -1709,6 +1915,88 @@ mod tests {
             0,
             "nothing more to do"
         );
+    }
+
+    #[test]
+    fn the_lab_mirror_applies_each_record_once_for_its_replica_and_keeps_pinned_trials() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.link_replica(7, 100).unwrap();
+        let trial = |id: u64| LabOp::Trial {
+            index: "a",
+            cluster_uid: 100,
+            json: serde_json::to_vec(&serde_json::json!({"id": id, "index": "a", "harness": "h"}))
+                .unwrap(),
+        };
+        let ids = |s: &Store| -> Vec<u64> {
+            s.list_trials(None, 100, |_: &serde_json::Value| true)
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_u64().unwrap())
+                .collect()
+        };
+        for seq in 1..=4 {
+            s.apply_lab(seq, &trial(seq)).unwrap();
+        }
+        // A replay (at or below the mirrored sequence) changes nothing.
+        s.apply_lab(2, &LabOp::RemoveTrials { ids: &[1, 2, 3] })
+            .unwrap();
+        assert_eq!(ids(&s), [4, 3, 2, 1]);
+        assert_eq!(s.lab_applied().unwrap(), 4);
+        // Another incarnation's record (uid 101) or an unknown index's: only the sequence moves.
+        let other = LabOp::Trial {
+            index: "a",
+            cluster_uid: 101,
+            json: b"{}".to_vec(),
+        };
+        s.apply_lab(5, &other).unwrap();
+        let missing = LabOp::CreateHarness {
+            index: "b",
+            cluster_uid: 100,
+            name: "h",
+            json: b"{}".to_vec(),
+        };
+        s.apply_lab(6, &missing).unwrap();
+        assert_eq!(ids(&s), [4, 3, 2, 1]);
+        assert_eq!(s.lab_applied().unwrap(), 6);
+        // A pin of a trial the journal has (of its index) protects it; the others go.
+        s.apply_lab(7, &LabOp::Pin { index: "b", id: 1 }).unwrap();
+        s.apply_lab(8, &LabOp::Pin { index: "a", id: 2 }).unwrap();
+        assert!(!s.is_pinned(1).unwrap());
+        assert!(s.is_pinned(2).unwrap());
+        assert_eq!(s.trials_beyond("a", "h", 1).unwrap(), [3, 1]);
+        s.apply_lab(9, &LabOp::RemoveTrials { ids: &[3, 2, 1] })
+            .unwrap();
+        assert_eq!(ids(&s), [4, 2]);
+        assert_eq!(s.trial_count(), 2);
+        // The harness: created once (a second record of the name is ignored), then deleted.
+        let harness = |json: &str| LabOp::CreateHarness {
+            index: "a",
+            cluster_uid: 100,
+            name: "h",
+            json: json.as_bytes().to_vec(),
+        };
+        s.apply_lab(10, &harness("{\"n\":1}")).unwrap();
+        s.apply_lab(11, &harness("{\"n\":2}")).unwrap();
+        let h: serde_json::Value = s.get_harness("a", "h").unwrap().unwrap();
+        assert_eq!(h["n"], 1);
+        let delete = LabOp::DeleteHarness {
+            index: "a",
+            cluster_uid: 100,
+            name: "h",
+        };
+        s.apply_lab(12, &delete).unwrap();
+        assert!(s
+            .get_harness::<serde_json::Value>("a", "h")
+            .unwrap()
+            .is_none());
+        // Survives a reopen: the mirror resumes after 12.
+        s.flush_blocking().unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.lab_applied().unwrap(), 12);
+        assert!(s.is_pinned(2).unwrap());
     }
 
     #[test]

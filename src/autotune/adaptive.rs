@@ -529,6 +529,7 @@ mod tests {
                 source: String::new(),
                 mean_distance_evals: f64::from(c.ef_search) * f64::from(c.m).sqrt(),
                 fidelity: Default::default(),
+                node_id: String::new(),
             })
         }
     }

@@ -419,7 +419,9 @@ impl Jobs {
         req: TuneRequest,
     ) -> Result<(mpsc::UnboundedReceiver<Event>, CancellationToken)> {
         // Unknown index or harness: NOT_FOUND before anything else.
-        self.lab.get_harness(&req.index, &req.harness)?;
+        self.lab
+            .get_harness_synced(&req.index, &req.harness)
+            .await?;
         let handle = self.lab.catalog().handle(&req.index)?;
         let uid = handle.meta.uid;
         if req.index_uid.is_some_and(|u| u != uid) {

@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use super::harness::{
     ground_truth, ground_truth_tracked, sample, GroundTruth, Harness, Query, QuerySpec,
 };
+use super::shared::{LabRecord, SharedLab};
 use super::trial::{Fidelity, Trial};
 use crate::catalog::{Catalog, IndexHandle};
 use crate::error::{Error, Result};
@@ -44,6 +45,9 @@ pub struct Lab {
     max_queries: usize,
     /// Trials kept per index and harness (--trials-kept).
     trials_kept: usize,
+    /// A cluster node's lab log (docs/cluster.md): every change of harnesses and trials goes
+    /// through it, and reaches the store through its mirror. None on a single node.
+    shared: Option<Arc<dyn SharedLab>>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -61,7 +65,33 @@ impl Lab {
             graphs_built: AtomicU64::new(0),
             max_queries,
             trials_kept: crate::config::DEFAULT_TRIALS_KEPT as usize,
+            shared: None,
         }
+    }
+
+    /// A cluster node's lab: harnesses and trials go through the cluster's lab log.
+    pub fn with_shared(mut self, shared: Arc<dyn SharedLab>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// NOT_FOUND: the index a lab record was logged for is gone (deleted meanwhile).
+    fn index_gone(index: &Name) -> Error {
+        Error::NotFound {
+            what: "index",
+            name: format!("{index} (the one this work started on was deleted)"),
+        }
+    }
+
+    /// The index's cluster uid (cluster nodes): UNAVAILABLE while the local index is not
+    /// linked to the cluster yet.
+    fn cluster_uid(handle: &IndexHandle) -> Result<u64> {
+        handle.cluster_uid.ok_or_else(|| {
+            Error::Unavailable(format!(
+                "index {} is not linked to the cluster on this node yet; retry",
+                handle.meta.name
+            ))
+        })
     }
 
     /// Keeps the newest `n` trials per index and harness (promoted ones always).
@@ -142,6 +172,7 @@ impl Lab {
             }
         };
         let metric = handle.meta.metric;
+        let handle_of = handle.clone();
         let harness = tokio::task::spawn_blocking(move || {
             let neighbors = ground_truth(metric, &points, &queries, k as usize);
             Harness {
@@ -158,6 +189,33 @@ impl Lab {
             }
         })
         .await?;
+        if let Some(shared) = &self.shared {
+            let index_uid = Self::cluster_uid(&handle_of)?;
+            let created = harness.create_time_ms;
+            shared
+                .log(&LabRecord::HarnessCreated {
+                    index_uid,
+                    harness: Box::new(harness.clone()),
+                })
+                .await?;
+            // Two nodes creating the same name: the first record in the log is the harness.
+            let stored: Option<Harness> = self
+                .store()
+                .get_harness(index.as_str(), harness.name.as_str())?;
+            match stored {
+                // The mirror skipped it: the index was deleted meanwhile.
+                None => return Err(Self::index_gone(index)),
+                Some(h) if h.create_time_ms != created || h.seed != harness.seed => {
+                    return Err(Error::AlreadyExists {
+                        what: "harness",
+                        name: harness.name.to_string(),
+                    })
+                }
+                Some(_) => {}
+            }
+            tracing::info!(index = %index, harness = %harness.name, queries = harness.queries.len(), k, "created harness (cluster)");
+            return Ok(harness);
+        }
         if !self
             .store()
             .create_harness(index.as_str(), harness.name.as_str(), &harness)?
@@ -170,6 +228,30 @@ impl Lab {
         self.store().flush().await?;
         tracing::info!(index = %index, harness = %harness.name, queries = harness.queries.len(), k, "created harness");
         Ok(harness)
+    }
+
+    /// [`Lab::get_harness`]; on a cluster node, when this node does not have it (yet), once
+    /// more after mirroring every lab record logged so far (one made through another node a
+    /// moment ago is then found).
+    pub async fn get_harness_synced(&self, index: &Name, name: &Name) -> Result<Harness> {
+        match (self.get_harness(index, name), &self.shared) {
+            (Err(Error::NotFound { .. }), Some(shared)) => {
+                shared.sync().await?;
+                self.get_harness(index, name)
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// [`Lab::get_trial`], synced like [`Lab::get_harness_synced`].
+    pub async fn get_trial_synced(&self, id: u64) -> Result<Trial> {
+        match (self.get_trial(id), &self.shared) {
+            (Err(Error::NotFound { .. }), Some(shared)) => {
+                shared.sync().await?;
+                self.get_trial(id)
+            }
+            (r, _) => r,
+        }
     }
 
     pub fn get_harness(&self, index: &Name, name: &Name) -> Result<Harness> {
@@ -185,7 +267,24 @@ impl Lab {
     }
 
     pub async fn delete_harness(&self, index: &Name, name: &Name) -> Result<()> {
-        self.catalog.handle(index)?;
+        let handle = self.catalog.handle(index)?;
+        if let Some(shared) = &self.shared {
+            if self
+                .store()
+                .get_harness::<Harness>(index.as_str(), name.as_str())?
+                .is_none()
+            {
+                return Err(Error::not_found("harness", name.as_str()));
+            }
+            shared
+                .log(&LabRecord::HarnessDeleted {
+                    index_uid: Self::cluster_uid(&handle)?,
+                    index: index.clone(),
+                    name: name.clone(),
+                })
+                .await?;
+            return Ok(());
+        }
         if !self.store().delete_harness(index.as_str(), name.as_str())? {
             return Err(Error::not_found("harness", name.as_str()));
         }
@@ -215,7 +314,7 @@ impl Lab {
         harness: &Name,
         acts: &Activities,
     ) -> Result<Prepared> {
-        let mut h = self.get_harness(index, harness)?;
+        let mut h = self.get_harness_synced(index, harness).await?;
         let (handle, points, version) = self.catalog.snapshot(index).await?;
         if points.is_empty() {
             return Err(Self::no_points(index));
@@ -453,7 +552,7 @@ impl Lab {
         );
         let point_count = p.points.len() as u64;
         let owner = (index.as_str(), p.handle.meta.uid);
-        let trial = self.store().append_trial(Some(owner), |id| Trial {
+        let make = |id| Trial {
             id,
             index: index.clone(),
             harness: harness.clone(),
@@ -471,7 +570,16 @@ impl Lab {
             source: source.clone(),
             mean_distance_evals: m.mean_distance_evals,
             fidelity,
-        })?;
+            node_id: self
+                .shared
+                .as_ref()
+                .map(|s| s.node_id().to_string())
+                .unwrap_or_default(),
+        };
+        if let Some(shared) = &self.shared {
+            return self.journal_shared(shared, p, make(0)).await;
+        }
+        let trial = self.store().append_trial(Some(owner), make)?;
         self.store().flush().await?;
         tracing::info!(
             trial = trial.id,
@@ -499,6 +607,84 @@ impl Lab {
             }
         }
         Ok(trial)
+    }
+
+    /// [`Lab::journal`] on a cluster node: the trial is logged (its id the log sequence) and
+    /// answered once mirrored here; then this node asks, in one more record, every node to
+    /// remove the trials of the index and harness beyond the newest `--trials-kept` that are
+    /// neither pinned nor promoted in the cluster now (best effort: retried at the next trial).
+    async fn journal_shared(
+        &self,
+        shared: &Arc<dyn SharedLab>,
+        p: &Prepared,
+        trial: Trial,
+    ) -> Result<Trial> {
+        let index_uid = Self::cluster_uid(&p.handle)?;
+        let id = shared
+            .log(&LabRecord::Trial {
+                index_uid,
+                trial: Box::new(trial.clone()),
+            })
+            .await?;
+        let trial = Trial { id, ..trial };
+        if self.store().get_trial::<Trial>(id)?.is_none() {
+            // The mirror skipped it: the index was deleted meanwhile.
+            return Err(Self::index_gone(&trial.index));
+        }
+        tracing::info!(
+            trial = trial.id,
+            index = %trial.index,
+            config = %trial.config,
+            recall = format!("{:.4}", trial.recall),
+            p50_us = format!("{:.1}", trial.p50_micros),
+            source = %trial.source,
+            "trial journaled (cluster)"
+        );
+        if let Err(e) = self.retain_shared(shared, index_uid, &trial).await {
+            tracing::warn!(index = %trial.index, error = %e, "trial retention failed; retried at the next trial");
+        }
+        Ok(trial)
+    }
+
+    async fn retain_shared(
+        &self,
+        shared: &Arc<dyn SharedLab>,
+        index_uid: u64,
+        trial: &Trial,
+    ) -> Result<()> {
+        let (store, keep) = (self.store().clone(), self.trials_kept);
+        let (i, h) = (trial.index.clone(), trial.harness.clone());
+        let beyond =
+            tokio::task::spawn_blocking(move || store.trials_beyond(i.as_str(), h.as_str(), keep))
+                .await??;
+        if beyond.is_empty() {
+            return Ok(());
+        }
+        // Promotions pin their trial; those made before pins existed are kept by their record.
+        let (current, history) = self.catalog.registry().get(&trial.index).await?;
+        let promoted: std::collections::HashSet<u64> = current
+            .iter()
+            .chain(history.iter())
+            .map(|p| p.trial_id)
+            .collect();
+        let ids: Vec<u64> = beyond
+            .into_iter()
+            .filter(|id| !promoted.contains(id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let removed = ids.len();
+        shared
+            .log(&LabRecord::TrialsRemoved {
+                index_uid,
+                index: trial.index.clone(),
+                harness: trial.harness.clone(),
+                ids,
+            })
+            .await?;
+        tracing::debug!(index = %trial.index, harness = %trial.harness, removed, "trial retention (cluster)");
+        Ok(())
     }
 
     /// RunTrial: build, measure and journal one config (source "manual").

@@ -5,4 +5,5 @@ pub mod harness;
 pub mod jobs;
 pub mod lab;
 pub mod select;
+pub mod shared;
 pub mod trial;

@@ -104,6 +104,7 @@ mod tests {
             source: String::new(),
             mean_distance_evals: 0.0,
             fidelity: Default::default(),
+            node_id: String::new(),
         }
     }
 

@@ -29,6 +29,10 @@ pub struct Trial {
     /// multi-fidelity autotune) or a sample (multi-fidelity ADAPTIVE's first phase).
     #[serde(default)]
     pub fidelity: Fidelity,
+    /// Cluster only: the node that ran the trial (built and measured its graph); empty on a
+    /// single node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_id: String,
 }
 
 /// The points a trial's graph was built over and its recall measured against.

@@ -18,12 +18,13 @@
 //!   membership heartbeat) is spawned on the server's `Tasks` and ends at its cancellation:
 //!   the heartbeat revokes the node's lease as it ends, so a node that shuts down leaves
 //!   `ListNodes` at once (a node that dies leaves it when its lease expires).
-//! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`); it names no tonic type but
+//! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`, `lab.rs`); it names no tonic type but
 //!   the etcd client's own.
 
 pub mod codec;
 pub mod control;
 pub mod etcd;
+pub mod lab;
 pub mod log;
 pub mod publish;
 mod rollout;
@@ -179,6 +180,8 @@ pub struct Cluster {
     log: Arc<WriteLog>,
     /// Upserts without a request_id, grouped into one write-log message per index.
     publishers: Publishers,
+    /// The cluster's lab log (harnesses and trials), mirrored into the store.
+    lab: Arc<lab::LabLog>,
     catalog: Arc<Catalog>,
     drop_index: DropIndex,
     /// The running apply loop of each index.
@@ -202,6 +205,7 @@ impl Cluster {
     pub async fn join(
         cfg: ClusterConfig,
         control: Arc<Control>,
+        lab: Arc<lab::LabLog>,
         catalog: Arc<Catalog>,
         drop_index: DropIndex,
     ) -> Result<Arc<Self>> {
@@ -230,7 +234,7 @@ impl Cluster {
         }
         let mut attempt = 0u64;
         loop {
-            let res = Self::connect(&cfg, &control, &catalog, &drop_index, &tasks).await;
+            let res = Self::connect(&cfg, &control, &lab, &catalog, &drop_index, &tasks).await;
             match res {
                 Ok(c) => return Ok(c),
                 Err(e) => {
@@ -250,6 +254,7 @@ impl Cluster {
     async fn connect(
         cfg: &ClusterConfig,
         control: &Arc<Control>,
+        lab: &Arc<lab::LabLog>,
         catalog: &Arc<Catalog>,
         drop_index: &DropIndex,
         tasks: &Tasks,
@@ -273,6 +278,7 @@ impl Cluster {
             rollout_errors: Default::default(),
             log,
             publishers,
+            lab: lab.clone(),
             catalog: catalog.clone(),
             drop_index: drop_index.clone(),
             appliers: Default::default(),
@@ -300,6 +306,11 @@ impl Cluster {
         tasks.spawn(cluster.clone().watch_desired(desired_rev));
         tasks.spawn(cluster.clone().heartbeat(lease));
         tasks.spawn(control.clone().follow_promotions(cluster.stop.clone()));
+        tasks.spawn(lab::mirror_loop(
+            cluster.clone(),
+            cluster.lab.clone(),
+            cluster.stop.clone(),
+        ));
         tracing::info!(node = %cfg.node_id, advertise = %cfg.advertise_addr, indexes = cluster.appliers.lock().len(), "joined the cluster");
         Ok(cluster)
     }
@@ -720,6 +731,10 @@ impl Cluster {
         self.drop_local(name).await?;
         if let Err(e) = self.log.delete_stream(uid, 0).await {
             tracing::warn!(index = %name, uid, error = %e, "deleting the write log failed: remove stream {} by hand", log::stream_name(uid, 0));
+        }
+        if let Err(e) = self.lab.purge_index(uid).await {
+            // Its records stay in the lab log; every node skips them (the index is gone).
+            tracing::warn!(index = %name, uid, error = %e, "purging the index's lab records failed: purge subject {} of stream {} by hand", lab::subject(uid), lab::STREAM);
         }
         tracing::info!(index = %name, uid, "deleted index from the cluster");
         Ok(())

@@ -318,7 +318,12 @@ impl AutotuneService for AutotuneApi {
     async fn get_harness(&self, req: Request<pb::GetHarnessRequest>) -> R<pb::GetHarnessResponse> {
         let index = name("index_name", &req.get_ref().index_name)?;
         let hname = name("name", &req.get_ref().name)?;
-        let h = self.core.app()?.lab.get_harness(&index, &hname)?;
+        let h = self
+            .core
+            .app()?
+            .lab
+            .get_harness_synced(&index, &hname)
+            .await?;
         Ok(Response::new(pb::GetHarnessResponse {
             harness: Some(harness_to(&h)),
         }))
@@ -363,7 +368,12 @@ impl AutotuneService for AutotuneApi {
     }
 
     async fn get_trial(&self, req: Request<pb::GetTrialRequest>) -> R<pb::GetTrialResponse> {
-        let t = self.core.app()?.lab.get_trial(req.get_ref().id)?;
+        let t = self
+            .core
+            .app()?
+            .lab
+            .get_trial_synced(req.get_ref().id)
+            .await?;
         Ok(Response::new(pb::GetTrialResponse {
             trial: Some(t.into()),
         }))

@@ -337,6 +337,7 @@ impl From<Trial> for pb::Trial {
                 crate::autotune::trial::Fidelity::Full => pb::Fidelity::Full,
                 crate::autotune::trial::Fidelity::Sample => pb::Fidelity::Sample,
             } as i32,
+            node_id: t.node_id,
         }
     }
 }

@@ -1081,11 +1081,21 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     }];
     let mut a1 = nodes[0].autotune().await;
     let mut a2 = nodes[1].autotune().await;
-    for a in [&mut a1, &mut a2] {
-        a.create_harness(harness_request("jobs", "h", 10, 20, Some(1)))
+    a1.create_harness(harness_request("jobs", "h", 10, 20, Some(1)))
+        .await
+        .expect("harness");
+    // Harnesses are the cluster's: node 2 has it too (and cannot create it again).
+    eventually(WAIT, "the harness on node 2", || async {
+        harness_names(&nodes[1], "jobs")
             .await
-            .expect("harness");
-    }
+            .contains(&"h".to_string())
+            .then_some(())
+    })
+    .await;
+    let again = a2
+        .create_harness(harness_request("jobs", "h", 10, 20, Some(1)))
+        .await;
+    assert_eq!(crate::common::code_of(again), tonic::Code::AlreadyExists);
     let tune = pb::AutotuneRequest {
         index_name: "jobs".into(),
         harness: "h".into(),
@@ -1193,12 +1203,13 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     let err = err.expect("the fenced job fails");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?} after {events:?}");
     assert!(err.message().contains("lease"), "{err:?}");
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, pb::autotune_response::Event::Trial(_))),
-        "the job ran its trial: {events:?}"
-    );
+    let fenced_trial = events
+        .iter()
+        .find_map(|e| match e {
+            pb::autotune_response::Event::Trial(t) => Some(t.id),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the job ran its trial: {events:?}"));
     for node in &nodes {
         let got = promoted(node, "jobs").await;
         assert_eq!(
@@ -1243,7 +1254,22 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     let on2 = get_index(&nodes[1], "jobs").await;
     assert!(on2.active_generation.expect("generation").trial_id > 0);
     let got = promoted(&nodes[0], "jobs").await;
-    assert_eq!(got.current.expect("promoted").trial_node_id, "n2");
+    let current = got.current.expect("promoted");
+    assert_eq!(current.trial_node_id, "n2");
+    // The job's trials (and the fenced job's) are the cluster's: node 3 has the winner, run on
+    // node 2, under the promoted id.
+    let winner = f.winner.clone().expect("winner");
+    assert_eq!(
+        (winner.id, winner.node_id.as_str()),
+        (current.trial_id, "n2")
+    );
+    wait_trial_ids(
+        &nodes[2],
+        "jobs",
+        &[winner.id, fenced_trial],
+        "both jobs' trials on node 3",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2221,4 +2247,337 @@ async fn control_promoted_metrics_on_a_node_that_did_not_promote() {
         .await
         .expect("node 2's task")
         .expect("node 2 stopped cleanly");
+}
+
+// ---- the lab (harnesses and trials) across nodes ----
+
+/// The index's trials on `node`, newest first (ListTrials).
+async fn trials_of(node: &TestServer, index: &str) -> Vec<pb::Trial> {
+    node.autotune()
+        .await
+        .list_trials(pb::ListTrialsRequest {
+            index_name: index.into(),
+            harness: String::new(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list trials")
+        .into_inner()
+        .trials
+}
+
+async fn harness_names(node: &TestServer, index: &str) -> Vec<String> {
+    node.autotune()
+        .await
+        .list_harnesses(pb::ListHarnessesRequest {
+            index_name: index.into(),
+        })
+        .await
+        .expect("list harnesses")
+        .into_inner()
+        .harnesses
+        .into_iter()
+        .map(|h| h.name)
+        .collect()
+}
+
+/// RunTrial of `config` on harness "h" through `node`, once the node has the harness (it may
+/// have been created through another node a moment ago).
+async fn run_trial(node: &TestServer, index: &str, config: pb::HnswConfig) -> pb::Trial {
+    eventually(WAIT, "the harness on the node", || async move {
+        harness_names(node, index)
+            .await
+            .contains(&"h".to_string())
+            .then_some(())
+    })
+    .await;
+    node.autotune()
+        .await
+        .run_trial(pb::RunTrialRequest {
+            index_name: index.into(),
+            harness: "h".into(),
+            config: Some(config),
+        })
+        .await
+        .expect("run trial")
+        .into_inner()
+        .trial
+        .expect("trial")
+}
+
+fn small_config(m: u32) -> pb::HnswConfig {
+    pb::HnswConfig {
+        m,
+        ef_construction: 40,
+        ef_search: 24,
+        seed: Some(7),
+    }
+}
+
+/// Waits until `node`'s journal of `index` has exactly the trials `want` (ids, newest first).
+async fn wait_trial_ids(node: &TestServer, index: &str, want: &[u64], what: &str) {
+    eventually(WAIT, what, || async move {
+        let ids: Vec<u64> = trials_of(node, index).await.iter().map(|t| t.id).collect();
+        (ids == want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_a_trial_run_on_one_node_is_seen_and_promoted_from_every_node() {
+    let Some(e) =
+        Engines::start("lab_a_trial_run_on_one_node_is_seen_and_promoted_from_every_node")
+    else {
+        return;
+    };
+    let (nodes, _gate) = three_in_process(&e, &[]).await;
+    seeded_cluster_index(&nodes, "lab", 300, 8).await;
+
+    // The harness through node 1, the trial through node 2.
+    nodes[0]
+        .autotune()
+        .await
+        .create_harness(harness_request("lab", "h", 10, 20, Some(1)))
+        .await
+        .expect("create harness on node 1");
+    // At once: node 2 catches up on the lab log when it does not have the harness yet.
+    let trial = nodes[1]
+        .autotune()
+        .await
+        .run_trial(pb::RunTrialRequest {
+            index_name: "lab".into(),
+            harness: "h".into(),
+            config: Some(small_config(8)),
+        })
+        .await
+        .expect("run trial on node 2 with node 1's harness")
+        .into_inner()
+        .trial
+        .expect("trial");
+    assert_eq!(trial.node_id, "n2");
+    assert!(trial.recall > 0.0, "{trial:?}");
+
+    // Every node has it, under the same id, with the same figures (GetTrial at once).
+    for (i, node) in nodes.iter().enumerate() {
+        let mut a = node.autotune().await;
+        let got = a
+            .get_trial(pb::GetTrialRequest { id: trial.id })
+            .await
+            .expect("get trial")
+            .into_inner()
+            .trial;
+        assert_eq!(got.as_ref(), Some(&trial), "node {}", i + 1);
+        wait_trial_ids(
+            node,
+            "lab",
+            &[trial.id],
+            "the trial in every node's journal",
+        )
+        .await;
+        let front = a
+            .get_pareto_front(pb::GetParetoFrontRequest {
+                index_name: "lab".into(),
+                harness: "h".into(),
+                include_sample_trials: false,
+            })
+            .await
+            .expect("pareto front")
+            .into_inner()
+            .trials;
+        assert_eq!(front, vec![trial.clone()], "node {}", i + 1);
+        assert_eq!(harness_names(node, "lab").await, ["h"], "node {}", i + 1);
+    }
+
+    // Promoted through node 3 (which did not run it), rolled out everywhere.
+    let current = nodes[2]
+        .promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: "lab".into(),
+            trial_id: trial.id,
+            promoted_by: "test".into(),
+            note: "run on node 2".into(),
+        })
+        .await
+        .expect("promote on node 3 a trial run on node 2")
+        .into_inner()
+        .current
+        .expect("current");
+    assert_eq!(
+        (current.trial_id, current.trial_node_id.as_str()),
+        (trial.id, "n2")
+    );
+    let mut c = nodes[2].index().await;
+    crate::common::put_profile(&mut c, "serve", &[("lab", None)]).await;
+    let mut req = tonic::Request::new(pb::ActivateProfileRequest {
+        name: "serve".into(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    let act = c
+        .activate_profile(req)
+        .await
+        .expect("activate on node 3")
+        .into_inner();
+    assert!(act.rolled_out, "{act:?}");
+    for (i, node) in nodes.iter().enumerate() {
+        let gen = get_index(node, "lab")
+            .await
+            .active_generation
+            .expect("generation");
+        assert_eq!(gen.config, Some(small_config(8)), "node {}", i + 1);
+        assert_eq!(gen.config_source, pb::ConfigSource::Promoted as i32);
+    }
+
+    // A harness deleted through node 3 is gone from every node.
+    nodes[2]
+        .autotune()
+        .await
+        .delete_harness(pb::DeleteHarnessRequest {
+            index_name: "lab".into(),
+            name: "h".into(),
+        })
+        .await
+        .expect("delete harness on node 3");
+    for node in &nodes {
+        eventually(WAIT, "the harness gone from every node", || async move {
+            harness_names(node, "lab").await.is_empty().then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_a_stopped_node_catches_up_and_delete_index_removes_everywhere() {
+    let Some(e) =
+        Engines::start("lab_a_stopped_node_catches_up_and_delete_index_removes_everywhere")
+    else {
+        return;
+    };
+    let (mut nodes, _gate) = three_in_process(&e, &[]).await;
+    seeded_cluster_index(&nodes, "lab", 200, 8).await;
+    nodes[0]
+        .autotune()
+        .await
+        .create_harness(harness_request("lab", "h", 10, 20, Some(1)))
+        .await
+        .expect("create harness");
+    let first = run_trial(&nodes[0], "lab", small_config(6)).await;
+    wait_trial_ids(&nodes[2], "lab", &[first.id], "node 3 has the first trial").await;
+
+    // Node 3 stops; trials are journaled through nodes 1 and 2 meanwhile.
+    let mut n3 = nodes.pop().expect("node 3");
+    n3.stop().await;
+    let second = run_trial(&nodes[0], "lab", small_config(8)).await;
+    let third = run_trial(&nodes[1], "lab", small_config(10)).await;
+    assert!(first.id < second.id && second.id < third.id);
+    drop(n3);
+
+    // Back (same data dir): it mirrors what it missed, with the same ids and figures.
+    let n3 = node_in_process("n3", &e, None, None).await;
+    wait_trial_ids(
+        &n3,
+        "lab",
+        &[third.id, second.id, first.id],
+        "the restarted node 3 caught up on the trials",
+    )
+    .await;
+    assert_eq!(
+        trials_of(&n3, "lab").await,
+        trials_of(&nodes[0], "lab").await
+    );
+    nodes.push(n3);
+
+    // DeleteIndex through node 2: the trials and harnesses go everywhere, and an index created
+    // again under the name starts with none.
+    nodes[1]
+        .index()
+        .await
+        .delete_index(pb::DeleteIndexRequest { name: "lab".into() })
+        .await
+        .expect("delete index");
+    create(&mut nodes[0].index().await, "lab", 8).await;
+    for node in &nodes {
+        // The new incarnation: the old one had points.
+        eventually(WAIT, "the new index on every node", || async move {
+            let index = node
+                .index()
+                .await
+                .get_index(pb::GetIndexRequest { name: "lab".into() })
+                .await
+                .ok()?
+                .into_inner()
+                .index?;
+            (index.point_count == 0).then_some(())
+        })
+        .await;
+        assert!(trials_of(node, "lab").await.is_empty());
+        assert!(harness_names(node, "lab").await.is_empty());
+        let gone = node
+            .autotune()
+            .await
+            .get_trial(pb::GetTrialRequest { id: first.id })
+            .await;
+        assert_eq!(crate::common::code_of(gone), tonic::Code::NotFound);
+    }
+    // A node started afresh replays the lab log: nothing of the deleted index comes back.
+    let n4 = node_in_process("n4", &e, None, None).await;
+    eventually(WAIT, "the index on node 4", || async {
+        n4.index()
+            .await
+            .get_index(pb::GetIndexRequest { name: "lab".into() })
+            .await
+            .ok()
+    })
+    .await;
+    assert!(trials_of(&n4, "lab").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_retention_keeps_a_promoted_trial_on_every_node() {
+    let Some(e) = Engines::start("lab_retention_keeps_a_promoted_trial_on_every_node") else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        nodes.push(node_in_process_with(id, &e, |c| c.trials_kept = 2).await);
+    }
+    seeded_cluster_index(&nodes, "kept", 150, 4).await;
+    nodes[0]
+        .autotune()
+        .await
+        .create_harness(harness_request("kept", "h", 10, 10, Some(1)))
+        .await
+        .expect("create harness");
+    let promoted_trial = run_trial(&nodes[0], "kept", small_config(6)).await;
+    nodes[1]
+        .promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: "kept".into(),
+            trial_id: promoted_trial.id,
+            promoted_by: "test".into(),
+            note: String::new(),
+        })
+        .await
+        .expect("promote");
+    // Three more trials, through nodes 3, 2 and 3: the oldest unpromoted one (b) goes.
+    let b = run_trial(&nodes[2], "kept", small_config(8)).await;
+    let c = run_trial(&nodes[1], "kept", small_config(10)).await;
+    let d = run_trial(&nodes[2], "kept", small_config(12)).await;
+    for node in &nodes {
+        wait_trial_ids(
+            node,
+            "kept",
+            &[d.id, c.id, promoted_trial.id],
+            "the newest two and the promoted trial on every node",
+        )
+        .await;
+        let gone = node
+            .autotune()
+            .await
+            .get_trial(pb::GetTrialRequest { id: b.id })
+            .await;
+        assert_eq!(crate::common::code_of(gone), tonic::Code::NotFound);
+    }
 }
