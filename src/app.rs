@@ -96,6 +96,7 @@ impl App {
                     compact_fraction: config.compact_deleted_fraction,
                     max_unindexed: config.max_unindexed_points,
                     indexer_hold: config.indexer_hold.clone(),
+                    test_pauses: config.test_pauses,
                     snapshot_idle: config.snapshot_idle,
                     map_float_vectors: config.map_float_vectors,
                 },

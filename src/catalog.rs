@@ -68,6 +68,32 @@ pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
 /// into its graph (its fresh segment, which every search scans) before the committer waits.
 pub const DEFAULT_MAX_UNINDEXED_POINTS: usize = 10_000;
 
+/// Tests only (the binary reads them from `VECTORD_TEST_BUILD_CHUNK_DELAY_MS` and
+/// `VECTORD_TEST_SNAPSHOT_DELAY_MS` into its `Config`; none in production): pauses that let a
+/// test of the binary catch long work in the act without burning CPU on a big index.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TestPauses {
+    /// Before each chunk of a build, and of a recovery's load and replay (e.g. to send SIGTERM
+    /// into a build, or to read a build's progress).
+    pub build_chunk: Option<std::time::Duration>,
+    /// Between writing a snapshot's bytes and renaming the file into place (so a crash test can
+    /// kill the server while a snapshot is half written).
+    pub snapshot_write: Option<std::time::Duration>,
+}
+
+impl TestPauses {
+    /// `cancelled`, with the build pause before each check (a check comes once per chunk).
+    pub fn paced<'a>(&self, cancelled: &'a dyn Fn() -> bool) -> impl Fn() -> bool + 'a {
+        let pause = self.build_chunk;
+        move || {
+            if let Some(d) = pause {
+                std::thread::sleep(d);
+            }
+            cancelled()
+        }
+    }
+}
+
 /// Tests only: holds or slows every index's background indexer (linking of fresh points).
 #[derive(Clone, Debug, Default)]
 pub struct IndexerHold {
@@ -248,6 +274,8 @@ struct WriteOptions {
     hold: Option<IndexerHold>,
     /// `--snapshot-idle-secs`.
     snapshot_idle: Option<std::time::Duration>,
+    /// Tests only: `TestPauses::snapshot_write`.
+    snapshot_pause: Option<std::time::Duration>,
 }
 
 /// How an index's handle starts (the catalog's settings and what its start found).
@@ -311,6 +339,7 @@ impl IndexHandle {
             Arc::downgrade(&store),
             stop.clone(),
             options.snapshot_idle,
+            options.snapshot_pause,
         ));
         tasks.spawn(committer(
             Arc::downgrade(&handle),
@@ -459,6 +488,8 @@ pub struct Catalog {
     /// `--map-float-vectors`: where every graph the catalog builds or loads keeps its float
     /// vectors.
     memory: EngineMemory,
+    /// Tests only: pauses in builds and snapshot writes (none in production).
+    pauses: TestPauses,
     /// Cancelled when the server shuts down: builds stop at their next chunk.
     stop: tokio_util::sync::CancellationToken,
     /// The server's tasks: committers, background snapshots and compactions are spawned here.
@@ -488,6 +519,8 @@ pub struct CatalogOptions {
     pub max_unindexed: usize,
     /// Tests only: holds or slows the indexers.
     pub indexer_hold: Option<IndexerHold>,
+    /// Tests only: pauses in builds and snapshot writes.
+    pub test_pauses: TestPauses,
     /// `--snapshot-idle-secs`: an index with changes since its snapshot and no write for this
     /// long is snapshotted in the background (None: never for that reason).
     pub snapshot_idle: Option<std::time::Duration>,
@@ -505,6 +538,7 @@ impl Default for CatalogOptions {
             compact_fraction: 0.0,
             max_unindexed: DEFAULT_MAX_UNINDEXED_POINTS,
             indexer_hold: None,
+            test_pauses: TestPauses::default(),
             snapshot_idle: Some(snapshots::DEFAULT_IDLE),
             map_float_vectors: true,
         }
@@ -531,8 +565,10 @@ impl Catalog {
             indexer_hold,
             snapshot_idle,
             map_float_vectors,
+            test_pauses,
         } = options;
         let writes = WriteOptions {
+            snapshot_pause: test_pauses.snapshot_write,
             max_pending,
             max_unindexed,
             hold: indexer_hold,
@@ -571,9 +607,15 @@ impl Catalog {
             let engine = rec.meta.engine.unwrap_or(default_engine);
             let mem = memory.clone();
             let (gen, counts, restored, rec) = tokio::task::spawn_blocking(move || -> Result<_> {
-                let (gen, counts, restored) =
-                    snapshots::restore(&st, &mut rec, engine, &mem, &|| halt.is_cancelled())
-                        .map_err(|e| shutdown_or(&halt, e))?;
+                let (gen, counts, restored) = snapshots::restore(
+                    &st,
+                    &mut rec,
+                    engine,
+                    &mem,
+                    &test_pauses.paced(&|| halt.is_cancelled()),
+                    test_pauses.snapshot_write,
+                )
+                .map_err(|e| shutdown_or(&halt, e))?;
                 Ok((gen, counts, restored, rec))
             })
             .await??;
@@ -631,6 +673,7 @@ impl Catalog {
             ddl: Default::default(),
             default_engine,
             memory,
+            pauses: test_pauses,
             compactor: Compactor::new(compact_fraction, stop.clone()),
             stop,
             tasks,
@@ -648,6 +691,11 @@ impl Catalog {
     /// Where the catalog's graphs (and the lab's) keep their float vectors.
     pub fn engine_memory(&self) -> &EngineMemory {
         &self.memory
+    }
+
+    /// Tests only: the pauses every build (the lab's too) and snapshot write take.
+    pub fn test_pauses(&self) -> TestPauses {
+        self.pauses
     }
 
     /// Whether the server is shutting down (builds stop).
@@ -1384,6 +1432,7 @@ impl Catalog {
         let (kind, metric, dim) = (handle.engine, handle.meta.metric, handle.meta.dimension);
         let memory = self.memory.clone();
         let halt = self.stop.clone();
+        let pauses = self.pauses;
         let counts = &self.activations;
         match &input {
             Ok(_) => counts.builds.fetch_add(1, Ordering::Relaxed),
@@ -1397,6 +1446,7 @@ impl Catalog {
                         || cancel.as_ref().is_some_and(|c| c.is_cancelled())
                         || cancelled()
                 };
+                let stop = pauses.paced(&stop);
                 let gen =
                     Generation::build_tracked(kind, &memory, metric, dim, meta, points, &stop, &p)?;
                 gen.mark(seq);
@@ -1428,8 +1478,9 @@ impl Catalog {
                 let store = self.store.clone();
                 let (uid, number) = (handle.meta.uid, handle.active().meta.number + 1);
                 progress.enter(Phase::Snapshot, 0);
+                let pause = self.pauses.snapshot_write;
                 let (gen, snapshot) = tokio::task::spawn_blocking(move || {
-                    let snapshot = snapshots::save(&store, &gen, uid, number, seq);
+                    let snapshot = snapshots::save(&store, &gen, uid, number, seq, pause);
                     (gen, snapshot)
                 })
                 .await?;
@@ -1691,6 +1742,7 @@ async fn snapshotter(
     store: Weak<Store>,
     stop: tokio_util::sync::CancellationToken,
     idle: Option<std::time::Duration>,
+    pause: Option<std::time::Duration>,
 ) {
     use std::time::{Duration, Instant};
     // The requests counted before the last snapshot that succeeded.
@@ -1754,7 +1806,7 @@ async fn snapshotter(
         } else {
             "writes stopped"
         };
-        match resnapshot(&st, &h, &stop, why).await {
+        match resnapshot(&st, &h, &stop, why, pause).await {
             Ok(true) => {
                 served = requests;
                 not_before = None;
@@ -1780,7 +1832,7 @@ async fn snapshotter(
         && h.active().can_save()
         && snapshots::replay_calls_for_snapshot(changed, h.point_count())
     {
-        if let Err(e) = resnapshot(&st, &h, &stop, "the server is stopping").await {
+        if let Err(e) = resnapshot(&st, &h, &stop, "the server is stopping", pause).await {
             tracing::warn!(index = %h.meta.name, error = %e, "snapshot at shutdown failed");
         }
     }
@@ -1797,6 +1849,7 @@ async fn resnapshot(
     handle: &Arc<IndexHandle>,
     stop: &tokio_util::sync::CancellationToken,
     why: &str,
+    pause: Option<std::time::Duration>,
 ) -> Result<bool> {
     let Ok(_building) = handle.building.try_lock() else {
         return Ok(false);
@@ -1846,7 +1899,7 @@ async fn resnapshot(
         let (store, file) = (store.clone(), file.clone());
         tokio::task::spawn_blocking(move || {
             let dir = crate::index::snapshot::dir(store.dir());
-            Generation::save_encoded(&dir, &file, uid, seq, &encoded)
+            Generation::save_encoded(&dir, &file, uid, seq, &encoded, pause)
         })
         .await??;
     }

@@ -99,6 +99,10 @@ pub struct Config {
     /// Tests only (`VECTORD_TEST_INDEXER_DELAY_MS` in the binary): holds or slows the indexers.
     #[doc(hidden)]
     pub indexer_hold: Option<crate::catalog::IndexerHold>,
+    /// Tests only (`VECTORD_TEST_BUILD_CHUNK_DELAY_MS`, `VECTORD_TEST_SNAPSHOT_DELAY_MS` in the
+    /// binary): pauses in builds and snapshot writes.
+    #[doc(hidden)]
+    pub test_pauses: crate::catalog::TestPauses,
 }
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -161,6 +165,7 @@ impl Config {
             cluster: None,
             job_gate: None,
             indexer_hold: None,
+            test_pauses: Default::default(),
         }
     }
 

@@ -291,6 +291,18 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
             std::time::Duration::from_millis(ms),
         ));
     }
+    // Test hooks (the binary's tests), read here so that no code below reads the environment:
+    // builds sleep before each chunk; a snapshot write pauses before its rename.
+    let ms = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    };
+    config.test_pauses = vectord::catalog::TestPauses {
+        build_chunk: ms("VECTORD_TEST_BUILD_CHUNK_DELAY_MS"),
+        snapshot_write: ms("VECTORD_TEST_SNAPSHOT_DELAY_MS"),
+    };
     config.max_concurrent_requests = args.max_concurrent_requests as usize;
     config.request_timeout =
         (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs));

@@ -131,6 +131,7 @@ pub fn save(
     uid: u64,
     number: u64,
     seq: u64,
+    pause: Option<std::time::Duration>,
 ) -> Option<SnapshotRef> {
     if !gen.can_save() {
         tracing::debug!(engine = %gen.kind, "engine without snapshots: this generation is rebuilt at start");
@@ -138,7 +139,7 @@ pub fn save(
     }
     let started = std::time::Instant::now();
     let file = snapshot::file_name(uid, number, seq);
-    match gen.save(&snapshot::dir(store.dir()), &file, uid, seq) {
+    match gen.save(&snapshot::dir(store.dir()), &file, uid, seq, pause) {
         Ok(()) => {
             tracing::info!(
                 file,
@@ -197,6 +198,7 @@ pub fn restore(
     kind: EngineKind,
     memory: &EngineMemory,
     cancelled: &dyn Fn() -> bool,
+    pause: Option<std::time::Duration>,
 ) -> Result<(Generation, Counts, Restored)> {
     let counts = store.counts(rec.meta.uid)?;
     if let Some(snap) = rec.snapshot.clone() {
@@ -226,7 +228,7 @@ pub fn restore(
     // The store's points are the generation at the current data version.
     let seq = counts.data_version;
     let old = rec.snapshot.take();
-    rec.snapshot = save(store, &gen, rec.meta.uid, rec.generation.number, seq);
+    rec.snapshot = save(store, &gen, rec.meta.uid, rec.generation.number, seq, pause);
     if rec.snapshot != old {
         store.put_index(rec)?;
         store.flush_blocking()?;

@@ -429,6 +429,8 @@ impl Lab {
             (*p.points).clone(),
         );
         let memory = self.catalog.engine_memory();
+        let pauses = self.catalog.test_pauses();
+        let cancelled = &pauses.paced(cancelled);
         let g = match progress {
             Some(progress) => Generation::build_tracked(
                 kind, memory, metric, dim, meta, points, cancelled, progress,

@@ -52,22 +52,6 @@ const SCAN_LIVE_PER_EF: usize = 8;
 /// Points inserted between two checks of the cancellation flag during a build.
 const BUILD_CHUNK: usize = 256;
 
-/// A test hook: with `VECTORD_TEST_BUILD_CHUNK_DELAY_MS` set (read once per process), every
-/// build sleeps that long before each chunk, so the binary's tests can catch a build running
-/// (e.g. to send SIGTERM into it) without burning CPU on a big index. Unset in production.
-fn test_chunk_delay() {
-    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
-    let delay = DELAY.get_or_init(|| {
-        std::env::var("VECTORD_TEST_BUILD_CHUNK_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(std::time::Duration::from_millis)
-    });
-    if let Some(d) = delay {
-        std::thread::sleep(*d);
-    }
-}
-
 #[derive(Default)]
 struct IdMap {
     /// internal id -> user id
@@ -245,7 +229,6 @@ impl Generation {
             .chunks(BUILD_CHUNK * if parallel { 16 } else { 1 })
             .enumerate()
         {
-            test_chunk_delay();
             if cancelled() {
                 return Err(Error::Cancelled("the build was cancelled".into()));
             }
@@ -287,7 +270,14 @@ impl Generation {
     /// at write sequence `seq`. No write may reach the generation meanwhile: the caller owns it
     /// (a build, before its generation is published). Runs on the calling (blocking) thread.
     /// Every point must be linked (nothing staged since the build or load).
-    pub fn save(&self, dir: &std::path::Path, name: &str, uid: u64, seq: u64) -> Result<()> {
+    pub fn save(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+        uid: u64,
+        seq: u64,
+        pause: Option<std::time::Duration>,
+    ) -> Result<()> {
         let _linking = self.linking.lock();
         let ids = self.ids.read();
         let linked = self.fresh.read().base;
@@ -303,7 +293,7 @@ impl Generation {
             live: ids.by_external.len() as u64,
         };
         let meta = self.encoded_meta()?;
-        snapshot::write(dir, name, &header, |enc| {
+        snapshot::write(dir, name, &header, pause, |enc| {
             self.write_body(&meta, &ids, linked, enc)
         })
     }
@@ -337,13 +327,14 @@ impl Generation {
         uid: u64,
         seq: u64,
         (live, body): &(u64, Vec<u8>),
+        pause: Option<std::time::Duration>,
     ) -> Result<()> {
         let header = snapshot::Header {
             uid,
             seq,
             live: *live,
         };
-        snapshot::write(dir, name, &header, |enc| enc.bytes(body))
+        snapshot::write(dir, name, &header, pause, |enc| enc.bytes(body))
     }
 
     fn encoded_meta(&self) -> Result<Vec<u8>> {
@@ -1120,7 +1111,7 @@ mod tests {
         assert_eq!((g.unlinked(), g.linked_seq()), (30, 11));
         let (seq, encoded) = g.encode().unwrap();
         assert_eq!((seq, encoded.0), (11, 119));
-        Generation::save_encoded(dir.path(), "p.snap", 1, seq, &encoded).unwrap();
+        Generation::save_encoded(dir.path(), "p.snap", 1, seq, &encoded, None).unwrap();
         let loaded = Generation::load(
             &dir.path().join("p.snap"),
             1,
@@ -1137,7 +1128,7 @@ mod tests {
         assert!(far.iter().all(|h| h.id < 1020 && h.id != 0));
         assert!(far.iter().any(|h| h.id == 1019));
         assert!(
-            g.save(dir.path(), "q.snap", 1, 12).is_err(),
+            g.save(dir.path(), "q.snap", 1, 12, None).is_err(),
             "fresh points left"
         );
         while g.link_pending(7) > 0 {}
@@ -1197,7 +1188,7 @@ mod tests {
                 g.upsert(&prep(&replaced));
                 g.delete(&[3, 7, 250, 999]);
                 let name = format!("1-1-{kind}-{metric}.snap");
-                g.save(dir.path(), &name, 42, 9).unwrap();
+                g.save(dir.path(), &name, 42, 9, None).unwrap();
                 let path = dir.path().join(&name);
                 // Loaded with the float vectors mapped (the server's default), which changes
                 // no answer.
@@ -1290,7 +1281,7 @@ mod tests {
         )
         .unwrap();
         assert!(!g.can_save());
-        assert!(g.save(dir.path(), "x.snap", 1, 1).is_err());
+        assert!(g.save(dir.path(), "x.snap", 1, 1, None).is_err());
     }
 
     #[test]

@@ -28,12 +28,6 @@ pub const MAGIC: &[u8; 8] = b"VECDSNAP";
 /// rebuilt and a new file written).
 pub const VERSION: u32 = 1;
 
-/// The env var of a test-only pause (milliseconds) between writing a snapshot's bytes and
-/// renaming it into place, so a crash test can kill the server while a snapshot is half
-/// written. Unset in production: the write is then a few hundred milliseconds at most, far too
-/// short a window to hit by timing alone.
-pub const TEST_DELAY_ENV: &str = "VECTORD_TEST_SNAPSHOT_DELAY_MS";
-
 /// The directory of an index's snapshot files.
 pub fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("snapshots")
@@ -158,6 +152,7 @@ pub fn write(
     dir: &Path,
     name: &str,
     header: &Header,
+    pause: Option<std::time::Duration>,
     body: impl FnOnce(&mut Enc<std::io::BufWriter<std::fs::File>>) -> std::io::Result<()>,
 ) -> Result<()> {
     let io = |what: &str, e: std::io::Error| {
@@ -179,12 +174,10 @@ pub fn write(
         body(&mut enc)?;
         let mut out = enc.finish()?;
         out.flush()?;
-        if let Some(ms) = std::env::var(TEST_DELAY_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            tracing::warn!(ms, file = %tmp.display(), "test hook: pausing mid-snapshot");
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+        // Tests only (`TestPauses::snapshot_write`): a crash test kills the server here.
+        if let Some(d) = pause {
+            tracing::warn!(ms = d.as_millis() as u64, file = %tmp.display(), "test hook: pausing mid-snapshot");
+            std::thread::sleep(d);
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()
     })();
