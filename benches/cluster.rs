@@ -42,11 +42,14 @@ use vectord::pb;
 
 #[path = "../tests/it/common/child.rs"]
 mod child;
+#[path = "../tests/it/common/engines.rs"]
+mod engines;
 #[path = "common/machine.rs"]
 mod machine;
 #[path = "common/serving.rs"]
 mod serving;
 
+use engines::Engines;
 use serving::*;
 
 const INDEX: &str = "bench";
@@ -56,58 +59,6 @@ const WRITERS: u64 = 64;
 const BATCH: usize = 100;
 /// Longest the bench waits for a node to apply or catch up.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(1800);
-
-/// etcd + NATS started by `scripts/cluster.sh` in `dir`, stopped when dropped.
-struct Engines {
-    dir: tempfile::TempDir,
-    etcd: String,
-    nats: String,
-}
-
-impl Engines {
-    fn start(members: usize) -> BoxResult<Engines> {
-        let dir = tempfile::tempdir()?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .arg(dir.path())
-            .env("ETCD_MEMBERS", members.to_string())
-            .env("NATS_SERVERS", members.to_string())
-            .output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "scripts/cluster.sh start failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        let env = std::fs::read_to_string(dir.path().join("env"))?;
-        let get = |k: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .map(str::to_string)
-                .ok_or_else(|| format!("no {k} in the script's env file"))
-        };
-        Ok(Engines {
-            etcd: get("VECTORD_ETCD")?,
-            nats: get("VECTORD_NATS")?,
-            dir,
-        })
-    }
-}
-
-impl Drop for Engines {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
-        let _ = Command::new("bash")
-            .arg(script)
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
-    }
-}
 
 /// A cluster node: its id, data dir and server process.
 struct Node {
@@ -294,7 +245,7 @@ async fn main() -> BoxResult<()> {
     let all: Vec<u64> = (0..n as u64).collect();
     let truth = exact(set.metric, &base, &all, &queries);
 
-    let engines = Engines::start(members)?;
+    let engines = Engines::try_start(members, members)?;
     let single_dir = engines.dir.path().join("single");
     std::fs::create_dir_all(&single_dir)?;
     let (single, _) = Server::start(&single_dir).await?;

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -274,40 +274,18 @@ pub(super) async fn mirror_loop(
 async fn mirror_from(cluster: &Arc<Cluster>, lab: &LabLog) -> Result<()> {
     let stream = lab.ensure_stream().await?;
     let start = lab.store.lab_applied()? + 1;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable(&lab.urls, "reading the lab log", e))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| unavailable(&lab.urls, "reading the lab log", e))?;
-    let mut batches = messages.ready_chunks(MIRROR_BATCH);
+    let what = "reading the lab log";
+    let batches = super::log::read_from(&stream, start, MIRROR_BATCH, &lab.urls, what).await?;
+    tokio::pin!(batches);
     tracing::info!(from = start, "mirroring the lab log");
-    while let Some(batch) = batches.next().await {
-        let mut records = Vec::with_capacity(batch.len());
-        let mut failed = None;
-        for m in batch {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    failed = Some(unavailable(&lab.urls, "reading the lab log", e));
-                    break;
-                }
-            };
-            let seq = match m.info() {
-                Ok(i) => i.stream_sequence,
-                Err(e) => {
-                    failed = Some(unavailable(&lab.urls, "reading the lab log", e));
-                    break;
-                }
-            };
-            let record = match serde_json::from_slice::<LabRecord>(&m.payload) {
+    while let Some(super::log::Batch {
+        messages,
+        mut failed,
+    }) = batches.next().await
+    {
+        let mut records = Vec::with_capacity(messages.len());
+        for (seq, payload) in messages {
+            let record = match serde_json::from_slice::<LabRecord>(&payload) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     // Every node reads the same bytes the same way: skipping keeps them equal.

@@ -281,6 +281,61 @@ pub async fn apply_loop(
     }
 }
 
+/// One batch read from a stream ([`read_from`]): its messages as (stream sequence, payload), in
+/// order, and the error that cut it short (the reader then starts again from its store).
+pub struct Batch {
+    pub messages: Vec<(u64, bytes::Bytes)>,
+    pub failed: Option<Error>,
+}
+
+/// Reads `stream` from sequence `start` with an ordered consumer (the node's store, not NATS,
+/// keeps its position): the messages in batches of what is ready, at most `max` each. Errors
+/// name NATS and `what` (e.g. "reading the write log").
+pub async fn read_from(
+    stream: &stream::Stream,
+    start: u64,
+    max: usize,
+    urls: &[String],
+    what: &'static str,
+) -> Result<impl futures_util::Stream<Item = Batch>> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(urls, what, e))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| unavailable(urls, what, e))?;
+    let urls = urls.to_vec();
+    Ok(messages.ready_chunks(max).map(move |batch| {
+        let mut out = Batch {
+            messages: Vec::with_capacity(batch.len()),
+            failed: None,
+        };
+        for m in batch {
+            let read = m
+                .map_err(|e| unavailable(&urls, what, e))
+                .and_then(|m| match m.info() {
+                    Ok(i) => Ok((i.stream_sequence, m.payload.clone())),
+                    Err(e) => Err(unavailable(&urls, what, e)),
+                });
+            match read {
+                Ok(msg) => out.messages.push(msg),
+                Err(e) => {
+                    out.failed = Some(e);
+                    break;
+                }
+            }
+        }
+        out
+    }))
+}
+
 async fn apply_from(
     log: &WriteLog,
     catalog: &Arc<Catalog>,
@@ -293,44 +348,22 @@ async fn apply_from(
     // publish when that failed; until then this retries.
     let stream = log.get_stream(cluster_uid, 0).await?;
     let start = handle.applied() + 1;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable(&log.urls, "reading the write log", e))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| unavailable(&log.urls, "reading the write log", e))?;
-    let mut batches = messages.ready_chunks(APPLY_BATCH);
+    let what = "reading the write log";
+    let batches = read_from(&stream, start, APPLY_BATCH, &log.urls, what).await?;
+    tokio::pin!(batches);
     tracing::info!(index = %handle.meta.name, from = start, "applying the write log");
     let dimension = handle.meta.dimension;
-    while let Some(batch) = batches.next().await {
-        let mut waiting = Vec::with_capacity(batch.len());
-        let mut failed = None;
-        for m in batch {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    failed = Some(unavailable(&log.urls, "reading the write log", e));
-                    break;
-                }
-            };
-            let seq = match m.info() {
-                Ok(i) => i.stream_sequence,
-                Err(e) => {
-                    failed = Some(unavailable(&log.urls, "reading the write log", e));
-                    break;
-                }
-            };
+    while let Some(Batch {
+        messages,
+        mut failed,
+    }) = batches.next().await
+    {
+        let mut waiting = Vec::with_capacity(messages.len());
+        for (seq, payload) in messages {
             if seq <= handle.applied() {
                 continue;
             }
-            let op = match codec::decode(&m.payload, dimension) {
+            let op = match codec::decode(&payload, dimension) {
                 Ok(op) => op,
                 Err(e) => {
                     // Every node decodes the same bytes the same way: skipping keeps them equal.

