@@ -1625,6 +1625,18 @@ mod tests {
     use super::*;
     use crate::model::{ConfigSource, HnswConfig, Metric, Name};
 
+    /// Opens the store of `dir` again after this process closed it: sled's threads may hold
+    /// its lock a moment after the close, so the open waits for it (as the server's does).
+    fn reopen(dir: &Path, options: &StoreOptions) -> Result<Store> {
+        Store::open_with(
+            dir,
+            &StoreOptions {
+                lock_wait: std::time::Duration::from_secs(10),
+                ..*options
+            },
+        )
+    }
+
     fn record(name: &str, uid: u64) -> IndexRecord {
         IndexRecord {
             meta: IndexMeta {
@@ -1751,7 +1763,7 @@ mod tests {
             }
             s.flush_blocking().unwrap();
         }
-        let s = Store::open_with(dir.path(), &tiny).unwrap();
+        let s = reopen(dir.path(), &tiny).unwrap();
         let mut back = s.load_points(7).unwrap();
         back.sort_by_key(|p| p.id);
         assert_eq!(back.len(), points.len());
@@ -1775,7 +1787,10 @@ mod tests {
                 .unwrap();
             s.flush_blocking().unwrap();
         }
-        let e = Store::open(dir.path()).err().unwrap().to_string();
+        let e = reopen(dir.path(), &StoreOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("format version 2"), "{e}");
         assert!(e.contains(&dir.path().display().to_string()), "{e}");
     }
@@ -1994,7 +2009,7 @@ mod tests {
         // Survives a reopen: the mirror resumes after 12.
         s.flush_blocking().unwrap();
         drop(s);
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!(s.lab_applied().unwrap(), 12);
         assert!(s.is_pinned(2).unwrap());
     }
@@ -2059,7 +2074,7 @@ mod tests {
             s.flush_blocking().unwrap();
         }
         // Durable across a reopen; removed with the index, and swept when orphaned.
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!(s.applied(7).unwrap().map(|a| a.sequence), Some(5));
         assert_eq!(s.load_points(7).unwrap().len(), 3);
         s.set_cluster_node("n1").unwrap();
@@ -2117,7 +2132,7 @@ mod tests {
             s.flush_blocking().unwrap();
             a["id"].as_u64().unwrap()
         };
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path(), &StoreOptions::default()).unwrap();
         let b = s
             .append_trial(None, |id| serde_json::json!({"id": id, "index": "x"}))
             .unwrap();
