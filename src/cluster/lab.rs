@@ -56,20 +56,8 @@ impl LabLog {
     /// A client of the lab log, connecting in the background (its calls are UNAVAILABLE until
     /// it is connected): the lab and the registry are built with it before the node joins.
     pub async fn connect(urls: &[String], node_id: &str, store: Arc<Store>) -> Result<Arc<Self>> {
-        let addrs = urls
-            .iter()
-            .map(|u| {
-                u.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| Error::invalid(format!("--nats {u:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let connecting = async_nats::ConnectOptions::new()
-            .name(format!("vectord-{node_id}-lab"))
-            .connection_timeout(Duration::from_secs(2))
-            .request_timeout(Some(PUBLISH_TIMEOUT))
-            .max_reconnects(None)
-            .retry_on_initial_connect()
-            .connect(addrs);
+        let (addrs, options) = super::log::connect_options(urls, format!("vectord-{node_id}-lab"))?;
+        let connecting = options.retry_on_initial_connect().connect(addrs);
         // With retry_on_initial_connect, connect answers at once and connects in the
         // background.
         let client = connecting

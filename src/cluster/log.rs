@@ -45,22 +45,33 @@ pub struct WriteLog {
     replicas: usize,
 }
 
+/// The NATS servers of `--nats` and the options every connection of a node uses (named
+/// `name`, reconnecting forever, calls bounded by [`PUBLISH_TIMEOUT`]).
+pub fn connect_options(
+    urls: &[String],
+    name: String,
+) -> Result<(Vec<async_nats::ServerAddr>, async_nats::ConnectOptions)> {
+    let addrs = urls
+        .iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Error::invalid(format!("--nats {u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(2))
+        .request_timeout(Some(PUBLISH_TIMEOUT))
+        .max_reconnects(None);
+    Ok((addrs, options))
+}
+
 impl WriteLog {
     /// Connects (failing within a few seconds when no server answers); reconnects by itself
     /// afterwards, forever.
     pub async fn connect(urls: &[String], node_id: &str) -> Result<Self> {
-        let addrs = urls
-            .iter()
-            .map(|u| {
-                u.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| Error::invalid(format!("--nats {u:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("vectord-{node_id}"))
-            .connection_timeout(Duration::from_secs(2))
-            .request_timeout(Some(PUBLISH_TIMEOUT))
-            .max_reconnects(None)
+        let (addrs, options) = connect_options(urls, format!("vectord-{node_id}"))?;
+        let client = options
             .connect(addrs)
             .await
             .map_err(|e| unavailable(urls, "connecting", e))?;
