@@ -1382,19 +1382,9 @@ impl Store {
                     let Some(rec) = i.get(name)? else {
                         return Ok(false);
                     };
-                    #[derive(serde::Deserialize)]
-                    struct Meta {
-                        uid: u64,
-                    }
-                    #[derive(serde::Deserialize)]
-                    struct Only {
-                        meta: Meta,
-                    }
-                    let local = match serde_json::from_slice::<Only>(&rec) {
-                        Ok(o) => o.meta.uid,
-                        Err(e) => {
-                            return abort(Error::Corrupt(format!("index record of {name:?}: {e}")))
-                        }
+                    let local = match record_uid(&rec, name) {
+                        Ok(uid) => uid,
+                        Err(e) => return abort(e),
                     };
                     match a.get(local.to_be_bytes())? {
                         Some(v) => match Applied::decode(&v) {
@@ -1527,8 +1517,8 @@ pub enum LabOp<'a> {
     Pin { index: &'a str, id: u64 },
 }
 
-/// NOT_FOUND unless `record` is the index `name` with `uid`.
-fn check_owner(record: Option<&[u8]>, name: &str, uid: u64) -> Result<()> {
+/// The uid of a stored index record (`name`'s), read without decoding the rest of it.
+fn record_uid(record: &[u8], name: &str) -> Result<u64> {
     #[derive(serde::Deserialize)]
     struct Meta {
         uid: u64,
@@ -1537,9 +1527,15 @@ fn check_owner(record: Option<&[u8]>, name: &str, uid: u64) -> Result<()> {
     struct Only {
         meta: Meta,
     }
-    match record.map(serde_json::from_slice::<Only>) {
-        Some(Ok(o)) if o.meta.uid == uid => Ok(()),
-        Some(Err(e)) => Err(Error::Corrupt(format!("index record of {name:?}: {e}"))),
+    serde_json::from_slice::<Only>(record)
+        .map(|o| o.meta.uid)
+        .map_err(|e| Error::Corrupt(format!("index record of {name:?}: {e}")))
+}
+
+/// NOT_FOUND unless `record` is the index `name` with `uid`.
+fn check_owner(record: Option<&[u8]>, name: &str, uid: u64) -> Result<()> {
+    match record.map(|r| record_uid(r, name)).transpose()? {
+        Some(stored) if stored == uid => Ok(()),
         _ => Err(Error::NotFound {
             what: "index",
             name: format!("{name} (the one this work started on was deleted)"),

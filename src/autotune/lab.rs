@@ -583,15 +583,7 @@ impl Lab {
         }
         let trial = self.store().append_trial(Some(owner), make)?;
         self.store().flush().await?;
-        tracing::info!(
-            trial = trial.id,
-            index = %trial.index,
-            config = %trial.config,
-            recall = format!("{:.4}", trial.recall),
-            p50_us = format!("{:.1}", trial.p50_micros),
-            source = %trial.source,
-            "trial journaled"
-        );
+        log_journaled(&trial, "local");
         let (store, keep) = (self.store().clone(), self.trials_kept);
         let (i, h) = (trial.index.clone(), trial.harness.clone());
         match tokio::task::spawn_blocking(move || store.prune_trials(i.as_str(), h.as_str(), keep))
@@ -633,15 +625,7 @@ impl Lab {
             // The mirror skipped it: the index was deleted meanwhile.
             return Err(Self::index_gone(&trial.index));
         }
-        tracing::info!(
-            trial = trial.id,
-            index = %trial.index,
-            config = %trial.config,
-            recall = format!("{:.4}", trial.recall),
-            p50_us = format!("{:.1}", trial.p50_micros),
-            source = %trial.source,
-            "trial journaled (cluster)"
-        );
+        log_journaled(&trial, "cluster");
         if let Err(e) = self.retain_shared(shared, index_uid, &trial).await {
             tracing::warn!(index = %trial.index, error = %e, "trial retention failed; retried at the next trial");
         }
@@ -741,4 +725,18 @@ impl Lab {
             index.is_none_or(|i| &t.index == i) && harness.is_none_or(|h| &t.harness == h)
         })
     }
+}
+
+/// The log line of a journaled trial (`journal`: "local", or "cluster" for the lab log's).
+fn log_journaled(trial: &Trial, journal: &'static str) {
+    tracing::info!(
+        trial = trial.id,
+        index = %trial.index,
+        config = %trial.config,
+        recall = format!("{:.4}", trial.recall),
+        p50_us = format!("{:.1}", trial.p50_micros),
+        source = %trial.source,
+        journal,
+        "trial journaled"
+    );
 }

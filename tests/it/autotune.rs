@@ -558,17 +558,7 @@ async fn history_keeps_the_newest_50_across_a_restart_and_activation_follows_it(
 
     // Activation builds with the promoted config; after rollbacks clear it, with the default.
     let mut c = s.index().await;
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "prof".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "p".into(),
-                default_config: None,
-            }],
-        }),
-    })
-    .await
-    .unwrap();
+    common::put_profile(&mut c, "prof", &[("p", None)]).await;
     let s = s.restart().await;
     let mut pr = s.promotion().await;
     let mut c = s.index().await;
@@ -822,17 +812,7 @@ async fn reference_scenario_threat_intel() {
     .await
     .unwrap();
     let mut c = s.index().await;
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "prod".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "threat_intel_v1".into(),
-                default_config: None,
-            }],
-        }),
-    })
-    .await
-    .unwrap();
+    common::put_profile(&mut c, "prod", &[("threat_intel_v1", None)]).await;
 
     let s = s.restart().await;
     let mut pr = s.promotion().await;

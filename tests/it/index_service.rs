@@ -343,17 +343,7 @@ async fn restart_keeps_indexes_points_profiles_and_active_config() {
         ef_search: 40,
         seed: Some(9),
     };
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "prod".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "keep".into(),
-                default_config: Some(cfg),
-            }],
-        }),
-    })
-    .await
-    .unwrap();
+    common::put_profile(&mut c, "prod", &[("keep", Some(cfg))]).await;
     let act = c
         .activate_profile(pb::ActivateProfileRequest {
             name: "prod".into(),
@@ -406,17 +396,7 @@ async fn activation_swaps_generations_while_searches_never_fail() {
     let mut g = Gen::new(13);
     let pts = points(&mut g, 0..3000, 16);
     upsert(&mut c, "hot", pts.clone()).await;
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "p".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "hot".into(),
-                default_config: None,
-            }],
-        }),
-    })
-    .await
-    .unwrap();
+    common::put_profile(&mut c, "p", &[("hot", None)]).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let searcher = spawn_searcher(s.index().await, "hot", &pts[42], 10, stop_rx);

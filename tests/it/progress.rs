@@ -196,17 +196,7 @@ async fn get_index_shows_an_activation_build_while_it_runs() {
     let (mut v, addr) = slow_server(tmp.path()).await;
     let mut c = IndexServiceClient::new(child::channel(addr).await);
     let profile_config = config(30, 30);
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "p".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "big".into(),
-                default_config: Some(profile_config),
-            }],
-        }),
-    })
-    .await
-    .expect("put profile");
+    common::put_profile(&mut c, "p", &[("big", Some(profile_config))]).await;
     let idle = c
         .get_index(pb::GetIndexRequest { name: "big".into() })
         .await

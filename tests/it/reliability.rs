@@ -393,22 +393,20 @@ async fn sigterm_stops_an_activation_build_and_the_previous_generation_serves() 
         .expect("index")
         .active_generation
         .expect("generation");
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "p".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "big".into(),
-                default_config: Some(pb::HnswConfig {
-                    m: 12,
-                    ef_construction: 60,
-                    ef_search: 40,
-                    seed: Some(5),
-                }),
-            }],
-        }),
-    })
-    .await
-    .expect("put profile");
+    common::put_profile(
+        &mut c,
+        "p",
+        &[(
+            "big",
+            Some(pb::HnswConfig {
+                m: 12,
+                ef_construction: 60,
+                ef_search: 40,
+                seed: Some(5),
+            }),
+        )],
+    )
+    .await;
     let mut c2 = c.clone();
     let activation = tokio::spawn(async move {
         c2.activate_profile(pb::ActivateProfileRequest { name: "p".into() })

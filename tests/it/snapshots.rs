@@ -76,22 +76,13 @@ fn tmp_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn put_profile(c: &mut IndexServiceClient<Channel>, profile: &str, seed: u64) {
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: profile.into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "s".into(),
-                default_config: Some(pb::HnswConfig {
-                    m: 12,
-                    ef_construction: 80,
-                    ef_search: 48,
-                    seed: Some(seed),
-                }),
-            }],
-        }),
-    })
-    .await
-    .expect("put profile");
+    let config = pb::HnswConfig {
+        m: 12,
+        ef_construction: 80,
+        ef_search: 48,
+        seed: Some(seed),
+    };
+    common::put_profile(c, profile, &[("s", Some(config))]).await;
 }
 
 async fn put_and_activate(c: &mut IndexServiceClient<Channel>, profile: &str, seed: u64) {

@@ -331,22 +331,20 @@ async fn an_activation_while_the_indexer_lags_loses_nothing() {
     }
     gone.extend(del);
     assert!(index(&mut c, "a").await.unindexed_count > 0);
-    c.put_profile(pb::PutProfileRequest {
-        profile: Some(pb::Profile {
-            name: "p".into(),
-            indexes: vec![pb::ProfileIndex {
-                index_name: "a".into(),
-                default_config: Some(pb::HnswConfig {
-                    m: 12,
-                    ef_construction: 100,
-                    ef_search: 64,
-                    seed: None,
-                }),
-            }],
-        }),
-    })
-    .await
-    .expect("put profile");
+    common::put_profile(
+        &mut c,
+        "p",
+        &[(
+            "a",
+            Some(pb::HnswConfig {
+                m: 12,
+                ef_construction: 100,
+                ef_search: 64,
+                seed: None,
+            }),
+        )],
+    )
+    .await;
     // Writers during the activation: new points, replacements, deletes.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut writers = Vec::new();
