@@ -21,6 +21,7 @@
 //! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`, `lab.rs`); it names no tonic type but
 //!   the etcd client's own.
 
+pub mod catchup;
 pub mod codec;
 pub mod control;
 pub mod etcd;
@@ -85,6 +86,14 @@ pub struct ClusterConfig {
     /// Write-log messages behind past which the node is behind on an index:
     /// [`BEHIND_MESSAGES`] (no flag sets it; tests lower it).
     pub behind_messages: u64,
+    /// `--log-keep-messages`: applied write-log messages every index's stream keeps below the
+    /// smallest sequence a live node still needs ([`catchup::DEFAULT_LOG_KEEP_MESSAGES`]).
+    pub log_keep_messages: u64,
+    /// How this node fetches an index's copy from a peer (set by the server: the gRPC client
+    /// is the edge's); None: it never copies, it replays the stream.
+    pub peers: Option<catchup::Peers>,
+    /// A test hook (no flag sets it): fail or hold this node's copies from peers.
+    pub catchup_hook: Option<Arc<catchup::CatchUpHook>>,
 }
 
 impl ClusterConfig {
@@ -128,6 +137,9 @@ impl ClusterConfig {
             rollout_gate: None,
             apply_gate: None,
             behind_messages: BEHIND_MESSAGES,
+            log_keep_messages: catchup::DEFAULT_LOG_KEEP_MESSAGES,
+            peers: None,
+            catchup_hook: None,
         })
     }
 }
@@ -305,6 +317,7 @@ impl Cluster {
         tasks.spawn(cluster.clone().watch(rev));
         tasks.spawn(cluster.clone().watch_desired(desired_rev));
         tasks.spawn(cluster.clone().heartbeat(lease));
+        tasks.spawn(cluster.clone().trim_loop());
         tasks.spawn(control.clone().follow_promotions(cluster.stop.clone()));
         tasks.spawn(lab::mirror_loop(
             cluster.clone(),
@@ -394,14 +407,11 @@ impl Cluster {
                     q.pop_front();
                 }
             });
-            self.tasks.spawn(log::apply_loop(
-                self.log.clone(),
-                self.catalog.clone(),
-                handle.clone(),
+            self.tasks.spawn(self.clone().follow_log(
+                name.clone(),
                 uid,
                 cancel.clone(),
                 on_applied,
-                self.cfg.apply_gate.clone(),
             ));
             self.tasks
                 .spawn(self.clone().follow_lag(handle, uid, cancel));
@@ -421,8 +431,10 @@ impl Cluster {
         uid: u64,
         cancel: CancellationToken,
     ) {
-        let name = handle.meta.name.to_string();
+        let index = handle.meta.name.clone();
+        let name = index.to_string();
         let mut applied = handle.applied_updates();
+        let mut current = Arc::downgrade(&handle);
         drop(handle);
         let mut every = tokio::time::interval(LAG_CHECK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -434,7 +446,22 @@ impl Cluster {
                     Ok(last) => end = end.max(last),
                     Err(e) => tracing::debug!(index = %name, error = %e, "reading the write log's last sequence failed"),
                 },
-                changed = applied.changed() => if changed.is_err() { return },
+                changed = applied.changed(), if current.strong_count() > 0 => {
+                    if changed.is_err() {
+                        current = std::sync::Weak::new();
+                    }
+                },
+            }
+            // The replica's handle is replaced by a copy from a peer: follow the new one; none
+            // of this incarnation any more: the index is gone.
+            match self.catalog.handle(&index) {
+                Ok(h) if h.cluster_uid == Some(uid) => {
+                    if !std::ptr::eq(current.as_ptr(), Arc::as_ptr(&h)) {
+                        applied = h.applied_updates();
+                        current = Arc::downgrade(&h);
+                    }
+                }
+                _ => return,
             }
             let done = *applied.borrow_and_update();
             let lag = end.saturating_sub(done);
