@@ -137,16 +137,6 @@ impl WriteLog {
             .map_err(|e| unavailable(&self.urls, "reading the write log", e))
     }
 
-    /// The last sequence the shard's stream holds (0: empty).
-    pub async fn last_sequence(&self, uid: u64, shard: u32) -> Result<u64> {
-        Ok(self
-            .get_stream(uid, shard)
-            .await?
-            .cached_info()
-            .state
-            .last_sequence)
-    }
-
     /// The first and last sequence the shard's stream holds (an empty stream: last + 1, last;
     /// a trimmed stream's first is past 1).
     pub async fn bounds(&self, uid: u64, shard: u32) -> Result<(u64, u64)> {

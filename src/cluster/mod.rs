@@ -421,10 +421,11 @@ impl Cluster {
         self.catalog.get_index(&name)
     }
 
-    /// Follows how far behind this node is on the index's write log (the stream's last
-    /// sequence, read every [`LAG_CHECK`], against what the node applied) until `cancel`, and
-    /// says so in the index's rollout (its health): behind past `behind_messages`, caught up
-    /// once it applied everything up to the last sequence read.
+    /// Follows how far behind this node is on the index's write log (the stream's first and
+    /// last sequence, read every [`LAG_CHECK`], against what the node applied) until `cancel`,
+    /// and says so in the index's rollout (its health): behind past `behind_messages`, or when
+    /// the stream no longer holds the next message the replica needs (it must be copied from a
+    /// peer); caught up once it applied everything up to the last sequence read.
     async fn follow_lag(
         self: Arc<Self>,
         handle: Arc<crate::catalog::IndexHandle>,
@@ -438,12 +439,15 @@ impl Cluster {
         drop(handle);
         let mut every = tokio::time::interval(LAG_CHECK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut end = 0u64;
+        let (mut first, mut end) = (0u64, 0u64);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = every.tick() => match self.log.last_sequence(uid, 0).await {
-                    Ok(last) => end = end.max(last),
+                _ = every.tick() => match self.log.bounds(uid, 0).await {
+                    Ok((f, last)) => {
+                        first = first.max(f);
+                        end = end.max(last);
+                    }
                     Err(e) => tracing::debug!(index = %name, error = %e, "reading the write log's last sequence failed"),
                 },
                 changed = applied.changed(), if current.strong_count() > 0 => {
@@ -468,11 +472,14 @@ impl Cluster {
             // What the rollout says (not a copy of it here): until the index's rollout exists
             // (the replica just created), a change is tried again at the next look.
             let behind = self.control.rollout(&name).log_behind;
-            let now = if behind {
-                lag > 0
-            } else {
-                lag > self.cfg.behind_messages
-            };
+            // A replica whose next message was trimmed is behind until a copy from a peer
+            // replaces it (catchup.rs).
+            let now = done + 1 < first
+                || if behind {
+                    lag > 0
+                } else {
+                    lag > self.cfg.behind_messages
+                };
             if now != behind {
                 if now {
                     tracing::warn!(index = %name, applied = done, last = end, "behind on the index's write log: NOT_SERVING for the index until caught up");

@@ -2597,11 +2597,12 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
         (hook.failures.load(load) >= 2).then_some(())
     })
     .await;
-    assert_eq!(
-        index_health(&nodes[2], name).await,
-        2,
-        "NOT_SERVING while copies fail"
-    );
+    eventually(
+        WAIT,
+        "node 3 NOT_SERVING the index while its copies fail",
+        || async { (index_health_status(&nodes[2], name).await == Some(2)).then_some(()) },
+    )
+    .await;
     assert_eq!(
         nodes[2].get_index(name).await.point_count,
         0,
