@@ -2167,6 +2167,54 @@ mod tests {
     }
 
     #[test]
+    fn a_copied_replica_is_invisible_until_its_switch_and_swept_if_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.link_replica(7, 4242).unwrap();
+        let at = |sequence| Applied {
+            cluster_uid: 4242,
+            sequence,
+        };
+        s.apply_writes_logged(7, &[WriteOp::Upsert(pts(0..3))], Some(at(5)))
+            .unwrap();
+        s.put_refresh(7, &"policy").unwrap();
+        // A copy cut short: its staged points are an orphan uid, nothing names them.
+        s.stage_points(8, &pts(0..10)).unwrap();
+        assert_eq!(s.get_index("a").unwrap().unwrap().meta.uid, 7);
+        s.sweep_orphans().unwrap();
+        assert!(s.load_points(8).unwrap().is_empty(), "swept at start");
+        assert_eq!(s.load_points(7).unwrap().len(), 3, "the replica as it was");
+        // A whole copy: one switch names it, with its counts, applied sequence and the
+        // replica's refresh record; the old uid's data is then an orphan.
+        s.stage_points(9, &pts(0..10)).unwrap();
+        let counts = Counts {
+            data_version: 2,
+            point_count: 10,
+            points_changed: 10,
+        };
+        s.switch_replica(&record("a", 9), 7, counts, at(40))
+            .unwrap();
+        assert_eq!(s.get_index("a").unwrap().unwrap().meta.uid, 9);
+        assert_eq!(s.counts(9).unwrap(), counts);
+        assert_eq!(s.applied(9).unwrap(), Some(at(40)));
+        assert_eq!(
+            s.get_refresh::<String>(9).unwrap().as_deref(),
+            Some("policy")
+        );
+        assert_eq!(
+            s.load_points_at_applied(9, 1)
+                .unwrap()
+                .map(|(p, a)| (p.len(), a)),
+            Some((10, at(40)))
+        );
+        s.remove_uid_data(7).unwrap();
+        assert!(s.load_points(7).unwrap().is_empty());
+        assert_eq!(s.applied(7).unwrap(), None);
+        assert_eq!(s.get_refresh::<String>(7).unwrap(), None);
+    }
+
+    #[test]
     fn a_group_of_writes_answers_each_as_if_alone() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();

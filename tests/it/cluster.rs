@@ -2648,3 +2648,63 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
         );
     }
 }
+
+/// A node stopped while the others go on writing and trim the stream past what it applied
+/// comes back needing messages the stream no longer holds: it copies the index from a peer in
+/// place of what it had, and serves every point again, the same answers as the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catchup_a_restarted_node_behind_a_trim_copies_the_index_from_a_peer() {
+    let Some(e) =
+        Engines::start("catchup_a_restarted_node_behind_a_trim_copies_the_index_from_a_peer")
+    else {
+        return;
+    };
+    let keep = |c: &mut vectord::config::Config| {
+        c.cluster.as_mut().expect("cluster flags").log_keep_messages = 2;
+    };
+    let mut nodes = vec![
+        node_in_process_with("n1", &e, keep).await,
+        node_in_process_with("n2", &e, keep).await,
+    ];
+    let (name, dim) = ("back", 8usize);
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, name, dim as u32).await;
+    let seq = upsert_in_messages(&mut c1, name, 0..50, 10, dim).await;
+    let mut c2 = nodes[1].index().await;
+    wait_points(&c2, name, 50, "node 2 has the index's points").await;
+    search_min(&mut c2, name, point(3, dim).vector, 1, seq)
+        .await
+        .expect("node 2 applied every write");
+    nodes[1].stop().await;
+    // Node 2 is gone: the stream keeps 2 messages below what node 1 applied.
+    let seq = upsert_in_messages(&mut c1, name, 50..200, 10, dim).await;
+    eventually(
+        WAIT,
+        "the write log trimmed past what node 2 applied",
+        || async {
+            write_log_first_sequence(&e)
+                .await
+                .filter(|f| *f > seq.saturating_sub(3))
+        },
+    )
+    .await;
+    drop(nodes.pop());
+    // On the same data dir (in-process-n2).
+    let n2 = node_in_process_with("n2", &e, keep).await;
+    eventually(WAIT, "node 2 SERVING the index again", || async {
+        (index_health_status(&n2, name).await == Some(1)).then_some(())
+    })
+    .await;
+    let mut c2 = n2.index().await;
+    for q in [3u64, 60, 199] {
+        let one = search_min(&mut c1, name, point(q, dim).vector, 5, seq)
+            .await
+            .expect("search on node 1");
+        let two = search_min(&mut c2, name, point(q, dim).vector, 5, seq)
+            .await
+            .expect("search on node 2");
+        assert_eq!(one, two, "query {q}: node 2 answers as node 1 does");
+        assert_eq!(two[0], q);
+    }
+    assert_eq!(n2.get_index(name).await.point_count, 200);
+}
