@@ -2,7 +2,8 @@
 //! and each node's apply loop.
 //!
 //! Stream `VECTORD_<uid>_S<shard>` holds subject `vectord.v1.idx.<uid>.s<shard>` (file storage,
-//! replicas min(3, servers), a 2-minute duplicate window, nothing ever discarded). A write is
+//! replicas min(3, servers), a 2-minute duplicate window; trimmed below what every live node
+//! still needs by `catchup.rs`, nothing discarded otherwise). A write is
 //! acknowledged to the client only after JetStream acknowledged it with its stream sequence.
 //!
 //! The apply loop reads the stream with an ordered consumer from the sequence after the one

@@ -11,6 +11,10 @@
 //!   graph only through the log, in stream order, with the applied sequence in the same store
 //!   transaction as the data (`store::Applied`). So every node applies the same writes in the
 //!   same order, and a restarted node resumes right after what its store holds.
+//! - A replica that must start from nothing (new, wiped, or behind a trim of its stream) is
+//!   copied from a live peer and switched in by one store transaction, then follows the stream
+//!   from the copy's sequence + 1; the streams are trimmed below what every live node still
+//!   needs (`catchup.rs`).
 //! - An engine that does not answer makes the call UNAVAILABLE within a few seconds, with a
 //!   message naming the engine (`Error::Engine`); searches never need either engine.
 //! - The node is joined by `App::open` (after the refresher; the server reports SERVING only
@@ -19,7 +23,8 @@
 //!   the heartbeat revokes the node's lease as it ends, so a node that shuts down leaves
 //!   `ListNodes` at once (a node that dies leaves it when its lease expires).
 //! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`, `lab.rs`); it names no tonic type but
-//!   the etcd client's own.
+//!   the etcd client's own (a peer is reached through `catchup::StateSource`, which the edge
+//!   implements).
 
 pub mod catchup;
 pub mod codec;
