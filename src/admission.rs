@@ -32,7 +32,8 @@ use crate::grpc::names;
 
 /// Methods that stream, as (service, method): the server's timeout does not apply to them.
 /// Checked against the contract's descriptor set in the tests (exactly its streaming RPCs).
-const STREAMING: [(&str, &str); 2] = [
+const STREAMING: [(&str, &str); 3] = [
+    (names::CLUSTER, "FetchIndexState"),
     (names::INDEX, "ImportPoints"),
     (names::AUTOTUNE, "Autotune"),
 ];

@@ -131,6 +131,11 @@ impl ApiKeys {
         Ok(ApiKeys { admin, read_only })
     }
 
+    /// The admin key (a cluster node calls its peers' internal RPCs with it).
+    pub fn admin(&self) -> &ApiKey {
+        &self.admin
+    }
+
     pub fn has_read_only(&self) -> bool {
         self.read_only.is_some()
     }

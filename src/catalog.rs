@@ -845,6 +845,104 @@ impl Catalog {
         Ok(Self::view(&handle))
     }
 
+    /// Installs a cluster replica's copy from a peer (`cluster/catchup.rs`) in place of
+    /// `old`: the points the catch-up staged under `staged_uid` ([`Store::stage_points`],
+    /// `point_count` of them) holding the index's write log up to `applied.sequence`. Builds
+    /// their graph (off the async runtime, with `old`'s generation settings), then under the
+    /// old replica's writer lock switches the store's record to the staged uid in one
+    /// transaction ([`Store::switch_replica`], flushed: the commit point), swaps the new handle
+    /// in and retires the old one (its tasks end, its data is removed). Until the switch,
+    /// nothing of the copy is visible; a crash before it leaves an orphan uid swept at start.
+    pub async fn replace_replica(
+        &self,
+        old: &Arc<IndexHandle>,
+        staged_uid: u64,
+        point_count: u64,
+        applied: crate::store::Applied,
+    ) -> Result<Arc<IndexHandle>> {
+        let name = old.meta.name.clone();
+        let mut meta = old.meta.clone();
+        meta.uid = staged_uid;
+        let mut generation = old.active().meta.clone();
+        generation.point_count = point_count;
+        let counts = Counts {
+            // Past the old replica's: versions (harnesses' ground truth) never repeat.
+            data_version: old.data_version() + 1,
+            point_count,
+            points_changed: point_count,
+        };
+        let (store, memory, halt) = (self.store.clone(), self.memory.clone(), self.stop.clone());
+        let (kind, m, gm) = (old.engine, meta.clone(), generation.clone());
+        let gen = tokio::task::spawn_blocking(move || -> Result<Generation> {
+            let points = store.load_points(staged_uid)?;
+            if points.len() as u64 != point_count {
+                return Err(Error::Unavailable(format!(
+                    "the copy of index {} holds {} points, {point_count} expected",
+                    m.name,
+                    points.len()
+                )));
+            }
+            Generation::build(kind, &memory, m.metric, m.dimension, gm, points, &|| {
+                halt.is_cancelled()
+            })
+        })
+        .await??;
+        gen.mark(counts.data_version);
+        let rec = IndexRecord {
+            meta: meta.clone(),
+            generation,
+            snapshot: None,
+        };
+        let _ddl = self.ddl.lock().await;
+        if !self
+            .indexes
+            .read()
+            .get(&name)
+            .is_some_and(|h| Arc::ptr_eq(h, old))
+        {
+            return Err(Error::Unavailable(format!(
+                "index {name} changed while its copy was fetched: not installed"
+            )));
+        }
+        let w = old.writer.lock().await;
+        old.check_live()?;
+        {
+            let store = self.store.clone();
+            let (rec, old_uid) = (rec.clone(), old.meta.uid);
+            tokio::task::spawn_blocking(move || {
+                store.switch_replica(&rec, old_uid, counts, applied)
+            })
+            .await??;
+        }
+        self.store.flush().await?;
+        old.deleted.store(true, Ordering::Release);
+        drop(w);
+        let handle = IndexHandle::start(
+            meta,
+            gen,
+            counts,
+            HandleStart {
+                snapshot_mark: 0,
+                store: self.store.clone(),
+                options: &self.writes,
+                applied: Some(applied),
+                tasks: &self.tasks,
+            },
+        );
+        self.indexes.write().insert(name.clone(), handle.clone());
+        old.snap_poke.notify_one();
+        handle.request_snapshot("the replica was copied from a peer");
+        let (store, old_uid) = (self.store.clone(), old.meta.uid);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            store.remove_uid_data(old_uid)?;
+            snapshots::remove_all(&store, old_uid);
+            Ok(())
+        })
+        .await??;
+        tracing::info!(index = %name, points = point_count, sequence = applied.sequence, "installed the replica copied from a peer");
+        Ok(handle)
+    }
+
     pub fn get_index(&self, name: &Name) -> Result<IndexView> {
         let h = self.handle(name)?;
         Ok(Self::view(&h))
@@ -1132,6 +1230,57 @@ impl Catalog {
             }
             None => self.snapshot(name).await,
         }
+    }
+
+    /// A cluster replica's points at one applied write-log sequence, for a peer's catch-up
+    /// (`FetchIndexState`): read without the writer lock, the store's applied record checked
+    /// around the scan; when logged writes keep racing it, read under the writer lock (the
+    /// index's apply waits for the scan, not for the transfer). UNAVAILABLE when the replica
+    /// has applied nothing yet.
+    pub async fn replica_state(
+        &self,
+        name: &Name,
+        cluster_uid: u64,
+    ) -> Result<(Vec<Point>, crate::store::Applied)> {
+        let handle = self.handle(name)?;
+        handle.check_live()?;
+        if handle.cluster_uid != Some(cluster_uid) {
+            return Err(Error::not_found(
+                "index incarnation",
+                format!("{name} (cluster uid {cluster_uid})"),
+            ));
+        }
+        let (store, uid) = (self.store.clone(), handle.meta.uid);
+        let read = tokio::task::spawn_blocking(move || store.load_points_at_applied(uid, 3));
+        let (points, applied) = match read.await?? {
+            Some(x) => x,
+            None => {
+                let _w = handle.writer.lock().await;
+                handle.check_live()?;
+                let store = self.store.clone();
+                let (points, applied) = tokio::task::spawn_blocking(move || -> Result<_> {
+                    let applied = store.applied(uid)?;
+                    Ok((store.load_points(uid)?, applied))
+                })
+                .await??;
+                let applied = applied.ok_or_else(|| {
+                    Error::Internal(format!("replica {name} has no applied record"))
+                })?;
+                (points, applied)
+            }
+        };
+        if applied.cluster_uid != cluster_uid {
+            return Err(Error::not_found(
+                "index incarnation",
+                format!("{name} (cluster uid {cluster_uid})"),
+            ));
+        }
+        if applied.sequence == 0 {
+            return Err(Error::Unavailable(format!(
+                "index {name} has applied nothing of its write log on this node yet"
+            )));
+        }
+        Ok((points, applied))
     }
 
     /// The index's points and data version, read together (no write can fall between).

@@ -173,6 +173,12 @@ struct ServeArgs {
         requires = "etcd"
     )]
     advertise_addr: Option<String>,
+    /// Cluster: write-log messages every index's stream keeps below the oldest one a live node
+    /// still needs (for nodes that restart quickly); older ones are trimmed, and a node that
+    /// comes back needing one of them copies the index from a peer (docs/cluster.md).
+    #[arg(long, env = "VECTORD_LOG_KEEP_MESSAGES", value_name = "N", requires = "etcd",
+          default_value_t = vectord::cluster::catchup::DEFAULT_LOG_KEEP_MESSAGES)]
+    log_keep_messages: u64,
     /// Allow a non-loopback --addr without TLS, and a non-loopback --metrics-addr (when the network is the boundary).
     #[arg(long, env = "VECTORD_INSECURE")]
     insecure: bool,
@@ -373,6 +379,9 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
             )
             .map_err(|e| e.to_string())?,
         );
+        if let Some(c) = config.cluster.as_mut() {
+            c.log_keep_messages = args.log_keep_messages;
+        }
     }
     config
         .check_exposure(args.addr, args.insecure)

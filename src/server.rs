@@ -310,6 +310,12 @@ async fn recover(
     health: tonic_health::server::HealthReporter,
     tasks: Tasks,
 ) -> Result<()> {
+    let mut config = config;
+    let peers = crate::grpc::peer::PeerClient::new(config.api_keys.clone(), config.tls.clone());
+    if let Some(c) = config.cluster.as_mut() {
+        // A catching-up replica copies its index from a peer through the edge's gRPC client.
+        c.peers.get_or_insert(crate::cluster::catchup::Peers(peers));
+    }
     let app = App::open(&config, store, tasks.clone()).await?;
     if let Some(c) = &app.cluster {
         tasks.spawn(index_health(

@@ -36,6 +36,9 @@
 //!   cluster's lab log (harnesses, trials, retention, pins) mirrored here (u64 BE), written in
 //!   the same transaction as the mirrored record; `pin` ++ trial id (u64 BE) -> empty: a trial
 //!   promoted in the cluster, which retention never removes.
+//!   A node that copies a replica from a peer (`cluster/catchup.rs`) writes the points under
+//!   a fresh uid first, then switches the index record, counts and applied record to it in one
+//!   transaction (an interrupted copy is an orphan uid, swept at the next start).
 //! - `meta` `cluster_node`: the node id of the cluster node that uses this data dir, set at its
 //!   first start in a cluster (a data dir with indexes but without it was a single node's).
 //!
@@ -897,6 +900,83 @@ impl Store {
         };
         self.applied.insert(uid.to_be_bytes(), &a.encode()[..])?;
         Ok(())
+    }
+
+    /// Writes points of a replica being copied from a peer (`cluster/catchup.rs`) under
+    /// `staged_uid`, a fresh uid no index record names yet: invisible (nothing reads a uid
+    /// without a record) until [`Store::switch_replica`] names it, and swept at the next start
+    /// ([`Store::sweep_orphans`]) if the node stops before that. Not flushed (the switch is).
+    pub fn stage_points(&self, staged_uid: u64, points: &[Point]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for p in points {
+            batch.insert(&point_key(staged_uid, p.id)[..], encode_vector(&p.vector));
+        }
+        self.points.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The commit point of a catch-up from a peer: in one transaction, the index record `rec`
+    /// (its `meta.uid` the staged uid whose points [`Store::stage_points`] wrote) replaces the
+    /// record of the index's name, with the staged uid's counts and applied record and the
+    /// refresh record moved over from `old_uid`. The old uid's data is then an orphan:
+    /// remove it with [`Store::remove_uid_data`] (or the next start's sweep does).
+    pub fn switch_replica(
+        &self,
+        rec: &IndexRecord,
+        old_uid: u64,
+        counts: Counts,
+        applied: Applied,
+    ) -> Result<()> {
+        let value = to_json(rec)?;
+        let new_uid = rec.meta.uid;
+        (&self.indexes, &self.counts, &self.applied, &self.refresh)
+            .transaction(|(i, c, a, r)| {
+                i.insert(rec.meta.name.as_str(), value.as_slice())?;
+                c.insert(&new_uid.to_be_bytes(), &counts.encode())?;
+                a.insert(&new_uid.to_be_bytes(), &applied.encode()[..])?;
+                if let Some(v) = r.remove(&old_uid.to_be_bytes())? {
+                    r.insert(&new_uid.to_be_bytes(), v)?;
+                }
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Removes everything stored under an index uid (points, counts, refresh record, change
+    /// log, applied record): a staged copy that failed, or the data a switch left behind.
+    pub fn remove_uid_data(&self, uid: u64) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for k in self.points.scan_prefix(uid.to_be_bytes()).keys() {
+            batch.remove(k?);
+        }
+        self.points.apply_batch(batch)?;
+        self.counts.remove(uid.to_be_bytes())?;
+        self.refresh.remove(uid.to_be_bytes())?;
+        self.trim_changes(uid, u64::MAX)?;
+        self.applied.remove(uid.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Every point of a replica with the write-log sequence they hold, read without any lock:
+    /// the applied record (written in the same transaction as the points by every logged write)
+    /// is read before and after the scan, and the scan is retried when a write fell between.
+    /// None after `tries` attempts that all raced a write.
+    pub fn load_points_at_applied(
+        &self,
+        uid: u64,
+        tries: usize,
+    ) -> Result<Option<(Vec<Point>, Applied)>> {
+        for _ in 0..tries {
+            let before = self.applied(uid)?;
+            let points = self.load_points(uid)?;
+            let after = self.applied(uid)?;
+            if let (Some(b), Some(a)) = (before, after) {
+                if a == b {
+                    return Ok(Some((points, a)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// The cluster index an index replicates and the log sequence it has applied; None for a
@@ -2080,6 +2160,54 @@ mod tests {
         s.link_replica(8, 1).unwrap();
         s.sweep_orphans().unwrap();
         assert_eq!(s.applied(8).unwrap(), None);
+    }
+
+    #[test]
+    fn a_copied_replica_is_invisible_until_its_switch_and_swept_if_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.link_replica(7, 4242).unwrap();
+        let at = |sequence| Applied {
+            cluster_uid: 4242,
+            sequence,
+        };
+        s.apply_writes_logged(7, &[WriteOp::Upsert(pts(0..3))], Some(at(5)))
+            .unwrap();
+        s.put_refresh(7, &"policy").unwrap();
+        // A copy cut short: its staged points are an orphan uid, nothing names them.
+        s.stage_points(8, &pts(0..10)).unwrap();
+        assert_eq!(s.get_index("a").unwrap().unwrap().meta.uid, 7);
+        s.sweep_orphans().unwrap();
+        assert!(s.load_points(8).unwrap().is_empty(), "swept at start");
+        assert_eq!(s.load_points(7).unwrap().len(), 3, "the replica as it was");
+        // A whole copy: one switch names it, with its counts, applied sequence and the
+        // replica's refresh record; the old uid's data is then an orphan.
+        s.stage_points(9, &pts(0..10)).unwrap();
+        let counts = Counts {
+            data_version: 2,
+            point_count: 10,
+            points_changed: 10,
+        };
+        s.switch_replica(&record("a", 9), 7, counts, at(40))
+            .unwrap();
+        assert_eq!(s.get_index("a").unwrap().unwrap().meta.uid, 9);
+        assert_eq!(s.counts(9).unwrap(), counts);
+        assert_eq!(s.applied(9).unwrap(), Some(at(40)));
+        assert_eq!(
+            s.get_refresh::<String>(9).unwrap().as_deref(),
+            Some("policy")
+        );
+        assert_eq!(
+            s.load_points_at_applied(9, 1)
+                .unwrap()
+                .map(|(p, a)| (p.len(), a)),
+            Some((10, at(40)))
+        );
+        s.remove_uid_data(7).unwrap();
+        assert!(s.load_points(7).unwrap().is_empty());
+        assert_eq!(s.applied(7).unwrap(), None);
+        assert_eq!(s.get_refresh::<String>(7).unwrap(), None);
     }
 
     #[test]

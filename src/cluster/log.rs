@@ -2,7 +2,8 @@
 //! and each node's apply loop.
 //!
 //! Stream `VECTORD_<uid>_S<shard>` holds subject `vectord.v1.idx.<uid>.s<shard>` (file storage,
-//! replicas min(3, servers), a 2-minute duplicate window, nothing ever discarded). A write is
+//! replicas min(3, servers), a 2-minute duplicate window; trimmed below what every live node
+//! still needs by `catchup.rs`, nothing discarded otherwise). A write is
 //! acknowledged to the client only after JetStream acknowledged it with its stream sequence.
 //!
 //! The apply loop reads the stream with an ordered consumer from the sequence after the one
@@ -11,12 +12,12 @@
 //! can disagree with the data after a crash, and a restart resumes exactly after what is on
 //! disk.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
-use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, IndexHandle};
 use crate::error::{Error, Result};
@@ -137,14 +138,32 @@ impl WriteLog {
             .map_err(|e| unavailable(&self.urls, "reading the write log", e))
     }
 
-    /// The last sequence the shard's stream holds (0: empty).
-    pub async fn last_sequence(&self, uid: u64, shard: u32) -> Result<u64> {
-        Ok(self
+    /// The first and last sequence the shard's stream holds (an empty stream: last + 1, last;
+    /// a trimmed stream's first is past 1).
+    pub async fn bounds(&self, uid: u64, shard: u32) -> Result<(u64, u64)> {
+        let state = self
             .get_stream(uid, shard)
             .await?
             .cached_info()
             .state
-            .last_sequence)
+            .clone();
+        Ok((state.first_sequence, state.last_sequence))
+    }
+
+    /// Trims the shard's stream: removes every message below sequence `below` (JetStream's
+    /// purge up to a sequence: idempotent, a second trim to the same place removes nothing).
+    /// The number of messages removed.
+    pub async fn trim_below(&self, uid: u64, shard: u32, below: u64) -> Result<u64> {
+        let stream = self.get_stream(uid, shard).await?;
+        let what = "trimming the write log";
+        tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            stream.purge().sequence(below).into_future(),
+        )
+        .await
+        .map_err(|_| unavailable(&self.urls, what, "timed out"))?
+        .map(|r| r.purged)
+        .map_err(|e| unavailable(&self.urls, what, e))
     }
 
     /// Removes the shard's stream (its index is deleted).
@@ -252,44 +271,12 @@ fn unavailable(urls: &[String], what: &str, e: impl std::fmt::Display) -> Error 
 /// What the apply loop tells about the writes it applied (their outcomes by sequence).
 pub type OnApplied = Arc<dyn Fn(u64, &[(u64, u64)]) + Send + Sync>;
 
-/// Applies the index's write log to the node's replica in stream order, from the sequence after
-/// the one the store holds, until `cancel` (the index was deleted or the node stops). Failures
-/// (NATS away, a storage error) are logged and retried every second. `gate` (a test hook,
-/// `ClusterConfig::apply_gate`) holds the loop before it applies anything.
-pub async fn apply_loop(
-    log: Arc<WriteLog>,
-    catalog: Arc<Catalog>,
-    handle: Arc<IndexHandle>,
-    cluster_uid: u64,
-    cancel: CancellationToken,
-    on_applied: OnApplied,
-    gate: Option<crate::autotune::jobs::JobGate>,
-) {
-    let name = handle.meta.name.clone();
-    if let Some(gate) = gate {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = gate.pass(&name) => {}
-        }
-    }
-    let mut warned = false;
-    loop {
-        let run = apply_from(&log, &catalog, &handle, cluster_uid, &on_applied);
-        let res = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = run => r,
-        };
-        if let Err(e) = res {
-            if !warned {
-                tracing::warn!(index = %name, applied = handle.applied(), error = %e, "applying the write log stopped; retrying every second");
-                warned = true;
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+/// Why [`apply_from`] stopped without an error.
+#[derive(Debug)]
+pub enum Stopped {
+    /// The next message the replica needs is no longer in the stream (trimmed below `first`):
+    /// it must be copied from a peer (`catchup.rs`).
+    Trimmed { needed: u64, first: u64 },
 }
 
 /// One batch read from a stream ([`read_from`]): its messages as (stream sequence, payload), in
@@ -347,18 +334,30 @@ pub async fn read_from(
     }))
 }
 
-async fn apply_from(
+/// Applies the index's write log to the replica in stream order, from the sequence after the
+/// one it holds, until an error (the caller retries) or a gap: the stream no longer holds the
+/// next message needed ([`Stopped::Trimmed`]; JetStream sequences are contiguous, so a jump
+/// is a trim).
+pub async fn apply_from(
     log: &WriteLog,
     catalog: &Arc<Catalog>,
     handle: &Arc<IndexHandle>,
     cluster_uid: u64,
     on_applied: &OnApplied,
-) -> Result<()> {
+) -> Result<Stopped> {
     // Never created here: an apply loop outliving its index (deleted on another node, its
     // stream removed) must not bring the stream back. CreateIndex creates it, or the first
     // publish when that failed; until then this retries.
     let stream = log.get_stream(cluster_uid, 0).await?;
     let start = handle.applied() + 1;
+    let first = stream.cached_info().state.first_sequence;
+    if first > start {
+        return Ok(Stopped::Trimmed {
+            needed: start,
+            first,
+        });
+    }
+    let mut next = start;
     let what = "reading the write log";
     let batches = read_from(&stream, start, APPLY_BATCH, &log.urls, what).await?;
     tokio::pin!(batches);
@@ -370,10 +369,19 @@ async fn apply_from(
     }) = batches.next().await
     {
         let mut waiting = Vec::with_capacity(messages.len());
+        let mut trimmed = None;
         for (seq, payload) in messages {
-            if seq <= handle.applied() {
+            if seq < next {
                 continue;
             }
+            if seq > next {
+                trimmed = Some(Stopped::Trimmed {
+                    needed: next,
+                    first: seq,
+                });
+                break;
+            }
+            next = seq + 1;
             let op = match codec::decode(&payload, dimension) {
                 Ok(op) => op,
                 Err(e) => {
@@ -407,6 +415,9 @@ async fn apply_from(
         }
         if let Some(e) = failed {
             return Err(e);
+        }
+        if let Some(t) = trimmed {
+            return Ok(t);
         }
     }
     Err(unavailable(

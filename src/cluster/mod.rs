@@ -11,6 +11,10 @@
 //!   graph only through the log, in stream order, with the applied sequence in the same store
 //!   transaction as the data (`store::Applied`). So every node applies the same writes in the
 //!   same order, and a restarted node resumes right after what its store holds.
+//! - A replica that must start from nothing (new, wiped, or behind a trim of its stream) is
+//!   copied from a live peer and switched in by one store transaction, then follows the stream
+//!   from the copy's sequence + 1; the streams are trimmed below what every live node still
+//!   needs (`catchup.rs`).
 //! - An engine that does not answer makes the call UNAVAILABLE within a few seconds, with a
 //!   message naming the engine (`Error::Engine`); searches never need either engine.
 //! - The node is joined by `App::open` (after the refresher; the server reports SERVING only
@@ -19,8 +23,10 @@
 //!   the heartbeat revokes the node's lease as it ends, so a node that shuts down leaves
 //!   `ListNodes` at once (a node that dies leaves it when its lease expires).
 //! - Only this module names etcd or NATS (`etcd.rs`, `log.rs`, `lab.rs`); it names no tonic type but
-//!   the etcd client's own.
+//!   the etcd client's own (a peer is reached through `catchup::StateSource`, which the edge
+//!   implements).
 
+pub mod catchup;
 pub mod codec;
 pub mod control;
 pub mod etcd;
@@ -85,6 +91,14 @@ pub struct ClusterConfig {
     /// Write-log messages behind past which the node is behind on an index:
     /// [`BEHIND_MESSAGES`] (no flag sets it; tests lower it).
     pub behind_messages: u64,
+    /// `--log-keep-messages`: applied write-log messages every index's stream keeps below the
+    /// smallest sequence a live node still needs ([`catchup::DEFAULT_LOG_KEEP_MESSAGES`]).
+    pub log_keep_messages: u64,
+    /// How this node fetches an index's copy from a peer (set by the server: the gRPC client
+    /// is the edge's); None: it never copies, it replays the stream.
+    pub peers: Option<catchup::Peers>,
+    /// A test hook (no flag sets it): fail or hold this node's copies from peers.
+    pub catchup_hook: Option<Arc<catchup::CatchUpHook>>,
 }
 
 impl ClusterConfig {
@@ -128,6 +142,9 @@ impl ClusterConfig {
             rollout_gate: None,
             apply_gate: None,
             behind_messages: BEHIND_MESSAGES,
+            log_keep_messages: catchup::DEFAULT_LOG_KEEP_MESSAGES,
+            peers: None,
+            catchup_hook: None,
         })
     }
 }
@@ -305,6 +322,7 @@ impl Cluster {
         tasks.spawn(cluster.clone().watch(rev));
         tasks.spawn(cluster.clone().watch_desired(desired_rev));
         tasks.spawn(cluster.clone().heartbeat(lease));
+        tasks.spawn(cluster.clone().trim_loop());
         tasks.spawn(control.clone().follow_promotions(cluster.stop.clone()));
         tasks.spawn(lab::mirror_loop(
             cluster.clone(),
@@ -394,14 +412,11 @@ impl Cluster {
                     q.pop_front();
                 }
             });
-            self.tasks.spawn(log::apply_loop(
-                self.log.clone(),
-                self.catalog.clone(),
-                handle.clone(),
+            self.tasks.spawn(self.clone().follow_log(
+                name.clone(),
                 uid,
                 cancel.clone(),
                 on_applied,
-                self.cfg.apply_gate.clone(),
             ));
             self.tasks
                 .spawn(self.clone().follow_lag(handle, uid, cancel));
@@ -411,41 +426,65 @@ impl Cluster {
         self.catalog.get_index(&name)
     }
 
-    /// Follows how far behind this node is on the index's write log (the stream's last
-    /// sequence, read every [`LAG_CHECK`], against what the node applied) until `cancel`, and
-    /// says so in the index's rollout (its health): behind past `behind_messages`, caught up
-    /// once it applied everything up to the last sequence read.
+    /// Follows how far behind this node is on the index's write log (the stream's first and
+    /// last sequence, read every [`LAG_CHECK`], against what the node applied) until `cancel`,
+    /// and says so in the index's rollout (its health): behind past `behind_messages`, or when
+    /// the stream no longer holds the next message the replica needs (it must be copied from a
+    /// peer); caught up once it applied everything up to the last sequence read.
     async fn follow_lag(
         self: Arc<Self>,
         handle: Arc<crate::catalog::IndexHandle>,
         uid: u64,
         cancel: CancellationToken,
     ) {
-        let name = handle.meta.name.to_string();
+        let index = handle.meta.name.clone();
+        let name = index.to_string();
         let mut applied = handle.applied_updates();
+        let mut current = Arc::downgrade(&handle);
         drop(handle);
         let mut every = tokio::time::interval(LAG_CHECK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut end = 0u64;
+        let (mut first, mut end) = (0u64, 0u64);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = every.tick() => match self.log.last_sequence(uid, 0).await {
-                    Ok(last) => end = end.max(last),
+                _ = every.tick() => match self.log.bounds(uid, 0).await {
+                    Ok((f, last)) => {
+                        first = first.max(f);
+                        end = end.max(last);
+                    }
                     Err(e) => tracing::debug!(index = %name, error = %e, "reading the write log's last sequence failed"),
                 },
-                changed = applied.changed() => if changed.is_err() { return },
+                changed = applied.changed(), if current.strong_count() > 0 => {
+                    if changed.is_err() {
+                        current = std::sync::Weak::new();
+                    }
+                },
+            }
+            // The replica's handle is replaced by a copy from a peer: follow the new one; none
+            // of this incarnation any more: the index is gone.
+            match self.catalog.handle(&index) {
+                Ok(h) if h.cluster_uid == Some(uid) => {
+                    if !std::ptr::eq(current.as_ptr(), Arc::as_ptr(&h)) {
+                        applied = h.applied_updates();
+                        current = Arc::downgrade(&h);
+                    }
+                }
+                _ => return,
             }
             let done = *applied.borrow_and_update();
             let lag = end.saturating_sub(done);
             // What the rollout says (not a copy of it here): until the index's rollout exists
             // (the replica just created), a change is tried again at the next look.
             let behind = self.control.rollout(&name).log_behind;
-            let now = if behind {
-                lag > 0
-            } else {
-                lag > self.cfg.behind_messages
-            };
+            // A replica whose next message was trimmed is behind until a copy from a peer
+            // replaces it (catchup.rs).
+            let now = done + 1 < first
+                || if behind {
+                    lag > 0
+                } else {
+                    lag > self.cfg.behind_messages
+                };
             if now != behind {
                 if now {
                     tracing::warn!(index = %name, applied = done, last = end, "behind on the index's write log: NOT_SERVING for the index until caught up");

@@ -1,7 +1,9 @@
-//! ClusterService: the nodes of the cluster, from etcd.
+//! ClusterService: the nodes of the cluster, from etcd; and the internal FetchIndexState a
+//! catching-up node calls on a peer (`cluster/catchup.rs`; its client is `grpc/peer.rs`).
 
 use std::sync::Arc;
 
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Core;
@@ -19,17 +21,72 @@ impl ClusterApi {
     }
 }
 
+/// Most bytes of vectors in one FetchIndexState chunk (at least one point each).
+pub const STATE_CHUNK_BYTES: usize = 1 << 20;
+/// Longest FetchIndexState waits for its receiver to take the next chunk.
+pub const STATE_SEND_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn single_node() -> Error {
+    Error::Precondition(
+        "this server is a single node: it was started without --etcd and --nats".into(),
+    )
+}
+
 #[tonic::async_trait]
 impl ClusterService for ClusterApi {
+    type FetchIndexStateStream = ReceiverStream<Result<pb::IndexStateChunk, Status>>;
+
+    async fn fetch_index_state(
+        &self,
+        req: Request<pb::FetchIndexStateRequest>,
+    ) -> Result<Response<Self::FetchIndexStateStream>, Status> {
+        let req = req.into_inner();
+        let name = super::convert::name("index_name", &req.index_name)?;
+        let app = self.core.app()?;
+        let cluster = app.cluster.as_ref().ok_or_else(single_node)?;
+        let (points, applied) = cluster.index_state(&name, req.cluster_uid).await?;
+        let dimension = points.first().map_or(1, |p| p.vector.len()).max(1);
+        let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * dimension)).max(1);
+        let (sequence, point_count) = (applied.sequence, points.len() as u64);
+        tracing::info!(index = %name, points = point_count, sequence, "sending the index's copy to a catching-up peer");
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let stop = self.core.tasks.stop_token();
+        self.core.tasks.spawn(async move {
+            let mut rest = points.into_iter().peekable();
+            let mut first = true;
+            while first || rest.peek().is_some() {
+                first = false;
+                let chunk = pb::IndexStateChunk {
+                    sequence,
+                    point_count,
+                    points: rest
+                        .by_ref()
+                        .take(per_chunk)
+                        .map(|p| pb::Point {
+                            id: p.id,
+                            vector: p.vector,
+                        })
+                        .collect(),
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    sent = tokio::time::timeout(STATE_SEND_IDLE, tx.send(Ok(chunk))) => {
+                        if !matches!(sent, Ok(Ok(()))) {
+                            tracing::warn!(index = %name, "a catching-up peer stopped reading the index's copy: the transfer ended");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn list_nodes(
         &self,
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let cluster = self.core.app()?.cluster.as_ref().ok_or_else(|| {
-            Error::Precondition(
-                "this server is a single node: it was started without --etcd and --nats".into(),
-            )
-        })?;
+        let cluster = self.core.app()?.cluster.as_ref().ok_or_else(single_node)?;
         let nodes = cluster.list_nodes().await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod convert;
 pub mod index;
 pub mod names;
+pub mod peer;
 pub mod promotion;
 pub mod status;
 

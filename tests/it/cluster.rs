@@ -2494,3 +2494,217 @@ async fn lab_retention_keeps_a_promoted_trial_on_every_node() {
         assert_eq!(crate::common::code_of(gone), tonic::Code::NotFound);
     }
 }
+
+// ---- catching up from a peer; the write log's retention ----
+
+/// The first sequence of the only index's write-log stream (`VECTORD_<uid>_S0`) the engines
+/// hold; None while there is none.
+async fn write_log_first_sequence(e: &Engines) -> Option<u64> {
+    let url = e.nats.split(',').next()?;
+    let client = async_nats::connect(url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut names = js.stream_names();
+    let mut stream = None;
+    while let Some(n) = futures_util::StreamExt::next(&mut names).await {
+        let n = n.ok()?;
+        if n.starts_with("VECTORD_") && n.ends_with("_S0") {
+            stream = Some(n);
+        }
+    }
+    let mut s = js.get_stream(stream?).await.ok()?;
+    Some(s.info().await.ok()?.state.first_sequence)
+}
+
+/// Upserts `ids` through `c`, one write-log message per `per` points; the last sequence.
+async fn upsert_in_messages(
+    c: &mut IndexServiceClient<Channel>,
+    name: &str,
+    ids: std::ops::Range<u64>,
+    per: usize,
+    dim: usize,
+) -> u64 {
+    let ids: Vec<u64> = ids.collect();
+    let mut last = 0;
+    for batch in ids.chunks(per) {
+        last = c
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: name.into(),
+                points: batch.iter().map(|&id| point(id, dim)).collect(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("upsert")
+            .into_inner()
+            .sequence;
+    }
+    last
+}
+
+/// Once every node applied an index's writes, its stream is trimmed (its first sequence moves
+/// past 1, `--log-keep-messages` 2). A node started on an empty data dir then needs messages
+/// the stream no longer holds: it copies the index from a peer. While its copies fail (a test
+/// hook cuts each one after its first chunk) the index is NOT_SERVING there with no point
+/// served; a copy that arrives whole is installed, writes made during it are applied after
+/// it, and the node then serves exactly what the others do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
+    let Some(e) = Engines::start("catchup_a_new_node_copies_a_trimmed_index_from_a_peer") else {
+        return;
+    };
+    let keep = |c: &mut vectord::config::Config| {
+        c.cluster.as_mut().expect("cluster flags").log_keep_messages = 2;
+    };
+    let mut nodes = vec![
+        node_in_process_with("n1", &e, keep).await,
+        node_in_process_with("n2", &e, keep).await,
+    ];
+    let (name, dim) = ("grown", 8usize);
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, name, dim as u32).await;
+    // 20 messages of 15 points.
+    let seq = upsert_in_messages(&mut c1, name, 0..300, 15, dim).await;
+    for node in &nodes {
+        let mut c = node.index().await;
+        search_min(&mut c, name, point(3, dim).vector, 1, seq)
+            .await
+            .expect("both nodes applied every write");
+    }
+    let first = eventually(WAIT, "the write log trimmed", || async {
+        write_log_first_sequence(&e).await.filter(|f| *f > 1)
+    })
+    .await;
+    assert!(
+        first <= seq,
+        "the trim keeps what is not applied everywhere: {first} > {seq}"
+    );
+
+    // Node 3, on an empty data dir: its copies fail until the hook lets them through.
+    let hook = std::sync::Arc::new(vectord::cluster::catchup::CatchUpHook {
+        fail: true.into(),
+        failures: 0.into(),
+        hold: vectord::autotune::jobs::JobGate::closed([name]),
+        held: 0.into(),
+    });
+    let h = hook.clone();
+    nodes.push(
+        node_in_process_with("n3", &e, move |c| {
+            c.cluster.as_mut().expect("cluster flags").catchup_hook = Some(h);
+        })
+        .await,
+    );
+    let load = std::sync::atomic::Ordering::Acquire;
+    eventually(WAIT, "two copies cut short", || async {
+        (hook.failures.load(load) >= 2).then_some(())
+    })
+    .await;
+    eventually(
+        WAIT,
+        "node 3 NOT_SERVING the index while its copies fail",
+        || async { (index_health_status(&nodes[2], name).await == Some(2)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        nodes[2].get_index(name).await.point_count,
+        0,
+        "nothing half-copied is served"
+    );
+
+    // A copy arrives whole and waits before it is installed; writes go on meanwhile.
+    hook.fail.store(false, std::sync::atomic::Ordering::Release);
+    eventually(WAIT, "a whole copy held before its install", || async {
+        (hook.held.load(load) >= 1).then_some(())
+    })
+    .await;
+    let during = upsert_in_messages(&mut c1, name, 1000..1030, 15, dim).await;
+    assert_eq!(index_health(&nodes[2], name).await, 2);
+    assert_eq!(nodes[2].get_index(name).await.point_count, 0);
+    hook.hold.open();
+    eventually(WAIT, "node 3 SERVING the index", || async {
+        (index_health_status(&nodes[2], name).await == Some(1)).then_some(())
+    })
+    .await;
+
+    // Node 3 serves what node 1 does: the same count and the same answers.
+    let mut c3 = nodes[2].index().await;
+    for q in [3u64, 77, 150, 299, 1010] {
+        let mut answers = Vec::new();
+        for c in [&mut c1, &mut c3] {
+            let ids = search_min(c, name, point(q, dim).vector, 5, during)
+                .await
+                .expect("search");
+            answers.push(ids);
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "query {q}: node 3 answers as node 1 does"
+        );
+        assert_eq!(answers[1][0], q, "query {q} finds its point");
+    }
+    for node in &nodes {
+        assert_eq!(
+            node.get_index(name).await.point_count,
+            330,
+            "every point on every node"
+        );
+    }
+}
+
+/// A node stopped while the others go on writing and trim the stream past what it applied
+/// comes back needing messages the stream no longer holds: it copies the index from a peer in
+/// place of what it had, and serves every point again, the same answers as the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catchup_a_restarted_node_behind_a_trim_copies_the_index_from_a_peer() {
+    let Some(e) =
+        Engines::start("catchup_a_restarted_node_behind_a_trim_copies_the_index_from_a_peer")
+    else {
+        return;
+    };
+    let keep = |c: &mut vectord::config::Config| {
+        c.cluster.as_mut().expect("cluster flags").log_keep_messages = 2;
+    };
+    let mut nodes = vec![
+        node_in_process_with("n1", &e, keep).await,
+        node_in_process_with("n2", &e, keep).await,
+    ];
+    let (name, dim) = ("back", 8usize);
+    let mut c1 = nodes[0].index().await;
+    create(&mut c1, name, dim as u32).await;
+    let seq = upsert_in_messages(&mut c1, name, 0..50, 10, dim).await;
+    let mut c2 = nodes[1].index().await;
+    wait_points(&c2, name, 50, "node 2 has the index's points").await;
+    search_min(&mut c2, name, point(3, dim).vector, 1, seq)
+        .await
+        .expect("node 2 applied every write");
+    nodes[1].stop().await;
+    // Node 2 is gone: the stream keeps 2 messages below what node 1 applied.
+    let seq = upsert_in_messages(&mut c1, name, 50..200, 10, dim).await;
+    eventually(
+        WAIT,
+        "the write log trimmed past what node 2 applied",
+        || async {
+            write_log_first_sequence(&e)
+                .await
+                .filter(|f| *f > seq.saturating_sub(3))
+        },
+    )
+    .await;
+    drop(nodes.pop());
+    // On the same data dir (in-process-n2).
+    let n2 = node_in_process_with("n2", &e, keep).await;
+    eventually(WAIT, "node 2 SERVING the index again", || async {
+        (index_health_status(&n2, name).await == Some(1)).then_some(())
+    })
+    .await;
+    let mut c2 = n2.index().await;
+    for q in [3u64, 60, 199] {
+        let one = search_min(&mut c1, name, point(q, dim).vector, 5, seq)
+            .await
+            .expect("search on node 1");
+        let two = search_min(&mut c2, name, point(q, dim).vector, 5, seq)
+            .await
+            .expect("search on node 2");
+        assert_eq!(one, two, "query {q}: node 2 answers as node 1 does");
+        assert_eq!(two[0], q);
+    }
+    assert_eq!(n2.get_index(name).await.point_count, 200);
+}

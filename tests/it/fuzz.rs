@@ -757,6 +757,17 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
             one(Just(pb::ListNodesRequest {})),
         ),
         (
+            m("/vectord.v1.ClusterService/FetchIndexState", ServerStream),
+            one(
+                (index_name(true), any::<u64>()).prop_map(|(index_name, cluster_uid)| {
+                    pb::FetchIndexStateRequest {
+                        index_name,
+                        cluster_uid,
+                    }
+                }),
+            ),
+        ),
+        (
             m("/grpc.health.v1.Health/Check", Unary),
             one(health_service().prop_map(|service| HealthCheckRequest { service })),
         ),
@@ -1365,7 +1376,7 @@ fn paths_is_watch(method: usize) -> bool {
     method == WATCH
 }
 
-const WATCH: usize = 32;
+const WATCH: usize = 33;
 
 // ---------------------------------------------------------------------------------------------
 // Running an operation and judging the answer.
