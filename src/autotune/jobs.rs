@@ -347,6 +347,11 @@ impl Jobs {
         self.running.lock().get(index).map(|r| r.job_id.clone())
     }
 
+    /// This node's id on a cluster node; empty on a single node.
+    pub fn node_id(&self) -> &str {
+        self.cluster.as_ref().map_or("", |c| c.node_id())
+    }
+
     /// Whether the server is shutting down.
     pub fn is_shut_down(&self) -> bool {
         self.root.is_cancelled()

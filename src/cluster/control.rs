@@ -29,6 +29,7 @@ use crate::autotune::jobs::{job_id, job_seq, ClusterJobs, JobLease, JobRecord, J
 use crate::error::{Error, Result};
 use crate::model::{now_millis, ConfigSource, HnswConfig, Name, Profile};
 use crate::promotion::{Fence, Promotion, Record, Shared};
+use crate::refresh::{Change, SharedRecord, SharedRefresh};
 use crate::tasks::Tasks;
 
 /// Commits lost to concurrent changes before a change is ABORTED.
@@ -77,6 +78,10 @@ pub struct Control {
     /// record's mod revision (`follow_promotions`, and this node's own changes): what the node
     /// reports without asking etcd (its metrics).
     promoted: parking_lot::Mutex<BTreeMap<String, (i64, Option<Promotion>)>>,
+    /// Per index name, its refresh record as this node last saw it in etcd
+    /// (`follow_refresh`, and this node's own changes), and the record's mod revision.
+    refresh: tokio::sync::watch::Sender<BTreeMap<String, SharedRecord>>,
+    refresh_revs: parking_lot::Mutex<BTreeMap<String, i64>>,
 }
 
 fn conflict(what: &str) -> Error {
@@ -114,6 +119,8 @@ impl Control {
             tasks,
             rollouts: tokio::sync::watch::channel(BTreeMap::new()).0,
             promoted: Default::default(),
+            refresh: tokio::sync::watch::channel(BTreeMap::new()).0,
+            refresh_revs: Default::default(),
         }))
     }
 
@@ -180,37 +187,115 @@ impl Control {
     /// any break, again every second) until `stop`, keeping what [`Shared::known_current`]
     /// answers.
     pub(super) async fn follow_promotions(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.follow_promotions_once() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "following the promotion records in etcd stopped; resyncing");
+        let what = "following the promotion records";
+        follow_loop(what, &stop, || {
+            self.follow_prefix(
+                what,
+                etcd::promotions_prefix(),
+                |kvs| {
+                    let mut all = BTreeMap::new();
+                    for (name, key, r) in kvs {
+                        match r.decode::<PromotionEntry>(&key) {
+                            Ok(e) => {
+                                all.insert(name, (r.mod_revision, e.record.current));
+                            }
+                            Err(e) => {
+                                tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
+                            }
+                        }
+                    }
+                    *self.promoted.lock() = all;
                 },
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+                |name, key, rev, value| match value {
+                    Some(v) => match etcd::decode::<PromotionEntry>(key, v) {
+                        Ok(e) => self.note_promoted(name, rev, e.record.current, false),
+                        Err(e) => {
+                            tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
+                        }
+                    },
+                    None => self.note_promoted(name, rev, None, true),
+                },
+            )
+        })
+        .await
     }
 
-    async fn follow_promotions_once(&self) -> Result<()> {
-        let what = "following the promotion records";
-        let prefix = etcd::promotions_prefix();
-        let (kvs, rev) = etcd::list(&mut self.etcd(), self.urls(), what, prefix.clone()).await?;
-        let mut all = BTreeMap::new();
-        for (key, r) in kvs {
-            let Some(name) = key.strip_prefix(&prefix) else {
-                continue;
-            };
-            match r.decode::<PromotionEntry>(&key) {
-                Ok(e) => {
-                    all.insert(name.to_string(), (r.mod_revision, e.record.current));
-                }
-                Err(e) => tracing::error!(%key, error = %e, "unreadable promotion record in etcd"),
-            }
+    /// Follows the refresh records in etcd (as [`Control::follow_promotions`]) until `stop`,
+    /// keeping what [`SharedRefresh::records`] shows.
+    pub(super) async fn follow_refresh(self: Arc<Self>, stop: CancellationToken) {
+        let what = "following the refresh records";
+        follow_loop(what, &stop, || {
+            self.follow_prefix(
+                what,
+                etcd::refresh_prefix(),
+                |kvs| {
+                    let mut all = BTreeMap::new();
+                    for (name, key, r) in kvs {
+                        match r.decode::<SharedRecord>(&key) {
+                            Ok(rec) => {
+                                all.insert(name, (r.mod_revision, rec));
+                            }
+                            Err(e) => {
+                                tracing::error!(%key, error = %e, "unreadable refresh record in etcd")
+                            }
+                        }
+                    }
+                    *self.refresh_revs.lock() =
+                        all.iter().map(|(n, (rev, _))| (n.clone(), *rev)).collect();
+                    self.refresh
+                        .send_replace(all.into_iter().map(|(n, (_, r))| (n, r)).collect());
+                },
+                |name, key, rev, value| match value {
+                    Some(v) => match etcd::decode::<SharedRecord>(key, v) {
+                        Ok(rec) => self.note_refresh(name, rev, Some(rec)),
+                        Err(e) => {
+                            tracing::error!(%key, error = %e, "unreadable refresh record in etcd")
+                        }
+                    },
+                    None => self.note_refresh(name, rev, None),
+                },
+            )
+        })
+        .await
+    }
+
+    /// Notes index `name`'s refresh record as of revision `rev` (an older one is ignored; None:
+    /// deleted).
+    fn note_refresh(&self, name: &str, rev: i64, rec: Option<SharedRecord>) {
+        let mut revs = self.refresh_revs.lock();
+        if revs.get(name).is_some_and(|r| *r > rev) {
+            return;
         }
-        *self.promoted.lock() = all;
+        revs.insert(name.to_string(), rev);
+        self.refresh.send_modify(|m| match rec {
+            Some(rec) => {
+                m.insert(name.to_string(), rec);
+            }
+            None => {
+                m.remove(name);
+            }
+        });
+    }
+
+    /// Lists the keys under `prefix` (each as (name after the prefix, key, read) to `listed`),
+    /// then watches them from the list's revision, each change to `changed` (name, key, mod
+    /// revision, the value or None when deleted), until the watch breaks (an error).
+    async fn follow_prefix(
+        &self,
+        what: &str,
+        prefix: String,
+        listed: impl FnOnce(Vec<(String, String, Read)>),
+        changed: impl Fn(&str, &str, i64, Option<&[u8]>),
+    ) -> Result<()> {
+        let (kvs, rev) = etcd::list(&mut self.etcd(), self.urls(), what, prefix.clone()).await?;
+        listed(
+            kvs.into_iter()
+                .filter_map(|(key, r)| {
+                    let name = key.strip_prefix(&prefix)?.to_string();
+                    Some((name, key, r))
+                })
+                .collect(),
+        );
         let mut client = self.etcd();
         let opts = etcd_client::WatchOptions::new()
             .with_prefix()
@@ -237,21 +322,11 @@ impl Control {
                 let Some(name) = key.strip_prefix(&prefix) else {
                     continue;
                 };
-                match ev.event_type() {
-                    etcd_client::EventType::Put => {
-                        match etcd::decode::<PromotionEntry>(&key, kv.value()) {
-                            Ok(e) => {
-                                self.note_promoted(name, kv.mod_revision(), e.record.current, false)
-                            }
-                            Err(e) => {
-                                tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
-                            }
-                        }
-                    }
-                    etcd_client::EventType::Delete => {
-                        self.note_promoted(name, kv.mod_revision(), None, true)
-                    }
-                }
+                let value = match ev.event_type() {
+                    etcd_client::EventType::Put => Some(kv.value()),
+                    etcd_client::EventType::Delete => None,
+                };
+                changed(name, &key, kv.mod_revision(), value);
             }
         }
     }
@@ -626,6 +701,27 @@ impl Control {
     }
 }
 
+/// Runs `once` (a follower: a list then a watch) again after each break, a second apart, until
+/// `stop`.
+async fn follow_loop<F, Fut>(what: &str, stop: &CancellationToken, once: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = once() => if let Err(e) = r {
+                tracing::debug!(error = %e, "{what} stopped; resyncing");
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 fn lost_lease(index: &Name) -> Error {
     Error::Conflict(format!(
         "the autotune job no longer holds index {:?}'s job lease in etcd (it expired or was revoked): nothing was promoted or activated",
@@ -657,6 +753,56 @@ impl Shared for Control {
             .lock()
             .get(index.as_str())
             .and_then(|(_, p)| p.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl SharedRefresh for Control {
+    /// One transaction: "the index is incarnation `uid` and its record is as read → put".
+    async fn update(
+        &self,
+        index: &Name,
+        uid: u64,
+        change: Change<'_>,
+    ) -> Result<Option<SharedRecord>> {
+        let ikey = etcd::index_key(index.as_str());
+        let key = etcd::refresh_key(index.as_str());
+        let keys = [ikey.clone(), key.clone()];
+        for attempt in 0..CAS_ATTEMPTS {
+            let read = self.read("reading the refresh record", &keys).await?;
+            if read[0].as_ref().map(|r| r.create_revision as u64) != Some(uid) {
+                return Err(Error::not_found("index", index.as_str()));
+            }
+            let mut rec = match &read[1] {
+                Some(r) => r.decode::<SharedRecord>(&key)?,
+                None => SharedRecord::new(uid),
+            };
+            if rec.uid != uid {
+                rec = SharedRecord::new(uid);
+            }
+            if !change(&mut rec) {
+                return Ok(None);
+            }
+            let when = vec![
+                etcd::incarnation(&ikey, uid as i64),
+                etcd::unchanged(&key, &read[1]),
+            ];
+            let ops = vec![TxnOp::put(
+                key.clone(),
+                etcd::encode("a refresh record", &rec)?,
+                None,
+            )];
+            if let Some(rev) = self.commit("writing the refresh record", when, ops).await? {
+                self.note_refresh(index.as_str(), rev, Some(rec.clone()));
+                return Ok(Some(rec));
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict("the refresh record's change"))
+    }
+
+    fn records(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, SharedRecord>> {
+        self.refresh.subscribe()
     }
 }
 

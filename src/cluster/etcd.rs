@@ -12,6 +12,8 @@
 //! - `/vectord/v1/jobs/<index>` -> JSON [`JobLeaseEntry`], attached to the job's own lease; the
 //!   key's create revision is the job's fencing token. `cancel_by` is set (CancelJob through
 //!   another node) to ask the node running the job to cancel it.
+//! - `/vectord/v1/refresh/<index>` -> JSON `refresh::SharedRecord`: the index's refresh
+//!   policy, tune mark and status, tagged with the index's uid.
 //! - `/vectord/v1/job-seq` -> JSON u64: the number of the last job started in the cluster
 //!   (raised in the transaction that takes a job lease: job ids are `job-<n>`, unique).
 //! - `/vectord/v1/job-records/<n, 20 digits>` -> JSON `autotune::jobs::JobRecord`: every
@@ -69,6 +71,12 @@ pub fn active_key(index: &str) -> String {
 }
 pub fn job_key(index: &str) -> String {
     format!("{PREFIX}jobs/{index}")
+}
+pub fn refresh_prefix() -> String {
+    format!("{PREFIX}refresh/")
+}
+pub fn refresh_key(index: &str) -> String {
+    format!("{PREFIX}refresh/{index}")
 }
 pub fn jobs_prefix() -> String {
     format!("{PREFIX}jobs/")
@@ -436,7 +444,7 @@ pub async fn get_index(
 }
 
 /// Deletes the entry of `name` if it is still incarnation `uid`, with its promotions, desired
-/// generation and job lease (one transaction); false if it is not.
+/// generation, job lease and refresh record (one transaction); false if it is not.
 pub async fn delete_index(
     etcd: &mut Client,
     urls: &[String],
@@ -455,6 +463,7 @@ pub async fn delete_index(
             TxnOp::delete(promotion_key(name), None),
             TxnOp::delete(active_key(name), None),
             TxnOp::delete(job_key(name), None),
+            TxnOp::delete(refresh_key(name), None),
         ]);
     let resp = bounded!(urls, "deleting the index", etcd.txn(txn.clone())).await?;
     Ok(resp.succeeded())

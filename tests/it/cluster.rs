@@ -1335,6 +1335,134 @@ async fn control_every_node_lists_and_cancels_every_nodes_jobs() {
     );
 }
 
+/// The refresh policy's jobs on `node` (requested_by "refresh-policy"), newest first.
+async fn refresh_jobs(node: &TestServer, index: &str) -> Vec<pb::Job> {
+    let mut jobs = node.jobs(index).await;
+    jobs.retain(|j| j.requested_by == "refresh-policy");
+    jobs
+}
+
+/// Refresh policies are the cluster's: one set through node 1 is read back on node 3, its tune
+/// is one job seen from every node, and writes through nodes 2 and 3 that cross its threshold
+/// together start exactly one more tune, on one node, which every node shows as the policy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_refresh_policy_is_the_clusters_and_tunes_once() {
+    let Some(e) = Engines::start("control_a_refresh_policy_is_the_clusters_and_tunes_once") else {
+        return;
+    };
+    let (nodes, _gate) = three_in_process(&e, &[]).await;
+    seeded_cluster_index(&nodes, "rp", 200, 8).await;
+    let mut a1 = nodes[0].autotune().await;
+    a1.create_harness(harness_request("rp", "h", 10, 20, Some(1)))
+        .await
+        .expect("harness");
+    // Half the points changed since the last tune: the 200 points written so far already
+    // are, so the policy tunes at once (as on a single node).
+    let set = a1
+        .set_refresh_policy(pb::SetRefreshPolicyRequest {
+            index_name: "rp".into(),
+            policy: Some(pb::RefreshPolicy {
+                mode: pb::RefreshMode::OnAppend as i32,
+                change_threshold: 0.5,
+                harness: "h".into(),
+                min_recall: Some(0.0),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("set the policy through node 1")
+        .into_inner()
+        .policy
+        .expect("policy");
+    let done = |j: &pb::Job| j.state == pb::JobState::Succeeded as i32;
+    let first = eventually(
+        WAIT,
+        "the policy's first tune finished, seen on node 3",
+        || async {
+            let jobs = refresh_jobs(&nodes[2], "rp").await;
+            (jobs.len() == 1 && done(&jobs[0])).then(|| jobs[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(first.node_id, "n1", "{first:?}");
+    for node in &nodes {
+        let index = eventually(WAIT, "the policy and its job on every node", || async {
+            let i = node.get_index("rp").await;
+            let status = i.refresh_status.clone()?;
+            (status.last_job_id == first.id).then_some(i)
+        })
+        .await;
+        assert_eq!(
+            index.refresh_policy.as_ref(),
+            Some(&set),
+            "on {}",
+            node.addr
+        );
+    }
+
+    // 60 points rewritten through node 2, then 60 more through node 3: 120 of 200 changed,
+    // past the threshold only with both nodes' writes.
+    let mut last = 0;
+    for (node, ids) in [(&nodes[1], 0..60u64), (&nodes[2], 60..120)] {
+        let up = node
+            .index()
+            .await
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: "rp".into(),
+                points: ids.map(|i| point(i, 8)).collect(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("upsert")
+            .into_inner();
+        last = up.sequence;
+    }
+    let second = eventually(WAIT, "one more tune, finished", || async {
+        let jobs = refresh_jobs(&nodes[0], "rp").await;
+        (jobs.len() == 2 && jobs.iter().all(done) && jobs[1].id == first.id)
+            .then(|| jobs[0].clone())
+    })
+    .await;
+    assert!(
+        ["n1", "n2", "n3"].contains(&second.node_id.as_str()),
+        "{second:?}"
+    );
+    // Every node applied both writes and counts them from the second tune's mark (so none can
+    // start another for them); each shows the second tune as the policy's, and lists the two
+    // tunes only.
+    for node in &nodes {
+        let mut c = node.index().await;
+        search_min(&mut c, "rp", point(3, 8).vector, 1, last)
+            .await
+            .expect("search with min_sequence");
+        let status = eventually(
+            WAIT,
+            "the second tune as the policy's on every node",
+            || async {
+                let status = node.get_index("rp").await.refresh_status?;
+                (status.last_job_id == second.id).then_some(status)
+            },
+        )
+        .await;
+        assert!(
+            status.points_changed_since_tune < 100,
+            "on {}: {status:?}",
+            node.addr
+        );
+        let ids: Vec<String> = refresh_jobs(node, "rp")
+            .await
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(
+            ids,
+            vec![second.id.clone(), first.id.clone()],
+            "on {}",
+            node.addr
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline() {
     let Some(e) = Engines::start(
