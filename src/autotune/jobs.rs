@@ -5,7 +5,9 @@
 //! Invariants: at most one job per index runs at a time (a second gets ABORTED naming the
 //! first); every trial is journaled before it is streamed; a cancelled job (CancelJob, the
 //! client closing the stream, or shutdown) promotes nothing and keeps the trials it journaled;
-//! job records are durable, and one found RUNNING at startup is marked FAILED.
+//! job records are durable, and one found RUNNING at startup is marked FAILED. On a cluster
+//! node the records are also the cluster's ([`ClusterJobs`]): ListJobs and CancelJob answer
+//! every node's jobs, and the store's copy is only this node's (its metrics count them).
 //!
 //! Configs sharing (m, ef_construction, seed) share one build: only ef_search differs between
 //! them, and it is a search-time knob. Groups build concurrently, one CPU-bound activity per
