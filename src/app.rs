@@ -119,8 +119,15 @@ impl App {
                 .map(|c| c as Arc<dyn crate::autotune::jobs::ClusterJobs>),
         )
         .await?;
-        let refresh = Refresher::new(lab.clone(), jobs.clone())?;
+        let refresh = Refresher::new(
+            lab.clone(),
+            jobs.clone(),
+            control
+                .clone()
+                .map(|c| c as Arc<dyn crate::refresh::SharedRefresh>),
+        )?;
         refresh.spawn_prober(config.refresh_probe_interval, jobs.shutdown_token());
+        refresh.follow_shared(jobs.shutdown_token());
         let cluster = match (&config.cluster, control, lab_log) {
             (Some(c), Some(control), Some(lab_log)) => {
                 // A replica the cluster no longer has is dropped the way DeleteIndex drops an

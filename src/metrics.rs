@@ -244,7 +244,7 @@ impl Metrics {
             for state in ["running", "succeeded", "failed", "cancelled"] {
                 self.jobs.with_label_values(&[state]).set(0);
             }
-            for job in ready.jobs.list(None)? {
+            for job in ready.jobs.list_local(None)? {
                 let state = match job.state {
                     JobState::Running => "running",
                     JobState::Succeeded => "succeeded",

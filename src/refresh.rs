@@ -17,8 +17,22 @@
 //! tune mark): each writer changes only its own field of the stored record, in one sled
 //! transaction (read, change, write), and does so while holding the state lock, so the stored
 //! record and the one in memory change in the same order.
+//!
+//! On a cluster node ([`SharedRefresh`], implemented by `cluster::control` over etcd) the record
+//! is the cluster's, one per index, each change one compare-and-swap transaction of only its own
+//! fields (so a stale copy never overwrites a newer one across nodes either), and every node
+//! follows the records. Every node evaluates the threshold as it applies the index's write log
+//! (its applied sequence moving), so writes through any node count: the log is the same on
+//! every node, and so is an index's `points_changed` once a node applied it up to the same
+//! sequence (the tune mark, `points_changed` at the last tune, is comparable across nodes; the
+//! log's sequence would count messages, not the points the threshold is about). A node that
+//! decides to tune first claims the tune: one transaction moving the mark from the value its
+//! decision read, so of the nodes deciding on the same writes exactly one runs the tune (it
+//! then takes the index's job lease like any job). The status (`last_trigger`, `last_job_id`)
+//! is in the record, so every node shows it; probes are each node's own (of its serving
+//! generation), and a floor-triggered tune is claimed once per data version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,13 +64,65 @@ pub struct Policy {
 }
 
 /// What is stored per index (by uid).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Record {
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
     policy: Option<Policy>,
     /// `points_changed` of the index when its last tune started.
     tuned_at_changes: u64,
     /// The data version a floor-triggered tune last ran for.
     floor_tuned_version: Option<u64>,
+}
+
+/// An index's refresh record in the cluster: the record, its index incarnation and the status
+/// every node shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SharedRecord {
+    /// The index incarnation (uid) it belongs to: a record of another reads as none.
+    pub uid: u64,
+    #[serde(flatten)]
+    record: Record,
+    #[serde(default)]
+    last_trigger: String,
+    #[serde(default)]
+    last_job_id: String,
+}
+
+impl SharedRecord {
+    /// An empty record of the index with `uid`.
+    pub fn new(uid: u64) -> Self {
+        SharedRecord {
+            uid,
+            ..Default::default()
+        }
+    }
+}
+
+/// A change of a shared record: false declines it (nothing is written).
+pub type Change<'a> = &'a (dyn for<'r> Fn(&'r mut SharedRecord) -> bool + Send + Sync);
+
+/// A cluster node's refresh records (implemented by `cluster::control` over etcd).
+#[async_trait::async_trait]
+pub trait SharedRefresh: Send + Sync {
+    /// Changes the index's record by `change` in one compare-and-swap transaction (retried from
+    /// a fresh read, `change` applied to each), while the index is incarnation `uid`: the
+    /// record written, or None when `change` declined. NOT_FOUND when the index is not `uid`.
+    async fn update(
+        &self,
+        index: &Name,
+        uid: u64,
+        change: Change<'_>,
+    ) -> Result<Option<SharedRecord>>;
+    /// Every index's record as this node last saw it, by index name, as they change.
+    fn records(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, SharedRecord>>;
+}
+
+/// What a node's tune claim moves (cluster nodes): the tune mark from `seen` (what the
+/// decision read) to `now`, and for a floor-triggered tune its data version.
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    seen: u64,
+    now: u64,
+    floor_version: Option<u64>,
 }
 
 /// What GetIndex shows.
@@ -77,6 +143,8 @@ struct State {
     status: Status,
     /// A job start is in flight.
     pending: bool,
+    /// A task follows the index's applied write log (cluster nodes; see `follow`).
+    following: bool,
 }
 
 pub struct Refresher {
@@ -87,6 +155,8 @@ pub struct Refresher {
     state: Mutex<HashMap<Name, State>>,
     /// Held by each probe: DeleteIndex waits for a probe of the index to finish.
     probing: tokio::sync::Mutex<()>,
+    /// The cluster's records (cluster nodes); None on a single node.
+    shared: Option<Arc<dyn SharedRefresh>>,
 }
 
 /// The index's state, replaced by a fresh one when it belonged to an earlier index of the name.
@@ -112,10 +182,20 @@ fn current<'a>(st: &'a mut HashMap<Name, State>, index: &Name, uid: u64) -> Opti
 impl Refresher {
     /// Loads every index's record. The application tells it of writes ([`Refresher::after_write`])
     /// and job starts ([`Refresher::tuned`]): see `app.rs`.
-    pub fn new(lab: Arc<Lab>, jobs: Arc<Jobs>) -> Result<Arc<Self>> {
+    ///
+    /// On a cluster node (`shared`) the records are the cluster's: none is read from the store,
+    /// and [`Refresher::follow_shared`] keeps this node's copy.
+    pub fn new(
+        lab: Arc<Lab>,
+        jobs: Arc<Jobs>,
+        shared: Option<Arc<dyn SharedRefresh>>,
+    ) -> Result<Arc<Self>> {
         let catalog = lab.catalog().clone();
         let mut state = HashMap::new();
         for name in catalog.index_names() {
+            if shared.is_some() {
+                break;
+            }
             let handle = catalog.handle(&name)?;
             if let Some(record) = catalog.store().get_refresh::<Record>(handle.meta.uid)? {
                 state.insert(
@@ -133,7 +213,104 @@ impl Refresher {
             jobs,
             state: Mutex::new(state),
             probing: Default::default(),
+            shared,
         }))
+    }
+
+    /// Cluster nodes: follows the cluster's records until `stop`, keeping this node's copy
+    /// (policy, tune mark, status) and a follower of each index with a policy.
+    pub fn follow_shared(self: &Arc<Self>, stop: CancellationToken) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let mut rx = shared.records();
+        let me = Arc::downgrade(self);
+        self.lab.catalog().tasks().spawn(async move {
+            loop {
+                let records = rx.borrow_and_update().clone();
+                let Some(r) = me.upgrade() else { return };
+                for (name, rec) in &records {
+                    if let Ok(index) = Name::parse("index", name) {
+                        r.sync(&index, rec);
+                    }
+                }
+                drop(r);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+
+    /// Takes the cluster's record `rec` of `index` as this node's (if it is of the index this
+    /// node has), and starts following the index's writes when it has a policy.
+    fn sync(self: &Arc<Self>, index: &Name, rec: &SharedRecord) {
+        if let Some(handle) = self.sync_record(index, rec) {
+            self.follow(index.clone(), handle);
+        }
+    }
+
+    /// [`Refresher::sync`]'s copy: the index's handle when a follower should start.
+    fn sync_record(
+        &self,
+        index: &Name,
+        rec: &SharedRecord,
+    ) -> Option<Arc<crate::catalog::IndexHandle>> {
+        let handle = self.lab.catalog().handle(index).ok()?;
+        // The record is tagged with the index's cluster uid; the state with the local one.
+        if handle.cluster_uid != Some(rec.uid) {
+            return None;
+        }
+        let mut st = self.state.lock();
+        let s = entry(&mut st, index, handle.meta.uid);
+        s.record = rec.record.clone();
+        s.status.last_trigger = rec.last_trigger.clone();
+        s.status.last_job_id = rec.last_job_id.clone();
+        let start = s.record.policy.is_some() && !s.following;
+        s.following |= start;
+        drop(st);
+        start.then_some(handle)
+    }
+
+    /// The cluster uid of the index whose local uid is `uid` (NOT_FOUND when it is gone).
+    fn cluster_uid(&self, index: &Name, uid: u64) -> Result<u64> {
+        let handle = self.lab.catalog().handle(index)?;
+        match handle.cluster_uid {
+            Some(c) if handle.meta.uid == uid => Ok(c),
+            _ => Err(Error::not_found("index", index.as_str())),
+        }
+    }
+
+    /// Evaluates the index's threshold each time this node applied more of its write log
+    /// (writes through any node), while it has a policy.
+    fn follow(self: &Arc<Self>, index: Name, handle: Arc<crate::catalog::IndexHandle>) {
+        let uid = handle.meta.uid;
+        let mut applied = handle.applied_updates();
+        drop(handle);
+        let me = Arc::downgrade(self);
+        let stop = self.jobs.shutdown_token();
+        self.lab.catalog().tasks().spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = applied.changed() => if changed.is_err() { return },
+                }
+                let Some(r) = me.upgrade() else { return };
+                {
+                    let mut st = r.state.lock();
+                    match current(&mut st, &index, uid) {
+                        Some(s) if s.record.policy.is_some() => {}
+                        Some(s) => {
+                            s.following = false;
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+                r.evaluate(&index);
+            }
+        });
     }
 
     /// Sets or clears an index's policy, durably. NOT_FOUND for an unknown index or harness.
@@ -145,6 +322,20 @@ impl Refresher {
         let handle = self.lab.catalog().handle(index)?;
         if let Some(p) = &policy {
             self.lab.get_harness_synced(index, &p.harness).await?;
+        }
+        if let Some(shared) = &self.shared {
+            let p = policy.clone();
+            let set = move |r: &mut SharedRecord| {
+                r.record.policy = p.clone();
+                true
+            };
+            let cuid = self.cluster_uid(index, handle.meta.uid)?;
+            if let Some(rec) = shared.update(index, cuid, &set).await? {
+                self.sync(index, &rec);
+            }
+            tracing::info!(index = %index, policy = ?policy, "refresh policy set in the cluster");
+            self.evaluate(index);
+            return Ok(policy);
         }
         let store = self.lab.catalog().store();
         {
@@ -197,9 +388,26 @@ impl Refresher {
         let Ok(handle) = self.lab.catalog().handle(index) else {
             return;
         };
+        let changes = handle.points_changed();
+        if let Some(shared) = &self.shared {
+            // The cluster's mark (best effort, as below), changed by this one transaction.
+            let Some(uid) = handle.cluster_uid else {
+                return;
+            };
+            let (shared, index) = (shared.clone(), index.clone());
+            self.lab.catalog().tasks().spawn(async move {
+                let mark = move |r: &mut SharedRecord| {
+                    r.record.tuned_at_changes = changes;
+                    true
+                };
+                if let Err(e) = shared.update(&index, uid, &mark).await {
+                    tracing::warn!(index = %index, error = %e, "could not record the tune mark in the cluster");
+                }
+            });
+            return;
+        }
         let mut st = self.state.lock();
         let s = entry(&mut st, index, handle.meta.uid);
-        let changes = handle.points_changed();
         s.record.tuned_at_changes = changes;
         // Bookkeeping, flushed with the next flush: losing it in a crash costs at most one
         // extra tune. Only its own field (see the module's note).
@@ -239,10 +447,16 @@ impl Refresher {
                 "{changed} of {count} points changed since the last tune (threshold {})",
                 policy.change_threshold
             );
+            let claim = Claim {
+                seen: s.record.tuned_at_changes,
+                now: handle.points_changed(),
+                floor_version: None,
+            };
             self.decide(s, index, policy, why)
+                .map(|(policy, why)| (policy, why, claim))
         };
-        if let Some((policy, why)) = decision {
-            self.trigger(index.clone(), handle.meta.uid, policy, why);
+        if let Some((policy, why, claim)) = decision {
+            self.trigger(index.clone(), handle.meta.uid, policy, why, claim);
         }
     }
 
@@ -265,18 +479,97 @@ impl Refresher {
             return None;
         }
         s.pending = true;
-        s.status.last_trigger = format!("started: {why}");
+        if self.shared.is_none() {
+            s.status.last_trigger = format!("started: {why}");
+        }
         Some((policy, why))
     }
 
-    fn trigger(self: &Arc<Self>, index: Name, uid: u64, policy: Policy, why: String) {
+    /// Cluster nodes: claims the tune (see the module's note): Ok(true) when this node won it.
+    async fn claim(self: &Arc<Self>, index: &Name, uid: u64, why: &str, c: Claim) -> Result<bool> {
+        let Some(shared) = &self.shared else {
+            return Ok(true);
+        };
+        let started = format!("started on node {}: {why}", self.jobs.node_id());
+        let take = move |r: &mut SharedRecord| {
+            if r.record.tuned_at_changes != c.seen
+                || (c.floor_version.is_some() && r.record.floor_tuned_version == c.floor_version)
+            {
+                return false;
+            }
+            r.record.tuned_at_changes = c.now;
+            if c.floor_version.is_some() {
+                r.record.floor_tuned_version = c.floor_version;
+            }
+            r.last_trigger = started.clone();
+            true
+        };
+        let cuid = self.cluster_uid(index, uid)?;
+        Ok(match shared.update(index, cuid, &take).await? {
+            Some(rec) => {
+                self.sync(index, &rec);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Cluster nodes: changes the index's shared record (best effort: logged).
+    async fn note_shared(self: &Arc<Self>, index: &Name, uid: u64, change: Change<'_>) {
+        let Some(shared) = &self.shared else { return };
+        let updated = match self.cluster_uid(index, uid) {
+            Ok(cuid) => shared.update(index, cuid, change).await,
+            Err(e) => Err(e),
+        };
+        match updated {
+            Ok(Some(rec)) => self.sync(index, &rec),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(index = %index, error = %e, "could not record the refresh status in the cluster")
+            }
+        }
+    }
+
+    fn trigger(self: &Arc<Self>, index: Name, uid: u64, policy: Policy, why: String, c: Claim) {
         tracing::info!(index = %index, reason = %why, "refresh policy starts a tune");
         let req = tune_request(&index, uid, &policy);
         let me = self.clone();
         self.lab.catalog().tasks().spawn(async move {
+            // A cluster node first claims the tune: another node may have it already.
+            match me.claim(&index, uid, &why, c).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(index = %index, "another node claimed the refresh tune");
+                    if let Some(s) = current(&mut me.state.lock(), &index, uid) {
+                        s.pending = false;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(index = %index, error = %e, "refresh policy could not claim its tune");
+                    if let Some(s) = current(&mut me.state.lock(), &index, uid) {
+                        s.pending = false;
+                        s.status.last_trigger = format!("could not start ({why}): {e}");
+                    }
+                    return;
+                }
+            }
             let started = me.jobs.start(req).await;
-            if started.is_ok() {
+            if started.is_ok() && me.shared.is_none() {
                 me.tuned(&index);
+            }
+            if let Err(e) = &started {
+                // Not started: the claim's mark goes back (unless changed since), so the
+                // threshold is evaluated again at the next write, as on a single node.
+                let failed = format!("could not start ({why}): {e}");
+                let undo = move |r: &mut SharedRecord| {
+                    if r.record.tuned_at_changes == c.now {
+                        r.record.tuned_at_changes = c.seen;
+                    }
+                    r.last_trigger = failed.clone();
+                    true
+                };
+                me.note_shared(&index, uid, &undo).await;
             }
             let mut rx = {
                 let mut st = me.state.lock();
@@ -299,8 +592,13 @@ impl Refresher {
                 match event {
                     Event::Started { job_id, .. } => {
                         if let Some(s) = current(&mut me.state.lock(), &index, uid) {
-                            s.status.last_job_id = job_id;
+                            s.status.last_job_id = job_id.clone();
                         }
+                        let id = move |r: &mut SharedRecord| {
+                            r.last_job_id = job_id.clone();
+                            true
+                        };
+                        me.note_shared(&index, uid, &id).await;
                     }
                     Event::Finished(o) => {
                         tracing::info!(index = %index, job = %o.job_id, promoted = o.promotion.is_some(), reason = %o.reason, "refresh tune finished");
@@ -380,8 +678,13 @@ impl Refresher {
                     "probe recall {:.4} is under the floor {floor} (data version {version})",
                     m.recall
                 );
+                let claim = Claim {
+                    seen: s.record.tuned_at_changes,
+                    now: handle.points_changed(),
+                    floor_version: Some(version),
+                };
                 let d = self.decide(s, index, policy.clone(), why);
-                if d.is_some() {
+                if d.is_some() && self.shared.is_none() {
                     s.record.floor_tuned_version = Some(version);
                     // Flushed with the next flush (losing it costs at most one extra tune).
                     let stored =
@@ -395,11 +698,11 @@ impl Refresher {
                         tracing::warn!(index = %index, error = %e, "could not record the floor tune");
                     }
                 }
-                d
+                d.map(|(policy, why)| (policy, why, claim))
             }
         };
-        if let Some((policy, why)) = decision {
-            self.trigger(index.clone(), uid, policy, why);
+        if let Some((policy, why, claim)) = decision {
+            self.trigger(index.clone(), uid, policy, why, claim);
         }
         Ok(())
     }
@@ -568,7 +871,7 @@ mod tests {
         .await
         .unwrap();
         let jobs = Jobs::recover(lab.clone(), 10, 4, None, None).await.unwrap();
-        let r = Refresher::new(lab.clone(), jobs).unwrap();
+        let r = Refresher::new(lab.clone(), jobs, None).unwrap();
         let uid = catalog.handle(&index).unwrap().meta.uid;
         (store, catalog, r, index, uid)
     }

@@ -5,7 +5,9 @@
 //! Invariants: at most one job per index runs at a time (a second gets ABORTED naming the
 //! first); every trial is journaled before it is streamed; a cancelled job (CancelJob, the
 //! client closing the stream, or shutdown) promotes nothing and keeps the trials it journaled;
-//! job records are durable, and one found RUNNING at startup is marked FAILED.
+//! job records are durable, and one found RUNNING at startup is marked FAILED. On a cluster
+//! node the records are also the cluster's ([`ClusterJobs`]): ListJobs and CancelJob answer
+//! every node's jobs, and the store's copy is only this node's (its metrics count them).
 //!
 //! Configs sharing (m, ef_construction, seed) share one build: only ef_search differs between
 //! them, and it is a search-time knob. Groups build concurrently, one CPU-bound activity per
@@ -73,6 +75,19 @@ pub struct JobRecord {
     /// Why it failed or was cancelled; the outcome in words when it succeeded.
     pub reason: String,
     pub graphs_built: u32,
+    /// The node that runs (ran) the job; empty on a single node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_id: String,
+}
+
+/// The id of job number `seq`: `job-<seq>`.
+pub fn job_id(seq: u64) -> String {
+    format!("job-{seq}")
+}
+
+/// The number of the job with `id`, if it is a job id.
+pub fn job_seq(id: &str) -> Option<u64> {
+    id.strip_prefix("job-")?.parse().ok().filter(|s| *s > 0)
 }
 
 /// A validated autotune request.
@@ -195,13 +210,36 @@ struct Running {
     lease: Option<Arc<dyn JobLease>>,
 }
 
-/// A cluster node's job leases (implemented by `cluster::control` over etcd): one autotune job
-/// per index across the cluster.
+/// A cluster node's job leases and job records (implemented by `cluster::control` over etcd):
+/// one autotune job per index across the cluster, and every job's record seen from every node.
 #[async_trait::async_trait]
 pub trait ClusterJobs: Send + Sync {
-    /// Takes the index's job lease for `job_id`: ABORTED (`Error::Conflict`) naming the holder
-    /// when another job (on any node) has it.
-    async fn acquire(self: Arc<Self>, index: &Name, job_id: &str) -> Result<Arc<dyn JobLease>>;
+    /// This node's id (a job record's `node_id`).
+    fn node_id(&self) -> &str;
+    /// Takes the index's job lease for a new job: the lease and the job's number, unique in
+    /// the cluster (its id is [`job_id`]). ABORTED (`Error::Conflict`) naming the holder when
+    /// another job (on any node) has the lease.
+    async fn acquire(self: Arc<Self>, index: &Name) -> Result<(Arc<dyn JobLease>, u64)>;
+    /// Writes the job's record (created, or changed by the node running it). A finished record
+    /// is final: a change to one is not written, and the stored record is returned.
+    async fn save(&self, job: &JobRecord) -> Result<JobRecord>;
+    /// Every job record of the cluster, newest first. A RUNNING record whose job no longer
+    /// runs (its node died or lost the job lease; or it is this node's and `here` does not
+    /// know it: a previous process of this node ran it) is made FAILED first.
+    async fn list(
+        &self,
+        here: &(dyn for<'s> Fn(&'s str) -> bool + Send + Sync),
+    ) -> Result<Vec<JobRecord>>;
+    /// CancelJob of a job this node does not run: asks the node running it to cancel it and
+    /// waits (bounded) for its end. NOT_FOUND for an unknown job, FAILED_PRECONDITION for a
+    /// finished one (or one whose node died: then made FAILED).
+    async fn cancel(
+        &self,
+        id: &str,
+        here: &(dyn for<'s> Fn(&'s str) -> bool + Send + Sync),
+    ) -> Result<JobRecord>;
+    /// Deletes the finished records beyond the newest `kept` (running ones stay).
+    async fn trim(&self, kept: usize) -> Result<()>;
 }
 
 /// A job's hold on its index's job lease. Its fence goes into the job's promotion, and its
@@ -212,6 +250,8 @@ pub trait JobLease: Send + Sync {
     /// Cancelled when the lease is lost (it expired, e.g. its node was paused or cut off from
     /// etcd past its TTL, or it was revoked): the job stops at once and ends FAILED.
     fn lost(&self) -> CancellationToken;
+    /// Cancelled when CancelJob through another node asks to cancel the job.
+    fn cancel_requested(&self) -> CancellationToken;
     /// Sets the index's desired generation to `config` (the promoted trial's, whose graph this
     /// node holds), fenced, and waits until this node serves it (or `cancel`): its number.
     async fn activate(
@@ -309,6 +349,11 @@ impl Jobs {
         self.running.lock().get(index).map(|r| r.job_id.clone())
     }
 
+    /// This node's id on a cluster node; empty on a single node.
+    pub fn node_id(&self) -> &str {
+        self.cluster.as_ref().map_or("", |c| c.node_id())
+    }
+
     /// Whether the server is shutting down.
     pub fn is_shut_down(&self) -> bool {
         self.root.is_cancelled()
@@ -324,36 +369,98 @@ impl Jobs {
         self.root.cancel();
     }
 
+    /// Saves the job's record: in the store and, on a cluster node, in the cluster.
     async fn save(&self, job: &JobRecord) -> Result<()> {
         let store = self.lab.catalog().store();
         store.put_job(job.seq, job)?;
-        store.flush().await
+        store.flush().await?;
+        if let Some(c) = &self.cluster {
+            c.save(job).await?;
+        }
+        Ok(())
     }
 
-    /// Jobs, running first, then finished ones newest first (at most `kept` of those).
-    pub fn list(&self, index: Option<&Name>) -> Result<Vec<JobRecord>> {
-        let all: Vec<JobRecord> = self
+    /// Saves the job's progress: in the store, and best effort in the cluster (a control plane
+    /// that does not answer does not fail the job; its end is written again).
+    async fn save_progress(&self, job: &JobRecord) -> Result<()> {
+        let store = self.lab.catalog().store();
+        store.put_job(job.seq, job)?;
+        store.flush().await?;
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.save(job).await {
+                tracing::warn!(job = %job.id, error = %e, "could not write the job's progress to the cluster");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether job `id` runs on this node (in this process).
+    fn runs_here(&self, id: &str) -> bool {
+        self.running.lock().values().any(|r| r.job_id == id)
+    }
+
+    /// Jobs, running first, then finished ones newest first (at most `kept` of those): on a
+    /// cluster node every node's, from the cluster.
+    pub async fn list(&self, index: Option<&Name>) -> Result<Vec<JobRecord>> {
+        let all = match &self.cluster {
+            Some(c) => c.list(&|id| self.runs_here(id)).await?,
+            None => self.local_records()?,
+        };
+        Ok(self.running_then_kept(all, index))
+    }
+
+    /// This node's own job records (from its store), as [`Jobs::list`] orders them: what its
+    /// metrics count.
+    pub fn list_local(&self, index: Option<&Name>) -> Result<Vec<JobRecord>> {
+        Ok(self.running_then_kept(self.local_records()?, index))
+    }
+
+    fn local_records(&self) -> Result<Vec<JobRecord>> {
+        Ok(self
             .lab
             .catalog()
             .store()
             .list_jobs::<JobRecord>()?
             .into_iter()
             .map(|(_, j)| j)
-            .filter(|j| index.is_none_or(|i| &j.index == i))
-            .collect();
-        let (running, finished): (Vec<_>, Vec<_>) =
-            all.into_iter().partition(|j| j.state == JobState::Running);
-        Ok(running
-            .into_iter()
-            .chain(finished.into_iter().take(self.kept))
             .collect())
     }
 
-    pub fn get(&self, id: &str) -> Result<JobRecord> {
-        self.list(None)?
+    fn running_then_kept(&self, all: Vec<JobRecord>, index: Option<&Name>) -> Vec<JobRecord> {
+        let (running, finished): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .filter(|j| index.is_none_or(|i| &j.index == i))
+            .partition(|j| j.state == JobState::Running);
+        running
+            .into_iter()
+            .chain(finished.into_iter().take(self.kept))
+            .collect()
+    }
+
+    /// A job's record (on a cluster node, any node's job).
+    pub async fn get(&self, id: &str) -> Result<JobRecord> {
+        self.list(None)
+            .await?
             .into_iter()
             .find(|j| j.id == id)
             .ok_or_else(|| Error::not_found("job", id))
+    }
+
+    fn get_local(&self, id: &str) -> Result<JobRecord> {
+        self.list_local(None)?
+            .into_iter()
+            .find(|j| j.id == id)
+            .ok_or_else(|| Error::not_found("job", id))
+    }
+
+    /// Deletes old records beyond `kept` in the cluster (best effort: the next job's end
+    /// trims again).
+    async fn trim_cluster(&self) {
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.trim(self.kept).await {
+                tracing::warn!(error = %e, "could not trim old job records in the cluster");
+            }
+        }
     }
 
     /// Cancels the job running on the index with `uid` (if any) and waits until its end is
@@ -380,9 +487,15 @@ impl Jobs {
         }
     }
 
-    /// Cancels a running job; FAILED_PRECONDITION for one already finished.
+    /// Cancels a running job; FAILED_PRECONDITION for one already finished. On a cluster node a
+    /// job another node runs is cancelled there (see [`ClusterJobs::cancel`]).
     pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
-        let job = self.get(id)?;
+        if let Some(c) = &self.cluster {
+            if !self.runs_here(id) {
+                return c.cancel(id, &|id| self.runs_here(id)).await;
+            }
+        }
+        let job = self.get_local(id)?;
         if job.state != JobState::Running {
             return Err(Error::Precondition(format!(
                 "job {id} already finished ({:?}); only a running job can be cancelled",
@@ -402,14 +515,14 @@ impl Jobs {
         // --max-concurrent-jobs; wait for both, so the answer is true and a job started right
         // after it is not refused for this one.
         for _ in 0..600 {
-            let j = self.get(id)?;
+            let j = self.get_local(id)?;
             let holds_place = self.running.lock().values().any(|r| r.job_id == id);
             if j.state != JobState::Running && !holds_place {
                 return Ok(j);
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        self.get(id)
+        self.get_local(id)
     }
 
     /// Starts a job. Returns the events receiver and the job's token (cancel it to stop the
@@ -448,11 +561,7 @@ impl Jobs {
         // A cluster node first takes the index's job lease (one job per index across the
         // cluster), under the id the job will get.
         let lease = match &self.cluster {
-            Some(c) => {
-                let seq = store.next_job_seq()?;
-                let id = format!("job-{seq}");
-                Some((c.clone().acquire(&req.index, &id).await?, seq))
-            }
+            Some(c) => Some(c.clone().acquire(&req.index).await?),
             None => None,
         };
         let (lease, leased_seq) = lease.unzip();
@@ -475,7 +584,7 @@ impl Jobs {
             running.insert(
                 req.index.clone(),
                 Running {
-                    job_id: format!("job-{seq}"),
+                    job_id: job_id(seq),
                     token: token.clone(),
                     uid,
                     done: done.clone(),
@@ -495,7 +604,7 @@ impl Jobs {
                 return Err(e);
             }
         };
-        let job_id = format!("job-{seq}");
+        let job_id = job_id(seq);
         let release = |jobs: &Jobs| {
             jobs.running.lock().remove(&req.index);
             done.cancel();
@@ -521,6 +630,11 @@ impl Jobs {
             requested_by: req.requested_by.clone(),
             reason: String::new(),
             graphs_built: 0,
+            node_id: self
+                .cluster
+                .as_ref()
+                .map(|c| c.node_id().to_string())
+                .unwrap_or_default(),
         };
         if let Err(e) = self.save(&job).await {
             release(self);
@@ -530,6 +644,7 @@ impl Jobs {
         if let Err(e) = store.trim_jobs(self.kept, |j: &JobRecord| j.state == JobState::Running) {
             tracing::warn!(error = %e, "could not trim old job records");
         }
+        self.trim_cluster().await;
         tracing::info!(job = %job_id, index = %req.index, harness = %req.harness, trials = req.grid.len(), "autotune started");
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -542,7 +657,7 @@ impl Jobs {
         // ends FAILED naming the lease (its promotion and activation are fenced anyway).
         let lost = Arc::new(Mutex::new(None::<String>));
         if let Some(l) = &lease {
-            let (gone, tok, done, lost) = (l.lost(), token.clone(), done.clone(), lost.clone());
+            let (gone, tok, ended, lost) = (l.lost(), token.clone(), done.clone(), lost.clone());
             let (id, index) = (job_id.clone(), req.index.clone());
             self.lab.catalog().tasks().spawn(async move {
                 tokio::select! {
@@ -552,6 +667,18 @@ impl Jobs {
                             "job {id} lost index {:?}'s job lease (it expired or was revoked: its node was paused or cut off from the cluster's control plane past the lease's TTL, or the lease was revoked) and was stopped; nothing was promoted or activated",
                             index.as_str(),
                         ));
+                        tok.cancel();
+                    }
+                    _ = ended.cancelled() => {}
+                }
+            });
+            // CancelJob through another node: the job stops as if cancelled here.
+            let (asked, tok, done) = (l.cancel_requested(), token.clone(), done.clone());
+            let id = job_id.clone();
+            self.lab.catalog().tasks().spawn(async move {
+                tokio::select! {
+                    _ = asked.cancelled() => {
+                        tracing::info!(job = %id, "CancelJob through another node: cancelling the job");
                         tok.cancel();
                     }
                     _ = done.cancelled() => {}
@@ -657,6 +784,7 @@ impl Jobs {
             {
                 tracing::warn!(error = %e, "could not trim old job records");
             }
+            jobs.trim_cluster().await;
             // The cluster's job lease goes before the place here: a job started right after
             // this one ended (on any node) finds the lease free.
             release_lease(lease).await;
@@ -958,7 +1086,7 @@ impl Jobs {
             .await?;
         job.trials_done += 1;
         job.graphs_built = graphs_built;
-        self.save(job).await?;
+        self.save_progress(job).await?;
         let _ = tx.send(Event::Trial(Box::new(trial.clone())));
         Ok(trial)
     }

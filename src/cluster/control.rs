@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::etcd::{self, Desired, JobLeaseEntry, PromotionEntry, Read, TrialRef};
 use super::ClusterConfig;
-use crate::autotune::jobs::{ClusterJobs, JobLease};
+use crate::autotune::jobs::{job_id, job_seq, ClusterJobs, JobLease, JobRecord, JobState};
 use crate::error::{Error, Result};
 use crate::model::{now_millis, ConfigSource, HnswConfig, Name, Profile};
 use crate::promotion::{Fence, Promotion, Record, Shared};
+use crate::refresh::{Change, SharedRecord, SharedRefresh};
 use crate::tasks::Tasks;
 
 /// Commits lost to concurrent changes before a change is ABORTED.
@@ -37,6 +38,9 @@ pub const CAS_ATTEMPTS: u32 = 16;
 pub const JOB_LEASE_TTL_SECS: i64 = 10;
 /// How often a job's node renews its lease.
 const JOB_LEASE_RENEW: Duration = Duration::from_secs(2);
+/// How long CancelJob of another node's job waits for the job's end before it answers with
+/// the record as it is (as a single node's CancelJob does).
+pub const REMOTE_CANCEL_WAIT: Duration = Duration::from_secs(30);
 
 /// An index's rollout on this node: the desired generation number (0: none set) and the one
 /// it serves.
@@ -74,6 +78,10 @@ pub struct Control {
     /// record's mod revision (`follow_promotions`, and this node's own changes): what the node
     /// reports without asking etcd (its metrics).
     promoted: parking_lot::Mutex<BTreeMap<String, (i64, Option<Promotion>)>>,
+    /// Per index name, its refresh record as this node last saw it in etcd
+    /// (`follow_refresh`, and this node's own changes), and the record's mod revision.
+    refresh: tokio::sync::watch::Sender<BTreeMap<String, SharedRecord>>,
+    refresh_revs: parking_lot::Mutex<BTreeMap<String, i64>>,
 }
 
 fn conflict(what: &str) -> Error {
@@ -111,6 +119,8 @@ impl Control {
             tasks,
             rollouts: tokio::sync::watch::channel(BTreeMap::new()).0,
             promoted: Default::default(),
+            refresh: tokio::sync::watch::channel(BTreeMap::new()).0,
+            refresh_revs: Default::default(),
         }))
     }
 
@@ -177,37 +187,115 @@ impl Control {
     /// any break, again every second) until `stop`, keeping what [`Shared::known_current`]
     /// answers.
     pub(super) async fn follow_promotions(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.follow_promotions_once() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "following the promotion records in etcd stopped; resyncing");
+        let what = "following the promotion records";
+        follow_loop(what, &stop, || {
+            self.follow_prefix(
+                what,
+                etcd::promotions_prefix(),
+                |kvs| {
+                    let mut all = BTreeMap::new();
+                    for (name, key, r) in kvs {
+                        match r.decode::<PromotionEntry>(&key) {
+                            Ok(e) => {
+                                all.insert(name, (r.mod_revision, e.record.current));
+                            }
+                            Err(e) => {
+                                tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
+                            }
+                        }
+                    }
+                    *self.promoted.lock() = all;
                 },
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+                |name, key, rev, value| match value {
+                    Some(v) => match etcd::decode::<PromotionEntry>(key, v) {
+                        Ok(e) => self.note_promoted(name, rev, e.record.current, false),
+                        Err(e) => {
+                            tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
+                        }
+                    },
+                    None => self.note_promoted(name, rev, None, true),
+                },
+            )
+        })
+        .await
     }
 
-    async fn follow_promotions_once(&self) -> Result<()> {
-        let what = "following the promotion records";
-        let prefix = etcd::promotions_prefix();
-        let (kvs, rev) = etcd::list(&mut self.etcd(), self.urls(), what, prefix.clone()).await?;
-        let mut all = BTreeMap::new();
-        for (key, r) in kvs {
-            let Some(name) = key.strip_prefix(&prefix) else {
-                continue;
-            };
-            match r.decode::<PromotionEntry>(&key) {
-                Ok(e) => {
-                    all.insert(name.to_string(), (r.mod_revision, e.record.current));
-                }
-                Err(e) => tracing::error!(%key, error = %e, "unreadable promotion record in etcd"),
-            }
+    /// Follows the refresh records in etcd (as [`Control::follow_promotions`]) until `stop`,
+    /// keeping what [`SharedRefresh::records`] shows.
+    pub(super) async fn follow_refresh(self: Arc<Self>, stop: CancellationToken) {
+        let what = "following the refresh records";
+        follow_loop(what, &stop, || {
+            self.follow_prefix(
+                what,
+                etcd::refresh_prefix(),
+                |kvs| {
+                    let mut all = BTreeMap::new();
+                    for (name, key, r) in kvs {
+                        match r.decode::<SharedRecord>(&key) {
+                            Ok(rec) => {
+                                all.insert(name, (r.mod_revision, rec));
+                            }
+                            Err(e) => {
+                                tracing::error!(%key, error = %e, "unreadable refresh record in etcd")
+                            }
+                        }
+                    }
+                    *self.refresh_revs.lock() =
+                        all.iter().map(|(n, (rev, _))| (n.clone(), *rev)).collect();
+                    self.refresh
+                        .send_replace(all.into_iter().map(|(n, (_, r))| (n, r)).collect());
+                },
+                |name, key, rev, value| match value {
+                    Some(v) => match etcd::decode::<SharedRecord>(key, v) {
+                        Ok(rec) => self.note_refresh(name, rev, Some(rec)),
+                        Err(e) => {
+                            tracing::error!(%key, error = %e, "unreadable refresh record in etcd")
+                        }
+                    },
+                    None => self.note_refresh(name, rev, None),
+                },
+            )
+        })
+        .await
+    }
+
+    /// Notes index `name`'s refresh record as of revision `rev` (an older one is ignored; None:
+    /// deleted).
+    fn note_refresh(&self, name: &str, rev: i64, rec: Option<SharedRecord>) {
+        let mut revs = self.refresh_revs.lock();
+        if revs.get(name).is_some_and(|r| *r > rev) {
+            return;
         }
-        *self.promoted.lock() = all;
+        revs.insert(name.to_string(), rev);
+        self.refresh.send_modify(|m| match rec {
+            Some(rec) => {
+                m.insert(name.to_string(), rec);
+            }
+            None => {
+                m.remove(name);
+            }
+        });
+    }
+
+    /// Lists the keys under `prefix` (each as (name after the prefix, key, read) to `listed`),
+    /// then watches them from the list's revision, each change to `changed` (name, key, mod
+    /// revision, the value or None when deleted), until the watch breaks (an error).
+    async fn follow_prefix(
+        &self,
+        what: &str,
+        prefix: String,
+        listed: impl FnOnce(Vec<(String, String, Read)>),
+        changed: impl Fn(&str, &str, i64, Option<&[u8]>),
+    ) -> Result<()> {
+        let (kvs, rev) = etcd::list(&mut self.etcd(), self.urls(), what, prefix.clone()).await?;
+        listed(
+            kvs.into_iter()
+                .filter_map(|(key, r)| {
+                    let name = key.strip_prefix(&prefix)?.to_string();
+                    Some((name, key, r))
+                })
+                .collect(),
+        );
         let mut client = self.etcd();
         let opts = etcd_client::WatchOptions::new()
             .with_prefix()
@@ -234,21 +322,11 @@ impl Control {
                 let Some(name) = key.strip_prefix(&prefix) else {
                     continue;
                 };
-                match ev.event_type() {
-                    etcd_client::EventType::Put => {
-                        match etcd::decode::<PromotionEntry>(&key, kv.value()) {
-                            Ok(e) => {
-                                self.note_promoted(name, kv.mod_revision(), e.record.current, false)
-                            }
-                            Err(e) => {
-                                tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
-                            }
-                        }
-                    }
-                    etcd_client::EventType::Delete => {
-                        self.note_promoted(name, kv.mod_revision(), None, true)
-                    }
-                }
+                let value = match ev.event_type() {
+                    etcd_client::EventType::Put => Some(kv.value()),
+                    etcd_client::EventType::Delete => None,
+                };
+                changed(name, &key, kv.mod_revision(), value);
             }
         }
     }
@@ -623,6 +701,27 @@ impl Control {
     }
 }
 
+/// Runs `once` (a follower: a list then a watch) again after each break, a second apart, until
+/// `stop`.
+async fn follow_loop<F, Fut>(what: &str, stop: &CancellationToken, once: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = once() => if let Err(e) = r {
+                tracing::debug!(error = %e, "{what} stopped; resyncing");
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 fn lost_lease(index: &Name) -> Error {
     Error::Conflict(format!(
         "the autotune job no longer holds index {:?}'s job lease in etcd (it expired or was revoked): nothing was promoted or activated",
@@ -657,20 +756,178 @@ impl Shared for Control {
     }
 }
 
+#[async_trait::async_trait]
+impl SharedRefresh for Control {
+    /// One transaction: "the index is incarnation `uid` and its record is as read → put".
+    async fn update(
+        &self,
+        index: &Name,
+        uid: u64,
+        change: Change<'_>,
+    ) -> Result<Option<SharedRecord>> {
+        let ikey = etcd::index_key(index.as_str());
+        let key = etcd::refresh_key(index.as_str());
+        let keys = [ikey.clone(), key.clone()];
+        for attempt in 0..CAS_ATTEMPTS {
+            let read = self.read("reading the refresh record", &keys).await?;
+            if read[0].as_ref().map(|r| r.create_revision as u64) != Some(uid) {
+                return Err(Error::not_found("index", index.as_str()));
+            }
+            let mut rec = match &read[1] {
+                Some(r) => r.decode::<SharedRecord>(&key)?,
+                None => SharedRecord::new(uid),
+            };
+            if rec.uid != uid {
+                rec = SharedRecord::new(uid);
+            }
+            if !change(&mut rec) {
+                return Ok(None);
+            }
+            let when = vec![
+                etcd::incarnation(&ikey, uid as i64),
+                etcd::unchanged(&key, &read[1]),
+            ];
+            let ops = vec![TxnOp::put(
+                key.clone(),
+                etcd::encode("a refresh record", &rec)?,
+                None,
+            )];
+            if let Some(rev) = self.commit("writing the refresh record", when, ops).await? {
+                self.note_refresh(index.as_str(), rev, Some(rec.clone()));
+                return Ok(Some(rec));
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict("the refresh record's change"))
+    }
+
+    fn records(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, SharedRecord>> {
+        self.refresh.subscribe()
+    }
+}
+
 /// An autotune job's hold on its index's job lease.
 pub struct EtcdJobLease {
     control: Arc<Control>,
     fence: Fence,
     lease: i64,
-    /// Stops the renewals.
+    /// Stops the renewals (and the watch for a cancel).
     renew: CancellationToken,
     /// Cancelled by the renewals when the lease is lost (expired or revoked).
     lost: CancellationToken,
+    /// Cancelled when CancelJob through another node asks for it (the lease key's `cancel_by`).
+    cancel: CancellationToken,
+}
+
+/// Why a RUNNING record whose job no longer runs is FAILED.
+fn stale_reason(job: &JobRecord) -> String {
+    format!(
+        "node {} stopped running the job (it died or restarted, or lost index {:?}'s job lease) before it recorded an end",
+        job.node_id,
+        job.index.as_str()
+    )
+}
+
+/// Job records (see `etcd.rs`: `job-records/`). Records live in etcd rather than in the
+/// cluster's lab log: a record changes (progress, its end, a sweep of a dead node's job) and
+/// the old ones are deleted to keep `--jobs-kept`, each change one compare-and-swap
+/// transaction against its own key and the job's lease key, which an append-only stream
+/// replayed by every node would only express as ever more records. The count is bounded (the
+/// running jobs, at most one per index, and the newest `--jobs-kept` finished), and each
+/// record is a few hundred bytes.
+impl Control {
+    /// Whether the RUNNING record `job` belongs to a job that no longer runs: the index's job
+    /// lease (as `lease` read) is not its, or it is this node's and `here` does not run it.
+    fn stale(
+        &self,
+        job: &JobRecord,
+        lease: Option<&JobLeaseEntry>,
+        here: &(dyn for<'s> Fn(&'s str) -> bool + Send + Sync),
+    ) -> bool {
+        job.state == JobState::Running
+            && (lease.is_none_or(|l| l.job_id != job.id)
+                || (job.node_id == self.cfg.node_id && !here(&job.id)))
+    }
+
+    /// Makes the stale RUNNING record `job` (its key `rkey` as `rr` read) FAILED, if the
+    /// record and the job's lease key (as `lr` read) are unchanged: the record as it now is
+    /// (re-read when the commit lost to a change).
+    async fn sweep(
+        &self,
+        rkey: &str,
+        mut job: JobRecord,
+        rr: &Read,
+        lr: &Option<Read>,
+    ) -> Result<JobRecord> {
+        let lkey = etcd::job_key(job.index.as_str());
+        let reason = stale_reason(&job);
+        job.state = JobState::Failed;
+        job.end_time_ms = Some(now_millis());
+        job.reason = reason;
+        let when = vec![
+            etcd::unchanged(rkey, &Some(rr.clone())),
+            etcd::unchanged(&lkey, lr),
+        ];
+        let ops = vec![TxnOp::put(rkey, etcd::encode("a job record", &job)?, None)];
+        if self
+            .commit("recording a dead job's end", when, ops)
+            .await?
+            .is_some()
+        {
+            tracing::warn!(job = %job.id, node = %job.node_id, "a job whose node no longer runs it: recorded FAILED");
+            return Ok(job);
+        }
+        let read = self
+            .read("reading the job record", &[rkey.to_string()])
+            .await?;
+        match read.into_iter().next().flatten() {
+            Some(r) => r.decode(rkey),
+            None => Err(Error::not_found("job", &job.id)),
+        }
+    }
+
+    /// Reads job `id`'s record and its index's job lease at one revision.
+    async fn read_job(&self, id: &str) -> Result<(String, Read, JobRecord, Option<Read>)> {
+        let seq = job_seq(id).ok_or_else(|| Error::not_found("job", id))?;
+        let rkey = etcd::job_record_key(seq);
+        let first = self
+            .read("reading the job record", std::slice::from_ref(&rkey))
+            .await?;
+        let Some(Some(r)) = first.into_iter().next() else {
+            return Err(Error::not_found("job", id));
+        };
+        let job: JobRecord = r.decode(&rkey)?;
+        let lkey = etcd::job_key(job.index.as_str());
+        let mut read = self
+            .read("reading the job record", &[rkey.clone(), lkey])
+            .await?;
+        let lr = read.pop().flatten();
+        let Some(rr) = read.pop().flatten() else {
+            return Err(Error::not_found("job", id));
+        };
+        let job = rr.decode(&rkey)?;
+        Ok((rkey, rr, job, lr))
+    }
+}
+
+fn lease_entry(key: &str, r: &Option<Read>) -> Option<JobLeaseEntry> {
+    r.as_ref().and_then(|r| r.decode::<JobLeaseEntry>(key).ok())
+}
+
+fn already_finished(job: &JobRecord) -> Error {
+    Error::Precondition(format!(
+        "job {} already finished ({:?}); only a running job can be cancelled",
+        job.id, job.state
+    ))
 }
 
 #[async_trait::async_trait]
 impl ClusterJobs for Control {
-    async fn acquire(self: Arc<Self>, index: &Name, job_id: &str) -> Result<Arc<dyn JobLease>> {
+    fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    async fn acquire(self: Arc<Self>, index: &Name) -> Result<(Arc<dyn JobLease>, u64)> {
         let urls = self.urls().to_vec();
         let mut etcd = self.etcd();
         let lease = etcd::bounded!(
@@ -682,48 +939,59 @@ impl ClusterJobs for Control {
         .id();
         let key = etcd::job_key(index.as_str());
         let ikey = etcd::index_key(index.as_str());
-        let entry = JobLeaseEntry {
-            node_id: self.cfg.node_id.clone(),
-            job_id: job_id.to_string(),
-            lease,
-            start_time_ms: now_millis(),
-        };
+        let skey = etcd::job_seq_key();
+        let keys = [ikey.clone(), key.clone(), skey.clone()];
+        // One transaction: the index is the one read, nobody holds its lease, and the job
+        // counter is as read → the lease key (under the job's lease) and the counter + 1.
         let taken = async {
-            let read = self
-                .read("reading the job lease", &[ikey.clone(), key.clone()])
-                .await?;
-            let uid = read[0]
-                .as_ref()
-                .map(|r| r.create_revision)
-                .ok_or_else(|| Error::not_found("index", index.as_str()))?;
-            if let Some(r) = &read[1] {
-                let holder: JobLeaseEntry = r.decode(&key)?;
-                return Err(Error::Conflict(format!(
-                    "index {:?} is already being tuned by job {} on node {} (its job lease in etcd); wait for it or cancel it there",
-                    index.as_str(),
-                    holder.job_id,
-                    holder.node_id
-                )));
+            for attempt in 0..CAS_ATTEMPTS {
+                let read = self.read("reading the job lease", &keys).await?;
+                let uid = read[0]
+                    .as_ref()
+                    .map(|r| r.create_revision)
+                    .ok_or_else(|| Error::not_found("index", index.as_str()))?;
+                if let Some(r) = &read[1] {
+                    let holder: JobLeaseEntry = r.decode(&key)?;
+                    return Err(Error::Conflict(format!(
+                        "index {:?} is already being tuned by job {} on node {} (its job lease in etcd); wait for it or cancel it",
+                        index.as_str(),
+                        holder.job_id,
+                        holder.node_id
+                    )));
+                }
+                let seq = match &read[2] {
+                    Some(r) => r.decode::<u64>(&skey)? + 1,
+                    None => 1,
+                };
+                let entry = JobLeaseEntry {
+                    node_id: self.cfg.node_id.clone(),
+                    job_id: job_id(seq),
+                    lease,
+                    start_time_ms: now_millis(),
+                    cancel_by: String::new(),
+                };
+                let when = vec![
+                    etcd::incarnation(&ikey, uid),
+                    etcd::unchanged(&key, &None),
+                    etcd::unchanged(&skey, &read[2]),
+                ];
+                let ops = vec![
+                    TxnOp::put(
+                        key.clone(),
+                        etcd::encode("a job lease", &entry)?,
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::put(skey.clone(), etcd::encode("the job counter", &seq)?, None),
+                ];
+                if let Some(rev) = self.commit("taking the job lease", when, ops).await? {
+                    return Ok((rev, seq));
+                }
+                backoff(attempt).await;
             }
-            let when = vec![
-                etcd::incarnation(&ikey, uid),
-                etcd::unchanged(&key, &None),
-            ];
-            let ops = vec![TxnOp::put(
-                key.clone(),
-                etcd::encode("a job lease", &entry)?,
-                Some(PutOptions::new().with_lease(lease)),
-            )];
-            match self.commit("taking the job lease", when, ops).await? {
-                Some(rev) => Ok(rev),
-                None => Err(Error::Conflict(format!(
-                    "index {:?} is already being tuned by a job on another node (its job lease in etcd); wait for it",
-                    index.as_str()
-                ))),
-            }
+            Err(conflict("taking the job lease"))
         }
         .await;
-        let token = match taken {
+        let (token, seq) = match taken {
             Ok(t) => t,
             Err(e) => {
                 let _ = tokio::time::timeout(JOB_LEASE_RENEW, etcd.lease_revoke(lease)).await;
@@ -732,14 +1000,23 @@ impl ClusterJobs for Control {
         };
         let renew = CancellationToken::new();
         let lost = CancellationToken::new();
+        let cancel = CancellationToken::new();
         self.tasks.spawn(renew_job_lease(
             self.clone(),
             lease,
             renew.clone(),
             lost.clone(),
         ));
-        tracing::info!(index = %index, job = job_id, token, "took the index's job lease");
-        Ok(Arc::new(EtcdJobLease {
+        self.tasks.spawn(watch_job_cancel(
+            self.clone(),
+            key,
+            token,
+            renew.clone(),
+            cancel.clone(),
+        ));
+        let id = job_id(seq);
+        tracing::info!(index = %index, job = %id, token, "took the index's job lease");
+        let held: Arc<dyn JobLease> = Arc::new(EtcdJobLease {
             control: self,
             fence: Fence {
                 index: index.clone(),
@@ -748,7 +1025,256 @@ impl ClusterJobs for Control {
             lease,
             renew,
             lost,
-        }))
+            cancel,
+        });
+        Ok((held, seq))
+    }
+
+    async fn save(&self, job: &JobRecord) -> Result<JobRecord> {
+        let key = etcd::job_record_key(job.seq);
+        let value = etcd::encode("a job record", job)?;
+        for attempt in 0..CAS_ATTEMPTS {
+            let read = self
+                .read("reading the job record", std::slice::from_ref(&key))
+                .await?;
+            let current = read.into_iter().next().flatten();
+            if let Some(r) = &current {
+                let stored: JobRecord = r.decode(&key)?;
+                if stored.state != JobState::Running {
+                    tracing::debug!(job = %job.id, state = ?stored.state, "the job's record is final already: not changed");
+                    return Ok(stored);
+                }
+            }
+            let when = vec![etcd::unchanged(&key, &current)];
+            let ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+            if self
+                .commit("writing the job record", when, ops)
+                .await?
+                .is_some()
+            {
+                return Ok(job.clone());
+            }
+            backoff(attempt).await;
+        }
+        Err(conflict("writing the job record"))
+    }
+
+    async fn list(
+        &self,
+        here: &(dyn for<'s> Fn(&'s str) -> bool + Send + Sync),
+    ) -> Result<Vec<JobRecord>> {
+        // The records first, then the leases: a record created after its lease is never
+        // read without it (and a sweep commits only if both are still as read).
+        let (records, _) = etcd::list(
+            &mut self.etcd(),
+            self.urls(),
+            "listing the job records",
+            etcd::job_records_prefix(),
+        )
+        .await?;
+        let (leases, _) = etcd::list(
+            &mut self.etcd(),
+            self.urls(),
+            "listing the job leases",
+            etcd::jobs_prefix(),
+        )
+        .await?;
+        let leases: BTreeMap<String, Read> = leases.into_iter().collect();
+        let mut out = Vec::with_capacity(records.len());
+        for (key, r) in records.into_iter().rev() {
+            let job: JobRecord = match r.decode(&key) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "unreadable job record in etcd: not listed");
+                    continue;
+                }
+            };
+            let lkey = etcd::job_key(job.index.as_str());
+            let lr = leases.get(&lkey).cloned();
+            if self.stale(&job, lease_entry(&lkey, &lr).as_ref(), here) {
+                out.push(self.sweep(&key, job, &r, &lr).await?);
+            } else {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cancel(
+        &self,
+        id: &str,
+        here: &(dyn for<'s> Fn(&'s str) -> bool + Send + Sync),
+    ) -> Result<JobRecord> {
+        // Ask: the job's lease key gets `cancel_by` (the node running the job watches it).
+        let mut asked = false;
+        for attempt in 0..CAS_ATTEMPTS {
+            let (rkey, rr, job, lr) = self.read_job(id).await?;
+            if job.state != JobState::Running {
+                return Err(already_finished(&job));
+            }
+            let lkey = etcd::job_key(job.index.as_str());
+            let holder = lease_entry(&lkey, &lr);
+            if self.stale(&job, holder.as_ref(), here) {
+                let job = self.sweep(&rkey, job, &rr, &lr).await?;
+                return Err(already_finished(&job));
+            }
+            let Some(mut entry) = holder else {
+                continue;
+            };
+            if !entry.cancel_by.is_empty() {
+                asked = true;
+                break;
+            }
+            entry.cancel_by = self.cfg.node_id.clone();
+            let when = vec![etcd::unchanged(&lkey, &lr)];
+            let ops = vec![TxnOp::put(
+                lkey.clone(),
+                etcd::encode("a job lease", &entry)?,
+                Some(PutOptions::new().with_lease(entry.lease)),
+            )];
+            if self
+                .commit("asking for the job's cancel", when, ops)
+                .await?
+                .is_some()
+            {
+                tracing::info!(job = id, node = %entry.node_id, "CancelJob: asked the job's node to cancel it");
+                asked = true;
+                break;
+            }
+            backoff(attempt).await;
+        }
+        if !asked {
+            return Err(conflict("CancelJob"));
+        }
+        // Wait for its end (its node records it before it gives the lease up), or for its
+        // node to be gone (then the record is made FAILED).
+        let deadline = tokio::time::Instant::now() + REMOTE_CANCEL_WAIT;
+        loop {
+            let (rkey, rr, job, lr) = self.read_job(id).await?;
+            if job.state != JobState::Running {
+                return Ok(job);
+            }
+            let lkey = etcd::job_key(job.index.as_str());
+            if self.stale(&job, lease_entry(&lkey, &lr).as_ref(), here) {
+                return self.sweep(&rkey, job, &rr, &lr).await;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(job);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn trim(&self, kept: usize) -> Result<()> {
+        let (records, _) = etcd::list(
+            &mut self.etcd(),
+            self.urls(),
+            "listing the job records",
+            etcd::job_records_prefix(),
+        )
+        .await?;
+        // Newest first; running ones stay (a record that does not read goes with the old).
+        let old: Vec<String> = records
+            .into_iter()
+            .rev()
+            .filter(|(k, r)| {
+                r.decode::<JobRecord>(k)
+                    .map_or(true, |j| j.state != JobState::Running)
+            })
+            .skip(kept)
+            .map(|(k, _)| k)
+            .collect();
+        for chunk in old.chunks(64) {
+            let ops = chunk
+                .iter()
+                .map(|k| TxnOp::delete(k.clone(), None))
+                .collect();
+            self.commit("deleting old job records", Vec::new(), ops)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Watches a job's lease key (`key`, created at `token`) until `stop` for a cancel asked
+/// through another node (its `cancel_by`), and then cancels `cancel`. After a break of the
+/// watch it reads the key again (every second until it answers).
+async fn watch_job_cancel(
+    control: Arc<Control>,
+    key: String,
+    token: i64,
+    stop: CancellationToken,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = control.watch_job_cancel_once(&key, token) => match r {
+                Ok(true) => {
+                    cancel.cancel();
+                    return;
+                }
+                // The key is gone or another job's: no cancel can come through it.
+                Ok(false) => return,
+                Err(e) => tracing::debug!(error = %e, "watching the job lease for a cancel stopped; again"),
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+impl Control {
+    /// Ok(true) once the job lease key (created at `token`) asks for a cancel; Ok(false) when
+    /// it is gone or another job's.
+    async fn watch_job_cancel_once(&self, key: &str, token: i64) -> Result<bool> {
+        let what = "watching the job lease for a cancel";
+        let read = self.read(what, &[key.to_string()]).await?;
+        let Some(Some(r)) = read.into_iter().next() else {
+            return Ok(false);
+        };
+        if r.create_revision != token {
+            return Ok(false);
+        }
+        if !r.decode::<JobLeaseEntry>(key)?.cancel_by.is_empty() {
+            return Ok(true);
+        }
+        let mut client = self.etcd();
+        let opts = etcd_client::WatchOptions::new().with_start_revision(r.mod_revision + 1);
+        let urls = self.urls();
+        let mut stream = etcd::bounded!(urls, what, client.watch(key, Some(opts.clone()))).await?;
+        loop {
+            let resp = stream
+                .message()
+                .await
+                .map_err(|e| etcd::unavailable(urls, what, e))?
+                .ok_or_else(|| etcd::unavailable(urls, what, "the watch ended"))?;
+            if resp.canceled() {
+                return Err(etcd::unavailable(
+                    urls,
+                    what,
+                    format!("the watch was cancelled: {}", resp.cancel_reason()),
+                ));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                match ev.event_type() {
+                    etcd_client::EventType::Delete => return Ok(false),
+                    etcd_client::EventType::Put => {
+                        if kv.create_revision() != token {
+                            return Ok(false);
+                        }
+                        if etcd::decode::<JobLeaseEntry>(key, kv.value())
+                            .is_ok_and(|e| !e.cancel_by.is_empty())
+                        {
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -815,6 +1341,10 @@ impl JobLease for EtcdJobLease {
 
     fn lost(&self) -> CancellationToken {
         self.lost.clone()
+    }
+
+    fn cancel_requested(&self) -> CancellationToken {
+        self.cancel.clone()
     }
 
     async fn activate(

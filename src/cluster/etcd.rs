@@ -10,7 +10,14 @@
 //!   (current + history), tagged with the index's uid.
 //! - `/vectord/v1/active/<index>` -> JSON [`Desired`]: the index's desired active generation.
 //! - `/vectord/v1/jobs/<index>` -> JSON [`JobLeaseEntry`], attached to the job's own lease; the
-//!   key's create revision is the job's fencing token.
+//!   key's create revision is the job's fencing token. `cancel_by` is set (CancelJob through
+//!   another node) to ask the node running the job to cancel it.
+//! - `/vectord/v1/refresh/<index>` -> JSON `refresh::SharedRecord`: the index's refresh
+//!   policy, tune mark and status, tagged with the index's uid.
+//! - `/vectord/v1/job-seq` -> JSON u64: the number of the last job started in the cluster
+//!   (raised in the transaction that takes a job lease: job ids are `job-<n>`, unique).
+//! - `/vectord/v1/job-records/<n, 20 digits>` -> JSON `autotune::jobs::JobRecord`: every
+//!   node's job records, bounded like a single node's (`--jobs-kept` finished ones).
 //!
 //! Every change of these is one transaction: a read of the keys it depends on ([`read`]),
 //! then a commit ([`commit`]) conditioned on each of them being unchanged ([`unchanged`]),
@@ -65,6 +72,26 @@ pub fn active_key(index: &str) -> String {
 pub fn job_key(index: &str) -> String {
     format!("{PREFIX}jobs/{index}")
 }
+pub fn refresh_prefix() -> String {
+    format!("{PREFIX}refresh/")
+}
+pub fn refresh_key(index: &str) -> String {
+    format!("{PREFIX}refresh/{index}")
+}
+pub fn jobs_prefix() -> String {
+    format!("{PREFIX}jobs/")
+}
+/// The cluster's job counter: the number of the last job started (JSON u64).
+pub fn job_seq_key() -> String {
+    format!("{PREFIX}job-seq")
+}
+pub fn job_records_prefix() -> String {
+    format!("{PREFIX}job-records/")
+}
+/// Job `seq`'s record (zero-padded: keys list in job order).
+pub fn job_record_key(seq: u64) -> String {
+    format!("{PREFIX}job-records/{seq:020}")
+}
 
 /// An index's promotion registry in etcd.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -110,6 +137,9 @@ pub struct JobLeaseEntry {
     pub job_id: String,
     pub lease: i64,
     pub start_time_ms: u64,
+    /// The node through which CancelJob asked to cancel the job (empty: nobody asked).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cancel_by: String,
 }
 
 /// A node's rollout state of one index, as it reports it.
@@ -414,7 +444,7 @@ pub async fn get_index(
 }
 
 /// Deletes the entry of `name` if it is still incarnation `uid`, with its promotions, desired
-/// generation and job lease (one transaction); false if it is not.
+/// generation, job lease and refresh record (one transaction); false if it is not.
 pub async fn delete_index(
     etcd: &mut Client,
     urls: &[String],
@@ -433,6 +463,7 @@ pub async fn delete_index(
             TxnOp::delete(promotion_key(name), None),
             TxnOp::delete(active_key(name), None),
             TxnOp::delete(job_key(name), None),
+            TxnOp::delete(refresh_key(name), None),
         ]);
     let resp = bounded!(urls, "deleting the index", etcd.txn(txn.clone())).await?;
     Ok(resp.succeeded())

@@ -324,6 +324,7 @@ impl Cluster {
         tasks.spawn(cluster.clone().heartbeat(lease));
         tasks.spawn(cluster.clone().trim_loop());
         tasks.spawn(control.clone().follow_promotions(cluster.stop.clone()));
+        tasks.spawn(control.clone().follow_refresh(cluster.stop.clone()));
         tasks.spawn(lab::mirror_loop(
             cluster.clone(),
             cluster.lab.clone(),

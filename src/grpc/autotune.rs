@@ -59,6 +59,7 @@ fn job_to(j: JobRecord) -> pb::Job {
         requested_by: j.requested_by,
         graphs_built: j.graphs_built,
         reason: j.reason,
+        node_id: j.node_id,
     }
 }
 
@@ -491,7 +492,7 @@ impl AutotuneService for AutotuneApi {
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
         let index = optional_name("index_name", &req.get_ref().index_name)?;
-        let jobs = self.core.app()?.jobs.list(index.as_ref())?;
+        let jobs = self.core.app()?.jobs.list(index.as_ref()).await?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.into_iter().map(job_to).collect(),
         }))

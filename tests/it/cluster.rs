@@ -1206,6 +1206,263 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     .await;
 }
 
+/// `jobs`'s job `id` as `node` lists it, once `ok` holds for it (up to [`WAIT`]).
+async fn job_seen(
+    node: &TestServer,
+    index: &str,
+    id: &str,
+    ok: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    eventually(
+        WAIT,
+        &format!("job {id} as wanted on node {}", node.addr),
+        || async {
+            node.jobs(index)
+                .await
+                .into_iter()
+                .find(|j| j.id == id && ok(j))
+        },
+    )
+    .await
+}
+
+/// Job records are the cluster's: a job running on node 1 is listed by every node (with its
+/// node), CancelJob through node 2 cancels it on node 1, and a job's end is seen everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_every_node_lists_and_cancels_every_nodes_jobs() {
+    let Some(e) = Engines::start("control_every_node_lists_and_cancels_every_nodes_jobs") else {
+        return;
+    };
+    let (nodes, gate) = three_in_process(&e, &["cj"]).await;
+    seeded_cluster_index(&nodes, "cj", 200, 8).await;
+    let running = pb::JobState::Running as i32;
+
+    // A job on node 1, held RUNNING at its gate: nodes 2 and 3 list it, running on n1.
+    let (first, a) = start_job(nodes[0].autotune().await, "cj", quick_grid())
+        .await
+        .expect("autotune on node 1");
+    for node in &nodes[1..] {
+        let job = job_seen(node, "cj", &a, |j| j.state == running).await;
+        assert_eq!(
+            (job.node_id.as_str(), job.trials_total),
+            ("n1", 1),
+            "{job:?}"
+        );
+    }
+
+    // CancelJob through node 2: node 1's job stops (its stream ends CANCELLED) and the answer
+    // is its end, CANCELLED on every node; a second cancel is FAILED_PRECONDITION.
+    let cancelled = nodes[1]
+        .autotune()
+        .await
+        .cancel_job(pb::CancelJobRequest { id: a.clone() })
+        .await
+        .expect("cancel node 1's job through node 2")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(
+        (cancelled.state, cancelled.node_id.as_str()),
+        (pb::JobState::Cancelled as i32, "n1"),
+        "{cancelled:?}"
+    );
+    let (events, err) = tokio::time::timeout(WAIT, collect(first))
+        .await
+        .expect("node 1's stream ends");
+    let err = err.expect("the cancelled job's stream ends with an error");
+    assert_eq!(
+        err.code(),
+        tonic::Code::Cancelled,
+        "{err:?} after {events:?}"
+    );
+    for node in &nodes {
+        job_seen(node, "cj", &a, |j| {
+            j.state == pb::JobState::Cancelled as i32
+        })
+        .await;
+    }
+    let again = nodes[2]
+        .autotune()
+        .await
+        .cancel_job(pb::CancelJobRequest { id: a.clone() })
+        .await;
+    assert_eq!(
+        crate::common::code_of(again),
+        tonic::Code::FailedPrecondition
+    );
+    let unknown = nodes[2]
+        .autotune()
+        .await
+        .cancel_job(pb::CancelJobRequest {
+            id: "job-999999".into(),
+        })
+        .await;
+    assert_eq!(crate::common::code_of(unknown), tonic::Code::NotFound);
+
+    // Another job on node 1 (the index is free again: the cancelled job gave its lease up),
+    // seen running and then finished from nodes 2 and 3.
+    let (second, b) = start_job(nodes[0].autotune().await, "cj", quick_grid())
+        .await
+        .expect("a second autotune on node 1");
+    assert_ne!(a, b, "job ids are the cluster's");
+    for node in &nodes[1..] {
+        job_seen(node, "cj", &b, |j| j.state == running && j.trials_done == 0).await;
+    }
+    gate.open();
+    let f = finished(second).await;
+    assert!(f.promoted, "{f:?}");
+    for node in &nodes {
+        let job = job_seen(node, "cj", &b, |j| j.state != running).await;
+        assert_eq!(
+            (job.state, job.trials_done, job.node_id.as_str()),
+            (pb::JobState::Succeeded as i32, 1, "n1"),
+            "{job:?}"
+        );
+        // Every node lists both, newest first.
+        let ids: Vec<String> = node.jobs("cj").await.into_iter().map(|j| j.id).collect();
+        assert_eq!(ids, vec![b.clone(), a.clone()], "on node {}", node.addr);
+    }
+    // A job through node 3 runs there and is listed by node 1 with its node.
+    let (third, c) = start_job(nodes[2].autotune().await, "cj", quick_grid())
+        .await
+        .expect("autotune on node 3");
+    finished(third).await;
+    let job = job_seen(&nodes[0], "cj", &c, |j| j.state != running).await;
+    assert_eq!(
+        (job.state, job.node_id.as_str()),
+        (pb::JobState::Succeeded as i32, "n3"),
+        "{job:?}"
+    );
+}
+
+/// The refresh policy's jobs on `node` (requested_by "refresh-policy"), newest first.
+async fn refresh_jobs(node: &TestServer, index: &str) -> Vec<pb::Job> {
+    let mut jobs = node.jobs(index).await;
+    jobs.retain(|j| j.requested_by == "refresh-policy");
+    jobs
+}
+
+/// Refresh policies are the cluster's: one set through node 1 is read back on node 3, its tune
+/// is one job seen from every node, and writes through nodes 2 and 3 that cross its threshold
+/// together start exactly one more tune, on one node, which every node shows as the policy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_refresh_policy_is_the_clusters_and_tunes_once() {
+    let Some(e) = Engines::start("control_a_refresh_policy_is_the_clusters_and_tunes_once") else {
+        return;
+    };
+    let (nodes, _gate) = three_in_process(&e, &[]).await;
+    seeded_cluster_index(&nodes, "rp", 200, 8).await;
+    let mut a1 = nodes[0].autotune().await;
+    a1.create_harness(harness_request("rp", "h", 10, 20, Some(1)))
+        .await
+        .expect("harness");
+    // Half the points changed since the last tune: the 200 points written so far already
+    // are, so the policy tunes at once (as on a single node).
+    let set = a1
+        .set_refresh_policy(pb::SetRefreshPolicyRequest {
+            index_name: "rp".into(),
+            policy: Some(pb::RefreshPolicy {
+                mode: pb::RefreshMode::OnAppend as i32,
+                change_threshold: 0.5,
+                harness: "h".into(),
+                min_recall: Some(0.0),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("set the policy through node 1")
+        .into_inner()
+        .policy
+        .expect("policy");
+    let done = |j: &pb::Job| j.state == pb::JobState::Succeeded as i32;
+    let first = eventually(
+        WAIT,
+        "the policy's first tune finished, seen on node 3",
+        || async {
+            let jobs = refresh_jobs(&nodes[2], "rp").await;
+            (jobs.len() == 1 && done(&jobs[0])).then(|| jobs[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(first.node_id, "n1", "{first:?}");
+    for node in &nodes {
+        let index = eventually(WAIT, "the policy and its job on every node", || async {
+            let i = node.get_index("rp").await;
+            let status = i.refresh_status.clone()?;
+            (status.last_job_id == first.id).then_some(i)
+        })
+        .await;
+        assert_eq!(
+            index.refresh_policy.as_ref(),
+            Some(&set),
+            "on {}",
+            node.addr
+        );
+    }
+
+    // 60 points rewritten through node 2, then 60 more through node 3: 120 of 200 changed,
+    // past the threshold only with both nodes' writes.
+    let mut last = 0;
+    for (node, ids) in [(&nodes[1], 0..60u64), (&nodes[2], 60..120)] {
+        let up = node
+            .index()
+            .await
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: "rp".into(),
+                points: ids.map(|i| point(i, 8)).collect(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("upsert")
+            .into_inner();
+        last = up.sequence;
+    }
+    let second = eventually(WAIT, "one more tune, finished", || async {
+        let jobs = refresh_jobs(&nodes[0], "rp").await;
+        (jobs.len() == 2 && jobs.iter().all(done) && jobs[1].id == first.id)
+            .then(|| jobs[0].clone())
+    })
+    .await;
+    assert!(
+        ["n1", "n2", "n3"].contains(&second.node_id.as_str()),
+        "{second:?}"
+    );
+    // Every node applied both writes and counts them from the second tune's mark (so none can
+    // start another for them); each shows the second tune as the policy's, and lists the two
+    // tunes only.
+    for node in &nodes {
+        let mut c = node.index().await;
+        search_min(&mut c, "rp", point(3, 8).vector, 1, last)
+            .await
+            .expect("search with min_sequence");
+        let status = eventually(
+            WAIT,
+            "the second tune as the policy's on every node",
+            || async {
+                let status = node.get_index("rp").await.refresh_status?;
+                (status.last_job_id == second.id).then_some(status)
+            },
+        )
+        .await;
+        assert!(
+            status.points_changed_since_tune < 100,
+            "on {}: {status:?}",
+            node.addr
+        );
+        let ids: Vec<String> = refresh_jobs(node, "rp")
+            .await
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(
+            ids,
+            vec![second.id.clone(), first.id.clone()],
+            "on {}",
+            node.addr
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline() {
     let Some(e) = Engines::start(
@@ -1617,11 +1874,10 @@ fn quick_grid() -> Vec<pb::HnswConfig> {
 /// Starts an Autotune (harness "h", created first if missing) with `grid` and `activate`:
 /// the stream after its Started event, and the job id.
 async fn start_job(
-    node: &Node,
+    mut a: pb::autotune_service_client::AutotuneServiceClient<Channel>,
     index: &str,
     grid: Vec<pb::HnswConfig>,
 ) -> Result<(tonic::Streaming<pb::AutotuneResponse>, String), tonic::Status> {
-    let mut a = node.autotune().await;
     let _ = a
         .create_harness(harness_request(index, "h", 10, 20, Some(1)))
         .await;
@@ -1703,7 +1959,7 @@ async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
     };
     let mut nodes = three_nodes(&e).await;
     seeded_nodes(&nodes, "tune", 2000, 16).await;
-    let (_stream, job) = start_job(&nodes[0], "tune", slow_grid())
+    let (_stream, job) = start_job(nodes[0].autotune().await, "tune", slow_grid())
         .await
         .expect("autotune on node 1");
     let dir1 = nodes[0].dir.clone();
@@ -1711,7 +1967,7 @@ async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
     let _ = nodes[0].proc.wait_exit().await;
 
     // The dead node's lease still holds the index (for at most its TTL).
-    let err = start_job(&nodes[1], "tune", quick_grid())
+    let err = start_job(nodes[1].autotune().await, "tune", quick_grid())
         .await
         .expect_err("the index is still leased to the dead node's job");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
@@ -1726,7 +1982,7 @@ async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
         assert_eq!((got.current, got.history.len()), (None, 0), "{}", node.id);
         assert_eq!(node.get_index("tune").await.desired_generation, 0);
     }
-    let (second, _) = start_job(&nodes[1], "tune", quick_grid())
+    let (second, _) = start_job(nodes[1].autotune().await, "tune", quick_grid())
         .await
         .expect("a job on node 2 once the dead node's lease expired");
     let f = finished(second).await;
@@ -1764,12 +2020,12 @@ async fn a_paused_job_lease_holder_cannot_promote_after_its_lease_expired() {
     };
     let nodes = three_nodes(&e).await;
     seeded_nodes(&nodes, "pause", 2000, 16).await;
-    let (first, job) = start_job(&nodes[0], "pause", slow_grid())
+    let (first, job) = start_job(nodes[0].autotune().await, "pause", slow_grid())
         .await
         .expect("autotune on node 1");
     nodes[0].proc.signal("STOP");
     wait_key_gone(&e, "/vectord/v1/jobs/pause").await;
-    let (second, _) = start_job(&nodes[1], "pause", quick_grid())
+    let (second, _) = start_job(nodes[1].autotune().await, "pause", quick_grid())
         .await
         .expect("a job on node 2 once node 1's lease expired");
     nodes[0].proc.signal("CONT");
