@@ -858,6 +858,7 @@ impl Catalog {
         old: &Arc<IndexHandle>,
         staged_uid: u64,
         point_count: u64,
+        points_changed: u64,
         applied: crate::store::Applied,
     ) -> Result<Arc<IndexHandle>> {
         let name = old.meta.name.clone();
@@ -869,7 +870,9 @@ impl Catalog {
             // Past the old replica's: versions (harnesses' ground truth) never repeat.
             data_version: old.data_version() + 1,
             point_count,
-            points_changed: point_count,
+            // The peer's (the same on every node at the same sequence: refresh policies'
+            // ON_APPEND counts compare it across nodes); a peer that sends none, the copy's.
+            points_changed: points_changed.max(point_count),
         };
         let (store, memory, halt) = (self.store.clone(), self.memory.clone(), self.stop.clone());
         let (kind, m, gm) = (old.engine, meta.clone(), generation.clone());
@@ -1241,7 +1244,7 @@ impl Catalog {
         &self,
         name: &Name,
         cluster_uid: u64,
-    ) -> Result<(Vec<Point>, crate::store::Applied)> {
+    ) -> Result<(Vec<Point>, crate::store::Applied, u64)> {
         let handle = self.handle(name)?;
         handle.check_live()?;
         if handle.cluster_uid != Some(cluster_uid) {
@@ -1252,21 +1255,22 @@ impl Catalog {
         }
         let (store, uid) = (self.store.clone(), handle.meta.uid);
         let read = tokio::task::spawn_blocking(move || store.load_points_at_applied(uid, 3));
-        let (points, applied) = match read.await?? {
+        let (points, applied, counts) = match read.await?? {
             Some(x) => x,
             None => {
                 let _w = handle.writer.lock().await;
                 handle.check_live()?;
                 let store = self.store.clone();
-                let (points, applied) = tokio::task::spawn_blocking(move || -> Result<_> {
-                    let applied = store.applied(uid)?;
-                    Ok((store.load_points(uid)?, applied))
-                })
-                .await??;
+                let (points, applied, counts) =
+                    tokio::task::spawn_blocking(move || -> Result<_> {
+                        let applied = store.applied(uid)?;
+                        Ok((store.load_points(uid)?, applied, store.counts(uid)?))
+                    })
+                    .await??;
                 let applied = applied.ok_or_else(|| {
                     Error::Internal(format!("replica {name} has no applied record"))
                 })?;
-                (points, applied)
+                (points, applied, counts)
             }
         };
         if applied.cluster_uid != cluster_uid {
@@ -1280,7 +1284,7 @@ impl Catalog {
                 "index {name} has applied nothing of its write log on this node yet"
             )));
         }
-        Ok((points, applied))
+        Ok((points, applied, counts.points_changed))
     }
 
     /// The index's points and data version, read together (no write can fall between).

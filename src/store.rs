@@ -965,14 +965,15 @@ impl Store {
         &self,
         uid: u64,
         tries: usize,
-    ) -> Result<Option<(Vec<Point>, Applied)>> {
+    ) -> Result<Option<(Vec<Point>, Applied, Counts)>> {
         for _ in 0..tries {
             let before = self.applied(uid)?;
             let points = self.load_points(uid)?;
+            let counts = self.counts(uid)?;
             let after = self.applied(uid)?;
             if let (Some(b), Some(a)) = (before, after) {
                 if a == b {
-                    return Ok(Some((points, a)));
+                    return Ok(Some((points, a, counts)));
                 }
             }
         }
@@ -2201,8 +2202,8 @@ mod tests {
         assert_eq!(
             s.load_points_at_applied(9, 1)
                 .unwrap()
-                .map(|(p, a)| (p.len(), a)),
-            Some((10, at(40)))
+                .map(|(p, a, c)| (p.len(), a, c)),
+            Some((10, at(40), counts))
         );
         s.remove_uid_data(7).unwrap();
         assert!(s.load_points(7).unwrap().is_empty());

@@ -61,6 +61,8 @@ pub struct StateChunk {
     pub sequence: u64,
     /// Points in the whole copy.
     pub point_count: u64,
+    /// The index's `points_changed` at `sequence` (refresh policies count it across nodes).
+    pub points_changed: u64,
     pub points: Vec<Point>,
 }
 
@@ -288,13 +290,13 @@ impl Cluster {
         let staged = store.new_uid()?;
         let res = self.stage_copy(peers, addr, handle, uid, staged).await;
         let res = match res {
-            Ok((sequence, count)) => {
+            Ok((sequence, count, changed)) => {
                 let applied = Applied {
                     cluster_uid: uid,
                     sequence,
                 };
                 self.catalog
-                    .replace_replica(handle, staged, count, applied)
+                    .replace_replica(handle, staged, count, changed, applied)
                     .await
             }
             Err(e) => Err(e),
@@ -324,7 +326,7 @@ impl Cluster {
         handle: &Arc<IndexHandle>,
         uid: u64,
         staged: u64,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(u64, u64, u64)> {
         let name = &handle.meta.name;
         let dimension = handle.meta.dimension as usize;
         let idle = || {
@@ -336,7 +338,7 @@ impl Cluster {
         let mut chunks = tokio::time::timeout(CHUNK_IDLE, peers.0.fetch(addr, name, uid))
             .await
             .map_err(|_| idle())??;
-        let mut copy: Option<(u64, u64)> = None;
+        let mut copy: Option<(u64, u64, u64)> = None;
         let mut got = 0u64;
         let mut seen = HashSet::new();
         while let Some(chunk) = tokio::time::timeout(CHUNK_IDLE, chunks.next())
@@ -344,9 +346,9 @@ impl Cluster {
             .map_err(|_| idle())?
         {
             let chunk = chunk?;
-            let this = (chunk.sequence, chunk.point_count);
-            let (sequence, count) = *copy.get_or_insert(this);
-            if this != (sequence, count) {
+            let this = (chunk.sequence, chunk.point_count, chunk.points_changed);
+            let (sequence, count, _) = *copy.get_or_insert(this);
+            if Some(this) != copy {
                 return Err(Error::Unavailable(format!(
                     "peer {addr}'s copy changed mid-way (sequence {sequence} then {})",
                     chunk.sequence
@@ -379,7 +381,7 @@ impl Cluster {
                 }
             }
         }
-        let (sequence, count) = copy.ok_or_else(|| {
+        let (sequence, count, changed) = copy.ok_or_else(|| {
             Error::Unavailable(format!("peer {addr} ended the copy before its first chunk"))
         })?;
         if got != count {
@@ -397,11 +399,11 @@ impl Cluster {
             hook.held.fetch_add(1, Ordering::AcqRel);
             hook.hold.pass(name).await;
         }
-        Ok((sequence, count))
+        Ok((sequence, count, changed))
     }
 
     /// The index's points at one applied sequence, for a peer's catch-up (FetchIndexState).
-    pub async fn index_state(&self, name: &Name, uid: u64) -> Result<(Vec<Point>, Applied)> {
+    pub async fn index_state(&self, name: &Name, uid: u64) -> Result<(Vec<Point>, Applied, u64)> {
         self.catalog.replica_state(name, uid).await
     }
 

@@ -44,7 +44,7 @@ impl ClusterService for ClusterApi {
         let name = super::convert::name("index_name", &req.index_name)?;
         let app = self.core.app()?;
         let cluster = app.cluster.as_ref().ok_or_else(single_node)?;
-        let (points, applied) = cluster.index_state(&name, req.cluster_uid).await?;
+        let (points, applied, points_changed) = cluster.index_state(&name, req.cluster_uid).await?;
         let dimension = points.first().map_or(1, |p| p.vector.len()).max(1);
         let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * dimension)).max(1);
         let (sequence, point_count) = (applied.sequence, points.len() as u64);
@@ -59,6 +59,7 @@ impl ClusterService for ClusterApi {
                 let chunk = pb::IndexStateChunk {
                     sequence,
                     point_count,
+                    points_changed,
                     points: rest
                         .by_ref()
                         .take(per_chunk)

@@ -89,6 +89,7 @@ impl StateSource for PeerClient {
                     c.map(|c| StateChunk {
                         sequence: c.sequence,
                         point_count: c.point_count,
+                        points_changed: c.points_changed,
                         points: c
                             .points
                             .into_iter()
