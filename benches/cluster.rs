@@ -23,7 +23,9 @@
 //! 5. rollout: ActivateProfile of a profile with another config (ef_construction 100 and 200
 //!    in turn) on the single node (one rebuild) and through node 1 of the cluster (answered
 //!    when every node serves it), alternating, per round;
-//! 6. a wiped node: node 3 stopped, its data dir deleted, started again: seconds until it
+//! 6. a wiped node: node 3 stopped, its data dir deleted, started again (it copies the index
+//!    from a peer, or replays the stream when the peers are fewer than 1,000 messages ahead:
+//!    the bench says which, from the node's log): seconds until it
 //!    serves the index with every point (GetIndex's point count, the index's health SERVING),
 //!    against the single node's import of the same points (step 1).
 //!
@@ -404,7 +406,19 @@ async fn main() -> BoxResult<()> {
     let t0 = Instant::now();
     let (n3, serving) = Node::start(&engines, &id, &dir).await?;
     let caught_up = wait_caught_up(n3.server.addr, total_points, true, t0).await?;
-    println!("\n6. node 3 wiped and restarted: SERVING after {}, the index with all {total_points} points linked after {} ({} the single node's import of {n} until linked, scaled to {total_points} points)",
+    let mut n3 = n3;
+    // Which way it caught up (docs/cluster.md): a copy from a peer, or the stream replayed.
+    let path = if n3
+        .server
+        .proc
+        .log()
+        .contains("caught the index up from a peer")
+    {
+        "copied from a peer"
+    } else {
+        "replayed the stream"
+    };
+    println!("\n6. node 3 wiped and restarted: SERVING after {}, the index with all {total_points} points linked after {} ({path}; {} the single node's import of {n} until linked, scaled to {total_points} points)",
         secs(serving),
         secs(caught_up),
         ratio(caught_up, linked_single * total_points as f64 / n as f64)
@@ -422,7 +436,7 @@ async fn main() -> BoxResult<()> {
             "writers": {"single": w_single.iter().map(|r| json!([r.0, r.1, r.2, r.3])).collect::<Vec<_>>(),
                         "cluster": w_cluster.iter().map(|r| json!([r.0, r.1, r.2, r.3])).collect::<Vec<_>>()},
             "activate": {"single_s": a_single, "cluster_s": a_cluster},
-            "catch_up": {"points": total_points, "serving_s": serving, "caught_up_s": caught_up},
+            "catch_up": {"points": total_points, "serving_s": serving, "caught_up_s": caught_up, "path": path},
         }))?,
     )?;
     println!("results: {}", path.display());

@@ -296,26 +296,17 @@ impl Control {
                 })
                 .collect(),
         );
-        let mut client = self.etcd();
-        let opts = etcd_client::WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(rev + 1);
-        let urls = self.urls();
-        let mut stream =
-            etcd::bounded!(urls, what, client.watch(prefix.clone(), Some(opts.clone()))).await?;
+        let mut watch = etcd::Watch::open(
+            &mut self.etcd(),
+            self.urls(),
+            what,
+            prefix.clone(),
+            true,
+            rev + 1,
+        )
+        .await?;
         loop {
-            let resp = stream
-                .message()
-                .await
-                .map_err(|e| etcd::unavailable(urls, what, e))?
-                .ok_or_else(|| etcd::unavailable(urls, what, "the watch ended"))?;
-            if resp.canceled() {
-                return Err(etcd::unavailable(
-                    urls,
-                    what,
-                    format!("the watch was cancelled: {}", resp.cancel_reason()),
-                ));
-            }
+            let resp = watch.next().await?;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -1241,23 +1232,18 @@ impl Control {
         if !r.decode::<JobLeaseEntry>(key)?.cancel_by.is_empty() {
             return Ok(true);
         }
-        let mut client = self.etcd();
-        let opts = etcd_client::WatchOptions::new().with_start_revision(r.mod_revision + 1);
-        let urls = self.urls();
-        let mut stream = etcd::bounded!(urls, what, client.watch(key, Some(opts.clone()))).await?;
+        let from = r.mod_revision + 1;
+        let mut watch = etcd::Watch::open(
+            &mut self.etcd(),
+            self.urls(),
+            what,
+            key.to_string(),
+            false,
+            from,
+        )
+        .await?;
         loop {
-            let resp = stream
-                .message()
-                .await
-                .map_err(|e| etcd::unavailable(urls, what, e))?
-                .ok_or_else(|| etcd::unavailable(urls, what, "the watch ended"))?;
-            if resp.canceled() {
-                return Err(etcd::unavailable(
-                    urls,
-                    what,
-                    format!("the watch was cancelled: {}", resp.cancel_reason()),
-                ));
-            }
+            let resp = watch.next().await?;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 match ev.event_type() {

@@ -367,6 +367,58 @@ macro_rules! bounded {
 }
 pub(crate) use bounded;
 
+/// A watch of one key, or of every key under a prefix, from a revision on, read one response
+/// at a time. Every follower of etcd reads its watch through this, so they all fail the same
+/// way: a watch that errs, ends or is cancelled by etcd (a compacted revision, say) is
+/// UNAVAILABLE naming etcd, and the follower resyncs from a fresh read.
+pub struct Watch {
+    stream: etcd_client::WatchStream,
+    urls: Vec<String>,
+    what: String,
+}
+
+impl Watch {
+    /// Opens the watch of `key` (every key under it when `prefix`) from revision `from`.
+    pub async fn open(
+        etcd: &mut Client,
+        urls: &[String],
+        what: &str,
+        key: String,
+        prefix: bool,
+        from: i64,
+    ) -> Result<Watch> {
+        let mut opts = etcd_client::WatchOptions::new().with_start_revision(from);
+        if prefix {
+            opts = opts.with_prefix();
+        }
+        let stream = bounded!(urls, what, etcd.watch(key.clone(), Some(opts.clone()))).await?;
+        Ok(Watch {
+            stream,
+            urls: urls.to_vec(),
+            what: what.to_string(),
+        })
+    }
+
+    /// The next response (its events, and its header's revision).
+    pub async fn next(&mut self) -> Result<etcd_client::WatchResponse> {
+        let (urls, what) = (&self.urls, self.what.as_str());
+        let resp = self
+            .stream
+            .message()
+            .await
+            .map_err(|e| unavailable(urls, what, e))?
+            .ok_or_else(|| unavailable(urls, what, "the watch ended"))?;
+        if resp.canceled() {
+            return Err(unavailable(
+                urls,
+                what,
+                format!("the watch was cancelled: {}", resp.cancel_reason()),
+            ));
+        }
+        Ok(resp)
+    }
+}
+
 /// Renews `lease` once: its remaining TTL in seconds, 0 when etcd no longer has it (it
 /// expired or was revoked). The etcd client reports a lease etcd answered "not found" (TTL 0)
 /// as an error of its own: that is an answer, not a failure.

@@ -549,36 +549,21 @@ impl Cluster {
     }
 
     async fn watch_from(self: &Arc<Self>, rev: &mut i64) -> Result<()> {
-        let mut etcd = self.etcd();
-        let urls = &self.cfg.etcd;
-        let opts = etcd_client::WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(*rev + 1);
-        let mut stream = etcd::bounded!(
-            urls,
-            "watching the catalog",
-            etcd.watch(etcd::indexes_prefix(), Some(opts.clone())),
+        let (what, prefix) = ("watching the catalog", etcd::indexes_prefix());
+        let mut watch = etcd::Watch::open(
+            &mut self.etcd(),
+            &self.cfg.etcd,
+            what,
+            prefix,
+            true,
+            *rev + 1,
         )
         .await?;
         loop {
-            let msg = tokio::select! {
+            let resp = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                m = stream.message() => m.map_err(|e| etcd::unavailable(urls, "watching the catalog", e))?,
+                r = watch.next() => r?,
             };
-            let Some(resp) = msg else {
-                return Err(etcd::unavailable(
-                    urls,
-                    "watching the catalog",
-                    "the watch ended",
-                ));
-            };
-            if resp.canceled() {
-                return Err(etcd::unavailable(
-                    urls,
-                    "watching the catalog",
-                    format!("the watch was cancelled: {}", resp.cancel_reason()),
-                ));
-            }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();

@@ -125,33 +125,22 @@ impl Cluster {
     }
 
     async fn watch_desired_from(self: &Arc<Self>, rev: &mut i64) -> Result<()> {
-        let mut client = self.etcd();
-        let urls = &self.cfg.etcd;
         let what = "watching the desired generations";
-        let opts = etcd_client::WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(*rev + 1);
-        let mut stream = etcd::bounded!(
-            urls,
+        let prefix = etcd::active_prefix();
+        let mut watch = etcd::Watch::open(
+            &mut self.etcd(),
+            &self.cfg.etcd,
             what,
-            client.watch(etcd::active_prefix(), Some(opts.clone()))
+            prefix,
+            true,
+            *rev + 1,
         )
         .await?;
         loop {
-            let msg = tokio::select! {
+            let resp = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                m = stream.message() => m.map_err(|e| etcd::unavailable(urls, what, e))?,
+                r = watch.next() => r?,
             };
-            let Some(resp) = msg else {
-                return Err(etcd::unavailable(urls, what, "the watch ended"));
-            };
-            if resp.canceled() {
-                return Err(etcd::unavailable(
-                    urls,
-                    what,
-                    format!("the watch was cancelled: {}", resp.cancel_reason()),
-                ));
-            }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();

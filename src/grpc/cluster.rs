@@ -34,7 +34,7 @@ fn single_node() -> Error {
 
 #[tonic::async_trait]
 impl ClusterService for ClusterApi {
-    type FetchIndexStateStream = ReceiverStream<Result<pb::IndexStateChunk, Status>>;
+    type FetchIndexStateStream = ReceiverStream<Result<pb::FetchIndexStateResponse, Status>>;
 
     async fn fetch_index_state(
         &self,
@@ -56,7 +56,7 @@ impl ClusterService for ClusterApi {
             let mut first = true;
             while first || rest.peek().is_some() {
                 first = false;
-                let chunk = pb::IndexStateChunk {
+                let chunk = pb::FetchIndexStateResponse {
                     sequence,
                     point_count,
                     points_changed,
