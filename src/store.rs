@@ -653,15 +653,7 @@ impl Store {
     }
 
     fn remove_index_data(&self, name: &str, uid: u64) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for k in self.points.scan_prefix(uid.to_be_bytes()).keys() {
-            batch.remove(k?);
-        }
-        self.points.apply_batch(batch)?;
-        self.counts.remove(uid.to_be_bytes())?;
-        self.refresh.remove(uid.to_be_bytes())?;
-        self.trim_changes(uid, u64::MAX)?;
-        self.applied.remove(uid.to_be_bytes())?;
+        self.remove_uid_data(uid)?;
         let mut batch = sled::Batch::default();
         for k in self.harnesses.scan_prefix(harness_prefix(name)).keys() {
             batch.remove(k?);

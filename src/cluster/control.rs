@@ -189,30 +189,17 @@ impl Control {
     pub(super) async fn follow_promotions(self: Arc<Self>, stop: CancellationToken) {
         let what = "following the promotion records";
         follow_loop(what, &stop, || {
-            self.follow_prefix(
+            self.follow_records::<PromotionEntry>(
                 what,
                 etcd::promotions_prefix(),
-                |kvs| {
-                    let mut all = BTreeMap::new();
-                    for (name, key, r) in kvs {
-                        match r.decode::<PromotionEntry>(&key) {
-                            Ok(e) => {
-                                all.insert(name, (r.mod_revision, e.record.current));
-                            }
-                            Err(e) => {
-                                tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
-                            }
-                        }
-                    }
-                    *self.promoted.lock() = all;
+                |all| {
+                    *self.promoted.lock() = all
+                        .into_iter()
+                        .map(|(name, (rev, e))| (name, (rev, e.record.current)))
+                        .collect();
                 },
-                |name, key, rev, value| match value {
-                    Some(v) => match etcd::decode::<PromotionEntry>(key, v) {
-                        Ok(e) => self.note_promoted(name, rev, e.record.current, false),
-                        Err(e) => {
-                            tracing::error!(%key, error = %e, "unreadable promotion record in etcd")
-                        }
-                    },
+                |name, rev, e| match e {
+                    Some(e) => self.note_promoted(name, rev, e.record.current, false),
                     None => self.note_promoted(name, rev, None, true),
                 },
             )
@@ -225,35 +212,16 @@ impl Control {
     pub(super) async fn follow_refresh(self: Arc<Self>, stop: CancellationToken) {
         let what = "following the refresh records";
         follow_loop(what, &stop, || {
-            self.follow_prefix(
+            self.follow_records::<SharedRecord>(
                 what,
                 etcd::refresh_prefix(),
-                |kvs| {
-                    let mut all = BTreeMap::new();
-                    for (name, key, r) in kvs {
-                        match r.decode::<SharedRecord>(&key) {
-                            Ok(rec) => {
-                                all.insert(name, (r.mod_revision, rec));
-                            }
-                            Err(e) => {
-                                tracing::error!(%key, error = %e, "unreadable refresh record in etcd")
-                            }
-                        }
-                    }
+                |all| {
                     *self.refresh_revs.lock() =
                         all.iter().map(|(n, (rev, _))| (n.clone(), *rev)).collect();
                     self.refresh
                         .send_replace(all.into_iter().map(|(n, (_, r))| (n, r)).collect());
                 },
-                |name, key, rev, value| match value {
-                    Some(v) => match etcd::decode::<SharedRecord>(key, v) {
-                        Ok(rec) => self.note_refresh(name, rev, Some(rec)),
-                        Err(e) => {
-                            tracing::error!(%key, error = %e, "unreadable refresh record in etcd")
-                        }
-                    },
-                    None => self.note_refresh(name, rev, None),
-                },
+                |name, rev, rec| self.note_refresh(name, rev, rec),
             )
         })
         .await
@@ -277,25 +245,34 @@ impl Control {
         });
     }
 
-    /// Lists the keys under `prefix` (each as (name after the prefix, key, read) to `listed`),
-    /// then watches them from the list's revision, each change to `changed` (name, key, mod
-    /// revision, the value or None when deleted), until the watch breaks (an error).
-    async fn follow_prefix(
+    /// Lists the records under `prefix` (to `listed`: by name after the prefix, each with its
+    /// mod revision), then watches them from the list's revision, each change to `changed`
+    /// (name, mod revision, the record or None when deleted), until the watch breaks (an
+    /// error). A record that does not decode is logged and skipped.
+    async fn follow_records<T: serde::de::DeserializeOwned>(
         &self,
         what: &str,
         prefix: String,
-        listed: impl FnOnce(Vec<(String, String, Read)>),
-        changed: impl Fn(&str, &str, i64, Option<&[u8]>),
+        listed: impl FnOnce(BTreeMap<String, (i64, T)>),
+        changed: impl Fn(&str, i64, Option<T>),
     ) -> Result<()> {
+        let unreadable = |key: &str, e: Error| {
+            tracing::error!(%key, error = %e, "unreadable record in etcd ({what}): ignored");
+        };
         let (kvs, rev) = etcd::list(&mut self.etcd(), self.urls(), what, prefix.clone()).await?;
-        listed(
-            kvs.into_iter()
-                .filter_map(|(key, r)| {
-                    let name = key.strip_prefix(&prefix)?.to_string();
-                    Some((name, key, r))
-                })
-                .collect(),
-        );
+        let mut all = BTreeMap::new();
+        for (key, r) in kvs {
+            let Some(name) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            match r.decode::<T>(&key) {
+                Ok(v) => {
+                    all.insert(name.to_string(), (r.mod_revision, v));
+                }
+                Err(e) => unreadable(&key, e),
+            }
+        }
+        listed(all);
         let mut watch = etcd::Watch::open(
             &mut self.etcd(),
             self.urls(),
@@ -313,11 +290,13 @@ impl Control {
                 let Some(name) = key.strip_prefix(&prefix) else {
                     continue;
                 };
-                let value = match ev.event_type() {
-                    etcd_client::EventType::Put => Some(kv.value()),
-                    etcd_client::EventType::Delete => None,
-                };
-                changed(name, &key, kv.mod_revision(), value);
+                match ev.event_type() {
+                    etcd_client::EventType::Put => match etcd::decode::<T>(&key, kv.value()) {
+                        Ok(v) => changed(name, kv.mod_revision(), Some(v)),
+                        Err(e) => unreadable(&key, e),
+                    },
+                    etcd_client::EventType::Delete => changed(name, kv.mod_revision(), None),
+                }
             }
         }
     }

@@ -2771,6 +2771,34 @@ async fn write_log_first_sequence(e: &Engines) -> Option<u64> {
     Some(s.info().await.ok()?.state.first_sequence)
 }
 
+/// The catch-up tests' nodes: the write log keeps 2 messages below what every live node applied.
+fn keep_2_messages(c: &mut vectord::config::Config) {
+    c.cluster.as_mut().expect("cluster flags").log_keep_messages = 2;
+}
+
+/// Asserts that `other` (named `who`) answers each query (the vector of point `q`, top 5, once
+/// it applied `min_sequence`) exactly as node 1 (`one`) does, its own point first.
+async fn answer_alike(
+    one: &mut IndexServiceClient<Channel>,
+    other: &mut IndexServiceClient<Channel>,
+    who: &str,
+    name: &str,
+    dim: usize,
+    queries: &[u64],
+    min_sequence: u64,
+) {
+    for &q in queries {
+        let a = search_min(one, name, point(q, dim).vector, 5, min_sequence)
+            .await
+            .expect("search on node 1");
+        let b = search_min(other, name, point(q, dim).vector, 5, min_sequence)
+            .await
+            .unwrap_or_else(|e| panic!("search on {who}: {e}"));
+        assert_eq!(a, b, "query {q}: {who} answers as node 1 does");
+        assert_eq!(b[0], q, "query {q} finds its point on {who}");
+    }
+}
+
 /// Upserts `ids` through `c`, one write-log message per `per` points; the last sequence.
 async fn upsert_in_messages(
     c: &mut IndexServiceClient<Channel>,
@@ -2807,12 +2835,9 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
     let Some(e) = Engines::start("catchup_a_new_node_copies_a_trimmed_index_from_a_peer") else {
         return;
     };
-    let keep = |c: &mut vectord::config::Config| {
-        c.cluster.as_mut().expect("cluster flags").log_keep_messages = 2;
-    };
     let mut nodes = vec![
-        node_in_process_with("n1", &e, keep).await,
-        node_in_process_with("n2", &e, keep).await,
+        node_in_process_with("n1", &e, keep_2_messages).await,
+        node_in_process_with("n2", &e, keep_2_messages).await,
     ];
     let (name, dim) = ("grown", 8usize);
     let mut c1 = nodes[0].index().await;
@@ -2882,20 +2907,16 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
 
     // Node 3 serves what node 1 does: the same count and the same answers.
     let mut c3 = nodes[2].index().await;
-    for q in [3u64, 77, 150, 299, 1010] {
-        let mut answers = Vec::new();
-        for c in [&mut c1, &mut c3] {
-            let ids = search_min(c, name, point(q, dim).vector, 5, during)
-                .await
-                .expect("search");
-            answers.push(ids);
-        }
-        assert_eq!(
-            answers[0], answers[1],
-            "query {q}: node 3 answers as node 1 does"
-        );
-        assert_eq!(answers[1][0], q, "query {q} finds its point");
-    }
+    answer_alike(
+        &mut c1,
+        &mut c3,
+        "node 3",
+        name,
+        dim,
+        &[3, 77, 150, 299, 1010],
+        during,
+    )
+    .await;
     for node in &nodes {
         assert_eq!(
             node.get_index(name).await.point_count,
@@ -2915,12 +2936,9 @@ async fn catchup_a_restarted_node_behind_a_trim_copies_the_index_from_a_peer() {
     else {
         return;
     };
-    let keep = |c: &mut vectord::config::Config| {
-        c.cluster.as_mut().expect("cluster flags").log_keep_messages = 2;
-    };
     let mut nodes = vec![
-        node_in_process_with("n1", &e, keep).await,
-        node_in_process_with("n2", &e, keep).await,
+        node_in_process_with("n1", &e, keep_2_messages).await,
+        node_in_process_with("n2", &e, keep_2_messages).await,
     ];
     let (name, dim) = ("back", 8usize);
     let mut c1 = nodes[0].index().await;
@@ -2946,21 +2964,12 @@ async fn catchup_a_restarted_node_behind_a_trim_copies_the_index_from_a_peer() {
     .await;
     drop(nodes.pop());
     // On the same data dir (in-process-n2).
-    let n2 = node_in_process_with("n2", &e, keep).await;
+    let n2 = node_in_process_with("n2", &e, keep_2_messages).await;
     eventually(WAIT, "node 2 SERVING the index again", || async {
         (index_health_status(&n2, name).await == Some(1)).then_some(())
     })
     .await;
     let mut c2 = n2.index().await;
-    for q in [3u64, 60, 199] {
-        let one = search_min(&mut c1, name, point(q, dim).vector, 5, seq)
-            .await
-            .expect("search on node 1");
-        let two = search_min(&mut c2, name, point(q, dim).vector, 5, seq)
-            .await
-            .expect("search on node 2");
-        assert_eq!(one, two, "query {q}: node 2 answers as node 1 does");
-        assert_eq!(two[0], q);
-    }
+    answer_alike(&mut c1, &mut c2, "node 2", name, dim, &[3, 60, 199], seq).await;
     assert_eq!(n2.get_index(name).await.point_count, 200);
 }
