@@ -42,11 +42,12 @@ pub trait Engine: Send + Sync {
     fn distances(&self, _query: &[f32], _ids: &[usize]) -> Option<Vec<(usize, f32)>> {
         None
     }
-    /// Gives every point that no level-0 link reaches one link from a near point, so a search
-    /// can find it; returns how many it linked. HNSW's neighbour heuristic may prune a point
-    /// from every list that held it (rarely, and more often when inserts run in parallel and
-    /// near points do not see each other); the graph's owner calls this after a build and after
-    /// a large batch, with no insert running. Engines that cannot do this link none.
+    /// Gives every point that no walk over level-0 links from the entry point reaches one link
+    /// from a near point that is reached, so a search can find it; returns how many it linked.
+    /// HNSW's neighbour heuristic may prune a point from every list that held it, or leave a
+    /// few points linking only each other (rarely, and more often when inserts run in parallel
+    /// and near points do not see each other); the graph's owner calls this after a build and
+    /// after a large batch, with no insert running. Engines that cannot do this link none.
     fn link_orphans(&self) -> usize {
         0
     }

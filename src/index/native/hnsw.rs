@@ -537,6 +537,117 @@ impl Native {
         best.and_then(|(_, j)| slots.get(j))
     }
 
+    /// One pass of [`Engine::link_orphans`]: every inserted node that no walk over level-0
+    /// links from `entry` reaches (no in-link at all, or only links from an island of nodes
+    /// that link each other) is linked from the nearest point a search finds, which is reached
+    /// by construction. Returns how many it linked and whether any took the slot of an
+    /// existing link.
+    fn link_unreached(&self, entry: u32) -> (usize, bool) {
+        // Every inserted node, by id, with the number of level-0 links that reach it.
+        let mut nodes: Vec<u32> = Vec::new();
+        let mut indegree: Vec<u8> = Vec::new();
+        for (s, seg) in self.segments.iter().enumerate() {
+            let Some(seg) = seg.get() else { continue };
+            let start = if s == 0 { 0 } else { self.base << (s - 1) };
+            for (off, claimed) in seg.claimed.iter().enumerate() {
+                if !claimed.load(AtOrd::Acquire) {
+                    continue;
+                }
+                let Ok(id) = u32::try_from(start + off) else {
+                    continue;
+                };
+                nodes.push(id);
+                for to in self.level0(id) {
+                    if indegree.len() <= to as usize {
+                        indegree.resize(to as usize + 1, 0);
+                    }
+                    indegree[to as usize] = indegree[to as usize].saturating_add(1);
+                }
+            }
+        }
+        let top = nodes.iter().copied().max().map_or(0, |m| m as usize + 1);
+        let mut reached = self.reached_from(entry, top);
+        let (mut linked, mut replaced) = (0, false);
+        for &u in &nodes {
+            if reached.get(u as usize).copied().unwrap_or(true) {
+                continue;
+            }
+            let Some(v) = self.vector(u) else { continue };
+            let ef = self.ef_construction;
+            let found = self.search_keeping(v, ef, ef, &|id| id != u);
+            // The nearest point with a free slot links to it; if all are full, the nearest
+            // gives its link to the point that most other links also reach.
+            let mut took_slot = false;
+            let done = found
+                .iter()
+                .any(|&(c, _)| self.add_link(c as u32, u, |_| None))
+                || found.first().is_some_and(|&(c, _)| {
+                    self.add_link(c as u32, u, |slots| {
+                        let most = slots.iter().max_by_key(|s| {
+                            indegree.get(s.load(AtOrd::Acquire) as usize).copied()
+                        })?;
+                        let old = most.load(AtOrd::Acquire) as usize;
+                        let d = indegree.get_mut(old).filter(|d| **d > 1)?;
+                        *d -= 1;
+                        took_slot = true;
+                        Some(most)
+                    })
+                });
+            if done {
+                if indegree.len() <= u as usize {
+                    indegree.resize(u as usize + 1, 0);
+                }
+                indegree[u as usize] = indegree[u as usize].saturating_add(1);
+                // Only `u`: the rest of its island gets links of its own, each from near its
+                // own point (a walk through `u` alone may not lead a search to them).
+                reached[u as usize] = true;
+                linked += 1;
+                replaced |= took_slot;
+            }
+        }
+        (linked, replaced)
+    }
+
+    /// The ids in node `id`'s level-0 list.
+    fn level0(&self, id: u32) -> impl Iterator<Item = u32> + '_ {
+        let block = self
+            .node(id)
+            .map(|(seg, off)| self.links_in(seg, off, 0))
+            .and_then(|links| links.split_first());
+        let (n, slots) = match block {
+            Some((count, slots)) => (
+                (count.load(AtOrd::Acquire) as usize).min(slots.len()),
+                slots,
+            ),
+            None => (0, &[][..]),
+        };
+        slots[..n]
+            .iter()
+            .map(|s| s.load(AtOrd::Acquire))
+            .filter(|&to| to != EMPTY)
+    }
+
+    /// By id, whether a walk over level-0 links from `from` reaches the node (at least
+    /// `size` entries).
+    fn reached_from(&self, from: u32, size: usize) -> Vec<bool> {
+        let mut reached = vec![false; size.max(from as usize + 1)];
+        reached[from as usize] = true;
+        let mut stack = vec![from];
+        while let Some(id) = stack.pop() {
+            for to in self.level0(id) {
+                let to = to as usize;
+                if reached.len() <= to {
+                    reached.resize(to + 1, false);
+                }
+                if !reached[to] {
+                    reached[to] = true;
+                    stack.push(to as u32);
+                }
+            }
+        }
+        reached
+    }
+
     /// Adds a level-0 link from `from` to `to`: into a free slot, or else into the slot `full`
     /// picks from the full list. False if neither.
     pub(super) fn add_link<'a>(
@@ -839,67 +950,15 @@ impl Engine for Native {
         let Some((entry, _)) = *self.entry.read() else {
             return 0;
         };
-        // Every inserted node, by id, with the number of level-0 links that reach it.
-        let mut nodes: Vec<u32> = Vec::new();
-        let mut indegree: Vec<u8> = Vec::new();
-        for (s, seg) in self.segments.iter().enumerate() {
-            let Some(seg) = seg.get() else { continue };
-            let start = if s == 0 { 0 } else { self.base << (s - 1) };
-            for (off, claimed) in seg.claimed.iter().enumerate() {
-                if !claimed.load(AtOrd::Acquire) {
-                    continue;
-                }
-                let Ok(id) = u32::try_from(start + off) else {
-                    continue;
-                };
-                nodes.push(id);
-                let (count, slots) = match self.links_in(seg, off, 0).split_first() {
-                    Some(block) => block,
-                    None => continue,
-                };
-                let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
-                for slot in &slots[..n] {
-                    let to = slot.load(AtOrd::Acquire) as usize;
-                    if to == EMPTY as usize {
-                        continue;
-                    }
-                    if indegree.len() <= to {
-                        indegree.resize(to + 1, 0);
-                    }
-                    indegree[to] = indegree[to].saturating_add(1);
-                }
-            }
-        }
+        // A pass links every node that a level-0 walk from the entry point does not reach. A
+        // link given up for one (every list near it full) is one whose target other links also
+        // reach, but those may all come from inside what it reached: a second pass finds that.
         let mut linked = 0;
-        for &u in &nodes {
-            if u == entry || indegree.get(u as usize).is_some_and(|&d| d > 0) {
-                continue;
-            }
-            let Some(v) = self.vector(u) else { continue };
-            let ef = self.ef_construction;
-            let found = self.search_keeping(v, ef, ef, &|id| id != u);
-            // The nearest point with a free slot links to it; if all are full, the nearest
-            // gives its link to the point that most other links also reach.
-            let done = found
-                .iter()
-                .any(|&(c, _)| self.add_link(c as u32, u, |_| None))
-                || found.first().is_some_and(|&(c, _)| {
-                    self.add_link(c as u32, u, |slots| {
-                        let most = slots.iter().max_by_key(|s| {
-                            indegree.get(s.load(AtOrd::Acquire) as usize).copied()
-                        })?;
-                        let old = most.load(AtOrd::Acquire) as usize;
-                        let d = indegree.get_mut(old).filter(|d| **d > 1)?;
-                        *d -= 1;
-                        Some(most)
-                    })
-                });
-            if done {
-                if indegree.len() <= u as usize {
-                    indegree.resize(u as usize + 1, 0);
-                }
-                indegree[u as usize] = 1;
-                linked += 1;
+        for _ in 0..4 {
+            let (n, replaced) = self.link_unreached(entry);
+            linked += n;
+            if !replaced {
+                break;
             }
         }
         linked

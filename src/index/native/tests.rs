@@ -475,8 +475,8 @@ fn every_point_finds_itself_after_concurrent_inserts_and_searches() {
 
 /// Parallel builds (4 threads, more than this machine's cores, so inserts interleave),
 /// followed as in a generation's build by `link_orphans`, must leave every point reachable:
-/// each is found first by its own vector, and every node but the entry point has a level-0
-/// link to it. Before inserts waited for the nodes they reach to be complete (module docs),
+/// each is found first by its own vector, and a walk over level-0 links from the entry point
+/// reaches every node. Before inserts waited for the nodes they reach to be complete (module docs),
 /// these builds lost about two points in each round, most of them still linked from some
 /// node (so `link_orphans` alone would not have saved them).
 #[test]
@@ -513,22 +513,29 @@ fn parallel_builds_lose_no_point() {
         pool.install(|| e.insert_many(&items, true));
         assert_eq!(e.len(), n);
         e.link_orphans();
-        let mut linked = vec![false; n];
-        for i in 0..n as u32 {
-            let links = e.links(i, 0);
+        // A walk over level-0 links from the entry point.
+        let entry = e.entry.read().map(|(id, _)| id as usize).expect("an entry");
+        let mut reached = vec![false; n];
+        reached[entry] = true;
+        let mut stack = vec![entry];
+        while let Some(i) = stack.pop() {
+            let links = e.links(i as u32, 0);
             let (count, slots) = links.split_first().expect("a level-0 block");
             for slot in &slots[..count.load(AtOrd::Relaxed) as usize] {
-                linked[slot.load(AtOrd::Relaxed) as usize] = true;
+                let to = slot.load(AtOrd::Relaxed) as usize;
+                if !reached[to] {
+                    reached[to] = true;
+                    stack.push(to);
+                }
             }
         }
-        let entry = e.entry.read().map(|(id, _)| id as usize);
-        let unlinked: Vec<usize> = (0..n).filter(|&i| !linked[i] && Some(i) != entry).collect();
+        let unreached: Vec<usize> = (0..n).filter(|&i| !reached[i]).collect();
         let lost: Vec<usize> = (0..n)
             .filter(|&i| e.search(&base[i], 1, 400).first().map(|f| f.0) != Some(i))
             .collect();
         assert!(
-            unlinked.is_empty() && lost.is_empty(),
-            "round {round} {storage:?}: nodes no link reaches {unlinked:?}, points not found {lost:?}"
+            unreached.is_empty() && lost.is_empty(),
+            "round {round} {storage:?}: nodes no walk from the entry reaches {unreached:?}, points not found {lost:?}"
         );
     }
 }
@@ -570,6 +577,48 @@ fn link_orphans_reconnects_a_point_no_link_reaches() {
         assert_eq!(found(&e), Some(u as usize), "full lists: {full_lists}");
         assert_eq!(e.link_orphans(), 0);
     }
+}
+
+/// Two points that link only each other (an island: each has an in-link, so a check of
+/// in-links alone misses them) cannot be found; `link_orphans` links each from a reached point
+/// near it, and both are found.
+#[test]
+fn link_orphans_reconnects_an_island() {
+    let base = data(1000, 16, 12, false);
+    let e = Native::new(Metric::L2, 16, &config(Some(1)), base.len());
+    for (i, v) in base.iter().enumerate() {
+        e.insert(v, i);
+    }
+    let entry = e.entry.read().map(|(id, _)| id).expect("an entry point");
+    let mut level0 = (0..base.len() as u32).filter(|&i| e.level_of(i) == 0 && i != entry);
+    let (a, b) = (
+        level0.next().expect("a node"),
+        level0.next().expect("a node"),
+    );
+    for i in 0..base.len() as u32 {
+        let links = e.links(i, 0);
+        let (count, slots) = links.split_first().expect("a block");
+        let n = count.load(AtOrd::Relaxed) as usize;
+        let kept: Vec<u32> = if i == a {
+            vec![b]
+        } else if i == b {
+            vec![a]
+        } else {
+            slots[..n]
+                .iter()
+                .map(|s| s.load(AtOrd::Relaxed))
+                .filter(|&o| o != a && o != b)
+                .collect()
+        };
+        Native::write_links(links, kept.into_iter());
+    }
+    let found = |e: &Native, u: u32| e.search(&base[u as usize], 1, 400).first().map(|f| f.0);
+    assert_ne!(found(&e, a), Some(a as usize), "an island's point is found");
+    assert_ne!(found(&e, b), Some(b as usize), "an island's point is found");
+    assert_eq!(e.link_orphans(), 2, "each point of the island is linked");
+    assert_eq!(found(&e, a), Some(a as usize));
+    assert_eq!(found(&e, b), Some(b as usize));
+    assert_eq!(e.link_orphans(), 0);
 }
 
 #[test]
