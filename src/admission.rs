@@ -4,13 +4,15 @@
 //! - A call over `--max-concurrent-requests` is refused at once with RESOURCE_EXHAUSTED (load
 //!   shedding: nothing queues without bound). Health and reflection are not counted, so a
 //!   saturated server still answers its health checks.
-//! - Every admitted call's handler that changes state (and SearchBatch, which works on the
-//!   blocking pool) runs as its own task, to completion: a client that goes away or a deadline
-//!   that passes never drops a handler halfway (say, after its write is stored but before the
-//!   graph sees it). The permit is held until the handler is done, so abandoned work still
-//!   counts against the limit. The other reads (Search, Get*, List*) run inline in the
-//!   connection's task: dropping one halfway leaves nothing behind, and a unary Search saves
-//!   a task spawn and a cross-task wake.
+//! - Every admitted call's handler that changes state runs as its own task, to completion: a
+//!   client that goes away or a deadline that passes never drops a handler halfway (say, after
+//!   its write is stored but before the graph sees it). The permit is held until the handler
+//!   is done, so abandoned work still counts against the limit. The reads (Search,
+//!   SearchBatch, Get*, List*) run inline in the connection's task: dropping one halfway
+//!   leaves nothing behind, a unary Search saves a task spawn and a cross-task wake, and a
+//!   SearchBatch whose caller went away or whose deadline passed is dropped, which stops its
+//!   work on the blocking pool after the chunk of queries in progress (`Catalog::search_batch`;
+//!   its search slot is held until then).
 //! - A unary call past `--request-timeout-secs` gets DEADLINE_EXCEEDED (the client's own
 //!   grpc-timeout, when shorter, is enforced by tonic outside this layer). The streaming calls,
 //!   ImportPoints and Autotune, are not cut by the server's timeout: they can legitimately run
@@ -38,9 +40,6 @@ const STREAMING: [(&str, &str); 3] = [
     (names::AUTOTUNE, "Autotune"),
 ];
 
-/// Reads that work on the blocking pool: they keep their own task (see [`runs_inline`]).
-const BLOCKING_READS: [(&str, &str); 1] = [(names::INDEX, "SearchBatch")];
-
 /// Services that are not counted (health and reflection): a saturated server still answers
 /// its probes.
 const EXEMPT: [&str; 3] = [
@@ -57,12 +56,10 @@ fn streams(path: &str) -> bool {
     STREAMING.contains(&names::split_path(path))
 }
 
-/// Reads that do their work in the handler itself: they run inline (see `call`). SearchBatch
-/// is a read too, but it works on the blocking pool, so it keeps its own task and its permit
-/// until that work is done.
+/// Reads run inline (see `call`): dropping one leaves nothing half-done, and dropping it is
+/// how a read whose caller went away stops.
 fn runs_inline(path: &str) -> bool {
     crate::auth::access_of(path) == crate::auth::Access::ReadOnly
-        && !BLOCKING_READS.contains(&names::split_path(path))
 }
 
 fn timed_out<B: Default>(path: &str, t: Duration) -> http::Response<B> {
@@ -205,7 +202,7 @@ mod tests {
 
     /// The admission tables name only RPCs of the contract: the streaming ones are exactly the
     /// contract's streaming RPCs (so a new streaming RPC is not cut by the unary timeout
-    /// unnoticed), the blocking reads are read-only RPCs, and health and reflection are the
+    /// unnoticed), and health and reflection are the
     /// services the server registers.
     #[test]
     fn the_tables_match_the_contract() {
@@ -233,16 +230,6 @@ mod tests {
             ours, streaming,
             "STREAMING is the contract's streaming RPCs"
         );
-        for (s, m) in BLOCKING_READS {
-            let path = format!("/{s}/{m}");
-            assert!(all.contains(&path), "{path} is not an RPC of the contract");
-            assert!(!runs_inline(&path), "{path}");
-            assert_eq!(
-                crate::auth::access_of(&path),
-                crate::auth::Access::ReadOnly,
-                "{path}"
-            );
-        }
         for path in &all {
             assert!(!exempt(path), "{path} is a vectord RPC: it is counted");
             assert_eq!(streams(path), streaming.contains(path), "{path}");

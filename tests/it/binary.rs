@@ -464,7 +464,7 @@ fn listening_port(line: &str) -> u16 {
 }
 
 #[tokio::test]
-async fn a_public_address_needs_tls_a_key_or_insecure() {
+async fn a_public_address_needs_tls_or_insecure() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = path_str(tmp.path());
     let mut s = Vectord::spawn(

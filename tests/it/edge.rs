@@ -226,6 +226,59 @@ async fn the_default_limits_refuse_a_huge_batch_before_searching() {
     assert!(e.message().contains("1001000"), "{e:?}");
 }
 
+/// A batch whose caller stops waiting (its deadline passes) stops searching: the server's
+/// search slots (one per core) are free again for other callers at once, where a batch that
+/// kept going would hold each for tens of seconds.
+#[tokio::test]
+async fn a_batch_past_its_deadline_stops_searching() {
+    let (s, _tmp) = server_with(|c| {
+        c.max_batch_queries = 100_000;
+        c.max_batch_results = 1_000_000;
+    })
+    .await;
+    let mut c = s.index().await;
+    create_index(&mut c, "slow", 16, pb::Metric::L2).await;
+    let mut g = Gen::new(3);
+    for start in (0..10_000).step_by(1000) {
+        upsert(&mut c, "slow", points(&mut g, start..start + 1000, 16)).await;
+    }
+    // 40,000 queries at ef_search 10,000 on 10,000 points: each walks most of the graph, so
+    // one batch is tens of seconds of work; one batch per search slot, each cut at 300 ms.
+    let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut batches = Vec::new();
+    for _ in 0..slots {
+        let mut c = c.clone();
+        let mut request = batch("slow", 40_000, 16, 10);
+        request.ef_search = Some(10_000);
+        batches.push(tokio::spawn(async move {
+            let mut r = tonic::Request::new(request);
+            r.set_timeout(Duration::from_millis(300));
+            c.search_batch(r).await.map(|_| ())
+        }));
+    }
+    for b in batches {
+        let e = status(within("a batch cut by its deadline", b).await.unwrap());
+        assert!(
+            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{e:?}"
+        );
+    }
+    // Every slot is free again: a search answers within 5 s (its own deadline), which it
+    // could not if the batches still held the slots.
+    let mut r = tonic::Request::new(pb::SearchRequest {
+        index_name: "slow".into(),
+        vector: g.vector(16),
+        k: 5,
+        ..Default::default()
+    });
+    r.set_timeout(Duration::from_secs(5));
+    let hits = within("a search after the cut batches", c.search(r))
+        .await
+        .expect("the search slots are free")
+        .into_inner();
+    assert_eq!(hits.neighbors.len(), 5, "{hits:?}");
+}
+
 // ---- 3. DeletePoints cap -------------------------------------------------------------------
 
 #[tokio::test]
@@ -652,6 +705,43 @@ const ACK: u8 = 0x1;
 /// On a raw HTTP/2 connection: the server announces the per-connection stream limit in its
 /// SETTINGS, PINGs the client every keepalive interval, and closes the connection when a PING
 /// goes unanswered for the keepalive timeout.
+/// `--tcp-keepalive-secs` reaches the accepted sockets: the kernel's keepalive timer of the
+/// server's end of an idle connection is armed and due within the set time (read from
+/// /proc/net/tcp, the socket table a user would look at with `ss -o`).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn accepted_sockets_get_the_tcp_keepalive_set() {
+    let (s, _tmp) = server_with(|c| c.tcp_keepalive = Some(Duration::from_secs(7))).await;
+    let mut t = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    t.write_all(vectord::connections::PREFACE).await.unwrap();
+    t.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    within("the server's SETTINGS", read_frame(&mut t))
+        .await
+        .expect("a frame");
+    let (server, client) = (s.addr.port(), t.local_addr().unwrap().port());
+    // The server's end: local port the server's, remote port ours. Its timer field is
+    // "tr:when": tr 2 is the keepalive timer, `when` in clock ticks (USER_HZ, 100 a second).
+    let timer = || -> Option<(u32, u64)> {
+        let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+            if port(f.get(1)?)? != server || port(f.get(2)?)? != client {
+                return None;
+            }
+            let (tr, when) = f.get(5)?.split_once(':')?;
+            Some((tr.parse().ok()?, u64::from_str_radix(when, 16).ok()?))
+        })
+    };
+    let when = eventually(DEADLINE, "the keepalive timer armed", || async {
+        timer().and_then(|(tr, when)| (tr == 2).then_some(when))
+    })
+    .await;
+    assert!(when <= 7 * 100, "keepalive due in {when} ticks, set to 7 s");
+}
+
 #[tokio::test]
 async fn http2_stream_limit_and_keepalive_are_applied() {
     let (s, _tmp) = server_with(|c| {
