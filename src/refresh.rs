@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,10 @@ use crate::model::{now_millis, Name};
 /// Harness queries a probe runs (the first ones of the harness).
 pub const PROBE_QUERIES: usize = 32;
 pub const REQUESTED_BY: &str = "refresh-policy";
+/// Cluster nodes: while a job started on another node holds an index's job lease, how long a
+/// node waits before it reads the lease again (instead of claiming a tune at every applied
+/// write-log message and having the job start refused).
+pub const REMOTE_JOB_RECHECK: Duration = Duration::from_secs(5);
 
 /// An ON_APPEND policy (MANUAL is the absence of a policy).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,6 +149,9 @@ struct State {
     pending: bool,
     /// A task follows the index's applied write log (cluster nodes; see `follow`).
     following: bool,
+    /// Cluster nodes: a job on another node held the index's job lease when this node last
+    /// decided to tune; no tune is decided (nor the lease read again) before this instant.
+    remote_job_until: Option<Instant>,
 }
 
 pub struct Refresher {
@@ -468,11 +475,18 @@ impl Refresher {
         policy: Policy,
         why: String,
     ) -> Option<(Policy, String)> {
-        if s.pending {
+        if s.pending || s.remote_job_until.is_some_and(|t| Instant::now() < t) {
             return None;
         }
         if let Some(job) = self.jobs.running_job(index) {
-            s.status.last_trigger = format!("skipped ({why}): job {job} is running");
+            // On a cluster node the same words as another node's (`remote_job`).
+            s.status.last_trigger = match self.shared {
+                Some(_) => format!(
+                    "skipped ({why}): job {job} is running on node {}",
+                    self.jobs.node_id()
+                ),
+                None => format!("skipped ({why}): job {job} is running"),
+            };
             return None;
         }
         if self.jobs.is_shut_down() {
@@ -514,6 +528,41 @@ impl Refresher {
         })
     }
 
+    /// Cluster nodes: true when a job (on another node: this node's own are in `decide`) holds
+    /// the index's job lease. Then the start is skipped, the status says so on every node (one
+    /// write per job, not per decision), and no tune is decided for [`REMOTE_JOB_RECHECK`].
+    async fn remote_job(self: &Arc<Self>, index: &Name, uid: u64, why: &str) -> bool {
+        let holder = match self.jobs.lease_holder(index).await {
+            Ok(Some(h)) => h,
+            // Nobody holds it, or it could not be read: the claim and the start find out.
+            Ok(None) | Err(_) => return false,
+        };
+        let skipped = format!(
+            "skipped ({why}): job {} is running on node {}",
+            holder.job_id, holder.node_id
+        );
+        if let Some(s) = current(&mut self.state.lock(), index, uid) {
+            s.pending = false;
+            s.remote_job_until = Some(Instant::now() + REMOTE_JOB_RECHECK);
+            s.status.last_trigger = skipped.clone();
+        }
+        tracing::debug!(index = %index, job = %holder.job_id, node = %holder.node_id, "a job on another node tunes the index: refresh skipped");
+        let job = format!(
+            "job {} is running on node {}",
+            holder.job_id, holder.node_id
+        );
+        let note = move |r: &mut SharedRecord| {
+            // Once per job: the reason's counts change with every write.
+            if r.last_trigger.starts_with("skipped") && r.last_trigger.ends_with(&job) {
+                return false;
+            }
+            r.last_trigger = skipped.clone();
+            true
+        };
+        self.note_shared(index, uid, &note).await;
+        true
+    }
+
     /// Cluster nodes: changes the index's shared record (best effort: logged).
     async fn note_shared(self: &Arc<Self>, index: &Name, uid: u64, change: Change<'_>) {
         let Some(shared) = &self.shared else { return };
@@ -535,6 +584,11 @@ impl Refresher {
         let req = tune_request(&index, uid, &policy);
         let me = self.clone();
         self.lab.catalog().tasks().spawn(async move {
+            // A cluster node whose index is being tuned by another node's job does not claim
+            // (the job start would be refused): it says so, once, and looks again later.
+            if me.shared.is_some() && me.remote_job(&index, uid, &why).await {
+                return;
+            }
             // A cluster node first claims the tune: another node may have it already.
             match me.claim(&index, uid, &why, c).await {
                 Ok(true) => {}

@@ -240,6 +240,15 @@ pub trait ClusterJobs: Send + Sync {
     ) -> Result<JobRecord>;
     /// Deletes the finished records beyond the newest `kept` (running ones stay).
     async fn trim(&self, kept: usize) -> Result<()>;
+    /// The job holding the index's job lease (any node's), or None: one read.
+    async fn holder(&self, index: &Name) -> Result<Option<LeaseHolder>>;
+}
+
+/// The job holding an index's job lease ([`ClusterJobs::holder`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseHolder {
+    pub job_id: String,
+    pub node_id: String,
 }
 
 /// A job's hold on its index's job lease. Its fence goes into the job's promotion, and its
@@ -347,6 +356,15 @@ impl Jobs {
     /// The id of the job running on an index, if one is.
     pub fn running_job(&self, index: &Name) -> Option<String> {
         self.running.lock().get(index).map(|r| r.job_id.clone())
+    }
+
+    /// On a cluster node, the job (any node's) holding the index's job lease: one etcd read.
+    /// None on a single node (see [`Jobs::running_job`]).
+    pub async fn lease_holder(&self, index: &Name) -> Result<Option<LeaseHolder>> {
+        match &self.cluster {
+            Some(c) => c.holder(index).await,
+            None => Ok(None),
+        }
     }
 
     /// This node's id on a cluster node; empty on a single node.

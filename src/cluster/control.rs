@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::etcd::{self, Desired, JobLeaseEntry, PromotionEntry, Read, TrialRef};
 use super::ClusterConfig;
-use crate::autotune::jobs::{job_id, job_seq, ClusterJobs, JobLease, JobRecord, JobState};
+use crate::autotune::jobs::{
+    job_id, job_seq, ClusterJobs, JobLease, JobRecord, JobState, LeaseHolder,
+};
 use crate::error::{Error, Result};
 use crate::model::{now_millis, ConfigSource, HnswConfig, Name, Profile};
 use crate::promotion::{Fence, Promotion, Record, Shared};
@@ -895,6 +897,23 @@ fn already_finished(job: &JobRecord) -> Error {
 impl ClusterJobs for Control {
     fn node_id(&self) -> &str {
         &self.cfg.node_id
+    }
+
+    async fn holder(&self, index: &Name) -> Result<Option<LeaseHolder>> {
+        let key = etcd::job_key(index.as_str());
+        let read = self
+            .read("reading the job lease", std::slice::from_ref(&key))
+            .await?;
+        Ok(match read.first().and_then(Option::as_ref) {
+            Some(r) => {
+                let e: JobLeaseEntry = r.decode(&key)?;
+                Some(LeaseHolder {
+                    job_id: e.job_id,
+                    node_id: e.node_id,
+                })
+            }
+            None => None,
+        })
     }
 
     async fn acquire(self: Arc<Self>, index: &Name) -> Result<(Arc<dyn JobLease>, u64)> {

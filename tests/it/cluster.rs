@@ -1463,6 +1463,95 @@ async fn control_a_refresh_policy_is_the_clusters_and_tunes_once() {
     }
 }
 
+/// While a job started on node 1 tunes an index, nodes 2 and 3, whose refresh threshold the
+/// writes through them cross, do not try to start the policy's tune: each says which job on
+/// which node is running (the same status on every node), and the policy tunes once that job
+/// has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_refresh_policy_waits_for_a_job_on_another_node() {
+    let Some(e) = Engines::start("control_a_refresh_policy_waits_for_a_job_on_another_node") else {
+        return;
+    };
+    let (nodes, gate) = three_in_process(&e, &["rw"]).await;
+    seeded_cluster_index(&nodes, "rw", 200, 8).await;
+    let (stream, job) = start_job(nodes[0].autotune().await, "rw", quick_grid())
+        .await
+        .expect("a job on node 1, held running by its gate");
+    let mut a2 = nodes[1].autotune().await;
+    a2.create_harness(harness_request("rw", "h2", 10, 20, Some(1)))
+        .await
+        .expect("harness");
+    a2.set_refresh_policy(pb::SetRefreshPolicyRequest {
+        index_name: "rw".into(),
+        policy: Some(pb::RefreshPolicy {
+            mode: pb::RefreshMode::OnAppend as i32,
+            change_threshold: 0.5,
+            harness: "h2".into(),
+            min_recall: Some(0.0),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("set the policy through node 2");
+    // Writes through nodes 2 and 3: every node applies them and finds the threshold crossed.
+    for (node, ids) in [(&nodes[1], 0..60u64), (&nodes[2], 60..120)] {
+        node.index()
+            .await
+            .upsert_points(pb::UpsertPointsRequest {
+                index_name: "rw".into(),
+                points: ids.map(|i| point(i, 8)).collect(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("upsert");
+    }
+    let running = format!("job {job} is running on node n1");
+    for node in &nodes {
+        let status = eventually(WAIT, "every node says which job runs", || async {
+            let status = node.get_index("rw").await.refresh_status?;
+            status.last_trigger.ends_with(&running).then_some(status)
+        })
+        .await;
+        assert!(
+            status.last_trigger.starts_with("skipped ("),
+            "on {}: {status:?}",
+            node.addr
+        );
+        assert!(
+            refresh_jobs(node, "rw").await.is_empty(),
+            "on {}",
+            node.addr
+        );
+    }
+
+    // The job ends; the next writes (through node 3) start the policy's tune, once.
+    gate.open();
+    finished(stream).await;
+    let c3 = nodes[2].index().await;
+    let n1 = &nodes[0];
+    let mut polls = 0u64;
+    let tune = eventually(WAIT, "the policy's tune after the job ended", || {
+        polls += 1;
+        let write = polls % 25 == 1;
+        let mut c3 = c3.clone();
+        async move {
+            if write {
+                c3.upsert_points(pb::UpsertPointsRequest {
+                    index_name: "rw".into(),
+                    points: vec![point(polls % 200, 8)],
+                    request_id: String::new(),
+                })
+                .await
+                .expect("upsert");
+            }
+            let jobs = refresh_jobs(n1, "rw").await;
+            (jobs.len() == 1).then(|| jobs[0].clone())
+        }
+    })
+    .await;
+    assert_ne!(tune.id, job);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_deadline() {
     let Some(e) = Engines::start(
