@@ -1236,15 +1236,13 @@ impl Catalog {
     }
 
     /// A cluster replica's points at one applied write-log sequence, for a peer's catch-up
-    /// (`FetchIndexState`): read without the writer lock, the store's applied record checked
+    /// (`FetchIndexState`), copied into an unnamed temp file in the data dir (so a copy of a
+    /// big index is not held in memory while it is sent, and the store is not read for as long
+    /// as the transfer takes): read without the writer lock, the store's applied record checked
     /// around the scan; when logged writes keep racing it, read under the writer lock (the
     /// index's apply waits for the scan, not for the transfer). UNAVAILABLE when the replica
-    /// has applied nothing yet.
-    pub async fn replica_state(
-        &self,
-        name: &Name,
-        cluster_uid: u64,
-    ) -> Result<(Vec<Point>, crate::store::Applied, u64)> {
+    /// has applied nothing yet, or the copy cannot be written (the data dir's disk is full).
+    pub async fn replica_state(&self, name: &Name, cluster_uid: u64) -> Result<ReplicaCopy> {
         let handle = self.handle(name)?;
         handle.check_live()?;
         if handle.cluster_uid != Some(cluster_uid) {
@@ -1254,23 +1252,41 @@ impl Catalog {
             ));
         }
         let (store, uid) = (self.store.clone(), handle.meta.uid);
-        let read = tokio::task::spawn_blocking(move || store.load_points_at_applied(uid, 3));
-        let (points, applied, counts) = match read.await?? {
-            Some(x) => x,
+        let dimension = handle.meta.dimension as usize;
+        let file = CopyFile::create(store.dir())?;
+        let copy = |mut file: CopyFile, locked: bool| {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let read = if locked {
+                    file.restart()?;
+                    let applied = store.applied(uid)?;
+                    let n = store.visit_points(uid, dimension, |id, v| file.push(id, v))?;
+                    let counts = store.counts(uid)?;
+                    applied.map(|a| (n, a, counts))
+                } else {
+                    let file = std::cell::RefCell::new(&mut file);
+                    store.visit_points_at_applied(
+                        uid,
+                        dimension,
+                        3,
+                        || file.borrow_mut().restart(),
+                        |id, v| file.borrow_mut().push(id, v),
+                    )?
+                };
+                Ok((file, read))
+            })
+        };
+        let (file, read) = copy(file, false).await??;
+        let (file, (count, applied, counts)) = match read {
+            Some(read) => (file, read),
             None => {
                 let _w = handle.writer.lock().await;
                 handle.check_live()?;
-                let store = self.store.clone();
-                let (points, applied, counts) =
-                    tokio::task::spawn_blocking(move || -> Result<_> {
-                        let applied = store.applied(uid)?;
-                        Ok((store.load_points(uid)?, applied, store.counts(uid)?))
-                    })
-                    .await??;
-                let applied = applied.ok_or_else(|| {
+                let (file, read) = copy(file, true).await??;
+                let read = read.ok_or_else(|| {
                     Error::Internal(format!("replica {name} has no applied record"))
                 })?;
-                (points, applied, counts)
+                (file, read)
             }
         };
         if applied.cluster_uid != cluster_uid {
@@ -1284,7 +1300,12 @@ impl Catalog {
                 "index {name} has applied nothing of its write log on this node yet"
             )));
         }
-        Ok((points, applied, counts.points_changed))
+        Ok(ReplicaCopy {
+            points: file.finish(dimension)?,
+            point_count: count,
+            applied,
+            points_changed: counts.points_changed,
+        })
     }
 
     /// The index's points and data version, read together (no write can fall between).
@@ -2320,6 +2341,96 @@ async fn commit_group(h: &IndexHandle, store: &Arc<Store>, group: Vec<Pending>) 
     }
 }
 
+/// A replica's points at one applied write-log sequence ([`Catalog::replica_state`]).
+pub struct ReplicaCopy {
+    /// The points, read back in chunks.
+    pub points: CopyReader,
+    pub point_count: u64,
+    pub applied: crate::store::Applied,
+    /// The index's `points_changed` at `applied`.
+    pub points_changed: u64,
+}
+
+/// The file a replica's copy is written to: each point as its id (u64, little-endian) then
+/// its vector's stored bytes (f32, little-endian). Unnamed (`tempfile::tempfile_in`: the
+/// kernel frees it when it is closed, a crash leaves nothing to sweep).
+struct CopyFile(std::io::BufWriter<std::fs::File>);
+
+fn copy_failed(e: std::io::Error) -> Error {
+    Error::Unavailable(format!(
+        "writing a copy of the index for a peer failed: {e}"
+    ))
+}
+
+impl CopyFile {
+    fn create(dir: &std::path::Path) -> Result<Self> {
+        let file = tempfile::tempfile_in(dir).map_err(copy_failed)?;
+        Ok(Self(std::io::BufWriter::with_capacity(1 << 20, file)))
+    }
+
+    /// Empties the file (a read that raced a write starts again).
+    fn restart(&mut self) -> Result<()> {
+        use std::io::{Seek, Write};
+        self.0.flush().map_err(copy_failed)?;
+        let f = self.0.get_mut();
+        f.set_len(0).map_err(copy_failed)?;
+        f.rewind().map_err(copy_failed)?;
+        Ok(())
+    }
+
+    fn push(&mut self, id: u64, vector: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.0.write_all(&id.to_le_bytes()).map_err(copy_failed)?;
+        self.0.write_all(vector).map_err(copy_failed)
+    }
+
+    fn finish(self, dimension: usize) -> Result<CopyReader> {
+        use std::io::Seek;
+        let mut f = self
+            .0
+            .into_inner()
+            .map_err(|e| copy_failed(e.into_error()))?;
+        f.rewind().map_err(copy_failed)?;
+        Ok(CopyReader {
+            file: std::io::BufReader::with_capacity(1 << 20, f),
+            dimension,
+        })
+    }
+}
+
+/// Reads a [`ReplicaCopy`]'s points back, a chunk at a time (blocking: call it off the async
+/// runtime).
+pub struct CopyReader {
+    file: std::io::BufReader<std::fs::File>,
+    dimension: usize,
+}
+
+impl CopyReader {
+    /// The next at most `max` points (fewer only at the end of the copy).
+    pub fn next_chunk(&mut self, max: usize) -> Result<Vec<Point>> {
+        use std::io::Read;
+        let mut out = Vec::with_capacity(max.min(1 << 16));
+        let mut id = [0u8; 8];
+        let mut bytes = vec![0u8; 4 * self.dimension];
+        while out.len() < max {
+            match self.file.read_exact(&mut id) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(copy_failed(e)),
+            }
+            self.file.read_exact(&mut bytes).map_err(copy_failed)?;
+            out.push(Point {
+                id: u64::from_le_bytes(id),
+                vector: bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2329,6 +2440,33 @@ mod tests {
             id,
             vector: vec![x, 0.0],
         }
+    }
+
+    /// A replica's copy file reads back what the last attempt wrote (an attempt that raced a
+    /// write is void), in chunks of at most the size asked, and ends empty.
+    #[test]
+    fn a_copy_file_reads_back_the_last_attempt_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = |x: f32| [x.to_le_bytes(), 0f32.to_le_bytes()].concat();
+        let mut f = CopyFile::create(dir.path()).unwrap();
+        for id in 0..5 {
+            f.push(id, &bytes(9.0)).unwrap();
+        }
+        f.restart().unwrap();
+        for id in 10..15 {
+            f.push(id, &bytes(id as f32)).unwrap();
+        }
+        let mut r = f.finish(2).unwrap();
+        let a = r.next_chunk(3).unwrap();
+        let b = r.next_chunk(3).unwrap();
+        assert_eq!(a, vec![p(10, 10.0), p(11, 11.0), p(12, 12.0)]);
+        assert_eq!(b, vec![p(13, 13.0), p(14, 14.0)]);
+        assert!(r.next_chunk(3).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the file has no name"
+        );
     }
 
     /// A group's writes are searchable in arrival order as soon as they are staged (from the

@@ -949,23 +949,55 @@ impl Store {
         Ok(())
     }
 
-    /// Every point of a replica with the write-log sequence they hold, read without any lock:
-    /// the applied record (written in the same transaction as the points by every logged write)
-    /// is read before and after the scan, and the scan is retried when a write fell between.
-    /// None after `tries` attempts that all raced a write.
-    pub fn load_points_at_applied(
+    /// Visits every point of the index in id order, without collecting them: its id and its
+    /// vector's stored bytes (f32, little-endian; their length is checked against
+    /// `dimension`). The number of points visited.
+    pub fn visit_points(
         &self,
         uid: u64,
+        dimension: usize,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
+        let mut n = 0;
+        for kv in self.points.scan_prefix(uid.to_be_bytes()) {
+            let (k, v) = kv?;
+            let id = u64_at(&k, 8)?;
+            if v.len() != 4 * dimension {
+                return Err(Error::Corrupt(format!(
+                    "stored point {id} has {} bytes, not the {} of dimension {dimension}",
+                    v.len(),
+                    4 * dimension
+                )));
+            }
+            visit(id, &v)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// [`Store::visit_points`] of a replica at the write-log sequence the points hold, read
+    /// without any lock: the applied record (written in the same transaction as the points by
+    /// every logged write) is read before and after the scan, and the scan is retried when a
+    /// write fell between (`restart` is called before each attempt: what the visitor made of
+    /// an earlier one is void). The points visited, the applied record and the counts; None
+    /// after `tries` attempts that all raced a write.
+    pub fn visit_points_at_applied(
+        &self,
+        uid: u64,
+        dimension: usize,
         tries: usize,
-    ) -> Result<Option<(Vec<Point>, Applied, Counts)>> {
+        mut restart: impl FnMut() -> Result<()>,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<Option<(u64, Applied, Counts)>> {
         for _ in 0..tries {
+            restart()?;
             let before = self.applied(uid)?;
-            let points = self.load_points(uid)?;
+            let n = self.visit_points(uid, dimension, &mut visit)?;
             let counts = self.counts(uid)?;
             let after = self.applied(uid)?;
             if let (Some(b), Some(a)) = (before, after) {
                 if a == b {
-                    return Ok(Some((points, a, counts)));
+                    return Ok(Some((n, a, counts)));
                 }
             }
         }
@@ -2191,11 +2223,23 @@ mod tests {
             s.get_refresh::<String>(9).unwrap().as_deref(),
             Some("policy")
         );
-        assert_eq!(
-            s.load_points_at_applied(9, 1)
-                .unwrap()
-                .map(|(p, a, c)| (p.len(), a, c)),
-            Some((10, at(40), counts))
+        let mut ids = Vec::new();
+        let read = s.visit_points_at_applied(
+            9,
+            2,
+            1,
+            || Ok(()),
+            |id, v| {
+                assert_eq!(v.len(), 8);
+                ids.push(id);
+                Ok(())
+            },
+        );
+        assert_eq!(read.unwrap(), Some((10, at(40), counts)));
+        assert_eq!(ids, (0..10).collect::<Vec<_>>());
+        assert!(
+            matches!(s.visit_points(9, 3, |_, _| Ok(())), Err(Error::Corrupt(_))),
+            "a stored vector of another dimension is refused"
         );
         s.remove_uid_data(7).unwrap();
         assert!(s.load_points(7).unwrap().is_empty());

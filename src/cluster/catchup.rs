@@ -403,7 +403,7 @@ impl Cluster {
     }
 
     /// The index's points at one applied sequence, for a peer's catch-up (FetchIndexState).
-    pub async fn index_state(&self, name: &Name, uid: u64) -> Result<(Vec<Point>, Applied, u64)> {
+    pub async fn index_state(&self, name: &Name, uid: u64) -> Result<crate::catalog::ReplicaCopy> {
         self.catalog.replica_state(name, uid).await
     }
 

@@ -44,25 +44,51 @@ impl ClusterService for ClusterApi {
         let name = super::convert::name("index_name", &req.index_name)?;
         let app = self.core.app()?;
         let cluster = app.cluster.as_ref().ok_or_else(single_node)?;
-        let (points, applied, points_changed) = cluster.index_state(&name, req.cluster_uid).await?;
-        let dimension = points.first().map_or(1, |p| p.vector.len()).max(1);
+        let copy = cluster.index_state(&name, req.cluster_uid).await?;
+        let dimension = app.catalog.handle(&name)?.meta.dimension.max(1) as usize;
         let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * dimension)).max(1);
-        let (sequence, point_count) = (applied.sequence, points.len() as u64);
+        let (sequence, point_count, points_changed) =
+            (copy.applied.sequence, copy.point_count, copy.points_changed);
         tracing::info!(index = %name, points = point_count, sequence, "sending the index's copy to a catching-up peer");
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let stop = self.core.tasks.stop_token();
         self.core.tasks.spawn(async move {
-            let mut rest = points.into_iter().peekable();
-            let mut first = true;
-            while first || rest.peek().is_some() {
-                first = false;
+            let mut reader = copy.points;
+            let mut sent = 0u64;
+            loop {
+                // One chunk read from the copy's file at a time, off the async runtime.
+                let read = tokio::task::spawn_blocking(move || {
+                    let chunk = reader.next_chunk(per_chunk);
+                    (reader, chunk)
+                })
+                .await;
+                let points = match read {
+                    Ok((r, Ok(points))) => {
+                        reader = r;
+                        points
+                    }
+                    Ok((_, Err(e))) => {
+                        tracing::warn!(index = %name, error = %e, "reading the index's copy for a peer failed: the transfer ended");
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(index = %name, error = %e, "reading the index's copy for a peer failed: the transfer ended");
+                        return;
+                    }
+                };
+                let last = (points.len() as u64) < per_chunk as u64;
+                let first = sent == 0;
+                sent += points.len() as u64;
+                if points.is_empty() && !first {
+                    return;
+                }
                 let chunk = pb::FetchIndexStateResponse {
                     sequence,
                     point_count,
                     points_changed,
-                    points: rest
-                        .by_ref()
-                        .take(per_chunk)
+                    points: points
+                        .into_iter()
                         .map(|p| pb::Point {
                             id: p.id,
                             vector: p.vector,
@@ -77,6 +103,9 @@ impl ClusterService for ClusterApi {
                             return;
                         }
                     }
+                }
+                if last {
+                    return;
                 }
             }
         });
