@@ -860,7 +860,8 @@ impl Catalog {
         point_count: u64,
         points_changed: u64,
         applied: crate::store::Applied,
-    ) -> Result<Arc<IndexHandle>> {
+        graph: Option<PeerGraph>,
+    ) -> Result<(Arc<IndexHandle>, bool)> {
         let name = old.meta.name.clone();
         let mut meta = old.meta.clone();
         meta.uid = staged_uid;
@@ -876,7 +877,7 @@ impl Catalog {
         };
         let (store, memory, halt) = (self.store.clone(), self.memory.clone(), self.stop.clone());
         let (kind, m, gm) = (old.engine, meta.clone(), generation.clone());
-        let gen = tokio::task::spawn_blocking(move || -> Result<Generation> {
+        let (gen, from_peer) = tokio::task::spawn_blocking(move || -> Result<(Generation, bool)> {
             let points = store.load_points(staged_uid)?;
             if points.len() as u64 != point_count {
                 return Err(Error::Unavailable(format!(
@@ -885,9 +886,22 @@ impl Catalog {
                     points.len()
                 )));
             }
-            Generation::build(kind, &memory, m.metric, m.dimension, gm, points, &|| {
+            if let Some(g) = graph {
+                let loaded = g.load(kind, &memory, (m.metric, m.dimension), &gm, &points);
+                if let Err(e) = std::fs::remove_file(&g.path) {
+                    tracing::debug!(file = %g.path.display(), error = %e, "removing the peer's graph file (swept at the next start)");
+                }
+                match loaded {
+                    Ok(gen) => return Ok((gen, true)),
+                    Err(e) => {
+                        tracing::warn!(index = %m.name, error = %e, "cannot use the peer's graph: building one from the copy")
+                    }
+                }
+            }
+            let gen = Generation::build(kind, &memory, m.metric, m.dimension, gm, points, &|| {
                 halt.is_cancelled()
-            })
+            })?;
+            Ok((gen, false))
         })
         .await??;
         gen.mark(counts.data_version);
@@ -942,8 +956,13 @@ impl Catalog {
             Ok(())
         })
         .await??;
-        tracing::info!(index = %name, points = point_count, sequence = applied.sequence, "installed the replica copied from a peer");
-        Ok(handle)
+        let graph = if from_peer {
+            "the peer's, loaded"
+        } else {
+            "built here"
+        };
+        tracing::info!(index = %name, points = point_count, sequence = applied.sequence, graph, "installed the replica copied from a peer");
+        Ok((handle, from_peer))
     }
 
     pub fn get_index(&self, name: &Name) -> Result<IndexView> {
@@ -1242,7 +1261,15 @@ impl Catalog {
     /// around the scan; when logged writes keep racing it, read under the writer lock (the
     /// index's apply waits for the scan, not for the transfer). UNAVAILABLE when the replica
     /// has applied nothing yet, or the copy cannot be written (the data dir's disk is full).
-    pub async fn replica_state(&self, name: &Name, cluster_uid: u64) -> Result<ReplicaCopy> {
+    ///
+    /// `with_graph`: also the graph (see [`GraphCopy`]) when the index's active generation has a
+    /// snapshot whose change log since reaches the copy (else none, logged).
+    pub async fn replica_state(
+        &self,
+        name: &Name,
+        cluster_uid: u64,
+        with_graph: bool,
+    ) -> Result<ReplicaCopy> {
         let handle = self.handle(name)?;
         handle.check_live()?;
         if handle.cluster_uid != Some(cluster_uid) {
@@ -1253,6 +1280,14 @@ impl Catalog {
         }
         let (store, uid) = (self.store.clone(), handle.meta.uid);
         let dimension = handle.meta.dimension as usize;
+        // The snapshot file is opened first: a later snapshot may replace (delete) it, and an
+        // open file stays readable. Whether it still fits is checked after the copy.
+        let snapshot = if with_graph {
+            let (store, n) = (store.clone(), name.to_string());
+            tokio::task::spawn_blocking(move || open_snapshot(&store, &n, uid)).await?
+        } else {
+            None
+        };
         let file = CopyFile::create(store.dir())?;
         let copy = |mut file: CopyFile, locked: bool| {
             let store = store.clone();
@@ -1300,11 +1335,29 @@ impl Catalog {
                 "index {name} has applied nothing of its write log on this node yet"
             )));
         }
+        let graph = match snapshot {
+            Some(snap) => {
+                let (store, upto) = (store.clone(), counts.data_version);
+                let touched = tokio::task::spawn_blocking(move || {
+                    snapshots::touched(&store, uid, snap.seq, upto)
+                })
+                .await?;
+                match touched {
+                    Ok(touched) => Some(GraphCopy { touched, ..snap }),
+                    Err(e) => {
+                        tracing::info!(index = %name, error = %e, "the index's snapshot does not reach the copy: sending the points only");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         Ok(ReplicaCopy {
             points: file.finish(dimension)?,
             point_count: count,
             applied,
             points_changed: counts.points_changed,
+            graph,
         })
     }
 
@@ -2349,6 +2402,119 @@ pub struct ReplicaCopy {
     pub applied: crate::store::Applied,
     /// The index's `points_changed` at `applied`.
     pub points_changed: u64,
+    /// With `with_graph`, when there is one that fits.
+    pub graph: Option<GraphCopy>,
+}
+
+/// A replica's graph for a peer: its active generation's snapshot file (written at write
+/// number `seq`) and the ids written between it and the copy. That graph with those ids
+/// upserted from the copy (deleted when the copy lacks them) is the copy's graph.
+pub struct GraphCopy {
+    pub file: std::fs::File,
+    pub size: u64,
+    pub seq: u64,
+    /// The sender's local uid (the file's header names it).
+    pub source_uid: u64,
+    pub config: HnswConfig,
+    pub touched: Vec<u64>,
+}
+
+/// A peer's graph received for a replica's copy ([`GraphCopy`] on the peer), in a temp file of
+/// the snapshot directory (named for the staged uid: swept at start if a crash leaves it).
+pub struct PeerGraph {
+    pub path: std::path::PathBuf,
+    pub seq: u64,
+    pub source_uid: u64,
+    pub config: HnswConfig,
+    pub touched: Vec<u64>,
+}
+
+impl PeerGraph {
+    /// The copy's graph: the peer's snapshot with the touched ids upserted from the copy's
+    /// `points` (in id order), or deleted when the copy lacks them. Errors when the file is
+    /// not a snapshot this node can load (another engine, config, format, a checksum) or the
+    /// result's live points are not the copy's. Blocking.
+    fn load(
+        &self,
+        kind: EngineKind,
+        memory: &EngineMemory,
+        (metric, dimension): (Metric, u32),
+        generation: &GenerationMeta,
+        points: &[Point],
+    ) -> Result<Generation> {
+        if self.config != generation.config {
+            return Err(Error::Precondition(format!(
+                "the peer's graph has config {}, this node serves {}",
+                self.config, generation.config
+            )));
+        }
+        let mut gen = Generation::load(
+            &self.path,
+            self.source_uid,
+            self.seq,
+            metric,
+            dimension,
+            kind,
+            memory,
+        )?;
+        if gen.meta.config != generation.config {
+            return Err(Error::Corrupt(format!(
+                "the peer's snapshot holds config {}, it announced {}",
+                gen.meta.config, self.config
+            )));
+        }
+        gen.meta = generation.clone();
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for id in &self.touched {
+            match points.binary_search_by_key(id, |p| p.id) {
+                Ok(i) => upserts.push(points[i].clone()),
+                Err(_) => deletes.push(*id),
+            }
+        }
+        snapshots::apply_catch_up(&gen, &upserts, &deletes);
+        let live = gen.live_count() as u64;
+        if live != points.len() as u64 {
+            return Err(Error::Corrupt(format!(
+                "the peer's graph holds {live} live points after its {} writes since, the copy {}",
+                self.touched.len(),
+                points.len()
+            )));
+        }
+        Ok(gen)
+    }
+}
+
+/// The index's recorded snapshot, opened (its `touched` empty): None (logged) when it has
+/// none, or it cannot be opened. Blocking.
+fn open_snapshot(store: &Store, name: &str, uid: u64) -> Option<GraphCopy> {
+    let rec = match store.get_index(name) {
+        Ok(Some(rec)) if rec.meta.uid == uid => rec,
+        _ => return None,
+    };
+    let Some(snap) = rec.snapshot else {
+        tracing::info!(
+            index = name,
+            "the index has no snapshot: sending the points only"
+        );
+        return None;
+    };
+    let path = crate::index::snapshot::dir(store.dir()).join(&snap.file);
+    let opened = std::fs::File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f)));
+    match opened {
+        Ok((size, file)) => Some(GraphCopy {
+            file,
+            size,
+            seq: snap.seq,
+            source_uid: uid,
+            config: rec.generation.config,
+            touched: Vec::new(),
+        }),
+        Err(e) => {
+            tracing::info!(index = name, file = %path.display(), error = %e, "cannot open the index's snapshot: sending the points only");
+            None
+        }
+    }
 }
 
 /// The file a replica's copy is written to: each point as its id (u64, little-endian) then
@@ -2439,6 +2605,86 @@ mod tests {
         Point {
             id,
             vector: vec![x, 0.0],
+        }
+    }
+
+    /// A peer's snapshot with the writes since applied from the copy holds the copy's points
+    /// (each found by its own vector, a deleted one nowhere); one of another config, or whose
+    /// count disagrees with the copy, is refused.
+    #[test]
+    fn a_peer_graph_with_the_writes_since_is_the_copy_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = GenerationMeta {
+            number: 1,
+            config: HnswConfig::default(),
+            source: ConfigSource::Default,
+            point_count: 0,
+            build_millis: 0,
+            activate_time_ms: 0,
+            profile: String::new(),
+            trial_id: 0,
+        };
+        let mem = &EngineMemory::IN_RAM;
+        for kind in [EngineKind::DEFAULT, EngineKind::HnswRs] {
+            let before: Vec<Point> = (0..50).map(|i| p(i, i as f32)).collect();
+            let gen = Generation::build(kind, mem, Metric::L2, 2, meta.clone(), before, &|| false)
+                .unwrap();
+            if !gen.can_save() {
+                continue;
+            }
+            let path = dir.path().join(format!("5-1-9-{kind}.snap"));
+            gen.save(dir.path(), &format!("5-1-9-{kind}.snap"), 5, 9, None)
+                .unwrap();
+            // Since the snapshot: 3 deleted, 7 moved, 60 added; 3 and 60 never existed for
+            // the other ids.
+            let mut copy: Vec<Point> = (0..50)
+                .filter(|i| *i != 3)
+                .map(|i| p(i, if i == 7 { 700.0 } else { i as f32 }))
+                .collect();
+            copy.push(p(60, 600.0));
+            let graph = PeerGraph {
+                path,
+                seq: 9,
+                source_uid: 5,
+                config: meta.config,
+                touched: vec![3, 7, 60],
+            };
+            let got = graph
+                .load(kind, mem, (Metric::L2, 2), &meta, &copy)
+                .unwrap();
+            assert_eq!(got.live_count(), copy.len(), "{kind}");
+            for q in &copy {
+                let hits = got.search(&q.vector, 1, 32);
+                assert_eq!(
+                    hits.first().map(|h| (h.id, h.distance)),
+                    Some((q.id, 0.0)),
+                    "{kind}"
+                );
+            }
+            assert!(got.search(&[3.0, 0.0], 50, 64).iter().all(|h| h.id != 3));
+            let other = PeerGraph {
+                config: HnswConfig {
+                    m: 8,
+                    ..meta.config
+                },
+                ..graph
+            };
+            assert!(other
+                .load(kind, mem, (Metric::L2, 2), &meta, &copy)
+                .is_err());
+            let short = PeerGraph {
+                touched: vec![7, 60],
+                config: meta.config,
+                ..other
+            };
+            let mut fewer = copy.clone();
+            fewer.retain(|q| q.id != 10);
+            assert!(
+                short
+                    .load(kind, mem, (Metric::L2, 2), &meta, &fewer)
+                    .is_err(),
+                "{kind}: the graph holds a point the copy lacks"
+            );
         }
     }
 

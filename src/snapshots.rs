@@ -289,6 +289,21 @@ pub fn catch_up(
     after: u64,
     upto: u64,
 ) -> Result<(Vec<Point>, Vec<u64>, usize)> {
+    let touched = touched(store, uid, after, upto)?;
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    for id in touched {
+        match store.get_point(uid, id)? {
+            Some(vector) => upserts.push(Point { id, vector }),
+            None => deletes.push(id),
+        }
+    }
+    Ok((upserts, deletes, (upto - after) as usize))
+}
+
+/// The ids the logged writes after `after`, up to `upto`, touched (upserted or deleted), each
+/// once. Errors when the log does not run without a gap from `after` to `upto`. Blocking.
+pub fn touched(store: &Store, uid: u64, after: u64, upto: u64) -> Result<Vec<u64>> {
     let changes = store.changes_since(uid, after)?;
     let mut at = after;
     let mut seen = HashSet::new();
@@ -311,15 +326,7 @@ pub fn catch_up(
             "the change log ends at write {at}, the store is at write {upto}"
         )));
     }
-    let mut upserts = Vec::new();
-    let mut deletes = Vec::new();
-    for id in touched {
-        match store.get_point(uid, id)? {
-            Some(vector) => upserts.push(Point { id, vector }),
-            None => deletes.push(id),
-        }
-    }
-    Ok((upserts, deletes, (at - after) as usize))
+    Ok(touched)
 }
 
 /// Applies [`catch_up`] to `gen`: a graph of the points at `after`.

@@ -15,6 +15,11 @@
 //!   are removed (or swept at the next start), and the replica stays what it was: NOT_SERVING
 //!   for the index until the catch-up is retried and succeeds. After the switch the node
 //!   follows the stream from S + 1, so a write logged during the copy is applied.
+//! - After the points the peer may send its graph (its active generation's snapshot file and
+//!   the ids written since it, up to S): it goes to a temp file of the snapshot directory
+//!   named for the staged uid, and the install loads it and applies those ids from the copy
+//!   instead of building (`catalog::PeerGraph`). The graph is optional: a part that is wrong,
+//!   too big or missing drops it, never the copy, and the graph is built from the points.
 //! - Everything is bounded: each chunk must come within [`CHUNK_IDLE`], the whole copy within
 //!   [`COPY_TIMEOUT`], and the peer's announced point count bounds what is staged.
 //! - Peers are tried by how much they applied, most first; when none can send a copy the stream
@@ -36,9 +41,9 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::IndexHandle;
+use crate::catalog::{IndexHandle, PeerGraph};
 use crate::error::{Error, Result};
-use crate::model::{Name, Point};
+use crate::model::{HnswConfig, Name, Point};
 use crate::store::Applied;
 
 use super::log::{self, Stopped};
@@ -64,6 +69,19 @@ pub struct StateChunk {
     /// The index's `points_changed` at `sequence` (refresh policies count it across nodes).
     pub points_changed: u64,
     pub points: Vec<Point>,
+    /// After the points, when the peer sends its graph (see `GraphCopy` in catalog.rs).
+    pub graph: Option<GraphChunk>,
+}
+
+/// A part of a peer's graph (proto `GraphPart`).
+pub struct GraphChunk {
+    pub data: Vec<u8>,
+    pub size: u64,
+    pub snapshot_seq: u64,
+    pub source_uid: u64,
+    pub touched: Vec<u64>,
+    /// None when the peer sent one this node would refuse.
+    pub config: Option<crate::model::HnswConfig>,
 }
 
 pub type StateStream = BoxStream<'static, Result<StateChunk>>;
@@ -97,6 +115,8 @@ pub struct CatchUpHook {
     pub failures: AtomicU64,
     pub hold: crate::autotune::jobs::JobGate,
     pub held: AtomicU64,
+    /// Copies installed with the peer's graph (not one built here).
+    pub graphs_loaded: AtomicU64,
 }
 
 /// Why a replica needs a copy.
@@ -290,14 +310,19 @@ impl Cluster {
         let staged = store.new_uid()?;
         let res = self.stage_copy(peers, addr, handle, uid, staged).await;
         let res = match res {
-            Ok((sequence, count, changed)) => {
+            Ok((sequence, count, changed, graph)) => {
                 let applied = Applied {
                     cluster_uid: uid,
                     sequence,
                 };
-                self.catalog
-                    .replace_replica(handle, staged, count, changed, applied)
-                    .await
+                let installed = self
+                    .catalog
+                    .replace_replica(handle, staged, count, changed, applied, graph)
+                    .await;
+                if let (Ok((_, true)), Some(hook)) = (&installed, &self.cfg.catchup_hook) {
+                    hook.graphs_loaded.fetch_add(1, Ordering::AcqRel);
+                }
+                installed.map(|(h, _)| h)
             }
             Err(e) => Err(e),
         };
@@ -307,6 +332,7 @@ impl Cluster {
             let cleaned = tokio::task::spawn_blocking(move || -> Result<()> {
                 if store.get_index(&name)?.map(|r| r.meta.uid) != Some(staged) {
                     store.remove_uid_data(staged)?;
+                    crate::snapshots::remove_all(&store, staged);
                 }
                 Ok(())
             })
@@ -318,7 +344,8 @@ impl Cluster {
         res
     }
 
-    /// Receives the peer's copy into the store under `staged`: (its sequence, its points).
+    /// Receives the peer's copy into the store under `staged`: (its sequence, its points, its
+    /// `points_changed`, the peer's graph when it sent a whole one that fits).
     async fn stage_copy(
         &self,
         peers: &Peers,
@@ -326,7 +353,7 @@ impl Cluster {
         handle: &Arc<IndexHandle>,
         uid: u64,
         staged: u64,
-    ) -> Result<(u64, u64, u64)> {
+    ) -> Result<(u64, u64, u64, Option<PeerGraph>)> {
         let name = &handle.meta.name;
         let dimension = handle.meta.dimension as usize;
         let idle = || {
@@ -341,6 +368,7 @@ impl Cluster {
         let mut copy: Option<(u64, u64, u64)> = None;
         let mut got = 0u64;
         let mut seen = HashSet::new();
+        let mut graph = Incoming::new(self.catalog.store().dir(), staged);
         while let Some(chunk) = tokio::time::timeout(CHUNK_IDLE, chunks.next())
             .await
             .map_err(|_| idle())?
@@ -352,6 +380,20 @@ impl Cluster {
                 return Err(Error::Unavailable(format!(
                     "peer {addr}'s copy changed mid-way (sequence {sequence} then {})",
                     chunk.sequence
+                )));
+            }
+            if let Some(part) = chunk.graph {
+                if got != count || !chunk.points.is_empty() {
+                    return Err(Error::Unavailable(format!(
+                        "peer {addr} sent its graph before all {count} points"
+                    )));
+                }
+                graph.take_part(part, count, dimension).await;
+                continue;
+            }
+            if graph.started() {
+                return Err(Error::Unavailable(format!(
+                    "peer {addr} sent points after its graph"
                 )));
             }
             got += chunk.points.len() as u64;
@@ -381,6 +423,7 @@ impl Cluster {
                 }
             }
         }
+        let graph = graph.finish();
         let (sequence, count, changed) = copy.ok_or_else(|| {
             Error::Unavailable(format!("peer {addr} ended the copy before its first chunk"))
         })?;
@@ -399,12 +442,17 @@ impl Cluster {
             hook.held.fetch_add(1, Ordering::AcqRel);
             hook.hold.pass(name).await;
         }
-        Ok((sequence, count, changed))
+        Ok((sequence, count, changed, graph))
     }
 
     /// The index's points at one applied sequence, for a peer's catch-up (FetchIndexState).
-    pub async fn index_state(&self, name: &Name, uid: u64) -> Result<crate::catalog::ReplicaCopy> {
-        self.catalog.replica_state(name, uid).await
+    pub async fn index_state(
+        &self,
+        name: &Name,
+        uid: u64,
+        with_graph: bool,
+    ) -> Result<crate::catalog::ReplicaCopy> {
+        self.catalog.replica_state(name, uid, with_graph).await
     }
 
     /// Trims every index's stream below what every live node still needs, minus
@@ -451,5 +499,151 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+}
+
+/// A peer's graph as it arrives ([`GraphChunk`]s after the points): the touched ids, then the
+/// snapshot file's bytes into a temp file of this node's snapshot directory. Anything wrong
+/// with it (a size past the bound, parts that disagree, a write that fails, an end before the
+/// whole file) drops the graph, not the copy: the node builds its own graph then.
+struct Incoming {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    state: GraphState,
+}
+
+enum GraphState {
+    None,
+    Receiving {
+        size: u64,
+        got: u64,
+        seq: u64,
+        source_uid: u64,
+        config: HnswConfig,
+        touched: Vec<u64>,
+    },
+    Dropped,
+}
+
+/// Bytes per point a snapshot may hold at most: its id, a float vector, links of level 0 and
+/// above at the contract's largest m (128), and record overhead.
+fn graph_bytes_per_point(dimension: usize) -> u64 {
+    (64 + 4 * dimension + 8 * 2 * 128) as u64
+}
+
+impl Incoming {
+    fn new(data_dir: &std::path::Path, staged: u64) -> Self {
+        Incoming {
+            // Named for the staged uid: a start sweeps it (no record names it).
+            path: crate::index::snapshot::dir(data_dir).join(format!("{staged}-from-peer.tmp")),
+            file: None,
+            state: GraphState::None,
+        }
+    }
+
+    fn started(&self) -> bool {
+        !matches!(self.state, GraphState::None)
+    }
+
+    fn drop_graph(&mut self, why: &str) {
+        tracing::warn!(file = %self.path.display(), "the peer's graph is not used ({why}): the copy's graph is built here");
+        self.state = GraphState::Dropped;
+        self.file = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    async fn take_part(&mut self, part: GraphChunk, count: u64, dimension: usize) {
+        if matches!(self.state, GraphState::Dropped) {
+            return;
+        }
+        let Some(config) = part.config else {
+            return self.drop_graph("its config is not one this node accepts");
+        };
+        if let GraphState::None = self.state {
+            self.state = GraphState::Receiving {
+                size: part.size,
+                got: 0,
+                seq: part.snapshot_seq,
+                source_uid: part.source_uid,
+                config,
+                touched: Vec::new(),
+            };
+        }
+        let GraphState::Receiving {
+            size,
+            got,
+            seq,
+            source_uid,
+            config: first,
+            touched,
+        } = &mut self.state
+        else {
+            return;
+        };
+        if (part.size, part.snapshot_seq, part.source_uid, config)
+            != (*size, *seq, *source_uid, *first)
+        {
+            return self.drop_graph("its parts disagree");
+        }
+        touched.extend_from_slice(&part.touched);
+        let most_touched = 4 * (count + 1) + 100_000;
+        let bound =
+            (count + touched.len() as u64 + 1) * graph_bytes_per_point(dimension) + (1 << 20);
+        if touched.len() as u64 > most_touched || *size > bound {
+            return self.drop_graph("it is larger than the copy can need");
+        }
+        if (!part.touched.is_empty() && *got > 0) || *got + part.data.len() as u64 > *size {
+            return self.drop_graph("its parts are out of order or past its size");
+        }
+        if part.data.is_empty() {
+            return;
+        }
+        *got += part.data.len() as u64;
+        let (path, file) = (self.path.clone(), self.file.take());
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            use std::io::Write;
+            let mut f = match file {
+                Some(f) => f,
+                None => {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    std::fs::File::create(&path)?
+                }
+            };
+            f.write_all(&part.data)?;
+            Ok(f)
+        })
+        .await;
+        match written {
+            Ok(Ok(f)) => self.file = Some(f),
+            Ok(Err(e)) => self.drop_graph(&format!("writing it failed: {e}")),
+            Err(e) => self.drop_graph(&format!("writing it failed: {e}")),
+        }
+    }
+
+    /// The whole graph, or None (a partial file is removed).
+    fn finish(mut self) -> Option<PeerGraph> {
+        match std::mem::replace(&mut self.state, GraphState::Dropped) {
+            GraphState::Receiving {
+                size,
+                got,
+                seq,
+                source_uid,
+                config,
+                touched,
+            } if got == size && self.file.is_some() => Some(PeerGraph {
+                path: self.path.clone(),
+                seq,
+                source_uid,
+                config,
+                touched,
+            }),
+            GraphState::None | GraphState::Dropped => None,
+            GraphState::Receiving { .. } => {
+                self.drop_graph("the copy ended before the whole file");
+                None
+            }
+        }
     }
 }

@@ -23,6 +23,8 @@ impl ClusterApi {
 
 /// Most bytes of vectors in one FetchIndexState chunk (at least one point each).
 pub const STATE_CHUNK_BYTES: usize = 1 << 20;
+/// Touched ids in one graph part at most (1 MiB of ids).
+pub const TOUCHED_PER_PART: usize = 131_072;
 /// Longest FetchIndexState waits for its receiver to take the next chunk.
 pub const STATE_SEND_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -44,69 +46,22 @@ impl ClusterService for ClusterApi {
         let name = super::convert::name("index_name", &req.index_name)?;
         let app = self.core.app()?;
         let cluster = app.cluster.as_ref().ok_or_else(single_node)?;
-        let copy = cluster.index_state(&name, req.cluster_uid).await?;
+        let copy = cluster
+            .index_state(&name, req.cluster_uid, req.with_graph)
+            .await?;
         let dimension = app.catalog.handle(&name)?.meta.dimension.max(1) as usize;
-        let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * dimension)).max(1);
-        let (sequence, point_count, points_changed) =
-            (copy.applied.sequence, copy.point_count, copy.points_changed);
-        tracing::info!(index = %name, points = point_count, sequence, "sending the index's copy to a catching-up peer");
+        tracing::info!(
+            index = %name,
+            points = copy.point_count,
+            sequence = copy.applied.sequence,
+            graph = copy.graph.is_some(),
+            "sending the index's copy to a catching-up peer"
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let stop = self.core.tasks.stop_token();
         self.core.tasks.spawn(async move {
-            let mut reader = copy.points;
-            let mut sent = 0u64;
-            loop {
-                // One chunk read from the copy's file at a time, off the async runtime.
-                let read = tokio::task::spawn_blocking(move || {
-                    let chunk = reader.next_chunk(per_chunk);
-                    (reader, chunk)
-                })
-                .await;
-                let points = match read {
-                    Ok((r, Ok(points))) => {
-                        reader = r;
-                        points
-                    }
-                    Ok((_, Err(e))) => {
-                        tracing::warn!(index = %name, error = %e, "reading the index's copy for a peer failed: the transfer ended");
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(index = %name, error = %e, "reading the index's copy for a peer failed: the transfer ended");
-                        return;
-                    }
-                };
-                let last = (points.len() as u64) < per_chunk as u64;
-                let first = sent == 0;
-                sent += points.len() as u64;
-                if points.is_empty() && !first {
-                    return;
-                }
-                let chunk = pb::FetchIndexStateResponse {
-                    sequence,
-                    point_count,
-                    points_changed,
-                    points: points
-                        .into_iter()
-                        .map(|p| pb::Point {
-                            id: p.id,
-                            vector: p.vector,
-                        })
-                        .collect(),
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    sent = tokio::time::timeout(STATE_SEND_IDLE, tx.send(Ok(chunk))) => {
-                        if !matches!(sent, Ok(Ok(()))) {
-                            tracing::warn!(index = %name, "a catching-up peer stopped reading the index's copy: the transfer ended");
-                            return;
-                        }
-                    }
-                }
-                if last {
-                    return;
-                }
+            if let Err(why) = send_copy(copy, dimension, &tx, &stop).await {
+                tracing::warn!(index = %name, "{why}: the transfer ended");
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -131,4 +86,113 @@ impl ClusterService for ClusterApi {
                 .collect(),
         }))
     }
+}
+
+type CopySender = tokio::sync::mpsc::Sender<Result<pb::FetchIndexStateResponse, Status>>;
+
+/// Sends one message of the copy, unless the server stops or the receiver takes nothing for
+/// [`STATE_SEND_IDLE`].
+async fn send_part(
+    tx: &CopySender,
+    stop: &tokio_util::sync::CancellationToken,
+    part: pb::FetchIndexStateResponse,
+) -> Result<(), String> {
+    tokio::select! {
+        _ = stop.cancelled() => Err("the server is stopping".into()),
+        sent = tokio::time::timeout(STATE_SEND_IDLE, tx.send(Ok(part))) => match sent {
+            Ok(Ok(())) => Ok(()),
+            _ => Err("a catching-up peer stopped reading the index's copy".into()),
+        },
+    }
+}
+
+/// FetchIndexState's producer: the copy's points, read back from its file a chunk at a time
+/// off the async runtime, then (with_graph) the graph's parts: the touched ids, then the
+/// snapshot file's bytes.
+async fn send_copy(
+    copy: crate::catalog::ReplicaCopy,
+    dimension: usize,
+    tx: &CopySender,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * dimension)).max(1);
+    let head = pb::FetchIndexStateResponse {
+        sequence: copy.applied.sequence,
+        point_count: copy.point_count,
+        points_changed: copy.points_changed,
+        ..Default::default()
+    };
+    let mut reader = copy.points;
+    let mut first = true;
+    loop {
+        let (r, points) = tokio::task::spawn_blocking(move || {
+            let chunk = reader.next_chunk(per_chunk);
+            (reader, chunk)
+        })
+        .await
+        .map_err(|e| format!("reading the index's copy failed: {e}"))?;
+        reader = r;
+        let points = match points {
+            Ok(points) => points,
+            Err(e) => {
+                let why = format!("reading the index's copy failed: {e}");
+                let _ = tx.send(Err(Status::from(e))).await;
+                return Err(why);
+            }
+        };
+        let last = points.len() < per_chunk;
+        if points.is_empty() && !first {
+            break;
+        }
+        first = false;
+        let part = pb::FetchIndexStateResponse {
+            points: points
+                .into_iter()
+                .map(|p| pb::Point {
+                    id: p.id,
+                    vector: p.vector,
+                })
+                .collect(),
+            ..head.clone()
+        };
+        send_part(tx, stop, part).await?;
+        if last {
+            break;
+        }
+    }
+    let Some(graph) = copy.graph else {
+        return Ok(());
+    };
+    let part = |data: Vec<u8>, touched: Vec<u64>| pb::FetchIndexStateResponse {
+        graph: Some(pb::GraphPart {
+            data,
+            size: graph.size,
+            snapshot_seq: graph.seq,
+            source_uid: graph.source_uid,
+            touched,
+            config: Some(super::convert::config_to(&graph.config)),
+        }),
+        ..head.clone()
+    };
+    for ids in graph.touched.chunks(TOUCHED_PER_PART) {
+        send_part(tx, stop, part(Vec::new(), ids.to_vec())).await?;
+    }
+    let mut file = graph.file;
+    let mut left = graph.size;
+    while left > 0 {
+        let want = left.min(STATE_CHUNK_BYTES as u64) as usize;
+        let (f, data) = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut buf = vec![0u8; want];
+            let read = file.read_exact(&mut buf).map(|()| buf);
+            (file, read)
+        })
+        .await
+        .map_err(|e| format!("reading the index's snapshot failed: {e}"))?;
+        file = f;
+        let data = data.map_err(|e| format!("reading the index's snapshot failed: {e}"))?;
+        left -= data.len() as u64;
+        send_part(tx, stop, part(data, Vec::new())).await?;
+    }
+    Ok(())
 }

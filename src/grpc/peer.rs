@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::auth::ApiKeys;
-use crate::cluster::catchup::{StateChunk, StateSource, StateStream};
+use crate::cluster::catchup::{GraphChunk, StateChunk, StateSource, StateStream};
 use crate::config::TlsConfig;
 use crate::error::{Error, Result};
 use crate::model::{Name, Point};
@@ -67,6 +67,7 @@ impl StateSource for PeerClient {
         let mut req = tonic::Request::new(pb::FetchIndexStateRequest {
             index_name: index.to_string(),
             cluster_uid,
+            with_graph: true,
         });
         if let Some(keys) = &self.keys {
             if let Ok(v) = keys.admin().bearer().parse() {
@@ -98,6 +99,15 @@ impl StateSource for PeerClient {
                                 vector: p.vector,
                             })
                             .collect(),
+                        graph: c.graph.map(|g| GraphChunk {
+                            data: g.data,
+                            size: g.size,
+                            snapshot_seq: g.snapshot_seq,
+                            source_uid: g.source_uid,
+                            touched: g.touched,
+                            // A config this node would refuse is none: the graph is not used.
+                            config: super::convert::trial_config("graph.config", g.config).ok(),
+                        }),
                     })
                     .map_err(|s| {
                         Error::Unavailable(format!(

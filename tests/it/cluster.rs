@@ -2954,6 +2954,7 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
         failures: 0.into(),
         hold: vectord::autotune::jobs::JobGate::closed([name]),
         held: 0.into(),
+        graphs_loaded: 0.into(),
     });
     let h = hook.clone();
     nodes.push(
@@ -3013,6 +3014,11 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
             "every point on every node"
         );
     }
+    assert_eq!(
+        hook.graphs_loaded.load(load),
+        1,
+        "node 3 loaded the peer's graph (its snapshot and the writes since) instead of building one"
+    );
 }
 
 /// A node stopped while the others go on writing and trim the stream past what it applied

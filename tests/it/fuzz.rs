@@ -759,12 +759,13 @@ fn methods() -> Vec<(Method, S<Vec<Msg>>)> {
         (
             m("/vectord.v1.ClusterService/FetchIndexState", ServerStream),
             one(
-                (index_name(true), any::<u64>()).prop_map(|(index_name, cluster_uid)| {
-                    pb::FetchIndexStateRequest {
+                (index_name(true), any::<u64>(), any::<bool>()).prop_map(
+                    |(index_name, cluster_uid, with_graph)| pb::FetchIndexStateRequest {
                         index_name,
                         cluster_uid,
-                    }
-                }),
+                        with_graph,
+                    },
+                ),
             ),
         ),
         (
