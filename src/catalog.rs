@@ -481,6 +481,8 @@ pub struct Catalog {
     store: Arc<Store>,
     registry: Arc<Registry>,
     indexes: RwLock<BTreeMap<Name, Arc<IndexHandle>>>,
+    /// Woken whenever an index is added or replaced ([`Catalog::wait_handle`]).
+    added: tokio::sync::Notify,
     /// Serialises creating and deleting indexes and changing profiles.
     ddl: tokio::sync::Mutex<()>,
     /// `--engine`: the engine of an index whose record names none.
@@ -670,6 +672,7 @@ impl Catalog {
             store,
             registry,
             indexes: RwLock::new(indexes),
+            added: tokio::sync::Notify::new(),
             ddl: Default::default(),
             default_engine,
             memory,
@@ -733,6 +736,29 @@ impl Catalog {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found("index", name.as_str()))
+    }
+
+    /// [`Catalog::handle`], waiting up to `wait` for an index this node does not have yet (a
+    /// cluster node whose catalog is behind the node that took a write: read-your-writes).
+    pub async fn wait_handle(
+        &self,
+        name: &Name,
+        wait: std::time::Duration,
+    ) -> Result<Arc<IndexHandle>> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let added = self.added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            match self.handle(name) {
+                Ok(h) => return Ok(h),
+                Err(e) => {
+                    if tokio::time::timeout_at(until, added).await.is_err() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     fn view(h: &IndexHandle) -> IndexView {
@@ -841,6 +867,7 @@ impl Catalog {
         self.indexes
             .write()
             .insert(new.name.clone(), handle.clone());
+        self.added.notify_waiters();
         tracing::info!(index = %new.name, dimension = new.dimension, metric = %new.metric, "created index");
         Ok(Self::view(&handle))
     }
@@ -947,6 +974,7 @@ impl Catalog {
             },
         );
         self.indexes.write().insert(name.clone(), handle.clone());
+        self.added.notify_waiters();
         old.snap_poke.notify_one();
         handle.request_snapshot("the replica was copied from a peer");
         let (store, old_uid) = (self.store.clone(), old.meta.uid);
@@ -1337,18 +1365,9 @@ impl Catalog {
         }
         let graph = match snapshot {
             Some(snap) => {
-                let (store, upto) = (store.clone(), counts.data_version);
-                let touched = tokio::task::spawn_blocking(move || {
-                    snapshots::touched(&store, uid, snap.seq, upto)
-                })
-                .await?;
-                match touched {
-                    Ok(touched) => Some(GraphCopy { touched, ..snap }),
-                    Err(e) => {
-                        tracing::info!(index = %name, error = %e, "the index's snapshot does not reach the copy: sending the points only");
-                        None
-                    }
-                }
+                let (store, upto, n) = (store.clone(), counts.data_version, name.to_string());
+                tokio::task::spawn_blocking(move || graph_for_copy(&store, &n, uid, snap, upto))
+                    .await?
             }
             None => None,
         };
@@ -2483,6 +2502,30 @@ impl PeerGraph {
         }
         Ok(gen)
     }
+}
+
+/// The graph of a copy at write number `upto`: `snap` (opened before the copy) with the ids
+/// its change log says were written since. A snapshot recorded meanwhile trims that log: then
+/// the newer snapshot is used if it is not past the copy (a few tries), else none (logged).
+/// Blocking.
+fn graph_for_copy(
+    store: &Store,
+    name: &str,
+    uid: u64,
+    mut snap: GraphCopy,
+    upto: u64,
+) -> Option<GraphCopy> {
+    for _ in 0..3 {
+        if snap.seq > upto {
+            break;
+        }
+        match snapshots::touched(store, uid, snap.seq, upto) {
+            Ok(touched) => return Some(GraphCopy { touched, ..snap }),
+            Err(_) => snap = open_snapshot(store, name, uid)?,
+        }
+    }
+    tracing::info!(index = name, "the index's snapshot does not fit the copy (a newer one was written meanwhile): sending the points only");
+    None
 }
 
 /// The index's recorded snapshot, opened (its `touched` empty): None (logged) when it has

@@ -880,14 +880,17 @@ impl Cluster {
         seq: u64,
         deadline: Option<Duration>,
     ) -> Result<()> {
-        let handle = self.catalog.handle(name)?;
-        if handle.applied() >= seq {
-            return Ok(());
-        }
         // A tenth of the caller's deadline is left to answer in, so the caller gets this
         // answer rather than its own timeout.
         let budget = deadline.map(|d| d.saturating_sub(d / 10));
         let wait = budget.map_or(MAX_SEQUENCE_WAIT, |d| d.min(MAX_SEQUENCE_WAIT));
+        let started = tokio::time::Instant::now();
+        // A write at `seq` proves the index exists: this node's catalog may be behind.
+        let handle = self.catalog.wait_handle(name, wait).await?;
+        if handle.applied() >= seq {
+            return Ok(());
+        }
+        let wait = wait.saturating_sub(started.elapsed());
         if handle.wait_applied(seq, wait).await {
             return Ok(());
         }

@@ -2924,9 +2924,14 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
     let Some(e) = Engines::start("catchup_a_new_node_copies_a_trimmed_index_from_a_peer") else {
         return;
     };
+    // Writes going quiet for 200 ms snapshot a node's graph (a peer sends its snapshot).
+    let quick_snapshots = |c: &mut vectord::config::Config| {
+        keep_2_messages(c);
+        c.snapshot_idle = Some(Duration::from_millis(200));
+    };
     let mut nodes = vec![
-        node_in_process_with("n1", &e, keep_2_messages).await,
-        node_in_process_with("n2", &e, keep_2_messages).await,
+        node_in_process_with("n1", &e, quick_snapshots).await,
+        node_in_process_with("n2", &e, quick_snapshots).await,
     ];
     let (name, dim) = ("grown", 8usize);
     let mut c1 = nodes[0].index().await;
@@ -2947,6 +2952,23 @@ async fn catchup_a_new_node_copies_a_trimmed_index_from_a_peer() {
         first <= seq,
         "the trim keeps what is not applied everywhere: {first} > {seq}"
     );
+
+    // Both peers have a snapshot of their graph to send.
+    for id in ["n1", "n2"] {
+        let dir = e
+            .dir
+            .path()
+            .join(format!("in-process-{id}"))
+            .join("snapshots");
+        eventually(WAIT, "a snapshot of the peer's graph", || async {
+            std::fs::read_dir(&dir)
+                .ok()?
+                .flatten()
+                .any(|f| f.file_name().to_string_lossy().ends_with(".snap"))
+                .then_some(())
+        })
+        .await;
+    }
 
     // Node 3, on an empty data dir: its copies fail until the hook lets them through.
     let hook = std::sync::Arc::new(vectord::cluster::catchup::CatchUpHook {

@@ -224,7 +224,7 @@ async fn restart_loads_the_snapshot_replays_later_writes_and_rebuilds_from_bad_f
     live.retain(|p| !gone.contains(&p.id));
     stop(s).await;
 
-    let (s, mut c) = start_loaded("replays", dir, &[], |replayed| replayed == 3).await;
+    let (s, mut c) = start_loaded("replays", dir, &no_idle(), |replayed| replayed == 3).await;
     check_data(&mut c, &live, &gone).await;
     assert_eq!(
         snap_files(dir),
