@@ -2651,13 +2651,9 @@ mod tests {
         }
     }
 
-    /// A peer's snapshot with the writes since applied from the copy holds the copy's points
-    /// (each found by its own vector, a deleted one nowhere); one of another config, or whose
-    /// count disagrees with the copy, is refused.
-    #[test]
-    fn a_peer_graph_with_the_writes_since_is_the_copy_graph() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = GenerationMeta {
+    /// Generation 1 of the default config.
+    fn first_meta() -> GenerationMeta {
+        GenerationMeta {
             number: 1,
             config: HnswConfig::default(),
             source: ConfigSource::Default,
@@ -2666,7 +2662,16 @@ mod tests {
             activate_time_ms: 0,
             profile: String::new(),
             trial_id: 0,
-        };
+        }
+    }
+
+    /// A peer's snapshot with the writes since applied from the copy holds the copy's points
+    /// (each found by its own vector, a deleted one nowhere); one of another config, or whose
+    /// count disagrees with the copy, is refused.
+    #[test]
+    fn a_peer_graph_with_the_writes_since_is_the_copy_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = first_meta();
         let mem = &EngineMemory::IN_RAM;
         for kind in [EngineKind::DEFAULT, EngineKind::HnswRs] {
             let before: Vec<Point> = (0..50).map(|i| p(i, i as f32)).collect();
@@ -2762,16 +2767,7 @@ mod tests {
     /// fresh segment) and answer the same once the indexer has linked them.
     #[test]
     fn a_group_reaches_the_graph_in_arrival_order() {
-        let meta = GenerationMeta {
-            number: 1,
-            config: HnswConfig::default(),
-            source: ConfigSource::Default,
-            point_count: 0,
-            build_millis: 0,
-            activate_time_ms: 0,
-            profile: String::new(),
-            trial_id: 0,
-        };
+        let meta = first_meta();
         for kind in [EngineKind::DEFAULT, EngineKind::HnswRs] {
             let gen = Generation::empty(kind, &EngineMemory::IN_RAM, Metric::L2, 2, meta.clone());
             gen.upsert(&[p(7, 70.0), p(1, 5.0)]);

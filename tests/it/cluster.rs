@@ -20,7 +20,7 @@ use vectord::pb::index_service_client::IndexServiceClient;
 
 use crate::common::child::{path_str, Vectord};
 use crate::common::engines::{script, Engines};
-use crate::common::{collect, eventually, harness_request, Gen, TestServer};
+use crate::common::{collect, eventually, harness_request, on_append, set_policy, Gen, TestServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -1358,22 +1358,9 @@ async fn control_a_refresh_policy_is_the_clusters_and_tunes_once() {
         .expect("harness");
     // Half the points changed since the last tune: the 200 points written so far already
     // are, so the policy tunes at once (as on a single node).
-    let set = a1
-        .set_refresh_policy(pb::SetRefreshPolicyRequest {
-            index_name: "rp".into(),
-            policy: Some(pb::RefreshPolicy {
-                mode: pb::RefreshMode::OnAppend as i32,
-                change_threshold: 0.5,
-                harness: "h".into(),
-                min_recall: Some(0.0),
-                ..Default::default()
-            }),
-        })
+    let set = set_policy(&nodes[0], "rp", Some(on_append(0.5)))
         .await
-        .expect("set the policy through node 1")
-        .into_inner()
-        .policy
-        .expect("policy");
+        .expect("set the policy through node 1");
     let done = |j: &pb::Job| j.state == pb::JobState::Succeeded as i32;
     let first = eventually(
         WAIT,
@@ -1477,22 +1464,10 @@ async fn control_a_refresh_policy_waits_for_a_job_on_another_node() {
     let (stream, job) = start_job(nodes[0].autotune().await, "rw", quick_grid())
         .await
         .expect("a job on node 1, held running by its gate");
-    let mut a2 = nodes[1].autotune().await;
-    a2.create_harness(harness_request("rw", "h2", 10, 20, Some(1)))
+    // Harness "h" (start_job made it) through node 2.
+    set_policy(&nodes[1], "rw", Some(on_append(0.5)))
         .await
-        .expect("harness");
-    a2.set_refresh_policy(pb::SetRefreshPolicyRequest {
-        index_name: "rw".into(),
-        policy: Some(pb::RefreshPolicy {
-            mode: pb::RefreshMode::OnAppend as i32,
-            change_threshold: 0.5,
-            harness: "h2".into(),
-            min_recall: Some(0.0),
-            ..Default::default()
-        }),
-    })
-    .await
-    .expect("set the policy through node 2");
+        .expect("set the policy through node 2");
     // Writes through nodes 2 and 3: every node applies them and finds the threshold crossed.
     for (node, ids) in [(&nodes[1], 0..60u64), (&nodes[2], 60..120)] {
         node.index()

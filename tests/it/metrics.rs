@@ -107,11 +107,9 @@ async fn metrics_show_rpcs_indexes_promotions_jobs_and_trials() {
     a.set_refresh_policy(pb::SetRefreshPolicyRequest {
         index_name: "m".into(),
         policy: Some(pb::RefreshPolicy {
-            mode: pb::RefreshMode::OnAppend as i32,
-            change_threshold: 100.0,
-            harness: "h".into(),
             recall_floor: Some(0.0),
-            ..Default::default()
+            min_recall: None,
+            ..common::on_append(100.0)
         }),
     })
     .await

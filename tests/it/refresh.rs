@@ -31,31 +31,6 @@ async fn harness(s: &TestServer, index: &str, count: u32) {
         .expect("harness");
 }
 
-async fn set_policy(
-    s: &TestServer,
-    index: &str,
-    policy: Option<pb::RefreshPolicy>,
-) -> Result<pb::RefreshPolicy, tonic::Status> {
-    s.autotune()
-        .await
-        .set_refresh_policy(pb::SetRefreshPolicyRequest {
-            index_name: index.into(),
-            policy,
-        })
-        .await
-        .map(|r| r.into_inner().policy.expect("policy"))
-}
-
-fn on_append(threshold: f64) -> pb::RefreshPolicy {
-    pb::RefreshPolicy {
-        mode: pb::RefreshMode::OnAppend as i32,
-        change_threshold: threshold,
-        harness: "h".into(),
-        min_recall: Some(0.0),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs() {
     let s = TestServer::start().await;

@@ -376,6 +376,33 @@ pub fn harness_request(
     }
 }
 
+/// SetRefreshPolicy of `index` through `s`: the policy as stored.
+pub async fn set_policy(
+    s: &TestServer,
+    index: &str,
+    policy: Option<pb::RefreshPolicy>,
+) -> Result<pb::RefreshPolicy, tonic::Status> {
+    s.autotune()
+        .await
+        .set_refresh_policy(pb::SetRefreshPolicyRequest {
+            index_name: index.into(),
+            policy,
+        })
+        .await
+        .map(|r| r.into_inner().policy.expect("policy"))
+}
+
+/// An ON_APPEND policy at `threshold` over harness "h", any recall accepted.
+pub fn on_append(threshold: f64) -> pb::RefreshPolicy {
+    pb::RefreshPolicy {
+        mode: pb::RefreshMode::OnAppend as i32,
+        change_threshold: threshold,
+        harness: "h".into(),
+        min_recall: Some(0.0),
+        ..Default::default()
+    }
+}
+
 /// How often `eventually` looks again.
 pub const POLL: Duration = Duration::from_millis(20);
 
