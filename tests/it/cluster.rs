@@ -1630,21 +1630,21 @@ async fn control_a_node_behind_is_not_serving_and_activation_reports_it_at_its_d
     .await;
 }
 
-/// UpsertPoints of point `id` through `c`, retried with the same request_id (as docs/cluster.md
+/// UpsertPoints of `points` through `c`, retried with the same `request_id` (as docs/cluster.md
 /// tells clients to) while the call is UNAVAILABLE, up to [`WAIT`]: its sequence.
-async fn write_retrying(
+async fn upsert_retrying(
     c: &mut IndexServiceClient<Channel>,
     index: &str,
-    id: u64,
-    dim: usize,
+    points: Vec<pb::Point>,
+    request_id: String,
 ) -> u64 {
     let deadline = Instant::now() + WAIT;
     loop {
         let r = c
             .upsert_points(pb::UpsertPointsRequest {
                 index_name: index.into(),
-                points: vec![point(id, dim)],
-                request_id: format!("{index}-{id}"),
+                points: points.clone(),
+                request_id: request_id.clone(),
             })
             .await;
         match r {
@@ -1654,9 +1654,19 @@ async fn write_retrying(
                 // leaders meanwhile.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(s) => panic!("write {id}: {s:?}"),
+            Err(s) => panic!("upsert into {index}: {s:?}"),
         }
     }
+}
+
+/// [`upsert_retrying`] of point `id` alone.
+async fn write_retrying(
+    c: &mut IndexServiceClient<Channel>,
+    index: &str,
+    id: u64,
+    dim: usize,
+) -> u64 {
+    upsert_retrying(c, index, vec![point(id, dim)], format!("{index}-{id}")).await
 }
 
 /// 3 etcd members, 3 NATS servers, 3 nodes: SIGKILL of one etcd member and one NATS server
@@ -1882,28 +1892,12 @@ async fn seeded_nodes(nodes: &[Node], name: &str, n: u64, dim: usize) {
     let pts: Vec<pb::Point> = (0..n).map(|i| point(i, dim)).collect();
     // Retried with its request_id while UNAVAILABLE: a fresh NATS cluster may still be
     // electing the stream's leader.
-    let deadline = Instant::now() + WAIT;
-    let up = loop {
-        let r = c
-            .upsert_points(pb::UpsertPointsRequest {
-                index_name: name.into(),
-                points: pts.clone(),
-                request_id: format!("seed-{name}"),
-            })
-            .await;
-        match r {
-            Ok(r) => break r.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => panic!("upsert: {s:?}"),
-        }
-    };
+    let sequence = upsert_retrying(&mut c, name, pts.clone(), format!("seed-{name}")).await;
     for node in nodes {
         let mut c = node.index().await;
         let ids = eventually(WAIT, "the index and its points on every node", || {
             let (mut c, v) = (c.clone(), pts[3].vector.clone());
-            async move { search_min(&mut c, name, v, 1, up.sequence).await.ok() }
+            async move { search_min(&mut c, name, v, 1, sequence).await.ok() }
         })
         .await;
         assert_eq!(ids, vec![3]);
