@@ -1317,35 +1317,29 @@ impl Catalog {
             None
         };
         let file = CopyFile::create(store.dir())?;
-        let copy = |mut file: CopyFile, locked: bool| {
+        // One scan into `file`, checked against the applied record, up to `tries` times.
+        // Under the writer lock no logged write can move the record: one try is enough.
+        let copy = |mut file: CopyFile, tries: usize| {
             let store = store.clone();
             tokio::task::spawn_blocking(move || -> Result<_> {
-                let read = if locked {
-                    file.restart()?;
-                    let applied = store.applied(uid)?;
-                    let n = store.visit_points(uid, dimension, |id, v| file.push(id, v))?;
-                    let counts = store.counts(uid)?;
-                    applied.map(|a| (n, a, counts))
-                } else {
-                    let file = std::cell::RefCell::new(&mut file);
-                    store.visit_points_at_applied(
-                        uid,
-                        dimension,
-                        3,
-                        || file.borrow_mut().restart(),
-                        |id, v| file.borrow_mut().push(id, v),
-                    )?
-                };
+                let cell = std::cell::RefCell::new(&mut file);
+                let read = store.visit_points_at_applied(
+                    uid,
+                    dimension,
+                    tries,
+                    || cell.borrow_mut().restart(),
+                    |id, v| cell.borrow_mut().push(id, v),
+                )?;
                 Ok((file, read))
             })
         };
-        let (file, read) = copy(file, false).await??;
+        let (file, read) = copy(file, 3).await??;
         let (file, (count, applied, counts)) = match read {
             Some(read) => (file, read),
             None => {
                 let _w = handle.writer.lock().await;
                 handle.check_live()?;
-                let (file, read) = copy(file, true).await??;
+                let (file, read) = copy(file, 1).await??;
                 let read = read.ok_or_else(|| {
                     Error::Internal(format!("replica {name} has no applied record"))
                 })?;
@@ -2618,7 +2612,7 @@ impl CopyReader {
     /// The next at most `max` points (fewer only at the end of the copy).
     pub fn next_chunk(&mut self, max: usize) -> Result<Vec<Point>> {
         use std::io::Read;
-        let mut out = Vec::with_capacity(max.min(1 << 16));
+        let mut out: Vec<Point> = Vec::with_capacity(max.min(1 << 16));
         let mut id = [0u8; 8];
         let mut bytes = vec![0u8; 4 * self.dimension];
         while out.len() < max {
@@ -2630,13 +2624,15 @@ impl CopyReader {
             self.file.read_exact(&mut bytes).map_err(copy_failed)?;
             out.push(Point {
                 id: u64::from_le_bytes(id),
-                vector: bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
+                vector: crate::store::decode_vector(&bytes)?,
             });
         }
         Ok(out)
+    }
+
+    /// The dimension of the copy's vectors.
+    pub fn dimension(&self) -> usize {
+        self.dimension
     }
 }
 

@@ -166,7 +166,9 @@ fn encode_vector(v: &[f32]) -> Vec<u8> {
     out
 }
 
-fn decode_vector(bytes: &[u8]) -> Result<Vec<f32>> {
+/// A stored vector's bytes (f32, little-endian) as floats (also a replica copy's file, which
+/// holds the stored bytes: `catalog::CopyReader`).
+pub(crate) fn decode_vector(bytes: &[u8]) -> Result<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
         return Err(Error::Corrupt(format!(
             "a stored vector has {} bytes, not a multiple of 4",

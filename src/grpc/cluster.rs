@@ -49,7 +49,6 @@ impl ClusterService for ClusterApi {
         let copy = cluster
             .index_state(&name, req.cluster_uid, req.with_graph)
             .await?;
-        let dimension = app.catalog.handle(&name)?.meta.dimension.max(1) as usize;
         tracing::info!(
             index = %name,
             points = copy.point_count,
@@ -60,7 +59,7 @@ impl ClusterService for ClusterApi {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let stop = self.core.tasks.stop_token();
         self.core.tasks.spawn(async move {
-            if let Err(why) = send_copy(copy, dimension, &tx, &stop).await {
+            if let Err(why) = send_copy(copy, &tx, &stop).await {
                 tracing::warn!(index = %name, "{why}: the transfer ended");
             }
         });
@@ -111,11 +110,10 @@ async fn send_part(
 /// snapshot file's bytes.
 async fn send_copy(
     copy: crate::catalog::ReplicaCopy,
-    dimension: usize,
     tx: &CopySender,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
-    let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * dimension)).max(1);
+    let per_chunk = (STATE_CHUNK_BYTES / (8 + 4 * copy.points.dimension().max(1))).max(1);
     let head = pb::FetchIndexStateResponse {
         sequence: copy.applied.sequence,
         point_count: copy.point_count,
