@@ -8,7 +8,8 @@
 //! from the same mixture (`VECTORD_SCALE_QUERIES`) with exact top-10 ground truth.
 //!
 //! Per set, in this order:
-//! 1. import points/s through ImportPoints (1,000 points a message), and the server's VmRSS
+//! 1. import points/s through ImportPoints (1,000 points a message) as acknowledged and until
+//!    every point is linked (GetIndex `unindexed_count` 0), and the server's VmRSS
 //!    (`/proc/<pid>/status`) after it, less an empty server's;
 //! 2. QPS at recall@10 0.95: SearchBatch of every query at each ef_search of a sweep, the first
 //!    ef reaching 0.95 (hnswlib: the same rule over its all-core batch QPS);
@@ -325,13 +326,19 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     create(&mut c, INDEX, set).await?;
     let took = import(&mut c, INDEX, &base, &all).await?;
     let import_rate = set.n as f64 / took;
+    // An import is answered once its points are stored and searchable (the last ones from the
+    // index's fresh segment); the figures below are of the linked graph.
+    let linked_after = wait_linked(&mut c, INDEX).await?;
+    let linked_rate = set.n as f64 / (took + linked_after);
     let import_rss = server.rss() - empty_rss;
     println!(
-        "  import: {import_rate:.0} points/s ({took:.1} s); server RSS after it {} over an empty server's {} ({:.0} B/point)",
+        "  import: {import_rate:.0} points/s acknowledged ({took:.1} s), every point linked {linked_after:.1} s later ({linked_rate:.0} points/s); server RSS then {} over an empty server's {} ({:.0} B/point)",
         mib(import_rss),
         mib(empty_rss),
         import_rss / set.n as f64
     );
+    out["linked_after_import_s"] = json!(linked_after);
+    out["import_linked_points_per_s"] = json!(linked_rate);
     println!(
         "  server memory after the import, less an empty server's: {}",
         server.rss_parts().minus(empty_parts).show(set.n)
@@ -566,6 +573,7 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     let (after, found_after) = unary_p50(&mut c, INDEX, &queries).await?;
     create(&mut c, "fresh", set).await?;
     import(&mut c, "fresh", &base, &live).await?;
+    wait_linked(&mut c, "fresh").await?;
     let (fresh, found_fresh) = unary_p50(&mut c, "fresh", &queries).await?;
     println!(
         "  search p50 at ef {P50_EF} after deleting 90%: {during:.0} us right after (compaction running), {after:.0} us once compacted ({} after the last delete), fresh index of the live 10%: {fresh:.0} us; compacted/fresh {:.2}x (target <= 1.5x within 60 s); recall@10 {:.3} vs fresh {:.3}",
@@ -608,18 +616,7 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             create(&mut c, INDEX, set).await?;
             import(&mut c, INDEX, &base, &all).await?;
             // The writers start on a graph with every imported point linked.
-            loop {
-                let i = c
-                    .get_index(pb::GetIndexRequest { name: INDEX.into() })
-                    .await?
-                    .into_inner()
-                    .index
-                    .ok_or("no index")?;
-                if i.unindexed_count == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_linked(&mut c, INDEX).await?;
             let (acks, p50, p99, errors, acked) = writers(
                 &[server.addr],
                 INDEX,
@@ -640,11 +637,7 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             // the graph has every point.
             let index = get(c.clone()).await?;
             let (search_during, _) = unary_p50(&mut c, INDEX, &queries).await?;
-            let started = Instant::now();
-            while get(c.clone()).await?.unindexed_count > 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let drained = started.elapsed().as_secs_f64();
+            let drained = wait_linked(&mut c, INDEX).await?;
             let (search_after, _) = unary_p50(&mut c, INDEX, &queries).await?;
             println!(
                 "  round {round} {}: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points; {} not yet linked at the end (linked {drained:.1} s later); search p50 at ef {P50_EF} {search_during:.0} us then, {search_after:.0} us once linked",
@@ -983,4 +976,22 @@ async fn main() -> BoxResult<()> {
     std::fs::write(&path, serde_json::to_vec_pretty(&json!({"sets": results}))?)?;
     println!("results: {}", path.display());
     Ok(())
+}
+
+/// Waits until the index's graph has linked every written point (GetIndex's
+/// `unindexed_count` is 0): the seconds it took.
+async fn wait_linked(c: &mut Client, name: &str) -> BoxResult<f64> {
+    let started = Instant::now();
+    loop {
+        let i = c
+            .get_index(pb::GetIndexRequest { name: name.into() })
+            .await?
+            .into_inner()
+            .index
+            .ok_or("no index")?;
+        if i.unindexed_count == 0 {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1542,11 +1542,19 @@ impl Catalog {
             return Ok(None);
         }
         let m = gen.meta.clone();
+        // Deletes that go on while it builds (a large delete in many calls passes the
+        // threshold early) make it outdated: once half of the points it started with are gone
+        // it stops, and the check after it starts one of what is left.
+        let live_at_start = gen.live_count();
         drop(gen);
         let (h, stop) = (handle.clone(), how.stop.clone());
         let compacting = Compacting {
             building,
-            cancelled: Arc::new(move || h.compaction.preempted() || stop.is_cancelled()),
+            cancelled: Arc::new(move || {
+                h.compaction.preempted()
+                    || stop.is_cancelled()
+                    || h.active().live_count() < live_at_start / 2
+            }),
         };
         let (meta, _, _) = self
             .build_and_swap(

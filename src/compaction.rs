@@ -11,6 +11,10 @@
 //!   on the index no compaction starts, and a running compaction stops at its next check
 //!   (between chunks of points) and gives the build lock up. The activation builds a generation
 //!   without tombstones anyway, so nothing is lost by dropping the compaction.
+//! - A compaction outdated by deletes made while it builds (half of the points it started
+//!   with deleted since) stops at its next check, and the check after it starts one of the
+//!   points left: a delete of most of an index in many calls costs one rebuild of what stays,
+//!   not one of what was there when the threshold was passed.
 //! - The check that starts one runs after a write has been acknowledged and costs two loads
 //!   under the generation's id-map read lock; the rebuild runs on a spawned task.
 //! - A failed compaction (not a skipped or cancelled one) is not retried on the index for

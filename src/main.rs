@@ -179,6 +179,13 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_LOG_KEEP_MESSAGES", value_name = "N", requires = "etcd",
           default_value_t = vectord::cluster::catchup::DEFAULT_LOG_KEEP_MESSAGES)]
     log_keep_messages: u64,
+    /// Cluster: the lab log (harnesses and trials) is trimmed when it holds more records that
+    /// no longer change the lab (trials removed by --trials-kept, deleted harnesses, the records
+    /// that removed them) than this and than live ones (docs/cluster.md).
+    #[arg(long, env = "VECTORD_LAB_LOG_MAX_DEAD", value_name = "N", requires = "etcd",
+          default_value_t = vectord::cluster::lab::DEFAULT_LAB_LOG_MAX_DEAD,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    lab_log_max_dead: u64,
     /// Allow a non-loopback --addr without TLS, and a non-loopback --metrics-addr (when the network is the boundary).
     #[arg(long, env = "VECTORD_INSECURE")]
     insecure: bool,
@@ -381,6 +388,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
         );
         if let Some(c) = config.cluster.as_mut() {
             c.log_keep_messages = args.log_keep_messages;
+            c.lab_log_max_dead = args.lab_log_max_dead;
         }
     }
     config

@@ -35,7 +35,9 @@
 //! - `lab` (cluster nodes only, docs/cluster.md): `applied` -> the last sequence of the
 //!   cluster's lab log (harnesses, trials, retention, pins) mirrored here (u64 BE), written in
 //!   the same transaction as the mirrored record; `pin` ++ trial id (u64 BE) -> empty: a trial
-//!   promoted in the cluster, which retention never removes.
+//!   promoted in the cluster, which retention never removes; `resync` -> the log sequence
+//!   (u64 BE) through which the node re-reads the whole log (it was trimmed past what the
+//!   node had), removed with what the re-read did not find.
 //!   A node that copies a replica from a peer (`cluster/catchup.rs`) writes the points under
 //!   a fresh uid first, then switches the index record, counts and applied record to it in one
 //!   transaction (an interrupted copy is an orphan uid, swept at the next start).
@@ -210,7 +212,7 @@ fn orphan_uids(tree: &sled::Tree, live: &std::collections::HashSet<u64>) -> Resu
     Ok(orphans)
 }
 
-fn harness_key(index: &str, name: &str) -> Vec<u8> {
+pub(crate) fn harness_key(index: &str, name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(index.len() + name.len() + 1);
     k.extend_from_slice(index.as_bytes());
     k.push(0);
@@ -1456,6 +1458,92 @@ impl Store {
             .map(|s| s.unwrap_or(0))
     }
 
+    /// The lab log sequence through which this store is re-reading the whole lab log
+    /// ([`Store::begin_lab_resync`]), when it is.
+    pub fn lab_resync(&self) -> Result<Option<u64>> {
+        self.lab.get(LAB_RESYNC)?.map(|v| u64_at(&v, 0)).transpose()
+    }
+
+    /// Starts re-reading the lab log from its start (the log was trimmed past what this store
+    /// mirrored, or the store's lab predates the log): the mirrored sequence goes back to 0 and
+    /// the resync mark is set to `through` (the log's last sequence now), in one transaction.
+    /// What the store has stays (so nothing a node served disappears meanwhile) until
+    /// [`Store::finish_lab_resync`]. Not flushed.
+    pub fn begin_lab_resync(&self, through: u64) -> Result<()> {
+        self.lab
+            .transaction(|l| {
+                l.insert(LAB_APPLIED, &0u64.to_be_bytes())?;
+                l.insert(LAB_RESYNC, &through.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Ends a resync once it has read every record of the log up to its mark: removes the
+    /// harnesses (by key) and trials (by id) not in `harnesses` and `trials`, the records the
+    /// re-read found, with their pins, and the mark, in one transaction. The counts removed.
+    /// Not flushed.
+    pub fn finish_lab_resync(
+        &self,
+        harnesses: &std::collections::HashSet<Vec<u8>>,
+        trials: &std::collections::HashSet<u64>,
+    ) -> Result<(usize, usize)> {
+        let mut stale_harnesses = Vec::new();
+        for k in self.harnesses.iter().keys() {
+            let k = k?;
+            if !harnesses.contains(k.as_ref()) {
+                stale_harnesses.push(k);
+            }
+        }
+        let mut stale_trials = Vec::new();
+        for k in self.trials.iter().keys() {
+            let id = u64_at(&k?, 0)?;
+            if !trials.contains(&id) {
+                stale_trials.push(id);
+            }
+        }
+        let removed = (&self.lab, &self.harnesses, &self.trials)
+            .transaction(|(l, h, t)| {
+                for k in &stale_harnesses {
+                    h.remove(k)?;
+                }
+                let mut removed = 0u64;
+                for id in &stale_trials {
+                    l.remove(&pin_key(*id))?;
+                    if t.remove(&id.to_be_bytes())?.is_some() {
+                        removed += 1;
+                    }
+                }
+                l.remove(LAB_RESYNC)?;
+                Ok(removed)
+            })
+            .map_err(tx_err)?;
+        self.trials_removed(removed);
+        Ok((stale_harnesses.len(), stale_trials.len()))
+    }
+
+    /// Whether the store has no harness and no trial.
+    pub fn lab_is_empty(&self) -> Result<bool> {
+        Ok(self.harnesses.is_empty() && self.trials.is_empty())
+    }
+
+    /// Harnesses, trials and pins in the store: the lab log's live records (each of them
+    /// is one record of the log).
+    pub fn lab_live_count(&self) -> Result<u64> {
+        let pins = self.lab.scan_prefix(b"pin").count() as u64;
+        Ok(self.harnesses.len() as u64 + self.trial_count() as u64 + pins)
+    }
+
+    /// Whether `index` has a harness `name`.
+    pub fn has_harness(&self, index: &str, name: &str) -> Result<bool> {
+        Ok(self.harnesses.contains_key(harness_key(index, name))?)
+    }
+
+    /// Whether the journal has trial `id`.
+    pub fn has_trial(&self, id: u64) -> Result<bool> {
+        Ok(self.trials.contains_key(id.to_be_bytes())?)
+    }
+
     /// Whether trial `id` is pinned (promoted in the cluster): retention never removes it.
     pub fn is_pinned(&self, id: u64) -> Result<bool> {
         Ok(self.lab.contains_key(pin_key(id))?)
@@ -1508,9 +1596,10 @@ impl Store {
                         cluster_uid,
                         name,
                         json,
+                        replace,
                     } => {
                         let key = harness_key(index, name);
-                        if replica(index, *cluster_uid)? && h.get(&key)?.is_none() {
+                        if replica(index, *cluster_uid)? && (*replace || h.get(&key)?.is_none()) {
                             h.insert(key, json.as_slice())?;
                         }
                         Ok((0, 0))
@@ -1587,6 +1676,8 @@ impl Store {
 
 /// The `lab` tree's key of the mirrored sequence.
 const LAB_APPLIED: &[u8] = b"applied";
+/// The `lab` tree's key of a resync's mark: the log sequence it re-reads through.
+const LAB_RESYNC: &[u8] = b"resync";
 
 fn pin_key(id: u64) -> [u8; 11] {
     let mut k = [0u8; 11];
@@ -1600,12 +1691,14 @@ fn pin_key(id: u64) -> [u8; 11] {
 pub enum LabOp<'a> {
     /// Nothing to store (an unreadable record, or one of an index this node does not have).
     Skip,
-    /// A new harness (JSON), unless the index already has one of that name.
+    /// A new harness (JSON), unless the index already has one of that name (with `replace`:
+    /// in its place, a resync's when the stored one is another harness of the name).
     CreateHarness {
         index: &'a str,
         cluster_uid: u64,
         name: &'a str,
         json: Vec<u8>,
+        replace: bool,
     },
     DeleteHarness {
         index: &'a str,
@@ -2074,6 +2167,7 @@ mod tests {
             cluster_uid: 100,
             name: "h",
             json: b"{}".to_vec(),
+            replace: false,
         };
         s.apply_lab(6, &missing).unwrap();
         assert_eq!(ids(&s), [4, 3, 2, 1]);
@@ -2094,6 +2188,7 @@ mod tests {
             cluster_uid: 100,
             name: "h",
             json: json.as_bytes().to_vec(),
+            replace: false,
         };
         s.apply_lab(10, &harness("{\"n\":1}")).unwrap();
         s.apply_lab(11, &harness("{\"n\":2}")).unwrap();
@@ -2115,6 +2210,65 @@ mod tests {
         let s = reopen(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!(s.lab_applied().unwrap(), 12);
         assert!(s.is_pinned(2).unwrap());
+    }
+
+    #[test]
+    fn a_lab_resync_keeps_what_the_reread_found_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.create_index(&record("a", 7)).unwrap());
+        s.link_replica(7, 100).unwrap();
+        let trial = |id: u64| LabOp::Trial {
+            index: "a",
+            cluster_uid: 100,
+            json: serde_json::to_vec(&serde_json::json!({"id": id, "index": "a", "harness": "h"}))
+                .unwrap(),
+        };
+        let harness = |name: &'static str, n: u32, replace: bool| LabOp::CreateHarness {
+            index: "a",
+            cluster_uid: 100,
+            name,
+            json: serde_json::to_vec(&serde_json::json!({ "n": n })).unwrap(),
+            replace,
+        };
+        for seq in 1..=4 {
+            s.apply_lab(seq, &trial(seq)).unwrap();
+        }
+        s.apply_lab(5, &LabOp::Pin { index: "a", id: 2 }).unwrap();
+        s.apply_lab(6, &harness("h", 1, false)).unwrap();
+        s.apply_lab(7, &harness("g", 1, false)).unwrap();
+        assert!(s.lab_resync().unwrap().is_none());
+        assert!(!s.lab_is_empty().unwrap());
+        assert_eq!(s.lab_live_count().unwrap(), 4 + 1 + 2);
+
+        // The log was trimmed: it still has trials 2 and 3, the pin, and harness h as
+        // created again since (another harness of the name: it takes the old one's place).
+        s.begin_lab_resync(20).unwrap();
+        assert_eq!(s.lab_applied().unwrap(), 0);
+        assert_eq!(s.lab_resync().unwrap(), Some(20));
+        s.apply_lab(2, &trial(2)).unwrap();
+        s.apply_lab(3, &trial(3)).unwrap();
+        s.apply_lab(5, &LabOp::Pin { index: "a", id: 2 }).unwrap();
+        s.apply_lab(9, &harness("h", 2, true)).unwrap();
+        // Until its end, the store still has everything it had.
+        assert_eq!(s.trial_count(), 4);
+        let found: std::collections::HashSet<Vec<u8>> = [harness_key("a", "h")].into();
+        assert_eq!(s.finish_lab_resync(&found, &[2, 3].into()).unwrap(), (1, 2));
+        let ids: Vec<u64> = s
+            .list_trials(None, 100, |_: &serde_json::Value| true)
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [3, 2]);
+        assert_eq!(s.trial_count(), 2);
+        assert!(s.is_pinned(2).unwrap());
+        let h: serde_json::Value = s.get_harness("a", "h").unwrap().unwrap();
+        assert_eq!(h["n"], 2);
+        assert!(!s.has_harness("a", "g").unwrap());
+        assert!(s.lab_resync().unwrap().is_none());
+        assert_eq!(s.lab_applied().unwrap(), 9);
+        assert_eq!(s.lab_live_count().unwrap(), 2 + 1 + 1);
     }
 
     #[test]

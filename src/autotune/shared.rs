@@ -18,6 +18,11 @@
 //!   its trial first (a record), then checks the trial is still in the journal: so in log
 //!   order a trial is either removed before its pin (the promotion is refused NOT_FOUND on
 //!   every node) or pinned before any removal (kept on every node).
+//! - The log is trimmed of records that no longer change anything (`cluster::lab`); a node
+//!   that may have missed one re-reads the whole log ([`Resync`]): its store then ends as the
+//!   log's records make it, like every other node's.
+
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -92,9 +97,28 @@ pub trait SharedLab: Send + Sync {
     async fn sync(&self) -> Result<()>;
 }
 
+/// What a resync has read of the lab log so far: it re-reads the whole log over what the store
+/// has (the log was trimmed past what this node mirrored, or the store's lab predates the log),
+/// and at its end removes the harnesses and trials that no record it read created
+/// ([`Store::finish_lab_resync`]).
+#[derive(Debug, Default)]
+pub struct Resync {
+    /// Keys (`store::harness_key`) of the harnesses created by a record read.
+    pub harnesses: HashSet<Vec<u8>>,
+    /// Trials journaled by a record read.
+    pub trials: HashSet<u64>,
+}
+
 /// Mirrors the record at log sequence `seq` into `store` (None: an unreadable record, only the
-/// sequence moves), in one store transaction with the sequence. Blocking; not flushed.
-pub fn mirror(store: &Store, seq: u64, record: Option<&LabRecord>) -> Result<()> {
+/// sequence moves), in one store transaction with the sequence; during a resync, noting what
+/// it created in `resync` (and putting a harness in the place of another one of its name the
+/// store has). Blocking; not flushed.
+pub fn mirror(
+    store: &Store,
+    seq: u64,
+    record: Option<&LabRecord>,
+    resync: Option<&mut Resync>,
+) -> Result<()> {
     let op = match record {
         None => LabOp::Skip,
         Some(LabRecord::HarnessCreated { index_uid, harness }) => LabOp::CreateHarness {
@@ -102,6 +126,10 @@ pub fn mirror(store: &Store, seq: u64, record: Option<&LabRecord>) -> Result<()>
             cluster_uid: *index_uid,
             name: harness.name.as_str(),
             json: json(harness)?,
+            replace: resync.is_some()
+                && store
+                    .get_harness::<Harness>(harness.index.as_str(), harness.name.as_str())?
+                    .is_some_and(|had| !same_harness(&had, harness)),
         },
         Some(LabRecord::HarnessDeleted {
             index_uid,
@@ -128,7 +156,29 @@ pub fn mirror(store: &Store, seq: u64, record: Option<&LabRecord>) -> Result<()>
             id: *trial_id,
         },
     };
-    store.apply_lab(seq, &op)
+    store.apply_lab(seq, &op)?;
+    if let (Some(r), Some(record)) = (resync, record) {
+        match record {
+            LabRecord::HarnessCreated { harness, .. } => {
+                r.harnesses.insert(crate::store::harness_key(
+                    harness.index.as_str(),
+                    harness.name.as_str(),
+                ));
+            }
+            LabRecord::Trial { .. } => {
+                r.trials.insert(seq);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether two harnesses of one name are the same one (made by the same record): a harness's
+/// ground truth may have been recomputed on this node since, the rest never changes.
+fn same_harness(a: &Harness, b: &Harness) -> bool {
+    (a.create_time_ms, a.seed, a.k, a.queries.len())
+        == (b.create_time_ms, b.seed, b.k, b.queries.len())
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {

@@ -18,6 +18,9 @@
 //!   (raised in the transaction that takes a job lease: job ids are `job-<n>`, unique).
 //! - `/vectord/v1/job-records/<n, 20 digits>` -> JSON `autotune::jobs::JobRecord`: every
 //!   node's job records, bounded like a single node's (`--jobs-kept` finished ones).
+//! - `/vectord/v1/lab-horizon` -> JSON u64: the lab log's records up to this sequence may be
+//!   trimmed (raised before any is deleted); `/vectord/v1/lab-trim` -> JSON node id, on that
+//!   node's lease, while it trims the lab log (`cluster::lab`).
 //!
 //! Every change of these is one transaction: a read of the keys it depends on ([`read`]),
 //! then a commit ([`commit`]) conditioned on each of them being unchanged ([`unchanged`]),
@@ -91,6 +94,16 @@ pub fn job_records_prefix() -> String {
 /// Job `seq`'s record (zero-padded: keys list in job order).
 pub fn job_record_key(seq: u64) -> String {
     format!("{PREFIX}job-records/{seq:020}")
+}
+
+/// The lab log's horizon (JSON u64): records at or below it may have been trimmed from the
+/// lab log, so a node that mirrored less re-reads the whole log (`cluster::lab`).
+pub fn lab_horizon_key() -> String {
+    format!("{PREFIX}lab-horizon")
+}
+/// Held (JSON node id, on the node's lease) while a node trims the lab log.
+pub fn lab_trim_key() -> String {
+    format!("{PREFIX}lab-trim")
 }
 
 /// An index's promotion registry in etcd.

@@ -284,6 +284,9 @@ pub enum Stopped {
 pub struct Batch {
     pub messages: Vec<(u64, bytes::Bytes)>,
     pub failed: Option<Error>,
+    /// The messages the stream held after the batch's last one when it was delivered (0: the
+    /// reader was at the stream's end then).
+    pub pending: u64,
 }
 
 /// Reads `stream` from sequence `start` with an ordered consumer (the node's store, not NATS,
@@ -314,16 +317,20 @@ pub async fn read_from(
         let mut out = Batch {
             messages: Vec::with_capacity(batch.len()),
             failed: None,
+            pending: u64::MAX,
         };
         for m in batch {
             let read = m
                 .map_err(|e| unavailable(&urls, what, e))
                 .and_then(|m| match m.info() {
-                    Ok(i) => Ok((i.stream_sequence, m.payload.clone())),
+                    Ok(i) => Ok((i.stream_sequence, i.pending, m.payload.clone())),
                     Err(e) => Err(unavailable(&urls, what, e)),
                 });
             match read {
-                Ok(msg) => out.messages.push(msg),
+                Ok((seq, pending, payload)) => {
+                    out.messages.push((seq, payload));
+                    out.pending = pending;
+                }
                 Err(e) => {
                     out.failed = Some(e);
                     break;
@@ -366,6 +373,7 @@ pub async fn apply_from(
     while let Some(Batch {
         messages,
         mut failed,
+        ..
     }) = batches.next().await
     {
         let mut waiting = Vec::with_capacity(messages.len());

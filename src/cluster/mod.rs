@@ -94,6 +94,10 @@ pub struct ClusterConfig {
     /// `--log-keep-messages`: applied write-log messages every index's stream keeps below the
     /// smallest sequence a live node still needs ([`catchup::DEFAULT_LOG_KEEP_MESSAGES`]).
     pub log_keep_messages: u64,
+    /// `--lab-log-max-dead`: records of the lab log that no longer change the lab (removed
+    /// trials, deleted harnesses, the records that removed them) past which, and past the
+    /// live ones' number, the log is trimmed ([`lab::DEFAULT_LAB_LOG_MAX_DEAD`]).
+    pub lab_log_max_dead: u64,
     /// How this node fetches an index's copy from a peer (set by the server: the gRPC client
     /// is the edge's); None: it never copies, it replays the stream.
     pub peers: Option<catchup::Peers>,
@@ -143,6 +147,7 @@ impl ClusterConfig {
             apply_gate: None,
             behind_messages: BEHIND_MESSAGES,
             log_keep_messages: catchup::DEFAULT_LOG_KEEP_MESSAGES,
+            lab_log_max_dead: lab::DEFAULT_LAB_LOG_MAX_DEAD,
             peers: None,
             catchup_hook: None,
         })
@@ -328,6 +333,12 @@ impl Cluster {
         tasks.spawn(lab::mirror_loop(
             cluster.clone(),
             cluster.lab.clone(),
+            cluster.stop.clone(),
+        ));
+        tasks.spawn(lab::trim_loop(
+            cluster.clone(),
+            cluster.lab.clone(),
+            cfg.lab_log_max_dead,
             cluster.stop.clone(),
         ));
         tracing::info!(node = %cfg.node_id, advertise = %cfg.advertise_addr, indexes = cluster.appliers.lock().len(), "joined the cluster");

@@ -2809,6 +2809,149 @@ async fn lab_retention_keeps_a_promoted_trial_on_every_node() {
     }
 }
 
+/// Whether the lab log stream (`VECTORD_LAB`) no longer has the record at `seq`, and the
+/// messages it holds (as `nats stream info` shows them).
+async fn lab_log_trimmed(e: &Engines, seq: u64) -> Option<(bool, u64)> {
+    let url = e.nats.split(',').next()?;
+    let client = async_nats::connect(url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream("VECTORD_LAB").await.ok()?;
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+    let gone = match s.get_raw_message(seq).await {
+        Ok(_) => false,
+        Err(e) => matches!(e.kind(), Kind::NoMessageFound),
+    };
+    Some((gone, s.info().await.ok()?.state.messages))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_the_log_is_trimmed_and_a_node_behind_or_new_reads_it_again() {
+    let Some(e) = Engines::start("lab_the_log_is_trimmed_and_a_node_behind_or_new_reads_it_again")
+    else {
+        return;
+    };
+    let edit = |c: &mut vectord::config::Config| {
+        c.trials_kept = 2;
+        if let Some(cluster) = &mut c.cluster {
+            cluster.lab_log_max_dead = 4;
+        }
+    };
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        nodes.push(node_in_process_with(id, &e, edit).await);
+    }
+    seeded_cluster_index(&nodes, "trim", 150, 4).await;
+    let mut a = nodes[0].autotune().await;
+    for name in ["h", "gone"] {
+        a.create_harness(harness_request("trim", name, 10, 10, Some(1)))
+            .await
+            .expect("create harness");
+    }
+    let promoted = run_trial(&nodes[0], "trim", small_config(6)).await;
+    nodes[1]
+        .promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: "trim".into(),
+            trial_id: promoted.id,
+            promoted_by: "test".into(),
+            note: String::new(),
+        })
+        .await
+        .expect("promote");
+    let early = run_trial(&nodes[1], "trim", small_config(7)).await;
+    wait_trial_ids(
+        &nodes[2],
+        "trim",
+        &[early.id, promoted.id],
+        "node 3 has the first trials",
+    )
+    .await;
+    assert_eq!(harness_names(&nodes[2], "trim").await, ["gone", "h"]);
+
+    // Node 3 stops. Meanwhile a harness is deleted and trials come and go (2 kept, and the
+    // promoted one): the log's dead records pile up and it is trimmed.
+    let mut n3 = nodes.pop().expect("node 3");
+    n3.stop().await;
+    drop(n3);
+    a.delete_harness(pb::DeleteHarnessRequest {
+        index_name: "trim".into(),
+        name: "gone".into(),
+    })
+    .await
+    .expect("delete harness");
+    let mut last = Vec::new();
+    for m in 8..16 {
+        last.push(run_trial(&nodes[(m % 2) as usize], "trim", small_config(m)).await);
+    }
+    let want = [last[7].id, last[6].id, promoted.id];
+    for node in &nodes {
+        wait_trial_ids(node, "trim", &want, "the newest two and the promoted trial").await;
+    }
+    // Trimmed: the record of the trial removed first is gone from the log, and the log holds
+    // at most the live records (harness h, three trials, the pin: 5), as many dead ones
+    // (max(--lab-log-max-dead 4, live 5)) and the last record a trim read.
+    eventually(Duration::from_secs(60), "the lab log trimmed", || async {
+        let (gone, held) = lab_log_trimmed(&e, early.id).await?;
+        (gone && held <= 11).then_some(())
+    })
+    .await;
+
+    // Node 3 comes back on its data dir: the log no longer has what it missed (the harness's
+    // deletion, the removed trials), so it reads the log again and ends like the others.
+    nodes.push(node_in_process_with("n3", &e, edit).await);
+    // And a new node reads the trimmed log from its start.
+    nodes.push(node_in_process_with("n4", &e, edit).await);
+    for (i, node) in nodes.iter().enumerate() {
+        eventually(WAIT, "the index on every node", || async move {
+            node.index()
+                .await
+                .get_index(pb::GetIndexRequest {
+                    name: "trim".into(),
+                })
+                .await
+                .ok()
+        })
+        .await;
+        wait_trial_ids(
+            node,
+            "trim",
+            &want,
+            "every node's journal as the log has it",
+        )
+        .await;
+        assert_eq!(harness_names(node, "trim").await, ["h"], "node {}", i + 1);
+        assert_eq!(
+            trials_of(node, "trim").await,
+            trials_of(&nodes[0], "trim").await,
+            "node {}",
+            i + 1
+        );
+        // A trial removed by retention is NOT_FOUND at once (its record is gone from the log).
+        let started = std::time::Instant::now();
+        let gone = node
+            .autotune()
+            .await
+            .get_trial(pb::GetTrialRequest { id: early.id })
+            .await;
+        assert_eq!(crate::common::code_of(gone), tonic::Code::NotFound);
+        assert!(started.elapsed() < Duration::from_secs(5), "node {}", i + 1);
+    }
+    // Ids are never reused: a trial through the new node comes after every earlier one, and
+    // every node has it.
+    let next = run_trial(&nodes[3], "trim", small_config(20)).await;
+    assert!(next.id > last[7].id);
+    for node in &nodes {
+        wait_trial_ids(
+            node,
+            "trim",
+            &[next.id, last[7].id, promoted.id],
+            "the new trial everywhere",
+        )
+        .await;
+    }
+}
+
 // ---- catching up from a peer; the write log's retention ----
 
 /// The first sequence of the only index's write-log stream (`VECTORD_<uid>_S0`) the engines
