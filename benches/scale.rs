@@ -34,6 +34,7 @@
 //! restart with the snapshot and a forced rebuild, alternating (medians of each), then one
 //! crash case: 20% more points imported, SIGKILL right after the import is acknowledged, and
 //! a restart that replays them (the import's snapshot may not have been written).
+//! `VECTORD_SCALE_PHASES=deletes` runs only the import and step 5 (no hnswlib, no writers).
 //! Results also go to `target/bench-scale.json`.
 //!
 //! `VECTORD_SCALE_ONLY=writers` runs only step 4 (no hnswlib), on a fresh server per run: import
@@ -42,7 +43,6 @@
 //! `vectord`), alternating, then each binary's medians. For comparing two builds in one run on
 //! a shared machine.
 
-use std::error::Error;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -356,6 +356,12 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         );
         return restarts_only(set, &data_dir, &mixture, repeats, out).await;
     }
+    if std::env::var("VECTORD_SCALE_PHASES").as_deref() == Ok("deletes") {
+        out["delete"] = deletes(&mut c, set, &base, &queries, &[]).await?;
+        drop(c);
+        server.stop().await?;
+        return Ok(out);
+    }
     if std::env::var("VECTORD_SCALE_PHASES").as_deref() == Ok("memory") {
         drop(c);
         server.stop().await?;
@@ -525,17 +531,30 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     );
     out["writers"] = json!({"acks_per_s": acks, "p50_ms": p50, "p99_ms": p99, "errors": errors});
 
-    let before = c
-        .get_index(pb::GetIndexRequest { name: INDEX.into() })
+    out["delete"] = deletes(&mut c, set, &base, &queries, &acked).await?;
+    drop(c);
+    server.stop().await?;
+    Ok(out)
+}
+
+/// Step 5: DeletePoints of 90 % of the points (and of `acked`, the writers'): search p50
+/// right after, the seconds until compaction finished, p50 then and p50 of a fresh index of
+/// the live points (imported into the same server).
+async fn deletes(
+    c: &mut Client,
+    set: &Set,
+    base: &[Vec<f32>],
+    queries: &[Vec<f32>],
+    acked: &[u64],
+) -> BoxResult<Value> {
+    let before = index_info(c, INDEX)
         .await?
-        .into_inner()
-        .index
-        .and_then(|i| i.compaction)
+        .compaction
         .map(|c| c.compactions)
         .unwrap_or(0);
     let live: Vec<u64> = (0..set.n as u64).filter(|id| id % 10 == 0).collect();
     let mut gone: Vec<u64> = (0..set.n as u64).filter(|id| id % 10 != 0).collect();
-    gone.extend(&acked);
+    gone.extend(acked);
     let t = Instant::now();
     for chunk in gone.chunks(50_000) {
         c.delete_points(pb::DeletePointsRequest {
@@ -552,17 +571,12 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         set.n + acked.len(),
         t.elapsed().as_secs_f64()
     );
-    let live_truth = exact(set.metric, &base, &live, &queries);
-    let (during, _) = unary_p50(&mut c, INDEX, &queries).await?;
+    let live_truth = exact(set.metric, base, &live, queries);
+    let (during, _) = unary_p50(c, INDEX, queries).await?;
     // Compaction done: none running, more than before, and the deleted share back under 0.2.
     let mut done = None;
     while deleted_at.elapsed() < Duration::from_secs(1800) {
-        let i = c
-            .get_index(pb::GetIndexRequest { name: INDEX.into() })
-            .await?
-            .into_inner()
-            .index
-            .ok_or("no index")?;
+        let i = index_info(c, INDEX).await?;
         let comp = i.compaction.unwrap_or_default();
         if !comp.running && comp.compactions > before && i.deleted_fraction < 0.2 {
             done = Some(deleted_at.elapsed().as_secs_f64());
@@ -570,11 +584,11 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (after, found_after) = unary_p50(&mut c, INDEX, &queries).await?;
-    create(&mut c, "fresh", set).await?;
-    import(&mut c, "fresh", &base, &live).await?;
-    wait_linked(&mut c, "fresh").await?;
-    let (fresh, found_fresh) = unary_p50(&mut c, "fresh", &queries).await?;
+    let (after, found_after) = unary_p50(c, INDEX, queries).await?;
+    create(c, "fresh", set).await?;
+    import(c, "fresh", base, &live).await?;
+    wait_linked(c, "fresh").await?;
+    let (fresh, found_fresh) = unary_p50(c, "fresh", queries).await?;
     println!(
         "  search p50 at ef {P50_EF} after deleting 90%: {during:.0} us right after (compaction running), {after:.0} us once compacted ({} after the last delete), fresh index of the live 10%: {fresh:.0} us; compacted/fresh {:.2}x (target <= 1.5x within 60 s); recall@10 {:.3} vs fresh {:.3}",
         done.map(secs).unwrap_or_else(|| "compaction NOT finished within 30 min".into()),
@@ -582,11 +596,10 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         recall(&found_after, &live_truth),
         recall(&found_fresh, &live_truth)
     );
-    out["delete"] = json!({"p50_during_us": during, "p50_after_us": after, "p50_fresh_us": fresh,
-        "compaction_s": done, "ratio": after / fresh});
-    drop(c);
-    server.stop().await?;
-    Ok(out)
+    Ok(
+        json!({"p50_during_us": during, "p50_after_us": after, "p50_fresh_us": fresh,
+        "compaction_s": done, "ratio": after / fresh}),
+    )
 }
 
 /// `VECTORD_SCALE_ONLY=writers`: step 4 alone, alternating the binaries of `VECTORD_SCALE_BINS`.
@@ -626,16 +639,9 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
                 write_secs,
             )
             .await?;
-            let get = |mut c: Client| async move {
-                c.get_index(pb::GetIndexRequest { name: INDEX.into() })
-                    .await?
-                    .into_inner()
-                    .index
-                    .ok_or_else(|| Box::<dyn Error>::from("no index"))
-            };
             // Search p50 right after the writers (with the points not yet linked), then once
             // the graph has every point.
-            let index = get(c.clone()).await?;
+            let index = index_info(&mut c, INDEX).await?;
             let (search_during, _) = unary_p50(&mut c, INDEX, &queries).await?;
             let drained = wait_linked(&mut c, INDEX).await?;
             let (search_after, _) = unary_p50(&mut c, INDEX, &queries).await?;
@@ -983,15 +989,18 @@ async fn main() -> BoxResult<()> {
 async fn wait_linked(c: &mut Client, name: &str) -> BoxResult<f64> {
     let started = Instant::now();
     loop {
-        let i = c
-            .get_index(pb::GetIndexRequest { name: name.into() })
-            .await?
-            .into_inner()
-            .index
-            .ok_or("no index")?;
-        if i.unindexed_count == 0 {
+        if index_info(c, name).await?.unindexed_count == 0 {
             return Ok(started.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// GetIndex of `name`.
+async fn index_info(c: &mut Client, name: &str) -> BoxResult<pb::Index> {
+    Ok(c.get_index(pb::GetIndexRequest { name: name.into() })
+        .await?
+        .into_inner()
+        .index
+        .ok_or("no index")?)
 }

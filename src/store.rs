@@ -2114,13 +2114,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.prune_trials("a", "h", 2).unwrap(), 2);
-        let left: Vec<u64> = s
-            .list_trials(None, 100, |_: &serde_json::Value| true)
-            .unwrap()
-            .iter()
-            .map(|t| t["id"].as_u64().unwrap())
-            .collect();
-        assert_eq!(left, vec![other, ids[5], ids[4], ids[1], ids[0]]);
+        assert_eq!(journal_ids(&s), vec![other, ids[5], ids[4], ids[1], ids[0]]);
         assert_eq!(
             s.prune_trials("a", "h", 2).unwrap(),
             0,
@@ -2128,25 +2122,39 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_lab_mirror_applies_each_record_once_for_its_replica_and_keeps_pinned_trials() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+    /// A store with index "a" (uid 7) as the replica of cluster index uid 100.
+    fn replica_store(dir: &Path) -> Store {
+        let s = Store::open(dir).unwrap();
         assert!(s.create_index(&record("a", 7)).unwrap());
         s.link_replica(7, 100).unwrap();
-        let trial = |id: u64| LabOp::Trial {
+        s
+    }
+
+    /// The lab record of trial `id` of index "a" (cluster uid 100), harness "h".
+    fn lab_trial(id: u64) -> LabOp<'static> {
+        LabOp::Trial {
             index: "a",
             cluster_uid: 100,
             json: serde_json::to_vec(&serde_json::json!({"id": id, "index": "a", "harness": "h"}))
                 .unwrap(),
-        };
-        let ids = |s: &Store| -> Vec<u64> {
-            s.list_trials(None, 100, |_: &serde_json::Value| true)
-                .unwrap()
-                .iter()
-                .map(|t| t["id"].as_u64().unwrap())
-                .collect()
-        };
+        }
+    }
+
+    /// The journal's trial ids, newest first.
+    fn journal_ids(s: &Store) -> Vec<u64> {
+        s.list_trials(None, 100, |_: &serde_json::Value| true)
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_lab_mirror_applies_each_record_once_for_its_replica_and_keeps_pinned_trials() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = replica_store(dir.path());
+        let trial = lab_trial;
+        let ids = journal_ids;
         for seq in 1..=4 {
             s.apply_lab(seq, &trial(seq)).unwrap();
         }
@@ -2215,15 +2223,8 @@ mod tests {
     #[test]
     fn a_lab_resync_keeps_what_the_reread_found_and_removes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        assert!(s.create_index(&record("a", 7)).unwrap());
-        s.link_replica(7, 100).unwrap();
-        let trial = |id: u64| LabOp::Trial {
-            index: "a",
-            cluster_uid: 100,
-            json: serde_json::to_vec(&serde_json::json!({"id": id, "index": "a", "harness": "h"}))
-                .unwrap(),
-        };
+        let s = replica_store(dir.path());
+        let trial = lab_trial;
         let harness = |name: &'static str, n: u32, replace: bool| LabOp::CreateHarness {
             index: "a",
             cluster_uid: 100,
@@ -2254,13 +2255,7 @@ mod tests {
         assert_eq!(s.trial_count(), 4);
         let found: std::collections::HashSet<Vec<u8>> = [harness_key("a", "h")].into();
         assert_eq!(s.finish_lab_resync(&found, &[2, 3].into()).unwrap(), (1, 2));
-        let ids: Vec<u64> = s
-            .list_trials(None, 100, |_: &serde_json::Value| true)
-            .unwrap()
-            .iter()
-            .map(|t| t["id"].as_u64().unwrap())
-            .collect();
-        assert_eq!(ids, [3, 2]);
+        assert_eq!(journal_ids(&s), [3, 2]);
         assert_eq!(s.trial_count(), 2);
         assert!(s.is_pinned(2).unwrap());
         let h: serde_json::Value = s.get_harness("a", "h").unwrap().unwrap();

@@ -806,18 +806,14 @@ async fn control_promote_on_one_node_then_activate_on_another_rolls_out_everywhe
         seed: Some(7),
     };
     let trial = trial_on(&nodes[1], "tuned", config).await;
-    let done = nodes[1]
-        .promotion()
-        .await
-        .promote(pb::PromoteRequest {
-            index_name: "tuned".into(),
-            trial_id: trial.id,
-            promoted_by: "test".into(),
-            note: "from node 2".into(),
-        })
-        .await
-        .expect("promote on node 2")
-        .into_inner();
+    let done = promote_on(
+        &nodes[1],
+        "tuned",
+        trial.id,
+        "from node 2",
+        "promote on node 2",
+    )
+    .await;
     let current = done.current.expect("current");
     assert_eq!(
         (current.trial_id, current.trial_node_id.as_str()),
@@ -2435,16 +2431,7 @@ async fn control_promoted_metrics_on_a_node_that_did_not_promote() {
         },
     )
     .await;
-    n1.promotion()
-        .await
-        .promote(pb::PromoteRequest {
-            index_name: "watched".into(),
-            trial_id: trial.id,
-            promoted_by: "test".into(),
-            note: String::new(),
-        })
-        .await
-        .expect("promote on node 1");
+    promote_on(&n1, "watched", trial.id, "", "promote on node 1").await;
     let recall = eventually(WAIT, "node 2's vectord_promoted_recall", || async {
         metric(&scrape(maddr).await, series)
     })
@@ -2532,6 +2519,27 @@ async fn run_trial(node: &TestServer, index: &str, config: pb::HnswConfig) -> pb
         .expect("trial")
 }
 
+/// Promote of `trial_id` through `node` (promoted_by "test"), expected to succeed (`what`).
+async fn promote_on(
+    node: &TestServer,
+    index: &str,
+    trial_id: u64,
+    note: &str,
+    what: &str,
+) -> pb::PromoteResponse {
+    node.promotion()
+        .await
+        .promote(pb::PromoteRequest {
+            index_name: index.into(),
+            trial_id,
+            promoted_by: "test".into(),
+            note: note.into(),
+        })
+        .await
+        .expect(what)
+        .into_inner()
+}
+
 fn small_config(m: u32) -> pb::HnswConfig {
     pb::HnswConfig {
         m,
@@ -2616,20 +2624,16 @@ async fn lab_a_trial_run_on_one_node_is_seen_and_promoted_from_every_node() {
     }
 
     // Promoted through node 3 (which did not run it), rolled out everywhere.
-    let current = nodes[2]
-        .promotion()
-        .await
-        .promote(pb::PromoteRequest {
-            index_name: "lab".into(),
-            trial_id: trial.id,
-            promoted_by: "test".into(),
-            note: "run on node 2".into(),
-        })
-        .await
-        .expect("promote on node 3 a trial run on node 2")
-        .into_inner()
-        .current
-        .expect("current");
+    let current = promote_on(
+        &nodes[2],
+        "lab",
+        trial.id,
+        "run on node 2",
+        "promote on node 3 a trial run on node 2",
+    )
+    .await
+    .current
+    .expect("current");
     assert_eq!(
         (current.trial_id, current.trial_node_id.as_str()),
         (trial.id, "n2")
@@ -2777,17 +2781,7 @@ async fn lab_retention_keeps_a_promoted_trial_on_every_node() {
         .await
         .expect("create harness");
     let promoted_trial = run_trial(&nodes[0], "kept", small_config(6)).await;
-    nodes[1]
-        .promotion()
-        .await
-        .promote(pb::PromoteRequest {
-            index_name: "kept".into(),
-            trial_id: promoted_trial.id,
-            promoted_by: "test".into(),
-            note: String::new(),
-        })
-        .await
-        .expect("promote");
+    promote_on(&nodes[1], "kept", promoted_trial.id, "", "promote").await;
     // Three more trials, through nodes 3, 2 and 3: the oldest unpromoted one (b) goes.
     let b = run_trial(&nodes[2], "kept", small_config(8)).await;
     let c = run_trial(&nodes[1], "kept", small_config(10)).await;
@@ -2848,17 +2842,7 @@ async fn lab_the_log_is_trimmed_and_a_node_behind_or_new_reads_it_again() {
             .expect("create harness");
     }
     let promoted = run_trial(&nodes[0], "trim", small_config(6)).await;
-    nodes[1]
-        .promotion()
-        .await
-        .promote(pb::PromoteRequest {
-            index_name: "trim".into(),
-            trial_id: promoted.id,
-            promoted_by: "test".into(),
-            note: String::new(),
-        })
-        .await
-        .expect("promote");
+    promote_on(&nodes[1], "trim", promoted.id, "", "promote").await;
     let early = run_trial(&nodes[1], "trim", small_config(7)).await;
     wait_trial_ids(
         &nodes[2],
