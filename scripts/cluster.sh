@@ -12,6 +12,13 @@
 #   VECTORD_ETCD=http://127.0.0.1:P1,...   VECTORD_NATS=nats://127.0.0.1:P2,...
 # (the env vars `vectord serve` reads for --etcd and --nats).
 #
+# SECURE=1 (at a DIR's first start; kept for its restarts): TLS and passwords on both engines.
+# A CA, a server certificate (127.0.0.1) and a client certificate are made in DIR/tls with
+# openssl; etcd serves its clients over https and asks for a client certificate, with
+# authentication on (user `vectord`, read-write on /vectord/ only; `root` for etcdctl); NATS
+# serves tls:// with client certificates verified and user `vectord`. `env` then also holds
+# VECTORD_{ETCD,NATS}_{CA,CERT,KEY,USER,PASSWORD} for vectord (docs/cluster.md).
+#
 # Sizes: ETCD_MEMBERS (default 1), NATS_SERVERS (default 1). Ports are picked free on
 # 127.0.0.1 at start and kept in DIR: a restart of the same DIR (stop, start) reuses them, so a
 # vectord pointed at them finds its engines again. Nothing listens on another address.
@@ -83,6 +90,28 @@ EOF
 
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# SECURE=1: the CA, certificates and passwords in DIR/tls (made once).
+make_tls() {
+  local t="$DIR/tls" who
+  [[ -f "$t/done" ]] && return 0
+  command -v openssl >/dev/null || die "SECURE=1 needs openssl"
+  mkdir -p "$t"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vectord-local-ca" \
+    -keyout "$t/ca-key.pem" -out "$t/ca.pem" 2>/dev/null || die "openssl: the CA"
+  for who in server client; do
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=vectord-$who" \
+      -keyout "$t/$who-key.pem" -out "$t/$who.csr" 2>/dev/null || die "openssl: the $who key"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' > "$t/$who.ext"
+    openssl x509 -req -in "$t/$who.csr" -CA "$t/ca.pem" -CAkey "$t/ca-key.pem" -CAcreateserial \
+      -days 3650 -extfile "$t/$who.ext" -out "$t/$who.pem" 2>/dev/null || die "openssl: the $who certificate"
+  done
+  openssl rand -hex 16 > "$t/etcd-password"
+  openssl rand -hex 16 > "$t/etcd-root-password"
+  openssl rand -hex 16 > "$t/nats-password"
+  chmod 600 "$t"/*-key.pem "$t"/*password
+  touch "$t/done"
+}
+
 wait_until() { # seconds, description, command...
   local secs=$1 what=$2; shift 2
   local end=$((SECONDS + secs))
@@ -120,15 +149,25 @@ start_once() {
     # etcd: client + peer per member; NATS: client + cluster + monitoring per server.
     echo "ETCD_MEMBERS=$n NATS_SERVERS=$m PORTS=\"$(free_ports $((2 * n + 3 * m)))\"" > "$DIR/ports"
   }
+  [[ -f "$DIR/ports" ]] && ! grep -q SECURE= "$DIR/ports" && echo "SECURE=${SECURE:-0}" >> "$DIR/ports"
   # shellcheck disable=SC1091
   source "$DIR/ports"
   n=$ETCD_MEMBERS m=$NATS_SERVERS
+  local t="$DIR/tls" scheme=http nscheme=nats
+  local -a etcd_tls=() ctl_tls=()
+  if [[ "$SECURE" == 1 ]]; then
+    make_tls
+    scheme=https nscheme=tls
+    etcd_tls=(--cert-file "$t/server.pem" --key-file "$t/server-key.pem"
+      --trusted-ca-file "$t/ca.pem" --client-cert-auth)
+    ctl_tls=(--cacert "$t/ca.pem" --cert "$t/client.pem" --key "$t/client-key.pem")
+  fi
   local -a p=($PORTS)
   local etcd_bin nats; etcd_bin=$(command -v etcd); nats=$(nats_bin)
   local initial="" clients="" i
   for ((i = 0; i < n; i++)); do
     initial+="${initial:+,}e$i=http://127.0.0.1:${p[2 * i + 1]}"
-    clients+="${clients:+,}http://127.0.0.1:${p[2 * i]}"
+    clients+="${clients:+,}$scheme://127.0.0.1:${p[2 * i]}"
   done
   for ((i = 0; i < n; i++)); do
     local d="$DIR/etcd/e$i"
@@ -136,8 +175,8 @@ start_once() {
     mkdir -p "$d"
     local state=new; [[ -d "$d/member" ]] && state=existing
     nohup "$etcd_bin" --name "e$i" --data-dir "$d" \
-      --listen-client-urls "http://127.0.0.1:${p[2 * i]}" \
-      --advertise-client-urls "http://127.0.0.1:${p[2 * i]}" \
+      --listen-client-urls "$scheme://127.0.0.1:${p[2 * i]}" \
+      --advertise-client-urls "$scheme://127.0.0.1:${p[2 * i]}" "${etcd_tls[@]}" \
       --listen-peer-urls "http://127.0.0.1:${p[2 * i + 1]}" \
       --initial-advertise-peer-urls "http://127.0.0.1:${p[2 * i + 1]}" \
       --initial-cluster "$initial" --initial-cluster-state "$state" \
@@ -147,7 +186,7 @@ start_once() {
   done
   local nurls="" routes="" base=$((2 * n))
   for ((i = 0; i < m; i++)); do
-    nurls+="${nurls:+,}nats://127.0.0.1:${p[base + 3 * i]}"
+    nurls+="${nurls:+,}$nscheme://127.0.0.1:${p[base + 3 * i]}"
     routes+="${routes:+, }nats-route://127.0.0.1:${p[base + 3 * i + 1]}"
   done
   for ((i = 0; i < m; i++)); do
@@ -161,6 +200,10 @@ start_once() {
       echo "max_payload: $NATS_MAX_PAYLOAD"
       echo "max_pending: $((2 * NATS_MAX_PAYLOAD))"
       echo "jetstream { store_dir: \"$d/js\", sync_interval: always }"
+      if [[ "$SECURE" == 1 ]]; then
+        echo "tls { cert_file: \"$t/server.pem\", key_file: \"$t/server-key.pem\", ca_file: \"$t/ca.pem\", verify: true }"
+        echo "authorization { users: [ { user: vectord, password: \"$(cat "$t/nats-password")\" } ] }"
+      fi
       if ((m > 1)); then
         echo "cluster { name: vectord, listen: 127.0.0.1:${p[base + 3 * i + 1]}, routes: [ $routes ] }"
       fi
@@ -170,7 +213,27 @@ start_once() {
     echo $! > "$d.pid"
   done
   printf 'VECTORD_ETCD=%s\nVECTORD_NATS=%s\n' "$clients" "$nurls" > "$DIR/env"
-  wait_until 30 "etcd" etcdctl --endpoints "$clients" --dial-timeout 1s endpoint health
+  if [[ "$SECURE" == 1 ]]; then
+    local e
+    for e in ETCD NATS; do
+      local lower=${e,,}
+      printf 'VECTORD_%s_CA=%s\nVECTORD_%s_CERT=%s\nVECTORD_%s_KEY=%s\nVECTORD_%s_USER=vectord\nVECTORD_%s_PASSWORD=%s\n' \
+        "$e" "$t/ca.pem" "$e" "$t/client.pem" "$e" "$t/client-key.pem" "$e" "$e" "$(cat "$t/$lower-password")" >> "$DIR/env"
+    done
+  fi
+  wait_until 30 "etcd" etcdctl --endpoints "$clients" "${ctl_tls[@]}" --dial-timeout 1s endpoint health
+  if [[ "$SECURE" == 1 && ! -f "$t/auth" ]]; then
+    # etcd's users, once: root (for etcdctl) and vectord (read-write on /vectord/ only).
+    local ctl=(etcdctl --endpoints "$clients" "${ctl_tls[@]}" --dial-timeout 2s)
+    "${ctl[@]}" user add "root:$(cat "$t/etcd-root-password")" --interactive=false >/dev/null
+    "${ctl[@]}" user grant-role root root >/dev/null
+    "${ctl[@]}" role add vectord >/dev/null
+    "${ctl[@]}" role grant-permission vectord --prefix=true readwrite /vectord/ >/dev/null
+    "${ctl[@]}" user add "vectord:$(cat "$t/etcd-password")" --interactive=false >/dev/null
+    "${ctl[@]}" user grant-role vectord vectord >/dev/null
+    "${ctl[@]}" auth enable >/dev/null || die "etcd: auth enable failed"
+    touch "$t/auth"
+  fi
   for ((i = 0; i < m; i++)); do
     # JetStream is up (and, in a cluster, has a meta leader) when healthz says ok.
     wait_until 30 "NATS server n$i" curl -fsS "http://127.0.0.1:${p[base + 3 * i + 2]}/healthz?js-enabled-only=true"

@@ -74,7 +74,13 @@ impl App {
         // The cluster's lab log (harnesses and trials), connecting in the background.
         let lab_log = match &config.cluster {
             Some(c) => Some(
-                crate::cluster::lab::LabLog::connect(&c.nats, &c.node_id, store.clone()).await?,
+                crate::cluster::lab::LabLog::connect(
+                    &c.nats,
+                    &c.nats_access,
+                    &c.node_id,
+                    store.clone(),
+                )
+                .await?,
             ),
             None => None,
         };

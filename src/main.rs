@@ -179,6 +179,57 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_LOG_KEEP_MESSAGES", value_name = "N", requires = "etcd",
           default_value_t = vectord::cluster::catchup::DEFAULT_LOG_KEEP_MESSAGES)]
     log_keep_messages: u64,
+    /// Cluster: the CA (PEM) etcd's certificate must chain to (with https:// --etcd URLs;
+    /// without it, the system's roots).
+    #[arg(long, env = "VECTORD_ETCD_CA", value_name = "PEM", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// Cluster: this node's client certificate (PEM) for etcd; needs --etcd-key.
+    #[arg(long, env = "VECTORD_ETCD_CERT", value_name = "PEM", requires_all = ["etcd", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// Cluster: the key (PEM) of --etcd-cert.
+    #[arg(
+        long,
+        env = "VECTORD_ETCD_KEY",
+        value_name = "PEM",
+        requires = "etcd_cert"
+    )]
+    etcd_key: Option<PathBuf>,
+    /// Cluster: etcd user (with authentication on); its password from VECTORD_ETCD_PASSWORD.
+    #[arg(long, env = "VECTORD_ETCD_USER", requires = "etcd")]
+    etcd_user: Option<String>,
+    /// Cluster: the password of --etcd-user (prefer the environment variable to the flag).
+    #[arg(
+        long,
+        env = "VECTORD_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    etcd_password: Option<String>,
+    /// Cluster: the CA (PEM) the NATS servers' certificates must chain to (with tls:// --nats URLs).
+    #[arg(long, env = "VECTORD_NATS_CA", value_name = "PEM", requires = "etcd")]
+    nats_ca: Option<PathBuf>,
+    /// Cluster: this node's client certificate (PEM) for NATS; needs --nats-key.
+    #[arg(long, env = "VECTORD_NATS_CERT", value_name = "PEM", requires_all = ["etcd", "nats_key"])]
+    nats_cert: Option<PathBuf>,
+    /// Cluster: the key (PEM) of --nats-cert.
+    #[arg(
+        long,
+        env = "VECTORD_NATS_KEY",
+        value_name = "PEM",
+        requires = "nats_cert"
+    )]
+    nats_key: Option<PathBuf>,
+    /// Cluster: NATS user; its password from VECTORD_NATS_PASSWORD.
+    #[arg(long, env = "VECTORD_NATS_USER", requires = "etcd")]
+    nats_user: Option<String>,
+    /// Cluster: the password of --nats-user (prefer the environment variable to the flag).
+    #[arg(
+        long,
+        env = "VECTORD_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    nats_password: Option<String>,
     /// Cluster: the lab log (harnesses and trials) is trimmed when it holds more records that
     /// no longer change the lab (trials removed by --trials-kept, deleted harnesses, the records
     /// that removed them) than this and than live ones (docs/cluster.md).
@@ -389,6 +440,24 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
         if let Some(c) = config.cluster.as_mut() {
             c.log_keep_messages = args.log_keep_messages;
             c.lab_log_max_dead = args.lab_log_max_dead;
+            c.etcd_access = vectord::cluster::EngineAccess {
+                ca: args.etcd_ca.clone(),
+                cert: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+                user: args.etcd_user.clone(),
+                password: args.etcd_password.clone(),
+            };
+            c.etcd_access
+                .check("--etcd", &c.etcd, "https://")
+                .map_err(|e| e.to_string())?;
+            c.nats_access = vectord::cluster::EngineAccess {
+                ca: args.nats_ca.clone(),
+                cert: args.nats_cert.clone().zip(args.nats_key.clone()),
+                user: args.nats_user.clone(),
+                password: args.nats_password.clone(),
+            };
+            c.nats_access
+                .check("--nats", &c.nats, "tls://")
+                .map_err(|e| e.to_string())?;
         }
     }
     config

@@ -105,10 +105,30 @@ async fn backoff(attempt: u32) {
 impl Control {
     /// The control plane of node `cfg.node_id`; etcd is connected at the first call.
     pub async fn connect(cfg: &ClusterConfig, tasks: Tasks) -> Result<Arc<Self>> {
-        let opts = etcd_client::ConnectOptions::new()
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(etcd::TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let access = &cfg.etcd_access;
+        if let (Some(user), Some(password)) = (&access.user, &access.password) {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        if super::EngineAccess::tls(&cfg.etcd, "https://") {
+            let read = |f: &std::path::Path| {
+                std::fs::read(f).map_err(|e| {
+                    Error::invalid(format!("--etcd: cannot read {}: {e}", f.display()))
+                })
+            };
+            let mut tls = etcd_client::TlsOptions::new();
+            tls = match &access.ca {
+                Some(ca) => tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &access.cert {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(tls);
+        }
         let etcd = etcd::bounded!(
             &cfg.etcd,
             "connecting",

@@ -78,8 +78,14 @@ pub struct LabLog {
 impl LabLog {
     /// A client of the lab log, connecting in the background (its calls are UNAVAILABLE until
     /// it is connected): the lab and the registry are built with it before the node joins.
-    pub async fn connect(urls: &[String], node_id: &str, store: Arc<Store>) -> Result<Arc<Self>> {
-        let (addrs, options) = super::log::connect_options(urls, format!("vectord-{node_id}-lab"))?;
+    pub async fn connect(
+        urls: &[String],
+        access: &super::EngineAccess,
+        node_id: &str,
+        store: Arc<Store>,
+    ) -> Result<Arc<Self>> {
+        let (addrs, options) =
+            super::log::connect_options(urls, access, format!("vectord-{node_id}-lab"))?;
         let connecting = options.retry_on_initial_connect().connect(addrs);
         // With retry_on_initial_connect, connect answers at once and connects in the
         // background.

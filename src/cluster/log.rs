@@ -50,6 +50,7 @@ pub struct WriteLog {
 /// `name`, reconnecting forever, calls bounded by [`PUBLISH_TIMEOUT`]).
 pub fn connect_options(
     urls: &[String],
+    access: &super::EngineAccess,
     name: String,
 ) -> Result<(Vec<async_nats::ServerAddr>, async_nats::ConnectOptions)> {
     let addrs = urls
@@ -59,19 +60,35 @@ pub fn connect_options(
                 .map_err(|e| Error::invalid(format!("--nats {u:?}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let options = async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(2))
         .request_timeout(Some(PUBLISH_TIMEOUT))
         .max_reconnects(None);
+    if super::EngineAccess::tls(urls, "tls://") {
+        options = options.require_tls(true);
+        if let Some(ca) = &access.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &access.cert {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    if let (Some(user), Some(password)) = (&access.user, &access.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
     Ok((addrs, options))
 }
 
 impl WriteLog {
     /// Connects (failing within a few seconds when no server answers); reconnects by itself
     /// afterwards, forever.
-    pub async fn connect(urls: &[String], node_id: &str) -> Result<Self> {
-        let (addrs, options) = connect_options(urls, format!("vectord-{node_id}"))?;
+    pub async fn connect(
+        urls: &[String],
+        access: &super::EngineAccess,
+        node_id: &str,
+    ) -> Result<Self> {
+        let (addrs, options) = connect_options(urls, access, format!("vectord-{node_id}"))?;
         let client = options
             .connect(addrs)
             .await

@@ -36,6 +36,7 @@ pub mod publish;
 mod rollout;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,11 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct ClusterConfig {
     pub etcd: Vec<String>,
     pub nats: Vec<String>,
+    /// TLS and credentials towards etcd (`--etcd-ca`, `--etcd-cert`/`--etcd-key`,
+    /// `--etcd-user`/`VECTORD_ETCD_PASSWORD`).
+    pub etcd_access: EngineAccess,
+    /// The same towards NATS (`--nats-…`).
+    pub nats_access: EngineAccess,
     pub node_id: String,
     pub advertise_addr: String,
     /// A test hook (no flag sets it): this node's rollouts of the gated indexes wait, before
@@ -103,6 +109,70 @@ pub struct ClusterConfig {
     pub peers: Option<catchup::Peers>,
     /// A test hook (no flag sets it): fail or hold this node's copies from peers.
     pub catchup_hook: Option<Arc<catchup::CatchUpHook>>,
+}
+
+/// How a node reaches one engine (etcd or NATS) beyond its URLs: TLS (on with https:// or
+/// tls:// URLs) with the CA the engine's certificate must chain to and this node's client
+/// certificate, and a user and password (docs/cluster.md "TLS and passwords").
+#[derive(Clone, Default)]
+pub struct EngineAccess {
+    /// The CA (PEM file) the engine's certificate must chain to (None with TLS: the system's
+    /// roots).
+    pub ca: Option<PathBuf>,
+    /// This node's certificate and key (PEM files), for an engine that asks for one.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for EngineAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineAccess")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+impl EngineAccess {
+    /// Checks the access to the engine of `flag` (`--etcd` or `--nats`) whose URLs are
+    /// `urls`, TLS ones starting with `tls_scheme`: every URL with TLS or none, certificate
+    /// files that can be read, a certificate with its key, a user with a password.
+    pub fn check(&self, flag: &str, urls: &[String], tls_scheme: &str) -> Result<()> {
+        let tls = urls.iter().filter(|u| u.starts_with(tls_scheme)).count();
+        if tls != 0 && tls != urls.len() {
+            return Err(Error::invalid(format!(
+                "{flag}: every URL with {tls_scheme} or none"
+            )));
+        }
+        if tls == 0 && (self.ca.is_some() || self.cert.is_some()) {
+            return Err(Error::invalid(format!(
+                "{flag}-ca and {flag}-cert need {tls_scheme} URLs in {flag}"
+            )));
+        }
+        let files = self
+            .ca
+            .iter()
+            .chain(self.cert.iter().flat_map(|(c, k)| [c, k]));
+        for f in files {
+            std::fs::metadata(f)
+                .map_err(|e| Error::invalid(format!("{flag}: cannot read {}: {e}", f.display())))?;
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(Error::invalid(format!(
+                "{flag}-user and its password (VECTORD_{}_PASSWORD) go together",
+                flag.trim_start_matches("--").to_uppercase()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the URLs ask for TLS.
+    pub fn tls(urls: &[String], tls_scheme: &str) -> bool {
+        urls.iter().any(|u| u.starts_with(tls_scheme))
+    }
 }
 
 impl ClusterConfig {
@@ -139,8 +209,10 @@ impl ClusterConfig {
             )));
         }
         Ok(ClusterConfig {
-            etcd: list("--etcd", etcd, &["http://"])?,
-            nats: list("--nats", nats, &["nats://"])?,
+            etcd: list("--etcd", etcd, &["http://", "https://"])?,
+            nats: list("--nats", nats, &["nats://", "tls://"])?,
+            etcd_access: EngineAccess::default(),
+            nats_access: EngineAccess::default(),
             node_id: node.to_string(),
             advertise_addr: advertise_addr.to_string(),
             rollout_gate: None,
@@ -259,6 +331,10 @@ impl Cluster {
             let res = Self::connect(&cfg, &control, &lab, &catalog, &drop_index, &tasks).await;
             match res {
                 Ok(c) => return Ok(c),
+                Err(e) if refused(&e) => {
+                    // Wrong credentials or certificates: waiting does not mend them.
+                    return Err(e);
+                }
                 Err(e) => {
                     if attempt.is_multiple_of(5) {
                         tracing::warn!(error = %e, "cluster node waiting for its engines (etcd, NATS): NOT_SERVING until they answer");
@@ -282,7 +358,7 @@ impl Cluster {
         tasks: &Tasks,
     ) -> Result<Arc<Self>> {
         let etcd = control.etcd();
-        let log = Arc::new(WriteLog::connect(&cfg.nats, &cfg.node_id).await?);
+        let log = Arc::new(WriteLog::connect(&cfg.nats, &cfg.nats_access, &cfg.node_id).await?);
         let stop = tasks.stop_token().child_token();
         let publishers = Publishers::new(
             log.clone(),
@@ -944,4 +1020,22 @@ impl Cluster {
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
         etcd::list_nodes(&mut self.etcd(), &self.cfg.etcd).await
     }
+}
+
+/// Whether an engine refused this node (a password, a permission or a certificate): a
+/// configuration error that no retry mends. The engines' clients tell it in their messages
+/// only (etcd's gRPC status text, NATS's error kind as text).
+pub fn refused(e: &Error) -> bool {
+    let Error::Engine { detail, .. } = e else {
+        return false;
+    };
+    let d = detail.to_ascii_lowercase();
+    [
+        "authentication failed",
+        "permission denied",
+        "authorization violation",
+        "certificate",
+    ]
+    .iter()
+    .any(|m| d.contains(m))
 }

@@ -33,6 +33,16 @@ impl Engines {
 
     /// [`Engines::start`] with `etcd_members` etcd members and `nats_servers` NATS servers.
     fn start_with(test: &str, etcd_members: usize, nats_servers: usize) -> Option<Self> {
+        Self::start_as(test, etcd_members, nats_servers, false)
+    }
+
+    /// [`Engines::start_with`]; `secure`: TLS and passwords on both engines.
+    fn start_as(
+        test: &str,
+        etcd_members: usize,
+        nats_servers: usize,
+        secure: bool,
+    ) -> Option<Self> {
         if std::env::var("VECTORD_CLUSTER_TESTS").as_deref() == Ok("skip") {
             eprintln!(
                 "SKIPPED {test}: VECTORD_CLUSTER_TESTS=skip. To run it: scripts/cluster.sh install \
@@ -41,7 +51,7 @@ impl Engines {
             );
             return None;
         }
-        match Engines::try_start(etcd_members, nats_servers) {
+        match Engines::try_start_secure(etcd_members, nats_servers, secure) {
             Ok(e) => Some(e),
             Err(e) => panic!(
                 "{test}: {e}\n\
@@ -694,12 +704,28 @@ async fn node_in_process_with(
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let mut config = vectord::config::Config::for_tests(&dir);
-    let cluster = vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
-        .expect("cluster flags");
+    let config = node_config(id, e, &dir, addr, edit);
+    TestServer::start_on(listener, &dir, config).await
+}
+
+/// The config of cluster node `id` on `dir` at `addr` (with the engines' TLS files and
+/// passwords when they have them), as `edit` changes it.
+fn node_config(
+    id: &str,
+    e: &Engines,
+    dir: &Path,
+    addr: SocketAddr,
+    edit: impl FnOnce(&mut vectord::config::Config),
+) -> vectord::config::Config {
+    let mut config = vectord::config::Config::for_tests(dir);
+    let mut cluster =
+        vectord::cluster::ClusterConfig::parse(&e.etcd, &e.nats, id, &addr.to_string())
+            .expect("cluster flags");
+    cluster.etcd_access = e.etcd_access.clone();
+    cluster.nats_access = e.nats_access.clone();
     config.cluster = Some(cluster);
     edit(&mut config);
-    TestServer::start_on(listener, &dir, config).await
+    config
 }
 
 /// Three in-process nodes n1..n3 (n1's autotune jobs on `gated` wait at the returned gate).
@@ -2933,6 +2959,77 @@ async fn lab_the_log_is_trimmed_and_a_node_behind_or_new_reads_it_again() {
             "the new trial everywhere",
         )
         .await;
+    }
+}
+
+// ---- TLS and passwords towards the engines ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_engines_take_nodes_with_their_certificates_and_passwords_only() {
+    let Some(e) = Engines::start_as(
+        "secure_engines_take_nodes_with_their_certificates_and_passwords_only",
+        1,
+        1,
+        true,
+    ) else {
+        return;
+    };
+    assert!(e.etcd.starts_with("https://") && e.nats.starts_with("tls://"));
+    // Two nodes with the engines' CA, client certificate and passwords: writes, reads with
+    // min_sequence and the lab log work across them.
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2"] {
+        nodes.push(node_in_process_with(id, &e, |_| {}).await);
+    }
+    seeded_cluster_index(&nodes, "secure", 60, 4).await;
+    nodes[0]
+        .autotune()
+        .await
+        .create_harness(harness_request("secure", "h", 10, 10, Some(1)))
+        .await
+        .expect("create harness");
+    let trial = run_trial(&nodes[1], "secure", small_config(6)).await;
+    wait_trial_ids(
+        &nodes[0],
+        "secure",
+        &[trial.id],
+        "node 1 has node 2's trial",
+    )
+    .await;
+
+    // A node with a wrong etcd password, or no NATS password, does not start: it says which
+    // engine refused it at once instead of waiting for it.
+    type Edit = fn(&mut vectord::cluster::ClusterConfig);
+    let cases: [(&str, &str, &str, Edit); 2] = [
+        (
+            "a wrong etcd password",
+            "etcd",
+            "authentication failed",
+            |c| c.etcd_access.password = Some("wrong".into()),
+        ),
+        ("no NATS password", "NATS", "authorization violation", |c| {
+            c.nats_access.user = None;
+            c.nats_access.password = None;
+        }),
+    ];
+    for (i, (what, engine, why, edit)) in cases.into_iter().enumerate() {
+        let dir = e.dir.path().join(format!("refused-{i}"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = node_config(&format!("r{i}"), &e, &dir, addr, |c| {
+            if let Some(cluster) = &mut c.cluster {
+                edit(cluster);
+            }
+        });
+        let run = vectord::server::run(listener, config, std::future::pending());
+        let ended = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the node kept waiting"));
+        let err = ended.expect_err(what).to_string();
+        assert!(err.contains(engine) && err.contains(why), "{what}: {err}");
     }
 }
 

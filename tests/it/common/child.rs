@@ -115,6 +115,18 @@ impl Vectord {
             "VECTORD_NATS",
             "VECTORD_NODE_ID",
             "VECTORD_ADVERTISE_ADDR",
+            "VECTORD_ETCD_CA",
+            "VECTORD_ETCD_CERT",
+            "VECTORD_ETCD_KEY",
+            "VECTORD_ETCD_USER",
+            "VECTORD_ETCD_PASSWORD",
+            "VECTORD_NATS_CA",
+            "VECTORD_NATS_CERT",
+            "VECTORD_NATS_KEY",
+            "VECTORD_NATS_USER",
+            "VECTORD_NATS_PASSWORD",
+            "VECTORD_LAB_LOG_MAX_DEAD",
+            "VECTORD_LOG_KEEP_MESSAGES",
             "RUST_LOG",
         ] {
             cmd.env_remove(var);

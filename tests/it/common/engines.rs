@@ -14,6 +14,9 @@ pub struct Engines {
     pub nats: String,
     /// (etcd members, NATS servers)
     pub sizes: (usize, usize),
+    /// With `SECURE=1` engines: a node's TLS files and passwords for etcd, for NATS.
+    pub etcd_access: vectord::cluster::EngineAccess,
+    pub nats_access: vectord::cluster::EngineAccess,
 }
 
 pub fn script() -> PathBuf {
@@ -24,6 +27,16 @@ impl Engines {
     /// Starts `etcd_members` etcd members and `nats_servers` NATS servers (the script installs
     /// the pinned versions when missing); why not, as text.
     pub fn try_start(etcd_members: usize, nats_servers: usize) -> Result<Engines, String> {
+        Self::try_start_secure(etcd_members, nats_servers, false)
+    }
+
+    /// [`Engines::try_start`]; with `secure`, TLS and passwords on both engines (the script's
+    /// `SECURE=1`), their files and passwords in [`Engines::etcd_access`] and `nats_access`.
+    pub fn try_start_secure(
+        etcd_members: usize,
+        nats_servers: usize,
+        secure: bool,
+    ) -> Result<Engines, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("a temp dir: {e}"))?;
         let out = Command::new("bash")
             .arg(script())
@@ -31,6 +44,7 @@ impl Engines {
             .arg(dir.path())
             .env("ETCD_MEMBERS", etcd_members.to_string())
             .env("NATS_SERVERS", nats_servers.to_string())
+            .env("SECURE", if secure { "1" } else { "0" })
             .output()
             .map_err(|e| format!("running scripts/cluster.sh: {e}"))?;
         if !out.status.success() {
@@ -48,9 +62,20 @@ impl Engines {
                 .map(str::to_string)
                 .ok_or_else(|| format!("no {k} in the script's env file: {env}"))
         };
+        let access = |engine: &str| {
+            let var = |k: &str| get(&format!("VECTORD_{engine}_{k}")).ok();
+            vectord::cluster::EngineAccess {
+                ca: var("CA").map(Into::into),
+                cert: var("CERT").map(Into::into).zip(var("KEY").map(Into::into)),
+                user: var("USER"),
+                password: var("PASSWORD"),
+            }
+        };
         Ok(Engines {
             etcd: get("VECTORD_ETCD")?,
             nats: get("VECTORD_NATS")?,
+            etcd_access: access("ETCD"),
+            nats_access: access("NATS"),
             dir,
             sizes: (etcd_members, nats_servers),
         })
