@@ -24,9 +24,10 @@
 //! that carries the ranking over is the cost: graphs that reached the target on the sample,
 //! least distance computations first (cost ranks graphs far more stably across N than p50, and
 //! recall at a fixed ef_search drops as N grows, so the ef_search found on the sample is a
-//! starting point, not the answer). On all the points each confirmed graph's smallest
-//! ef_search is searched for again starting at the sample's: one step down to check it, then
-//! up (a step, then binary search) while it misses.
+//! starting point, not the answer). The graphs confirmed are the best, then the best of each
+//! other m (a small m's recall drifts most with N), then the next best. On all the points each
+//! confirmed graph's smallest ef_search is searched for again starting at the sample's: one
+//! step down to check it, or up by 1, 2, 4… steps while it misses, then binary search.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,7 +40,9 @@ use crate::error::{Error, Result};
 use crate::model::HnswConfig;
 
 /// The ef_search values tried, within the trial bounds.
-pub const EF_LADDER: [u32; 14] = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200];
+pub const EF_LADDER: [u32; 18] = [
+    10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 512,
+];
 pub const DEFAULT_M: [u32; 3] = [8, 16, 32];
 pub const DEFAULT_EF_CONSTRUCTION: [u32; 3] = [40, 100, 200];
 pub const DEFAULT_MAX_TRIALS: u32 = 40;
@@ -57,8 +60,9 @@ pub const MIN_SAMPLE_POINTS: u32 = 1_000;
 pub const DEFAULT_CONFIRM: u32 = 2;
 pub const MAX_CONFIRM: u32 = 8;
 /// Trials set aside for each confirmed graph out of `max_trials` (the ef_search search around
-/// the sample's takes 2 or 3).
-pub const TRIALS_PER_CONFIRM: u32 = 4;
+/// the sample's takes 2 or 3 when the sample's is close, 5 or 6 when the full data needs many
+/// times it).
+pub const TRIALS_PER_CONFIRM: u32 = 6;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -200,7 +204,9 @@ impl<E: Evaluator> Run<'_, E> {
 impl<E: Evaluator> Run<'_, E> {
     /// The smallest ladder ef_search reaching the target on a graph where about `hint` reached
     /// it on a sample: probes `hint`; while it passes, the step below (at most one step, then
-    /// binary search below); while it misses, the step above, then binary search above.
+    /// binary search below); while it misses, up by 1, 2, 4… steps until one passes, then
+    /// binary search in between (recall at a fixed ef_search drops as N grows, at 1M points
+    /// to several ladder steps above the sample's).
     async fn find_ef_near(
         &mut self,
         graph: &Arc<E::Graph>,
@@ -221,10 +227,10 @@ impl<E: Evaluator> Run<'_, E> {
         }
     }
 
-    /// The search both of the above run: trials at ladder steps from `start`, the first
-    /// `neighbour_steps` of them moving one step (down after a pass, up after a miss), the rest
-    /// halving the interval still open, until it is empty or the allowance, the job's trials or
-    /// its time run out.
+    /// The search both of the above run: trials at ladder steps from `start`; with
+    /// `neighbour_steps`, the first ones after passes move one step down (that many at most),
+    /// and misses before any pass gallop up (1, 2, 4… steps); the rest halve the interval still
+    /// open, until it is empty or the allowance, the job's trials or its time run out.
     async fn search_ladder(
         &mut self,
         graph: &Arc<E::Graph>,
@@ -242,6 +248,7 @@ impl<E: Evaluator> Run<'_, E> {
         };
         let mut next = start.min(hi);
         let mut steps = 0;
+        let mut climb = 0u32;
         while lo <= hi
             && allowance > 0
             && self.trials_left() > 0
@@ -269,10 +276,19 @@ impl<E: Evaluator> Run<'_, E> {
             } else {
                 lo = next + 1;
             }
-            next = match (steps <= neighbour_steps, passed) {
-                (true, true) => hi,
-                (true, false) => lo,
-                (false, _) => lo + hi.saturating_sub(lo) / 2,
+            let bisect = lo + hi.saturating_sub(lo) / 2;
+            next = if passed {
+                if steps <= neighbour_steps {
+                    hi
+                } else {
+                    bisect
+                }
+            } else if neighbour_steps > 0 && score.ef_at.is_none() {
+                let up = next + (1usize << climb.min(16));
+                climb += 1;
+                up.min(hi)
+            } else {
+                bisect
             };
         }
         Ok(score)
@@ -423,9 +439,23 @@ pub async fn confirm<E: Evaluator>(
     } else {
         ranked
     };
-    let chosen: Vec<&Ranked> = pool
-        .iter()
-        .take(n.min(run.trials_left() as usize))
+    // The best one, then the best of each other m, then the next best: recall at a fixed
+    // config drifts with N more for some m than for others (a small m's most), so the graphs
+    // confirmed hedge across m rather than take two of one.
+    let want = n.min(run.trials_left() as usize);
+    let mut picked: Vec<&Ranked> = Vec::with_capacity(want);
+    for r in pool {
+        if picked.len() < want && picked.iter().all(|p| p.m != r.m) {
+            picked.push(r);
+        }
+    }
+    for r in pool {
+        if picked.len() < want && !picked.iter().any(|p| std::ptr::eq(*p, r)) {
+            picked.push(r);
+        }
+    }
+    let chosen: Vec<&Ranked> = picked
+        .into_iter()
         .filter(|r| !run.out_of_time(r.built.mul_f64(scale)))
         .collect();
     if chosen.is_empty() {
@@ -486,11 +516,25 @@ mod tests {
     struct Fake {
         log: Mutex<Vec<HnswConfig>>,
         builds: Mutex<Vec<(u32, u32)>>,
+        /// Recall at ef_search e is the easy landscape's at e / hard (more points: lower).
+        hard: u32,
+    }
+
+    fn fake(hard: u32) -> Fake {
+        Fake {
+            log: Mutex::new(Vec::new()),
+            builds: Mutex::new(Vec::new()),
+            hard,
+        }
     }
 
     fn recall(c: &HnswConfig) -> f64 {
+        recall_at(c, 1)
+    }
+
+    fn recall_at(c: &HnswConfig, hard: u32) -> f64 {
         let q = f64::from(c.m).ln() * f64::from(c.ef_construction).ln();
-        1.0 - 1.0 / (1.0 + f64::from(c.ef_search) * q / 60.0)
+        1.0 - 1.0 / (1.0 + f64::from(c.ef_search) / f64::from(hard) * q / 60.0)
     }
 
     impl Evaluator for Fake {
@@ -517,7 +561,7 @@ mod tests {
                 harness: Name::parse("h", "h")?,
                 config: c,
                 k: 10,
-                recall: recall(&c),
+                recall: recall_at(&c, self.hard),
                 p50_micros: 1.0,
                 p95_micros: 1.0,
                 p99_micros: 1.0,
@@ -549,10 +593,7 @@ mod tests {
     }
 
     async fn go(p: &Plan) -> (Vec<HnswConfig>, Vec<(u32, u32)>) {
-        let f = Fake {
-            log: Mutex::new(Vec::new()),
-            builds: Mutex::new(Vec::new()),
-        };
+        let f = fake(1);
         run(p, &f).await.expect("run");
         let log = f.log.lock().clone();
         let builds = f.builds.lock().clone();
@@ -624,14 +665,87 @@ mod tests {
 
     /// The smallest ladder ef_search reaching the target on a (m, ef_construction) graph.
     fn truth(m: u32, ec: u32) -> Option<u32> {
+        truth_at(m, ec, 1)
+    }
+
+    fn truth_at(m: u32, ec: u32, hard: u32) -> Option<u32> {
         EF_LADDER.iter().copied().find(|&e| {
-            recall(&HnswConfig {
+            let c = HnswConfig {
                 m,
                 ef_construction: ec,
                 ef_search: e,
                 seed: None,
-            }) >= 0.95
+            };
+            recall_at(&c, hard) >= 0.95
         })
+    }
+
+    /// On all the points recall needs several times the sample's ef_search (it drops as N
+    /// grows): the confirm phase climbs from the hint by 1, 2, 4… steps and still finds each
+    /// graph's smallest passing ef_search within its trials; and it confirms the best graph of
+    /// another m before a second graph of the best one's m.
+    #[tokio::test]
+    async fn confirm_climbs_far_above_the_hint_and_hedges_across_m() {
+        let p = plan(40);
+        let ranked = run(&p, &fake(1)).await.expect("run");
+        let first = ranked[0].clone();
+        let twin = ranked
+            .iter()
+            .find(|r| r.m == first.m && r.ef_construction != first.ef_construction)
+            .cloned()
+            .expect("two graphs of the best m");
+        let other = ranked
+            .iter()
+            .find(|r| r.m != first.m && r.ef_search().is_some())
+            .cloned()
+            .expect("a graph of another m");
+        // A ranking with the twin second (as when the sample's cheapest graphs share an m).
+        let mut order = vec![first.clone(), twin.clone()];
+        order.extend(
+            ranked
+                .iter()
+                .filter(|r| **r != first && **r != twin)
+                .cloned(),
+        );
+        let full = fake(4);
+        confirm(&p, &full, &order, 2, 10.0, Instant::now())
+            .await
+            .expect("confirm");
+        let builds = full.builds.lock().clone();
+        assert_eq!(
+            builds,
+            [
+                (first.m, first.ef_construction),
+                (other.m, other.ef_construction)
+            ]
+        );
+        let log = full.log.lock().clone();
+        for &(m, ec) in &builds {
+            let on: Vec<u32> = log
+                .iter()
+                .filter(|c| c.m == m && c.ef_construction == ec)
+                .map(|c| c.ef_search)
+                .collect();
+            let found = on
+                .iter()
+                .copied()
+                .filter(|&e| {
+                    let c = HnswConfig {
+                        m,
+                        ef_construction: ec,
+                        ef_search: e,
+                        seed: None,
+                    };
+                    recall_at(&c, 4) >= 0.95
+                })
+                .min();
+            assert_eq!(found, truth_at(m, ec, 4), "m {m} ec {ec}: {on:?}");
+            assert!(found.is_some(), "reachable on the ladder: m {m} ec {ec}");
+            assert!(
+                on.len() as u32 <= TRIALS_PER_CONFIRM,
+                "m {m} ec {ec}: {on:?}"
+            );
+        }
     }
 
     /// Multi-fidelity's second phase builds exactly the `n` best graphs of the ranking (best
@@ -639,20 +753,14 @@ mod tests {
     /// own trial budget.
     #[tokio::test]
     async fn confirm_builds_the_best_ranked_graphs_and_finds_their_ef_search() {
-        let f = Fake {
-            log: Mutex::new(Vec::new()),
-            builds: Mutex::new(Vec::new()),
-        };
+        let f = fake(1);
         let p = plan(40);
         let ranked = run(&p, &f).await.expect("run");
         assert!(ranked.len() >= 3);
         assert!(ranked
             .windows(2)
             .all(|w| w[0].cost() <= w[1].cost() || w[1].ef_search().is_none()));
-        let f2 = Fake {
-            log: Mutex::new(Vec::new()),
-            builds: Mutex::new(Vec::new()),
-        };
+        let f2 = fake(1);
         confirm(&p, &f2, &ranked, 2, 10.0, Instant::now())
             .await
             .expect("confirm");
@@ -686,10 +794,7 @@ mod tests {
             assert!(on.len() <= 2, "m {m} ec {ec}: {on:?}");
         }
         // Its own budget.
-        let f3 = Fake {
-            log: Mutex::new(Vec::new()),
-            builds: Mutex::new(Vec::new()),
-        };
+        let f3 = fake(1);
         let mut small = plan(1);
         small.max_trials = 1;
         confirm(&small, &f3, &ranked, 2, 10.0, Instant::now())
