@@ -222,7 +222,8 @@ start_once() {
     done
   fi
   wait_until 30 "etcd" etcdctl --endpoints "$clients" "${ctl_tls[@]}" --dial-timeout 1s endpoint health
-  if [[ "$SECURE" == 1 && ! -f "$t/auth" ]]; then
+  # The mark lives with etcd's data: a start retried on new ports wipes both.
+  if [[ "$SECURE" == 1 && ! -f "$DIR/etcd/auth-on" ]]; then
     # etcd's users, once: root (for etcdctl) and vectord (read-write on /vectord/ only).
     local ctl=(etcdctl --endpoints "$clients" "${ctl_tls[@]}" --dial-timeout 2s)
     "${ctl[@]}" user add "root:$(cat "$t/etcd-root-password")" --interactive=false >/dev/null
@@ -232,7 +233,7 @@ start_once() {
     "${ctl[@]}" user add "vectord:$(cat "$t/etcd-password")" --interactive=false >/dev/null
     "${ctl[@]}" user grant-role vectord vectord >/dev/null
     "${ctl[@]}" auth enable >/dev/null || die "etcd: auth enable failed"
-    touch "$t/auth"
+    touch "$DIR/etcd/auth-on"
   fi
   for ((i = 0; i < m; i++)); do
     # JetStream is up (and, in a cluster, has a meta leader) when healthz says ok.

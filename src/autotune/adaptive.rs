@@ -668,6 +668,30 @@ mod tests {
         truth_at(m, ec, 1)
     }
 
+    /// The ef_search values `log` probed on graph (m, ec), and the smallest of them that reached
+    /// the target on a landscape `hard` times the easy one's.
+    fn probed(log: &[HnswConfig], m: u32, ec: u32, hard: u32) -> (Vec<u32>, Option<u32>) {
+        let on: Vec<u32> = log
+            .iter()
+            .filter(|c| c.m == m && c.ef_construction == ec)
+            .map(|c| c.ef_search)
+            .collect();
+        let found = on
+            .iter()
+            .copied()
+            .filter(|&e| {
+                let c = HnswConfig {
+                    m,
+                    ef_construction: ec,
+                    ef_search: e,
+                    seed: None,
+                };
+                recall_at(&c, hard) >= 0.95
+            })
+            .min();
+        (on, found)
+    }
+
     fn truth_at(m: u32, ec: u32, hard: u32) -> Option<u32> {
         EF_LADDER.iter().copied().find(|&e| {
             let c = HnswConfig {
@@ -721,24 +745,7 @@ mod tests {
         );
         let log = full.log.lock().clone();
         for &(m, ec) in &builds {
-            let on: Vec<u32> = log
-                .iter()
-                .filter(|c| c.m == m && c.ef_construction == ec)
-                .map(|c| c.ef_search)
-                .collect();
-            let found = on
-                .iter()
-                .copied()
-                .filter(|&e| {
-                    let c = HnswConfig {
-                        m,
-                        ef_construction: ec,
-                        ef_search: e,
-                        seed: None,
-                    };
-                    recall_at(&c, 4) >= 0.95
-                })
-                .min();
+            let (on, found) = probed(&log, m, ec, 4);
             assert_eq!(found, truth_at(m, ec, 4), "m {m} ec {ec}: {on:?}");
             assert!(found.is_some(), "reachable on the ladder: m {m} ec {ec}");
             assert!(
@@ -772,23 +779,7 @@ mod tests {
         assert_eq!(builds, best);
         let log = f2.log.lock().clone();
         for &(m, ec) in &builds {
-            let on: Vec<u32> = log
-                .iter()
-                .filter(|c| c.m == m && c.ef_construction == ec)
-                .map(|c| c.ef_search)
-                .collect();
-            let found = on
-                .iter()
-                .copied()
-                .filter(|&e| {
-                    recall(&HnswConfig {
-                        m,
-                        ef_construction: ec,
-                        ef_search: e,
-                        seed: None,
-                    }) >= 0.95
-                })
-                .min();
+            let (on, found) = probed(&log, m, ec, 1);
             assert_eq!(found, truth(m, ec), "m {m} ec {ec}: {on:?}");
             // From the sample's hint (the same landscape here): the hint and the step below.
             assert!(on.len() <= 2, "m {m} ec {ec}: {on:?}");

@@ -1032,6 +1032,7 @@ pub fn refused(e: &Error) -> bool {
     let d = detail.to_ascii_lowercase();
     [
         "authentication failed",
+        "authentication is not enabled",
         "permission denied",
         "authorization violation",
         "certificate",
