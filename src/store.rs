@@ -35,9 +35,9 @@
 //! - `lab` (cluster nodes only, docs/cluster.md): `applied` -> the last sequence of the
 //!   cluster's lab log (harnesses, trials, retention, pins) mirrored here (u64 BE), written in
 //!   the same transaction as the mirrored record; `pin` ++ trial id (u64 BE) -> empty: a trial
-//!   promoted in the cluster, which retention never removes; `resync` -> the log sequence
-//!   (u64 BE) through which the node re-reads the whole log (it was trimmed past what the
-//!   node had), removed with what the re-read did not find.
+//!   promoted in the cluster, which retention never removes; `resync` -> empty: the node
+//!   is re-reading the whole log (it was trimmed past what the node had), removed with what
+//!   the re-read did not find.
 //!   A node that copies a replica from a peer (`cluster/catchup.rs`) writes the points under
 //!   a fresh uid first, then switches the index record, counts and applied record to it in one
 //!   transaction (an interrupted copy is an orphan uid, swept at the next start).
@@ -1458,22 +1458,21 @@ impl Store {
             .map(|s| s.unwrap_or(0))
     }
 
-    /// The lab log sequence through which this store is re-reading the whole lab log
-    /// ([`Store::begin_lab_resync`]), when it is.
-    pub fn lab_resync(&self) -> Result<Option<u64>> {
-        self.lab.get(LAB_RESYNC)?.map(|v| u64_at(&v, 0)).transpose()
+    /// Whether this store is re-reading the whole lab log ([`Store::begin_lab_resync`]).
+    pub fn lab_resyncing(&self) -> Result<bool> {
+        Ok(self.lab.contains_key(LAB_RESYNC)?)
     }
 
     /// Starts re-reading the lab log from its start (the log was trimmed past what this store
     /// mirrored, or the store's lab predates the log): the mirrored sequence goes back to 0 and
-    /// the resync mark is set to `through` (the log's last sequence now), in one transaction.
+    /// the resync mark is set, in one transaction.
     /// What the store has stays (so nothing a node served disappears meanwhile) until
     /// [`Store::finish_lab_resync`]. Not flushed.
-    pub fn begin_lab_resync(&self, through: u64) -> Result<()> {
+    pub fn begin_lab_resync(&self) -> Result<()> {
         self.lab
             .transaction(|l| {
                 l.insert(LAB_APPLIED, &0u64.to_be_bytes())?;
-                l.insert(LAB_RESYNC, &through.to_be_bytes())?;
+                l.insert(LAB_RESYNC, &[][..])?;
                 Ok(())
             })
             .map_err(tx_err)
@@ -1676,7 +1675,7 @@ impl Store {
 
 /// The `lab` tree's key of the mirrored sequence.
 const LAB_APPLIED: &[u8] = b"applied";
-/// The `lab` tree's key of a resync's mark: the log sequence it re-reads through.
+/// The `lab` tree's key of a resync's mark.
 const LAB_RESYNC: &[u8] = b"resync";
 
 fn pin_key(id: u64) -> [u8; 11] {
@@ -2238,15 +2237,15 @@ mod tests {
         s.apply_lab(5, &LabOp::Pin { index: "a", id: 2 }).unwrap();
         s.apply_lab(6, &harness("h", 1, false)).unwrap();
         s.apply_lab(7, &harness("g", 1, false)).unwrap();
-        assert!(s.lab_resync().unwrap().is_none());
+        assert!(!s.lab_resyncing().unwrap());
         assert!(!s.lab_is_empty().unwrap());
         assert_eq!(s.lab_live_count().unwrap(), 4 + 1 + 2);
 
         // The log was trimmed: it still has trials 2 and 3, the pin, and harness h as
         // created again since (another harness of the name: it takes the old one's place).
-        s.begin_lab_resync(20).unwrap();
+        s.begin_lab_resync().unwrap();
         assert_eq!(s.lab_applied().unwrap(), 0);
-        assert_eq!(s.lab_resync().unwrap(), Some(20));
+        assert!(s.lab_resyncing().unwrap());
         s.apply_lab(2, &trial(2)).unwrap();
         s.apply_lab(3, &trial(3)).unwrap();
         s.apply_lab(5, &LabOp::Pin { index: "a", id: 2 }).unwrap();
@@ -2261,7 +2260,7 @@ mod tests {
         let h: serde_json::Value = s.get_harness("a", "h").unwrap().unwrap();
         assert_eq!(h["n"], 2);
         assert!(!s.has_harness("a", "g").unwrap());
-        assert!(s.lab_resync().unwrap().is_none());
+        assert!(!s.lab_resyncing().unwrap());
         assert_eq!(s.lab_applied().unwrap(), 9);
         assert_eq!(s.lab_live_count().unwrap(), 2 + 1 + 1);
     }

@@ -314,7 +314,7 @@ async fn mirror_from(cluster: &Arc<Cluster>, lab: &LabLog) -> Result<()> {
     // A resync under way when the node stopped starts over (what it had read is not kept); a
     // store whose lab predates the lab log takes the log's.
     let mut resync =
-        if store.lab_resync()?.is_some() || (store.lab_applied()? == 0 && !store.lab_is_empty()?) {
+        if store.lab_resyncing()? || (store.lab_applied()? == 0 && !store.lab_is_empty()?) {
             Some(begin_resync(cluster, lab).await?)
         } else {
             None
@@ -349,7 +349,7 @@ async fn begin_resync(cluster: &Arc<Cluster>, lab: &LabLog) -> Result<Resyncing>
     };
     let through = lab.ensure_stream().await?.cached_info().state.last_sequence;
     let store = lab.store.clone();
-    tokio::task::spawn_blocking(move || store.begin_lab_resync(through)).await??;
+    tokio::task::spawn_blocking(move || store.begin_lab_resync()).await??;
     lab.store.flush().await?;
     tracing::warn!(horizon, through, "re-reading the cluster's lab log from its start: it was trimmed past what this node had mirrored (or this node's lab predates the log)");
     Ok(Resyncing {
@@ -398,11 +398,15 @@ async fn horizon_state(cluster: &Cluster) -> Result<(u64, bool)> {
         &keys,
     )
     .await?;
-    let horizon = match &read[0] {
-        Some(r) => r.decode::<u64>(&keys[0])?,
-        None => 0,
-    };
-    Ok((horizon, read[1].is_some()))
+    Ok((horizon_of(&read[0])?, read[1].is_some()))
+}
+
+/// The horizon as etcd holds it (absent: 0, nothing trimmed yet).
+fn horizon_of(read: &Option<etcd::Read>) -> Result<u64> {
+    match read {
+        Some(r) => r.decode::<u64>(&etcd::lab_horizon_key()),
+        None => Ok(0),
+    }
 }
 
 /// Mirrors the log from the record after the store's, until an error, or until this node must
@@ -539,7 +543,7 @@ pub(super) async fn trim_loop(
 }
 
 async fn trim_if_due(cluster: &Arc<Cluster>, lab: &LabLog, max_dead: u64) -> Result<()> {
-    if lab.store.lab_resync()?.is_some() {
+    if lab.store.lab_resyncing()? {
         // Its store is not the log's yet.
         return Ok(());
     }
@@ -711,11 +715,7 @@ async fn raise_horizon(cluster: &Cluster, to: u64, trim_rev: i64) -> Result<()> 
             std::slice::from_ref(&key),
         )
         .await?;
-        let now = match &read[0] {
-            Some(r) => r.decode::<u64>(&key)?,
-            None => 0,
-        };
-        if now >= to {
+        if horizon_of(&read[0])? >= to {
             return Ok(());
         }
         let done = etcd::commit(
