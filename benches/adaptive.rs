@@ -1,7 +1,7 @@
 //! Autotune at scale (issue 23 §4), over gRPC against a real in-process server, in one run on
 //! one index:
 //! - the reference: an exhaustive grid (m 8/16/32 x ef_construction 40/100/200 x every
-//!   ef_search of ADAPTIVE's ladder, 126 configs, builds shared per (m, ef_construction)),
+//!   ef_search of ADAPTIVE's ladder (10 to 512), 162 configs, builds shared per (m, ef_construction)),
 //!   whose trial with the least distance computations per query at recall >= 0.95 is the best;
 //! - ADAPTIVE on all the points (multi-fidelity off), target 0.95;
 //! - multi-fidelity ADAPTIVE (ranked on a sample, the best `confirm` graphs built on all the
@@ -42,7 +42,8 @@ use vectord::pb::index_service_client::IndexServiceClient;
 
 const HARNESS: &str = "h";
 const TARGET: f64 = 0.95;
-const LADDER: [u32; 14] = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200];
+/// The grid's ef_search values: ADAPTIVE's own ladder, so the grid can find whatever it can.
+const LADDER: [u32; 18] = vectord::autotune::adaptive::EF_LADDER;
 
 fn env(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())

@@ -26,7 +26,7 @@ pub const DEFAULT_CONFIG_EF_CONSTRUCTION: std::ops::RangeInclusive<u32> = 10..=2
 /// Bounds of a trial's or autotune grid's config, from the contract.
 pub const TRIAL_M: std::ops::RangeInclusive<u32> = 2..=128;
 pub const TRIAL_EF_CONSTRUCTION: std::ops::RangeInclusive<u32> = 10..=400;
-pub const TRIAL_EF_SEARCH: std::ops::RangeInclusive<u32> = 10..=200;
+pub const TRIAL_EF_SEARCH: std::ops::RangeInclusive<u32> = 10..=512;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {

@@ -43,6 +43,8 @@ use crate::model::HnswConfig;
 pub const EF_LADDER: [u32; 18] = [
     10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 512,
 ];
+// Every rung of the ladder is a config a trial may run (the contract's bound).
+const _: () = assert!(EF_LADDER[EF_LADDER.len() - 1] == *crate::model::TRIAL_EF_SEARCH.end());
 pub const DEFAULT_M: [u32; 3] = [8, 16, 32];
 pub const DEFAULT_EF_CONSTRUCTION: [u32; 3] = [40, 100, 200];
 pub const DEFAULT_MAX_TRIALS: u32 = 40;

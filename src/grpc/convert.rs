@@ -62,7 +62,7 @@ pub fn default_config(field: &str, c: Option<pb::HnswConfig>) -> Result<HnswConf
 /// field names in errors ("config." or "grid[3].").
 pub fn trial_config(field: &str, c: Option<pb::HnswConfig>) -> Result<HnswConfig> {
     let c = c.ok_or_else(|| {
-        Error::invalid("config is required: m (0 = 16, else 2..=128), ef_construction 10..=400, ef_search 10..=200")
+        Error::invalid("config is required: m (0 = 16, else 2..=128), ef_construction 10..=400, ef_search 10..=512")
     })?;
     trial_config_from(field, c.m, c.ef_construction, c.ef_search, c.seed)
 }

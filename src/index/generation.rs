@@ -1284,6 +1284,55 @@ mod tests {
         assert!(g.save(dir.path(), "x.snap", 1, 1, None).is_err());
     }
 
+    /// Online linking against a build, on one engine: points/s of a build of `N` clustered
+    /// 128-d points (every core), then of `M` more staged in groups of 64 and linked the way
+    /// the indexer links them (`link_pending(LINK_BATCH)` until none is left), then of `M` more
+    /// linked in one call. Run with `cargo test --release --lib online_linking_rate --
+    /// --ignored --nocapture` (`N`, `M` in the environment).
+    #[test]
+    #[ignore]
+    fn online_linking_rate() {
+        use rand::SeedableRng;
+        let env = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(d)
+        };
+        let (n, m) = (env("N", 100_000), env("M", 20_000));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let all = clustered(&mut rng, n + 2 * m, 128);
+        let (base, rest) = all.split_at(n as usize);
+        let (online, one_call) = rest.split_at(m as usize);
+        let dir = tempfile::tempdir().unwrap();
+        let memory = EngineMemory::in_data_dir(dir.path()).unwrap();
+        let t = std::time::Instant::now();
+        let g = Generation::build(
+            EngineKind::DEFAULT,
+            &memory,
+            Metric::L2,
+            128,
+            default_meta(),
+            base.to_vec(),
+            &|| false,
+        )
+        .unwrap();
+        let rate = |points: usize, t: std::time::Instant| points as f64 / t.elapsed().as_secs_f64();
+        println!("build of {n}: {:.0} points/s", rate(base.len(), t));
+        for chunk in online.chunks(64) {
+            g.stage(chunk);
+        }
+        let t = std::time::Instant::now();
+        while g.link_pending(LINK_BATCH) > 0 {}
+        println!("{m} staged, linked {LINK_BATCH} a call: {:.0} points/s", rate(online.len(), t));
+        for chunk in one_call.chunks(64) {
+            g.stage(chunk);
+        }
+        let t = std::time::Instant::now();
+        while g.link_pending(usize::MAX) > 0 {}
+        println!("{m} staged, linked in one call: {:.0} points/s", rate(one_call.len(), t));
+    }
+
     #[test]
     fn cancelled_build_stops() {
         let e = Generation::build(

@@ -216,7 +216,8 @@ async fn trials_measure_sanely_exclude_self_matches_and_follow_point_changes() {
     assert!(t2.id > t.id);
 
     // A new point exactly at a query: the stale ground truth would not have it, and the
-    // trial would score it a miss. Recomputed, recall stays 1.
+    // trial would score it a miss. Recomputed, recall stays 1 (at ef_search 512, the top of
+    // a trial's range and of ADAPTIVE's ladder).
     let mut c = s.index().await;
     let mut close = pts.clone();
     for p in close.iter_mut() {
@@ -224,7 +225,7 @@ async fn trials_measure_sanely_exclude_self_matches_and_follow_point_changes() {
         p.vector.iter_mut().for_each(|x| *x += 1e-4);
     }
     upsert(&mut c, "t", close).await;
-    let t3 = trial(&mut a, "t", "smoke", cfg(16, 200, 200)).await;
+    let t3 = trial(&mut a, "t", "smoke", cfg(16, 200, 512)).await;
     assert_eq!(t3.point_count, 108);
     assert_eq!(t3.recall, 1.0);
 
@@ -242,7 +243,7 @@ async fn trials_measure_sanely_exclude_self_matches_and_follow_point_changes() {
         (cfg(16, 9, 50), "ef_construction"),
         (cfg(16, 401, 50), "ef_construction"),
         (cfg(16, 100, 9), "ef_search"),
-        (cfg(16, 100, 201), "ef_search"),
+        (cfg(16, 100, 513), "ef_search"),
     ] {
         let e = a
             .run_trial(pb::RunTrialRequest {
