@@ -478,14 +478,19 @@ pub async fn confirm<E: Evaluator>(
             )
         })
         .collect();
-    let mut handles = builds.into_iter();
-    let total = chosen.len();
-    for (i, r) in chosen.into_iter().enumerate() {
-        let Some(h) = handles.next() else { break };
-        let (graph, _) = match h.await {
-            Ok(r) => r?,
+    // Every graph is built before any is measured: a trial measured while another graph
+    // still builds on the other cores gets a slower p50 than one measured after, and the
+    // winner is picked by p50 (on the 30k words, one config measured 49.6 µs beside a build
+    // and 39.8 µs alone).
+    let mut graphs = Vec::with_capacity(builds.len());
+    for h in builds {
+        match h.await {
+            Ok(r) => graphs.push(r?.0),
             Err(e) => return Err(Error::Internal(format!("a build task failed: {e}"))),
-        };
+        }
+    }
+    let total = chosen.len();
+    for (i, (r, graph)) in chosen.into_iter().zip(graphs).enumerate() {
         if run.trials_left() == 0 || run.out_of_time(Duration::ZERO) {
             break;
         }
@@ -499,10 +504,6 @@ pub async fn confirm<E: Evaluator>(
             ?score,
             "multi-fidelity: graph confirmed on all points"
         );
-    }
-    stop.cancel();
-    for h in handles {
-        let _ = h.await;
     }
     Ok(())
 }

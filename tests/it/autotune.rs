@@ -1520,7 +1520,8 @@ async fn adaptive_is_deterministic_for_a_seed_and_keeps_its_budget() {
         }
     }
 
-    // The winner is the fastest trial that reached the target (the objective's rule).
+    // The winner is the objective's: of the trials that reached the target, one within 5% of
+    // the lowest p50, and none of those needs fewer distance computations.
     let reached: Vec<&pb::Trial> = t1.iter().filter(|t| t.recall >= 0.97).collect();
     let w = fin1.winner.expect("winner");
     if reached.is_empty() {
@@ -1531,7 +1532,15 @@ async fn adaptive_is_deterministic_for_a_seed_and_keeps_its_budget() {
             .iter()
             .map(|t| t.p50_micros)
             .fold(f64::INFINITY, f64::min);
-        assert_eq!(w.p50_micros, fastest);
+        assert!(w.p50_micros <= fastest * 1.05, "{} vs {fastest}", w.p50_micros);
+        assert!(w.mean_distance_evals > 0.0);
+        let tied = reached.iter().filter(|t| t.p50_micros <= fastest * 1.05);
+        assert!(
+            tied.clone()
+                .all(|t| t.mean_distance_evals >= w.mean_distance_evals),
+            "a tied trial needs fewer distance computations than the winner {w:?}"
+        );
+        assert!(tied.count() >= 1);
         assert!(fin1.promoted, "{}", fin1.reason);
     }
     // Every streamed trial is in the journal under the job.
