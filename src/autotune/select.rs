@@ -169,7 +169,10 @@ mod tests {
         let (w, _) = pick(&k[..2], Objective::TargetRecall(0.95)).unwrap();
         assert_eq!(w.id, 2);
         let (w, _) = pick(&k, Objective::TargetRecall(0.95)).unwrap();
-        assert_eq!(w.id, 1, "37.0 * 1.05 = 38.85: 1 ties 3 (2 does not), 1 is counted");
+        assert_eq!(
+            w.id, 1,
+            "37.0 * 1.05 = 38.85: 1 ties 3 (2 does not), 1 is counted"
+        );
         let far = [with_evals(1, 38.4, 294.0), with_evals(2, 40.8, 255.0)];
         let (w, _) = pick(&far, Objective::TargetRecall(0.95)).unwrap();
         assert_eq!(w.id, 1, "6% slower is not a tie");

@@ -1324,13 +1324,19 @@ mod tests {
         }
         let t = std::time::Instant::now();
         while g.link_pending(LINK_BATCH) > 0 {}
-        println!("{m} staged, linked {LINK_BATCH} a call: {:.0} points/s", rate(online.len(), t));
+        println!(
+            "{m} staged, linked {LINK_BATCH} a call: {:.0} points/s",
+            rate(online.len(), t)
+        );
         for chunk in one_call.chunks(64) {
             g.stage(chunk);
         }
         let t = std::time::Instant::now();
         while g.link_pending(usize::MAX) > 0 {}
-        println!("{m} staged, linked in one call: {:.0} points/s", rate(one_call.len(), t));
+        println!(
+            "{m} staged, linked in one call: {:.0} points/s",
+            rate(one_call.len(), t)
+        );
     }
 
     #[test]

@@ -1532,7 +1532,11 @@ async fn adaptive_is_deterministic_for_a_seed_and_keeps_its_budget() {
             .iter()
             .map(|t| t.p50_micros)
             .fold(f64::INFINITY, f64::min);
-        assert!(w.p50_micros <= fastest * 1.05, "{} vs {fastest}", w.p50_micros);
+        assert!(
+            w.p50_micros <= fastest * 1.05,
+            "{} vs {fastest}",
+            w.p50_micros
+        );
         assert!(w.mean_distance_evals > 0.0);
         let tied = reached.iter().filter(|t| t.p50_micros <= fastest * 1.05);
         assert!(
