@@ -139,13 +139,16 @@ pub enum Event {
 
 /// The graph of the job's best trial so far: the trial [`pick`] chooses among those journaled
 /// so far, offered in journal order (so it ends as the winner's, ties going to the earlier trial
-/// as in `pick`). Autotune with activate swaps that graph in instead of building the winner's
+/// as in `pick`, but for the case in [`Best::offer`]). Autotune with activate swaps that graph in instead of building the winner's
 /// config again; without activate, a promoted winner's graph is handed to the catalog for a
 /// later ActivateProfile. Only one is held: a better trial's replaces it, so a job keeps at
 /// most one graph beyond the ones it is building or measuring.
 struct Best {
     objective: Objective,
     held: Mutex<Option<(Trial, Arc<Generation>)>>,
+    /// Every trial offered: [`pick`]'s p50 tie is relative to the lowest p50, so whether a
+    /// trial beats the held one depends on all of them, not on the pair.
+    offered: Mutex<Vec<Trial>>,
 }
 
 impl Best {
@@ -153,20 +156,19 @@ impl Best {
         Best {
             objective,
             held: Mutex::new(None),
+            offered: Mutex::new(Vec::new()),
         }
     }
 
-    /// Keeps `graph` when `trial` (measured on it) beats the best so far.
+    /// Keeps `graph` when `trial` (measured on it) is now the pick among every trial offered.
+    /// (When a new trial lowers the lowest p50 so far, the pick may become an earlier trial
+    /// on a graph no longer held; the held one stays, and activation then builds the winner.)
     fn offer(&self, trial: &Trial, graph: &Arc<Generation>) {
+        let mut offered = self.offered.lock();
+        offered.push(trial.clone());
+        let wins = pick(&offered, self.objective).is_some_and(|(w, _)| w.id == trial.id);
         let mut held = self.held.lock();
-        let better = match &*held {
-            None => true,
-            Some((best, _)) => {
-                let pair = [best.clone(), trial.clone()];
-                pick(&pair, self.objective).is_some_and(|(w, _)| w.id == trial.id)
-            }
-        };
-        if better {
+        if wins || held.is_none() {
             *held = Some((trial.clone(), graph.clone()));
         }
     }
