@@ -353,7 +353,11 @@ mod tests {
         assert_eq!(trial_config_from("", 0, 10, 10, None).unwrap().m, 16);
         assert!(trial_config_from("", 129, 10, 10, None).is_err());
         assert!(trial_config_from("", 1, 10, 10, None).is_err());
-        assert!(trial_config_from("", 16, 10, 201, None).is_err());
+        assert!(trial_config_from("", 16, 10, 513, None).is_err());
+        assert_eq!(
+            trial_config_from("", 16, 10, 512, None).unwrap().ef_search,
+            512
+        );
     }
 
     #[test]
