@@ -24,7 +24,7 @@
 //!   1,000; a comma-separated list runs one job per size), `VECTORD_BENCH_CONFIRM` graphs
 //!   confirmed (default 2);
 //! - `VECTORD_BENCH_SKIP_GRID=1` / `VECTORD_BENCH_SKIP_ADAPTIVE=1` skip those runs (the grid is
-//!   hours at 1M points), `VECTORD_BENCH_REMEASURE=0` skips the side-by-side p50.
+//!   20 minutes at 1M points on 2 cores), `VECTORD_BENCH_REMEASURE=0` skips the side-by-side p50.
 
 mod common;
 #[path = "common/machine.rs"]
