@@ -211,6 +211,14 @@ impl Native {
         prefetch_cells(self.search_cells(seg, off));
     }
 
+    /// Prefetches every cache line of node `id`'s float vector (nothing for an unknown id).
+    #[inline(always)]
+    pub(super) fn prefetch_float(&self, id: u32) {
+        if let Some((seg, off)) = self.node(id) {
+            prefetch_cells(self.vector_cells(seg, off));
+        }
+    }
+
     /// Writes a claimed, unpublished node's vector: its float cells and, with the compact
     /// storages, its compact copy relative to the center (set here by the first insert if no
     /// batch set it). Only the thread that claimed the node calls this, before publishing it.

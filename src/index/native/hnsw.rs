@@ -177,6 +177,11 @@ impl Native {
                     break;
                 }
             }
+            // The next candidate's list is read once this one is expanded: ask for it now (it
+            // is apart from the vector its distance was measured with).
+            if let Some(Reverse(next)) = s.candidates.peek() {
+                prefetch_cells(self.links(next.id, level));
+            }
             let links = self.links(c.id, level);
             let Some((count, slots)) = links.split_first() else {
                 continue;
@@ -276,9 +281,17 @@ impl Native {
             return cands.to_vec();
         }
         let mut kept: Vec<(Cand, &[f32])> = Vec::with_capacity(m);
-        for &c in cands {
+        for c in cands.iter().take(LOOKAHEAD) {
+            self.prefetch_float(c.id);
+        }
+        for (j, &c) in cands.iter().enumerate() {
             if kept.len() >= m {
                 break;
+            }
+            // The float vectors are apart from the links and codes a search just read, at
+            // random places: ask for the next ones while this one is compared.
+            if let Some(next) = cands.get(j + LOOKAHEAD) {
+                self.prefetch_float(next.id);
             }
             let Some(vc) = self.vector(c.id) else {
                 continue;
@@ -318,6 +331,9 @@ impl Native {
         let (mut linked, mut outlier) = (false, false);
         let nearest = selected.iter().find(|c| c.id != id).map(|c| c.id);
         for nb in selected {
+            self.prefetch_float(nb.id);
+        }
+        for nb in selected {
             if nb.id == id {
                 continue;
             }
@@ -350,7 +366,11 @@ impl Native {
                 }
                 continue;
             }
-            // Full: keep the heuristic's choice among the old links and the new node.
+            // Full: keep the heuristic's choice among the old links and the new node, whose
+            // float vectors are asked for all at once first (they are at random places).
+            for slot in &slots[..n] {
+                self.prefetch_float(slot.load(AtOrd::Acquire));
+            }
             let mut cands: Vec<Cand> = Vec::with_capacity(n + 1);
             cands.push(Cand {
                 d: self.dist(nb_vec, v),
