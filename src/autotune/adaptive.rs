@@ -349,7 +349,10 @@ pub async fn run_from<E: Evaluator>(
         if n == 0 || run.out_of_time(Duration::ZERO) {
             break;
         }
+        // Builds that will not be measured stop: when the budget runs out below, and when a
+        // build or trial fails (the guard cancels on every way out), so none outlives the job.
         let stop = CancellationToken::new();
+        let _stop_on_exit = stop.clone().drop_guard();
         let builds: Vec<_> = candidates[..n]
             .iter()
             .map(|&(m, _, _)| {
@@ -463,7 +466,9 @@ pub async fn confirm<E: Evaluator>(
     if chosen.is_empty() {
         return Ok(());
     }
+    // A failed build or trial stops the other builds (the guard cancels on every way out).
     let stop = CancellationToken::new();
+    let _stop_on_exit = stop.clone().drop_guard();
     let builds: Vec<_> = chosen
         .iter()
         .map(|r| {
