@@ -24,6 +24,8 @@ function startServer(...flags) {
   const data = fs.mkdtempSync(path.join(os.tmpdir(), "vectord-node-"));
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("VECTORD_")));
   const proc = spawn(binary(), ["serve", "--addr", "127.0.0.1:0", "--data-dir", data, ...flags], { stdio: ["ignore", "ignore", "pipe"], env });
+  // The data dir goes with the server ("close" comes after "exit", whose listeners stop() replaces).
+  proc.once("close", () => fs.rmSync(data, { recursive: true, force: true }));
   const lines = readline.createInterface({ input: proc.stderr });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("vectord did not start within 60 s")), 60000);

@@ -2,8 +2,10 @@
 
 The binary is $VECTORD_BIN, else target/debug/vectord (cargo build), else target/release/vectord.
 """
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -26,6 +28,8 @@ def binary():
 
 def start(*flags):
     data = tempfile.mkdtemp(prefix="vectord-py-")
+    # Removed when the tests end (every server is stopped by then).
+    atexit.register(shutil.rmtree, data, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VECTORD_")}
     proc = subprocess.Popen(
         [binary(), "serve", "--addr", "127.0.0.1:0", "--data-dir", data, *flags],

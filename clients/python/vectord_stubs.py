@@ -3,8 +3,10 @@
     import vectord_stubs
     pb, rpc = vectord_stubs.load()      # the vectord.v1 messages and the service stubs
 """
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 
@@ -31,7 +33,10 @@ def load(out_dir=None):
     Returns (pb, rpc): pb has every message and enum, rpc every *Stub class."""
     from grpc_tools import protoc
 
-    out_dir = out_dir or tempfile.mkdtemp(prefix="vectord-stubs-")
+    if out_dir is None:
+        out_dir = tempfile.mkdtemp(prefix="vectord-stubs-")
+        # The modules are imported by then: the files can go when the process ends.
+        atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     sources = [os.path.join(PROTO_DIR, "vectord", "v1", f + ".proto") for f in FILES]
     code = protoc.main(
