@@ -47,6 +47,14 @@ impl Scratch {
         self.top.clear();
     }
 
+    /// Whether `id` was visited in this search.
+    #[inline]
+    pub(super) fn visited(&self, id: u32) -> bool {
+        self.bits
+            .get((id >> 6) as usize)
+            .is_some_and(|w| w & (1u64 << (id & 63)) != 0)
+    }
+
     /// Marks `id` visited; false if it already was in this search.
     #[inline]
     pub(super) fn visit(&mut self, id: u32) -> bool {
