@@ -522,3 +522,23 @@ pub async fn jobs_of(ch: Channel, index: &str) -> Vec<pb::Job> {
         .into_inner()
         .jobs
 }
+
+/// TARGET_RECALL's winner rule as the contract states it: of the trials that reached the target
+/// (`reached`: each one's p50 in µs and mean distance computations per query), the winner's p50
+/// is within 5% of the lowest, and no trial within those 5% needs fewer distance computations.
+pub fn assert_target_recall_winner(reached: &[(f64, f64)], winner: (f64, f64), context: &str) {
+    let lowest = reached.iter().map(|t| t.0).fold(f64::INFINITY, f64::min);
+    assert!(lowest.is_finite(), "no trial reached the target: {context}");
+    assert!(
+        winner.0 <= lowest * 1.05,
+        "the winner's p50 {} is not within 5% of the lowest {lowest}: {context}",
+        winner.0
+    );
+    assert!(
+        reached
+            .iter()
+            .filter(|t| t.0 <= lowest * 1.05)
+            .all(|t| t.1 >= winner.1),
+        "a tied trial needs fewer distance computations than the winner: {context}"
+    );
+}
