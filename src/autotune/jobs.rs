@@ -141,8 +141,9 @@ pub enum Event {
 /// so far, offered in journal order (so it ends as the winner's, ties going to the earlier
 /// trial as in `pick`, but for the case in [`Best::offer`]). Autotune with activate swaps that
 /// graph in instead of building the winner's config again; without activate, a promoted
-/// winner's graph is handed to the catalog for a later ActivateProfile. Only one is held: a better trial's replaces it, so a job keeps at
-/// most one graph beyond the ones it is building or measuring.
+/// winner's graph is handed to the catalog for a later ActivateProfile. Only one is held: a
+/// better trial's replaces it, so a job keeps at most one graph beyond the ones it is building
+/// or measuring.
 struct Best {
     objective: Objective,
     held: Mutex<Option<(Trial, Arc<Generation>)>>,
