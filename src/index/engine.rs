@@ -70,7 +70,7 @@ pub trait Engine: Send + Sync {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
-    /// vectord's own engine (`src/index/native.rs`), laid out like hnswlib.
+    /// vectord's own engine (`src/index/native/`), laid out like hnswlib.
     Native,
     /// The hnsw_rs crate.
     HnswRs,

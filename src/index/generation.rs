@@ -643,6 +643,14 @@ impl Generation {
             .map(|(internal, v)| (internal, distance::internal(self.metric, query, v)))
             .collect();
         let graph_live = live - staged.len();
+        // Only the segment's k nearest can answer: keep those (a full segment holds thousands
+        // of points, and sorting them all cost about as much as the scan).
+        let by_distance =
+            |a: &(usize, f32), b: &(usize, f32)| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0));
+        if staged.len() > k && k > 0 {
+            staged.select_nth_unstable_by(k - 1, by_distance);
+            staged.truncate(k);
+        }
         let hits = |found: &[(usize, f32)], staged: &mut Vec<(usize, f32)>| -> Vec<Hit> {
             let mut all: Vec<(usize, f32)> = found
                 .iter()
@@ -652,7 +660,7 @@ impl Generation {
                 .collect();
             if !staged.is_empty() {
                 all.append(staged);
-                all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+                all.sort_by(by_distance);
             }
             all.into_iter()
                 .take(k)
@@ -870,6 +878,43 @@ mod tests {
             let mut want: Vec<u64> = live.iter().map(|p| p.id).collect();
             want.sort_unstable();
             assert_eq!(all, want, "{kind:?}");
+        }
+    }
+
+    /// With more points staged than asked for, a search answers the exact k nearest of the
+    /// graph's and the segment's points together, nearest first (the segment keeps only its k
+    /// nearest before the merge).
+    #[test]
+    fn a_search_over_a_big_fresh_segment_answers_the_exact_nearest() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let all = clustered(&mut rng, 700, 8);
+        let (base, rest) = all.split_at(200);
+        let (fresh, queries) = rest.split_at(450);
+        let g = Generation::build(
+            EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
+            Metric::L2,
+            8,
+            default_meta(),
+            base.to_vec(),
+            &|| false,
+        )
+        .unwrap();
+        g.stage(fresh);
+        assert_eq!(g.unlinked(), 450);
+        for k in [1, 10, 64] {
+            for q in queries {
+                let mut exact: Vec<(f32, u64)> = all[..650]
+                    .iter()
+                    .map(|p| (distance::l2sq(&q.vector, &p.vector), p.id))
+                    .collect();
+                exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let want: Vec<u64> = exact.iter().take(k).map(|e| e.1).collect();
+                // ef 400 over 200 linked points: the graph's part is exact too.
+                let got: Vec<u64> = g.search(&q.vector, k, 400).iter().map(|h| h.id).collect();
+                assert_eq!(got, want, "k {k}");
+            }
         }
     }
 
@@ -1336,6 +1381,55 @@ mod tests {
         println!(
             "{m} staged, linked in one call: {:.0} points/s",
             rate(one_call.len(), t)
+        );
+    }
+
+    /// Search with a full fresh segment: p50 of searches (k 10, ef 64) over a build of `N`
+    /// clustered 128-d points with `M` more staged and not linked (the default segment bound:
+    /// 10,000), one thread. Run with `cargo test --release --lib fresh_segment_search --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn fresh_segment_search() {
+        use rand::SeedableRng;
+        let env = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(d)
+        };
+        let (n, m) = (env("N", 20_000), env("M", 10_000));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let all = clustered(&mut rng, n + m + 500, 128);
+        let (base, rest) = all.split_at(n as usize);
+        let (fresh, queries) = rest.split_at(m as usize);
+        let g = Generation::build(
+            EngineKind::DEFAULT,
+            &EngineMemory::IN_RAM,
+            Metric::L2,
+            128,
+            default_meta(),
+            base.to_vec(),
+            &|| false,
+        )
+        .unwrap();
+        let p50 = |g: &Generation| {
+            let mut took: Vec<f64> = queries
+                .iter()
+                .map(|q| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(g.search(&q.vector, 10, 64));
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            took.sort_by(f64::total_cmp);
+            took[took.len() / 2]
+        };
+        let linked = p50(&g);
+        g.stage(fresh);
+        println!(
+            "search p50 (k 10, ef 64): {linked:.0} us with {n} linked; {:.0} us with {m} more staged",
+            p50(&g)
         );
     }
 
