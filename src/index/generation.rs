@@ -1329,6 +1329,14 @@ mod tests {
         assert!(g.save(dir.path(), "x.snap", 1, 1, None).is_err());
     }
 
+    /// A measuring test's size from the environment, or `default`.
+    fn env_or(name: &str, default: u64) -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    }
+
     /// Online linking against a build, on one engine: points/s of a build of `N` clustered
     /// 128-d points (every core), then of `M` more staged in groups of 64 and linked the way
     /// the indexer links them (`link_pending(LINK_BATCH)` until none is left), then of `M` more
@@ -1338,13 +1346,7 @@ mod tests {
     #[ignore]
     fn online_linking_rate() {
         use rand::SeedableRng;
-        let env = |k: &str, d: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(d)
-        };
-        let (n, m) = (env("N", 100_000), env("M", 20_000));
+        let (n, m) = (env_or("N", 100_000), env_or("M", 20_000));
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let all = clustered(&mut rng, n + 2 * m, 128);
         let (base, rest) = all.split_at(n as usize);
@@ -1392,13 +1394,7 @@ mod tests {
     #[ignore]
     fn fresh_segment_search() {
         use rand::SeedableRng;
-        let env = |k: &str, d: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(d)
-        };
-        let (n, m) = (env("N", 20_000), env("M", 10_000));
+        let (n, m) = (env_or("N", 20_000), env_or("M", 10_000));
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
         let all = clustered(&mut rng, n + m + 500, 128);
         let (base, rest) = all.split_at(n as usize);
