@@ -891,16 +891,7 @@ mod tests {
         let all = clustered(&mut rng, 700, 8);
         let (base, rest) = all.split_at(200);
         let (fresh, queries) = rest.split_at(450);
-        let g = Generation::build(
-            EngineKind::DEFAULT,
-            &EngineMemory::IN_RAM,
-            Metric::L2,
-            8,
-            default_meta(),
-            base.to_vec(),
-            &|| false,
-        )
-        .unwrap();
+        let g = built(EngineKind::DEFAULT, 8, base.to_vec());
         g.stage(fresh);
         assert_eq!(g.unlinked(), 450);
         for k in [1, 10, 64] {
@@ -936,6 +927,20 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// A build of `points` (L2, `dim`-d) in RAM on `kind` with the default config.
+    fn built(kind: EngineKind, dim: u32, points: Vec<Point>) -> Generation {
+        Generation::build(
+            kind,
+            &EngineMemory::IN_RAM,
+            Metric::L2,
+            dim,
+            default_meta(),
+            points,
+            &|| false,
+        )
+        .unwrap()
     }
 
     fn default_meta() -> GenerationMeta {
@@ -1045,16 +1050,7 @@ mod tests {
             let queries: Vec<Vec<f32>> = (0..40)
                 .map(|_| (0..DIM).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
                 .collect();
-            let g = Generation::build(
-                kind,
-                &EngineMemory::IN_RAM,
-                Metric::L2,
-                DIM as u32,
-                default_meta(),
-                points.clone(),
-                &|| false,
-            )
-            .unwrap();
+            let g = built(kind, DIM as u32, points.clone());
             let l2 = |a: &[f32], b: &[f32]| -> f32 {
                 a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
             };
@@ -1399,16 +1395,7 @@ mod tests {
         let all = clustered(&mut rng, n + m + 500, 128);
         let (base, rest) = all.split_at(n as usize);
         let (fresh, queries) = rest.split_at(m as usize);
-        let g = Generation::build(
-            EngineKind::DEFAULT,
-            &EngineMemory::IN_RAM,
-            Metric::L2,
-            128,
-            default_meta(),
-            base.to_vec(),
-            &|| false,
-        )
-        .unwrap();
+        let g = built(EngineKind::DEFAULT, 128, base.to_vec());
         let p50 = |g: &Generation| {
             let mut took: Vec<f64> = queries
                 .iter()

@@ -205,10 +205,12 @@ impl Native {
         self.node(id).map(|(seg, off)| self.dist_node(q, seg, off))
     }
 
-    /// Prefetches every cache line of a node's search vector.
+    /// Prefetches every cache line of node `id`'s search vector (nothing for an unknown id).
     #[inline(always)]
-    pub(super) fn prefetch_vector(&self, seg: &Segment, off: usize) {
-        prefetch_cells(self.search_cells(seg, off));
+    pub(super) fn prefetch_vector(&self, id: u32) {
+        if let Some((seg, off)) = self.node(id) {
+            prefetch_cells(self.search_cells(seg, off));
+        }
     }
 
     /// Prefetches every cache line of node `id`'s float vector (nothing for an unknown id).

@@ -205,15 +205,11 @@ impl Native {
                 }
             }
             for &id in batch.iter().take(LOOKAHEAD) {
-                if let Some((seg, off)) = self.node(id) {
-                    self.prefetch_vector(seg, off);
-                }
+                self.prefetch_vector(id);
             }
             for (j, &id) in batch.iter().enumerate() {
                 if let Some(&next) = batch.get(j + LOOKAHEAD) {
-                    if let Some((seg, off)) = self.node(next) {
-                        self.prefetch_vector(seg, off);
-                    }
+                    self.prefetch_vector(next);
                 }
                 let Some(d) = self.dist_to(q, id) else {
                     continue;
@@ -241,8 +237,7 @@ impl Native {
                 self.linked(next.id, level)
                     .filter(|&id| !s.visited(id))
                     .take(LOOKAHEAD)
-                    .filter_map(|id| self.node(id))
-                    .for_each(|(seg, off)| self.prefetch_vector(seg, off));
+                    .for_each(|id| self.prefetch_vector(id));
             }
         }
     }
@@ -758,15 +753,12 @@ impl Native {
                 // float vectors from all over memory is a good part of a search's time.
                 let mut found = std::mem::take(&mut s.top).into_sorted_vec();
                 let rest = found.split_off(rerank_count(k).min(found.len()));
-                let ask = |c: &Cand| {
-                    if let Some((seg, off)) = self.node(c.id) {
-                        prefetch_cells(self.vector_cells(seg, off));
-                    }
-                };
-                found.iter().take(LOOKAHEAD).for_each(ask);
+                for c in found.iter().take(LOOKAHEAD) {
+                    self.prefetch_float(c.id);
+                }
                 for j in 0..found.len() {
                     if let Some(next) = found.get(j + LOOKAHEAD) {
-                        ask(next);
+                        self.prefetch_float(next.id);
                     }
                     let c = &mut found[j];
                     if let Some(v) = self.vector(c.id) {
