@@ -94,6 +94,9 @@ pub struct Native {
     storage: Storage,
     /// Cells per node of the vector searches compare with.
     cells: usize,
+    /// How many neighbours ahead a beam search asks for their search vectors
+    /// ([`hnsw::beam_lookahead`]).
+    beam_lookahead: usize,
     /// Links per node above level 0, and the number of neighbours each insert selects.
     m: usize,
     /// Links per node at level 0.
@@ -152,16 +155,18 @@ impl Native {
     ) -> Self {
         let m = (config.m as usize).max(2);
         let dim = dimension as usize;
+        let cells = match storage {
+            Storage::F32 => dim,
+            Storage::Half => dim.div_ceil(2),
+            // The scale, then four codes per cell.
+            Storage::Int8 => 1 + dim.div_ceil(4),
+        };
         Native {
             metric,
             dim,
             storage,
-            cells: match storage {
-                Storage::F32 => dim,
-                Storage::Half => dim.div_ceil(2),
-                // The scale, then four codes per cell.
-                Storage::Int8 => 1 + dim.div_ceil(4),
-            },
+            cells,
+            beam_lookahead: hnsw::beam_lookahead(cells),
             m,
             m0: 2 * m,
             ef_construction: (config.ef_construction as usize).max(m),

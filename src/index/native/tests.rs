@@ -178,6 +178,20 @@ fn a_prefetch_asks_for_every_line_a_vector_spans() {
 }
 
 #[test]
+fn a_beam_asks_for_small_vectors_further_ahead_than_big_ones() {
+    let ahead = |dim: u32, storage: Storage| {
+        Native::with_storage(Metric::L2, dim, &config(None), 16, storage).beam_lookahead
+    };
+    // The sizes hnsw.rs's `beam_lookahead` documents as measured.
+    assert_eq!(ahead(128, Storage::Int8), 6);
+    assert_eq!(ahead(384, Storage::Int8), 2);
+    assert_eq!(ahead(128, Storage::F32), 2);
+    // Never fewer than 2, never more than 8.
+    assert_eq!(ahead(4_096, Storage::F32), 2);
+    assert_eq!(ahead(8, Storage::Int8), 8);
+}
+
+#[test]
 fn the_visited_set_starts_empty_for_every_search_and_grows_past_its_size() {
     let mut s = Scratch::default();
     for _ in 0..3 {
@@ -984,4 +998,99 @@ fn online_points_like_the_data_found_first_by_beam() {
             println!("{storage:?} ef {ef}: online like the data not found first {missed}/3000; built points {missed_base}/{}", base.len().div_ceil(7));
         }
     }
+}
+
+/// What asking for neighbours' vectors further ahead ([`super::hnsw::beam_lookahead`]) gives
+/// against 2 ahead (what every size used before): per round, the same `N` clustered 128-d
+/// points (default 100,000; float vectors mapped, as the server runs) built on 2 threads with
+/// each, `M` more (default 20,000) inserted online into each, then searches (k 10, ef 64) that
+/// alternate between the two graphs query by query. Rounds alternate which goes first. Run
+/// with `cargo test --release --lib beam_lookahead_cost -- --ignored --nocapture` (`N`, `M`,
+/// `ROUNDS` in the environment).
+#[test]
+#[ignore]
+fn beam_lookahead_cost() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (n, m, rounds) = (env("N", 100_000), env("M", 20_000), env("ROUNDS", 3));
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let all = data(n + m + 1_000, 128, 11, false);
+    let (base, rest) = all.split_at(n);
+    let (online, queries) = rest.split_at(m);
+    let base_items: Vec<(&[f32], usize)> = base
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_slice(), i))
+        .collect();
+    let online_items: Vec<(&[f32], usize)> = online
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_slice(), n + i))
+        .collect();
+    let ahead = Native::with_storage(Metric::L2, 128, &HnswConfig::default(), n, Storage::Int8)
+        .beam_lookahead;
+    let memory = mapped();
+    let mut rates: [[Vec<f64>; 2]; 2] = Default::default(); // [phase][mode]
+    let mut p50s: [Vec<f64>; 2] = Default::default();
+    for round in 0..rounds {
+        let mut engines = Vec::new();
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for mode in order {
+            let mut e =
+                Native::with_storage(Metric::L2, 128, &HnswConfig::default(), n, Storage::Int8)
+                    .with_memory(memory.clone());
+            e.beam_lookahead = if mode == 0 { 2 } else { ahead };
+            let t = std::time::Instant::now();
+            e.insert_many(&base_items, true);
+            rates[0][mode].push(n as f64 / t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for chunk in online_items.chunks(64) {
+                e.insert_many(chunk, true);
+            }
+            rates[1][mode].push(m as f64 / t.elapsed().as_secs_f64());
+            engines.push((mode, e));
+        }
+        engines.sort_by_key(|(mode, _)| *mode);
+        let mut took: [Vec<f64>; 2] = Default::default();
+        for q in queries {
+            for (mode, e) in &engines {
+                let t = std::time::Instant::now();
+                std::hint::black_box(e.search(q, 10, 64));
+                took[*mode].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        for mode in 0..2 {
+            p50s[mode].push(median(std::mem::take(&mut took[mode])));
+        }
+    }
+    for (phase, what) in ["build (2 threads), points/s", "online, 64 a call, points/s"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "{what}: 2 ahead {:?}, {ahead} ahead {:?}: median ratio {:.3}",
+            rates[phase][0]
+                .iter()
+                .map(|r| *r as u64)
+                .collect::<Vec<_>>(),
+            rates[phase][1]
+                .iter()
+                .map(|r| *r as u64)
+                .collect::<Vec<_>>(),
+            median(rates[phase][1].clone()) / median(rates[phase][0].clone()),
+        );
+    }
+    println!(
+        "search p50 (k 10, ef 64), us: 2 ahead {:?}, {ahead} ahead {:?}: median ratio {:.3}",
+        p50s[0].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+        p50s[1].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+        median(p50s[1].clone()) / median(p50s[0].clone()),
+    );
 }
