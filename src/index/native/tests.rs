@@ -695,6 +695,20 @@ fn int8_searches_rank_every_candidate_the_codes_cannot_rule_out() {
     assert_eq!(lost(true), 0);
 }
 
+/// The measuring tests' sizes: `name` from the environment, else `default`.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of the measuring tests' repeats.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Clustered 32-d points around 20 centres in [-1, 1), spread 0.05 (the generation tests'
 /// data), and points unlike them: uniform in [-3, 3).
 fn clustered_and_outliers(seed: u64, n: usize, outliers: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
@@ -724,13 +738,7 @@ fn clustered_and_outliers(seed: u64, n: usize, outliers: usize) -> (Vec<Vec<f32>
 #[test]
 #[ignore]
 fn online_outliers_over_many_seeds() {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
-    let (seeds, threads) = (env("SEEDS", 40) as u64, env("THREADS", 1));
+    let (seeds, threads) = (env_or("SEEDS", 40) as u64, env_or("THREADS", 1));
     for storage in [Storage::F32, Storage::Half, Storage::Int8] {
         let (mut lost64, mut lost200) = (Vec::new(), Vec::new());
         for seed in 0..seeds {
@@ -777,10 +785,6 @@ fn online_outliers_over_many_seeds() {
 #[test]
 #[ignore]
 fn findability_cost() {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     for storage in [Storage::Int8, Storage::F32] {
         // [mode][phase]: points/s of the build (parallel), of online clustered points and of
         // online outliers (one at a time).
@@ -869,10 +873,6 @@ fn bounded_rerank_cost() {
         .collect();
     e.insert_many(&items, true);
     let truth: Vec<Vec<usize>> = queries.iter().map(|q| exact(metric, &all, q, 10)).collect();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     for (k, ef) in [(1usize, 64usize), (10, 40), (10, 64)] {
         let mut qps = [Vec::new(), Vec::new()];
         let mut rec = [0.0, 0.0];
@@ -1010,17 +1010,11 @@ fn online_points_like_the_data_found_first_by_beam() {
 #[test]
 #[ignore]
 fn beam_lookahead_cost() {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
-    let (n, m, rounds) = (env("N", 100_000), env("M", 20_000), env("ROUNDS", 3));
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let (n, m, rounds) = (
+        env_or("N", 100_000),
+        env_or("M", 20_000),
+        env_or("ROUNDS", 3),
+    );
     let all = data(n + m + 1_000, 128, 11, false);
     let (base, rest) = all.split_at(n);
     let (online, queries) = rest.split_at(m);
