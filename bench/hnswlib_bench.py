@@ -8,7 +8,9 @@ and the resident-memory growth of the 1-thread build.
 
 benches/scale.rs also uses `--builds 2 --save PATH` (build once on 2 threads and save the index)
 and `--load PATH --space S --dim D` (one fresh process: load_index's seconds and the process's
-resident-memory growth with the loaded index).
+resident-memory growth with the loaded index). Its writers-only mode uses `--base B --inserts I`:
+build B on 2 threads, then add I 64 points a call on 2 threads (the way vectord's indexer links
+writes into a built graph); prints the build's and the inserts' points per second.
 
 Needs numpy and hnswlib (`pip install numpy hnswlib`).
 """
@@ -64,6 +66,24 @@ def load_only(path, space, dim):
     print()
 
 
+def insert_rate(space, base, inserts, m, efc, seed, chunk=64):
+    index = hnswlib.Index(space=space, dim=base.shape[1])
+    index.init_index(max_elements=base.shape[0] + inserts.shape[0], M=m, ef_construction=efc,
+                     random_seed=seed)
+    start = time.perf_counter()
+    index.add_items(base, np.arange(base.shape[0]), num_threads=2)
+    built = time.perf_counter() - start
+    ids = np.arange(base.shape[0], base.shape[0] + inserts.shape[0])
+    start = time.perf_counter()
+    for i in range(0, inserts.shape[0], chunk):
+        index.add_items(inserts[i:i + chunk], ids[i:i + chunk], num_threads=2)
+    added = time.perf_counter() - start
+    json.dump({"engine": "hnswlib", "version": getattr(hnswlib, "__version__", None),
+               "build_per_s": base.shape[0] / built,
+               "insert_per_s": inserts.shape[0] / added, "chunk": chunk}, sys.stdout)
+    print()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--load")
@@ -80,9 +100,14 @@ def main():
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--inserts")
     a = p.parse_args()
     if a.load:
         load_only(a.load, a.space, a.dim)
+        return
+    if a.inserts and a.base:
+        insert_rate(a.space, read_vecs(a.base, np.float32), read_vecs(a.inserts, np.float32),
+                    a.m, a.ef_construction, a.seed)
         return
     if not (a.base and a.queries and a.truth):
         p.error("--base, --queries and --truth are needed (or --load)")

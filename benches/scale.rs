@@ -37,11 +37,13 @@
 //! `VECTORD_SCALE_PHASES=deletes` runs only the import and step 5 (no hnswlib, no writers).
 //! Results also go to `target/bench-scale.json`.
 //!
-//! `VECTORD_SCALE_ONLY=writers` runs only step 4 (no hnswlib), on a fresh server per run: import
-//! each size's points, then the 64 writers; `VECTORD_SCALE_ROUNDS` rounds (default 3) of one run
-//! per server binary of `VECTORD_SCALE_BINS` (colon-separated paths, default this build's
-//! `vectord`), alternating, then each binary's medians. For comparing two builds in one run on
-//! a shared machine.
+//! `VECTORD_SCALE_ONLY=writers` runs only step 4, on a fresh server per run: import each size's
+//! points, then the 64 writers; `VECTORD_SCALE_ROUNDS` rounds (default 3) of one run per server
+//! binary of `VECTORD_SCALE_BINS` (colon-separated paths, default this build's `vectord`),
+//! alternating, then each binary's medians. For comparing two builds in one run on a shared
+//! machine. Each round also times hnswlib inserting the writers' first 20,000 points into its
+//! build of the same base, 64 a call on 2 threads (the graph work alone, without a server): the
+//! most any HNSW node with this config could link on this machine.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,6 +66,8 @@ const INDEX: &str = "scale";
 /// vectord's default config, which hnswlib is given too.
 const M: u32 = 16;
 const EF_CONSTRUCTION: u32 = 200;
+/// How many of the writers' points hnswlib inserts in the writers-only mode.
+const HNSWLIB_INSERTS: usize = 20_000;
 
 fn write_vecs<T: Copy>(
     path: &Path,
@@ -620,8 +624,46 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
         set.dim,
         bins.len()
     );
+    // hnswlib's side: the base, and the writers' first points in the order they would arrive
+    // (each writer's i-th point, writer after writer).
+    let files = tempfile::tempdir()?;
+    let (base_file, inserts_file) = (
+        files.path().join("base.fvecs"),
+        files.path().join("inserts.fvecs"),
+    );
+    let per_writer: Vec<Vec<Vec<f32>>> = (0..WRITERS)
+        .map(|t| mixture.samples(1_000 + t, HNSWLIB_INSERTS.div_ceil(WRITERS as usize)))
+        .collect();
+    let inserts: Vec<Vec<f32>> = (0..HNSWLIB_INSERTS)
+        .map(|i| per_writer[i % WRITERS as usize][i / WRITERS as usize].clone())
+        .collect();
+    write_vecs(&base_file, &base, f32::to_le_bytes)?;
+    write_vecs(&inserts_file, &inserts, f32::to_le_bytes)?;
+    let hnswlib_inserts = || {
+        let p = |p: &Path| p.display().to_string();
+        hnswlib(&[
+            "--base".into(),
+            p(&base_file),
+            "--inserts".into(),
+            p(&inserts_file),
+            "--space".into(),
+            "l2".into(),
+            "--m".into(),
+            M.to_string(),
+            "--ef-construction".into(),
+            EF_CONSTRUCTION.to_string(),
+        ])
+        .and_then(|v| v["insert_per_s"].as_f64().zip(v["build_per_s"].as_f64()))
+    };
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); bins.len()];
+    let mut ceiling = Vec::new();
     for round in 0..rounds {
+        if let Some((inserts, build)) = hnswlib_inserts() {
+            println!(
+                "  round {round} hnswlib: {HNSWLIB_INSERTS} inserts into its build, {inserts:.0} points/s (64 a call, 2 threads; its build {build:.0} points/s)"
+            );
+            ceiling.push(inserts);
+        }
         for (b, bin) in bins.iter().enumerate() {
             let tmp = tempfile::tempdir()?;
             let (server, _) = Server::start_program(bin, &tmp.path().join("data")).await?;
@@ -657,14 +699,23 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             server.stop().await?;
         }
     }
+    if !ceiling.is_empty() {
+        println!(
+            "  hnswlib inserts: {} points/s",
+            spread(&ceiling, |v| format!("{v:.0}"))
+        );
+    }
     for (bin, r) in bins.iter().zip(&runs) {
         let col = |f: fn(&(f64, f64, f64)) -> f64| r.iter().map(f).collect::<Vec<_>>();
+        // Each round's acknowledged rate over hnswlib's insert rate of the same round.
+        let of_ceiling: Vec<f64> = r.iter().zip(&ceiling).map(|(x, c)| x.0 / c).collect();
         println!(
-            "  {}: acks/s {}, p50 {}, p99 {}",
+            "  {}: acks/s {}, p50 {}, p99 {}; acks/s / hnswlib's inserts/s {}",
             bin.display(),
             spread(&col(|x| x.0), |v| format!("{v:.0}")),
             spread(&col(|x| x.1), |v| format!("{v:.1} ms")),
-            spread(&col(|x| x.2), |v| format!("{v:.1} ms"))
+            spread(&col(|x| x.2), |v| format!("{v:.1} ms")),
+            spread(&of_ceiling, |v| format!("{v:.2}x"))
         );
     }
     Ok(())
