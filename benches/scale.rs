@@ -42,8 +42,10 @@
 //! binary of `VECTORD_SCALE_BINS` (colon-separated paths, default this build's `vectord`),
 //! alternating, then each binary's medians. For comparing two builds in one run on a shared
 //! machine. Each round also times hnswlib inserting the writers' first 20,000 points into its
-//! build of the same base, 64 a call on 2 threads (the graph work alone, without a server): the
-//! most any HNSW node with this config could link on this machine.
+//! build of the same base, 64 a call on 2 threads: the graph work alone, without a server, as a
+//! reference for what linking every write costs on this machine.
+//! `VECTORD_SCALE_EF_CONSTRUCTION` (writers-only mode; default 200, the server's) creates the
+//! index with that ef_construction (M 16, ef_search 64) and gives hnswlib the same.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -617,8 +619,15 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
     let base = mixture.samples(11, set.n);
     let queries = mixture.samples(13, 200);
     let all: Vec<u64> = (0..set.n as u64).collect();
+    let ef_construction = env_usize("VECTORD_SCALE_EF_CONSTRUCTION", EF_CONSTRUCTION as usize);
+    let config = (ef_construction != EF_CONSTRUCTION as usize).then_some(pb::HnswConfig {
+        m: M,
+        ef_construction: ef_construction as u32,
+        ef_search: P50_EF,
+        seed: None,
+    });
     println!(
-        "\n== writers only: {} ({} x {}), {rounds} rounds x {} binaries, {write_secs} s each ==",
+        "\n== writers only: {} ({} x {}, ef_construction {ef_construction}), {rounds} rounds x {} binaries, {write_secs} s each ==",
         set.name,
         set.n,
         set.dim,
@@ -651,24 +660,26 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             "--m".into(),
             M.to_string(),
             "--ef-construction".into(),
-            EF_CONSTRUCTION.to_string(),
+            ef_construction.to_string(),
         ])
         .and_then(|v| v["insert_per_s"].as_f64().zip(v["build_per_s"].as_f64()))
     };
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); bins.len()];
-    let mut ceiling = Vec::new();
+    // hnswlib's inserts/s per round (None where it could not run).
+    let mut reference: Vec<Option<f64>> = Vec::new();
     for round in 0..rounds {
-        if let Some((inserts, build)) = hnswlib_inserts() {
+        let measured = hnswlib_inserts();
+        if let Some((inserts, build)) = measured {
             println!(
                 "  round {round} hnswlib: {HNSWLIB_INSERTS} inserts into its build, {inserts:.0} points/s (64 a call, 2 threads; its build {build:.0} points/s)"
             );
-            ceiling.push(inserts);
         }
+        reference.push(measured.map(|(inserts, _)| inserts));
         for (b, bin) in bins.iter().enumerate() {
             let tmp = tempfile::tempdir()?;
             let (server, _) = Server::start_program(bin, &tmp.path().join("data")).await?;
             let mut c = server.client().await?;
-            create(&mut c, INDEX, set).await?;
+            create_with(&mut c, INDEX, set, config).await?;
             import(&mut c, INDEX, &base, &all).await?;
             // The writers start on a graph with every imported point linked.
             wait_linked(&mut c, INDEX).await?;
@@ -699,23 +710,35 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             server.stop().await?;
         }
     }
-    if !ceiling.is_empty() {
+    let measured: Vec<f64> = reference.iter().flatten().copied().collect();
+    if !measured.is_empty() {
         println!(
             "  hnswlib inserts: {} points/s",
-            spread(&ceiling, |v| format!("{v:.0}"))
+            spread(&measured, |v| format!("{v:.0}"))
         );
     }
     for (bin, r) in bins.iter().zip(&runs) {
         let col = |f: fn(&(f64, f64, f64)) -> f64| r.iter().map(f).collect::<Vec<_>>();
         // Each round's acknowledged rate over hnswlib's insert rate of the same round.
-        let of_ceiling: Vec<f64> = r.iter().zip(&ceiling).map(|(x, c)| x.0 / c).collect();
+        let of_hnswlib: Vec<f64> = r
+            .iter()
+            .zip(&reference)
+            .filter_map(|(x, h)| h.map(|h| x.0 / h))
+            .collect();
+        let against = if of_hnswlib.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; acks/s / hnswlib's inserts/s {}",
+                spread(&of_hnswlib, |v| format!("{v:.2}x"))
+            )
+        };
         println!(
-            "  {}: acks/s {}, p50 {}, p99 {}; acks/s / hnswlib's inserts/s {}",
+            "  {}: acks/s {}, p50 {}, p99 {}{against}",
             bin.display(),
             spread(&col(|x| x.0), |v| format!("{v:.0}")),
             spread(&col(|x| x.1), |v| format!("{v:.1} ms")),
-            spread(&col(|x| x.2), |v| format!("{v:.1} ms")),
-            spread(&of_ceiling, |v| format!("{v:.2}x"))
+            spread(&col(|x| x.2), |v| format!("{v:.1} ms"))
         );
     }
     Ok(())

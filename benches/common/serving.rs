@@ -249,6 +249,16 @@ pub async fn wait_serving(addr: SocketAddr) -> BoxResult<()> {
 }
 
 pub async fn create(c: &mut Client, name: &str, set: &Set) -> BoxResult<()> {
+    create_with(c, name, set, None).await
+}
+
+/// [`create`] with `config` as the index's default config (None: the server's).
+pub async fn create_with(
+    c: &mut Client,
+    name: &str,
+    set: &Set,
+    config: Option<pb::HnswConfig>,
+) -> BoxResult<()> {
     c.create_index(pb::CreateIndexRequest {
         name: name.into(),
         dimension: set.dim as u32,
@@ -256,7 +266,7 @@ pub async fn create(c: &mut Client, name: &str, set: &Set) -> BoxResult<()> {
             Metric::L2 => pb::Metric::L2,
             Metric::Cosine => pb::Metric::Cosine,
         } as i32,
-        default_config: None,
+        default_config: config,
         ..Default::default()
     })
     .await?;
