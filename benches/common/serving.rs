@@ -392,14 +392,17 @@ pub async fn writers(
                 .await?,
         );
     }
+    // Each writer's points, all drawn before the clock starts: drawing them (a core-second or
+    // more) costs nothing in the timed window, and no writer starts before the last is ready.
+    let drawn: Vec<Vec<Vec<f32>>> = (0..count)
+        .map(|t| mixture.samples(1_000 + t, 4_000))
+        .collect();
     let until = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for t in 0..count {
+    for (t, vectors) in (0..count).zip(drawn) {
         let mut c = IndexServiceClient::new(channels[t as usize % channels.len()].clone());
         let index = index.to_string();
-        // Each writer's points, drawn up front so drawing costs nothing in the timed loop.
-        let vectors = mixture.samples(1_000 + t, 4_000);
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors, mut acked) = (Vec::new(), 0u64, Vec::new());
             let mut i = 0usize;
