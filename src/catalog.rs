@@ -2087,8 +2087,9 @@ async fn snapshotter(
 }
 
 /// Snapshots the index's active generation as it is now and records it, so a start replays
-/// only the writes after this. The generation is copied into memory under the writer lock
-/// (writes wait for the copy, searches never do) and written to disk without it. Skipped (false)
+/// only the writes after this. The generation's linked part is copied into memory while the
+/// linker waits (writes wait only for the id map's copy, searches never wait) and written to
+/// disk while nothing waits for it. Skipped (false)
 /// when a build runs (it writes its own snapshot) or when the active generation is not yet the
 /// recorded one (a profile activation records its generations together at its end). `why` is
 /// logged.
@@ -2131,16 +2132,22 @@ async fn resnapshot(
     drop(gen);
     // `seq`: the write sequence the graph's linked part holds (points still in the fresh
     // segment are left out of the file and stay in the change log).
-    let (gen, encoded, seq, mark, before) = {
+    // `mark`: the changes the graph's linked part holds now, taken under the writer lock so
+    // that the change count and the fresh segment agree. The encoding starts later and holds
+    // at least those (the linker only adds), so the mark never claims more than the file has.
+    // Writes do not wait for the encoding: it holds the linker off and copies the id map
+    // first, so a write waits at most for that copy ([`Generation::encode`]).
+    let (gen, mark, before) = {
         let _w = handle.writer.lock().await;
         handle.check_live()?;
         let gen = handle.active();
         let mark = handle.points_changed() - (gen.unlinked() as u64).min(handle.points_changed());
-        let before = handle.snapshot_mark.load(Ordering::Acquire);
-        let g = gen.clone();
-        let (seq, encoded) = tokio::task::spawn_blocking(move || g.encode()).await??;
-        (gen, encoded, seq, mark, before)
+        (gen, mark, handle.snapshot_mark.load(Ordering::Acquire))
     };
+    let encoding = std::time::Instant::now();
+    let g = gen.clone();
+    let (seq, encoded) = tokio::task::spawn_blocking(move || g.encode()).await??;
+    let encoding = encoding.elapsed();
     let uid = handle.meta.uid;
     let file = crate::index::snapshot::file_name(uid, gen.meta.number, seq);
     {
@@ -2185,6 +2192,7 @@ async fn resnapshot(
         points = mark.saturating_sub(before),
         why,
         millis = started.elapsed().as_millis() as u64,
+        encode_millis = encoding.as_millis() as u64,
         "snapshotted the active generation in the background"
     );
     Ok(true)

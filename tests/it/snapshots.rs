@@ -594,3 +594,189 @@ async fn sigkill_during_an_imports_snapshot_loses_nothing() {
     assert!(tmp_files(dir).is_empty(), "the temp file was swept");
     stop(s).await;
 }
+
+/// The vector of write `version` of `id`: its first coordinates name the write.
+fn versioned(id: u64, version: u64) -> Vec<f32> {
+    let mut v = Gen::new(id * 1_000_003 + version).vector(DIM);
+    v[0] = id as f32;
+    v[1] = version as f32;
+    v
+}
+
+/// Per id (each owned by one writer): the state its last acknowledged write left (Some(None):
+/// deleted) and the write in flight when the server died, if any.
+#[derive(Clone, Copy, Default)]
+struct Written {
+    acked: Option<Option<u64>>,
+    in_flight: Option<Option<u64>>,
+}
+
+/// Background snapshots copy the graph while writes go on (a write waits only for the copy of
+/// the id map): replacements and deletes of linked points keep coming while the quarter rule
+/// snapshots the index twice, then SIGKILL mid-write. The restart loads the last snapshot and
+/// replays the writes after it: every id holds what its last acknowledged write left (or the
+/// write in flight), no deleted point is back, and each stored point is found first.
+/// Compaction is off, so that the tombstones these writes leave call for no rebuild (which
+/// would write its own snapshot) and the background snapshot is what runs under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacements_and_deletes_during_background_snapshots_survive_a_kill() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const IDS: u64 = 4_000;
+    const WRITERS: u64 = 4;
+    const PER_CALL: usize = 50;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let envs = [
+        ("VECTORD_SNAPSHOT_IDLE_SECS", Path::new("0")),
+        ("VECTORD_COMPACT_DELETED_FRACTION", Path::new("0")),
+    ];
+    let (mut s, addr) = start("first", dir, &envs).await;
+    let mut c = client(addr).await;
+    create_index(&mut c, "s", DIM as u32, pb::Metric::L2).await;
+    let first: Vec<pb::Point> = (0..IDS)
+        .map(|id| pb::Point {
+            id,
+            vector: versioned(id, 0),
+        })
+        .collect();
+    upsert_all(&mut c, &first).await;
+    let ledger: Arc<parking_lot::Mutex<BTreeMap<u64, Written>>> = Arc::new(
+        (0..IDS)
+            .map(|id| {
+                let w = Written {
+                    acked: Some(Some(0)),
+                    in_flight: None,
+                };
+                (id, w)
+            })
+            .collect::<BTreeMap<_, _>>()
+            .into(),
+    );
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (mut c, ledger, stopping) = (client(addr).await, ledger.clone(), stopping.clone());
+        writers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(w);
+            let owned: Vec<u64> = (0..IDS).filter(|id| id % WRITERS == w).collect();
+            for n in 1u64.. {
+                if stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                // Versions stay exact in an f32 (< 2^24).
+                let version = w * 1_000_000 + n;
+                let ids: Vec<u64> = (0..PER_CALL)
+                    .map(|_| owned[rng.gen_range(0..owned.len())])
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let op = rng.gen_bool(0.8).then_some(version);
+                for id in &ids {
+                    ledger.lock().entry(*id).or_default().in_flight = Some(op);
+                }
+                let r = match op {
+                    Some(v) => {
+                        let points = ids
+                            .iter()
+                            .map(|&id| pb::Point {
+                                id,
+                                vector: versioned(id, v),
+                            })
+                            .collect();
+                        c.upsert_points(pb::UpsertPointsRequest {
+                            index_name: "s".into(),
+                            points,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
+                    }
+                    None => c
+                        .delete_points(pb::DeletePointsRequest {
+                            index_name: "s".into(),
+                            ids: ids.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                if r.is_err() {
+                    return; // the server is gone: the in-flight write may or may not be stored
+                }
+                let mut l = ledger.lock();
+                for id in &ids {
+                    let e = l.entry(*id).or_default();
+                    e.acked = Some(op);
+                    e.in_flight = None;
+                }
+            }
+        }));
+    }
+    // Two snapshots by the quarter rule while the writers run, then a kill mid-write.
+    let is_quarter = |l: &str| {
+        l.contains("snapshotted the active generation in the background")
+            && l.contains("why=\"a quarter of the index changed\"")
+    };
+    for _ in 0..2 {
+        let before: Vec<String> = s.seen.iter().filter(|l| is_quarter(l)).cloned().collect();
+        s.wait_line("a background snapshot while writes go on", |l| {
+            is_quarter(l) && !before.iter().any(|b| b == l)
+        })
+        .await;
+    }
+    s.signal("KILL");
+    assert!(!s.wait_exit().await.success());
+    stopping.store(true, Ordering::Release);
+    for w in writers {
+        tokio::time::timeout(DEADLINE, w)
+            .await
+            .expect("the writers stop once the server is gone")
+            .expect("writer");
+    }
+
+    let (s, mut c) = start_loaded("after the kill", dir, &envs, |replayed| replayed >= 1).await;
+    let ledger = ledger.lock().clone();
+    let mut live = 0u64;
+    for (&id, w) in &ledger {
+        let got = match c
+            .get_point(pb::GetPointRequest {
+                index_name: "s".into(),
+                id,
+            })
+            .await
+        {
+            Ok(r) => Some(r.into_inner().point.expect("point").vector),
+            Err(e) if e.code() == tonic::Code::NotFound => None,
+            Err(e) => panic!("GetPoint {id}: {e:?}"),
+        };
+        let state = got.as_ref().map(|v| v[1] as u64);
+        let acked = w.acked.expect("every id was written");
+        assert!(
+            state == acked || w.in_flight == Some(state),
+            "id {id}: stored {state:?}, acknowledged {acked:?}, in flight {:?}",
+            w.in_flight
+        );
+        if let Some(v) = got {
+            assert_eq!(
+                v,
+                versioned(id, v[1] as u64),
+                "id {id}: the vector of its write"
+            );
+            live += 1;
+            if id % 16 == 0 {
+                let r = common::search(&mut c, "s", v, 1, Some(200)).await;
+                assert_eq!(
+                    r.neighbors.first().map(|n| n.id),
+                    Some(id),
+                    "id {id} found first"
+                );
+            }
+        }
+    }
+    let (count, _) = point_count(&mut c).await;
+    assert_eq!(count, live, "the point count is the stored points'");
+    stop(s).await;
+}
