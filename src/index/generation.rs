@@ -1334,6 +1334,22 @@ mod tests {
         assert!(g.save(dir.path(), "x.snap", 1, 1, None).is_err());
     }
 
+    /// A build of `points` (L2, 128-d) on the default engine with its float vectors mapped in
+    /// `dir`, as a server keeps them (`--map-float-vectors`): the measuring tests' graph.
+    fn built_mapped(dir: &std::path::Path, points: Vec<Point>) -> Generation {
+        let memory = EngineMemory::in_data_dir(dir).unwrap();
+        Generation::build(
+            EngineKind::DEFAULT,
+            &memory,
+            Metric::L2,
+            128,
+            default_meta(),
+            points,
+            &|| false,
+        )
+        .unwrap()
+    }
+
     /// A measuring test's size from the environment, or `default`.
     fn env_or(name: &str, default: u64) -> u64 {
         std::env::var(name)
@@ -1357,18 +1373,8 @@ mod tests {
         let (base, rest) = all.split_at(n as usize);
         let (online, one_call) = rest.split_at(m as usize);
         let dir = tempfile::tempdir().unwrap();
-        let memory = EngineMemory::in_data_dir(dir.path()).unwrap();
         let t = std::time::Instant::now();
-        let g = Generation::build(
-            EngineKind::DEFAULT,
-            &memory,
-            Metric::L2,
-            128,
-            default_meta(),
-            base.to_vec(),
-            &|| false,
-        )
-        .unwrap();
+        let g = built_mapped(dir.path(), base.to_vec());
         let rate = |points: usize, t: std::time::Instant| points as f64 / t.elapsed().as_secs_f64();
         println!("build of {n}: {:.0} points/s", rate(base.len(), t));
         for chunk in online.chunks(64) {
@@ -1402,17 +1408,7 @@ mod tests {
         let n = env_or("N", 100_000);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let dir = tempfile::tempdir().unwrap();
-        let memory = EngineMemory::in_data_dir(dir.path()).unwrap();
-        let g = Generation::build(
-            EngineKind::DEFAULT,
-            &memory,
-            Metric::L2,
-            128,
-            default_meta(),
-            clustered(&mut rng, n, 128),
-            &|| false,
-        )
-        .unwrap();
+        let g = built_mapped(dir.path(), clustered(&mut rng, n, 128));
         for _ in 0..env_or("R", 3) {
             let t = std::time::Instant::now();
             let (_, (_, body)) = g.encode().unwrap();
