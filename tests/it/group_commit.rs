@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use child::{channel, DEADLINE};
-use common::{create_index, points, Gen, TestServer};
+use common::{create_index, points, stored, versioned, Gen, IdLedger, TestServer};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
@@ -34,21 +34,6 @@ fn delete_req(index: &str, ids: Vec<u64>) -> pb::DeletePointsRequest {
         index_name: index.into(),
         ids,
         ..Default::default()
-    }
-}
-
-/// The stored value of `id` (its vector's second coordinate), None when absent.
-async fn stored(c: &mut IndexServiceClient<Channel>, index: &str, id: u64) -> Option<Vec<f32>> {
-    match c
-        .get_point(pb::GetPointRequest {
-            index_name: index.into(),
-            id,
-        })
-        .await
-    {
-        Ok(r) => Some(r.into_inner().point.expect("point").vector),
-        Err(s) if s.code() == tonic::Code::NotFound => None,
-        Err(s) => panic!("GetPoint {id}: {s:?}"),
     }
 }
 
@@ -318,20 +303,9 @@ const KDIM: usize = 8;
 const KWRITERS: u64 = 16;
 const KIDS: u64 = 12;
 
-/// The vector of write `version` of `id`: unique, so the stored one names its write.
+/// The vector of write `version` of `id` ([`versioned`] at [`KDIM`]).
 fn kvec(id: u64, version: u64) -> Vec<f32> {
-    let mut v = Gen::new(id * 1_000_003 + version).vector(KDIM);
-    v[0] = id as f32;
-    v[1] = version as f32;
-    v
-}
-
-/// Per id (each owned by one writer): the state its last acknowledged write left (None:
-/// deleted or never written) and the write in flight when the server died, if any.
-#[derive(Clone, Default)]
-struct IdLedger {
-    acked: Option<Option<u64>>,
-    in_flight: Option<Option<u64>>,
+    versioned(id, version, KDIM)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,11 +422,10 @@ async fn sigkill_loop(envs: &[(&str, &std::path::Path)]) {
         for (id, l) in &snapshot {
             let got = stored(&mut c, "k", *id).await;
             let got_version = got.as_ref().map(|v| v[1] as u64);
-            let acked_state = l.acked.unwrap_or(None);
-            let ok = got_version == acked_state || l.in_flight.is_some_and(|f| got_version == f);
             assert!(
-                ok,
-                "cycle {cycle}, id {id}: stored {got_version:?}, last acknowledged {acked_state:?}, in flight {:?}",
+                l.allows(got_version),
+                "cycle {cycle}, id {id}: stored {got_version:?}, last acknowledged {:?}, in flight {:?}",
+                l.acked_state(),
                 l.in_flight
             );
             if let Some(v) = got {

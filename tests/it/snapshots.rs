@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use child::{path_str, Vectord, DEADLINE};
-use common::{create_index, points, Gen};
+use common::{create_index, points, versioned, Gen, IdLedger};
 use tonic::transport::Channel;
 use vectord::pb;
 use vectord::pb::index_service_client::IndexServiceClient;
@@ -595,22 +595,6 @@ async fn sigkill_during_an_imports_snapshot_loses_nothing() {
     stop(s).await;
 }
 
-/// The vector of write `version` of `id`: its first coordinates name the write.
-fn versioned(id: u64, version: u64) -> Vec<f32> {
-    let mut v = Gen::new(id * 1_000_003 + version).vector(DIM);
-    v[0] = id as f32;
-    v[1] = version as f32;
-    v
-}
-
-/// Per id (each owned by one writer): the state its last acknowledged write left (Some(None):
-/// deleted) and the write in flight when the server died, if any.
-#[derive(Clone, Copy, Default)]
-struct Written {
-    acked: Option<Option<u64>>,
-    in_flight: Option<Option<u64>>,
-}
-
 /// Background snapshots copy the graph while writes go on (a write waits only for the copy of
 /// the id map): replacements and deletes of linked points keep coming while the quarter rule
 /// snapshots the index twice, then SIGKILL mid-write. The restart loads the last snapshot and
@@ -639,14 +623,14 @@ async fn replacements_and_deletes_during_background_snapshots_survive_a_kill() {
     let first: Vec<pb::Point> = (0..IDS)
         .map(|id| pb::Point {
             id,
-            vector: versioned(id, 0),
+            vector: versioned(id, 0, DIM),
         })
         .collect();
     upsert_all(&mut c, &first).await;
-    let ledger: Arc<parking_lot::Mutex<BTreeMap<u64, Written>>> = Arc::new(
+    let ledger: Arc<parking_lot::Mutex<BTreeMap<u64, IdLedger>>> = Arc::new(
         (0..IDS)
             .map(|id| {
-                let w = Written {
+                let w = IdLedger {
                     acked: Some(Some(0)),
                     in_flight: None,
                 };
@@ -674,8 +658,11 @@ async fn replacements_and_deletes_during_background_snapshots_survive_a_kill() {
                     .into_iter()
                     .collect();
                 let op = rng.gen_bool(0.8).then_some(version);
-                for id in &ids {
-                    ledger.lock().entry(*id).or_default().in_flight = Some(op);
+                {
+                    let mut l = ledger.lock();
+                    for id in &ids {
+                        l.entry(*id).or_default().in_flight = Some(op);
+                    }
                 }
                 let r = match op {
                     Some(v) => {
@@ -683,7 +670,7 @@ async fn replacements_and_deletes_during_background_snapshots_survive_a_kill() {
                             .iter()
                             .map(|&id| pb::Point {
                                 id,
-                                vector: versioned(id, v),
+                                vector: versioned(id, v, DIM),
                             })
                             .collect();
                         c.upsert_points(pb::UpsertPointsRequest {
@@ -741,28 +728,18 @@ async fn replacements_and_deletes_during_background_snapshots_survive_a_kill() {
     let ledger = ledger.lock().clone();
     let mut live = 0u64;
     for (&id, w) in &ledger {
-        let got = match c
-            .get_point(pb::GetPointRequest {
-                index_name: "s".into(),
-                id,
-            })
-            .await
-        {
-            Ok(r) => Some(r.into_inner().point.expect("point").vector),
-            Err(e) if e.code() == tonic::Code::NotFound => None,
-            Err(e) => panic!("GetPoint {id}: {e:?}"),
-        };
+        let got = common::stored(&mut c, "s", id).await;
         let state = got.as_ref().map(|v| v[1] as u64);
         let acked = w.acked.expect("every id was written");
         assert!(
-            state == acked || w.in_flight == Some(state),
+            w.allows(state),
             "id {id}: stored {state:?}, acknowledged {acked:?}, in flight {:?}",
             w.in_flight
         );
         if let Some(v) = got {
             assert_eq!(
                 v,
-                versioned(id, v[1] as u64),
+                versioned(id, v[1] as u64, DIM),
                 "id {id}: the vector of its write"
             );
             live += 1;

@@ -241,6 +241,52 @@ pub fn points(g: &mut Gen, ids: std::ops::Range<u64>, dim: usize) -> Vec<pb::Poi
     .collect()
 }
 
+/// The vector (`dim` coordinates) of write `version` of `id`: unique, and its first two
+/// coordinates name the write, so a stored vector says which write left it.
+pub fn versioned(id: u64, version: u64, dim: usize) -> Vec<f32> {
+    let mut v = Gen::new(id * 1_000_003 + version).vector(dim);
+    v[0] = id as f32;
+    v[1] = version as f32;
+    v
+}
+
+/// The stored vector of `id` in `index` (GetPoint), None when absent.
+pub async fn stored(c: &mut IndexServiceClient<Channel>, index: &str, id: u64) -> Option<Vec<f32>> {
+    match c
+        .get_point(pb::GetPointRequest {
+            index_name: index.into(),
+            id,
+        })
+        .await
+    {
+        Ok(r) => Some(r.into_inner().point.expect("point").vector),
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        Err(s) => panic!("GetPoint {id}: {s:?}"),
+    }
+}
+
+/// Per id (each owned by one writer of a kill test): the state its last acknowledged write
+/// left (Some(None): deleted; None: never written) and the write in flight when the server
+/// died, if any. States are [`versioned`] versions.
+#[derive(Clone, Copy, Default)]
+pub struct IdLedger {
+    pub acked: Option<Option<u64>>,
+    pub in_flight: Option<Option<u64>>,
+}
+
+impl IdLedger {
+    /// The last acknowledged state (None: deleted or never written).
+    pub fn acked_state(&self) -> Option<u64> {
+        self.acked.unwrap_or(None)
+    }
+
+    /// Whether `stored` (the version found after a restart, None if absent) is what the last
+    /// acknowledged write left or what the write in flight would have.
+    pub fn allows(&self, stored: Option<u64>) -> bool {
+        stored == self.acked_state() || self.in_flight == Some(stored)
+    }
+}
+
 pub async fn create_index(
     c: &mut IndexServiceClient<Channel>,
     name: &str,
