@@ -2130,8 +2130,6 @@ async fn resnapshot(
         }
     }
     drop(gen);
-    // `seq`: the write sequence the graph's linked part holds (points still in the fresh
-    // segment are left out of the file and stay in the change log).
     // `mark`: the changes the graph's linked part holds now, taken under the writer lock so
     // that the change count and the fresh segment agree. The encoding starts later and holds
     // at least those (the linker only adds), so the mark never claims more than the file has.
@@ -2144,6 +2142,8 @@ async fn resnapshot(
         let mark = handle.points_changed() - (gen.unlinked() as u64).min(handle.points_changed());
         (gen, mark, handle.snapshot_mark.load(Ordering::Acquire))
     };
+    // `seq`: the write sequence the graph's linked part holds (points still in the fresh
+    // segment are left out of the file and stay in the change log).
     let encoding = std::time::Instant::now();
     let g = gen.clone();
     let (seq, encoded) = tokio::task::spawn_blocking(move || g.encode()).await??;
