@@ -15,12 +15,14 @@
 //!   is inserted later; only a list whose every link is so protected gives one up (counted).
 //! - Findability: an insert that leaves the new node with at most [`MIN_IN_LINKS`] in-links
 //!   (or makes it an outlier of its nearest neighbour) links it from the nearest point of each
-//!   region about as near as that neighbour ([`Native::homes`]), then searches for it with k = 1
-//!   at ef_search / 4 and at ef_search and links it from where a search that missed it ended
-//!   ([`Native::make_findable`]). Those links are protected by the floor above. Measured, not
-//!   proven: on 48,000 online outliers (40 seeds, 3 storages, 1 and 8 writers) every one was
-//!   found first at ef 200, and all but one (8 writers) at ef 64. Known gap: points upserted
-//!   online that form a new cluster (about 3% missed; docs/scale.md).
+//!   region about as near as that neighbour ([`Native::homes`]), joins the region of a recently
+//!   checked node much nearer to it than anything its beam found ([`Native::join_region`]),
+//!   then searches for it with k = 1 at ef_search / 4 and at ef_search and links it from where
+//!   a search that missed it ended ([`Native::make_findable`]). Those links are protected by
+//!   the floor above. Measured, not proven: on 48,000 online outliers (40 seeds, 3 storages, 1
+//!   and 8 writers) every one was found first at ef 200, and all but one or two at ef 64;
+//!   of 36,000 points upserted online that form new clusters (6 seeds, 2 storages), 11 were
+//!   missed at ef 200 and 65 at ef 64 (941 and 1,013 before the join; docs/scale.md).
 //! - 8-bit searches rank exactly every candidate of the beam whose code distance cannot rule it
 //!   out of the `k` nearest ([`Native::coded_lower_bound`]), not only the [`rerank_count`]
 //!   nearest by code, so points that the codes tie (close together, far from the center) are
@@ -106,6 +108,17 @@ pub(super) fn beam_lookahead(cells: usize) -> usize {
 /// ([`Native::homes`], [`Native::make_findable`]) it keeps: 3 is as many as those add. (Its
 /// share of the measured findability was not measured apart from theirs.)
 pub(super) const MIN_IN_LINKS: u16 = 3;
+/// [`Native::join_region`]: how many of a region's points link to a node that joins it (and
+/// it to them); 8 measured no better.
+pub(super) const JOIN_LINKS: usize = 3;
+/// [`Native::join_region`]: a recently checked node is in a region the insert's beam missed
+/// when its (internal) distance is below this share of the nearest candidate's. Points of a
+/// new cluster are about 1/80 of it; an outlier's other recent outliers, nearly as far as its
+/// nearest candidate (0.9 of it), are not (joining those cost outliers' inserts 12 %).
+pub(super) const JOIN_NEARER: f32 = 0.25;
+/// [`Native::join_region`]: how many recently checked nodes are remembered (a node checks
+/// their distances, 2 cache lines each with 128-d 8-bit codes).
+pub(super) const RECENT_CHECKED: usize = 256;
 
 /// [`Native::homes`]: candidates within this share of the nearest neighbour's (internal)
 /// distance are as near as it.
@@ -532,6 +545,56 @@ impl Native {
         }
     }
 
+    /// Links node `id` (vector `v`, query `q`; one the findability checks cover) into the
+    /// region of the nearest recently checked node that is much nearer to it than the
+    /// insert's nearest candidate (`nearest`, in the beam's distance; [`JOIN_NEARER`]): its
+    /// beam reached the region's surroundings but not the region. Points upserted online that form a new cluster far
+    /// from the data enter it by whichever point's link a beam meets first, and without this
+    /// a cluster can grow as two groups that no link joins, of which searches reach one (the
+    /// first point of each group is such a checked node). A beam from that node at
+    /// ef_construction finds the region's nearest [`JOIN_LINKS`] points, and each links to
+    /// the node and the node to each (in a free slot, else in place of the list's most
+    /// redundant link). Then the node is remembered as recently checked, the newest
+    /// [`RECENT_CHECKED`] kept.
+    pub(super) fn join_region(&self, id: u32, v: &[f32], q: &Query, nearest: f32) {
+        let recent: Vec<u32> = self.recent_checked.lock().iter().copied().collect();
+        for &r in recent.iter().take(LOOKAHEAD) {
+            self.prefetch_vector(r);
+        }
+        let mut best: Option<Cand> = None;
+        for (j, &r) in recent.iter().enumerate() {
+            if let Some(&next) = recent.get(j + LOOKAHEAD) {
+                self.prefetch_vector(next);
+            }
+            let Some(d) = self.dist_to(q, r) else {
+                continue;
+            };
+            if r != id && d < nearest * JOIN_NEARER && best.is_none_or(|b| d < b.d) {
+                best = Some(Cand { d, id: r });
+            }
+        }
+        if let Some(from) = best {
+            let region: Vec<Cand> = with_scratch(|s| {
+                let keep = |x: u32| x != id;
+                self.search_layer(q, from, self.ef_construction, 0, s, &keep, None, true);
+                let mut found = std::mem::take(&mut s.top).into_sorted_vec();
+                found.truncate(JOIN_LINKS);
+                found
+            });
+            for c in &region {
+                if let Some(vc) = self.vector(c.id) {
+                    self.add_link(c.id, id, |slots| self.most_redundant(vc, slots));
+                    self.add_link(id, c.id, |slots| self.most_redundant(v, slots));
+                }
+            }
+        }
+        let mut recent = self.recent_checked.lock();
+        if recent.len() >= RECENT_CHECKED {
+            recent.pop_front();
+        }
+        recent.push_back(id);
+    }
+
     /// Gives node `id`, which its nearest level-0 neighbour (first of `selected`) did not keep
     /// a link to, a level-0 link from that neighbour: into a free slot, else in place of its
     /// most redundant link ([`Self::most_redundant`]). A point unlike the rest of the data is
@@ -928,6 +991,8 @@ impl Engine for Native {
                 if outlier || few {
                     if self.findable {
                         self.homes(id, v, &near);
+                        let nearest = near.first().map_or(f32::INFINITY, |c| c.d);
+                        self.join_region(id, v, &q, nearest);
                     }
                     self.make_findable(id, v);
                 }

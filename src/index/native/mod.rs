@@ -139,6 +139,9 @@ pub struct Native {
     slots: AtomicUsize,
     /// Bytes of upper-level link blocks.
     upper_bytes: AtomicUsize,
+    /// The nodes the findability checks covered last (`hnsw::Native::join_region`), oldest
+    /// first. Not saved with a snapshot: a loaded graph starts with none.
+    recent_checked: Mutex<std::collections::VecDeque<u32>>,
 }
 
 impl Native {
@@ -185,6 +188,7 @@ impl Native {
             bounded_rerank: true,
             slots: AtomicUsize::new(0),
             upper_bytes: AtomicUsize::new(0),
+            recent_checked: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
