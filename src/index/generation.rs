@@ -920,32 +920,53 @@ mod tests {
 
     /// Clustered points: `n` around 20 centres in [-1, 1)^dim, spread 0.05.
     fn clustered(rng: &mut rand_chacha::ChaCha8Rng, n: u64, dim: usize) -> Vec<Point> {
+        clustered_around(rng, 0..n, dim, 20, 0.05)
+    }
+
+    /// Points with `ids` around `centres` centres of their own (uniform in [-1, 1]), each
+    /// coordinate within `spread` of its centre's.
+    fn clustered_around(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        ids: std::ops::Range<u64>,
+        dim: usize,
+        centres: usize,
+        spread: f32,
+    ) -> Vec<Point> {
         use rand::Rng;
-        let centres: Vec<Vec<f32>> = (0..20)
+        let centres: Vec<Vec<f32>> = (0..centres)
             .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
             .collect();
-        (0..n)
-            .map(|id| {
-                let c = &centres[rng.gen_range(0..centres.len())];
-                Point {
-                    id,
-                    vector: c
-                        .iter()
-                        .map(|x| x + rng.gen_range(-0.05f32..0.05))
-                        .collect(),
-                }
-            })
-            .collect()
+        ids.map(|id| {
+            let c = &centres[rng.gen_range(0..centres.len())];
+            Point {
+                id,
+                vector: c
+                    .iter()
+                    .map(|x| x + rng.gen_range(-spread..spread))
+                    .collect(),
+            }
+        })
+        .collect()
     }
 
     /// A build of `points` (L2, `dim`-d) in RAM on `kind` with the default config.
     fn built(kind: EngineKind, dim: u32, points: Vec<Point>) -> Generation {
+        built_with(kind, dim, default_meta(), points)
+    }
+
+    /// A build of `points` (L2, `dim`-d) in RAM on `kind` with `meta`'s config.
+    fn built_with(
+        kind: EngineKind,
+        dim: u32,
+        meta: GenerationMeta,
+        points: Vec<Point>,
+    ) -> Generation {
         Generation::build(
             kind,
             &EngineMemory::IN_RAM,
             Metric::L2,
             dim,
-            default_meta(),
+            meta,
             points,
             &|| false,
         )
@@ -974,18 +995,8 @@ mod tests {
         ] {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
             let base = clustered(&mut rng, 4000, DIM);
-            let meta = default_meta();
-            let default_ef = meta.config.ef_search as usize;
-            let g = Generation::build(
-                kind,
-                &EngineMemory::IN_RAM,
-                Metric::L2,
-                DIM as u32,
-                meta,
-                base,
-                &|| false,
-            )
-            .unwrap();
+            let default_ef = default_meta().config.ef_search as usize;
+            let g = built(kind, DIM as u32, base);
             let outliers: Vec<Point> = (0..200)
                 .map(|i| Point {
                     id: 1_000_000 + i,
@@ -1052,32 +1063,15 @@ mod tests {
     /// the graph is the same in every run on a machine.
     #[test]
     fn online_new_clusters_are_found_by_their_own_vector() {
-        use rand::Rng;
         const DIM: usize = 64;
-        // `n` points around 50 centres of their own (uniform in [-1, 1]), each coordinate
-        // within 0.1 of its centre's; ids from `first`.
-        let draw = |rng: &mut rand_chacha::ChaCha8Rng, n: u64, first: u64| -> Vec<Point> {
-            let centres: Vec<Vec<f32>> = (0..50)
-                .map(|_| (0..DIM).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
-                .collect();
-            (0..n)
-                .map(|i| {
-                    let c = &centres[rng.gen_range(0..centres.len())];
-                    Point {
-                        id: first + i,
-                        vector: c.iter().map(|x| x + rng.gen_range(-0.1f32..0.1)).collect(),
-                    }
-                })
-                .collect()
-        };
         for kind in [
             EngineKind::Native,
             EngineKind::NativeF16,
             EngineKind::NativeI8,
         ] {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("SEED", 21));
-            let base = draw(&mut rng, 10_000, 0);
-            let fresh = draw(&mut rng, 1_500, 1_000_000);
+            let base = clustered_around(&mut rng, 0..10_000, DIM, 50, 0.1);
+            let fresh = clustered_around(&mut rng, 1_000_000..1_001_500, DIM, 50, 0.1);
             let meta = GenerationMeta {
                 config: HnswConfig {
                     seed: Some(7),
@@ -1085,16 +1079,7 @@ mod tests {
                 },
                 ..meta(None)
             };
-            let g = Generation::build(
-                kind,
-                &EngineMemory::IN_RAM,
-                Metric::L2,
-                DIM as u32,
-                meta,
-                base,
-                &|| false,
-            )
-            .unwrap();
+            let g = built_with(kind, DIM as u32, meta, base);
             for p in &fresh {
                 g.upsert(std::slice::from_ref(p));
             }
