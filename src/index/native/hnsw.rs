@@ -548,13 +548,13 @@ impl Native {
     /// Links node `id` (vector `v`, query `q`; one the findability checks cover) into the
     /// region of the nearest recently checked node that is much nearer to it than the
     /// insert's nearest candidate (`nearest`, in the beam's distance; [`JOIN_NEARER`]): its
-    /// beam reached the region's surroundings but not the region. Points upserted online that form a new cluster far
-    /// from the data enter it by whichever point's link a beam meets first, and without this
-    /// a cluster can grow as two groups that no link joins, of which searches reach one (the
-    /// first point of each group is such a checked node). A beam from that node at
-    /// ef_construction finds the region's nearest [`JOIN_LINKS`] points, and each links to
-    /// the node and the node to each (in a free slot, else in place of the list's most
-    /// redundant link). Then the node is remembered as recently checked, the newest
+    /// beam reached the region's surroundings but not the region. Points upserted online that
+    /// form a new cluster far from the data enter it by whichever point's link a beam meets
+    /// first, and without this a cluster can grow as groups that no link joins, of which
+    /// searches reach one (the first point of each group is such a checked node). A beam from
+    /// that node at ef_construction finds the region's nearest [`JOIN_LINKS`] points, and each
+    /// links to the node and the node to each (in a free slot, else in place of the list's
+    /// most redundant link). Then the node is remembered as recently checked, the newest
     /// [`RECENT_CHECKED`] kept.
     pub(super) fn join_region(&self, id: u32, v: &[f32], q: &Query, nearest: f32) {
         let recent: Vec<u32> = self.recent_checked.lock().iter().copied().collect();
