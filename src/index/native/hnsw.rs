@@ -569,7 +569,7 @@ impl Native {
             let Some(d) = self.dist_to(q, r) else {
                 continue;
             };
-            if r != id && d < nearest * JOIN_NEARER && best.is_none_or(|b| d < b.d) {
+            if d < nearest * JOIN_NEARER && best.is_none_or(|b| d < b.d) {
                 best = Some(Cand { d, id: r });
             }
         }
