@@ -744,6 +744,13 @@ mod tests {
         }
     }
 
+    /// vectord's own engines (every storage), the ones with its findability mechanisms.
+    const NATIVE_KINDS: [EngineKind; 3] = [
+        EngineKind::Native,
+        EngineKind::NativeF16,
+        EngineKind::NativeI8,
+    ];
+
     fn points(n: u64) -> Vec<Point> {
         (0..n)
             .map(|i| Point {
@@ -988,11 +995,7 @@ mod tests {
         use rand::Rng;
         const DIM: usize = 32;
         let mut out = Vec::new();
-        for kind in [
-            EngineKind::Native,
-            EngineKind::NativeF16,
-            EngineKind::NativeI8,
-        ] {
+        for kind in NATIVE_KINDS {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
             let base = clustered(&mut rng, 4000, DIM);
             let default_ef = default_meta().config.ef_search as usize;
@@ -1064,11 +1067,7 @@ mod tests {
     #[test]
     fn online_new_clusters_are_found_by_their_own_vector() {
         const DIM: usize = 64;
-        for kind in [
-            EngineKind::Native,
-            EngineKind::NativeF16,
-            EngineKind::NativeI8,
-        ] {
+        for kind in NATIVE_KINDS {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("SEED", 21));
             let base = clustered_around(&mut rng, 0..10_000, DIM, 50, 0.1);
             let fresh = clustered_around(&mut rng, 1_000_000..1_001_500, DIM, 50, 0.1);
@@ -1262,11 +1261,7 @@ mod tests {
         let replaced = random(0..200);
         let more = random(5000..5100);
         let queries = random(0..50);
-        for kind in [
-            EngineKind::Native,
-            EngineKind::NativeF16,
-            EngineKind::NativeI8,
-        ] {
+        for kind in NATIVE_KINDS {
             for metric in [Metric::L2, Metric::Cosine, Metric::Dot] {
                 let prep = |pts: &[Point]| -> Vec<Point> {
                     pts.iter()
