@@ -27,8 +27,9 @@
 //! only answers PINGs, cannot keep a client that makes calls out.
 //!
 //! Closing is done by the reader: [`Conn`] ends its read side (end of file) when its watch
-//! future says so, and hyper then drops the connection. A call that arrives on a connection at
-//! the very moment it is closed fails with `UNAVAILABLE`, which gRPC clients may retry.
+//! future says so, and hyper then drops the connection. A call sent on a connection at the very
+//! moment it is closed fails with `UNAVAILABLE`, or with `CANCELLED` ("connection closed") from
+//! a client that had queued it but not yet sent it (tonic's, over hyper); either may be retried.
 //!
 //! The bytes read to decide are replayed to the server by [`Conn`]: hyper has such a type
 //! (`Rewind`) but does not export it, and this one is a few lines.
