@@ -29,7 +29,6 @@
 //!   still ranked in their true order.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtOrd};
 use std::sync::OnceLock;
 
@@ -63,6 +62,22 @@ impl PartialOrd for Cand {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
+}
+
+/// Which nodes a layer search may return ([`Native::search_layer`]).
+#[derive(Clone, Copy)]
+pub(super) enum Keep<'a> {
+    /// Every node: builds, inserts, searches of a graph without tombstones.
+    All,
+    /// Only the nodes passing the test; the others still guide the search.
+    Only(&'a dyn Fn(u32) -> bool),
+}
+
+/// A node of [`Native::beam`]'s pool: its distance, and whether it was expanded.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Pooled {
+    pub(super) c: Cand,
+    pub(super) done: bool,
 }
 
 /// How many of a search's candidates (nearest first by the compact vectors) the compact storages
@@ -166,13 +181,13 @@ impl Native {
     }
 
     /// The best-first search of one level from `ep` with a beam of `ef`: leaves the `ef` nearest
-    /// nodes found that pass `keep` in `s.top` (a max-heap).
+    /// nodes found that `keep` allows in `s.found`, nearest first.
     ///
-    /// A node that fails `keep` (a tombstone) still guides the search, as hnswlib does with its
+    /// A node that `keep` refuses (a tombstone) still guides the search, as hnswlib does with its
     /// deleted marks: it enters the candidates but never takes a result slot, and the search
-    /// goes on until it has `ef` nodes that pass. With `keep` always true (every build, and
-    /// searches of a graph without tombstones) this is the plain HNSW search, and the check
-    /// compiles away.
+    /// goes on until it has `ef` nodes that pass. With [`Keep::All`] (every build and insert,
+    /// and searches of a graph without tombstones) this is the plain HNSW search, run on one
+    /// sorted pool ([`Self::beam`]).
     ///
     /// With `enough: Some(k)` the work is bounded when the nodes that pass are scarce near the
     /// query (most of the graph tombstoned): past [`EXPANSIONS_PER_EF`]` * ef` expanded nodes
@@ -189,7 +204,158 @@ impl Native {
         ef: usize,
         level: usize,
         s: &mut Scratch,
-        keep: &impl Fn(u32) -> bool,
+        keep: Keep,
+        enough: Option<usize>,
+        ahead: bool,
+    ) {
+        match keep {
+            Keep::All => self.beam(q, ep, ef, level, s, enough, ahead),
+            Keep::Only(keep) => self.beam_filtered(q, ep, ef, level, s, keep, enough, ahead),
+        }
+    }
+
+    /// The unvisited neighbours of `c` at `level` in `batch` (marked visited), their search
+    /// vectors asked for [`beam_lookahead`] ahead; calls `each` with each one's distance, in
+    /// list order, while the next ones' vectors come in. The search is bound by memory latency
+    /// (vectors at random places, 3-24 cache lines each), and asking for every line of the next
+    /// ones overlaps the misses.
+    #[inline(always)]
+    fn expand(
+        &self,
+        q: &Query,
+        c: u32,
+        level: usize,
+        s: &mut Scratch,
+        mut each: impl FnMut(&mut Scratch, Cand),
+    ) {
+        let links = self.links(c, level);
+        let Some((count, slots)) = links.split_first() else {
+            return;
+        };
+        let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
+        let mut batch = std::mem::take(&mut s.batch);
+        batch.clear();
+        for slot in &slots[..n] {
+            let id = slot.load(AtOrd::Acquire);
+            if id != EMPTY && s.visit(id) {
+                batch.push(id);
+            }
+        }
+        for &id in batch.iter().take(self.beam_lookahead) {
+            self.prefetch_vector(id);
+        }
+        for (j, &id) in batch.iter().enumerate() {
+            if let Some(&next) = batch.get(j + self.beam_lookahead) {
+                self.prefetch_vector(next);
+            }
+            if let Some(d) = self.dist_to(q, id) {
+                each(s, Cand { d, id });
+            }
+        }
+        s.batch = batch;
+    }
+
+    /// An insert's beam (ef_construction) is long and its graph often bigger than the caches:
+    /// the candidate expanded next is the nearest one now, so ask for the vectors of its first
+    /// unvisited neighbours too (its list was asked for when this expansion began). Measured on
+    /// 100k 128-d: online linking 1.11x, a build 1.06x; queries on the 30k words (short beams, a
+    /// graph in cache) were no faster, so they skip it.
+    #[inline(always)]
+    fn look_ahead(&self, s: &Scratch, next: u32, level: usize) {
+        self.linked(next, level)
+            .filter(|&id| !s.visited(id))
+            .take(LOOKAHEAD)
+            .for_each(|id| self.prefetch_vector(id));
+    }
+
+    /// [`Self::search_layer`] keeping every node: one pool of the `ef` nearest nodes found,
+    /// sorted, each marked once expanded; the nearest not yet expanded is expanded next, and
+    /// the search ends when every node of the pool is. It expands the same nodes in the same
+    /// order as hnswlib's two heaps (a node that heap order would expand after the beam is full
+    /// and farther than its farthest is one the pool has dropped, and that is where hnswlib
+    /// stops), for a binary search and a short move per accepted neighbour instead of two heap
+    /// pushes and a pop (the heaps were 12 % of online linking's time).
+    #[allow(clippy::too_many_arguments)]
+    fn beam(
+        &self,
+        q: &Query,
+        ep: Cand,
+        ef: usize,
+        level: usize,
+        s: &mut Scratch,
+        enough: Option<usize>,
+        ahead: bool,
+    ) {
+        s.start(self.slots.load(AtOrd::Relaxed));
+        s.visit(ep.id);
+        let ef = ef.max(1);
+        let mut pool = std::mem::take(&mut s.pool);
+        pool.clear();
+        pool.push(Pooled { c: ep, done: false });
+        let budget = ef.saturating_mul(EXPANSIONS_PER_EF);
+        let mut expanded = 0usize;
+        // Every node of the pool before `first` is expanded.
+        let mut first = 0usize;
+        loop {
+            while pool.get(first).is_some_and(|p| p.done) {
+                first += 1;
+            }
+            let Some(p) = pool.get_mut(first) else {
+                break;
+            };
+            p.done = true;
+            let c = p.c;
+            if let Some(k) = enough {
+                expanded += 1;
+                if expanded > budget && pool.len() >= k {
+                    break;
+                }
+            }
+            // The next candidate's list is read once this one is expanded: ask for it now (it
+            // is apart from the vector its distance was measured with).
+            let next = pool[first..].iter().find(|p| !p.done).map(|p| p.c.id);
+            if let Some(next) = next {
+                prefetch_cells(self.links(next, level));
+            }
+            self.expand(q, c.id, level, s, |_, cand| {
+                if pool.len() >= ef && pool.last().is_some_and(|w| cand.d >= w.c.d) {
+                    return;
+                }
+                let at = pool.partition_point(|p| p.c < cand);
+                pool.insert(
+                    at,
+                    Pooled {
+                        c: cand,
+                        done: false,
+                    },
+                );
+                if pool.len() > ef {
+                    pool.pop();
+                }
+                first = first.min(at);
+            });
+            if ahead {
+                if let Some(next) = pool[first..].iter().find(|p| !p.done) {
+                    self.look_ahead(s, next.c.id, level);
+                }
+            }
+        }
+        s.found.clear();
+        s.found.extend(pool.iter().map(|p| p.c));
+        s.pool = pool;
+    }
+
+    /// [`Self::search_layer`] with a filter: hnswlib's two heaps, the candidates (every node
+    /// found nearer than the farthest result) and the results (the `ef` nearest that pass).
+    #[allow(clippy::too_many_arguments)]
+    fn beam_filtered(
+        &self,
+        q: &Query,
+        ep: Cand,
+        ef: usize,
+        level: usize,
+        s: &mut Scratch,
+        keep: &dyn Fn(u32) -> bool,
         enough: Option<usize>,
         ahead: bool,
     ) {
@@ -212,65 +378,31 @@ impl Native {
                     break;
                 }
             }
-            // The next candidate's list is read once this one is expanded: ask for it now (it
-            // is apart from the vector its distance was measured with).
             if let Some(Reverse(next)) = s.candidates.peek() {
                 prefetch_cells(self.links(next.id, level));
             }
-            let links = self.links(c.id, level);
-            let Some((count, slots)) = links.split_first() else {
-                continue;
-            };
-            let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
-            let slots = &slots[..n];
-            // The neighbours not yet visited, then their distances, with the vectors
-            // [`beam_lookahead`] neighbours ahead asked for in whole while one is compared: the
-            // search is bound by memory latency (vectors at random places, 3-24 cache lines
-            // each), and asking for every line of the next ones overlaps the misses.
-            let mut batch = std::mem::take(&mut s.batch);
-            batch.clear();
-            for slot in slots {
-                let id = slot.load(AtOrd::Acquire);
-                if id != EMPTY && s.visit(id) {
-                    batch.push(id);
-                }
-            }
-            for &id in batch.iter().take(self.beam_lookahead) {
-                self.prefetch_vector(id);
-            }
-            for (j, &id) in batch.iter().enumerate() {
-                if let Some(&next) = batch.get(j + self.beam_lookahead) {
-                    self.prefetch_vector(next);
-                }
-                let Some(d) = self.dist_to(q, id) else {
-                    continue;
-                };
+            self.expand(q, c.id, level, s, |s, cand| {
                 let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
-                if s.top.len() < ef || d < worst {
-                    let cand = Cand { d, id };
+                if s.top.len() < ef || cand.d < worst {
                     s.candidates.push(Reverse(cand));
-                    if keep(id) {
+                    if keep(cand.id) {
                         s.top.push(cand);
                         if s.top.len() > ef {
                             s.top.pop();
                         }
                     }
                 }
-            }
-            s.batch = batch;
-            // An insert's beam (ef_construction) is long and its graph often bigger than the
-            // caches: the candidate expanded next is the nearest one now, so ask for the
-            // vectors of its first unvisited neighbours too (its list was asked for when this
-            // expansion began). Measured on 100k 128-d: online linking 1.11x, a build 1.06x;
-            // queries on the 30k words (short beams, a graph in cache) were no faster, so they
-            // skip it.
+            });
             if let Some(&Reverse(next)) = s.candidates.peek().filter(|_| ahead) {
-                self.linked(next.id, level)
-                    .filter(|&id| !s.visited(id))
-                    .take(LOOKAHEAD)
-                    .for_each(|id| self.prefetch_vector(id));
+                self.look_ahead(s, next.id, level);
             }
         }
+        // Nearest first, both heaps' allocations kept.
+        s.found.clear();
+        while let Some(c) = s.top.pop() {
+            s.found.push(c);
+        }
+        s.found.reverse();
     }
 
     /// Counts a new level-0 link to `id` (its list's writer holds the list's lock).
@@ -507,7 +639,7 @@ impl Native {
         };
         for &ef in efs {
             for _ in 0..2 {
-                let found = self.search_keeping(v, 1, ef, &|_| true);
+                let found = self.search_keeping(v, 1, ef, Keep::All);
                 let Some(&(landed, _)) = found.first() else {
                     return;
                 };
@@ -576,10 +708,9 @@ impl Native {
         if let Some(from) = best {
             let region: Vec<Cand> = with_scratch(|s| {
                 let keep = |x: u32| x != id;
-                self.search_layer(q, from, self.ef_construction, 0, s, &keep, None, true);
-                let mut found = std::mem::take(&mut s.top).into_sorted_vec();
-                found.truncate(JOIN_LINKS);
-                found
+                let ef = self.ef_construction;
+                self.search_layer(q, from, ef, 0, s, Keep::Only(&keep), None, true);
+                s.found.iter().take(JOIN_LINKS).copied().collect()
             });
             for c in &region {
                 if let Some(vc) = self.vector(c.id) {
@@ -687,7 +818,7 @@ impl Native {
             }
             let Some(v) = self.vector(u) else { continue };
             let ef = self.ef_construction;
-            let found = self.search_keeping(v, ef, ef, &|id| id != u);
+            let found = self.search_keeping(v, ef, ef, Keep::Only(&|id| id != u));
             // The nearest point with a free slot links to it; if all are full, the nearest
             // gives its link to the point that most other links also reach.
             let mut took_slot = false;
@@ -809,7 +940,7 @@ impl Native {
         query: &[f32],
         k: usize,
         ef: usize,
-        keep: &impl Fn(u32) -> bool,
+        keep: Keep,
     ) -> Vec<(usize, f32)> {
         if k == 0 || query.len() != self.dim {
             return Vec::new();
@@ -832,7 +963,7 @@ impl Native {
                 // Rank the nearest candidates by their exact distances (float vectors, asked
                 // for a few candidates ahead): [`rerank_count`] of them, as reading
                 // float vectors from all over memory is a good part of a search's time.
-                let mut found = std::mem::take(&mut s.top).into_sorted_vec();
+                let mut found = std::mem::take(&mut s.found);
                 let rest = found.split_off(rerank_count(k).min(found.len()));
                 for c in found.iter().take(LOOKAHEAD) {
                     self.prefetch_float(c.id);
@@ -847,17 +978,14 @@ impl Native {
                     }
                 }
                 self.rerank_uncertain(&q, query, k, &mut found, &rest);
-                s.top = BinaryHeap::from(found);
+                found.sort_unstable();
+                s.found = found;
             }
-            while s.top.len() > k {
-                s.top.pop();
-            }
-            let mut out: Vec<(usize, f32)> = Vec::with_capacity(s.top.len());
-            while let Some(c) = s.top.pop() {
-                out.push((c.id as usize, c.d));
-            }
-            out.reverse();
-            out
+            s.found
+                .iter()
+                .take(k)
+                .map(|c| (c.id as usize, c.d))
+                .collect()
         })
     }
 }
@@ -961,8 +1089,9 @@ impl Engine for Native {
         let mut near: Vec<Cand> = Vec::new();
         with_scratch(|s| {
             for l in (0..=level.min(top)).rev() {
-                self.search_layer(&q, cur, self.ef_construction, l, s, &|_| true, None, true);
-                let mut found: Vec<Cand> = std::mem::take(&mut s.top).into_sorted_vec();
+                let ef = self.ef_construction;
+                self.search_layer(&q, cur, ef, l, s, Keep::All, None, true);
+                let found = std::mem::take(&mut s.found);
                 let selected = self.select(&found, self.m);
                 Self::write_links(self.links_in(seg, off, l), selected.iter().map(|c| c.id));
                 if l == 0 {
@@ -974,8 +1103,7 @@ impl Engine for Native {
                     cur = nearest;
                 }
                 selections.push((l, selected));
-                found.clear();
-                s.top = BinaryHeap::from(found); // keeps the allocation
+                s.found = found; // keeps the allocation
             }
         });
         for (l, selected) in &selections {
@@ -1034,7 +1162,7 @@ impl Engine for Native {
     }
 
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
-        self.search_keeping(query, k, ef, &|_| true)
+        self.search_keeping(query, k, ef, Keep::All)
     }
 
     fn search_filtered(
@@ -1044,7 +1172,7 @@ impl Engine for Native {
         ef: usize,
         keep: &dyn Fn(usize) -> bool,
     ) -> Option<Vec<(usize, f32)>> {
-        Some(self.search_keeping(query, k, ef, &|id| keep(id as usize)))
+        Some(self.search_keeping(query, k, ef, Keep::Only(&|id| keep(id as usize))))
     }
 
     fn distances(&self, query: &[f32], ids: &[usize]) -> Option<Vec<(usize, f32)>> {

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::hnsw::Cand;
+use super::hnsw::{Cand, Pooled};
 
 /// Per-thread search state, reused across searches (and engines).
 #[derive(Default)]
@@ -25,8 +25,14 @@ pub(super) struct Scratch {
     /// The words of `bits` this search set, cleared when the next one starts (so starting costs
     /// what the last search touched, not the size of the graph).
     pub(super) dirty: Vec<u32>,
+    /// The unfiltered layer search's pool: the `ef` nearest nodes found, sorted, each marked once
+    /// expanded.
+    pub(super) pool: Vec<Pooled>,
+    /// A filtered search's candidates and results (hnswlib's two heaps).
     pub(super) candidates: BinaryHeap<Reverse<Cand>>,
     pub(super) top: BinaryHeap<Cand>,
+    /// A layer search's answer: the nodes it found, nearest first.
+    pub(super) found: Vec<Cand>,
     /// The unvisited neighbours of the node being expanded.
     pub(super) batch: Vec<u32>,
 }
@@ -43,6 +49,7 @@ impl Scratch {
         if self.bits.len() < words {
             self.bits.resize(words, 0);
         }
+        self.pool.clear();
         self.candidates.clear();
         self.top.clear();
     }

@@ -432,6 +432,58 @@ fn parallel_build_finds_as_well() {
     assert!(recall(par.as_ref(), Metric::L2, &base, &queries, 40) >= 0.9);
 }
 
+/// The unfiltered search's sorted pool (`Native::beam`) expands the nodes hnswlib's two heaps
+/// would, in the same order: on one graph, for every storage, level, ef and `enough`, it finds
+/// exactly what the heap search (`beam_filtered`, every node kept) finds.
+#[test]
+fn the_pool_beam_finds_what_the_two_heaps_find() {
+    use super::hnsw::{Cand, Keep};
+    let base = data(3000, 16, 12, false);
+    for storage in [Storage::F32, Storage::Half, Storage::Int8] {
+        let e = Native::with_storage(Metric::L2, 16, &config(Some(3)), base.len(), storage);
+        let items: Vec<(&[f32], usize)> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i))
+            .collect();
+        e.insert_many(&items, false);
+        let (ep, top) = (*e.entry.read()).expect("an entry point");
+        let all = |_: u32| true;
+        let mut compared = 0;
+        for (i, v) in data(40, 16, 13, false).iter().enumerate() {
+            let mut bufs = super::scratch::QueryBufs::default();
+            let q = e.query(v, &mut bufs);
+            let start = Cand {
+                d: e.dist_to(&q, ep).expect("the entry's distance"),
+                id: ep,
+            };
+            for level in 0..=top.min(1) {
+                for (ef, enough) in [(1, None), (10, None), (64, Some(10)), (200, None)] {
+                    let ahead = i % 2 == 0;
+                    let mut s = Scratch::default();
+                    e.search_layer(&q, start, ef, level, &mut s, Keep::All, enough, ahead);
+                    let pool = std::mem::take(&mut s.found);
+                    e.search_layer(
+                        &q,
+                        start,
+                        ef,
+                        level,
+                        &mut s,
+                        Keep::Only(&all),
+                        enough,
+                        ahead,
+                    );
+                    assert_eq!(pool, s.found, "{storage:?} level {level} ef {ef}");
+                    assert!(pool.windows(2).all(|w| w[0] < w[1]), "nearest first");
+                    assert!(!pool.is_empty() && pool.len() <= ef);
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared >= 160);
+    }
+}
+
 #[test]
 fn seeded_single_thread_builds_are_identical() {
     let base = data(2000, 16, 7, false);
@@ -1087,4 +1139,79 @@ fn beam_lookahead_cost() {
         p50s[1].iter().map(|r| *r as u64).collect::<Vec<_>>(),
         median(p50s[1].clone()) / median(p50s[0].clone()),
     );
+}
+
+/// What the sorted pool (`Native::beam`) saves against hnswlib's two heaps (`beam_filtered`
+/// keeping every node), on one graph: `N` clustered 128-d points (`native_i8`), then for each
+/// of 1,000 queries a search at k 10 ef 64 and an insert's beam (ef_construction 200, level 0)
+/// both ways, alternating; `ROUNDS` rounds, medians of the per-round p50s. Run with
+/// `cargo test --release --lib pool_beam_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn pool_beam_cost() {
+    use super::hnsw::{Cand, Keep};
+    let (n, rounds) = (env_or("N", 100_000), env_or("ROUNDS", 3));
+    let all = data(n + 1_000, 128, 11, false);
+    let (base, queries) = all.split_at(n);
+    let items: Vec<(&[f32], usize)> = base
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_slice(), i))
+        .collect();
+    let e = Native::with_storage(Metric::L2, 128, &HnswConfig::default(), n, Storage::Int8)
+        .with_memory(mapped());
+    e.insert_many(&items, true);
+    let keep_all = |_: u32| true;
+    // [what][mode]: per-round p50s in microseconds; mode 0 the heaps, 1 the pool.
+    let mut p50s: [[Vec<f64>; 2]; 2] = Default::default();
+    for round in 0..rounds {
+        let mut took: [[Vec<f64>; 2]; 2] = Default::default();
+        for (i, q) in queries.iter().enumerate() {
+            let order = if (i + round) % 2 == 0 { [0, 1] } else { [1, 0] };
+            for mode in order {
+                let keep = if mode == 0 {
+                    Keep::Only(&keep_all)
+                } else {
+                    Keep::All
+                };
+                let t = std::time::Instant::now();
+                std::hint::black_box(e.search_keeping(q, 10, 64, keep));
+                took[0][mode].push(t.elapsed().as_secs_f64() * 1e6);
+                let mut bufs = super::scratch::QueryBufs::default();
+                let query = e.query(q, &mut bufs);
+                let Some((ep, top)) = *e.entry.read() else {
+                    return;
+                };
+                let t = std::time::Instant::now();
+                let mut cur = Cand {
+                    d: e.dist_to(&query, ep).unwrap_or(f32::INFINITY),
+                    id: ep,
+                };
+                for l in (1..=top).rev() {
+                    cur = e.greedy(&query, cur, l);
+                }
+                super::scratch::with_scratch(|s| {
+                    e.search_layer(&query, cur, 200, 0, s, keep, None, true);
+                    std::hint::black_box(s.found.len());
+                });
+                took[1][mode].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        for what in 0..2 {
+            for mode in 0..2 {
+                p50s[what][mode].push(median(std::mem::take(&mut took[what][mode])));
+            }
+        }
+    }
+    for (what, name) in ["search k 10 ef 64", "insert's beam ef 200"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "{name} p50, us: heaps {:?}, pool {:?}: pool / heaps {:.3}",
+            p50s[what][0].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            p50s[what][1].iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            median(p50s[what][1].clone()) / median(p50s[what][0].clone()),
+        );
+    }
 }
