@@ -23,6 +23,10 @@
 //!   and 8 writers) every one was found first at ef 200, and all but one or two at ef 64;
 //!   of 36,000 points upserted online that form new clusters (6 seeds, 2 storages), 11 were
 //!   missed at ef 200 and 65 at ef 64 (941 and 1,013 before the join; docs/scale.md).
+//! - A layer search that keeps every node, with ef up to [`POOL_MAX_EF`], runs on one sorted pool
+//!   ([`Native::beam`]) and expands the same nodes in the same order as hnswlib's two heaps
+//!   ([`Native::beam_filtered`], which filtered searches and bigger beams use), so either finds
+//!   the same nodes (test `the_pool_beam_finds_what_the_two_heaps_find`).
 //! - 8-bit searches rank exactly every candidate of the beam whose code distance cannot rule it
 //!   out of the `k` nearest ([`Native::coded_lower_bound`]), not only the [`rerank_count`]
 //!   nearest by code, so points that the codes tie (close together, far from the center) are
