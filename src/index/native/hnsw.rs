@@ -77,6 +77,33 @@ pub(super) enum Keep<'a> {
     Only(&'a dyn Fn(u32) -> bool),
 }
 
+/// How a layer search runs ([`Native::search_layer`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Layer {
+    /// The beam: how many nearest nodes it keeps.
+    pub(super) ef: usize,
+    pub(super) level: usize,
+    /// `Some(k)` bounds the work when the nodes that pass are scarce near the query (most of
+    /// the graph tombstoned): past [`EXPANSIONS_PER_EF`]` * ef` expanded nodes the search stops
+    /// as soon as it holds `k` that pass, instead of walking on until it has `ef` of them.
+    pub(super) enough: Option<usize>,
+    /// Inserts: also ask for the next candidate's first neighbours' vectors at the end of each
+    /// expansion.
+    pub(super) ahead: bool,
+}
+
+impl Layer {
+    /// An insert's search of `level` with a beam of `ef`.
+    pub(super) fn insert(ef: usize, level: usize) -> Self {
+        Layer {
+            ef,
+            level,
+            enough: None,
+            ahead: true,
+        }
+    }
+}
+
 /// A node of [`Native::beam`]'s pool: its distance, and whether it was expanded.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Pooled {
@@ -191,38 +218,19 @@ impl Native {
         }
     }
 
-    /// The best-first search of one level from `ep` with a beam of `ef`: leaves the `ef` nearest
+    /// The best-first search of one level (`l`, [`Layer`]) from `ep`: leaves the `ef` nearest
     /// nodes found that `keep` allows in `s.found`, nearest first.
     ///
     /// A node that `keep` refuses (a tombstone) still guides the search, as hnswlib does with its
     /// deleted marks: it enters the candidates but never takes a result slot, and the search
     /// goes on until it has `ef` nodes that pass. With [`Keep::All`] (every build and insert,
     /// and searches of a graph without tombstones) this is the plain HNSW search, run on one
-    /// sorted pool ([`Self::beam`]).
-    ///
-    /// With `enough: Some(k)` the work is bounded when the nodes that pass are scarce near the
-    /// query (most of the graph tombstoned): past [`EXPANSIONS_PER_EF`]` * ef` expanded nodes
-    /// the search stops as soon as it holds `k` that pass, instead of walking on until it has
-    /// `ef` of them.
-    ///
-    /// `ahead` (inserts): also ask for the next candidate's first neighbours' vectors at the
-    /// end of each expansion.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn search_layer(
-        &self,
-        q: &Query,
-        ep: Cand,
-        ef: usize,
-        level: usize,
-        s: &mut Scratch,
-        keep: Keep,
-        enough: Option<usize>,
-        ahead: bool,
-    ) {
+    /// sorted pool ([`Self::beam`]) up to ef [`POOL_MAX_EF`].
+    pub(super) fn search_layer(&self, q: &Query, ep: Cand, l: Layer, s: &mut Scratch, keep: Keep) {
         match keep {
-            Keep::All if ef <= POOL_MAX_EF => self.beam(q, ep, ef, level, s, enough, ahead),
-            Keep::All => self.beam_filtered(q, ep, ef, level, s, &|_| true, enough, ahead),
-            Keep::Only(keep) => self.beam_filtered(q, ep, ef, level, s, keep, enough, ahead),
+            Keep::All if l.ef <= POOL_MAX_EF => self.beam(q, ep, l, s),
+            Keep::All => self.beam_filtered(q, ep, l, s, &|_| true),
+            Keep::Only(keep) => self.beam_filtered(q, ep, l, s, keep),
         }
     }
 
@@ -288,17 +296,13 @@ impl Native {
     /// stops), for a binary search and a short move per accepted neighbour instead of two heap
     /// pushes and a pop (the heaps were 12 % of online linking's time). The move grows with
     /// `ef`: past [`POOL_MAX_EF`] the heaps run instead.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn beam(
-        &self,
-        q: &Query,
-        ep: Cand,
-        ef: usize,
-        level: usize,
-        s: &mut Scratch,
-        enough: Option<usize>,
-        ahead: bool,
-    ) {
+    pub(super) fn beam(&self, q: &Query, ep: Cand, l: Layer, s: &mut Scratch) {
+        let Layer {
+            ef,
+            level,
+            enough,
+            ahead,
+        } = l;
         s.start(self.slots.load(AtOrd::Relaxed));
         s.visit(ep.id);
         let ef = ef.max(1);
@@ -360,18 +364,20 @@ impl Native {
 
     /// [`Self::search_layer`] with a filter: hnswlib's two heaps, the candidates (every node
     /// found nearer than the farthest result) and the results (the `ef` nearest that pass).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn beam_filtered(
         &self,
         q: &Query,
         ep: Cand,
-        ef: usize,
-        level: usize,
+        l: Layer,
         s: &mut Scratch,
         keep: &dyn Fn(u32) -> bool,
-        enough: Option<usize>,
-        ahead: bool,
     ) {
+        let Layer {
+            ef,
+            level,
+            enough,
+            ahead,
+        } = l;
         s.start(self.slots.load(AtOrd::Relaxed));
         s.visit(ep.id);
         if keep(ep.id) {
@@ -722,7 +728,7 @@ impl Native {
             let region: Vec<Cand> = with_scratch(|s| {
                 let keep = |x: u32| x != id;
                 let ef = self.ef_construction;
-                self.search_layer(q, from, ef, 0, s, Keep::Only(&keep), None, true);
+                self.search_layer(q, from, Layer::insert(ef, 0), s, Keep::Only(&keep));
                 s.found.iter().take(JOIN_LINKS).copied().collect()
             });
             for c in &region {
@@ -971,7 +977,13 @@ impl Native {
             cur = self.greedy(&q, cur, l);
         }
         with_scratch(|s| {
-            self.search_layer(&q, cur, ef.max(k), 0, s, keep, Some(k), false);
+            let l = Layer {
+                ef: ef.max(k),
+                level: 0,
+                enough: Some(k),
+                ahead: false,
+            };
+            self.search_layer(&q, cur, l, s, keep);
             if self.storage != Storage::F32 {
                 // Rank the nearest candidates by their exact distances (float vectors, asked
                 // for a few candidates ahead): [`rerank_count`] of them, as reading
@@ -1103,7 +1115,7 @@ impl Engine for Native {
         with_scratch(|s| {
             for l in (0..=level.min(top)).rev() {
                 let ef = self.ef_construction;
-                self.search_layer(&q, cur, ef, l, s, Keep::All, None, true);
+                self.search_layer(&q, cur, Layer::insert(ef, l), s, Keep::All);
                 let found = std::mem::take(&mut s.found);
                 let selected = self.select(&found, self.m);
                 Self::write_links(self.links_in(seg, off, l), selected.iter().map(|c| c.id));

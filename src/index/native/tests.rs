@@ -239,6 +239,14 @@ fn data(n: usize, dim: usize, seed: u64, unit: bool) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The points of `base` with their positions as ids, as `insert_many` takes them.
+fn indexed(base: &[Vec<f32>]) -> Vec<(&[f32], usize)> {
+    base.iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_slice(), i))
+        .collect()
+}
+
 fn exact(metric: Metric, base: &[Vec<f32>], q: &[f32], k: usize) -> Vec<usize> {
     let mut all: Vec<(f32, usize)> = base
         .iter()
@@ -303,11 +311,7 @@ fn build_in(
         base.len(),
         memory,
     );
-    let items: Vec<(&[f32], usize)> = base
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.as_slice(), i))
-        .collect();
+    let items = indexed(base);
     e.insert_many(&items, parallel);
     e
 }
@@ -437,15 +441,11 @@ fn parallel_build_finds_as_well() {
 /// exactly what the heap search (`beam_filtered`, every node kept) finds.
 #[test]
 fn the_pool_beam_finds_what_the_two_heaps_find() {
-    use super::hnsw::Cand;
+    use super::hnsw::{Cand, Layer};
     let base = data(3000, 16, 12, false);
     for storage in [Storage::F32, Storage::Half, Storage::Int8] {
         let e = Native::with_storage(Metric::L2, 16, &config(Some(3)), base.len(), storage);
-        let items: Vec<(&[f32], usize)> = base
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.as_slice(), i))
-            .collect();
+        let items = indexed(&base);
         e.insert_many(&items, false);
         let (ep, top) = (*e.entry.read()).expect("an entry point");
         let all = |_: u32| true;
@@ -468,9 +468,15 @@ fn the_pool_beam_finds_what_the_two_heaps_find() {
                 for (ef, enough) in cases {
                     let ahead = i % 2 == 0;
                     let mut s = Scratch::default();
-                    e.beam(&q, start, ef, level, &mut s, enough, ahead);
+                    let l = Layer {
+                        ef,
+                        level,
+                        enough,
+                        ahead,
+                    };
+                    e.beam(&q, start, l, &mut s);
                     let pool = std::mem::take(&mut s.found);
-                    e.beam_filtered(&q, start, ef, level, &mut s, &all, enough, ahead);
+                    e.beam_filtered(&q, start, l, &mut s, &all);
                     assert_eq!(pool, s.found, "{storage:?} level {level} ef {ef}");
                     assert!(pool.windows(2).all(|w| w[0] < w[1]), "nearest first");
                     assert!(!pool.is_empty() && pool.len() <= ef);
@@ -569,11 +575,7 @@ fn parallel_builds_lose_no_point() {
         // Mapped float vectors, in segments grown while inserts run (capacity n / 8).
         let e = Native::with_storage(Metric::L2, dim as u32, &config, n / 8, storage)
             .with_memory(mapped());
-        let items: Vec<(&[f32], usize)> = base
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.as_slice(), i))
-            .collect();
+        let items = indexed(&base);
         pool.install(|| e.insert_many(&items, true));
         assert_eq!(e.len(), n);
         e.link_orphans();
@@ -794,11 +796,7 @@ fn online_outliers_over_many_seeds() {
         for seed in 0..seeds {
             let (base, far) = clustered_and_outliers(seed, 4000, 200);
             let e = Native::with_storage(Metric::L2, 32, &HnswConfig::default(), 4000, storage);
-            let items: Vec<(&[f32], usize)> = base
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (v.as_slice(), i))
-                .collect();
+            let items = indexed(&base);
             e.insert_many(&items, true);
             e.link_orphans();
             let per = far.len().div_ceil(threads);
@@ -849,11 +847,7 @@ fn findability_cost() {
                 let mut e =
                     Native::with_storage(Metric::L2, 32, &HnswConfig::default(), 10_000, storage);
                 e.findable = findable;
-                let items: Vec<(&[f32], usize)> = base
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (v.as_slice(), i))
-                    .collect();
+                let items = indexed(base);
                 let t = std::time::Instant::now();
                 e.insert_many(&items, true);
                 rates[mode][0].push(base.len() as f64 / t.elapsed().as_secs_f64());
@@ -998,11 +992,7 @@ fn online_points_like_the_data_found_first_by_beam() {
             20_000,
             storage,
         );
-        let items: Vec<(&[f32], usize)> = base
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.as_slice(), i))
-            .collect();
+        let items = indexed(&base);
         e.insert_many(&items, true);
         e.link_orphans();
         for (j, v) in like.iter().enumerate() {
@@ -1068,11 +1058,7 @@ fn beam_lookahead_cost() {
     let all = data(n + m + 1_000, 128, 11, false);
     let (base, rest) = all.split_at(n);
     let (online, queries) = rest.split_at(m);
-    let base_items: Vec<(&[f32], usize)> = base
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.as_slice(), i))
-        .collect();
+    let base_items = indexed(base);
     let online_items: Vec<(&[f32], usize)> = online
         .iter()
         .enumerate()
@@ -1148,7 +1134,7 @@ fn beam_lookahead_cost() {
 #[test]
 #[ignore]
 fn pool_beam_cost() {
-    use super::hnsw::{Cand, Keep};
+    use super::hnsw::{Cand, Keep, Layer};
     let (n, rounds) = (env_or("N", 100_000), env_or("ROUNDS", 3));
     let efs: Vec<usize> = std::env::var("EFS")
         .unwrap_or_else(|_| "200".into())
@@ -1157,11 +1143,7 @@ fn pool_beam_cost() {
         .collect();
     let all = data(n + 1_000, 128, 11, false);
     let (base, queries) = all.split_at(n);
-    let items: Vec<(&[f32], usize)> = base
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.as_slice(), i))
-        .collect();
+    let items = indexed(base);
     let e = Native::with_storage(Metric::L2, 128, &HnswConfig::default(), n, Storage::Int8)
         .with_memory(mapped());
     e.insert_many(&items, true);
@@ -1198,9 +1180,9 @@ fn pool_beam_cost() {
                     let mut s = Scratch::default();
                     let t = std::time::Instant::now();
                     if mode == 0 {
-                        e.beam_filtered(&query, cur, ef, 0, &mut s, &keep_all, None, true);
+                        e.beam_filtered(&query, cur, Layer::insert(ef, 0), &mut s, &keep_all);
                     } else {
-                        e.beam(&query, cur, ef, 0, &mut s, None, true);
+                        e.beam(&query, cur, Layer::insert(ef, 0), &mut s);
                     }
                     std::hint::black_box(s.found.len());
                     took[1 + j][mode].push(t.elapsed().as_secs_f64() * 1e6);
