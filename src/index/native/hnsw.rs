@@ -306,8 +306,7 @@ impl Native {
         s.start(self.slots.load(AtOrd::Relaxed));
         s.visit(ep.id);
         let ef = ef.max(1);
-        let mut pool = std::mem::take(&mut s.pool);
-        pool.clear();
+        let mut pool = std::mem::take(&mut s.pool); // empty: `Scratch::start` cleared it
         pool.push(Pooled { c: ep, done: false });
         let budget = ef.saturating_mul(EXPANSIONS_PER_EF);
         let mut expanded = 0usize;
