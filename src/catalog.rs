@@ -2134,7 +2134,7 @@ async fn resnapshot(
     // that the change count and the fresh segment agree. The encoding starts later and holds
     // at least those (the linker only adds), so the mark never claims more than the file has.
     // Writes do not wait for the encoding: it holds the linker off and copies the id map
-    // first, so a write waits at most for that copy ([`Generation::encode`]).
+    // first, so a write waits at most for that copy ([`Generation::snapshot_live`]).
     let (gen, mark, before) = {
         let _w = handle.writer.lock().await;
         handle.check_live()?;
@@ -2143,21 +2143,20 @@ async fn resnapshot(
         (gen, mark, handle.snapshot_mark.load(Ordering::Acquire))
     };
     // `seq`: the write sequence the graph's linked part holds (points still in the fresh
-    // segment are left out of the file and stay in the change log).
-    let encoding = std::time::Instant::now();
-    let g = gen.clone();
-    let (seq, encoded) = tokio::task::spawn_blocking(move || g.encode()).await??;
-    let encoding = encoding.elapsed();
+    // segment are left out of the file and stay in the change log). The linker waits only
+    // while the links are copied (`linker_waited`), not while the file is written.
     let uid = handle.meta.uid;
-    let file = crate::index::snapshot::file_name(uid, gen.meta.number, seq);
-    {
-        let (store, file) = (store.clone(), file.clone());
-        tokio::task::spawn_blocking(move || {
-            let dir = crate::index::snapshot::dir(store.dir());
-            Generation::save_encoded(&dir, &file, uid, seq, &encoded, pause)
-        })
-        .await??;
-    }
+    let (g, dir) = (gen.clone(), crate::index::snapshot::dir(store.dir()));
+    let (seq, file, linker_waited) = tokio::task::spawn_blocking(move || {
+        let number = g.meta.number;
+        g.snapshot_live(
+            &dir,
+            uid,
+            |seq| crate::index::snapshot::file_name(uid, number, seq),
+            pause,
+        )
+    })
+    .await??;
     let _w = handle.writer.lock().await;
     let recorded = store.get_index(handle.meta.name.as_str())?;
     let current = handle.check_live().is_ok()
@@ -2192,7 +2191,7 @@ async fn resnapshot(
         points = mark.saturating_sub(before),
         why,
         millis = started.elapsed().as_millis() as u64,
-        encode_millis = encoding.as_millis() as u64,
+        linker_waited_millis = linker_waited.as_millis() as u64,
         "snapshotted the active generation in the background"
     );
     Ok(true)

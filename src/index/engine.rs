@@ -18,6 +18,13 @@ use crate::model::{HnswConfig, Metric};
 /// hnsw_rs caps the number of layers at 16.
 const MAX_LAYERS: usize = 16;
 
+/// A graph's links as [`Engine::freeze`] copied them, to be written (with the points' vectors,
+/// which never change) while inserts go on.
+pub trait FrozenGraph {
+    /// Writes the graph as it was when frozen.
+    fn write(&self, out: &mut dyn std::io::Write) -> std::io::Result<()>;
+}
+
 pub trait Engine: Send + Sync {
     /// Inserts one vector under a fresh internal id (never one already in the graph).
     fn insert(&self, vector: &[f32], internal: usize);
@@ -51,10 +58,19 @@ pub trait Engine: Send + Sync {
     fn link_orphans(&self) -> usize {
         0
     }
-    /// Writes the graph for a snapshot (`super::snapshot`), with no insert running; false if
-    /// this engine cannot (its generations are rebuilt at start instead).
-    fn save(&self, _out: &mut dyn std::io::Write) -> std::io::Result<bool> {
-        Ok(false)
+    /// Copies what inserts change in the graph's first `limit` internal ids (links, entry
+    /// point) for a snapshot (`super::snapshot`), with no insert running; the copy writes the
+    /// graph as it was then while inserts of ids from `limit` on go on. None: this engine
+    /// cannot (its generations are rebuilt at start instead).
+    fn freeze(&self, _limit: usize) -> Option<Box<dyn FrozenGraph + '_>> {
+        None
+    }
+    /// Writes the graph for a snapshot, with no insert running; false if this engine cannot.
+    fn save(&self, out: &mut dyn std::io::Write) -> std::io::Result<bool> {
+        match self.freeze(usize::MAX) {
+            Some(frozen) => frozen.write(out).map(|()| true),
+            None => Ok(false),
+        }
     }
     /// Points in the graph, tombstoned or not.
     fn len(&self) -> usize;

@@ -44,7 +44,7 @@ use super::memory::prefetch_cells;
 use super::scratch::{with_scratch, QueryBuf, Scratch};
 use super::{Native, EMPTY, MAX_LEVEL};
 use crate::index::distance;
-use crate::index::engine::Engine;
+use crate::index::engine::{Engine, FrozenGraph};
 use crate::model::Metric;
 
 /// A graph node's distance to the query, ordered by distance then id (so heaps are deterministic).
@@ -1235,8 +1235,8 @@ impl Engine for Native {
         self.count.load(AtOrd::Relaxed)
     }
 
-    fn save(&self, out: &mut dyn std::io::Write) -> std::io::Result<bool> {
-        self.save_graph(out).map(|()| true)
+    fn freeze(&self, limit: usize) -> Option<Box<dyn FrozenGraph + '_>> {
+        Some(Box::new(self.freeze_links(limit)))
     }
 
     fn memory_bytes(&self) -> u64 {

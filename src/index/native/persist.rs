@@ -1,7 +1,9 @@
 //! The snapshot layout of a native graph (`index::snapshot` writes and reads the files).
 //!
 //! # Invariants
-//! - A graph is saved only while nothing inserts (the caller owns the engine exclusively).
+//! - A graph's links are copied ([`Native::freeze_links`]) only while nothing inserts; the copy is
+//!   written ([`Frozen::write`]) while inserts may go on, past the copied nodes: a node's
+//!   vectors never change once it is published, so the file holds the graph as it was copied.
 //! - A loaded graph searches exactly like the one saved; anything out of range in the input is
 //!   an `InvalidData` error, never a panic or an out-of-bounds node.
 
@@ -21,42 +23,17 @@ use crate::model::{HnswConfig, Metric};
 /// if claimed, its level-0 cells (count, slots, search vector), its float vector cells (compact
 /// storages) and its upper-level block (u32 length + cells).
 impl Native {
-    fn storage_code(storage: Storage) -> u8 {
-        match storage {
-            Storage::F32 => 0,
-            Storage::Half => 1,
-            Storage::Int8 => 2,
-        }
-    }
-
     /// Writes the graph. Nothing may insert meanwhile (the caller owns the engine exclusively,
     /// as a build does before its generation is published).
     pub fn save_graph(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        out.write_all(&[Self::storage_code(self.storage)])?;
-        out.write_all(&(self.dim as u32).to_le_bytes())?;
-        out.write_all(&(self.m as u32).to_le_bytes())?;
-        out.write_all(&(self.ef_construction as u32).to_le_bytes())?;
-        out.write_all(&self.seed.to_le_bytes())?;
-        out.write_all(&(self.base as u64).to_le_bytes())?;
-        match self.center.get() {
-            Some(c) => {
-                out.write_all(&[1])?;
-                for x in c.iter() {
-                    out.write_all(&x.to_bits().to_le_bytes())?;
-                }
-            }
-            None => out.write_all(&[0])?,
-        }
-        match *self.entry.read() {
-            Some((id, level)) => {
-                out.write_all(&[1])?;
-                out.write_all(&id.to_le_bytes())?;
-                out.write_all(&(level as u32).to_le_bytes())?;
-            }
-            None => out.write_all(&[0])?,
-        }
-        out.write_all(&(self.count.load(AtOrd::Acquire) as u64).to_le_bytes())?;
-        // Slots up to the last claimed one.
+        self.freeze_links(usize::MAX).write(out)
+    }
+
+    /// Copies what inserts change in the graph's first `limit` node slots (every node's
+    /// links, the entry point, the count) for [`Frozen::write`], which writes the graph as it
+    /// was now while inserts go on. Nothing may insert while this runs, and inserts after it
+    /// must take slots from `limit` on (a generation's linker: nodes past its linked ones).
+    pub fn freeze_links(&self, limit: usize) -> Frozen<'_> {
         let mut slots = 0usize;
         for (s, seg) in self.segments.iter().enumerate() {
             let Some(seg) = seg.get() else { continue };
@@ -65,32 +42,46 @@ impl Native {
                 slots = slots.max(start + last + 1);
             }
         }
-        out.write_all(&(slots as u64).to_le_bytes())?;
-        let mut buf: Vec<u8> = Vec::new();
+        let slots = slots.min(limit);
+        let links = 1 + self.m0;
+        let mut f = Frozen {
+            g: self,
+            count: self.count.load(AtOrd::Acquire) as u64,
+            entry: *self.entry.read(),
+            claimed: Vec::with_capacity(slots),
+            level0: Vec::with_capacity(slots * links),
+            upper_at: Vec::with_capacity(slots + 1),
+            upper: Vec::new(),
+        };
+        f.upper_at.push(0);
+        let stride = self.stride();
         for id in 0..slots {
-            buf.clear();
-            let node = u32::try_from(id).ok().and_then(|id| self.node(id));
-            match node {
+            match u32::try_from(id).ok().and_then(|id| self.node(id)) {
                 Some((seg, off)) if seg.claimed[off].load(AtOrd::Acquire) => {
-                    buf.push(1);
-                    let stride = self.stride();
-                    let cells = seg.level0[off * stride..(off + 1) * stride]
-                        .iter()
-                        .chain(&seg.full[off * self.full_dim()..(off + 1) * self.full_dim()]);
-                    for c in cells {
-                        buf.extend_from_slice(&c.load(AtOrd::Acquire).to_le_bytes());
-                    }
-                    let upper: &[AtomicU32] = seg.upper[off].get().map_or(&[], |b| &b[..]);
-                    buf.extend_from_slice(&(upper.len() as u32).to_le_bytes());
-                    for c in upper {
-                        buf.extend_from_slice(&c.load(AtOrd::Acquire).to_le_bytes());
+                    f.claimed.push(true);
+                    let cells = &seg.level0[off * stride..off * stride + links];
+                    f.level0
+                        .extend(cells.iter().map(|c| c.load(AtOrd::Acquire)));
+                    if let Some(block) = seg.upper[off].get() {
+                        f.upper.extend(block.iter().map(|c| c.load(AtOrd::Acquire)));
                     }
                 }
-                _ => buf.push(0),
+                _ => {
+                    f.claimed.push(false);
+                    f.level0.extend(std::iter::repeat_n(0, links));
+                }
             }
-            out.write_all(&buf)?;
+            f.upper_at.push(f.upper.len());
         }
-        Ok(())
+        f
+    }
+
+    fn storage_code(storage: Storage) -> u8 {
+        match storage {
+            Storage::F32 => 0,
+            Storage::Half => 1,
+            Storage::Int8 => 2,
+        }
     }
 
     /// Reads a graph written by [`Native::save_graph`] for `metric`, `dimension`, `config` and
@@ -250,5 +241,87 @@ impl Native {
         *g.entry.write() = entry;
         g.count.store(count as usize, AtOrd::Release);
         Ok(g)
+    }
+}
+
+/// A graph's links as [`Native::freeze_links`] copied them, with the engine whose node vectors it
+/// writes beside them: those are written once, before their node is published, so reading them
+/// while inserts go on reads what they were when frozen.
+pub struct Frozen<'a> {
+    g: &'a Native,
+    count: u64,
+    entry: Option<(u32, usize)>,
+    /// Per slot: whether a node was there.
+    claimed: Vec<bool>,
+    /// Per slot, its level-0 count and links (zeros for an empty slot).
+    level0: Vec<u32>,
+    /// Per slot, where its upper-level cells start in `upper` (and one past the last).
+    upper_at: Vec<usize>,
+    upper: Vec<u32>,
+}
+
+impl Frozen<'_> {
+    /// Writes the frozen graph in the layout [`Native::load_graph`] reads.
+    pub fn write(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let g = self.g;
+        out.write_all(&[Native::storage_code(g.storage)])?;
+        out.write_all(&(g.dim as u32).to_le_bytes())?;
+        out.write_all(&(g.m as u32).to_le_bytes())?;
+        out.write_all(&(g.ef_construction as u32).to_le_bytes())?;
+        out.write_all(&g.seed.to_le_bytes())?;
+        out.write_all(&(g.base as u64).to_le_bytes())?;
+        match g.center.get() {
+            Some(c) => {
+                out.write_all(&[1])?;
+                for x in c.iter() {
+                    out.write_all(&x.to_bits().to_le_bytes())?;
+                }
+            }
+            None => out.write_all(&[0])?,
+        }
+        match self.entry {
+            Some((id, level)) => {
+                out.write_all(&[1])?;
+                out.write_all(&id.to_le_bytes())?;
+                out.write_all(&(level as u32).to_le_bytes())?;
+            }
+            None => out.write_all(&[0])?,
+        }
+        out.write_all(&self.count.to_le_bytes())?;
+        out.write_all(&(self.claimed.len() as u64).to_le_bytes())?;
+        let links = 1 + g.m0;
+        let (stride, full) = (g.stride(), g.full_dim());
+        let mut buf: Vec<u8> = Vec::new();
+        for (id, &claimed) in self.claimed.iter().enumerate() {
+            buf.clear();
+            let node = u32::try_from(id).ok().and_then(|id| g.node(id));
+            match node {
+                Some((seg, off)) if claimed => {
+                    buf.push(1);
+                    let frozen = &self.level0[id * links..(id + 1) * links];
+                    let vectors = seg.level0[off * stride + links..(off + 1) * stride]
+                        .iter()
+                        .chain(&seg.full[off * full..(off + 1) * full])
+                        .map(|c| c.load(AtOrd::Acquire));
+                    for c in frozen.iter().copied().chain(vectors) {
+                        buf.extend_from_slice(&c.to_le_bytes());
+                    }
+                    let upper = &self.upper[self.upper_at[id]..self.upper_at[id + 1]];
+                    buf.extend_from_slice(&(upper.len() as u32).to_le_bytes());
+                    for c in upper {
+                        buf.extend_from_slice(&c.to_le_bytes());
+                    }
+                }
+                _ => buf.push(0),
+            }
+            out.write_all(&buf)?;
+        }
+        Ok(())
+    }
+}
+
+impl crate::index::engine::FrozenGraph for Frozen<'_> {
+    fn write(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        Frozen::write(self, out)
     }
 }

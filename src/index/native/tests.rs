@@ -212,6 +212,46 @@ fn the_visited_set_starts_empty_for_every_search_and_grows_past_its_size() {
     );
 }
 
+/// A graph frozen for a snapshot and written while inserts go on past its nodes (as a
+/// background snapshot is written while the linker links) writes the same bytes as the graph
+/// saved at the moment it was frozen, for every storage: the inserts change the frozen nodes'
+/// links, and the file must not see it.
+#[test]
+fn a_frozen_graph_writes_what_it_was_while_inserts_go_on() {
+    for storage in [Storage::F32, Storage::Half, Storage::Int8] {
+        let points = data(6_000, 16, 31, false);
+        let (base, more) = points.split_at(3_000);
+        // A first segment of 1,024 nodes: the inserts below add segments too.
+        let e = Native::with_storage(Metric::L2, 16, &config(Some(9)), 0, storage);
+        e.insert_many(&indexed(base), true);
+        let mut saved = Vec::new();
+        e.save_graph(&mut saved).expect("save");
+        let frozen = e.freeze_links(base.len());
+        let more: Vec<(&[f32], usize)> = more
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), base.len() + i))
+            .collect();
+        let mut written = Vec::new();
+        std::thread::scope(|s| {
+            s.spawn(|| e.insert_many(&more[..1_500], true));
+            frozen.write(&mut written).expect("write");
+        });
+        e.insert_many(&more[1_500..], true);
+        let mut again = Vec::new();
+        frozen.write(&mut again).expect("write");
+        assert_eq!(written, saved, "{storage:?}: written while inserting");
+        assert_eq!(again, saved, "{storage:?}: written after inserting");
+        // The inserts did change the frozen nodes' links: the test would see a live read.
+        let mut now = Vec::new();
+        e.freeze_links(base.len()).write(&mut now).expect("write");
+        assert_ne!(
+            now, saved,
+            "{storage:?}: the inserts left the old links alone"
+        );
+    }
+}
+
 fn config(seed: Option<u64>) -> HnswConfig {
     HnswConfig {
         m: 16,
