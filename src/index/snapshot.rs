@@ -16,7 +16,10 @@
 //! with the final name is always complete; a `.tmp` left by a crash is swept at the next start.
 //! A reader checks the magic, the version, the length, the checksum and the uid and sequence it
 //! expects, and reports any mismatch as an error: the caller then rebuilds from the store,
-//! which stays the source of truth.
+//! which stays the source of truth. A file is decoded as it is read (one pass, never whole in
+//! memory) and its checksum checked at the end ([`Dec::finish`]): until then the decoded graph
+//! is not used, and every count in it is bounded by the bytes left, so a corrupt file cannot
+//! cost more memory than about twice what a good one of its size does.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,11 +91,17 @@ impl<W: Write> Write for Enc<W> {
     }
 }
 
-/// A reader over a snapshot's bytes: every read is bounds-checked and a short file is an error,
-/// never a panic.
+/// A reader of a snapshot's bytes, from a file ([`read`], one sequential pass through a 1 MiB
+/// buffer, so loading never holds the whole file in memory) or from memory ([`Dec::new`]):
+/// every read is bounds-checked against the length it was given and a short input is an
+/// error, never a panic. It checksums what it reads; [`Dec::finish`] checks that against the
+/// file's checksum.
 pub struct Dec<'a> {
-    buf: &'a [u8],
-    at: usize,
+    src: Box<dyn std::io::Read + 'a>,
+    /// Bytes left before the checksum (for [`Dec::new`], before the end).
+    left: u64,
+    buf: Vec<u8>,
+    crc: crc32fast::Hasher,
 }
 
 fn short() -> Error {
@@ -100,14 +109,34 @@ fn short() -> Error {
 }
 
 impl<'a> Dec<'a> {
+    /// A reader of `buf`, all of it body (no checksum after it).
     pub fn new(buf: &'a [u8]) -> Self {
-        Dec { buf, at: 0 }
+        Self::of(Box::new(buf), buf.len() as u64)
     }
-    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.at.checked_add(n).ok_or_else(short)?;
-        let b = self.buf.get(self.at..end).ok_or_else(short)?;
-        self.at = end;
-        Ok(b)
+    fn of(src: Box<dyn std::io::Read + 'a>, left: u64) -> Self {
+        Dec {
+            src,
+            left,
+            buf: Vec::new(),
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&[u8]> {
+        if n as u64 > self.left {
+            return Err(short());
+        }
+        self.buf.clear();
+        self.buf.resize(n, 0);
+        self.src
+            .read_exact(&mut self.buf)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => short(),
+                _ => Error::Corrupt(format!("reading the snapshot: {e}")),
+            })?;
+        self.crc.update(&self.buf);
+        self.left -= n as u64;
+        Ok(&self.buf)
     }
     pub fn u8(&mut self) -> Result<u8> {
         Ok(self.bytes(1)?[0])
@@ -126,16 +155,41 @@ impl<'a> Dec<'a> {
     /// bytes per item), so a corrupt count cannot ask for a huge allocation.
     pub fn count(&mut self, each: usize) -> Result<usize> {
         let n = self.u64()?;
-        let left = (self.buf.len() - self.at) as u64;
+        self.check_room(n, each)?;
+        Ok(n as usize)
+    }
+    /// Whether `n` items of `each` bytes fit in what is left.
+    pub fn check_room(&self, n: u64, each: usize) -> Result<()> {
+        let left = self.left;
         if n.saturating_mul(each.max(1) as u64) > left {
             return Err(Error::Corrupt(format!(
                 "the snapshot claims {n} items, more than its {left} remaining bytes hold"
             )));
         }
-        Ok(n as usize)
+        Ok(())
     }
     pub fn done(&self) -> bool {
-        self.at == self.buf.len()
+        self.left == 0
+    }
+    /// Checks that every byte before the checksum was read and that the checksum is that of
+    /// every byte read: a file's decoded content is used only after this.
+    pub fn finish(mut self) -> Result<()> {
+        if self.left != 0 {
+            return Err(Error::Corrupt(format!(
+                "{} bytes after the graph",
+                self.left
+            )));
+        }
+        let mut tail = [0u8; 4];
+        self.src.read_exact(&mut tail).map_err(|_| short())?;
+        let stored = u32::from_le_bytes(tail);
+        let computed = self.crc.finalize();
+        if stored != computed {
+            return Err(Error::Corrupt(format!(
+                "checksum mismatch (stored {stored:08x}, computed {computed:08x}): truncated or corrupt"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -192,31 +246,29 @@ pub fn write(
     Ok(())
 }
 
-/// Reads `path` whole (one sequential read), checks magic, version, length and checksum, and
-/// returns the header and a decoder positioned at the body (without the checksum).
-pub fn read(path: &Path) -> Result<(Header, Vec<u8>)> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Corrupt(format!("reading snapshot {}: {e}", path.display())))?;
+/// Opens `path` and checks magic, version and length; returns the header and a reader
+/// positioned at the body. The body is read as it is decoded, in one sequential pass, and the
+/// checksum is checked at the end ([`Dec::finish`]): nothing decoded may be used before that.
+pub fn read(path: &Path) -> Result<(Header, Dec<'static>)> {
+    let cannot =
+        |e: std::io::Error| Error::Corrupt(format!("reading snapshot {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
     let bad = |what: String| Error::Corrupt(format!("snapshot {}: {what}", path.display()));
-    if bytes.len() < MAGIC.len() + 4 + 24 + 4 {
-        return Err(bad(format!("{} bytes is too short", bytes.len())));
+    if len < (MAGIC.len() + 4 + 24 + 4) as u64 {
+        return Err(bad(format!("{len} bytes is too short")));
     }
-    if &bytes[..MAGIC.len()] != MAGIC {
+    let mut d = Dec::of(
+        Box::new(std::io::BufReader::with_capacity(1 << 20, file)),
+        len - 4,
+    );
+    if d.bytes(MAGIC.len())? != MAGIC {
         return Err(bad("not a vectord snapshot (bad magic)".into()));
     }
-    let (body, tail) = bytes.split_at(bytes.len() - 4);
-    let mut d = Dec::new(&body[MAGIC.len()..]);
     let version = d.u32()?;
     if version != VERSION {
         return Err(bad(format!(
             "format version {version}; this vectord reads version {VERSION}"
-        )));
-    }
-    let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-    let computed = crc32fast::hash(body);
-    if stored != computed {
-        return Err(bad(format!(
-            "checksum mismatch (stored {stored:08x}, computed {computed:08x}): truncated or corrupt"
         )));
     }
     let header = Header {
@@ -224,11 +276,7 @@ pub fn read(path: &Path) -> Result<(Header, Vec<u8>)> {
         seq: d.u64()?,
         live: d.u64()?,
     };
-    let start = MAGIC.len() + 4 + 24;
-    let mut bytes = bytes;
-    bytes.truncate(bytes.len() - 4);
-    bytes.drain(..start);
-    Ok((header, bytes))
+    Ok((header, d))
 }
 
 /// Removes the files (snapshots and temp files) in the snapshot directory that `keep` rejects,

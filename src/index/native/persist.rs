@@ -142,10 +142,16 @@ impl Native {
         } else {
             None
         };
+        // Each node takes at least its level-0 cells and float vector; an empty slot (an id
+        // whose insert failed) one byte, and there are never more of those than nodes (plus a
+        // segment): so a corrupt count cannot ask for memory out of proportion to the file,
+        // whose checksum is checked only once it has been read.
         let count = d.u64()?;
         let slots = d.count(1)?;
-        if slots > EMPTY as usize {
-            return Err(bad(format!("{slots} nodes")));
+        let node_bytes = 1 + (probe.stride() + probe.full_dim()) * 4 + 4;
+        d.check_room(count, node_bytes)?;
+        if slots > EMPTY as usize || slots as u64 > 2 * count + 1024 {
+            return Err(bad(format!("{slots} node slots for {count} nodes")));
         }
         // The loaded nodes in one first segment of their number when the saved graph spread
         // them over more (a graph grown by inserts doubles its segments from 1,024 nodes, so
