@@ -1432,6 +1432,32 @@ mod tests {
             b[at] ^= 0x20;
             assert!(load(&b).is_err(), "flipped byte {at}");
         }
+        // The file is decoded before its checksum is checked: any byte of its first 2,000
+        // (header, meta, id map) or of the graph's first 2,000 (its counts, entry point and
+        // first nodes) set to 0xff is refused too, without a panic or an allocation out of
+        // proportion to the file.
+        let word = |at: usize, n: usize| -> usize {
+            good[at..at + n]
+                .iter()
+                .rev()
+                .fold(0, |w, &b| (w << 8) | b as usize)
+        };
+        let meta_at = snapshot::MAGIC.len() + 4 + 24 + 1 + 1 + 4;
+        let ids_at = meta_at + 4 + word(meta_at, 4);
+        let graph_at = ids_at + 8 + 9 * word(ids_at, 8);
+        assert_eq!(
+            good[graph_at], 2,
+            "the graph starts with native_i8's storage code"
+        );
+        let graph = graph_at..(graph_at + 2_000).min(good.len());
+        for at in (0..good.len().min(2_000)).chain(graph) {
+            if good[at] == 0xff {
+                continue;
+            }
+            let mut b = good.clone();
+            b[at] = 0xff;
+            assert!(load(&b).is_err(), "byte {at} set to 0xff");
+        }
         let mut b = good.clone();
         b[8..12].copy_from_slice(&(snapshot::VERSION + 1).to_le_bytes());
         let e = load(&b).err().unwrap().to_string();

@@ -153,17 +153,14 @@ impl Native {
         if slots > EMPTY as usize || slots as u64 > 2 * count + 1024 {
             return Err(bad(format!("{slots} node slots for {count} nodes")));
         }
-        // The loaded nodes in one first segment of their number when the saved graph spread
-        // them over more (a graph grown by inserts doubles its segments from 1,024 nodes, so
-        // up to half its last segment is empty, and its cells would be written and resident
-        // all the same). A node's place in memory changes nothing a search computes: its
-        // level and links depend on its id alone.
-        let g = if slots > probe.base {
-            Native::with_storage(metric, dimension, config, slots, storage)
-        } else {
-            probe
-        }
-        .with_memory(memory.clone());
+        // The loaded nodes in one first segment of their number (at least 1,024), whatever
+        // segments the saved graph had (a graph grown by inserts doubles its segments from
+        // 1,024 nodes, so up to half its last segment is empty, and its cells would be written
+        // and resident all the same; and the file's `base` is read before its checksum is
+        // checked, so it must not size anything). A node's place in memory changes nothing a
+        // search computes: its level and links depend on its id alone.
+        let g = Native::with_storage(metric, dimension, config, slots, storage)
+            .with_memory(memory.clone());
         if let Some(c) = center {
             let _ = g.center.set(c.into());
         }
