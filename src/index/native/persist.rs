@@ -46,7 +46,7 @@ impl Native {
         let links = 1 + self.m0;
         let mut f = Frozen {
             g: self,
-            count: self.count.load(AtOrd::Acquire) as u64,
+            count: 0,
             entry: *self.entry.read(),
             claimed: Vec::with_capacity(slots),
             level0: Vec::with_capacity(slots * links),
@@ -59,6 +59,7 @@ impl Native {
             match u32::try_from(id).ok().and_then(|id| self.node(id)) {
                 Some((seg, off)) if seg.claimed[off].load(AtOrd::Acquire) => {
                     f.claimed.push(true);
+                    f.count += 1;
                     let cells = &seg.level0[off * stride..off * stride + links];
                     f.level0
                         .extend(cells.iter().map(|c| c.load(AtOrd::Acquire)));
@@ -252,6 +253,7 @@ impl Native {
 /// while inserts go on reads what they were when frozen.
 pub struct Frozen<'a> {
     g: &'a Native,
+    /// Nodes in the copied slots.
     count: u64,
     entry: Option<(u32, usize)>,
     /// Per slot: whether a node was there.
