@@ -8,7 +8,7 @@
 //! ```text
 //! magic "VECDSNAP" | format version u32 | uid u64 | sequence u64 | live points u64
 //! | engine u8 | metric u8 | dimension u32 | generation meta (u32 length + JSON)
-//! | id map (u64 n, n user ids u64, n live flags u8) | engine blob (u64 length + bytes)
+//! | id map (u64 n, n user ids u64, n live flags u8) | the engine's graph (`native/persist.rs`)
 //! | CRC-32 (crc32fast) of every byte before it
 //! ```
 //!
