@@ -353,20 +353,21 @@ impl Generation {
 
     /// The engine's copy of the links of its first `limit` points ([`Engine::freeze`]).
     fn frozen(&self, limit: usize) -> Result<Box<dyn FrozenGraph + '_>> {
-        self.engine.freeze(limit).ok_or_else(|| {
-            Error::Internal(format!(
-                "the {} engine's graphs are not snapshotted",
-                self.kind
-            ))
-        })
+        self.engine
+            .freeze(limit)
+            .ok_or_else(|| self.not_snapshotted())
+    }
+
+    fn not_snapshotted(&self) -> Error {
+        Error::Internal(format!(
+            "the {} engine's graphs are not snapshotted",
+            self.kind
+        ))
     }
 
     fn encoded_meta(&self) -> Result<Vec<u8>> {
         if !self.can_save() {
-            return Err(Error::Internal(format!(
-                "the {} engine's graphs are not snapshotted",
-                self.kind
-            )));
+            return Err(self.not_snapshotted());
         }
         serde_json::to_vec(&self.meta)
             .map_err(|e| Error::Internal(format!("encoding a generation: {e}")))
@@ -1436,15 +1437,11 @@ mod tests {
         // (header, meta, id map) or of the graph's first 2,000 (its counts, entry point and
         // first nodes) set to 0xff is refused too, without a panic or an allocation out of
         // proportion to the file.
-        let word = |at: usize, n: usize| -> usize {
-            good[at..at + n]
-                .iter()
-                .rev()
-                .fold(0, |w, &b| (w << 8) | b as usize)
-        };
         let meta_at = snapshot::MAGIC.len() + 4 + 24 + 1 + 1 + 4;
-        let ids_at = meta_at + 4 + word(meta_at, 4);
-        let graph_at = ids_at + 8 + 9 * word(ids_at, 8);
+        let meta_len = snapshot::Dec::new(&good[meta_at..]).u32().unwrap() as usize;
+        let ids_at = meta_at + 4 + meta_len;
+        let ids = snapshot::Dec::new(&good[ids_at..]).u64().unwrap() as usize;
+        let graph_at = ids_at + 8 + 9 * ids;
         assert_eq!(
             good[graph_at], 2,
             "the graph starts with native_i8's storage code"

@@ -168,9 +168,6 @@ impl<'a> Dec<'a> {
         }
         Ok(())
     }
-    pub fn done(&self) -> bool {
-        self.left == 0
-    }
     /// Checks that every byte before the checksum was read and that the checksum is that of
     /// every byte read: a file's decoded content is used only after this.
     pub fn finish(mut self) -> Result<()> {
