@@ -14,7 +14,7 @@
 //!   work on the blocking pool after the chunk of queries in progress (`Catalog::search_batch`;
 //!   its search slot is held until then).
 //! - A unary call past `--request-timeout-secs` gets DEADLINE_EXCEEDED (the client's own
-//!   grpc-timeout, when shorter, is enforced by tonic outside this layer). The streaming calls,
+//!   grpc-timeout, when shorter, is enforced by [`DeadlineLayer`] outside this layer). The streaming calls,
 //!   ImportPoints and Autotune, are not cut by the server's timeout: they can legitimately run
 //!   for long.
 //!
@@ -191,6 +191,58 @@ where
                             .into_http(),
                     )
                 }
+            }
+        })
+    }
+}
+
+/// The caller's own deadline, from its grpc-timeout header (what tonic's server enforced when
+/// it served the connections): a call whose answer has not begun by then gets
+/// DEADLINE_EXCEEDED. As with the server's timeout, a write's handler goes on to completion.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct Deadline<S>(S);
+
+impl<S, ReqB, ResB> tower::Service<http::Request<ReqB>> for Deadline<S>
+where
+    S: tower::Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+{
+    type Response = http::Response<ResB>;
+    type Error = tower::BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, tower::BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::grpc::convert::parse_grpc_timeout);
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let Some(d) = deadline else {
+                return fut.await.map_err(Into::into);
+            };
+            match tokio::time::timeout(d, fut).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(Box::new(Status::deadline_exceeded(format!(
+                    "the caller's deadline (grpc-timeout {}s) passed; a write may still complete: check before retrying",
+                    d.as_secs_f64()
+                ))) as tower::BoxError),
             }
         })
     }

@@ -26,13 +26,23 @@
 //! So a client that completes its handshakes (with or without TLS) and then sends nothing, or
 //! only answers PINGs, cannot keep a client that makes calls out.
 //!
-//! Closing is done by the reader: [`Conn`] ends its read side (end of file) when its watch
-//! future says so, and hyper then drops the connection. A call sent on a connection at the very
-//! moment it is closed fails with `UNAVAILABLE`, or with `CANCELLED` ("connection closed") from
-//! a client that had queued it but not yet sent it (tonic's, over hyper); either may be retried.
+//! Closing is graceful ([`serve`]): the connection's task tells hyper to shut it down, which
+//! sends an HTTP/2 GOAWAY and a PING. A call the client sent before it read the GOAWAY is still
+//! served (the first GOAWAY admits every stream; the final one, sent once the PING is
+//! answered, names the last stream served), and the client opens a new connection for its
+//! next call, so no call fails because its connection was closed as idle or to make room. The
+//! connection closes once its calls are done; one whose peer leaves the PING unanswered and
+//! has no call in flight is closed [`CLOSE_GRACE`] later. Shutdown closes every connection the
+//! same way.
 //!
 //! The bytes read to decide are replayed to the server by [`Conn`]: hyper has such a type
 //! (`Rewind`) but does not export it, and this one is a few lines.
+//!
+//! Serving is ours rather than tonic's `Server` because tonic has no hook to close one
+//! connection gracefully (only `max_connection_age`, which closes busy ones too): [`serve`]
+//! does what tonic's does (TLS with a 10 s handshake, HTTP/2 with the configured limits, the
+//! services behind tonic's `RecoverError`, graceful shutdown) with hyper's HTTP/2 server
+//! defaults otherwise, and sets a [`PeerAddr`] on each call instead of tonic's connect info.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -49,8 +59,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// The HTTP/2 client connection preface (RFC 9113, 3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -126,9 +137,9 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Tells the connection idle longest to close; false if every connection has a call in
-    /// flight (or is already closing).
-    fn evict_idlest(&self) -> bool {
+    /// Makes room for a new connection: tells the connection idle longest to close. False if
+    /// there is none and none is closing already: every connection has a call in flight.
+    fn make_room(&self) -> bool {
         let map = self.0.lock();
         let idlest = map
             .iter()
@@ -143,7 +154,7 @@ impl Registry {
                 tracing::info!(%peer, ?idle, "closing the longest idle connection to make room for a new one (--max-connections)");
                 true
             }
-            None => false,
+            None => map.values().any(|c| c.evicted.load(Ordering::Acquire)),
         }
     }
 }
@@ -180,9 +191,9 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
     peer: SocketAddr,
     registry: Registry,
-    /// Resolves when the connection is to be closed (idle or evicted).
-    close: Pin<Box<dyn Future<Output = ()> + Send>>,
-    closed: bool,
+    state: Arc<ConnState>,
+    /// `--idle-timeout-secs`.
+    idle_timeout: Option<Duration>,
 }
 
 impl Drop for Conn {
@@ -198,13 +209,6 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.closed && this.close.as_mut().poll(cx).is_ready() {
-            this.closed = true;
-        }
-        if this.closed {
-            // End of file: hyper ends the connection.
-            return Poll::Ready(Ok(()));
-        }
         if this.pos < this.prefix.len() {
             let rest = &this.prefix[this.pos..];
             let n = rest.len().min(buf.remaining());
@@ -242,28 +246,21 @@ impl AsyncWrite for Conn {
     }
 }
 
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
 /// Pending connections, oldest first, by id.
 type Pending = Arc<Mutex<VecDeque<(u64, AbortHandle)>>>;
 
 /// The admitted connections of `listener`, under `limits`. The accept loop and the pending
-/// connections' tasks are owned by `tasks`; the loop ends when the stream is dropped (the
+/// connections' tasks are owned by `tasks`; the loop ends when the receiver is dropped (the
 /// server stopped) and closes the connections still pending as it ends.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnLimits,
     registry: Registry,
     tasks: crate::tasks::Tasks,
-) -> ReceiverStream<io::Result<Conn>> {
+) -> mpsc::Receiver<Conn> {
     let (tx, rx) = mpsc::channel(64);
     tasks.spawn(accept_loop(listener, limits, registry, tx, tasks.clone()));
-    ReceiverStream::new(rx)
+    rx
 }
 
 fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
@@ -286,7 +283,7 @@ async fn accept_loop(
     listener: TcpListener,
     limits: ConnLimits,
     registry: Registry,
-    tx: mpsc::Sender<io::Result<Conn>>,
+    tx: mpsc::Sender<Conn>,
     tasks: crate::tasks::Tasks,
 ) {
     let max = limits.max.max(1);
@@ -353,7 +350,7 @@ async fn admit(
     pending: Pending,
     id: u64,
     registry: Registry,
-    tx: mpsc::Sender<io::Result<Conn>>,
+    tx: mpsc::Sender<Conn>,
 ) {
     let need = if limits.tls { 1 } else { PREFACE.len() };
     let mut prefix = vec![0u8; need];
@@ -386,37 +383,208 @@ async fn admit(
         }
     }
     prefix.truncate(got);
-    let slot = match slots.clone().try_acquire_owned() {
-        Ok(s) => s,
-        // Full: the idlest connection makes room, and its slot is ours once it has closed.
-        Err(_) if registry.evict_idlest() => {
-            match tokio::time::timeout(limits.handshake_timeout, slots.acquire_owned()).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    tracing::warn!(%peer, max = limits.max, "connection refused: no slot freed in time (--max-connections)");
-                    return;
-                }
-            }
+    // Full: the idlest connection makes room, and a slot is ours once one has closed. A
+    // connection told to close may take its GOAWAY's grace to go, so while one is closing the
+    // wait goes on, looking for a newly idle one to close every grace, within the handshake
+    // timeout.
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let slot = loop {
+        if let Ok(s) = slots.clone().try_acquire_owned() {
+            break s;
         }
-        Err(_) => {
+        if !registry.make_room() {
             tracing::warn!(%peer, max = limits.max, "connection refused: --max-connections connections are open, each with a call in flight");
             return;
+        }
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(CLOSE_GRACE);
+        match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
+            Ok(Ok(s)) => break s,
+            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            _ => {
+                tracing::warn!(%peer, max = limits.max, "connection refused: no slot freed in time (--max-connections)");
+                return;
+            }
         }
     };
     let state = Arc::new(ConnState::new());
     registry.0.lock().insert(peer, state.clone());
     let _ = tx
-        .send(Ok(Conn {
+        .send(Conn {
             inner: stream,
             prefix,
             pos: 0,
             _slot: slot,
             peer,
             registry,
-            close: Box::pin(watch(state, limits.idle_timeout, peer)),
-            closed: false,
-        }))
+            state,
+            idle_timeout: limits.idle_timeout,
+        })
         .await;
+}
+
+/// The peer of the connection a call came on, in the call's request extensions (set by
+/// [`serve`]); [`ActivityLayer`] finds the call's connection by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// How long a TLS handshake may take once its first byte has come.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection told to close (GOAWAY sent) that is still open this much later with no call in
+/// flight is closed: its peer did not answer the GOAWAY's PING. A client that did answer is
+/// gone long before (one round trip).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How [`serve`] serves the admitted connections.
+#[derive(Clone)]
+pub struct Serving {
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub max_concurrent_streams: u32,
+    /// A PING this often (None: never), and the connection is closed when one goes unanswered
+    /// for `keepalive_timeout`.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    /// TLS on every connection (None: plaintext).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A connection's byte stream: the admitted socket, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Serves every connection from `incoming` (see [`incoming`]) with `svc` until `stop` is
+/// cancelled; then stops taking connections, closes every open one gracefully (each once its
+/// calls are done) and returns when all are closed.
+pub async fn serve<S, B>(
+    mut incoming: mpsc::Receiver<Conn>,
+    svc: S,
+    serving: Serving,
+    stop: CancellationToken,
+) where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<B>,
+            Error = tower::BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    let mut h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    h2.timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(serving.max_concurrent_streams)
+        .keep_alive_interval(serving.keepalive_interval)
+        .keep_alive_timeout(serving.keepalive_timeout);
+    let open = TaskTracker::new();
+    loop {
+        let conn = tokio::select! {
+            () = stop.cancelled() => break,
+            c = incoming.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        open.spawn(serve_conn(
+            conn,
+            svc.clone(),
+            h2.clone(),
+            serving.tls.clone(),
+            stop.clone(),
+        ));
+    }
+    // The accept loop ends and closes the connections still pending.
+    drop(incoming);
+    open.close();
+    open.wait().await;
+}
+
+/// Serves one connection until it ends, closing it gracefully when it is idle too long, must
+/// make room ([`watch`]), or the server stops.
+async fn serve_conn<S, B>(
+    conn: Conn,
+    svc: S,
+    h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<B>,
+            Error = tower::BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    let peer = conn.peer;
+    let state = conn.state.clone();
+    let close = watch(state.clone(), conn.idle_timeout, peer);
+    tokio::pin!(close);
+    let io: Box<dyn Io> = match tls {
+        None => Box::new(conn),
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(conn));
+            tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, timeout = ?TLS_HANDSHAKE_TIMEOUT, "closed a connection whose TLS handshake took too long");
+                        return;
+                    }
+                },
+                // Nothing was served on it yet: closing it drops no call.
+                () = &mut close => return,
+                () = stop.cancelled() => return,
+            }
+        }
+    };
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let mut req = req.map(tonic::body::Body::new);
+        req.extensions_mut().insert(PeerAddr(peer));
+        // The span names the method only: metadata (and so the API key) is never recorded.
+        let span = tracing::info_span!("rpc", method = %req.uri().path());
+        tower::ServiceExt::oneshot(svc.clone(), req).instrument(span)
+    });
+    let served = h2.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(served);
+    let mut goaway = false;
+    loop {
+        tokio::select! {
+            // The connection first: what its peer sent before a grace ran out is read (and a
+            // call in it counted) before that grace is looked at.
+            biased;
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = &mut close, if !goaway => {
+                served.as_mut().graceful_shutdown();
+                goaway = true;
+            }
+            () = stop.cancelled(), if !goaway => {
+                served.as_mut().graceful_shutdown();
+                goaway = true;
+            }
+            () = tokio::time::sleep(CLOSE_GRACE), if goaway => {
+                if state.in_flight.load(Ordering::Acquire) == 0 {
+                    tracing::debug!(%peer, "closed a connection that did not answer its GOAWAY's PING");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A tower layer that counts each call as in flight on its connection, from its start until
@@ -475,14 +643,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ext = req.extensions();
-        let peer = ext
-            .get::<TcpConnectInfo>()
-            .or_else(|| {
-                ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .map(TlsConnectInfo::get_ref)
-            })
-            .and_then(TcpConnectInfo::remote_addr);
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
         let busy = peer
             .and_then(|p| self.registry.0.lock().get(&p).cloned())
             .map(Busy::start);

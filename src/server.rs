@@ -74,15 +74,44 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
 }
 
 /// The TLS settings of the listener: the server's identity and, with mTLS, the client CA.
-fn server_tls(tls: &crate::config::TlsConfig) -> tonic::transport::ServerTlsConfig {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let mut c = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&tls.cert, &tls.key))
-        .timeout(std::time::Duration::from_secs(10));
-    if let Some(ca) = &tls.client_ca {
-        c = c.client_ca_root(Certificate::from_pem(ca));
-    }
-    c
+fn server_tls(tls: &crate::config::TlsConfig) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let unusable = |e: &dyn std::fmt::Display| {
+        Error::invalid(format!("TLS certificate or key not usable: {e}"))
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unusable(&e))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca)
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| unusable(&format!("client CA: {e}")))?;
+            roots.add_parsable_certificates(certs);
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| unusable(&format!("client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| unusable(&format!("certificate: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&tls.key).map_err(|e| unusable(&format!("key: {e}")))?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| unusable(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves until `shutdown` completes (or the grace period after it runs out); binds
@@ -210,7 +239,7 @@ fn grpc_server(
     tasks: &Tasks,
 ) -> Result<(
     tonic_health::server::HealthReporter,
-    impl Future<Output = Result<(), tonic::transport::Error>>,
+    impl Future<Output = ()>,
 )> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -246,23 +275,43 @@ fn grpc_server(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_out);
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(server_tls(tls)).map_err(|e| {
-            let cause = std::error::Error::source(&e)
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default();
-            Error::invalid(format!("TLS certificate or key not usable: {e}{cause}"))
-        })?;
-    }
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(index)
+        .add_service(promotion)
+        .add_service(autotune)
+        .add_service(cluster);
+    let connections = crate::connections::Registry::new();
+    let svc = tower::ServiceBuilder::new()
+        // An error from a layer becomes its gRPC status.
+        .layer(tonic::service::RecoverErrorLayer::new())
+        // The client's grpc-timeout.
+        .layer(crate::admission::DeadlineLayer)
+        // Every call, refused ones included, makes its connection busy.
+        .layer(connections.layer())
+        .layer(RpcMetricsLayer(metrics.clone()))
+        .layer(AuthLayer(config.api_keys.clone()))
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted,
+        ))
+        .layer(crate::admission::AdmissionLayer::new(
+            config.max_concurrent_requests,
+            config.request_timeout,
+            tasks.clone(),
+        ))
+        .service(routes.routes().prepare());
     // Per connection: at most this many calls at once; a PING every interval, and the
     // connection is closed when one goes unanswered for the timeout (a peer that vanished
     // without a FIN no longer holds a slot).
-    builder = builder
-        .max_concurrent_streams(config.http2_max_concurrent_streams)
-        .http2_keepalive_interval(config.http2_keepalive_interval)
-        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout));
-    let connections = crate::connections::Registry::new();
+    let serving = crate::connections::Serving {
+        max_concurrent_streams: config.http2_max_concurrent_streams,
+        keepalive_interval: config.http2_keepalive_interval,
+        keepalive_timeout: config.http2_keepalive_timeout,
+        tls: config.tls.as_ref().map(server_tls).transpose()?,
+    };
     let incoming = crate::connections::incoming(
         listener,
         crate::connections::ConnLimits {
@@ -275,29 +324,7 @@ fn grpc_server(
         connections.clone(),
         tasks.clone(),
     );
-    // The span names the method only: metadata (and so the API key) is never recorded.
-    let serve = builder
-        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
-        // Outermost: every call, refused ones included, makes its connection busy.
-        .layer(connections.layer())
-        .layer(RpcMetricsLayer(metrics.clone()))
-        .layer(AuthLayer(config.api_keys.clone()))
-        .layer(tower::util::MapResponseLayer::new(
-            too_large_is_resource_exhausted,
-        ))
-        .layer(crate::admission::AdmissionLayer::new(
-            config.max_concurrent_requests,
-            config.request_timeout,
-            tasks.clone(),
-        ))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(index)
-        .add_service(promotion)
-        .add_service(autotune)
-        .add_service(cluster)
-        .serve_with_incoming_shutdown(incoming, tasks.stop_token().cancelled_owned());
+    let serve = crate::connections::serve(incoming, svc, serving, tasks.stop_token());
     Ok((health, serve))
 }
 
@@ -403,7 +430,7 @@ enum Served {
 /// cancels every task (jobs, builds, probes, compactions stop), reports NOT_SERVING, and stops
 /// taking calls.
 async fn serve_until(
-    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    serve: impl Future<Output = ()>,
     recovery: impl Future<Output = Result<()>>,
     shutdown: impl Future<Output = ()>,
     store: &Store,
@@ -433,7 +460,7 @@ async fn serve_until(
                 tasks.cancel();
                 set_health(health, ServingStatus::NotServing).await;
             }
-            r = &mut serve => break r.map_err(|e| Error::Unavailable(format!("server: {e}"))),
+            () = &mut serve => break Ok(()),
             r = &mut recovery, if !recovered => {
                 recovered = true;
                 match r {

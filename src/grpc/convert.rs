@@ -448,7 +448,11 @@ pub fn request_id(s: &str) -> Result<&str, Error> {
 
 /// The caller's deadline from its grpc-timeout header (None: no deadline, or unreadable).
 pub fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A grpc-timeout header's value ("10S", "250m"...) as a duration (None: unreadable).
+pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
     use std::time::Duration as D;
