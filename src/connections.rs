@@ -454,26 +454,25 @@ pub struct Serving {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
+/// What [`serve`] serves: tonic's routes behind the edge layers, boxed (as tonic's own server
+/// boxes them), so the serving code is compiled once. Its error is a concrete type: with a
+/// boxed `dyn Error` one, checking that a connection's future is `Send` trips
+/// rust-lang/rust#102211 (what tonic's server works around for its own `serve_connection`).
+pub type Edge = tower::util::BoxCloneService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tonic::Status,
+>;
+
 /// Serves every connection from `incoming` (see [`incoming`]) with `svc` until `stop` is
 /// cancelled; then stops taking connections, closes every open one gracefully (each once its
 /// calls are done) and returns when all are closed.
-pub async fn serve<S, B>(
+pub async fn serve(
     mut incoming: mpsc::Receiver<Conn>,
-    svc: S,
+    svc: Edge,
     serving: Serving,
     stop: CancellationToken,
-) where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<B>,
-            Error = tower::BoxError,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<tower::BoxError>,
-{
+) {
     let mut h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
     h2.timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(serving.max_concurrent_streams)
@@ -504,24 +503,13 @@ pub async fn serve<S, B>(
 
 /// Serves one connection until it ends, closing it gracefully when it is idle too long, must
 /// make room ([`watch`]), or the server stops.
-async fn serve_conn<S, B>(
+async fn serve_conn(
     conn: Conn,
-    svc: S,
+    svc: Edge,
     h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
-) where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<B>,
-            Error = tower::BoxError,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<tower::BoxError>,
-{
+) {
     let peer = conn.peer;
     let state = conn.state.clone();
     let close = watch(state.clone(), conn.idle_timeout, peer);
