@@ -305,4 +305,40 @@ mod tests {
         exempt_sorted.sort();
         assert_eq!(probes, exempt_sorted);
     }
+
+    /// The caller's grpc-timeout cuts a call whose answer has not begun: the server answers
+    /// DEADLINE_EXCEEDED (through RecoverError, as served) at about that time; without the
+    /// header, or with an unreadable one, the call is answered by its handler.
+    #[tokio::test]
+    async fn the_callers_grpc_timeout_cuts_a_slow_call() {
+        use tower::{Layer, ServiceExt};
+        let slow = tower::service_fn(|_: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let svc = tonic::service::RecoverErrorLayer::new().layer(DeadlineLayer.layer(slow));
+        let call = |timeout: Option<&'static str>| {
+            let svc = svc.clone();
+            async move {
+                let mut req = http::Request::new(());
+                if let Some(t) = timeout {
+                    req.headers_mut()
+                        .insert("grpc-timeout", http::HeaderValue::from_static(t));
+                }
+                let t = std::time::Instant::now();
+                let resp = svc.oneshot(req).await.unwrap();
+                (Status::from_header_map(resp.headers()), t.elapsed())
+            }
+        };
+        let (status, took) = call(Some("100m")).await;
+        let status = status.expect("a status in the headers");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("grpc-timeout 0.1s"), "{status:?}");
+        assert!(took < Duration::from_secs(1), "cut at {took:?}");
+        for header in [None, Some("soon")] {
+            let (status, took) = call(header).await;
+            assert!(status.is_none(), "{header:?}: {status:?}");
+            assert!(took >= Duration::from_secs(1), "{header:?}: {took:?}");
+        }
+    }
 }
