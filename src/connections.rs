@@ -545,7 +545,10 @@ async fn serve_conn(
     });
     let served = h2.serve_connection(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(served);
-    let mut goaway = false;
+    // Once the GOAWAY is sent: when to look whether the connection is still open with no call
+    // in flight (a deadline, so frames the peer keeps sending do not push it back).
+    let mut grace: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         tokio::select! {
             // The connection first: what its peer sent before a grace ran out is read (and a
@@ -557,19 +560,20 @@ async fn serve_conn(
                 }
                 return;
             }
-            () = &mut close, if !goaway => {
+            () = &mut close, if grace.is_none() => {
                 served.as_mut().graceful_shutdown();
-                goaway = true;
+                grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
-            () = stop.cancelled(), if !goaway => {
+            () = stop.cancelled(), if grace.is_none() => {
                 served.as_mut().graceful_shutdown();
-                goaway = true;
+                grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
-            () = tokio::time::sleep(CLOSE_GRACE), if goaway => {
+            () = tokio::time::sleep_until(grace.unwrap_or(far)), if grace.is_some() => {
                 if state.in_flight.load(Ordering::Acquire) == 0 {
                     tracing::debug!(%peer, "closed a connection that did not answer its GOAWAY's PING");
                     return;
                 }
+                grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
         }
     }

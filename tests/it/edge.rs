@@ -708,6 +708,42 @@ async fn goaway_then_closed(t: &mut tokio::net::TcpStream) {
     assert_eq!(goaway, Some(0), "the close was not a GOAWAY with NO_ERROR");
 }
 
+/// A peer that ignores the GOAWAY of an idle close (never answers its PING) but keeps the
+/// connection lively (its own PINGs, which the server answers) is closed anyway, about
+/// `CLOSE_GRACE` after the GOAWAY: its frames do not put the close off.
+#[tokio::test]
+async fn a_peer_that_ignores_the_goaway_is_closed_anyway() {
+    let (s, _tmp) = server_with(|c| {
+        c.idle_timeout = Some(Duration::from_millis(200));
+        c.http2_keepalive_interval = None;
+    })
+    .await;
+    let (mut r, mut w) = handshaken(&s).await.into_split();
+    let pinger = tokio::spawn(async move {
+        let mut ping = vec![0, 0, 8, PING, 0, 0, 0, 0, 0];
+        ping.extend_from_slice(b"stayhere");
+        // Every 100 ms until the server closes the connection.
+        while w.write_all(&ping).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut goaway = false;
+    within("the close of a connection that ignores its GOAWAY", async {
+        let mut h = [0u8; 9];
+        while r.read_exact(&mut h).await.is_ok() {
+            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+            let mut payload = vec![0u8; len];
+            if r.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            goaway |= h[3] == GOAWAY;
+        }
+    })
+    .await;
+    assert!(goaway, "the server closed the connection without a GOAWAY");
+    pinger.abort();
+}
+
 /// A client's calls spaced around the idle timeout, each on the channel's connection as it
 /// is idle-closed and reopened: every call is answered (the server closes idle connections
 /// with a GOAWAY and still serves a call that crossed it), and the client did reconnect, many
