@@ -286,6 +286,11 @@ fn grpc_server(
         .add_service(cluster);
     let connections = crate::connections::Registry::new();
     let svc = tower::ServiceBuilder::new()
+        // Boxed, the body and the error made concrete (an error RecoverError did not turn
+        // into an answer resets the call's stream, as before).
+        .layer(crate::connections::Edge::layer())
+        .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
+        .map_err(tonic::Status::from_error)
         // An error from a layer becomes its gRPC status.
         .layer(tonic::service::RecoverErrorLayer::new())
         // The client's grpc-timeout.
@@ -303,13 +308,6 @@ fn grpc_server(
             tasks.clone(),
         ))
         .service(routes.routes().prepare());
-    // Boxed, the body and the error made concrete (an error RecoverError did not turn into
-    // an answer resets the call's stream, as before).
-    let svc = tower::ServiceBuilder::new()
-        .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
-        .map_err(tonic::Status::from_error)
-        .service(svc);
-    let svc = crate::connections::Edge::new(svc);
     // Per connection: at most this many calls at once; a PING every interval, and the
     // connection is closed when one goes unanswered for the timeout (a peer that vanished
     // without a FIN no longer holds a slot).
