@@ -3,6 +3,7 @@
 pub mod distance;
 pub mod engine;
 pub mod generation;
+mod layout;
 pub mod native;
 pub mod progress;
 pub mod snapshot;
