@@ -1556,6 +1556,88 @@ mod tests {
         );
     }
 
+    /// What the id order (`layout`) changes, in one run: builds of the same points with ids in
+    /// the build's order and in the data's, alternating `R` rounds (default 3), each timed, then
+    /// recall@10 at ef 64 against exact neighbours and searches/s (one thread) of 1,000
+    /// queries. On the 30,000 words (384-d cosine, `../shared/data`, when present) and `N`
+    /// clustered 128-d L2 points (default 100,000). Run with `cargo test --release --lib
+    /// id_order_effect -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn id_order_effect() {
+        use rand::SeedableRng;
+        let words = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/words_minilm_30k.fvecs");
+        let mut sets: Vec<(String, Metric, Vec<Vec<f32>>)> = Vec::new();
+        if let Ok((_, v)) = crate::dataset::read_fvecs(&words, None) {
+            sets.push(("30k words, 384-d cosine".into(), Metric::Cosine, v));
+        }
+        let n = env_or("N", 100_000);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let v = clustered(&mut rng, n + 1_000, 128)
+            .into_iter()
+            .map(|p| p.vector)
+            .collect();
+        sets.push((format!("{n} clustered, 128-d L2"), Metric::L2, v));
+        for (name, metric, all) in sets {
+            // The last 1,000 vectors are the queries.
+            let (base, queries) = all.split_at(all.len() - 1_000);
+            let dim = base[0].len() as u32;
+            let truth: Vec<Vec<u64>> = queries
+                .iter()
+                .map(|q| {
+                    let mut d: Vec<(f32, u64)> = base
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (distance::exact(metric, q, v), i as u64))
+                        .collect();
+                    d.select_nth_unstable_by(10, |a, b| a.0.total_cmp(&b.0));
+                    d[..10].iter().map(|&(_, i)| i).collect()
+                })
+                .collect();
+            println!("== {name}");
+            for round in 0..env_or("R", 3) {
+                for off in [true, false] {
+                    let points: Vec<Point> = base
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| Point {
+                            id: i as u64,
+                            vector: v.clone(),
+                        })
+                        .collect();
+                    super::layout::tests::OFF.with(|o| o.set(off));
+                    let t = std::time::Instant::now();
+                    let g = Generation::build(
+                        EngineKind::DEFAULT,
+                        &EngineMemory::IN_RAM,
+                        metric,
+                        dim,
+                        default_meta(),
+                        points,
+                        &|| false,
+                    )
+                    .unwrap();
+                    let build = t.elapsed().as_secs_f64();
+                    super::layout::tests::OFF.with(|o| o.set(false));
+                    let t = std::time::Instant::now();
+                    let hits: Vec<Vec<Hit>> = queries.iter().map(|q| g.search(q, 10, 64)).collect();
+                    let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
+                    let found: usize = hits
+                        .iter()
+                        .zip(&truth)
+                        .map(|(h, t)| h.iter().filter(|h| t.contains(&h.id)).count())
+                        .sum();
+                    println!(
+                        "round {round} ids {:>5}: build {build:.2} s, recall@10 ef 64 {:.4}, {qps:.0} searches/s",
+                        if off { "built" } else { "data" },
+                        found as f64 / (10 * queries.len()) as f64
+                    );
+                }
+            }
+        }
+    }
+
     /// A background snapshot's cost ([`Generation::snapshot_live`]) of a build of `N`
     /// clustered 128-d points, `R` times: how long the linker waits (the links' copy) and how
     /// long the whole file takes (written and synced). Run with `cargo test --release --lib
