@@ -7,8 +7,10 @@
 //! hundred kilobytes, which the caches keep. So a build first puts the points in buckets by
 //! their nearest of `n / BUCKET` sample points (evenly spaced in the build's order, so a seeded
 //! build orders the same way every time), then numbers them bucket by bucket. It still inserts
-//! them in its own order: only where each node lives changes, not the graph. Nothing depends on
-//! the order for correctness. Measured in docs/engines.md ("Id order").
+//! them in its own order, so the graph is built the same way; only where each node lives
+//! changes, and which points sit on upper levels (an engine draws a node's level from its id),
+//! so it is another draw of the same random graph. Nothing depends on the order for
+//! correctness. Measured in docs/engines.md ("Id order").
 
 use rayon::prelude::*;
 
