@@ -1558,8 +1558,8 @@ mod tests {
 
     /// What the id order (`layout`) changes, in one run: builds of the same points with ids in
     /// the build's order and in the data's, alternating `R` rounds (default 3), each timed, then
-    /// recall@10 at ef 64 against exact neighbours and searches/s (one thread) of 1,000
-    /// queries. On the 30,000 words (384-d cosine, `../shared/data`, when present) and `N`
+    /// recall@10 at each ef of `EFS` (default 64) against exact neighbours and searches/s (one
+    /// thread) of 1,000 queries. On the 30,000 words (384-d cosine, `../shared/data`, when present) and `N`
     /// clustered 128-d L2 points (default 100,000). Run with `cargo test --release --lib
     /// id_order_effect -- --ignored --nocapture`.
     #[test]
@@ -1579,6 +1579,12 @@ mod tests {
             .map(|p| p.vector)
             .collect();
         sets.push((format!("{n} clustered, 128-d L2"), Metric::L2, v));
+        // The ef_search values searched (`EFS`, comma-separated; default 64).
+        let efs: Vec<usize> = std::env::var("EFS")
+            .unwrap_or_else(|_| "64".into())
+            .split(',')
+            .filter_map(|e| e.trim().parse().ok())
+            .collect();
         for (name, metric, all) in sets {
             // The last 1,000 vectors are the queries.
             let (base, queries) = all.split_at(all.len() - 1_000);
@@ -1620,19 +1626,22 @@ mod tests {
                     .unwrap();
                     let build = t.elapsed().as_secs_f64();
                     super::layout::tests::OFF.with(|o| o.set(false));
-                    let t = std::time::Instant::now();
-                    let hits: Vec<Vec<Hit>> = queries.iter().map(|q| g.search(q, 10, 64)).collect();
-                    let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
-                    let found: usize = hits
-                        .iter()
-                        .zip(&truth)
-                        .map(|(h, t)| h.iter().filter(|h| t.contains(&h.id)).count())
-                        .sum();
-                    println!(
-                        "round {round} ids {:>5}: build {build:.2} s, recall@10 ef 64 {:.4}, {qps:.0} searches/s",
-                        if off { "built" } else { "data" },
-                        found as f64 / (10 * queries.len()) as f64
-                    );
+                    for &ef in &efs {
+                        let t = std::time::Instant::now();
+                        let hits: Vec<Vec<Hit>> =
+                            queries.iter().map(|q| g.search(q, 10, ef)).collect();
+                        let qps = queries.len() as f64 / t.elapsed().as_secs_f64();
+                        let found: usize = hits
+                            .iter()
+                            .zip(&truth)
+                            .map(|(h, t)| h.iter().filter(|h| t.contains(&h.id)).count())
+                            .sum();
+                        println!(
+                            "round {round} ids {:>5}: build {build:.2} s, recall@10 ef {ef} {:.4}, {qps:.0} searches/s",
+                            if off { "built" } else { "data" },
+                            found as f64 / (10 * queries.len()) as f64
+                        );
+                    }
                 }
             }
         }
