@@ -512,7 +512,14 @@ async fn serve_conn(
 ) {
     let peer = conn.peer;
     let state = conn.state.clone();
-    let close = watch(state.clone(), conn.idle_timeout, peer);
+    // Resolves once the connection is to close: idle too long, evicted, or the server stops.
+    let watched = watch(state.clone(), conn.idle_timeout, peer);
+    let close = async {
+        tokio::select! {
+            () = watched => {}
+            () = stop.cancelled() => {}
+        }
+    };
     tokio::pin!(close);
     let io: Box<dyn Io> = match tls {
         None => Box::new(conn),
@@ -532,7 +539,6 @@ async fn serve_conn(
                 },
                 // Nothing was served on it yet: closing it drops no call.
                 () = &mut close => return,
-                () = stop.cancelled() => return,
             }
         }
     };
@@ -561,10 +567,6 @@ async fn serve_conn(
                 return;
             }
             () = &mut close, if grace.is_none() => {
-                served.as_mut().graceful_shutdown();
-                grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
-            }
-            () = stop.cancelled(), if grace.is_none() => {
                 served.as_mut().graceful_shutdown();
                 grace = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
