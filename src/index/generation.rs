@@ -1589,29 +1589,26 @@ mod tests {
             // The last 1,000 vectors are the queries.
             let (base, queries) = all.split_at(all.len() - 1_000);
             let dim = base[0].len() as u32;
-            let truth: Vec<Vec<u64>> = queries
+            let points: Vec<Point> = base
                 .iter()
-                .map(|q| {
-                    let mut d: Vec<(f32, u64)> = base
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| (distance::exact(metric, q, v), i as u64))
-                        .collect();
-                    d.select_nth_unstable_by(10, |a, b| a.0.total_cmp(&b.0));
-                    d[..10].iter().map(|&(_, i)| i).collect()
+                .enumerate()
+                .map(|(i, v)| Point {
+                    id: i as u64,
+                    vector: v.clone(),
                 })
                 .collect();
+            let probes: Vec<crate::autotune::harness::Query> = queries
+                .iter()
+                .map(|q| crate::autotune::harness::Query {
+                    vector: q.clone(),
+                    exclude: None,
+                })
+                .collect();
+            let truth = crate::autotune::harness::ground_truth(metric, &points, &probes, 10);
             println!("== {name}");
             for round in 0..env_or("R", 3) {
                 for off in [true, false] {
-                    let points: Vec<Point> = base
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| Point {
-                            id: i as u64,
-                            vector: v.clone(),
-                        })
-                        .collect();
+                    let points = points.clone();
                     super::layout::tests::OFF.with(|o| o.set(off));
                     let t = std::time::Instant::now();
                     let g = Generation::build(
