@@ -204,6 +204,10 @@ struct Running {
     uid: u64,
     /// Cancelled once the job's end is recorded and its place released.
     done: CancellationToken,
+    /// Cancelled just before the job's end is recorded: from then on a client may see it
+    /// finished, so a job started on its index waits the moment until `done` instead of being
+    /// refused for it.
+    ending: CancellationToken,
     /// Why it was cancelled, when not by CancelJob or the client (e.g. its index was deleted).
     why: Arc<Mutex<Option<String>>>,
     /// Cancelled when the job's index is deleted: stops even its activation build (CancelJob
@@ -356,9 +360,36 @@ impl Jobs {
         }))
     }
 
-    /// The id of the job running on an index, if one is.
+    /// Whether a new job can take `index`'s place: `None` when it is free, the token to wait
+    /// for when its job is ending (its end recorded or being recorded), CONFLICT when a job
+    /// runs on it.
+    fn place_on(&self, index: &Name) -> Result<Option<CancellationToken>> {
+        match self.running.lock().get(index) {
+            None => Ok(None),
+            Some(r) => Self::holder(index, r).map(Some),
+        }
+    }
+
+    /// The token to wait for when `r` (holding `index`) is ending, CONFLICT when it runs.
+    fn holder(index: &Name, r: &Running) -> Result<CancellationToken> {
+        if r.ending.is_cancelled() {
+            return Ok(r.done.clone());
+        }
+        Err(Error::Conflict(format!(
+            "index {:?} is already being tuned by job {}; wait for it or cancel it",
+            index.as_str(),
+            r.job_id
+        )))
+    }
+
+    /// The id of the job running on an index, if one is (one whose end is being recorded is
+    /// not: a job started now waits for it, see [`Jobs::place_on`]).
     pub fn running_job(&self, index: &Name) -> Option<String> {
-        self.running.lock().get(index).map(|r| r.job_id.clone())
+        self.running
+            .lock()
+            .get(index)
+            .filter(|r| !r.ending.is_cancelled())
+            .map(|r| r.job_id.clone())
     }
 
     /// On a cluster node, the job (any node's) holding the index's job lease: one etcd read.
@@ -570,14 +601,13 @@ impl Jobs {
         let store = self.lab.catalog().store().clone();
         let token = self.root.child_token();
         let done = CancellationToken::new();
+        let ending = CancellationToken::new();
         let abandon = CancellationToken::new();
         let why = Arc::new(Mutex::new(None::<String>));
-        if let Some(r) = self.running.lock().get(&req.index) {
-            return Err(Error::Conflict(format!(
-                "index {:?} is already being tuned by job {}; wait for it or cancel it",
-                req.index.as_str(),
-                r.job_id
-            )));
+        // A job whose end is recorded no longer holds the index: wait out the moment until it
+        // has freed its place (its last writes) rather than refuse a client that saw it end.
+        while let Some(wait) = self.place_on(&req.index)? {
+            wait.cancelled().await;
         }
         // A cluster node first takes the index's job lease (one job per index across the
         // cluster), under the id the job will get.
@@ -586,19 +616,22 @@ impl Jobs {
             None => None,
         };
         let (lease, leased_seq) = lease.unzip();
-        let placed = (|| {
+        let place = || {
             let mut running = self.running.lock();
             if let Some(r) = running.get(&req.index) {
-                return Err(Error::Conflict(format!(
-                    "index {:?} is already being tuned by job {}; wait for it or cancel it",
-                    req.index.as_str(),
-                    r.job_id
-                )));
+                return match Self::holder(&req.index, r) {
+                    Ok(wait) => Ok(Err(wait)),
+                    Err(e) => Err(e),
+                };
             }
-            if running.len() >= self.max_running {
+            // Jobs whose end is recorded do no more work and no longer count.
+            let busy = running
+                .values()
+                .filter(|r| !r.ending.is_cancelled())
+                .count();
+            if busy >= self.max_running {
                 return Err(Error::Limit(format!(
-                    "{} autotune jobs are running, the server's limit (--max-concurrent-jobs); wait for one to finish",
-                    running.len()
+                    "{busy} autotune jobs are running, the server's limit (--max-concurrent-jobs); wait for one to finish"
                 )));
             }
             let seq = leased_seq.map_or_else(|| store.next_job_seq(), Ok)?;
@@ -612,10 +645,18 @@ impl Jobs {
                     why: why.clone(),
                     abandon: abandon.clone(),
                     lease: lease.clone(),
+                    ending: ending.clone(),
                 },
             );
-            Ok(seq)
-        })();
+            Ok(Ok(seq))
+        };
+        let placed = loop {
+            match place() {
+                Ok(Err(wait)) => wait.cancelled().await,
+                Ok(Ok(seq)) => break Ok(seq),
+                Err(e) => break Err(e),
+            }
+        };
         let seq = match placed {
             Ok(seq) => seq,
             Err(e) => {
@@ -796,6 +837,7 @@ impl Jobs {
                     })
                 }
             };
+            ending.cancel();
             if let Err(e) = jobs.save(&job).await {
                 tracing::error!(job = %job.id, error = %e, "could not record the job's end");
             }

@@ -878,6 +878,21 @@ impl Control {
         }
     }
 
+    /// Whether job `id`'s record says it ended (false when it has none).
+    async fn job_ended(&self, id: &str) -> Result<bool> {
+        let Some(seq) = job_seq(id) else {
+            return Ok(false);
+        };
+        let rkey = etcd::job_record_key(seq);
+        let read = self
+            .read("reading the job record", std::slice::from_ref(&rkey))
+            .await?;
+        Ok(match read.into_iter().next().flatten() {
+            Some(r) => r.decode::<JobRecord>(&rkey)?.state != JobState::Running,
+            None => false,
+        })
+    }
+
     /// Reads job `id`'s record and its index's job lease at one revision.
     async fn read_job(&self, id: &str) -> Result<(String, Read, JobRecord, Option<Read>)> {
         let seq = job_seq(id).ok_or_else(|| Error::not_found("job", id))?;
@@ -961,6 +976,12 @@ impl ClusterJobs for Control {
                     .ok_or_else(|| Error::not_found("index", index.as_str()))?;
                 if let Some(r) = &read[1] {
                     let holder: JobLeaseEntry = r.decode(&key)?;
+                    // A job whose end is recorded (ListJobs shows it ended) releases its
+                    // lease moments later: a client that saw it end waits for that.
+                    if attempt + 1 < CAS_ATTEMPTS && self.job_ended(&holder.job_id).await? {
+                        backoff(attempt).await;
+                        continue;
+                    }
                     return Err(Error::Conflict(format!(
                         "index {:?} is already being tuned by job {} on node {} (its job lease in etcd); wait for it or cancel it",
                         index.as_str(),

@@ -1183,7 +1183,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
     // The lease is free again: a job through node 2 promotes and activates, and every node
     // rolls its winner out.
     let second = a2
-        .autotune(tune)
+        .autotune(tune.clone())
         .await
         .expect("autotune on node 2")
         .into_inner();
@@ -1226,6 +1226,61 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         "both jobs' trials on node 3",
     )
     .await;
+
+    // A job that another node lists as ended no longer holds the index's job lease: a client
+    // that polled ListJobs there starts the next job through that node at once (the ended
+    // job's node releases the lease moments after recording the end; the start waits for it).
+    let quick = pb::AutotuneRequest {
+        activate: false,
+        ..tune
+    };
+    for round in 0..8 {
+        let (on, seen) = (round % 2, (round + 1) % 2);
+        let mut stream = nodes[on]
+            .autotune()
+            .await
+            .autotune(quick.clone())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a job through node {}: {e:?}", on + 1))
+            .into_inner();
+        let Some(pb::autotune_response::Event::Started(st)) = stream
+            .message()
+            .await
+            .expect("stream")
+            .expect("event")
+            .event
+        else {
+            panic!("the first event is Started")
+        };
+        // The stream stays open (closing it would cancel the job) and is read to its end.
+        drop(tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {}
+        }));
+        // Polled as fast as node `seen` answers: the first answer that lists it ended.
+        let mut other = nodes[seen].autotune().await;
+        let deadline = Instant::now() + WAIT;
+        let ended = loop {
+            let jobs = other
+                .list_jobs(pb::ListJobsRequest {
+                    index_name: "jobs".into(),
+                })
+                .await
+                .expect("list jobs")
+                .into_inner()
+                .jobs;
+            if let Some(j) = jobs
+                .into_iter()
+                .find(|j| j.id == st.job_id && j.state != pb::JobState::Running as i32)
+            {
+                break j;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the job never ended"
+            );
+        };
+        assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+    }
 }
 
 /// `jobs`'s job `id` as `node` lists it, once `ok` holds for it (up to [`WAIT`]).

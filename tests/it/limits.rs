@@ -259,3 +259,65 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
     }
     assert!(finished);
 }
+
+/// A client that sees a job ended in ListJobs (an agent polling it) starts the next one at
+/// once: neither the index's one-job place nor the server's job limit still counts the ended
+/// job while it makes its last writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(tmp.path());
+    config.max_concurrent_jobs = 1;
+    let s = TestServer::start_in(tmp.path(), config).await;
+    let mut c = s.index().await;
+    let mut a = s.autotune().await;
+    for name in ["a", "b"] {
+        create_index(&mut c, name, 8, pb::Metric::L2).await;
+        upsert(&mut c, name, points(&mut Gen::new(6), 0..300, 8)).await;
+        a.create_harness(harness_request(name, "h", 10, 10, Some(1)))
+            .await
+            .expect("harness");
+    }
+    let grid = vec![pb::HnswConfig {
+        m: 8,
+        ef_construction: 16,
+        ef_search: 16,
+        seed: Some(1),
+    }];
+    // Each index twice in a row (its own place), then the other (the server's one job). A job
+    // takes a few ms here; the moment it used to keep counting after its end was recorded (its
+    // record's flush) was hit in two runs of five (60 rounds each) before it was fixed.
+    let order = ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b", "a", "b"];
+    for (round, index) in order.into_iter().cycle().take(60).enumerate() {
+        let mut stream = a
+            .autotune(pb::AutotuneRequest {
+                index_name: index.into(),
+                harness: "h".into(),
+                grid: grid.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: job on {index}: {e:?}"))
+            .into_inner();
+        let job_id = match stream.message().await.expect("event").and_then(|m| m.event) {
+            Some(pb::autotune_response::Event::Started(st)) => st.job_id,
+            other => panic!("expected Started, got {other:?}"),
+        };
+        // Polled as fast as the server answers: the first answer that lists it ended.
+        let ended = loop {
+            let listed = s.jobs(index).await;
+            let j = listed
+                .into_iter()
+                .find(|j| j.id == job_id)
+                .expect("the job is listed");
+            if j.state != pb::JobState::Running as i32 {
+                break j;
+            }
+        };
+        assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+        // The stream stays open (closing it would cancel the job) and is read to its end.
+        drop(tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {}
+        }));
+    }
+}
