@@ -1012,11 +1012,7 @@ async fn held_job() -> (
         .await
         .unwrap()
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(started)) =
-        first.message().await.unwrap().unwrap().event
-    else {
-        panic!("the first event is Started")
-    };
+    let started = job_started(&mut first).await;
     (s, a, first, started)
 }
 
@@ -1191,11 +1187,7 @@ async fn shutdown_ends_a_running_job_as_cancelled_and_its_stream_as_unavailable(
         .await
         .unwrap()
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(started)) =
-        stream.message().await.unwrap().unwrap().event
-    else {
-        panic!()
-    };
+    let started = job_started(&mut stream).await;
     let reader = tokio::spawn(async move { collect(stream).await });
     let s = s.restart().await;
     let (_, err) = reader.await.unwrap();

@@ -20,7 +20,9 @@ use vectord::pb::index_service_client::IndexServiceClient;
 
 use crate::common::child::{path_str, Vectord};
 use crate::common::engines::{script, Engines};
-use crate::common::{collect, eventually, harness_request, on_append, set_policy, Gen, TestServer};
+use crate::common::{
+    collect, eventually, harness_request, job_started, on_append, set_policy, Gen, TestServer,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -1067,11 +1069,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         .await
         .expect("autotune on node 1")
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(started)) =
-        first.message().await.expect("stream").expect("event").event
-    else {
-        panic!("the first event is Started")
-    };
+    let started = job_started(&mut first).await;
     // A second job on the same index through another node: ABORTED, naming the holder.
     let err = a2
         .autotune(tune.clone())
@@ -1146,11 +1144,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         .await
         .expect("autotune on node 1 again: the lease is free")
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(_)) =
-        held.message().await.expect("stream").expect("event").event
-    else {
-        panic!("the first event is Started")
-    };
+    job_started(&mut held).await;
     etcd.delete("/vectord/v1/jobs/jobs", None)
         .await
         .expect("delete the job lease key");
@@ -1243,15 +1237,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
             .await
             .unwrap_or_else(|e| panic!("round {round}: a job through node {}: {e:?}", on + 1))
             .into_inner();
-        let Some(pb::autotune_response::Event::Started(st)) = stream
-            .message()
-            .await
-            .expect("stream")
-            .expect("event")
-            .event
-        else {
-            panic!("the first event is Started")
-        };
+        let st = job_started(&mut stream).await;
         // The stream stays open (closing it would cancel the job) and is read to its end.
         drop(tokio::spawn(async move {
             while let Ok(Some(_)) = stream.message().await {}
@@ -2027,15 +2013,7 @@ async fn start_job(
         })
         .await?
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(started)) = stream
-        .message()
-        .await
-        .expect("stream")
-        .expect("event")
-        .event
-    else {
-        panic!("the first event is Started")
-    };
+    let started = job_started(&mut stream).await;
     Ok((stream, started.job_id))
 }
 

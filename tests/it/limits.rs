@@ -226,10 +226,7 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
         .await
         .expect("first job")
         .into_inner();
-    let job_id = match first.message().await.expect("event").and_then(|m| m.event) {
-        Some(pb::autotune_response::Event::Started(st)) => st.job_id,
-        other => panic!("expected Started, got {other:?}"),
-    };
+    let job_id = job_started(&mut first).await.job_id;
     let other_index = a.autotune(tune("b", vec![])).await;
     let e = other_index.expect_err("a second job server-wide is over the limit");
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
@@ -299,10 +296,7 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
             .await
             .unwrap_or_else(|e| panic!("round {round}: job on {index}: {e:?}"))
             .into_inner();
-        let job_id = match stream.message().await.expect("event").and_then(|m| m.event) {
-            Some(pb::autotune_response::Event::Started(st)) => st.job_id,
-            other => panic!("expected Started, got {other:?}"),
-        };
+        let job_id = job_started(&mut stream).await.job_id;
         // Polled as fast as the server answers: the first answer that lists it ended.
         let ended = loop {
             let listed = s.jobs(index).await;

@@ -152,11 +152,7 @@ async fn on_append_starts_one_tune_after_the_threshold_and_none_while_a_job_runs
         .await
         .expect("manual job")
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(started)) =
-        stream.message().await.expect("event").and_then(|m| m.event)
-    else {
-        panic!("no started event")
-    };
+    let started = job_started(&mut stream).await;
     upsert(&mut c, "app", points(&mut g, 270..400, 16)).await;
     let st = s.get_index("app").await.refresh_status.expect("status");
     assert!(

@@ -96,15 +96,7 @@ async fn delete_index_cancels_its_job_and_nothing_reaches_an_index_recreated_und
         .await
         .expect("autotune")
         .into_inner();
-    let Some(pb::autotune_response::Event::Started(started)) = stream
-        .message()
-        .await
-        .expect("stream")
-        .expect("event")
-        .event
-    else {
-        panic!("the first event is not started")
-    };
+    let started = job_started(&mut stream).await;
     // The job is journaling: its first trial is out (after progress on its builds).
     let first = loop {
         let m = stream.message().await.expect("stream").expect("event");
@@ -321,15 +313,7 @@ async fn finished_job_records_are_bounded_on_disk_by_jobs_kept() {
             .await
             .expect("autotune")
             .into_inner();
-        let Some(pb::autotune_response::Event::Started(st)) = stream
-            .message()
-            .await
-            .expect("stream")
-            .expect("event")
-            .event
-        else {
-            panic!("no started event")
-        };
+        let st = job_started(&mut stream).await;
         let (_, err) = collect(stream).await;
         assert!(err.is_none(), "{err:?}");
         ids.push(st.job_id);

@@ -558,6 +558,18 @@ pub async fn promoted_of(ch: Channel, index: &str) -> pb::GetPromotedResponse {
 }
 
 /// ListJobs of `index` through `ch` (panics if the call fails).
+/// An Autotune stream's first event, which must be `Started` (panics otherwise).
+pub async fn job_started(
+    stream: &mut tonic::Streaming<pb::AutotuneResponse>,
+) -> pb::AutotuneStarted {
+    match stream.message().await {
+        Ok(Some(pb::AutotuneResponse {
+            event: Some(pb::autotune_response::Event::Started(st)),
+        })) => st,
+        other => panic!("the first event is Started, not {other:?}"),
+    }
+}
+
 pub async fn jobs_of(ch: Channel, index: &str) -> Vec<pb::Job> {
     AutotuneServiceClient::new(ch)
         .list_jobs(pb::ListJobsRequest {
