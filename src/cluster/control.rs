@@ -978,9 +978,17 @@ impl ClusterJobs for Control {
                     let holder: JobLeaseEntry = r.decode(&key)?;
                     // A job whose end is recorded (ListJobs shows it ended) releases its
                     // lease moments later: a client that saw it end waits for that.
-                    if attempt + 1 < CAS_ATTEMPTS && self.job_ended(&holder.job_id).await? {
-                        backoff(attempt).await;
-                        continue;
+                    if self.job_ended(&holder.job_id).await? {
+                        if attempt + 1 < CAS_ATTEMPTS {
+                            backoff(attempt).await;
+                            continue;
+                        }
+                        return Err(Error::Conflict(format!(
+                            "index {:?} is held by job {} on node {}, which has ended, but its job lease in etcd was not released yet (when its node died right after the job, the lease expires within {JOB_LEASE_TTL_SECS} s); retry shortly",
+                            index.as_str(),
+                            holder.job_id,
+                            holder.node_id
+                        )));
                     }
                     return Err(Error::Conflict(format!(
                         "index {:?} is already being tuned by job {} on node {} (its job lease in etcd); wait for it or cancel it",

@@ -1228,6 +1228,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         activate: false,
         ..tune
     };
+    let mut last = String::new();
     for round in 0..8 {
         let (on, seen) = (round % 2, (round + 1) % 2);
         let mut stream = nodes[on]
@@ -1266,7 +1267,43 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
             );
         };
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+        last = ended.id;
     }
+    // The moment between a job's recorded end and its lease's release, made as long as the
+    // test wants: the index's lease key put back (by the test, under a lease of its own) in the
+    // name of the last job, which ended. A start retries while the lease stays, then is ABORTED
+    // saying the job ended (not that it runs); one that starts before the lease goes gets it.
+    let held = etcd.lease_grant(60, None).await.expect("a lease").id();
+    let entry = format!(r#"{{"node_id":"n1","job_id":"{last}","lease":{held},"start_time_ms":0}}"#);
+    etcd.put(
+        "/vectord/v1/jobs/jobs",
+        entry,
+        Some(etcd_client::PutOptions::new().with_lease(held)),
+    )
+    .await
+    .expect("the lease key of an ended job");
+    let err = a2
+        .autotune(quick.clone())
+        .await
+        .expect_err("the lease is held");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains(&last) && err.message().contains("which has ended"),
+        "{err:?}"
+    );
+    let start = tokio::spawn({
+        let (mut a2, quick) = (a2.clone(), quick.clone());
+        async move { a2.autotune(quick).await }
+    });
+    etcd.lease_revoke(held).await.expect("release the lease");
+    let mut stream = start
+        .await
+        .expect("the start's task")
+        .expect("the start gets the lease once it is released")
+        .into_inner();
+    job_started(&mut stream).await;
+    let (events, err) = collect(stream).await;
+    assert!(err.is_none(), "{err:?} after {events:?}");
 }
 
 /// `jobs`'s job `id` as `node` lists it, once `ok` holds for it (up to [`WAIT`]).
