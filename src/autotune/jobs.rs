@@ -283,10 +283,13 @@ pub trait JobLease: Send + Sync {
 /// A test hook (`Config::job_gate`; no flag sets it): jobs on the gated indexes wait RUNNING,
 /// with no trial done, until the gate opens or the job is cancelled. Tests use it to hold a job
 /// running for exactly as long as they need, instead of a grid slow enough to be caught running.
+/// A gate [`JobGate::closed_at_end`] holds them instead once their end is recorded, before they
+/// free their place: the moment a job is listed ended but has not freed it yet, made long.
 #[derive(Clone, Debug)]
 pub struct JobGate {
     indexes: Vec<String>,
     open: Arc<tokio::sync::watch::Sender<bool>>,
+    at_end: bool,
 }
 
 impl JobGate {
@@ -295,6 +298,15 @@ impl JobGate {
         JobGate {
             indexes: indexes.into_iter().map(Into::into).collect(),
             open: Arc::new(tokio::sync::watch::channel(false).0),
+            at_end: false,
+        }
+    }
+
+    /// A closed gate that holds jobs on `indexes` after their end is recorded.
+    pub fn closed_at_end<S: Into<String>>(indexes: impl IntoIterator<Item = S>) -> Self {
+        JobGate {
+            at_end: true,
+            ..Self::closed(indexes)
         }
     }
 
@@ -841,6 +853,9 @@ impl Jobs {
             if let Err(e) = jobs.save(&job).await {
                 tracing::error!(job = %job.id, error = %e, "could not record the job's end");
             }
+            if let Some(gate) = jobs.gate.as_ref().filter(|g| g.at_end) {
+                gate.pass(&req.index).await;
+            }
             // Flushed with the next write: a crash can only bring old records back.
             let store = jobs.lab.catalog().store();
             if let Err(e) = store.trim_jobs(jobs.kept, |j: &JobRecord| j.state == JobState::Running)
@@ -869,7 +884,7 @@ impl Jobs {
         tx: &mpsc::UnboundedSender<Event>,
         acts: &Activities,
     ) -> Result<Outcome> {
-        if let Some(gate) = &self.gate {
+        if let Some(gate) = self.gate.as_ref().filter(|g| !g.at_end) {
             tokio::select! {
                 _ = gate.pass(&req.index) => {}
                 _ = token.cancelled() => {}

@@ -315,3 +315,78 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
         }));
     }
 }
+
+/// The same, with the moment made long (a test gate holds the job after its end is recorded,
+/// before it frees its place): while ListJobs shows it ended, a job on another index starts at
+/// once under a server limit of 1, and one on its own index waits for the place instead of
+/// being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_after_its_recorded_end_neither_refuses_nor_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(tmp.path());
+    config.max_concurrent_jobs = 1;
+    let gate = vectord::autotune::jobs::JobGate::closed_at_end(["a"]);
+    config.job_gate = Some(gate.clone());
+    let s = TestServer::start_in(tmp.path(), config).await;
+    let mut c = s.index().await;
+    let mut a = s.autotune().await;
+    for name in ["a", "b"] {
+        create_index(&mut c, name, 8, pb::Metric::L2).await;
+        upsert(&mut c, name, points(&mut Gen::new(7), 0..300, 8)).await;
+        a.create_harness(harness_request(name, "h", 10, 10, Some(1)))
+            .await
+            .expect("harness");
+    }
+    let tune = |index: &str| pb::AutotuneRequest {
+        index_name: index.into(),
+        harness: "h".into(),
+        grid: vec![pb::HnswConfig {
+            m: 8,
+            ef_construction: 16,
+            ef_search: 16,
+            seed: Some(1),
+        }],
+        ..Default::default()
+    };
+    let mut first = a.autotune(tune("a")).await.expect("first job").into_inner();
+    let id = job_started(&mut first).await.job_id;
+    let ended = eventually(
+        Duration::from_secs(60),
+        "the first job listed ended",
+        || {
+            let (s, id) = (&s, id.clone());
+            async move {
+                s.jobs("a")
+                    .await
+                    .into_iter()
+                    .find(|j| j.id == id && j.state != pb::JobState::Running as i32)
+            }
+        },
+    )
+    .await;
+    assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+
+    // Held at the gate with its end recorded: a start on its index waits for the place instead
+    // of being refused (issued first, so that it is waiting while the next job runs)...
+    let next = tokio::spawn({
+        let (mut a, req) = (a.clone(), tune("a"));
+        async move { a.autotune(req).await }
+    });
+    // ...and it does not count under the limit of 1: a whole job on b runs meanwhile.
+    let other = a
+        .autotune(tune("b"))
+        .await
+        .expect("a job on b while a's has ended");
+    let (events, err) = collect(other.into_inner()).await;
+    assert!(err.is_none(), "{err:?} after {events:?}");
+    assert!(!next.is_finished(), "the start on a waits for its place");
+    gate.open();
+    let next = next
+        .await
+        .expect("the start's task")
+        .expect("the next job on a")
+        .into_inner();
+    let (events, err) = collect(next).await;
+    assert!(err.is_none(), "{err:?} after {events:?}");
+    drop(first);
+}
