@@ -192,22 +192,38 @@ async fn a_timed_out_write_completes_whole_and_streams_are_not_cut() {
     assert_eq!(imported.point_count, 5000);
 }
 
-#[tokio::test]
-async fn jobs_over_the_server_limit_are_resource_exhausted() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A server that runs one autotune job at a time (--max-concurrent-jobs 1), with `gate` if
+/// given, and two 8-d indexes "a" and "b" of `n` points, each with harness "h": the server,
+/// an autotune client and the data dir.
+async fn one_job_server(
+    gate: Option<vectord::autotune::jobs::JobGate>,
+    n: u64,
+) -> (
+    TestServer,
+    vectord::pb::autotune_service_client::AutotuneServiceClient<tonic::transport::Channel>,
+    tempfile::TempDir,
+) {
+    let tmp = tempfile::tempdir().expect("tmp");
     let mut config = Config::for_tests(tmp.path());
     config.max_concurrent_jobs = 1;
-    config.job_gate = Some(vectord::autotune::jobs::JobGate::closed(["a"]));
+    config.job_gate = gate;
     let s = TestServer::start_in(tmp.path(), config).await;
     let mut c = s.index().await;
     let mut a = s.autotune().await;
     for name in ["a", "b"] {
         create_index(&mut c, name, 8, pb::Metric::L2).await;
-        upsert(&mut c, name, points(&mut Gen::new(5), 0..500, 8)).await;
+        upsert(&mut c, name, points(&mut Gen::new(5), 0..n, 8)).await;
         a.create_harness(harness_request(name, "h", 10, 10, Some(1)))
             .await
             .expect("harness");
     }
+    (s, a, tmp)
+}
+
+#[tokio::test]
+async fn jobs_over_the_server_limit_are_resource_exhausted() {
+    let gate = vectord::autotune::jobs::JobGate::closed(["a"]);
+    let (_s, mut a, _tmp) = one_job_server(Some(gate), 500).await;
     // The first job is held RUNNING at the server's job gate while the next requests arrive.
     let grid = vec![pb::HnswConfig {
         m: 8,
@@ -262,19 +278,7 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
 /// job while it makes its last writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut config = Config::for_tests(tmp.path());
-    config.max_concurrent_jobs = 1;
-    let s = TestServer::start_in(tmp.path(), config).await;
-    let mut c = s.index().await;
-    let mut a = s.autotune().await;
-    for name in ["a", "b"] {
-        create_index(&mut c, name, 8, pb::Metric::L2).await;
-        upsert(&mut c, name, points(&mut Gen::new(6), 0..300, 8)).await;
-        a.create_harness(harness_request(name, "h", 10, 10, Some(1)))
-            .await
-            .expect("harness");
-    }
+    let (s, mut a, _tmp) = one_job_server(None, 300).await;
     let grid = vec![pb::HnswConfig {
         m: 8,
         ef_construction: 16,
@@ -322,21 +326,8 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
 /// being refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_held_after_its_recorded_end_neither_refuses_nor_counts() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut config = Config::for_tests(tmp.path());
-    config.max_concurrent_jobs = 1;
     let gate = vectord::autotune::jobs::JobGate::closed_at_end(["a"]);
-    config.job_gate = Some(gate.clone());
-    let s = TestServer::start_in(tmp.path(), config).await;
-    let mut c = s.index().await;
-    let mut a = s.autotune().await;
-    for name in ["a", "b"] {
-        create_index(&mut c, name, 8, pb::Metric::L2).await;
-        upsert(&mut c, name, points(&mut Gen::new(7), 0..300, 8)).await;
-        a.create_harness(harness_request(name, "h", 10, 10, Some(1)))
-            .await
-            .expect("harness");
-    }
+    let (s, mut a, _tmp) = one_job_server(Some(gate.clone()), 300).await;
     let tune = |index: &str| pb::AutotuneRequest {
         index_name: index.into(),
         harness: "h".into(),
