@@ -631,10 +631,7 @@ impl Jobs {
         let place = || {
             let mut running = self.running.lock();
             if let Some(r) = running.get(&req.index) {
-                return match Self::holder(&req.index, r) {
-                    Ok(wait) => Ok(Err(wait)),
-                    Err(e) => Err(e),
-                };
+                return Self::holder(&req.index, r).map(Err);
             }
             // Jobs whose end is recorded do no more work and no longer count.
             let busy = running

@@ -869,13 +869,21 @@ impl Control {
             tracing::warn!(job = %job.id, node = %job.node_id, "a job whose node no longer runs it: recorded FAILED");
             return Ok(job);
         }
+        self.job_record(rkey)
+            .await?
+            .ok_or_else(|| Error::not_found("job", &job.id))
+    }
+
+    /// The job record at `rkey`, if there is one.
+    async fn job_record(&self, rkey: &str) -> Result<Option<JobRecord>> {
         let read = self
             .read("reading the job record", &[rkey.to_string()])
             .await?;
-        match read.into_iter().next().flatten() {
-            Some(r) => r.decode(rkey),
-            None => Err(Error::not_found("job", &job.id)),
-        }
+        read.into_iter()
+            .next()
+            .flatten()
+            .map(|r| r.decode(rkey))
+            .transpose()
     }
 
     /// Whether job `id`'s record says it ended (false when it has none).
@@ -883,27 +891,17 @@ impl Control {
         let Some(seq) = job_seq(id) else {
             return Ok(false);
         };
-        let rkey = etcd::job_record_key(seq);
-        let read = self
-            .read("reading the job record", std::slice::from_ref(&rkey))
-            .await?;
-        Ok(match read.into_iter().next().flatten() {
-            Some(r) => r.decode::<JobRecord>(&rkey)?.state != JobState::Running,
-            None => false,
-        })
+        let job = self.job_record(&etcd::job_record_key(seq)).await?;
+        Ok(job.is_some_and(|j| j.state != JobState::Running))
     }
 
     /// Reads job `id`'s record and its index's job lease at one revision.
     async fn read_job(&self, id: &str) -> Result<(String, Read, JobRecord, Option<Read>)> {
         let seq = job_seq(id).ok_or_else(|| Error::not_found("job", id))?;
         let rkey = etcd::job_record_key(seq);
-        let first = self
-            .read("reading the job record", std::slice::from_ref(&rkey))
-            .await?;
-        let Some(Some(r)) = first.into_iter().next() else {
+        let Some(job) = self.job_record(&rkey).await? else {
             return Err(Error::not_found("job", id));
         };
-        let job: JobRecord = r.decode(&rkey)?;
         let lkey = etcd::job_key(job.index.as_str());
         let mut read = self
             .read("reading the job record", &[rkey.clone(), lkey])

@@ -21,7 +21,8 @@ use vectord::pb::index_service_client::IndexServiceClient;
 use crate::common::child::{path_str, Vectord};
 use crate::common::engines::{script, Engines};
 use crate::common::{
-    collect, eventually, harness_request, job_started, on_append, set_policy, Gen, TestServer,
+    collect, eventually, first_listed_ended, harness_request, job_started, on_append, set_policy,
+    Gen, TestServer,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -1245,27 +1246,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         }));
         // Polled as fast as node `seen` answers: the first answer that lists it ended.
         let mut other = nodes[seen].autotune().await;
-        let deadline = Instant::now() + WAIT;
-        let ended = loop {
-            let jobs = other
-                .list_jobs(pb::ListJobsRequest {
-                    index_name: "jobs".into(),
-                })
-                .await
-                .expect("list jobs")
-                .into_inner()
-                .jobs;
-            if let Some(j) = jobs
-                .into_iter()
-                .find(|j| j.id == st.job_id && j.state != pb::JobState::Running as i32)
-            {
-                break j;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: the job never ended"
-            );
-        };
+        let ended = first_listed_ended(&mut other, "jobs", &st.job_id).await;
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
         last = ended.id;
     }

@@ -220,6 +220,21 @@ async fn one_job_server(
     (s, a, tmp)
 }
 
+/// A job of one quick trial on `index`'s harness "h".
+fn one_trial(index: &str) -> pb::AutotuneRequest {
+    pb::AutotuneRequest {
+        index_name: index.into(),
+        harness: "h".into(),
+        grid: vec![pb::HnswConfig {
+            m: 8,
+            ef_construction: 16,
+            ef_search: 16,
+            seed: Some(1),
+        }],
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn jobs_over_the_server_limit_are_resource_exhausted() {
     let gate = vectord::autotune::jobs::JobGate::closed(["a"]);
@@ -278,40 +293,20 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
 /// job while it makes its last writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
-    let (s, mut a, _tmp) = one_job_server(None, 300).await;
-    let grid = vec![pb::HnswConfig {
-        m: 8,
-        ef_construction: 16,
-        ef_search: 16,
-        seed: Some(1),
-    }];
+    let (_s, mut a, _tmp) = one_job_server(None, 300).await;
     // Each index twice in a row (its own place), then the other (the server's one job). A job
     // takes a few ms here; the moment it used to keep counting after its end was recorded (its
     // record's flush) was hit in two runs of five (60 rounds each) before it was fixed.
     let order = ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b", "a", "b"];
     for (round, index) in order.into_iter().cycle().take(60).enumerate() {
         let mut stream = a
-            .autotune(pb::AutotuneRequest {
-                index_name: index.into(),
-                harness: "h".into(),
-                grid: grid.clone(),
-                ..Default::default()
-            })
+            .autotune(one_trial(index))
             .await
             .unwrap_or_else(|e| panic!("round {round}: job on {index}: {e:?}"))
             .into_inner();
         let job_id = job_started(&mut stream).await.job_id;
         // Polled as fast as the server answers: the first answer that lists it ended.
-        let ended = loop {
-            let listed = s.jobs(index).await;
-            let j = listed
-                .into_iter()
-                .find(|j| j.id == job_id)
-                .expect("the job is listed");
-            if j.state != pb::JobState::Running as i32 {
-                break j;
-            }
-        };
+        let ended = first_listed_ended(&mut a, index, &job_id).await;
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
         // The stream stays open (closing it would cancel the job) and is read to its end.
         drop(tokio::spawn(async move {
@@ -327,45 +322,25 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_held_after_its_recorded_end_neither_refuses_nor_counts() {
     let gate = vectord::autotune::jobs::JobGate::closed_at_end(["a"]);
-    let (s, mut a, _tmp) = one_job_server(Some(gate.clone()), 300).await;
-    let tune = |index: &str| pb::AutotuneRequest {
-        index_name: index.into(),
-        harness: "h".into(),
-        grid: vec![pb::HnswConfig {
-            m: 8,
-            ef_construction: 16,
-            ef_search: 16,
-            seed: Some(1),
-        }],
-        ..Default::default()
-    };
-    let mut first = a.autotune(tune("a")).await.expect("first job").into_inner();
+    let (_s, mut a, _tmp) = one_job_server(Some(gate.clone()), 300).await;
+    let mut first = a
+        .autotune(one_trial("a"))
+        .await
+        .expect("first job")
+        .into_inner();
     let id = job_started(&mut first).await.job_id;
-    let ended = eventually(
-        Duration::from_secs(60),
-        "the first job listed ended",
-        || {
-            let (s, id) = (&s, id.clone());
-            async move {
-                s.jobs("a")
-                    .await
-                    .into_iter()
-                    .find(|j| j.id == id && j.state != pb::JobState::Running as i32)
-            }
-        },
-    )
-    .await;
+    let ended = first_listed_ended(&mut a, "a", &id).await;
     assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
 
     // Held at the gate with its end recorded: a start on its index waits for the place instead
     // of being refused (issued first, so that it is waiting while the next job runs)...
     let next = tokio::spawn({
-        let (mut a, req) = (a.clone(), tune("a"));
+        let (mut a, req) = (a.clone(), one_trial("a"));
         async move { a.autotune(req).await }
     });
     // ...and it does not count under the limit of 1: a whole job on b runs meanwhile.
     let other = a
-        .autotune(tune("b"))
+        .autotune(one_trial("b"))
         .await
         .expect("a job on b while a's has ended");
     let (events, err) = collect(other.into_inner()).await;

@@ -557,7 +557,6 @@ pub async fn promoted_of(ch: Channel, index: &str) -> pb::GetPromotedResponse {
         .into_inner()
 }
 
-/// ListJobs of `index` through `ch` (panics if the call fails).
 /// An Autotune stream's first event, which must be `Started` (panics otherwise).
 pub async fn job_started(
     stream: &mut tonic::Streaming<pb::AutotuneResponse>,
@@ -570,6 +569,38 @@ pub async fn job_started(
     }
 }
 
+/// Job `id` of `index` as `client` first lists it ended, asked again as soon as each answer
+/// comes (no pause: these tests are about what a client may do at that very moment). Panics
+/// if the job is not listed, or still running after 60 s.
+pub async fn first_listed_ended(
+    client: &mut AutotuneServiceClient<Channel>,
+    index: &str,
+    id: &str,
+) -> pb::Job {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = client
+            .list_jobs(pb::ListJobsRequest {
+                index_name: index.into(),
+            })
+            .await
+            .expect("list jobs")
+            .into_inner()
+            .jobs
+            .into_iter()
+            .find(|j| j.id == id)
+            .unwrap_or_else(|| panic!("job {id} is listed"));
+        if j.state != pb::JobState::Running as i32 {
+            return j;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} still running after 60 s"
+        );
+    }
+}
+
+/// ListJobs of `index` through `ch` (panics if the call fails).
 pub async fn jobs_of(ch: Channel, index: &str) -> Vec<pb::Job> {
     AutotuneServiceClient::new(ch)
         .list_jobs(pb::ListJobsRequest {
