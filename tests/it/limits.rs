@@ -306,7 +306,7 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
             .into_inner();
         let job_id = job_started(&mut stream).await.job_id;
         // Polled as fast as the server answers: the first answer that lists it ended.
-        let ended = first_listed_ended(&mut a, index, &job_id).await;
+        let ended = first_listed_ended(&mut a, index, &job_id, Duration::from_secs(60)).await;
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
         // The stream stays open (closing it would cancel the job) and is read to its end.
         drop(tokio::spawn(async move {
@@ -329,7 +329,7 @@ async fn a_job_held_after_its_recorded_end_neither_refuses_nor_counts() {
         .expect("first job")
         .into_inner();
     let id = job_started(&mut first).await.job_id;
-    let ended = first_listed_ended(&mut a, "a", &id).await;
+    let ended = first_listed_ended(&mut a, "a", &id, Duration::from_secs(60)).await;
     assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
 
     // Held at the gate with its end recorded: a start on its index waits for the place instead
