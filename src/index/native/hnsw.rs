@@ -496,6 +496,33 @@ impl Native {
         kept.into_iter().map(|(c, _)| c).collect()
     }
 
+    /// [`Self::select`] over a full list and a new link (`cands`, nearest first), each marked
+    /// whether it is *known*: known links passed the heuristic together, so the distance
+    /// between two of them is not needed again (hnswlib computes them on every prune of a full
+    /// list). Keeps the same links as [`Self::select`]; all of them are known together after.
+    /// None when fewer than `m + 1` candidates have vectors (then nothing is pruned).
+    pub(super) fn select_known(&self, cands: &[(Cand, bool)], m: usize) -> Option<Vec<Cand>> {
+        if cands.len() <= m {
+            return None;
+        }
+        let mut kept: Vec<(Cand, &[f32], bool)> = Vec::with_capacity(m);
+        for &(c, known) in cands {
+            if kept.len() >= m {
+                break;
+            }
+            let Some(vc) = self.vector(c.id) else {
+                continue;
+            };
+            if kept
+                .iter()
+                .all(|&(_, vr, kr)| (known && kr) || self.dist(vc, vr) >= c.d)
+            {
+                kept.push((c, vc, known));
+            }
+        }
+        Some(kept.into_iter().map(|(c, _, _)| c).collect())
+    }
+
     /// Rewrites a link block (caller holds the node's lock): slots first, then the count.
     pub(super) fn write_links(links: &[AtomicU32], ids: impl Iterator<Item = u32>) {
         let Some((count, slots)) = links.split_first() else {
@@ -534,7 +561,7 @@ impl Native {
                 continue;
             };
             let nb_vec = self.vector_in(seg, off);
-            let _lock = seg.locks[off].lock();
+            let mut known = seg.locks[off].lock();
             let links = self.links_in(seg, off, level);
             let Some((count, slots)) = links.split_first() else {
                 continue;
@@ -564,25 +591,37 @@ impl Native {
             for slot in &slots[..n] {
                 self.prefetch_float(slot.load(AtOrd::Acquire));
             }
-            let mut cands: Vec<Cand> = Vec::with_capacity(n + 1);
-            cands.push(Cand {
-                d: self.dist(nb_vec, v),
-                id,
-            });
-            for slot in &slots[..n] {
+            // The first `*known` level-0 links passed the heuristic together (the lock's
+            // value, kept by every writer of the list): of their pairs, none is compared again.
+            let known_n = match level {
+                0 if self.known_links => usize::from(*known).min(n),
+                _ => 0,
+            };
+            let mut marked: Vec<(Cand, bool)> = Vec::with_capacity(n + 1);
+            marked.push((
+                Cand {
+                    d: self.dist(nb_vec, v),
+                    id,
+                },
+                false,
+            ));
+            for (i, slot) in slots[..n].iter().enumerate() {
                 let other = slot.load(AtOrd::Acquire);
                 if other == EMPTY {
                     continue;
                 }
                 if let Some(ov) = self.vector(other) {
-                    cands.push(Cand {
-                        d: self.dist(nb_vec, ov),
-                        id: other,
-                    });
+                    let d = self.dist(nb_vec, ov);
+                    marked.push((Cand { d, id: other }, i < known_n));
                 }
             }
-            cands.sort_unstable();
-            let mut kept = self.select(&cands, cap);
+            marked.sort_unstable_by_key(|a| a.0);
+            let cands: Vec<Cand> = marked.iter().map(|&(c, _)| c).collect();
+            let chosen = self.select_known(&marked, cap);
+            // How many of the links written are known together after: what the heuristic
+            // chose, up to any put in its place.
+            let mut known_after = chosen.as_ref().map_or(0, Vec::len);
+            let mut kept = chosen.unwrap_or_else(|| cands.clone());
             // A new point farther from this neighbour than all its links is unlike its
             // surroundings (an outlier), and each of its neighbours prunes it: the pruned
             // heuristic keeps fewer than `cap` links, so it keeps it in a free slot. Points like
@@ -595,13 +634,18 @@ impl Native {
                 kept.extend(cands.last().copied());
             }
             if level == 0 {
-                self.protect(id, &cands, &mut kept, cap);
+                if let Some(p) = self.protect(id, &cands, &mut kept, cap) {
+                    known_after = known_after.min(p);
+                }
             }
             if Some(nb.id) == nearest {
                 linked = kept.iter().any(|c| c.id == id);
                 outlier = cands.last().is_some_and(|c| c.id == id);
             }
             Self::write_links(links, kept.iter().map(|c| c.id));
+            if level == 0 {
+                *known = u8::try_from(known_after).unwrap_or(0);
+            }
         }
         (linked, outlier)
     }
@@ -611,8 +655,9 @@ impl Native {
     /// each is released ([`Self::release_link`]) or, if it is one of its node's last
     /// [`MIN_IN_LINKS`], kept: in a free slot, else in place of the farthest kept link that
     /// may go (the new node's, or one whose release is granted). Counts the new node's link if
-    /// it stays.
-    fn protect(&self, new: u32, cands: &[Cand], kept: &mut Vec<Cand>, cap: usize) {
+    /// it stays. Returns the first position of `kept` it replaced, if any.
+    fn protect(&self, new: u32, cands: &[Cand], kept: &mut Vec<Cand>, cap: usize) -> Option<usize> {
+        let mut first_replaced: Option<usize> = None;
         for &c in cands {
             if c.id == new || kept.iter().any(|k| k.id == c.id) {
                 continue;
@@ -633,13 +678,17 @@ impl Native {
                 }
             }
             match gone {
-                Some(p) => kept[p] = c,
+                Some(p) => {
+                    kept[p] = c;
+                    first_replaced = Some(first_replaced.map_or(p, |f| f.min(p)));
+                }
                 None => self.force_release_link(c.id),
             }
         }
         if kept.iter().any(|k| k.id == new) {
             self.gain_link(new);
         }
+        first_replaced
     }
 
     /// Makes sure a search for node `id` (vector `v`), one with few in-links or an outlier,
@@ -877,7 +926,7 @@ impl Native {
 
     /// The ids in node `id`'s list at `level`.
     #[inline(always)]
-    fn linked(&self, id: u32, level: usize) -> impl Iterator<Item = u32> + '_ {
+    pub(super) fn linked(&self, id: u32, level: usize) -> impl Iterator<Item = u32> + '_ {
         let block = self.links(id, level).split_first();
         let (n, slots) = match block {
             Some((count, slots)) => (
@@ -924,7 +973,7 @@ impl Native {
         let Some((seg, off)) = self.node(from) else {
             return false;
         };
-        let _lock = seg.locks[off].lock();
+        let mut known = seg.locks[off].lock();
         let Some((count, slots)) = self.links_in(seg, off, 0).split_first() else {
             return false;
         };
@@ -946,6 +995,10 @@ impl Native {
                 }
                 slot.store(to, AtOrd::Release);
                 self.gain_link(to);
+                // The new link is not known to pass the heuristic with the others.
+                if let Some(i) = slots.iter().position(|s| std::ptr::eq(s, slot)) {
+                    *known = (*known).min(u8::try_from(i).unwrap_or(u8::MAX));
+                }
                 true
             }
             None => false,
@@ -1244,7 +1297,7 @@ impl Engine for Native {
         let per_slot = (self.cells + self.full_dim()) * 4 // vectors
             + (1 + self.m0) * 4 // level-0 links
             + std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
-            + std::mem::size_of::<Mutex<()>>()
+            + std::mem::size_of::<Mutex<u8>>()
             + std::mem::size_of::<AtomicBool>()
             + std::mem::size_of::<std::sync::atomic::AtomicU16>(); // level-0 in-links
         (slots * per_slot + self.upper_bytes.load(AtOrd::Relaxed)) as u64

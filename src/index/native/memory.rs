@@ -45,8 +45,10 @@ pub(super) struct Segment {
     pub(super) full: Cells,
     /// Per node, levels 1..=level of `(1 + m)` slots each; set before the node is published.
     pub(super) upper: Box<[OnceLock<Box<[AtomicU32]>>]>,
-    /// Held by whoever rewrites a node's link lists.
-    pub(super) locks: Box<[Mutex<()>]>,
+    /// Held by whoever rewrites a node's link lists. It guards how many of the node's first
+    /// level-0 slots are known to be a neighbour-heuristic fixpoint (`hnsw::Native::link_back`):
+    /// 0 for a new or loaded node, set by a prune, lowered by whoever replaces a slot in it.
+    pub(super) locks: Box<[Mutex<u8>]>,
     /// Set by the insert that owns the node's slot.
     pub(super) claimed: Box<[AtomicBool]>,
 }
@@ -87,7 +89,7 @@ impl Segment {
             level0,
             full,
             upper: (0..len).map(|_| OnceLock::new()).collect(),
-            locks: (0..len).map(|_| Mutex::new(())).collect(),
+            locks: (0..len).map(|_| Mutex::new(0)).collect(),
             claimed: (0..len).map(|_| AtomicBool::new(false)).collect(),
         }
     }

@@ -131,6 +131,10 @@ pub struct Native {
     /// Whether inserts keep every node findable (`hnsw`'s in-link floor and checks); false
     /// only in the measurement of what that costs.
     findable: bool,
+    /// Whether a prune of a full level-0 list skips the distances between links already known
+    /// to pass the neighbour heuristic together (`hnsw::Native::link_back`); false only in the
+    /// test that it builds the same graph.
+    known_links: bool,
     /// Whether 8-bit searches also rank exactly the candidates past the re-rank window that
     /// their codes cannot rule out (`hnsw::Native::rerank_uncertain`); false only in the
     /// measurement of what that costs.
@@ -185,6 +189,7 @@ impl Native {
             top_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
             findable: true,
+            known_links: true,
             bounded_rerank: true,
             slots: AtomicUsize::new(0),
             upper_bytes: AtomicUsize::new(0),
