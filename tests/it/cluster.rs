@@ -1245,8 +1245,8 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
             while let Ok(Some(_)) = stream.message().await {}
         }));
         // Polled as fast as node `seen` answers: the first answer that lists it ended.
-        let mut other = nodes[seen].autotune().await;
-        let ended = first_listed_ended(&mut other, "jobs", &st.job_id, WAIT).await;
+        let other = nodes[seen].channel().await;
+        let ended = first_listed_ended(&other, "jobs", &st.job_id, WAIT).await;
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
         last = ended.id;
     }

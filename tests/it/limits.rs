@@ -293,7 +293,8 @@ async fn jobs_over_the_server_limit_are_resource_exhausted() {
 /// job while it makes its last writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
-    let (_s, mut a, _tmp) = one_job_server(None, 300).await;
+    let (s, mut a, _tmp) = one_job_server(None, 300).await;
+    let ch = s.channel().await;
     // Each index twice in a row (its own place), then the other (the server's one job). A job
     // takes a few ms here; the moment it used to keep counting after its end was recorded (its
     // record's flush) was hit in two runs of five (60 rounds each) before it was fixed.
@@ -306,7 +307,7 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
             .into_inner();
         let job_id = job_started(&mut stream).await.job_id;
         // Polled as fast as the server answers: the first answer that lists it ended.
-        let ended = first_listed_ended(&mut a, index, &job_id, Duration::from_secs(60)).await;
+        let ended = first_listed_ended(&ch, index, &job_id, Duration::from_secs(60)).await;
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
         // The stream stays open (closing it would cancel the job) and is read to its end.
         drop(tokio::spawn(async move {
@@ -322,14 +323,15 @@ async fn a_job_listed_as_ended_frees_its_index_and_the_server_limit_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_held_after_its_recorded_end_neither_refuses_nor_counts() {
     let gate = vectord::autotune::jobs::JobGate::closed_at_end(["a"]);
-    let (_s, mut a, _tmp) = one_job_server(Some(gate.clone()), 300).await;
+    let (s, mut a, _tmp) = one_job_server(Some(gate.clone()), 300).await;
+    let ch = s.channel().await;
     let mut first = a
         .autotune(one_trial("a"))
         .await
         .expect("first job")
         .into_inner();
     let id = job_started(&mut first).await.job_id;
-    let ended = first_listed_ended(&mut a, "a", &id, Duration::from_secs(60)).await;
+    let ended = first_listed_ended(&ch, "a", &id, Duration::from_secs(60)).await;
     assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
 
     // Held at the gate with its end recorded: a start on its index waits for the place instead

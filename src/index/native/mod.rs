@@ -28,7 +28,14 @@
 //!   0 become another insert's only level-0 neighbour, which its own linking could then drop:
 //!   parallel builds of 2,500 16-d points lost about one point in 10,000 that way.) Each level's
 //!   search reads only that level's links, so with one thread the graph is the same as linking
-//!   level by level, and no insert ever waits for another except while one rewrites a list.
+//!   level by level, and no insert ever waits for another except while one rewrites a list;
+//! - a node's lock holds how many of its first level-0 links are *known*: chosen together by
+//!   its last prune's neighbour heuristic (`hnsw::Native::link_back`). The next prune of the
+//!   full list compares only pairs with at least one link that is not known, and keeps exactly
+//!   what the full heuristic would (the distance between two known links was checked when they
+//!   were chosen, and the links it kept are a fixpoint of it). Every writer of a level-0 list
+//!   holds the lock and keeps the count true: appends go after the known links, a replaced
+//!   slot lowers the count to its position, a new or loaded node starts at 0.
 //!
 //! # Determinism
 //! A node's level is a hash of the config's seed and its internal id, so it does not depend on

@@ -569,25 +569,14 @@ pub async fn job_started(
     }
 }
 
-/// Job `id` of `index` as `client` first lists it ended, asked again as soon as each answer
-/// comes (no pause: these tests are about what a client may do at that very moment). Panics
-/// if the job is not listed, or still running after `within`.
-pub async fn first_listed_ended(
-    client: &mut AutotuneServiceClient<Channel>,
-    index: &str,
-    id: &str,
-    within: Duration,
-) -> pb::Job {
+/// Job `id` of `index` as the server behind `ch` first lists it ended, asked again as soon as
+/// each answer comes (no pause: these tests are about what a client may do at that very
+/// moment). Panics if the job is not listed, or still running after `within`.
+pub async fn first_listed_ended(ch: &Channel, index: &str, id: &str, within: Duration) -> pb::Job {
     let deadline = std::time::Instant::now() + within;
     loop {
-        let j = client
-            .list_jobs(pb::ListJobsRequest {
-                index_name: index.into(),
-            })
+        let j = jobs_of(ch.clone(), index)
             .await
-            .expect("list jobs")
-            .into_inner()
-            .jobs
             .into_iter()
             .find(|j| j.id == id)
             .unwrap_or_else(|| panic!("job {id} is listed"));
