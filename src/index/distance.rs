@@ -101,6 +101,20 @@ mod avx {
     }
 }
 
+/// The float kernels compiled for AVX-512: the same 16 running sums (one register instead of
+/// two), so the same results to the bit (test `avx512_kernels_match_avx2_to_the_bit`).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        super::dot_generic(a, b)
+    }
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn l2sq(a: &[f32], b: &[f32]) -> f32 {
+        super::l2sq_generic(a, b)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
@@ -112,6 +126,11 @@ fn has_avx2_fma() -> bool {
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked above.
+        return unsafe { avx512::dot(a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA, checked above.
         return unsafe { avx::dot(a, b) };
@@ -122,6 +141,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The squared Euclidean distance of two vectors of equal length.
 #[inline]
 pub fn l2sq(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked above.
+        return unsafe { avx512::l2sq(a, b) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA, checked above.
@@ -152,6 +176,12 @@ pub trait Code: Copy {
     /// Eight elements from `p` must be readable, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p`, as floats.
+    ///
+    /// # Safety
+    /// Sixteen elements from `p` must be readable, and the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Code for u16 {
@@ -165,6 +195,12 @@ impl Code for u16 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
 }
 
 impl Code for i8 {
@@ -177,6 +213,12 @@ impl Code for i8 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
 }
 
@@ -210,7 +252,7 @@ mod avx_codes {
     }
 
     #[inline(always)]
-    unsafe fn sum(v: __m256) -> f32 {
+    pub(super) unsafe fn sum(v: __m256) -> f32 {
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), v);
         lanes.iter().sum()
@@ -251,6 +293,69 @@ mod avx_codes {
     }
 }
 
+/// The kernels of `avx_codes` on 16 lanes: one AVX-512 register holds what the AVX2 kernels
+/// keep in two (lanes 0-7 their first accumulator, 8-15 their second), and its halves are
+/// added and summed as theirs are, so every result is the same to the bit: only the number of
+/// instructions changes (test `avx512_kernels_match_avx2_to_the_bit`).
+#[cfg(target_arch = "x86_64")]
+mod avx512_codes {
+    use super::Code;
+    use std::arch::x86_64::*;
+
+    /// The AVX2 kernels' final sum of a 16-lane accumulator: its halves added, then the lanes.
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        super::avx_codes::sum(_mm256_add_ps(lo, hi))
+    }
+
+    /// SAFETY (both kernels): the CPU must have AVX-512F, AVX2, FMA and F16C; every load stays
+    /// within the first `min(a.len(), b.len())` elements.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot<T: Code>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut s = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let (a0, b0) = (
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                T::load16(b.as_ptr().add(i)),
+            );
+            s = _mm512_fmadd_ps(a0, b0, s);
+            i += 16;
+        }
+        sum(s) + super::dot_codes_plain(&a[i..n], &b[i..n])
+    }
+
+    /// The squared distance of `a` and `scale * b`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn l2sq<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
+        let n = a.len().min(b.len());
+        let sv = _mm512_set1_ps(scale);
+        let mut s = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let (a0, b0) = (
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                T::load16(b.as_ptr().add(i)),
+            );
+            // a - scale * b
+            let d = _mm512_fnmadd_ps(sv, b0, a0);
+            s = _mm512_fmadd_ps(d, d, s);
+            i += 16;
+        }
+        sum(s) + super::l2sq_codes_plain(&a[i..n], &b[i..n], scale)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| has_f16c() && is_x86_feature_detected!("avx512f"))
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_f16c() -> bool {
     use std::sync::OnceLock;
@@ -263,6 +368,11 @@ fn has_f16c() -> bool {
 #[inline]
 pub fn dot_codes<T: Code>(a: &[f32], b: &[T]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C, checked above.
+        return unsafe { avx512_codes::dot(a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
         return unsafe { avx_codes::dot(a, b) };
@@ -273,6 +383,11 @@ pub fn dot_codes<T: Code>(a: &[f32], b: &[T]) -> f32 {
 /// The squared Euclidean distance of a float vector and `scale` times a compact vector.
 #[inline]
 pub fn l2sq_codes<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C, checked above.
+        return unsafe { avx512_codes::l2sq(a, b, scale) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
@@ -479,6 +594,61 @@ mod tests {
             assert!((l2sq(&a, &b) - l2).abs() < 1e-3, "n={n}");
             assert!((dot_plain(&a, &b) - naive_dot(&a, &b)).abs() < 1e-3);
             assert!((l2sq_plain(&a, &b) - l2).abs() < 1e-3);
+        }
+    }
+
+    /// The AVX-512 kernels give what the AVX2 ones give to the bit (so a graph built on a CPU
+    /// with AVX-512 is the one built without it), on floats, 8-bit codes and halves of every
+    /// length up to 400 and scales small and large. Skipped (said so) on a CPU without AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_kernels_match_avx2_to_the_bit() {
+        if !has_avx512() {
+            eprintln!("no AVX-512F on this CPU: nothing to compare");
+            return;
+        }
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for n in 0..400usize {
+            let a: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0..3.0)).collect();
+            let codes: Vec<i8> = (0..n).map(|_| rng.gen_range(-127..=127)).collect();
+            let halves: Vec<u16> = (0..n).map(|_| to_half(rng.gen_range(-3.0..3.0))).collect();
+            for scale in [1.0f32, 0.013, 7.5e-5, 31.0] {
+                // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked above).
+                let (wide, narrow) = unsafe {
+                    (
+                        avx512_codes::l2sq(&a, &codes, scale),
+                        avx_codes::l2sq(&a, &codes, scale),
+                    )
+                };
+                assert_eq!(
+                    wide.to_bits(),
+                    narrow.to_bits(),
+                    "i8 l2sq n={n} scale={scale}"
+                );
+            }
+            // SAFETY: as above.
+            let pairs = unsafe {
+                [
+                    (avx512_codes::dot(&a, &codes), avx_codes::dot(&a, &codes)),
+                    (avx512_codes::dot(&a, &halves), avx_codes::dot(&a, &halves)),
+                    (
+                        avx512_codes::l2sq(&a, &halves, 1.0),
+                        avx_codes::l2sq(&a, &halves, 1.0),
+                    ),
+                ]
+            };
+            let b: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0..3.0)).collect();
+            // SAFETY: as above.
+            let floats = unsafe {
+                [
+                    (avx512::dot(&a, &b), avx::dot(&a, &b)),
+                    (avx512::l2sq(&a, &b), avx::l2sq(&a, &b)),
+                ]
+            };
+            for (i, (wide, narrow)) in pairs.into_iter().chain(floats).enumerate() {
+                assert_eq!(wide.to_bits(), narrow.to_bits(), "kernel {i} n={n}");
+            }
         }
     }
 
