@@ -89,31 +89,27 @@ fn l2sq_plain(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx {
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        super::dot_generic(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn l2sq(a: &[f32], b: &[f32]) -> f32 {
-        super::l2sq_generic(a, b)
-    }
+/// The float kernels (the generic loops above) compiled for a set of CPU features: `avx`
+/// (AVX2 and FMA) and `avx512` (AVX-512F as well). Both keep the same 16 running sums (two
+/// registers or one), so they give the same results to the bit (test
+/// `avx512_kernels_match_avx2_to_the_bit`).
+macro_rules! float_kernels {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+                super::dot_generic(a, b)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn l2sq(a: &[f32], b: &[f32]) -> f32 {
+                super::l2sq_generic(a, b)
+            }
+        }
+    };
 }
-
-/// The float kernels compiled for AVX-512: the same 16 running sums (one register instead of
-/// two), so the same results to the bit (test `avx512_kernels_match_avx2_to_the_bit`).
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        super::dot_generic(a, b)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn l2sq(a: &[f32], b: &[f32]) -> f32 {
-        super::l2sq_generic(a, b)
-    }
-}
+float_kernels!(avx, "avx2,fma");
+float_kernels!(avx512, "avx512f,avx2,fma");
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
@@ -302,6 +298,15 @@ mod avx512_codes {
     use super::Code;
     use std::arch::x86_64::*;
 
+    /// Sixteen floats of `a` from `i` and the sixteen elements of `b` from `i`, as floats.
+    #[inline(always)]
+    unsafe fn load16<T: Code>(a: &[f32], b: &[T], i: usize) -> (__m512, __m512) {
+        (
+            _mm512_loadu_ps(a.as_ptr().add(i)),
+            T::load16(b.as_ptr().add(i)),
+        )
+    }
+
     /// The AVX2 kernels' final sum of a 16-lane accumulator: its halves added, then the lanes.
     #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
@@ -318,10 +323,7 @@ mod avx512_codes {
         let mut s = _mm512_setzero_ps();
         let mut i = 0;
         while i + 16 <= n {
-            let (a0, b0) = (
-                _mm512_loadu_ps(a.as_ptr().add(i)),
-                T::load16(b.as_ptr().add(i)),
-            );
+            let (a0, b0) = load16(a, b, i);
             s = _mm512_fmadd_ps(a0, b0, s);
             i += 16;
         }
@@ -336,10 +338,7 @@ mod avx512_codes {
         let mut s = _mm512_setzero_ps();
         let mut i = 0;
         while i + 16 <= n {
-            let (a0, b0) = (
-                _mm512_loadu_ps(a.as_ptr().add(i)),
-                T::load16(b.as_ptr().add(i)),
-            );
+            let (a0, b0) = load16(a, b, i);
             // a - scale * b
             let d = _mm512_fnmadd_ps(sv, b0, a0);
             s = _mm512_fmadd_ps(d, d, s);
