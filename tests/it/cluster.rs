@@ -1076,11 +1076,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         .autotune(tune.clone())
         .await
         .expect_err("one job per index across the cluster");
-    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
-    assert!(
-        err.message().contains(&started.job_id) && err.message().contains("n1"),
-        "{err:?}"
-    );
+    assert_aborted_naming(&err, &[&started.job_id, "n1"]);
 
     // Node 1 loses its lease (revoked in etcd, as when it expires) while its job waits at the
     // gate, which stays closed: the job is stopped at once (it would wait forever otherwise),
@@ -1267,11 +1263,7 @@ async fn control_one_autotune_job_per_index_and_a_fenced_job_cannot_promote() {
         .autotune(quick.clone())
         .await
         .expect_err("the lease is held");
-    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
-    assert!(
-        err.message().contains(&last) && err.message().contains("which has ended"),
-        "{err:?}"
-    );
+    assert_aborted_naming(&err, &[&last, "which has ended"]);
     let start = tokio::spawn({
         let (mut a2, quick) = (a2.clone(), quick.clone());
         async move { a2.autotune(quick).await }
@@ -2010,6 +2002,15 @@ fn quick_grid() -> Vec<pb::HnswConfig> {
     }]
 }
 
+/// `err` is ABORTED and its message names each of `words` (a job refused its index's lease).
+fn assert_aborted_naming(err: &tonic::Status, words: &[&str]) {
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        words.iter().all(|w| err.message().contains(w)),
+        "{err:?} names each of {words:?}"
+    );
+}
+
 /// Starts an Autotune (harness "h", created first if missing) with `grid` and `activate`:
 /// the stream after its Started event, and the job id.
 async fn start_job(
@@ -2101,11 +2102,7 @@ async fn a_killed_job_lease_holder_fails_its_job_and_frees_the_index() {
     let err = start_job(nodes[1].autotune().await, "tune", quick_grid())
         .await
         .expect_err("the index is still leased to the dead node's job");
-    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
-    assert!(
-        err.message().contains(&job) && err.message().contains("n1"),
-        "{err:?}"
-    );
+    assert_aborted_naming(&err, &[&job, "n1"]);
     // Its lease expires: the index is free; the dead job changed nothing in the registry.
     wait_key_gone(&e, "/vectord/v1/jobs/tune").await;
     for node in &nodes[1..] {

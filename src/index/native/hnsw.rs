@@ -500,7 +500,9 @@ impl Native {
     /// whether it is *known*: known links passed the heuristic together, so the distance
     /// between two of them is not needed again (hnswlib computes them on every prune of a full
     /// list). Keeps the same links as [`Self::select`]; all of them are known together after.
-    /// None when fewer than `m + 1` candidates have vectors (then nothing is pruned).
+    /// None when fewer than `m + 1` candidates have vectors (then nothing is pruned). Apart
+    /// from [`Self::select`] because a prune's vectors were all just read (no prefetching):
+    /// one function for both measured 0.85-0.98x online linking (4 rounds at 200k).
     pub(super) fn select_known(&self, cands: &[(Cand, bool)], m: usize) -> Option<Vec<Cand>> {
         if cands.len() <= m {
             return None;
