@@ -49,11 +49,18 @@ pub(super) struct Query<'a> {
 }
 
 impl Native {
-    /// A node's cells of the vector searches compare with (next to its level-0 links).
+    /// A node's cells of the vector searches compare with (after its level-0 links).
     #[inline(always)]
     pub(super) fn search_cells<'a>(&self, seg: &'a Segment, off: usize) -> &'a [AtomicU32] {
-        let start = off * self.stride() + 1 + self.m0;
+        let start = off * self.stride() + self.m0;
         &seg.level0[start..start + self.cells]
+    }
+
+    /// The cell of a node's 8-bit codes' scale ([`Storage::Int8`]; in its meta cells, after
+    /// the level-0 link count).
+    #[inline(always)]
+    fn scale_cell<'a>(&self, seg: &'a Segment, off: usize) -> Option<&'a AtomicU32> {
+        seg.meta.get(off * self.meta + 1)
     }
 
     /// A node's float vector cells.
@@ -80,11 +87,11 @@ impl Native {
     /// A node's 8-bit codes and their scale ([`Storage::Int8`] only).
     #[inline(always)]
     pub(super) fn i8_in<'a>(&self, seg: &'a Segment, off: usize) -> (&'a [i8], f32) {
-        let Some((scale, codes)) = self.search_cells(seg, off).split_first() else {
+        let Some(scale) = self.scale_cell(seg, off) else {
             return (&[], 0.0);
         };
         (
-            memory::as_i8(codes, self.dim),
+            memory::as_i8(self.search_cells(seg, off), self.dim),
             f32::from_bits(scale.load(AtOrd::Relaxed)),
         )
     }
@@ -205,11 +212,24 @@ impl Native {
         self.node(id).map(|(seg, off)| self.dist_node(q, seg, off))
     }
 
-    /// Prefetches every cache line of node `id`'s search vector (nothing for an unknown id).
+    /// Prefetches every cache line of node `id`'s search vector, and its scale's with
+    /// [`Storage::Int8`] (nothing for an unknown id).
     #[inline(always)]
     pub(super) fn prefetch_vector(&self, id: u32) {
         if let Some((seg, off)) = self.node(id) {
             prefetch_cells(self.search_cells(seg, off));
+            if let Some(scale) = self.scale_cell(seg, off) {
+                memory::prefetch(std::ptr::from_ref(scale).cast());
+            }
+        }
+    }
+
+    /// Prefetches node `id`'s link block at `level` (its count and its slots).
+    #[inline(always)]
+    pub(super) fn prefetch_links(&self, id: u32, level: usize) {
+        if let Some((count, slots)) = self.links(id, level) {
+            memory::prefetch(std::ptr::from_ref(count).cast());
+            prefetch_cells(slots);
         }
     }
 
@@ -249,15 +269,15 @@ impl Native {
             Storage::Int8 => {
                 let mut codes = vec![0i8; self.dim];
                 let scale = distance::to_i8(&centered, &mut codes);
-                if let Some((first, rest)) = self.search_cells(seg, off).split_first() {
-                    first.store(scale.to_bits(), AtOrd::Relaxed);
-                    for (cell, four) in rest.iter().zip(codes.chunks(4)) {
-                        let mut b = [0u8; 4];
-                        for (x, &c) in b.iter_mut().zip(four) {
-                            *x = c as u8;
-                        }
-                        cell.store(u32::from_ne_bytes(b), AtOrd::Relaxed);
+                if let Some(cell) = self.scale_cell(seg, off) {
+                    cell.store(scale.to_bits(), AtOrd::Relaxed);
+                }
+                for (cell, four) in self.search_cells(seg, off).iter().zip(codes.chunks(4)) {
+                    let mut b = [0u8; 4];
+                    for (x, &c) in b.iter_mut().zip(four) {
+                        *x = c as u8;
                     }
+                    cell.store(u32::from_ne_bytes(b), AtOrd::Relaxed);
                 }
             }
         }

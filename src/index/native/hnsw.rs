@@ -40,9 +40,8 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::encoding::{Query, Storage};
-use super::memory::prefetch_cells;
 use super::scratch::{with_scratch, QueryBuf, Scratch};
-use super::{Native, EMPTY, MAX_LEVEL};
+use super::{Block, Native, EMPTY, MAX_LEVEL};
 use crate::index::distance;
 use crate::index::engine::{Engine, FrozenGraph};
 use crate::model::Metric;
@@ -132,17 +131,24 @@ pub(super) const EXPANSIONS_PER_EF: usize = 8;
 pub(super) const LOOKAHEAD: usize = 2;
 
 /// About how many cache lines of neighbours' search vectors a beam search keeps asked for
-/// ahead of the one it compares ([`beam_lookahead`]).
-pub(super) const LINES_IN_FLIGHT: usize = 18;
+/// ahead of the one it compares ([`beam_lookahead`]). 18 when a node's 8-bit scale was in its
+/// row (128-d codes 3 lines, 6 ahead; 384-d 7 lines, 2 ahead); 16 since it is not, which asks
+/// for 128-d codes (2 lines) 8 ahead and keeps 384-d codes (6 lines) at 2.
+pub(super) const LINES_IN_FLIGHT: usize = 16;
 
 /// How many neighbours ahead a beam search asks for search vectors of `cells` cells each:
 /// enough to keep about [`LINES_IN_FLIGHT`] cache lines coming, at least 2 and at most 8. A
 /// graph bigger than the caches waits on memory for each neighbour, and 2 ahead (what all
-/// sizes used before) did not cover that wait for small vectors. With 128-d 8-bit vectors
-/// (3 lines, so 6 ahead; `beam_lookahead_cost` in the engine's tests, 3 rounds, medians):
-/// 200k points built 1.09x as fast, 20k more inserted online 1.10x, searched (ef 64) at 0.84x
-/// the p50; 100k points (most of the graph in the 32 MiB L3) 1.05x, 1.01x and 0.89x. Big
-/// vectors (384-d 8-bit, 128-d floats) keep 2: 3, 4 and 6 measured no faster on the 30k words.
+/// sizes used before) did not cover that wait for small vectors. Measured with 128-d 8-bit
+/// vectors (`beam_lookahead_cost` in the engine's tests, 3 rounds, medians) when a node's row
+/// held its scale too (3 lines, so 6 ahead): 200k points built 1.09x as fast, 20k more inserted
+/// online 1.10x, searched (ef 64) at 0.84x the p50; 100k points (most of the graph in the
+/// 32 MiB L3) 1.05x, 1.01x and 0.89x. Since the scale moved to the node's meta cells the
+/// codes are 2 lines, so 8 ahead (the scale's line, in a small array that is mostly cached, is
+/// asked for too but not counted): 200k + 20k online linking, 64 a call, measured 1.08x the
+/// layout before in each of two runs (`online_linking_rate`, 3 rounds alternating, medians),
+/// where counting that line (6 ahead) gave 1.07x and 1.02x. Big vectors (384-d 8-bit, 128-d
+/// floats) keep 2: 3, 4 and 6 measured no faster on the 30k words.
 pub(super) fn beam_lookahead(cells: usize) -> usize {
     let lines = (cells * 4).div_ceil(64).max(1);
     (LINES_IN_FLIGHT / lines).clamp(2, 8)
@@ -196,8 +202,7 @@ impl Native {
     pub(super) fn greedy(&self, q: &Query, mut cur: Cand, level: usize) -> Cand {
         loop {
             let mut changed = false;
-            let links = self.links(cur.id, level);
-            if let Some((count, slots)) = links.split_first() {
+            if let Some((count, slots)) = self.links(cur.id, level) {
                 let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
                 for slot in &slots[..n] {
                     let id = slot.load(AtOrd::Acquire);
@@ -248,8 +253,7 @@ impl Native {
         s: &mut Scratch,
         mut each: impl FnMut(&mut Scratch, Cand),
     ) {
-        let links = self.links(c, level);
-        let Some((count, slots)) = links.split_first() else {
+        let Some((count, slots)) = self.links(c, level) else {
             return;
         };
         let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
@@ -331,7 +335,7 @@ impl Native {
             // is apart from the vector its distance was measured with).
             let next = pool[first..].iter().find(|p| !p.done).map(|p| p.c.id);
             if let Some(next) = next {
-                prefetch_cells(self.links(next, level));
+                self.prefetch_links(next, level);
             }
             self.expand(q, c.id, level, s, |_, cand| {
                 if pool.len() >= ef && pool.last().is_some_and(|w| cand.d >= w.c.d) {
@@ -397,7 +401,7 @@ impl Native {
                 }
             }
             if let Some(Reverse(next)) = s.candidates.peek() {
-                prefetch_cells(self.links(next.id, level));
+                self.prefetch_links(next.id, level);
             }
             self.expand(q, c.id, level, s, |s, cand| {
                 let worst = s.top.peek().map_or(f32::INFINITY, |t| t.d);
@@ -526,8 +530,8 @@ impl Native {
     }
 
     /// Rewrites a link block (caller holds the node's lock): slots first, then the count.
-    pub(super) fn write_links(links: &[AtomicU32], ids: impl Iterator<Item = u32>) {
-        let Some((count, slots)) = links.split_first() else {
+    pub(super) fn write_links(links: Block<'_>, ids: impl Iterator<Item = u32>) {
+        let Some((count, slots)) = links else {
             return;
         };
         let mut n = 0;
@@ -564,8 +568,7 @@ impl Native {
             };
             let nb_vec = self.vector_in(seg, off);
             let mut known = seg.locks[off].lock();
-            let links = self.links_in(seg, off, level);
-            let Some((count, slots)) = links.split_first() else {
+            let Some((count, slots)) = self.links_in(seg, off, level) else {
                 continue;
             };
             let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
@@ -644,7 +647,7 @@ impl Native {
                 linked = kept.iter().any(|c| c.id == id);
                 outlier = cands.last().is_some_and(|c| c.id == id);
             }
-            Self::write_links(links, kept.iter().map(|c| c.id));
+            Self::write_links(Some((count, slots)), kept.iter().map(|c| c.id));
             if level == 0 {
                 *known = u8::try_from(known_after).unwrap_or(0);
             }
@@ -929,8 +932,7 @@ impl Native {
     /// The ids in node `id`'s list at `level`.
     #[inline(always)]
     pub(super) fn linked(&self, id: u32, level: usize) -> impl Iterator<Item = u32> + '_ {
-        let block = self.links(id, level).split_first();
-        let (n, slots) = match block {
+        let (n, slots) = match self.links(id, level) {
             Some((count, slots)) => (
                 (count.load(AtOrd::Acquire) as usize).min(slots.len()),
                 slots,
@@ -976,7 +978,7 @@ impl Native {
             return false;
         };
         let mut known = seg.locks[off].lock();
-        let Some((count, slots)) = self.links_in(seg, off, 0).split_first() else {
+        let Some((count, slots)) = self.links_in(seg, off, 0) else {
             return false;
         };
         let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
@@ -1297,7 +1299,7 @@ impl Engine for Native {
     fn memory_bytes(&self) -> u64 {
         let slots = self.slots.load(AtOrd::Relaxed);
         let per_slot = (self.cells + self.full_dim()) * 4 // vectors
-            + (1 + self.m0) * 4 // level-0 links
+            + (self.m0 + self.meta) * 4 // level-0 links, their count (and the 8-bit scale)
             + std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
             + std::mem::size_of::<Mutex<u8>>()
             + std::mem::size_of::<AtomicBool>()

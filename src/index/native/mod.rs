@@ -1,10 +1,12 @@
 //! vectord's own HNSW engine, laid out like hnswlib: one flat array holding, per node, its
-//! level-0 links (a count and `2*M` slots) followed by its vector (as given, or as half floats or
-//! 8-bit codes with the float vectors kept apart: [`Storage`]), so a candidate's links are read
-//! from next to the vector its distance was just computed from; upper-level links only
-//! for the nodes that have upper levels, a lock per node for writers, and searches
-//! that take no lock and allocate nothing but their answer (a per-thread visited bitset and
-//! reused heaps).
+//! `2*M` level-0 link slots followed by its vector (as given, or as half floats or 8-bit codes
+//! with the float vectors kept apart: [`Storage`]), so a candidate's links are read from next to
+//! the vector its distance was just computed from. Unlike hnswlib's, the row holds no link count
+//! and no 8-bit scale: those two are in a small array of their own (`memory::Segment::meta`), so
+//! a row of a usual shape (128-d 8-bit codes and M 16: 256 bytes) is a whole number of cache
+//! lines and a distance reads two lines of it instead of three. Upper-level links only for the
+//! nodes that have upper levels, a lock per node for writers, and searches that take no lock
+//! and allocate nothing but their answer (a per-thread visited bitset and reused heaps).
 //!
 //! # Growth
 //! Storage comes in segments: the first holds the capacity the engine was created with, each
@@ -85,6 +87,10 @@ pub use encoding::Storage;
 pub use memory::release_free_memory;
 use memory::Segment;
 
+/// A node's link list at one level: its count (loaded with `Acquire`, stored after the slots
+/// it counts with `Release`) and its slots.
+type Block<'a> = Option<(&'a AtomicU32, &'a [AtomicU32])>;
+
 /// The marker of an empty link slot.
 const EMPTY: u32 = u32::MAX;
 /// Levels above this are clamped (a level this high needs ~M^16 points).
@@ -99,8 +105,10 @@ pub struct Native {
     metric: Metric,
     dim: usize,
     storage: Storage,
-    /// Cells per node of the vector searches compare with.
+    /// Cells per node of the vector searches compare with (in its row of `Segment::level0`).
     cells: usize,
+    /// Cells per node in `Segment::meta`: the level-0 link count, and the 8-bit codes' scale.
+    meta: usize,
     /// How many neighbours ahead a beam search asks for their search vectors
     /// ([`hnsw::beam_lookahead`]).
     beam_lookahead: usize,
@@ -172,14 +180,16 @@ impl Native {
         let cells = match storage {
             Storage::F32 => dim,
             Storage::Half => dim.div_ceil(2),
-            // The scale, then four codes per cell.
-            Storage::Int8 => 1 + dim.div_ceil(4),
+            // Four codes per cell (the scale is in the node's meta cells).
+            Storage::Int8 => dim.div_ceil(4),
         };
+        let meta = if storage == Storage::Int8 { 2 } else { 1 };
         Native {
             metric,
             dim,
             storage,
             cells,
+            meta,
             beam_lookahead: hnsw::beam_lookahead(cells),
             m,
             m0: 2 * m,
@@ -254,6 +264,7 @@ impl Native {
                 len,
                 self.cells,
                 self.m0,
+                self.meta,
                 self.full_dim(),
                 self.memory.map_dir(),
             )
@@ -270,31 +281,35 @@ impl Native {
         }
     }
 
-    /// Cells per node in a segment's `level0`.
+    /// Cells per node in a segment's `level0`: the level-0 link slots, then the search vector.
     #[inline(always)]
     fn stride(&self) -> usize {
-        1 + self.m0 + self.cells
+        self.m0 + self.cells
     }
 
-    /// The link block (count, then slots) of a node at a level; empty if it has none there.
+    /// The link block (the count, and the slots) of a node at a level; None if it has none
+    /// there.
     #[inline(always)]
-    fn links(&self, id: u32, level: usize) -> &[AtomicU32] {
-        match self.node(id) {
-            Some((seg, off)) => self.links_in(seg, off, level),
-            None => &[],
-        }
+    fn links(&self, id: u32, level: usize) -> Block<'_> {
+        self.node(id)
+            .and_then(|(seg, off)| self.links_in(seg, off, level))
     }
 
     #[inline(always)]
-    fn links_in<'a>(&self, seg: &'a Segment, off: usize, level: usize) -> &'a [AtomicU32] {
+    fn links_in<'a>(&self, seg: &'a Segment, off: usize, level: usize) -> Block<'a> {
         if level == 0 {
             let start = off * self.stride();
-            &seg.level0[start..start + 1 + self.m0]
+            Some((
+                seg.meta.get(off * self.meta)?,
+                seg.level0.get(start..start + self.m0)?,
+            ))
         } else {
             let w = 1 + self.m;
             match seg.upper[off].get() {
-                Some(block) if block.len() >= level * w => &block[(level - 1) * w..level * w],
-                _ => &[],
+                Some(block) if block.len() >= level * w => {
+                    block[(level - 1) * w..level * w].split_first()
+                }
+                _ => None,
             }
         }
     }

@@ -20,8 +20,10 @@ use crate::model::{HnswConfig, Metric};
 /// Layout (little-endian): storage u8, dimension u32, m u32, ef_construction u32, seed u64,
 /// base u64; the center (u8 present, then `dim` f32 bits); the entry point (u8 present, id u32,
 /// top level u32); inserted nodes u64; node slots written u64; then per slot: claimed u8 and,
-/// if claimed, its level-0 cells (count, slots, search vector), its float vector cells (compact
-/// storages) and its upper-level block (u32 length + cells).
+/// if claimed, its level-0 cells (count, slots, then the search vector: the scale and the codes
+/// with 8-bit codes), its float vector cells (compact storages) and its upper-level block (u32
+/// length + cells). The engine keeps the count and the scale apart from the row
+/// (`memory::Segment::meta`); the file keeps the layout it always had.
 impl Native {
     /// Writes the graph. Nothing may insert meanwhile (the caller owns the engine exclusively,
     /// as a build does before its generation is published).
@@ -54,15 +56,19 @@ impl Native {
             upper: Vec::new(),
         };
         f.upper_at.push(0);
-        let stride = self.stride();
         for id in 0..slots {
             match u32::try_from(id).ok().and_then(|id| self.node(id)) {
                 Some((seg, off)) if seg.claimed[off].load(AtOrd::Acquire) => {
                     f.claimed.push(true);
                     f.count += 1;
-                    let cells = &seg.level0[off * stride..off * stride + links];
-                    f.level0
-                        .extend(cells.iter().map(|c| c.load(AtOrd::Acquire)));
+                    match self.links_in(seg, off, 0) {
+                        Some((count, slots)) => f.level0.extend(
+                            std::iter::once(count)
+                                .chain(slots)
+                                .map(|c| c.load(AtOrd::Acquire)),
+                        ),
+                        None => f.level0.extend(std::iter::repeat_n(0, links)),
+                    }
                     if let Some(block) = seg.upper[off].get() {
                         f.upper.extend(block.iter().map(|c| c.load(AtOrd::Acquire)));
                     }
@@ -149,7 +155,7 @@ impl Native {
         // whose checksum is checked only once it has been read.
         let count = d.u64()?;
         let slots = d.count(1)?;
-        let node_bytes = 1 + (probe.stride() + probe.full_dim()) * 4 + 4;
+        let node_bytes = 1 + (probe.stride() + probe.meta + probe.full_dim()) * 4 + 4;
         d.check_room(count, node_bytes)?;
         if slots > EMPTY as usize || slots as u64 > 2 * count + 1024 {
             return Err(bad(format!("{slots} node slots for {count} nodes")));
@@ -165,8 +171,7 @@ impl Native {
         if let Some(c) = center {
             let _ = g.center.set(c.into());
         }
-        let stride = g.stride();
-        let full = g.full_dim();
+        let (stride, full, meta) = (g.stride(), g.full_dim(), g.meta);
         let mut claimed = 0u64;
         for id in 0..slots as u32 {
             if d.u8()? != 1 {
@@ -175,10 +180,18 @@ impl Native {
             let Some((seg, off)) = g.node_or_create(id) else {
                 return Err(bad(format!("node {id} out of range")));
             };
-            let cells = seg.level0[off * stride..(off + 1) * stride]
+            // The file's order: the count, the link slots, the scale (8-bit codes), the search
+            // vector, the float vector.
+            let row = &seg.level0[off * stride..(off + 1) * stride];
+            let (slots_cells, vector_cells) = row.split_at(g.m0);
+            let metas = &seg.meta[off * meta..(off + 1) * meta];
+            let cells = metas[..1]
                 .iter()
+                .chain(slots_cells)
+                .chain(&metas[1..])
+                .chain(vector_cells)
                 .chain(&seg.full[off * full..(off + 1) * full]);
-            let raw = d.bytes((stride + full) * 4)?;
+            let raw = d.bytes((stride + meta + full) * 4)?;
             for (c, b) in cells.zip(raw.chunks_exact(4)) {
                 c.store(u32::from_le_bytes([b[0], b[1], b[2], b[3]]), AtOrd::Relaxed);
             }
@@ -211,8 +224,7 @@ impl Native {
                 continue;
             }
             for level in 0..=MAX_LEVEL {
-                let links = g.links_in(seg, off, level);
-                let Some((n, ids)) = links.split_first() else {
+                let Some((n, ids)) = g.links_in(seg, off, level) else {
                     break;
                 };
                 let n = n.load(AtOrd::Relaxed) as usize;
@@ -295,7 +307,7 @@ impl Frozen<'_> {
         out.write_all(&self.count.to_le_bytes())?;
         out.write_all(&(self.claimed.len() as u64).to_le_bytes())?;
         let links = 1 + g.m0;
-        let (stride, full) = (g.stride(), g.full_dim());
+        let (stride, full, meta) = (g.stride(), g.full_dim(), g.meta);
         let mut buf: Vec<u8> = Vec::new();
         for (id, &claimed) in self.claimed.iter().enumerate() {
             buf.clear();
@@ -304,8 +316,11 @@ impl Frozen<'_> {
                 Some((seg, off)) if claimed => {
                     buf.push(1);
                     let frozen = &self.level0[id * links..(id + 1) * links];
-                    let vectors = seg.level0[off * stride + links..(off + 1) * stride]
+                    // After the links, the scale (8-bit codes), the search vector, the float
+                    // vector: the cells of a row laid out as hnswlib's, then `full`.
+                    let vectors = seg.meta[off * meta + 1..(off + 1) * meta]
                         .iter()
+                        .chain(&seg.level0[off * stride + g.m0..(off + 1) * stride])
                         .chain(&seg.full[off * full..(off + 1) * full])
                         .map(|c| c.load(AtOrd::Acquire));
                     for c in frozen.iter().copied().chain(vectors) {

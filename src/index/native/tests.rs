@@ -183,12 +183,90 @@ fn a_beam_asks_for_small_vectors_further_ahead_than_big_ones() {
         Native::with_storage(Metric::L2, dim, &config(None), 16, storage).beam_lookahead
     };
     // The sizes hnsw.rs's `beam_lookahead` documents as measured.
-    assert_eq!(ahead(128, Storage::Int8), 6);
+    assert_eq!(ahead(128, Storage::Int8), 8);
     assert_eq!(ahead(384, Storage::Int8), 2);
+    assert_eq!(ahead(128, Storage::Half), 4);
     assert_eq!(ahead(128, Storage::F32), 2);
     // Never fewer than 2, never more than 8.
     assert_eq!(ahead(4_096, Storage::F32), 2);
     assert_eq!(ahead(8, Storage::Int8), 8);
+}
+
+/// With 128-d 8-bit codes and M 16 a node's row (32 link slots, 32 cells of codes) is four
+/// whole cache lines: its links two, its codes two, so a distance reads two lines (module docs).
+#[test]
+fn a_row_of_128d_codes_with_m16_is_whole_cache_lines() {
+    let base = data(1500, 128, 31, false);
+    // The smallest first segment (1,024 nodes, under a huge page) and a second one.
+    let e = Native::with_storage(Metric::L2, 128, &config(Some(2)), 0, Storage::Int8);
+    for (i, v) in base.iter().enumerate() {
+        e.insert(v, i);
+    }
+    let lines = |cells: &[AtomicU32]| {
+        assert_eq!(cells.as_ptr() as usize % 64, 0, "starts on a line");
+        cache_lines(cells).count()
+    };
+    for id in 0..base.len() as u32 {
+        let (seg, off) = e.node(id).expect("an inserted node");
+        let (count, slots) = e.links_in(seg, off, 0).expect("a level-0 block");
+        assert!(count.load(AtOrd::Relaxed) >= 1, "node {id} has links");
+        assert_eq!(lines(slots), 2, "node {id}'s links");
+        assert_eq!(lines(e.search_cells(seg, off)), 2, "node {id}'s codes");
+        let (codes, scale) = e.i8_in(seg, off);
+        assert_eq!(codes.len(), 128);
+        // Node 0 is the center itself (inserted first and alone): all its codes are 0.
+        assert!(id == 0 || scale > 0.0, "node {id}'s scale");
+    }
+}
+
+/// A snapshot keeps the node layout it always had (count, slots, the 8-bit scale, codes, the
+/// float vector), whatever cells the engine keeps them in, so files written before the count
+/// and scale moved out of the row load as they did.
+#[test]
+fn a_snapshot_keeps_the_node_layout_it_always_had() {
+    let dim = 8;
+    let base = data(300, dim, 32, false);
+    let e = Native::with_storage(Metric::L2, dim as u32, &config(Some(3)), 0, Storage::Int8);
+    for (i, v) in base.iter().enumerate() {
+        e.insert(v, i);
+    }
+    let mut bytes = Vec::new();
+    e.save_graph(&mut bytes).expect("save");
+    let mut d = crate::index::snapshot::Dec::new(&bytes);
+    assert_eq!(d.u8().expect("storage"), 2);
+    assert_eq!(d.u32().expect("dim"), dim as u32);
+    let _ = (d.u32(), d.u32(), d.u64(), d.u64()); // m, ef_construction, seed, base
+    assert_eq!(d.u8().expect("center"), 1);
+    for _ in 0..dim {
+        d.u32().expect("center cell");
+    }
+    assert_eq!(d.u8().expect("entry"), 1);
+    let _ = (d.u32(), d.u32());
+    assert_eq!(d.u64().expect("count"), base.len() as u64);
+    assert_eq!(d.u64().expect("slots"), base.len() as u64);
+    for (id, v) in base.iter().enumerate() {
+        // Read through the engine's accessors, compared with the file's cells in order.
+        let (seg, off) = e.node(id as u32).expect("a node");
+        let (count, slots) = e.links_in(seg, off, 0).expect("a level-0 block");
+        let (codes, scale) = e.i8_in(seg, off);
+        let mut want = vec![count.load(AtOrd::Relaxed)];
+        want.extend(slots.iter().map(|s| s.load(AtOrd::Relaxed)));
+        want.push(scale.to_bits());
+        want.extend(
+            codes
+                .chunks(4)
+                .map(|c| u32::from_ne_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8])),
+        );
+        want.extend(v.iter().map(|x| x.to_bits()));
+        let claimed = d.u8().expect("claimed");
+        assert_eq!(claimed, 1);
+        let got: Vec<u32> = (0..want.len()).map(|_| d.u32().expect("a cell")).collect();
+        assert_eq!(got, want, "node {id}");
+        let upper = d.u32().expect("upper length");
+        for _ in 0..upper {
+            d.u32().expect("an upper cell");
+        }
+    }
 }
 
 #[test]
@@ -625,8 +703,7 @@ fn parallel_builds_lose_no_point() {
         reached[entry] = true;
         let mut stack = vec![entry];
         while let Some(i) = stack.pop() {
-            let links = e.links(i as u32, 0);
-            let (count, slots) = links.split_first().expect("a level-0 block");
+            let (count, slots) = e.links(i as u32, 0).expect("a level-0 block");
             for slot in &slots[..count.load(AtOrd::Relaxed) as usize] {
                 let to = slot.load(AtOrd::Relaxed) as usize;
                 if !reached[to] {
@@ -664,8 +741,7 @@ fn link_orphans_reconnects_a_point_no_link_reaches() {
         let (_, upper_top) = e.entry.read().expect("entry");
         assert!(upper_top >= 1);
         for i in 0..base.len() as u32 {
-            let links = e.links(i, 0);
-            let (count, slots) = links.split_first().expect("a block");
+            let (count, slots) = e.links(i, 0).expect("a block");
             let n = count.load(AtOrd::Relaxed) as usize;
             let mut kept: Vec<u32> = slots[..n]
                 .iter()
@@ -711,8 +787,7 @@ fn link_orphans_reconnects_an_island() {
         level0.next().expect("a node"),
     );
     for i in 0..base.len() as u32 {
-        let links = e.links(i, 0);
-        let (count, slots) = links.split_first().expect("a block");
+        let (count, slots) = e.links(i, 0).expect("a block");
         let n = count.load(AtOrd::Relaxed) as usize;
         let kept: Vec<u32> = if i == a {
             vec![b]
