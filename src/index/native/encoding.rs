@@ -56,10 +56,13 @@ impl Native {
         &seg.level0[start..start + self.cells]
     }
 
-    /// The cell of a node's 8-bit codes' scale ([`Storage::Int8`]; in its meta cells, after
-    /// the level-0 link count).
+    /// The cell of a node's 8-bit codes' scale (in its meta cells, after the level-0 link
+    /// count); None with the other storages, which keep no scale.
     #[inline(always)]
-    fn scale_cell<'a>(&self, seg: &'a Segment, off: usize) -> Option<&'a AtomicU32> {
+    pub(super) fn scale_cell<'a>(&self, seg: &'a Segment, off: usize) -> Option<&'a AtomicU32> {
+        if self.storage != Storage::Int8 {
+            return None;
+        }
         seg.meta.get(off * self.meta + 1)
     }
 
@@ -221,15 +224,6 @@ impl Native {
             if let Some(scale) = self.scale_cell(seg, off) {
                 memory::prefetch(std::ptr::from_ref(scale).cast());
             }
-        }
-    }
-
-    /// Prefetches node `id`'s link block at `level` (its count and its slots).
-    #[inline(always)]
-    pub(super) fn prefetch_links(&self, id: u32, level: usize) {
-        if let Some((count, slots)) = self.links(id, level) {
-            memory::prefetch(std::ptr::from_ref(count).cast());
-            prefetch_cells(slots);
         }
     }
 

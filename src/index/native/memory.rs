@@ -320,10 +320,10 @@ pub(super) fn prefetch_cells(cells: &[AtomicU32]) {
 /// more than its length in lines.
 #[inline(always)]
 pub(super) fn cache_lines(cells: &[AtomicU32]) -> impl Iterator<Item = usize> {
-    let first = cells.as_ptr() as usize & !63;
+    let first = cells.as_ptr() as usize & !(CACHE_LINE - 1);
     let end = cells.last().map(|c| c as *const AtomicU32 as usize);
     (0..)
-        .map(move |i| first + 64 * i)
+        .map(move |i| first + CACHE_LINE * i)
         .take_while(move |&line| end.is_some_and(|end| line <= end))
 }
 

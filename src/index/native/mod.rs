@@ -295,6 +295,15 @@ impl Native {
             .and_then(|(seg, off)| self.links_in(seg, off, level))
     }
 
+    /// Prefetches node `id`'s link block at `level` (its count and its slots).
+    #[inline(always)]
+    fn prefetch_links(&self, id: u32, level: usize) {
+        if let Some((count, slots)) = self.links(id, level) {
+            memory::prefetch(std::ptr::from_ref(count).cast());
+            memory::prefetch_cells(slots);
+        }
+    }
+
     #[inline(always)]
     fn links_in<'a>(&self, seg: &'a Segment, off: usize, level: usize) -> Block<'a> {
         if level == 0 {

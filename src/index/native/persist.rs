@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
 
 use super::encoding::Storage;
+use super::memory::Segment;
 use super::{Native, EMPTY, MAX_LEVEL};
 use crate::index::engine::EngineMemory;
 use crate::model::{HnswConfig, Metric};
@@ -81,6 +82,21 @@ impl Native {
             f.upper_at.push(f.upper.len());
         }
         f
+    }
+
+    /// A node's vector cells in the file's order, after its count and links: the 8-bit
+    /// scale, the search vector, the float vector (compact storages): the cells of a row laid
+    /// out as hnswlib's, then `full`.
+    fn file_vector_cells<'a>(
+        &self,
+        seg: &'a Segment,
+        off: usize,
+    ) -> impl Iterator<Item = &'a AtomicU32> {
+        let full = self.full_dim();
+        self.scale_cell(seg, off)
+            .into_iter()
+            .chain(self.search_cells(seg, off))
+            .chain(&seg.full[off * full..(off + 1) * full])
     }
 
     fn storage_code(storage: Storage) -> u8 {
@@ -180,17 +196,12 @@ impl Native {
             let Some((seg, off)) = g.node_or_create(id) else {
                 return Err(bad(format!("node {id} out of range")));
             };
-            // The file's order: the count, the link slots, the scale (8-bit codes), the search
-            // vector, the float vector.
-            let row = &seg.level0[off * stride..(off + 1) * stride];
-            let (slots_cells, vector_cells) = row.split_at(g.m0);
-            let metas = &seg.meta[off * meta..(off + 1) * meta];
-            let cells = metas[..1]
-                .iter()
-                .chain(slots_cells)
-                .chain(&metas[1..])
-                .chain(vector_cells)
-                .chain(&seg.full[off * full..(off + 1) * full]);
+            let Some((count, slots)) = g.links_in(seg, off, 0) else {
+                return Err(bad(format!("node {id} has no level-0 block")));
+            };
+            let cells = std::iter::once(count)
+                .chain(slots)
+                .chain(g.file_vector_cells(seg, off));
             let raw = d.bytes((stride + meta + full) * 4)?;
             for (c, b) in cells.zip(raw.chunks_exact(4)) {
                 c.store(u32::from_le_bytes([b[0], b[1], b[2], b[3]]), AtOrd::Relaxed);
@@ -307,7 +318,6 @@ impl Frozen<'_> {
         out.write_all(&self.count.to_le_bytes())?;
         out.write_all(&(self.claimed.len() as u64).to_le_bytes())?;
         let links = 1 + g.m0;
-        let (stride, full, meta) = (g.stride(), g.full_dim(), g.meta);
         let mut buf: Vec<u8> = Vec::new();
         for (id, &claimed) in self.claimed.iter().enumerate() {
             buf.clear();
@@ -316,12 +326,8 @@ impl Frozen<'_> {
                 Some((seg, off)) if claimed => {
                     buf.push(1);
                     let frozen = &self.level0[id * links..(id + 1) * links];
-                    // After the links, the scale (8-bit codes), the search vector, the float
-                    // vector: the cells of a row laid out as hnswlib's, then `full`.
-                    let vectors = seg.meta[off * meta + 1..(off + 1) * meta]
-                        .iter()
-                        .chain(&seg.level0[off * stride + g.m0..(off + 1) * stride])
-                        .chain(&seg.full[off * full..(off + 1) * full])
+                    let vectors = g
+                        .file_vector_cells(seg, off)
                         .map(|c| c.load(AtOrd::Acquire));
                     for c in frozen.iter().copied().chain(vectors) {
                         buf.extend_from_slice(&c.to_le_bytes());
