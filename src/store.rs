@@ -13,10 +13,15 @@
 //!   same transaction as the points.
 //! - `changes`: uid (u64 BE) ++ write sequence (u64 BE, the data version the write made) -> the
 //!   write's ids: a kind byte (0 upsert, 1 delete) then the ids (u64 BE each; for a delete only
-//!   those that existed). The change log: appended in the same transaction as the points and
-//!   counts, read at start to replay the writes a generation's snapshot does not hold, trimmed
-//!   up to the sequence of the snapshot the index record names. Absent in stores written before
-//!   it (an index whose record names no snapshot is rebuilt at start, and its log starts then).
+//!   those that existed); or, under the last write's sequence, the writes of one group commit
+//!   (kind 2: the number of writes, then each write's kind, id count and ids, all u64 BE; the
+//!   writes' sequences are consecutive, ending at the key's). The change log: appended in the
+//!   same transaction as the points and counts, read at start to replay the writes a
+//!   generation's snapshot does not hold, trimmed up to the sequence of the snapshot the index
+//!   record names (a group entry is removed once its last write is). Absent in stores written
+//!   before it (an index whose record names no snapshot is rebuilt at start, and its log starts
+//!   then). A server older than group entries finds the log unreadable and rebuilds the index
+//!   at start instead of replaying, so the format stays 1.
 //! - `refresh`: uid (u64 BE) -> JSON refresh record (the index's refresh policy and the
 //!   points-changed mark of its last tune).
 //! - `profiles`: profile name -> JSON profile.
@@ -83,11 +88,17 @@ pub enum Change {
     Delete(Vec<u64>),
 }
 
+/// A change log entry's first byte: one write's upsert or delete ([`Change::encode`]), or the
+/// writes of one group commit ([`GroupLog`]).
+const CHANGE_UPSERT: u8 = 0;
+const CHANGE_DELETE: u8 = 1;
+const CHANGE_GROUP: u8 = 2;
+
 impl Change {
     fn encode(&self) -> Vec<u8> {
         let (kind, ids) = match self {
-            Change::Upsert(ids) => (0u8, ids),
-            Change::Delete(ids) => (1u8, ids),
+            Change::Upsert(ids) => (CHANGE_UPSERT, ids),
+            Change::Delete(ids) => (CHANGE_DELETE, ids),
         };
         let mut out = Vec::with_capacity(1 + ids.len() * 8);
         out.push(kind);
@@ -97,21 +108,108 @@ impl Change {
         out
     }
 
-    fn decode(b: &[u8]) -> Result<Self> {
-        let (kind, rest) = b
-            .split_first()
-            .ok_or_else(|| Error::Corrupt("an empty change log entry".into()))?;
-        if !rest.len().is_multiple_of(8) {
+    fn from_parts(kind: u8, ids: &[u8]) -> Result<Self> {
+        if !ids.len().is_multiple_of(8) {
             return Err(Error::Corrupt("a change log entry of a partial id".into()));
         }
-        let ids = rest
+        let ids = ids
             .chunks_exact(8)
             .map(|c| u64_at(c, 0))
             .collect::<Result<Vec<_>>>()?;
         match kind {
-            0 => Ok(Change::Upsert(ids)),
-            1 => Ok(Change::Delete(ids)),
+            CHANGE_UPSERT => Ok(Change::Upsert(ids)),
+            CHANGE_DELETE => Ok(Change::Delete(ids)),
             k => Err(Error::Corrupt(format!("a change log entry of kind {k}"))),
+        }
+    }
+
+    /// The writes of the entry stored under write sequence `seq`, each with its sequence: one
+    /// write's entry is that write; a group's ([`GroupLog`]) holds consecutive writes ending
+    /// at `seq`.
+    fn decode_entry(seq: u64, b: &[u8]) -> Result<Vec<(u64, Change)>> {
+        let (kind, rest) = b
+            .split_first()
+            .ok_or_else(|| Error::Corrupt("an empty change log entry".into()))?;
+        if *kind != CHANGE_GROUP {
+            return Ok(vec![(seq, Change::from_parts(*kind, rest)?)]);
+        }
+        let short = || Error::Corrupt("a change log group entry is cut short".into());
+        let count = u64_at(rest, 0).map_err(|_| short())?;
+        // Writes first..=seq, where sequences start at 1.
+        if count == 0 || count > seq {
+            return Err(Error::Corrupt(format!(
+                "a change log group entry of {count} writes at write {seq}"
+            )));
+        }
+        let first = seq - count + 1;
+        let mut out = Vec::new();
+        let mut at = 8;
+        for i in 0..count {
+            let kind = *rest.get(at).ok_or_else(short)?;
+            let n = u64_at(rest, at + 1).map_err(|_| short())?;
+            let start = at + 9;
+            let ids = usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_mul(8))
+                .and_then(|len| rest.get(start..start.checked_add(len)?))
+                .ok_or_else(short)?;
+            out.push((first + i, Change::from_parts(kind, ids)?));
+            at = start + ids.len();
+        }
+        if at != rest.len() {
+            return Err(Error::Corrupt(
+                "a change log group entry has bytes past its writes".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The change log entry of a group commit's writes that bumped the data version, in order
+/// ([`Store::apply_writes_logged`]): one entry, stored under the last one's sequence, instead
+/// of one per write (a sled insert saved per write). Layout, big-endian: [`CHANGE_GROUP`], the
+/// number of writes (u64), then per write its kind, its id count (u64) and its ids (u64 each).
+/// A group of one write is stored as that write's own entry ([`Change::encode`]).
+struct GroupLog {
+    writes: u64,
+    bytes: Vec<u8>,
+}
+
+/// Bytes before a [`GroupLog`]'s first write, and before a write's ids.
+const GROUP_HEAD: usize = 1 + 8;
+const WRITE_HEAD: usize = 1 + 8;
+
+impl GroupLog {
+    fn new() -> Self {
+        let mut bytes = vec![0; GROUP_HEAD];
+        bytes[0] = CHANGE_GROUP;
+        GroupLog { writes: 0, bytes }
+    }
+
+    fn push(&mut self, kind: u8, ids: impl ExactSizeIterator<Item = u64>) {
+        self.bytes.push(kind);
+        self.bytes
+            .extend_from_slice(&(ids.len() as u64).to_be_bytes());
+        for id in ids {
+            self.bytes.extend_from_slice(&id.to_be_bytes());
+        }
+        self.writes += 1;
+    }
+
+    /// The entry to store, if any write was pushed.
+    fn entry(mut self) -> Option<Vec<u8>> {
+        match self.writes {
+            0 => None,
+            // That write's own entry: its kind, then its ids.
+            1 => {
+                self.bytes.drain(..GROUP_HEAD);
+                self.bytes.drain(1..WRITE_HEAD);
+                Some(self.bytes)
+            }
+            n => {
+                self.bytes[1..GROUP_HEAD].copy_from_slice(&n.to_be_bytes());
+                Some(self.bytes)
+            }
         }
     }
 }
@@ -234,8 +332,9 @@ fn tx_err(e: TransactionError<Error>) -> Error {
     }
 }
 
-/// Appends a write to the change log inside the transaction that makes it: `seq` is the data
-/// version the write bumped the index to (one entry per bump, so the log has no gaps).
+/// Appends a change log entry inside the transaction that makes its writes: `seq` is the data
+/// version the (last) write bumped the index to. Every bump is in exactly one entry (a write's
+/// own, or its group's: [`GroupLog`]), so the log has no gaps.
 fn log_change(
     ch: &sled::transaction::TransactionalTree,
     uid: u64,
@@ -246,17 +345,16 @@ fn log_change(
     Ok(())
 }
 
-/// Removes `ids` of index `uid` inside a transaction: the points that existed go, `counts`
-/// follows, and a delete that removed something is one new data version with its change-log
-/// entry. Returns how many were removed. Shared by [`Store::delete_points`] and a group's
-/// deletes in [`Store::apply_writes_logged`].
+/// Removes `ids` of index `uid` inside a transaction: the points that existed go and `counts`
+/// follows (a delete that removed something is one new data version). Returns the ids removed,
+/// for the change log entry the caller writes. Shared by [`Store::delete_points`] and a
+/// group's deletes in [`Store::apply_writes_logged`].
 fn delete_in_tx(
     pt: &sled::transaction::TransactionalTree,
-    ch: &sled::transaction::TransactionalTree,
     counts: &mut Counts,
     uid: u64,
     ids: &[u64],
-) -> std::result::Result<u64, sled::transaction::UnabortableTransactionError> {
+) -> std::result::Result<Vec<u64>, sled::transaction::UnabortableTransactionError> {
     let mut removed = Vec::new();
     for id in ids {
         if pt.remove(&point_key(uid, *id)[..])?.is_some() {
@@ -268,14 +366,8 @@ fn delete_in_tx(
     counts.points_changed += deleted;
     if deleted > 0 {
         counts.data_version += 1;
-        log_change(
-            ch,
-            uid,
-            counts.data_version,
-            &Change::Delete(removed).encode(),
-        )?;
     }
-    Ok(deleted)
+    Ok(removed)
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -767,7 +859,12 @@ impl Store {
                     Ok(c) => c,
                     Err(e) => return abort(e),
                 };
-                let deleted = delete_in_tx(pt, ch, &mut counts, uid, ids)?;
+                let removed = delete_in_tx(pt, &mut counts, uid, ids)?;
+                let deleted = removed.len() as u64;
+                if deleted > 0 {
+                    let change = Change::Delete(removed).encode();
+                    log_change(ch, uid, counts.data_version, &change)?;
+                }
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
                 Ok((deleted, counts))
             })
@@ -782,9 +879,12 @@ impl Store {
         if after == u64::MAX {
             return Ok(out);
         }
+        // A group's entry is stored under its last write: one under a later key may hold
+        // writes at or before `after` too.
         for kv in self.changes.range(start..=end) {
             let (k, v) = kv?;
-            out.push((u64_at(&k, 8)?, Change::decode(&v)?));
+            let writes = Change::decode_entry(u64_at(&k, 8)?, &v)?;
+            out.extend(writes.into_iter().filter(|(seq, _)| *seq > after));
         }
         Ok(out)
     }
@@ -835,16 +935,6 @@ impl Store {
                 WriteOp::Delete(_) => Vec::new(),
             })
             .collect();
-        // The change log's entry of each op that bumps the data version (snapshots replay it).
-        let upsert_changes: Vec<Vec<u8>> = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Upsert(points) => {
-                    Change::Upsert(points.iter().map(|p| p.id).collect()).encode()
-                }
-                WriteOp::Delete(_) => Vec::new(),
-            })
-            .collect();
         let res = (&self.points, &self.counts, &self.changes, &self.applied).transaction(
             |(pt, ct, ch, ap)| {
                 let mut counts = match Counts::decode(ct.get(uid.to_be_bytes())?.as_deref()) {
@@ -852,9 +942,11 @@ impl Store {
                     Err(e) => return abort(e),
                 };
                 let mut outcomes = Vec::with_capacity(ops.len());
-                for ((op, enc), change) in ops.iter().zip(&encoded).zip(&upsert_changes) {
+                // Each op that bumps the data version, for the change log (snapshots replay it).
+                let mut log = GroupLog::new();
+                for (op, enc) in ops.iter().zip(&encoded) {
                     let affected = match op {
-                        WriteOp::Upsert(_) => {
+                        WriteOp::Upsert(points) => {
                             for (k, v) in enc {
                                 if pt.insert(&k[..], v.as_slice())?.is_none() {
                                     counts.point_count += 1;
@@ -862,15 +954,24 @@ impl Store {
                             }
                             counts.data_version += 1;
                             counts.points_changed += enc.len() as u64;
-                            log_change(ch, uid, counts.data_version, change)?;
+                            log.push(CHANGE_UPSERT, points.iter().map(|p| p.id));
                             enc.len() as u64
                         }
-                        WriteOp::Delete(ids) => delete_in_tx(pt, ch, &mut counts, uid, ids)?,
+                        WriteOp::Delete(ids) => {
+                            let removed = delete_in_tx(pt, &mut counts, uid, ids)?;
+                            if !removed.is_empty() {
+                                log.push(CHANGE_DELETE, removed.iter().copied());
+                            }
+                            removed.len() as u64
+                        }
                     };
                     outcomes.push(OpOutcome {
                         affected,
                         point_count: counts.point_count,
                     });
+                }
+                if let Some(entry) = log.entry() {
+                    log_change(ch, uid, counts.data_version, &entry)?;
                 }
                 ct.insert(&uid.to_be_bytes(), &counts.encode())?;
                 if let Some(a) = applied {
@@ -2430,6 +2531,62 @@ mod tests {
         assert_eq!(s.load_points(7).unwrap(), a.load_points(7).unwrap());
         let (points, c) = s.load_points_consistent(7, 1).unwrap().unwrap();
         assert_eq!((points.len() as u64, c), (counts.point_count, counts));
+        // The change log says what the writes alone would have logged, from one entry.
+        for after in 0..=counts.data_version {
+            assert_eq!(
+                s.changes_since(7, after).unwrap(),
+                a.changes_since(7, after).unwrap(),
+                "after write {after}"
+            );
+        }
+        assert_eq!(s.changes.len(), 1, "one entry for the group");
+        assert_eq!(a.changes.len(), counts.data_version as usize);
+        // Trimming inside the group keeps it (the writes after the trim are still read).
+        assert_eq!(s.trim_changes(7, 2).unwrap(), 0);
+        assert_eq!(
+            s.changes_since(7, 2).unwrap(),
+            a.changes_since(7, 2).unwrap()
+        );
+        assert_eq!(s.trim_changes(7, counts.data_version).unwrap(), 1);
+        assert!(s.changes_since(7, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_group_entry_is_corrupt_not_a_panic() {
+        let mut log = GroupLog::new();
+        log.push(CHANGE_UPSERT, [1u64, 2].into_iter());
+        log.push(CHANGE_DELETE, [2u64].into_iter());
+        let entry = log.entry().unwrap();
+        assert_eq!(
+            Change::decode_entry(9, &entry).unwrap(),
+            vec![
+                (8, Change::Upsert(vec![1, 2])),
+                (9, Change::Delete(vec![2]))
+            ]
+        );
+        let corrupt =
+            |seq: u64, b: &[u8]| matches!(Change::decode_entry(seq, b), Err(Error::Corrupt(_)));
+        for cut in 0..entry.len() {
+            assert!(corrupt(9, &entry[..cut]), "cut at {cut}");
+        }
+        let mut longer = entry.clone();
+        longer.push(0);
+        assert!(corrupt(9, &longer), "bytes past the writes");
+        assert!(corrupt(1, &entry), "more writes than sequences before it");
+        let mut none = entry.clone();
+        none[1..9].copy_from_slice(&0u64.to_be_bytes());
+        assert!(corrupt(9, &none), "a group of no writes");
+        let mut huge = entry.clone();
+        huge[10..18].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert!(corrupt(9, &huge), "an id count past the entry");
+        let mut kind = entry;
+        kind[9] = 7;
+        assert!(corrupt(9, &kind), "an unknown kind");
+        // A group of one write is that write's own entry, as before groups.
+        let mut one = GroupLog::new();
+        one.push(CHANGE_DELETE, [5u64].into_iter());
+        assert_eq!(one.entry().unwrap(), Change::Delete(vec![5]).encode());
+        assert_eq!(GroupLog::new().entry(), None);
     }
 
     #[test]
