@@ -130,13 +130,15 @@ start() {
   local fresh=0 try
   [[ -f "$DIR/ports" ]] || fresh=1
   for try in 1 2 3; do
-    if (start_once); then status; return 0; fi
+    # Started means every engine answered as itself and all are still running afterwards.
+    if (start_once) && status >/dev/null 2>&1; then status; return 0; fi
     if ((fresh)) && grep -qs "address already in use" "$DIR"/etcd/*.log "$DIR"/nats/*.log; then
       echo "cluster.sh: a port was taken before the engine bound it; new ports (try $((try + 1)))" >&2
       stop
       rm -rf "$DIR/etcd" "$DIR/nats" "$DIR/ports" "$DIR/env"
       continue
     fi
+    down_logs
     return 1
   done
   die "the engines did not start after 3 tries (logs in $DIR)"
@@ -147,12 +149,16 @@ start_once() {
   local n=${ETCD_MEMBERS:-1} m=${NATS_SERVERS:-1}
   [[ -f "$DIR/ports" ]] || {
     # etcd: client + peer per member; NATS: client + cluster + monitoring per server.
-    echo "ETCD_MEMBERS=$n NATS_SERVERS=$m PORTS=\"$(free_ports $((2 * n + 3 * m)))\"" > "$DIR/ports"
+    # TAG names this DIR's engines (e0-TAG, n0-TAG): the start checks that each port answers
+    # with its own engine, not with another DIR's that took the port first.
+    echo "ETCD_MEMBERS=$n NATS_SERVERS=$m PORTS=\"$(free_ports $((2 * n + 3 * m)))\" TAG=$(printf %04x%04x $RANDOM $RANDOM)" > "$DIR/ports"
   }
   [[ -f "$DIR/ports" ]] && ! grep -q SECURE= "$DIR/ports" && echo "SECURE=${SECURE:-0}" >> "$DIR/ports"
   # shellcheck disable=SC1091
   source "$DIR/ports"
   n=$ETCD_MEMBERS m=$NATS_SERVERS
+  # A DIR made before TAG keeps its engines' names (etcd and JetStream know them by name).
+  local suffix=${TAG:+-$TAG}
   local t="$DIR/tls" scheme=http nscheme=nats
   local -a etcd_tls=() ctl_tls=()
   if [[ "$SECURE" == 1 ]]; then
@@ -166,7 +172,7 @@ start_once() {
   local etcd_bin nats; etcd_bin=$(command -v etcd); nats=$(nats_bin)
   local initial="" clients="" i
   for ((i = 0; i < n; i++)); do
-    initial+="${initial:+,}e$i=http://127.0.0.1:${p[2 * i + 1]}"
+    initial+="${initial:+,}e$i$suffix=http://127.0.0.1:${p[2 * i + 1]}"
     clients+="${clients:+,}$scheme://127.0.0.1:${p[2 * i]}"
   done
   for ((i = 0; i < n; i++)); do
@@ -174,7 +180,7 @@ start_once() {
     alive "$d.pid" && continue
     mkdir -p "$d"
     local state=new; [[ -d "$d/member" ]] && state=existing
-    nohup "$etcd_bin" --name "e$i" --data-dir "$d" \
+    nohup "$etcd_bin" --name "e$i$suffix" --data-dir "$d" \
       --listen-client-urls "$scheme://127.0.0.1:${p[2 * i]}" \
       --advertise-client-urls "$scheme://127.0.0.1:${p[2 * i]}" "${etcd_tls[@]}" \
       --listen-peer-urls "http://127.0.0.1:${p[2 * i + 1]}" \
@@ -194,7 +200,7 @@ start_once() {
     alive "$d.pid" && continue
     mkdir -p "$d/js"
     {
-      echo "server_name: n$i"
+      echo "server_name: n$i$suffix"
       echo "listen: 127.0.0.1:${p[base + 3 * i]}"
       echo "http: 127.0.0.1:${p[base + 3 * i + 2]}"
       echo "max_payload: $NATS_MAX_PAYLOAD"
@@ -222,6 +228,14 @@ start_once() {
     done
   fi
   wait_until 30 "etcd" etcdctl --endpoints "$clients" "${ctl_tls[@]}" --dial-timeout 1s endpoint health
+  for ((i = 0; i < n; i++)); do
+    # Each client port is this DIR's member: it lists this DIR's members by name.
+    local members
+    members=$(etcdctl --endpoints "$scheme://127.0.0.1:${p[2 * i]}" "${ctl_tls[@]}" --dial-timeout 2s member list 2>&1) \
+      || die "etcd member e$i: member list failed: $members"
+    [[ "$members" == *", e$i$suffix, http://127.0.0.1:${p[2 * i + 1]}"* ]] \
+      || die "etcd on 127.0.0.1:${p[2 * i]} is not member e$i$suffix of $DIR (another process took the port?): $members"
+  done
   # The mark lives with etcd's data: a start retried on new ports wipes both.
   if [[ "$SECURE" == 1 && ! -f "$DIR/etcd/auth-on" ]]; then
     # etcd's users, once: root (for etcdctl) and vectord (read-write on /vectord/ only).
@@ -240,6 +254,18 @@ start_once() {
     wait_until 30 "NATS server n$i" curl -fsS "http://127.0.0.1:${p[base + 3 * i + 2]}/healthz?js-enabled-only=true"
     [[ "$(curl -fsS "http://127.0.0.1:${p[base + 3 * i + 2]}/jsz?config=true")" =~ \"sync_always\":\ *true ]] \
       || die "NATS server n$i does not report sync_always (sync_interval: always) in /jsz"
+    [[ "$(curl -fsS "http://127.0.0.1:${p[base + 3 * i + 2]}/varz")" =~ \"server_name\":\ *\"n$i$suffix\" ]] \
+      || die "NATS on 127.0.0.1:${p[base + 3 * i + 2]} is not server n$i$suffix of $DIR (another process took the port?)"
+  done
+}
+
+# The last lines of the log of each engine that is not running.
+down_logs() {
+  local f
+  for f in "$DIR"/etcd/*.pid "$DIR"/nats/*.pid; do
+    [[ -f "$f" ]] && ! alive "$f" || continue
+    echo "cluster.sh: ${f%.pid} is not running; the end of its log:" >&2
+    tail -n 5 "${f%.pid}.log" >&2 || true
   done
 }
 
