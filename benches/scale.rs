@@ -741,6 +741,21 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             spread(&col(|x| x.2), |v| format!("{v:.1} ms"))
         );
     }
+    // Each later binary against the first, the baseline of the same run: the ratio of the
+    // medians, and each round's ratio (the binaries ran back to back in a round).
+    let acks = |r: &[(f64, f64, f64)]| median(&r.iter().map(|x| x.0).collect::<Vec<_>>());
+    if let Some((first, base)) = bins.first().zip(runs.first()) {
+        for (bin, r) in bins.iter().zip(&runs).skip(1) {
+            let per_round: Vec<f64> = r.iter().zip(base).map(|(x, b)| x.0 / b.0).collect();
+            println!(
+                "  {} / {}: acks/s {:.2}x by the medians; per round {}",
+                bin.display(),
+                first.display(),
+                acks(r) / acks(base),
+                spread(&per_round, |v| format!("{v:.2}x"))
+            );
+        }
+    }
     Ok(())
 }
 
