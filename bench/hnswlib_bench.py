@@ -10,7 +10,8 @@ benches/scale.rs also uses `--builds 2 --save PATH` (build once on 2 threads and
 and `--load PATH --space S --dim D` (one fresh process: load_index's seconds and the process's
 resident-memory growth with the loaded index). Its writers-only mode uses `--base B --inserts I`:
 build B on 2 threads, then add I 64 points a call on 2 threads (the way vectord's indexer links
-writes into a built graph); prints the build's and the inserts' points per second.
+writes into a built graph); prints the build's and the inserts' points per second, and the share
+of the inserted points a search with their own vector (k 1, at the last --ef) finds first.
 
 Needs numpy and hnswlib (`pip install numpy hnswlib`).
 """
@@ -66,7 +67,7 @@ def load_only(path, space, dim):
     print()
 
 
-def insert_rate(space, base, inserts, m, efc, seed, chunk=64):
+def insert_rate(space, base, inserts, m, efc, seed, ef, chunk=64):
     index = hnswlib.Index(space=space, dim=base.shape[1])
     index.init_index(max_elements=base.shape[0] + inserts.shape[0], M=m, ef_construction=efc,
                      random_seed=seed)
@@ -78,9 +79,14 @@ def insert_rate(space, base, inserts, m, efc, seed, chunk=64):
     for i in range(0, inserts.shape[0], chunk):
         index.add_items(inserts[i:i + chunk], ids[i:i + chunk], num_threads=2)
     added = time.perf_counter() - start
+    # Each inserted point searched by its own vector (k 1, at ef): the share found first.
+    index.set_ef(ef)
+    labels, _ = index.knn_query(inserts, k=1, num_threads=2)
+    found = float(np.mean(labels[:, 0] == ids))
     json.dump({"engine": "hnswlib", "version": getattr(hnswlib, "__version__", None),
                "build_per_s": base.shape[0] / built,
-               "insert_per_s": inserts.shape[0] / added, "chunk": chunk}, sys.stdout)
+               "insert_per_s": inserts.shape[0] / added, "chunk": chunk,
+               "found_first": found, "ef": ef}, sys.stdout)
     print()
 
 
@@ -107,7 +113,7 @@ def main():
         return
     if a.inserts and a.base:
         insert_rate(a.space, read_vecs(a.base, np.float32), read_vecs(a.inserts, np.float32),
-                    a.m, a.ef_construction, a.seed)
+                    a.m, a.ef_construction, a.seed, int(a.ef.split(",")[-1]))
         return
     if not (a.base and a.queries and a.truth):
         p.error("--base, --queries and --truth are needed (or --load)")

@@ -70,6 +70,12 @@ const M: u32 = 16;
 const EF_CONSTRUCTION: u32 = 200;
 /// How many of the writers' points hnswlib inserts in the writers-only mode.
 const HNSWLIB_INSERTS: usize = 20_000;
+/// How many of the writers' acknowledged points are searched by their own vector once linked,
+/// and at which ef (issue 20: "searched by their own vector at ef 200: 100 % found").
+const FOUND_SAMPLE: usize = 2_000;
+/// The writers' first id (the imported points are 0..n).
+const FIRST_WRITER_ID: u64 = 1_000_000_000;
+const FOUND_EF: u32 = 200;
 
 fn write_vecs<T: Copy>(
     path: &Path,
@@ -522,7 +528,7 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     // 4. 64 writers, then 5. deletes, on one more server start.
     let (server, _) = Server::start(&data_dir).await?;
     let mut c = server.client().await?;
-    let first_id = 1_000_000_000u64;
+    let first_id = FIRST_WRITER_ID;
     let (acks, p50, p99, errors, acked) = writers(
         &[server.addr],
         INDEX,
@@ -535,7 +541,23 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
     println!(
         "  {WRITERS} writers x 1 point for {write_secs} s: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors (issue 20 before: 1,001/s, p99 146 ms; targets >= 5,005/s, p99 <= 100 ms)"
     );
-    out["writers"] = json!({"acks_per_s": acks, "p50_ms": p50, "p99_ms": p99, "errors": errors});
+    // Once linked, are the writers' points found by their own vector (issue 20's 100 %)?
+    wait_linked(&mut c, INDEX).await?;
+    let (found, searched) = found_first(
+        &mut c,
+        INDEX,
+        &mixture,
+        first_id,
+        &acked,
+        FOUND_SAMPLE,
+        FOUND_EF,
+    )
+    .await?;
+    println!(
+        "  the writers' points searched by their own vector (k 1, ef {FOUND_EF}): {found} of {searched} found first (target: all)"
+    );
+    out["writers"] = json!({"acks_per_s": acks, "p50_ms": p50, "p99_ms": p99, "errors": errors,
+        "found_first": found, "searched": searched});
 
     out["delete"] = deletes(&mut c, set, &base, &queries, &acked).await?;
     drop(c);
@@ -661,20 +683,36 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             M.to_string(),
             "--ef-construction".into(),
             ef_construction.to_string(),
+            "--ef".into(),
+            FOUND_EF.to_string(),
         ])
-        .and_then(|v| v["insert_per_s"].as_f64().zip(v["build_per_s"].as_f64()))
+        .and_then(|v| {
+            let found = v["found_first"].as_f64();
+            v["insert_per_s"]
+                .as_f64()
+                .zip(v["build_per_s"].as_f64())
+                .map(|(i, b)| (i, b, found))
+        })
     };
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); bins.len()];
     // hnswlib's inserts/s per round (None where it could not run).
     let mut reference: Vec<Option<f64>> = Vec::new();
     for round in 0..rounds {
         let measured = hnswlib_inserts();
-        if let Some((inserts, build)) = measured {
+        if let Some((inserts, build, found)) = measured {
+            let found = found
+                .map(|f| {
+                    format!(
+                        "; {:.1} % of them found first by their own vector at ef {FOUND_EF}",
+                        f * 100.0
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "  round {round} hnswlib: {HNSWLIB_INSERTS} inserts into its build, {inserts:.0} points/s (64 a call, 2 threads; its build {build:.0} points/s)"
+                "  round {round} hnswlib: {HNSWLIB_INSERTS} inserts into its build, {inserts:.0} points/s (64 a call, 2 threads; its build {build:.0} points/s){found}"
             );
         }
-        reference.push(measured.map(|(inserts, _)| inserts));
+        reference.push(measured.map(|(inserts, _, _)| inserts));
         for (b, bin) in bins.iter().enumerate() {
             let tmp = tempfile::tempdir()?;
             let (server, _) = Server::start_program(bin, &tmp.path().join("data")).await?;
@@ -688,7 +726,7 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
                 INDEX,
                 WRITERS,
                 &mixture,
-                1_000_000_000,
+                FIRST_WRITER_ID,
                 write_secs,
             )
             .await?;
@@ -698,8 +736,18 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             let (search_during, _) = unary_p50(&mut c, INDEX, &queries).await?;
             let drained = wait_linked(&mut c, INDEX).await?;
             let (search_after, _) = unary_p50(&mut c, INDEX, &queries).await?;
+            let (found, searched) = found_first(
+                &mut c,
+                INDEX,
+                &mixture,
+                FIRST_WRITER_ID,
+                &acked,
+                FOUND_SAMPLE,
+                FOUND_EF,
+            )
+            .await?;
             println!(
-                "  round {round} {}: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points; {} not yet linked at the end (linked {drained:.1} s later); search p50 at ef {P50_EF} {search_during:.0} us then, {search_after:.0} us once linked",
+                "  round {round} {}: {acks:.0} acknowledged upserts/s, p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points; {} not yet linked at the end (linked {drained:.1} s later); search p50 at ef {P50_EF} {search_during:.0} us then, {search_after:.0} us once linked; {found} of {searched} of the writers' points found first by their own vector at ef {FOUND_EF}",
                 bin.display(),
                 acked.len(),
                 index.point_count,

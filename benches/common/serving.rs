@@ -395,9 +395,7 @@ pub async fn writers(
     }
     // Each writer's points, all drawn before the clock starts: drawing them (a core-second or
     // more) costs nothing in the timed window, and no writer starts before the last is ready.
-    let drawn: Vec<Vec<Vec<f32>>> = (0..count)
-        .map(|t| mixture.samples(1_000 + t, 4_000))
-        .collect();
+    let drawn: Vec<Vec<Vec<f32>>> = (0..count).map(|t| writer_points(mixture, t)).collect();
     let until = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -408,7 +406,7 @@ pub async fn writers(
             let (mut lat, mut errors, mut acked) = (Vec::new(), 0u64, Vec::new());
             let mut i = 0usize;
             while Instant::now() < until {
-                let id = first_id + t * 1_000_000 + i as u64;
+                let id = first_id + t * WRITER_IDS + i as u64;
                 let vector = vectors[i % vectors.len()].clone();
                 i += 1;
                 let t0 = Instant::now();
@@ -446,6 +444,60 @@ pub async fn writers(
         errors,
         acked,
     ))
+}
+
+/// The points writer `t` of [`writers`] upserts, in order (the `i`-th as id `first_id + t *
+/// WRITER_IDS + i`, cycling past the end).
+pub fn writer_points(mixture: &Mixture, t: u64) -> Vec<Vec<f32>> {
+    mixture.samples(1_000 + t, WRITER_POINTS)
+}
+
+/// How many points each of [`writers`]' writers draws.
+pub const WRITER_POINTS: usize = 4_000;
+
+/// Ids apart between two of [`writers`]' writers.
+pub const WRITER_IDS: u64 = 1_000_000;
+
+/// Issue 20's "every stored point can be found": of `acked` (ids [`writers`] had acknowledged
+/// with `first_id`), `sample` spread evenly are searched with their own vector (SearchBatch,
+/// k 1, at `ef`): (how many came back first, how many were searched).
+pub async fn found_first(
+    c: &mut Client,
+    index: &str,
+    mixture: &Mixture,
+    first_id: u64,
+    acked: &[u64],
+    sample: usize,
+    ef: u32,
+) -> BoxResult<(usize, usize)> {
+    // Only each writer's first pass over its points: past it, a vector comes again as another id.
+    let first_pass: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|&id| (id - first_id) % WRITER_IDS < WRITER_POINTS as u64)
+        .collect();
+    let step = first_pass.len().div_ceil(sample.max(1)).max(1);
+    let ids: Vec<u64> = first_pass.into_iter().step_by(step).collect();
+    let mut drawn = std::collections::HashMap::new();
+    let mut queries = Vec::with_capacity(ids.len());
+    for &id in &ids {
+        let (t, i) = ((id - first_id) / WRITER_IDS, (id - first_id) % WRITER_IDS);
+        let points = drawn.entry(t).or_insert_with(|| writer_points(mixture, t));
+        queries.push(points[i as usize].clone());
+    }
+    let mut found = 0;
+    for (ids, queries) in ids.chunks(500).zip(queries.chunks(500)) {
+        let mut req = batch_request(index, queries, ef);
+        req.k = 1;
+        let r = c.search_batch(req).await?.into_inner();
+        found += r
+            .results
+            .iter()
+            .zip(ids)
+            .filter(|(r, &id)| r.neighbors.first().map(|h| h.id) == Some(id))
+            .count();
+    }
+    Ok((found, ids.len()))
 }
 
 /// The first ef of `rows` (ef, recall, QPS) reaching recall 0.95: (ef, recall, QPS).
