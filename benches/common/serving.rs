@@ -447,8 +447,17 @@ pub async fn writers(
 }
 
 /// The points writer `t` of [`writers`] upserts, in order (the `i`-th as id `first_id + t *
-/// WRITER_IDS + i`, cycling past the end).
+/// WRITER_IDS + i`, cycling past the end): drawn from `mixture`, like the data, or with
+/// `VECTORD_SCALE_WRITER_POINTS=outliers` each coordinate N(0, 1), unlike it (as far from every
+/// centre as the centres are from each other: issue 20's "random, unlike the base data").
 pub fn writer_points(mixture: &Mixture, t: u64) -> Vec<Vec<f32>> {
+    if std::env::var("VECTORD_SCALE_WRITER_POINTS").as_deref() == Ok("outliers") {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1_000 + t);
+        let dim = mixture.centres.first().map_or(0, Vec::len);
+        return (0..WRITER_POINTS)
+            .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
+            .collect();
+    }
     mixture.samples(1_000 + t, WRITER_POINTS)
 }
 
