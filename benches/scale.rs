@@ -73,9 +73,9 @@ const HNSWLIB_INSERTS: usize = 20_000;
 /// How many of the writers' acknowledged points are searched by their own vector once linked,
 /// and at which ef (issue 20: "searched by their own vector at ef 200: 100 % found").
 const FOUND_SAMPLE: usize = 2_000;
+const FOUND_EF: u32 = 200;
 /// The writers' first id (the imported points are 0..n).
 const FIRST_WRITER_ID: u64 = 1_000_000_000;
-const FOUND_EF: u32 = 200;
 
 fn write_vecs<T: Copy>(
     path: &Path,
