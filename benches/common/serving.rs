@@ -469,7 +469,7 @@ pub const WRITER_IDS: u64 = 1_000_000;
 
 /// Issue 20's "every stored point can be found": of `acked` (ids [`writers`] had acknowledged
 /// with `first_id`), `sample` spread evenly are searched with their own vector (SearchBatch,
-/// k 1, at `ef`): (how many came back first, how many were searched).
+/// k 1, at each of `efs`): (how many came back first at each ef, how many were searched).
 pub async fn found_first(
     c: &mut Client,
     index: &str,
@@ -477,8 +477,8 @@ pub async fn found_first(
     first_id: u64,
     acked: &[u64],
     sample: usize,
-    ef: u32,
-) -> BoxResult<(usize, usize)> {
+    efs: &[u32],
+) -> BoxResult<(Vec<usize>, usize)> {
     // Only each writer's first pass over its points: past it, a vector comes again as another id.
     let first_pass: Vec<u64> = acked
         .iter()
@@ -494,17 +494,19 @@ pub async fn found_first(
         let points = drawn.entry(t).or_insert_with(|| writer_points(mixture, t));
         queries.push(points[i as usize].clone());
     }
-    let mut found = 0;
-    for (ids, queries) in ids.chunks(500).zip(queries.chunks(500)) {
-        let mut req = batch_request(index, queries, ef);
-        req.k = 1;
-        let r = c.search_batch(req).await?.into_inner();
-        found += r
-            .results
-            .iter()
-            .zip(ids)
-            .filter(|(r, &id)| r.neighbors.first().map(|h| h.id) == Some(id))
-            .count();
+    let mut found = vec![0; efs.len()];
+    for (n, &ef) in found.iter_mut().zip(efs) {
+        for (ids, queries) in ids.chunks(500).zip(queries.chunks(500)) {
+            let mut req = batch_request(index, queries, ef);
+            req.k = 1;
+            let r = c.search_batch(req).await?.into_inner();
+            *n += r
+                .results
+                .iter()
+                .zip(ids)
+                .filter(|(r, &id)| r.neighbors.first().map(|h| h.id) == Some(id))
+                .count();
+        }
     }
     Ok((found, ids.len()))
 }
