@@ -666,11 +666,7 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
         files.path().join("inserts.fvecs"),
     );
     let per_writer: Vec<Vec<Vec<f32>>> = (0..WRITERS)
-        .map(|t| {
-            let mut points = writer_points(&mixture, t);
-            points.truncate(HNSWLIB_INSERTS.div_ceil(WRITERS as usize));
-            points
-        })
+        .map(|t| writer_points(&mixture, t, HNSWLIB_INSERTS.div_ceil(WRITERS as usize)))
         .collect();
     let inserts: Vec<Vec<f32>> = (0..HNSWLIB_INSERTS)
         .map(|i| per_writer[i % WRITERS as usize][i / WRITERS as usize].clone())

@@ -395,7 +395,9 @@ pub async fn writers(
     }
     // Each writer's points, all drawn before the clock starts: drawing them (a core-second or
     // more) costs nothing in the timed window, and no writer starts before the last is ready.
-    let drawn: Vec<Vec<Vec<f32>>> = (0..count).map(|t| writer_points(mixture, t)).collect();
+    let drawn: Vec<Vec<Vec<f32>>> = (0..count)
+        .map(|t| writer_points(mixture, t, WRITER_POINTS))
+        .collect();
     let until = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -446,19 +448,21 @@ pub async fn writers(
     ))
 }
 
-/// The points writer `t` of [`writers`] upserts, in order (the `i`-th as id `first_id + t *
-/// WRITER_IDS + i`, cycling past the end): drawn from `mixture`, like the data, or with
-/// `VECTORD_SCALE_WRITER_POINTS=outliers` each coordinate N(0, 1), unlike it (as far from every
-/// centre as the centres are from each other: issue 20's "random, unlike the base data").
-pub fn writer_points(mixture: &Mixture, t: u64) -> Vec<Vec<f32>> {
+/// The first `n` points writer `t` of [`writers`] upserts, in order (it draws
+/// [`WRITER_POINTS`], the `i`-th as id `first_id + t * WRITER_IDS + i`, cycling past the end;
+/// a smaller `n` gives the start of the same sequence): drawn from `mixture`, like the data,
+/// or with `VECTORD_SCALE_WRITER_POINTS=outliers` each coordinate N(0, 1), unlike it (as far
+/// from every centre as the centres are from each other: issue 20's "random, unlike the base
+/// data").
+pub fn writer_points(mixture: &Mixture, t: u64, n: usize) -> Vec<Vec<f32>> {
     if std::env::var("VECTORD_SCALE_WRITER_POINTS").as_deref() == Ok("outliers") {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1_000 + t);
         let dim = mixture.centres.first().map_or(0, Vec::len);
-        return (0..WRITER_POINTS)
+        return (0..n)
             .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
             .collect();
     }
-    mixture.samples(1_000 + t, WRITER_POINTS)
+    mixture.samples(1_000 + t, n)
 }
 
 /// How many points each of [`writers`]' writers draws.
@@ -491,7 +495,9 @@ pub async fn found_first(
     let mut queries = Vec::with_capacity(ids.len());
     for &id in &ids {
         let (t, i) = ((id - first_id) / WRITER_IDS, (id - first_id) % WRITER_IDS);
-        let points = drawn.entry(t).or_insert_with(|| writer_points(mixture, t));
+        let points = drawn
+            .entry(t)
+            .or_insert_with(|| writer_points(mixture, t, WRITER_POINTS));
         queries.push(points[i as usize].clone());
     }
     let mut found = vec![0; efs.len()];
