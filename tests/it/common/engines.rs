@@ -47,15 +47,21 @@ impl Engines {
             .env("SECURE", if secure { "1" } else { "0" })
             .output()
             .map_err(|e| format!("running scripts/cluster.sh: {e}"))?;
+        // A failed start may leave some engines running: they are stopped before the error
+        // returns (the temp dir's removal alone would not stop them).
+        let stop = |why: String| {
+            stop_engines(dir.path());
+            why
+        };
         if !out.status.success() {
-            return Err(format!(
+            return Err(stop(format!(
                 "the cluster's engines did not start ({}):\n{}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
-            ));
+            )));
         }
         let env = std::fs::read_to_string(dir.path().join("env"))
-            .map_err(|e| format!("the script's env file: {e}"))?;
+            .map_err(|e| stop(format!("the script's env file: {e}")))?;
         let get = |k: &str| {
             env.lines()
                 .find_map(|l| l.strip_prefix(&format!("{k}=")))
@@ -71,9 +77,13 @@ impl Engines {
                 password: var("PASSWORD"),
             }
         };
+        let (etcd, nats) = match (get("VECTORD_ETCD"), get("VECTORD_NATS")) {
+            (Ok(etcd), Ok(nats)) => (etcd, nats),
+            (Err(e), _) | (_, Err(e)) => return Err(stop(e)),
+        };
         Ok(Engines {
-            etcd: get("VECTORD_ETCD")?,
-            nats: get("VECTORD_NATS")?,
+            etcd,
+            nats,
             etcd_access: access("ETCD"),
             nats_access: access("NATS"),
             dir,
@@ -82,12 +92,17 @@ impl Engines {
     }
 }
 
+/// `scripts/cluster.sh stop DIR`: stops every engine started in `dir`.
+fn stop_engines(dir: &Path) {
+    let _ = Command::new("bash")
+        .arg(script())
+        .arg("stop")
+        .arg(dir)
+        .output();
+}
+
 impl Drop for Engines {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
+        stop_engines(self.dir.path());
     }
 }
