@@ -1395,7 +1395,11 @@ mod tests {
                     }
                 }
                 for q in prep(&queries) {
-                    assert_eq!(g.search(&q.vector, 10, 40), h.search(&q.vector, 10, 40));
+                    assert_eq!(
+                        g.search(&q.vector, 10, 40),
+                        h.search(&q.vector, 10, 40),
+                        "{kind} {metric} after further writes"
+                    );
                 }
 
                 // Refused: another index or sequence, another engine, metric or dimension.

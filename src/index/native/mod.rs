@@ -146,6 +146,9 @@ pub struct Native {
     /// Whether inserts keep every node findable (`hnsw`'s in-link floor and checks); false
     /// only in the measurement of what that costs.
     findable: bool,
+    /// Whether a prune keeps a node's link from the first node of its own list
+    /// (`hnsw::Native::pinned`); false only in the measurement of what that gives and costs.
+    pins: bool,
     /// Whether a prune of a full level-0 list skips the distances between links already known
     /// to pass the neighbour heuristic together (`hnsw::Native::link_back`); false only in the
     /// test that it builds the same graph.
@@ -206,6 +209,7 @@ impl Native {
             top_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
             findable: true,
+            pins: true,
             known_links: true,
             bounded_rerank: true,
             slots: AtomicUsize::new(0),

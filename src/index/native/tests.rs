@@ -1380,3 +1380,281 @@ fn known_links_build_the_same_graph() {
         );
     }
 }
+
+/// Online outliers at scale (issue 20's fifth target), and why some are missed: `N` (default
+/// 100,000) 128-d points of a 64-Gaussian mixture (centres N(0, 1), spread 0.35, as the scale
+/// bench) built on 2 threads, recall@10 of 300 queries like them at ef 16 and 64, then `OUT`
+/// (40,000) outliers N(0, 1) inserted one at a time by `THREADS` (2) threads, then optionally
+/// a pass of [`Native::make_findable`] over all of them (`REPAIR=1`) and `MORE` further
+/// outliers. Every 20th of the first `OUT` is searched by its own vector right after its
+/// insert and at the end (ef 64 and 200); of those missed at the end it prints their
+/// in-links, where the search ended (rank among the point's true neighbours) and, when that
+/// was the nearest neighbour, how the two are linked. `PINS=0` turns the pins
+/// ([`Native::pinned`]) off. Run with
+/// `cargo test --release --lib online_outliers_at_scale -- --ignored --nocapture`.
+///
+/// Measured (2-core AMD EPYC, MORE=20000, 2 runs each): without pins 507 and 503 of 2,000
+/// missed at ef 64, 171 and 173 at ef 200; with pins 356 and 338, 81 and 82; insert rates
+/// and recall@10 at ef 64 within run-to-run spread (0.964-0.972). Most misses end at the
+/// point's nearest neighbour, inserted after it, which ranks it 100th or so among its own
+/// neighbours; a repair pass over all outliers fixed few for long (the next 20,000 undid it).
+#[test]
+#[ignore]
+fn online_outliers_at_scale() {
+    let dim = 128;
+    let (n, out, threads) = (
+        env_or("N", 100_000),
+        env_or("OUT", 40_000),
+        env_or("THREADS", 2),
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("SEED", 7) as u64);
+    let mut normal = || -> f32 {
+        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+        let u2: f64 = rng.gen();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    };
+    let centres: Vec<Vec<f32>> = (0..64)
+        .map(|_| (0..dim).map(|_| normal()).collect())
+        .collect();
+    let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let base: Vec<Vec<f32>> = (0..n)
+        .map(|_| {
+            let c = &centres[pick.gen_range(0..64)];
+            c.iter().map(|x| x + 0.35 * normal()).collect()
+        })
+        .collect();
+    let far: Vec<Vec<f32>> = (0..out)
+        .map(|_| (0..dim).map(|_| normal()).collect())
+        .collect();
+    let cfg = HnswConfig {
+        m: 16,
+        ef_construction: 200,
+        ef_search: 64,
+        seed: None,
+    };
+    let mut e = Native::with_storage(Metric::L2, dim as u32, &cfg, n, Storage::Int8);
+    e.pins = env_or("PINS", 1) == 1;
+    let t = std::time::Instant::now();
+    e.insert_many(&indexed(&base), true);
+    e.link_orphans();
+    println!("built {n} in {:.1} s", t.elapsed().as_secs_f64());
+    let queries: Vec<Vec<f32>> = (0..300)
+        .map(|_| {
+            let c = &centres[pick.gen_range(0..64)];
+            c.iter().map(|x| x + 0.35 * normal()).collect()
+        })
+        .collect();
+    for ef in [16, 64] {
+        let t = std::time::Instant::now();
+        let r = recall(&e, Metric::L2, &base, &queries, ef);
+        println!(
+            "recall@10 at ef {ef}: {r:.4} ({:.1} s with exact)",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let per = far.len().div_ceil(threads);
+    let t = std::time::Instant::now();
+    let at_insert: Vec<(usize, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = far
+            .chunks(per)
+            .enumerate()
+            .map(|(c, part)| {
+                let e = &e;
+                s.spawn(move || {
+                    let mut seen = Vec::new();
+                    for (j, v) in part.iter().enumerate() {
+                        let id = n + c * per + j;
+                        e.insert(v, id);
+                        if id % 20 == 0 {
+                            seen.push((id, e.search(v, 1, 64).first().map(|f| f.0) == Some(id)));
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    println!(
+        "inserted {out} outliers in {:.1} s ({:.0}/s)",
+        t.elapsed().as_secs_f64(),
+        out as f64 / t.elapsed().as_secs_f64()
+    );
+    if env_or("REPAIR", 0) >= 1 {
+        let t = std::time::Instant::now();
+        for (j, v) in far.iter().enumerate() {
+            e.make_findable((n + j) as u32, v);
+        }
+        println!(
+            "repair pass over {out} in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let more = env_or("MORE", 0);
+    let mut all_far = far.clone();
+    if more > 0 {
+        let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let extra: Vec<Vec<f32>> = (0..more)
+            .map(|_| {
+                (0..dim)
+                    .map(|_| {
+                        let u1: f64 = r2.gen_range(f64::EPSILON..1.0);
+                        let u2: f64 = r2.gen();
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        let per = more.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (c, part) in extra.chunks(per).enumerate() {
+                let e = &e;
+                s.spawn(move || {
+                    for (j, v) in part.iter().enumerate() {
+                        e.insert(v, n + out + c * per + j);
+                    }
+                });
+            }
+        });
+        println!("then {more} more outliers");
+        all_far.extend(extra);
+    }
+    let found_then = at_insert.iter().filter(|x| x.1).count();
+    let mut lost = [[0usize; 4]; 2];
+    let mut lost_in = Vec::new();
+    let mut kept_in = Vec::new();
+    let mut lost_to_base = 0;
+    let mut ranks = Vec::new();
+    let mut diag = [0usize; 7];
+    let mut n0rank = Vec::new();
+    let mut xrank = Vec::new();
+    for &(id, _) in &at_insert {
+        let v = &far[id - n];
+        let quarter = (id - n) * 4 / out;
+        let ins = e
+            .in_links_of(id as u32)
+            .map_or(0, |c| c.load(AtOrd::Relaxed));
+        let got64 = e.search(v, 1, 64).first().map(|f| f.0);
+        if got64 != Some(id) {
+            lost[0][quarter] += 1;
+            lost_in.push(ins);
+            lost_to_base += usize::from(got64.is_some_and(|g| g < n));
+            if let Some(g) = got64 {
+                let vg = if g < n { &base[g] } else { &all_far[g - n] };
+                let dg = distance::internal(Metric::L2, v, vg);
+                let closer = base
+                    .iter()
+                    .chain(all_far.iter())
+                    .filter(|w| {
+                        let d = distance::internal(Metric::L2, v, w);
+                        d > 0.0 && d < dg
+                    })
+                    .count();
+                ranks.push(closer);
+                if closer == 0 {
+                    let xl: Vec<u32> = e.linked(id as u32, 0).collect();
+                    let ll: Vec<u32> = e.linked(g as u32, 0).collect();
+                    diag[0] += usize::from(xl.contains(&(g as u32)));
+                    diag[1] += usize::from(xl.first() == Some(&(g as u32)));
+                    diag[2] += usize::from(g > id);
+                    diag[3] += usize::from(ll.len() < 32);
+                    diag[4] += 1;
+                    if let Some(&n0) = xl.first() {
+                        let n0 = n0 as usize;
+                        diag[6] += usize::from(e.linked(n0 as u32, 0).any(|y| y as usize == id));
+                        let vn = if n0 < n { &base[n0] } else { &all_far[n0 - n] };
+                        let dn = distance::internal(Metric::L2, v, vn);
+                        n0rank.push(
+                            base.iter()
+                                .chain(all_far.iter())
+                                .filter(|w| {
+                                    let d = distance::internal(Metric::L2, v, w);
+                                    d > 0.0 && d < dn
+                                })
+                                .count(),
+                        );
+                    }
+                    let cand: Vec<usize> =
+                        e.search(vg, 200, 200).into_iter().map(|f| f.0).collect();
+                    diag[5] += usize::from(cand.contains(&id));
+                    let dx = distance::internal(Metric::L2, vg, v);
+                    let xr = base
+                        .iter()
+                        .chain(all_far.iter())
+                        .filter(|w| {
+                            let d = distance::internal(Metric::L2, vg, w);
+                            d > 0.0 && d < dx
+                        })
+                        .count();
+                    xrank.push(xr);
+                }
+            }
+        } else {
+            kept_in.push(ins);
+        }
+        if e.search(v, 1, 200).first().map(|f| f.0) != Some(id) {
+            lost[1][quarter] += 1;
+        }
+    }
+    let hist = |v: &[u16]| [4u16, 6, 8, 10, 12].map(|t| v.iter().filter(|&&x| x <= t).count());
+    println!(
+        "in-links <= 4, 6, 8, 10, 12: missed {:?}, found {:?}",
+        hist(&lost_in),
+        hist(&kept_in)
+    );
+    let mean = |v: &[u16]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    println!(
+        "sampled {}: found at ef 64 right after insert {found_then}; at the end not found at ef 64 by insert quarter {:?}, at ef 200 {:?}; missed ones' in-links mean {:.1} (found ones {:.1}); misses ending at a base point {lost_to_base}",
+        at_insert.len(),
+        lost[0],
+        lost[1],
+        mean(&lost_in),
+        mean(&kept_in)
+    );
+    ranks.sort_unstable();
+    println!("rank of where missed searches ended among the point's neighbours: {ranks:?}");
+    println!("of {} missed at their nearest L: X links L {}, X's first link is L {}, L inserted after X {}, L's list not full {}", diag[4], diag[0], diag[1], diag[2], diag[3]);
+    xrank.sort_unstable();
+    n0rank.sort_unstable();
+    println!(
+        "X's first link N0 links X: {}; N0's rank among X's neighbours {n0rank:?}",
+        diag[6]
+    );
+    println!(
+        "X in a search for L at ef 200: {}; X's rank among L's neighbours {xrank:?}",
+        diag[5]
+    );
+}
+
+/// Every level-0 link is counted once in its target's in-link counter ([`Native::in_links`],
+/// which the in-link floor and the pins read): after a build and online inserts, each count
+/// equals the links that reach the node, as a loaded snapshot counts them again. (A prune
+/// that took back a link it had just given up for another left it uncounted; the dot
+/// product's hubs met that often.)
+#[test]
+fn in_link_counts_match_the_links() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let pts: Vec<Vec<f32>> = (0..3300)
+        .map(|_| (0..12).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+        .collect();
+    for metric in [Metric::Dot, Metric::L2] {
+        for storage in [Storage::F32, Storage::Int8] {
+            let e = Native::with_storage(metric, 12, &config(Some(5)), 0, storage);
+            e.insert_many(&indexed(&pts[..3000]), true);
+            for (j, v) in pts[3000..].iter().enumerate() {
+                e.insert(v, 3000 + j);
+            }
+            let mut reach = vec![0u16; pts.len()];
+            for id in 0..pts.len() as u32 {
+                for to in e.linked(id, 0) {
+                    reach[to as usize] += 1;
+                }
+            }
+            let counted: Vec<u16> = (0..pts.len() as u32)
+                .map(|id| e.in_links_of(id).map_or(0, |c| c.load(AtOrd::Relaxed)))
+                .collect();
+            let wrong = (0..pts.len()).filter(|&i| counted[i] != reach[i]).count();
+            assert_eq!(wrong, 0, "{metric:?} {storage:?}: counts that disagree");
+        }
+    }
+}
