@@ -1658,3 +1658,78 @@ fn in_link_counts_match_the_links() {
         }
     }
 }
+
+/// What the pins ([`Native::pinned`]) cost inserts of points like the data: per round, `N`
+/// (default 100,000) points of the scale bench's 128-d mixture built on 2 threads, then `M`
+/// (20,000) more inserted one at a time by 2 threads, with pins and without, alternating which
+/// goes first, `ROUNDS` (3) rounds; medians of the ratios. Run with
+/// `cargo test --release --lib pins_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn pins_cost() {
+    let dim = 128;
+    let (n, m, rounds) = (
+        env_or("N", 100_000),
+        env_or("M", 20_000),
+        env_or("ROUNDS", 3),
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut normal = || -> f32 {
+        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+        let u2: f64 = rng.gen();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    };
+    let centres: Vec<Vec<f32>> = (0..64)
+        .map(|_| (0..dim).map(|_| normal()).collect())
+        .collect();
+    let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let points: Vec<Vec<f32>> = (0..n + m)
+        .map(|_| {
+            let c = &centres[pick.gen_range(0..64)];
+            c.iter().map(|x| x + 0.35 * normal()).collect()
+        })
+        .collect();
+    let (base, online) = points.split_at(n);
+    let cfg = HnswConfig {
+        m: 16,
+        ef_construction: 200,
+        ef_search: 64,
+        seed: None,
+    };
+    let (mut build, mut insert) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut rate = [[0.0f64; 2]; 2];
+        for k in 0..2 {
+            let pins = (round + k) % 2 == 0;
+            let mut e = Native::with_storage(Metric::L2, dim as u32, &cfg, n, Storage::Int8);
+            e.pins = pins;
+            let t = std::time::Instant::now();
+            e.insert_many(&indexed(base), true);
+            rate[usize::from(pins)][0] = n as f64 / t.elapsed().as_secs_f64();
+            let per = m.div_ceil(2);
+            let t = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for (c, part) in online.chunks(per).enumerate() {
+                    let e = &e;
+                    s.spawn(move || {
+                        for (j, v) in part.iter().enumerate() {
+                            e.insert(v, n + c * per + j);
+                        }
+                    });
+                }
+            });
+            rate[usize::from(pins)][1] = m as f64 / t.elapsed().as_secs_f64();
+        }
+        println!(
+            "round {round}: build {:.0} with pins, {:.0} without; online {:.0} with, {:.0} without",
+            rate[1][0], rate[0][0], rate[1][1], rate[0][1]
+        );
+        build.push(rate[1][0] / rate[0][0]);
+        insert.push(rate[1][1] / rate[0][1]);
+    }
+    println!(
+        "with pins / without: build {:.3} ({build:.3?}), online inserts {:.3} ({insert:.3?})",
+        median(build.clone()),
+        median(insert.clone())
+    );
+}
