@@ -1481,7 +1481,8 @@ async fn adaptive_is_deterministic_for_a_seed_and_keeps_its_budget() {
             "m {m} not explored"
         );
     }
-    let ladder = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200];
+    // The server's own ladder (up to 512): a copy here once stopped at 200.
+    let ladder = vectord::autotune::adaptive::EF_LADDER;
     let mut graphs: Vec<(u32, u32)> = t1
         .iter()
         .filter_map(|t| t.config.map(|c| (c.m, c.ef_construction)))

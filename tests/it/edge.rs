@@ -737,8 +737,9 @@ async fn a_peer_that_ignores_the_goaway_is_closed_anyway() {
 
 /// A client's calls spaced around the idle timeout, each on the channel's connection as it
 /// is idle-closed and reopened: every call is answered (the server closes idle connections
-/// with a GOAWAY and still serves a call that crossed it), and the client did reconnect, many
-/// times. Before the GOAWAY, a call that met its connection's close failed.
+/// with a GOAWAY and still serves a call that crossed it), at most 3 of them only after a
+/// retry of an UNAVAILABLE refusal, and the client did reconnect, many times. Before the
+/// GOAWAY, a call that met its connection's close failed.
 #[tokio::test]
 async fn calls_crossing_idle_closes_are_all_served() {
     let idle = Duration::from_millis(100);
@@ -764,6 +765,7 @@ async fn calls_crossing_idle_closes_are_all_served() {
         .expect("connect");
     let mut health = HealthClient::new(ch);
     let rounds = 40u32;
+    let mut retried = 0;
     for i in 0..rounds {
         // Pauses from 0.8x to 1.2x the idle timeout, so calls go out before, at and after
         // the moment their connection is closed.
@@ -773,8 +775,22 @@ async fn calls_crossing_idle_closes_are_all_served() {
             health.check(HealthCheckRequest::default()),
         )
         .await;
-        assert!(r.is_ok(), "call {i} failed: {:?}", r.err());
+        if let Err(e) = r {
+            // A call sent in the moment between the server's GOAWAY and the client reading
+            // it is refused unprocessed, UNAVAILABLE, which gRPC clients retry (tonic does
+            // not do it by itself); on a loaded host that moment can be met. Such a refusal
+            // must be rare and its retry answered.
+            assert_eq!(e.code(), tonic::Code::Unavailable, "call {i} failed: {e:?}");
+            retried += 1;
+            let again = within(
+                "a health check",
+                health.check(HealthCheckRequest::default()),
+            )
+            .await;
+            assert!(again.is_ok(), "call {i}'s retry failed: {:?}", again.err());
+        }
     }
+    assert!(retried <= 3, "{retried} of {rounds} calls were refused");
     let n = connects.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         n >= 5,
