@@ -1525,6 +1525,17 @@ fn online_outliers_at_scale() {
     let mut kept_in = Vec::new();
     let mut lost_to_base = 0;
     let mut ranks = Vec::new();
+    let vector_of = |g: usize| if g < n { &base[g] } else { &all_far[g - n] };
+    // How many points are nearer to `from` than `d` (itself excepted).
+    let nearer = |from: &[f32], d: f32| {
+        base.iter()
+            .chain(all_far.iter())
+            .filter(|w| {
+                let dw = distance::internal(Metric::L2, from, w);
+                dw > 0.0 && dw < d
+            })
+            .count()
+    };
     let mut diag = [0usize; 7];
     let mut n0rank = Vec::new();
     let mut xrank = Vec::new();
@@ -1540,18 +1551,9 @@ fn online_outliers_at_scale() {
             lost_in.push(ins);
             lost_to_base += usize::from(got64.is_some_and(|g| g < n));
             if let Some(g) = got64 {
-                let vg = if g < n { &base[g] } else { &all_far[g - n] };
-                let dg = distance::internal(Metric::L2, v, vg);
-                let closer = base
-                    .iter()
-                    .chain(all_far.iter())
-                    .filter(|w| {
-                        let d = distance::internal(Metric::L2, v, w);
-                        d > 0.0 && d < dg
-                    })
-                    .count();
-                ranks.push(closer);
-                if closer == 0 {
+                let vg = vector_of(g);
+                ranks.push(nearer(v, distance::internal(Metric::L2, v, vg)));
+                if ranks.last() == Some(&0) {
                     let xl: Vec<u32> = e.linked(id as u32, 0).collect();
                     let ll: Vec<u32> = e.linked(g as u32, 0).collect();
                     diag[0] += usize::from(xl.contains(&(g as u32)));
@@ -1560,33 +1562,14 @@ fn online_outliers_at_scale() {
                     diag[3] += usize::from(ll.len() < 32);
                     diag[4] += 1;
                     if let Some(&n0) = xl.first() {
-                        let n0 = n0 as usize;
-                        diag[6] += usize::from(e.linked(n0 as u32, 0).any(|y| y as usize == id));
-                        let vn = if n0 < n { &base[n0] } else { &all_far[n0 - n] };
-                        let dn = distance::internal(Metric::L2, v, vn);
-                        n0rank.push(
-                            base.iter()
-                                .chain(all_far.iter())
-                                .filter(|w| {
-                                    let d = distance::internal(Metric::L2, v, w);
-                                    d > 0.0 && d < dn
-                                })
-                                .count(),
-                        );
+                        diag[6] += usize::from(e.linked(n0, 0).any(|y| y as usize == id));
+                        let vn = vector_of(n0 as usize);
+                        n0rank.push(nearer(v, distance::internal(Metric::L2, v, vn)));
                     }
                     let cand: Vec<usize> =
                         e.search(vg, 200, 200).into_iter().map(|f| f.0).collect();
                     diag[5] += usize::from(cand.contains(&id));
-                    let dx = distance::internal(Metric::L2, vg, v);
-                    let xr = base
-                        .iter()
-                        .chain(all_far.iter())
-                        .filter(|w| {
-                            let d = distance::internal(Metric::L2, vg, w);
-                            d > 0.0 && d < dx
-                        })
-                        .count();
-                    xrank.push(xr);
+                    xrank.push(nearer(vg, distance::internal(Metric::L2, vg, v)));
                 }
             }
         } else {
