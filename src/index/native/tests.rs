@@ -1381,6 +1381,13 @@ fn known_links_build_the_same_graph() {
     }
 }
 
+/// A standard normal sample (Box-Muller), as the benches' `common::normal`.
+fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f32 {
+    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.gen();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
 /// Online outliers at scale (issue 20's fifth target), and why some are missed: `N` (default
 /// 100,000) 128-d points of a 64-Gaussian mixture (centres N(0, 1), spread 0.35, as the scale
 /// bench) built on 2 threads, recall@10 of 300 queries like them at ef 16 and 64, then `OUT`
@@ -1409,23 +1416,18 @@ fn online_outliers_at_scale() {
         env_or("THREADS", 2),
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("SEED", 7) as u64);
-    let mut normal = || -> f32 {
-        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-        let u2: f64 = rng.gen();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    };
     let centres: Vec<Vec<f32>> = (0..64)
-        .map(|_| (0..dim).map(|_| normal()).collect())
+        .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
         .collect();
     let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(99);
     let base: Vec<Vec<f32>> = (0..n)
         .map(|_| {
             let c = &centres[pick.gen_range(0..64)];
-            c.iter().map(|x| x + 0.35 * normal()).collect()
+            c.iter().map(|x| x + 0.35 * normal(&mut rng)).collect()
         })
         .collect();
     let far: Vec<Vec<f32>> = (0..out)
-        .map(|_| (0..dim).map(|_| normal()).collect())
+        .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
         .collect();
     let cfg = HnswConfig {
         m: 16,
@@ -1442,7 +1444,7 @@ fn online_outliers_at_scale() {
     let queries: Vec<Vec<f32>> = (0..300)
         .map(|_| {
             let c = &centres[pick.gen_range(0..64)];
-            c.iter().map(|x| x + 0.35 * normal()).collect()
+            c.iter().map(|x| x + 0.35 * normal(&mut rng)).collect()
         })
         .collect();
     for ef in [16, 64] {
@@ -1496,15 +1498,7 @@ fn online_outliers_at_scale() {
     if more > 0 {
         let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let extra: Vec<Vec<f32>> = (0..more)
-            .map(|_| {
-                (0..dim)
-                    .map(|_| {
-                        let u1: f64 = r2.gen_range(f64::EPSILON..1.0);
-                        let u2: f64 = r2.gen();
-                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-                    })
-                    .collect()
-            })
+            .map(|_| (0..dim).map(|_| normal(&mut r2)).collect())
             .collect();
         let per = more.div_ceil(threads);
         std::thread::scope(|s| {
@@ -1658,19 +1652,14 @@ fn pins_cost() {
         env_or("ROUNDS", 3),
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let mut normal = || -> f32 {
-        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-        let u2: f64 = rng.gen();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    };
     let centres: Vec<Vec<f32>> = (0..64)
-        .map(|_| (0..dim).map(|_| normal()).collect())
+        .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
         .collect();
     let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let points: Vec<Vec<f32>> = (0..n + m)
         .map(|_| {
             let c = &centres[pick.gen_range(0..64)];
-            c.iter().map(|x| x + 0.35 * normal()).collect()
+            c.iter().map(|x| x + 0.35 * normal(&mut rng)).collect()
         })
         .collect();
     let (base, online) = points.split_at(n);
