@@ -883,6 +883,11 @@ impl Native {
                 (id != EMPTY).then(|| self.vector(id).map(|v| (i, v)))?
             })
             .collect();
+        // Never one of a node's last in-links ([`MIN_IN_LINKS`]), nor a pinned one.
+        let may = |x: usize| {
+            let id = slots[x].load(AtOrd::Acquire);
+            self.droppable(id) && !self.pinned(base_id, id)
+        };
         let mut best: Option<(f32, usize)> = None;
         for (a, &(i, va)) in linked.iter().enumerate() {
             for &(j, vb) in &linked[a + 1..] {
@@ -893,10 +898,6 @@ impl Native {
                     } else {
                         (j, i)
                     };
-                    let id_of = |x: usize| slots[x].load(AtOrd::Acquire);
-                    // Never one of a node's last in-links ([`MIN_IN_LINKS`]).
-                    let may =
-                        |x: usize| self.droppable(id_of(x)) && !self.pinned(base_id, id_of(x));
                     if may(far) {
                         best = Some((d, far));
                     } else if may(near) {
