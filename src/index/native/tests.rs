@@ -1388,6 +1388,21 @@ fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
+/// A `dim`-d point with each coordinate N(0, 1): a mixture's centre, or an outlier.
+fn gaussian(rng: &mut rand_chacha::ChaCha8Rng, dim: usize) -> Vec<f32> {
+    (0..dim).map(|_| normal(rng)).collect()
+}
+
+/// A point of the scale bench's mixture: a centre picked by `pick`, plus N(0, 0.35) noise.
+fn mixture_point(
+    centres: &[Vec<f32>],
+    pick: &mut rand_chacha::ChaCha8Rng,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Vec<f32> {
+    let c = &centres[pick.gen_range(0..centres.len())];
+    c.iter().map(|x| x + 0.35 * normal(rng)).collect()
+}
+
 /// Online outliers at scale (issue 20's fifth target), and why some are missed: `N` (default
 /// 100,000) 128-d points of a 64-Gaussian mixture (centres N(0, 1), spread 0.35, as the scale
 /// bench) built on 2 threads, recall@10 of 300 queries like them at ef 16 and 64, then `OUT`
@@ -1416,19 +1431,12 @@ fn online_outliers_at_scale() {
         env_or("THREADS", 2),
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("SEED", 7) as u64);
-    let centres: Vec<Vec<f32>> = (0..64)
-        .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
-        .collect();
+    let centres: Vec<Vec<f32>> = (0..64).map(|_| gaussian(&mut rng, dim)).collect();
     let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(99);
     let base: Vec<Vec<f32>> = (0..n)
-        .map(|_| {
-            let c = &centres[pick.gen_range(0..64)];
-            c.iter().map(|x| x + 0.35 * normal(&mut rng)).collect()
-        })
+        .map(|_| mixture_point(&centres, &mut pick, &mut rng))
         .collect();
-    let far: Vec<Vec<f32>> = (0..out)
-        .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
-        .collect();
+    let far: Vec<Vec<f32>> = (0..out).map(|_| gaussian(&mut rng, dim)).collect();
     let cfg = HnswConfig {
         m: 16,
         ef_construction: 200,
@@ -1442,10 +1450,7 @@ fn online_outliers_at_scale() {
     e.link_orphans();
     println!("built {n} in {:.1} s", t.elapsed().as_secs_f64());
     let queries: Vec<Vec<f32>> = (0..300)
-        .map(|_| {
-            let c = &centres[pick.gen_range(0..64)];
-            c.iter().map(|x| x + 0.35 * normal(&mut rng)).collect()
-        })
+        .map(|_| mixture_point(&centres, &mut pick, &mut rng))
         .collect();
     for ef in [16, 64] {
         let t = std::time::Instant::now();
@@ -1497,9 +1502,7 @@ fn online_outliers_at_scale() {
     let mut all_far = far.clone();
     if more > 0 {
         let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let extra: Vec<Vec<f32>> = (0..more)
-            .map(|_| (0..dim).map(|_| normal(&mut r2)).collect())
-            .collect();
+        let extra: Vec<Vec<f32>> = (0..more).map(|_| gaussian(&mut r2, dim)).collect();
         let per = more.div_ceil(threads);
         std::thread::scope(|s| {
             for (c, part) in extra.chunks(per).enumerate() {
@@ -1652,15 +1655,10 @@ fn pins_cost() {
         env_or("ROUNDS", 3),
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let centres: Vec<Vec<f32>> = (0..64)
-        .map(|_| (0..dim).map(|_| normal(&mut rng)).collect())
-        .collect();
+    let centres: Vec<Vec<f32>> = (0..64).map(|_| gaussian(&mut rng, dim)).collect();
     let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let points: Vec<Vec<f32>> = (0..n + m)
-        .map(|_| {
-            let c = &centres[pick.gen_range(0..64)];
-            c.iter().map(|x| x + 0.35 * normal(&mut rng)).collect()
-        })
+        .map(|_| mixture_point(&centres, &mut pick, &mut rng))
         .collect();
     let (base, online) = points.split_at(n);
     let cfg = HnswConfig {
