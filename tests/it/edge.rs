@@ -738,8 +738,8 @@ async fn a_peer_that_ignores_the_goaway_is_closed_anyway() {
 /// A client's calls spaced around the idle timeout, each on the channel's connection as it
 /// is idle-closed and reopened: every call is answered (the server closes idle connections
 /// with a GOAWAY and still serves a call that crossed it), at most 3 of them only after a
-/// retry of an UNAVAILABLE refusal, and the client did reconnect, many times. Before the
-/// GOAWAY, a call that met its connection's close failed.
+/// retry of a call the closing connection never sent or refused, and the client did
+/// reconnect, many times. Before the GOAWAY, a call that met its connection's close failed.
 #[tokio::test]
 async fn calls_crossing_idle_closes_are_all_served() {
     let idle = Duration::from_millis(100);
@@ -777,10 +777,17 @@ async fn calls_crossing_idle_closes_are_all_served() {
         .await;
         if let Err(e) = r {
             // A call sent in the moment between the server's GOAWAY and the client reading
-            // it is refused unprocessed, UNAVAILABLE, which gRPC clients retry (tonic does
-            // not do it by itself); on a loaded host that moment can be met. Such a refusal
-            // must be rare and its retry answered.
-            assert_eq!(e.code(), tonic::Code::Unavailable, "call {i} failed: {e:?}");
+            // it is never sent or is refused unprocessed: tonic reports the first as
+            // CANCELLED (hyper's "connection closed" before the request went out) and the
+            // second as UNAVAILABLE, and does not retry either by itself, as gRPC clients
+            // do. On a loaded host that moment can be met. It must be rare and the retry
+            // answered; any other error fails the test.
+            let unsent = e.code() == tonic::Code::Cancelled
+                && format!("{e:?}").contains("connection closed");
+            assert!(
+                e.code() == tonic::Code::Unavailable || unsent,
+                "call {i} failed: {e:?}"
+            );
             retried += 1;
             let again = within(
                 "a health check",
