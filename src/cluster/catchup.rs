@@ -69,7 +69,7 @@ pub struct StateChunk {
     /// The index's `points_changed` at `sequence` (refresh policies count it across nodes).
     pub points_changed: u64,
     pub points: Vec<Point>,
-    /// After the points, when the peer sends its graph (see `GraphCopy` in catalog.rs).
+    /// After the points, when the peer sends its graph (see `GraphCopy` in catalog/replica.rs).
     pub graph: Option<GraphChunk>,
 }
 
