@@ -59,17 +59,8 @@ impl Catalog {
         source: ConfigSource,
         profile: &str,
     ) -> Result<GenerationMeta> {
-        self.build_and_swap(
-            name,
-            None,
-            Graph::Build(config),
-            source,
-            profile,
-            true,
-            None,
-        )
-        .await
-        .map(|(meta, _, _)| meta)
+        self.rebuild_owned(name, None, config, source, profile)
+            .await
     }
 
     /// [`rebuild`](Self::rebuild) of the index with `uid` only: NOT_FOUND when the index of
@@ -85,17 +76,24 @@ impl Catalog {
         profile: &str,
     ) -> Result<GenerationMeta> {
         let owner = Some((uid, cancel.clone()));
-        self.build_and_swap(
-            name,
-            owner,
-            Graph::Build(config),
-            source,
-            profile,
-            true,
-            None,
-        )
-        .await
-        .map(|(meta, _, _)| meta)
+        self.rebuild_owned(name, owner, config, source, profile)
+            .await
+    }
+
+    /// A build of `config` swapped in and recorded, for `owner` (the index's uid and a cancel
+    /// token) when there is one.
+    async fn rebuild_owned(
+        &self,
+        name: &Name,
+        owner: Option<(u64, tokio_util::sync::CancellationToken)>,
+        config: HnswConfig,
+        source: ConfigSource,
+        profile: &str,
+    ) -> Result<GenerationMeta> {
+        let graph = Graph::Build(config);
+        self.build_and_swap(name, owner, graph, source, profile, true, None)
+            .await
+            .map(|(meta, _, _)| meta)
     }
 
     /// [`rebuild_for`](Self::rebuild_for) with `trial`'s graph as the new generation instead
