@@ -56,7 +56,7 @@ use serving::*;
 
 const INDEX: &str = "bench";
 /// What [`writers`] measured: acks/s, p50 ms, p99 ms, errors, the acknowledged ids.
-type Writes = (f64, f64, f64, u64, Vec<u64>);
+type Writes = WriterRun;
 const WRITERS: u64 = 64;
 const BATCH: usize = 100;
 /// Longest the bench waits for a node to apply or catch up.
@@ -356,23 +356,23 @@ async fn main() -> BoxResult<()> {
     ] {
         println!(
             "  {name:<17} {} acks/s, p50 {} ms, p99 {} ms, {} errors",
-            spread(&col(w, |r| r.0), |x| format!("{x:.0}")),
-            spread(&col(w, |r| r.1), |x| format!("{x:.1}")),
-            spread(&col(w, |r| r.2), |x| format!("{x:.1}")),
-            w.iter().map(|r| r.3).sum::<u64>()
+            spread(&col(w, |r| r.per_s), |x| format!("{x:.0}")),
+            spread(&col(w, |r| r.p50), |x| format!("{x:.1}")),
+            spread(&col(w, |r| r.p99), |x| format!("{x:.1}")),
+            w.iter().map(|r| r.errors).sum::<u64>()
         );
     }
     let (acks_s, acks_c) = (
-        median(&col(&w_single, |r| r.0)),
-        median(&col(&w_cluster, |r| r.0)),
+        median(&col(&w_single, |r| r.per_s)),
+        median(&col(&w_cluster, |r| r.per_s)),
     );
     let (p50_s, p50_c) = (
-        median(&col(&w_single, |r| r.1)),
-        median(&col(&w_cluster, |r| r.1)),
+        median(&col(&w_single, |r| r.p50)),
+        median(&col(&w_cluster, |r| r.p50)),
     );
     let (p99_s, p99_c) = (
-        median(&col(&w_single, |r| r.2)),
-        median(&col(&w_cluster, |r| r.2)),
+        median(&col(&w_single, |r| r.p99)),
+        median(&col(&w_cluster, |r| r.p99)),
     );
     println!(
         "  cluster / single: acks/s {}, p50 {}, p99 {}",
@@ -433,8 +433,8 @@ async fn main() -> BoxResult<()> {
             "import": {"single_s": import_single, "single_linked_s": linked_single, "cluster_ack_s": import_cluster, "cluster_all_applied_s": all_applied},
             "ef": ef, "recall": {"single": single_recall, "nodes": node_recalls},
             "qps": setups.iter().zip(&qps_runs).map(|((name, _), v)| json!({"setup": name, "runs": v})).collect::<Vec<_>>(),
-            "writers": {"single": w_single.iter().map(|r| json!([r.0, r.1, r.2, r.3])).collect::<Vec<_>>(),
-                        "cluster": w_cluster.iter().map(|r| json!([r.0, r.1, r.2, r.3])).collect::<Vec<_>>()},
+            "writers": {"single": w_single.iter().map(|r| json!([r.per_s, r.p50, r.p99, r.errors])).collect::<Vec<_>>(),
+                        "cluster": w_cluster.iter().map(|r| json!([r.per_s, r.p50, r.p99, r.errors])).collect::<Vec<_>>()},
             "activate": {"single_s": a_single, "cluster_s": a_cluster},
             "catch_up": {"points": total_points, "serving_s": serving, "caught_up_s": caught_up, "path": path},
         }))?,
