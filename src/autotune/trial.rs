@@ -20,7 +20,7 @@ pub struct Trial {
     pub point_count: u64,
     pub memory_bytes: u64,
     pub create_time_ms: u64,
-    /// "manual" or "autotune:<job id>".
+    /// `"manual"` or `"autotune:<job id>"`.
     pub source: String,
     /// Mean distance computations per query; 0 for trials journaled before it was recorded.
     #[serde(default)]

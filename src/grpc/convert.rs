@@ -59,7 +59,7 @@ pub fn default_config(field: &str, c: Option<pb::HnswConfig>) -> Result<HnswConf
 }
 
 /// A trial's or grid entry's config, in the contract's trial bounds. `field` prefixes the
-/// field names in errors ("config." or "grid[3].").
+/// field names in errors (`"config."` or `"grid[3]."`).
 pub fn trial_config(field: &str, c: Option<pb::HnswConfig>) -> Result<HnswConfig> {
     let c = c.ok_or_else(|| {
         Error::invalid("config is required: m (0 = 16, else 2..=128), ef_construction 10..=400, ef_search 10..=512")

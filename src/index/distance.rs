@@ -395,14 +395,14 @@ pub fn l2sq_codes<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
     l2sq_codes_plain(a, b, scale)
 }
 
-/// The largest |x[i]|, if it is positive and finite (the scale of a compact form needs one).
+/// The largest `|x[i]|`, if it is positive and finite (the scale of a compact form needs one).
 fn largest_magnitude(x: &[f32]) -> Option<f32> {
     let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     (max > 0.0 && max.is_finite()).then_some(max)
 }
 
 /// A vector as 8-bit codes with one scale: `x[i] ~ scale * codes[i]`, the scale chosen so the
-/// largest |x[i]| maps to 127 (symmetric, per vector, so no training data is needed and any
+/// largest `|x[i]|` maps to 127 (symmetric, per vector, so no training data is needed and any
 /// range works). Writes `x.len()` codes into `codes` and returns the scale (0 for a zero vector).
 pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
     let Some(max) = largest_magnitude(x) else {
@@ -418,7 +418,7 @@ pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
 }
 
 /// A query as 16-bit fixed point for [`dot_i16_i8`]: `x[i] ~ scale * out[i]`, the scale chosen
-/// so the largest |x[i]| maps to the largest value for which no sum of `x.len()` products with
+/// so the largest `|x[i]|` maps to the largest value for which no sum of `x.len()` products with
 /// 8-bit codes can overflow an i32 (32767 up to about 4,000 dimensions; fewer bits above).
 /// Returns the scale, or `None` when the vector is zero or too long for fixed point.
 pub fn to_i16(x: &[f32], out: &mut Vec<i16>) -> Option<f32> {
