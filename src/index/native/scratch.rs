@@ -28,6 +28,8 @@ pub(super) struct Scratch {
     /// The unfiltered layer search's pool: the `ef` nearest nodes found, sorted, each marked once
     /// expanded.
     pub(super) pool: Vec<Pooled>,
+    /// The distances of `pool`, in the same order (counted through for an insert's place).
+    pub(super) pool_d: Vec<f32>,
     /// A filtered search's candidates and results (hnswlib's two heaps).
     pub(super) candidates: BinaryHeap<Reverse<Cand>>,
     pub(super) top: BinaryHeap<Cand>,
@@ -50,6 +52,7 @@ impl Scratch {
             self.bits.resize(words, 0);
         }
         self.pool.clear();
+        self.pool_d.clear();
         self.candidates.clear();
         self.top.clear();
     }
