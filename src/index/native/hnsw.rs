@@ -110,10 +110,11 @@ impl Layer {
     }
 }
 
-/// A node of [`Native::beam`]'s pool: its distance, and whether it was expanded.
+/// A node of [`Native::beam`]'s pool: its id, and whether it was expanded (its distance stands
+/// at the same place in the pool's distances, `Scratch::pool_d`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Pooled {
-    pub(super) c: Cand,
+    pub(super) id: u32,
     pub(super) done: bool,
 }
 
@@ -306,10 +307,10 @@ impl Native {
     /// and farther than its farthest is one the pool has dropped, and that is where hnswlib
     /// stops), for a place and a short move per accepted neighbour instead of two heap pushes
     /// and a pop (the heaps were 12 % of online linking's time). The place is counted through
-    /// the pool's distances, kept beside it in `pool_d` ([`distance::count_below`]): a binary
-    /// search over the pool was a chain of dependent loads, 7 % of a server's CPU under 64
-    /// writers; counting made online linking, builds and searches about 1.08x as fast in
-    /// process. The move grows with `ef`: past [`POOL_MAX_EF`] the heaps run instead.
+    /// the pool's distances, kept apart from its ids in `pool_d` ([`distance::count_below`]):
+    /// a binary search over the pool was a chain of dependent loads, 7 % of a server's CPU
+    /// under 64 writers; counting made online linking, builds and searches about 1.08x as fast
+    /// in process. The move grows with `ef`: past [`POOL_MAX_EF`] the heaps run instead.
     pub(super) fn beam(&self, q: &Query, ep: Cand, l: Layer, s: &mut Scratch) {
         let Layer {
             ef,
@@ -323,7 +324,10 @@ impl Native {
         // Empty: `Scratch::start` cleared them.
         let mut pool = std::mem::take(&mut s.pool);
         let mut pool_d = std::mem::take(&mut s.pool_d);
-        pool.push(Pooled { c: ep, done: false });
+        pool.push(Pooled {
+            id: ep.id,
+            done: false,
+        });
         pool_d.push(ep.d);
         let budget = ef.saturating_mul(EXPANSIONS_PER_EF);
         let mut expanded = 0usize;
@@ -337,7 +341,7 @@ impl Native {
                 break;
             };
             p.done = true;
-            let c = p.c;
+            let id = p.id;
             if let Some(k) = enough {
                 expanded += 1;
                 if expanded > budget && pool.len() >= k {
@@ -346,27 +350,26 @@ impl Native {
             }
             // The next candidate's list is read once this one is expanded: ask for it now (it
             // is apart from the vector its distance was measured with).
-            let next = pool[first..].iter().find(|p| !p.done).map(|p| p.c.id);
+            let next = pool[first..].iter().find(|p| !p.done).map(|p| p.id);
             if let Some(next) = next {
                 self.prefetch_links(next, level);
             }
-            self.expand(q, c.id, level, s, |_, cand| {
-                if pool.len() >= ef && pool.last().is_some_and(|w| cand.d >= w.c.d) {
+            self.expand(q, id, level, s, |_, cand| {
+                if pool.len() >= ef && pool_d.last().is_some_and(|&w| cand.d >= w) {
                     return;
                 }
                 // Its place in (d, id) order: after the nearer ones, then after those as near
                 // with a smaller id.
                 let mut at = distance::count_below(&pool_d, cand.d);
-                while pool
-                    .get(at)
-                    .is_some_and(|p| p.c.d == cand.d && p.c.id < cand.id)
+                while pool_d.get(at) == Some(&cand.d)
+                    && pool.get(at).is_some_and(|p| p.id < cand.id)
                 {
                     at += 1;
                 }
                 pool.insert(
                     at,
                     Pooled {
-                        c: cand,
+                        id: cand.id,
                         done: false,
                     },
                 );
@@ -379,12 +382,13 @@ impl Native {
             });
             if ahead {
                 if let Some(next) = pool[first..].iter().find(|p| !p.done) {
-                    self.look_ahead(s, next.c.id, level);
+                    self.look_ahead(s, next.id, level);
                 }
             }
         }
         s.found.clear();
-        s.found.extend(pool.iter().map(|p| p.c));
+        s.found
+            .extend(pool.iter().zip(&pool_d).map(|(p, &d)| Cand { d, id: p.id }));
         s.pool = pool;
         s.pool_d = pool_d;
     }

@@ -25,10 +25,11 @@ pub(super) struct Scratch {
     /// The words of `bits` this search set, cleared when the next one starts (so starting costs
     /// what the last search touched, not the size of the graph).
     pub(super) dirty: Vec<u32>,
-    /// The unfiltered layer search's pool: the `ef` nearest nodes found, sorted, each marked once
-    /// expanded.
+    /// The unfiltered layer search's pool: the `ef` nearest nodes found, sorted by distance then
+    /// id, each marked once expanded.
     pub(super) pool: Vec<Pooled>,
-    /// The distances of `pool`, in the same order (counted through for an insert's place).
+    /// The distance of each node of `pool`, at the same place (counted through for an insert's
+    /// place; the only copy of them).
     pub(super) pool_d: Vec<f32>,
     /// A filtered search's candidates and results (hnswlib's two heaps).
     pub(super) candidates: BinaryHeap<Reverse<Cand>>,
