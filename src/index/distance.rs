@@ -259,6 +259,33 @@ fn l2sq_codes_plain<T: Code>(a: &[f32], b: &[T], scale: f32) -> f32 {
         .sum()
 }
 
+fn l2sq_code_pair_plain<T: Code>(a: &[T], sa: f32, b: &[T], sb: f32) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = sa * x.to_f32() - sb * y.to_f32();
+            d * d
+        })
+        .sum()
+}
+
+/// The squared distance of `sa` times compact vector `a` and `sb` times `b` (two stored
+/// vectors as the neighbour heuristic compares them).
+#[inline]
+pub fn l2sq_code_pair<T: Code>(a: &[T], sa: f32, b: &[T], sb: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C, checked above.
+        return unsafe { avx512_codes::l2sq_pair(a, sa, b, sb) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
+        return unsafe { avx_codes::l2sq_pair(a, sa, b, sb) };
+    }
+    l2sq_code_pair_plain(a, sa, b, sb)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx_codes {
     use super::Code;
@@ -313,6 +340,27 @@ mod avx_codes {
             i += 16;
         }
         sum(_mm256_add_ps(s0, s1)) + super::l2sq_codes_plain(&a[i..n], &b[i..n], scale)
+    }
+
+    /// The squared distance of `sa * a` and `sb * b`. SAFETY: as the kernels above.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn l2sq_pair<T: Code>(a: &[T], sa: f32, b: &[T], sb: f32) -> f32 {
+        let n = a.len().min(b.len());
+        let (va, vb) = (_mm256_set1_ps(sa), _mm256_set1_ps(sb));
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            let (a0, a1) = (T::load8(pa), T::load8(pa.add(8)));
+            let (b0, b1) = (T::load8(pb), T::load8(pb.add(8)));
+            // sa * a - sb * b
+            let d0 = _mm256_fmsub_ps(va, a0, _mm256_mul_ps(vb, b0));
+            let d1 = _mm256_fmsub_ps(va, a1, _mm256_mul_ps(vb, b1));
+            s0 = _mm256_fmadd_ps(d0, d0, s0);
+            s1 = _mm256_fmadd_ps(d1, d1, s1);
+            i += 16;
+        }
+        sum(_mm256_add_ps(s0, s1)) + super::l2sq_code_pair_plain(&a[i..n], sa, &b[i..n], sb)
     }
 }
 
@@ -372,6 +420,23 @@ mod avx512_codes {
             i += 16;
         }
         sum(s) + super::l2sq_codes_plain(&a[i..n], &b[i..n], scale)
+    }
+
+    /// The squared distance of `sa * a` and `sb * b`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn l2sq_pair<T: Code>(a: &[T], sa: f32, b: &[T], sb: f32) -> f32 {
+        let n = a.len().min(b.len());
+        let (va, vb) = (_mm512_set1_ps(sa), _mm512_set1_ps(sb));
+        let mut s = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let (a0, b0) = (T::load16(a.as_ptr().add(i)), T::load16(b.as_ptr().add(i)));
+            // sa * a - sb * b
+            let d = _mm512_fmsub_ps(va, a0, _mm512_mul_ps(vb, b0));
+            s = _mm512_fmadd_ps(d, d, s);
+            i += 16;
+        }
+        sum(s) + super::l2sq_code_pair_plain(&a[i..n], sa, &b[i..n], sb)
     }
 }
 
@@ -680,6 +745,24 @@ mod tests {
                     wide.to_bits(),
                     narrow.to_bits(),
                     "i8 l2sq n={n} scale={scale}"
+                );
+                let other: Vec<i8> = codes.iter().rev().copied().collect();
+                // SAFETY: as above.
+                let (wide, narrow) = unsafe {
+                    (
+                        avx512_codes::l2sq_pair(&codes, scale, &other, 0.02),
+                        avx_codes::l2sq_pair(&codes, scale, &other, 0.02),
+                    )
+                };
+                assert_eq!(
+                    wide.to_bits(),
+                    narrow.to_bits(),
+                    "i8 pair n={n} scale={scale}"
+                );
+                let plain = l2sq_code_pair_plain(&codes, scale, &other, 0.02);
+                assert!(
+                    (wide - plain).abs() <= 1e-4 * plain.max(1.0),
+                    "pair n={n}: {wide} {plain}"
                 );
             }
             // SAFETY: as above.

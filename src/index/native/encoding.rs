@@ -5,8 +5,9 @@
 //! - [`Storage::F32`] keeps the float vector next to the links; [`Storage::Half`] and
 //!   [`Storage::Int8`] keep a compact copy there, relative to the engine's center (set once, by
 //!   the first insert or batch, before any compact vector is written), and the float vector
-//!   apart for exact distances: inserts choose neighbours and searches rank their final
-//!   candidates by exact distances.
+//!   apart for exact distances: searches rank their final candidates by exact distances, and
+//!   inserts choose neighbours by them too, except with [`Storage::Int8`] under L2 or cosine,
+//!   whose neighbour heuristic compares the codes ([`Kept`]).
 //! - A node's cells are written once ([`Native::write_vector`]), by the thread that claimed it,
 //!   before it is published (see `memory`); this file reads them only through `memory`'s views.
 
@@ -28,10 +29,21 @@ pub enum Storage {
     /// candidates by exact distances. Values beyond +-65504 are clamped in the half copy.
     Half,
     /// 8-bit codes with one scale per vector ([`distance::to_i8`]) next to the links, a quarter
-    /// of the float vector's bytes, with the float vectors kept apart as with [`Storage::Half`].
-    /// Both compact storages keep each vector relative to the engine's center
+    /// of the float vector's bytes, with the float vectors kept apart as with [`Storage::Half`]
+    /// (but under L2 or cosine inserts choose neighbours by the codes: [`Kept`]). Both compact storages keep each vector relative to the engine's center
     /// ([`Native::center`]).
     Int8,
+}
+
+/// A node's vector as the neighbour heuristic (inserts' choice of links and prunes of full
+/// lists) compares it: with [`Storage::Int8`] under L2 or cosine its 8-bit codes and scale,
+/// else (dot, and the other storages) its float vector. The codes are 2 cache lines at 128-d where the float vector is 8, and a prune of a
+/// full list reads the vectors of all its 32 links; a search has just read most of the codes.
+/// The candidates' distances to the new point are the search's (to the codes) as well.
+#[derive(Clone, Copy)]
+pub(super) enum Kept<'a> {
+    Float(&'a [f32]),
+    Codes(&'a [i8], f32),
 }
 
 /// A query as graph searches compare it. The compact storages keep each vector relative to the
@@ -108,6 +120,54 @@ impl Native {
     #[inline(always)]
     pub(super) fn dist(&self, a: &[f32], b: &[f32]) -> f32 {
         distance::internal(self.metric, a, b)
+    }
+
+    /// Node `id`'s vector as the neighbour heuristic compares it ([`Kept`]).
+    #[inline(always)]
+    pub(super) fn kept_vector(&self, id: u32) -> Option<Kept<'_>> {
+        let (seg, off) = self.node(id)?;
+        Some(if self.heuristic_codes() {
+            let (codes, scale) = self.i8_in(seg, off);
+            Kept::Codes(codes, scale)
+        } else {
+            Kept::Float(self.vector_in(seg, off))
+        })
+    }
+
+    /// Whether the neighbour heuristic compares 8-bit codes ([`Kept`]).
+    #[inline(always)]
+    fn heuristic_codes(&self) -> bool {
+        self.storage == Storage::Int8 && self.metric != Metric::Dot
+    }
+
+    /// The neighbour heuristic's distance of two nodes' vectors ([`Self::kept_vector`]).
+    #[inline(always)]
+    pub(super) fn kept_dist(&self, a: Kept<'_>, b: Kept<'_>) -> f32 {
+        match (a, b) {
+            (Kept::Float(a), Kept::Float(b)) => self.dist(a, b),
+            // Cosine's vectors are unit length, so 1 - a.b is half their squared distance
+            // (the center cancels out of a difference).
+            (Kept::Codes(a, sa), Kept::Codes(b, sb)) => {
+                let l2 = distance::l2sq_code_pair(a, sa, b, sb);
+                match self.metric {
+                    Metric::L2 => distance::internal_from(Metric::L2, l2),
+                    _ => distance::internal_from(Metric::Cosine, 1.0 - 0.5 * l2),
+                }
+            }
+            // Never: both come from one engine's `kept_vector`. As far as can be (the
+            // heuristic keeps a link that is farther from all kept ones).
+            (Kept::Codes(..), Kept::Float(_)) | (Kept::Float(_), Kept::Codes(..)) => f32::INFINITY,
+        }
+    }
+
+    /// Prefetches what [`Self::kept_vector`] of node `id` reads.
+    #[inline(always)]
+    pub(super) fn prefetch_kept(&self, id: u32) {
+        if self.heuristic_codes() {
+            self.prefetch_vector(id);
+        } else {
+            self.prefetch_float(id);
+        }
     }
 
     /// `v` as searches of this engine compare it (`bufs` hold its other forms).

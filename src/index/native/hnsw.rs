@@ -46,7 +46,7 @@ use std::sync::OnceLock;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::encoding::{Query, Storage};
+use super::encoding::{Kept, Query, Storage};
 use super::scratch::{with_scratch, QueryBuf, Scratch};
 use super::{Block, Native, EMPTY, MAX_LEVEL};
 use crate::index::distance;
@@ -533,9 +533,9 @@ impl Native {
         if cands.len() <= m {
             return cands.to_vec();
         }
-        let mut kept: Vec<(Cand, &[f32])> = Vec::with_capacity(m);
+        let mut kept: Vec<(Cand, Kept<'_>)> = Vec::with_capacity(m);
         for c in cands.iter().take(LOOKAHEAD) {
-            self.prefetch_float(c.id);
+            self.prefetch_kept(c.id);
         }
         for (j, &c) in cands.iter().enumerate() {
             if kept.len() >= m {
@@ -544,12 +544,12 @@ impl Native {
             // The float vectors are apart from the links and codes a search just read, at
             // random places: ask for the next ones while this one is compared.
             if let Some(next) = cands.get(j + LOOKAHEAD) {
-                self.prefetch_float(next.id);
+                self.prefetch_kept(next.id);
             }
-            let Some(vc) = self.vector(c.id) else {
+            let Some(vc) = self.kept_vector(c.id) else {
                 continue;
             };
-            if kept.iter().all(|&(_, vr)| self.dist(vc, vr) >= c.d) {
+            if kept.iter().all(|&(_, vr)| self.kept_dist(vc, vr) >= c.d) {
                 kept.push((c, vc));
             }
         }
@@ -567,17 +567,17 @@ impl Native {
         if cands.len() <= m {
             return None;
         }
-        let mut kept: Vec<(Cand, &[f32], bool)> = Vec::with_capacity(m);
+        let mut kept: Vec<(Cand, Kept<'_>, bool)> = Vec::with_capacity(m);
         for &(c, known) in cands {
             if kept.len() >= m {
                 break;
             }
-            let Some(vc) = self.vector(c.id) else {
+            let Some(vc) = self.kept_vector(c.id) else {
                 continue;
             };
             if kept
                 .iter()
-                .all(|&(_, vr, kr)| (known && kr) || self.dist(vc, vr) >= c.d)
+                .all(|&(_, vr, kr)| (known && kr) || self.kept_dist(vc, vr) >= c.d)
             {
                 kept.push((c, vc, known));
             }
@@ -602,19 +602,16 @@ impl Native {
     /// list) back to it. Returns whether the nearest of them kept a link to it (did not prune
     /// it from its full list), and whether the node is an outlier: farther from that nearest
     /// neighbour than all the neighbour's links.
-    pub(super) fn link_back(
-        &self,
-        id: u32,
-        v: &[f32],
-        selected: &[Cand],
-        level: usize,
-    ) -> (bool, bool) {
+    pub(super) fn link_back(&self, id: u32, selected: &[Cand], level: usize) -> (bool, bool) {
         let cap = if level == 0 { self.m0 } else { self.m };
         let (mut linked, mut outlier) = (false, false);
         let nearest = selected.iter().find(|c| c.id != id).map(|c| c.id);
         for nb in selected {
-            self.prefetch_float(nb.id);
+            self.prefetch_kept(nb.id);
         }
+        let Some(v) = self.kept_vector(id) else {
+            return (linked, outlier);
+        };
         for nb in selected {
             if nb.id == id {
                 continue;
@@ -622,7 +619,9 @@ impl Native {
             let Some((seg, off)) = self.node(nb.id) else {
                 continue;
             };
-            let nb_vec = self.vector_in(seg, off);
+            let Some(nb_vec) = self.kept_vector(nb.id) else {
+                continue;
+            };
             let mut known = seg.locks[off].lock();
             let Some((count, slots)) = self.links_in(seg, off, level) else {
                 continue;
@@ -631,13 +630,13 @@ impl Native {
             if n < cap.min(slots.len()) {
                 if Some(nb.id) == nearest {
                     linked = true;
-                    let d = self.dist(nb_vec, v);
+                    let d = self.kept_dist(nb_vec, v);
                     outlier = slots[..n].iter().all(|slot| {
                         let other = slot.load(AtOrd::Acquire);
                         other == EMPTY
                             || self
-                                .vector(other)
-                                .is_none_or(|ov| self.dist(nb_vec, ov) < d)
+                                .kept_vector(other)
+                                .is_none_or(|ov| self.kept_dist(nb_vec, ov) < d)
                     });
                 }
                 slots[n].store(id, AtOrd::Release);
@@ -650,7 +649,7 @@ impl Native {
             // Full: keep the heuristic's choice among the old links and the new node, whose
             // float vectors are asked for all at once first (they are at random places).
             for slot in &slots[..n] {
-                self.prefetch_float(slot.load(AtOrd::Acquire));
+                self.prefetch_kept(slot.load(AtOrd::Acquire));
             }
             // The first `*known` level-0 links passed the heuristic together (the lock's
             // value, kept by every writer of the list): of their pairs, none is compared again.
@@ -661,7 +660,7 @@ impl Native {
             let mut marked: Vec<(Cand, bool)> = Vec::with_capacity(n + 1);
             marked.push((
                 Cand {
-                    d: self.dist(nb_vec, v),
+                    d: self.kept_dist(nb_vec, v),
                     id,
                 },
                 false,
@@ -671,8 +670,8 @@ impl Native {
                 if other == EMPTY {
                     continue;
                 }
-                if let Some(ov) = self.vector(other) {
-                    let d = self.dist(nb_vec, ov);
+                if let Some(ov) = self.kept_vector(other) {
+                    let d = self.kept_dist(nb_vec, ov);
                     marked.push((Cand { d, id: other }, i < known_n));
                 }
             }
@@ -1265,7 +1264,7 @@ impl Engine for Native {
             }
         });
         for (l, selected) in &selections {
-            let (linked, outlier) = self.link_back(id, v, selected, *l);
+            let (linked, outlier) = self.link_back(id, selected, *l);
             if *l == 0 {
                 if !linked {
                     self.adopt(id, selected);

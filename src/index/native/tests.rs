@@ -1,7 +1,7 @@
 //! The engine's tests: memory layout, visited set, recall against hnsw_rs and brute force,
 //! determinism, concurrency and snapshots.
 
-use super::encoding::Storage;
+use super::encoding::{Kept, Storage};
 use super::memory::{cache_lines, huge_cells, mapped_cells, HUGE_PAGE};
 use super::scratch::Scratch;
 use super::*;
@@ -1703,4 +1703,47 @@ fn pins_cost() {
         median(build.clone()),
         median(insert.clone())
     );
+}
+
+/// The neighbour heuristic's distance with 8-bit codes (L2 and cosine) is the exact distance
+/// within the codes' error, and with the other storages and dot it is the exact one.
+#[test]
+fn the_heuristic_compares_codes_within_their_error() {
+    let dim = 64;
+    for (metric, storage, codes) in [
+        (Metric::L2, Storage::Int8, true),
+        (Metric::Cosine, Storage::Int8, true),
+        (Metric::Dot, Storage::Int8, false),
+        (Metric::L2, Storage::Half, false),
+        (Metric::L2, Storage::F32, false),
+    ] {
+        let points = data(300, dim, 41, metric != Metric::L2);
+        let e = Native::with_storage(metric, dim as u32, &config(Some(3)), 0, storage);
+        e.insert_many(&indexed(&points), false);
+        let (mut worst, mut n) = (0.0f32, 0);
+        for a in 0..40u32 {
+            for b in (a + 1)..40 {
+                let (Some(ka), Some(kb)) = (e.kept_vector(a), e.kept_vector(b)) else {
+                    panic!("{metric:?} {storage:?}: nodes {a} and {b} have vectors");
+                };
+                assert_eq!(
+                    matches!(ka, Kept::Codes(..)),
+                    codes,
+                    "{metric:?} {storage:?}"
+                );
+                let exact = e.dist(&points[a as usize], &points[b as usize]);
+                let kept = e.kept_dist(ka, kb);
+                if codes {
+                    worst = worst.max((kept - exact).abs() / exact.max(1e-3));
+                    n += 1;
+                } else {
+                    assert_eq!(kept.to_bits(), exact.to_bits(), "{metric:?} {storage:?}");
+                }
+            }
+        }
+        if codes {
+            // 8-bit codes: each component within half a step of 1/127 of the largest.
+            assert!(n > 0 && worst < 0.05, "{metric:?}: relative error {worst}");
+        }
+    }
 }
