@@ -30,16 +30,18 @@ pub enum Storage {
     Half,
     /// 8-bit codes with one scale per vector ([`distance::to_i8`]) next to the links, a quarter
     /// of the float vector's bytes, with the float vectors kept apart as with [`Storage::Half`]
-    /// (but under L2 or cosine inserts choose neighbours by the codes: [`Kept`]). Both compact storages keep each vector relative to the engine's center
-    /// ([`Native::center`]).
+    /// (but under L2 or cosine inserts choose neighbours by the codes: [`Kept`]). Both compact
+    /// storages keep each vector relative to the engine's center ([`Native::center`]).
     Int8,
 }
 
 /// A node's vector as the neighbour heuristic (inserts' choice of links and prunes of full
 /// lists) compares it: with [`Storage::Int8`] under L2 or cosine its 8-bit codes and scale,
-/// else (dot, and the other storages) its float vector. The codes are 2 cache lines at 128-d where the float vector is 8, and a prune of a
-/// full list reads the vectors of all its 32 links; a search has just read most of the codes.
-/// The candidates' distances to the new point are the search's (to the codes) as well.
+/// else (dot, and the other storages) its float vector. The codes are 2 cache lines at 128-d
+/// where the float vector is 8, and a prune of a full list reads the vectors of all its 32
+/// links; a search has just read most of the codes. The candidates' distances to the new point
+/// are the search's (to the codes) as well. Measured in docs/engines.md ("The heuristic on
+/// codes").
 #[derive(Clone, Copy)]
 pub(super) enum Kept<'a> {
     Float(&'a [f32]),

@@ -541,8 +541,9 @@ impl Native {
             if kept.len() >= m {
                 break;
             }
-            // The float vectors are apart from the links and codes a search just read, at
-            // random places: ask for the next ones while this one is compared.
+            // The vectors the heuristic compares are at random places (float vectors apart
+            // from the links; codes a search mostly just read): ask for the next ones while
+            // this one is compared.
             if let Some(next) = cands.get(j + LOOKAHEAD) {
                 self.prefetch_kept(next.id);
             }
@@ -647,7 +648,8 @@ impl Native {
                 continue;
             }
             // Full: keep the heuristic's choice among the old links and the new node, whose
-            // float vectors are asked for all at once first (they are at random places).
+            // vectors (as the heuristic compares them) are asked for all at once first (they
+            // are at random places).
             for slot in &slots[..n] {
                 self.prefetch_kept(slot.load(AtOrd::Acquire));
             }
