@@ -124,16 +124,21 @@ impl Native {
         distance::internal(self.metric, a, b)
     }
 
-    /// Node `id`'s vector as the neighbour heuristic compares it ([`Kept`]).
+    /// A node's vector as the neighbour heuristic compares it ([`Kept`]).
     #[inline(always)]
-    pub(super) fn kept_vector(&self, id: u32) -> Option<Kept<'_>> {
-        let (seg, off) = self.node(id)?;
-        Some(if self.heuristic_codes() {
+    pub(super) fn kept_in<'a>(&self, seg: &'a Segment, off: usize) -> Kept<'a> {
+        if self.heuristic_codes() {
             let (codes, scale) = self.i8_in(seg, off);
             Kept::Codes(codes, scale)
         } else {
             Kept::Float(self.vector_in(seg, off))
-        })
+        }
+    }
+
+    /// Node `id`'s vector as the neighbour heuristic compares it ([`Kept`]).
+    #[inline(always)]
+    pub(super) fn kept_vector(&self, id: u32) -> Option<Kept<'_>> {
+        self.node(id).map(|(seg, off)| self.kept_in(seg, off))
     }
 
     /// Whether the neighbour heuristic compares 8-bit codes ([`Kept`]).

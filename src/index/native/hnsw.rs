@@ -620,9 +620,7 @@ impl Native {
             let Some((seg, off)) = self.node(nb.id) else {
                 continue;
             };
-            let Some(nb_vec) = self.kept_vector(nb.id) else {
-                continue;
-            };
+            let nb_vec = self.kept_in(seg, off);
             let mut known = seg.locks[off].lock();
             let Some((count, slots)) = self.links_in(seg, off, level) else {
                 continue;
