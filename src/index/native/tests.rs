@@ -1412,7 +1412,9 @@ fn mixture_point(
 /// insert and at the end (ef 64 and 200); of those missed at the end it prints their
 /// in-links, where the search ended (rank among the point's true neighbours) and, when that
 /// was the nearest neighbour, how the two are linked. `PINS=0` turns the pins
-/// ([`Native::pinned`]) off. Run with
+/// ([`Native::pinned`]) off; `LINKS` (16) and `EFC` (200) set m and ef_construction. With
+/// `BUILT=1` it then builds a fresh graph of all the same points at once and searches it for
+/// the same sample: what a build finds, against the online inserts. Run with
 /// `cargo test --release --lib online_outliers_at_scale -- --ignored --nocapture`.
 ///
 /// Measured (2-core AMD EPYC, MORE=20000, 2 runs each): without pins 507 and 503 of 2,000
@@ -1421,6 +1423,10 @@ fn mixture_point(
 /// at the point's nearest neighbour, mostly inserted after it, which ranks it 100th or so
 /// among its own neighbours; a repair pass over all outliers fixed few for long (after the
 /// next 20,000, 275 missed at ef 64 against 336 without it).
+///
+/// With `N=200000 OUT=60000 MORE=30000 BUILT=1` (2026-12-06, 2-core Intel Xeon, seeds 7 and
+/// 3): 252 and 228 of 3,000 missed at ef 200 online, 223 and 216 by the one build; at m 32
+/// 42 and 30, at m 48 29 and 15 (docs/scale.md, "Every point can be found").
 #[test]
 #[ignore]
 fn online_outliers_at_scale() {
@@ -1438,8 +1444,8 @@ fn online_outliers_at_scale() {
         .collect();
     let far: Vec<Vec<f32>> = (0..out).map(|_| gaussian(&mut rng, dim)).collect();
     let cfg = HnswConfig {
-        m: 16,
-        ef_construction: 200,
+        m: env_or("LINKS", 16) as u32,
+        ef_construction: env_or("EFC", 200) as u32,
         ef_search: 64,
         seed: None,
     };
@@ -1605,6 +1611,30 @@ fn online_outliers_at_scale() {
         "X in a search for L at ef 200: {}; X's rank among L's neighbours {xrank:?}",
         diag[5]
     );
+    if env_or("BUILT", 0) == 1 {
+        // The same points in one build (the base, then every outlier): how many of the same
+        // sample does a graph built with all of them find first?
+        let all: Vec<Vec<f32>> = base.iter().chain(all_far.iter()).cloned().collect();
+        let mut b = Native::with_storage(Metric::L2, dim as u32, &cfg, all.len(), Storage::Int8);
+        b.pins = e.pins;
+        let t = std::time::Instant::now();
+        b.insert_many(&indexed(&all), true);
+        b.link_orphans();
+        let missed = |ef: usize| {
+            at_insert
+                .iter()
+                .filter(|&&(id, _)| b.search(&all[id], 1, ef).first().map(|f| f.0) != Some(id))
+                .count()
+        };
+        println!(
+            "one build of all {} points ({:.1} s): of the {} sampled outliers not found first at ef 64 {}, at ef 200 {}",
+            all.len(),
+            t.elapsed().as_secs_f64(),
+            at_insert.len(),
+            missed(64),
+            missed(200)
+        );
+    }
 }
 
 /// Every level-0 link is counted once in its target's in-link counter ([`Native::in_links`],
