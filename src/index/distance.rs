@@ -509,6 +509,91 @@ pub fn to_i8(x: &[f32], codes: &mut [i8]) -> f32 {
     scale
 }
 
+/// A query ready to be compared with 8-bit codes from [`to_i8`] by [`FixedQuery::bounds`]: its
+/// 16-bit fixed-point form ([`to_i16`]), so a comparison is one integer dot product.
+pub struct FixedQuery {
+    metric: Metric,
+    fixed: Vec<i16>,
+    /// The fixed-point form's scale and squared length (of `scale * fixed`).
+    scale: f64,
+    sq_norm: f64,
+    /// A bound on the fixed-point form's distance from the query (half a step a component).
+    err: f64,
+    /// The query's length.
+    norm: f64,
+    sqrt_d: f64,
+}
+
+impl FixedQuery {
+    /// Rounding in the float kernels, relative: far below this for sums of a few thousand terms.
+    const ROUNDING: f64 = 1e-3;
+
+    /// None for a zero query (or one too long for fixed point: [`to_i16`]).
+    pub fn new(metric: Metric, q: &[f32]) -> Option<FixedQuery> {
+        let mut fixed = Vec::with_capacity(q.len());
+        let scale = f64::from(to_i16(q, &mut fixed)?);
+        let sq: i64 = fixed.iter().map(|&v| i64::from(v) * i64::from(v)).sum();
+        let sqrt_d = (q.len() as f64).sqrt();
+        Some(FixedQuery {
+            metric,
+            scale,
+            sq_norm: scale * scale * sq as f64,
+            err: scale * 0.5 * sqrt_d,
+            norm: f64::from(dot(q, q).max(0.0)).sqrt(),
+            sqrt_d,
+            fixed,
+        })
+    }
+
+    /// Bounds `(lower, upper)` on the internal distance ([`internal`]) between the query and a
+    /// vector `x` whose 8-bit codes are `codes` with `scale`, `Σ codes²` = `codes_sq` and
+    /// `sqrt(Σ codes²)` = `codes_norm`; None, sooner, when the lower bound is above `beyond`.
+    /// Each component of `x` is within `scale / 2` of `scale * code`, so `x` is within `scale /
+    /// 2 * sqrt(d)` of that, and the query within `err` of its fixed-point form; the distance
+    /// of the two forms is exact (an integer dot product, combined in f64). The bounds follow
+    /// by the triangle inequality (L2) or Cauchy-Schwarz (dot products), widened for the float
+    /// kernels' rounding in [`internal`].
+    #[inline]
+    pub fn bounds(
+        &self,
+        codes: &[i8],
+        scale: f32,
+        codes_sq: f64,
+        codes_norm: f64,
+        beyond: f32,
+    ) -> Option<(f32, f32)> {
+        let r = Self::ROUNDING;
+        let s = f64::from(scale);
+        let ex = s * 0.5 * self.sqrt_d;
+        let dot_forms = self.scale * s * f64::from(dot_i16_i8(&self.fixed, codes));
+        match self.metric {
+            Metric::L2 => {
+                let d2 = (self.sq_norm + s * s * codes_sq - 2.0 * dot_forms).max(0.0);
+                let e = self.err + ex;
+                // lower > beyond, without a square root: d (1 - r) - e > sqrt(beyond).
+                let far = (f64::from(beyond).sqrt() + e) / (1.0 - r);
+                if d2 > far * far {
+                    return None;
+                }
+                let d = d2.sqrt();
+                let lower = (d * (1.0 - r) - e).max(0.0);
+                let upper = d * (1.0 + r) + e;
+                Some(((lower * lower) as f32, (upper * upper) as f32))
+            }
+            Metric::Cosine | Metric::Dot => {
+                let x_norm = s * codes_norm;
+                let e = self.norm * ex + self.err * x_norm + r * self.norm * (x_norm + ex);
+                // Both metrics' internal distance falls as the dot product grows.
+                let lower = finish(self.metric, (dot_forms + e) as f32);
+                if lower > beyond {
+                    return None;
+                }
+                Some((lower, finish(self.metric, (dot_forms - e) as f32)))
+            }
+        }
+    }
+}
+
 /// A query as 16-bit fixed point for [`dot_i16_i8`]: `x[i] ~ scale * out[i]`, the scale chosen
 /// so the largest `|x[i]|` maps to the largest value for which no sum of `x.len()` products with
 /// 8-bit codes can overflow an i32 (32767 up to about 4,000 dimensions; fewer bits above).

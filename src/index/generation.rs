@@ -24,12 +24,13 @@
 //!   the engine has the point; a search reads `base` and the segment under one read lock, so
 //!   it takes each point from the graph or from the segment, never neither nor both.
 //! - A search merges the graph's hits (ids below `base`) with an exact scan of the segment's
-//!   live points, using the engine's own exact distance, so both sides' distances agree.
+//!   live points, using the engine's own exact distance, so both sides' distances agree (the
+//!   segment's 8-bit codes only choose which points it compares: `fresh.rs`).
 //! - [`Generation::linked_seq`]: the index's write sequence that the linked prefix holds
 //!   completely (the catalog marks each group's sequence after staging it). A snapshot writes
 //!   the linked prefix under that sequence; the writes after it stay in the change log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -38,6 +39,7 @@ use rand::SeedableRng;
 
 use super::distance;
 use super::engine::{load_engine, new_engine_in, Engine, EngineKind, EngineMemory, FrozenGraph};
+use super::fresh::{Codes, Fresh};
 use super::layout;
 use super::progress::{Phase, Progress};
 use super::snapshot;
@@ -80,39 +82,6 @@ impl IdMap {
 }
 
 /// Points committed but not yet linked into the graph (module docs).
-#[derive(Default)]
-struct Fresh {
-    /// Every internal id below it is in the graph.
-    base: usize,
-    /// The vectors of internal ids `base..`, in order.
-    vectors: VecDeque<Arc<[f32]>>,
-    /// (internal end, write sequence): once every internal id below `end` is linked, the graph
-    /// holds the index as of write `seq`. Oldest first.
-    marks: VecDeque<(usize, u64)>,
-    /// The write sequence the linked graph holds completely.
-    linked_seq: u64,
-}
-
-impl Fresh {
-    fn at(base: usize) -> Self {
-        Fresh {
-            base,
-            ..Default::default()
-        }
-    }
-
-    /// Moves `linked_seq` past every mark the linked prefix covers.
-    fn advance(&mut self) {
-        while let Some(&(end, seq)) = self.marks.front() {
-            if end > self.base {
-                break;
-            }
-            self.linked_seq = self.linked_seq.max(seq);
-            self.marks.pop_front();
-        }
-    }
-}
-
 /// Points the indexer links per call of [`Generation::link_pending`] by default: enough to
 /// keep every core busy, few enough that room frees up often.
 pub const LINK_BATCH: usize = 64;
@@ -494,11 +463,7 @@ impl Generation {
             dimension,
             kind,
             engine,
-            fresh: RwLock::new(Fresh {
-                base: n,
-                linked_seq: seq,
-                ..Default::default()
-            }),
+            fresh: RwLock::new(Fresh::linked_at(n, seq)),
             ids: RwLock::new(IdMap {
                 external,
                 live,
@@ -522,14 +487,19 @@ impl Generation {
         if points.is_empty() {
             return;
         }
+        let codes = Codes::of(
+            self.dimension as usize,
+            points.iter().map(|p| p.vector.as_slice()),
+        );
         let mut ids = self.ids.write();
         let range = ids.assign(points.iter().map(|p| p.id));
         let mut fresh = self.fresh.write();
-        debug_assert_eq!(range.start, fresh.base + fresh.vectors.len());
-        fresh.vectors.extend(
+        debug_assert_eq!(range.start, fresh.base + fresh.len());
+        fresh.push(
             points
                 .iter()
                 .map(|p| Arc::<[f32]>::from(p.vector.as_slice())),
+            codes,
         );
     }
 
@@ -549,7 +519,7 @@ impl Generation {
 
     /// Points staged and not yet linked into the graph.
     pub fn unlinked(&self) -> usize {
-        self.fresh.read().vectors.len()
+        self.fresh.read().len()
     }
 
     /// Links up to `max` staged points into the graph, oldest first (on every core when there
@@ -559,7 +529,7 @@ impl Generation {
         let _linking = self.linking.lock();
         let (base, batch): (usize, Vec<Arc<[f32]>>) = {
             let f = self.fresh.read();
-            (f.base, f.vectors.iter().take(max).cloned().collect())
+            (f.base, f.oldest(max))
         };
         if batch.is_empty() {
             return 0;
@@ -577,10 +547,7 @@ impl Generation {
         if items.len() >= 64 && items.len() * 16 >= self.engine.len() {
             self.engine.link_orphans();
         }
-        let mut f = self.fresh.write();
-        f.vectors.drain(..items.len());
-        f.base += items.len();
-        f.advance();
+        self.fresh.write().linked(items.len());
         items.len()
     }
 
@@ -598,7 +565,7 @@ impl Generation {
         let range = {
             let mut ids = self.ids.write();
             let fresh = self.fresh.read();
-            if !fresh.vectors.is_empty() || fresh.base != ids.external.len() {
+            if !fresh.is_empty() || fresh.base != ids.external.len() {
                 drop((fresh, ids, linking));
                 self.upsert(points);
                 return Ok(());
@@ -666,24 +633,12 @@ impl Generation {
         }
         let keep =
             |internal: usize| internal < base && map.live.get(internal).copied().unwrap_or(false);
-        // The fresh segment's live points, exactly (the engine's re-ranking distance).
-        let mut staged: Vec<(usize, f32)> = fresh
-            .vectors
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (base + i, v))
-            .filter(|&(internal, _)| map.live.get(internal).copied().unwrap_or(false))
-            .map(|(internal, v)| (internal, distance::internal(self.metric, query, v)))
-            .collect();
-        let graph_live = live - staged.len();
-        // Only the segment's k nearest can answer: keep those (a full segment holds thousands
-        // of points, and sorting them all cost about as much as the scan).
+        let is_live = |internal: usize| map.live.get(internal).copied().unwrap_or(false);
+        // The fresh segment's k nearest live points, exactly (the engine's re-ranking distance).
+        let mut staged = fresh.nearest(self.metric, query, k, is_live);
+        let graph_live = live - (base..total).filter(|&i| is_live(i)).count();
         let by_distance =
             |a: &(usize, f32), b: &(usize, f32)| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0));
-        if staged.len() > k && k > 0 {
-            staged.select_nth_unstable_by(k - 1, by_distance);
-            staged.truncate(k);
-        }
         let hits = |found: &[(usize, f32)], staged: &mut Vec<(usize, f32)>| -> Vec<Hit> {
             let mut all: Vec<(usize, f32)> = found
                 .iter()
@@ -706,7 +661,7 @@ impl Generation {
         if graph_live == 0 {
             return hits(&[], &mut staged);
         }
-        if total == live && fresh.vectors.is_empty() {
+        if total == live && fresh.is_empty() {
             return hits(&self.engine.search(query, k, ef), &mut staged);
         }
         // Few live points left among tombstones: comparing the query with each of them is

@@ -2,6 +2,7 @@
 
 pub mod distance;
 pub mod engine;
+mod fresh;
 pub mod generation;
 mod layout;
 pub mod native;
