@@ -81,7 +81,6 @@ impl IdMap {
     }
 }
 
-/// Points committed but not yet linked into the graph (module docs).
 /// Points the indexer links per call of [`Generation::link_pending`] by default: enough to
 /// keep every core busy, few enough that room frees up often.
 pub const LINK_BATCH: usize = 64;
