@@ -117,7 +117,8 @@ impl Fresh {
         // point whose lower bound is above the k-th of those cannot be, now or later (that
         // bound only falls).
         let mut maybe: Vec<(usize, f32)> = Vec::new();
-        let mut uppers: BinaryHeap<Upper> = BinaryHeap::with_capacity(k + 1);
+        let mut uppers: BinaryHeap<Upper> =
+            BinaryHeap::with_capacity(k.min(self.vectors.len()) + 1);
         for i in 0..self.vectors.len() {
             if !live(self.base + i) {
                 continue;
@@ -158,6 +159,9 @@ impl Fresh {
         query: &[f32],
         k: usize,
     ) -> Vec<(usize, f32)> {
+        if k == 0 {
+            return Vec::new();
+        }
         let mut found: Vec<(usize, f32)> = at
             .map(|i| {
                 (
