@@ -630,9 +630,8 @@ impl Generation {
         if live == 0 {
             return Vec::new();
         }
-        let keep =
-            |internal: usize| internal < base && map.live.get(internal).copied().unwrap_or(false);
         let is_live = |internal: usize| map.live.get(internal).copied().unwrap_or(false);
+        let keep = |internal: usize| internal < base && is_live(internal);
         // The fresh segment's k nearest live points, exactly (the engine's re-ranking distance).
         let mut staged = fresh.nearest(self.metric, query, k, is_live);
         let graph_live = live - (base..total).filter(|&i| is_live(i)).count();
