@@ -763,8 +763,30 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
                 &FOUND_EFS,
             )
             .await?;
+            // Once the findability check caught up (servers that have one), the same sample.
+            let checked = match wait_checked(&mut c, INDEX).await? {
+                Some((secs, check)) => {
+                    let (found, _) = found_first(
+                        &mut c,
+                        INDEX,
+                        &mixture,
+                        FIRST_WRITER_ID,
+                        &acked,
+                        FOUND_SAMPLE,
+                        &FOUND_EFS,
+                    )
+                    .await?;
+                    format!(
+                        "; the findability check caught up {secs:.1} s later ({} passes, {} points linked), then found first {}",
+                        check.passes,
+                        check.points_linked,
+                        found_at(&found)
+                    )
+                }
+                None => String::new(),
+            };
             println!(
-                "  round {round} {}: {acks:.0} acknowledged upserts/s ({later_per_s:.0}/s in the second half), p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points; {} not yet linked at the end (linked {drained:.1} s later); search p50 at ef {P50_EF} {search_during:.0} us then, {search_after:.0} us once linked; of {searched} of the writers' points, found first by their own vector {}",
+                "  round {round} {}: {acks:.0} acknowledged upserts/s ({later_per_s:.0}/s in the second half), p50 {p50:.1} ms, p99 {p99:.1} ms, {errors} errors, {} acknowledged, {} points; {} not yet linked at the end (linked {drained:.1} s later); search p50 at ef {P50_EF} {search_during:.0} us then, {search_after:.0} us once linked; of {searched} of the writers' points, found first by their own vector {}{checked}",
                 bin.display(),
                 acked.len(),
                 index.point_count,
@@ -1165,6 +1187,25 @@ async fn wait_linked(c: &mut Client, name: &str) -> BoxResult<f64> {
             return Ok(started.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the findability check of `name` has caught up (a pass done, none running, no
+/// point unchecked): the seconds it took and its counters; None at once for a server without
+/// the check (a build before it).
+async fn wait_checked(
+    c: &mut Client,
+    name: &str,
+) -> BoxResult<Option<(f64, pb::FindabilityCheck)>> {
+    let started = Instant::now();
+    loop {
+        let Some(check) = index_info(c, name).await?.findability_check else {
+            return Ok(None);
+        };
+        if check.passes >= 1 && !check.running && check.unchecked_points == 0 {
+            return Ok(Some((started.elapsed().as_secs_f64(), check)));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -105,6 +105,7 @@ impl App {
                     test_pauses: config.test_pauses,
                     snapshot_idle: config.snapshot_idle,
                     map_float_vectors: config.map_float_vectors,
+                    check_found: config.check_findable,
                 },
             )
             .await?,

@@ -60,6 +60,8 @@ pub struct Config {
     /// `--map-float-vectors`: native_f16 and native_i8 graphs keep their float vectors (read
     /// only to rank a search's last candidates and while inserting) in mapped temp files under
     /// `data_dir/float-vectors`, which the kernel may evict, instead of in anonymous memory.
+    /// `--check-findable`: the findability check (docs/scale.md).
+    pub check_findable: bool,
     pub map_float_vectors: bool,
     /// An index with changes since its snapshot and no write for this long is snapshotted in
     /// the background; None: not for that reason (`--snapshot-idle-secs 0`).
@@ -149,6 +151,7 @@ impl Config {
             snapshot_idle: Some(crate::snapshots::DEFAULT_IDLE),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             map_float_vectors: true,
+            check_findable: true,
             max_ids_per_delete: DEFAULT_MAX_IDS_PER_DELETE as usize,
             max_batch_queries: DEFAULT_MAX_BATCH_QUERIES as usize,
             max_batch_results: DEFAULT_MAX_BATCH_RESULTS as usize,

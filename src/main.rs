@@ -110,6 +110,10 @@ struct ServeArgs {
     #[arg(long, env = "VECTORD_MAP_FLOAT_VECTORS", default_value_t = true, action = clap::ArgAction::Set,
           value_name = "BOOL")]
     map_float_vectors: bool,
+    /// When an index has nothing to link, search for each of its points by its own vector at the index's ef_search (in passes, at the lowest CPU priority) and link any a search does not find first, so that every stored point can be found (docs/scale.md, "Every point can be found"). false: no check; some points unlike the rest of the data stay unfound.
+    #[arg(long, env = "VECTORD_CHECK_FINDABLE", default_value_t = true, action = clap::ArgAction::Set,
+          value_name = "BOOL")]
+    check_findable: bool,
     /// Snapshot an index's graph in the background once its writes have stopped for this many seconds and it changed since its last snapshot (at most one such snapshot per 30 s, or 10x the last one's duration), so a restart loads it instead of replaying the writes; 0: only at an import's end, past a quarter of the index changed, after a start that replayed many points and at shutdown.
     #[arg(long, env = "VECTORD_SNAPSHOT_IDLE_SECS", default_value_t = vectord::snapshots::DEFAULT_IDLE.as_secs(),
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
@@ -378,6 +382,7 @@ fn config_of(args: &ServeArgs, client: &cli::GlobalArgs) -> Result<Config, Strin
     config.compact_deleted_fraction = args.compact_deleted_fraction;
     config.store_cache_bytes = args.store_cache_mb * 1024 * 1024;
     config.map_float_vectors = args.map_float_vectors;
+    config.check_findable = args.check_findable;
     config.snapshot_idle =
         (args.snapshot_idle_secs > 0).then(|| Duration::from_secs(args.snapshot_idle_secs));
     config.max_ids_per_delete = args.max_ids_per_delete as usize;

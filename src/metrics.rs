@@ -45,6 +45,8 @@ pub struct Metrics {
     deleted_fraction: GaugeVec,
     compactions: IntGaugeVec,
     compaction_running: IntGaugeVec,
+    check_linked: IntGaugeVec,
+    check_unchecked: IntGaugeVec,
     activation_builds: IntGauge,
     activation_adopted: IntGauge,
 }
@@ -142,6 +144,8 @@ impl Metrics {
             deleted_fraction: register(&r, f("vectord_index_deleted_fraction", "tombstones over every point in the active generation's graph; past --compact-deleted-fraction the index is compacted")?)?,
             compactions: register(&r, g("vectord_index_compactions", "tombstone compactions swapped in since the server started", &["index"])?)?,
             compaction_running: register(&r, g("vectord_index_compaction_running", "1 while a tombstone compaction of the index is scheduled or building", &["index"])?)?,
+            check_linked: register(&r, g("vectord_index_findability_links", "points the findability check linked so that a search by their own vector finds them first, since the server started", &["index"])?)?,
+            check_unchecked: register(&r, g("vectord_index_findability_unchecked_points", "points linked into the active generation's graph since the findability check's last pass began", &["index"])?)?,
             activation_builds: register(&r, IntGauge::new("vectord_activation_builds", "graphs built by activations (profile, autotune, rebuild) and compactions since the server started").map_err(err)?)?,
             activation_adopted: register(&r, IntGauge::new("vectord_activation_trial_graphs_adopted", "activations since the server started that swapped in an autotune trial's graph instead of building one").map_err(err)?)?,
             registry: r,
@@ -179,6 +183,8 @@ impl Metrics {
                 &self.unindexed,
                 &self.compactions,
                 &self.compaction_running,
+                &self.check_linked,
+                &self.check_unchecked,
             ] {
                 g.reset();
             }
@@ -231,6 +237,12 @@ impl Metrics {
                 self.compaction_running
                     .with_label_values(&[n])
                     .set(view.compaction.running as i64);
+                self.check_linked
+                    .with_label_values(&[n])
+                    .set(view.check.points_linked as i64);
+                self.check_unchecked
+                    .with_label_values(&[n])
+                    .set(view.check.unchecked as i64);
                 self.build_seconds
                     .with_label_values(&[n])
                     .set(view.generation.build_millis as f64 / 1000.0);

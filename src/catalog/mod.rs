@@ -185,6 +185,8 @@ pub struct IndexHandle {
     signals: Arc<Signals>,
     /// Tombstone compaction's state (see `compaction.rs`).
     pub compaction: IndexCompaction,
+    /// The findability check's counters (see `check.rs`).
+    pub check: check::IndexCheck,
     /// The cluster index this one replicates (its uid in the cluster); None on a single node.
     pub cluster_uid: Option<u64>,
     /// The last write-log sequence applied (durable and searchable); 0 on a single node.
@@ -252,6 +254,8 @@ struct WriteOptions {
     snapshot_idle: Option<std::time::Duration>,
     /// Tests only: `TestPauses::snapshot_write`.
     snapshot_pause: Option<std::time::Duration>,
+    /// `--check-findable`: the findability check runs (`check.rs`).
+    check_found: bool,
 }
 
 /// How an index's handle starts (the catalog's settings and what its start found).
@@ -296,6 +300,7 @@ impl IndexHandle {
             last_write: parking_lot::Mutex::new(std::time::Instant::now()),
             log_pin: AtomicU64::new(u64::MAX),
             compaction: Default::default(),
+            check: Default::default(),
             build_progress: Default::default(),
             held: Default::default(),
             queue,
@@ -332,6 +337,7 @@ impl IndexHandle {
             signals,
             stop,
             options.hold.clone(),
+            options.check_found,
         ));
         handle
     }
@@ -445,6 +451,8 @@ pub struct IndexView {
     /// Tombstones over every point in the active generation's graph.
     pub deleted_fraction: f64,
     pub compaction: crate::compaction::CompactionStats,
+    /// The findability check's counters.
+    pub check: check::CheckStats,
     /// The engine its graphs are built with.
     pub engine: EngineKind,
     /// The build of the next generation, while one runs.
@@ -506,6 +514,9 @@ pub struct CatalogOptions {
     /// codes in mapped temp files under the store's dir (`EngineMemory::in_data_dir`), or in
     /// RAM.
     pub map_float_vectors: bool,
+    /// `--check-findable`: each index's indexer runs the findability check when it has
+    /// nothing to link (`check.rs`).
+    pub check_found: bool,
 }
 
 impl Default for CatalogOptions {
@@ -519,6 +530,7 @@ impl Default for CatalogOptions {
             test_pauses: TestPauses::default(),
             snapshot_idle: Some(snapshots::DEFAULT_IDLE),
             map_float_vectors: true,
+            check_found: true,
         }
     }
 }
@@ -544,6 +556,7 @@ impl Catalog {
             snapshot_idle,
             map_float_vectors,
             test_pauses,
+            check_found,
         } = options;
         let writes = WriteOptions {
             snapshot_pause: test_pauses.snapshot_write,
@@ -551,6 +564,7 @@ impl Catalog {
             max_unindexed,
             hold: indexer_hold,
             snapshot_idle,
+            check_found,
         };
         let swept = {
             let store = store.clone();
@@ -747,6 +761,7 @@ impl Catalog {
             tombstones: tombstones as u64,
             deleted_fraction: deleted_fraction(tombstones, live),
             compaction: h.compaction.stats(),
+            check: h.check.stats(),
             engine: h.engine,
             build: h.build_progress(),
             unindexed: gen.unlinked() as u64,
@@ -1027,6 +1042,7 @@ impl Catalog {
 }
 
 mod builds;
+mod check;
 mod replica;
 mod search;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The write path: queueing writes for an index's committer, the committer's group commit,
 //! and the indexer that links fresh points into the graph.
 
+use super::check::{self, Checker};
 use super::*;
 
 /// The committer stops adding queued writes to a group once it holds this many points + ids
@@ -260,30 +261,63 @@ pub(super) async fn indexer(
     signals: Arc<Signals>,
     stop: tokio_util::sync::CancellationToken,
     hold: Option<IndexerHold>,
+    check_found: bool,
 ) {
     let failed = match store.upgrade() {
         Some(s) => s.failed().clone(),
         None => return,
     };
+    let mut checker = Checker::new();
     loop {
         let wake = signals.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        let Some(gen) = handle.upgrade().map(|h| h.active()) else {
+        let Some(h) = handle.upgrade() else {
             return;
         };
+        let gen = h.active();
         if stop.is_cancelled() || failed.is_cancelled() {
             return;
         }
+        if check_found {
+            checker.follow(&gen, &h.check);
+        }
         if gen.unlinked() == 0 {
-            drop(gen);
+            // Nothing to link: the findability check's turn (module docs of `check.rs`).
+            let due = if check_found { checker.due(&gen) } else { None };
+            if due == Some(None) {
+                let from = checker.begin(&h.check);
+                let halt = Arc::new(AtomicBool::new(false));
+                let running = check::step(gen, from, halt.clone());
+                tokio::pin!(running);
+                let step = tokio::select! {
+                    biased;
+                    step = &mut running => step,
+                    _ = stop.cancelled() => return,
+                    _ = failed.cancelled() => return,
+                    _ = &mut wake => {
+                        // New points: they are linked first; the step stops at its next point.
+                        halt.store(true, Ordering::Release);
+                        running.await
+                    }
+                };
+                match step {
+                    Some(step) => checker.stepped(step, &h.check),
+                    None => tracing::warn!(index = %h.meta.name, "findability check: no thread"),
+                }
+                continue;
+            }
+            drop((gen, h));
+            let later = due.flatten().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 _ = failed.cancelled() => return,
                 _ = wake => continue,
+                _ = sleep_until(later) => continue,
             }
         }
+        drop(h);
         if let Some(hold) = &hold {
             hold.wait(&stop).await;
             if stop.is_cancelled() {
@@ -292,13 +326,28 @@ pub(super) async fn indexer(
         }
         let linked = tokio::task::spawn_blocking(move || gen.link_pending(LINK_BATCH)).await;
         signals.room.notify_waiters();
-        if let Err(e) = linked {
-            // The store has the writes and the graph may not: crash rather than diverge.
-            if let Some(store) = store.upgrade() {
-                store.fail_with(format!("linking points into the graph failed: {e}"));
+        match linked {
+            Ok(n) => {
+                if let Some(h) = handle.upgrade() {
+                    checker.linked(n, &h.check);
+                }
             }
-            return;
+            Err(e) => {
+                // The store has the writes and the graph may not: crash rather than diverge.
+                if let Some(store) = store.upgrade() {
+                    store.fail_with(format!("linking points into the graph failed: {e}"));
+                }
+                return;
+            }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

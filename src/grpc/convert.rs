@@ -165,6 +165,16 @@ impl From<IndexView> for pb::Index {
                     .flatten(),
                 running: v.compaction.running,
             }),
+            findability_check: Some(pb::FindabilityCheck {
+                running: v.check.running,
+                passes: v.check.passes,
+                points_linked: v.check.points_linked,
+                last_pass_missed: v.check.last_pass_missed,
+                last_pass_time: (v.check.last_ms > 0)
+                    .then(|| timestamp(v.check.last_ms))
+                    .flatten(),
+                unchecked_points: v.check.unchecked,
+            }),
             engine: v.engine.to_string(),
             build_progress: v.build.as_ref().map(progress_to),
             nodes: Vec::new(),

@@ -58,6 +58,26 @@ pub trait Engine: Send + Sync {
     fn link_orphans(&self) -> usize {
         0
     }
+    /// Whether [`Engine::check_found`] can link points (else it checks none).
+    fn checks_found(&self) -> bool {
+        false
+    }
+    /// Makes a search for point `internal` by its own vector at `ef` find it first, where it
+    /// can (`keep`: the points a search may answer, None for all): searches for it, and if
+    /// another point comes first, links it at level 0 from the nearest point that search
+    /// expanded with a free slot (so no link goes, and no other point's search changes
+    /// course), else in place of the most redundant link of the point the search found
+    /// first; then checks again. Safe beside searches and inserts; the caller keeps snapshot
+    /// encoding out while it links. Engines that cannot: [`Checked::Skipped`].
+    fn check_found(
+        &self,
+        _internal: usize,
+        _ef: usize,
+        _keep: Option<&dyn Fn(usize) -> bool>,
+        _link: &dyn Fn(&dyn Fn()),
+    ) -> Checked {
+        Checked::Skipped
+    }
     /// Copies what inserts change in the graph's first `limit` internal ids (links, entry
     /// point) for a snapshot (`super::snapshot`), with no insert running; the copy writes the
     /// graph as it was then while inserts of ids from `limit` on go on. None: this engine
@@ -79,6 +99,20 @@ pub trait Engine: Send + Sync {
     }
     /// Estimated bytes of the vectors and links.
     fn memory_bytes(&self) -> u64;
+}
+
+/// What [`Engine::check_found`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// The search for the point found it first.
+    Found,
+    /// It did not; after a link it does.
+    Linked,
+    /// It did not, even after a link.
+    Missed,
+    /// Not checked: the engine cannot ([`Engine::checks_found`]), or the point is not in its
+    /// graph.
+    Skipped,
 }
 
 /// The HNSW implementations vectord can build graphs with (stored in an index's record by

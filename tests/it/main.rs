@@ -17,6 +17,7 @@ mod compaction;
 mod crash;
 mod edge;
 mod fidelity;
+mod findable;
 mod fuzz;
 mod group_commit;
 mod index_service;

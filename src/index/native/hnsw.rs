@@ -50,7 +50,7 @@ use super::encoding::{Kept, Query, Storage};
 use super::scratch::{with_scratch, QueryBuf, Scratch};
 use super::{Block, Native, EMPTY, MAX_LEVEL};
 use crate::index::distance;
-use crate::index::engine::{Engine, FrozenGraph};
+use crate::index::engine::{Checked, Engine, FrozenGraph};
 use crate::model::Metric;
 
 /// A graph node's distance to the query, ordered by distance then id (so heaps are deterministic).
@@ -1330,6 +1330,60 @@ impl Engine for Native {
         keep: &dyn Fn(usize) -> bool,
     ) -> Option<Vec<(usize, f32)>> {
         Some(self.search_keeping(query, k, ef, Keep::Only(&|id| keep(id as usize))))
+    }
+
+    fn checks_found(&self) -> bool {
+        true
+    }
+
+    fn check_found(
+        &self,
+        internal: usize,
+        ef: usize,
+        keep: Option<&dyn Fn(usize) -> bool>,
+        link: &dyn Fn(&dyn Fn()),
+    ) -> Checked {
+        let Ok(id) = u32::try_from(internal) else {
+            return Checked::Skipped;
+        };
+        let Some(v) = self.vector(id) else {
+            return Checked::Skipped;
+        };
+        let only = |x: u32| keep.is_none_or(|k| k(x as usize));
+        let filter = || match keep {
+            Some(_) => Keep::Only(&only),
+            None => Keep::All,
+        };
+        let first = |k: usize| self.search_keeping(v, k, ef, filter());
+        if first(1).first().map(|f| f.0) == Some(internal) {
+            return Checked::Found;
+        }
+        // Every node of the beam's answer was expanded by the search for it (a beam ends
+        // when none of its nearest `ef` is left to expand), so a link from any of them is met.
+        let expanded = first(ef);
+        if expanded.iter().any(|f| f.0 == internal) {
+            // Reached but not first (a point at the same place ranks before it): no link helps.
+            return Checked::Missed;
+        }
+        link(&|| {
+            let free = expanded
+                .iter()
+                .any(|&(x, _)| x != internal && self.add_link(x as u32, id, |_| None));
+            if free {
+                return;
+            }
+            let Some(landed) = expanded.iter().map(|f| f.0 as u32).find(|&x| x != id) else {
+                return;
+            };
+            if let Some(base) = self.vector(landed) {
+                self.add_link(landed, id, |slots| self.most_redundant(landed, base, slots));
+            }
+        });
+        if first(1).first().map(|f| f.0) == Some(internal) {
+            Checked::Linked
+        } else {
+            Checked::Missed
+        }
     }
 
     fn distances(&self, query: &[f32], ids: &[usize]) -> Option<Vec<(usize, f32)>> {

@@ -6,8 +6,8 @@ use super::memory::{cache_lines, huge_cells, mapped_cells, HUGE_PAGE};
 use super::scratch::Scratch;
 use super::*;
 use crate::index::distance;
-use crate::index::engine::Engine;
 use crate::index::engine::{new_engine_in, new_engine_of, EngineKind, EngineMemory};
+use crate::index::engine::{Checked, Engine};
 use rand::{Rng, SeedableRng};
 
 #[test]
@@ -1522,6 +1522,44 @@ fn online_outliers_at_scale() {
         });
         println!("then {more} more outliers");
         all_far.extend(extra);
+    }
+    // The findability check (`Engine::check_found`) over every outlier at ef `CHECK_EF`,
+    // `CHECKS` passes (each stops the loop once it links none).
+    let check_ef = env_or("CHECK_EF", 200);
+    for round in 0..env_or("CHECKS", 0) {
+        let t = std::time::Instant::now();
+        let per = all_far.len().div_ceil(threads);
+        let counts: Vec<[usize; 3]> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..all_far.len())
+                .collect::<Vec<_>>()
+                .chunks(per)
+                .map(|part| {
+                    let (e, part) = (&e, part.to_vec());
+                    s.spawn(move || {
+                        let mut c = [0usize; 3];
+                        for j in part {
+                            match e.check_found(n + j, check_ef, None, &|f| f()) {
+                                Checked::Linked => c[0] += 1,
+                                Checked::Missed => c[1] += 1,
+                                _ => c[2] += 1,
+                            }
+                        }
+                        c
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let linked: usize = counts.iter().map(|c| c[0]).sum();
+        let missed: usize = counts.iter().map(|c| c[1]).sum();
+        println!(
+            "check {round} at ef {check_ef}: {linked} linked, {missed} still missed, of {} in {:.1} s",
+            all_far.len(),
+            t.elapsed().as_secs_f64()
+        );
+        if linked == 0 {
+            break;
+        }
     }
     let found_then = at_insert.iter().filter(|x| x.1).count();
     let mut lost = [[0usize; 4]; 2];

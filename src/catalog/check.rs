@@ -1,0 +1,260 @@
+//! The findability check (docs/scale.md, "Every point can be found"): in the time an index's
+//! indexer has nothing to link, passes over the active graph search for each live point by its
+//! own vector at the index's ef_search, as a search of the index runs it, and give each point
+//! that search does not find first a link from a point the search expanded
+//! ([`Generation::check_found`]). HNSW graphs leave a share of such points however they are
+//! built (a few in a hundred of points unlike the rest of the data, at m 16); a check's link
+//! does not remove another (unless every list the search expanded is full), so one pass leaves
+//! the graph finding nearly every point, and a second, run when the first linked any, the rest.
+//!
+//! # Invariants
+//! - Linking has priority: a step of a pass runs only when the fresh segment is empty, and a
+//!   write arriving during a step stops it after its current point (the pass resumes where it
+//!   stopped once the writes are linked).
+//! - A step runs on its own thread at the lowest CPU priority (nice 19): searches, linking and
+//!   gRPC take the cores first. It holds no lock while it searches, and the linker's lock only
+//!   while it adds a link (so a snapshot never copies a list being changed).
+//! - A pass starts when points were linked since the last pass began: at once when they are
+//!   at least 1 % of the graph (and for every new generation: a start, an activation, a
+//!   compaction), else once [`CHECK_AFTER`] has passed since the last pass ended; so the check
+//!   costs, over time, about one search per point linked, and a trickle of writes does not make
+//!   it search the whole graph again and again.
+//! - A pass that linked points is followed by another, up to [`MAX_FOLLOW_UPS`]: a link can
+//!   turn another point's search (rarely); a pass that links none ends the series.
+//! - Engines that cannot add links (hnsw_rs) are never checked.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::index::generation::CheckStep;
+use crate::index::Generation;
+
+/// Internal ids each thread of a step of a pass checks (at most 256 searches: up to about
+/// 25-60 ms of a core at ef_search 64-200).
+pub const CHECK_IDS: usize = 256;
+
+/// A pass for fewer points linked than 1 % of the graph waits this long after the last pass.
+pub const CHECK_AFTER: Duration = Duration::from_secs(300);
+
+/// Passes that follow a pass that linked points (without new writes).
+pub const MAX_FOLLOW_UPS: u32 = 2;
+
+/// An index's check counters (GetIndex's `findability_check`, the metrics).
+#[derive(Default)]
+pub struct IndexCheck {
+    running: AtomicBool,
+    passes: AtomicU64,
+    points_linked: AtomicU64,
+    last_pass_missed: AtomicU64,
+    last_ms: AtomicU64,
+    unchecked: AtomicU64,
+}
+
+/// A copy of an index's check counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckStats {
+    /// A pass is in progress.
+    pub running: bool,
+    /// Passes completed since the server started.
+    pub passes: u64,
+    /// Points a pass linked so that a search finds them, since the server started.
+    pub points_linked: u64,
+    /// Points the last completed pass could not make found first.
+    pub last_pass_missed: u64,
+    /// When the last pass completed (ms since the epoch; 0: none since start).
+    pub last_ms: u64,
+    /// Points linked into the active graph since the last pass began.
+    pub unchecked: u64,
+}
+
+impl IndexCheck {
+    pub fn stats(&self) -> CheckStats {
+        CheckStats {
+            running: self.running.load(Ordering::Acquire),
+            passes: self.passes.load(Ordering::Acquire),
+            points_linked: self.points_linked.load(Ordering::Acquire),
+            last_pass_missed: self.last_pass_missed.load(Ordering::Acquire),
+            last_ms: self.last_ms.load(Ordering::Acquire),
+            unchecked: self.unchecked.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The indexer's check state for one index (its own task's; the counters it shows are in
+/// [`IndexCheck`]).
+pub(super) struct Checker {
+    /// The generation it follows (its address: a new generation starts over).
+    generation: usize,
+    /// Points linked since the last pass began.
+    unchecked: u64,
+    /// The running pass: the internal id its next step starts from.
+    cursor: Option<usize>,
+    /// The running pass's links and misses so far.
+    linked: u64,
+    missed: u64,
+    /// Passes run since the last new points (follow-ups).
+    follow_ups: u32,
+    last_end: Instant,
+}
+
+impl Checker {
+    pub(super) fn new() -> Self {
+        Checker {
+            generation: 0,
+            unchecked: 0,
+            cursor: None,
+            linked: 0,
+            missed: 0,
+            follow_ups: 0,
+            last_end: Instant::now(),
+        }
+    }
+
+    /// Follows the active generation `gen`: a new one is checked whole.
+    pub(super) fn follow(&mut self, gen: &Arc<Generation>, shown: &IndexCheck) {
+        let at = Arc::as_ptr(gen) as usize;
+        if at != self.generation {
+            self.generation = at;
+            self.cursor = None;
+            self.follow_ups = 0;
+            self.unchecked = gen.linked_count() as u64;
+            shown.running.store(false, Ordering::Release);
+            shown.unchecked.store(self.unchecked, Ordering::Release);
+        }
+    }
+
+    /// Counts points the indexer linked.
+    pub(super) fn linked(&mut self, n: usize, shown: &IndexCheck) {
+        self.unchecked += n as u64;
+        self.follow_ups = 0;
+        shown.unchecked.store(self.unchecked, Ordering::Release);
+    }
+
+    /// When a pass is due on `gen`: now (Some(None)), at a time (Some(Some(t))), or never
+    /// without new points (None).
+    pub(super) fn due(&self, gen: &Generation) -> Option<Option<Instant>> {
+        if self.cursor.is_some() {
+            return Some(None);
+        }
+        if self.unchecked == 0 {
+            return None;
+        }
+        if self.unchecked.saturating_mul(100) >= gen.linked_count() as u64 {
+            return Some(None);
+        }
+        let at = self.last_end + CHECK_AFTER;
+        Some((at > Instant::now()).then_some(at))
+    }
+
+    /// Where the next step starts, beginning a pass if none runs.
+    pub(super) fn begin(&mut self, shown: &IndexCheck) -> usize {
+        if self.cursor.is_none() {
+            self.cursor = Some(0);
+            self.unchecked = 0;
+            self.linked = 0;
+            self.missed = 0;
+            shown.unchecked.store(0, Ordering::Release);
+            shown.running.store(true, Ordering::Release);
+        }
+        self.cursor.unwrap_or(0)
+    }
+
+    /// Records a step's outcome; at the end of a pass, starts a follow-up if it linked points.
+    pub(super) fn stepped(&mut self, step: CheckStep, shown: &IndexCheck) {
+        self.linked += step.linked as u64;
+        self.missed += step.missed as u64;
+        shown
+            .points_linked
+            .fetch_add(step.linked as u64, Ordering::AcqRel);
+        if !step.done {
+            self.cursor = Some(step.next);
+            return;
+        }
+        shown.passes.fetch_add(1, Ordering::AcqRel);
+        shown.last_pass_missed.store(self.missed, Ordering::Release);
+        shown
+            .last_ms
+            .store(crate::model::now_millis(), Ordering::Release);
+        self.last_end = Instant::now();
+        self.cursor = None;
+        if self.linked > 0 && self.follow_ups < MAX_FOLLOW_UPS {
+            self.follow_ups += 1;
+            self.begin(shown);
+        } else {
+            shown.running.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Runs one step of a pass over `gen` from internal id `from`: one thread a core at the
+/// lowest CPU priority, each over its own [`CHECK_IDS`] ids; `stop` ends each after its current
+/// point. None if no thread could be started.
+pub(super) async fn step(
+    gen: Arc<Generation>,
+    from: usize,
+    stop: Arc<AtomicBool>,
+) -> Option<CheckStep> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut parts = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let start = from + t * CHECK_IDS;
+        let (tx, rx) = oneshot::channel();
+        let (gen, stop) = (gen.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vectord-check".into())
+            .spawn(move || {
+                lowest_priority();
+                let stop = || stop.load(Ordering::Acquire);
+                let _ = tx.send(gen.check_found(start, start + CHECK_IDS, &stop));
+            });
+        if spawned.is_ok() {
+            parts.push((start, rx));
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    // The step resumes from the first part that did not finish (the parts after it are
+    // checked again then); when all finished, after the last.
+    let mut merged = CheckStep {
+        next: from,
+        ..CheckStep::default()
+    };
+    let mut stopped_at: Option<usize> = None;
+    for (start, rx) in parts {
+        let part = match rx.await {
+            Ok(part) => part,
+            Err(_) => CheckStep {
+                next: start,
+                ..CheckStep::default()
+            },
+        };
+        merged.checked += part.checked;
+        merged.linked += part.linked;
+        merged.missed += part.missed;
+        merged.next = merged.next.max(part.next);
+        merged.done |= part.done;
+        if !part.done && part.next < start + CHECK_IDS {
+            stopped_at = Some(stopped_at.map_or(part.next, |s| s.min(part.next)));
+        }
+    }
+    if let Some(at) = stopped_at {
+        merged.next = at;
+        merged.done = false;
+    }
+    Some(merged)
+}
+
+/// Lowers the calling thread's CPU priority to nice 19 (Linux: a thread's own nice value; a
+/// no-op elsewhere). Raising a nice value needs no privilege.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with this thread's id changes only this thread's nice value.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
