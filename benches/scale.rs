@@ -776,8 +776,9 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
                         &FOUND_EFS,
                     )
                     .await?;
+                    let (search_checked, _) = unary_p50(&mut c, INDEX, &queries).await?;
                     format!(
-                        "; the findability check caught up {secs:.1} s later ({} passes, {} points linked), then found first {}",
+                        "; the findability check caught up {secs:.1} s later ({} passes, {} points linked), then found first {}, search p50 {search_checked:.0} us",
                         check.passes,
                         check.points_linked,
                         found_at(&found)

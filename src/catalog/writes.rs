@@ -293,8 +293,14 @@ pub(super) async fn indexer(
                 let step = tokio::select! {
                     biased;
                     step = &mut running => step,
-                    _ = stop.cancelled() => return,
-                    _ = failed.cancelled() => return,
+                    _ = stop.cancelled() => {
+                        halt.store(true, Ordering::Release);
+                        return;
+                    }
+                    _ = failed.cancelled() => {
+                        halt.store(true, Ordering::Release);
+                        return;
+                    }
                     _ = &mut wake => {
                         // New points: they are linked first; the step stops at its next point.
                         halt.store(true, Ordering::Release);

@@ -27,6 +27,10 @@
 //!   That holds for small indexes only: at 100,000 clustered 128-d points and 60,000 online
 //!   outliers, later outliers that become an earlier one's nearest neighbour (hubs, near to
 //!   hundreds of points nearer than it) do not link it: 8.6 % of them were missed at ef 200.
+//!   What finds those is the server's findability check after the writes (`Engine::check_found`,
+//!   driven by `catalog/check.rs`): a search for each point, and a link into a free slot of a
+//!   node that search expanded where it missed; a search that expands a node sees all its
+//!   links, so the next search for the point finds it.
 //! - A prune keeps the link from a node's nearest neighbour (the first of its own list) while
 //!   the node has at most M in-links ([`Native::pinned`]); that halved those misses, to 4 %
 //!   (test `online_outliers_at_scale`).

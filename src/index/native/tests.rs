@@ -1525,6 +1525,12 @@ fn online_outliers_at_scale() {
     }
     // The findability check (`Engine::check_found`) over every outlier at ef `CHECK_EF`,
     // `CHECKS` passes (each stops the loop once it links none).
+    if env_or("CHECKS", 0) > 0 {
+        for ef in [16, 64] {
+            let r = recall(&e, Metric::L2, &base, &queries, ef);
+            println!("before the check: recall@10 of the base's queries at ef {ef}: {r:.4}");
+        }
+    }
     let check_ef = env_or("CHECK_EF", 200);
     for round in 0..env_or("CHECKS", 0) {
         let t = std::time::Instant::now();
@@ -1559,6 +1565,12 @@ fn online_outliers_at_scale() {
         );
         if linked == 0 {
             break;
+        }
+    }
+    if env_or("CHECKS", 0) > 0 {
+        for ef in [16, 64] {
+            let r = recall(&e, Metric::L2, &base, &queries, ef);
+            println!("after the check: recall@10 of the base's queries at ef {ef}: {r:.4}");
         }
     }
     let found_then = at_insert.iter().filter(|x| x.1).count();
