@@ -53,6 +53,18 @@ pub fn index(i: &pb::Index) -> Value {
         "refresh_policy": opt(&i.refresh_policy, refresh_policy),
         "refresh_status": opt(&i.refresh_status, refresh_status),
         "build_progress": opt(&i.build_progress, progress),
+        "findability_check": opt(&i.findability_check, findability_check),
+    })
+}
+
+pub fn findability_check(c: &pb::FindabilityCheck) -> Value {
+    json!({
+        "running": c.running,
+        "passes": c.passes,
+        "points_linked": c.points_linked,
+        "last_pass_missed": c.last_pass_missed,
+        "last_pass_time": timestamp(&c.last_pass_time),
+        "unchecked_points": c.unchecked_points,
     })
 }
 
