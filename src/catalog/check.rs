@@ -24,7 +24,7 @@
 //! - Engines that cannot add links (hnsw_rs) are never checked.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -86,8 +86,9 @@ impl IndexCheck {
 /// The indexer's check state for one index (its own task's; the counters it shows are in
 /// [`IndexCheck`]).
 pub(super) struct Checker {
-    /// The generation it follows (its address: a new generation starts over).
-    generation: usize,
+    /// The generation it follows (a new one starts over; weak, so its address is not reused
+    /// while followed).
+    generation: Weak<Generation>,
     /// Points linked since the last pass began.
     unchecked: u64,
     /// The running pass: the internal id its next step starts from.
@@ -103,7 +104,7 @@ pub(super) struct Checker {
 impl Checker {
     pub(super) fn new() -> Self {
         Checker {
-            generation: 0,
+            generation: Weak::new(),
             unchecked: 0,
             cursor: None,
             linked: 0,
@@ -113,21 +114,38 @@ impl Checker {
         }
     }
 
-    /// Follows the active generation `gen`: a new one is checked whole.
+    /// Follows the active generation `gen`: a new one is checked whole (if its engine can
+    /// link: [`Generation::checks_found`]).
     pub(super) fn follow(&mut self, gen: &Arc<Generation>, shown: &IndexCheck) {
-        let at = Arc::as_ptr(gen) as usize;
-        if at != self.generation {
-            self.generation = at;
+        if !Weak::ptr_eq(&self.generation, &Arc::downgrade(gen)) {
+            self.generation = Arc::downgrade(gen);
             self.cursor = None;
             self.follow_ups = 0;
-            self.unchecked = gen.linked_count() as u64;
+            self.unchecked = if gen.checks_found() {
+                gen.linked_count() as u64
+            } else {
+                0
+            };
             shown.running.store(false, Ordering::Release);
             shown.unchecked.store(self.unchecked, Ordering::Release);
         }
     }
 
-    /// Counts points the indexer linked.
-    pub(super) fn linked(&mut self, n: usize, shown: &IndexCheck) {
+    /// Gives up the running pass and what is unchecked (a step could not run); points
+    /// linked later start a pass again.
+    pub(super) fn abandon(&mut self, shown: &IndexCheck) {
+        self.cursor = None;
+        self.unchecked = 0;
+        self.last_end = Instant::now();
+        shown.running.store(false, Ordering::Release);
+        shown.unchecked.store(0, Ordering::Release);
+    }
+
+    /// Counts points the indexer linked into `gen`.
+    pub(super) fn linked(&mut self, gen: &Generation, n: usize, shown: &IndexCheck) {
+        if !gen.checks_found() {
+            return;
+        }
         self.unchecked += n as u64;
         self.follow_ups = 0;
         shown.unchecked.store(self.unchecked, Ordering::Release);
@@ -256,5 +274,138 @@ fn lowest_priority() {
     unsafe {
         let tid = libc::gettid();
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::engine::{EngineKind, EngineMemory};
+    use crate::model::{ConfigSource, GenerationMeta, HnswConfig, Metric, Point};
+
+    fn generation(kind: EngineKind, n: u64) -> Arc<Generation> {
+        let meta = GenerationMeta {
+            number: 1,
+            config: HnswConfig {
+                m: 8,
+                ef_construction: 32,
+                ef_search: 16,
+                seed: None,
+            },
+            source: ConfigSource::Default,
+            point_count: 0,
+            build_millis: 0,
+            activate_time_ms: 0,
+            profile: String::new(),
+            trial_id: 0,
+        };
+        let points = (0..n)
+            .map(|id| Point {
+                id,
+                vector: vec![id as f32, (id % 7) as f32],
+            })
+            .collect();
+        let gen = Generation::build(
+            kind,
+            &EngineMemory::IN_RAM,
+            Metric::L2,
+            2,
+            meta,
+            points,
+            &|| false,
+        );
+        Arc::new(gen.expect("build"))
+    }
+
+    fn done(linked: usize) -> CheckStep {
+        CheckStep {
+            next: 1000,
+            checked: 1000,
+            linked,
+            missed: 0,
+            done: true,
+        }
+    }
+
+    /// When passes start: a new generation at once; a pass that linked points is followed by
+    /// up to two more; then fewer new points than 1 % of the graph wait for [`CHECK_AFTER`],
+    /// 1 % or more start one at once; an engine that cannot link is never checked.
+    #[test]
+    fn passes_start_by_the_rules() {
+        let shown = IndexCheck::default();
+        let gen = generation(EngineKind::NativeI8, 1000);
+        let mut c = Checker::new();
+        c.follow(&gen, &shown);
+        assert_eq!(shown.stats().unchecked, 1000);
+        assert_eq!(c.due(&gen), Some(None), "a new generation: at once");
+        assert_eq!(c.begin(&shown), 0);
+        assert!(shown.stats().running);
+        // A step part way, then the end of a pass that linked points: a follow-up starts.
+        c.stepped(
+            CheckStep {
+                next: 512,
+                checked: 512,
+                linked: 3,
+                missed: 0,
+                done: false,
+            },
+            &shown,
+        );
+        assert_eq!(c.begin(&shown), 512, "the pass goes on where it was");
+        c.stepped(done(1), &shown);
+        let s = shown.stats();
+        assert_eq!((s.passes, s.points_linked, s.running), (1, 4, true));
+        assert_eq!(c.begin(&shown), 0, "a follow-up pass from the start");
+        c.stepped(done(2), &shown);
+        c.stepped(done(1), &shown);
+        let s = shown.stats();
+        assert_eq!((s.passes, s.running), (3, false), "at most two follow-ups");
+        assert_eq!(c.due(&gen), None, "nothing new: no pass");
+        // 5 new points of 1,000: after CHECK_AFTER; 10 or more: at once.
+        c.linked(&gen, 5, &shown);
+        assert_eq!(shown.stats().unchecked, 5);
+        match c.due(&gen) {
+            Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2),
+            other => panic!("expected a pass later, got {other:?}"),
+        }
+        c.linked(&gen, 5, &shown);
+        assert_eq!(c.due(&gen), Some(None));
+        c.begin(&shown);
+        c.stepped(done(0), &shown);
+        let s = shown.stats();
+        assert_eq!((s.passes, s.running, s.unchecked), (4, false, 0));
+        // A new generation starts over.
+        let next = generation(EngineKind::NativeI8, 300);
+        c.follow(&next, &shown);
+        assert_eq!((c.due(&next), shown.stats().unchecked), (Some(None), 300));
+        // hnsw_rs: never.
+        let other = generation(EngineKind::HnswRs, 300);
+        c.follow(&other, &shown);
+        c.linked(&other, 300, &shown);
+        assert_eq!(c.due(&other), None);
+    }
+
+    /// A step over a real generation reaches its end and checks every point.
+    #[tokio::test]
+    async fn a_step_checks_every_point() {
+        let gen = generation(EngineKind::NativeI8, 700);
+        let mut from = 0;
+        let mut checked = 0;
+        loop {
+            let s = step(gen.clone(), from, Arc::new(AtomicBool::new(false)))
+                .await
+                .expect("threads");
+            checked += s.checked;
+            from = s.next;
+            if s.done {
+                break;
+            }
+        }
+        assert_eq!(checked, 700);
+        // A stopped step resumes where it stopped.
+        let s = step(gen.clone(), 0, Arc::new(AtomicBool::new(true)))
+            .await
+            .expect("threads");
+        assert_eq!((s.next, s.checked, s.done), (0, 0, false));
     }
 }

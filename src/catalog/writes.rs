@@ -309,7 +309,10 @@ pub(super) async fn indexer(
                 };
                 match step {
                     Some(step) => checker.stepped(step, &h.check),
-                    None => tracing::warn!(index = %h.meta.name, "findability check: no thread"),
+                    None => {
+                        tracing::warn!(index = %h.meta.name, "findability check: no thread could be started; skipped until more points are linked");
+                        checker.abandon(&h.check);
+                    }
                 }
                 continue;
             }
@@ -330,12 +333,13 @@ pub(super) async fn indexer(
                 return;
             }
         }
-        let linked = tokio::task::spawn_blocking(move || gen.link_pending(LINK_BATCH)).await;
+        let linking = gen.clone();
+        let linked = tokio::task::spawn_blocking(move || linking.link_pending(LINK_BATCH)).await;
         signals.room.notify_waiters();
         match linked {
             Ok(n) => {
                 if let Some(h) = handle.upgrade() {
-                    checker.linked(n, &h.check);
+                    checker.linked(&gen, n, &h.check);
                 }
             }
             Err(e) => {

@@ -533,6 +533,12 @@ impl Generation {
         self.fresh.read().linked_seq
     }
 
+    /// Whether the findability check can link this generation's points (its engine's
+    /// [`Engine::checks_found`]).
+    pub fn checks_found(&self) -> bool {
+        self.engine.checks_found()
+    }
+
     /// Points linked into the graph (tombstones included).
     pub fn linked_count(&self) -> usize {
         self.fresh.read().base
