@@ -11,8 +11,9 @@
 //! - Linking has priority: a step of a pass runs only when the fresh segment is empty, and a
 //!   write arriving during a step stops it after its current point (the pass resumes where it
 //!   stopped once the writes are linked).
-//! - A step runs on its own thread at the lowest CPU priority (nice 19): searches, linking and
-//!   gRPC take the cores first. It holds no lock while it searches, and the linker's lock only
+//! - A step runs on the check's own threads (a rayon pool, one a core, shared by every index)
+//!   at the lowest CPU priority (nice 19): searches, linking and gRPC take the cores first;
+//!   each thread checks its own 256 ids. It holds no lock while it searches, and the linker's lock only
 //!   while it adds a link (so a snapshot never copies a list being changed).
 //! - A pass starts when points were linked since the last pass began: at once when they are
 //!   at least 1 % of the graph (and for every new generation: a start, an activation, a
@@ -24,7 +25,7 @@
 //! - Engines that cannot add links (hnsw_rs) are never checked.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -207,30 +208,41 @@ impl Checker {
     }
 }
 
-/// Runs one step of a pass over `gen` from internal id `from`: one thread a core at the
-/// lowest CPU priority, each over its own [`CHECK_IDS`] ids; `stop` ends each after its current
-/// point. None if no thread could be started.
+/// The threads steps run on: one a core, at nice 19 from their start (a rayon pool, so a step
+/// starts no thread). None if it could not be made.
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|_| "vectord-check".into())
+            .start_handler(|_| lowest_priority())
+            .build()
+            .map_err(|e| tracing::warn!("findability check: no threads: {e}"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs one step of a pass over `gen` from internal id `from`: on each thread of the check's
+/// pool (one a core, nice 19), its own [`CHECK_IDS`] ids; `stop` ends each part after its
+/// current point. None if the pool could not be made.
 pub(super) async fn step(
     gen: Arc<Generation>,
     from: usize,
     stop: Arc<AtomicBool>,
 ) -> Option<CheckStep> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = pool()?;
+    let threads = pool.current_num_threads().max(1);
     let mut parts = Vec::with_capacity(threads);
     for t in 0..threads {
         let start = from + t * CHECK_IDS;
         let (tx, rx) = oneshot::channel();
         let (gen, stop) = (gen.clone(), stop.clone());
-        let spawned = std::thread::Builder::new()
-            .name("vectord-check".into())
-            .spawn(move || {
-                lowest_priority();
-                let stop = || stop.load(Ordering::Acquire);
-                let _ = tx.send(gen.check_found(start, start + CHECK_IDS, &stop));
-            });
-        if spawned.is_ok() {
-            parts.push((start, rx));
-        }
+        pool.spawn(move || {
+            let stop = || stop.load(Ordering::Acquire);
+            let _ = tx.send(gen.check_found(start, start + CHECK_IDS, &stop));
+        });
+        parts.push((start, rx));
     }
     if parts.is_empty() {
         return None;
@@ -407,5 +419,14 @@ mod tests {
             .await
             .expect("threads");
         assert_eq!((s.next, s.checked, s.done), (0, 0, false));
+        // The steps' threads run at nice 19.
+        #[cfg(target_os = "linux")]
+        {
+            let nice = pool().expect("pool").install(|| {
+                // SAFETY: getpriority reads this thread's nice value.
+                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+            });
+            assert_eq!(nice, 19);
+        }
     }
 }
