@@ -753,29 +753,24 @@ async fn writers_only(set: &Set, write_secs: u64) -> BoxResult<()> {
             let (search_during, _) = unary_p50(&mut c, INDEX, &queries).await?;
             let drained = wait_linked(&mut c, INDEX).await?;
             let (search_after, _) = unary_p50(&mut c, INDEX, &queries).await?;
-            let (found, searched) = found_first(
-                &mut c,
-                INDEX,
-                &mixture,
-                FIRST_WRITER_ID,
-                &acked,
-                FOUND_SAMPLE,
-                &FOUND_EFS,
-            )
-            .await?;
-            // Once the findability check caught up (servers that have one), the same sample.
+            // The same sample of the writers' points, each time.
+            let sample = async |c: &mut Client| {
+                found_first(
+                    c,
+                    INDEX,
+                    &mixture,
+                    FIRST_WRITER_ID,
+                    &acked,
+                    FOUND_SAMPLE,
+                    &FOUND_EFS,
+                )
+                .await
+            };
+            let (found, searched) = sample(&mut c).await?;
+            // Once the findability check caught up (servers that have one), again.
             let checked = match wait_checked(&mut c, INDEX).await? {
                 Some((secs, check)) => {
-                    let (found, _) = found_first(
-                        &mut c,
-                        INDEX,
-                        &mixture,
-                        FIRST_WRITER_ID,
-                        &acked,
-                        FOUND_SAMPLE,
-                        &FOUND_EFS,
-                    )
-                    .await?;
+                    let (found, _) = sample(&mut c).await?;
                     let (search_checked, _) = unary_p50(&mut c, INDEX, &queries).await?;
                     format!(
                         "; the findability check caught up {secs:.1} s later ({} passes, {} points linked), then found first {}, search p50 {search_checked:.0} us",

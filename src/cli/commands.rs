@@ -128,16 +128,6 @@ fn print_index(ctx: &Ctx, i: &Option<pb::Index>) {
         }
         out::line(&s);
     }
-    if let Some(c) = &i.findability_check {
-        out::line(&format!(
-            "findable    check {}: {} passes, {} points linked, {} unchecked, last pass {} missed",
-            if c.running { "running" } else { "idle" },
-            c.passes,
-            c.points_linked,
-            c.unchecked_points,
-            c.last_pass_missed
-        ));
-    }
     if let Some(st) = &i.refresh_status {
         out::line(&format!(
             "            {} points changed since the last tune; last probe recall {}; last: {}",
