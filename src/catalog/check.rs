@@ -13,8 +13,9 @@
 //!   stopped once the writes are linked).
 //! - A step runs on the check's own threads (a rayon pool, one a core, shared by every index)
 //!   at the lowest CPU priority (nice 19): searches, linking and gRPC take the cores first;
-//!   each thread checks its own 256 ids. It holds no lock while it searches, and the linker's lock only
-//!   while it adds a link (so a snapshot never copies a list being changed).
+//!   each thread checks its own [`CHECK_IDS`] ids. It holds no lock while it searches, and the
+//!   linker's lock only while it adds a link (so a snapshot never copies a list being
+//!   changed).
 //! - A pass starts when points were linked since the last pass began: at once when they are
 //!   at least 1 % of the graph (and for every new generation: a start, an activation, a
 //!   compaction), else once [`CHECK_AFTER`] has passed since the last pass ended; so the check
