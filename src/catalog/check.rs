@@ -17,10 +17,10 @@
 //!   linker's lock only while it adds a link (so a snapshot never copies a list being
 //!   changed).
 //! - A pass starts when points were linked since the last pass began: at once when they are
-//!   at least 1 % of the graph (and for every new generation: a start, an activation, a
-//!   compaction), else once [`CHECK_AFTER`] has passed since the last pass ended; so the check
-//!   costs, over time, about one search per point linked, and a trickle of writes does not make
-//!   it search the whole graph again and again.
+//!   at least [`CHECK_SHARE`] (10 %) of the graph (and for every new generation: a start, an
+//!   activation, a compaction), else once no point has been linked for [`CHECK_AFTER`]. So
+//!   steady writes cost about 10 searches per point written (up to 30 with follow-ups), and a
+//!   trickle of writes does not make it search the whole graph again and again.
 //! - A pass that linked points is followed by another, up to [`MAX_FOLLOW_UPS`]: a link can
 //!   turn another point's search (rarely); a pass that links none ends the series.
 //! - Engines that cannot add links (hnsw_rs) are never checked.
@@ -38,7 +38,11 @@ use crate::index::Generation;
 /// 25-60 ms of a core at ef_search 64-200).
 pub const CHECK_IDS: usize = 256;
 
-/// A pass for fewer points linked than 1 % of the graph waits this long after the last pass.
+/// Points linked since the last pass began, as a share of the graph, that start a pass at once
+/// (one in ten: a pass searches for every point of the graph).
+pub const CHECK_SHARE: u64 = 10;
+
+/// Fewer points than that start a pass once no point has been linked for this long.
 pub const CHECK_AFTER: Duration = Duration::from_secs(300);
 
 /// Passes that follow a pass that linked points (without new writes).
@@ -100,7 +104,8 @@ pub(super) struct Checker {
     missed: u64,
     /// Passes run since the last new points (follow-ups).
     follow_ups: u32,
-    last_end: Instant,
+    /// When the indexer last linked points.
+    last_linked: Instant,
 }
 
 impl Checker {
@@ -112,7 +117,7 @@ impl Checker {
             linked: 0,
             missed: 0,
             follow_ups: 0,
-            last_end: Instant::now(),
+            last_linked: Instant::now(),
         }
     }
 
@@ -138,7 +143,6 @@ impl Checker {
     pub(super) fn abandon(&mut self, shown: &IndexCheck) {
         self.cursor = None;
         self.unchecked = 0;
-        self.last_end = Instant::now();
         shown.running.store(false, Ordering::Release);
         shown.unchecked.store(0, Ordering::Release);
     }
@@ -150,6 +154,7 @@ impl Checker {
         }
         self.unchecked += n as u64;
         self.follow_ups = 0;
+        self.last_linked = Instant::now();
         shown.unchecked.store(self.unchecked, Ordering::Release);
     }
 
@@ -162,10 +167,10 @@ impl Checker {
         if self.unchecked == 0 {
             return None;
         }
-        if self.unchecked.saturating_mul(100) >= gen.linked_count() as u64 {
+        if self.unchecked.saturating_mul(CHECK_SHARE) >= gen.linked_count() as u64 {
             return Some(None);
         }
-        let at = self.last_end + CHECK_AFTER;
+        let at = self.last_linked + CHECK_AFTER;
         Some((at > Instant::now()).then_some(at))
     }
 
@@ -198,7 +203,6 @@ impl Checker {
         shown
             .last_ms
             .store(crate::model::now_millis(), Ordering::Release);
-        self.last_end = Instant::now();
         self.cursor = None;
         if self.linked > 0 && self.follow_ups < MAX_FOLLOW_UPS {
             self.follow_ups += 1;
@@ -341,8 +345,9 @@ mod tests {
     }
 
     /// When passes start: a new generation at once; a pass that linked points is followed by
-    /// up to two more; then fewer new points than 1 % of the graph wait for [`CHECK_AFTER`],
-    /// 1 % or more start one at once; an engine that cannot link is never checked.
+    /// up to two more; then fewer new points than 10 % of the graph wait until none has been
+    /// linked for [`CHECK_AFTER`], 10 % or more start one at once; an engine that cannot link is
+    /// never checked.
     #[test]
     fn passes_start_by_the_rules() {
         let shown = IndexCheck::default();
@@ -374,14 +379,14 @@ mod tests {
         let s = shown.stats();
         assert_eq!((s.passes, s.running), (3, false), "at most two follow-ups");
         assert_eq!(c.due(&gen), None, "nothing new: no pass");
-        // 5 new points of 1,000: after CHECK_AFTER; 10 or more: at once.
-        c.linked(&gen, 5, &shown);
-        assert_eq!(shown.stats().unchecked, 5);
+        // 50 new points of 1,000: after CHECK_AFTER; 100 or more: at once.
+        c.linked(&gen, 50, &shown);
+        assert_eq!(shown.stats().unchecked, 50);
         match c.due(&gen) {
             Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2),
             other => panic!("expected a pass later, got {other:?}"),
         }
-        c.linked(&gen, 5, &shown);
+        c.linked(&gen, 50, &shown);
         assert_eq!(c.due(&gen), Some(None));
         c.begin(&shown);
         c.stepped(done(0), &shown);
