@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::index::generation::CheckStep;
@@ -237,21 +238,24 @@ pub(super) async fn step(
     stop: Arc<AtomicBool>,
 ) -> Option<CheckStep> {
     let pool = pool()?;
-    let threads = pool.current_num_threads().max(1);
-    let mut parts = Vec::with_capacity(threads);
-    for t in 0..threads {
-        let start = from + t * CHECK_IDS;
-        let (tx, rx) = oneshot::channel();
-        let (gen, stop) = (gen.clone(), stop.clone());
-        pool.spawn(move || {
-            let stop = || stop.load(Ordering::Acquire);
-            let _ = tx.send(gen.check_found(start, start + CHECK_IDS, &stop));
-        });
-        parts.push((start, rx));
-    }
-    if parts.is_empty() {
-        return None;
-    }
+    let (tx, rx) = oneshot::channel();
+    // One job reads the id map once; its parts run on the pool's threads.
+    pool.spawn(move || {
+        let view = gen.check_view();
+        let stop = || stop.load(Ordering::Acquire);
+        let parts: Vec<(usize, CheckStep)> = (0..rayon::current_num_threads().max(1))
+            .into_par_iter()
+            .map(|t| {
+                let start = from + t * CHECK_IDS;
+                (
+                    start,
+                    gen.check_found(&view, start, start + CHECK_IDS, &stop),
+                )
+            })
+            .collect();
+        let _ = tx.send(parts);
+    });
+    let parts = rx.await.ok()?;
     // The step resumes from the first part that did not finish (the parts after it are
     // checked again then); when all finished, after the last.
     let mut merged = CheckStep {
@@ -259,14 +263,7 @@ pub(super) async fn step(
         ..CheckStep::default()
     };
     let mut stopped_at: Option<usize> = None;
-    for (start, rx) in parts {
-        let part = match rx.await {
-            Ok(part) => part,
-            Err(_) => CheckStep {
-                next: start,
-                ..CheckStep::default()
-            },
-        };
+    for (start, part) in parts {
         merged.checked += part.checked;
         merged.linked += part.linked;
         merged.missed += part.missed;
@@ -298,23 +295,17 @@ fn lowest_priority() {
 mod tests {
     use super::*;
     use crate::index::engine::{EngineKind, EngineMemory};
-    use crate::model::{ConfigSource, GenerationMeta, HnswConfig, Metric, Point};
+    use crate::model::{GenerationMeta, HnswConfig, Metric, Point};
 
     fn generation(kind: EngineKind, n: u64) -> Arc<Generation> {
         let meta = GenerationMeta {
-            number: 1,
             config: HnswConfig {
                 m: 8,
                 ef_construction: 32,
                 ef_search: 16,
                 seed: None,
             },
-            source: ConfigSource::Default,
-            point_count: 0,
-            build_millis: 0,
-            activate_time_ms: 0,
-            profile: String::new(),
-            trial_id: 0,
+            ..super::super::tests::first_meta()
         };
         let points = (0..n)
             .map(|id| Point {

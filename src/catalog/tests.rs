@@ -9,7 +9,7 @@ fn p(id: u64, x: f32) -> Point {
 }
 
 /// Generation 1 of the default config.
-fn first_meta() -> GenerationMeta {
+pub(super) fn first_meta() -> GenerationMeta {
     GenerationMeta {
         number: 1,
         config: HnswConfig::default(),

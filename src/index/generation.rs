@@ -87,6 +87,16 @@ impl IdMap {
 /// keep every core busy, few enough that room frees up often.
 pub const LINK_BATCH: usize = 64;
 
+/// The id map as a step of the findability check reads it ([`Generation::check_view`]).
+pub struct CheckView {
+    /// The linked points' live flags.
+    live: Vec<bool>,
+    /// A search filters the graph's answer.
+    filtered: bool,
+    /// Nothing to check: searches are exact scans, or the engine cannot link.
+    nothing: bool,
+}
+
 /// What one step of the findability check did ([`Generation::check_found`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CheckStep {
@@ -648,35 +658,50 @@ impl Generation {
         self.engine.memory_bytes()
     }
 
-    /// One step of the findability check: checks that a search for each live linked point of
-    /// internal ids `from..to` (tombstones are passed over) by its own vector at the
-    /// generation's ef_search, as [`Generation::search`] runs it, finds it first, and links it
-    /// where not ([`Engine::check_found`]); `stop` is polled between points. Searches and
-    /// writes go on meanwhile: the step holds no lock while it searches (it copies the live
-    /// flags, one byte a point, when it starts) and takes the linker's lock only to add a
-    /// link. Several steps may run at once (on disjoint ranges). Blocking.
-    pub fn check_found(&self, from: usize, to: usize, stop: &dyn Fn() -> bool) -> CheckStep {
+    /// What a step of the findability check reads of the id map, once for all its threads
+    /// ([`Generation::check_found`]): the live flags of the linked points (one byte a point),
+    /// whether a search filters, and whether there is anything to check.
+    pub fn check_view(&self) -> CheckView {
         let ef = (self.meta.config.ef_search as usize).max(1);
-        let (live, filtered) = {
-            let map = self.ids.read();
-            let fresh = self.fresh.read();
-            let base = fresh.base.min(map.live.len());
-            let filtered = map.external.len() != map.by_external.len() || !fresh.is_empty();
-            (map.live[..base].to_vec(), filtered)
-        };
-        let end = to.min(live.len());
-        let mut step = CheckStep {
-            next: from,
-            ..CheckStep::default()
-        };
+        let map = self.ids.read();
+        let fresh = self.fresh.read();
+        let base = fresh.base.min(map.live.len());
+        let live = map.live[..base].to_vec();
         // With this few live points a search compares the query with each (exact); an engine
         // that cannot link has nothing to check.
         let graph_live = live.iter().filter(|&&l| l).count();
-        if graph_live <= ef.saturating_mul(SCAN_LIVE_PER_EF) || !self.engine.checks_found() {
-            step.next = step.next.max(end);
+        CheckView {
+            filtered: Self::filters(&map, &fresh),
+            nothing: graph_live <= ef.saturating_mul(SCAN_LIVE_PER_EF)
+                || !self.engine.checks_found(),
+            live,
         }
+    }
+
+    /// One step of the findability check over `view` ([`Generation::check_view`]): checks
+    /// that a search for each live linked point of internal ids `from..to` (tombstones are
+    /// passed over) by its own vector at the generation's ef_search, as
+    /// [`Generation::search`] runs it, finds it first, and links it where not
+    /// ([`Engine::check_found`]); `stop` is polled between points. Searches and writes go on
+    /// meanwhile: the step holds no lock while it searches and takes the linker's lock only to
+    /// add a link. Several steps may run at once (on disjoint ranges). Blocking.
+    pub fn check_found(
+        &self,
+        view: &CheckView,
+        from: usize,
+        to: usize,
+        stop: &dyn Fn() -> bool,
+    ) -> CheckStep {
+        let ef = (self.meta.config.ef_search as usize).max(1);
+        let live = &view.live;
+        let end = to.min(live.len());
+        let mut step = CheckStep {
+            next: if view.nothing { from.max(end) } else { from },
+            ..CheckStep::default()
+        };
         let is_live = |x: usize| live.get(x).copied().unwrap_or(false);
-        let keep: Option<&dyn Fn(usize) -> bool> = if filtered { Some(&is_live) } else { None };
+        let keep: Option<&dyn Fn(usize) -> bool> =
+            if view.filtered { Some(&is_live) } else { None };
         let link = |f: &dyn Fn()| {
             let _linking = self.linking.lock();
             f()
@@ -702,6 +727,12 @@ impl Generation {
         }
         step.done = step.next >= live.len();
         step
+    }
+
+    /// Whether a search filters the graph's answer (tombstones, or staged points past the
+    /// linked prefix), else it takes the engine's answer as it is.
+    fn filters(map: &IdMap, fresh: &Fresh) -> bool {
+        map.external.len() != map.by_external.len() || !fresh.is_empty()
     }
 
     /// The `k` nearest live points to `query` (validated, normalised for cosine), nearest first:
@@ -743,7 +774,7 @@ impl Generation {
         if graph_live == 0 {
             return hits(&[], &mut staged);
         }
-        if total == live && fresh.is_empty() {
+        if !Self::filters(&map, &fresh) {
             return hits(&self.engine.search(query, k, ef), &mut staged);
         }
         // Few live points left among tombstones: comparing the query with each of them is
@@ -1108,7 +1139,7 @@ mod tests {
         for _ in 0..passes {
             let (mut from, mut total) = (0, (0, 0, 0));
             loop {
-                let step = g.check_found(from, from + 100, &|| false);
+                let step = g.check_found(&g.check_view(), from, from + 100, &|| false);
                 total.0 += step.checked;
                 total.1 += step.linked;
                 total.2 += step.missed;
