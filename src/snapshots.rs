@@ -83,18 +83,21 @@ pub struct SnapshotState {
     pub last: Option<(Duration, Duration)>,
     /// `--snapshot-idle-secs` (None: writes going quiet never call for a snapshot).
     pub idle: Option<Duration>,
+    /// The findability check linked points since the last snapshot (links no file holds).
+    pub check_links: bool,
 }
 
 /// When to snapshot an index in the background: `Some(ZERO)` now, `Some(wait)` not before
 /// `wait` from now (decide again then, or at the next write), None not until something
 /// changes. The rules, in order:
-/// 1. nothing changed since the snapshot: None;
+/// 1. nothing changed since the snapshot: None, unless the findability check linked points
+///    (`check_links`): then now, spaced ([`MIN_SPACING`]) from the previous background
+///    snapshot;
 /// 2. the changes reach [`resnapshot_due`]'s share: now;
-/// 3. an import ended or a start replayed enough (`requested`): now, spaced
-///    ([`MIN_SPACING`]) from the previous background snapshot;
+/// 3. an import ended or a start replayed enough (`requested`): now, spaced likewise;
 /// 4. writes stopped `idle` ago: then, spaced likewise; None without `idle`.
 pub fn next_snapshot(s: SnapshotState) -> Option<Duration> {
-    if s.changed == 0 {
+    if s.changed == 0 && !s.check_links {
         return None;
     }
     if resnapshot_due(s.changed, s.points) {
@@ -105,7 +108,7 @@ pub fn next_snapshot(s: SnapshotState) -> Option<Duration> {
             .max(took.saturating_mul(SPACING_PER_SNAPSHOT_TIME))
             .saturating_sub(since)
     });
-    if s.requested {
+    if s.requested || s.changed == 0 {
         return Some(spaced);
     }
     let quiet = s.idle?.saturating_sub(s.since_write);
@@ -146,7 +149,11 @@ pub fn save(
                 millis = started.elapsed().as_millis() as u64,
                 "wrote generation snapshot"
             );
-            Some(SnapshotRef { file, seq })
+            Some(SnapshotRef {
+                file,
+                seq,
+                checked: false,
+            })
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot write a generation snapshot: it will be rebuilt at start");
@@ -266,6 +273,9 @@ fn load(
         )));
     }
     gen.meta = rec.generation.clone();
+    if snap.checked {
+        gen.mark_loaded_checked();
+    }
     let (replayed, points) = replay(store, &gen, uid, snap.seq, counts, cancelled)?;
     let live = gen.live_count() as u64;
     if live != counts.point_count {
@@ -368,6 +378,7 @@ mod tests {
             since_write: Duration::ZERO,
             last: None,
             idle: Some(DEFAULT_IDLE),
+            check_links: false,
         }
     }
 
@@ -379,8 +390,21 @@ mod tests {
             next_snapshot(st)
         };
         let secs = Duration::from_secs;
-        // 1. Nothing changed: never, whatever else holds.
+        // 1. Nothing changed: never, whatever else holds, unless the findability check
+        // linked points: then now, spaced from the previous background snapshot (below);
+        // with writes too, as the other rules say.
         assert_eq!(s(&|x| (x.changed, x.requested) = (0, true)), None);
+        assert_eq!(s(&|x| x.idle = None), None);
+        let links = |x: &mut SnapshotState| (x.changed, x.idle, x.check_links) = (0, None, true);
+        assert_eq!(s(&links), Some(Duration::ZERO));
+        assert_eq!(
+            s(&|x| {
+                links(x);
+                x.last = Some((secs(10), secs(1)));
+            }),
+            Some(secs(20))
+        );
+        assert_eq!(s(&|x| x.check_links = true), Some(DEFAULT_IDLE));
         // 2. A quarter of the index changed: now, even while writes go on and right after
         // another snapshot.
         assert_eq!(

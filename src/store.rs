@@ -79,6 +79,12 @@ pub struct IndexRecord {
 pub struct SnapshotRef {
     pub file: String,
     pub seq: u64,
+    /// The findability check had checked every point of the file's graph when it was written
+    /// (`catalog/check.rs`): a start that loads it checks only the points linked after.
+    /// Absent (false) in records written before the check and in those of a graph not
+    /// checked; a server that does not know the field ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checked: bool,
 }
 
 /// One write in the change log: the ids it touched.

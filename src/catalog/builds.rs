@@ -530,17 +530,20 @@ pub(super) async fn snapshotter(
     pause: Option<std::time::Duration>,
 ) {
     use std::time::{Duration, Instant};
-    // The requests counted before the last snapshot that succeeded.
+    // The requests counted before the last snapshot that succeeded, and the findability
+    // check's series with links.
     let mut served = 0u64;
+    let mut saved_links = 0u64;
     // When the last background snapshot ended and how long it took.
     let mut last: Option<(Instant, Duration)> = None;
     let mut not_before: Option<Instant> = None;
     loop {
-        let (wait, requests) = {
+        let (wait, requests, links) = {
             if h.check_live().is_err() {
                 return;
             }
             let requests = h.snap_requests.load(Ordering::Acquire);
+            let links = h.check.series_with_links();
             let state = snapshots::SnapshotState {
                 changed: h
                     .points_changed()
@@ -550,6 +553,7 @@ pub(super) async fn snapshotter(
                 since_write: h.last_write.lock().elapsed(),
                 last: last.map(|(end, took)| (end.elapsed(), took)),
                 idle,
+                check_links: links > saved_links,
             };
             let wait = h
                 .active()
@@ -562,7 +566,7 @@ pub(super) async fn snapshotter(
                     });
                     w.max(held)
                 });
-            (wait, requests)
+            (wait, requests, links)
         };
         match wait {
             None => tokio::select! {
@@ -580,20 +584,22 @@ pub(super) async fn snapshotter(
             return;
         };
         let started = Instant::now();
+        let changed = h
+            .points_changed()
+            .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
         let why = if requests > served {
             *h.snap_why.lock()
-        } else if snapshots::resnapshot_due(
-            h.points_changed()
-                .saturating_sub(h.snapshot_mark.load(Ordering::Acquire)),
-            h.point_count(),
-        ) {
+        } else if snapshots::resnapshot_due(changed, h.point_count()) {
             "a quarter of the index changed"
+        } else if changed == 0 {
+            "the findability check linked points"
         } else {
             "writes stopped"
         };
         match resnapshot(&st, &h, &stop, why, pause).await {
             Ok(true) => {
                 served = requests;
+                saved_links = links;
                 not_before = None;
             }
             Ok(false) => not_before = Some(Instant::now() + SKIPPED_RETRY),
@@ -612,10 +618,12 @@ pub(super) async fn snapshotter(
     let changed = h
         .points_changed()
         .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
+    // Or it would check the whole graph again for the links the check added since.
     if !st.failed().is_cancelled()
         && h.check_live().is_ok()
         && h.active().can_save()
-        && snapshots::replay_calls_for_snapshot(changed, h.point_count())
+        && (snapshots::replay_calls_for_snapshot(changed, h.point_count())
+            || h.check.series_with_links() > saved_links)
     {
         if let Err(e) = resnapshot(&st, &h, &stop, "the server is stopping", pause).await {
             tracing::warn!(index = %h.meta.name, error = %e, "snapshot at shutdown failed");
@@ -679,12 +687,15 @@ async fn resnapshot(
         let mark = handle.points_changed() - (gen.unlinked() as u64).min(handle.points_changed());
         (gen, mark, handle.snapshot_mark.load(Ordering::Acquire))
     };
+    // The points the findability check had checked whole before the copy: the file is
+    // checked if it holds exactly those (the linker only adds points).
+    let checked_through = handle.check.checked_through(&gen);
     // `seq`: the write sequence the graph's linked part holds (points still in the fresh
     // segment are left out of the file and stay in the change log). The linker waits only
     // while the links are copied (`linker_waited`), not while the file is written.
     let uid = handle.meta.uid;
     let (g, dir) = (gen.clone(), crate::index::snapshot::dir(store.dir()));
-    let (seq, file, linker_waited) = tokio::task::spawn_blocking(move || {
+    let (seq, file, linker_waited, held) = tokio::task::spawn_blocking(move || {
         let number = g.meta.number;
         g.snapshot_live(
             &dir,
@@ -706,9 +717,11 @@ async fn resnapshot(
         let _ = std::fs::remove_file(path);
         return Ok(false);
     };
+    let checked = checked_through == Some(held);
     rec.snapshot = Some(crate::store::SnapshotRef {
         file: file.clone(),
         seq,
+        checked,
     });
     store.put_index(&rec)?;
     store.flush().await?;
@@ -729,6 +742,7 @@ async fn resnapshot(
         why,
         millis = started.elapsed().as_millis() as u64,
         linker_waited_millis = linker_waited.as_millis() as u64,
+        checked,
         "snapshotted the active generation in the background"
     );
     Ok(true)

@@ -12,10 +12,10 @@
 //!   write arriving during a step stops it after its current point (the pass resumes where it
 //!   stopped once the writes are linked).
 //! - A step runs on the check's own threads (a rayon pool, one a core, shared by every index)
-//!   at the lowest CPU priority (nice 19): searches, linking and gRPC take the cores first;
-//!   each thread checks its own [`CHECK_IDS`] ids. It holds no lock while it searches, and the
-//!   linker's lock only while it adds a link (so a snapshot never copies a list being
-//!   changed).
+//!   at the lowest CPU priority (`SCHED_IDLE`, and nice 19): searches, linking and gRPC take
+//!   the cores first; each thread checks its own [`CHECK_IDS`] ids. It holds no lock while it
+//!   searches, and the linker's lock only while it adds a link (so a snapshot never copies a
+//!   list being changed).
 //! - A pass starts when points were linked since the last pass began: at once when they are
 //!   at least [`CHECK_SHARE`] (10 %) of the graph (and for every new generation: a start, an
 //!   activation, a compaction), else once no point has been linked for [`CHECK_AFTER`]. So
@@ -24,6 +24,11 @@
 //! - A pass that linked points is followed by another, up to [`MAX_FOLLOW_UPS`]: a link can
 //!   turn another point's search (rarely); a pass that links none ends the series.
 //! - Engines that cannot add links (hnsw_rs) are never checked.
+//! - A pass's links reach disk with the index's next snapshot: a series of passes that linked
+//!   points asks for one ([`IndexCheck::series_with_links`]). A snapshot whose points had all
+//!   been checked when it was copied ([`IndexCheck::checked_through`]) is recorded as checked,
+//!   and a start that loads it counts only the points linked after as unchecked, so a restart
+//!   does not check the whole graph again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -58,6 +63,12 @@ pub struct IndexCheck {
     last_pass_missed: AtomicU64,
     last_ms: AtomicU64,
     unchecked: AtomicU64,
+    /// The generation the check follows, and how many of its first points every one of them
+    /// the check has checked (a pass series ended with none linked after its last pass began,
+    /// or the generation was loaded from a checked snapshot); 0: not known.
+    checked: parking_lot::Mutex<(Weak<Generation>, usize)>,
+    /// Pass series that ended having linked points.
+    series_with_links: AtomicU64,
 }
 
 /// A copy of an index's check counters.
@@ -78,6 +89,23 @@ pub struct CheckStats {
 }
 
 impl IndexCheck {
+    /// How many of `gen`'s first points the check has checked whole (so a snapshot of exactly
+    /// those points is recorded as checked); None if not known for `gen`.
+    pub fn checked_through(&self, gen: &Arc<Generation>) -> Option<usize> {
+        let checked = self.checked.lock();
+        (Weak::ptr_eq(&checked.0, &Arc::downgrade(gen)) && checked.1 > 0).then_some(checked.1)
+    }
+
+    /// Pass series that ended having linked points, since the server started: their links
+    /// reach disk with the next snapshot.
+    pub fn series_with_links(&self) -> u64 {
+        self.series_with_links.load(Ordering::Acquire)
+    }
+
+    fn set_checked(&self, gen: &Arc<Generation>, points: usize) {
+        *self.checked.lock() = (Arc::downgrade(gen), points);
+    }
+
     pub fn stats(&self) -> CheckStats {
         CheckStats {
             running: self.running.load(Ordering::Acquire),
@@ -103,6 +131,8 @@ pub(super) struct Checker {
     /// The running pass's links and misses so far.
     linked: u64,
     missed: u64,
+    /// The running series' links (its passes so far).
+    series_linked: u64,
     /// Passes run since the last new points (follow-ups).
     follow_ups: u32,
     /// When the indexer last linked points.
@@ -117,23 +147,28 @@ impl Checker {
             cursor: None,
             linked: 0,
             missed: 0,
+            series_linked: 0,
             follow_ups: 0,
             last_linked: Instant::now(),
         }
     }
 
     /// Follows the active generation `gen`: a new one is checked whole (if its engine can
-    /// link: [`Generation::checks_found`]).
+    /// link: [`Generation::checks_found`]), but for the points of a checked snapshot it was
+    /// loaded from ([`Generation::loaded_checked`]).
     pub(super) fn follow(&mut self, gen: &Arc<Generation>, shown: &IndexCheck) {
         if !Weak::ptr_eq(&self.generation, &Arc::downgrade(gen)) {
             self.generation = Arc::downgrade(gen);
             self.cursor = None;
             self.follow_ups = 0;
+            self.series_linked = 0;
+            let loaded = gen.loaded_checked().unwrap_or(0);
             self.unchecked = if gen.checks_found() {
-                gen.linked_count() as u64
+                gen.linked_count().saturating_sub(loaded) as u64
             } else {
                 0
             };
+            shown.set_checked(gen, if gen.checks_found() { loaded } else { 0 });
             shown.running.store(false, Ordering::Release);
             shown.unchecked.store(self.unchecked, Ordering::Release);
         }
@@ -188,8 +223,15 @@ impl Checker {
         self.cursor.unwrap_or(0)
     }
 
-    /// Records a step's outcome; at the end of a pass, starts a follow-up if it linked points.
-    pub(super) fn stepped(&mut self, step: CheckStep, shown: &IndexCheck) {
+    /// Records a step's outcome over `gen`; at the end of a pass, starts a follow-up if it
+    /// linked points. True when a series of passes ended having linked points (their links
+    /// are for the next snapshot).
+    pub(super) fn stepped(
+        &mut self,
+        step: CheckStep,
+        gen: &Arc<Generation>,
+        shown: &IndexCheck,
+    ) -> bool {
         self.linked += step.linked as u64;
         self.missed += step.missed as u64;
         shown
@@ -197,7 +239,7 @@ impl Checker {
             .fetch_add(step.linked as u64, Ordering::AcqRel);
         if !step.done {
             self.cursor = Some(step.next);
-            return;
+            return false;
         }
         shown.passes.fetch_add(1, Ordering::AcqRel);
         shown.last_pass_missed.store(self.missed, Ordering::Release);
@@ -205,16 +247,27 @@ impl Checker {
             .last_ms
             .store(crate::model::now_millis(), Ordering::Release);
         self.cursor = None;
+        self.series_linked += self.linked;
         if self.linked > 0 && self.follow_ups < MAX_FOLLOW_UPS {
             self.follow_ups += 1;
             self.begin(shown);
-        } else {
-            shown.running.store(false, Ordering::Release);
+            return false;
         }
+        shown.running.store(false, Ordering::Release);
+        // No point linked since the last pass began (the indexer counts a batch it links
+        // before any step runs again): the graph's points so far are all checked.
+        if self.unchecked == 0 {
+            shown.set_checked(gen, gen.linked_count());
+        }
+        let linked = std::mem::take(&mut self.series_linked) > 0;
+        if linked {
+            shown.series_with_links.fetch_add(1, Ordering::AcqRel);
+        }
+        linked
     }
 }
 
-/// The threads steps run on: one a core, at nice 19 from their start (a rayon pool, so a step
+/// The threads steps run on: one a core, at the lowest priority from their start (a rayon pool, so a step
 /// starts no thread). None if it could not be made.
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
@@ -230,7 +283,7 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
 }
 
 /// Runs one step of a pass over `gen` from internal id `from`: on each thread of the check's
-/// pool (one a core, nice 19), its own [`CHECK_IDS`] ids; `stop` ends each part after its
+/// pool (one a core, lowest priority), its own [`CHECK_IDS`] ids; `stop` ends each part after its
 /// current point. None if the pool could not be made.
 pub(super) async fn step(
     gen: Arc<Generation>,
@@ -280,14 +333,27 @@ pub(super) async fn step(
     Some(merged)
 }
 
-/// Lowers the calling thread's CPU priority to nice 19 (Linux: a thread's own nice value; a
-/// no-op elsewhere). Raising a nice value needs no privilege.
+/// Gives the calling thread the lowest CPU priority: Linux's `SCHED_IDLE` policy (it runs only
+/// on a core nothing else wants, and a waking thread of any other policy preempts it at once),
+/// and nice 19 should the policy be refused. Nice 19 alone is not enough: under the kernel's
+/// fair scheduler a nice-19 thread keeps a core for its slice (milliseconds) once it has it, so
+/// the threads of a search batch, each waiting on the slowest, lost about half their
+/// throughput to a pass (bench `scale`, `VECTORD_SCALE_PHASES=qps`: 0.49-0.66x at 300k).
+/// Lowering a thread's priority needs no privilege. A no-op elsewhere.
 fn lowest_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority with this thread's id changes only this thread's nice value.
+    // SAFETY: sched_setscheduler and setpriority with this thread's id change only this
+    // thread's policy and nice value; `param` outlives the call.
     unsafe {
         let tid = libc::gettid();
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "findability check: SCHED_IDLE refused; the check's threads run at nice 19"
+            );
+        }
     }
 }
 
@@ -298,6 +364,10 @@ mod tests {
     use crate::model::{GenerationMeta, HnswConfig, Metric, Point};
 
     fn generation(kind: EngineKind, n: u64) -> Arc<Generation> {
+        Arc::new(built(kind, n))
+    }
+
+    fn built(kind: EngineKind, n: u64) -> Generation {
         let meta = GenerationMeta {
             config: HnswConfig {
                 m: 8,
@@ -313,7 +383,7 @@ mod tests {
                 vector: vec![id as f32, (id % 7) as f32],
             })
             .collect();
-        let gen = Generation::build(
+        Generation::build(
             kind,
             &EngineMemory::IN_RAM,
             Metric::L2,
@@ -321,8 +391,8 @@ mod tests {
             meta,
             points,
             &|| false,
-        );
-        Arc::new(gen.expect("build"))
+        )
+        .expect("build")
     }
 
     fn done(linked: usize) -> CheckStep {
@@ -350,7 +420,7 @@ mod tests {
         assert_eq!(c.begin(&shown), 0);
         assert!(shown.stats().running);
         // A step part way, then the end of a pass that linked points: a follow-up starts.
-        c.stepped(
+        let ended = c.stepped(
             CheckStep {
                 next: 512,
                 checked: 512,
@@ -358,17 +428,31 @@ mod tests {
                 missed: 0,
                 done: false,
             },
+            &gen,
             &shown,
         );
+        assert!(!ended);
         assert_eq!(c.begin(&shown), 512, "the pass goes on where it was");
-        c.stepped(done(1), &shown);
+        assert!(
+            !c.stepped(done(1), &gen, &shown),
+            "a follow-up, not the series' end"
+        );
         let s = shown.stats();
         assert_eq!((s.passes, s.points_linked, s.running), (1, 4, true));
+        assert_eq!(
+            shown.checked_through(&gen),
+            None,
+            "not checked before a series ends"
+        );
         assert_eq!(c.begin(&shown), 0, "a follow-up pass from the start");
-        c.stepped(done(2), &shown);
-        c.stepped(done(1), &shown);
+        assert!(!c.stepped(done(2), &gen, &shown));
+        // The series ends having linked points: they are for the next snapshot, and the
+        // graph's points are all checked.
+        assert!(c.stepped(done(1), &gen, &shown));
         let s = shown.stats();
         assert_eq!((s.passes, s.running), (3, false), "at most two follow-ups");
+        assert_eq!(shown.series_with_links(), 1);
+        assert_eq!(shown.checked_through(&gen), Some(1000));
         assert_eq!(c.due(&gen), None, "nothing new: no pass");
         // 50 new points of 1,000: after CHECK_AFTER; 100 or more: at once.
         c.linked(&gen, 50, &shown);
@@ -380,13 +464,26 @@ mod tests {
         c.linked(&gen, 50, &shown);
         assert_eq!(c.due(&gen), Some(None));
         c.begin(&shown);
-        c.stepped(done(0), &shown);
+        // Points linked while the pass runs: checked by none yet, so what is checked stays.
+        c.linked(&gen, 5, &shown);
+        assert!(!c.stepped(done(0), &gen, &shown), "a series without links");
         let s = shown.stats();
-        assert_eq!((s.passes, s.running, s.unchecked), (4, false, 0));
+        assert_eq!((s.passes, s.running, s.unchecked), (4, false, 5));
+        assert_eq!(shown.series_with_links(), 1);
+        assert_eq!(shown.checked_through(&gen), Some(1000));
         // A new generation starts over.
         let next = generation(EngineKind::NativeI8, 300);
         c.follow(&next, &shown);
         assert_eq!((c.due(&next), shown.stats().unchecked), (Some(None), 300));
+        assert_eq!(shown.checked_through(&gen), None);
+        assert_eq!(shown.checked_through(&next), None);
+        // One loaded from a checked snapshot: only the points linked after it are unchecked.
+        let mut loaded = built(EngineKind::NativeI8, 400);
+        loaded.mark_loaded_checked();
+        let loaded = Arc::new(loaded);
+        c.follow(&loaded, &shown);
+        assert_eq!((c.due(&loaded), shown.stats().unchecked), (None, 0));
+        assert_eq!(shown.checked_through(&loaded), Some(400));
         // hnsw_rs: never.
         let other = generation(EngineKind::HnswRs, 300);
         c.follow(&other, &shown);
@@ -416,14 +513,21 @@ mod tests {
             .await
             .expect("threads");
         assert_eq!((s.next, s.checked, s.done), (0, 0, false));
-        // The steps' threads run at nice 19.
+        // The steps' threads run at the lowest priority: SCHED_IDLE, and nice 19.
         #[cfg(target_os = "linux")]
         {
-            let nice = pool().expect("pool").install(|| {
-                // SAFETY: getpriority reads this thread's nice value.
-                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+            let (nice, policy) = pool().expect("pool").install(|| {
+                // SAFETY: getpriority and sched_getscheduler read this thread's nice value
+                // and policy.
+                unsafe {
+                    let tid = libc::gettid();
+                    (
+                        libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t),
+                        libc::sched_getscheduler(tid),
+                    )
+                }
             });
-            assert_eq!(nice, 19);
+            assert_eq!((nice, policy), (19, libc::SCHED_IDLE));
         }
     }
 }

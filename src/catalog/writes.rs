@@ -288,7 +288,7 @@ pub(super) async fn indexer(
             if due == Some(None) {
                 let from = checker.begin(&h.check);
                 let halt = Arc::new(AtomicBool::new(false));
-                let running = check::step(gen, from, halt.clone());
+                let running = check::step(gen.clone(), from, halt.clone());
                 tokio::pin!(running);
                 let step = tokio::select! {
                     biased;
@@ -308,7 +308,12 @@ pub(super) async fn indexer(
                     }
                 };
                 match step {
-                    Some(step) => checker.stepped(step, &h.check),
+                    Some(step) => {
+                        if checker.stepped(step, &gen, &h.check) {
+                            // Its links reach disk with the next snapshot.
+                            h.snap_poke.notify_one();
+                        }
+                    }
                     None => {
                         tracing::warn!(index = %h.meta.name, "findability check: no thread could be started; skipped until more points are linked");
                         checker.abandon(&h.check);

@@ -124,6 +124,9 @@ pub struct Generation {
     fresh: RwLock<Fresh>,
     /// Held while points are linked (one linker at a time, and none while the graph is encoded).
     linking: parking_lot::Mutex<()>,
+    /// Loaded from a snapshot the findability check had checked whole: its points, the first
+    /// this many internal ids ([`Generation::mark_loaded_checked`]).
+    loaded_checked: Option<usize>,
 }
 
 impl Generation {
@@ -146,6 +149,7 @@ impl Generation {
             ids: RwLock::new(IdMap::default()),
             fresh: Default::default(),
             linking: Default::default(),
+            loaded_checked: None,
         }
     }
 
@@ -263,6 +267,7 @@ impl Generation {
             fresh: RwLock::new(Fresh::at(ids.external.len())),
             ids: RwLock::new(ids),
             linking: Default::default(),
+            loaded_checked: None,
         })
     }
 
@@ -312,22 +317,23 @@ impl Generation {
 
     /// Writes the linked part of the graph to `dir` as a snapshot of the index `uid`, for a
     /// generation that may be published, and returns the write sequence it holds
-    /// ([`Generation::linked_seq`]), the file's name (`name` of that sequence) and how long
-    /// the linker waited. Writes go on meanwhile (they wait only while the id map's linked part
-    /// is copied, first); the linker waits only while the graph's links are copied (4 bytes a
-    /// link slot: 132 a point at m 16), not while the file is written, which reads the points'
-    /// vectors as they are (they never change). Points still in the fresh segment are left
-    /// out: they are in the change log after that sequence, and a start replays them. Deletes
-    /// and replacements of linked points made after that sequence but before the copy are in
-    /// the file and in the log; replaying them again changes nothing. The live flags are copied
-    /// after the sequence is read, so every delete up to it is in them.
+    /// ([`Generation::linked_seq`]), the file's name (`name` of that sequence), how long the
+    /// linker waited and how many points the file holds (the first internal ids). Writes go on
+    /// meanwhile (they wait only while the id map's linked part is copied, first); the linker
+    /// waits only while the graph's links are copied (4 bytes a link slot: 132 a point at
+    /// m 16), not while the file is written, which reads the points' vectors as they are (they
+    /// never change). Points still in the fresh segment are left out: they are in the change
+    /// log after that sequence, and a start replays them. Deletes and replacements of linked
+    /// points made after that sequence but before the copy are in the file and in the log;
+    /// replaying them again changes nothing. The live flags are copied after the sequence is
+    /// read, so every delete up to it is in them.
     pub fn snapshot_live(
         &self,
         dir: &std::path::Path,
         uid: u64,
         name: impl FnOnce(u64) -> String,
         pause: Option<std::time::Duration>,
-    ) -> Result<(u64, String, std::time::Duration)> {
+    ) -> Result<(u64, String, std::time::Duration, usize)> {
         let meta = self.encoded_meta()?;
         let waited = std::time::Instant::now();
         let linking = self.linking.lock();
@@ -353,7 +359,7 @@ impl Generation {
         snapshot::write(dir, &file, &header, pause, |enc| {
             self.write_body(&meta, &external, &live, &*frozen, enc)
         })?;
-        Ok((seq, file, waited))
+        Ok((seq, file, waited, linked))
     }
 
     /// The engine's copy of the links of its first `limit` points ([`Engine::freeze`]).
@@ -496,6 +502,7 @@ impl Generation {
                 by_external,
             }),
             linking: Default::default(),
+            loaded_checked: None,
         })
     }
 
@@ -547,6 +554,18 @@ impl Generation {
     /// [`Engine::checks_found`]).
     pub fn checks_found(&self) -> bool {
         self.engine.checks_found()
+    }
+
+    /// Marks a generation just loaded from a snapshot the findability check had checked whole
+    /// (before anything is replayed into it): its points so far need no pass.
+    pub fn mark_loaded_checked(&mut self) {
+        self.loaded_checked = Some(self.linked_count());
+    }
+
+    /// The points (the first internal ids) of a snapshot the findability check had checked
+    /// whole that this generation was loaded from; None if it was not.
+    pub fn loaded_checked(&self) -> Option<usize> {
+        self.loaded_checked
     }
 
     /// Points linked into the graph (tombstones included).
@@ -1413,10 +1432,11 @@ mod tests {
         }
         assert_eq!(g.link_pending(20), 20);
         assert_eq!((g.unlinked(), g.linked_seq()), (30, 11));
-        let (seq, file, _) = g
+        let (seq, file, _, held) = g
             .snapshot_live(dir.path(), 1, |seq| format!("p-{seq}.snap"), None)
             .unwrap();
         assert_eq!((seq, file.as_str()), (11, "p-11.snap"));
+        assert_eq!(held, g.linked_count(), "the file holds the linked points");
         let loaded = Generation::load(
             &dir.path().join("p-11.snap"),
             1,
@@ -1458,7 +1478,7 @@ mod tests {
         assert_eq!(g.link_pending(1_000), 1_000);
         let (seq, file, linked) = std::thread::scope(|s| {
             let linker = s.spawn(|| while g.link_pending(64) > 0 {});
-            let (seq, file, _) = g
+            let (seq, file, _, _) = g
                 .snapshot_live(dir.path(), 1, |seq| format!("live-{seq}.snap"), None)
                 .unwrap();
             linker.join().unwrap();
@@ -1836,7 +1856,7 @@ mod tests {
         let g = built_mapped(dir.path(), clustered(&mut rng, n, 128));
         for r in 0..env_or("R", 3) {
             let t = std::time::Instant::now();
-            let (_, file, waited) = g
+            let (_, file, waited, _) = g
                 .snapshot_live(dir.path(), 1, |seq| format!("{r}-{seq}.snap"), None)
                 .unwrap();
             let secs = t.elapsed().as_secs_f64();

@@ -2,8 +2,9 @@
 //! from many writers on a graph where a narrow beam misses many points, once GetIndex shows the
 //! check caught up, a search for each live point by its own vector at the index's ef_search
 //! finds it first; the same writes with `--check-findable false` leave points unfound (so the
-//! data is hard enough for the check to matter). After a restart the loaded graph is checked
-//! again.
+//! data is hard enough for the check to matter). The check's links reach disk with the next
+//! snapshot: a restart loads them, every point is found first at once, and no pass runs again;
+//! a graph snapshotted unchecked (the check off) is checked after a restart with it on.
 
 use crate::common;
 
@@ -146,7 +147,17 @@ async fn every_point_is_found_first_once_checked() {
     );
     let check = off.get_index(INDEX).await.findability_check.expect("check");
     assert_eq!((check.passes, check.points_linked), (0, 0), "{check:?}");
-    drop(off);
+    // Its snapshot was not checked: a restart with the check on checks the loaded graph.
+    let on = off.restart_with(|c| c.check_findable = true).await;
+    let mut c = on.index().await;
+    let check = caught_up(&c).await;
+    assert!(check.passes >= 1 && check.points_linked >= 20, "{check:?}");
+    let lost = not_found_first(&mut c, &live).await;
+    assert!(
+        lost.is_empty(),
+        "an unchecked snapshot, checked after the restart: {lost:?}"
+    );
+    drop(on);
 
     // With it (the default).
     let s = TestServer::start().await;
@@ -169,11 +180,17 @@ async fn every_point_is_found_first_once_checked() {
         live.len()
     );
 
-    // After a restart the loaded graph is checked again (its snapshot may predate links).
+    // A restart loads the check's links (the stop snapshots them, as checked): every point
+    // is found first at once, and no pass runs (one would have started as soon as the
+    // index's indexer did, before the searches below end).
     let s = s.restart().await;
     let mut c = s.index().await;
-    let check = caught_up(&c).await;
-    assert!(check.passes >= 1, "after the restart: {check:?}");
     let lost = not_found_first(&mut c, &live).await;
-    assert!(lost.is_empty(), "after the restart: {lost:?}");
+    assert!(lost.is_empty(), "right after the restart: {lost:?}");
+    let check = s.get_index(INDEX).await.findability_check.expect("check");
+    assert_eq!(
+        (check.passes, check.running, check.unchecked_points),
+        (0, false, 0),
+        "a checked snapshot is not checked again: {check:?}"
+    );
 }
