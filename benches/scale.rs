@@ -376,6 +376,12 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
         server.stop().await?;
         return Ok(out);
     }
+    if std::env::var("VECTORD_SCALE_PHASES").as_deref() == Ok("qps") {
+        out["qps"] = qps_and_check(&mut c, &queries, &truth).await?;
+        drop(c);
+        server.stop().await?;
+        return Ok(out);
+    }
     if std::env::var("VECTORD_SCALE_PHASES").as_deref() == Ok("memory") {
         drop(c);
         server.stop().await?;
@@ -1203,6 +1209,72 @@ async fn wait_checked(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `VECTORD_SCALE_PHASES=qps`: the QPS sweep right after the import (while the findability
+/// check's pass over the imported graph may run), then again once the check has caught up,
+/// alternating `VECTORD_SCALE_ROUNDS` (default 3) times; medians per ef.
+async fn qps_and_check(
+    c: &mut Client,
+    queries: &[Vec<f32>],
+    truth: &[Vec<u64>],
+) -> BoxResult<serde_json::Value> {
+    let rounds: usize = std::env::var("VECTORD_SCALE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let sweep = |c: &mut Client, label: &'static str| {
+        let mut c = c.clone();
+        async move {
+            let mut rows = Vec::new();
+            for ef in EF_SWEEP {
+                let (qps, found) = batch(&mut c, INDEX, queries, ef, 3).await?;
+                let r = recall(&found, truth);
+                let check = index_info(&mut c, INDEX).await?.findability_check;
+                let running = check.is_some_and(|k| k.running || k.unchecked_points > 0);
+                println!(
+                    "  {label}: ef {ef:>3}: recall@10 {r:.3}, SearchBatch QPS {qps:.0}{}",
+                    if running { " (check running)" } else { "" }
+                );
+                rows.push((ef, r, qps));
+                if r >= 0.99 {
+                    break;
+                }
+            }
+            BoxResult::Ok(rows)
+        }
+    };
+    let mut during = vec![sweep(c, "right after the import").await?];
+    let checked = wait_checked(c, INDEX).await?;
+    if let Some((secs, check)) = &checked {
+        println!(
+            "  the check caught up {secs:.1} s after that sweep: {} passes, {} points linked",
+            check.passes, check.points_linked
+        );
+    }
+    let mut after = Vec::new();
+    for _ in 0..rounds {
+        after.push(sweep(c, "check caught up").await?);
+    }
+    during.truncate(1);
+    let med = |runs: &[Vec<(u32, f64, f64)>], i: usize| {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).map(|x| x.2)).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            n => v[n / 2],
+        }
+    };
+    for (i, (ef, _, _)) in during[0].iter().enumerate() {
+        let (d, a) = (med(&during, i), med(&after, i));
+        println!(
+            "  ef {ef:>3}: right after the import {d:.0} QPS, once checked (median of {rounds}) \
+             {a:.0}: {:.2}x",
+            d / a
+        );
+    }
+    Ok(json!({ "right_after_import": during, "checked": after }))
 }
 
 /// GetIndex of `name`.
