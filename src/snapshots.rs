@@ -16,6 +16,11 @@
 //!   except files of a newer generation (one being built or awaiting its record): disk use per
 //!   index is the active snapshot plus the one being written. Files of deleted indexes and temp
 //!   files left by a crash are swept at start.
+//! - A snapshot of the same generation at the same sequence (nothing written since: only the
+//!   findability check's links are new) has the recorded file's name and replaces it by the
+//!   rename: either file is the generation at that sequence, so a crash on either side of the
+//!   rename or of the record's write leaves a valid pair. The record's `checked` only says
+//!   whether a start checks the loaded graph again.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -83,21 +88,22 @@ pub struct SnapshotState {
     pub last: Option<(Duration, Duration)>,
     /// `--snapshot-idle-secs` (None: writes going quiet never call for a snapshot).
     pub idle: Option<Duration>,
-    /// The findability check linked points since the last snapshot (links no file holds).
-    pub check_links: bool,
+    /// A series of the findability check's passes ended since the last snapshot, having linked
+    /// points (links no file holds) or checked every point (which no record says).
+    pub check_done: bool,
 }
 
 /// When to snapshot an index in the background: `Some(ZERO)` now, `Some(wait)` not before
 /// `wait` from now (decide again then, or at the next write), None not until something
 /// changes. The rules, in order:
-/// 1. nothing changed since the snapshot: None, unless the findability check linked points
-///    (`check_links`): then now, spaced ([`MIN_SPACING`]) from the previous background
-///    snapshot;
+/// 1. nothing changed since the snapshot: None, unless a series of the findability check's
+///    passes ended (`check_done`): then now, spaced ([`MIN_SPACING`]) from the previous
+///    background snapshot;
 /// 2. the changes reach [`resnapshot_due`]'s share: now;
 /// 3. an import ended or a start replayed enough (`requested`): now, spaced likewise;
 /// 4. writes stopped `idle` ago: then, spaced likewise; None without `idle`.
 pub fn next_snapshot(s: SnapshotState) -> Option<Duration> {
-    if s.changed == 0 && !s.check_links {
+    if s.changed == 0 && !s.check_done {
         return None;
     }
     if resnapshot_due(s.changed, s.points) {
@@ -378,7 +384,7 @@ mod tests {
             since_write: Duration::ZERO,
             last: None,
             idle: Some(DEFAULT_IDLE),
-            check_links: false,
+            check_done: false,
         }
     }
 
@@ -390,12 +396,12 @@ mod tests {
             next_snapshot(st)
         };
         let secs = Duration::from_secs;
-        // 1. Nothing changed: never, whatever else holds, unless the findability check
-        // linked points: then now, spaced from the previous background snapshot (below);
+        // 1. Nothing changed: never, whatever else holds, unless a series of the findability
+        // check's passes ended: then now, spaced from the previous background snapshot;
         // with writes too, as the other rules say.
         assert_eq!(s(&|x| (x.changed, x.requested) = (0, true)), None);
         assert_eq!(s(&|x| x.idle = None), None);
-        let links = |x: &mut SnapshotState| (x.changed, x.idle, x.check_links) = (0, None, true);
+        let links = |x: &mut SnapshotState| (x.changed, x.idle, x.check_done) = (0, None, true);
         assert_eq!(s(&links), Some(Duration::ZERO));
         assert_eq!(
             s(&|x| {
@@ -404,7 +410,7 @@ mod tests {
             }),
             Some(secs(20))
         );
-        assert_eq!(s(&|x| x.check_links = true), Some(DEFAULT_IDLE));
+        assert_eq!(s(&|x| x.check_done = true), Some(DEFAULT_IDLE));
         // 2. A quarter of the index changed: now, even while writes go on and right after
         // another snapshot.
         assert_eq!(

@@ -531,7 +531,7 @@ pub(super) async fn snapshotter(
 ) {
     use std::time::{Duration, Instant};
     // The requests counted before the last snapshot that succeeded, and the findability
-    // check's series with links.
+    // check's series that asked for one.
     let mut served = 0u64;
     let mut saved_links = 0u64;
     // When the last background snapshot ended and how long it took.
@@ -543,7 +543,7 @@ pub(super) async fn snapshotter(
                 return;
             }
             let requests = h.snap_requests.load(Ordering::Acquire);
-            let links = h.check.series_with_links();
+            let links = h.check.series_to_save();
             let state = snapshots::SnapshotState {
                 changed: h
                     .points_changed()
@@ -553,7 +553,7 @@ pub(super) async fn snapshotter(
                 since_write: h.last_write.lock().elapsed(),
                 last: last.map(|(end, took)| (end.elapsed(), took)),
                 idle,
-                check_links: links > saved_links,
+                check_done: links > saved_links,
             };
             let wait = h
                 .active()
@@ -592,7 +592,7 @@ pub(super) async fn snapshotter(
         } else if snapshots::resnapshot_due(changed, h.point_count()) {
             "a quarter of the index changed"
         } else if changed == 0 {
-            "the findability check linked points"
+            "the findability check ended a series of passes"
         } else {
             "writes stopped"
         };
@@ -618,12 +618,13 @@ pub(super) async fn snapshotter(
     let changed = h
         .points_changed()
         .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
-    // Or it would check the whole graph again for the links the check added since.
+    // Or the check's links, or that every point is checked, would not be on disk: the next
+    // start would check the whole graph again.
     if !st.failed().is_cancelled()
         && h.check_live().is_ok()
         && h.active().can_save()
         && (snapshots::replay_calls_for_snapshot(changed, h.point_count())
-            || h.check.series_with_links() > saved_links)
+            || h.check.series_to_save() > saved_links)
     {
         if let Err(e) = resnapshot(&st, &h, &stop, "the server is stopping", pause).await {
             tracing::warn!(index = %h.meta.name, error = %e, "snapshot at shutdown failed");
@@ -712,9 +713,17 @@ async fn resnapshot(
         && recorded
             .as_ref()
             .is_some_and(|r| r.meta.uid == uid && r.generation.number == gen.meta.number);
+    // A snapshot at the recorded one's sequence (nothing written since: the check's links) has
+    // its name and replaced it: a valid file for the record, so it stays.
+    let recorded_file = recorded
+        .as_ref()
+        .and_then(|r| r.snapshot.as_ref())
+        .is_some_and(|s| s.file == file);
     let Some(mut rec) = recorded.filter(|_| current) else {
-        let path = crate::index::snapshot::dir(store.dir()).join(&file);
-        let _ = std::fs::remove_file(path);
+        if !recorded_file {
+            let path = crate::index::snapshot::dir(store.dir()).join(&file);
+            let _ = std::fs::remove_file(path);
+        }
         return Ok(false);
     };
     let checked = checked_through == Some(held);

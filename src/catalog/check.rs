@@ -25,10 +25,11 @@
 //!   turn another point's search (rarely); a pass that links none ends the series.
 //! - Engines that cannot add links (hnsw_rs) are never checked.
 //! - A pass's links reach disk with the index's next snapshot: a series of passes that linked
-//!   points asks for one ([`IndexCheck::series_with_links`]). A snapshot whose points had all
-//!   been checked when it was copied ([`IndexCheck::checked_through`]) is recorded as checked,
-//!   and a start that loads it counts only the points linked after as unchecked, so a restart
-//!   does not check the whole graph again.
+//!   points, or left every point of the graph checked, asks for one
+//!   ([`IndexCheck::series_to_save`]). A snapshot whose points had all been checked when it was
+//!   copied ([`IndexCheck::checked_through`]) is recorded as checked, and a start that loads it
+//!   counts only the points linked after as unchecked, so a restart does not check the whole
+//!   graph again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -67,8 +68,8 @@ pub struct IndexCheck {
     /// the check has checked (a pass series ended with none linked after its last pass began,
     /// or the generation was loaded from a checked snapshot); 0: not known.
     checked: parking_lot::Mutex<(Weak<Generation>, usize)>,
-    /// Pass series that ended having linked points.
-    series_with_links: AtomicU64,
+    /// Pass series whose end asks for a snapshot ([`IndexCheck::series_to_save`]).
+    series_to_save: AtomicU64,
 }
 
 /// A copy of an index's check counters.
@@ -96,10 +97,11 @@ impl IndexCheck {
         (Weak::ptr_eq(&checked.0, &Arc::downgrade(gen)) && checked.1 > 0).then_some(checked.1)
     }
 
-    /// Pass series that ended having linked points, since the server started: their links
-    /// reach disk with the next snapshot.
-    pub fn series_with_links(&self) -> u64 {
-        self.series_with_links.load(Ordering::Acquire)
+    /// Pass series, since the server started, whose end asks for a snapshot: they linked points
+    /// (which reach disk with the next snapshot), or left every point checked (which a
+    /// snapshot then records).
+    pub fn series_to_save(&self) -> u64 {
+        self.series_to_save.load(Ordering::Acquire)
     }
 
     fn set_checked(&self, gen: &Arc<Generation>, points: usize) {
@@ -224,8 +226,8 @@ impl Checker {
     }
 
     /// Records a step's outcome over `gen`; at the end of a pass, starts a follow-up if it
-    /// linked points. True when a series of passes ended having linked points (their links
-    /// are for the next snapshot).
+    /// linked points. True when a series of passes ended that asks for a snapshot
+    /// ([`IndexCheck::series_to_save`]).
     pub(super) fn stepped(
         &mut self,
         step: CheckStep,
@@ -259,11 +261,11 @@ impl Checker {
         if self.unchecked == 0 {
             shown.set_checked(gen, gen.linked_count());
         }
-        let linked = std::mem::take(&mut self.series_linked) > 0;
-        if linked {
-            shown.series_with_links.fetch_add(1, Ordering::AcqRel);
+        let save = std::mem::take(&mut self.series_linked) > 0 || self.unchecked == 0;
+        if save {
+            shown.series_to_save.fetch_add(1, Ordering::AcqRel);
         }
-        linked
+        save
     }
 }
 
@@ -451,7 +453,7 @@ mod tests {
         assert!(c.stepped(done(1), &gen, &shown));
         let s = shown.stats();
         assert_eq!((s.passes, s.running), (3, false), "at most two follow-ups");
-        assert_eq!(shown.series_with_links(), 1);
+        assert_eq!(shown.series_to_save(), 1);
         assert_eq!(shown.checked_through(&gen), Some(1000));
         assert_eq!(c.due(&gen), None, "nothing new: no pass");
         // 50 new points of 1,000: after CHECK_AFTER; 100 or more: at once.
@@ -464,13 +466,18 @@ mod tests {
         c.linked(&gen, 50, &shown);
         assert_eq!(c.due(&gen), Some(None));
         c.begin(&shown);
-        // Points linked while the pass runs: checked by none yet, so what is checked stays.
+        // Points linked while the pass runs: checked by none yet, so what is checked stays,
+        // and a series without links that leaves points unchecked asks for no snapshot.
         c.linked(&gen, 5, &shown);
         assert!(!c.stepped(done(0), &gen, &shown), "a series without links");
         let s = shown.stats();
         assert_eq!((s.passes, s.running, s.unchecked), (4, false, 5));
-        assert_eq!(shown.series_with_links(), 1);
+        assert_eq!(shown.series_to_save(), 1);
         assert_eq!(shown.checked_through(&gen), Some(1000));
+        // One without links that leaves every point checked asks for one (to record that).
+        c.begin(&shown);
+        assert!(c.stepped(done(0), &gen, &shown));
+        assert_eq!(shown.series_to_save(), 2);
         // A new generation starts over.
         let next = generation(EngineKind::NativeI8, 300);
         c.follow(&next, &shown);

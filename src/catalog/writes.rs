@@ -310,7 +310,7 @@ pub(super) async fn indexer(
                 match step {
                     Some(step) => {
                         if checker.stepped(step, &gen, &h.check) {
-                            // Its links reach disk with the next snapshot.
+                            // A snapshot saves its links, or that every point is checked.
                             h.snap_poke.notify_one();
                         }
                     }
