@@ -397,6 +397,12 @@ async fn run_set(set: &Set, repeats: usize, rebuilds: usize, write_secs: u64) ->
             check.passes, check.points_linked
         );
         out["check_caught_up_s"] = json!(secs);
+        // The snapshot its passes ask for (background work that would overlap the sweep).
+        let since = std::time::SystemTime::now() - Duration::from_secs(1);
+        match wait_snapshot_written(&data_dir, since).await {
+            Some(waited) => println!("  then its snapshot was written, {waited:.1} s later"),
+            None => println!("  no snapshot written within 90 s after it"),
+        }
     }
     let mut rows = Vec::new();
     for ef in EF_SWEEP {
@@ -1283,6 +1289,27 @@ async fn qps_and_check(
         );
     }
     Ok(json!({ "right_after_import": during, "checked": after }))
+}
+
+/// Waits until a snapshot file under `data_dir` was written after `since` and none is being
+/// written (no temp file); the seconds waited, or None after 90 s.
+async fn wait_snapshot_written(data_dir: &Path, since: std::time::SystemTime) -> Option<f64> {
+    let started = Instant::now();
+    let dir = data_dir.join("snapshots");
+    while started.elapsed() < Duration::from_secs(90) {
+        let (mut fresh, mut writing) = (false, false);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            writing |= name.ends_with(".tmp");
+            let modified = e.metadata().and_then(|m| m.modified()).ok();
+            fresh |= name.ends_with(".snap") && modified.is_some_and(|t| t >= since);
+        }
+        if fresh && !writing {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// GetIndex of `name`.
