@@ -533,17 +533,17 @@ pub(super) async fn snapshotter(
     // The requests counted before the last snapshot that succeeded, and the findability
     // check's series that asked for one.
     let mut served = 0u64;
-    let mut saved_links = 0u64;
+    let mut saved_series = 0u64;
     // When the last background snapshot ended and how long it took.
     let mut last: Option<(Instant, Duration)> = None;
     let mut not_before: Option<Instant> = None;
     loop {
-        let (wait, requests, links) = {
+        let (wait, requests, series) = {
             if h.check_live().is_err() {
                 return;
             }
             let requests = h.snap_requests.load(Ordering::Acquire);
-            let links = h.check.series_to_save();
+            let series = h.check.series_to_save();
             let state = snapshots::SnapshotState {
                 changed: h
                     .points_changed()
@@ -553,7 +553,7 @@ pub(super) async fn snapshotter(
                 since_write: h.last_write.lock().elapsed(),
                 last: last.map(|(end, took)| (end.elapsed(), took)),
                 idle,
-                check_done: links > saved_links,
+                check_done: series > saved_series,
             };
             let wait = h
                 .active()
@@ -566,7 +566,7 @@ pub(super) async fn snapshotter(
                     });
                     w.max(held)
                 });
-            (wait, requests, links)
+            (wait, requests, series)
         };
         match wait {
             None => tokio::select! {
@@ -599,7 +599,7 @@ pub(super) async fn snapshotter(
         match resnapshot(&st, &h, &stop, why, pause).await {
             Ok(true) => {
                 served = requests;
-                saved_links = links;
+                saved_series = series;
                 not_before = None;
             }
             Ok(false) => not_before = Some(Instant::now() + SKIPPED_RETRY),
@@ -624,7 +624,7 @@ pub(super) async fn snapshotter(
         && h.check_live().is_ok()
         && h.active().can_save()
         && (snapshots::replay_calls_for_snapshot(changed, h.point_count())
-            || h.check.series_to_save() > saved_links)
+            || h.check.series_to_save() > saved_series)
     {
         if let Err(e) = resnapshot(&st, &h, &stop, "the server is stopping", pause).await {
             tracing::warn!(index = %h.meta.name, error = %e, "snapshot at shutdown failed");

@@ -64,9 +64,9 @@ pub struct IndexCheck {
     last_pass_missed: AtomicU64,
     last_ms: AtomicU64,
     unchecked: AtomicU64,
-    /// The generation the check follows, and how many of its first points every one of them
-    /// the check has checked (a pass series ended with none linked after its last pass began,
-    /// or the generation was loaded from a checked snapshot); 0: not known.
+    /// The generation the check follows, and how many of its first points the check has
+    /// checked, every one (a pass series ended with none linked after its last pass began, or
+    /// the generation was loaded from a checked snapshot); 0: not known.
     checked: parking_lot::Mutex<(Weak<Generation>, usize)>,
     /// Pass series whose end asks for a snapshot ([`IndexCheck::series_to_save`]).
     series_to_save: AtomicU64,
@@ -269,8 +269,8 @@ impl Checker {
     }
 }
 
-/// The threads steps run on: one a core, at the lowest priority from their start (a rayon pool, so a step
-/// starts no thread). None if it could not be made.
+/// The threads steps run on: one a core, at the lowest priority from their start (a rayon pool,
+/// so a step starts no thread). None if it could not be made.
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
