@@ -545,9 +545,7 @@ pub(super) async fn snapshotter(
             let requests = h.snap_requests.load(Ordering::Acquire);
             let series = h.check.series_to_save();
             let state = snapshots::SnapshotState {
-                changed: h
-                    .points_changed()
-                    .saturating_sub(h.snapshot_mark.load(Ordering::Acquire)),
+                changed: h.changed_since_snapshot(),
                 points: h.point_count(),
                 requested: requests > served,
                 since_write: h.last_write.lock().elapsed(),
@@ -584,9 +582,7 @@ pub(super) async fn snapshotter(
             return;
         };
         let started = Instant::now();
-        let changed = h
-            .points_changed()
-            .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
+        let changed = h.changed_since_snapshot();
         let why = if requests > served {
             *h.snap_why.lock()
         } else if snapshots::resnapshot_due(changed, h.point_count()) {
@@ -615,9 +611,7 @@ pub(super) async fn snapshotter(
     let Some(st) = store.upgrade() else {
         return;
     };
-    let changed = h
-        .points_changed()
-        .saturating_sub(h.snapshot_mark.load(Ordering::Acquire));
+    let changed = h.changed_since_snapshot();
     // Or the check's links, or that every point is checked, would not be on disk: the next
     // start would check the whole graph again.
     if !st.failed().is_cancelled()

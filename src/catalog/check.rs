@@ -164,13 +164,14 @@ impl Checker {
             self.cursor = None;
             self.follow_ups = 0;
             self.series_linked = 0;
-            let loaded = gen.loaded_checked().unwrap_or(0);
-            self.unchecked = if gen.checks_found() {
-                gen.linked_count().saturating_sub(loaded) as u64
+            let (unchecked, checked) = if gen.checks_found() {
+                let loaded = gen.loaded_checked().unwrap_or(0);
+                (gen.linked_count().saturating_sub(loaded) as u64, loaded)
             } else {
-                0
+                (0, 0)
             };
-            shown.set_checked(gen, if gen.checks_found() { loaded } else { 0 });
+            self.unchecked = unchecked;
+            shown.set_checked(gen, checked);
             shown.running.store(false, Ordering::Release);
             shown.unchecked.store(self.unchecked, Ordering::Release);
         }
@@ -258,10 +259,11 @@ impl Checker {
         shown.running.store(false, Ordering::Release);
         // No point linked since the last pass began (the indexer counts a batch it links
         // before any step runs again): the graph's points so far are all checked.
-        if self.unchecked == 0 {
+        let all_checked = self.unchecked == 0;
+        if all_checked {
             shown.set_checked(gen, gen.linked_count());
         }
-        let save = std::mem::take(&mut self.series_linked) > 0 || self.unchecked == 0;
+        let save = std::mem::take(&mut self.series_linked) > 0 || all_checked;
         if save {
             shown.series_to_save.fetch_add(1, Ordering::AcqRel);
         }
@@ -285,8 +287,8 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
 }
 
 /// Runs one step of a pass over `gen` from internal id `from`: on each thread of the check's
-/// pool (one a core, lowest priority), its own [`CHECK_IDS`] ids; `stop` ends each part after its
-/// current point. None if the pool could not be made.
+/// pool (one a core, lowest priority), its own [`CHECK_IDS`] ids; `stop` ends each part after
+/// its current point. None if the pool could not be made.
 pub(super) async fn step(
     gen: Arc<Generation>,
     from: usize,

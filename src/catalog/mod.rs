@@ -412,6 +412,12 @@ impl IndexHandle {
         self.points_changed.load(Ordering::Acquire)
     }
 
+    /// Points upserted and deleted since the active generation's last snapshot.
+    fn changed_since_snapshot(&self) -> u64 {
+        self.points_changed()
+            .saturating_sub(self.snapshot_mark.load(Ordering::Acquire))
+    }
+
     /// Checks and prepares a vector for this index: dimension, finiteness, and unit length for
     /// cosine.
     pub fn prepare_vector(&self, what: &str, v: &mut [f32]) -> Result<()> {

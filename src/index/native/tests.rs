@@ -1463,6 +1463,12 @@ fn online_outliers_at_scale() {
     let queries: Vec<Vec<f32>> = (0..300)
         .map(|_| mixture_point(&centres, &mut pick, &mut rng))
         .collect();
+    let base_recall = |when: &str| {
+        for ef in [16, 64] {
+            let r = recall(&e, Metric::L2, &base, &queries, ef);
+            println!("{when} the check: recall@10 of the base's queries at ef {ef}: {r:.4}");
+        }
+    };
     for ef in [16, 64] {
         let t = std::time::Instant::now();
         let r = recall(&e, Metric::L2, &base, &queries, ef);
@@ -1531,10 +1537,7 @@ fn online_outliers_at_scale() {
     // The findability check (`Engine::check_found`) over every outlier at ef `CHECK_EF`,
     // `CHECKS` passes (each stops the loop once it links none).
     if env_or("CHECKS", 0) > 0 {
-        for ef in [16, 64] {
-            let r = recall(&e, Metric::L2, &base, &queries, ef);
-            println!("before the check: recall@10 of the base's queries at ef {ef}: {r:.4}");
-        }
+        base_recall("before");
     }
     let check_ef = env_or("CHECK_EF", 200);
     for round in 0..env_or("CHECKS", 0) {
@@ -1573,10 +1576,7 @@ fn online_outliers_at_scale() {
         }
     }
     if env_or("CHECKS", 0) > 0 {
-        for ef in [16, 64] {
-            let r = recall(&e, Metric::L2, &base, &queries, ef);
-            println!("after the check: recall@10 of the base's queries at ef {ef}: {r:.4}");
-        }
+        base_recall("after");
     }
     let found_then = at_insert.iter().filter(|x| x.1).count();
     let mut lost = [[0usize; 4]; 2];
