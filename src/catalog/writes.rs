@@ -338,8 +338,12 @@ pub(super) async fn indexer(
                 return;
             }
         }
-        let linking = gen.clone();
-        let linked = tokio::task::spawn_blocking(move || linking.link_pending(LINK_BATCH)).await;
+        let (linking, room) = (gen.clone(), signals.clone());
+        // Room is announced as the linked prefix grows, not only when the call returns.
+        let linked = tokio::task::spawn_blocking(move || {
+            linking.link_pending_then(LINK_BATCH, &|| room.room.notify_waiters())
+        })
+        .await;
         signals.room.notify_waiters();
         match linked {
             Ok(n) => {

@@ -30,6 +30,10 @@ pub trait Engine: Send + Sync {
     fn insert(&self, vector: &[f32], internal: usize);
     /// Inserts many vectors; `parallel` uses every core (faster, not deterministic).
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool);
+    /// What [`Engine::insert_many`] does before its first insert, for a caller about to insert
+    /// `items` one by one with [`Engine::insert`] (the native engines' center, from the first
+    /// batch an empty graph gets).
+    fn prepare_inserts(&self, _items: &[(&[f32], usize)]) {}
     /// The `k` nearest internal ids with their internal distances, nearest first.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)>;
     /// The `k` nearest internal ids that pass `keep`, searching with at least `ef` of them,

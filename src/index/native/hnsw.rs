@@ -1294,6 +1294,17 @@ impl Engine for Native {
     }
 
     fn insert_many(&self, items: &[(&[f32], usize)], parallel: bool) {
+        self.prepare_inserts(items);
+        if parallel && items.len() > 1 {
+            items.par_iter().for_each(|&(v, id)| self.insert(v, id));
+        } else {
+            for &(v, id) in items {
+                self.insert(v, id);
+            }
+        }
+    }
+
+    fn prepare_inserts(&self, items: &[(&[f32], usize)]) {
         if self.storage != Storage::F32 {
             // The center: the mean of (up to 10,000 of) this first batch's vectors.
             self.center.get_or_init(|| {
@@ -1312,13 +1323,6 @@ impl Engine for Native {
                 let n = sample.len().max(1) as f64;
                 sum.iter().map(|&s| (s / n) as f32).collect()
             });
-        }
-        if parallel && items.len() > 1 {
-            items.par_iter().for_each(|&(v, id)| self.insert(v, id));
-        } else {
-            for &(v, id) in items {
-                self.insert(v, id);
-            }
         }
     }
 
