@@ -86,8 +86,8 @@ impl IdMap {
 
 /// Points the indexer links per call of [`Generation::link_pending_then`]: its threads wait for
 /// each other once a call, so the more the better, but the call holds the generation's linking
-/// lock (a snapshot waits for it) and shutdown waits for it: about a quarter of a second at
-/// 200k points on 2 cores.
+/// lock (a snapshot waits for it) and shutdown waits for it: about 0.2 s at 200k points on 2
+/// cores under 64 writers (about 6,000 points/s).
 pub const LINK_BATCH: usize = 1024;
 
 /// [`Generation::link_pending_then`] takes its linked points out of the fresh segment (and
