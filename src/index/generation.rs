@@ -1105,7 +1105,6 @@ mod tests {
     #[test]
     fn a_linking_call_gives_up_its_points_in_order_as_it_goes() {
         use rand::SeedableRng;
-        use std::sync::atomic::AtomicBool;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         let all = clustered(&mut rng, 4_000, 8);
         let g = built(EngineKind::DEFAULT, 8, all[..1_000].to_vec());
