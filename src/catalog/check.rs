@@ -19,10 +19,14 @@
 //! - A pass starts when points were linked since the last pass began: at once when they are
 //!   at least [`CHECK_SHARE`] (10 %) of the graph (and for every new generation: a start, an
 //!   activation, a compaction), else once no point has been linked for [`CHECK_AFTER`]. So
-//!   steady writes cost about 10 searches per point written (up to 30 with follow-ups), and a
+//!   steady writes cost about 10 searches per point written (up to 60 with follow-ups), and a
 //!   trickle of writes does not make it search the whole graph again and again.
 //! - A pass that linked points is followed by another, up to [`MAX_FOLLOW_UPS`]: a link can
-//!   turn another point's search (rarely); a pass that links none ends the series.
+//!   turn another point's search (rarely); a pass that links none ends the series. Only a
+//!   series whose last pass linked none leaves the graph's points checked: a series cut off at
+//!   the bound counts the points its last pass linked as unchecked, so another series runs
+//!   later (as for points written: after [`CHECK_AFTER`] without writes, or at once past
+//!   [`CHECK_SHARE`]).
 //! - Engines that cannot add links (hnsw_rs) are never checked.
 //! - A pass's links reach disk with the index's next snapshot: a series of passes that linked
 //!   points, or left every point of the graph checked, asks for one
@@ -52,8 +56,10 @@ pub const CHECK_SHARE: u64 = 10;
 /// Fewer points than that start a pass once no point has been linked for this long.
 pub const CHECK_AFTER: Duration = Duration::from_secs(300);
 
-/// Passes that follow a pass that linked points (without new writes).
-pub const MAX_FOLLOW_UPS: u32 = 2;
+/// Passes that follow a pass that linked points (without new writes). On the hard graph of
+/// `native::tests::a_series_of_checks_leaves_every_point_found_first` (m 8, ef_search 8)
+/// every series of 200 ended within 3 follow-ups.
+pub const MAX_FOLLOW_UPS: u32 = 5;
 
 /// An index's check counters (GetIndex's `findability_check`, the metrics).
 #[derive(Default)]
@@ -137,7 +143,8 @@ pub(super) struct Checker {
     series_linked: u64,
     /// Passes run since the last new points (follow-ups).
     follow_ups: u32,
-    /// When the indexer last linked points.
+    /// When the indexer last linked points (or a series of passes cut off at
+    /// [`MAX_FOLLOW_UPS`] ended).
     last_linked: Instant,
 }
 
@@ -237,6 +244,11 @@ impl Checker {
     ) -> bool {
         self.linked += step.linked as u64;
         self.missed += step.missed as u64;
+        if step.linked > 0 {
+            // A link may turn another point's search: checked again only once a pass links
+            // none.
+            shown.set_checked(gen, 0);
+        }
         shown
             .points_linked
             .fetch_add(step.linked as u64, Ordering::AcqRel);
@@ -258,8 +270,17 @@ impl Checker {
         }
         shown.running.store(false, Ordering::Release);
         // No point linked since the last pass began (the indexer counts a batch it links
-        // before any step runs again): the graph's points so far are all checked.
-        let all_checked = self.unchecked == 0;
+        // before any step runs again), and the last pass changed no list: the graph's points
+        // so far are all checked. (A pass cut off at the bound of follow-ups may have turned
+        // another point's search.)
+        let all_checked = self.unchecked == 0 && self.linked == 0;
+        if self.linked > 0 {
+            // Cut off at the bound: another series, later.
+            self.unchecked += self.linked;
+            self.follow_ups = 0;
+            self.last_linked = Instant::now();
+            shown.unchecked.store(self.unchecked, Ordering::Release);
+        }
         if all_checked {
             shown.set_checked(gen, gen.linked_count());
         }
@@ -410,7 +431,7 @@ mod tests {
     }
 
     /// When passes start: a new generation at once; a pass that linked points is followed by
-    /// up to two more; then fewer new points than 10 % of the graph wait until none has been
+    /// another, up to [`MAX_FOLLOW_UPS`] (a series cut off there runs again later); then fewer new points than 10 % of the graph wait until none has been
     /// linked for [`CHECK_AFTER`], 10 % or more start one at once; an engine that cannot link is
     /// never checked.
     #[test]
@@ -450,11 +471,11 @@ mod tests {
         );
         assert_eq!(c.begin(&shown), 0, "a follow-up pass from the start");
         assert!(!c.stepped(done(2), &gen, &shown));
-        // The series ends having linked points: they are for the next snapshot, and the
-        // graph's points are all checked.
-        assert!(c.stepped(done(1), &gen, &shown));
+        // The series ends with a pass that linked none: its links are for the next snapshot,
+        // and the graph's points are all checked.
+        assert!(c.stepped(done(0), &gen, &shown));
         let s = shown.stats();
-        assert_eq!((s.passes, s.running), (3, false), "at most two follow-ups");
+        assert_eq!((s.passes, s.running, s.unchecked), (3, false, 0));
         assert_eq!(shown.series_to_save(), 1);
         assert_eq!(shown.checked_through(&gen), Some(1000));
         assert_eq!(c.due(&gen), None, "nothing new: no pass");
@@ -480,6 +501,31 @@ mod tests {
         c.begin(&shown);
         assert!(c.stepped(done(0), &gen, &shown));
         assert_eq!(shown.series_to_save(), 2);
+        // A series whose every pass links points ends after MAX_FOLLOW_UPS follow-ups, its
+        // graph not checked: the last pass's links count as unchecked, for a series later.
+        c.linked(&gen, 100, &shown);
+        c.begin(&shown);
+        for _ in 0..MAX_FOLLOW_UPS {
+            assert!(!c.stepped(done(3), &gen, &shown));
+            assert_eq!(shown.checked_through(&gen), None);
+        }
+        assert!(
+            c.stepped(done(3), &gen, &shown),
+            "its links are for a snapshot"
+        );
+        let s = shown.stats();
+        assert_eq!((s.passes, s.running, s.unchecked), (11, false, 3));
+        assert_eq!(shown.checked_through(&gen), None);
+        assert_eq!(shown.series_to_save(), 3);
+        match c.due(&gen) {
+            Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2),
+            other => panic!("expected a series later, got {other:?}"),
+        }
+        // That series has its own follow-ups, and ends checked when a pass links none.
+        c.begin(&shown);
+        assert!(!c.stepped(done(1), &gen, &shown), "a follow-up");
+        assert!(c.stepped(done(0), &gen, &shown));
+        assert_eq!(shown.checked_through(&gen), Some(1000));
         // A new generation starts over.
         let next = generation(EngineKind::NativeI8, 300);
         c.follow(&next, &shown);

@@ -1048,7 +1048,7 @@ impl Catalog {
 }
 
 mod builds;
-mod check;
+pub(crate) mod check;
 mod replica;
 mod search;
 #[cfg(test)]

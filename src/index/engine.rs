@@ -68,11 +68,12 @@ pub trait Engine: Send + Sync {
     }
     /// Makes a search for point `internal` by its own vector at `ef` find it first, where it
     /// can (`keep`: the points a search may answer, None for all): searches for it, and if
-    /// another point comes first, links it at level 0 from the nearest point that search
-    /// expanded with a free slot (so no link goes, and no other point's search changes
-    /// course), else in place of the most redundant link of the point the search found
-    /// first; then checks again. Safe beside searches and inserts; the caller keeps snapshot
-    /// encoding out while it links. Engines that cannot: [`Checked::Skipped`].
+    /// another point comes first (not one at the same place), links it at level 0 from the
+    /// nearest node that search expanded with a free slot (so no link goes), else from the
+    /// nearest expanded node that can give up its most redundant link; then searches again,
+    /// and once more links and searches if that still misses it. Safe beside searches and
+    /// inserts; the caller keeps snapshot encoding out while it links. Engines that cannot:
+    /// [`Checked::Skipped`].
     fn check_found(
         &self,
         _internal: usize,

@@ -28,9 +28,11 @@
 //!   outliers, later outliers that become an earlier one's nearest neighbour (hubs, near to
 //!   hundreds of points nearer than it) do not link it: 8.6 % of them were missed at ef 200.
 //!   What finds those is the server's findability check after the writes (`Engine::check_found`,
-//!   driven by `catalog/check.rs`): a search for each point, and a link into a free slot of a
-//!   node that search expanded where it missed; a search that expands a node sees all its
-//!   links, so the next search for the point finds it.
+//!   driven by `catalog/check.rs`): a search for each point, and where it missed, a link from
+//!   a node that search expanded (it records them: [`Native::search_traced`]; not merely a
+//!   node of its answer, as a beam that spends its budget of expansions leaves some of those
+//!   unexpanded), into a free slot or else in place of a redundant link; a search that
+//!   expands a node sees all its links, so the next search for the point finds it.
 //! - A prune keeps the link from a node's nearest neighbour (the first of its own list) while
 //!   the node has at most M in-links ([`Native::pinned`]); that halved those misses, to 4 %
 //!   (test `online_outliers_at_scale`).
@@ -268,6 +270,11 @@ impl Native {
         let Some((count, slots)) = self.links(c, level) else {
             return;
         };
+        if level == 0 {
+            if let Some(trail) = s.trail.as_mut() {
+                trail.push(c);
+            }
+        }
         let n = (count.load(AtOrd::Acquire) as usize).min(slots.len());
         let mut batch = std::mem::take(&mut s.batch);
         batch.clear();
@@ -1097,6 +1104,19 @@ impl Native {
         ef: usize,
         keep: Keep,
     ) -> Vec<(usize, f32)> {
+        self.search_traced(query, k, ef, keep, None)
+    }
+
+    /// [`Self::search_keeping`], putting in `trail` (when given) the level-0 nodes the search
+    /// expanded, in order: a link from any of them is met by the same search again.
+    pub(super) fn search_traced(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        keep: Keep,
+        mut trail: Option<&mut Vec<u32>>,
+    ) -> Vec<(usize, f32)> {
         if k == 0 || query.len() != self.dim {
             return Vec::new();
         }
@@ -1119,7 +1139,14 @@ impl Native {
                 enough: Some(k),
                 ahead: false,
             };
+            if let Some(t) = trail.as_deref_mut() {
+                t.clear();
+                s.trail = Some(std::mem::take(t));
+            }
             self.search_layer(&q, cur, l, s, keep);
+            if let Some(t) = trail {
+                *t = s.trail.take().unwrap_or_default();
+            }
             if self.storage != Storage::F32 {
                 // Rank the nearest candidates by their exact distances (float vectors, asked
                 // for a few candidates ahead): [`rerank_count`] of them, as reading
@@ -1362,36 +1389,56 @@ impl Engine for Native {
             Some(_) => Keep::Only(&only),
             None => Keep::All,
         };
-        let first = |k: usize| self.search_keeping(v, k, ef, filter());
-        if first(1).first().map(|f| f.0) == Some(internal) {
+        let mut trail = Vec::new();
+        let first = |trail: &mut Vec<u32>| {
+            self.search_traced(v, 1, ef, filter(), Some(trail))
+                .first()
+                .copied()
+        };
+        let Some((landed, d)) = first(&mut trail) else {
+            return Checked::Missed;
+        };
+        if landed == internal {
             return Checked::Found;
         }
-        // Every node of the beam's answer was expanded by the search for it (a beam ends
-        // when none of its nearest `ef` is left to expand), so a link from any of them is met.
-        let expanded = first(ef);
-        if expanded.iter().any(|f| f.0 == internal) {
-            // Reached but not first (a point at the same place ranks before it): no link helps.
+        if d <= self.dist(v, v) {
+            // A point as near as the point itself (at the same place) ranks before it: no
+            // link helps.
             return Checked::Missed;
         }
-        link(&|| {
-            let free = expanded
+        // The search expanded the nodes of its trail (a beam that ran out of its budget of
+        // expansions did not expand every node of its answer), so a link from any of them is
+        // met by the same search again, and the point ranks first. The nearest with a free
+        // slot takes it; failing that (or when the search still misses it, as a link made
+        // since changed its path), the nearest that can, in place of its most redundant link.
+        for attempt in 0..2 {
+            let mut near: Vec<Cand> = trail
                 .iter()
-                .any(|&(x, _)| x != internal && self.add_link(x as u32, id, |_| None));
-            if free {
-                return;
+                .filter(|&&x| x != id)
+                .filter_map(|&x| {
+                    Some(Cand {
+                        d: self.dist(v, self.vector(x)?),
+                        id: x,
+                    })
+                })
+                .collect();
+            near.sort_unstable();
+            link(&|| {
+                if attempt == 0 && near.iter().any(|c| self.add_link(c.id, id, |_| None)) {
+                    return;
+                }
+                // A list may have no link to give up (each one a point's last ways in).
+                near.iter().any(|c| {
+                    self.vector(c.id).is_some_and(|base| {
+                        self.add_link(c.id, id, |slots| self.most_redundant(c.id, base, slots))
+                    })
+                });
+            });
+            if first(&mut trail).is_some_and(|f| f.0 == internal) {
+                return Checked::Linked;
             }
-            let Some(landed) = expanded.iter().map(|f| f.0 as u32).find(|&x| x != id) else {
-                return;
-            };
-            if let Some(base) = self.vector(landed) {
-                self.add_link(landed, id, |slots| self.most_redundant(landed, base, slots));
-            }
-        });
-        if first(1).first().map(|f| f.0) == Some(internal) {
-            Checked::Linked
-        } else {
-            Checked::Missed
         }
+        Checked::Missed
     }
 
     fn distances(&self, query: &[f32], ids: &[usize]) -> Option<Vec<(usize, f32)>> {

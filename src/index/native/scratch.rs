@@ -38,6 +38,9 @@ pub(super) struct Scratch {
     pub(super) found: Vec<Cand>,
     /// The unvisited neighbours of the node being expanded.
     pub(super) batch: Vec<u32>,
+    /// When a search asks for it (the findability check): the level-0 nodes it expanded, in
+    /// order.
+    pub(super) trail: Option<Vec<u32>>,
 }
 
 impl Scratch {
