@@ -24,9 +24,8 @@
 //! - A pass that linked points is followed by another, up to [`MAX_FOLLOW_UPS`]: a link can
 //!   turn another point's search (rarely); a pass that links none ends the series. Only a
 //!   series whose last pass linked none leaves the graph's points checked: a series cut off at
-//!   the bound counts the points its last pass linked as unchecked, so another series runs
-//!   later (as for points written: after [`CHECK_AFTER`] without writes, or at once past
-//!   [`CHECK_SHARE`]).
+//!   the bound counts the points its last pass linked as unchecked, and another series runs
+//!   [`CHECK_AFTER`] later, or with the next points linked (by the rules above).
 //! - Engines that cannot add links (hnsw_rs) are never checked.
 //! - A pass's links reach disk with the index's next snapshot: a series of passes that linked
 //!   points, or left every point of the graph checked, asks for one
@@ -143,9 +142,11 @@ pub(super) struct Checker {
     series_linked: u64,
     /// Passes run since the last new points (follow-ups).
     follow_ups: u32,
-    /// When the indexer last linked points (or a series of passes cut off at
-    /// [`MAX_FOLLOW_UPS`] ended).
+    /// When the indexer last linked points.
     last_linked: Instant,
+    /// A series of passes cut off at [`MAX_FOLLOW_UPS`]: no pass for what it left before then
+    /// (unless points are linked meanwhile).
+    retry_at: Option<Instant>,
 }
 
 impl Checker {
@@ -159,6 +160,7 @@ impl Checker {
             series_linked: 0,
             follow_ups: 0,
             last_linked: Instant::now(),
+            retry_at: None,
         }
     }
 
@@ -171,6 +173,7 @@ impl Checker {
             self.cursor = None;
             self.follow_ups = 0;
             self.series_linked = 0;
+            self.retry_at = None;
             let (unchecked, checked) = if gen.checks_found() {
                 let loaded = gen.loaded_checked().unwrap_or(0);
                 (gen.linked_count().saturating_sub(loaded) as u64, loaded)
@@ -201,6 +204,7 @@ impl Checker {
         self.unchecked += n as u64;
         self.follow_ups = 0;
         self.last_linked = Instant::now();
+        self.retry_at = None;
         shown.unchecked.store(self.unchecked, Ordering::Release);
     }
 
@@ -212,6 +216,9 @@ impl Checker {
         }
         if self.unchecked == 0 {
             return None;
+        }
+        if let Some(at) = self.retry_at.filter(|&at| at > Instant::now()) {
+            return Some(Some(at));
         }
         if self.unchecked.saturating_mul(CHECK_SHARE) >= gen.linked_count() as u64 {
             return Some(None);
@@ -275,10 +282,11 @@ impl Checker {
         // another point's search.)
         let all_checked = self.unchecked == 0 && self.linked == 0;
         if self.linked > 0 {
-            // Cut off at the bound: another series, later.
+            // Cut off at the bound: another series, after CHECK_AFTER (or once points are
+            // linked), however many it leaves.
             self.unchecked += self.linked;
             self.follow_ups = 0;
-            self.last_linked = Instant::now();
+            self.retry_at = Some(Instant::now() + CHECK_AFTER);
             shown.unchecked.store(self.unchecked, Ordering::Release);
         }
         if all_checked {
@@ -521,7 +529,10 @@ mod tests {
             Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2),
             other => panic!("expected a series later, got {other:?}"),
         }
-        // That series has its own follow-ups, and ends checked when a pass links none.
+        // Or sooner, with points linked by the usual rules; that series has its own
+        // follow-ups, and ends checked when a pass links none.
+        c.linked(&gen, 100, &shown);
+        assert_eq!(c.due(&gen), Some(None));
         c.begin(&shown);
         assert!(!c.stepped(done(1), &gen, &shown), "a follow-up");
         assert!(c.stepped(done(0), &gen, &shown));
