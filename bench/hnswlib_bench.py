@@ -25,6 +25,15 @@ import numpy as np
 import hnswlib
 
 
+def hnswlib_version():
+    """The installed hnswlib's version (0.8.0's module has no __version__)."""
+    try:
+        from importlib.metadata import version
+        return getattr(hnswlib, "__version__", None) or version("hnswlib")
+    except Exception:
+        return None
+
+
 def read_vecs(path, dtype):
     raw = np.fromfile(path, dtype=np.int32)
     if raw.size == 0:
@@ -61,7 +70,7 @@ def load_only(path, space, dim):
     start = time.perf_counter()
     index.load_index(path)
     seconds = time.perf_counter() - start
-    json.dump({"engine": "hnswlib", "version": getattr(hnswlib, "__version__", None),
+    json.dump({"engine": "hnswlib", "version": hnswlib_version(),
                "load_seconds": seconds, "rss_delta_bytes": rss_bytes() - rss0,
                "points": index.get_current_count()}, sys.stdout)
     print()
@@ -83,7 +92,7 @@ def insert_rate(space, base, inserts, m, efc, seed, ef, chunk=64):
     index.set_ef(ef)
     labels, _ = index.knn_query(inserts, k=1, num_threads=2)
     found = float(np.mean(labels[:, 0] == ids))
-    json.dump({"engine": "hnswlib", "version": getattr(hnswlib, "__version__", None),
+    json.dump({"engine": "hnswlib", "version": hnswlib_version(),
                "build_per_s": base.shape[0] / built,
                "insert_per_s": inserts.shape[0] / added, "chunk": chunk,
                "found_first": found, "ef": ef}, sys.stdout)
@@ -154,7 +163,7 @@ def main():
 
     json.dump({
         "engine": "hnswlib",
-        "version": getattr(hnswlib, "__version__", None),
+        "version": hnswlib_version(),
         "build_seconds": seconds,
         "rss_delta_bytes": rss_delta,
         "rows": rows,
