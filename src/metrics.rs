@@ -145,7 +145,7 @@ impl Metrics {
             compactions: register(&r, g("vectord_index_compactions", "tombstone compactions swapped in since the server started", &["index"])?)?,
             compaction_running: register(&r, g("vectord_index_compaction_running", "1 while a tombstone compaction of the index is scheduled or building", &["index"])?)?,
             check_linked: register(&r, g("vectord_index_findability_links", "points the findability check linked so that a search by their own vector finds them first, since the server started", &["index"])?)?,
-            check_unchecked: register(&r, g("vectord_index_findability_unchecked_points", "points linked into the active generation's graph since the findability check's last pass began", &["index"])?)?,
+            check_unchecked: register(&r, g("vectord_index_findability_unchecked_points", "points of the active generation's graph the findability check has yet to check (linked since its last pass began, or left by a series of passes cut off at its bound)", &["index"])?)?,
             activation_builds: register(&r, IntGauge::new("vectord_activation_builds", "graphs built by activations (profile, autotune, rebuild) and compactions since the server started").map_err(err)?)?,
             activation_adopted: register(&r, IntGauge::new("vectord_activation_trial_graphs_adopted", "activations since the server started that swapped in an autotune trial's graph instead of building one").map_err(err)?)?,
             registry: r,
