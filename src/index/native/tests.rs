@@ -1927,3 +1927,39 @@ fn a_series_of_checks_leaves_every_point_found_first() {
         "(seed, unfound before, links per pass, unfound after): {failed:?}"
     );
 }
+
+/// A point whose vector equals another's, which a search for it ranks first (the same
+/// distance, the smaller id): the check reports it missed and changes no list, as no link can
+/// help (the other's list is given a free slot and no link to it, which a link would take);
+/// the other is found first.
+#[test]
+fn the_check_links_nothing_for_a_point_at_the_same_place_as_another() {
+    let base = data(500, 16, 3, false);
+    let cfg = HnswConfig {
+        m: 8,
+        ef_construction: 64,
+        ef_search: 16,
+        seed: Some(1),
+    };
+    for storage in [Storage::F32, Storage::Half, Storage::Int8] {
+        let e = Native::with_storage(Metric::L2, 16, &cfg, 501, storage);
+        e.insert_many(&indexed(&base), false);
+        e.insert(&base[123], 500);
+        let others: Vec<u32> = e.linked(123, 0).filter(|&x| x != 500).take(8).collect();
+        rewrite_level0(&e, 123, others);
+        let lists =
+            |e: &Native| -> Vec<Vec<u32>> { (0..501).map(|i| e.linked(i, 0).collect()).collect() };
+        let before = lists(&e);
+        assert_eq!(
+            e.check_found(500, 16, None, &|f| f()),
+            Checked::Missed,
+            "{storage:?}"
+        );
+        assert_eq!(lists(&e), before, "{storage:?}: no link added or given up");
+        assert_eq!(
+            e.check_found(123, 16, None, &|f| f()),
+            Checked::Found,
+            "{storage:?}"
+        );
+    }
+}
