@@ -305,19 +305,11 @@ impl Control {
         )
         .await?;
         loop {
-            let resp = watch.next().await?;
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let Some(name) = key.strip_prefix(&prefix) else {
-                    continue;
-                };
-                match ev.event_type() {
-                    etcd_client::EventType::Put => match etcd::decode::<T>(&key, kv.value()) {
-                        Ok(v) => changed(name, kv.mod_revision(), Some(v)),
-                        Err(e) => unreadable(&key, e),
-                    },
-                    etcd_client::EventType::Delete => changed(name, kv.mod_revision(), None),
+            for c in watch.changes(&prefix).await?.0 {
+                match c.decode::<T>() {
+                    Some(Ok(v)) => changed(&c.name, c.mod_revision, Some(v)),
+                    Some(Err(e)) => unreadable(&c.key, e),
+                    None => changed(&c.name, c.mod_revision, None),
                 }
             }
         }
@@ -1288,21 +1280,12 @@ impl Control {
         )
         .await?;
         loop {
-            let resp = watch.next().await?;
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                match ev.event_type() {
-                    etcd_client::EventType::Delete => return Ok(false),
-                    etcd_client::EventType::Put => {
-                        if kv.create_revision() != token {
-                            return Ok(false);
-                        }
-                        if etcd::decode::<JobLeaseEntry>(key, kv.value())
-                            .is_ok_and(|e| !e.cancel_by.is_empty())
-                        {
-                            return Ok(true);
-                        }
-                    }
+            for c in watch.changes(key).await?.0 {
+                match c.decode::<JobLeaseEntry>() {
+                    None => return Ok(false),
+                    Some(_) if c.create_revision != token => return Ok(false),
+                    Some(Ok(e)) if !e.cancel_by.is_empty() => return Ok(true),
+                    Some(_) => {}
                 }
             }
         }

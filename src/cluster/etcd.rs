@@ -430,6 +430,51 @@ impl Watch {
         }
         Ok(resp)
     }
+
+    /// The changes of the next response to keys under `prefix` (others are passed over; for
+    /// a watch of one key, that key), and the revision its header gives (0 without one).
+    pub async fn changes(&mut self, prefix: &str) -> Result<(Vec<Change>, i64)> {
+        let resp = self.next().await?;
+        let changes = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let name = key.strip_prefix(prefix)?.to_string();
+                let value = match ev.event_type() {
+                    etcd_client::EventType::Put => Some(kv.value().to_vec()),
+                    etcd_client::EventType::Delete => None,
+                };
+                Some(Change {
+                    name,
+                    key,
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    value,
+                })
+            })
+            .collect();
+        Ok((changes, resp.header().map_or(0, |h| h.revision())))
+    }
+}
+
+/// One watched key's change ([`Watch::changes`]).
+pub struct Change {
+    /// The key after the watched prefix.
+    pub name: String,
+    pub key: String,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    /// The value put; None: the key was deleted.
+    pub value: Option<Vec<u8>>,
+}
+
+impl Change {
+    /// The value put, decoded (an error names the key); None: the key was deleted.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Option<Result<T>> {
+        self.value.as_ref().map(|v| decode(&self.key, v))
+    }
 }
 
 /// Renews `lease` once: its remaining TTL in seconds, 0 when etcd no longer has it (it

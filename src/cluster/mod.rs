@@ -636,43 +636,34 @@ impl Cluster {
     }
 
     async fn watch_from(self: &Arc<Self>, rev: &mut i64) -> Result<()> {
-        let (what, prefix) = ("watching the catalog", etcd::indexes_prefix());
+        let what = "watching the catalog";
         let mut watch = etcd::Watch::open(
             &mut self.etcd(),
             &self.cfg.etcd,
             what,
-            prefix,
+            etcd::indexes_prefix(),
             true,
             *rev + 1,
         )
         .await?;
+        let prefix = etcd::indexes_prefix();
         loop {
-            let resp = tokio::select! {
+            let (changes, revision) = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                r = watch.next() => r?,
+                r = watch.changes(&prefix) => r?,
             };
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let Some(name) = key.strip_prefix(&etcd::indexes_prefix()) else {
-                    continue;
-                };
-                match ev.event_type() {
-                    etcd_client::EventType::Put => {
-                        match serde_json::from_slice::<IndexEntry>(kv.value()) {
-                            Ok(entry) => {
-                                if let Err(e) =
-                                    self.ensure_local(&entry, kv.create_revision() as u64).await
-                                {
-                                    tracing::error!(index = name, error = %e, "creating the local replica failed");
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!(key, error = %e, "unreadable catalog entry in etcd: ignored")
-                            }
+            for c in changes {
+                let name = c.name.as_str();
+                match c.decode::<IndexEntry>() {
+                    Some(Ok(entry)) => {
+                        if let Err(e) = self.ensure_local(&entry, c.create_revision as u64).await {
+                            tracing::error!(index = name, error = %e, "creating the local replica failed");
                         }
                     }
-                    etcd_client::EventType::Delete => {
+                    Some(Err(e)) => {
+                        tracing::error!(key = c.key, error = %e, "unreadable catalog entry in etcd: ignored")
+                    }
+                    None => {
                         if let Ok(n) = Name::parse("name", name) {
                             if let Err(e) = self.drop_local(&n).await {
                                 tracing::error!(index = name, error = %e, "dropping the local replica failed");
@@ -681,9 +672,7 @@ impl Cluster {
                     }
                 }
             }
-            if let Some(h) = resp.header() {
-                *rev = (*rev).max(h.revision());
-            }
+            *rev = (*rev).max(revision);
         }
     }
 

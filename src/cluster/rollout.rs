@@ -131,37 +131,26 @@ impl Cluster {
             &mut self.etcd(),
             &self.cfg.etcd,
             what,
-            prefix,
+            prefix.clone(),
             true,
             *rev + 1,
         )
         .await?;
         loop {
-            let resp = tokio::select! {
+            let (changes, revision) = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                r = watch.next() => r?,
+                r = watch.changes(&prefix) => r?,
             };
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let Some(name) = key.strip_prefix(&etcd::active_prefix()) else {
-                    continue;
-                };
-                match ev.event_type() {
-                    etcd_client::EventType::Put => {
-                        match etcd::decode::<Desired>(&key, kv.value()) {
-                            Ok(d) => self.on_desired(name, Some(d)),
-                            Err(e) => {
-                                tracing::error!(%key, error = %e, "unreadable desired generation in etcd: ignored")
-                            }
-                        }
+            for c in changes {
+                match c.decode::<Desired>() {
+                    Some(Ok(d)) => self.on_desired(&c.name, Some(d)),
+                    Some(Err(e)) => {
+                        tracing::error!(key = c.key, error = %e, "unreadable desired generation in etcd: ignored")
                     }
-                    etcd_client::EventType::Delete => self.on_desired(name, None),
+                    None => self.on_desired(&c.name, None),
                 }
             }
-            if let Some(h) = resp.header() {
-                *rev = (*rev).max(h.revision());
-            }
+            *rev = (*rev).max(revision);
         }
     }
 
