@@ -56,8 +56,9 @@ pub const CHECK_SHARE: u64 = 10;
 pub const CHECK_AFTER: Duration = Duration::from_secs(300);
 
 /// Passes that follow a pass that linked points (without new writes). On the hard graph of
-/// `native::tests::a_series_of_checks_leaves_every_point_found_first` (m 8, ef_search 8)
-/// every series of 200 ended within 3 follow-ups.
+/// `index::native::tests::a_series_of_checks_leaves_every_point_found_first` (m 8, ef_search
+/// 8) every series ended within 3 follow-ups: 100 seeds on one thread, and 200 runs with
+/// inserts and checks on 2 threads.
 pub const MAX_FOLLOW_UPS: u32 = 5;
 
 /// An index's check counters (GetIndex's `findability_check`, the metrics).
@@ -439,9 +440,9 @@ mod tests {
     }
 
     /// When passes start: a new generation at once; a pass that linked points is followed by
-    /// another, up to [`MAX_FOLLOW_UPS`] (a series cut off there runs again later); then fewer new points than 10 % of the graph wait until none has been
-    /// linked for [`CHECK_AFTER`], 10 % or more start one at once; an engine that cannot link is
-    /// never checked.
+    /// another, up to [`MAX_FOLLOW_UPS`] (a series cut off there runs again later); then fewer
+    /// new points than 10 % of the graph wait until none has been linked for [`CHECK_AFTER`],
+    /// 10 % or more start one at once; an engine that cannot link is never checked.
     #[test]
     fn passes_start_by_the_rules() {
         let shown = IndexCheck::default();
