@@ -1841,9 +1841,9 @@ fn the_heuristic_compares_codes_within_their_error() {
 /// links any (up to `MAX_FOLLOW_UPS`); then a search for each live point by its own vector
 /// at ef_search finds it first. The seeds are four of the 8 in 0..100 where the check before
 /// 2026-12-06's afternoon left 1 to 4 points unfound (none of the 100 now): the link it gave
-/// did not make the confirming search find the point (from a node of the beam's answer that
-/// the search had not expanded, its budget of expansions spent, or from none, every list's
-/// most redundant link a point's last way in), or the series needed a third follow-up (88).
+/// did not make the confirming search find the point (from a node of a wider search's answer
+/// that the point's own search had not expanded, or from none, every list's most redundant
+/// link a point's last way in), or the series needed a third follow-up (88).
 /// `SEEDS=n` runs seeds 0..n instead.
 #[test]
 fn a_series_of_checks_leaves_every_point_found_first() {
