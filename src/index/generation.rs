@@ -333,13 +333,16 @@ impl Generation {
     /// log after that sequence, and a start replays them. Deletes and replacements of linked
     /// points made after that sequence but before the copy are in the file and in the log;
     /// replaying them again changes nothing. The live flags are copied after the sequence is
-    /// read, so every delete up to it is in them.
+    /// read, so every delete up to it is in them. `copied` runs once the copies are made and
+    /// nothing waits for the snapshot any more, before the file is written (a background
+    /// snapshot lowers its thread's priority there).
     pub fn snapshot_live(
         &self,
         dir: &std::path::Path,
         uid: u64,
         name: impl FnOnce(u64) -> String,
         pause: Option<std::time::Duration>,
+        copied: impl FnOnce(),
     ) -> Result<(u64, String, std::time::Duration, usize)> {
         let meta = self.encoded_meta()?;
         let waited = std::time::Instant::now();
@@ -357,6 +360,7 @@ impl Generation {
         let frozen = self.frozen(linked)?;
         drop(linking);
         let waited = waited.elapsed();
+        copied();
         let header = snapshot::Header {
             uid,
             seq,
@@ -1555,7 +1559,7 @@ mod tests {
         assert_eq!(g.link_pending(20), 20);
         assert_eq!((g.unlinked(), g.linked_seq()), (30, 11));
         let (seq, file, _, held) = g
-            .snapshot_live(dir.path(), 1, |seq| format!("p-{seq}.snap"), None)
+            .snapshot_live(dir.path(), 1, |seq| format!("p-{seq}.snap"), None, || {})
             .unwrap();
         assert_eq!((seq, file.as_str()), (11, "p-11.snap"));
         assert_eq!(held, g.linked_count(), "the file holds the linked points");
@@ -1601,7 +1605,7 @@ mod tests {
         let (seq, file, linked) = std::thread::scope(|s| {
             let linker = s.spawn(|| while g.link_pending(64) > 0 {});
             let (seq, file, _, _) = g
-                .snapshot_live(dir.path(), 1, |seq| format!("live-{seq}.snap"), None)
+                .snapshot_live(dir.path(), 1, |seq| format!("live-{seq}.snap"), None, || {})
                 .unwrap();
             linker.join().unwrap();
             (seq, file, g.linked_seq())
@@ -1979,7 +1983,7 @@ mod tests {
         for r in 0..env_or("R", 3) {
             let t = std::time::Instant::now();
             let (_, file, waited, _) = g
-                .snapshot_live(dir.path(), 1, |seq| format!("{r}-{seq}.snap"), None)
+                .snapshot_live(dir.path(), 1, |seq| format!("{r}-{seq}.snap"), None, || {})
                 .unwrap();
             let secs = t.elapsed().as_secs_f64();
             let bytes = std::fs::metadata(dir.path().join(&file)).unwrap().len();
