@@ -375,12 +375,12 @@ pub(super) async fn step(
 /// throughput to a pass (bench `scale`, `VECTORD_SCALE_PHASES=qps`: 0.49-0.66x at 300k).
 /// Lowering a thread's priority needs no privilege. A no-op elsewhere.
 fn lowest_priority() {
+    low_priority();
     #[cfg(target_os = "linux")]
-    // SAFETY: sched_setscheduler and setpriority with this thread's id change only this
-    // thread's policy and nice value; `param` outlives the call.
+    // SAFETY: sched_setscheduler with this thread's id changes only this thread's policy;
+    // `param` outlives the call.
     unsafe {
         let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
         let param = libc::sched_param { sched_priority: 0 };
         if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0 {
             tracing::debug!(
@@ -440,6 +440,14 @@ mod tests {
             &|| false,
         )
         .expect("build")
+    }
+
+    /// A pass is due on `gen` about [`CHECK_AFTER`] from now, not at once or never.
+    fn assert_due_later(c: &Checker, gen: &Generation, what: &str) {
+        match c.due(gen) {
+            Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2, "{what}"),
+            other => panic!("{what}: expected a pass later, got {other:?}"),
+        }
     }
 
     fn done(linked: usize) -> CheckStep {
@@ -504,10 +512,7 @@ mod tests {
         // 50 new points of 1,000: after CHECK_AFTER; 100 or more: at once.
         c.linked(&gen, 50, &shown);
         assert_eq!(shown.stats().unchecked, 50);
-        match c.due(&gen) {
-            Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2),
-            other => panic!("expected a pass later, got {other:?}"),
-        }
+        assert_due_later(&c, &gen, "50 new points of 1,000");
         c.linked(&gen, 50, &shown);
         assert_eq!(c.due(&gen), Some(None));
         c.begin(&shown);
@@ -539,10 +544,7 @@ mod tests {
         assert_eq!((s.passes, s.running, s.unchecked), (11, false, 3));
         assert_eq!(shown.checked_through(&gen), None);
         assert_eq!(shown.series_to_save(), 3);
-        match c.due(&gen) {
-            Some(Some(at)) => assert!(at > Instant::now() + CHECK_AFTER / 2),
-            other => panic!("expected a series later, got {other:?}"),
-        }
+        assert_due_later(&c, &gen, "a series cut off");
         // Or sooner, with points linked by the usual rules; that series has its own
         // follow-ups, and ends checked when a pass links none.
         c.linked(&gen, 100, &shown);
